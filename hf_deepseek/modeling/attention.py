@@ -1,0 +1,184 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) with decoupled RoPE (YaRN-aware) and a latent KV cache.
+
+Per token and layer the cache holds only the normalised kv latent (`kv_lora_rank`) and the roped key
+(`qk_rope_head_dim`). Training and prefill expand the latent through `kv_b_proj` and run the transformers
+attention interface (SDPA by default); decoding absorbs `kv_b_proj` into the query and the output, so it
+attends over the latent directly as multi-query attention and never re-expands cached tokens.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..configuration import DeepSeekConfig
+from .layers import RMSNorm
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for the rotary part of q and k, from transformers' RoPE initialisers (default, YaRN, ...)."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            dim, base = config.qk_rope_head_dim, config.rope_parameters["rope_theta"]
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, T] -> cos, sin [B, T, rope_dim / 2]: one angle per rotated pair
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        return (freqs.cos() * self.attention_scaling).to(x.dtype), (freqs.sin() * self.attention_scaling).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [B, heads, T, d] by the angles in cos/sin [B, T, d/2].
+
+    DeepSeek's weights pair dimensions (0,1), (2,3), ... (`interleaved`); the output is laid out
+    [rotated evens, rotated odds]. q and k are permuted the same way, so q.k is unchanged.
+    """
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def yarn_softmax_scale(config: DeepSeekConfig) -> float:
+    """1/sqrt(qk_head_dim), times YaRN's mscale^2 when the context is extended (DeepSeek-V3: factor 40)."""
+    scale = config.qk_head_dim**-0.5
+    rope = config.rope_parameters
+    factor, mscale_all_dim = rope.get("factor", 1.0), rope.get("mscale_all_dim", 0)
+    if rope.get("rope_type", "default") != "default" and mscale_all_dim and factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention with full-head keys, for `attn_implementation="eager"`."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA: low-rank q (optional) and joint kv compression, decoupled RoPE key shared by all heads."""
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1  # the expanded path has full per-head keys and values
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.qk_head_dim = self.nope_dim + self.rope_dim
+        self.scaling = yarn_softmax_scale(config)
+        self.is_causal = True
+        hidden, bias, eps = config.hidden_size, config.attention_bias, config.rms_norm_eps
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self._absorbed_cache: tuple | None = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q = q.view(bsz, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).view(bsz, 1, q_len, self.kv_lora_rank)  # one shared "head"
+        k_rope = k_rope.view(bsz, 1, q_len, self.rope_dim)
+        cos, sin = position_embeddings
+        q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.config.rope_interleave)
+
+        past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if cache is not None:
+            latent, k_rope = cache.update(latent, k_rope, self.layer_idx)  # [B, 1, S, r], [B, 1, S, rope]
+
+        if past_len > 0 and (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
+            out = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, past_len)
+        else:
+            out = self._expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
+        return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
+
+    def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs) -> torch.Tensor:
+        """Training / prefill: up-project the latent to per-head keys and values, run the attention interface."""
+        bsz, _, seq_len, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(bsz, seq_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
+        query = torch.cat([q_nope, q_rope], dim=-1)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        out, _ = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
+        )  # fmt: skip
+        return out  # [B, T, H, v]
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, r] and W_UV [H, v, r] split out of kv_b_proj, computed once per weight version."""
+        weight = self.kv_b_proj.weight
+        if torch.is_grad_enabled() and weight.requires_grad:  # training through the absorbed path: keep autograd
+            w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            return w[:, : self.nope_dim], w[:, self.nope_dim :]
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._absorbed_cache is None or self._absorbed_cache[0] != key:
+            w = weight.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self._absorbed_cache = (key, w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous())
+        return self._absorbed_cache[1], self._absorbed_cache[2]
+
+    def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
+        """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output."""
+        w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, r]
+        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, T, r+rope]
+        key = torch.cat([latent, k_rope], dim=-1)  # [B, 1, S, r+rope]
+        q_len, seq_len = query.shape[2], key.shape[2]
+        if attention_mask is None or attention_mask.dim() == 2:  # no 4D mask: build causal-with-offset (+ padding)
+            causal = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(past_len)
+            if attention_mask is not None:  # a 2D [B, S] padding mask (flash-attention style)
+                causal = causal & attention_mask[:, None, None, :seq_len].bool()
+            attention_mask = causal
+        else:
+            attention_mask = attention_mask[..., :seq_len]
+        out_latent = F.scaled_dot_product_attention(
+            query, key, latent, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
+        )  # [B, H, T, r]
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, H, v]

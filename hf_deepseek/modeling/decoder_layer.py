@@ -1,0 +1,34 @@
+"""One transformer block: RMSNorm -> MLA -> residual -> RMSNorm -> dense MLP or DeepSeekMoE -> residual."""
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..configuration import DeepSeekConfig
+from .attention import MultiHeadLatentAttention
+from .layers import RMSNorm, SwiGLUMLP
+from .moe import DeepSeekMoE
+
+
+class DeepSeekDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MultiHeadLatentAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = DeepSeekMoE(config)
+        else:
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))

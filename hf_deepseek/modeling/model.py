@@ -1,0 +1,231 @@
+"""DeepSeekModel and DeepSeekForCausalLM: the transformers-facing surface of the network.
+
+tokens -> embedding -> decoder layers -> final norm -> lm_head -> logits. With `labels` the MTP modules
+run on the final hidden state and the shifted token embeddings, and the loss is
+main CE + mtp_loss_weight * mean_k(MTP CE_k) + the routers' sequence-wise balance loss (when enabled).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+from ..configuration import DeepSeekConfig
+from .attention import RotaryEmbedding
+from .checkpoint import add_mtp_shared_copies
+from .decoder_layer import DeepSeekDecoderLayer
+from .layers import RMSNorm
+from .moe import RoutedExperts, TopKRouter
+from .mtp import MTPLayer, mtp_labels, shift_left
+
+# transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
+CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class DeepSeekCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` is the total training loss; `mtp_loss` (mean over depths) and `aux_loss` (balance) are its parts.
+    `expert_load` [num_moe_layers, n_routed_experts] holds token counts per expert when asked for."""
+
+    mtp_loss: torch.FloatTensor | None = None
+    expert_load: torch.Tensor | None = None
+
+
+class DeepSeekPreTrainedModel(PreTrainedModel):
+    config_class = DeepSeekConfig
+    config: DeepSeekConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepSeekDecoderLayer", "MTPLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    # the official MTP layer repeats the shared embedding and head; this model shares the main ones instead
+    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, RoutedExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, RotaryEmbedding):
+            init.copy_(module.inv_freq, RotaryEmbedding(self.config).inv_freq)
+
+
+class DeepSeekModel(DeepSeekPreTrainedModel):
+    """The backbone. `layers` holds the decoder layers followed by the MTP modules (official indices)."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        n = config.num_hidden_layers
+        self.layers = nn.ModuleList(
+            [DeepSeekDecoderLayer(config, i) for i in range(n)]
+            + [MTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        return self.layers[self.config.num_hidden_layers :]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+
+        # positional: the 4th parameter is `past_key_values` in transformers 5.17 and `cache` in 5.24
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for layer in self.decoder_layers:
+            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden[-1] = hidden_states
+        out = MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden and tuple(all_hidden))
+        out[CACHE_FIELD] = cache if use_cache else None
+        # what the MTP modules need to re-use this pass's mask and rotary tables
+        self._mtp_inputs = (mask, position_embeddings, position_ids)
+        return out
+
+
+class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__(config)
+        self.model = DeepSeekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """Writes the official DeepSeek-V3 layout (per-expert tensors, full MTP layer), sharded safetensors."""
+        if state_dict is None:
+            state_dict = self.state_dict()
+        state_dict = add_mtp_shared_copies(state_dict, self.config)
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+
+    def routers(self) -> list[TopKRouter]:
+        """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
+        return [m for layer in self.model.decoder_layers for m in layer.modules() if isinstance(m, TopKRouter)]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_expert_load: bool = False,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> DeepSeekCausalLMOutput:
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = mtp_loss = aux_loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+            if self.config.num_nextn_predict_layers > 0:
+                mtp_loss = self._mtp_loss(input_ids, inputs_embeds, hidden_states, labels, **kwargs)
+                loss = loss + self.config.mtp_loss_weight * mtp_loss
+        aux_losses = [r.last_aux_loss for r in self.routers() if r.last_aux_loss is not None]
+        if aux_losses:
+            aux_loss = torch.stack(aux_losses).sum()
+            loss = loss + aux_loss if loss is not None else None
+        expert_load = torch.stack([r.last_expert_load for r in self.routers()]) if output_expert_load else None
+
+        result = DeepSeekCausalLMOutput(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            mtp_loss=mtp_loss,
+            expert_load=expert_load,
+        )
+        result[CACHE_FIELD] = outputs[CACHE_FIELD]
+        return result
+
+    def _mtp_loss(self, input_ids, inputs_embeds, hidden_states, labels, **kwargs) -> torch.Tensor:
+        """Mean over depths of the cross-entropy of each MTP module (depth k predicts token t+1+k)."""
+        mask, position_embeddings, position_ids = self.model._mtp_inputs
+        if input_ids is None:
+            embeds = inputs_embeds
+        else:
+            embeds = self.model.embed_tokens(input_ids)
+        previous, losses = hidden_states, []
+        for depth, layer in enumerate(self.model.mtp_layers, start=1):
+            shifted = shift_left(embeds, depth, 0.0)
+            previous, normed = layer.forward_mtp(shifted, previous, position_embeddings, mask, **kwargs)
+            logits = self.lm_head(normed)
+            target = mtp_labels(labels, depth, position_ids.expand_as(labels))
+            # sum / count rather than a mean, so a batch too short for this depth gives 0, not NaN
+            count = (target[:, 1:] != -100).sum().clamp(min=1)
+            losses.append(
+                self.loss_function(logits, target, vocab_size=self.config.vocab_size, num_items_in_batch=count)
+            )
+        return torch.stack(losses).mean()
+
+
+__all__ = ["DeepSeekPreTrainedModel", "DeepSeekModel", "DeepSeekForCausalLM", "DeepSeekCausalLMOutput"]

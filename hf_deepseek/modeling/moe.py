@@ -1,0 +1,130 @@
+"""DeepSeekMoE: sigmoid router with group-limited top-k and a selection-only correction bias, routed experts
+stored stacked and run with a grouped GEMM, always-on shared experts, and the balancing statistics.
+
+The router records each forward's per-expert token counts (`last_expert_load`) for aux-loss-free balancing
+(the trainers move `e_score_correction_bias` with them) and, when `aux_loss_alpha` > 0, the sequence-wise
+balance loss of DeepSeek-V3 (Eq. 17-20).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..configuration import DeepSeekConfig
+from .layers import SwiGLUMLP
+
+
+class TopKRouter(nn.Module):
+    """Scores experts in fp32; the bias only picks experts, the gate weights come from the unbiased scores."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self.last_expert_load: torch.Tensor | None = None  # [E] token counts of the latest forward
+        self.last_aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, d] (N = batch_size * T tokens) -> expert indices [N, k], gate weights [N, k] (fp32)."""
+        cfg = self.config
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.e_score_correction_bias  # [N, E]
+        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+            grouped = choice.view(-1, cfg.n_group, self.num_experts // cfg.n_group)  # [N, G, E/G]
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # top-2 sum, [N, G]
+            kept = group_scores.topk(cfg.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.num_experts)
+        indices = choice.topk(self.top_k, dim=-1).indices  # [N, k]
+        weights = scores.gather(1, indices)
+        if cfg.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * cfg.routed_scaling_factor
+
+        self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.num_experts).detach()
+        self.last_aux_loss = None
+        if cfg.aux_loss_alpha > 0 and self.training:
+            self.last_aux_loss = self.sequence_balance_loss(scores, indices, batch_size)
+        return indices, weights
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """alpha * sum_i f_i * P_i per sequence, averaged over sequences (DeepSeek-V3 Eq. 17-20)."""
+        num_experts, top_k = self.num_experts, self.top_k
+        scores = scores.view(batch_size, -1, num_experts)  # [B, T, E]
+        seq_len = scores.shape[1]
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}: affinities normalised per token
+        selected = F.one_hot(indices.view(batch_size, -1), num_experts).sum(dim=1).float()  # [B, E]
+        f = selected * num_experts / (top_k * seq_len)
+        p = probs.mean(dim=1)
+        return self.config.aux_loss_alpha * (f * p).sum(dim=-1).mean()
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts of a layer as stacked tensors: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        num_experts, hidden, inter = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
+        top_k = indices.shape[1]
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
+        token_idx = order // top_k
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        x_sorted = x[token_idx]  # [N*k, d]
+        if self._grouped_gemm_ok(x_sorted):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)
+            gate, up = h.chunk(2, dim=-1)
+            out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        else:
+            out = self._loop_experts(x_sorted, counts.tolist())
+        out = out * weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_idx, out.to(x.dtype))
+
+    def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
+        """torch's grouped GEMM dispatches for bf16 on CUDA with 16-byte aligned rows; else the exact loop."""
+        dims_ok = all(s % 8 == 0 for s in (*self.gate_up_proj.shape[1:], self.down_proj.shape[2]))
+        return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and dims_ok
+
+    def _loop_experts(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        outputs = []
+        for expert, chunk in enumerate(x_sorted.split(counts)):
+            if chunk.shape[0] == 0:
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
+        return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, x_sorted.shape[1])
+
+
+class DeepSeekMoE(nn.Module):
+    """Shared experts (always on) + top-k routed experts."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        self.gate = TopKRouter(config)
+        self.experts = RoutedExperts(config)
+        self.shared_experts = (
+            SwiGLUMLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.hidden_act)
+            if config.n_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = hidden_states.shape
+        flat = hidden_states.reshape(-1, dim)
+        indices, weights = self.gate(flat, bsz)
+        out = self.experts(flat, indices, weights).view(bsz, seq_len, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(hidden_states)
+        return out
