@@ -70,6 +70,7 @@ class DeepSeekConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         kwargs.pop("head_dim", None)
+        kwargs.pop("model_type", None)  # an official config says "deepseek_v3"; this class is always "hf_deepseek"
         kwargs.pop("qk_head_dim", None)
         # An official config names a remote-code class here; this plugin registers its own Auto classes, and
         # TRL reloads reference models from `auto_map`, so it must stay empty.
