@@ -1,0 +1,86 @@
+"""DeepSeekMoE: routing rules against a direct re-statement, and the grouped GEMM against the exact loop."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek.modeling.moe import DeepSeekMoE, RoutedExperts
+
+
+def reference_route(scores: torch.Tensor, bias: torch.Tensor, cfg) -> list[set[int]]:
+    """Per token: among all choices of `topk_group` groups, keep the one with the largest sum of per-group
+    top-2 biased scores; then the `top_k` best biased experts inside them."""
+    group_size = cfg.n_routed_experts // cfg.n_group
+    chosen = []
+    for row in scores + bias:
+        groups = row.view(cfg.n_group, group_size)
+        group_score = groups.topk(2, dim=-1).values.sum(-1)
+        best = max(itertools.combinations(range(cfg.n_group), cfg.topk_group), key=lambda g: group_score[list(g)].sum())
+        allowed = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in best])
+        chosen.append(set(allowed[row[allowed].topk(cfg.num_experts_per_tok).indices].tolist()))
+    return chosen
+
+
+@pytest.mark.parametrize("scoring", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_router_selects_and_weights_like_the_paper(scoring, norm):
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3, scoring_func=scoring,
+                      norm_topk_prob=norm, routed_scaling_factor=2.5)  # fmt: skip
+    moe = DeepSeekMoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    moe.gate.e_score_correction_bias.normal_(std=0.3)  # large enough to change which experts win
+    x = torch.randn(64, cfg.hidden_size)
+    indices, weights = moe.gate(x, batch_size=4)
+
+    logits = x.double() @ moe.gate.weight.double().T
+    scores = logits.sigmoid() if scoring == "sigmoid" else logits.softmax(-1)
+    expected = reference_route(scores, moe.gate.e_score_correction_bias.double(), cfg)
+    assert [set(row) for row in indices.tolist()] == expected
+    gate = scores.gather(1, indices)  # the bias picks, the unbiased scores weigh
+    if norm:
+        gate = gate / gate.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights.double(), gate * 2.5, atol=1e-6, rtol=1e-5)
+    assert moe.gate.last_expert_load.sum() == 64 * 3
+    assert torch.equal(moe.gate.last_expert_load, torch.bincount(indices.flatten(), minlength=16))
+
+
+def test_routed_experts_match_a_per_token_float64_loop():
+    cfg = tiny_config()
+    experts = RoutedExperts(cfg).double()
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
+    torch.nn.init.normal_(experts.down_proj, std=0.3)
+    x = torch.randn(10, cfg.hidden_size, dtype=torch.float64)
+    indices = torch.stack([torch.randperm(cfg.n_routed_experts)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, dtype=torch.float64)
+    out = experts(x, indices, weights)
+    for t in range(10):
+        expected = 0
+        for j in range(2):
+            e = indices[t, j]
+            gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+            expected = expected + weights[t, j] * (experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        torch.testing.assert_close(out[t], expected)
+
+
+@pytest.mark.gpu
+def test_grouped_gemm_matches_the_loop_on_gpu():
+    cfg = tiny_config(hidden_size=128, moe_intermediate_size=64, n_routed_experts=16, n_group=4, topk_group=2,
+                      num_experts_per_tok=4)  # fmt: skip
+    experts = RoutedExperts(cfg).cuda().bfloat16()
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    indices = torch.randint(0, 16, (512, 4), device="cuda")
+    weights = torch.rand(512, 4, device="cuda")
+    assert experts._grouped_gemm_ok(x)
+    grouped = experts(x, indices, weights)
+    grouped.float().square().sum().backward()
+    grad_grouped = experts.gate_up_proj.grad.clone()
+    experts.gate_up_proj.grad = None
+    experts._grouped_gemm_ok = lambda _: False
+    loop = experts(x, indices, weights)
+    loop.float().square().sum().backward()
+    torch.testing.assert_close(grouped.float(), loop.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(grad_grouped.float(), experts.gate_up_proj.grad.float(), atol=5e-2, rtol=5e-2)
