@@ -82,5 +82,8 @@ def test_grouped_gemm_matches_the_loop_on_gpu():
     experts._grouped_gemm_ok = lambda _: False
     loop = experts(x, indices, weights)
     loop.float().square().sum().backward()
-    torch.testing.assert_close(grouped.float(), loop.float(), atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(grad_grouped.float(), experts.gate_up_proj.grad.float(), atol=5e-2, rtol=5e-2)
+    def relative_error(a, b):  # bf16 accumulation order differs; compare as a whole, not element by element
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    assert relative_error(grouped, loop) < 1e-2
+    assert relative_error(grad_grouped, experts.gate_up_proj.grad) < 1e-2

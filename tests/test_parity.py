@@ -119,9 +119,11 @@ def test_our_checkpoint_loads_into_transformers_and_back_bit_for_bit(reference):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_parity_on_gpu(reference):
-    ref, tmp_path = reference
-    ref = ref.to("cuda", torch.bfloat16)
+    _, tmp_path = reference
+    # both loaded the same way, so both keep the router and its bias in fp32 (`_keep_in_fp32_modules_strict`)
+    ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).to("cuda").eval()
     ours = DeepSeekForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).to("cuda").eval()
+    assert all(router.e_score_correction_bias.dtype == torch.float32 for router in ours.routers())
     ids = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
         full_ref, full_ours = ref(ids).logits.float(), ours(ids).logits.float()
