@@ -109,13 +109,9 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if position_ids is None:
-            past_seen = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
-
-        # positional: the 4th parameter is `past_key_values` in transformers 5.17 and `cache` in 5.24
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        mask, position_embeddings, position_ids = self.attention_inputs(
+            inputs_embeds, attention_mask, position_ids, cache
+        )
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         for layer in self.decoder_layers:
@@ -127,9 +123,16 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
             all_hidden[-1] = hidden_states
         out = MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden and tuple(all_hidden))
         out[CACHE_FIELD] = cache if use_cache else None
-        # what the MTP modules need to re-use this pass's mask and rotary tables
-        self._mtp_inputs = (mask, position_embeddings, position_ids)
         return out
+
+    def attention_inputs(self, inputs_embeds, attention_mask, position_ids, cache):
+        """The causal mask, the rotary tables and the position ids for a pass (shared with the MTP modules)."""
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
+        # positional: the 4th parameter is `past_key_values` in transformers 5.17 and `cache` in 5.24
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        return mask, self.rotary_emb(inputs_embeds, position_ids), position_ids
 
 
 class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
@@ -188,7 +191,9 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
                 logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
             )
             if self.config.num_nextn_predict_layers > 0:
-                mtp_loss = self._mtp_loss(input_ids, inputs_embeds, hidden_states, labels, **kwargs)
+                mtp_loss = self._mtp_loss(
+                    input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, **kwargs
+                )
                 loss = loss + self.config.mtp_loss_weight * mtp_loss
         aux_losses = [r.last_aux_loss for r in self.routers() if r.last_aux_loss is not None]
         if aux_losses:
@@ -207,13 +212,14 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
         result[CACHE_FIELD] = outputs[CACHE_FIELD]
         return result
 
-    def _mtp_loss(self, input_ids, inputs_embeds, hidden_states, labels, **kwargs) -> torch.Tensor:
+    def _mtp_loss(
+        self, input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, **kwargs
+    ) -> torch.Tensor:
         """Mean over depths of the cross-entropy of each MTP module (depth k predicts token t+1+k)."""
-        mask, position_embeddings, position_ids = self.model._mtp_inputs
-        if input_ids is None:
-            embeds = inputs_embeds
-        else:
-            embeds = self.model.embed_tokens(input_ids)
+        embeds = inputs_embeds if input_ids is None else self.model.embed_tokens(input_ids)
+        mask, position_embeddings, position_ids = self.model.attention_inputs(
+            embeds, attention_mask, position_ids, None
+        )
         previous, losses = hidden_states, []
         for depth, layer in enumerate(self.model.mtp_layers, start=1):
             shifted = shift_left(embeds, depth, 0.0)
