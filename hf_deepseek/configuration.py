@@ -92,10 +92,18 @@ class DeepSeekConfig(PreTrainedConfig):
             raise ValueError(f"DeepSeekConfig.{field}={getattr(self, field)!r} is invalid: {rule}")
 
         positive = [
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "max_position_embeddings",
             "moe_layer_freq",
-        ]  # fmt: skip
+        ]
         for field in positive:
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
@@ -115,8 +123,10 @@ class DeepSeekConfig(PreTrainedConfig):
         if not 0 <= self.attention_dropout < 1:
             fail("attention_dropout", "must be in [0, 1)")
         if self.num_key_value_heads != self.num_attention_heads:
-            fail("num_key_value_heads", f"MLA shares one latent across heads; must equal num_attention_heads "
-                 f"({self.num_attention_heads})")  # fmt: skip
+            fail(
+                "num_key_value_heads",
+                f"MLA shares one latent across heads; must equal num_attention_heads ({self.num_attention_heads})",
+            )
         if self.first_k_dense_replace >= self.num_hidden_layers:
             return  # a dense model: the routing fields are unused
         if self.moe_intermediate_size <= 0:
@@ -132,8 +142,11 @@ class DeepSeekConfig(PreTrainedConfig):
         if not 0 < self.topk_group <= self.n_group:
             fail("topk_group", f"must be in [1, n_group={self.n_group}]")
         if self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
-            fail("topk_group", f"the {self.topk_group} kept group(s) of {self.n_routed_experts // self.n_group} "
-                 f"experts hold fewer than num_experts_per_tok={self.num_experts_per_tok}")  # fmt: skip
+            fail(
+                "topk_group",
+                f"the {self.topk_group} kept group(s) of {self.n_routed_experts // self.n_group} "
+                f"experts hold fewer than num_experts_per_tok={self.num_experts_per_tok}",
+            )
         if self.scoring_func not in SCORING_FUNCS:
             fail("scoring_func", f"must be one of {SCORING_FUNCS}")
         if self.routed_scaling_factor <= 0:

@@ -69,7 +69,8 @@ def test_absorbed_weights_are_computed_once_per_weight_version(model):
     attn = model.model.decoder_layers[0].self_attn
     with torch.no_grad():
         first = attn.absorbed_weights()
-        assert all(a is b for a, b in zip(first, attn.absorbed_weights()))  # cached, not recomputed per step
+        again = attn.absorbed_weights()  # cached, not recomputed per step
+        assert all(a is b for a, b in zip(first, again, strict=True))
         attn.kv_b_proj.weight.mul_(2.0)  # an optimizer step changes the weights in place
         second = attn.absorbed_weights()
     torch.testing.assert_close(second[0], 2 * first[0])

@@ -17,7 +17,10 @@ def reference_route(scores: torch.Tensor, bias: torch.Tensor, cfg) -> list[set[i
     for row in scores + bias:
         groups = row.view(cfg.n_group, group_size)
         group_score = groups.topk(2, dim=-1).values.sum(-1)
-        best = max(itertools.combinations(range(cfg.n_group), cfg.topk_group), key=lambda g: group_score[list(g)].sum())
+        best = max(
+            itertools.combinations(range(cfg.n_group), cfg.topk_group),
+            key=lambda g: group_score[list(g)].sum(),
+        )
         allowed = torch.cat([torch.arange(g * group_size, (g + 1) * group_size) for g in best])
         chosen.append(set(allowed[row[allowed].topk(cfg.num_experts_per_tok).indices].tolist()))
     return chosen
@@ -82,6 +85,7 @@ def test_grouped_gemm_matches_the_loop_on_gpu():
     experts._grouped_gemm_ok = lambda _: False
     loop = experts(x, indices, weights)
     loop.float().square().sum().backward()
+
     def relative_error(a, b):  # bf16 accumulation order differs; compare as a whole, not element by element
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

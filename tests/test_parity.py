@@ -16,15 +16,34 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
 CONFIGS = {
     # plain q projection, one expert group, MoE from layer 0, unnormalised gate weights, default RoPE
-    "plain-q": dict(q_lora_rank=None, n_group=1, topk_group=1, first_k_dense_replace=0, norm_topk_prob=False,
-                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),  # fmt: skip
+    "plain-q": dict(
+        q_lora_rank=None,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=0,
+        norm_topk_prob=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
     # low-rank q, group-limited routing (2 of 4 groups), one dense layer, YaRN factor 4
-    "grouped-yarn": dict(q_lora_rank=24, n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
-                         rope_parameters=YARN),  # fmt: skip
+    "grouped-yarn": dict(
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        rope_parameters=YARN,
+    ),
     # two dense layers, YaRN with mscale != mscale_all_dim (cos/sin factor != 1), non-interleaved RoPE
-    "dense-first-yarn": dict(q_lora_rank=16, n_group=2, topk_group=1, first_k_dense_replace=2, norm_topk_prob=True,
-                             rope_interleave=False, num_hidden_layers=4,
-                             rope_parameters={**YARN, "factor": 8.0, "mscale": 0.707}),  # fmt: skip
+    "dense-first-yarn": dict(
+        q_lora_rank=16,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=2,
+        norm_topk_prob=True,
+        rope_interleave=False,
+        num_hidden_layers=4,
+        rope_parameters={**YARN, "factor": 8.0, "mscale": 0.707},
+    ),
 }
 
 

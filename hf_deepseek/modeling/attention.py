@@ -87,7 +87,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.num_key_value_groups = 1  # the expanded path has full per-head keys and values
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
-        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.nope_dim, self.rope_dim, self.v_dim = (
+            config.qk_nope_head_dim,
+            config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
         self.qk_head_dim = self.nope_dim + self.rope_dim
         self.scaling = yarn_softmax_scale(config)
         self.is_causal = True
@@ -147,9 +151,15 @@ class MultiHeadLatentAttention(nn.Module):
         query = torch.cat([q_nope, q_rope], dim=-1)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
         out, _ = attention(
-            self, query, key, value, attention_mask,
-            dropout=self.config.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs,
-        )  # fmt: skip
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
         return out  # [B, T, H, v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,7 +171,11 @@ class MultiHeadLatentAttention(nn.Module):
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._absorbed_cache is None or self._absorbed_cache[0] != key:
             w = weight.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            self._absorbed_cache = (key, w[:, : self.nope_dim].contiguous(), w[:, self.nope_dim :].contiguous())
+            self._absorbed_cache = (
+                key,
+                w[:, : self.nope_dim].contiguous(),
+                w[:, self.nope_dim :].contiguous(),
+            )
         return self._absorbed_cache[1], self._absorbed_cache[2]
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:

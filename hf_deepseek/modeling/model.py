@@ -186,6 +186,13 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = mtp_loss = aux_loss = None
+        # With `num_items_in_batch` (Trainer: label tokens of all accumulated micro-batches, all ranks) the
+        # main loss is this batch's share of a sum the Trainer adds up undivided; the MTP and balance terms
+        # are means over this batch, so they take the same share, or count once per micro-batch.
+        share = 1.0
+        if labels is not None and num_items_in_batch is not None:
+            items = torch.as_tensor(num_items_in_batch, device=labels.device)
+            share = (labels[..., 1:] != -100).sum() / items
         if labels is not None:
             loss = self.loss_function(
                 logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
@@ -194,11 +201,11 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
                 mtp_loss = self._mtp_loss(
                     input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, **kwargs
                 )
-                loss = loss + self.config.mtp_loss_weight * mtp_loss
+                loss = loss + share * self.config.mtp_loss_weight * mtp_loss
         aux_losses = [r.last_aux_loss for r in self.routers() if r.last_aux_loss is not None]
         if aux_losses:
             aux_loss = torch.stack(aux_losses).sum()
-            loss = loss + aux_loss if loss is not None else None
+            loss = loss + share * aux_loss if loss is not None else None
         expert_load = torch.stack([r.last_expert_load for r in self.routers()]) if output_expert_load else None
 
         result = DeepSeekCausalLMOutput(
