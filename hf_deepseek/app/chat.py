@@ -1,0 +1,255 @@
+"""The Gradio chat app: a `gr.ChatInterface` that streams the model's reply, shows its `<think>` part as a
+collapsible reasoning block, and reports tokens/s (and, with MTP speculative decoding, the draft acceptance).
+
+`ChatResponder` turns (message, history, controls) into streamed chat messages; `build_chat_app` wraps it in
+the interface (endpoint `/chat`), `launch_chat` serves it on 127.0.0.1 by default behind a bounded queue.
+"""
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_deepseek.app.messages import history_to_messages, notice, reply_messages, split_reply
+from hf_deepseek.app.streaming import DraftStats, SamplingSettings, generate_stream, mtp_available, mtp_stream
+
+DEFAULT_HOST = "127.0.0.1"
+STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates a second, however fast the model is
+MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave at least this many positions of the context for the reply
+
+
+@dataclass
+class ChatLimits:
+    """Bounds that keep one user from tying up the server."""
+
+    max_input_chars: int = 4000  # a longer message gets a notice instead of a reply
+    max_history_chars: int = 64000  # older turns beyond this are left out of the prompt
+    max_new_tokens: int = 4096  # upper end of the "max new tokens" control
+    default_max_new_tokens: int = 512
+    concurrency: int = 4  # replies generated at once; the rest wait in the queue
+    queue_size: int = 64  # requests beyond this are turned away
+
+
+class ChatResponder:
+    """The chat function: streams an assistant turn, plus a one-line stats string, for a message and history."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, limits: ChatLimits | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.limits = limits or ChatLimits()
+        self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.answer_tags = "<answer>" in tokenizer.get_vocab()
+        self.mtp_available = mtp_available(model)
+
+    def respond(
+        self,
+        message: str,
+        history: list[dict[str, Any]],
+        system_prompt: str = "",
+        temperature: float = 0.6,
+        top_p: float = 0.95,
+        max_new_tokens: int = 512,
+        use_mtp: bool = False,
+    ) -> Iterator[tuple[list[gr.ChatMessage], str]]:
+        message = message if isinstance(message, str) else ""
+        system_prompt = system_prompt if isinstance(system_prompt, str) else ""
+        cap = self.limits.max_input_chars
+        for what, text in (("message", message), ("system prompt", system_prompt)):
+            if len(text) > cap:
+                yield (
+                    notice(
+                        f"Your {what} is {len(text):,} characters long; this demo accepts at most {cap:,}. "
+                        "Please shorten it and send it again."
+                    ),
+                    "",
+                )
+                return
+        if not message.strip():
+            yield notice("Please type a message."), ""
+            return
+        max_new_tokens = max(1, min(int(max_new_tokens), self.limits.max_new_tokens))
+        input_ids = self._prompt_ids(message, history, system_prompt, max_new_tokens)
+        if input_ids is None:
+            yield notice("This message does not fit in the model's context window. Please shorten it."), ""
+            return
+        max_new_tokens = min(max_new_tokens, self.context - input_ids.shape[1])
+        settings = SamplingSettings(max_new_tokens, float(temperature), float(top_p))
+        yield from self._stream_reply(input_ids, settings, bool(use_mtp) and self.mtp_available)
+
+    def _prompt_ids(
+        self, message: str, history: list[dict[str, Any]], system_prompt: str, max_new_tokens: int
+    ) -> torch.LongTensor | None:
+        """Template the conversation; leave out the oldest turns while it is too long. None if nothing fits."""
+        turns = history_to_messages(history or [], system_prompt, self.answer_tags)
+        system, turns = (turns[:1], turns[1:]) if turns and turns[0]["role"] == "system" else ([], turns)
+        while sum(len(t["content"]) for t in turns) > self.limits.max_history_chars:
+            turns = _without_oldest_exchange(turns)
+        while True:
+            text = self.tokenizer.apply_chat_template(
+                [*system, *turns, {"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            if ids.shape[1] + min(max_new_tokens, MIN_NEW_TOKENS_ROOM) <= self.context or not turns:
+                break
+            turns = _without_oldest_exchange(turns)
+        if ids.shape[1] + MIN_NEW_TOKENS_ROOM > self.context:
+            return None
+        return ids.to(self.model.device)
+
+    def _stream_reply(
+        self, input_ids: torch.LongTensor, settings: SamplingSettings, use_mtp: bool
+    ) -> Iterator[tuple[list[gr.ChatMessage], str]]:
+        """Decode the token stream as it grows and yield the rendered turn, at most every STREAM_INTERVAL_S."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        stop, draft_stats = threading.Event(), DraftStats() if use_mtp else None
+        if use_mtp:
+            tokens = mtp_stream(self.model, input_ids, settings, eos, draft_stats)
+        else:
+            tokens = generate_stream(self.model, input_ids, settings, eos, pad, stop)
+        ids: list[int] = []
+        start = time.perf_counter()
+        answer_started: float | None = None
+        last_yield = 0.0
+        try:
+            yield [gr.ChatMessage(role="assistant", content="…")], ""
+            for new in tokens:
+                ids.extend(new)
+                now = time.perf_counter()
+                if now - last_yield < STREAM_INTERVAL_S:
+                    continue
+                last_yield = now
+                parts = split_reply(self.tokenizer.decode(ids, skip_special_tokens=True))
+                if answer_started is None and parts.answer:
+                    answer_started = now
+                yield self._render(parts, start, answer_started), self._stats(len(ids), now - start, draft_stats)
+        finally:
+            stop.set()
+            tokens.close()
+        now = time.perf_counter()
+        parts = split_reply(self.tokenizer.decode(ids, skip_special_tokens=True), final=True)
+        messages = self._render(parts, start, answer_started or now)
+        if not messages:
+            messages = notice("The model ended its reply without any text.")
+        yield messages, self._stats(len(ids), now - start, draft_stats)
+
+    @staticmethod
+    def _render(parts, start: float, answer_started: float | None) -> list[gr.ChatMessage]:
+        thought = (answer_started or time.perf_counter()) - start
+        return reply_messages(parts, thought) or [gr.ChatMessage(role="assistant", content="…")]
+
+    def _stats(self, tokens: int, seconds: float, draft_stats: DraftStats | None) -> str:
+        line = f"{tokens} tokens in {seconds:.1f} s · **{tokens / max(seconds, 1e-9):.1f} tokens/s**"
+        if draft_stats is not None:
+            line += (
+                f" · MTP draft acceptance **{draft_stats.acceptance_rate:.0%}** "
+                f"({draft_stats.accepted}/{draft_stats.drafted}), greedy"
+            )
+        return line
+
+
+def _without_oldest_exchange(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Drop the first message and any replies to it, so the conversation still starts with a user turn."""
+    rest = turns[1:]
+    while rest and rest[0]["role"] != "user":
+        rest = rest[1:]
+    return rest
+
+
+def build_chat_app(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    limits: ChatLimits | None = None,
+    title: str = "hf-deepseek chat",
+) -> gr.ChatInterface:
+    """The chat interface around `model`; its endpoint is `/chat` (inputs: message, then the controls)."""
+    responder = ChatResponder(model, tokenizer, limits)
+    limits = responder.limits
+    stats = gr.Markdown("", elem_id="generation-stats", render=False)
+    if responder.mtp_available:
+        mtp_info = "Draft with the MTP module, verify with the model (greedy: temperature and top-p are ignored)."
+    else:
+        mtp_info = "Unavailable: this model has no MTP module or the drafting code is missing."
+    controls = [
+        gr.Textbox("", label="System prompt", lines=2, max_length=limits.max_input_chars, elem_id="system-prompt"),
+        gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature", info="0 = greedy", elem_id="temperature"),
+        gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p", elem_id="top-p"),
+        gr.Slider(
+            1,
+            limits.max_new_tokens,
+            value=min(limits.default_max_new_tokens, limits.max_new_tokens),
+            step=1,
+            label="Max new tokens",
+            elem_id="max-new-tokens",
+        ),
+        gr.Checkbox(
+            False,
+            label="MTP speculative decoding",
+            info=mtp_info,
+            interactive=responder.mtp_available,
+            elem_id="use-mtp",
+        ),
+    ]
+    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True) as blocks:
+        gr.ChatInterface(
+            responder.respond,
+            chatbot=gr.Chatbot(label="DeepSeek", scale=1, height=480, elem_id="chatbot"),
+            textbox=gr.Textbox(
+                placeholder="Ask something…", max_length=None, submit_btn=True, stop_btn=True, show_label=False
+            ),
+            additional_inputs=controls,
+            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_outputs=[stats],
+            title=title,
+            description=f"Streams the reply; the reasoning (`<think>`) folds away when the answer starts. "
+            f"Messages are capped at {limits.max_input_chars:,} characters.",
+            api_name="chat",
+            concurrency_limit=limits.concurrency,
+            analytics_enabled=False,
+            fill_height=True,
+        )
+        stats.render()
+    blocks.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
+    return blocks
+
+
+def load_chat_model(
+    model_dir: str | Path, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a checkpoint the project can read, and its tokenizer (the project's own if the directory has none)."""
+    import hf_deepseek  # noqa: F401  (registers the model with the Auto classes)
+    from hf_deepseek.data import build_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = build_tokenizer()
+    if tokenizer.chat_template is None:
+        raise ValueError(f"the tokenizer in {model_dir} has no chat template; the chat app needs one")
+    return model, tokenizer
+
+
+def launch_chat(
+    blocks: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = None, block: bool = True, **launch_kwargs
+) -> str:
+    """Serve the app (127.0.0.1 unless told otherwise, no share link, no file serving); returns its local URL."""
+    _, url, _ = blocks.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        prevent_thread_lock=not block,
+        allowed_paths=[],
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        footer_links=["api"],
+        **launch_kwargs,
+    )
+    return url
