@@ -1,0 +1,284 @@
+"""The Hopper backend of `fp8.py`: Triton quantisation kernels and block-scaled FP8 GEMMs.
+
+The quantisers reproduce `fp8.quantize_tiles` / `fp8.quantize_blocks` bit for bit (correctly rounded division,
+round-to-nearest-even E4M3). Dense GEMMs go to cuBLAS through `torch._scaled_mm`'s blockwise recipes
+(1x128 x 128x128 and 1x128 x 1x128) when they dispatch; grouped expert GEMMs, and anything cuBLAS refuses, run
+in a Triton kernel that promotes each 128-element partial sum to FP32 with both operands' scales, as DeepSeek's
+kernels do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import BLOCK, FP8, EmulatedBackend, ExpertLayout, FP8Recipe, _ceil_to, check_finite
+
+logger = logging.getLogger(__name__)
+
+
+@triton.jit
+def _scale_of(amax, POW2: tl.constexpr):
+    """max(amax, 1e-4) / 448, optionally rounded up to a power of two (exact bit arithmetic)."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    if POW2:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = bits & 0x7F800000
+        scale = tl.where((bits & 0x007FFFFF) != 0, exponent + 0x00800000, exponent).to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _abs_nan_as_inf(x):
+    a = tl.abs(x)
+    return tl.where(a == a, a, float("inf"))  # Triton's max drops NaN; inf survives it and fails the finite check
+
+
+@triton.jit
+def _quant_rows_kernel(
+    x_ptr, q_ptr, s_ptr, R, C, R_OUT,
+    s_xr, s_xc, s_qr, s_sr, s_sc,
+    POW2: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_R, 128] tile: per row amax, scale, E4M3 values. Rows R..R_OUT and columns C.. are zero."""
+    pid_r, pid_c = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * 128 + tl.arange(0, 128)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), POW2)
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv)
+    out_rows = rows < R_OUT
+    tl.store(q_ptr + rows[:, None] * s_qr + cols[None, :], q, mask=out_rows[:, None])
+    tl.store(s_ptr + rows * s_sr + pid_c * s_sc, scale, mask=out_rows)
+
+
+@triton.jit
+def _quant_blocks_kernel(
+    w_ptr, q_ptr, qt_ptr, s_ptr, N, K,
+    s_we, s_wn, s_wk, s_qe, s_qn, s_qte, s_qtk, s_se, s_sn, s_sk,
+    POW2: tl.constexpr, TRANSPOSE: tl.constexpr,
+):  # fmt: skip
+    """One 128x128 block of expert `program_id(2)`: one scale; writes q [Np, Kp] and, if asked, q^T [Kp, Np]."""
+    pid_n, pid_k, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_n * 128 + tl.arange(0, 128)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w_ptrs = w_ptr + expert * s_we + rows[:, None] * s_wn + cols[None, :] * s_wk
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0), POW2)
+    q = tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0).to(tl.float8e4nv)
+    tl.store(q_ptr + expert * s_qe + rows[:, None] * s_qn + cols[None, :], q)
+    if TRANSPOSE:
+        tl.store(qt_ptr + expert * s_qte + cols[:, None] * s_qtk + rows[None, :], tl.trans(q))
+    tl.store(s_ptr + expert * s_se + pid_n * s_sn + pid_k * s_sk, scale)
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, block_expert_ptr, M, N, K,
+    s_am, s_asm, s_ask, s_be, s_bn, s_bse, s_bsn, s_bsk, s_cm,
+    B_BLOCKS: tl.constexpr, GROUPED: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """c[m, n] = sum over 128-wide K tiles of (a_tile . b_tile) * a_scale[m, t] * b_scale[n, t], in fp32.
+
+    a [M, K] and b [(E,) N, K] are K-contiguous E4M3. b's scale is per 128x128 block (B_BLOCKS) or per row.
+    GROUPED: the 128-row block of a at row m belongs to expert block_expert[m // 128] (-1: write zeros).
+    """
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n  # L2-friendly order: GROUP_M row blocks sweep all column blocks together
+    first_m = (pid // width) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 128)
+    m_mask, n_mask = offs_m < M, offs_n < N
+    k_tiles = tl.cdiv(K, 128)
+    expert = 0
+    if GROUPED:
+        expert = tl.load(block_expert_ptr + pid_m * BLOCK_M // 128)
+        k_tiles = tl.where(expert >= 0, k_tiles, 0)
+        expert = tl.maximum(expert, 0)
+    a_ptrs = a_ptr + offs_m[:, None] * s_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * s_be + offs_n[:, None] * s_bn + offs_k[None, :]
+    as_ptrs = as_ptr + offs_m * s_asm
+    b_rows = offs_n // 128 if B_BLOCKS else offs_n  # one scale per 128 rows of b, or one per row
+    bs_ptrs = bs_ptr + expert * s_bse + b_rows * s_bsn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, k_tiles):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[:, None], other=0.0)
+        else:
+            k_mask = offs_k < K - t * 128
+            a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        a_scale = tl.load(as_ptrs + t * s_ask, mask=m_mask, other=0.0)
+        b_scale = tl.load(bs_ptrs + t * s_bsk, mask=n_mask, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]  # FP32 promotion every 128 of K
+        a_ptrs += 128
+        b_ptrs += 128
+    c_ptrs = c_ptr + offs_m[:, None] * s_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, seg_start_ptr, seg_end_ptr, N, K,
+    s_an, s_asn, s_ast, s_bk, s_bsk, s_bst, s_ce, s_cn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Per expert e: c[e] = a[:, rows of e] @ b[:, rows of e]^T; a [N, T] and b [K, T] tiled 1x128 along T."""
+    pid_n, pid_k, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start = tl.load(seg_start_ptr + expert)
+    end = tl.load(seg_end_ptr + expert)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_t = tl.arange(0, 128)
+    n_mask, k_mask = offs_n < N, offs_k < K
+    a_ptrs = a_ptr + offs_n[:, None] * s_an + (start + offs_t)[None, :]
+    b_ptrs = b_ptr + offs_k[:, None] * s_bk + (start + offs_t)[None, :]
+    as_ptrs = as_ptr + offs_n * s_asn + (start // 128) * s_ast
+    bs_ptrs = bs_ptr + offs_k * s_bsk + (start // 128) * s_bst
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for _ in range(start, end, 128):
+        a = tl.load(a_ptrs, mask=n_mask[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        a_scale = tl.load(as_ptrs, mask=n_mask, other=0.0)
+        b_scale = tl.load(bs_ptrs, mask=k_mask, other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * a_scale[:, None] * b_scale[None, :]
+        a_ptrs += 128
+        b_ptrs += 128
+        as_ptrs += s_ast
+        bs_ptrs += s_bst
+    c_ptrs = c_ptr + expert * s_ce + offs_n[:, None] * s_cn + offs_k[None, :]
+    tl.store(c_ptrs, acc, mask=n_mask[:, None] & k_mask[None, :])
+
+
+def _col_major(scale: torch.Tensor) -> torch.Tensor:
+    """[R, T] scales with the row index contiguous (stride (1, R)), the layout cuBLAS reads 1x128 scales in."""
+    return scale if scale.stride() == (1, scale.shape[0]) else scale.t().contiguous().t()
+
+
+class HopperBackend:
+    """FP8 on compute capability 9.0+: Triton quantisers, cuBLAS blockwise GEMMs where they dispatch, Triton GEMMs
+    for the grouped experts and the rest. The same conventions as `fp8.EmulatedBackend`."""
+
+    name = "hopper"
+    GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)
+    WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
+
+    def __init__(self, recipe: FP8Recipe):
+        self.recipe = recipe
+        self.pow2, self.check = recipe.pow2_scales, recipe.check_finite
+        self.cublas = {}  # (b_blocks, out dtype) -> does torch._scaled_mm dispatch and agree with the emulation
+        if recipe.gemm == "triton":
+            self.cublas = {(b, d): False for b in (True, False) for d in (torch.bfloat16, torch.float32)}
+
+    # -- quantisation ------------------------------------------------------------------------------------------
+    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [R, C] (any strides) -> q [Rp, Cp] (Rp a multiple of 16 and of rows_multiple), scales [Rp, Cp/128]
+        stored column-major, the layout `torch._scaled_mm` wants."""
+        rows, cols = x.shape
+        rows_out, cols_out = _ceil_to(rows, max(rows_multiple, 16)), _ceil_to(cols, BLOCK)
+        q = torch.empty(rows_out, cols_out, dtype=FP8, device=x.device)
+        scale = torch.empty(cols_out // BLOCK, rows_out, dtype=torch.float32, device=x.device).t()
+        block_r = 32 if x.stride(1) == 1 else 64
+        grid = (triton.cdiv(rows_out, block_r), cols_out // BLOCK)
+        _quant_rows_kernel[grid](
+            x, q, scale, rows, cols, rows_out, x.stride(0), x.stride(1), q.stride(0), scale.stride(0),
+            scale.stride(1), POW2=self.pow2, BLOCK_R=block_r, num_warps=4,
+        )  # fmt: skip
+        if self.check:
+            check_finite(scale, "a 1x128 activation tile")
+        return q, scale
+
+    def quantize_weight(self, w: torch.Tensor, transpose: bool = False):
+        """w [(E,) N, K] -> q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)], q^T [(E,) Kp, Np]."""
+        w3 = w if w.dim() == 3 else w[None]
+        experts, n, k = w3.shape
+        n_pad, k_pad = _ceil_to(n, BLOCK), _ceil_to(k, BLOCK)
+        q = torch.empty(experts, n_pad, k_pad, dtype=FP8, device=w.device)
+        qt = torch.empty(experts, k_pad, n_pad, dtype=FP8, device=w.device) if transpose else q
+        scale = torch.empty(experts, n_pad // BLOCK, k_pad // BLOCK, dtype=torch.float32, device=w.device)
+        _quant_blocks_kernel[(n_pad // BLOCK, k_pad // BLOCK, experts)](
+            w3, q, qt, scale, n, k, *w3.stride(), q.stride(0), q.stride(1), qt.stride(0), qt.stride(1),
+            *scale.stride(), POW2=self.pow2, TRANSPOSE=transpose, num_warps=8,
+        )  # fmt: skip
+        if self.check:
+            check_finite(scale, "a 128x128 weight block")
+        if w.dim() == 2:
+            q, qt, scale = q[0], qt[0], scale[0]
+        return q, scale, (qt if transpose else None)
+
+    # -- GEMMs -------------------------------------------------------------------------------------------------
+    def _cublas_ok(self, b_blocks: bool, out_dtype: torch.dtype, device: torch.device) -> bool:
+        """Probe once per recipe pair: does `torch._scaled_mm` dispatch it, and does it match the emulation?"""
+        key = (b_blocks, out_dtype)
+        if key not in self.cublas:
+            gen = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(256, 384, device=device, generator=gen) * torch.rand(256, 1, device=device, generator=gen)
+            b = torch.randn(256, 384, device=device, generator=gen)
+            a_q, a_s = self.quantize_rows(a)
+            b_q, b_s = self.quantize_weight(b)[:2] if b_blocks else self.quantize_rows(b)
+            try:
+                got = self._scaled_mm(a_q, a_s, b_q, b_s, b_blocks, out_dtype).float()
+                want = EmulatedBackend(self.recipe).gemm(a_q, a_s, b_q, b_s, b_blocks, torch.float32)
+                ok = bool(((got - want).norm() / want.norm()) < 1e-2)
+                if not ok:
+                    logger.warning("torch._scaled_mm blockwise disagrees with the FP8 emulation; using Triton.")
+            except (RuntimeError, ValueError, NotImplementedError) as err:
+                logger.info("torch._scaled_mm blockwise unavailable (%s); using Triton.", str(err).splitlines()[0])
+                ok = False
+            self.cublas[key] = ok
+        return self.cublas[key]
+
+    @staticmethod
+    def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        scale_b = b_scale.contiguous().t() if b_blocks else _col_major(b_scale).t()
+        return torch._scaled_mm(a, b.t(), scale_a=_col_major(a_scale), scale_b=scale_b, out_dtype=out_dtype)
+
+    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        """a [M, K] @ b[N, K']^T (K' <= K, a zero beyond K'); cuBLAS when shapes and recipe allow, else Triton."""
+        (m, k), (n, kb) = a.shape, b.shape
+        shapes_ok = (
+            k == kb and k % BLOCK == 0 and m % 16 == 0 and n % (BLOCK if b_blocks else 16) == 0 and b.is_contiguous()
+        )
+        if shapes_ok and self.recipe.gemm != "triton" and self._cublas_ok(b_blocks, out_dtype, a.device):
+            return self._scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
+        return self._triton_gemm(a, a_scale, b[None], b_scale[None], None, out_dtype, b_blocks)
+
+    def _triton_gemm(self, a, a_scale, b, b_scale, block_expert, out_dtype, b_blocks) -> torch.Tensor:
+        m, n, k = a.shape[0], b.shape[1], b.shape[2]
+        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+        cfg = self.GEMM_CONFIG
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _gemm_kernel[grid](
+            a, a_scale, b, b_scale, out, block_expert if block_expert is not None else a_scale, m, n, k,
+            a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1), *b_scale.stride(),
+            out.stride(0), B_BLOCKS=b_blocks, GROUPED=block_expert is not None, EVEN_K=k % BLOCK == 0, **cfg,
+        )  # fmt: skip
+        return out
+
+    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
+
+    def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
+        n, k = a.shape[0], b.shape[0]
+        out = torch.empty(layout.num_experts, n, k, dtype=torch.float32, device=a.device)
+        cfg = self.WGRAD_CONFIG
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(k, cfg["BLOCK_K"]), layout.num_experts)
+        _wgrad_kernel[grid](
+            a, a_scale, b, b_scale, out, layout.seg_start, layout.seg_end, n, k, a.stride(0), *a_scale.stride(),
+            b.stride(0), *b_scale.stride(), out.stride(0), out.stride(1), **cfg,
+        )  # fmt: skip
+        return out
