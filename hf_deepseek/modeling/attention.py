@@ -170,13 +170,22 @@ class MultiHeadLatentAttention(nn.Module):
             return w[:, : self.nope_dim], w[:, self.nope_dim :]
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if self._absorbed_cache is None or self._absorbed_cache[0] != key:
-            w = weight.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w = self._dense_kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             self._absorbed_cache = (
                 key,
                 w[:, : self.nope_dim].contiguous(),
                 w[:, self.nope_dim :].contiguous(),
             )
         return self._absorbed_cache[1], self._absorbed_cache[2]
+
+    def _dense_kv_b_weight(self) -> torch.Tensor:
+        """kv_b_proj's weight as a dense [out, r] matrix. A quantised projection (FP8 blocks, bitsandbytes int8 or
+        nf4) stores something else under `weight`, so it is applied to the identity instead, once per version."""
+        weight = self.kv_b_proj.weight
+        if weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            return weight.detach()
+        eye = torch.eye(self.kv_lora_rank, device=weight.device, dtype=self.kv_a_layernorm.weight.dtype)
+        return self.kv_b_proj(eye).detach().T
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
         """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output."""

@@ -19,6 +19,7 @@ from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
 from .checkpoint import add_mtp_shared_copies
 from .decoder_layer import DeepSeekDecoderLayer
+from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .layers import RMSNorm
 from .moe import RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
@@ -143,6 +144,15 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
         self.model = DeepSeekModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader, except for DeepSeek's block-scaled FP8 checkpoints: those go to `fp8_checkpoint`
+        (FP8 GEMMs on a GPU, exact dequantisation elsewhere), as transformers' FP8 quantizer knows neither the
+        stacked experts nor partial 128x128 blocks."""
+        if wants_fp8_loader(pretrained_model_name_or_path, kwargs):
+            return load_fp8_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """Writes the official DeepSeek-V3 layout (per-expert tensors, full MTP layer), sharded safetensors."""
