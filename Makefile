@@ -1,0 +1,49 @@
+# make demo | make test | make lint -- each creates .venv itself on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GRADIO_ANALYTICS_ENABLED := False
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv chromium test demo lint
+
+venv: $(STAMP)
+
+# torch==2.13.0 first: that exact pin takes the CPU wheel on this machine's disk; a looser
+# spec would let pip download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[all]'
+	touch $@
+
+# Debian's chromium for the browser tests of the chat app (Playwright cannot download browsers here).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: venv chromium
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python -m hf_deepseek.cli demo
+
+lint: venv
+	$(BIN)/ruff check .
+
+# The chat app on the embedded default checkpoint (another: make chat CHAT_MODEL=DIR); serves 127.0.0.1 only.
+CHAT_MODEL ?= checkpoints/hf-deepseek-r1-tiny
+.PHONY: chat
+chat: venv
+	@if [ -f "$(CHAT_MODEL)/config.json" ]; then \
+		$(BIN)/python -m hf_deepseek.cli chat --model "$(CHAT_MODEL)"; \
+	else \
+		echo "No checkpoint at $(CHAT_MODEL)/ (the embedded default is trained by the main training job)."; \
+		echo "Chat with any saved model instead:  make chat CHAT_MODEL=DIR"; \
+		echo "  e.g. after 'make demo':            make chat CHAT_MODEL=outputs/demo-model"; \
+		exit 1; \
+	fi

@@ -1,0 +1,71 @@
+"""The `hf-deepseek` command: one subcommand per job (`demo`, `eval`, `bench`, `chat`).
+
+Each subcommand imports its module only when it runs, so `hf-deepseek --help` stays fast.
+"""
+
+import argparse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser with every subcommand and its options."""
+    parser = argparse.ArgumentParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train a tiny DeepSeek-V3 on addition, save, reload, evaluate")
+    demo.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    demo.add_argument("--batch-size", type=int, default=128, help="sequences per step")
+    demo.add_argument("--output-dir", default="outputs/demo-model", help="where the model is saved")
+    demo.add_argument("--seed", type=int, default=0, help="seed for data and initialisation")
+    commands.add_parser(
+        "eval",
+        add_help=False,
+        help="lm-eval with this plugin loaded and the project's offline tasks on the include path; takes "
+        "lm-eval's own arguments (`hf-deepseek eval --help`)",
+    )
+    bench = commands.add_parser(
+        "bench", help="systems benchmark of this model against transformers' DeepseekV3 with the same weights"
+    )
+    bench.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    bench.add_argument("--tiny", action="store_true", help="tiny shapes and grid, for a CPU smoke test")
+    bench.add_argument("--checkpoint", help="benchmark this saved model (weights and shapes) instead of random ones")
+    bench.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
+    bench.add_argument("--contexts", help="comma-separated context lengths, e.g. 512,2048,8192")
+    bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
+    bench.add_argument("--max-tokens", type=int, help="skip cells whose batch x context exceeds this")
+    bench.add_argument("--output-dir", default="outputs/bench", help="where bench.json and the PNG charts go")
+    chat = commands.add_parser("chat", help="Gradio chat demo: streamed replies, collapsible reasoning, MTP switch")
+    chat.add_argument("--model", required=True, help="checkpoint directory (the model and its tokenizer)")
+    chat.add_argument("--host", default="127.0.0.1", help="interface to bind; the default serves this machine only")
+    chat.add_argument("--port", type=int, help="port (default: Gradio's 7860, or the next free one)")
+    chat.add_argument("--max-input-chars", type=int, default=4000, help="longer messages get a notice, no reply")
+    chat.add_argument("--concurrency", type=int, default=4, help="replies generated at once; the rest queue")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse `argv` (default: the command line) and run the chosen subcommand."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "eval":  # everything after `eval` belongs to lm-eval
+        from hf_deepseek.evals.harness import run_lm_eval
+
+        run_lm_eval(extra)
+        return
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        from hf_deepseek.evals.bench import run_bench_from_args
+
+        run_bench_from_args(args)
+    if args.command == "chat":
+        from hf_deepseek.app import run_chat_from_args
+
+        run_chat_from_args(args)
+    if args.command == "demo":
+        from hf_deepseek.demo import run_demo
+
+        run_demo(steps=args.steps, batch_size=args.batch_size, output_dir=args.output_dir, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
