@@ -236,7 +236,7 @@ class FP8LinearFunction(torch.autograd.Function):
         m, n = x2.shape[0], weight.shape[0]
         x_q, x_s = backend.quantize_rows(x2)
         w_q, w_s, w_qt = backend.quantize_weight(weight, transpose=True)
-        y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype)[:m, :n]
+        y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype)[:m, :n].contiguous()  # a copy only if padded
         ctx.save_for_backward(x2, w_qt, w_s)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], n)
@@ -409,7 +409,7 @@ class FP8InferenceLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         x_q, x_s = backend.quantize_rows(x2)
         y = backend.gemm(x_q, x_s, self.weight, self.weight_scale_inv, True, _output_dtype(x))[: x2.shape[0]]
-        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features)
+        y = y[:, : self.out_features].contiguous().reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

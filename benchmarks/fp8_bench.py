@@ -1,0 +1,118 @@
+"""Forward+backward of DeepSeek-V3-shaped linear layers and a routed-expert layer: block-scaled FP8 (this package's
+recipe: 1x128 activation tiles, 128x128 weight blocks, all three GEMMs in FP8) against BF16, in the same run.
+
+    python benchmarks/fp8_bench.py --json fp8_bench.json
+
+Needs a CUDA GPU of compute capability 9.0 (Hopper). Times are medians of `triton.testing.do_bench` (L2 flushed
+between repetitions). TFLOP/s count the three GEMMs: 6 * M * N * K per linear layer.
+"""
+
+import argparse
+import json
+
+import torch
+from torch import nn
+from triton.testing import do_bench
+
+from hf_deepseek import DeepSeekConfig
+from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
+from hf_deepseek.modeling.moe import RoutedExperts
+
+# DeepSeek-V3 (hidden 7168, 128 heads, q_lora 1536, kv_lora 512, dense MLP 18432, expert 2048): name, in, out
+LINEARS = [
+    ("q_a_proj", 7168, 1536),
+    ("q_b_proj", 1536, 24576),
+    ("kv_a_proj_with_mqa", 7168, 576),
+    ("kv_b_proj", 512, 32768),
+    ("o_proj", 16384, 7168),
+    ("dense gate/up_proj", 7168, 18432),
+    ("dense down_proj", 18432, 7168),
+    ("shared expert gate/up_proj", 7168, 2048),
+    ("shared expert down_proj", 2048, 7168),
+]
+VARIANTS = {
+    "fp8": FP8Recipe(),
+    "fp8 no finite check": FP8Recipe(check_finite=False),
+    "fp8 triton gemm": FP8Recipe(gemm="triton", check_finite=False),
+}
+
+
+def time_fwd_bwd(module, inputs: tuple, grad: torch.Tensor, params: list[torch.Tensor]) -> float:
+    def step():
+        for p in params:
+            p.grad = None
+        module(*inputs).backward(grad)
+
+    return do_bench(step, warmup=25, rep=200, return_mode="median")
+
+
+def bench_linear(name: str, k: int, n: int, tokens: int) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    layer = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    flops = 6 * tokens * n * k
+    row = {"layer": name, "M": tokens, "K": k, "N": n, "ms": {}}
+    row["ms"]["bf16"] = time_fwd_bwd(layer, (x,), dy, [x, layer.weight])
+    for variant, recipe in VARIANTS.items():
+        convert_to_fp8_training(layer, recipe)
+        row["ms"][variant] = time_fwd_bwd(layer, (x,), dy, [x, layer.weight])
+        layer.__class__ = nn.Linear
+    row["tflops"] = {v: flops / ms / 1e9 for v, ms in row["ms"].items()}
+    return row
+
+
+def bench_experts(tokens: int, experts: int, top_k: int) -> dict:
+    cfg = DeepSeekConfig(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=experts, n_group=1,
+                         topk_group=1, num_experts_per_tok=top_k)  # fmt: skip
+    module = RoutedExperts(cfg).to("cuda", torch.bfloat16)
+    nn.init.normal_(module.gate_up_proj, std=0.01)
+    nn.init.normal_(module.down_proj, std=0.02)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(tokens, 7168, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    indices = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
+    dy = torch.randn_like(x)
+    params = [x, module.gate_up_proj, module.down_proj]
+    flops = 6 * tokens * top_k * 3 * 7168 * 2048
+    row = {"layer": f"routed experts E={experts} top-{top_k}", "M": tokens * top_k, "K": 7168, "N": 2048, "ms": {}}
+    row["ms"]["bf16"] = time_fwd_bwd(module, (x, indices, weights), dy, params)
+    for variant in ("fp8", "fp8 no finite check"):
+        convert_to_fp8_training(module, VARIANTS[variant])
+        row["ms"][variant] = time_fwd_bwd(module, (x, indices, weights), dy, params)
+        module.__class__ = RoutedExperts
+    row["tflops"] = {v: flops / ms / 1e9 for v, ms in row["ms"].items()}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (M), e.g. 4 x 2048")
+    parser.add_argument("--experts", type=int, default=32, help="routed experts on this GPU (an EP shard of 256)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    rows = [bench_linear(name, k, n, args.tokens) for name, k, n in LINEARS]
+    total = {v: sum(r["ms"][v] for r in rows) for v in rows[0]["ms"]}
+    rows.append({"layer": "all linear layers above", "ms": total, "tflops": {}})
+    rows.append(bench_experts(args.tokens, args.experts, top_k=8))
+
+    from hf_deepseek.modeling.fp8 import get_backend
+
+    cublas = {f"{'1x128 x 128x128' if b else '1x128 x 1x128'} -> {d}": ok
+              for (b, d), ok in get_backend(FP8Recipe(), torch.device("cuda")).cublas.items()}  # fmt: skip
+    device = torch.cuda.get_device_name()
+    print(f"torch._scaled_mm blockwise used: {cublas}")
+    print(f"{device}, torch {torch.__version__}; forward+backward, median ms (speed-up over bf16)")
+    for row in rows:
+        cells = [f"{v} {ms:7.3f} ({row['ms']['bf16'] / ms:4.2f}x)" for v, ms in row["ms"].items()]
+        print(f"{row['layer']:<34}" + " | ".join(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"device": device, "torch": torch.__version__, "tokens": args.tokens, "cublas": cublas, "rows": rows}, f
+            )
+
+
+if __name__ == "__main__":
+    main()
