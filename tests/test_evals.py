@@ -192,6 +192,16 @@ def test_test_problems_never_appear_in_training_data():
             assert frozenset(example["prompt"].removesuffix("=").split("+")) not in sums
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_reference_replies_score_as_correct_and_well_formatted(task):
+    """The reply a few-shot example shows (`doc_to_target`) passes the task's own scoring, for every shipped row."""
+    from hf_deepseek.evals.tasks.utils import doc_to_target
+
+    for split in load_rows(task).values():
+        for row in split:
+            assert scoring.score_greedy(task, row, doc_to_target(row)) == {"pass@1": 1.0, "format": 1.0}, row
+
+
 def test_tasks_are_registered_with_lm_eval():
     manager = task_manager()
     expected = {*TASKS, *(f"{t}_sampled" for t in TASKS), "hf_deepseek_reasoning", "hf_deepseek_reasoning_sampled"}

@@ -89,7 +89,7 @@ TINY_CONFIG = dict(
     num_nextn_predict_layers=1,
     max_position_embeddings=512,
 )
-FULL_PLAN = BenchPlan(FULL_CONFIG, batch_sizes=[1, 8, 32], contexts=[512, 2048, 8192, 32768])
+FULL_PLAN = BenchPlan(FULL_CONFIG, batch_sizes=[1, 8, 32], contexts=[512, 2048, 8192, 32768], mtp_prompts=4)
 TINY_PLAN = BenchPlan(
     TINY_CONFIG,
     batch_sizes=[1, 2],
@@ -121,6 +121,7 @@ class Cell:
 @dataclass
 class ModelReport:
     name: str
+    parameters: int
     cache_bytes_per_token_per_layer: float
     cache_dtype: str
     weights_gib: float | None
@@ -275,11 +276,11 @@ def acceptance_prompts(checkpoint: str | None, plan: BenchPlan, vocab: int, devi
         gen = torch.Generator().manual_seed(7)
         ids = torch.randint(0, vocab, (plan.mtp_prompts, plan.mtp_prompt_len), generator=gen)
         return [row[None].to(device) for row in ids], None, "random prompts; random weights draft at chance level"
-    from hf_deepseek.evals.task_data import load_rows
+    from hf_deepseek.evals.task_data import load_rows, prompt_text
 
     prompts = []
     for row in load_rows("countdown")["test"][: plan.mtp_prompts]:
-        text = f"{row['question']}\n"
+        text = prompt_text(row)
         if tokenizer.chat_template:
             ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
             ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -319,7 +320,8 @@ def bench_model(
     measure_cell(model, name, 1, 16, BenchPlan({}, [1], [16], decode_steps=2, prefill_repeats=1), device)  # warm-up
     probe = prefill(model, torch.arange(8, device=device)[None] % model.config.vocab_size)
     nbytes, layers, dtype = cache_nbytes(probe)
-    report = ModelReport(name, nbytes / (8 * layers), dtype, weights_gib, mtp_note="")
+    parameters = sum(p.numel() for p in model.parameters())
+    report = ModelReport(name, parameters, nbytes / (8 * layers), dtype, weights_gib, mtp_note="")
     if isinstance(model, DeepSeekForCausalLM) and model.config.num_nextn_predict_layers > 0:
         prompts, eos, source = acceptance_prompts(checkpoint, plan, model.config.vocab_size, device)
         for key, value in mtp_speculation(model, prompts, plan.mtp_new_tokens, eos, device).items():
@@ -351,43 +353,42 @@ def run_bench(
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    from hf_deepseek.evals.bench_report import write_report
+
     with tempfile.TemporaryDirectory(prefix="hf-deepseek-bench-") as scratch:
         if checkpoint is None:
-            config = DeepSeekConfig(**plan.config)
             progress(f"building random weights at the benchmark shapes on {device}")
-            build_checkpoint(config, Path(scratch), device, dtype)
+            build_checkpoint(DeepSeekConfig(**plan.config), Path(scratch), device, dtype)
         source = checkpoint or scratch
         config = DeepSeekConfig.from_pretrained(source)
-        reports = []
+        results = {
+            "command": command,
+            "machine": machine_description(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "checkpoint": checkpoint or "random weights",
+            "config": {key: getattr(config, key) for key in FULL_CONFIG},
+            "plan": asdict(plan) | {"config": None},
+            "kv_cache_bytes_per_token_per_layer": {
+                "mla_latent": latent_bytes_per_token_per_layer(config, element_size),
+                "full_mha_equivalent": full_mha_bytes_per_token_per_layer(config, element_size),
+                "deepseek_v3_671b_latent": latent_bytes_per_token_per_layer(DeepSeekConfig(), element_size),
+                "deepseek_v3_671b_full_mha": full_mha_bytes_per_token_per_layer(DeepSeekConfig(), element_size),
+            },
+            "models": [],
+        }
         for name, model_class in ((OURS, DeepSeekForCausalLM), (PEER, DeepseekV3ForCausalLM)):
             progress(f"loading {name}")
+            started = time.perf_counter()
             model = load(model_class, source, device, dtype)
-            parameters = sum(p.numel() for p in model.parameters())
-            reports.append(bench_model(name, model, plan, device, checkpoint, progress))
+            report = bench_model(name, model, plan, device, checkpoint, progress)
             del model
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    element_size = torch.empty((), dtype=dtype).element_size()
-    results = {
-        "command": command,
-        "machine": machine_description(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "checkpoint": checkpoint or "random weights",
-        "parameters": parameters,
-        "config": {key: getattr(config, key) for key in FULL_CONFIG},
-        "plan": asdict(plan) | {"config": None},
-        "kv_cache_bytes_per_token_per_layer": {
-            "mla_latent": latent_bytes_per_token_per_layer(config, element_size),
-            "full_mha_equivalent": full_mha_bytes_per_token_per_layer(config, element_size),
-            "deepseek_v3_671b_latent": latent_bytes_per_token_per_layer(DeepSeekConfig(), element_size),
-            "deepseek_v3_671b_full_mha": full_mha_bytes_per_token_per_layer(DeepSeekConfig(), element_size),
-        },
-        "models": [asdict(report) for report in reports],
-    }
-    from hf_deepseek.evals.bench_report import write_report
-
-    write_report(results, output_dir, progress)
+            results["models"].append(asdict(report))
+            progress(f"{name} done in {time.perf_counter() - started:.0f} s")
+            write_report(results, output_dir, progress if len(results["models"]) == 2 else lambda _: None)
     return results
 
 

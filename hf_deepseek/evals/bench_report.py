@@ -1,6 +1,7 @@
 """The benchmark's outputs: a Markdown table (printed, and saved as `bench.md` for docs/PERF.md), `bench.json`,
 and PNG charts (decode and prefill throughput by context, KV-cache bytes). Charts need matplotlib; without it the
-table and JSON are still written."""
+table and JSON are still written, and `python -m hf_deepseek.evals.bench_report DIR` draws them later from DIR's
+bench.json."""
 
 import json
 from collections.abc import Callable
@@ -17,8 +18,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     kv = results["kv_cache_bytes_per_token_per_layer"]
     lines = [
         f"Machine: {results['machine']['device']}; torch {results['machine']['torch']}, "
-        f"transformers {results['machine']['transformers']}; dtype {results['dtype']}; "
-        f"{results['parameters'] / 1e6:,.1f}M parameters ({results['checkpoint']}).",
+        f"transformers {results['machine']['transformers']}; dtype {results['dtype']}; {results['checkpoint']}; "
+        + ", ".join(f"{m['name']} {m['parameters'] / 1e6:,.1f}M parameters" for m in results["models"])
+        + " (transformers drops the MTP layer).",
         "",
         "| KV cache, bytes per token per layer | value |",
         "|---|---:|",
@@ -44,9 +46,13 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{model['speculative_tok_s']:.1f} tok/s against {model['greedy_tok_s']:.1f} tok/s for plain greedy "
             f"generate ({model['speculative_tok_s'] / model['greedy_tok_s']:.2f}x)."
         )
+    for model in results["models"]:
+        if model["weights_gib"] is not None:
+            lines.append(f"Weights of {model['name']} on the device: {model['weights_gib']:.2f} GiB.")
     lines += [
         "",
-        "| batch | context | model | prefill tok/s | decode tok/s | decode ms/step | peak GiB | KV cache MiB | note |",
+        "| batch | context | model | prefill tok/s | decode tok/s | decode ms/step | peak GiB (with weights) "
+        "| KV cache MiB | note |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     cells = sorted(
@@ -120,3 +126,12 @@ def write_report(results: dict[str, Any], output_dir: Path, progress: Callable[[
         progress("matplotlib is not installed: no PNG charts (the table and bench.json are written)")
         return
     progress(f"wrote {output_dir / 'bench.json'}, {output_dir / 'bench.md'}, " + ", ".join(p.name for p in paths))
+
+
+if __name__ == "__main__":  # re-render a run's outputs, e.g. the charts of a run made where matplotlib is missing
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m hf_deepseek.evals.bench_report DIR   (DIR holds the bench.json of a run)")
+    directory = Path(sys.argv[1])
+    write_report(json.loads((directory / "bench.json").read_text()), directory)

@@ -17,6 +17,7 @@ from typing import Any
 from hf_deepseek.data import split_of
 
 TASKS_DIR = Path(__file__).parent / "tasks"
+INSTRUCTION = "Think inside <think> </think>, then give the final answer inside <answer> </answer>."
 EVAL_SEED = 1_000_000_000
 FEWSHOT_SEED = 1_500_000_000
 SPLIT_SIZES = {"test": 500, "fewshot": 8}
@@ -134,6 +135,11 @@ def write_task_files(sizes: dict[str, int] = SPLIT_SIZES) -> list[Path]:
                     out.write(json.dumps({"id": f"{task}-{split}-{i:04d}", "split": split, **row}) + "\n")
         paths.append(data_file(task))
     return paths
+
+
+def prompt_text(row: dict[str, Any]) -> str:
+    """The prompt a model sees for a problem (the tasks' `doc_to_text`): the question, then the format to use."""
+    return f"{row['question']}\n{INSTRUCTION}\n"
 
 
 def load_rows(task: str) -> dict[str, list[dict[str, Any]]]:

@@ -6,9 +6,8 @@ lm-eval imports this file by path (`!function utils.<name>`); the logic lives in
 from datasets import Dataset, DatasetDict
 
 from hf_deepseek.evals.scoring import score_greedy, score_samples
-from hf_deepseek.evals.task_data import load_rows
+from hf_deepseek.evals.task_data import load_rows, prompt_text
 
-INSTRUCTION = "Think inside <think> </think>, then give the final answer inside <answer> </answer>."
 SAMPLED_KS = (1, 4, 8)
 
 
@@ -29,11 +28,18 @@ def gsm_symbolic_dataset(**kwargs) -> DatasetDict:
 
 
 def doc_to_text(doc: dict) -> str:
-    return f"{doc['question']}\n{INSTRUCTION}\n"
+    return prompt_text(doc)
 
 
 def doc_to_target(doc: dict) -> str:
-    return f"<answer>{doc['answer']}</answer>"
+    """A well-formatted reply (what a few-shot example shows): a one-line check, then the answer."""
+    if "numbers" in doc:  # countdown
+        check = f"{doc['answer']} = {doc['target']}"
+    elif "expression" in doc:  # arithmetic
+        check = f"{doc['expression']} = {doc['answer']}"
+    else:
+        check = f"The result is {doc['answer']}."
+    return f"<think>{check}</think><answer>{doc['answer']}</answer>"
 
 
 def countdown_greedy(doc, results):
