@@ -327,12 +327,19 @@ def bench_model(
         for key, value in mtp_speculation(model, prompts, plan.mtp_new_tokens, eos, device).items():
             setattr(report, key, value)
         report.mtp_note = f"batch 1, {len(prompts)} {source}"
+        progress(f"{name}: MTP draft acceptance {report.mtp_acceptance}, {report.mtp_tokens_per_pass:.2f} tokens/pass")
     else:
         report.mtp_note = "no MTP drafting here (transformers drops the MTP layer on load)"
     for batch in plan.batch_sizes:
         for context in plan.contexts:
             cell = measure_cell(model, name, batch, context, plan, device)
-            progress(f"{name}: batch {batch}, context {context}: {cell.decode_tok_s or cell.note}")
+            if cell.decode_tok_s is None:
+                progress(f"{name}, batch {batch}, context {context}: {cell.note}")
+            else:
+                progress(
+                    f"{name}, batch {batch}, context {context}: prefill {cell.prefill_tok_s:,.0f} tok/s, "
+                    f"decode {cell.decode_tok_s:,.1f} tok/s"
+                )
             report.cells.append(cell)
     return report
 
@@ -343,7 +350,7 @@ def run_bench(
     dtype: torch.dtype | None = None,
     checkpoint: str | None = None,
     output_dir: str | Path = "outputs/bench",
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
     command: str = "",
 ) -> dict[str, Any]:
     """Benchmark both models; write `bench.json`, `bench.md` and PNG charts to `output_dir`; return the results.
@@ -351,6 +358,7 @@ def run_bench(
     `command` is recorded with the results (the command line that produced them)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    progress = progress or timestamped_printer()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -388,8 +396,18 @@ def run_bench(
                 torch.cuda.empty_cache()
             results["models"].append(asdict(report))
             progress(f"{name} done in {time.perf_counter() - started:.0f} s")
-            write_report(results, output_dir, progress if len(results["models"]) == 2 else lambda _: None)
+            write_report(results, output_dir, progress, final=len(results["models"]) == 2)
     return results
+
+
+def timestamped_printer() -> Callable[[str], None]:
+    """print, flushed, each line prefixed with the seconds since the run started (a killed run still shows them)."""
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", flush=True)
+
+    return progress
 
 
 def machine_description(device: torch.device) -> dict[str, str]:

@@ -113,13 +113,18 @@ def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: dict[str, Any], output_dir: Path, progress: Callable[[str], None] = print) -> None:
-    """Print the table and write bench.md, bench.json and the charts into `output_dir`."""
+def write_report(
+    results: dict[str, Any], output_dir: Path, progress: Callable[[str], None] = print, final: bool = True
+) -> None:
+    """Write bench.md and bench.json into `output_dir`; when `final`, also print the table and draw the charts.
+    (The benchmark writes a partial report after each model, so a run cut short keeps what it measured.)"""
     table = markdown_table(results)
-    progress(table)
     command = results.get("command") or "(run from Python)"
     (output_dir / "bench.md").write_text(f"Command: `{command}`\n\n{table}\n")
     (output_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not final:
+        return
+    print(table, flush=True)
     try:
         paths = plot(results, output_dir)
     except ImportError:
