@@ -1,7 +1,8 @@
 """Character-level tokenizer for the tiny models this project trains from scratch.
 
 Built in-process with the `tokenizers` library (nothing is downloaded): one token per character,
-plus chat markers and the `<think>` / `<answer>` tags as single tokens.
+plus chat markers and the `<think>` / `<answer>` tags as single tokens. The chat template marks each assistant
+reply (and its end-of-sequence token) with `{% generation %}`, so TRL's `assistant_only_loss` trains on replies only.
 """
 
 import string
@@ -20,7 +21,11 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('role must be system, user or assistant, got ' + message['role']) }}"
     "{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{%- else %}"
     "{{ '<|' + message['role'] + '|>' + message['content'] + eos_token }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|assistant|>' }}{%- endif %}"
 )
