@@ -4,13 +4,16 @@ reply with reasoning and answer, Stop ending generation, sixteen concurrent clie
 Served tests run a scripted tiny DeepSeek model (tests/app_helpers.py) through the real generation path.
 """
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from app_helpers import ENDLESS_SCRIPT, FINITE_SCRIPT, ForwardCounter, scripted_chat_model, serve
+from app_helpers import ENDLESS_SCRIPT, FINITE_SCRIPT, ForwardCounter, free_port, scripted_chat_model, serve
 
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
@@ -26,7 +29,11 @@ from hf_deepseek.app.messages import (  # noqa: E402
 from hf_deepseek.app.streaming import GENERATE_THREAD_NAME  # noqa: E402
 from hf_deepseek.data import build_tokenizer  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [
+    pytest.mark.timeout(120),
+    # Gradio's queue uses pandas options that pandas 3 deprecates; nothing this project can change
+    pytest.mark.filterwarnings("ignore:.*no_silent_downcasting:Warning", "ignore:The copy keyword:Warning"),
+]
 MAX_INPUT_CHARS = 200
 # message, system prompt, temperature, top-p, max new tokens, MTP
 CHAT_ARGS = ("", 0.6, 0.95, 64, False)
@@ -211,3 +218,31 @@ def test_app_binds_localhost_by_default(finite_app):
     url, _ = finite_app
     assert url.startswith("http://127.0.0.1:")
     assert ChatLimits().concurrency >= 1 and ChatLimits().queue_size >= 16
+
+
+def test_cli_chat_serves_a_saved_checkpoint(tmp_path):
+    """`hf-deepseek chat --model DIR` loads a saved checkpoint and its tokenizer and serves on 127.0.0.1."""
+    scripted_chat_model(FINITE_SCRIPT).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    port = free_port()
+    command = [sys.executable, "-m", "hf_deepseek.cli", "chat", "--model", str(tmp_path), "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline, client = time.monotonic() + 90, None
+        while client is None:
+            assert server.poll() is None, f"the chat command exited: {server.stdout.read()}"
+            assert time.monotonic() < deadline, "the chat command did not start serving within 90 s"
+            try:
+                client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:
+                time.sleep(0.5)
+        reply, _ = client.predict("What is 40+2?", *CHAT_ARGS, api_name="/chat")
+        assert texts(reply) == [("Reasoning", "plan"), ("", "42")]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=15)

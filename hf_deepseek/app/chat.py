@@ -195,15 +195,20 @@ def build_chat_app(
             elem_id="use-mtp",
         ),
     ]
-    with gr.Blocks(title=title, analytics_enabled=False, fill_height=True) as blocks:
+    with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         gr.ChatInterface(
             responder.respond,
-            chatbot=gr.Chatbot(label="DeepSeek", scale=1, height=480, elem_id="chatbot"),
+            chatbot=gr.Chatbot(label="DeepSeek", height=520, elem_id="chatbot"),
             textbox=gr.Textbox(
-                placeholder="Ask something…", max_length=None, submit_btn=True, stop_btn=True, show_label=False
+                placeholder="Ask something…",
+                max_length=None,
+                submit_btn=True,
+                stop_btn=True,
+                show_label=False,
+                elem_id="chat-input",
             ),
             additional_inputs=controls,
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
+            additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[stats],
             title=title,
             description=f"Streams the reply; the reasoning (`<think>`) folds away when the answer starts. "
@@ -211,7 +216,7 @@ def build_chat_app(
             api_name="chat",
             concurrency_limit=limits.concurrency,
             analytics_enabled=False,
-            fill_height=True,
+            fill_height=False,
         )
         stats.render()
     blocks.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
@@ -253,3 +258,12 @@ def launch_chat(
         **launch_kwargs,
     )
     return url
+
+
+def run_chat_from_args(args) -> None:
+    """`hf-deepseek chat`: load `args.model` and serve the app until interrupted."""
+    model, tokenizer = load_chat_model(args.model)
+    limits = ChatLimits(max_input_chars=args.max_input_chars, concurrency=args.concurrency)
+    if args.host not in (DEFAULT_HOST, "localhost", "::1"):
+        print(f"Warning: binding {args.host} makes the chat reachable from other machines.")
+    launch_chat(build_chat_app(model, tokenizer, limits), host=args.host, port=args.port)
