@@ -26,7 +26,7 @@ from hf_deepseek.evals.scoring import (
     pass_at_k,
     score_samples,
 )
-from hf_deepseek.evals.task_data import SOURCES, SPLIT_SIZES, load_rows, row_at
+from hf_deepseek.evals.task_data import EVAL_SEED, SOURCES, SPLIT_SIZES, load_rows, row_at
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.model import LM  # noqa: E402
@@ -200,6 +200,23 @@ def test_reference_replies_score_as_correct_and_well_formatted(task):
     for split in load_rows(task).values():
         for row in split:
             assert scoring.score_greedy(task, row, doc_to_target(row)) == {"pass@1": 1.0, "format": 1.0}, row
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_test_problems_never_appear_in_reasoning_gym_training_problems(task):
+    """The trainers' reasoning-gym problems (`hf_deepseek.data.task_examples`) name problems with the same keys as
+    the evaluation sets, so their train-side filter excludes every held-out problem; drawn problems confirm it, at
+    a small seed and at the evaluation set's own seed (the same reasoning-gym stream: only the hash separates
+    them). gsm_symbolic is not drawn: reasoning-gym spends ~17 s building that generator at the size it uses."""
+    reasoning_tasks = pytest.importorskip("hf_deepseek.data.reasoning_tasks")
+    rows = load_rows(task)["test"]
+    assert all(reasoning_tasks.problem_keys(task, row) == SOURCES[task].keys(row) for row in rows)
+    if task == "gsm_symbolic":
+        return
+    held_out = {SOURCES[task].keys(row)[0] for row in rows}
+    for seed in (0, EVAL_SEED):
+        for example in reasoning_tasks.task_examples(task, 300, seed=seed, split="train"):
+            assert SOURCES[task].keys(example)[0] not in held_out, example
 
 
 def test_tasks_are_registered_with_lm_eval():

@@ -107,10 +107,14 @@ def generate_rows(task: str, split: str, size: int) -> Iterator[dict[str, Any]]:
 
     source = SOURCES[task]
     wanted = "test" if split == "test" else "train"
-    dataset = reasoning_gym.create_dataset(source.dataset, seed=split_seed(split), size=10**8, **source.options)
+    # reasoning-gym's item i depends only on (seed, i); some datasets precompute per-item state up to `size`
+    candidates = 1000 + 40 * size
+    dataset = reasoning_gym.create_dataset(source.dataset, seed=split_seed(split), size=candidates, **source.options)
     seen: set[str] = set()
     index = produced = 0
     while produced < size:
+        if index == candidates:
+            raise RuntimeError(f"{task}: only {produced} of {size} {split} problems in {candidates} candidates")
         row = {"source_index": index, **source.row(dataset[index])}
         index += 1
         keys = source.keys(row)
