@@ -3,8 +3,9 @@
 Both models are loaded from one saved checkpoint (random weights at the chosen shapes, or `--checkpoint`) and
 measured one after the other on the same device in the same run: KV-cache bytes per token per layer (with the
 full multi-head-attention equivalent), prefill and decode tokens/s over a grid of batch sizes and context lengths,
-peak memory (CUDA), and the MTP draft acceptance rate. Output: a Markdown table, `bench.json` and PNG charts
-(`bench_report`). Needs only torch and transformers (no lm-eval), so it runs in a bare GPU image.
+peak memory (CUDA), and MTP self-speculative decoding (draft acceptance rate, speed-up over plain greedy decoding).
+Output: a Markdown table, `bench.json` and PNG charts (`bench_report`). Needs only torch and transformers (no
+lm-eval, datasets or matplotlib), so it runs in a bare GPU image.
 """
 
 import argparse
