@@ -32,8 +32,8 @@ LINEARS = [
 ]
 VARIANTS = {
     "fp8": FP8Recipe(),
-    "fp8 no finite check": FP8Recipe(check_finite=False),
-    "fp8 triton gemm": FP8Recipe(gemm="triton", check_finite=False),
+    "fp8 finite check": FP8Recipe(check_finite=True),
+    "fp8 triton gemm": FP8Recipe(gemm="triton"),
 }
 
 
@@ -77,12 +77,68 @@ def bench_experts(tokens: int, experts: int, top_k: int) -> dict:
     flops = 6 * tokens * top_k * 3 * 7168 * 2048
     row = {"layer": f"routed experts E={experts} top-{top_k}", "M": tokens * top_k, "K": 7168, "N": 2048, "ms": {}}
     row["ms"]["bf16"] = time_fwd_bwd(module, (x, indices, weights), dy, params)
-    for variant in ("fp8", "fp8 no finite check"):
+    for variant in ("fp8", "fp8 finite check"):
         convert_to_fp8_training(module, VARIANTS[variant])
         row["ms"][variant] = time_fwd_bwd(module, (x, indices, weights), dy, params)
         module.__class__ = RoutedExperts
     row["tflops"] = {v: flops / ms / 1e9 for v, ms in row["ms"].items()}
     return row
+
+
+def breakdown(tokens: int, k: int, n: int) -> dict:
+    """Median ms of each piece of one FP8 linear's forward+backward (the o_proj shape by default)."""
+    from hf_deepseek.modeling.fp8 import get_backend
+
+    cublas, triton_only = (
+        get_backend(FP8Recipe(), torch.device("cuda")),
+        get_backend(VARIANTS["fp8 triton gemm"], torch.device("cuda")),
+    )
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x_q, x_s = cublas.quantize_rows(x)
+    w_q, w_s, _ = cublas.quantize_weight(w)
+    xt_q, xt_s = cublas.quantize_rows(x.t())
+    dyt_q, dyt_s = cublas.quantize_rows(torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=gen).t())
+    parts = {
+        "quantize x (1x128 rows)": lambda: cublas.quantize_rows(x),
+        "quantize x^T (1x128 along tokens)": lambda: cublas.quantize_rows(x.t()),
+        "quantize w (128x128) + w^T": lambda: cublas.quantize_weight(w, transpose=True),
+        "fwd GEMM cuBLAS 1x128 x 128x128": lambda: cublas.gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16),
+        "fwd GEMM Triton 1x128 x 128x128": lambda: triton_only.gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16),
+        "wgrad GEMM cuBLAS 1x128 x 1x128 (fp32 out)": lambda: cublas.gemm(
+            dyt_q, dyt_s, xt_q, xt_s, False, torch.float32
+        ),
+        "bf16 fwd GEMM": lambda: x @ w.T,
+    }
+    return {name: do_bench(fn, warmup=10, rep=100, return_mode="median") for name, fn in parts.items()}
+
+
+def bench_grouped(tokens: int, experts: int, top_k: int) -> dict:
+    """Median ms of the grouped FP8 GEMMs of the expert layer (gate_up shape) and of bf16 grouped_mm."""
+    from hf_deepseek.modeling.fp8 import expert_layout, get_backend
+
+    backend = get_backend(FP8Recipe(), torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    indices = torch.rand(tokens, experts, device="cuda", generator=gen).topk(top_k, dim=-1).indices
+    layout = expert_layout(indices, experts)
+    x_pad = torch.randn(layout.rows, 7168, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(experts, 4096, 7168, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
+    x_q, x_s = backend.quantize_rows(x_pad)
+    w_q, w_s, _ = backend.quantize_weight(w)
+    xt_q, xt_s = backend.quantize_rows(x_pad.t())
+    dyt_q, dyt_s = backend.quantize_rows(torch.randn(layout.rows, 4096, device="cuda", dtype=torch.bfloat16).t())
+    offs = torch.bincount(indices.flatten(), minlength=experts).cumsum(0).int()
+    x_sorted = x_pad[: tokens * top_k]
+    parts = {
+        "quantize x_pad rows": lambda: backend.quantize_rows(x_pad),
+        "quantize x_pad^T": lambda: backend.quantize_rows(x_pad.t()),
+        "quantize expert weights + transposes": lambda: backend.quantize_weight(w, transpose=True),
+        "grouped fwd GEMM (Triton)": lambda: backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, torch.bfloat16),
+        "grouped wgrad GEMM (Triton)": lambda: backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout),
+        "bf16 grouped_mm fwd": lambda: torch.nn.functional.grouped_mm(x_sorted, w.transpose(1, 2), offs=offs),
+    }
+    return {name: do_bench(fn, warmup=10, rep=100, return_mode="median") for name, fn in parts.items()}
 
 
 def main() -> None:
@@ -107,7 +163,14 @@ def main() -> None:
     for row in rows:
         cells = [f"{v} {ms:7.3f} ({row['ms']['bf16'] / ms:4.2f}x)" for v, ms in row["ms"].items()]
         print(f"{row['layer']:<34}" + " | ".join(cells))
+    pieces = {
+        "o_proj pieces": breakdown(args.tokens, 16384, 7168),
+        "expert pieces": bench_grouped(args.tokens, args.experts, 8),
+    }
+    for title, part in pieces.items():
+        print(f"{title}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in part.items()))
     if args.json:
+        rows.append(pieces)
         with open(args.json, "w") as f:
             json.dump(
                 {"device": device, "torch": torch.__version__, "tokens": args.tokens, "cublas": cublas, "rows": rows}, f

@@ -547,6 +547,8 @@ def hopper_backend(gemm: str = "auto", pow2: bool = False):
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_hopper_quantisers_are_bit_identical_to_the_reference(pow2, dtype):
+    from hf_deepseek.modeling.fp8_triton import HopperBackend
+
     hopper, emulated = hopper_backend(pow2=pow2), EmulatedBackend(FP8Recipe(pow2_scales=pow2))
     x = varied(300, 1000, seed=17).to("cuda", dtype)
     for view in (x, x.t()):  # row tiles, and the transposed tiles of the weight gradient
@@ -560,8 +562,10 @@ def test_hopper_quantisers_are_bit_identical_to_the_reference(pow2, dtype):
     q_ref, scale_ref = quantize_blocks(w, pow2)
     assert torch.equal(q[:, :200, :330].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
     assert torch.equal(qt.transpose(1, 2).view(torch.uint8), q.view(torch.uint8))
+    bad = torch.full((16, 128), float("nan"), device="cuda")
+    assert torch.isinf(hopper.quantize_rows(bad)[1]).all()  # by default no sync: NaN propagates as an inf scale
     with pytest.raises(ValueError, match="NaN or inf"):
-        hopper.quantize_rows(torch.full((16, 128), float("nan"), device="cuda"))
+        HopperBackend(FP8Recipe(check_finite=True)).quantize_rows(bad)
 
 
 @gpu
@@ -618,7 +622,9 @@ def bnb_model_dir(tmp_path):
     pytest.importorskip("bitsandbytes")
     torch.manual_seed(20)
     dims = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, kv_lora_rank=64, q_lora_rank=64)
-    cfg = tiny_config(**dims, num_attention_heads=4, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    heads = dict(num_attention_heads=4, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    every_expert = dict(n_routed_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1)  # no routing flips
+    cfg = tiny_config(**dims, **heads, **every_expert)
     model = DeepSeekForCausalLM(cfg)
     randomize(model, seed=21)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
@@ -645,7 +651,7 @@ def test_bitsandbytes_quantised_loading_generates(tmp_path, bits):
         got, want = quantised(ids).logits.float(), reference(ids).logits.float()
     rel = ((got - want).norm() / want.norm()).item()
     print(f"bitsandbytes {bits}-bit: relative logit error {rel:.3f} against bf16")
-    assert rel < (0.3 if bits == 8 else 0.6)  # int8 / nf4 weights through three O(1)-scale layers
+    assert rel < (0.15 if bits == 8 else 0.5)  # int8 / nf4 weights through three O(1)-scale layers
     out = quantised.generate(ids[:, :6], max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2)
     assert out.shape == (2, 14)
 
@@ -678,8 +684,10 @@ def test_bitsandbytes_8bit_adamw_trains_the_model(tmp_path):
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=RepeatedBatch(ids))
     trainer.train()
-    assert isinstance(trainer.optimizer.optimizer, bnb.optim.AdamW8bit) or isinstance(
-        trainer.optimizer, bnb.optim.AdamW8bit
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, bnb.optim.optimizer.Optimizer2State) and optimizer.args.optim_bits == 8
+    assert any(
+        state.get("state1") is not None and state["state1"].dtype == torch.uint8 for state in optimizer.state.values()
     )
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < 0.7 * losses[0]

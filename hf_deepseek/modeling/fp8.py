@@ -45,14 +45,16 @@ class FP8Recipe:
     `pow2_scales`: round every scale up to a power of two (UE8M0, as DeepSeek-V3.1 and DeepGEMM do);
     `backend`: "auto" (Hopper kernels on a CUDA device of compute capability 9.0+, else emulation) or "emulated";
     `gemm`: for the Hopper backend, "auto" (cuBLAS blockwise where it dispatches, else Triton), "cublas" or
-    "triton"; `check_finite`: raise on NaN/inf inputs (one device sync per quantisation step);
+    "triton"; `check_finite`: raise on NaN/inf inputs; None (default) checks where it is free (the emulation) and
+    lets them propagate on the GPU, where a check costs a device sync per quantisation (NaN scales then make the
+    output, and the loss, NaN);
     `skip`: names of modules (matched against the end of their qualified name) left in high precision.
     """
 
     pow2_scales: bool = False
     backend: str = "auto"
     gemm: str = "auto"
-    check_finite: bool = True
+    check_finite: bool | None = None
     skip: tuple[str, ...] = field(default=("lm_head",))
 
     def skips(self, name: str) -> bool:
@@ -77,7 +79,8 @@ def _pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
 
 def scales_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """Dequantisation scale (`scale_inv` in DeepSeek's names) of each tile or block: max(amax, 1e-4) / 448."""
-    scale = amax.float().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    scale = amax / torch.full_like(amax, E4M3_MAX)  # a true division: torch on CUDA multiplies by 1/448 for a scalar
     return _pow2_ceil(scale) if pow2 else scale
 
 
@@ -157,7 +160,7 @@ class EmulatedBackend:
     name = "emulated"
 
     def __init__(self, recipe: FP8Recipe):
-        self.pow2, self.check = recipe.pow2_scales, recipe.check_finite
+        self.pow2, self.check = recipe.pow2_scales, recipe.check_finite is not False
 
     def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         q, scale = quantize_tiles(x, self.pow2, self.check)

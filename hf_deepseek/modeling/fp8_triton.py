@@ -32,6 +32,18 @@ def _scale_of(amax, POW2: tl.constexpr):
 
 
 @triton.jit
+def _to_e4m3(v):
+    """Round float32 values in [-448, 448] to the nearest E4M3 value (ties to even) while still in float32, so the
+    final cast is exact whatever path the compiler takes (a direct cvt, or one through float16)."""
+    bits = v.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)  # keep 3 mantissa bits
+    magnitude = (tl.abs(v) + 24576.0) - 24576.0  # below 2^-6 the step is 2^-9, the float32 spacing at 1.5 * 2^14
+    sign = bits & -0x80000000  # copied bitwise: the sign of values that round to zero survives
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal).to(tl.float8e4nv)
+
+
+@triton.jit
 def _abs_nan_as_inf(x):
     a = tl.abs(x)
     return tl.where(a == a, a, float("inf"))  # Triton's max drops NaN; inf survives it and fails the finite check
@@ -50,7 +62,7 @@ def _quant_rows_kernel(
     mask = (rows < R)[:, None] & (cols < C)[None, :]
     x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
     scale = _scale_of(tl.max(_abs_nan_as_inf(x), axis=1), POW2)
-    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0).to(tl.float8e4nv)
+    q = _to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
     out_rows = rows < R_OUT
     tl.store(q_ptr + rows[:, None] * s_qr + cols[None, :], q, mask=out_rows[:, None])
     tl.store(s_ptr + rows * s_sr + pid_c * s_sc, scale, mask=out_rows)
@@ -58,11 +70,11 @@ def _quant_rows_kernel(
 
 @triton.jit
 def _quant_blocks_kernel(
-    w_ptr, q_ptr, qt_ptr, s_ptr, N, K,
-    s_we, s_wn, s_wk, s_qe, s_qn, s_qte, s_qtk, s_se, s_sn, s_sk,
-    POW2: tl.constexpr, TRANSPOSE: tl.constexpr,
+    w_ptr, q_ptr, s_ptr, N, K, s_we, s_wn, s_wk, s_qe, s_qn, s_se, s_sn, s_sk,
+    POW2: tl.constexpr,
 ):  # fmt: skip
-    """One 128x128 block of expert `program_id(2)`: one scale; writes q [Np, Kp] and, if asked, q^T [Kp, Np]."""
+    """One 128x128 block of expert `program_id(2)`: one scale, E4M3 values into the zero-padded q [Np, Kp].
+    Run on a transposed view of w it writes q^T: a block's amax, hence its scale and values, are the same."""
     pid_n, pid_k, expert = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * 128 + tl.arange(0, 128)
     cols = pid_k * 128 + tl.arange(0, 128)
@@ -70,10 +82,8 @@ def _quant_blocks_kernel(
     w_ptrs = w_ptr + expert * s_we + rows[:, None] * s_wn + cols[None, :] * s_wk
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     scale = _scale_of(tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0), POW2)
-    q = tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0).to(tl.float8e4nv)
+    q = _to_e4m3(tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0))
     tl.store(q_ptr + expert * s_qe + rows[:, None] * s_qn + cols[None, :], q)
-    if TRANSPOSE:
-        tl.store(qt_ptr + expert * s_qte + cols[:, None] * s_qtk + rows[None, :], tl.trans(q))
     tl.store(s_ptr + expert * s_se + pid_n * s_sn + pid_k * s_sk, scale)
 
 
@@ -179,7 +189,7 @@ class HopperBackend:
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe
-        self.pow2, self.check = recipe.pow2_scales, recipe.check_finite
+        self.pow2, self.check = recipe.pow2_scales, bool(recipe.check_finite)  # None: no device sync
         self.cublas = {}  # (b_blocks, out dtype) -> does torch._scaled_mm dispatch and agree with the emulation
         if recipe.gemm == "triton":
             self.cublas = {(b, d): False for b in (True, False) for d in (torch.bfloat16, torch.float32)}
@@ -205,20 +215,23 @@ class HopperBackend:
     def quantize_weight(self, w: torch.Tensor, transpose: bool = False):
         """w [(E,) N, K] -> q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)], q^T [(E,) Kp, Np]."""
         w3 = w if w.dim() == 3 else w[None]
-        experts, n, k = w3.shape
-        n_pad, k_pad = _ceil_to(n, BLOCK), _ceil_to(k, BLOCK)
-        q = torch.empty(experts, n_pad, k_pad, dtype=FP8, device=w.device)
-        qt = torch.empty(experts, k_pad, n_pad, dtype=FP8, device=w.device) if transpose else q
-        scale = torch.empty(experts, n_pad // BLOCK, k_pad // BLOCK, dtype=torch.float32, device=w.device)
-        _quant_blocks_kernel[(n_pad // BLOCK, k_pad // BLOCK, experts)](
-            w3, q, qt, scale, n, k, *w3.stride(), q.stride(0), q.stride(1), qt.stride(0), qt.stride(1),
-            *scale.stride(), POW2=self.pow2, TRANSPOSE=transpose, num_warps=8,
-        )  # fmt: skip
+        q, scale = self._quantize_blocks(w3)
         if self.check:
             check_finite(scale, "a 128x128 weight block")
+        qt = self._quantize_blocks(w3.transpose(1, 2))[0] if transpose else None
         if w.dim() == 2:
-            q, qt, scale = q[0], qt[0], scale[0]
-        return q, scale, (qt if transpose else None)
+            q, scale, qt = q[0], scale[0], (qt[0] if transpose else None)
+        return q, scale, qt
+
+    def _quantize_blocks(self, w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        experts, n, k = w3.shape
+        n_pad, k_pad = _ceil_to(n, BLOCK), _ceil_to(k, BLOCK)
+        q = torch.empty(experts, n_pad, k_pad, dtype=FP8, device=w3.device)
+        scale = torch.empty(experts, n_pad // BLOCK, k_pad // BLOCK, dtype=torch.float32, device=w3.device)
+        _quant_blocks_kernel[(n_pad // BLOCK, k_pad // BLOCK, experts)](
+            w3, q, scale, n, k, *w3.stride(), q.stride(0), q.stride(1), *scale.stride(), POW2=self.pow2, num_warps=8
+        )
+        return q, scale
 
     # -- GEMMs -------------------------------------------------------------------------------------------------
     def _cublas_ok(self, b_blocks: bool, out_dtype: torch.dtype, device: torch.device) -> bool:
