@@ -145,7 +145,8 @@ class MultiHeadLatentAttention(nn.Module):
     def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs) -> torch.Tensor:
         """Training / prefill: up-project the latent to per-head keys and values, run the attention interface."""
         bsz, _, seq_len, _ = latent.shape
-        kv = self.kv_b_proj(latent).view(bsz, seq_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        kv = self.kv_b_proj(latent[:, 0])  # [B, S, r] -> [B, S, H*(nope+v)]; 3-D, as int8 kernels require
+        kv = kv.view(bsz, seq_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
