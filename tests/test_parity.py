@@ -136,19 +136,26 @@ def test_our_checkpoint_loads_into_transformers_and_back_bit_for_bit(reference):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_bf16_parity_on_gpu(reference):
+def test_bf16_on_gpu_is_as_accurate_as_transformers(reference):
+    """In bf16 a near-tie can route a token differently in two correct implementations, so elementwise equality
+    is the wrong test. Both bf16 models are measured against the fp32 result instead: ours must be as close to it
+    as transformers' is, on the full forward and on cached decoding."""
     _, tmp_path = reference
     # both loaded the same way, so both keep the router and its bias in fp32 (`_keep_in_fp32_modules_strict`)
     ref = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).to("cuda").eval()
     ours = DeepSeekForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).to("cuda").eval()
+    exact = DeepSeekForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).to("cuda").eval()
     assert all(router.e_score_correction_bias.dtype == torch.float32 for router in ours.routers())
-    ids = torch.randint(3, 101, (2, 24), generator=torch.Generator().manual_seed(2)).cuda()
+    ids = torch.randint(3, 101, (4, 48), generator=torch.Generator().manual_seed(2)).cuda()
     with torch.no_grad():
-        full_ref, full_ours = ref(ids).logits.float(), ours(ids).logits.float()
-        scale = full_ref.abs().max()
-        assert (full_ours - full_ref).abs().max() <= 0.05 * scale
-        dec_ref, dec_ours = decode_logits(ref, ids, 8).float(), decode_logits(ours, ids, 8).float()
-        assert (dec_ours - dec_ref).abs().max() <= 0.05 * scale
-    # bf16 rounding may flip a near-tie late in a long greedy run; the first tokens must match
-    assert torch.equal(greedy(ours, ids[:, :6], 8), greedy(ref, ids[:, :6], 8))
+        for run in (lambda m: m(ids).logits, lambda m: decode_logits(m, ids, 16)):
+            truth, mine, theirs = (run(m).float() for m in (exact, ours, ref))
+            err_ours, err_ref = (mine - truth).abs().mean(), (theirs - truth).abs().mean()
+            assert err_ours <= 1.5 * err_ref + 1e-3, (err_ours, err_ref)
+            agree_ours = (mine.argmax(-1) == truth.argmax(-1)).float().mean()
+            agree_ref = (theirs.argmax(-1) == truth.argmax(-1)).float().mean()
+            assert agree_ours >= min(agree_ref - 0.03, 0.95), (agree_ours, agree_ref)
+            print(
+                f"bf16 mean |err| ours {err_ours:.4f} transformers {err_ref:.4f}; "
+                f"argmax agreement ours {agree_ours:.3f} transformers {agree_ref:.3f}"
+            )
