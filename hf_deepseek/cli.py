@@ -1,4 +1,4 @@
-"""The `hf-deepseek` command: one subcommand per job (`demo`, `eval`, `bench`, `chat`).
+"""The `hf-deepseek` command: one subcommand per job (`demo`, `train`, `eval`, `bench`, `chat`).
 
 Each subcommand imports its module only when it runs, so `hf-deepseek --help` stays fast.
 """
@@ -33,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
     bench.add_argument("--max-tokens", type=int, help="skip cells whose batch x context exceeds this")
     bench.add_argument("--output-dir", default="outputs/bench", help="where bench.json and the PNG charts go")
+    train = commands.add_parser(
+        "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"
+    )
+    train.add_argument("stage", choices=["sft", "grpo"], help="which stage of the recipe to run")
+    train.add_argument("--recipe", required=True, help="a shipped recipe name (r1_zero, r1, distill) or a YAML path")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="recipe overrides: `max_steps=5` sets a field of the stage's args, `model.config.hidden_size=64` a path",
+    )
     chat = commands.add_parser("chat", help="Gradio chat demo: streamed replies, collapsible reasoning, MTP switch")
     chat.add_argument("--model", required=True, help="checkpoint directory (the model and its tokenizer)")
     chat.add_argument("--host", default="127.0.0.1", help="interface to bind; the default serves this machine only")
@@ -50,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         from hf_deepseek.evals.harness import run_lm_eval
 
         run_lm_eval(extra)
+        return
+    if args.command == "train":  # overrides after `--recipe NAME` are left unparsed by argparse: they are extras
+        from hf_deepseek.trainers.recipes import run_train_from_args
+
+        run_train_from_args(args, extra)
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

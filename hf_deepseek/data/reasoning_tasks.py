@@ -7,8 +7,10 @@ its keys hashes to the requested side of `split_of`, so training never sees an e
 """
 
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
+from hf_deepseek.data.expressions import countdown_value
 from hf_deepseek.data.tasks import Split, _check_split, addition_examples, split_of
 
 TASKS = ("countdown", "arithmetic", "gsm_symbolic", "addition")
@@ -42,13 +44,42 @@ def problem_keys(task: str, example: dict[str, Any]) -> list[str]:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
+def solve_countdown(numbers: list[int], target: int) -> str | None:
+    """An expression that uses each number once with + - * / (no unary minus) and equals `target`, or None."""
+    precedence = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+    def combine(left: tuple, op: str, right: tuple) -> tuple[Fraction, str, int]:
+        (a, ta, pa), (b, tb, pb) = left, right
+        p = precedence[op]
+        ta = f"({ta})" if pa < p else ta
+        tb = f"({tb})" if pb < p or (pb == p and op in "-/") else tb
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+        return value, f"{ta} {op} {tb}" if p == 1 else f"{ta}{op}{tb}", p
+
+    def search(terms: list[tuple[Fraction, str, int]]) -> str | None:
+        if len(terms) == 1:
+            return terms[0][1] if terms[0][0] == target else None
+        for i, j in ((i, j) for i in range(len(terms)) for j in range(len(terms)) if i != j):
+            rest = [t for k, t in enumerate(terms) if k not in (i, j)]
+            for op in "+-*/":
+                combined = combine(terms[i], op, terms[j])
+                if combined[0] is not None and (found := search([*rest, combined])):
+                    return found
+        return None
+
+    return search([(Fraction(x), str(x), 3) for x in numbers])
+
+
 def _from_gym(task: str, item: dict[str, Any]) -> dict[str, Any]:
     meta = item["metadata"]
     if task == "countdown":
         numbers, target = meta["numbers"], meta["target"]
         # the question of hf_deepseek.data.countdown_examples and of the evaluation set
         question = f"Use {' '.join(map(str, numbers))} to make {target}."
-        return {"question": question, "answer": item["answer"], "numbers": numbers, "target": target}
+        answer = item["answer"]
+        if countdown_value(answer, numbers) != target:  # reasoning-gym's answer may start with a unary minus
+            answer = solve_countdown(numbers, target)
+        return {"question": question, "answer": answer, "numbers": numbers, "target": target}
     if task == "arithmetic":
         return {"question": item["question"], "answer": item["answer"], "expression": meta["expression"]}
     cot = meta.get("answer_cot", "")
@@ -79,7 +110,7 @@ def task_examples(task: str, n: int, seed: int, split: Split = "train") -> Itera
         example = {"task": task, **_from_gym(task, dataset[index])}
         index += 1
         keys = problem_keys(task, example)
-        if keys[0] in seen or any(split_of(key) != split for key in keys):
+        if example["answer"] is None or keys[0] in seen or any(split_of(key) != split for key in keys):
             continue
         seen.add(keys[0])
         produced += 1

@@ -1,0 +1,94 @@
+"""Training curves: a callback that writes every log line to `metrics.jsonl` as it comes and, at the end of the run,
+`metrics.csv` and PNG plots (loss, reward, accuracy, balance) drawn with matplotlib.
+"""
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+# figure name -> (title, metric keys or key prefixes ending in "/"); a figure is drawn if any of its keys was logged
+FIGURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "loss": ("Loss", ("loss", "mtp_loss", "aux_loss", "eval_loss")),
+    "reward": ("Reward", ("reward", "reward_std", "rewards/")),
+    "accuracy": ("Accuracy", ("mean_token_accuracy", "eval_mean_token_accuracy", "rewards/accuracy_reward/mean")),
+    "balance": ("Expert balance", ("balance/max_violation", "balance/load_entropy", "balance/layer_")),
+    "completions": ("Completion length", ("completions/mean_length", "completions/clipped_ratio")),
+}
+_SUMMARY_KEYS = ("train_runtime", "train_loss", "total_flos")
+
+
+def _training_rows(log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [row for row in log_history if "step" in row and not any(k in row for k in _SUMMARY_KEYS)]
+
+
+def write_metrics_csv(log_history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """One row per log line, one column per metric ever logged (blank where a line lacks it)."""
+    rows = _training_rows(log_history)
+    columns = ["step", *sorted({key for row in rows for key in row} - {"step"})]
+    path = Path(path)
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key.startswith(p) if p.endswith("/") or p.endswith("_") else key == p for p in patterns)
+
+
+def plot_metrics(log_history: Sequence[dict[str, Any]], output_dir: str | Path) -> list[Path]:
+    """Write one PNG per figure of `FIGURES` whose metrics appear in `log_history`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _training_rows(log_history)
+    keys = sorted({k for row in rows for k, v in row.items() if isinstance(v, int | float) and k != "step"})
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (title, patterns) in FIGURES.items():
+        series = [k for k in keys if _matches(k, patterns) and not k.endswith("/std")]
+        if not series:
+            continue
+        figure, axes = plt.subplots(figsize=(7, 4))
+        for key in series:
+            points = [(row["step"], row[key]) for row in rows if key in row]
+            layer_line = "/layer_" in key
+            axes.plot(*zip(*points, strict=True), label=key, linewidth=0.8 if layer_line else 1.6, marker=".")
+        axes.set_title(title)
+        axes.set_xlabel("optimizer step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=6 if len(series) > 6 else 8)
+        figure.tight_layout()
+        path = output_dir / f"{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+class MetricsPlotCallback(TrainerCallback):
+    """Appends each log line to `<output_dir>/metrics.jsonl`; at the end writes `metrics.csv` and `plots/*.png`.
+    Only the main process writes."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with (self.output_dir / "metrics.jsonl").open("a") as out:
+                out.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_metrics_csv(state.log_history, self.output_dir / "metrics.csv")
+            plot_metrics(state.log_history, self.output_dir / "plots")

@@ -1,0 +1,201 @@
+"""Recipes as data: load a YAML recipe (`recipes/*.yaml` or a path), apply `key=value` overrides, build the stage's
+model, tokenizer, dataset and rewards, and run `DeepSeekSFTTrainer` or `DeepSeekGRPOTrainer` (`hf-deepseek train`).
+
+A recipe has top-level `output_root`, `system_prompt`, `model.config` (for a new model) and one section per stage
+(`sft`, `grpo`) with `init` (`new`, `sft` for the SFT stage's output, or a checkpoint directory), `data`, `args`
+(the stage's config fields) and, for GRPO, `rewards` / `reward_weights`. Runs under `accelerate launch` as is.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from hf_deepseek.data.r1 import SYSTEM_PROMPTS, grpo_row, prompt_messages, sft_row
+from hf_deepseek.data.reasoning_tasks import task_examples
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+STAGES = ("sft", "grpo")
+logger = logging.getLogger(__name__)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A shipped recipe by name (`r1_zero`, `r1`, `distill`) or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ValueError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(recipe_names())}")
+    return yaml.safe_load(path.read_text())
+
+
+def apply_overrides(recipe: dict[str, Any], stage: str, overrides: list[str]) -> dict[str, Any]:
+    """Set `key=value` items (values parsed as YAML). A dotted key whose first part is a top-level key of the recipe
+    is a path from the top (`grpo.data.seed=3`, `model.config.hidden_size=64`); any other key is a field of the
+    stage's args (`max_steps=5`)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not key=value")
+        path = key.split(".")
+        if path[0] not in recipe:
+            path = [stage, "args", *path]
+        node = recipe
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+        node[path[-1]] = yaml.safe_load(text)
+    return recipe
+
+
+def stage_output_dir(recipe: dict[str, Any], stage: str) -> str:
+    args = recipe.get(stage, {}).get("args", {})
+    return args.get("output_dir") or str(Path(recipe.get("output_root", "outputs")) / stage)
+
+
+def _resolve_args(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
+    args = dict(recipe[stage].get("args", {}))
+    args["output_dir"] = stage_output_dir(recipe, stage)
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if args.get("bf16") == "auto":
+        args["bf16"] = cuda_bf16
+    if "report_to" in args:
+        args["report_to"] = [r for r in _as_list(args["report_to"]) if _reporter_available(r)]
+    return args
+
+
+def _as_list(value) -> list:
+    return [] if value in (None, "none") else [value] if isinstance(value, str) else list(value)
+
+
+def _reporter_available(name: str) -> bool:
+    from transformers.integrations import get_available_reporting_integrations
+
+    if name in get_available_reporting_integrations():
+        return True
+    logger.warning("report_to %r is not installed; metrics still go to metrics.csv and the PNG plots", name)
+    return False
+
+
+def build_model_and_tokenizer(recipe: dict[str, Any], stage: str):
+    """A new model from `model.config` with the project's tokenizer, or a checkpoint (`init`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+    from hf_deepseek.data import build_tokenizer
+
+    init = recipe[stage].get("init", "new")
+    if init == "new":
+        tokenizer = build_tokenizer()
+        ids = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = DeepSeekConfig(**{**recipe.get("model", {}).get("config", {}), "vocab_size": len(tokenizer), **ids})
+        torch.manual_seed(recipe[stage].get("args", {}).get("seed", 42))
+        return DeepSeekForCausalLM(config), tokenizer
+    path = stage_output_dir(recipe, "sft") if init == "sft" else init
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _problems(data: dict[str, Any]):
+    seed = data.get("seed", 0)
+    for task, count in data["tasks"].items():
+        yield from task_examples(task, count, seed)
+
+
+def build_dataset(recipe: dict[str, Any], stage: str):
+    """The stage's dataset: `cold_start` (SFT rows with worked solutions), `problems` (GRPO prompts and reward
+    columns) or `traces` (SFT on checked teacher traces)."""
+    from datasets import Dataset
+
+    data = recipe[stage]["data"]
+    system_prompt = SYSTEM_PROMPTS[recipe.get("system_prompt", "none") or "none"]
+    kind = data["kind"]
+    if kind == "cold_start":
+        return Dataset.from_list([sft_row(p, system_prompt) for p in _problems(data)])
+    if kind == "problems":
+        return Dataset.from_list([grpo_row(p, system_prompt) for p in _problems(data)])
+    if kind == "traces":
+        from hf_deepseek.trainers.distill import generate_traces, load_traces
+
+        path = Path(recipe.get("output_root", "outputs")) / data["path"]
+        if not path.is_file():
+            if not data.get("teacher"):
+                raise ValueError(f"no traces at {path}: write them there or set {stage}.data.teacher=DIR")
+            options = {k: data[k] for k in ("samples_per_problem", "max_new_tokens") if k in data}
+            generate_traces(data["teacher"], _problems(data), path, system_prompt=system_prompt, **options)
+        rows = [
+            {"messages": [*prompt_messages(row["question"], system_prompt), {"role": "assistant", "content": text}]}
+            for row in load_traces(path)
+            for text in [row["completion"]]
+        ]
+        if not rows:
+            raise ValueError(f"no well-formatted, correct trace in {path}")
+        return Dataset.from_list(rows)
+    raise ValueError(f"unknown data kind {kind!r}: cold_start, problems or traces")
+
+
+def run_stage(stage: str, recipe: dict[str, Any]):
+    """Train one stage, save the final model and tokenizer to its output_dir, write metrics.csv and plots/*.png.
+    Returns the trainer."""
+    from hf_deepseek.trainers.plotting import MetricsPlotCallback
+
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in recipe:
+        raise ValueError(f"this recipe has no {stage!r} stage (it has {', '.join(s for s in STAGES if s in recipe)})")
+    args = _resolve_args(recipe, stage)
+    model, tokenizer = build_model_and_tokenizer(recipe, stage)
+    dataset = build_dataset(recipe, stage)
+    callbacks = [MetricsPlotCallback(args["output_dir"])]
+    if stage == "sft":
+        from hf_deepseek.trainers.sft import DeepSeekSFTConfig, DeepSeekSFTTrainer
+
+        trainer = DeepSeekSFTTrainer(
+            model=model,
+            args=DeepSeekSFTConfig(**args),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    else:
+        from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig, DeepSeekGRPOTrainer
+        from hf_deepseek.trainers.rewards import get_reward_funcs
+
+        section = recipe[stage]
+        if "reward_weights" in section:
+            args.setdefault("reward_weights", section["reward_weights"])
+        trainer = DeepSeekGRPOTrainer(
+            model=model,
+            reward_funcs=get_reward_funcs(section.get("rewards", ["accuracy", "format"])),
+            args=DeepSeekGRPOConfig(**args),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    trainer.train(resume_from_checkpoint=args.get("resume_from_checkpoint"))
+    trainer.save_model(args["output_dir"])
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args["output_dir"])
+    return trainer
+
+
+def run_train_from_args(args, extra: list[str] = ()) -> None:
+    """The `hf-deepseek train` subcommand: `args.stage`, `args.recipe`, and the overrides in `args.overrides`
+    and `extra` (what argparse left over)."""
+    import hf_deepseek  # noqa: F401  (registers the Auto classes, so checkpoints reload)
+
+    recipe = apply_overrides(load_recipe(args.recipe), args.stage, [*args.overrides, *extra])
+    trainer = run_stage(args.stage, recipe)
+    if trainer.is_world_process_zero():
+        out = trainer.args.output_dir
+        print(f"saved model and tokenizer to {out}; metrics in {out}/metrics.csv, plots in {out}/plots/")
