@@ -189,20 +189,30 @@ class MultiHeadLatentAttention(nn.Module):
         return self.kv_b_proj(eye).detach().T
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
-        """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output."""
+        """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output.
+
+        Heads are folded into the query length ([B, H*T, r] against [B, S, r]) so each cached latent is read
+        once per matmul and never copied per head or concatenated with the rope key.
+        """
         w_uk, w_uv = self.absorbed_weights()
+        bsz, heads, q_len, _ = q_nope.shape
+        seq_len = latent.shape[2]
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # [B, H, T, r]
-        query = torch.cat([q_latent, q_rope], dim=-1)  # [B, H, T, r+rope]
-        key = torch.cat([latent, k_rope], dim=-1)  # [B, 1, S, r+rope]
-        q_len, seq_len = query.shape[2], key.shape[2]
-        if attention_mask is None or attention_mask.dim() == 2:  # no 4D mask: build causal-with-offset (+ padding)
-            causal = torch.ones(q_len, seq_len, dtype=torch.bool, device=query.device).tril(past_len)
+        scores = torch.bmm(q_latent.reshape(bsz, heads * q_len, -1), latent[:, 0].transpose(1, 2))
+        scores = scores + torch.bmm(q_rope.reshape(bsz, heads * q_len, -1), k_rope[:, 0].transpose(1, 2))
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32 softmax for bf16, keeps fp64
+        scores = (scores.to(softmax_dtype) * self.scaling).view(bsz, heads, q_len, seq_len)  # [B, H, T, S]
+        if attention_mask is None or attention_mask.dim() == 2:  # no 4D mask: causal with an offset (+ padding)
+            keep = torch.ones(q_len, seq_len, dtype=torch.bool, device=scores.device).tril(past_len)
             if attention_mask is not None:  # a 2D [B, S] padding mask (flash-attention style)
-                causal = causal & attention_mask[:, None, None, :seq_len].bool()
-            attention_mask = causal
+                keep = keep & attention_mask[:, None, None, :seq_len].bool()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., :seq_len], float("-inf"))
         else:
-            attention_mask = attention_mask[..., :seq_len]
-        out_latent = F.scaled_dot_product_attention(
-            query, key, latent, attn_mask=attention_mask, scale=self.scaling, enable_gqa=True
-        )  # [B, H, T, r]
+            scores = scores + attention_mask[..., :seq_len]
+        probs = F.softmax(scores, dim=-1).to(latent.dtype)
+        probs = F.dropout(probs, p=self.config.attention_dropout if self.training else 0.0, training=self.training)
+        out_latent = torch.bmm(probs.view(bsz, heads * q_len, seq_len), latent[:, 0])  # [B, H*T, r]
+        out_latent = out_latent.view(bsz, heads, q_len, -1)
         return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, H, v]
