@@ -8,6 +8,7 @@ model's own code from it. It also owns the `RouterBiasBalancer` and merges the b
 """
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +132,19 @@ class DeepSeekLossesMixin:
             if value is not None:
                 gathered = self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item()
                 self._metrics[mode][name].append(gathered)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume through the model's own loader. Trainer reads a checkpoint's tensors into `load_state_dict`
+        non-strictly, which silently skips the experts: `save_pretrained` writes them per expert (the official
+        layout) while the module stacks them. A full model (not a PEFT adapter, not FSDP shards) is therefore
+        re-read with `from_pretrained`, which applies the layout conversion, and copied in."""
+        model = self.model if model is None else model
+        plain = not hasattr(model, "get_base_model") and not self.is_fsdp_enabled
+        if not plain or not os.path.isfile(os.path.join(resume_from_checkpoint, "config.json")):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model)
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
+        target.load_state_dict(loaded.state_dict(), strict=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
