@@ -93,7 +93,7 @@ def serve(model: DeepSeekForCausalLM, **limits):
     from hf_deepseek.app import ChatLimits, build_chat_app, launch_chat
 
     blocks = build_chat_app(model, build_tokenizer(), ChatLimits(**limits))
-    url = launch_chat(blocks, port=free_port(), block=False, quiet=True)
+    url = launch_chat(blocks, port=free_port(), block=False, quiet=True, show_error=True)
     try:
         yield url
     finally:

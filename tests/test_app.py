@@ -27,7 +27,7 @@ from hf_deepseek.app.messages import (  # noqa: E402
     split_reply,
 )
 from hf_deepseek.app.streaming import GENERATE_THREAD_NAME  # noqa: E402
-from hf_deepseek.data import build_tokenizer  # noqa: E402
+from hf_deepseek.data import INSTRUCTION, build_tokenizer  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -131,6 +131,21 @@ def test_prompt_leaves_out_oldest_turns_to_fit_the_context():
     prompt = tokenizer.decode(ids[0])
     assert "x" not in prompt and "y" not in prompt and prompt.endswith("<|user|>" + "z" * 20 + "<|eos|><|assistant|>")
     assert responder._prompt_ids("z" * 60, [], "", max_new_tokens=8) is None
+
+
+def test_prompt_asks_for_the_r1_format_and_drops_past_reasoning():
+    tokenizer = build_tokenizer()
+    responder = ChatResponder(scripted_chat_model(FINITE_SCRIPT), tokenizer)
+    history = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "add", "metadata": {"title": "Reasoning"}},
+        {"role": "assistant", "content": "4"},
+    ]
+    ids = responder._prompt_ids("3+3?", history, "Be brief.", max_new_tokens=64, r1_instruction=True)
+    assert tokenizer.decode(ids[0]) == (
+        f"<|bos|><|system|>Be brief.<|eos|><|user|>2+2?\n{INSTRUCTION}\n<|eos|>"
+        f"<|assistant|><answer>4</answer><|eos|><|user|>3+3?\n{INSTRUCTION}\n<|eos|><|assistant|>"
+    )
 
 
 # ---- the served app ----------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from hf_deepseek.app.messages import history_to_messages, notice, reply_messages, split_reply
 from hf_deepseek.app.streaming import DraftStats, SamplingSettings, generate_stream, mtp_available, mtp_stream
+from hf_deepseek.data.r1 import INSTRUCTION, user_content
 
 DEFAULT_HOST = "127.0.0.1"
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates a second, however fast the model is
-MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave at least this many positions of the context for the reply
+MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave this many positions of the context for the reply (or fewer if asked)
 
 
 @dataclass
@@ -44,7 +45,8 @@ class ChatResponder:
         self.tokenizer = tokenizer
         self.limits = limits or ChatLimits()
         self.context = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.answer_tags = "<answer>" in tokenizer.get_vocab()
+        # a tokenizer with the R1 tags (this project's) belongs to a model trained on the R1 template
+        self.r1_format = "<answer>" in tokenizer.get_vocab()
         self.mtp_available = mtp_available(model)
 
     def respond(
@@ -56,6 +58,7 @@ class ChatResponder:
         top_p: float = 0.95,
         max_new_tokens: int = 512,
         use_mtp: bool = False,
+        r1_instruction: bool = True,
     ) -> Iterator[tuple[list[gr.ChatMessage], str]]:
         message = message if isinstance(message, str) else ""
         system_prompt = system_prompt if isinstance(system_prompt, str) else ""
@@ -74,7 +77,7 @@ class ChatResponder:
             yield notice("Please type a message."), ""
             return
         max_new_tokens = max(1, min(int(max_new_tokens), self.limits.max_new_tokens))
-        input_ids = self._prompt_ids(message, history, system_prompt, max_new_tokens)
+        input_ids = self._prompt_ids(message, history, system_prompt, max_new_tokens, bool(r1_instruction))
         if input_ids is None:
             yield notice("This message does not fit in the model's context window. Please shorten it."), ""
             return
@@ -83,24 +86,36 @@ class ChatResponder:
         yield from self._stream_reply(input_ids, settings, bool(use_mtp) and self.mtp_available)
 
     def _prompt_ids(
-        self, message: str, history: list[dict[str, Any]], system_prompt: str, max_new_tokens: int
+        self,
+        message: str,
+        history: list[dict[str, Any]],
+        system_prompt: str,
+        max_new_tokens: int,
+        r1_instruction: bool = False,
     ) -> torch.LongTensor | None:
-        """Template the conversation; leave out the oldest turns while it is too long. None if nothing fits."""
-        turns = history_to_messages(history or [], system_prompt, self.answer_tags)
+        """Template the conversation; leave out the oldest turns while it is too long. None if nothing fits.
+
+        With `r1_instruction` each user turn ends with the R1 format instruction, as in the R1 recipes' data.
+        """
+        turns = history_to_messages(history or [], system_prompt, self.r1_format)
+        turns.append({"role": "user", "content": message})
+        if r1_instruction:
+            turns = [{**t, "content": user_content(t["content"])} if t["role"] == "user" else t for t in turns]
+        *turns, current = turns
         system, turns = (turns[:1], turns[1:]) if turns and turns[0]["role"] == "system" else ([], turns)
         while sum(len(t["content"]) for t in turns) > self.limits.max_history_chars:
             turns = _without_oldest_exchange(turns)
+        room = min(max_new_tokens, MIN_NEW_TOKENS_ROOM)
         while True:
             text = self.tokenizer.apply_chat_template(
-                [*system, *turns, {"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+                [*system, *turns, current], tokenize=False, add_generation_prompt=True
             )
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-            if ids.shape[1] + min(max_new_tokens, MIN_NEW_TOKENS_ROOM) <= self.context or not turns:
-                break
+            if ids.shape[1] + room <= self.context:
+                return ids.to(self.model.device)
+            if not turns:
+                return None
             turns = _without_oldest_exchange(turns)
-        if ids.shape[1] + MIN_NEW_TOKENS_ROOM > self.context:
-            return None
-        return ids.to(self.model.device)
 
     def _stream_reply(
         self, input_ids: torch.LongTensor, settings: SamplingSettings, use_mtp: bool
@@ -193,6 +208,12 @@ def build_chat_app(
             info=mtp_info,
             interactive=responder.mtp_available,
             elem_id="use-mtp",
+        ),
+        gr.Checkbox(
+            responder.r1_format,
+            label="Ask for the R1 format",
+            info=f"Ends each message with “{INSTRUCTION}”, as the R1 recipes' training prompts do.",
+            elem_id="r1-instruction",
         ),
     ]
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
