@@ -28,7 +28,7 @@ from .moe import RoutedExperts
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 BLOCK = 128  # tile length (activations) and block side (weights)
-AMAX_FLOOR = 1e-4  # an all-zero tile still gets a finite scale, as in DeepSeek's kernels
+AMAX_FLOOR = 1e-12  # an all-zero tile still gets a finite, non-zero scale; gradients' tiles often peak below 1e-6
 FP8 = torch.float8_e4m3fn
 OFFICIAL_QUANTIZATION_CONFIG = {
     "quant_method": "fp8",
@@ -78,7 +78,7 @@ def _pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
 
 
 def scales_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """Dequantisation scale (`scale_inv` in DeepSeek's names) of each tile or block: max(amax, 1e-4) / 448."""
+    """Dequantisation scale (`scale_inv` in DeepSeek's names) of each tile or block: max(amax, 1e-12) / 448."""
     amax = amax.float().clamp(min=AMAX_FLOOR)
     scale = amax / torch.full_like(amax, E4M3_MAX)  # a true division: torch on CUDA multiplies by 1/448 for a scalar
     return _pow2_ceil(scale) if pow2 else scale

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 @triton.jit
 def _scale_of(amax, POW2: tl.constexpr):
-    """max(amax, 1e-4) / 448, optionally rounded up to a power of two (exact bit arithmetic)."""
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), 448.0)
+    """max(amax, 1e-12) / 448, optionally rounded up to a power of two (exact bit arithmetic)."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
     if POW2:
         bits = scale.to(tl.int32, bitcast=True)
         exponent = bits & 0x7F800000
@@ -239,8 +239,8 @@ class HopperBackend:
         key = (b_blocks, out_dtype)
         if key not in self.cublas:
             gen = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(256, 384, device=device, generator=gen) * torch.rand(256, 1, device=device, generator=gen)
-            b = torch.randn(256, 384, device=device, generator=gen)
+            a = torch.randn(256, 512, device=device, generator=gen) * torch.rand(256, 1, device=device, generator=gen)
+            b = torch.randn(256, 512, device=device, generator=gen)
             a_q, a_s = self.quantize_rows(a)
             b_q, b_s = self.quantize_weight(b)[:2] if b_blocks else self.quantize_rows(b)
             try:
@@ -263,9 +263,11 @@ class HopperBackend:
     def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
         """a [M, K] @ b[N, K']^T (K' <= K, a zero beyond K'); cuBLAS when shapes and recipe allow, else Triton."""
         (m, k), (n, kb) = a.shape, b.shape
+        # cuBLAS reads 128x128 scales with a leading dimension padded to 4 K-blocks: take the shapes that need none
+        k_blocks_ok = not b_blocks or (k // BLOCK) % 4 == 0
         shapes_ok = (
             k == kb and k % BLOCK == 0 and m % 16 == 0 and n % (BLOCK if b_blocks else 16) == 0 and b.is_contiguous()
-        )
+        ) and k_blocks_ok
         if shapes_ok and self.recipe.gemm != "triton" and self._cublas_ok(b_blocks, out_dtype, a.device):
             return self._scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
         return self._triton_gemm(a, a_scale, b[None], b_scale[None], None, out_dtype, b_blocks)
