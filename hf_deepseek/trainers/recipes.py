@@ -51,7 +51,10 @@ def apply_overrides(recipe: dict[str, Any], stage: str, overrides: list[str]) ->
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-        node[path[-1]] = yaml.safe_load(text)
+        value = yaml.safe_load(text)
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text  # YAML 1.1 reads `no`/`off` as False; `save_strategy=no` means the string
+        node[path[-1]] = value
     return recipe
 
 
