@@ -67,11 +67,12 @@ def free_port() -> int:
 
 
 class ForwardCounter:
-    """Counts forward passes of a model (to see generation run and stop)."""
+    """Counts forward passes of a model's backbone, which both `generate` and MTP decoding run (to see
+    generation run and stop)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: DeepSeekForCausalLM):
         self.count = 0
-        self.handle = model.register_forward_hook(self._hook)
+        self.handle = model.model.register_forward_hook(self._hook)
 
     def _hook(self, *args) -> None:
         self.count += 1

@@ -228,6 +228,33 @@ def test_cancelling_a_job_stops_generation():
         reply, _ = client.predict("still there?", "", 0.6, 0.95, 6, False, api_name="/chat")
         assert texts(reply) == [("Reasoning", "plan")]  # six tokens: <think>plan</think>
 
+        # MTP speculative decoding runs in the request's own thread; cancelling closes it the same way
+        job = client.submit("talk forever", "", 0.0, 1.0, 4096, True, api_name="/chat")
+        started = counter.count
+        while counter.count < started + 50 and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        assert counter.count >= started + 50, "MTP generation did not start"
+        job.cancel()
+        cancelled_at = counter.count
+        assert counter.settles(quiet_s=0.5, timeout_s=5.0), "MTP generation kept running after the job was cancelled"
+        assert counter.count - cancelled_at < 1000
+
+
+def test_mtp_switch_is_unavailable_without_an_mtp_module():
+    from conftest import tiny_config
+
+    from hf_deepseek import DeepSeekForCausalLM
+    from hf_deepseek.app import build_chat_app
+
+    tokenizer = build_tokenizer()
+    model = DeepSeekForCausalLM(tiny_config(vocab_size=len(tokenizer), num_nextn_predict_layers=0)).eval()
+    app = build_chat_app(model, tokenizer)
+    (switch,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "use-mtp"]
+    assert switch.interactive is False and switch.info.startswith("Unavailable")
+    responder = ChatResponder(model, tokenizer)
+    _, stats = list(responder.respond("hi", [], "", 0.0, 1.0, 4, True))[-1]  # the switch is ignored
+    assert stats.startswith("4 tokens") and "MTP" not in stats
+
 
 def test_app_binds_localhost_by_default(finite_app):
     url, _ = finite_app
