@@ -148,13 +148,14 @@ class ChatResponder:
             tokens.close()
         now = time.perf_counter()
         parts = split_reply(self.tokenizer.decode(ids, skip_special_tokens=True), final=True)
-        messages = self._render(parts, start, answer_started or now)
+        messages = reply_messages(parts, (answer_started or now) - start)
         if not messages:
             messages = notice("The model ended its reply without any text.")
         yield messages, self._stats(len(ids), now - start, draft_stats)
 
     @staticmethod
     def _render(parts, start: float, answer_started: float | None) -> list[gr.ChatMessage]:
+        """The turn while it streams; a placeholder until there is text to show."""
         thought = (answer_started or time.perf_counter()) - start
         return reply_messages(parts, thought) or [gr.ChatMessage(role="assistant", content="…")]
 

@@ -103,8 +103,9 @@ def generate_stream(
             if isinstance(item, BaseException):
                 raise item
             yield item
+        thread.join()  # it has ended generation; joining it now keeps a finished thread from outliving the stream
     finally:
-        stop.set()
+        stop.set()  # on Stop (the stream closed early) `generate` ends at its next step
 
 
 def mtp_stream(
