@@ -240,14 +240,18 @@ def test_cancelling_a_job_stops_generation():
         assert counter.count - cancelled_at < 1000
 
 
-def test_mtp_switch_is_unavailable_without_an_mtp_module():
+@pytest.mark.parametrize("missing", ["MTP module", "drafting code"])
+def test_mtp_switch_is_unavailable_without_an_mtp_module_or_drafting_code(missing, monkeypatch):
     from conftest import tiny_config
 
     from hf_deepseek import DeepSeekForCausalLM
     from hf_deepseek.app import build_chat_app
 
     tokenizer = build_tokenizer()
-    model = DeepSeekForCausalLM(tiny_config(vocab_size=len(tokenizer), num_nextn_predict_layers=0)).eval()
+    mtp_layers = 0 if missing == "MTP module" else 1
+    model = DeepSeekForCausalLM(tiny_config(vocab_size=len(tokenizer), num_nextn_predict_layers=mtp_layers)).eval()
+    if missing == "drafting code":
+        monkeypatch.setattr("hf_deepseek.app.streaming.mtp_speculative_stream", None)
     app = build_chat_app(model, tokenizer)
     (switch,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "use-mtp"]
     assert switch.interactive is False and switch.info.startswith("Unavailable")

@@ -5,6 +5,8 @@ collapsible reasoning block, and reports tokens/s (and, with MTP speculative dec
 the interface (endpoint `/chat`), `launch_chat` serves it on 127.0.0.1 by default behind a bounded queue.
 """
 
+from __future__ import annotations
+
 import threading
 import time
 from collections.abc import Iterator
@@ -58,8 +60,15 @@ class ChatResponder:
         top_p: float = 0.95,
         max_new_tokens: int = 512,
         use_mtp: bool = False,
-        r1_instruction: bool = True,
+        r1_instruction: bool | None = None,
     ) -> Iterator[tuple[list[gr.ChatMessage], str]]:
+        """Stream the assistant's turn for `message` after `history` (Gradio's messages), with the controls'
+        values in the order of the `/chat` endpoint; each item is (the turn so far, the stats line).
+
+        `r1_instruction` (default: whether the tokenizer has the R1 tags) ends user turns with the R1 format
+        instruction. MTP decoding is greedy, so with `use_mtp` temperature and top-p are ignored.
+        """
+        r1_instruction = self.r1_format if r1_instruction is None else bool(r1_instruction)
         message = message if isinstance(message, str) else ""
         system_prompt = system_prompt if isinstance(system_prompt, str) else ""
         cap = self.limits.max_input_chars
@@ -77,7 +86,7 @@ class ChatResponder:
             yield notice("Please type a message."), ""
             return
         max_new_tokens = max(1, min(int(max_new_tokens), self.limits.max_new_tokens))
-        input_ids = self._prompt_ids(message, history, system_prompt, max_new_tokens, bool(r1_instruction))
+        input_ids = self._prompt_ids(message, history, system_prompt, max_new_tokens, r1_instruction)
         if input_ids is None:
             yield notice("This message does not fit in the model's context window. Please shorten it."), ""
             return
@@ -182,7 +191,7 @@ def build_chat_app(
     tokenizer: PreTrainedTokenizerBase,
     limits: ChatLimits | None = None,
     title: str = "hf-deepseek chat",
-) -> gr.ChatInterface:
+) -> gr.Blocks:
     """The chat interface around `model`; its endpoint is `/chat` (inputs: message, then the controls)."""
     responder = ChatResponder(model, tokenizer, limits)
     limits = responder.limits
