@@ -283,3 +283,26 @@ def test_recipes_load_and_overrides_apply():
         apply_overrides(recipe, "grpo", ["beta"])
     with pytest.raises(ValueError, match="no recipe"):
         load_recipe("nope")
+
+
+def test_load_best_model_at_end_restores_every_weight(tok, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    args = {**FAST_ARGS, "save_strategy": "steps", "eval_strategy": "steps", "save_steps": 2, "eval_steps": 2}
+    config = DeepSeekSFTConfig(
+        output_dir=str(tmp_path),
+        **{**args, "max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3},
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,  # "best" is the earlier, higher-loss checkpoint: loading it must replace every weight
+        router_bias_update_speed=0.01,
+    )
+    dataset = addition_chats(32)
+    trainer = DeepSeekSFTTrainer(
+        model=model, args=config, train_dataset=dataset, eval_dataset=dataset.select(range(8)), processing_class=tok
+    )
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2"), trainer.state.best_model_checkpoint
+    best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint).state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, best[name], msg=name)

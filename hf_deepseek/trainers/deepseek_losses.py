@@ -146,6 +146,13 @@ class DeepSeekLossesMixin:
         loaded = type(target).from_pretrained(resume_from_checkpoint, dtype=target.dtype)
         target.load_state_dict(loaded.state_dict(), strict=True)
 
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end` through the same loader, for the same reason."""
+        plain = not hasattr(self.model, "get_base_model") and not self.is_fsdp_enabled and not self.is_deepspeed_enabled
+        if plain and os.path.isfile(os.path.join(self.state.best_model_checkpoint, "config.json")):
+            return self._load_from_checkpoint(self.state.best_model_checkpoint)
+        return super()._load_best_model()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
             logs.update(self.balancer.pop_metrics())
