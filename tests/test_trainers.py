@@ -275,8 +275,10 @@ def test_recipes_load_and_overrides_apply():
     from hf_deepseek.trainers.recipes import apply_overrides, load_recipe, recipe_names, stage_output_dir
 
     assert {"r1_zero", "r1", "distill"} <= set(recipe_names())
-    recipe = apply_overrides(load_recipe("r1"), "grpo", ["beta=0", "grpo.data.seed=7", "output_root=/x"])
+    overrides = ["beta=0", "grpo.data.seed=7", "output_root=/x", "learning_rate=3e-6", "save_strategy=no"]
+    recipe = apply_overrides(load_recipe("r1"), "grpo", overrides)
     assert recipe["grpo"]["args"]["beta"] == 0 and recipe["grpo"]["data"]["seed"] == 7
+    assert recipe["grpo"]["args"]["learning_rate"] == 3e-6 and recipe["grpo"]["args"]["save_strategy"] == "no"
     assert stage_output_dir(recipe, "sft") == "/x/sft" and recipe["grpo"]["init"] == "sft"
     assert "sft" not in load_recipe("r1_zero") and "grpo" not in load_recipe("distill")
     with pytest.raises(ValueError, match="key=value"):

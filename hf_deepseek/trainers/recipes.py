@@ -7,6 +7,7 @@ A recipe has top-level `output_root`, `system_prompt`, `model.config` (for a new
 """
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hf_deepseek.data.reasoning_tasks import task_examples
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 STAGES = ("sft", "grpo")
+_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 logger = logging.getLogger(__name__)
 
 
@@ -51,11 +53,19 @@ def apply_overrides(recipe: dict[str, Any], stage: str, overrides: list[str]) ->
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping")
-        value = yaml.safe_load(text)
-        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
-            value = text  # YAML 1.1 reads `no`/`off` as False; `save_strategy=no` means the string
-        node[path[-1]] = value
+        node[path[-1]] = parse_value(text)
     return recipe
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML, except where YAML 1.1 surprises: `no`/`off` stay strings
+    (`save_strategy=no`) and `3e-3` is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text
+    if isinstance(value, str) and _FLOAT.fullmatch(text.strip()):
+        return float(text)
+    return value
 
 
 def stage_output_dir(recipe: dict[str, Any], stage: str) -> str:
