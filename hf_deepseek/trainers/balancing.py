@@ -10,7 +10,7 @@ router's `e_score_correction_bias` by gamma in the direction that evens the load
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -135,9 +135,11 @@ class RouterBiasBalancer(TrainerCallback):
         gamma: float = 1e-3,
         schedule: str = "constant",
         end: float = 1.0,
+        reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum,
     ):
         bias_update_speed(gamma, 0, 1, schedule, end)  # validates the schedule
         self.routers, self.gamma, self.schedule, self.end = routers, gamma, schedule, end
+        self.reduce = reduce  # the trainers pass their accelerator's sum, so the ranks are those of the training
         self.tracker = ExpertLoadTracker(backbone, routers)
         self.metrics: dict[str, list[float]] = {}
         self.last_load: torch.Tensor | None = None
@@ -156,7 +158,7 @@ class RouterBiasBalancer(TrainerCallback):
         if load is None:  # every rank must join the all-reduce, even one that counted nothing
             device = self.routers[0].e_score_correction_bias.device
             load = torch.zeros(len(self.routers), self.routers[0].num_experts, dtype=torch.long, device=device)
-        load = all_reduce_sum(load)
+        load = self.reduce(load)
         if load.sum() == 0:
             return
         gamma = bias_update_speed(self.gamma, global_step, max_steps, self.schedule, self.end)

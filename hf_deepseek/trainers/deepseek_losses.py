@@ -77,6 +77,7 @@ class DeepSeekLossesMixin:
             gamma=self.args.router_bias_update_speed,
             schedule=self.args.router_bias_update_schedule,
             end=self.args.router_bias_update_end,
+            reduce=lambda counts: self.accelerator.reduce(counts, reduction="sum"),
         )
         self.add_callback(self.balancer)
 

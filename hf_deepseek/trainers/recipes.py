@@ -76,6 +76,8 @@ def stage_output_dir(recipe: dict[str, Any], stage: str) -> str:
 def _resolve_args(recipe: dict[str, Any], stage: str) -> dict[str, Any]:
     args = dict(recipe[stage].get("args", {}))
     args["output_dir"] = stage_output_dir(recipe, stage)
+    # without a GPU, several processes (`accelerate launch --multi_gpu --num_processes N`) train as one CPU job
+    args.setdefault("use_cpu", not torch.cuda.is_available())
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if args.get("bf16") == "auto":
         args["bf16"] = cuda_bf16
