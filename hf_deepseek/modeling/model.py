@@ -18,6 +18,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
 from .checkpoint import add_mtp_shared_copies
+from .checkpoint_checks import atomic_save, verify_local_checkpoint
 from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .layers import RMSNorm
@@ -149,17 +150,27 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' loader, except for DeepSeek's block-scaled FP8 checkpoints: those go to `fp8_checkpoint`
         (FP8 GEMMs on a GPU, exact dequantisation elsewhere), as transformers' FP8 quantizer knows neither the
-        stacked experts nor partial 128x128 blocks."""
-        if wants_fp8_loader(pretrained_model_name_or_path, kwargs):
+        stacked experts nor partial 128x128 blocks. A local checkpoint is checked first (`checkpoint_checks`):
+        truncated files, missing, mis-shaped or non-finite tensors raise `CheckpointError` naming file and tensor;
+        `check_finite=False` skips the pass over the values, `use_safetensors=False` allows pickle weights."""
+        fp8 = wants_fp8_loader(pretrained_model_name_or_path, kwargs)
+        verify_local_checkpoint(pretrained_model_name_or_path, kwargs, cls, fp8)
+        kwargs.pop("check_finite", None)
+        if fp8:
             return load_fp8_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
-        """Writes the official DeepSeek-V3 layout (per-expert tensors, full MTP layer), sharded safetensors."""
+        """Writes the official DeepSeek-V3 layout (per-expert tensors, full MTP layer), sharded safetensors.
+        Atomically: the files go to a temporary sibling directory first, so an interrupted save leaves the
+        previous checkpoint in `save_directory` loadable."""
         if state_dict is None:
             state_dict = self.state_dict()
         state_dict = add_mtp_shared_copies(state_dict, self.config)
-        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        save = super().save_pretrained
+        return atomic_save(lambda tmp: save(tmp, *args, state_dict=state_dict, **kwargs), save_directory)
 
     def routers(self) -> list[TopKRouter]:
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
