@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_deepseek.data import split_of
+from hf_deepseek.data import addition_examples, split_of
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 INSTRUCTION = "Think inside <think> </think>, then give the final answer inside <answer> </answer>."
@@ -125,6 +125,19 @@ def generate_rows(task: str, split: str, size: int) -> Iterator[dict[str, Any]]:
         yield row
 
 
+def addition_rows(split: str, size: int) -> Iterator[dict[str, Any]]:
+    """`size` 3-digit sums (`Calculate 123 + 456.`, the trainers' `addition` task), drawn by the project's own
+    generator at the split's seed; `test` keeps only sums on the test side of the split hash (key `add:a+b`)."""
+    wanted = "test" if split == "test" else "train"
+    for example in addition_examples(size, seed=split_seed(split), digits=3, split=wanted):
+        expression = example["prompt"].removesuffix("=")
+        yield {
+            "question": f"Calculate {expression.replace('+', ' + ')}.",
+            "answer": example["answer"],
+            "expression": expression,
+        }
+
+
 def data_file(task: str) -> Path:
     return TASKS_DIR / f"{task}.jsonl"
 
@@ -138,6 +151,11 @@ def write_task_files(sizes: dict[str, int] = SPLIT_SIZES) -> list[Path]:
                 for i, row in enumerate(generate_rows(task, split, size)):
                     out.write(json.dumps({"id": f"{task}-{split}-{i:04d}", "split": split, **row}) + "\n")
         paths.append(data_file(task))
+    with data_file("addition").open("w") as out:
+        for split, size in sizes.items():
+            for i, row in enumerate(addition_rows(split, size)):
+                out.write(json.dumps({"id": f"addition-{split}-{i:04d}", "split": split, **row}) + "\n")
+    paths.append(data_file("addition"))
     return paths
 
 

@@ -23,6 +23,10 @@ def arithmetic_dataset(**kwargs) -> DatasetDict:
     return _dataset("arithmetic")
 
 
+def addition_dataset(**kwargs) -> DatasetDict:
+    return _dataset("addition")
+
+
 def gsm_symbolic_dataset(**kwargs) -> DatasetDict:
     return _dataset("gsm_symbolic")
 
