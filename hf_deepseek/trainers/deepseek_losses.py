@@ -2,12 +2,15 @@
 
 TRL 1.16 patches `model.forward` with a fused LM head that runs only the backbone, so the MTP loss and the
 sequence-wise balance loss, which `DeepSeekForCausalLM.forward` computes after the backbone, would never be
-trained. `DeepSeekLossesMixin` keeps TRL's loss and metrics untouched and, around TRL's `compute_loss`, captures
-what the backbone returned (a forward hook), then adds `mtp_loss_weight * MTP loss + balance loss` computed by the
-model's own code from it. It also owns the `RouterBiasBalancer` and merges the balance metrics into the logs.
+trained. `DeepSeekLossesMixin` keeps TRL's loss and metrics untouched and wraps TRL's fused forward once more: a
+hook captures what the backbone returned, and the wrapper computes the MTP loss (the model's own code) and the
+routers' balance loss from it inside the same forward call, so DDP and FSDP see every parameter used there.
+`compute_loss` then adds `mtp_loss_weight * MTP loss + balance loss`. The mixin also owns the
+`RouterBiasBalancer` and merges the balance metrics into the logs.
 """
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from trl.trainer.utils import FusedCausalLMOutput
 
 from hf_deepseek.modeling import DeepSeekForCausalLM
 from hf_deepseek.trainers.balancing import RouterBiasBalancer
@@ -56,10 +60,20 @@ class DeepSeekTrainingFields:
 
 
 @dataclass
+class DeepSeekFusedOutput(FusedCausalLMOutput):
+    """TRL's fused-head output plus the own losses, as fields: DDP rebuilds outputs from their fields."""
+
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+
+
+@dataclass
 class _Capture:
     kwargs: dict[str, Any]
     hidden_states: torch.Tensor  # the backbone's final (normed) hidden states
     aux_losses: list[torch.Tensor]
+    mtp_loss: torch.Tensor | None = None  # set by the forward wrapper
+    balance_loss: torch.Tensor | None = None
 
 
 class DeepSeekLossesMixin:
@@ -71,6 +85,7 @@ class DeepSeekLossesMixin:
         self._capturing = False
         self._routers = model.routers()
         model.model.register_forward_hook(self._capture_backbone, with_kwargs=True)
+        self._wrap_fused_forward(model)
         self.balancer = RouterBiasBalancer(
             model.model,
             self._routers,
@@ -90,6 +105,22 @@ class DeepSeekLossesMixin:
         if not isinstance(model, DeepSeekForCausalLM):
             raise TypeError(f"{type(self).__name__} trains DeepSeekForCausalLM, got {type(model).__name__}")
         return model
+
+    def _wrap_fused_forward(self, model: DeepSeekForCausalLM) -> None:
+        """Compute the own losses inside the (possibly DDP/FSDP-wrapped) forward that TRL's loss calls."""
+        fused_forward = model.forward  # TRL's patched forward, bound to this model
+
+        @functools.wraps(fused_forward)
+        def forward(*args, **kwargs):
+            output = fused_forward(*args, **kwargs)
+            if self._capturing and kwargs.get("fused_lm_head") and kwargs.get("labels") is not None:
+                capture = self._captures[-1]
+                capture.mtp_loss, capture.balance_loss = self._own_losses(capture, kwargs["labels"])
+                # returned as output tensors, so DDP's unused-parameter search walks their graphs too
+                output = DeepSeekFusedOutput(**output, mtp_loss=capture.mtp_loss, balance_loss=capture.balance_loss)
+            return output
+
+        model.forward = forward
 
     def _capture_backbone(self, module: nn.Module, args, kwargs, output) -> None:
         if self._capturing:

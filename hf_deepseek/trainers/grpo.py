@@ -49,15 +49,10 @@ class DeepSeekGRPOTrainer(DeepSeekLossesMixin, GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         with self._deepseek_forward(training=mode == "train") as captures:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        prompt_length = inputs["prompt_ids"].size(1)
-        mtp_terms, aux_terms = [], []
-        for capture in captures:
-            input_ids, attention_mask = capture.kwargs["input_ids"], capture.kwargs["attention_mask"]
-            labels = input_ids.masked_fill(attention_mask == 0, -100)
-            labels[:, :prompt_length] = -100  # the MTP loss covers the completion, like the policy loss
-            mtp, aux = self._own_losses(capture, labels)
-            mtp_terms += [mtp] if mtp is not None else []
-            aux_terms += [aux] if aux is not None else []
+        # one capture per forward: TRL scores the completions only (prompt and padding labels are -100), and so
+        # does the MTP loss computed from the same labels
+        mtp_terms = [c.mtp_loss for c in captures if c.mtp_loss is not None]
+        aux_terms = [c.balance_loss for c in captures if c.balance_loss is not None]
         mtp = torch.stack(mtp_terms).mean() if mtp_terms else None
         aux = torch.stack(aux_terms).mean() if aux_terms else None
         extra = torch.zeros((), device=loss.device)

@@ -35,7 +35,7 @@ class DeepSeekSFTTrainer(DeepSeekLossesMixin, SFTTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         capture = captures[0]  # the fused forward's backbone pass (a `return_outputs` recompute may follow)
-        mtp, aux = self._own_losses(capture, inputs["labels"])
+        mtp, aux = capture.mtp_loss, capture.balance_loss
         extra = torch.zeros((), device=loss.device)
         if mtp is not None:
             extra = extra + self.current_mtp_loss_weight() * mtp
