@@ -8,6 +8,7 @@ A recipe has top-level `output_root`, `system_prompt`, `model.config` (for a new
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,12 @@ def build_dataset(recipe: dict[str, Any], stage: str):
     raise ValueError(f"unknown data kind {kind!r}: cold_start, problems or traces")
 
 
-def run_stage(stage: str, recipe: dict[str, Any]):
+def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ()):
     """Train one stage, save the final model and tokenizer to its output_dir, write metrics.csv and plots/*.png.
-    Returns the trainer."""
+    Extra `callbacks` join the trainer's; a `ProgressCallback` among them replaces the Trainer's own progress bar
+    and printed logs (`hf-deepseek demo` narrates with it). Returns the trainer."""
+    from transformers import PrinterCallback, ProgressCallback
+
     from hf_deepseek.trainers.plotting import MetricsPlotCallback
 
     if stage not in STAGES:
@@ -197,6 +201,11 @@ def run_stage(stage: str, recipe: dict[str, Any]):
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+    for callback in callbacks:
+        if isinstance(callback, ProgressCallback):
+            trainer.remove_callback(ProgressCallback)
+            trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(callback)
     trainer.train(resume_from_checkpoint=args.get("resume_from_checkpoint"))
     trainer.save_model(args["output_dir"])
     if trainer.is_world_process_zero():
