@@ -308,3 +308,27 @@ def test_load_best_model_at_end_restores_every_weight(tok, tmp_path):
     best = AutoModelForCausalLM.from_pretrained(trainer.state.best_model_checkpoint).state_dict()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, best[name], msg=name)
+
+
+def test_own_losses_run_inside_the_forward_that_ddp_wraps(tok, tmp_path):
+    """DDP (find_unused_parameters=True, Trainer's default without checkpointing) only accepts gradients from
+    parameters the wrapped forward used: the MTP loss must be computed inside it, not after it."""
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    config = DeepSeekSFTConfig(output_dir=str(tmp_path), **{**FAST_ARGS, "per_device_train_batch_size": 4})
+    trainer = DeepSeekSFTTrainer(model=model, args=config, train_dataset=addition_chats(8), processing_class=tok)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    port = 29500 + (os.getpid() + 500) % 1000
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        trainer.compute_loss(wrapped, inputs).backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert all(
+        p.grad is not None and p.grad.norm() > 0 for n, p in model.named_parameters() if n in mtp_parameter_names(model)
+    )
