@@ -175,7 +175,7 @@ def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ())
     args = _resolve_args(recipe, stage)
     model, tokenizer = build_model_and_tokenizer(recipe, stage)
     dataset = build_dataset(recipe, stage)
-    callbacks = [MetricsPlotCallback(args["output_dir"])]
+    plots = [MetricsPlotCallback(args["output_dir"])]
     if stage == "sft":
         from hf_deepseek.trainers.sft import DeepSeekSFTConfig, DeepSeekSFTTrainer
 
@@ -184,7 +184,7 @@ def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ())
             args=DeepSeekSFTConfig(**args),
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=callbacks,
+            callbacks=plots,
         )
     else:
         from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig, DeepSeekGRPOTrainer
@@ -199,7 +199,7 @@ def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ())
             args=DeepSeekGRPOConfig(**args),
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=callbacks,
+            callbacks=plots,
         )
     for callback in callbacks:
         if isinstance(callback, ProgressCallback):
