@@ -21,6 +21,7 @@ from .checkpoint import add_mtp_shared_copies
 from .checkpoint_checks import atomic_save, verify_local_checkpoint
 from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
+from .input_checks import check_model_inputs
 from .layers import RMSNorm
 from .moe import RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
@@ -106,6 +107,8 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         cache = cache if cache is not None else past_key_values
+        past = cache.get_seq_length() if cache is not None else 0
+        check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, past)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
