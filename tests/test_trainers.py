@@ -272,9 +272,12 @@ def test_distill_recipe_trains_on_checked_traces_only(tmp_path):
 
 
 def test_recipes_load_and_overrides_apply():
+    from hf_deepseek import DeepSeekConfig
     from hf_deepseek.trainers.recipes import apply_overrides, load_recipe, recipe_names, stage_output_dir
 
     assert {"r1_zero", "r1", "distill"} <= set(recipe_names())
+    for name in recipe_names():  # every shipped recipe describes a valid model
+        DeepSeekConfig(**load_recipe(name)["model"]["config"])
     overrides = ["beta=0", "grpo.data.seed=7", "output_root=/x", "learning_rate=3e-6", "save_strategy=no"]
     recipe = apply_overrides(load_recipe("r1"), "grpo", overrides)
     assert recipe["grpo"]["args"]["beta"] == 0 and recipe["grpo"]["data"]["seed"] == 7
