@@ -135,8 +135,17 @@ def test_config_with_fewer_experts_than_the_weights(saved, tmp_path):
 
 def test_config_with_more_layers_than_the_weights(saved, tmp_path):
     path = copy_of(saved, tmp_path)
-    edit_config(path, num_hidden_layers=4)
-    assert "lacks" in load_error(path) and "that config.json implies" in load_error(path)
+    edit_config(path, num_hidden_layers=5)  # layer 3 is the stored MTP layer (same modules); layer 4 is absent
+    message = load_error(path)
+    assert "lacks" in message and "that config.json implies, e.g. 'model.layers.4." in message
+
+
+def test_transformers_layout_without_the_mtp_layer_is_accepted(saved, tmp_path):
+    path = copy_of(saved, tmp_path)
+    edit_tensors(path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.layers.3.")])
+    DeepSeekForCausalLM.from_pretrained(path)  # transformers' DeepseekV3 drops MTP; it is initialised afresh
+    edit_tensors(path, lambda t: t.pop("model.layers.2.mlp.gate.weight"))
+    assert "'model.layers.2.mlp.gate.weight'" in load_error(path)
 
 
 def test_pickle_weights_are_refused_unless_asked_for(saved, tmp_path):

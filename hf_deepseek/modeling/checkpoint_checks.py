@@ -141,6 +141,11 @@ def check_checkpoint(
     tensors = stored_tensors(directory)
     expected = expected_shapes(model_cls, config)
     optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    for k in range(getattr(config, "num_nextn_predict_layers", 0)):  # transformers' own layout drops MTP layers
+        prefix = f"model.layers.{config.num_hidden_layers + k}."
+        mtp_keys = {key for key in expected if key.startswith(prefix)}
+        if not any(key in tensors for key in mtp_keys):
+            optional |= mtp_keys
 
     missing = [k for k in expected if k not in tensors and k not in optional]
     if missing:
