@@ -10,11 +10,23 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the parser with every subcommand and its options."""
     parser = argparse.ArgumentParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny DeepSeek-V3 on addition, save, reload, evaluate")
-    demo.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    demo.add_argument("--batch-size", type=int, default=128, help="sequences per step")
-    demo.add_argument("--output-dir", default="outputs/demo-model", help="where the model is saved")
-    demo.add_argument("--seed", type=int, default=0, help="seed for data and initialisation")
+    demo = commands.add_parser(
+        "demo", help="the R1 story on a CPU: SFT then GRPO from scratch, lm-eval, architecture payoffs, chat command"
+    )
+    demo.add_argument("--recipe", default="r1_tiny", help="recipe of the miniature run (name or YAML path)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--sft-steps", type=int, default=150, help="SFT steps of the miniature run (0: skip stage 1)")
+    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=int, default=12, help="GRPO steps")
+    demo.add_argument("--output-dir", default="outputs/demo", help="where the miniature run writes models and PNGs")
+    demo.add_argument("--checkpoint", default="checkpoints/hf-deepseek-r1-tiny", help="model for stages 2 and 3")
+    demo.add_argument("--sft-checkpoint", default="checkpoints/hf-deepseek-r1-tiny-sft", help="its SFT ancestor")
+    demo.add_argument("--eval-limit", type=int, default=100, help="held-out problems for greedy pass@1 (0: skip)")
+    demo.add_argument("--sampled-limit", type=int, default=8, help="held-out problems for pass@k (8 samples each)")
+    demo.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="recipe override for the miniature run, e.g. --set model.config.hidden_size=256 "
+        "--set grpo.args.learning_rate=1e-4 (a bare key sets an SFT arg)",
+    )  # fmt: skip
     commands.add_parser(
         "eval",
         add_help=False,
@@ -78,9 +90,10 @@ def main(argv: list[str] | None = None) -> None:
 
         run_chat_from_args(args)
     if args.command == "demo":
-        from hf_deepseek.demo import run_demo
+        from hf_deepseek.demo import DemoOptions, run_demo
 
-        run_demo(steps=args.steps, batch_size=args.batch_size, output_dir=args.output_dir, seed=args.seed)
+        options = {k: v for k, v in vars(args).items() if k in DemoOptions.__dataclass_fields__}
+        run_demo(DemoOptions(**options))
 
 
 if __name__ == "__main__":

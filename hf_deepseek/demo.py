@@ -1,154 +1,347 @@
-"""`make demo`: train a tiny DeepSeek-V3 (MLA, MoE, MTP) on 2-digit addition on the CPU, save it in
-the Hugging Face format, reload it through `AutoModelForCausalLM`, and score it on held-out sums.
+"""`make demo` (`hf-deepseek demo`): the DeepSeek-R1 story end to end on a CPU, in four narrated stages.
+
+1. A miniature run of the `r1_tiny` recipe from scratch: character tokenizer and task data, cold-start SFT on worked
+   solutions, then GRPO with accuracy + format rewards; curves saved as PNG.
+2. The embedded default (`checkpoints/hf-deepseek-r1-tiny`, the same recipe run to the end) and its SFT-only
+   ancestor, evaluated by lm-eval on held-out sums: greedy pass@1 with Wilson 95% intervals, sampled pass@k.
+3. What the architecture buys on that model: latent KV cache bytes against full multi-head attention, expert-load
+   balance, and MTP self-speculative decoding's acceptance rate and speed-up on its own outputs.
+4. The command that opens the chat on it.
+Every figure printed is computed in the run that prints it.
 """
 
 import logging
 import math
 import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-from transformers.utils import logging as transformers_logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, ProgressCallback
 
-from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
-from hf_deepseek.data import addition_examples, build_tokenizer
-
-IGNORE_INDEX = -100
+DEFAULT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny"
+SFT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny-sft"
+TASK = "addition"
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast) -> DeepSeekConfig:
-    """A DeepSeek-V3 in miniature: every part of the architecture, ~0.2M parameters."""
-    return DeepSeekConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        first_k_dense_replace=1,
-        n_routed_experts=8,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        n_group=2,
-        topk_group=1,
-        q_lora_rank=32,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        num_nextn_predict_layers=1,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+@dataclass
+class DemoOptions:
+    """What `hf-deepseek demo` runs; the defaults fit a 2-core CPU in a few minutes."""
+
+    recipe: str = "r1_tiny"
+    device: str = "cpu"
+    sft_steps: int = 150
+    grpo_steps: int = 12
+    output_dir: str = "outputs/demo"
+    checkpoint: str = DEFAULT_CHECKPOINT
+    sft_checkpoint: str = SFT_CHECKPOINT
+    eval_limit: int = 100
+    sampled_limit: int = 8
+    probe_prompts: int = 6
+    overrides: list[str] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (0, 1) when n is 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class NarratedProgress(ProgressCallback):
+    """The Trainer's progress bar with the latest loss or reward as its postfix instead of printed log lines."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        super().__init__()
+        self.keys = keys
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k.split("/")[-1]: f"{logs[k]:.3f}" for k in self.keys if isinstance(logs.get(k), int | float)}
+            self.training_bar.set_postfix(shown, refresh=False)
+
+
+def _quiet() -> None:
+    """Keep the narration readable: no per-row dataset bars, library notices or lm-eval info logs."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    datasets.disable_progress_bars()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    for name in ("lm-eval", "lm_eval", "bitsandbytes", "accelerate", "datasets", "trl", "hf_deepseek"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def _series(history: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(row["step"], row[key]) for row in history if isinstance(row.get(key), int | float) and "step" in row]
+
+
+def _ends(points: list[tuple[int, float]], window: int = 3) -> tuple[float, float]:
+    values = [v for _, v in points] or [float("nan")]
+    window = max(1, min(window, len(values) // 2 or 1))
+    return statistics.mean(values[:window]), statistics.mean(values[-window:])
+
+
+def stage_recipe(options: DemoOptions) -> dict[str, Any]:
+    """The recipe with the demo's step counts, output folder, device and data sizes, then the user's overrides."""
+    from hf_deepseek.trainers.recipes import apply_overrides, load_recipe
+
+    recipe = load_recipe(options.recipe)
+    recipe["output_root"] = options.output_dir
+    use_cpu = not options.device.startswith("cuda")
+    for stage, steps, logging_steps in (("sft", options.sft_steps, 5), ("grpo", options.grpo_steps, 1)):
+        args = recipe[stage].setdefault("args", {})
+        args.update(max_steps=steps, logging_steps=logging_steps, save_strategy="no", report_to="none")
+        args["use_cpu"] = use_cpu
+        prompts_per_step = args.get("per_device_train_batch_size", 8)
+        if stage == "grpo":
+            prompts_per_step = max(1, prompts_per_step // args.get("num_generations", 8))
+        tasks = recipe[stage]["data"]["tasks"]
+        wanted = max(64, steps * prompts_per_step)  # enough problems for the run, no more to tokenize
+        recipe[stage]["data"]["tasks"] = {task: min(count, wanted) for task, count in tasks.items()}
+    return apply_overrides(recipe, "sft", options.overrides)
+
+
+def save_demo_curves(sft_history: list, grpo_history: list, path: Path) -> Path:
+    """One PNG: SFT loss (and MTP loss) on the left, GRPO rewards on the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("loss", "loss (main + MTP)"), ("mtp_loss", "MTP loss")):
+        if points := _series(sft_history, key):
+            left.plot(*zip(*points, strict=True), marker=".", label=label)
+    left.set_title("cold-start SFT")
+    for key, label in (
+        ("reward", "total reward"),
+        ("rewards/accuracy_reward/mean", "accuracy reward"),
+        ("rewards/format_reward/mean", "format reward"),
+    ):
+        if points := _series(grpo_history, key):
+            right.plot(*zip(*points, strict=True), marker=".", label=label)
+    right.set_title("GRPO (accuracy + format rewards)")
+    for axes in (left, right):
+        axes.set_xlabel("optimizer step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _reward_key(history: list[dict[str, Any]], name: str) -> str | None:
+    keys = {k for row in history for k in row if k.startswith("rewards/") and name in k and k.endswith("/mean")}
+    return min(keys) if keys else None
+
+
+def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
+    """Stage 1: data and tokenizer, then SFT and GRPO from scratch; returns the curves' first and last values."""
+    from hf_deepseek.data import build_tokenizer
+    from hf_deepseek.data.r1 import cold_start_completion
+    from hf_deepseek.data.reasoning_tasks import task_examples
+    from hf_deepseek.trainers.recipes import run_stage
+
+    recipe = stage_recipe(options)
+    tokenizer = build_tokenizer()
+    example = next(task_examples(TASK, 1, seed=0))
+    console.rule("[bold]1. The R1 recipe in miniature, from scratch")
+    console.print(
+        f"Tokenizer: {len(tokenizer)} tokens (characters, chat roles, <think>/<answer> tags). Task: 3-digit "
+        "addition from the project's generator; a hash of each problem keeps training and held-out sums apart.\n"
+        f"A cold-start SFT example:  [cyan]{example['question']}[/] -> "
+        f"[green]{cold_start_completion(example)!r}[/]"
     )
-
-
-def encode_batch(tokenizer: PreTrainedTokenizerFast, examples: list[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """`<|bos|>12+34=46<|eos|>` sequences, right-padded; labels only on the answer and eos."""
-    rows = []
-    for example in examples:
-        prompt = [tokenizer.bos_token_id, *tokenizer.encode(example["prompt"], add_special_tokens=False)]
-        answer = [*tokenizer.encode(example["answer"], add_special_tokens=False), tokenizer.eos_token_id]
-        rows.append((prompt + answer, [IGNORE_INDEX] * len(prompt) + answer))
-    width = max(len(ids) for ids, _ in rows)
-    batch = {"input_ids": [], "attention_mask": [], "labels": []}
-    for ids, labels in rows:
-        pad = width - len(ids)
-        batch["input_ids"].append(ids + [tokenizer.pad_token_id] * pad)
-        batch["attention_mask"].append([1] * len(ids) + [0] * pad)
-        batch["labels"].append(labels + [IGNORE_INDEX] * pad)
-    return {key: torch.tensor(value) for key, value in batch.items()}
-
-
-def train(
-    model: DeepSeekForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    steps: int,
-    batch_size: int,
-    seed: int,
-    lr: float = 6e-3,
-) -> tuple[list[float], list[float]]:
-    """AdamW, short linear warmup then cosine decay; returns the per-step main and MTP losses."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    config = recipe["model"]["config"]
+    console.print(
+        f"Model: DeepSeek-V3 in miniature (hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"MLA with a {config['kv_lora_rank']}-wide latent, {config['n_routed_experts']} routed experts + "
+        f"{config['n_shared_experts']} shared, 1 MTP module). SFT {options.sft_steps} steps, then GRPO "
+        f"{options.grpo_steps} steps on {options.device}."
     )
-    examples = addition_examples(steps * batch_size, seed=seed, split="train")
-    main_losses, mtp_losses = [], []
-    model.train()
-    progress = tqdm(range(steps), desc="training", unit="step")
-    for _ in progress:
-        batch = encode_batch(tokenizer, [next(examples) for _ in range(batch_size)])
-        output = model(**batch)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        mtp = output.mtp_loss.item()  # no balance loss here (aux_loss_alpha=0): loss = main + weight * mtp
-        main_losses.append(output.loss.item() - model.config.mtp_loss_weight * mtp)
-        mtp_losses.append(mtp)
-        progress.set_postfix(loss=f"{main_losses[-1]:.3f}", mtp_loss=f"{mtp:.3f}")
-    return main_losses, mtp_losses
+    sft = run_stage("sft", recipe, callbacks=[NarratedProgress(("loss", "mtp_loss", "mean_token_accuracy"))])
+    sft_history = sft.state.log_history
+    loss_first, loss_last = _ends(_series(sft_history, "loss"))
+    acc_first, acc_last = _ends(_series(sft_history, "mean_token_accuracy"))
+    console.print(
+        f"SFT: training loss {loss_first:.2f} -> {loss_last:.2f}; next-token accuracy on the worked solutions "
+        f"{acc_first:.0%} -> {acc_last:.0%} (means of the first and last logged steps)."
+    )
+    reward_keys = ("reward", "rewards/accuracy_reward/mean", "rewards/format_reward/mean")
+    grpo = run_stage("grpo", recipe, callbacks=[NarratedProgress(reward_keys)])
+    grpo_history = grpo.state.log_history
+    summary = {"sft_loss": (loss_first, loss_last)}
+    lines = []
+    for name in ("accuracy", "format"):
+        if key := _reward_key(grpo_history, name):
+            first, last = _ends(_series(grpo_history, key))
+            summary[f"grpo_{name}"] = (first, last)
+            lines.append(f"{name} reward {first:.2f} -> {last:.2f}")
+    console.print(
+        f"GRPO: {'; '.join(lines)} (8 sampled answers per sum, rewarded by rule: right answer, "
+        "<think>/<answer> format). A few steps only: the embedded default below ran the same recipe to the end."
+    )
+    curves = save_demo_curves(sft_history, grpo_history, Path(options.output_dir) / "curves.png")
+    console.print(
+        f"Curves: [cyan]{curves}[/] (and every logged metric in {options.output_dir}/{{sft,grpo}}/plots/); "
+        f"the model: {options.output_dir}/grpo."
+    )
+    return summary
 
 
-@torch.no_grad()
-def held_out_accuracy(model_dir: str, seed: int, count: int = 10, console: Console | None = None) -> float:
-    """Reload the saved model through the Auto classes and greedily answer `count` test-split sums."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    correct = 0
-    for example in addition_examples(count, seed=seed, split="test"):
-        ids = [tokenizer.bos_token_id, *tokenizer.encode(example["prompt"], add_special_tokens=False)]
-        prompt = torch.tensor([ids])
-        generated = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=5,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+def _pass_at_1(results: dict[str, Any], task: str) -> float:
+    metrics = results["results"][task]
+    return next(v for k, v in metrics.items() if k.startswith("pass@1,"))
+
+
+def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
+    """Stage 2: lm-eval on held-out sums for the embedded default and its SFT-only ancestor."""
+    from hf_deepseek.evals.harness import evaluate_model
+
+    console.rule("[bold]2. The embedded default, evaluated by lm-eval on held-out sums")
+    table: dict[str, Any] = {}
+    for name, path in (("GRPO (embedded default)", options.checkpoint), ("SFT-only ancestor", options.sft_checkpoint)):
+        if not (Path(path) / "config.json").is_file():
+            console.print(f"[yellow]No checkpoint at {path}; skipping it.[/]")
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path).to(options.device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        console.print(f"[bold]{name}[/] ({path}): greedy on {options.eval_limit} held-out sums, then 8 samples each "
+                      f"on {options.sampled_limit} of them")  # fmt: skip
+        kwargs = dict(batch_size=100, apply_chat_template=True)  # the chat turns the model was trained on
+        greedy = evaluate_model(model, tokenizer, tasks=[TASK], limit=options.eval_limit, **kwargs)
+        sampled = evaluate_model(model, tokenizer, tasks=[f"{TASK}_sampled"], limit=options.sampled_limit, **kwargs)
+        p1 = _pass_at_1(greedy, TASK)
+        n = int(greedy["n-samples"][TASK]["effective"])
+        low, high = wilson_interval(round(p1 * n), n)
+        fmt = greedy["results"][TASK].get("format,none", float("nan"))
+        table[name] = {"pass@1": p1, "n": n, "interval": (low, high), "format": fmt}
+        for key, value in sampled["results"][f"{TASK}_sampled"].items():
+            if key.startswith(("pass@", "maj@")) and "stderr" not in key:
+                table[name][f"sampled {key.split(',')[0]}"] = value
+    for name, row in table.items():
+        console.print(
+            f"  {name:<24} greedy pass@1 {row['pass@1']:6.1%}  95% CI [{row['interval'][0]:.1%}, "
+            f"{row['interval'][1]:.1%}] (n={row['n']}, well-formatted {row['format']:.0%})"
         )
-        guess = tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
-        correct += guess == example["answer"]
-        if console:
-            mark = "[green]ok[/]" if guess == example["answer"] else f"[red]expected {example['answer']}[/]"
-            console.print(f"  {example['prompt']}{guess:<4} {mark}")
-    return correct / count
+        sampled_text = ", ".join(f"{k.split()[1]} {v:.0%}" for k, v in row.items() if k.startswith("sampled "))
+        console.print(f"  {'':<24} 8 samples at T=0.6 on {options.sampled_limit} sums: {sampled_text}")
+    if len(table) == 2:
+        grpo, sft = table.values()
+        console.print(
+            f"GRPO moved greedy pass@1 from {sft['pass@1']:.1%} (SFT only) to {grpo['pass@1']:.1%} on the same "
+            "held-out sums: reinforcement on its own sampled answers, rewarded only for being right and well formed."
+        )
+    return table
 
 
-def run_demo(steps: int = 1000, batch_size: int = 128, output_dir: str = "outputs/demo-model", seed: int = 0) -> float:
-    """Train, save, reload and evaluate the tiny model; print a narrated summary; return accuracy."""
+def _probe_prompts(tokenizer, count: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    from hf_deepseek.evals.task_data import load_rows, prompt_text
+
+    prompts = []
+    for row in load_rows(TASK)["test"][:count]:
+        messages = [{"role": "user", "content": prompt_text(row)}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        prompts.append((torch.tensor([ids]), row))
+    return prompts
+
+
+@torch.inference_mode()
+def stage_architecture(options: DemoOptions, console: Console) -> dict[str, Any]:
+    """Stage 3: latent KV cache against full MHA, expert-load balance, MTP acceptance and speed-up."""
+    from hf_deepseek.evals.bench import (
+        cache_nbytes,
+        full_mha_bytes_per_token_per_layer,
+        mtp_speculation,
+        prefill,
+    )
+    from hf_deepseek.trainers.balancing import ExpertLoadTracker, balance_metrics
+
+    console.rule("[bold]3. What the architecture buys, measured on the embedded default")
+    model = AutoModelForCausalLM.from_pretrained(options.checkpoint).to(options.device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(options.checkpoint)
+    config = model.config
+    prompts = _probe_prompts(tokenizer, options.probe_prompts)
+    eos = tokenizer.eos_token_id
+    # its own answers to held-out sums: prompt + greedy completion, the sequences every probe below runs on
+    sequences = []
+    for ids, _ in tqdm(prompts, desc="greedy answers", unit="sum"):
+        out = model.generate(ids.to(options.device), attention_mask=torch.ones_like(ids).to(options.device),
+                             max_new_tokens=160, do_sample=False, eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+        sequences.append(out)
+    longest = max(sequences, key=lambda s: s.shape[1])
+    held, layers, _ = cache_nbytes(prefill(model, longest))
+    tokens = longest.shape[1]
+    mha = full_mha_bytes_per_token_per_layer(config, 4) * tokens * layers
+    console.print(
+        f"Latent KV cache (MLA): {held:,} bytes for a {tokens}-token conversation over {layers} layers, measured "
+        f"in the cache; full multi-head attention with the same heads would hold {mha:,} bytes: "
+        f"{mha / held:.1f}x smaller ({config.kv_lora_rank}+{config.qk_rope_head_dim} values per token and layer "
+        f"instead of {config.num_attention_heads}x({config.qk_nope_head_dim}+{config.qk_rope_head_dim}+"
+        f"{config.v_head_dim}))."
+    )
+    tracker = ExpertLoadTracker(model.model, model.routers())
+    with tracker.recording():
+        for sequence in sequences:
+            model(input_ids=sequence, attention_mask=torch.ones_like(sequence))
+    load = tracker.pop()
+    tracker.remove()
+    metrics = balance_metrics(load)
+    shares = (load.float() / load.sum(dim=-1, keepdim=True)).mean(0)
+    console.print(
+        f"Expert load (aux-loss-free balancing): over {int(load[0].sum()) // config.num_experts_per_tok:,} routed "
+        f"tokens the {config.n_routed_experts} experts took {', '.join(f'{s:.0%}' for s in shares.tolist())}; "
+        f"max load / mean load - 1 = {metrics['balance/max_violation']:.2f}, load entropy "
+        f"{metrics['balance/load_entropy']:.3f} of a perfect 1."
+    )
+    console.print(f"MTP self-speculative decoding on {len(prompts)} held-out sums (greedy, batch 1):")
+    spec = mtp_speculation(
+        model, [ids.to(options.device) for ids, _ in prompts], 160, eos, torch.device(options.device)
+    )
+    speedup = spec["speculative_tok_s"] / spec["greedy_tok_s"]
+    console.print(
+        f"The MTP module's draft of the token after next was accepted {spec['mtp_acceptance']:.0%} of the time "
+        f"({spec['mtp_drafts']} drafts): {spec['mtp_tokens_per_pass']:.2f} tokens per main-model pass, "
+        f"{spec['speculative_tok_s']:.0f} tokens/s against {spec['greedy_tok_s']:.0f} for plain greedy "
+        f"generate ({speedup:.2f}x), same tokens out."
+    )
+    return {"cache_bytes": held, "mha_bytes": mha, **metrics, **spec, "speedup": speedup}
+
+
+def run_demo(options: DemoOptions | None = None) -> dict[str, Any]:
+    """Run the four stages and print the narrated summary; returns the figures it printed."""
+    options = options or DemoOptions()
     console = Console()
     torch.set_num_threads(1)  # a tiny model gains little from 2 threads and loses ~100x when a core is busy
-    transformers_logging.disable_progress_bar()  # keep the narration readable: one bar, for training
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU 4-bit kernel notice is unrelated
-    torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
-    model = DeepSeekForCausalLM(tiny_config(tokenizer))
-    parameters = sum(p.numel() for p in model.parameters())
+    _quiet()
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    if options.sft_steps > 0:
+        results["training"] = stage_training(options, console)
+    if (Path(options.checkpoint) / "config.json").is_file():
+        if options.eval_limit > 0:
+            results["evaluation"] = stage_evaluation(options, console)
+        results["architecture"] = stage_architecture(options, console)
+        chat = "make chat" if options.checkpoint == DEFAULT_CHECKPOINT else f"make chat CHAT_MODEL={options.checkpoint}"
+    else:
+        console.print(f"[yellow]No checkpoint at {options.checkpoint}: stages 2 and 3 need one.[/]")
+        chat = f"make chat CHAT_MODEL={options.output_dir}/grpo"
+    console.rule("[bold]4. Chat with it")
     console.print(
-        f"[bold]Tiny DeepSeek-V3[/]: {parameters:,} parameters, vocabulary of {len(tokenizer)} characters. "
-        f"Training {steps} steps of {batch_size} sums on the CPU."
+        f"Demo done in {time.perf_counter() - started:.0f} s. Open the chat (streamed replies, the <think> part "
+        f"collapsible, an MTP switch) in your browser:\n\n    [bold green]{chat}[/]\n"
     )
-    main_losses, mtp_losses = train(model, tokenizer, steps, batch_size, seed)
-    window = max(1, min(10, steps // 4))
-    first, last = statistics.mean(main_losses[:window]), statistics.mean(main_losses[-window:])
-    mtp_first, mtp_last = statistics.mean(mtp_losses[:window]), statistics.mean(mtp_losses[-window:])
-    console.print(
-        f"Next-token loss fell from {first:.3f} to {last:.3f}; the MTP head, which predicts the "
-        f"token after next, from {mtp_first:.3f} to {mtp_last:.3f} (means of {window} steps)."
-    )
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    console.print(
-        f"Saved model and tokenizer to [cyan]{output_dir}[/]; reloading with "
-        "AutoModelForCausalLM.from_pretrained and answering held-out sums greedily:"
-    )
-    accuracy = held_out_accuracy(output_dir, seed=seed, console=console)
-    console.print(f"[bold]Held-out accuracy: {accuracy:.0%}[/] (sums from the test split, never trained on).")
-    return accuracy
+    return results

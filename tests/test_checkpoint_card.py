@@ -1,0 +1,76 @@
+"""The embedded default checkpoint: it loads through the Auto classes, and its model card's held-out pass@1 holds.
+
+The card states greedy pass@1 on the 500 held-out sums of lm-eval's `addition` task with a Wilson 95% interval;
+this test answers the same 500 sums greedily (batched, left-padded, as lm-eval's HF model does) and checks that the
+re-measured pass@1 lies inside the stated interval.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_deepseek  # noqa: F401  (registers the Auto classes)
+from hf_deepseek.evals.scoring import extract_answer, is_correct
+from hf_deepseek.evals.task_data import load_rows, prompt_text
+
+CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "hf-deepseek-r1-tiny"
+CARD_ROW = re.compile(r"^\| GRPO \(this model\) \| (\d+)/(\d+) \| [\d.]+% \| \[([\d.]+)%, ([\d.]+)%\] \|", re.M)
+
+pytestmark = pytest.mark.skipif(not (CHECKPOINT / "config.json").is_file(), reason="no embedded checkpoint")
+
+
+def stated_pass_at_1() -> tuple[int, int, float, float]:
+    found = CARD_ROW.search((CHECKPOINT / "README.md").read_text())
+    assert found, "the model card has no 'GRPO (this model)' row"
+    correct, n, low, high = found.groups()
+    return int(correct), int(n), float(low) / 100, float(high) / 100
+
+
+@torch.inference_mode()
+def greedy_pass_at_1(model, tokenizer, rows: list[dict], batch_size: int = 125) -> float:
+    tokenizer.padding_side = "left"
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt_text(row)}], add_generation_prompt=True, tokenize=False
+            )
+            for row in batch
+        ]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=160,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for row, ids in zip(batch, out[:, inputs["input_ids"].shape[1] :], strict=True):
+            completion = tokenizer.decode(ids, skip_special_tokens=True)
+            correct += is_correct("addition", extract_answer("addition", completion), row)
+    return correct / len(rows)
+
+
+def test_checkpoint_loads_through_auto_classes():
+    model = AutoModelForCausalLM.from_pretrained(str(CHECKPOINT))
+    assert type(model).__name__ == "DeepSeekForCausalLM"
+    assert model.config.num_nextn_predict_layers == 1 and model.config.n_routed_experts > 1
+    size = sum(p.stat().st_size for p in CHECKPOINT.glob("*.safetensors"))
+    assert 0 < size <= 20 * 2**20
+    assert (CHECKPOINT / "tokenizer.json").is_file() and (CHECKPOINT / "training_curves.png").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_held_out_pass_at_1_is_within_the_stated_interval():
+    _, n, low, high = stated_pass_at_1()
+    rows = load_rows("addition")["test"][:n]
+    assert len(rows) == n
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(CHECKPOINT)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(CHECKPOINT))
+    measured = greedy_pass_at_1(model, tokenizer, rows)
+    assert low <= measured <= high, f"re-measured pass@1 {measured:.3f} outside the card's [{low:.3f}, {high:.3f}]"
