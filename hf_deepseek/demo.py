@@ -35,13 +35,13 @@ class DemoOptions:
 
     recipe: str = "r1_tiny"
     device: str = "cpu"
-    sft_steps: int = 150
-    grpo_steps: int = 12
+    sft_steps: int = 300
+    grpo_steps: int = 16
     output_dir: str = "outputs/demo"
     checkpoint: str = DEFAULT_CHECKPOINT
     sft_checkpoint: str = SFT_CHECKPOINT
-    eval_limit: int = 100
-    sampled_limit: int = 8
+    eval_limit: int = 500
+    sampled_limit: int = 50
     probe_prompts: int = 6
     overrides: list[str] = field(default_factory=list)
 
@@ -241,9 +241,11 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
         console.print(f"  {'':<24} 8 samples at T=0.6 on {options.sampled_limit} sums: {sampled_text}")
     if len(table) == 2:
         grpo, sft = table.values()
+        overlap = grpo["interval"][0] <= sft["interval"][1] and sft["interval"][0] <= grpo["interval"][1]
         console.print(
-            f"GRPO moved greedy pass@1 from {sft['pass@1']:.1%} (SFT only) to {grpo['pass@1']:.1%} on the same "
-            "held-out sums: reinforcement on its own sampled answers, rewarded only for being right and well formed."
+            f"GRPO against its SFT-only ancestor on the same held-out sums: {grpo['pass@1']:.1%} vs "
+            f"{sft['pass@1']:.1%} ({100 * (grpo['pass@1'] - sft['pass@1']):+.1f} points; the intervals "
+            f"{'overlap' if overlap else 'do not overlap'}). Both reason in the trained format before answering."
         )
     return table
 
