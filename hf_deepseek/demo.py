@@ -65,7 +65,11 @@ class NarratedProgress(ProgressCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs:
-            shown = {k.split("/")[-1]: f"{logs[k]:.3f}" for k in self.keys if isinstance(logs.get(k), int | float)}
+            shown = {
+                k.split("/")[1] if k.startswith("rewards/") else k: f"{logs[k]:.3f}"
+                for k in self.keys
+                if isinstance(logs.get(k), int | float)
+            }
             self.training_bar.set_postfix(shown, refresh=False)
 
 
