@@ -23,7 +23,7 @@ from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .input_checks import check_model_inputs
 from .layers import RMSNorm
-from .moe import RoutedExperts, TopKRouter
+from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
 
 # transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
@@ -177,7 +177,7 @@ class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
 
     def routers(self) -> list[TopKRouter]:
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
-        return [m for layer in self.model.decoder_layers for m in layer.modules() if isinstance(m, TopKRouter)]
+        return [layer.mlp.gate for layer in self.model.decoder_layers if isinstance(layer.mlp, DeepSeekMoE)]
 
     def forward(
         self,
