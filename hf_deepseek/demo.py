@@ -102,14 +102,16 @@ def stage_recipe(options: DemoOptions) -> dict[str, Any]:
 
     recipe = load_recipe(options.recipe)
     recipe["output_root"] = options.output_dir
+    recipe["grpo"]["init"] = "sft"  # the miniature runs one SFT stage, however many the full recipe has
     use_cpu = not options.device.startswith("cuda")
     for stage, steps, logging_steps in (("sft", options.sft_steps, 5), ("grpo", options.grpo_steps, 1)):
         args = recipe[stage].setdefault("args", {})
         args.update(max_steps=steps, logging_steps=logging_steps, save_strategy="no", report_to="none")
         args["use_cpu"] = use_cpu
         prompts_per_step = args.get("per_device_train_batch_size", 8)
-        if stage == "grpo":
-            prompts_per_step = max(1, prompts_per_step // args.get("num_generations", 8))
+        if stage == "grpo":  # 8 prompts a step are enough for curves that move in a few steps
+            args["per_device_train_batch_size"] = min(prompts_per_step, 8 * args.get("num_generations", 8))
+            prompts_per_step = max(1, args["per_device_train_batch_size"] // args.get("num_generations", 8))
         tasks = recipe[stage]["data"]["tasks"]
         wanted = max(64, steps * prompts_per_step)  # enough problems for the run, no more to tokenize
         recipe[stage]["data"]["tasks"] = {task: min(count, wanted) for task, count in tasks.items()}

@@ -243,6 +243,22 @@ def test_train_command_runs_r1_sft_then_grpo_and_checkpoints_reload(tmp_path):
     assert grpo_start.config.hidden_size == 64  # the GRPO stage started from the SFT output
 
 
+def test_train_all_runs_every_stage_of_the_recipe_in_order_each_from_the_last(tmp_path, capsys):
+    stages = ["sft", "sft_continue", "sft_anneal", "grpo"]
+    small = [f"{s}.args.max_steps=1" for s in stages] + [f"{s}.data.tasks={{addition: 8}}" for s in stages]
+    grpo = ["grpo.args.per_device_train_batch_size=4", "grpo.args.num_generations=4"]
+    grpo += ["grpo.args.max_completion_length=12", "grpo.args.save_strategy=no"]
+    cli_main(["train", "all", "--recipe", "r1_tiny", f"output_root={tmp_path}", TINY_MODEL_OVERRIDE, *small, *grpo])
+    printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if "saved model" in line]
+    assert printed == stages
+    for stage in stages:  # r1_tiny's own model is 96 wide: every stage after the first started from the one before
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / stage).config.hidden_size == 64
+    with pytest.raises(ValueError, match="name the stage"):
+        cli_main(["train", "all", "--recipe", "r1_tiny", "max_steps=1"])
+    with pytest.raises(ValueError, match="no stage 'nope'.*sft_continue"):
+        cli_main(["train", "nope", "--recipe", "r1_tiny"])
+
+
 def test_distill_recipe_trains_on_checked_traces_only(tmp_path):
     from hf_deepseek.trainers.recipes import apply_overrides, build_dataset, load_recipe
 

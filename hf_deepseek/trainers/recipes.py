@@ -2,8 +2,10 @@
 model, tokenizer, dataset and rewards, and run `DeepSeekSFTTrainer` or `DeepSeekGRPOTrainer` (`hf-deepseek train`).
 
 A recipe has top-level `output_root`, `system_prompt`, `model.config` (for a new model) and one section per stage
-(`sft`, `grpo`) with `init` (`new`, `sft` for the SFT stage's output, or a checkpoint directory), `data`, `args`
-(the stage's config fields) and, for GRPO, `rewards` / `reward_weights`. Runs under `accelerate launch` as is.
+(`sft`, `grpo`) with `init` (`new`, another stage's name for that stage's output, or a checkpoint directory), `data`,
+`args` (the stage's config fields) and, for GRPO, `rewards` / `reward_weights`. More stages of either kind are
+sections with `trainer: sft|grpo`, listed in run order under `stages` (`hf-deepseek train all` runs them all).
+Runs under `accelerate launch` as is.
 """
 
 import logging
@@ -69,6 +71,26 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def recipe_stages(recipe: dict[str, Any]) -> list[str]:
+    """The recipe's stages in run order: its `stages` list, else whichever of `sft`, `grpo` it has."""
+    stages = recipe.get("stages") or [s for s in STAGES if s in recipe]
+    for stage in stages:
+        stage_trainer(recipe, stage)
+    return list(stages)
+
+
+def stage_trainer(recipe: dict[str, Any], stage: str) -> str:
+    """`sft` or `grpo`: the section's `trainer`, by default its name."""
+    section = recipe.get(stage)
+    if not isinstance(section, dict):
+        names = [k for k, v in recipe.items() if isinstance(v, dict) and v.get("trainer", k) in STAGES and "args" in v]
+        raise ValueError(f"this recipe has no stage {stage!r} (it has {', '.join(names) or 'none'})")
+    trainer = section.get("trainer", stage)
+    if trainer not in STAGES:
+        raise ValueError(f"stage {stage!r}: trainer must be one of {STAGES}, got {trainer!r}")
+    return trainer
+
+
 def stage_output_dir(recipe: dict[str, Any], stage: str) -> str:
     args = recipe.get(stage, {}).get("args", {})
     return args.get("output_dir") or str(Path(recipe.get("output_root", "outputs")) / stage)
@@ -118,7 +140,7 @@ def build_model_and_tokenizer(recipe: dict[str, Any], stage: str):
         config = DeepSeekConfig(**{**recipe.get("model", {}).get("config", {}), "vocab_size": len(tokenizer), **ids})
         torch.manual_seed(recipe[stage].get("args", {}).get("seed", 42))
         return DeepSeekForCausalLM(config), tokenizer
-    path = stage_output_dir(recipe, "sft") if init == "sft" else init
+    path = stage_output_dir(recipe, init) if isinstance(recipe.get(init), dict) else init
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
@@ -168,15 +190,12 @@ def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ())
 
     from hf_deepseek.trainers.plotting import MetricsPlotCallback
 
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    if stage not in recipe:
-        raise ValueError(f"this recipe has no {stage!r} stage (it has {', '.join(s for s in STAGES if s in recipe)})")
+    trainer_kind = stage_trainer(recipe, stage)
     args = _resolve_args(recipe, stage)
     model, tokenizer = build_model_and_tokenizer(recipe, stage)
     dataset = build_dataset(recipe, stage)
     plots = [MetricsPlotCallback(args["output_dir"])]
-    if stage == "sft":
+    if trainer_kind == "sft":
         from hf_deepseek.trainers.sft import DeepSeekSFTConfig, DeepSeekSFTTrainer
 
         trainer = DeepSeekSFTTrainer(
@@ -218,8 +237,18 @@ def run_train_from_args(args, extra: list[str] = ()) -> None:
     and `extra` (what argparse left over)."""
     import hf_deepseek  # noqa: F401  (registers the Auto classes, so checkpoints reload)
 
-    recipe = apply_overrides(load_recipe(args.recipe), args.stage, [*args.overrides, *extra])
-    trainer = run_stage(args.stage, recipe)
-    if trainer.is_world_process_zero():
-        out = trainer.args.output_dir
-        print(f"saved model and tokenizer to {out}; metrics in {out}/metrics.csv, plots in {out}/plots/")
+    recipe = load_recipe(args.recipe)
+    overrides = [*args.overrides, *extra]
+    if args.stage == "all":
+        stages = recipe_stages(recipe)
+        bare = [o for o in overrides if o.partition("=")[0].split(".")[0] not in recipe]
+        if bare:
+            raise ValueError(f"with `all`, name the stage in each override ({stages[-1]}.args.max_steps=5): {bare}")
+    else:
+        stages = [args.stage]
+    recipe = apply_overrides(recipe, stages[0], overrides)
+    for stage in stages:
+        trainer = run_stage(stage, recipe)
+        if trainer.is_world_process_zero():
+            out = trainer.args.output_dir
+            print(f"{stage}: saved model and tokenizer to {out}; metrics in {out}/metrics.csv, plots in {out}/plots/")
