@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"
     )
-    train.add_argument("stage", choices=["sft", "grpo"], help="which stage of the recipe to run")
+    train.add_argument(
+        "stage", help="the recipe's stage to run (sft, grpo, or another stage the recipe lists), or `all` in order"
+    )
     train.add_argument("--recipe", required=True, help="a shipped recipe name (r1_zero, r1, distill) or a YAML path")
     train.add_argument(
         "overrides",
