@@ -45,6 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
     bench.add_argument("--max-tokens", type=int, help="skip cells whose batch x context exceeds this")
     bench.add_argument("--output-dir", default="outputs/bench", help="where bench.json and the PNG charts go")
+    bench_kinds = bench.add_subparsers(dest="bench_command", metavar="{train}")
+    bench_train = bench_kinds.add_parser(
+        "train",
+        help="training step: transformers' DeepseekV3 vs this project in bf16 and FP8: tokens/s, MFU, peak memory",
+    )
+    bench_train.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    bench_train.add_argument("--tiny", action="store_true", help="tiny shapes and every variant, a CPU smoke test")
+    bench_train.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    bench_train.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
+    bench_train.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
+    bench_train.add_argument("--steps", type=int, help="timed steps (default 10)")
+    bench_train.add_argument("--warmup-steps", type=int, help="untimed first steps: compilation, allocator (3)")
+    bench_train.add_argument(
+        "--variants",
+        help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, hf_deepseek-fp8, "
+        "hf_deepseek-fp8-eager (default: all but the last)",
+    )
+    bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
+    bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
+    bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     train = commands.add_parser(
         "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"
     )
@@ -83,7 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "bench":
+    if args.command == "bench" and args.bench_command == "train":
+        from hf_deepseek.evals.bench_train import run_train_bench_from_args
+
+        run_train_bench_from_args(args)
+    elif args.command == "bench":
         from hf_deepseek.evals.bench import run_bench_from_args
 
         run_bench_from_args(args)

@@ -15,6 +15,13 @@ from ..configuration import DeepSeekConfig
 from .layers import SwiGLUMLP
 
 
+def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64). A scatter-add, not `torch.bincount`, which reads the largest index back to
+    the host on CUDA (a sync per MoE layer, and a graph break under torch.compile)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices, dtype=torch.long))
+
+
 class TopKRouter(nn.Module):
     """Scores experts in fp32; the bias only picks experts, the gate weights come from the unbiased scores."""
 
@@ -45,7 +52,7 @@ class TopKRouter(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * cfg.routed_scaling_factor
 
-        self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.num_experts).detach()
+        self.last_expert_load = count_per_expert(indices.flatten().detach(), self.num_experts)
         self.last_aux_loss = None
         if cfg.aux_loss_alpha > 0 and self.training:
             self.last_aux_loss = self.sequence_balance_loss(scores, indices, batch_size)
@@ -80,7 +87,7 @@ class RoutedExperts(nn.Module):
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
         token_idx = order // top_k
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = count_per_expert(flat, self.num_experts)
         x_sorted = x[token_idx]  # [N*k, d]
         if self._grouped_gemm_ok(x_sorted):
             offs = counts.cumsum(0).to(torch.int32)

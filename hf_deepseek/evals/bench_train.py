@@ -1,0 +1,316 @@
+"""`hf-deepseek bench train`: the training step of transformers' `DeepseekV3ForCausalLM`, of this project in bf16
+and of this project in FP8, on the same config and the same batches, one after the other in one run.
+
+Each variant builds its model from the same seed at the same shapes (no MTP layer, so every model computes the
+same next-token loss), trains `warmup_steps + steps` AdamW steps (fused on CUDA; bf16 weights, as the peer figure
+in REFERENCE.md) and reports the median step time, tokens/s, model FLOPs utilisation, peak memory and the losses.
+The batches are short random token patterns repeated along each row, so the loss falls within a few steps and the
+FP8 run can be compared with the bf16 run at matched data (`final_loss`: mean of the last 3 steps).
+
+Model FLOPs per step (`step_flops`): tokens x (6 x active matmul parameters + the causal attention term
+6 x layers x heads x (qk_head_dim + v_head_dim) x (T + 1) / 2). Active matmul parameters are the weights that
+multiply each token: attention projections, dense MLPs, shared experts, `num_experts_per_tok` routed experts, the
+routers and the output head, not the input embedding. `flops_6n` is 6 x active parameters x tokens alone, the
+count REFERENCE.md uses for transformers' ~274 TFLOP/s. MFU = model FLOP/s over the bf16 matmul peak (790 TFLOP/s
+measured on the H200 here; `--peak-tflops`), for the FP8 variant too.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, machine_description, timestamped_printer
+
+PEER = "transformers"
+OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
+OURS_FP8_EAGER = "hf_deepseek-fp8-eager"
+VARIANTS = (PEER, OURS_EAGER, OURS, OURS_FP8, OURS_FP8_EAGER)
+DEFAULT_VARIANTS = (PEER, OURS_EAGER, OURS, OURS_FP8)
+
+
+@dataclass
+class TrainBenchPlan:
+    config: dict[str, Any]
+    batch_size: int = 8
+    seq_len: int = 2048
+    warmup_steps: int = 3
+    steps: int = 10
+    learning_rate: float = 3e-4
+    pattern_len: int = 64  # each row repeats a random pattern of this many tokens: a loss that falls quickly
+    peak_tflops: float = 790.0  # bf16 dense matmul measured on the H200 (REFERENCE.md)
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
+    profile: bool = False
+
+
+# the REFERENCE.md training config (8 layers, hidden 2048, 64 experts top-6), without the MTP layer
+FULL_TRAIN_PLAN = TrainBenchPlan({**FULL_CONFIG, "num_nextn_predict_layers": 0})
+TINY_TRAIN_PLAN = TrainBenchPlan(
+    {**TINY_CONFIG, "num_nextn_predict_layers": 0},
+    batch_size=2,
+    seq_len=32,
+    warmup_steps=1,
+    steps=2,
+    pattern_len=8,
+    variants=list(VARIANTS),
+)
+
+
+@dataclass
+class TrainResult:
+    name: str
+    parameters: int = 0
+    step_ms: float | None = None  # median over the timed steps
+    tokens_per_s: float | None = None
+    model_tflops: float | None = None  # step_flops / step time
+    tflops_6n: float | None = None
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+    losses: list[float] = field(default_factory=list)
+    final_loss: float | None = None
+    note: str = ""
+
+
+def active_matmul_parameters(config: DeepSeekConfig) -> int:
+    """Weights that multiply each token in one forward (the input embedding is a lookup, not counted)."""
+    d, heads = config.hidden_size, config.num_attention_heads
+    qk, v = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    rank = config.q_lora_rank
+    q = d * heads * qk if rank is None else d * rank + rank * heads * qk
+    kv_up = config.kv_lora_rank * heads * (config.qk_nope_head_dim + v)
+    kv = d * (config.kv_lora_rank + config.qk_rope_head_dim) + kv_up
+    attention = q + kv + heads * v * d
+    dense = 3 * d * config.intermediate_size
+    expert = 3 * d * config.moe_intermediate_size
+    moe = expert * (config.n_shared_experts + config.num_experts_per_tok) + d * config.n_routed_experts
+    layers = sum(attention + (moe if config.is_moe_layer(i) else dense) for i in range(config.num_hidden_layers))
+    return layers + d * config.vocab_size
+
+
+def step_flops(config: DeepSeekConfig, batch_size: int, seq_len: int) -> tuple[float, float]:
+    """(model FLOPs of one training step, the 6 x active parameters x tokens part alone)."""
+    tokens = batch_size * seq_len
+    flops_6n = 6.0 * active_matmul_parameters(config) * tokens
+    heads, qk = config.num_attention_heads, config.qk_nope_head_dim + config.qk_rope_head_dim
+    attention = 6.0 * config.num_hidden_layers * heads * (qk + config.v_head_dim) * (seq_len + 1) / 2 * tokens
+    return flops_6n + attention, flops_6n
+
+
+def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch.device) -> list[torch.Tensor]:
+    """`count` batches [B, T] of rows that repeat a random pattern (the same for every variant)."""
+    gen = torch.Generator().manual_seed(1234)
+    repeats = -(-plan.seq_len // plan.pattern_len)
+    batches = []
+    for _ in range(count):
+        pattern = torch.randint(0, vocab, (plan.batch_size, plan.pattern_len), generator=gen)
+        batches.append(pattern.repeat(1, repeats)[:, : plan.seq_len].to(device))
+    return batches
+
+
+def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The variant's model, initialised from seed 0 on `device` (our variants share their initial weights)."""
+    torch.manual_seed(0)
+    if name == PEER:
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+        peer_config = DeepseekV3Config(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+        with torch.device(device):
+            return DeepseekV3ForCausalLM._from_config(peer_config, dtype=dtype).train()
+    with torch.device(device):
+        model = DeepSeekForCausalLM._from_config(config, dtype=dtype).train()
+    if name in (OURS_FP8, OURS_FP8_EAGER):
+        from hf_deepseek.modeling.fp8 import convert_to_fp8_training
+
+        convert_to_fp8_training(model)
+    if name in (OURS, OURS_FP8) and device.type == "cuda":
+        from hf_deepseek.modeling.compile_regions import compile_for_training
+
+        compile_for_training(model)
+    return model
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(model, optimizer, batches: list[torch.Tensor], device: torch.device) -> tuple[list[float], list]:
+    """One optimizer step per batch; returns (each step's milliseconds, each step's detached loss)."""
+    times, losses = [], []
+    for input_ids in batches:
+        synchronize(device)
+        start = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+        losses.append(loss.detach())
+    return times, losses
+
+
+def bench_variant(
+    name: str, plan: TrainBenchPlan, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype, out: Path
+) -> TrainResult:
+    result = TrainResult(name)
+    model = optimizer = None
+    try:
+        model = build_model(name, config, device, dtype)
+        result.parameters = sum(p.numel() for p in model.parameters())
+        if name == PEER:
+            result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
+        elif name in (OURS, OURS_FP8) and device.type != "cuda":
+            result.note = "not compiled off CUDA"
+        optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
+        batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
+        _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = run_steps(model, optimizer, batches[plan.warmup_steps :], device)
+        result.losses = [float(x) for x in warm_losses + losses]
+        result.final_loss = statistics.fmean(result.losses[-3:])
+        step_s = statistics.median(times) / 1000
+        flops, flops_6n = step_flops(config, plan.batch_size, plan.seq_len)
+        result.step_ms = 1000 * step_s
+        result.tokens_per_s = plan.batch_size * plan.seq_len / step_s
+        result.model_tflops, result.tflops_6n = flops / step_s / 1e12, flops_6n / step_s / 1e12
+        result.mfu = result.model_tflops / plan.peak_tflops
+        if device.type == "cuda":
+            result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        if plan.profile and name in (OURS, OURS_EAGER, OURS_FP8):
+            profile_steps(model, optimizer, batches[:2], device, out / f"profile_{name}.txt")
+    except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
+        result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
+    finally:
+        del model, optimizer
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def profile_steps(model, optimizer, batches, device: torch.device, path: Path) -> None:
+    """Kernel time table (self device time, top 40) of a few steps: where the step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_steps(model, optimizer, batches, device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+
+
+def ratios(results: list[TrainResult]) -> dict[str, float]:
+    by_name = {r.name: r for r in results if r.tokens_per_s}
+    out = {}
+    for name in (OURS_EAGER, OURS, OURS_FP8, OURS_FP8_EAGER):
+        if name in by_name and PEER in by_name:
+            out[f"{name} / {PEER}"] = by_name[name].tokens_per_s / by_name[PEER].tokens_per_s
+    if OURS in by_name:
+        for fp8 in (OURS_FP8, OURS_FP8_EAGER):
+            if fp8 in by_name:
+                out[f"{fp8} / {OURS}"] = by_name[fp8].tokens_per_s / by_name[OURS].tokens_per_s
+                if by_name[OURS].final_loss:
+                    rel = by_name[fp8].final_loss / by_name[OURS].final_loss - 1
+                    out[f"{fp8} final loss relative to {OURS}"] = rel
+    return out
+
+
+def markdown_table(results: list[TrainResult]) -> str:
+    def fmt(value, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    rows = [
+        "| variant | step ms | tokens/s | model TFLOP/s | 6N TFLOP/s | MFU | peak GiB | final loss | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r.name} | {fmt(r.step_ms, '.1f')} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.model_tflops, '.1f')} | "
+            f"{fmt(r.tflops_6n, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.peak_memory_gib, '.2f')} | "
+            f"{fmt(r.final_loss, '.4f')} | {r.note} |"
+        )
+    return "\n".join(rows)
+
+
+def run_train_bench(
+    plan: TrainBenchPlan,
+    device: str = "cuda",
+    dtype: torch.dtype | None = None,
+    output_dir: str | Path = "outputs/bench-train",
+    progress: Callable[[str], None] | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Measure every variant of `plan`; write `bench_train.json` and `bench_train.md`; return the results."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    progress = progress or timestamped_printer()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [v for v in plan.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    config = DeepSeekConfig(**plan.config)
+    flops, flops_6n = step_flops(config, plan.batch_size, plan.seq_len)
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": machine_description(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "plan": asdict(plan),
+        "active_matmul_parameters": active_matmul_parameters(config),
+        "step_flops": flops,
+        "step_flops_6n": flops_6n,
+        "variants": [],
+    }
+    measured: list[TrainResult] = []
+    for name in plan.variants:
+        progress(f"{name}: building and training {plan.warmup_steps} + {plan.steps} steps")
+        result = bench_variant(name, plan, config, device, dtype, out)
+        measured.append(result)
+        if result.tokens_per_s:
+            progress(
+                f"{name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}, "
+                f"peak {result.peak_memory_gib or 0:.1f} GiB, final loss {result.final_loss:.4f}"
+            )
+        else:
+            progress(f"{name}: {result.note}")
+        results["variants"] = [asdict(r) for r in measured]
+        results["ratios"] = ratios(measured)
+        (out / "bench_train.json").write_text(json.dumps(results, indent=2))
+        (out / "bench_train.md").write_text(f"`{command}`\n\n{markdown_table(measured)}\n")
+    print(markdown_table(measured), flush=True)
+    for key, value in results["ratios"].items():
+        print(f"{key}: {value:.3f}", flush=True)
+    return results
+
+
+def plan_from_args(args: argparse.Namespace) -> TrainBenchPlan:
+    plan = TrainBenchPlan(**asdict(TINY_TRAIN_PLAN if args.tiny else FULL_TRAIN_PLAN))
+    for name in ("batch_size", "seq_len", "steps", "warmup_steps", "peak_tflops"):
+        if getattr(args, name) is not None:
+            setattr(plan, name, getattr(args, name))
+    if args.variants:
+        plan.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    plan.profile = args.profile
+    return plan
+
+
+def run_train_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of `hf-deepseek bench train` (arguments defined in `hf_deepseek.cli`)."""
+    words = ["hf-deepseek bench train"]
+    for name, value in vars(args).items():
+        if name in ("command", "bench_command") or value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        words.append(flag if value is True else f"{flag} {value}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return run_train_bench(plan_from_args(args), args.device, dtype, args.output_dir, command=" ".join(words))

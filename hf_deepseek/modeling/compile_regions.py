@@ -1,0 +1,38 @@
+"""Regional torch.compile for training: each decoder layer (and the loss) compiled once, applied from outside.
+
+Compiling the repeated block rather than the whole model keeps compile time to one graph per kind of layer
+(dense, MoE): the layers share their code, so Dynamo reuses the graph with each layer's parameters as inputs.
+Inside a layer Inductor fuses what eager mode runs as separate memory-bound kernels: the fp32 RMSNorms, the
+interleaved RoPE and its concatenations, the sigmoid router's group-limited top-k, SwiGLU and the gate-weight
+scaling; its partitioner recomputes those cheap elementwise results in backward instead of saving them (the
+activation-memory choice DeepSeek-V3 makes by hand for its norms). The grouped expert GEMMs stay
+`F.grouped_mm` and the attention core SDPA. The loss is compiled too, so the fp32 upcast of the
+[tokens, vocab] logits is fused into the cross-entropy instead of written out.
+"""
+
+import torch
+from torch import nn
+
+
+def compile_for_training(model: nn.Module, loss: bool = True, **compile_options) -> nn.Module:
+    """Compile, in place, every block of `model.model.layers` (decoder and MTP layers) and, with `loss`, the
+    model's loss function. Returns the model. `compile_options` go to `torch.compile` (e.g. `mode=...`)."""
+    backbone = getattr(model, "model", model)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"compile_for_training needs a model with `.model.layers`, got {type(model).__name__}")
+    for layer in layers:
+        layer.compile(**compile_options)
+    if loss and hasattr(model, "loss_function"):
+        model.loss_function = torch.compile(model.loss_function, **compile_options)
+    return model
+
+
+def uncompile(model: nn.Module) -> nn.Module:
+    """Undo `compile_for_training` in place (the layers and the loss run eagerly again)."""
+    backbone = getattr(model, "model", model)
+    for layer in getattr(backbone, "layers", []):
+        layer._compiled_call_impl = None
+    if "_loss_function" in vars(model):
+        del model._loss_function
+    return model

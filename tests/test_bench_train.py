@@ -1,0 +1,51 @@
+"""hf_deepseek.evals.bench_train: `hf-deepseek bench train --device cpu --tiny` end to end, and its FLOP count
+against a count taken from the modules of a built model."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch import nn
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.cli import main
+from hf_deepseek.evals.bench_train import OURS, OURS_EAGER, OURS_FP8, PEER, VARIANTS, active_matmul_parameters
+from hf_deepseek.modeling.moe import RoutedExperts, TopKRouter
+
+
+def test_tiny_train_bench_measures_every_variant(tmp_path):
+    main(["bench", "train", "--device", "cpu", "--tiny", "--steps", "3", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "bench_train.json").read_text())
+    variants = {v["name"]: v for v in results["variants"]}
+    assert list(variants) == list(VARIANTS)
+    for v in variants.values():
+        assert v["tokens_per_s"] > 0 and v["step_ms"] > 0 and v["mfu"] > 0, v
+        assert len(v["losses"]) == results["plan"]["warmup_steps"] + 3
+        assert all(torch.isfinite(torch.tensor(v["losses"])))
+    # the same seed, weights and batches: our two bf16 variants train identically on the CPU (no compile there)
+    assert variants[OURS]["losses"] == variants[OURS_EAGER]["losses"]
+    # both architectures start near the uniform-prediction loss, ln(vocab)
+    vocab = results["plan"]["config"]["vocab_size"]
+    for name in (PEER, OURS):
+        assert variants[name]["losses"][0] == pytest.approx(torch.tensor(float(vocab)).log().item(), rel=0.05)
+    # FP8 (emulated on the CPU) tracks bf16 at matched data
+    assert variants[OURS_FP8]["final_loss"] == pytest.approx(variants[OURS]["final_loss"], rel=0.01)
+    assert f"{OURS} / {PEER}" in results["ratios"]
+    assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
+
+
+def test_active_parameters_match_a_count_over_the_modules():
+    config = tiny_config(num_nextn_predict_layers=0, q_lora_rank=None)
+    for cfg in (config, tiny_config(num_nextn_predict_layers=0)):
+        model = DeepSeekForCausalLM(cfg)
+        count = 0
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                count += module.weight.numel()
+            elif isinstance(module, RoutedExperts):  # only top-k of the experts multiply each token
+                total = module.gate_up_proj.numel() + module.down_proj.numel()
+                count += total * cfg.num_experts_per_tok // cfg.n_routed_experts
+            elif isinstance(module, TopKRouter):
+                count += module.weight.numel()
+        assert active_matmul_parameters(cfg) == count
