@@ -118,37 +118,6 @@ def stage_recipe(options: DemoOptions) -> dict[str, Any]:
     return apply_overrides(recipe, "sft", options.overrides)
 
 
-def save_demo_curves(sft_history: list, grpo_history: list, path: Path) -> Path:
-    """One PNG: SFT loss (and MTP loss) on the left, GRPO rewards on the right."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("loss", "loss (main + MTP)"), ("mtp_loss", "MTP loss")):
-        if points := _series(sft_history, key):
-            left.plot(*zip(*points, strict=True), marker=".", label=label)
-    left.set_title("cold-start SFT")
-    for key, label in (
-        ("reward", "total reward"),
-        ("rewards/accuracy_reward/mean", "accuracy reward"),
-        ("rewards/format_reward/mean", "format reward"),
-    ):
-        if points := _series(grpo_history, key):
-            right.plot(*zip(*points, strict=True), marker=".", label=label)
-    right.set_title("GRPO (accuracy + format rewards)")
-    for axes in (left, right):
-        axes.set_xlabel("optimizer step")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 def _reward_key(history: list[dict[str, Any]], name: str) -> str | None:
     keys = {k for row in history for k in row if k.startswith("rewards/") and name in k and k.endswith("/mean")}
     return min(keys) if keys else None
@@ -159,6 +128,7 @@ def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
     from hf_deepseek.data import build_tokenizer
     from hf_deepseek.data.r1 import cold_start_completion
     from hf_deepseek.data.reasoning_tasks import task_examples
+    from hf_deepseek.trainers.plotting import plot_stage_curves
     from hf_deepseek.trainers.recipes import run_stage
 
     recipe = stage_recipe(options)
@@ -200,7 +170,9 @@ def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
         f"GRPO: {'; '.join(lines)} (8 sampled answers per sum, rewarded by rule: right answer, "
         "<think>/<answer> format). A few steps only: the embedded default below ran the same recipe to the end."
     )
-    curves = save_demo_curves(sft_history, grpo_history, Path(options.output_dir) / "curves.png")
+    curves = plot_stage_curves(
+        [("sft", "sft", sft_history), ("grpo", "grpo", grpo_history)], Path(options.output_dir) / "curves.png"
+    )
     console.print(
         f"Curves: [cyan]{curves}[/] (and every logged metric in {options.output_dir}/{{sft,grpo}}/plots/); "
         f"the model: {options.output_dir}/grpo."

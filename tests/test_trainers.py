@@ -253,6 +253,7 @@ def test_train_all_runs_every_stage_of_the_recipe_in_order_each_from_the_last(tm
     assert printed == stages
     for stage in stages:  # r1_tiny's own model is 96 wide: every stage after the first started from the one before
         assert AutoModelForCausalLM.from_pretrained(tmp_path / stage).config.hidden_size == 64
+    assert (tmp_path / "training_curves.png").stat().st_size > 10_000
     with pytest.raises(ValueError, match="name the stage"):
         cli_main(["train", "all", "--recipe", "r1_tiny", "max_steps=1"])
     with pytest.raises(ValueError, match="no stage 'nope'.*sft_continue"):

@@ -247,8 +247,15 @@ def run_train_from_args(args, extra: list[str] = ()) -> None:
     else:
         stages = [args.stage]
     recipe = apply_overrides(recipe, stages[0], overrides)
+    histories = []
     for stage in stages:
         trainer = run_stage(stage, recipe)
+        histories.append((stage, stage_trainer(recipe, stage), trainer.state.log_history))
         if trainer.is_world_process_zero():
             out = trainer.args.output_dir
             print(f"{stage}: saved model and tokenizer to {out}; metrics in {out}/metrics.csv, plots in {out}/plots/")
+    if len(stages) > 1 and trainer.is_world_process_zero():
+        from hf_deepseek.trainers.plotting import plot_stage_curves
+
+        path = plot_stage_curves(histories, Path(recipe.get("output_root", "outputs")) / "training_curves.png")
+        print(f"curves of all stages: {path}")
