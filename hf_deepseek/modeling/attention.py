@@ -17,7 +17,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration import DeepSeekConfig
+from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
+from .mla_decode import latent_cache_attention
 
 
 class RotaryEmbedding(nn.Module):
@@ -132,6 +134,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin, self.config.rope_interleave)
         k_rope = apply_rope(k_rope, cos, sin, self.config.rope_interleave)
 
+        if isinstance(cache, LatentStaticCache):  # the fast decode path: static latent cache (mla_decode.py)
+            out = latent_cache_attention(self, q_nope, q_rope, latent, k_rope, cache, attention_mask, **kwargs)
+            return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
         past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)  # [B, 1, S, r], [B, 1, S, rope]

@@ -22,6 +22,7 @@ from .checkpoint_checks import atomic_save, verify_local_checkpoint
 from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .input_checks import check_model_inputs
+from .latent_cache import LatentCacheGenerationMixin, host_seq_length
 from .layers import RMSNorm
 from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
@@ -107,7 +108,7 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         cache = cache if cache is not None else past_key_values
-        past = cache.get_seq_length() if cache is not None else 0
+        past = host_seq_length(cache)  # None inside a compiled decode step (a static cache's length lives on device)
         check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, past)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
@@ -140,7 +141,7 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         return mask, self.rotary_emb(inputs_embeds, position_ids), position_ids
 
 
-class DeepSeekForCausalLM(DeepSeekPreTrainedModel, GenerationMixin):
+class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: DeepSeekConfig):

@@ -1,0 +1,109 @@
+"""The static latent cache: the fast decode path's memory, and the hook that makes `generate()` use it.
+
+Per layer one pre-allocated buffer [B, max_len, kv_lora_rank + qk_rope_head_dim] holds, for every token, the
+normalised kv latent followed by the roped key: the 576 values MLA needs (DeepSeek-V3), nothing per head. The
+buffer never moves and the write position is a device tensor, so a decode step has static shapes and no host
+synchronisation: transformers' `generate` compiles it (`torch.compile`, mode "reduce-overhead": CUDA graphs) as it
+does for its own `StaticCache`. `mla_decode.py` attends over the buffer.
+
+On CUDA `generate()` uses this cache by default in eval mode; `cache_implementation="dynamic"` (or
+`disable_compile=True` to keep the cache but skip compilation) opts out, `cache_implementation="static"` opts in
+anywhere (CPU included, uncompiled there).
+"""
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+from transformers.generation.configuration_utils import CompileConfig
+from transformers.utils import is_torchdynamo_compiling
+
+
+class LatentCacheLayer(StaticLayer):
+    """One layer's latent cache. `keys` [B, 1, L, r] and `values` [B, 1, L, rope] are views of one buffer
+    `latent_and_rope` [B, L, r + rope], so attention can score against both with one matmul."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        if self.num_heads != 1:
+            raise ValueError(f"LatentCacheLayer holds one shared latent per token, got {self.num_heads} heads.")
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        self.latent_and_rope = torch.zeros(
+            self.batch_size, self.max_cache_len, self.k_head_dim + self.v_head_dim, dtype=self.dtype, device=self.device
+        )
+        self.keys = self.latent_and_rope[:, None, :, : self.k_head_dim]
+        self.values = self.latent_and_rope[:, None, :, self.k_head_dim :]
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not is_torchdynamo_compiling():  # fixed addresses: CUDA graphs replay over these very tensors
+            for tensor in (self.latent_and_rope, self.keys, self.values, self.cumulative_length):
+                torch._dynamo.mark_static_address(tensor)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new tokens at the current length (a device tensor: no sync); return the full views."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_tokens = key_states.shape[-2]
+        positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(new_tokens)
+        rows = torch.cat([key_states[:, 0], value_states[:, 0]], dim=-1).to(self.dtype)  # [B, T, r + rope]
+        self.latent_and_rope.index_copy_(1, positions, rows)
+        return self.keys, self.values
+
+
+class LatentStaticCache(Cache):
+    """A compileable cache of `max_cache_len` latent tokens per layer (the main layers and the MTP layers)."""
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        if max_cache_len < 1:
+            raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}.")
+        layers = config.num_hidden_layers + getattr(config, "num_nextn_predict_layers", 0)
+        super().__init__(layers=[LatentCacheLayer(max_cache_len=max_cache_len) for _ in range(layers)])
+
+    def layer_length(self, layer_idx: int) -> torch.Tensor | int:
+        """Tokens written so far in `layer_idx`: a device tensor once allocated (read it on the host only outside
+        compiled code), 0 before."""
+        return self.layers[layer_idx].get_seq_length()
+
+
+def host_seq_length(cache: Cache | None) -> int | None:
+    """The cached length as a Python int for input checks; None inside a compiled graph, where reading a static
+    cache's device-side length would break the graph and synchronise."""
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor):
+        return None if is_torchdynamo_compiling() else int(length)
+    return length
+
+
+class LatentCacheGenerationMixin:
+    """`generate()` hooks (mixed into `DeepSeekForCausalLM`): "static" caches are `LatentStaticCache`s, the default
+    on CUDA in eval mode, and the compiled decode step may change shapes without recompiling each time."""
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if (
+            generation_config.cache_implementation is None
+            and user_cache is None
+            and generation_config.use_cache is not False
+            and self.device.type == "cuda"
+            and not self.training
+        ):
+            generation_config.cache_implementation = "static"  # generate's own copy of the config
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _prepare_static_cache(self, cache_implementation: str, batch_size: int, max_cache_len: int, *args, **kwargs):
+        if cache_implementation != "static":  # offloaded variants: transformers' own
+            return super()._prepare_static_cache(cache_implementation, batch_size, max_cache_len, *args, **kwargs)
+        # never shrink: a cache as long as any earlier call's keeps the compiled step's shapes (as transformers does)
+        max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
+        self._previous_max_cache_length = max_cache_len
+        return LatentStaticCache(self.config, max_cache_len=max_cache_len)
+
+    def _default_compile_config(self) -> CompileConfig:
+        """Inductor + CUDA graphs, with automatic dynamic shapes: a new batch size or cache length recompiles once
+        into a shape-generic graph instead of once per shape (transformers' default is `dynamic=False`)."""
+        return CompileConfig(dynamic=None)
+
+
+__all__ = ["LatentCacheLayer", "LatentStaticCache", "LatentCacheGenerationMixin", "host_seq_length"]

@@ -1,0 +1,81 @@
+"""MLA over the static latent cache (`latent_cache.LatentStaticCache`): the fast decode path's attention.
+
+A fresh prefill attends over its own tokens with the expanded (training) path and writes the latent to the cache.
+Every later pass (decode, chunked prefill, speculative verification) is absorbed multi-query attention over the
+cache buffer: the query is folded through W_UK into latent space and concatenated with its roped part, so one
+batched matmul against the [B, L, r + rope] buffer gives the scores and one against its latent part gives the
+output, which W_UV maps back to heads. Shapes are static (the whole buffer, masked past each row's length), the
+length is a device tensor, and nothing reads device values on the host: the step compiles into CUDA graphs.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import is_torchdynamo_compiling
+
+from .latent_cache import LatentStaticCache
+
+
+def absorbed_weight_views(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """W_UK [H, nope, r] and W_UV [H, v, r] of `attn.kv_b_proj`: views of a full-precision weight (free, and
+    traceable), the dense equivalent of a quantised one (recomputed inside a compiled step, cached outside)."""
+    weight = attn.kv_b_proj.weight
+    if weight.dtype.is_floating_point and weight.element_size() >= 2:
+        w = weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
+        return w[:, : attn.nope_dim], w[:, attn.nope_dim :]
+    if not is_torchdynamo_compiling():
+        return attn.absorbed_weights()
+    w = attn._dense_kv_b_weight().view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
+    return w[:, : attn.nope_dim], w[:, attn.nope_dim :]
+
+
+def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentStaticCache, attention_mask, **kwargs):
+    """q_nope [B, H, T, nope], q_rope [B, H, T, rope], the new latent [B, 1, T, r] and k_rope [B, 1, T, rope]
+    -> attention output [B, T, H, v]; the new tokens are written to `cache` first."""
+    q_len = q_nope.shape[2]
+    fresh = q_len > 1 and not is_torchdynamo_compiling() and int(cache.layer_length(attn.layer_idx)) == 0
+    cache.update(latent, k_rope, attn.layer_idx)
+    if fresh:  # prefill from empty: the cache holds only these tokens, masks cover [:T] of the buffer
+        mask = attention_mask[..., :q_len] if isinstance(attention_mask, torch.Tensor) else attention_mask
+        return attn._expanded_attention(q_nope, q_rope, latent, k_rope, mask, **kwargs)
+    layer = cache.layers[attn.layer_idx]
+    buffer, length = layer.latent_and_rope, layer.cumulative_length
+    return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
+
+
+def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask) -> torch.Tensor:
+    """Absorbed MQA of the last T queries over buffer [B, L, r + rope], whose first `length` (device tensor)
+    tokens are written; the query tokens are the last T of those. Returns [B, T, H, v]."""
+    w_uk, w_uv = absorbed_weight_views(attn)
+    bsz, heads, q_len, _ = q_nope.shape
+    max_len, rank = buffer.shape[1], attn.kv_lora_rank
+    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
+    query = torch.cat([q_latent, q_rope], dim=-1).reshape(bsz, heads * q_len, -1).to(buffer.dtype)
+    scores = torch.bmm(query, buffer.transpose(1, 2)).view(bsz, heads, q_len, max_len)  # one read of the buffer
+    scores = scores.float() * attn.scaling
+    scores = _mask_scores(scores, attention_mask, length)
+    probs = F.softmax(scores, dim=-1).to(buffer.dtype)
+    out_latent = torch.bmm(probs.view(bsz, heads * q_len, max_len), buffer[..., :rank])  # [B, H*T, r]
+    out_latent = out_latent.view(bsz, heads, q_len, rank).to(q_nope.dtype)
+    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, T, H, v]
+
+
+def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor) -> torch.Tensor:
+    """scores [B, H, T, L]: keep what the mask allows; without a 4D mask, causal up to each query's position and
+    never past the written length (a 2D mask [B, >=L] adds padding)."""
+    q_len, max_len = scores.shape[2:]
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        mask = attention_mask[..., :max_len]
+        if mask.dtype == torch.bool:
+            return scores.masked_fill(~mask, float("-inf"))
+        return scores + mask
+    key_pos = torch.arange(max_len, device=scores.device)
+    query_pos = length - q_len + torch.arange(q_len, device=scores.device)
+    keep = key_pos[None, :] <= query_pos[:, None]  # [T, L]
+    if isinstance(attention_mask, torch.Tensor):  # 2D padding mask [B, S], S <= L: the rest is masked causally
+        padding = attention_mask[:, :max_len].bool()
+        padding = F.pad(padding, (0, max_len - padding.shape[1]), value=False)
+        keep = keep[None, None] & padding[:, None, None, :]
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+__all__ = ["latent_cache_attention", "absorbed_cache_attention", "absorbed_weight_views"]

@@ -1,0 +1,183 @@
+"""The fast decode path: static latent cache, absorbed attention over it, and `generate()` using it.
+
+CPU tests check the logic against the eager path (DynamicCache, expanded prefill and absorbed decode); the GPU
+tests check the compiled (CUDA-graph) step and the FP8 weights against the same eager path.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.modeling.latent_cache import LatentStaticCache, host_seq_length
+
+
+def tiny_model(seed: int = 0, **overrides) -> DeepSeekForCausalLM:
+    torch.manual_seed(seed)
+    return DeepSeekForCausalLM(tiny_config(**overrides)).eval()
+
+
+def left_padded_batch(vocab: int, pads=(0, 3, 1), length: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(pads), length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def greedy(model, ids, mask, new_tokens: int, **kwargs):
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=0, return_dict_in_generate=True, output_scores=True, output_logits=True, **kwargs,
+    )  # fmt: skip
+
+
+def returned_cache(out):
+    return out.get("cache", out.get("past_key_values"))
+
+
+def test_latent_cache_writes_rows_at_the_running_length():
+    config = tiny_config()
+    cache = LatentStaticCache(config, max_cache_len=10)
+    r, rope = config.kv_lora_rank, config.qk_rope_head_dim
+    assert host_seq_length(cache) == 0
+    first = torch.randn(2, 1, 4, r), torch.randn(2, 1, 4, rope)
+    keys, values = cache.update(*first, layer_idx=0)
+    assert keys.shape == (2, 1, 10, r) and values.shape == (2, 1, 10, rope)
+    second = torch.randn(2, 1, 1, r), torch.randn(2, 1, 1, rope)
+    cache.update(*second, layer_idx=0)
+    buffer = cache.layers[0].latent_and_rope  # [B, L, r + rope]: latent then roped key, per token
+    assert torch.equal(buffer[:, :4], torch.cat([first[0][:, 0], first[1][:, 0]], -1))
+    assert torch.equal(buffer[:, 4], torch.cat([second[0][:, 0, 0], second[1][:, 0, 0]], -1))
+    assert not buffer[:, 5:].any()
+    assert torch.equal(keys[:, 0], buffer[..., :r]) and torch.equal(values[:, 0], buffer[..., r:])  # views
+    assert int(cache.layer_length(0)) == 5 and cache.layer_length(1) == 0
+    assert host_seq_length(cache) == 5
+    cache.reset()
+    assert int(cache.layer_length(0)) == 0 and not buffer.any()
+
+
+def test_latent_cache_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="max_cache_len"):
+        LatentStaticCache(tiny_config(), max_cache_len=0)
+    cache = LatentStaticCache(tiny_config(), max_cache_len=4)
+    with pytest.raises(ValueError, match="heads"):
+        cache.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8), layer_idx=0)
+
+
+def test_static_cache_forward_matches_eager_prefill_and_decode():
+    """Prefill then teacher-forced decode steps: the same logits through both caches (fp32 CPU)."""
+    model = tiny_model()
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    steps = torch.randint(3, model.config.vocab_size, (ids.shape[0], 4))
+    static = LatentStaticCache(model.config, max_cache_len=ids.shape[1] + steps.shape[1])
+    outputs = {}
+    for name, cache in (("eager", None), ("static", static)):
+        logits, attn_mask = [], mask
+        out = model(ids, attention_mask=attn_mask, cache=cache, use_cache=True)
+        cache, logits = out.get("cache", out.get("past_key_values")), [out.logits[:, -1]]
+        for t in range(steps.shape[1]):
+            attn_mask = torch.cat([attn_mask, torch.ones_like(attn_mask[:, :1])], dim=1)
+            position = attn_mask.sum(-1, keepdim=True) - 1
+            out = model(steps[:, t : t + 1], attention_mask=attn_mask, position_ids=position, cache=cache)
+            logits.append(out.logits[:, -1])
+        outputs[name] = torch.stack(logits, 1)
+    torch.testing.assert_close(outputs["static"], outputs["eager"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0), (0, 3, 1)], ids=["unpadded", "left-padded"])
+def test_generate_with_static_cache_gives_the_eager_tokens(pads):
+    model = tiny_model(seed=1)
+    ids, mask = left_padded_batch(model.config.vocab_size, pads)
+    eager = greedy(model, ids, mask, 12, cache_implementation="dynamic")
+    fast = greedy(model, ids, mask, 12, cache_implementation="static")
+    assert isinstance(returned_cache(fast), LatentStaticCache)
+    assert not isinstance(returned_cache(eager), LatentStaticCache)
+    assert torch.equal(fast.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(fast.scores), torch.stack(eager.scores), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_default_cache_is_static_only_on_cuda_in_eval_mode(monkeypatch):
+    model = tiny_model()
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    assert not isinstance(returned_cache(greedy(model, ids, mask, 2)), LatentStaticCache)  # CPU: unchanged
+    # what the hook reads; the model itself stays on the CPU
+    monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    config = copy.deepcopy(model.generation_config)
+    config.num_beams = config.num_return_sequences = 1  # what generate resolves before preparing the cache
+    model_kwargs = {}
+    model._prepare_cache_for_generation(config, model_kwargs, None, 1, 8)
+    assert config.cache_implementation == "static"
+    assert any(isinstance(v, LatentStaticCache) for v in model_kwargs.values())
+    model.train()
+    config = copy.deepcopy(model.generation_config)
+    model._prepare_cache_for_generation(config, {}, None, 1, 8)
+    assert config.cache_implementation is None
+
+
+def test_static_cache_grows_to_the_longest_call():
+    model = tiny_model()
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    first = returned_cache(greedy(model, ids, mask, 6, cache_implementation="static"))
+    second = returned_cache(greedy(model, ids[:, 2:], mask[:, 2:], 2, cache_implementation="static"))
+    # generate sizes it to prompt + new tokens - 1 (the last token is never fed back); a shorter call reuses that
+    assert first.layers[0].max_cache_len == second.layers[0].max_cache_len == ids.shape[1] + 6 - 1
+
+
+def reference_logits(model, sequences, mask, prompt_len: int) -> torch.Tensor:
+    """Logits predicting each generated token from one uncached forward (expanded attention: an independent
+    computation) over prompt + generated tokens, with generate's positions for left-padded rows."""
+    full_mask = torch.cat([mask, torch.ones_like(sequences[:, prompt_len:])], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
+    return logits[:, prompt_len - 1 : -1].float()
+
+
+def assert_greedy_tokens_match(fast, reference: torch.Tensor, prompt_len: int, tolerance: float) -> None:
+    """The fast path picked the reference's argmax wherever the reference's top-2 margin exceeds `tolerance`
+    (below it bf16 rounding may legitimately flip a near-tie), and its raw logits are close to the reference's.
+    Tokens are compared on the processed scores (`min_new_tokens` forbids EOS)."""
+    tokens = fast.sequences[:, prompt_len:]
+    logits = torch.stack(fast.logits, dim=1).float()
+    torch.testing.assert_close(logits, reference, rtol=0.0, atol=tolerance)
+    reference = reference.masked_fill(torch.stack(fast.scores, dim=1).isneginf(), float("-inf"))
+    top2 = reference.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > tolerance
+    assert decided.float().mean() > 0.5, "too many near-ties for a meaningful check"
+    assert torch.equal(tokens[decided], reference.argmax(-1)[decided])
+
+
+def test_fast_path_tokens_match_an_uncached_reference():
+    model = tiny_model(seed=2)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    fast = greedy(model, ids, mask, 10, cache_implementation="static")
+    assert_greedy_tokens_match(fast, reference_logits(model, fast.sequences, mask, ids.shape[1]), ids.shape[1], 1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_fast_path_matches_eager_on_gpu():
+    """bf16 on CUDA: the default generate (static latent cache, compiled CUDA-graph step) against an uncached
+    eager forward over the same tokens: the same greedy tokens outside bf16 near-ties, close logits; then the
+    same with FP8 weights (the reference then uses the same FP8 weights)."""
+    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, moe_intermediate_size=128, intermediate_size=512, kv_lora_rank=128,
+                         q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=512,
+                         max_position_embeddings=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+                         topk_group=2, initializer_range=0.1)  # fmt: skip
+    model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    ids, mask = left_padded_batch(config.vocab_size, pads=(0, 5, 2, 0), length=40)
+    ids, mask = ids.cuda(), mask.cuda()
+    for label in ("bf16", "fp8"):
+        if label == "fp8":
+            convert_to_fp8_inference(model)
+        fast = greedy(model, ids, mask, 24)  # the default on CUDA
+        assert isinstance(returned_cache(fast), LatentStaticCache), label
+        with torch.no_grad():
+            reference = reference_logits(model, fast.sequences, mask, ids.shape[1])
+        tolerance = 0.03 * reference.abs().amax().item()
+        assert_greedy_tokens_match(fast, reference, ids.shape[1], tolerance)
