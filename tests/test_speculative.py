@@ -1,110 +1,303 @@
-"""MTP self-speculative decoding: the output equals plain greedy `generate` whatever the drafts, the drafts are
-the MTP module's own predictions (as in training), and acceptance is counted."""
+"""MTP self-speculative decoding: greedy output equals plain greedy `generate` at batch 1 and 8 (left padding, rows
+ending at eos mid-batch) whatever the drafts (the model's own MTP module, a perfect, a mixed and a terrible
+drafter); sampling keeps plain sampling's distribution (the acceptance rule in closed form, and the joint
+distribution of the first three tokens); the drafts are the MTP module's predictions; acceptance is counted."""
 
 import pytest
 import torch
 from app_helpers import FINITE_SCRIPT, scripted_chat_model
 from conftest import tiny_config
+from transformers import GenerationConfig
+from transformers.generation import TopKLogitsWarper
 
 from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.data import build_tokenizer
 from hf_deepseek.modeling import speculative
-from hf_deepseek.modeling.speculative import DraftStats, mtp_greedy_generate, mtp_speculative_stream
+from hf_deepseek.modeling.speculative import (
+    DraftStats,
+    MTPDrafter,
+    acceptance_probability,
+    mtp_greedy_generate,
+    mtp_speculative_stream,
+    residual_distribution,
+)
 
-PROMPT_LEN, NEW = 7, 32
+PROMPT_LENGTHS = [7, 3, 10, 5, 1, 9, 4, 10]  # batch 8, left-padded to 10
+NEW = 24
+PAD = 0
+STATS_KEYS = {"acceptance_rate", "tokens_per_step", "draft_tokens", "accepted", "steps"}
 
 
-def greedy_reference(model, prompt, max_new_tokens, eos_token_id=None) -> torch.Tensor:
-    return model.generate(
-        prompt,
-        attention_mask=torch.ones_like(prompt),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos_token_id,
-        pad_token_id=0,
-    )
-
-
-def random_model_and_prompt(seed: int, **overrides):
+def random_model(seed: int, **overrides) -> DeepSeekForCausalLM:
     torch.manual_seed(seed)
-    model = DeepSeekForCausalLM(tiny_config(initializer_range=0.1, **overrides)).eval()
-    return model, torch.randint(4, 97, (1, PROMPT_LEN))
+    return DeepSeekForCausalLM(tiny_config(**{"initializer_range": 0.1, **overrides})).eval()
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_output_equals_plain_greedy_generation(seed):
-    model, prompt = random_model_and_prompt(seed)
-    out, stats = mtp_greedy_generate(model, prompt, NEW, eos_token_id=[])
-    assert torch.equal(out, greedy_reference(model, prompt, NEW))
-    assert stats.drafted + 1 == stats.main_passes  # one prefill, then one verify pass per draft
-    assert 1 + stats.drafted + stats.accepted == NEW  # each pass commits one token, two when its draft is right
+def left_padded_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(4, 97, (len(lengths), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, width - length :] = 1
+    return ids.masked_fill(mask == 0, PAD), mask
 
 
-def test_equals_greedy_when_drafts_are_accepted_and_rejected_in_turn(monkeypatch):
-    """Force a mix: an oracle drafts the right token on two calls of three, a wrong one on the third."""
-    model, prompt = random_model_and_prompt(7)
-    reference = greedy_reference(model, prompt, NEW)[0].tolist()
-    calls = []
+def generate(model, ids, mask, speculative_decoding: bool, **kwargs) -> torch.Tensor:
+    kwargs = {"max_new_tokens": NEW, "do_sample": False, "pad_token_id": PAD, "eos_token_id": [], **kwargs}
+    return model.generate(ids, attention_mask=mask, mtp_speculative=speculative_decoding, **kwargs)
 
-    def oracle_draft(self, hidden, next_ids, start):
-        target = reference[start + next_ids.shape[1] + 1]  # the token after the newest committed one
-        calls.append(target)
-        return target if len(calls) % 3 else (target + 1) % model.config.vocab_size
 
-    monkeypatch.setattr(speculative._MTPDrafter, "draft", oracle_draft)
-    out, stats = mtp_greedy_generate(model, prompt, NEW, eos_token_id=[])
-    assert out[0].tolist() == reference
-    assert 0 < stats.accepted < stats.drafted
-    assert stats.main_passes < NEW  # accepted drafts saved main-model passes
+def install_oracle(monkeypatch, reference: torch.Tensor, mask: torch.Tensor, wrong) -> None:
+    """Replace each draft by the reference's token (a wrong one where `wrong(position)`) after the real MTP module
+    has run, so its cache stays in step. Rows are followed as they leave the batch (the drafter's cache is told)."""
+    width, vocab = mask.shape[1], reference.max().item() + 2
+    lengths = mask.sum(1).tolist()
+
+    def fix(drafter, drafts, positions):
+        fixed = []
+        for row, draft, t in zip(drafter.rows, drafts.tolist(), positions.tolist(), strict=True):
+            index = width - lengths[row] + t + 2  # the entry at position t drafts token t+2
+            target = reference[row, index].item() if index < reference.shape[1] else draft
+            fixed.append((target + 1) % vocab if wrong(t) else target)
+        return drafts.new_tensor(fixed)
+
+    prefill, step = MTPDrafter.prefill, MTPDrafter.step
+
+    def oracle_prefill(self, hidden, next_ids, attention_mask, position_ids):
+        self.rows = list(range(hidden.shape[0]))
+        select = self.cache.batch_select_indices
+
+        def follow(keep):
+            self.rows = [self.rows[i] for i in keep.tolist()]
+            select(keep)
+
+        self.cache.batch_select_indices = follow
+        drafts, q = prefill(self, hidden, next_ids, attention_mask, position_ids)
+        return fix(self, drafts, position_ids[:, -1]), q
+
+    def oracle_step(self, hidden, next_ids, slots, position_ids, last):
+        drafts, q = step(self, hidden, next_ids, slots, position_ids, last)
+        return fix(self, drafts, position_ids[torch.arange(len(last)), last]), q
+
+    monkeypatch.setattr(MTPDrafter, "prefill", oracle_prefill)
+    monkeypatch.setattr(MTPDrafter, "step", oracle_step)
+
+
+DRAFTERS = {
+    "mtp module": None,
+    "perfect": lambda t: False,
+    "mixed": lambda t: t % 3 == 0,
+    "terrible": lambda t: True,
+}
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+@pytest.mark.parametrize("lengths", [[7], PROMPT_LENGTHS], ids=["batch1", "batch8"])
+def test_greedy_output_equals_plain_greedy_generate(monkeypatch, drafter, lengths):
+    model = random_model(0)
+    ids, mask = left_padded_batch(lengths, seed=1)
+    free = generate(model, ids, mask, False)
+    # an eos that some rows produce early and others later or never: rows end mid-batch, the rest go on
+    eos = free[0, ids.shape[1] + 4].item()
+    reference = generate(model, ids, mask, False, eos_token_id=eos)
+    if DRAFTERS[drafter] is not None:
+        install_oracle(monkeypatch, reference, mask, DRAFTERS[drafter])
+    out = generate(model, ids, mask, True, eos_token_id=eos)
+    assert torch.equal(out, reference)
+    stats = model.last_speculative_stats
+    assert set(stats) == STATS_KEYS and stats["accepted"] <= stats["draft_tokens"]
+    if drafter == "perfect":
+        assert stats["acceptance_rate"] == 1.0 and stats["tokens_per_step"] > 1.5
+    elif drafter == "mixed":
+        assert 0.2 < stats["acceptance_rate"] < 0.9
+    elif drafter == "terrible":
+        assert stats["acceptance_rate"] == 0.0 and stats["tokens_per_step"] == 1.0
+    if len(lengths) > 1:
+        new = reference[:, ids.shape[1] :]
+        ended = (new == eos).any(dim=1)
+        assert ended.any() and not ended.all()  # the batch mixes rows that ended and rows that ran to the limit
+
+
+def test_acceptance_counts_at_batch_one():
+    """Each main pass after the prefill verifies one draft; it commits two tokens when the draft is right."""
+    model = random_model(3)
+    ids, mask = left_padded_batch([7], seed=3)
+    for limit in (1, 2, 5, NEW):
+        out = generate(model, ids, mask, True, max_new_tokens=limit)
+        assert torch.equal(out, generate(model, ids, mask, False, max_new_tokens=limit))
+    stats = model.last_speculative_stats
+    assert stats["steps"] == stats["draft_tokens"] + 1
+    assert NEW <= 1 + stats["draft_tokens"] + stats["accepted"] <= NEW + 1  # the last pass may overshoot by one
+    assert stats["tokens_per_step"] == pytest.approx(NEW / stats["steps"])
+
+
+def test_a_trained_like_mtp_module_is_always_accepted_in_a_batch():
+    """The scripted model's MTP module predicts the script one token further: every draft is right, rows starting
+    at different points of the script end at eos at different steps."""
+    model = scripted_chat_model(FINITE_SCRIPT)
+    tokenizer = build_tokenizer()
+    script = tokenizer.convert_tokens_to_ids(FINITE_SCRIPT)
+    starts = [0, 1, 3, 6, 0, 2]
+    ids = torch.full((len(starts), 4), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, start in enumerate(starts):
+        ids[row, -1 - row % 3 :] = torch.tensor([5, 20, script[start]][-1 - row % 3 :])
+        mask[row, -1 - row % 3 :] = 1
+    kwargs = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=64)
+    out = generate(model, ids, mask, True, **kwargs)
+    assert torch.equal(out, generate(model, ids, mask, False, **kwargs))
+    assert out.shape[1] == 4 + len(script) - 1  # the row starting at the script's first token ends last
+    assert model.last_speculative_stats["acceptance_rate"] == 1.0
+
+
+def test_the_stream_commits_two_tokens_per_pass_with_a_perfect_drafter():
+    model = scripted_chat_model(FINITE_SCRIPT)
+    prompt = torch.tensor([[1, 5, 20, 2, 6]])  # ... <|assistant|>
+    stats = DraftStats()
+    tokens = [t for chunk in mtp_speculative_stream(model, prompt, 64, eos_token_id=2, stats=stats) for t in chunk]
+    reference = model.generate(prompt, max_new_tokens=64, do_sample=False, eos_token_id=2, pad_token_id=0)
+    assert tokens == reference[0, 5:].tolist()
+    assert stats.acceptance_rate == 1.0 and len(tokens) == 11 and stats.main_passes == 6
+    out, one = mtp_greedy_generate(model, prompt, 64, eos_token_id=2)
+    assert torch.equal(out, reference) and one.as_dict()["steps"] == 6
 
 
 def test_drafts_are_the_mtp_modules_predictions_on_the_full_sequence(monkeypatch):
-    """The incremental drafter (own latent cache) predicts what the MTP module predicts in a training forward."""
-    model, prompt = random_model_and_prompt(3)
-    drafts = {}
-    original = speculative._MTPDrafter.draft
+    """The incremental drafter (own latent cache, holes and all) predicts what the MTP module predicts in a
+    training forward over the finished sequence; batch 2, so rows reject drafts at different steps."""
+    model = random_model(3)
+    ids, mask = left_padded_batch([6, 4], seed=5)
+    drafts = []  # (row, position t of the entry, draft of token t+2)
+    prefill, step = MTPDrafter.prefill, MTPDrafter.step
 
-    def recording_draft(self, hidden, next_ids, start):
-        drafts[start + next_ids.shape[1] + 1] = original(self, hidden, next_ids, start)
-        return drafts[start + next_ids.shape[1] + 1]
+    def recording_prefill(self, hidden, next_ids, attention_mask, position_ids):
+        draft, q = prefill(self, hidden, next_ids, attention_mask, position_ids)
+        drafts.extend((row, position_ids[row, -1].item(), d) for row, d in enumerate(draft.tolist()))
+        return draft, q
 
-    monkeypatch.setattr(speculative._MTPDrafter, "draft", recording_draft)
-    out, _ = mtp_greedy_generate(model, prompt, NEW, eos_token_id=[])
+    def recording_step(self, hidden, next_ids, slots, position_ids, last):
+        draft, q = step(self, hidden, next_ids, slots, position_ids, last)
+        positions = position_ids[torch.arange(len(last)), last].tolist()
+        drafts.extend((row, t, d) for row, (t, d) in enumerate(zip(positions, draft.tolist(), strict=True)))
+        return draft, q
 
-    seen = []
-    handle = model.model.mtp_layers[0].shared_head.norm.register_forward_hook(lambda m, a, o: seen.append(o))
+    monkeypatch.setattr(MTPDrafter, "prefill", recording_prefill)
+    monkeypatch.setattr(MTPDrafter, "step", recording_step)
+    out = generate(model, ids, mask, True, max_new_tokens=16)  # no eos: both rows stay in the batch to the end
+    for row in range(2):
+        sequence = out[row][torch.cat([mask[row].bool(), torch.ones(16, dtype=torch.bool)])][None]
+        seen = []
+        hook = model.model.mtp_layers[0].shared_head.norm.register_forward_hook(
+            lambda m, a, o, seen=seen: seen.append(o)
+        )
+        with torch.no_grad():
+            model(sequence, labels=sequence)  # the training path runs the MTP module over the whole sequence
+        hook.remove()
+        full = model.lm_head(seen[0]).argmax(-1)[0]  # position t predicts token t + 2
+        mine = [(t, d) for r, t, d in drafts if r == row and t < sequence.shape[1]]
+        assert mine and all(full[t].item() == d for t, d in mine)
+
+
+def test_acceptance_rule_in_closed_form():
+    """Draft x ~ q, kept with probability min(1, p(x)/q(x)), else resampled from normalize(max(p - q, 0)): the
+    committed token is distributed exactly as p, for any p and q (q with zeros, p == q included)."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = 7
+    p = torch.rand(5, vocab, generator=generator, dtype=torch.float64)
+    q = torch.rand(5, vocab, generator=generator, dtype=torch.float64)
+    q[0, :3] = 0.0  # a drafter that never proposes some tokens
+    p[1, 4:] = 0.0  # a target that excludes some (top-k): their drafts are always rejected
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    q[2] = p[2]  # identical distributions: every draft kept
+    outcome = torch.zeros_like(p)
+    residual = residual_distribution(p, q)
+    for x in range(vocab):
+        draft = torch.full((5,), x)
+        keep = torch.where(q[:, x] > 0, acceptance_probability(p, q, draft), 0.0)
+        outcome += q[:, x : x + 1] * (
+            keep[:, None] * torch.nn.functional.one_hot(draft, vocab) + (1 - keep)[:, None] * residual
+        )
+    torch.testing.assert_close(outcome, p, rtol=0, atol=1e-12)
+    assert torch.all(acceptance_probability(p[2:3], q[2:3], torch.arange(1)) == 1.0)
+
+
+def first_tokens_distribution(model, prompt, warpers, vocab: int) -> torch.Tensor:
+    """The exact joint distribution [V, V, V] of the first three sampled tokens, from full forwards."""
+
+    def probs(logits):
+        return warpers(None, logits.double()).softmax(-1)
+
+    pairs = torch.cartesian_prod(torch.arange(vocab), torch.arange(vocab))  # [V*V, 2]
     with torch.no_grad():
-        model(out, labels=out)  # the training path runs the MTP module over the whole sequence
-    handle.remove()
-    full = model.lm_head(seen[0]).argmax(-1)[0]  # position t predicts token t + 2
-    assert drafts and all(full[target - 2].item() == draft for target, draft in drafts.items())
+        first = probs(model(prompt).logits[:, -1])[0]  # [V]
+        logits = model(torch.cat([prompt.expand(len(pairs), -1), pairs], dim=1)).logits
+    second = probs(logits[:, -2]).view(vocab, vocab, vocab)[:, 0]  # p(t2 | t1), the same for every t2 in the pair
+    third = probs(logits[:, -1]).view(vocab, vocab, vocab)  # p(t3 | t1, t2)
+    return first[:, None, None] * second[:, :, None] * third
 
 
-def test_stops_at_eos_and_at_max_new_tokens():
-    model, prompt = random_model_and_prompt(1)
-    free = greedy_reference(model, prompt, NEW)[0, PROMPT_LEN:].tolist()
-    eos = free[5]  # a token the model does produce: generation must stop right after it
-    out, _ = mtp_greedy_generate(model, prompt, NEW, eos_token_id=eos)
-    assert torch.equal(out, greedy_reference(model, prompt, NEW, eos_token_id=eos))
-    assert out[0, -1].item() == eos
-    for limit in (1, 2, 5):
-        out, _ = mtp_greedy_generate(model, prompt, limit, eos_token_id=[])
-        assert out[0, PROMPT_LEN:].tolist() == free[:limit]
+def chi_square_excess(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's statistic in standard deviations above its mean (cells expecting < 5 pooled)."""
+    small = expected < 5
+    counts = torch.cat([counts[~small], counts[small].sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    statistic = ((counts - expected) ** 2 / expected.clamp(min=1e-9)).sum().item()
+    dof = len(counts) - 1
+    return (statistic - dof) / (2 * dof) ** 0.5
 
 
-def test_a_perfect_drafter_is_always_accepted_and_halves_the_passes():
-    model = scripted_chat_model(FINITE_SCRIPT)  # its MTP module is set to predict the script one token further
-    prompt = torch.tensor([[1, 5, 20, 2, 6]])  # ... <|assistant|>
-    stats = DraftStats()
-    chunks = list(mtp_speculative_stream(model, prompt, 64, eos_token_id=2, stats=stats))
-    tokens = [t for chunk in chunks for t in chunk]
-    assert tokens == greedy_reference(model, prompt, 64, eos_token_id=2)[0, 5:].tolist()
-    assert stats.acceptance_rate == 1.0 and len(tokens) == 11 and stats.main_passes == 6
+def test_sampling_keeps_the_distribution_of_plain_sampling(monkeypatch):
+    """4,000 rows of one prompt, sampled speculatively (temperature and top-k on both p and q): the joint
+    distribution of the first three tokens matches the exact one; resampling rejections from p does not."""
+    vocab, rows = 8, 4000
+    model = random_model(2, vocab_size=vocab, initializer_range=0.5)
+    prompt = torch.tensor([[3, 5, 1, 6, 2]])
+    config = GenerationConfig(
+        do_sample=True, temperature=0.8, top_k=5, max_new_tokens=3, eos_token_id=[], pad_token_id=0
+    )
+    exact = first_tokens_distribution(model, prompt, lambda ids, s: TopKLogitsWarper(5)(ids, s / 0.8), vocab)
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(0)
+        out = model.generate(prompt.expand(rows, -1), generation_config=config, mtp_speculative=True)
+        tokens = out[:, -3:]
+        return torch.bincount(tokens[:, 0] * vocab * vocab + tokens[:, 1] * vocab + tokens[:, 2], minlength=vocab**3)
+
+    counts = sample().double()
+    stats = model.last_speculative_stats
+    assert 0.2 < stats["acceptance_rate"] < 0.95  # both branches of the rule ran
+    assert counts[exact.flatten() == 0].sum() == 0  # nothing outside the top-k is ever committed
+    assert chi_square_excess(counts, rows * exact.flatten()) < 5.0
+
+    # a classic mistake, resampling a rejected draft from p instead of normalize(max(p - q, 0)), is caught
+    monkeypatch.setattr(speculative, "residual_distribution", lambda p, q: p)
+    assert chi_square_excess(sample().double(), rows * exact.flatten()) > 5.0
 
 
-def test_rejects_batches_and_models_without_mtp():
-    model, prompt = random_model_and_prompt(0)
-    with pytest.raises(ValueError, match="one sequence"):
-        next(mtp_speculative_stream(model, prompt.repeat(2, 1), 4))
+def test_generation_config_flag_and_dict_output():
+    model = random_model(4)
+    ids, mask = left_padded_batch([5, 3], seed=4)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=[])
+    config.mtp_speculative = True
+    out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, generate(model, ids, mask, False, max_new_tokens=6))
+    assert set(model.last_speculative_stats) == STATS_KEYS
+
+
+def test_clear_errors():
+    model = random_model(0)
+    ids, mask = left_padded_batch([5, 3], seed=0)
     no_mtp = DeepSeekForCausalLM(tiny_config(num_nextn_predict_layers=0)).eval()
-    with pytest.raises(ValueError, match="no MTP module"):
-        next(mtp_speculative_stream(no_mtp, prompt, 4))
+    with pytest.raises(ValueError, match="no MTP|has none"):
+        no_mtp.generate(ids, attention_mask=mask, max_new_tokens=4, mtp_speculative=True)
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(ids, attention_mask=mask, num_beams=2, max_new_tokens=4, mtp_speculative=True)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        model.generate(ids, attention_mask=mask, repetition_penalty=1.3, max_new_tokens=4, mtp_speculative=True)
+    with pytest.raises(ValueError, match="streamer"):
+        model.generate(ids, attention_mask=mask, streamer=object(), max_new_tokens=4, mtp_speculative=True)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4, mtp_speculative=True)
+    with pytest.raises(ValueError, match="one sequence"):
+        next(mtp_speculative_stream(model, ids, 4))

@@ -26,6 +26,7 @@ from .latent_cache import LatentCacheGenerationMixin, host_seq_length
 from .layers import RMSNorm
 from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
+from .speculative import speculative_generate
 
 # transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
 CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -175,6 +176,17 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         save = super().save_pretrained
         return atomic_save(lambda tmp: save(tmp, *args, state_dict=state_dict, **kwargs), save_directory)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """transformers' `generate`; with `mtp_speculative=True` (an argument or a generation-config field) MTP
+        self-speculative decoding instead (`speculative.py`): greedy gives the same tokens and sampling the same
+        distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`."""
+        speculative = kwargs.pop("mtp_speculative", None)
+        if speculative is None:
+            speculative = getattr(generation_config or self.generation_config, "mtp_speculative", False)
+        if speculative:
+            return speculative_generate(self, inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def routers(self) -> list[TopKRouter]:
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""

@@ -1,119 +1,390 @@
-"""MTP self-speculative decoding (greedy, batch size 1) and its draft acceptance statistics.
+"""MTP self-speculative decoding at any batch size, greedy or sampling, and its draft acceptance statistics.
 
-The first MTP module drafts the token after next from the main model's final normed hidden state h_t and the
-embedding of token t+1; one main-model pass over [x_t, draft] then verifies the draft and yields the greedy
-token after it, so each pass commits one token (draft rejected) or two (draft accepted). The output is
-exactly plain greedy decoding; only the number of main-model passes changes.
+Each step the first MTP module drafts the token after next for every row, from the main model's final normed
+hidden state h_t and the newest committed token; one main-model pass over [newest token, draft] verifies it and
+yields the token after it. Greedy: the draft is kept when it equals the main model's argmax. Sampling: it is kept
+with probability min(1, p(x)/q(x)), else replaced by a sample of normalize(max(p - q, 0)) (Leviathan et al. 2023),
+so the output is distributed exactly as plain sampling from p. A pass thus commits one token or two per row.
+
+Rows accept different numbers of tokens, yet the latent caches stay rectangular: a rejected draft's slot stays in
+the main and MTP caches as a hole that the attention mask hides (cropped when every row rejected), and each row
+keeps its own position ids, as with left padding. Rows leave the batch when they reach eos or max_new_tokens.
 """
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
+from transformers.generation import (
+    LogitsProcessorList,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .model import DeepSeekForCausalLM
+if TYPE_CHECKING:
+    from .model import DeepSeekForCausalLM
+
+# generate() options that change the logits or the search; speculative decoding runs none of them
+UNSUPPORTED_OPTIONS = (
+    "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "force_words_ids", "min_length", "min_new_tokens", "sequence_bias", "suppress_tokens",
+    "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+    "guidance_scale", "renormalize_logits", "constraints", "top_h", "epsilon_cutoff", "eta_cutoff",
+    "watermarking_config", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
+    "penalty_alpha", "diversity_penalty", "prompt_lookup_num_tokens", "stop_strings", "max_time", "token_healing",
+    "dola_layers", "use_mtp",
+)  # fmt: skip
+# generate() arguments besides the generation config that speculative decoding accepts
+ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "use_cache")
 
 
 @dataclass
 class DraftStats:
-    """Counts for one generation: drafts proposed and accepted, and main-model forward passes."""
+    """Counts for one generation: drafts proposed and accepted, main-model passes, and new tokens committed.
+    `row_passes` adds up the rows in the batch at each pass, so `tokens_per_step` is per row."""
 
     drafted: int = 0
     accepted: int = 0
     main_passes: int = 0
+    committed: int = 0
+    row_passes: int = 0
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def tokens_per_step(self) -> float:
+        return self.committed / self.row_passes if self.row_passes else 0.0
 
-class _MTPDrafter:
-    """Runs the first MTP module incrementally, with its own latent cache, and returns its greedy draft."""
+    def as_dict(self) -> dict:
+        """The figures `DeepSeekForCausalLM.last_speculative_stats` holds (the decode benchmark reads these keys)."""
+        return {
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_step": self.tokens_per_step,
+            "draft_tokens": self.drafted,
+            "accepted": self.accepted,
+            "steps": self.main_passes,
+        }
 
-    def __init__(self, model: DeepSeekForCausalLM):
-        self.model = model
+
+def acceptance_probability(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor) -> torch.Tensor:
+    """min(1, p(x)/q(x)) for the draft x of each row; p, q [N, V] target and draft distributions, draft [N]
+    sampled from q (so q(x) > 0)."""
+    p_x, q_x = p.gather(1, draft[:, None])[:, 0], q.gather(1, draft[:, None])[:, 0]
+    return (p_x / q_x).clamp(max=1.0)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(p - q, 0)), what a rejected draft is resampled from; p itself where p == q (never rejected)."""
+    residual = (p - q).clamp(min=0.0)
+    total = residual.sum(dim=-1, keepdim=True)
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(p.dtype).tiny), p)
+
+
+def sampling_warpers(config: GenerationConfig) -> LogitsProcessorList:
+    """The sampling warpers `generate` builds from `config`, in its order (temperature, top-k, top-p, min-p,
+    typical); each depends on the scores only, so one list serves drafts and verification alike."""
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=config.top_p))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p=config.min_p))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(mass=config.typical_p))
+    return warpers
+
+
+class TokenChooser:
+    """Greedy argmax (`warpers` None), or a sample from softmax(warpers(logits)), as `generate` chooses tokens."""
+
+    def __init__(self, warpers: LogitsProcessorList | None = None):
+        self.warpers = warpers
+
+    @property
+    def sampling(self) -> bool:
+        return self.warpers is not None
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [N, V] -> the distribution sampled from [N, V] (fp32, as `generate` upcasts)."""
+        no_ids = torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)  # the warpers ignore ids
+        return self.warpers(no_ids, logits.float()).softmax(dim=-1)
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [N, V] -> tokens [N], and the distribution they were sampled from (None when greedy)."""
+        if not self.sampling:
+            return logits.argmax(dim=-1), None
+        probs = self.probs(logits)
+        return torch.multinomial(probs, 1)[:, 0], probs
+
+
+def causal_keep_mask(slots: torch.Tensor, query_length: int) -> torch.Tensor:
+    """[B, 1, T, S] bool: the T newest slots each see the valid (`slots` [B, S] == 1) slots up to themselves."""
+    total = slots.shape[1]
+    causal = torch.ones(query_length, total, dtype=torch.bool, device=slots.device).tril(total - query_length)
+    return causal[None, None] & slots.bool()[:, None, None, :]
+
+
+class MTPDrafter:
+    """The first MTP module run incrementally over its own latent cache, slot for slot beside the main cache.
+
+    Its entry at position t reads (h_t, embedding of token t+1) and predicts token t+2, so it shares the main
+    cache's slots, holes and position ids."""
+
+    def __init__(self, model: "DeepSeekForCausalLM", chooser: TokenChooser):
+        self.model, self.chooser = model, chooser
         self.layer = model.model.mtp_layers[0]
         self.cache = DynamicCache()  # grows layers lazily, so the MTP layer's index (num_hidden_layers) fits
 
-    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, start: int) -> int:
-        """hidden [1, k, d]: h_t for t = start .. start+k-1; next_ids [1, k]: token t+1 for each. Predicts t+2."""
+    def prefill(self, hidden, next_ids, attention_mask, position_ids):
+        """hidden [B, T, d]: the prompt's h_t; next_ids [B, T]: token t+1 of each. Drafts from the last position."""
         backbone = self.model.model
         embeds = backbone.embed_tokens(next_ids)
-        position_ids = torch.arange(start, start + next_ids.shape[1], device=next_ids.device)[None]
-        position_embeddings = backbone.rotary_emb(embeds, position_ids)
-        # first call: a plain causal mask; later calls attend over the cache (MLA builds the offset mask itself)
-        mask = backbone.attention_inputs(embeds, None, position_ids, None)[0] if start == 0 else None
+        mask, position_embeddings, _ = backbone.attention_inputs(embeds, attention_mask, position_ids, None)
         _, normed = self.layer.forward_mtp(embeds, hidden, position_embeddings, mask, cache=self.cache)
-        return int(self.model.lm_head(normed[:, -1]).argmax(-1).item())
+        return self.chooser.choose(self.model.lm_head(normed[:, -1]))
+
+    def step(self, hidden, next_ids, slots, position_ids, last):
+        """New entries for the newest slots (hidden, next_ids, position_ids [B, k]; `slots` [B, S] includes them);
+        each row drafts from its entry `last` [B]. Returns the drafts [B] and their distribution (None if greedy)."""
+        backbone = self.model.model
+        embeds = backbone.embed_tokens(next_ids)
+        position_embeddings = backbone.rotary_emb(embeds, position_ids)
+        mask = causal_keep_mask(slots, next_ids.shape[1])
+        _, normed = self.layer.forward_mtp(embeds, hidden, position_embeddings, mask, cache=self.cache)
+        newest = normed[torch.arange(normed.shape[0], device=normed.device), last]  # [B, d]
+        return self.chooser.choose(self.model.lm_head(newest))
+
+    def crop_last(self) -> None:
+        # only the MTP layer's entry: the layers below it were never filled (transformers 5.17 cannot crop those)
+        self.cache.layers[self.layer.self_attn.layer_idx].crop(-1)
 
 
-def _eos_ids(model: DeepSeekForCausalLM, eos_token_id: int | list[int] | None) -> set[int]:
+def _eos_ids(model: "DeepSeekForCausalLM", eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     if eos_token_id is None:
         return set()
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.tolist()
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
+def _check_model(model: "DeepSeekForCausalLM") -> None:
+    if model.config.num_nextn_predict_layers < 1:
+        raise ValueError(
+            "MTP speculative decoding needs an MTP module, but this model has none "
+            "(config.num_nextn_predict_layers == 0); use plain generate()"
+        )
+
+
 @torch.no_grad()
+def speculative_decode(
+    model: "DeepSeekForCausalLM",
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    chooser: TokenChooser | None = None,
+    stats: DraftStats | None = None,
+) -> Iterator[dict[int, list[int]]]:
+    """Speculative decoding of a (left-padded) batch; yields, per main-model pass, {row: tokens it committed}.
+
+    A row's tokens end with an eos token or at `max_new_tokens`; rows that ended are left out of later yields.
+    `chooser` picks tokens (greedy by default); `stats`, if given, is updated as generation goes. Closing the
+    iterator stops generation at once.
+    """
+    _check_model(model)
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1; got {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("MTP speculative decoding needs left padding: every row's last token must be unmasked")
+    if max_new_tokens <= 0:
+        return
+    chooser = chooser if chooser is not None else TokenChooser()
+    stats = stats if stats is not None else DraftStats()
+    eos = _eos_ids(model, eos_token_id)
+    backbone, drafter = model.model, MTPDrafter(model, chooser)
+    cache = DynamicCache(config=model.config)
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    rows = list(range(batch))  # the original index of each row still in the batch
+    produced = [0] * batch
+
+    def commit(new: list[list[int]]) -> tuple[dict[int, list[int]], list[bool]]:
+        """Cut each row's tokens at eos / max_new_tokens; returns them by original row and which rows go on."""
+        out, alive = {}, []
+        for i, tokens in enumerate(new):
+            row, kept = rows[i], []
+            for t in tokens:
+                kept.append(t)
+                produced[row] += 1
+                if t in eos or produced[row] >= max_new_tokens:
+                    break
+            out[row] = kept
+            alive.append(kept[-1] not in eos and produced[row] < max_new_tokens)
+            stats.committed += len(kept)
+        return out, alive
+
+    attention_mask = attention_mask.long()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+    ).last_hidden_state  # [B, T, d], normed
+    stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
+    token, _ = chooser.choose(model.lm_head(hidden[:, -1]))
+    out, alive = commit([[t] for t in token.tolist()])
+    yield out
+    if not any(alive):
+        return
+    draft, q = drafter.prefill(hidden, torch.cat([input_ids[:, 1:], token[:, None]], 1), attention_mask, position_ids)
+    slots = attention_mask  # [B, S]: 1 where a cache slot holds a committed token, in both caches
+    length = attention_mask.sum(-1)  # [B]: position of `token`, the newest committed token (not yet cached)
+    pair = torch.arange(2, device=device)
+
+    while True:
+        if not all(alive):  # rows that ended leave the batch, and both caches
+            keep = torch.tensor([i for i, a in enumerate(alive) if a], device=device)
+            rows = [rows[i] for i in keep.tolist()]
+            cache.batch_select_indices(keep)
+            drafter.cache.batch_select_indices(keep)
+            slots, length, token, draft = slots[keep], length[keep], token[keep], draft[keep]
+            q = q[keep] if q is not None else None
+        batch = len(rows)
+        positions = length[:, None] + pair  # [B, 2]
+        slots = torch.cat([slots, slots.new_ones(batch, 2)], dim=1)
+        hidden = backbone(
+            input_ids=torch.stack([token, draft], 1),
+            attention_mask=slots,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state  # [B, 2, d]
+        logits = model.lm_head(hidden)  # [B, 2, V]
+        if chooser.sampling:
+            p = chooser.probs(logits.flatten(0, 1)).view(*logits.shape)
+            accepted = torch.rand(batch, device=device) < acceptance_probability(p[:, 0], q, draft)
+            after = torch.where(accepted[:, None], p[:, 1], residual_distribution(p[:, 0], q))
+            bonus = torch.multinomial(after, 1)[:, 0]
+        else:
+            target = logits.argmax(dim=-1)  # [B, 2]
+            accepted = target[:, 0] == draft
+            bonus = torch.where(accepted, target[:, 1], target[:, 0])
+        stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
+        stats.drafted += batch
+        stats.accepted += int(accepted.sum())
+        slots[:, -1] = accepted.long()  # a rejected draft's slot becomes a hole
+        choices = zip(draft.tolist(), bonus.tolist(), accepted.tolist(), strict=True)
+        new = [[d, b] if a else [b] for d, b, a in choices]
+        out, alive = commit(new)
+        yield out
+        if not any(alive):
+            return
+        # MTP entries for the two new slots: (h_L, token L+1) always valid, (h_L+1, token L+2) iff accepted
+        next_ids = torch.stack([torch.where(accepted, draft, bonus), bonus], dim=1)
+        draft, q = drafter.step(hidden, next_ids, slots, positions, accepted.long())
+        if not bool(accepted.any()):  # every row rejected: the last slot is a hole in all rows, drop it
+            cache.crop(-1)
+            drafter.crop_last()
+            slots = slots[:, :-1]
+        length, token = length + 1 + accepted.long(), bonus
+
+
+def _is_neutral(value) -> bool:
+    """Whether a generation option's value leaves the logits alone (unset, off, 0 or a factor of 1)."""
+    if value is None or value is False:
+        return True
+    if isinstance(value, (list, tuple, dict)):
+        return len(value) == 0
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1)
+
+
+def speculative_generate(
+    model: "DeepSeekForCausalLM",
+    inputs: torch.LongTensor | None = None,
+    generation_config: GenerationConfig | None = None,
+    **kwargs,
+) -> torch.LongTensor | GenerateDecoderOnlyOutput:
+    """`generate()` with MTP speculative decoding: same arguments, same output shape (prompt + new tokens, rows
+    that ended early filled with `pad_token_id`). Sets `model.last_speculative_stats`."""
+    _check_model(model)
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    arguments = config.update(**kwargs)
+    arguments.pop("mtp_speculative", None)
+    unknown = sorted(k for k, v in arguments.items() if k not in ACCEPTED_ARGUMENTS and v is not None)
+    if unknown:
+        raise ValueError(f"MTP speculative decoding does not take these generate() arguments: {', '.join(unknown)}")
+    if (config.num_beams or 1) > 1 or (config.num_beam_groups or 1) > 1:
+        raise ValueError("MTP speculative decoding does not do beam search; set num_beams=1 or drop mtp_speculative")
+    unsupported = sorted(name for name in UNSUPPORTED_OPTIONS if not _is_neutral(getattr(config, name, None)))
+    if unsupported:
+        raise ValueError(f"MTP speculative decoding does not support the generation options {', '.join(unsupported)}")
+    input_ids = inputs if inputs is not None else arguments.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("MTP speculative decoding needs token ids input_ids [batch, length] (no inputs_embeds)")
+    attention_mask = arguments.get("attention_mask")
+    if config.num_return_sequences is not None and config.num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+    prompt_length = input_ids.shape[1]
+    max_new_tokens = config.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = config.max_length - prompt_length if config.max_length is not None else 20
+    eos = sorted(_eos_ids(model, [] if config.eos_token_id is None else config.eos_token_id))  # None: no eos
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    chooser = TokenChooser(sampling_warpers(config) if config.do_sample else None)
+
+    stats, new = DraftStats(), [[] for _ in range(input_ids.shape[0])]
+    for committed in speculative_decode(model, input_ids, attention_mask, max_new_tokens, eos, chooser, stats):
+        for row, tokens in committed.items():
+            new[row].extend(tokens)
+    model.last_speculative_stats = stats.as_dict()
+    width = max(len(tokens) for tokens in new)
+    generated = input_ids.new_full((input_ids.shape[0], width), pad)
+    for row, tokens in enumerate(new):
+        generated[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, generated], dim=1)
+    return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
+
+
 def mtp_speculative_stream(
-    model: DeepSeekForCausalLM,
+    model: "DeepSeekForCausalLM",
     input_ids: torch.LongTensor,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
     stats: DraftStats | None = None,
 ) -> Iterator[list[int]]:
-    """Greedy generation with MTP drafts; yields the token ids committed by each main-model pass.
-
-    `input_ids` [1, T]. Stops after an eos token (which is yielded) or `max_new_tokens` tokens. `stats`, if
-    given, is updated as generation goes. Closing the iterator stops generation at once.
-    """
+    """Greedy generation of one sequence (input_ids [1, T]) with MTP drafts; yields the token ids each main-model
+    pass commits. Stops after an eos token (which is yielded) or `max_new_tokens` tokens. For batches, use
+    `model.generate(..., mtp_speculative=True)`."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"MTP speculative decoding takes one sequence, input_ids [1, T]; got {list(input_ids.shape)}")
-    if model.config.num_nextn_predict_layers < 1:
-        raise ValueError("this model has no MTP module (config.num_nextn_predict_layers == 0)")
-    if max_new_tokens <= 0:
-        return
-    stats = stats if stats is not None else DraftStats()
-    eos = _eos_ids(model, eos_token_id)
-    backbone, drafter = model.model, _MTPDrafter(model)
-    cache = DynamicCache(config=model.config)
-
-    def main_pass(ids: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        hidden = backbone(input_ids=ids, cache=cache, use_cache=True).last_hidden_state  # [1, k, d], normed
-        stats.main_passes += 1
-        return hidden, model.lm_head(hidden).argmax(-1)[0].tolist()
-
-    hidden, greedy = main_pass(input_ids)
-    token, produced = greedy[-1], 1
-    yield [token]
-    if token in eos or produced >= max_new_tokens:
-        return
-    next_ids = torch.cat([input_ids[:, 1:], input_ids.new_tensor([[token]])], dim=1)
-    draft = drafter.draft(hidden, next_ids, start=0)
-    position = input_ids.shape[1]  # position of `token`, the newest committed token, not yet in the cache
-    while True:
-        hidden, greedy = main_pass(input_ids.new_tensor([[token, draft]]))
-        stats.drafted += 1
-        if greedy[0] == draft:
-            stats.accepted += 1
-            committed = [draft, greedy[1]]
-        else:
-            cache.crop(-1)  # drop the rejected draft's entry
-            committed, hidden = [greedy[0]], hidden[:, :1]
-        for i, t in enumerate(committed):
-            if t in eos or produced + i + 1 >= max_new_tokens:
-                yield committed[: i + 1]
-                return
-        yield committed
-        produced += len(committed)
-        draft = drafter.draft(hidden, input_ids.new_tensor([committed]), start=position)
-        token, position = committed[-1], position + len(committed)
+        raise ValueError(
+            f"mtp_speculative_stream takes one sequence, input_ids [1, T]; got {list(input_ids.shape)} "
+            "(for a batch use model.generate(..., mtp_speculative=True))"
+        )
+    for committed in speculative_decode(model, input_ids, None, max_new_tokens, eos_token_id, stats=stats):
+        yield committed[0]
 
 
 def mtp_greedy_generate(
-    model: DeepSeekForCausalLM,
+    model: "DeepSeekForCausalLM",
     input_ids: torch.LongTensor,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
@@ -124,4 +395,15 @@ def mtp_greedy_generate(
     return torch.cat([input_ids, input_ids.new_tensor([new])], dim=1), stats
 
 
-__all__ = ["DraftStats", "mtp_greedy_generate", "mtp_speculative_stream"]
+__all__ = [
+    "DraftStats",
+    "MTPDrafter",
+    "TokenChooser",
+    "acceptance_probability",
+    "mtp_greedy_generate",
+    "mtp_speculative_stream",
+    "residual_distribution",
+    "sampling_warpers",
+    "speculative_decode",
+    "speculative_generate",
+]
