@@ -4,8 +4,8 @@ and of this project in FP8, on the same config and the same batches, one after t
 Each variant builds its model from the same seed at the same shapes (no MTP layer, so every model computes the
 same next-token loss), trains `warmup_steps + steps` AdamW steps (fused on CUDA; bf16 weights, as the peer figure
 in REFERENCE.md) and reports the median step time, tokens/s, model FLOPs utilisation, peak memory and the losses.
-The batches are short random token patterns repeated along each row, so the loss falls within a few steps and the
-FP8 run can be compared with the bf16 run at matched data (`final_loss`: mean of the last 3 steps).
+The batches alternate between two, whose rows repeat short random token patterns, so the loss falls within a few
+steps and the FP8 run can be compared with the bf16 run at matched data (`final_loss`: mean of the last 3 steps).
 
 Model FLOPs per step (`step_flops`): tokens x (6 x active matmul parameters + the causal attention term
 6 x layers x heads x (qk_head_dim + v_head_dim) x (T + 1) / 2). Active matmul parameters are the weights that
@@ -105,14 +105,15 @@ def step_flops(config: DeepSeekConfig, batch_size: int, seq_len: int) -> tuple[f
 
 
 def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch.device) -> list[torch.Tensor]:
-    """`count` batches [B, T] of rows that repeat a random pattern (the same for every variant)."""
+    """`count` batches [B, T] (the same for every variant), cycling over two distinct ones whose rows repeat a
+    random pattern: seen again every other step, they are learnt within a few steps, so losses can be compared."""
     gen = torch.Generator().manual_seed(1234)
     repeats = -(-plan.seq_len // plan.pattern_len)
-    batches = []
-    for _ in range(count):
+    distinct = []
+    for _ in range(2):
         pattern = torch.randint(0, vocab, (plan.batch_size, plan.pattern_len), generator=gen)
-        batches.append(pattern.repeat(1, repeats)[:, : plan.seq_len].to(device))
-    return batches
+        distinct.append(pattern.repeat(1, repeats)[:, : plan.seq_len].to(device))
+    return [distinct[i % 2] for i in range(count)]
 
 
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -70,6 +70,38 @@ class TopKRouter(nn.Module):
         return self.config.aux_loss_alpha * (f * p).sum(dim=-1).mean()
 
 
+class GatherTokenRows(torch.autograd.Function):
+    """x [N, d] -> x[order // k] [N*k, d]: each token's row once per chosen expert, in expert order.
+
+    Backward un-sorts the gradient with the inverse permutation and sums each token's k rows: a gather and a
+    sum, where autograd's backward of the indexing would scatter-add rows with atomics (slow in bf16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x[order // top_k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class PermuteRows(torch.autograd.Function):
+    """rows[perm] for a permutation `perm` whose inverse is `inverse`; backward is grad[inverse], a gather too."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows[perm]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 class RoutedExperts(nn.Module):
     """All routed experts of a layer as stacked tensors: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
 
@@ -83,12 +115,12 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
-        top_k = indices.shape[1]
+        num_tokens, top_k = indices.shape
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
-        token_idx = order // top_k
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = count_per_expert(flat, self.num_experts)
-        x_sorted = x[token_idx]  # [N*k, d]
+        x_sorted = GatherTokenRows.apply(x, order, inverse, top_k)  # [N*k, d]
         if self._grouped_gemm_ok(x_sorted):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)
@@ -96,8 +128,8 @@ class RoutedExperts(nn.Module):
             out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
         else:
             out = self._loop_experts(x_sorted, counts.tolist())
-        out = out * weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_idx, out.to(x.dtype))
+        out = PermuteRows.apply(out, inverse, order).view(num_tokens, top_k, -1)  # back to (token, choice) order
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
     def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
         """torch's grouped GEMM dispatches for bf16 on CUDA with 16-byte aligned rows; else the exact loop."""
