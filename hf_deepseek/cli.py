@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
     bench.add_argument("--max-tokens", type=int, help="skip cells whose batch x context exceeds this")
     bench.add_argument("--output-dir", default="outputs/bench", help="where bench.json and the PNG charts go")
-    bench_kinds = bench.add_subparsers(dest="bench_command", metavar="{train}")
+    bench_kinds = bench.add_subparsers(dest="bench_command", metavar="{train,decode}")
     bench_train = bench_kinds.add_parser(
         "train",
         help="training step: transformers' DeepseekV3 vs this project in bf16 and FP8: tokens/s, MFU, peak memory",
@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
+    bench_decode = bench_kinds.add_parser(
+        "decode",
+        help="decode step: transformers' DeepseekV3 eager and compiled vs this project eager, fast path (bf16, FP8) "
+        "and MTP: ms/step, tokens/s, peak memory, fraction of the weight+cache read floor",
+    )
+    bench_decode.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    bench_decode.add_argument("--tiny", action="store_true", help="tiny shapes and grid, a CPU smoke test")
+    bench_decode.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    bench_decode.add_argument("--checkpoint", help="benchmark this saved model instead of random weights")
+    bench_decode.add_argument("--batch-sizes", help="comma-separated (default 1,32)")
+    bench_decode.add_argument("--contexts", help="comma-separated cached tokens (default 2048,8192,32768)")
+    bench_decode.add_argument(
+        "--rows",
+        help="comma-separated, from transformers-eager, transformers-compile, ours-eager, ours-fast, ours-mtp, "
+        "ours-fast-fp8 (default: all)",
+    )
+    bench_decode.add_argument("--steps", type=int, help="timed decode steps per cell (default 10)")
+    bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")
+    bench_decode.add_argument("--mtp-contexts", help="prompt lengths of the MTP row (default 2048)")
+    bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
+    bench_decode.add_argument("--output-dir", default="outputs/bench-decode", help="bench_decode.json/.md go here")
     train = commands.add_parser(
         "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"
     )
@@ -107,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         from hf_deepseek.evals.bench_train import run_train_bench_from_args
 
         run_train_bench_from_args(args)
+    elif args.command == "bench" and args.bench_command == "decode":
+        from hf_deepseek.evals.bench_decode import run_decode_bench_from_args
+
+        run_decode_bench_from_args(args)
     elif args.command == "bench":
         from hf_deepseek.evals.bench import run_bench_from_args
 

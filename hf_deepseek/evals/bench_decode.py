@@ -1,0 +1,433 @@
+"""`hf-deepseek bench decode`: ms per decode step of transformers' DeepseekV3 and this model, same weights and shapes.
+
+Rows, in one process: transformers eager (DynamicCache), transformers static cache + torch.compile (CUDA graphs),
+ours eager (DynamicCache, absorbed decode), ours fast path (static latent cache + the compiled step `generate()`
+uses) in bf16 and with FP8 weights, and ours with MTP self-speculative decoding through `generate()`. Each cell
+(batch, context) fills the cache with `context` random latent tokens (decode cost does not depend on their values,
+and no row pays a long prefill), then times `warmup + steps` single-token steps with CUDA events between steps and
+reports the median. The read floor of a step counts the weights a step must read (all but the embedding and the
+MTP layer; routed experts in proportion to the expected number of distinct experts the batch selects under uniform
+routing, E * (1 - (1 - k/E)^B) per MoE layer) plus the latent cache (B * context * (r + rope) values per layer), at
+the copy bandwidth measured in the same run (and at the 4.8 TB/s datasheet figure).
+"""
+
+import argparse
+import gc
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DeepseekV3ForCausalLM
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.generation.configuration_utils import CompileConfig
+
+from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+from hf_deepseek.evals.bench import (
+    FULL_CONFIG,
+    TINY_CONFIG,
+    build_checkpoint,
+    cache_kwargs,
+    load,
+    machine_description,
+    synchronize,
+    timestamped_printer,
+)
+from hf_deepseek.modeling.latent_cache import LatentStaticCache
+from hf_deepseek.modeling.moe import RoutedExperts
+
+# run in this order: MTP before FP8, since the FP8 row converts the loaded model in place
+ROWS = ("transformers-eager", "transformers-compile", "ours-eager", "ours-fast", "ours-mtp", "ours-fast-fp8")
+DATASHEET_TB_S = 4.8
+
+
+@dataclass
+class DecodePlan:
+    config: dict[str, Any]
+    batch_sizes: list[int]
+    contexts: list[int]
+    rows: list[str] = field(default_factory=lambda: list(ROWS))
+    steps: int = 10
+    warmup_steps: int = 3
+    mtp_contexts: list[int] = field(default_factory=lambda: [2048])
+    mtp_new_tokens: int = 32
+    compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
+
+
+FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
+TINY_DECODE_PLAN = DecodePlan(
+    TINY_CONFIG, batch_sizes=[2], contexts=[16], steps=2, warmup_steps=1, mtp_contexts=[16], mtp_new_tokens=4
+)
+
+
+@dataclass
+class DecodeCell:
+    row: str
+    batch: int
+    context: int
+    ms_per_step: float | None = None
+    tokens_per_s: float | None = None
+    peak_memory_gib: float | None = None
+    floor_ms: float | None = None
+    floor_fraction: float | None = None  # floor_ms / ms_per_step: 1.0 would read at the measured copy bandwidth
+    acceptance_rate: float | None = None
+    tokens_per_step: float | None = None
+    note: str = ""
+
+
+# -- the read floor ---------------------------------------------------------------------------------------------
+def step_weight_bytes(model: torch.nn.Module, batch: int) -> float:
+    """Bytes of weights one decode step of `batch` tokens must read: every parameter and buffer of the main
+    network but the embedding table (B rows) and the MTP layers; routed experts scaled by the expected fraction of
+    distinct experts B tokens select (uniform routing)."""
+    config = model.config
+    experts, top_k = config.n_routed_experts, config.num_experts_per_tok
+    active = 1 - (1 - top_k / experts) ** batch
+    mtp = tuple(f"model.layers.{config.num_hidden_layers + i}." for i in range(config.num_nextn_predict_layers))
+    routed = {id(t) for m in model.modules() if isinstance(m, RoutedExperts) for t in m.parameters()}
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = 0.0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(mtp) or (tensor is embedding and embedding is not head):  # tied: read as lm_head
+            continue
+        nbytes = tensor.numel() * tensor.element_size()
+        total += nbytes * active if id(tensor) in routed else nbytes
+    return total
+
+
+def cache_bytes(config, batch: int, context: int, element_size: int) -> int:
+    return batch * context * (config.kv_lora_rank + config.qk_rope_head_dim) * element_size * config.num_hidden_layers
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float | None:
+    """Bytes/s of a device-to-device copy (read + write counted), median of 5."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * int(gib * 2**30) / statistics.median(times[1:])
+
+
+# -- caches filled with `context` random latent tokens ----------------------------------------------------------
+def filled_cache(kind: str, model, batch: int, context: int, max_len: int, device, dtype):
+    config = model.config
+    if kind == "dynamic":
+        cache = DynamicCache(config=config)
+    elif kind == "static":
+        cache = StaticCache(config=config, max_cache_len=max_len)
+    else:
+        cache = LatentStaticCache(config, max_cache_len=max_len)
+    gen = torch.Generator(device=device).manual_seed(batch * 7919 + context)
+    latent = torch.randn(batch, 1, context, config.kv_lora_rank, device=device, dtype=dtype, generator=gen)
+    rope = torch.randn(batch, 1, context, config.qk_rope_head_dim, device=device, dtype=dtype, generator=gen)
+    for layer in range(config.num_hidden_layers):
+        cache.update(latent, rope, layer)
+    return cache
+
+
+def time_steps(step: Callable, model, cache, batch: int, context: int, plan: DecodePlan, device) -> list[float]:
+    """Feed `warmup + steps` single tokens through `step`; ms between consecutive steps (CUDA events on CUDA)."""
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (plan.warmup_steps + plan.steps, batch, 1), device=device)
+    kwargs = cache_kwargs(model, cache)
+    marks = []
+    for i in range(plan.warmup_steps + plan.steps):
+        if i >= plan.warmup_steps:
+            marks.append(_mark(device))
+        position = torch.full((batch, 1), context + i, device=device, dtype=torch.long)
+        step(input_ids=tokens[i], position_ids=position, use_cache=True, logits_to_keep=1, **kwargs)
+    marks.append(_mark(device))
+    synchronize(device)
+    if device.type == "cuda":
+        return [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
+    return [1000 * (b - a) for a, b in zip(marks, marks[1:], strict=False)]
+
+
+def _mark(device):
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+# -- rows -------------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    name: str
+    cache_kind: str  # dynamic | static | latent
+    compiled: bool
+
+
+STEP_ROWS = {
+    "transformers-eager": Row("transformers-eager", "dynamic", False),
+    "transformers-compile": Row("transformers-compile", "static", True),
+    "ours-eager": Row("ours-eager", "dynamic", False),
+    "ours-fast": Row("ours-fast", "latent", True),
+    "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
+}
+
+
+def compiled_step(model, plan: DecodePlan) -> Callable:
+    """The compiled forward `generate()` uses for a compileable cache (`get_compiled_call`), fresh per model."""
+    torch.compiler.reset()
+    model.__dict__.pop("_compiled_call", None)
+    return model.get_compiled_call(CompileConfig(dynamic=plan.compile_dynamic))
+
+
+def run_step_row(row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress) -> list[DecodeCell]:
+    cells = []
+    compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
+    step = compiled_step(model, plan) if compile_here else model.__call__
+    floor_cache_size = torch.empty((), dtype=dtype).element_size()
+    for batch in plan.batch_sizes:
+        weights = step_weight_bytes(model, batch)
+        for context in plan.contexts:
+            cell = DecodeCell(row.name, batch, context)
+            if row.compiled and not compile_here:
+                cell.note = "not compiled on CPU (as generate)"
+            started = time.perf_counter()
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                max_len = context + plan.warmup_steps + plan.steps
+                with torch.no_grad():
+                    cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
+                    times = time_steps(step, model, cache, batch, context, plan, device)
+                cell.ms_per_step = statistics.median(times)
+                cell.tokens_per_s = batch * 1000 / cell.ms_per_step
+                if device.type == "cuda":
+                    cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                floor_bytes = weights + cache_bytes(model.config, batch, context, floor_cache_size)
+                if bandwidth:
+                    cell.floor_ms = 1000 * floor_bytes / bandwidth
+                    cell.floor_fraction = cell.floor_ms / cell.ms_per_step
+            except torch.OutOfMemoryError:
+                cell.note = "out of memory"
+            except Exception as error:  # a row that fails to compile or run is reported, the others still run
+                cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            finally:
+                cache = None
+                gc.collect()
+            progress(
+                f"{row.name} batch {batch} context {context}: "
+                + (f"{cell.ms_per_step:.2f} ms/step" if cell.ms_per_step else cell.note)
+                + f" ({time.perf_counter() - started:.0f} s)"
+            )
+            cells.append(cell)
+    if compile_here:
+        torch.compiler.reset()
+        model.__dict__.pop("_compiled_call", None)
+    return cells
+
+
+def run_mtp_row(model, plan: DecodePlan, device, progress) -> list[DecodeCell]:
+    """MTP self-speculative decoding through `generate(mtp_speculative=True)` against plain greedy `generate()`
+    (the fast path where it applies) on the same prompts: ms per generated token, acceptance, tokens per step."""
+    cells = []
+    for batch in plan.batch_sizes:
+        for context in plan.mtp_contexts:
+            cell = DecodeCell("ours-mtp", batch, context)
+            try:
+                ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+                common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+                n = plan.mtp_new_tokens
+
+                def run(new_tokens: int, ids=ids, common=common, **extra):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=new_tokens, **common, **extra)
+                    synchronize(device)
+                    return time.perf_counter() - start, out
+
+                run(n, mtp_speculative=True)  # warm-up
+                prefill_s, _ = run(1, mtp_speculative=True)
+                total_s, out = run(n, mtp_speculative=True)
+                stats = getattr(model, "last_speculative_stats", None)
+                if not stats:
+                    cell.note = "skipped: generate(mtp_speculative=True) set no last_speculative_stats"
+                else:
+                    generated = out.shape[1] - context
+                    cell.ms_per_step = 1000 * (total_s - prefill_s) / max(generated - 1, 1)  # per generated token
+                    cell.tokens_per_s = batch * 1000 / cell.ms_per_step
+                    cell.acceptance_rate = stats.get("acceptance_rate")
+                    cell.tokens_per_step = stats.get("tokens_per_step")
+                    # plain greedy generate with the same eager DynamicCache machinery (warm-up, then timed)
+                    plain = dict(cache_implementation="dynamic")
+                    run(n, **plain)
+                    plain_prefill_s, _ = run(1, **plain)
+                    plain_s, _ = run(n, **plain)
+                    plain_ms = 1000 * (plain_s - plain_prefill_s) / max(n - 1, 1)
+                    cell.note = f"plain eager generate: {plain_ms:.2f} ms/token"
+            except TypeError as error:
+                cell.note = f"skipped: generate does not take mtp_speculative yet ({error})"
+            except torch.OutOfMemoryError:
+                cell.note = "out of memory"
+            except Exception as error:
+                cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            progress(f"ours-mtp batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
+            cells.append(cell)
+    return cells
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+def run_decode_bench(
+    plan: DecodePlan,
+    device: str = "cuda",
+    dtype: torch.dtype | None = None,
+    checkpoint: str | None = None,
+    output_dir: str | Path = "outputs/bench-decode",
+    progress: Callable[[str], None] | None = None,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run the rows of `plan`; write `bench_decode.json` and `bench_decode.md` to `output_dir`; return results."""
+    unknown = sorted(set(plan.rows) - set(ROWS))
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    progress = progress or timestamped_printer()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth(device)
+    if bandwidth is None:  # CPU: no meaningful floor; use a nominal figure so the smoke test covers the arithmetic
+        bandwidth = 1e11
+    progress(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": machine_description(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "checkpoint": checkpoint or "random weights",
+        "plan": asdict(plan) | {"config": None},
+        "copy_bandwidth_tb_s": bandwidth / 1e12,
+        "floor": "active weights (routed experts: expected distinct experts under uniform routing) + latent cache "
+        "bytes, over the measured copy bandwidth",
+        "cells": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="hf-deepseek-bench-decode-") as scratch:
+        if checkpoint is None:
+            progress(f"building random weights at the benchmark shapes on {device}")
+            build_checkpoint(DeepSeekConfig(**plan.config), Path(scratch), device, dtype)
+        source = checkpoint or scratch
+        results["config"] = {k: getattr(DeepSeekConfig.from_pretrained(source), k) for k in FULL_CONFIG}
+        wanted = [r for r in ROWS if r in plan.rows]
+        if any(r.startswith("transformers") for r in wanted):
+            peer = load(DeepseekV3ForCausalLM, source, device, dtype)
+            for name in [r for r in wanted if r.startswith("transformers")]:
+                results["cells"] += [asdict(c) for c in run_step_row(STEP_ROWS[name], peer, plan, device, dtype,
+                                                                     bandwidth, progress)]  # fmt: skip
+                write_decode_report(results, output_dir)
+            del peer
+            gc.collect()
+        if any(r.startswith("ours") for r in wanted):
+            model = load(DeepSeekForCausalLM, source, device, dtype)
+            for name in [r for r in wanted if r.startswith("ours")]:
+                if name == "ours-mtp":
+                    cells = run_mtp_row(model, plan, device, progress)
+                else:
+                    if name == "ours-fast-fp8":
+                        from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+                        convert_to_fp8_inference(model)
+                    cells = run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress)
+                results["cells"] += [asdict(c) for c in cells]
+                write_decode_report(results, output_dir)
+            del model
+            gc.collect()
+    add_ratios(results)
+    write_decode_report(results, output_dir)
+    return results
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    """Per (batch, context): speed-ups of each row over transformers eager and over transformers' best row."""
+    by_cell: dict[tuple[int, int], dict[str, dict]] = {}
+    for cell in results["cells"]:
+        by_cell.setdefault((cell["batch"], cell["context"]), {})[cell["row"]] = cell
+    for rows in by_cell.values():
+        eager = (rows.get("transformers-eager") or {}).get("ms_per_step")
+        peers = [rows[r]["ms_per_step"] for r in ("transformers-eager", "transformers-compile")
+                 if r in rows and rows[r]["ms_per_step"]]  # fmt: skip
+        for cell in rows.values():
+            ms = cell["ms_per_step"]
+            cell["speedup_vs_transformers_eager"] = eager / ms if eager and ms else None
+            cell["speedup_vs_transformers_best"] = min(peers) / ms if peers and ms else None
+
+
+def write_decode_report(results: dict[str, Any], output_dir: Path) -> None:
+    (output_dir / "bench_decode.json").write_text(json.dumps(results, indent=2, default=str))
+    (output_dir / "bench_decode.md").write_text(markdown_table(results))
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    def fmt(value, spec):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+    lines = [
+        f"`{results['command']}`  ",
+        f"{results['machine']['device']}, torch {results['machine']['torch']}, transformers "
+        f"{results['machine']['transformers']}, {results['dtype']}, copy bandwidth "
+        f"{results['copy_bandwidth_tb_s']:.2f} TB/s; floor = {results['floor']}",
+        "",
+        "| row | batch | context | ms/step (median) | tokens/s | peak GiB | floor ms | floor/actual | "
+        "x tf eager | x tf best | accept | tok/step | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(results["cells"], key=lambda c: (c["batch"], c["context"], ROWS.index(c["row"]))):
+        lines.append(
+            f"| {c['row']} | {c['batch']} | {c['context']} | {fmt(c['ms_per_step'], '.2f')} | "
+            f"{fmt(c['tokens_per_s'], ',.0f')} | {fmt(c['peak_memory_gib'], '.1f')} | {fmt(c['floor_ms'], '.2f')} | "
+            f"{fmt(c['floor_fraction'], '.2f')} | {fmt(c.get('speedup_vs_transformers_eager'), '.1f')} | "
+            f"{fmt(c.get('speedup_vs_transformers_best'), '.1f')} | {fmt(c['acceptance_rate'], '.2f')} | "
+            f"{fmt(c['tokens_per_step'], '.2f')} | {c['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plan_from_args(args: argparse.Namespace) -> DecodePlan:
+    plan = replace(TINY_DECODE_PLAN if args.tiny else FULL_DECODE_PLAN)
+    if args.batch_sizes:
+        plan.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.contexts:
+        plan.contexts = [int(c) for c in args.contexts.split(",")]
+    if args.rows:
+        plan.rows = [r.strip() for r in args.rows.split(",")]
+    if args.steps:
+        plan.steps = args.steps
+    if args.warmup_steps is not None:
+        plan.warmup_steps = args.warmup_steps
+    if args.mtp_contexts:
+        plan.mtp_contexts = [int(c) for c in args.mtp_contexts.split(",")]
+    if args.mtp_new_tokens:
+        plan.mtp_new_tokens = args.mtp_new_tokens
+    return plan
+
+
+def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Entry point of `hf-deepseek bench decode` (arguments defined in `hf_deepseek.cli`)."""
+    words = ["hf-deepseek bench decode"]
+    for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "steps",
+                 "warmup_steps", "mtp_contexts", "mtp_new_tokens", "output_dir"):  # fmt: skip
+        value = getattr(args, name, None)
+        if value not in (None, False):
+            words.append("--" + name.replace("_", "-") + ("" if value is True else f" {value}"))
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return run_decode_bench(
+        plan_from_args(args), args.device, dtype, args.checkpoint, args.output_dir, command=" ".join(words)
+    )

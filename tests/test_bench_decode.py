@@ -1,0 +1,43 @@
+"""hf_deepseek.evals.bench_decode: `hf-deepseek bench decode --device cpu --tiny` end to end, and the read floor."""
+
+import json
+
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.cli import main
+from hf_deepseek.evals.bench_decode import ROWS, cache_bytes, step_weight_bytes
+
+
+def test_bench_decode_tiny_smoke(tmp_path):
+    main(["bench", "decode", "--device", "cpu", "--tiny", "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "bench_decode.json").read_text())
+    assert results["command"].startswith("hf-deepseek bench decode --device cpu --tiny")
+    cells = {cell["row"]: cell for cell in results["cells"]}
+    assert set(cells) == set(ROWS)
+    for row in ROWS:
+        cell = cells[row]
+        assert cell["ms_per_step"] and cell["ms_per_step"] > 0, cell
+        assert cell["tokens_per_s"] == cell["batch"] * 1000 / cell["ms_per_step"]
+        assert cell["speedup_vs_transformers_eager"] > 0
+    assert cells["ours-mtp"]["acceptance_rate"] is not None and cells["ours-mtp"]["tokens_per_step"] >= 1
+    assert cells["ours-fast"]["floor_fraction"] > 0
+    table = (tmp_path / "bench_decode.md").read_text()
+    assert all(f"| {row} |" in table for row in ROWS)
+
+
+def test_read_floor_counts_active_experts_and_the_latent_cache():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = DeepSeekForCausalLM(config)
+    routed = sum(p.numel() * 4 for n, p in model.named_parameters() if ".mlp.experts." in n and "layers.3." not in n)
+    everything = step_weight_bytes(model, batch=10**6)  # every expert is selected
+    one_token = step_weight_bytes(model, batch=1)
+    k_over_e = config.num_experts_per_tok / config.n_routed_experts
+    assert abs((everything - one_token) - routed * (1 - k_over_e)) < 1e-6 * everything
+    mtp = sum(t.numel() * 4 for n, t in [*model.named_parameters(), *model.named_buffers()] if ".layers.3." in n)
+    embed = config.vocab_size * config.hidden_size * 4
+    all_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    assert abs(everything - (all_bytes - mtp - embed)) < 1e-6 * everything
+    assert cache_bytes(config, 2, 100, 2) == 2 * 100 * (32 + 8) * 2 * config.num_hidden_layers
