@@ -168,7 +168,7 @@ def test_compiled_fast_path_matches_eager_on_gpu():
     config = tiny_config(hidden_size=256, moe_intermediate_size=128, intermediate_size=512, kv_lora_rank=128,
                          q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=512,
                          max_position_embeddings=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
-                         topk_group=2, initializer_range=0.1)  # fmt: skip
+                         topk_group=2, initializer_range=0.1, num_hidden_layers=2)  # fmt: skip
     model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
     ids, mask = left_padded_batch(config.vocab_size, pads=(0, 5, 2, 0), length=40)
     ids, mask = ids.cuda(), mask.cuda()
