@@ -99,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="key=value",
         help="recipe overrides: `max_steps=5` sets a field of the stage's args, `model.config.hidden_size=64` a path",
     )
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        help="train on this many GPUs of this host through `accelerate launch` (default: this process only)",
+    )
+    train.add_argument(
+        "--accelerate-config",
+        default="fsdp2",
+        help="with --num-processes: a shipped accelerate config (fsdp2, ddp) or a YAML path",
+    )
     chat = commands.add_parser("chat", help="Gradio chat demo: streamed replies, collapsible reasoning, MTP switch")
     chat.add_argument("--model", required=True, help="checkpoint directory (the model and its tokenizer)")
     chat.add_argument("--host", default="127.0.0.1", help="interface to bind; the default serves this machine only")
@@ -116,6 +126,11 @@ def main(argv: list[str] | None = None) -> None:
         from hf_deepseek.evals.harness import run_lm_eval
 
         run_lm_eval(extra)
+        return
+    if args.command == "train" and args.num_processes:
+        from hf_deepseek.trainers.launch import launch_training
+
+        launch_training(args, extra)
         return
     if args.command == "train":  # overrides after `--recipe NAME` are left unparsed by argparse: they are extras
         from hf_deepseek.trainers.recipes import run_train_from_args

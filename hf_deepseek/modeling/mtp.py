@@ -41,9 +41,20 @@ class MTPLayer(DeepSeekDecoderLayer):
         cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (h^k before the head norm, to chain the next depth; h^k normed, for the shared head)."""
-        hidden = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(previous_hidden)], dim=-1))
-        hidden = self(hidden, position_embeddings, attention_mask, cache=cache, **kwargs)
+        """Returns (h^k before the head norm, to chain the next depth; h^k normed, for the shared head).
+
+        Goes through the module call, so every parameter of the MTP module is used inside one forward: FSDP2
+        gathers them all there, and gradient checkpointing and regional compilation cover the whole module."""
+        return self(previous_hidden, position_embeddings, attention_mask, cache=cache, mtp_token_embeds=token_embeds,
+                    **kwargs)  # fmt: skip
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, mtp_token_embeds=None,
+                **kwargs):  # fmt: skip
+        """With `mtp_token_embeds`, the MTP module (see `forward_mtp`); without, a plain decoder layer."""
+        if mtp_token_embeds is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        hidden = self.eh_proj(torch.cat([self.enorm(mtp_token_embeds), self.hnorm(hidden_states)], dim=-1))
+        hidden = super().forward(hidden, position_embeddings, attention_mask, cache=cache, **kwargs)
         return hidden, self.shared_head.norm(hidden)
 
 
