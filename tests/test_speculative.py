@@ -275,7 +275,7 @@ def test_sampling_keeps_the_distribution_of_plain_sampling(monkeypatch):
     assert chi_square_excess(sample().double(), rows * exact.flatten()) > 5.0
 
 
-def test_generation_config_flag_and_dict_output():
+def test_generation_config_flag_use_mtp_and_dict_output():
     model = random_model(4)
     ids, mask = left_padded_batch([5, 3], seed=4)
     config = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=[])
@@ -283,6 +283,10 @@ def test_generation_config_flag_and_dict_output():
     out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
     assert torch.equal(out.sequences, generate(model, ids, mask, False, max_new_tokens=6))
     assert set(model.last_speculative_stats) == STATS_KEYS
+    model.last_speculative_stats = None
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=PAD, eos_token_id=[], use_mtp=True)
+    assert torch.equal(out, generate(model, ids, mask, False, max_new_tokens=6))
+    assert model.last_speculative_stats is not None  # transformers' own flag runs this model's drafter
 
 
 def test_clear_errors():

@@ -178,12 +178,17 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         return atomic_save(lambda tmp: save(tmp, *args, state_dict=state_dict, **kwargs), save_directory)
 
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
-        """transformers' `generate`; with `mtp_speculative=True` (an argument or a generation-config field) MTP
+        """transformers' `generate`; with `mtp_speculative=True` or `use_mtp=True` (argument or generation config) MTP
         self-speculative decoding instead (`speculative.py`): greedy gives the same tokens and sampling the same
         distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`."""
+        config = generation_config or self.generation_config
         speculative = kwargs.pop("mtp_speculative", None)
+        # transformers' own flag: its drafter needs config.num_mtp_layers, which this model lacks, so it drafts here
+        use_mtp = kwargs.pop("use_mtp", None)
         if speculative is None:
-            speculative = getattr(generation_config or self.generation_config, "mtp_speculative", False)
+            speculative = getattr(config, "mtp_speculative", False) or (
+                use_mtp if use_mtp is not None else getattr(config, "use_mtp", False)
+            )
         if speculative:
             return speculative_generate(self, inputs, generation_config, **kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)

@@ -40,7 +40,7 @@ UNSUPPORTED_OPTIONS = (
     "guidance_scale", "renormalize_logits", "constraints", "top_h", "epsilon_cutoff", "eta_cutoff",
     "watermarking_config", "output_scores", "output_logits", "output_attentions", "output_hidden_states",
     "penalty_alpha", "diversity_penalty", "prompt_lookup_num_tokens", "stop_strings", "max_time", "token_healing",
-    "dola_layers", "use_mtp",
+    "dola_layers",
 )  # fmt: skip
 # generate() arguments besides the generation config that speculative decoding accepts
 ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "use_cache")
@@ -326,6 +326,7 @@ def speculative_generate(
     _check_model(model)
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     arguments = config.update(**kwargs)
+    config.use_mtp = None  # transformers' name for what this function does
     arguments.pop("mtp_speculative", None)
     unknown = sorted(k for k, v in arguments.items() if k not in ACCEPTED_ARGUMENTS and v is not None)
     if unknown:
