@@ -88,7 +88,7 @@ def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, rep
     model.generate(batches[0][0], attention_mask=batches[0][1], mtp_speculative=True, **kwargs)  # warm-up
     model.generate(batches[0][0], attention_mask=batches[0][1], **kwargs)
     plain_s, spec_s, mismatches, drafting = [], [], 0, [0.0]
-    drafted = accepted = steps = tokens = plain_tokens = 0
+    drafted = accepted = steps = tokens = plain_tokens = plain_row_steps = 0
     per_row_pass = []  # tokens committed per row per main-model pass, one figure per batch
     for repeat in range(repeats):
         plain_total = spec_total = 0.0
@@ -108,6 +108,7 @@ def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, rep
                 per_row_pass.append(stats["tokens_per_step"])
                 tokens += new_tokens(spec, ids.shape[1], eos)
                 plain_tokens += new_tokens(plain, ids.shape[1], eos)
+                plain_row_steps += plain[:, ids.shape[1] :].numel()  # plain generate steps every row to the end
         plain_s.append(plain_total)
         spec_s.append(spec_total)
     plain, spec = statistics.median(plain_s), statistics.median(spec_s)
@@ -124,6 +125,7 @@ def measure(model, tokenizer, prompts, batch_size: int, max_new_tokens: int, rep
         "plain_tok_s": plain_tokens / plain,
         "speculative_tok_s": tokens / spec,
         "speedup": (tokens / spec) / (plain_tokens / plain),
+        "plain_rows_busy": plain_tokens / plain_row_steps,  # rows that had not ended, over all row-steps
         "drafting_share": drafting_share,  # of the speculative time, spent in the MTP drafter
         "speedup_without_drafting": (tokens / (spec * (1 - drafting_share))) / (plain_tokens / plain),
         "outputs_differing": None if sample else mismatches,
