@@ -78,13 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--contexts", help="comma-separated cached tokens (default 2048,8192,32768)")
     bench_decode.add_argument(
         "--rows",
-        help="comma-separated, from transformers-eager, transformers-compile, ours-eager, ours-fast, ours-mtp, "
-        "ours-fast-fp8 (default: all)",
+        help="comma-separated, from transformers-eager, transformers-compile, ours-eager, ours-fast, "
+        "ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-fast-fp8 (default: all)",
     )
     bench_decode.add_argument("--steps", type=int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")
     bench_decode.add_argument("--mtp-contexts", help="prompt lengths of the MTP row (default 2048)")
     bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
+    bench_decode.add_argument(
+        "--row-batch-sizes", help="per-row batch sizes, e.g. 'transformers-compile=32;ours-fast-grouped=32'"
+    )
+    bench_decode.add_argument("--merge", help="comma-separated bench_decode.json files of one plan: merge into one")
     bench_decode.add_argument("--output-dir", default="outputs/bench-decode", help="bench_decode.json/.md go here")
     train = commands.add_parser(
         "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"

@@ -25,6 +25,10 @@ def test_bench_decode_tiny_smoke(tmp_path):
     assert cells["ours-fast"]["floor_fraction"] > 0
     table = (tmp_path / "bench_decode.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
+    run = str(tmp_path / "bench_decode.json")
+    main(["bench", "decode", "--merge", f"{run},{run}", "--output-dir", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "bench_decode.json").read_text())
+    assert len(merged["cells"]) == 2 * len(results["cells"]) and merged["command"].count(" ; ") == 1
 
 
 def test_read_floor_counts_active_experts_and_the_latent_cache():

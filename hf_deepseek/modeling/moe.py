@@ -13,6 +13,7 @@ from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
 from .layers import SwiGLUMLP
+from .moe_decode import dense_experts, use_dense_experts
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -116,6 +117,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
         num_tokens, top_k = indices.shape
+        if use_dense_experts(self, x, top_k):  # decode-sized batch on CUDA: all experts, batched (moe_decode.py)
+            return dense_experts(self, x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
