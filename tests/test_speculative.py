@@ -3,6 +3,7 @@ ending at eos mid-batch) whatever the drafts (the model's own MTP module, a perf
 drafter); sampling keeps plain sampling's distribution (the acceptance rule in closed form, and the joint
 distribution of the first three tokens); the drafts are the MTP module's predictions; acceptance is counted."""
 
+import app_helpers
 import pytest
 import torch
 from app_helpers import FINITE_SCRIPT, scripted_chat_model
@@ -48,31 +49,41 @@ def generate(model, ids, mask, speculative_decoding: bool, **kwargs) -> torch.Te
     return model.generate(ids, attention_mask=mask, mtp_speculative=speculative_decoding, **kwargs)
 
 
+def track_rows(monkeypatch) -> None:
+    """Gives the drafter `rows`: the original batch index of each row it still drafts for (rows that end leave)."""
+    prefill, select = MTPDrafter.prefill, MTPDrafter.select
+
+    def tracking_prefill(self, hidden, *args):
+        self.rows = list(range(hidden.shape[0]))
+        return prefill(self, hidden, *args)
+
+    def tracking_select(self, keep):
+        self.rows = [self.rows[i] for i in keep.tolist()]
+        select(self, keep)
+
+    monkeypatch.setattr(MTPDrafter, "prefill", tracking_prefill)
+    monkeypatch.setattr(MTPDrafter, "select", tracking_select)
+
+
 def install_oracle(monkeypatch, reference: torch.Tensor, mask: torch.Tensor, wrong) -> None:
-    """Replace each draft by the reference's token (a wrong one where `wrong(position)`) after the real MTP module
-    has run, so its cache stays in step. Rows are followed as they leave the batch (the drafter's cache is told)."""
+    """Replace draft i (1..D) by the reference's token (a wrong one where `wrong(position + i)`) after the MTP
+    modules have run, so their caches stay in step."""
+    track_rows(monkeypatch)
     width, vocab = mask.shape[1], reference.max().item() + 2
     lengths = mask.sum(1).tolist()
 
     def fix(drafter, drafts, positions):
-        fixed = []
-        for row, draft, t in zip(drafter.rows, drafts.tolist(), positions.tolist(), strict=True):
-            index = width - lengths[row] + t + 2  # the entry at position t drafts token t+2
-            target = reference[row, index].item() if index < reference.shape[1] else draft
-            fixed.append((target + 1) % vocab if wrong(t) else target)
-        return drafts.new_tensor(fixed)
+        fixed = drafts.clone()
+        for b, (row, t) in enumerate(zip(drafter.rows, positions.tolist(), strict=True)):
+            for i in range(drafts.shape[1]):
+                index = width - lengths[row] + t + 2 + i  # drafted from the entry at position t: token t+2+i
+                target = reference[row, index].item() if index < reference.shape[1] else drafts[b, i].item()
+                fixed[b, i] = (target + 1) % vocab if wrong(t + i) else target
+        return fixed
 
     prefill, step = MTPDrafter.prefill, MTPDrafter.step
 
     def oracle_prefill(self, hidden, next_ids, attention_mask, position_ids):
-        self.rows = list(range(hidden.shape[0]))
-        select = self.cache.batch_select_indices
-
-        def follow(keep):
-            self.rows = [self.rows[i] for i in keep.tolist()]
-            select(keep)
-
-        self.cache.batch_select_indices = follow
         drafts, q = prefill(self, hidden, next_ids, attention_mask, position_ids)
         return fix(self, drafts, position_ids[:, -1]), q
 
@@ -94,15 +105,16 @@ DRAFTERS = {
 
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("lengths", [[7], PROMPT_LENGTHS], ids=["batch1", "batch8"])
-def test_greedy_output_equals_plain_greedy_generate(monkeypatch, drafter, lengths):
-    model = random_model(0)
+@pytest.mark.parametrize("depths", [1, 2], ids=["1 draft", "2 drafts"])
+def test_greedy_output_equals_plain_greedy_generate(monkeypatch, drafter, lengths, depths):
+    model = random_model(0, num_nextn_predict_layers=depths)
     ids, mask = left_padded_batch(lengths, seed=1)
     free = generate(model, ids, mask, False)
     # an eos that some rows produce early and others later or never: rows end mid-batch, the rest go on
     eos = free[0, ids.shape[1] + 4].item()
     reference = generate(model, ids, mask, False, eos_token_id=eos)
-    if DRAFTERS[drafter] is not None:
-        install_oracle(monkeypatch, reference, mask, DRAFTERS[drafter])
+    if DRAFTERS[drafter] is not None:  # the oracle reads greedy decoding without eos, a few tokens further
+        install_oracle(monkeypatch, generate(model, ids, mask, False, max_new_tokens=NEW + 4), mask, DRAFTERS[drafter])
     out = generate(model, ids, mask, True, eos_token_id=eos)
     assert torch.equal(out, reference)
     stats = model.last_speculative_stats
@@ -132,9 +144,11 @@ def test_acceptance_counts_at_batch_one():
     assert stats["tokens_per_step"] == pytest.approx(NEW / stats["steps"])
 
 
-def test_a_trained_like_mtp_module_is_always_accepted_in_a_batch():
-    """The scripted model's MTP module predicts the script one token further: every draft is right, rows starting
-    at different points of the script end at eos at different steps."""
+@pytest.mark.parametrize("depths", [1, 2], ids=["1 draft", "2 drafts"])
+def test_a_trained_like_mtp_module_is_always_accepted_in_a_batch(monkeypatch, depths):
+    """The scripted model's MTP modules predict the script 1 (and 2) tokens further: every draft is right, rows
+    starting at different points of the script end at eos at different steps."""
+    monkeypatch.setattr(app_helpers, "tiny_config", lambda **k: tiny_config(**k, num_nextn_predict_layers=depths))
     model = scripted_chat_model(FINITE_SCRIPT)
     tokenizer = build_tokenizer()
     script = tokenizer.convert_tokens_to_ids(FINITE_SCRIPT)
@@ -148,7 +162,9 @@ def test_a_trained_like_mtp_module_is_always_accepted_in_a_batch():
     out = generate(model, ids, mask, True, **kwargs)
     assert torch.equal(out, generate(model, ids, mask, False, **kwargs))
     assert out.shape[1] == 4 + len(script) - 1  # the row starting at the script's first token ends last
-    assert model.last_speculative_stats["acceptance_rate"] == 1.0
+    stats = model.last_speculative_stats
+    assert stats["acceptance_rate"] == 1.0
+    assert stats["tokens_per_step"] > 1 + 0.5 * depths
 
 
 def test_the_stream_commits_two_tokens_per_pass_with_a_perfect_drafter():
@@ -163,40 +179,67 @@ def test_the_stream_commits_two_tokens_per_pass_with_a_perfect_drafter():
     assert torch.equal(out, reference) and one.as_dict()["steps"] == 6
 
 
-def test_drafts_are_the_mtp_modules_predictions_on_the_full_sequence(monkeypatch):
-    """The incremental drafter (own latent cache, holes and all) predicts what the MTP module predicts in a
-    training forward over the finished sequence; batch 2, so rows reject drafts at different steps."""
-    model = random_model(3)
+@pytest.mark.parametrize("depths", [1, 2], ids=["1 draft", "2 drafts"])
+def test_drafts_are_the_mtp_modules_predictions_in_a_training_forward(monkeypatch, depths):
+    """Draft d_i is what MTP depth i predicts in a training forward over the committed tokens followed by d_1 ..
+    d_{i-1} (what it chains on): the incremental drafter (own latent caches, holes, provisional entries) computes
+    what training computes. Batch 2, drafts replaced by an oracle right 2 times in 3, so rows keep different
+    numbers of drafts and the caches get holes in one row only."""
+    model = random_model(3, num_nextn_predict_layers=depths)
     ids, mask = left_padded_batch([6, 4], seed=5)
-    drafts = []  # (row, position t of the entry, draft of token t+2)
+    new_tokens = 12
+    records = []  # (row, position P of the newest cached token, the drafter's own drafts, their logits [D, V])
     prefill, step = MTPDrafter.prefill, MTPDrafter.step
 
+    class LogitsRecorder:
+        def __init__(self, chooser):
+            self.chooser, self.logits = chooser, []
+
+        def choose(self, logits):
+            self.logits.append(logits)
+            return self.chooser.choose(logits)
+
+    def record(drafter, newest, drafts):
+        logits = torch.stack(drafter.chooser.logits, dim=1)  # [B, D, V], one per depth
+        drafter.chooser.logits = []
+        records.extend(zip(drafter.rows, newest.tolist(), drafts.tolist(), logits, strict=True))
+
     def recording_prefill(self, hidden, next_ids, attention_mask, position_ids):
-        draft, q = prefill(self, hidden, next_ids, attention_mask, position_ids)
-        drafts.extend((row, position_ids[row, -1].item(), d) for row, d in enumerate(draft.tolist()))
-        return draft, q
+        self.chooser = LogitsRecorder(self.chooser)
+        drafts, q = prefill(self, hidden, next_ids, attention_mask, position_ids)
+        record(self, position_ids[:, -1], drafts)
+        return drafts, q
 
     def recording_step(self, hidden, next_ids, slots, position_ids, last):
-        draft, q = step(self, hidden, next_ids, slots, position_ids, last)
-        positions = position_ids[torch.arange(len(last)), last].tolist()
-        drafts.extend((row, t, d) for row, (t, d) in enumerate(zip(positions, draft.tolist(), strict=True)))
-        return draft, q
+        drafts, q = step(self, hidden, next_ids, slots, position_ids, last)
+        record(self, position_ids[torch.arange(len(last)), last], drafts)
+        return drafts, q
 
     monkeypatch.setattr(MTPDrafter, "prefill", recording_prefill)
-    monkeypatch.setattr(MTPDrafter, "step", recording_step)
-    out = generate(model, ids, mask, True, max_new_tokens=16)  # no eos: both rows stay in the batch to the end
-    for row in range(2):
-        sequence = out[row][torch.cat([mask[row].bool(), torch.ones(16, dtype=torch.bool)])][None]
-        seen = []
-        hook = model.model.mtp_layers[0].shared_head.norm.register_forward_hook(
-            lambda m, a, o, seen=seen: seen.append(o)
-        )
+    monkeypatch.setattr(MTPDrafter, "step", recording_step)  # below the oracle, which also tracks rows
+    oracle_source = generate(model, ids, mask, False, max_new_tokens=new_tokens + 4)
+    install_oracle(monkeypatch, oracle_source, mask, DRAFTERS["mixed"])
+    out = generate(model, ids, mask, True, max_new_tokens=new_tokens)
+    assert torch.equal(out, oracle_source[:, : ids.shape[1] + new_tokens])
+    assert 0 < model.last_speculative_stats["acceptance_rate"] < 1
+
+    normed = []
+    hooks = [
+        layer.shared_head.norm.register_forward_hook(lambda m, a, o: normed.append(o))
+        for layer in model.model.mtp_layers
+    ]
+    for row, newest, drafts, logits in records:
+        committed = out[row][torch.cat([mask[row].bool(), torch.ones(new_tokens, dtype=torch.bool)])][: newest + 2]
+        sequence = torch.cat([committed, committed.new_tensor(drafts[:-1])])[None]
+        normed.clear()
         with torch.no_grad():
-            model(sequence, labels=sequence)  # the training path runs the MTP module over the whole sequence
+            model(sequence, labels=sequence)  # the training path runs every MTP depth over the whole sequence
+        expected = torch.stack([model.lm_head(n[0, newest]) for n in normed])  # depth i at P predicts P+1+i
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+        assert drafts == expected.argmax(-1).tolist()
+    for hook in hooks:
         hook.remove()
-        full = model.lm_head(seen[0]).argmax(-1)[0]  # position t predicts token t + 2
-        mine = [(t, d) for r, t, d in drafts if r == row and t < sequence.shape[1]]
-        assert mine and all(full[t].item() == d for t, d in mine)
+    assert len(records) > 8
 
 
 def test_acceptance_rule_in_closed_form():
@@ -247,11 +290,13 @@ def chi_square_excess(counts: torch.Tensor, expected: torch.Tensor) -> float:
     return (statistic - dof) / (2 * dof) ** 0.5
 
 
-def test_sampling_keeps_the_distribution_of_plain_sampling(monkeypatch):
+@pytest.mark.parametrize("depths", [1, 2], ids=["1 draft", "2 drafts"])
+def test_sampling_keeps_the_distribution_of_plain_sampling(monkeypatch, depths):
     """4,000 rows of one prompt, sampled speculatively (temperature and top-k on both p and q): the joint
-    distribution of the first three tokens matches the exact one; resampling rejections from p does not."""
+    distribution of the first three tokens (the second and third from the first verified drafts) matches the exact
+    one; resampling rejections from p does not."""
     vocab, rows = 8, 4000
-    model = random_model(2, vocab_size=vocab, initializer_range=0.5)
+    model = random_model(2, vocab_size=vocab, initializer_range=0.5, num_nextn_predict_layers=depths)
     prompt = torch.tensor([[3, 5, 1, 6, 2]])
     config = GenerationConfig(
         do_sample=True, temperature=0.8, top_k=5, max_new_tokens=3, eos_token_id=[], pad_token_id=0
@@ -287,6 +332,17 @@ def test_generation_config_flag_use_mtp_and_dict_output():
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=PAD, eos_token_id=[], use_mtp=True)
     assert torch.equal(out, generate(model, ids, mask, False, max_new_tokens=6))
     assert model.last_speculative_stats is not None  # transformers' own flag runs this model's drafter
+
+
+def test_fewer_drafts_than_mtp_modules():
+    model = random_model(4, num_nextn_predict_layers=2)
+    ids, mask = left_padded_batch([5, 3], seed=4)
+    out = generate(model, ids, mask, True, mtp_draft_tokens=1, max_new_tokens=8)
+    assert torch.equal(out, generate(model, ids, mask, False, max_new_tokens=8))
+    stats = model.last_speculative_stats
+    assert stats["draft_tokens"] == 2 * (stats["steps"] - 1)  # one draft per row per verifying pass
+    with pytest.raises(ValueError, match="1 to 2 tokens"):
+        generate(model, ids, mask, True, mtp_draft_tokens=3)
 
 
 def test_clear_errors():

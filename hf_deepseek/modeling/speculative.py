@@ -1,13 +1,14 @@
 """MTP self-speculative decoding at any batch size, greedy or sampling, and its draft acceptance statistics.
 
-Each step the first MTP module drafts the token after next for every row, from the main model's final normed
-hidden state h_t and the newest committed token; one main-model pass over [newest token, draft] verifies it and
-yields the token after it. Greedy: the draft is kept when it equals the main model's argmax. Sampling: it is kept
-with probability min(1, p(x)/q(x)), else replaced by a sample of normalize(max(p - q, 0)) (Leviathan et al. 2023),
-so the output is distributed exactly as plain sampling from p. A pass thus commits one token or two per row.
+Each step the MTP modules (`mtp_drafter.py`) draft D tokens per row (depth k the k-th token after the newest
+committed one), and one main-model pass over [newest token, d_1 .. d_D] verifies them and yields the token after
+the kept ones. Greedy: drafts are kept while they equal the main model's argmax. Sampling: d_i is kept with
+probability min(1, p(x)/q(x)), and the first rejected one is replaced by a sample of normalize(max(p - q, 0))
+(Leviathan et al. 2023), so the output is distributed exactly as plain sampling from p. A pass commits 1 to D+1
+tokens per row.
 
-Rows accept different numbers of tokens, yet the latent caches stay rectangular: a rejected draft's slot stays in
-the main and MTP caches as a hole that the attention mask hides (cropped when every row rejected), and each row
+Rows keep different numbers of tokens, yet the latent caches stay rectangular: a rejected draft's slot stays in
+the main and MTP caches as a hole that the attention mask hides (cropped where every row rejected), and each row
 keeps its own position ids, as with left padding. Rows leave the batch when they reach eos or max_new_tokens.
 """
 
@@ -29,6 +30,8 @@ from transformers.generation import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .mtp_drafter import MTPDrafter
+
 if TYPE_CHECKING:
     from .model import DeepSeekForCausalLM
 
@@ -43,7 +46,7 @@ UNSUPPORTED_OPTIONS = (
     "dola_layers",
 )  # fmt: skip
 # generate() arguments besides the generation config that speculative decoding accepts
-ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "use_cache")
+ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "use_cache", "mtp_draft_tokens")
 
 
 @dataclass
@@ -130,48 +133,6 @@ class TokenChooser:
         return torch.multinomial(probs, 1)[:, 0], probs
 
 
-def causal_keep_mask(slots: torch.Tensor, query_length: int) -> torch.Tensor:
-    """[B, 1, T, S] bool: the T newest slots each see the valid (`slots` [B, S] == 1) slots up to themselves."""
-    total = slots.shape[1]
-    causal = torch.ones(query_length, total, dtype=torch.bool, device=slots.device).tril(total - query_length)
-    return causal[None, None] & slots.bool()[:, None, None, :]
-
-
-class MTPDrafter:
-    """The first MTP module run incrementally over its own latent cache, slot for slot beside the main cache.
-
-    Its entry at position t reads (h_t, embedding of token t+1) and predicts token t+2, so it shares the main
-    cache's slots, holes and position ids."""
-
-    def __init__(self, model: "DeepSeekForCausalLM", chooser: TokenChooser):
-        self.model, self.chooser = model, chooser
-        self.layer = model.model.mtp_layers[0]
-        self.cache = DynamicCache()  # grows layers lazily, so the MTP layer's index (num_hidden_layers) fits
-
-    def prefill(self, hidden, next_ids, attention_mask, position_ids):
-        """hidden [B, T, d]: the prompt's h_t; next_ids [B, T]: token t+1 of each. Drafts from the last position."""
-        backbone = self.model.model
-        embeds = backbone.embed_tokens(next_ids)
-        mask, position_embeddings, _ = backbone.attention_inputs(embeds, attention_mask, position_ids, None)
-        _, normed = self.layer.forward_mtp(embeds, hidden, position_embeddings, mask, cache=self.cache)
-        return self.chooser.choose(self.model.lm_head(normed[:, -1]))
-
-    def step(self, hidden, next_ids, slots, position_ids, last):
-        """New entries for the newest slots (hidden, next_ids, position_ids [B, k]; `slots` [B, S] includes them);
-        each row drafts from its entry `last` [B]. Returns the drafts [B] and their distribution (None if greedy)."""
-        backbone = self.model.model
-        embeds = backbone.embed_tokens(next_ids)
-        position_embeddings = backbone.rotary_emb(embeds, position_ids)
-        mask = causal_keep_mask(slots, next_ids.shape[1])
-        _, normed = self.layer.forward_mtp(embeds, hidden, position_embeddings, mask, cache=self.cache)
-        newest = normed[torch.arange(normed.shape[0], device=normed.device), last]  # [B, d]
-        return self.chooser.choose(self.model.lm_head(newest))
-
-    def crop_last(self) -> None:
-        # only the MTP layer's entry: the layers below it were never filled (transformers 5.17 cannot crop those)
-        self.cache.layers[self.layer.self_attn.layer_idx].crop(-1)
-
-
 def _eos_ids(model: "DeepSeekForCausalLM", eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
@@ -190,6 +151,26 @@ def _check_model(model: "DeepSeekForCausalLM") -> None:
         )
 
 
+def verify_drafts(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, chooser: "TokenChooser"):
+    """logits [B, D+1, V] of the main model at [newest token, d_1 .. d_D]; drafts [B, D]; q [B, D, V] their
+    distributions (None: greedy). Returns how many drafts each row keeps [B] and the token after them [B]."""
+    batch, count = drafts.shape
+    rows = torch.arange(batch, device=drafts.device)
+    if not chooser.sampling:
+        target = logits.argmax(dim=-1)  # [B, D+1]
+        kept = (drafts == target[:, :count]).long().cumprod(dim=1).sum(dim=1)  # the leading run of matches
+        return kept, target[rows, kept]
+    p = chooser.probs(logits.flatten(0, 1)).view(*logits.shape)  # [B, D+1, V]
+    keep_probability = acceptance_probability(p[:, :count].flatten(0, 1), q.flatten(0, 1), drafts.flatten())
+    accepted = torch.rand(batch * count, device=drafts.device) < keep_probability
+    kept = accepted.view(batch, count).long().cumprod(dim=1).sum(dim=1)
+    # the first rejected draft is resampled from the residual; if all were kept, the next token comes from p
+    rejected_at = kept.clamp(max=count - 1)
+    residual = residual_distribution(p[rows, rejected_at], q[rows, rejected_at])
+    after = torch.where((kept == count)[:, None], p[:, count], residual)
+    return kept, torch.multinomial(after, 1)[:, 0]
+
+
 @torch.no_grad()
 def speculative_decode(
     model: "DeepSeekForCausalLM",
@@ -199,12 +180,13 @@ def speculative_decode(
     eos_token_id: int | list[int] | None = None,
     chooser: TokenChooser | None = None,
     stats: DraftStats | None = None,
+    draft_tokens: int | None = None,
 ) -> Iterator[dict[int, list[int]]]:
     """Speculative decoding of a (left-padded) batch; yields, per main-model pass, {row: tokens it committed}.
 
     A row's tokens end with an eos token or at `max_new_tokens`; rows that ended are left out of later yields.
-    `chooser` picks tokens (greedy by default); `stats`, if given, is updated as generation goes. Closing the
-    iterator stops generation at once.
+    `chooser` picks tokens (greedy by default); `draft_tokens` per step (default: one per MTP module); `stats`, if
+    given, is updated as generation goes. Closing the iterator stops generation at once.
     """
     _check_model(model)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -215,12 +197,14 @@ def speculative_decode(
         raise ValueError(f"attention_mask {list(attention_mask.shape)} must match input_ids {list(input_ids.shape)}")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("MTP speculative decoding needs left padding: every row's last token must be unmasked")
+    chooser = chooser if chooser is not None else TokenChooser()
+    count = draft_tokens if draft_tokens is not None else model.config.num_nextn_predict_layers
+    drafter = MTPDrafter(model, chooser, count)
     if max_new_tokens <= 0:
         return
-    chooser = chooser if chooser is not None else TokenChooser()
     stats = stats if stats is not None else DraftStats()
     eos = _eos_ids(model, eos_token_id)
-    backbone, drafter = model.model, MTPDrafter(model, chooser)
+    backbone = model.model
     cache = DynamicCache(config=model.config)
     device = input_ids.device
     batch = input_ids.shape[0]
@@ -253,57 +237,50 @@ def speculative_decode(
     yield out
     if not any(alive):
         return
-    draft, q = drafter.prefill(hidden, torch.cat([input_ids[:, 1:], token[:, None]], 1), attention_mask, position_ids)
-    slots = attention_mask  # [B, S]: 1 where a cache slot holds a committed token, in both caches
+    drafts, q = drafter.prefill(hidden, torch.cat([input_ids[:, 1:], token[:, None]], 1), attention_mask, position_ids)
+    slots = attention_mask  # [B, S]: 1 where a cache slot holds a committed token, in the main and MTP caches
     length = attention_mask.sum(-1)  # [B]: position of `token`, the newest committed token (not yet cached)
-    pair = torch.arange(2, device=device)
+    offsets = torch.arange(count + 1, device=device)
 
     while True:
-        if not all(alive):  # rows that ended leave the batch, and both caches
+        if not all(alive):  # rows that ended leave the batch, and the caches
             keep = torch.tensor([i for i, a in enumerate(alive) if a], device=device)
             rows = [rows[i] for i in keep.tolist()]
             cache.batch_select_indices(keep)
-            drafter.cache.batch_select_indices(keep)
-            slots, length, token, draft = slots[keep], length[keep], token[keep], draft[keep]
+            drafter.select(keep)
+            slots, length, token, drafts = slots[keep], length[keep], token[keep], drafts[keep]
             q = q[keep] if q is not None else None
         batch = len(rows)
-        positions = length[:, None] + pair  # [B, 2]
-        slots = torch.cat([slots, slots.new_ones(batch, 2)], dim=1)
+        positions = length[:, None] + offsets  # [B, D+1]
+        slots = torch.cat([slots, slots.new_ones(batch, count + 1)], dim=1)
         hidden = backbone(
-            input_ids=torch.stack([token, draft], 1),
+            input_ids=torch.cat([token[:, None], drafts], dim=1),
             attention_mask=slots,
             position_ids=positions,
             cache=cache,
             use_cache=True,
-        ).last_hidden_state  # [B, 2, d]
-        logits = model.lm_head(hidden)  # [B, 2, V]
-        if chooser.sampling:
-            p = chooser.probs(logits.flatten(0, 1)).view(*logits.shape)
-            accepted = torch.rand(batch, device=device) < acceptance_probability(p[:, 0], q, draft)
-            after = torch.where(accepted[:, None], p[:, 1], residual_distribution(p[:, 0], q))
-            bonus = torch.multinomial(after, 1)[:, 0]
-        else:
-            target = logits.argmax(dim=-1)  # [B, 2]
-            accepted = target[:, 0] == draft
-            bonus = torch.where(accepted, target[:, 1], target[:, 0])
+        ).last_hidden_state  # [B, D+1, d]
+        kept, bonus = verify_drafts(model.lm_head(hidden), drafts, q, chooser)
         stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
-        stats.drafted += batch
-        stats.accepted += int(accepted.sum())
-        slots[:, -1] = accepted.long()  # a rejected draft's slot becomes a hole
-        choices = zip(draft.tolist(), bonus.tolist(), accepted.tolist(), strict=True)
-        new = [[d, b] if a else [b] for d, b, a in choices]
+        stats.drafted += batch * count
+        stats.accepted += int(kept.sum())
+        slots[:, -(count + 1) :] = (offsets <= kept[:, None]).long()  # rejected drafts' slots become holes
+        kept_list = kept.tolist()
+        new = [d[:k] + [b] for d, k, b in zip(drafts.tolist(), kept_list, bonus.tolist(), strict=True)]
         out, alive = commit(new)
         yield out
         if not any(alive):
             return
-        # MTP entries for the two new slots: (h_L, token L+1) always valid, (h_L+1, token L+2) iff accepted
-        next_ids = torch.stack([torch.where(accepted, draft, bonus), bonus], dim=1)
-        draft, q = drafter.step(hidden, next_ids, slots, positions, accepted.long())
-        if not bool(accepted.any()):  # every row rejected: the last slot is a hole in all rows, drop it
-            cache.crop(-1)
-            drafter.crop_last()
-            slots = slots[:, :-1]
-        length, token = length + 1 + accepted.long(), bonus
+        # MTP entries for the new slots: slot j reads the token after it (kept drafts, then the bonus token)
+        padded = torch.cat([drafts, bonus[:, None]], dim=1)
+        next_ids = torch.where(offsets < kept[:, None], padded, bonus[:, None])
+        drafts, q = drafter.step(hidden, next_ids, slots, positions, kept)
+        unused = count - max(kept_list)  # trailing slots that are holes in every row
+        if unused:
+            cache.crop(-unused)
+            drafter.crop(unused)
+            slots = slots[:, :-unused]
+        length, token = length + 1 + kept, bonus
 
 
 def _is_neutral(value) -> bool:
@@ -322,7 +299,8 @@ def speculative_generate(
     **kwargs,
 ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
     """`generate()` with MTP speculative decoding: same arguments, same output shape (prompt + new tokens, rows
-    that ended early filled with `pad_token_id`). Sets `model.last_speculative_stats`."""
+    that ended early filled with `pad_token_id`), plus `mtp_draft_tokens` (drafts per step, 1 to the number of MTP
+    modules; default all). Sets `model.last_speculative_stats`."""
     _check_model(model)
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     arguments = config.update(**kwargs)
@@ -353,7 +331,9 @@ def speculative_generate(
     chooser = TokenChooser(sampling_warpers(config) if config.do_sample else None)
 
     stats, new = DraftStats(), [[] for _ in range(input_ids.shape[0])]
-    for committed in speculative_decode(model, input_ids, attention_mask, max_new_tokens, eos, chooser, stats):
+    draft_tokens = arguments.get("mtp_draft_tokens")
+    steps = speculative_decode(model, input_ids, attention_mask, max_new_tokens, eos, chooser, stats, draft_tokens)
+    for committed in steps:
         for row, tokens in committed.items():
             new[row].extend(tokens)
     model.last_speculative_stats = stats.as_dict()
@@ -400,6 +380,7 @@ __all__ = [
     "DraftStats",
     "MTPDrafter",
     "TokenChooser",
+    "verify_drafts",
     "acceptance_probability",
     "mtp_greedy_generate",
     "mtp_speculative_stream",
