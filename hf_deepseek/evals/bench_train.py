@@ -5,7 +5,8 @@ Each variant builds its model from the same seed at the same shapes (no MTP laye
 same next-token loss), trains `warmup_steps + steps` AdamW steps (fused on CUDA; bf16 weights, as the peer figure
 in REFERENCE.md) and reports the median step time, tokens/s, model FLOPs utilisation, peak memory and the losses.
 The batches alternate between two, whose rows repeat short random token patterns, so the loss falls within a few
-steps and the FP8 run can be compared with the bf16 run at matched data (`final_loss`: mean of the last 3 steps).
+steps and the FP8 run can be compared with the bf16 run at matched data (`mean_loss`: mean over all steps; the
+per-step `losses` are kept too).
 
 Model FLOPs per step (`step_flops`): tokens x (6 x active matmul parameters + the causal attention term
 6 x layers x heads x (qk_head_dim + v_head_dim) x (T + 1) / 2). Active matmul parameters are the weights that
@@ -75,7 +76,8 @@ class TrainResult:
     mfu: float | None = None
     peak_memory_gib: float | None = None
     losses: list[float] = field(default_factory=list)
-    final_loss: float | None = None
+    final_loss: float | None = None  # mean of the last 3 steps
+    mean_loss: float | None = None  # mean over all steps: the matched-loss comparison (the curve falls to ~0)
     note: str = ""
 
 
@@ -179,6 +181,7 @@ def bench_variant(
         times, losses = run_steps(model, optimizer, batches[plan.warmup_steps :], device)
         result.losses = [float(x) for x in warm_losses + losses]
         result.final_loss = statistics.fmean(result.losses[-3:])
+        result.mean_loss = statistics.fmean(result.losses)
         step_s = statistics.median(times) / 1000
         flops, flops_6n = step_flops(config, plan.batch_size, plan.seq_len)
         result.step_ms = 1000 * step_s
@@ -220,9 +223,9 @@ def ratios(results: list[TrainResult]) -> dict[str, float]:
         for fp8 in (OURS_FP8, OURS_FP8_EAGER):
             if fp8 in by_name:
                 out[f"{fp8} / {OURS}"] = by_name[fp8].tokens_per_s / by_name[OURS].tokens_per_s
-                if by_name[OURS].final_loss:
-                    rel = by_name[fp8].final_loss / by_name[OURS].final_loss - 1
-                    out[f"{fp8} final loss relative to {OURS}"] = rel
+                if by_name[OURS].mean_loss:
+                    rel = by_name[fp8].mean_loss / by_name[OURS].mean_loss - 1
+                    out[f"{fp8} mean loss relative to {OURS}"] = rel
     return out
 
 
@@ -231,14 +234,14 @@ def markdown_table(results: list[TrainResult]) -> str:
         return "" if value is None else format(value, spec)
 
     rows = [
-        "| variant | step ms | tokens/s | model TFLOP/s | 6N TFLOP/s | MFU | peak GiB | final loss | note |",
+        "| variant | step ms | tokens/s | model TFLOP/s | 6N TFLOP/s | MFU | peak GiB | mean loss | note |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         rows.append(
             f"| {r.name} | {fmt(r.step_ms, '.1f')} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.model_tflops, '.1f')} | "
             f"{fmt(r.tflops_6n, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.peak_memory_gib, '.2f')} | "
-            f"{fmt(r.final_loss, '.4f')} | {r.note} |"
+            f"{fmt(r.mean_loss, '.4f')} | {r.note} |"
         )
     return "\n".join(rows)
 
@@ -280,7 +283,7 @@ def run_train_bench(
         if result.tokens_per_s:
             progress(
                 f"{name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}, "
-                f"peak {result.peak_memory_gib or 0:.1f} GiB, final loss {result.final_loss:.4f}"
+                f"peak {result.peak_memory_gib or 0:.1f} GiB, mean loss {result.mean_loss:.4f}"
             )
         else:
             progress(f"{name}: {result.note}")
