@@ -45,8 +45,8 @@ class MTPLayer(DeepSeekDecoderLayer):
 
         Goes through the module call, so every parameter of the MTP module is used inside one forward: FSDP2
         gathers them all there, and gradient checkpointing and regional compilation cover the whole module."""
-        return self(previous_hidden, position_embeddings, attention_mask, cache=cache, mtp_token_embeds=token_embeds,
-                    **kwargs)  # fmt: skip
+        # positional: reentrant gradient checkpointing passes gradients only to positional tensors
+        return self(previous_hidden, position_embeddings, attention_mask, cache, token_embeds, **kwargs)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, mtp_token_embeds=None,
                 **kwargs):  # fmt: skip
