@@ -166,7 +166,8 @@ def test_fast_path_tokens_match_an_uncached_reference():
 def test_compiled_fast_path_matches_eager_on_gpu():
     """bf16 on CUDA: the default generate (static latent cache, compiled CUDA-graph step) against an uncached
     eager forward over the same tokens: the same greedy tokens outside bf16 near-ties, close logits; then the
-    same with FP8 weights (the reference then uses the same FP8 weights)."""
+    same with FP8 weights (static cache, uncompiled: the compiled FP8 step failed this test; the reference then
+    uses the same FP8 weights)."""
     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
     torch.manual_seed(0)
@@ -204,3 +205,22 @@ def test_dense_decode_experts_match_the_per_expert_loop():
     with torch.no_grad():
         assert not use_dense_experts(experts, x, 2)  # CPU: the exact per-expert loop stays
         torch.testing.assert_close(dense_experts(experts, x, indices, weights), experts(x, indices, weights))
+
+
+def test_fp8_weights_keep_the_static_cache_but_are_not_compiled(monkeypatch):
+    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+    model = tiny_model(seed=3)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    cache = LatentStaticCache(model.config, max_cache_len=8)
+    model_kwargs = {"cache": cache, "past_key_values": cache}  # the name differs across transformers versions
+    with monkeypatch.context() as patch:  # what transformers' rule reads: compiled only on accelerators
+        patch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+        assert model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
+        convert_to_fp8_inference(model)  # emulated FP8 GEMMs on the CPU
+        assert not model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
+    fast = greedy(model, ids, mask, 6, cache_implementation="static")
+    eager = greedy(model, ids, mask, 6, cache_implementation="dynamic")
+    assert isinstance(returned_cache(fast), LatentStaticCache)
+    assert torch.equal(fast.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)

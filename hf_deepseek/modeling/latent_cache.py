@@ -8,7 +8,8 @@ does for its own `StaticCache`. `mla_decode.py` attends over the buffer.
 
 On CUDA `generate()` uses this cache by default in eval mode; `cache_implementation="dynamic"` (or
 `disable_compile=True` to keep the cache but skip compilation) opts out, `cache_implementation="static"` opts in
-anywhere (CPU included, uncompiled there).
+anywhere (CPU included, uncompiled there). Models with FP8 weights keep the cache but are not compiled (see
+`_valid_auto_compile_criteria`).
 """
 
 import torch
@@ -99,6 +100,15 @@ class LatentCacheGenerationMixin:
         max_cache_len = max(max_cache_len, getattr(self, "_previous_max_cache_length", -1))
         self._previous_max_cache_length = max_cache_len
         return LatentStaticCache(self.config, max_cache_len=max_cache_len)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """transformers' rule, except for FP8 weights: their compiled decode step (Triton kernels inside the
+        graph) gave wrong logits on an H200, so FP8 models decode with the static cache uncompiled."""
+        from .fp8 import FP8InferenceExperts, FP8InferenceLinear
+
+        if any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.modules()):
+            return False
+        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
 
     def _default_compile_config(self) -> CompileConfig:
         """Inductor + CUDA graphs, with automatic dynamic shapes: a new batch size or cache length recompiles once
