@@ -46,7 +46,7 @@ UNSUPPORTED_OPTIONS = (
     "dola_layers",
 )  # fmt: skip
 # generate() arguments besides the generation config that speculative decoding accepts
-ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "use_cache", "mtp_draft_tokens")
+ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "mtp_draft_tokens")
 
 
 @dataclass
