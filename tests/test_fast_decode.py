@@ -118,6 +118,25 @@ def test_generate_default_cache_is_static_only_on_cuda_in_eval_mode(monkeypatch)
     assert config.cache_implementation is None
 
 
+def test_beam_search_with_static_cache_gives_the_eager_beams():
+    model = tiny_model(seed=4)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), eager)
+
+
+def test_sampling_with_static_cache_draws_the_eager_tokens():
+    model = tiny_model(seed=5)
+    ids, mask = left_padded_batch(model.config.vocab_size)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20, temperature=0.8, pad_token_id=0)
+    outputs = []
+    for cache_implementation in ("dynamic", "static"):
+        torch.manual_seed(11)
+        outputs.append(model.generate(ids, cache_implementation=cache_implementation, **kwargs))
+    assert torch.equal(*outputs)
+
+
 def test_static_cache_grows_to_the_longest_call():
     model = tiny_model()
     ids, mask = left_padded_batch(model.config.vocab_size)

@@ -50,6 +50,12 @@ class LatentCacheLayer(StaticLayer):
         self.latent_and_rope.index_copy_(1, positions, rows)
         return self.keys, self.values
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: reorder the rows in place, so the buffer keeps its address and `keys`/`values` stay views."""
+        if self.is_initialized:
+            reordered = self.latent_and_rope.index_select(0, beam_idx.to(self.device))
+            self.latent_and_rope.copy_(reordered)
+
 
 class LatentStaticCache(Cache):
     """A compileable cache of `max_cache_len` latent tokens per layer (the main layers and the MTP layers)."""
