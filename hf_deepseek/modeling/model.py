@@ -144,6 +144,8 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
 
 class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # set by each speculative generate(): acceptance_rate, tokens_per_step, draft_tokens, accepted, steps
+    last_speculative_stats: dict | None = None
 
     def __init__(self, config: DeepSeekConfig):
         super().__init__(config)
