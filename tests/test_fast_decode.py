@@ -185,8 +185,8 @@ def test_fast_path_tokens_match_an_uncached_reference():
 def test_compiled_fast_path_matches_eager_on_gpu():
     """bf16 on CUDA: the default generate (static latent cache, compiled CUDA-graph step) against an uncached
     eager forward over the same tokens: the same greedy tokens outside bf16 near-ties, close logits; then the
-    same with FP8 weights (static cache, uncompiled: the compiled FP8 step failed this test; the reference then
-    uses the same FP8 weights)."""
+    same with FP8 weights, which generate without a cache on CUDA (cached FP8 decoding, compiled or not, failed
+    this test on an H200: only the first token's logits were close)."""
     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
     torch.manual_seed(0)
@@ -202,7 +202,7 @@ def test_compiled_fast_path_matches_eager_on_gpu():
         if label == "fp8":
             convert_to_fp8_inference(model)
         fast = greedy(model, ids, mask, 24)  # the default on CUDA
-        assert isinstance(returned_cache(fast), LatentStaticCache), label
+        assert isinstance(returned_cache(fast), LatentStaticCache) == (label == "bf16"), label
         with torch.no_grad():
             reference = reference_logits(model, fast.sequences, mask, ids.shape[1])
         tolerance = 0.03 * reference.abs().amax().item()
@@ -226,7 +226,7 @@ def test_dense_decode_experts_match_the_per_expert_loop():
         torch.testing.assert_close(dense_experts(experts, x, indices, weights), experts(x, indices, weights))
 
 
-def test_fp8_weights_keep_the_static_cache_but_are_not_compiled(monkeypatch):
+def test_fp8_weights_are_not_compiled_and_decode_without_a_cache_on_cuda(monkeypatch):
     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
     model = tiny_model(seed=3)
@@ -238,6 +238,9 @@ def test_fp8_weights_keep_the_static_cache_but_are_not_compiled(monkeypatch):
         assert model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
         convert_to_fp8_inference(model)  # emulated FP8 GEMMs on the CPU
         assert not model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
+        config = copy.deepcopy(model.generation_config)  # on CUDA, FP8 weights generate without a cache for now
+        model._prepare_cache_for_generation(config, {}, None, 2, 16)
+        assert config.use_cache is False
     fast = greedy(model, ids, mask, 6, cache_implementation="static")
     eager = greedy(model, ids, mask, 6, cache_implementation="dynamic")
     assert isinstance(returned_cache(fast), LatentStaticCache)
