@@ -186,11 +186,11 @@ def guarded_trainer(tmp_path, action: str, kind: str, steps: set[int], max_steps
     model = tiny_model(tok)
     args = dict(learning_rate=1e-3, max_steps=max_steps, per_device_train_batch_size=4)
     args.update(save_strategy="steps", save_steps=2)
-    config = DeepSeekSFTConfig(output_dir=str(tmp_path / "run"), **{**FAST_ARGS, **args})
+    config = DeepSeekSFTConfig(output_dir=str(tmp_path / "run"), nonfinite_action=action, **{**FAST_ARGS, **args})
     trainer = DeepSeekSFTTrainer(model=model, args=config, train_dataset=addition_chats(32), processing_class=tok)
-    guard, poison = NonFiniteGuard(action), Poison(model, steps, kind)
+    (guard,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, NonFiniteGuard)]  # from the config
+    poison = Poison(model, steps, kind)
     trainer.add_callback(poison)
-    trainer.add_callback(guard)
     return trainer, guard, poison
 
 

@@ -23,6 +23,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from hf_deepseek.modeling import DeepSeekForCausalLM
 from hf_deepseek.modeling.compile_regions import compile_for_training
 from hf_deepseek.trainers.balancing import RouterBiasBalancer
+from hf_deepseek.trainers.nonfinite import NonFiniteGuard
 
 # backbone keyword arguments that `DeepSeekForCausalLM._mtp_loss` takes by name or must not receive
 _MTP_NAMED = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
@@ -57,6 +58,14 @@ class DeepSeekTrainingFields:
     )
     router_bias_update_end: float = field(
         default=1.0, metadata={"help": "Fraction of max_steps from which gamma is 0 (DeepSeek-V3 about 0.97)."}
+    )
+    nonfinite_action: str = field(
+        default="none",
+        metadata={
+            "help": "When a step's loss or gradient is NaN/inf, before the update (`trainers/nonfinite.py`): 'stop' "
+            "(raise, naming the step, the parameter and the last checkpoint), 'skip' (drop that update) or 'none' "
+            "(the Trainer's behaviour: apply it)."
+        },
     )
     compile_layers: bool = field(
         default=False,
@@ -105,6 +114,8 @@ class DeepSeekLossesMixin:
             reduce=lambda counts: self.accelerator.reduce(counts, reduction="sum"),
         )
         self.add_callback(self.balancer)
+        if self.args.nonfinite_action != "none":
+            self.add_callback(NonFiniteGuard(self.args.nonfinite_action))
 
     @property
     def deepseek_model(self) -> DeepSeekForCausalLM:
