@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+from sft_throughput import MODEL as SFT_MODEL  # a sibling script: benchmarks/ is on sys.path when run
 from transformers import GenerationConfig
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
@@ -26,25 +27,8 @@ from hf_deepseek.data.r1 import grpo_row
 from hf_deepseek.data.reasoning_tasks import task_examples
 from hf_deepseek.trainers.grpo import fast_generation_config
 
-MODEL = dict(  # benchmarks/sft_throughput.py's ~1B-parameter model
-    hidden_size=1024,
-    intermediate_size=2816,
-    moe_intermediate_size=704,
-    num_attention_heads=8,
-    first_k_dense_replace=1,
-    n_routed_experts=32,
-    n_shared_experts=1,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    q_lora_rank=512,
-    kv_lora_rank=256,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=2048,
-)
+# sft_throughput.py's ~1B-parameter model; the number of layers comes from --layers
+MODEL = {k: v for k, v in SFT_MODEL.items() if k != "num_hidden_layers"} | {"max_position_embeddings": 2048}
 
 
 def trl_generation_config(tokenizer, new_tokens: int) -> GenerationConfig:

@@ -36,10 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="systems benchmark of this model against transformers' DeepseekV3 with the same weights"
     )
-    bench.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
-    bench.add_argument("--tiny", action="store_true", help="tiny shapes and grid, for a CPU smoke test")
+    add_device_options(bench, "tiny shapes and grid, for a CPU smoke test")
     bench.add_argument("--checkpoint", help="benchmark this saved model (weights and shapes) instead of random ones")
-    bench.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
     bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
     bench.add_argument("--contexts", help="comma-separated context lengths, e.g. 512,2048,8192")
     bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
@@ -50,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="training step: transformers' DeepseekV3 vs this project in bf16 and FP8: tokens/s, MFU, peak memory",
     )
-    bench_train.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
-    bench_train.add_argument("--tiny", action="store_true", help="tiny shapes and every variant, a CPU smoke test")
-    bench_train.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    add_device_options(bench_train, "tiny shapes and every variant, a CPU smoke test")
     bench_train.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
     bench_train.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
     bench_train.add_argument("--steps", type=int, help="timed steps (default 10)")
@@ -70,9 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode step: transformers' DeepseekV3 eager and compiled vs this project eager, fast path (bf16, FP8) "
         "and MTP: ms/step, tokens/s, peak memory, fraction of the weight+cache read floor",
     )
-    bench_decode.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
-    bench_decode.add_argument("--tiny", action="store_true", help="tiny shapes and grid, a CPU smoke test")
-    bench_decode.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
+    add_device_options(bench_decode, "tiny shapes and grid, a CPU smoke test")
     bench_decode.add_argument("--checkpoint", help="benchmark this saved model instead of random weights")
     bench_decode.add_argument("--batch-sizes", help="comma-separated (default 1,32)")
     bench_decode.add_argument("--contexts", help="comma-separated cached tokens (default 2048,8192,32768)")
@@ -120,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-input-chars", type=int, default=4000, help="longer messages get a notice, no reply")
     chat.add_argument("--concurrency", type=int, default=4, help="replies generated at once; the rest queue")
     return parser
+
+
+def add_device_options(parser: argparse.ArgumentParser, tiny_help: str) -> None:
+    """--device, --tiny and --dtype, which every benchmark takes."""
+    parser.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    parser.add_argument("--tiny", action="store_true", help=tiny_help)
+    parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
 
 
 def main(argv: list[str] | None = None) -> None:

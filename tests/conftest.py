@@ -19,6 +19,8 @@ for name, value in {
 # HF_DEEPSEEK_TEST_THREADS overrides it.
 torch.set_num_threads(int(os.environ.get("HF_DEEPSEEK_TEST_THREADS", "1")))
 
+from hf_deepseek.evals.bench import TINY_CONFIG  # noqa: E402  (after the offline settings above)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -29,27 +31,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-TINY_CONFIG_DEFAULTS = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    first_k_dense_replace=1,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    q_lora_rank=32,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    num_nextn_predict_layers=1,
-    max_position_embeddings=256,
-)
+# the benchmark's tiny shapes with a third layer (two MoE layers), a vocabulary not a power of 2, a shorter RoPE table
+TINY_CONFIG_DEFAULTS = TINY_CONFIG | dict(vocab_size=97, num_hidden_layers=3, max_position_embeddings=256)
 
 
 def tiny_config(**overrides):

@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_deepseek  # noqa: F401  (registers the Auto classes)
-from hf_deepseek.evals.scoring import extract_answer, is_correct
-from hf_deepseek.evals.task_data import load_rows, prompt_text
+from hf_deepseek.evals.greedy import greedy_pass_at_1
+from hf_deepseek.evals.task_data import load_rows
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "hf-deepseek-r1-tiny"
 CARD_ROW = re.compile(r"^\| GRPO \(this model\) \| (\d+)/(\d+) \| [\d.]+% \| \[([\d.]+)%, ([\d.]+)%\] \|", re.M)
@@ -27,32 +27,6 @@ def stated_pass_at_1() -> tuple[int, int, float, float]:
     assert found, "the model card has no 'GRPO (this model)' row"
     correct, n, low, high = found.groups()
     return int(correct), int(n), float(low) / 100, float(high) / 100
-
-
-@torch.inference_mode()
-def greedy_pass_at_1(model, tokenizer, rows: list[dict], batch_size: int = 125) -> float:
-    tokenizer.padding_side = "left"
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt_text(row)}], add_generation_prompt=True, tokenize=False
-            )
-            for row in batch
-        ]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **inputs,
-            max_new_tokens=160,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        for row, ids in zip(batch, out[:, inputs["input_ids"].shape[1] :], strict=True):
-            completion = tokenizer.decode(ids, skip_special_tokens=True)
-            correct += is_correct("addition", extract_answer("addition", completion), row)
-    return correct / len(rows)
 
 
 def test_checkpoint_loads_through_auto_classes():

@@ -357,11 +357,7 @@ def run_bench(
     """Benchmark both models; write `bench.json`, `bench.md` and PNG charts to `output_dir`; return the results.
 
     `command` is recorded with the results (the command line that produced them)."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    progress = progress or timestamped_printer()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    device, dtype, output_dir, progress = bench_setup(device, dtype, output_dir, progress)
     element_size = torch.empty((), dtype=dtype).element_size()
     from hf_deepseek.evals.bench_report import write_report
 
@@ -399,6 +395,16 @@ def run_bench(
             progress(f"{name} done in {time.perf_counter() - started:.0f} s")
             write_report(results, output_dir, progress, final=len(results["models"]) == 2)
     return results
+
+
+def bench_setup(device: str, dtype: torch.dtype | None, output_dir: str | Path, progress: Callable | None):
+    """The start every benchmark run shares: (device, dtype — bf16 on CUDA, fp32 elsewhere unless given —, the
+    output folder, created, and a progress printer)."""
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return device, dtype, output_dir, progress or timestamped_printer()
 
 
 def timestamped_printer() -> Callable[[str], None]:

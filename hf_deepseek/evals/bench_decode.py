@@ -32,12 +32,12 @@ from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import (
     FULL_CONFIG,
     TINY_CONFIG,
+    bench_setup,
     build_checkpoint,
     cache_kwargs,
     load,
     machine_description,
     synchronize,
-    timestamped_printer,
 )
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
@@ -318,11 +318,7 @@ def run_decode_bench(
     unknown = sorted(set(plan.rows) - set(ROWS))
     if unknown:
         raise ValueError(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    progress = progress or timestamped_printer()
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    device, dtype, output_dir, progress = bench_setup(device, dtype, output_dir, progress)
     bandwidth = copy_bandwidth(device)
     if bandwidth is None:  # CPU: no meaningful floor; use a nominal figure so the smoke test covers the arithmetic
         bandwidth = 1e11

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
-from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, machine_description, timestamped_printer
+from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -138,11 +138,6 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
 
         compile_for_training(model)
     return model
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_steps(model, optimizer, batches: list[torch.Tensor], device: torch.device) -> tuple[list[float], list]:
@@ -255,11 +250,7 @@ def run_train_bench(
     command: str = "",
 ) -> dict[str, Any]:
     """Measure every variant of `plan`; write `bench_train.json` and `bench_train.md`; return the results."""
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    progress = progress or timestamped_printer()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    device, dtype, out, progress = bench_setup(device, dtype, output_dir, progress)
     unknown = [v for v in plan.variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
