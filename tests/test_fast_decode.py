@@ -185,8 +185,7 @@ def test_fast_path_tokens_match_an_uncached_reference():
 def test_compiled_fast_path_matches_eager_on_gpu():
     """bf16 on CUDA: the default generate (static latent cache, compiled CUDA-graph step) against an uncached
     eager forward over the same tokens: the same greedy tokens outside bf16 near-ties, close logits; then the
-    same with FP8 weights, which generate without a cache on CUDA (cached FP8 decoding, compiled or not, failed
-    this test on an H200: only the first token's logits were close)."""
+    same with FP8 weights (Triton quantisation and FP8 GEMMs inside the compiled step)."""
     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
     torch.manual_seed(0)
@@ -202,7 +201,7 @@ def test_compiled_fast_path_matches_eager_on_gpu():
         if label == "fp8":
             convert_to_fp8_inference(model)
         fast = greedy(model, ids, mask, 24)  # the default on CUDA
-        assert isinstance(returned_cache(fast), LatentStaticCache) == (label == "bf16"), label
+        assert isinstance(returned_cache(fast), LatentStaticCache), label
         with torch.no_grad():
             reference = reference_logits(model, fast.sequences, mask, ids.shape[1])
         tolerance = 0.03 * reference.abs().amax().item()
@@ -226,23 +225,23 @@ def test_dense_decode_experts_match_the_per_expert_loop():
         torch.testing.assert_close(dense_experts(experts, x, indices, weights), experts(x, indices, weights))
 
 
-def test_fp8_weights_are_not_compiled_and_decode_without_a_cache_on_cuda(monkeypatch):
+def test_fp8_weights_decode_over_the_cache_as_an_uncached_forward():
+    """FP8 inference weights (emulated GEMMs): cached decoding through both caches against one uncached forward.
+    The prefill's keys and values come from kv_b_proj's dequantised weight, as absorbed decoding's do: an FP8 GEMM
+    there would quantise the latent too, and later steps would see other keys (logits off by ~35% of their range
+    on the GPU test's model)."""
     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
-    model = tiny_model(seed=3)
+    model = tiny_model(seed=3, kv_lora_rank=128)  # one full 128-wide block
+    assert model._default_compile_config().dynamic is None  # generate's compile: one shape-generic graph
+    convert_to_fp8_inference(model)
+    assert model._default_compile_config().dynamic is False  # FP8's Triton kernels: one graph per shape
     ids, mask = left_padded_batch(model.config.vocab_size)
-    cache = LatentStaticCache(model.config, max_cache_len=8)
-    model_kwargs = {"cache": cache, "past_key_values": cache}  # the name differs across transformers versions
-    with monkeypatch.context() as patch:  # what transformers' rule reads: compiled only on accelerators
-        patch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
-        assert model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
-        convert_to_fp8_inference(model)  # emulated FP8 GEMMs on the CPU
-        assert not model._valid_auto_compile_criteria(model_kwargs, copy.deepcopy(model.generation_config))
-        config = copy.deepcopy(model.generation_config)  # on CUDA, FP8 weights generate without a cache for now
-        model._prepare_cache_for_generation(config, {}, None, 2, 16)
-        assert config.use_cache is False
     fast = greedy(model, ids, mask, 6, cache_implementation="static")
     eager = greedy(model, ids, mask, 6, cache_implementation="dynamic")
     assert isinstance(returned_cache(fast), LatentStaticCache)
     assert torch.equal(fast.sequences, eager.sequences)
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(eager.logits), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        reference = reference_logits(model, fast.sequences, mask, ids.shape[1])
+    assert_greedy_tokens_match(fast, reference, ids.shape[1], 1e-4)

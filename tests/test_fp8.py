@@ -329,7 +329,8 @@ def test_fp8_inference_model_generates_through_the_absorbed_cache():
 
     attn = fp8_model.model.layers[1].self_attn  # decode folds kv_b_proj's dequantised weight into q and the output
     kv_b = attn.kv_b_proj
-    torch.testing.assert_close(attn._dense_kv_b_weight(), dequantize_blocks(kv_b.weight, kv_b.weight_scale_inv))
+    dense = dequantize_blocks(kv_b.weight, kv_b.weight_scale_inv)
+    torch.testing.assert_close(attn.dense_kv_b_weight().flatten(0, 1), dense)
 
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():

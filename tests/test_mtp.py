@@ -12,9 +12,7 @@ from hf_deepseek.modeling.mtp import MTPLayer, mtp_labels, shift_left
 
 def ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the non-ignored targets, computed without the model's loss function."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-    )
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
 
 
 def capture_mtp_head_inputs(model: DeepSeekForCausalLM) -> tuple[list[torch.Tensor], list]:

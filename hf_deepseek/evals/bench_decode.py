@@ -191,8 +191,7 @@ STEP_ROWS = {
     "ours-eager": Row("ours-eager", "dynamic", False),
     "ours-fast": Row("ours-fast", "latent", True),
     "ours-fast-grouped": Row("ours-fast-grouped", "latent", True, dense_decode_experts=False),
-    # as generate runs FP8 weights: static latent cache, not compiled (the compiled FP8 step gave wrong logits)
-    "ours-fast-fp8": Row("ours-fast-fp8", "latent", False),
+    "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
 
@@ -203,7 +202,8 @@ def compiled_step(model, plan: DecodePlan) -> Callable:
     model.__dict__.pop("_compiled_call", None)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
-    return model.get_compiled_call(CompileConfig(dynamic=plan.compile_dynamic))
+    dynamic = False if model.has_fp8_weights() else plan.compile_dynamic  # as generate compiles FP8 weights
+    return model.get_compiled_call(CompileConfig(dynamic=dynamic))
 
 
 def run_step_row(row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress) -> list[DecodeCell]:

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
 from .latent_cache import LatentStaticCache
@@ -150,7 +151,12 @@ class MultiHeadLatentAttention(nn.Module):
     def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs) -> torch.Tensor:
         """Training / prefill: up-project the latent to per-head keys and values, run the attention interface."""
         bsz, _, seq_len, _ = latent.shape
-        kv = self.kv_b_proj(latent[:, 0])  # [B, S, r] -> [B, S, H*(nope+v)]; 3-D, as int8 kernels require
+        if self.kv_b_proj.weight.dtype == torch.float8_e4m3fn:
+            # FP8 inference weights: the dequantised weight absorbed decoding uses (DeepSeek's absorb mode), so the
+            # prefill's keys and values are the ones later steps see (an FP8 GEMM would quantise the latent too)
+            kv = F.linear(latent[:, 0], self.dense_kv_b_weight().flatten(0, 1).to(latent.dtype))
+        else:
+            kv = self.kv_b_proj(latent[:, 0])  # [B, S, r] -> [B, S, H*(nope+v)]; 3-D, as int8 kernels require
         kv = kv.view(bsz, seq_len, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, value = kv.split([self.nope_dim, self.v_dim], dim=-1)
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
@@ -169,29 +175,32 @@ class MultiHeadLatentAttention(nn.Module):
         return out  # [B, T, H, v]
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, nope, r] and W_UV [H, v, r] split out of kv_b_proj, computed once per weight version."""
+        """W_UK [H, nope, r] and W_UV [H, v, r] split out of kv_b_proj (views)."""
         weight = self.kv_b_proj.weight
         if torch.is_grad_enabled() and weight.requires_grad:  # training through the absorbed path: keep autograd
             w = weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            return w[:, : self.nope_dim], w[:, self.nope_dim :]
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        if self._absorbed_cache is None or self._absorbed_cache[0] != key:
-            w = self._dense_kv_b_weight().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            self._absorbed_cache = (
-                key,
-                w[:, : self.nope_dim].contiguous(),
-                w[:, self.nope_dim :].contiguous(),
-            )
-        return self._absorbed_cache[1], self._absorbed_cache[2]
+        else:
+            w = self.dense_kv_b_weight()
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def _dense_kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj's weight as a dense [out, r] matrix. A quantised projection (FP8 blocks, bitsandbytes int8 or
-        nf4) stores something else under `weight`, so it is applied to the identity instead, once per version."""
+    def dense_kv_b_weight(self) -> torch.Tensor:
+        """kv_b_proj's weight as a dense, detached [H, nope + v, r] tensor, computed once per weight version. A
+        quantised projection (FP8 blocks, bitsandbytes int8 or nf4) stores something else under `weight`, so it is
+        applied to the identity instead. Inside a compiled step the copy made outside it is reused."""
         weight = self.kv_b_proj.weight
+        shape = (self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            return weight.detach()
-        eye = torch.eye(self.kv_lora_rank, device=weight.device, dtype=self.kv_a_layernorm.weight.dtype)
-        return self.kv_b_proj(eye).detach().T
+            return weight.detach().view(shape)
+        if is_torchdynamo_compiling() and self._absorbed_cache is not None:
+            return self._absorbed_cache[1]
+        key = (weight.data_ptr(), weight._version, weight.device) if not is_torchdynamo_compiling() else None
+        if key is None or self._absorbed_cache is None or self._absorbed_cache[0] != key:
+            eye = torch.eye(self.kv_lora_rank, device=weight.device, dtype=self.kv_a_layernorm.weight.dtype)
+            dense = self.kv_b_proj(eye).detach().T.contiguous().view(shape)
+            if key is None:
+                return dense
+            self._absorbed_cache = (key, dense)
+        return self._absorbed_cache[1]
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
         """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output.

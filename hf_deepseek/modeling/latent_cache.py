@@ -15,9 +15,7 @@ without a cache for now: their cached decode gave wrong logits on an H200 (see `
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.configuration_utils import CompileConfig
-from transformers.utils import is_torchdynamo_compiling, logging
-
-logger = logging.get_logger(__name__)
+from transformers.utils import is_torchdynamo_compiling
 
 
 class LatentCacheLayer(StaticLayer):
@@ -91,15 +89,6 @@ class LatentCacheGenerationMixin:
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-        on_cuda = user_cache is None and self.device.type == "cuda" and generation_config.use_cache is not False
-        if on_cuda and self._has_fp8_weights():
-            # On an H200 (2026-11-28) decoding FP8 weights over a cache gave wrong logits from the second token on
-            # (tests/test_fast_decode.py); the full forward is right, so FP8 models generate without a cache
-            logger.warning_once(
-                "FP8 weights on CUDA: generating without a KV cache (exact, slower) until cached FP8 decoding "
-                "is fixed; dequantise (`dequantize_fp8_model`) for fast decoding."
-            )
-            generation_config.use_cache = False  # generate's own copy of the config
         if (
             generation_config.cache_implementation is None
             and user_cache is None
@@ -118,22 +107,17 @@ class LatentCacheGenerationMixin:
         self._previous_max_cache_length = max_cache_len
         return LatentStaticCache(self.config, max_cache_len=max_cache_len)
 
-    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
-        """transformers' rule, except for FP8 weights: their compiled decode step (Triton kernels inside the
-        graph) gave wrong logits on an H200, so FP8 models decode with the static cache uncompiled."""
-        if self._has_fp8_weights():
-            return False
-        return super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+    def _default_compile_config(self) -> CompileConfig:
+        """Inductor + CUDA graphs, with automatic dynamic shapes: a new batch size or cache length recompiles once
+        into a shape-generic graph instead of once per shape (transformers' default is `dynamic=False`). Except
+        with FP8 weights: their Triton kernels failed to trace under symbolic shapes (H200, torch 2.11), so each
+        shape gets its own graph."""
+        return CompileConfig(dynamic=False if self.has_fp8_weights() else None)
 
-    def _has_fp8_weights(self) -> bool:
+    def has_fp8_weights(self) -> bool:
         from .fp8 import FP8InferenceExperts, FP8InferenceLinear
 
         return any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.modules())
-
-    def _default_compile_config(self) -> CompileConfig:
-        """Inductor + CUDA graphs, with automatic dynamic shapes: a new batch size or cache length recompiles once
-        into a shape-generic graph instead of once per shape (transformers' default is `dynamic=False`)."""
-        return CompileConfig(dynamic=None)
 
 
 __all__ = ["LatentCacheLayer", "LatentStaticCache", "LatentCacheGenerationMixin", "host_seq_length"]

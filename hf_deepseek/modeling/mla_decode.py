@@ -15,19 +15,6 @@ from transformers.utils import is_torchdynamo_compiling
 from .latent_cache import LatentStaticCache
 
 
-def absorbed_weight_views(attn) -> tuple[torch.Tensor, torch.Tensor]:
-    """W_UK [H, nope, r] and W_UV [H, v, r] of `attn.kv_b_proj`: views of a full-precision weight (free, and
-    traceable), the dense equivalent of a quantised one (recomputed inside a compiled step, cached outside)."""
-    weight = attn.kv_b_proj.weight
-    if weight.dtype.is_floating_point and weight.element_size() >= 2:
-        w = weight.view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
-        return w[:, : attn.nope_dim], w[:, attn.nope_dim :]
-    if not is_torchdynamo_compiling():
-        return attn.absorbed_weights()
-    w = attn._dense_kv_b_weight().view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
-    return w[:, : attn.nope_dim], w[:, attn.nope_dim :]
-
-
 def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentStaticCache, attention_mask, **kwargs):
     """q_nope [B, H, T, nope], q_rope [B, H, T, rope], the new latent [B, 1, T, r] and k_rope [B, 1, T, rope]
     -> attention output [B, T, H, v]; the new tokens are written to `cache` first."""
@@ -45,7 +32,7 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
 def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask) -> torch.Tensor:
     """Absorbed MQA of the last T queries over buffer [B, L, r + rope], whose first `length` (device tensor)
     tokens are written; the query tokens are the last T of those. Returns [B, T, H, v]."""
-    w_uk, w_uv = absorbed_weight_views(attn)
+    w_uk, w_uv = attn.absorbed_weights()
     bsz, heads, q_len, _ = q_nope.shape
     max_len, rank = buffer.shape[1], attn.kv_lora_rank
     q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
@@ -78,4 +65,4 @@ def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor) -> 
     return scores.masked_fill(~keep, float("-inf"))
 
 
-__all__ = ["latent_cache_attention", "absorbed_cache_attention", "absorbed_weight_views"]
+__all__ = ["latent_cache_attention", "absorbed_cache_attention"]
