@@ -166,6 +166,84 @@ def countdown_reward(
     return rewards
 
 
+# the column lines of the addition cold start (`hf_deepseek.data.r1`): "tens: 8 + 9 + 1 = 18, carry 1"
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
+_COLUMN_LINE = re.compile(
+    r"\s*([a-z-]{3,17}|10\^\d{1,2}):"  # the place
+    r"\s*(\d{1,2}(?:\s*\+\s*\d{1,2}){0,3})\s*=\s*(\d{1,3})"  # its digits and incoming carry, their sum
+    r"(?:\s*,\s*carry\s+(\d{1,2}))?\s*"  # the outgoing carry, if any
+)
+_ADDITION = re.compile(r"(\d{1,18})\s*\+\s*(\d{1,18})")
+MAX_THINK_CHARS = 4000  # ~600 characters for two 18-digit numbers; what follows is not read
+
+
+def _place(i: int) -> str:
+    return PLACES[i] if i < len(PLACES) else f"10^{i}"
+
+
+def column_steps(a: int, b: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """The right column lines of `a + b`, lowest place first: (place, terms: the digits then the incoming carry if
+    any, sum, outgoing carry)."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        terms = tuple(int(d[i]) for d in (da, db) if i < len(d)) + ((carry,) if carry else ())
+        total = sum(terms)
+        carry = total // 10
+        steps.append((_place(i), terms, total, carry))
+    return steps
+
+
+def _prompt_text(prompt) -> str:
+    """The last user turn of a conversational prompt, or the prompt string itself."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        for message in reversed(prompt):
+            if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+                return message["content"]
+    return ""
+
+
+def column_score(text: str, a: int, b: int) -> float:
+    """The share of the column lines of `text`'s `<think>` that are right for `a + b` (the place's digits, the
+    incoming carry, the sum and the outgoing carry), out of the more of the lines written and the columns the sum
+    has: a skipped column, a repeated place or an extra line counts as a wrong line; 0.0 if no line parses."""
+    start = text.find(THINK_OPEN)
+    if start < 0:
+        return 0.0
+    body = text[start + len(THINK_OPEN) : start + len(THINK_OPEN) + MAX_THINK_CHARS]
+    end = body.find(THINK_CLOSE)
+    body = body if end < 0 else body[:end]
+    expected = {place: (terms, total, carry) for place, terms, total, carry in column_steps(a, b)}
+    written, right, seen = 0, 0, set()
+    for line in body.splitlines():
+        match = _COLUMN_LINE.fullmatch(line)
+        if match is None:
+            continue
+        written += 1
+        place, terms, total, carry = match.groups()
+        got = (tuple(int(t) for t in terms.split("+")), int(total), int(carry or 0))
+        if place in expected and place not in seen and got == expected[place]:
+            right += 1
+        seen.add(place)
+    return right / max(written, len(expected)) if written else 0.0
+
+
+def column_reward(prompts, completions, completion_ids=None, task=None, **columns) -> list[float | None]:
+    """Dense reward for column-by-column addition: `column_score` of the completion for the sum in the prompt's
+    last user turn (`Calculate 385 + 497.`); None for rows of other tasks or whose prompt has no `a + b`."""
+    rewards: list[float | None] = []
+    prompts = prompts if prompts is not None else [None] * len(completions)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        match = _ADDITION.search(_prompt_text(prompt)[:1000])
+        if (task is not None and task[i] != "addition") or match is None:
+            rewards.append(None)
+            continue
+        rewards.append(column_score(completion_text(completion), int(match[1]), int(match[2])))
+    return rewards
+
+
 def _lengths(completions, completion_ids) -> list[int]:
     if completion_ids is not None:
         return [len(ids) for ids in completion_ids]
@@ -224,6 +302,7 @@ REWARD_FUNCS: dict[str, RewardFunc] = {
     "format": format_reward,
     "tag_count": tag_count_reward,
     "countdown": countdown_reward,
+    "column": column_reward,
     "cosine": make_cosine_reward(),
     "repetition": make_repetition_penalty(),
 }
