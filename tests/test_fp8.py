@@ -676,7 +676,7 @@ class RepeatedBatch(torch.utils.data.Dataset):
 @gpu
 def test_bitsandbytes_8bit_adamw_trains_the_model(tmp_path):
     """The Trainer (and TRL's trainers, which inherit its `optim` choices) with `optim="adamw_bnb_8bit"`."""
-    import bitsandbytes as bnb
+    bnb = pytest.importorskip("bitsandbytes")
     from transformers import Trainer, TrainingArguments
 
     directory, _ = bnb_model_dir(tmp_path)
