@@ -109,8 +109,9 @@ def stage_recipe(options: DemoOptions) -> dict[str, Any]:
         args.update(max_steps=steps, logging_steps=logging_steps, save_strategy="no", report_to="none")
         args["use_cpu"] = use_cpu
         prompts_per_step = args.get("per_device_train_batch_size", 8)
-        if stage == "grpo":  # 8 prompts a step are enough for curves that move in a few steps
-            args["per_device_train_batch_size"] = min(prompts_per_step, 8 * args.get("num_generations", 8))
+        if stage == "grpo":  # 8 prompts x 8 samples a step are enough for curves that move in a few steps
+            args["num_generations"] = min(args.get("num_generations", 8), 8)
+            args["per_device_train_batch_size"] = min(prompts_per_step, 8 * args["num_generations"])
             prompts_per_step = max(1, args["per_device_train_batch_size"] // args.get("num_generations", 8))
         tasks = recipe[stage]["data"]["tasks"]
         wanted = max(64, steps * prompts_per_step)  # enough problems for the run, no more to tokenize

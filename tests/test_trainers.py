@@ -219,6 +219,24 @@ def test_grpo_with_lora_uses_the_adapter_free_model_as_reference(tok, tmp_path):
     assert all(math.isfinite(x) for x in logged(trainer, "kl"))
 
 
+@pytest.mark.parametrize("positive_only", [False, True])
+def test_grpo_positive_advantages_only_zeroes_the_negative_ones(tok, tmp_path, monkeypatch, positive_only):
+    from trl import GRPOTrainer
+
+    config = DeepSeekGRPOConfig(
+        output_dir=str(tmp_path), **FAST_ARGS, per_device_train_batch_size=4, num_generations=4,
+        positive_advantages_only=positive_only,
+    )  # fmt: skip
+    trainer = DeepSeekGRPOTrainer(
+        model=tiny_model(tok), reward_funcs=get_reward_funcs(["accuracy"]), args=config,
+        train_dataset=grpo_problems(), processing_class=tok,
+    )  # fmt: skip
+    advantages = torch.tensor([-1.5, 0.5, 1.0, -0.25])
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: {"advantages": advantages})
+    got = trainer._generate_and_score_completions([])["advantages"]
+    assert torch.equal(got, advantages.clamp(min=0) if positive_only else advantages)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 

@@ -8,8 +8,8 @@ does for its own `StaticCache`. `mla_decode.py` attends over the buffer.
 
 On CUDA `generate()` uses this cache by default in eval mode; `cache_implementation="dynamic"` (or
 `disable_compile=True` to keep the cache but skip compilation) opts out, `cache_implementation="static"` opts in
-anywhere (CPU included, uncompiled there). Models with FP8 weights are never compiled, and on CUDA they generate
-without a cache for now: their cached decode gave wrong logits on an H200 (see `_prepare_cache_for_generation`).
+anywhere (CPU included, uncompiled there). Models with FP8 weights take the same path, compiled one graph per
+shape (`_default_compile_config`).
 """
 
 import torch

@@ -23,13 +23,22 @@ from hf_deepseek.trainers.deepseek_losses import DeepSeekLossesMixin, DeepSeekTr
 @dataclass
 class DeepSeekGRPOConfig(DeepSeekTrainingFields, GRPOConfig):
     """`trl.GRPOConfig` plus the MTP weight schedule and the router-bias update speed (see DeepSeekTrainingFields),
-    and the fast rollout switch."""
+    the fast rollout switch and positive-only advantages."""
 
     fast_generation: bool = field(
         default=True,
         metadata={
             "help": "On CUDA (without FSDP), generate rollouts through the static latent cache and the compiled "
             "CUDA-graph decode step; TRL's default is a dynamic cache with compilation disabled."
+        },
+    )
+    positive_advantages_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Zero the negative advantages: correct completions of mixed groups are pushed up, wrong ones "
+            "are left alone. In a wrong worked solution the steps after the first mistake are consistent "
+            "continuations, and pushing them down damaged a tiny model faster than the positive signal helped "
+            "(checkpoints/hf-deepseek-r1-tiny/README.md: held-out pass@1 86.8% -> 92.4% with it)."
         },
     )
 
@@ -69,6 +78,12 @@ class DeepSeekGRPOTrainer(DeepSeekLossesMixin, GRPOTrainer):
         fast = getattr(self.args, "fast_generation", False) and not self.use_vllm
         if fast and self.accelerator.device.type == "cuda" and not self.is_fsdp_enabled:  # FSDP hooks: no CUDA graphs
             self.generation_config = fast_generation_config(self.generation_config)
+
+    def _generate_and_score_completions(self, inputs):
+        batch = super()._generate_and_score_completions(inputs)
+        if self.args.positive_advantages_only:
+            batch["advantages"] = batch["advantages"].clamp(min=0)
+        return batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
