@@ -331,6 +331,7 @@ def test_fp8_inference_model_generates_through_the_absorbed_cache():
     kv_b = attn.kv_b_proj
     dense = dequantize_blocks(kv_b.weight, kv_b.weight_scale_inv)
     torch.testing.assert_close(attn.dense_kv_b_weight().flatten(0, 1), dense)
+    assert attn.dense_kv_b_weight() is attn.dense_kv_b_weight()  # computed once per weight version, then cached
 
     ids = torch.randint(3, 97, (2, 20), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():

@@ -262,10 +262,18 @@ def test_train_command_runs_r1_sft_then_grpo_and_checkpoints_reload(tmp_path):
 
 
 def test_train_all_runs_every_stage_of_the_recipe_in_order_each_from_the_last(tmp_path, capsys):
-    stages = ["sft", "sft_continue", "sft_anneal", "grpo"]
+    stages = ["sft", "sft_continue", "sft_anneal", "grpo", "grpo_continue"]
     small = [f"{s}.args.max_steps=1" for s in stages] + [f"{s}.data.tasks={{addition: 8}}" for s in stages]
-    grpo = ["grpo.args.per_device_train_batch_size=4", "grpo.args.num_generations=4"]
-    grpo += ["grpo.args.max_completion_length=12", "grpo.args.save_strategy=no"]
+    grpo = [
+        f"{s}.args.{key}"
+        for s in ("grpo", "grpo_continue")
+        for key in (
+            "per_device_train_batch_size=4",
+            "num_generations=4",
+            "max_completion_length=12",
+            "save_strategy=no",
+        )
+    ]
     cli_main(["train", "all", "--recipe", "r1_tiny", f"output_root={tmp_path}", TINY_MODEL_OVERRIDE, *small, *grpo])
     printed = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if "saved model" in line]
     assert printed == stages
