@@ -110,7 +110,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=bias)
-        self._absorbed_cache: tuple | None = None
+        self._dense_kv_b: tuple | None = None  # (weight version, dense weight) of a quantised kv_b_proj
 
     def forward(
         self,
@@ -184,23 +184,23 @@ class MultiHeadLatentAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def dense_kv_b_weight(self) -> torch.Tensor:
-        """kv_b_proj's weight as a dense, detached [H, nope + v, r] tensor, computed once per weight version. A
-        quantised projection (FP8 blocks, bitsandbytes int8 or nf4) stores something else under `weight`, so it is
-        applied to the identity instead. Inside a compiled step the copy made outside it is reused."""
+        """kv_b_proj's weight as a dense, detached [H, nope + v, r] tensor. A quantised projection (FP8 blocks,
+        bitsandbytes int8 or nf4) stores something else under `weight`, so it is applied to the identity instead,
+        once per weight version; a compiled step reuses the copy made outside it (by the uncompiled prefill)."""
         weight = self.kv_b_proj.weight
         shape = (self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         if weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             return weight.detach().view(shape)
-        if is_torchdynamo_compiling() and self._absorbed_cache is not None:
-            return self._absorbed_cache[1]
-        key = (weight.data_ptr(), weight._version, weight.device) if not is_torchdynamo_compiling() else None
-        if key is None or self._absorbed_cache is None or self._absorbed_cache[0] != key:
-            eye = torch.eye(self.kv_lora_rank, device=weight.device, dtype=self.kv_a_layernorm.weight.dtype)
-            dense = self.kv_b_proj(eye).detach().T.contiguous().view(shape)
-            if key is None:
-                return dense
-            self._absorbed_cache = (key, dense)
-        return self._absorbed_cache[1]
+        if is_torchdynamo_compiling():
+            return self._dense_kv_b[1] if self._dense_kv_b is not None else self._kv_b_on_identity(shape)
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if self._dense_kv_b is None or self._dense_kv_b[0] != key:
+            self._dense_kv_b = (key, self._kv_b_on_identity(shape))
+        return self._dense_kv_b[1]
+
+    def _kv_b_on_identity(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        eye = torch.eye(self.kv_lora_rank, device=self.kv_b_proj.weight.device, dtype=self.kv_a_layernorm.weight.dtype)
+        return self.kv_b_proj(eye).detach().T.contiguous().view(shape)
 
     def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
         """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output.
