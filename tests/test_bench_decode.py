@@ -45,3 +45,22 @@ def test_read_floor_counts_active_experts_and_the_latent_cache():
     all_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert abs(everything - (all_bytes - mtp - embed)) < 1e-6 * everything
     assert cache_bytes(config, 2, 100, 2) == 2 * 100 * (32 + 8) * 2 * config.num_hidden_layers
+
+
+def test_compiled_step_takes_both_models_and_compiles_fp8_weights_per_shape(tmp_path):
+    """The compiled rows build their step for transformers' peer and for ours; FP8 weights get one graph per shape,
+    as `generate` compiles them (the compiled callable is lazy: nothing compiles on the CPU here)."""
+    from transformers import DeepseekV3ForCausalLM
+
+    from hf_deepseek.evals.bench import load
+    from hf_deepseek.evals.bench_decode import TINY_DECODE_PLAN, compiled_step
+    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+    torch.manual_seed(0)
+    DeepSeekForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    peer = load(DeepseekV3ForCausalLM, tmp_path, torch.device("cpu"), torch.float32)
+    assert callable(compiled_step(peer, TINY_DECODE_PLAN))
+    assert peer._last_compile_config.dynamic == TINY_DECODE_PLAN.compile_dynamic
+    ours = convert_to_fp8_inference(load(DeepSeekForCausalLM, tmp_path, torch.device("cpu"), torch.float32))
+    assert callable(compiled_step(ours, TINY_DECODE_PLAN))
+    assert ours._last_compile_config.dynamic is False

@@ -202,7 +202,9 @@ def compiled_step(model, plan: DecodePlan) -> Callable:
     model.__dict__.pop("_compiled_call", None)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=model.device), use_cache=False)
-    dynamic = False if model.has_fp8_weights() else plan.compile_dynamic  # as generate compiles FP8 weights
+    # our FP8 weights compile one graph per shape, as generate compiles them (transformers' peer has none)
+    fp8 = isinstance(model, DeepSeekForCausalLM) and model.has_fp8_weights()
+    dynamic = False if fp8 else plan.compile_dynamic
     return model.get_compiled_call(CompileConfig(dynamic=dynamic))
 
 
