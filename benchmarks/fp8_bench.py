@@ -97,13 +97,13 @@ def breakdown(tokens: int, k: int, n: int) -> dict:
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     x_q, x_s = cublas.quantize_rows(x)
-    w_q, w_s, _ = cublas.quantize_weight(w)
+    w_q, w_s = cublas.quantize_weight(w)
     xt_q, xt_s = cublas.quantize_rows(x.t())
     dyt_q, dyt_s = cublas.quantize_rows(torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=gen).t())
     parts = {
         "quantize x (1x128 rows)": lambda: cublas.quantize_rows(x),
         "quantize x^T (1x128 along tokens)": lambda: cublas.quantize_rows(x.t()),
-        "quantize w (128x128) + w^T": lambda: cublas.quantize_weight(w, transpose=True),
+        "quantize w (128x128) + w^T": lambda: cublas.quantize_weight_t(w, *cublas.quantize_weight(w)),
         "fwd GEMM cuBLAS 1x128 x 128x128": lambda: cublas.gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16),
         "fwd GEMM Triton 1x128 x 128x128": lambda: triton_only.gemm(x_q, x_s, w_q, w_s, True, torch.bfloat16),
         "wgrad GEMM cuBLAS 1x128 x 1x128 (fp32 out)": lambda: cublas.gemm(
@@ -125,7 +125,7 @@ def bench_grouped(tokens: int, experts: int, top_k: int) -> dict:
     x_pad = torch.randn(layout.rows, 7168, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = torch.randn(experts, 4096, 7168, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
     x_q, x_s = backend.quantize_rows(x_pad)
-    w_q, w_s, _ = backend.quantize_weight(w)
+    w_q, w_s = backend.quantize_weight(w)
     xt_q, xt_s = backend.quantize_rows(x_pad.t())
     dyt_q, dyt_s = backend.quantize_rows(torch.randn(layout.rows, 4096, device="cuda", dtype=torch.bfloat16).t())
     offs = torch.bincount(indices.flatten(), minlength=experts).cumsum(0).int()
@@ -133,7 +133,7 @@ def bench_grouped(tokens: int, experts: int, top_k: int) -> dict:
     parts = {
         "quantize x_pad rows": lambda: backend.quantize_rows(x_pad),
         "quantize x_pad^T": lambda: backend.quantize_rows(x_pad.t()),
-        "quantize expert weights + transposes": lambda: backend.quantize_weight(w, transpose=True),
+        "quantize expert weights + transposes": lambda: backend.quantize_weight_t(w, *backend.quantize_weight(w)),
         "grouped fwd GEMM (Triton)": lambda: backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, torch.bfloat16),
         "grouped wgrad GEMM (Triton)": lambda: backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout),
         "bf16 grouped_mm fwd": lambda: torch.nn.functional.grouped_mm(x_sorted, w.transpose(1, 2), offs=offs),

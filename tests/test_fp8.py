@@ -254,7 +254,7 @@ def test_grouped_fp8_experts_equal_one_fp8_linear_per_expert():
 
     want = fp8_experts_loop(experts, x, indices, weights)
     grads_want = torch.autograd.grad(want, [x, experts.gate_up_proj, experts.down_proj], dy)
-    convert_to_fp8_training(experts, EMULATED)
+    convert_to_fp8_training(experts, FP8Recipe(backend="emulated", grouped_wgrad="fp8"))
     assert isinstance(experts, FP8RoutedExperts)
     got = experts(x, indices, weights)
     grads_got = torch.autograd.grad(got, [x, experts.gate_up_proj, experts.down_proj], dy)
@@ -562,10 +562,12 @@ def test_hopper_quantisers_are_bit_identical_to_the_reference(pow2, dtype):
         assert torch.equal(q[:rows, :cols].view(torch.uint8), q_ref.view(torch.uint8))
         assert torch.equal(scale[:rows], scale_ref) and not q[rows:].float().any()
     w = varied(3 * 200, 330, seed=18).view(3, 200, 330).to("cuda", dtype)
-    q, scale, qt = hopper.quantize_weight(w, transpose=True)
+    q, scale = hopper.quantize_weight(w)
+    qt, scale_t = hopper.quantize_weight_t(w, q, scale)
     q_ref, scale_ref = quantize_blocks(w, pow2)
     assert torch.equal(q[:, :200, :330].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
     assert torch.equal(qt.transpose(1, 2).view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(scale_t, scale.transpose(-1, -2))
     bad = torch.full((16, 128), float("nan"), device="cuda")
     assert torch.isinf(hopper.quantize_rows(bad)[1]).all()  # by default no sync: NaN propagates as an inf scale
     with pytest.raises(ValueError, match="NaN or inf"):

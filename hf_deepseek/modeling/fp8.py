@@ -1,210 +1,54 @@
-"""Block-scaled FP8 the DeepSeek-V3 way: E4M3 values, activations scaled per 1x128 tile along the reduction
-dimension, weights per 128x128 block, FP32 accumulation promoted every 128 elements of K.
+"""FP8 layers the DeepSeek-V3 way: E4M3 values, activations scaled per 1x128 tile along the reduction
+dimension, weights per 128x128 block, FP32 accumulation promoted every 128 elements of K (the "deepseek"
+recipe; "rowwise" scales each row instead, as torchtitan does). The numerics live in `fp8_numerics.py`.
 
 Applied from outside the network, torchtitan-style: `convert_to_fp8_training(model)` turns the attention
-projections, dense MLPs, shared experts, MTP projection and routed experts into FP8 layers whose three GEMMs
+projections, dense MLPs, shared experts, MTP projection and routed experts into FP8 layers whose GEMMs
 (forward, input gradient, weight gradient) run in FP8 while the master weights and their gradients stay in high
 precision; embeddings, the output head, the routers, the norms and the attention core are left alone.
 `convert_to_fp8_inference(model)` stores the weights themselves in FP8 with their `weight_scale_inv`, the
 layout of DeepSeek's official checkpoints (see `fp8_checkpoint.py`).
 
-Two backends compute the same thing: `EmulatedBackend` (any device) quantises with the reference quantisers
-below and multiplies the dequantised values in FP32; `fp8_triton.HopperBackend` (CUDA, compute capability 9.0)
-quantises with Triton kernels that reproduce the reference bit for bit and multiplies with `torch._scaled_mm`'s
-blockwise cuBLAS path or a Triton grouped GEMM.
+Two backends compute the same thing: `EmulatedBackend` (any device) quantises with the reference quantisers and
+multiplies the dequantised values in FP32; `fp8_triton.HopperBackend` (CUDA, compute capability 9.0) quantises
+with Triton kernels (or, inside `torch.compile`, with torch operations Inductor fuses into their neighbours) and
+multiplies with cuBLAS (`torch._scaled_mm`, `torch._scaled_grouped_mm`) or a Triton grouped GEMM. The backend is
+chosen, and its capability probes run, when a model is converted: never inside traced code.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .moe import RoutedExperts, count_per_expert
-
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-BLOCK = 128  # tile length (activations) and block side (weights)
-AMAX_FLOOR = 1e-12  # an all-zero tile still gets a finite, non-zero scale; gradients' tiles often peak below 1e-6
-FP8 = torch.float8_e4m3fn
-OFFICIAL_QUANTIZATION_CONFIG = {
-    "quant_method": "fp8",
-    "fmt": "e4m3",
-    "activation_scheme": "dynamic",
-    "weight_block_size": [BLOCK, BLOCK],
-}
-
-
-@dataclass(frozen=True)
-class FP8Recipe:
-    """How FP8 layers quantise and which kernels they use.
-
-    `pow2_scales`: round every scale up to a power of two (UE8M0, as DeepSeek-V3.1 and DeepGEMM do);
-    `backend`: "auto" (Hopper kernels on a CUDA device of compute capability 9.0+, else emulation) or "emulated";
-    `gemm`: for the Hopper backend, "auto" (cuBLAS blockwise where it dispatches, else Triton), "cublas" or
-    "triton"; `check_finite`: raise on NaN/inf inputs; None (default) checks where it is free (the emulation) and
-    lets them propagate on the GPU, where a check costs a device sync per quantisation (NaN scales then make the
-    output, and the loss, NaN);
-    `skip`: names of modules (matched against the end of their qualified name) left in high precision.
-    """
-
-    pow2_scales: bool = False
-    backend: str = "auto"
-    gemm: str = "auto"
-    check_finite: bool | None = None
-    skip: tuple[str, ...] = field(default=("lm_head",))
-
-    def skips(self, name: str) -> bool:
-        """Whether the module with this qualified name stays in high precision."""
-        return any(name == s or name.endswith("." + s) for s in self.skip)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reference quantisers (the emulation backend uses them; the Triton kernels reproduce them bit for bit)
-
-
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two >= scale (positive normal floats), exactly, by editing the float32 bits."""
-    bits = scale.view(torch.int32)
-    exponent = bits & 0x7F800000
-    return torch.where(bits & 0x007FFFFF != 0, exponent + 0x00800000, exponent).view(torch.float32)
-
-
-def scales_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """Dequantisation scale (`scale_inv` in DeepSeek's names) of each tile or block: max(amax, 1e-12) / 448."""
-    amax = amax.float().clamp(min=AMAX_FLOOR)
-    scale = amax / torch.full_like(amax, E4M3_MAX)  # a true division: torch on CUDA multiplies by 1/448 for a scalar
-    return _pow2_ceil(scale) if pow2 else scale
-
-
-def check_finite(amax: torch.Tensor, what: str) -> None:
-    """NaN or inf anywhere in a tile shows up in its amax (torch's max propagates NaN)."""
-    if not bool(torch.isfinite(amax).all()):
-        raise ValueError(f"FP8 quantisation of {what} got NaN or inf values; refusing to encode them as E4M3.")
-
-
-def _encode(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x / scale, rounded to nearest-even E4M3 (|x / scale| <= 448 by construction; the clamp absorbs rounding)."""
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-
-
-def quantize_tiles(x: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """1x128 tiles along the last dimension: x [..., K] -> (q [..., Kp] e4m3, scale [..., Kp/128] fp32).
-
-    K is zero-padded to Kp, the next multiple of 128 (zeros change no tile's amax), so q can feed a GEMM;
-    x == dequantize_tiles(q, scale)[..., :K] up to E4M3 rounding.
-    """
-    k = x.shape[-1]
-    tiles = F.pad(x.float(), (0, _ceil_to(k, BLOCK) - k)).unflatten(-1, (-1, BLOCK))  # [..., Kp/128, 128]
-    amax = tiles.abs().amax(dim=-1)
-    if check:
-        check_finite(amax, "a 1x128 activation tile")
-    scale = scales_from_amax(amax, pow2)
-    return _encode(tiles, scale[..., None]).flatten(-2), scale
-
-
-def quantize_blocks(w: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """128x128 blocks: w [..., N, K] -> (q [..., N, K] e4m3, scale [..., ceil(N/128), ceil(K/128)] fp32).
-
-    As in DeepSeek's checkpoints, a dimension that is not a multiple of 128 ends in a partial block that gets
-    its own scale (the amax of the elements it has); q keeps w's shape.
-    """
-    n, k = w.shape[-2:]
-    padded = F.pad(w.float(), (0, _ceil_to(k, BLOCK) - k, 0, _ceil_to(n, BLOCK) - n))
-    blocks = padded.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK))  # [..., Nb, 128, Kb, 128]
-    amax = blocks.abs().amax(dim=(-3, -1))  # [..., Nb, Kb]
-    if check:
-        check_finite(amax, "a 128x128 weight block")
-    scale = scales_from_amax(amax, pow2)
-    q = _encode(blocks, scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
-    return q[..., :n, :k], scale
-
-
-def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantize_tiles` in float32: q [..., K] * scale of its 1x128 tile."""
-    return q.float() * scale.float().repeat_interleave(BLOCK, dim=-1)[..., : q.shape[-1]]
-
-
-def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of `quantize_blocks` in float32, each element times the scale of its (possibly partial) block.
-
-    The block size is 128, never derived from the scale grid: a [576, 7168] weight has a [5, 56] grid whose
-    last row of blocks holds 64 rows, and a [136, 160] weight a [2, 2] grid of 128+8 by 128+32.
-    """
-    n, k = q.shape[-2:]
-    expected = (math.ceil(n / BLOCK), math.ceil(k / BLOCK))
-    if tuple(scale.shape[-2:]) != expected:
-        raise ValueError(f"A [{n}, {k}] weight needs a {list(expected)} scale grid, got {list(scale.shape[-2:])}.")
-    full = scale.float().repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
-    return q.float() * full[..., :n, :k]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Backends: the operations the FP8 layers need. Layout conventions shared by both backends:
-#   quantize_rows(x [R, C]) -> q [Rp, Cp], scale [Rp, Cp/128]: 1x128 tiles along C, zero rows/cols as padding;
-#   quantize_weight(w [..., N, K]) -> q [..., N', K'], scale [..., ceil(N/128), ceil(K/128)], q^T or None;
-#   gemm(a, a_scale, b, b_scale, b_blocks) -> a @ b^T [Ma, Nb]: both operands K-contiguous, a per 1x128 tile,
-#       b per 128x128 block (`b_blocks`) or per 1x128 tile; b may hold fewer K columns than a's zero padding.
-
-
-class EmulatedBackend:
-    """Reference numerics on any device: the reference quantisers, then FP32 products of dequantised values."""
-
-    name = "emulated"
-
-    def __init__(self, recipe: FP8Recipe):
-        self.pow2, self.check = recipe.pow2_scales, recipe.check_finite is not False
-
-    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale = quantize_tiles(x, self.pow2, self.check)
-        pad = _ceil_to(x.shape[0], rows_multiple) - x.shape[0]
-        return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8), F.pad(scale, (0, 0, 0, pad))
-
-    def quantize_weight(self, w: torch.Tensor, transpose: bool = False):
-        q, scale = quantize_blocks(w, self.pow2, self.check)
-        return q, scale, (q.transpose(-1, -2) if transpose else None)
-
-    @staticmethod
-    def _operand(q: torch.Tensor, scale: torch.Tensor, blocks: bool) -> torch.Tensor:
-        return dequantize_blocks(q, scale) if blocks else dequantize_tiles(q, scale)
-
-    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        k = b.shape[-1]
-        return (dequantize_tiles(a, a_scale)[:, :k] @ self._operand(b, b_scale, b_blocks).T).to(out_dtype)
-
-    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
-        """Rows of expert e (128-aligned segments of `layout`) times expert e's weight b[e] [N, K]."""
-        out = torch.zeros(a.shape[0], b.shape[-2], dtype=out_dtype, device=a.device)
-        for expert, (start, end) in enumerate(layout.segments()):
-            if end > start:
-                out[start:end] = self.gemm(
-                    a[start:end], a_scale[start:end], b[expert], b_scale[expert], True, out_dtype
-                )
-        return out
-
-    def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
-        """Per expert e: a[:, rows of e] @ b[:, rows of e]^T in fp32; a [N, Mp] and b [K, Mp] tiled along rows."""
-        out = torch.zeros(layout.num_experts, a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
-        for expert, (start, end) in enumerate(layout.segments()):
-            if end > start:
-                a_e, b_e = a[:, start:end], b[:, start:end]
-                s_a, s_b = a_scale[:, start // BLOCK : end // BLOCK], b_scale[:, start // BLOCK : end // BLOCK]
-                out[expert] = self.gemm(a_e, s_a, b_e, s_b, False, torch.float32)
-        return out
-
+from .fp8_numerics import (
+    BLOCK,
+    FP8,
+    OFFICIAL_QUANTIZATION_CONFIG,
+    EmulatedBackend,
+    ExpertLayout,
+    FP8Recipe,
+    dequantize_blocks,
+    dequantize_tiles,
+    expert_layout,
+    grouped_wgrad_high_precision,
+    quantize_blocks,
+    quantize_tiles,
+)
+from .moe import RoutedExperts
 
 _BACKENDS: dict[tuple, object] = {}
 
 
 def get_backend(recipe: FP8Recipe, device: torch.device):
-    """The Hopper backend on CUDA devices of compute capability 9.0+ (unless the recipe asks for emulation)."""
+    """The Hopper backend on CUDA devices of compute capability 9.0+ (unless the recipe asks for emulation).
+    Built once per (recipe, kind): call it outside traced code (the conversions do), since building the Hopper
+    backend runs its one-time cuBLAS probes."""
+    device = torch.device(device)
     use_hopper = (
         recipe.backend != "emulated" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     )
@@ -213,10 +57,19 @@ def get_backend(recipe: FP8Recipe, device: torch.device):
         if use_hopper:
             from .fp8_triton import HopperBackend
 
-            _BACKENDS[key] = HopperBackend(recipe)
+            _BACKENDS[key] = HopperBackend(recipe, device)
         else:
             _BACKENDS[key] = EmulatedBackend(recipe)
     return _BACKENDS[key]
+
+
+def _module_backend(module: nn.Module, x: torch.Tensor):
+    """The backend chosen at conversion for this module's device; chosen again if the module has moved."""
+    backend = getattr(module, "fp8_backend", None)
+    if backend is None or (backend.device_type is not None and backend.device_type != x.device.type):
+        backend = get_backend(module.fp8_recipe, x.device)
+        module.fp8_backend = backend
+    return backend
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -226,118 +79,84 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Autograd: a linear layer and a group of expert linears with all three GEMMs in FP8
+# Autograd: a linear layer and a group of expert linears with their GEMMs in FP8
 
 
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T. Forward: x per 1x128 tile, W per 128x128 block. Input gradient: dy per 1x128 tile along N,
-    W^T reusing W's blocks. Weight gradient: dy^T and x^T per 1x128 tile along the tokens."""
+    W^T reusing W's blocks. Weight gradient: dy^T and x^T per 1x128 tile along the tokens. (Rowwise: one scale
+    per row of each operand along its reduction dimension.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend, out_dtype: torch.dtype) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         m, n = x2.shape[0], weight.shape[0]
         x_q, x_s = backend.quantize_rows(x2)
-        w_q, w_s, w_qt = backend.quantize_weight(weight, transpose=True)
+        w_q, w_s = backend.quantize_weight(weight)
         y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype)[:m, :n].contiguous()  # a copy only if padded
-        ctx.save_for_backward(x2, w_qt, w_s)
+        ctx.save_for_backward(x2, weight, w_q, w_s)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, w_qt, w_s = ctx.saved_tensors
+        x2, weight, w_q, w_s = ctx.saved_tensors
         backend, (m, k), n = ctx.backend, x2.shape, dy.shape[-1]
         dy2 = dy.reshape(-1, n)
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = backend.quantize_rows(dy2)  # tiles along N, the reduction dimension of dx = dy W
-            dx = backend.gemm(dy_q, dy_s, w_qt, w_s.transpose(-1, -2), True, ctx.x_dtype)[:m, :k]
+            dy_q, dy_s = backend.quantize_rows(dy2)  # scaled along N, the reduction dimension of dx = dy W
+            wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s)
+            dx = backend.gemm(dy_q, dy_s, wt_q, wt_s, True, ctx.x_dtype)[:m, :k]
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = backend.quantize_rows(dy2.t())  # [N, Mp]: tiles along the tokens
+            dyt_q, dyt_s = backend.quantize_rows(dy2.t())  # [N, Mp]: scaled along the tokens
             xt_q, xt_s = backend.quantize_rows(x2.t())  # [K, Mp]
             dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32)[:n, :k].to(ctx.w_dtype)
         return dx, dw, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe | None = None) -> torch.Tensor:
-    """F.linear(x, weight) with the forward and both backward GEMMs in block-scaled FP8."""
+    """F.linear(x, weight) with the forward and both backward GEMMs in FP8."""
     recipe = recipe or FP8Recipe()
     return FP8LinearFunction.apply(x, weight, get_backend(recipe, x.device), _output_dtype(x))
 
 
-@dataclass
-class ExpertLayout:
-    """Token-choice pairs sorted by expert into 128-row-aligned segments of one padded buffer, so every 128-row
-    block (an FP8 tile along the tokens) belongs to one expert. Built on the device without a host sync."""
-
-    pos: torch.Tensor  # [N*k] buffer row of each sorted pair
-    token_idx: torch.Tensor  # [N*k] token of each sorted pair
-    order: torch.Tensor  # [N*k] flat (token, choice) index of each sorted pair
-    block_expert: torch.Tensor  # [rows/128] int32 expert owning each 128-row block, -1 for unused blocks
-    seg_start: torch.Tensor  # [E] int32 first row of each expert's segment (multiple of 128)
-    seg_end: torch.Tensor  # [E] int32
-    rows: int  # buffer rows: an upper bound, ceil128(N*k) + 128*E
-
-    @property
-    def num_experts(self) -> int:
-        return self.seg_start.shape[0]
-
-    def segments(self) -> list[tuple[int, int]]:
-        return list(zip(self.seg_start.tolist(), self.seg_end.tolist(), strict=True))
-
-    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
-        """[N*k, C] rows in sorted order -> [rows, C] padded buffer, zeros elsewhere."""
-        return rows.new_zeros(self.rows, rows.shape[1]).index_copy(0, self.pos, rows)
-
-
-def expert_layout(indices: torch.Tensor, num_experts: int) -> ExpertLayout:
-    flat = indices.flatten()
-    pairs, top_k = flat.numel(), indices.shape[1]
-    order = flat.argsort(stable=True)
-    sorted_expert = flat[order]
-    counts = count_per_expert(flat, num_experts)  # no host sync: a compiled decode step stays one graph
-    padded = (counts + BLOCK - 1) // BLOCK * BLOCK
-    seg_end = padded.cumsum(0)
-    seg_start = seg_end - padded
-    first = counts.cumsum(0) - counts
-    pos = seg_start[sorted_expert] + torch.arange(pairs, device=flat.device) - first[sorted_expert]
-    rows = _ceil_to(pairs, BLOCK) + BLOCK * num_experts
-    block_starts = torch.arange(0, rows, BLOCK, device=flat.device)
-    block_expert = torch.searchsorted(seg_end, block_starts, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return ExpertLayout(pos, order // top_k, order, block_expert, seg_start.int(), seg_end.int(), rows)
-
-
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """Per expert e: y[rows of e] = x[rows of e] W[e]^T, with the FP8 scheme of `FP8LinearFunction`; the weight
-    gradient of expert e reduces over its own 128-aligned rows only."""
+    gradient of expert e reduces over its own 128-aligned rows only (in FP8, or in bf16 by the recipe's
+    `grouped_wgrad`). The layout's tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
 
     @staticmethod
-    def forward(ctx, x_pad, weight, layout: ExpertLayout, backend, out_dtype):
-        n, k = weight.shape[-2:]
+    def forward(ctx, x_pad, weight, block_expert, seg_start, seg_end, backend, out_dtype):
+        n = weight.shape[-2]
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, x_pad.shape[0])
         x_q, x_s = backend.quantize_rows(x_pad)
-        w_q, w_s, w_qt = backend.quantize_weight(weight, transpose=True)
+        w_q, w_s = backend.quantize_weight(weight)
         y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype)[:, :n]
-        ctx.save_for_backward(x_pad, w_qt, w_s)
-        ctx.layout, ctx.backend, ctx.w_dtype, ctx.x_dtype = layout, backend, weight.dtype, x_pad.dtype
+        ctx.save_for_backward(x_pad, weight, w_q, w_s, block_expert, seg_start, seg_end)
+        ctx.backend, ctx.w_dtype, ctx.x_dtype = backend, weight.dtype, x_pad.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_pad, w_qt, w_s = ctx.saved_tensors
-        layout, backend = ctx.layout, ctx.backend
+        x_pad, weight, w_q, w_s, block_expert, seg_start, seg_end = ctx.saved_tensors
+        backend = ctx.backend
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, x_pad.shape[0])
         n, k = dy.shape[1], x_pad.shape[1]
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = backend.quantize_rows(dy)
-            dx = backend.grouped_gemm(dy_q, dy_s, w_qt, w_s.transpose(-1, -2), layout, ctx.x_dtype)[:, :k]
+            wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s)
+            dx = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, ctx.x_dtype)[:, :k]
         if ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = backend.quantize_rows(dy.t())
-            xt_q, xt_s = backend.quantize_rows(x_pad.t())
-            dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :k].to(ctx.w_dtype)
-        return dx, dw, None, None, None
+            if backend.recipe.grouped_wgrad == "bf16":
+                dw = grouped_wgrad_high_precision(dy, x_pad, layout).to(ctx.w_dtype)
+            else:
+                dyt_q, dyt_s = backend.quantize_rows(dy.t())
+                xt_q, xt_s = backend.quantize_rows(x_pad.t())
+                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :k].to(ctx.w_dtype)
+        return dx, dw, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,12 +164,12 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
 
 class FP8Linear(nn.Linear):
-    """nn.Linear whose forward and backward GEMMs run in block-scaled FP8; `weight` stays the master copy."""
+    """nn.Linear whose forward and backward GEMMs run in FP8; `weight` stays the master copy."""
 
     fp8_recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(x, self.weight, get_backend(self.fp8_recipe, x.device), _output_dtype(x))
+        y = FP8LinearFunction.apply(x, self.weight, _module_backend(self, x), _output_dtype(x))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -361,12 +180,13 @@ class FP8RoutedExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
-        backend, dtype = get_backend(self.fp8_recipe, x.device), _output_dtype(x)
+        backend, dtype = _module_backend(self, x), _output_dtype(x)
         layout = expert_layout(indices, self.num_experts)
+        tensors = (layout.block_expert, layout.seg_start, layout.seg_end)
         x_pad = layout.scatter(x[layout.token_idx])  # [rows, d]
-        h = FP8GroupedLinearFunction.apply(x_pad, self.gate_up_proj, layout, backend, dtype)
+        h = FP8GroupedLinearFunction.apply(x_pad, self.gate_up_proj, *tensors, backend, dtype)
         gate, up = h.chunk(2, dim=-1)
-        out = FP8GroupedLinearFunction.apply(self.act_fn(gate) * up, self.down_proj, layout, backend, dtype)
+        out = FP8GroupedLinearFunction.apply(self.act_fn(gate) * up, self.down_proj, *tensors, backend, dtype)
         out = out[layout.pos] * weights.flatten()[layout.order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, layout.token_idx, out.to(x.dtype))
 
@@ -547,6 +367,7 @@ def convert_to_fp8_training(model: nn.Module, recipe: FP8Recipe | None = None) -
         else:
             continue
         module.fp8_recipe = recipe
+        module.fp8_backend = get_backend(recipe, next(module.parameters()).device)
     return model
 
 
@@ -560,6 +381,7 @@ def convert_from_fp8_training(model: nn.Module) -> nn.Module:
         else:
             continue
         del module.fp8_recipe
+        module.__dict__.pop("fp8_backend", None)
     return model
 
 
@@ -568,6 +390,8 @@ def convert_to_fp8_inference(model: nn.Module, recipe: FP8Recipe | None = None, 
     current weights (`quantize=False` only allocates them, for a loader to fill). The config then carries the
     official `quantization_config`, so `save_pretrained` writes DeepSeek's FP8 checkpoint format."""
     recipe = recipe or FP8Recipe()
+    if recipe.rowwise:
+        raise ValueError("FP8 inference weights use DeepSeek's 128x128 blocks; the rowwise recipe is for training")
     config = getattr(model, "config", None)
     for name, module in list(model.named_modules()):
         if recipe.skips(name) or not name:

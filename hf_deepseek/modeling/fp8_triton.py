@@ -1,10 +1,13 @@
-"""The Hopper backend of `fp8.py`: Triton quantisation kernels and block-scaled FP8 GEMMs.
+"""The Hopper backend of `fp8.py`: Triton quantisation kernels and FP8 GEMMs.
 
-The quantisers reproduce `fp8.quantize_tiles` / `fp8.quantize_blocks` bit for bit (correctly rounded division,
-round-to-nearest-even E4M3). Dense GEMMs go to cuBLAS through `torch._scaled_mm`'s blockwise recipes
-(1x128 x 128x128 and 1x128 x 1x128) when they dispatch; grouped expert GEMMs, and anything cuBLAS refuses, run
-in a Triton kernel that promotes each 128-element partial sum to FP32 with both operands' scales, as DeepSeek's
-kernels do.
+The quantisers reproduce `fp8_numerics.quantize_tiles` / `quantize_blocks` bit for bit (correctly rounded
+division, round-to-nearest-even E4M3). Inside `torch.compile` (with the recipe's `fused_quantization`) the same
+quantisation is written as torch operations instead, which Inductor fuses into the kernel that produced the
+tensor. Dense GEMMs go to cuBLAS through `torch._scaled_mm`'s blockwise recipes (1x128 x 128x128 and
+1x128 x 1x128) or its rowwise one; blockwise grouped expert GEMMs, and anything cuBLAS refuses, run in a Triton
+kernel that promotes each 128-element partial sum to FP32 with both operands' scales, as DeepSeek's kernels do;
+rowwise grouped GEMMs go to `torch._scaled_grouped_mm`. Which cuBLAS paths dispatch is probed once, when the
+backend is built, outside any traced code.
 """
 
 from __future__ import annotations
@@ -12,10 +15,22 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import BLOCK, FP8, EmulatedBackend, ExpertLayout, FP8Recipe, _ceil_to, check_finite
+from .fp8_numerics import (
+    BLOCK,
+    FP8,
+    EmulatedBackend,
+    ExpertLayout,
+    FP8Recipe,
+    _ceil_to,
+    check_finite,
+    quantize_blocks,
+    quantize_rowwise,
+    quantize_tiles,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -180,26 +195,43 @@ def _col_major(scale: torch.Tensor) -> torch.Tensor:
 
 
 class HopperBackend:
-    """FP8 on compute capability 9.0+: Triton quantisers, cuBLAS blockwise GEMMs where they dispatch, Triton GEMMs
-    for the grouped experts and the rest. The same conventions as `fp8.EmulatedBackend`."""
+    """FP8 on compute capability 9.0+: Triton (or Inductor-fused) quantisers, cuBLAS GEMMs where they dispatch,
+    Triton GEMMs for the blockwise grouped experts and the rest. The same conventions as
+    `fp8_numerics.EmulatedBackend`."""
 
     name = "hopper"
+    device_type = "cuda"
     GEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)
     WGRAD_CONFIG = dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4)
 
-    def __init__(self, recipe: FP8Recipe):
-        self.recipe = recipe
+    def __init__(self, recipe: FP8Recipe, device: torch.device | None = None):
+        self.recipe, self.rowwise = recipe, recipe.rowwise
         self.pow2, self.check = recipe.pow2_scales, bool(recipe.check_finite)  # None: no device sync
-        self.cublas = {}  # (b_blocks, out dtype) -> does torch._scaled_mm dispatch and agree with the emulation
-        if recipe.gemm == "triton":
-            self.cublas = {(b, d): False for b in (True, False) for d in (torch.bfloat16, torch.float32)}
+        # (b_blocks, out dtype) -> does torch._scaled_mm dispatch it and agree with the emulation; probed now,
+        # never inside traced code
+        self.cublas = {(b, d): False for b in (True, False) for d in (torch.bfloat16, torch.float32)}
+        if recipe.gemm != "triton" and not self.rowwise:
+            device = torch.device(device if device is not None else "cuda")
+            self.cublas = {key: self._probe_cublas(*key, device) for key in self.cublas}
+
+    def _fused(self) -> bool:
+        """Quantise with torch operations that Inductor fuses into their producers (only inside a compile)."""
+        return self.recipe.fused_quantization and torch.compiler.is_compiling()
 
     # -- quantisation ------------------------------------------------------------------------------------------
     def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, C] (any strides) -> q [Rp, Cp] (Rp a multiple of 16 and of rows_multiple), scales [Rp, Cp/128]
-        stored column-major, the layout `torch._scaled_mm` wants."""
+        stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1])."""
         rows, cols = x.shape
-        rows_out, cols_out = _ceil_to(rows, max(rows_multiple, 16)), _ceil_to(cols, BLOCK)
+        rows_out = _ceil_to(rows, max(rows_multiple, 16))
+        if self.rowwise or self._fused():
+            cols_out = _ceil_to(cols, 16 if self.rowwise else BLOCK)
+            padded = F.pad(x, (0, cols_out - cols, 0, rows_out - rows))
+            if self.rowwise:
+                return quantize_rowwise(padded, self.pow2, check=False)
+            q, scale = quantize_tiles(padded, self.pow2, check=False)
+            return q, _col_major(scale)
+        cols_out = _ceil_to(cols, BLOCK)
         q = torch.empty(rows_out, cols_out, dtype=FP8, device=x.device)
         scale = torch.empty(cols_out // BLOCK, rows_out, dtype=torch.float32, device=x.device).t()
         block_r = 32 if x.stride(1) == 1 else 64
@@ -212,16 +244,31 @@ class HopperBackend:
             check_finite(scale, "a 1x128 activation tile")
         return q, scale
 
-    def quantize_weight(self, w: torch.Tensor, transpose: bool = False):
-        """w [(E,) N, K] -> q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)], q^T [(E,) Kp, Np]."""
+    def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
+        rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
+        if self.rowwise:
+            return quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
+        if self._fused():
+            q, scale = quantize_blocks(w, self.pow2, check=False)
+            n, k = w.shape[-2:]
+            q = F.pad(q.view(torch.uint8), (0, _ceil_to(k, BLOCK) - k, 0, _ceil_to(n, BLOCK) - n)).view(FP8)
+            return q, scale
         w3 = w if w.dim() == 3 else w[None]
         q, scale = self._quantize_blocks(w3)
         if self.check:
             check_finite(scale, "a 128x128 weight block")
-        qt = self._quantize_blocks(w3.transpose(1, 2))[0] if transpose else None
-        if w.dim() == 2:
-            q, scale, qt = q[0], scale[0], (qt[0] if transpose else None)
-        return q, scale, qt
+        return (q[0], scale[0]) if w.dim() == 2 else (q, scale)
+
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+        """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised."""
+        if self.rowwise:
+            return quantize_rowwise(_pad_last(w.transpose(-1, -2), 16), self.pow2, check=False)
+        if self._fused():
+            return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
+        w3 = w if w.dim() == 3 else w[None]
+        qt = self._quantize_blocks(w3.transpose(1, 2))[0]  # same blocks, same scales, K-contiguous
+        return (qt[0] if w.dim() == 2 else qt), scale.transpose(-1, -2)
 
     def _quantize_blocks(self, w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts, n, k = w3.shape
@@ -234,26 +281,23 @@ class HopperBackend:
         return q, scale
 
     # -- GEMMs -------------------------------------------------------------------------------------------------
-    def _cublas_ok(self, b_blocks: bool, out_dtype: torch.dtype, device: torch.device) -> bool:
-        """Probe once per recipe pair: does `torch._scaled_mm` dispatch it, and does it match the emulation?"""
-        key = (b_blocks, out_dtype)
-        if key not in self.cublas:
-            gen = torch.Generator(device=device).manual_seed(0)
-            a = torch.randn(256, 512, device=device, generator=gen) * torch.rand(256, 1, device=device, generator=gen)
-            b = torch.randn(256, 512, device=device, generator=gen)
-            a_q, a_s = self.quantize_rows(a)
-            b_q, b_s = self.quantize_weight(b)[:2] if b_blocks else self.quantize_rows(b)
-            try:
-                got = self._scaled_mm(a_q, a_s, b_q, b_s, b_blocks, out_dtype).float()
-                want = EmulatedBackend(self.recipe).gemm(a_q, a_s, b_q, b_s, b_blocks, torch.float32)
-                ok = bool(((got - want).norm() / want.norm()) < 1e-2)
-                if not ok:
-                    logger.warning("torch._scaled_mm blockwise disagrees with the FP8 emulation; using Triton.")
-            except (RuntimeError, ValueError, NotImplementedError) as err:
-                logger.info("torch._scaled_mm blockwise unavailable (%s); using Triton.", str(err).splitlines()[0])
-                ok = False
-            self.cublas[key] = ok
-        return self.cublas[key]
+    def _probe_cublas(self, b_blocks: bool, out_dtype: torch.dtype, device: torch.device) -> bool:
+        """Does `torch._scaled_mm` dispatch this blockwise recipe pair, and does it match the emulation?"""
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(256, 512, device=device, generator=gen) * torch.rand(256, 1, device=device, generator=gen)
+        b = torch.randn(256, 512, device=device, generator=gen)
+        a_q, a_s = self.quantize_rows(a)
+        b_q, b_s = self.quantize_weight(b) if b_blocks else self.quantize_rows(b)
+        try:
+            got = self._scaled_mm(a_q, a_s, b_q, b_s, b_blocks, out_dtype).float()
+            want = EmulatedBackend(self.recipe).gemm(a_q, a_s, b_q, b_s, b_blocks, torch.float32)
+            ok = bool(((got - want).norm() / want.norm()) < 1e-2)
+            if not ok:
+                logger.warning("torch._scaled_mm blockwise disagrees with the FP8 emulation; using Triton.")
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            logger.info("torch._scaled_mm blockwise unavailable (%s); using Triton.", str(err).splitlines()[0])
+            ok = False
+        return ok
 
     @staticmethod
     def _scaled_mm(a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
@@ -263,12 +307,22 @@ class HopperBackend:
     def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
         """a [M, K] @ b[N, K']^T (K' <= K, a zero beyond K'); cuBLAS when shapes and recipe allow, else Triton."""
         (m, k), (n, kb) = a.shape, b.shape
+        if self.rowwise:
+            if k == kb and k % 16 == 0 and n % 16 == 0 and self.recipe.gemm != "triton":
+                out = torch._scaled_mm(
+                    a, b.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1), out_dtype=torch.bfloat16,
+                    use_fast_accum=True,
+                )  # fmt: skip
+                return out.to(out_dtype)
+            kt = triton.cdiv(kb, BLOCK)  # one scale per row: the same scale for every 128-wide K tile
+            a_tiles, b_tiles = a_scale.expand(m, kt), b_scale[None].expand(1, n, kt)
+            return self._triton_gemm(a, a_tiles, b[None], b_tiles, None, out_dtype, False)
         # cuBLAS reads 128x128 scales with a leading dimension padded to 4 K-blocks: take the shapes that need none
         k_blocks_ok = not b_blocks or (k // BLOCK) % 4 == 0
         shapes_ok = (
             k == kb and k % BLOCK == 0 and m % 16 == 0 and n % (BLOCK if b_blocks else 16) == 0 and b.is_contiguous()
         ) and k_blocks_ok
-        if shapes_ok and self.recipe.gemm != "triton" and self._cublas_ok(b_blocks, out_dtype, a.device):
+        if shapes_ok and self.cublas[(b_blocks, out_dtype)]:
             return self._scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
         return self._triton_gemm(a, a_scale, b[None], b_scale[None], None, out_dtype, b_blocks)
 
@@ -285,6 +339,12 @@ class HopperBackend:
         return out
 
     def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        if self.rowwise:  # cuBLAS grouped GEMM; rows past the last segment are never read downstream
+            out = torch._scaled_grouped_mm(
+                a, b.transpose(-2, -1), a_scale.reshape(-1), b_scale.reshape(b.shape[0], -1), offs=layout.seg_end,
+                out_dtype=torch.bfloat16, use_fast_accum=True,
+            )  # fmt: skip
+            return out.to(out_dtype)
         return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
 
     def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
@@ -297,3 +357,8 @@ class HopperBackend:
             b.stride(0), *b_scale.stride(), out.stride(0), out.stride(1), **cfg,
         )  # fmt: skip
         return out
+
+
+def _pad_last(w: torch.Tensor, multiple: int) -> torch.Tensor:
+    k = w.shape[-1]
+    return w if k % multiple == 0 else F.pad(w, (0, _ceil_to(k, multiple) - k))

@@ -1,0 +1,313 @@
+"""FP8 numerics the DeepSeek way, shared by every FP8 backend: the recipes, the reference quantisers (E4M3
+values, activations scaled per 1x128 tile along the reduction dimension, weights per 128x128 block; or one scale
+per row), the emulation backend that runs them on any device, and the 128-row-aligned layout of routed experts.
+
+`fp8.py` builds the FP8 layers on these; `fp8_triton.py`, the Hopper backend, reproduces the reference
+quantisers bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from .moe import count_per_expert
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+BLOCK = 128  # tile length (activations) and block side (weights)
+AMAX_FLOOR = 1e-12  # an all-zero tile still gets a finite, non-zero scale; gradients' tiles often peak below 1e-6
+FP8 = torch.float8_e4m3fn
+OFFICIAL_QUANTIZATION_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [BLOCK, BLOCK],
+}
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """How FP8 layers quantise and which kernels they use.
+
+    `scaling`: "blockwise" (DeepSeek-V3: activations and gradients per 1x128 tile along each GEMM's reduction
+    dimension, weights per 128x128 block, FP32 promotion every 128 of K) or "rowwise" (one scale per row of each
+    operand over the whole reduction dimension, as torchao / torchtitan train);
+    `grouped_wgrad`: the routed experts' weight gradient in "fp8" (the paper) or "bf16" (the input precision,
+    through torch's grouped GEMM; the default while no fast FP8 grouped weight-gradient kernel exists here: the
+    Triton one runs at ~50 TFLOP/s on the H200, bf16 `grouped_mm` at ~650);
+    `pow2_scales`: round every scale up to a power of two (UE8M0, as DeepSeek-V3.1 and DeepGEMM do);
+    `backend`: "auto" (Hopper kernels on a CUDA device of compute capability 9.0+, else emulation) or "emulated";
+    `gemm`: for the Hopper backend, "auto" (cuBLAS where it dispatches, else Triton), "cublas" or "triton";
+    `fused_quantization`: inside `torch.compile`, quantise with torch operations that Inductor fuses with the
+    neighbouring kernels (the norm or activation that produced the tensor) instead of calling the standalone
+    Triton quantisers; `check_finite`: raise on NaN/inf inputs; None (default) checks where it is free (the
+    emulation) and lets them propagate on the GPU, where a check costs a device sync per quantisation (NaN scales
+    then make the output, and the loss, NaN);
+    `skip`: names of modules (matched against the end of their qualified name) left in high precision.
+    """
+
+    scaling: str = "blockwise"
+    grouped_wgrad: str = "bf16"
+    pow2_scales: bool = False
+    backend: str = "auto"
+    gemm: str = "auto"
+    fused_quantization: bool = True
+    check_finite: bool | None = None
+    skip: tuple[str, ...] = field(default=("lm_head",))
+
+    def __post_init__(self):
+        choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
+                   "backend": ("auto", "emulated"), "gemm": ("auto", "cublas", "triton")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"FP8Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.rowwise and self.grouped_wgrad == "fp8":
+            raise ValueError(
+                "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"
+            )
+
+    @classmethod
+    def named(cls, name: str, **overrides) -> FP8Recipe:
+        """One of the named recipes: "deepseek" (the paper's blockwise scaling, the default) or "rowwise"."""
+        if name not in FP8_RECIPES:
+            raise ValueError(f"unknown FP8 recipe {name!r}: choose from {', '.join(FP8_RECIPES)}")
+        return replace(FP8_RECIPES[name], **overrides)
+
+    @property
+    def rowwise(self) -> bool:
+        return self.scaling == "rowwise"
+
+    def skips(self, name: str) -> bool:
+        """Whether the module with this qualified name stays in high precision."""
+        return any(name == s or name.endswith("." + s) for s in self.skip)
+
+
+FP8_RECIPES = {"deepseek": FP8Recipe(), "rowwise": FP8Recipe(scaling="rowwise")}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference quantisers (the emulation backend uses them; the Triton kernels reproduce them bit for bit)
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pow2_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= scale (positive normal floats), exactly, by editing the float32 bits."""
+    bits = scale.view(torch.int32)
+    exponent = bits & 0x7F800000
+    return torch.where(bits & 0x007FFFFF != 0, exponent + 0x00800000, exponent).view(torch.float32)
+
+
+def scales_from_amax(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """Dequantisation scale (`scale_inv` in DeepSeek's names) of each tile or block: max(amax, 1e-12) / 448."""
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    scale = amax / torch.full_like(amax, E4M3_MAX)  # a true division: torch on CUDA multiplies by 1/448 for a scalar
+    return _pow2_ceil(scale) if pow2 else scale
+
+
+def check_finite(amax: torch.Tensor, what: str) -> None:
+    """NaN or inf anywhere in a tile shows up in its amax (torch's max propagates NaN)."""
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"FP8 quantisation of {what} got NaN or inf values; refusing to encode them as E4M3.")
+
+
+def _encode(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, rounded to nearest-even E4M3 (|x / scale| <= 448 by construction; the clamp absorbs rounding)."""
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+
+
+def quantize_tiles(x: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 tiles along the last dimension: x [..., K] -> (q [..., Kp] e4m3, scale [..., Kp/128] fp32).
+
+    K is zero-padded to Kp, the next multiple of 128 (zeros change no tile's amax), so q can feed a GEMM;
+    x == dequantize_tiles(q, scale)[..., :K] up to E4M3 rounding.
+    """
+    k = x.shape[-1]
+    tiles = F.pad(x.float(), (0, _ceil_to(k, BLOCK) - k)).unflatten(-1, (-1, BLOCK))  # [..., Kp/128, 128]
+    amax = tiles.abs().amax(dim=-1)
+    if check:
+        check_finite(amax, "a 1x128 activation tile")
+    scale = scales_from_amax(amax, pow2)
+    return _encode(tiles, scale[..., None]).flatten(-2), scale
+
+
+def quantize_blocks(w: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 blocks: w [..., N, K] -> (q [..., N, K] e4m3, scale [..., ceil(N/128), ceil(K/128)] fp32).
+
+    As in DeepSeek's checkpoints, a dimension that is not a multiple of 128 ends in a partial block that gets
+    its own scale (the amax of the elements it has); q keeps w's shape.
+    """
+    n, k = w.shape[-2:]
+    padded = F.pad(w.float(), (0, _ceil_to(k, BLOCK) - k, 0, _ceil_to(n, BLOCK) - n))
+    blocks = padded.unflatten(-1, (-1, BLOCK)).unflatten(-3, (-1, BLOCK))  # [..., Nb, 128, Kb, 128]
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., Nb, Kb]
+    if check:
+        check_finite(amax, "a 128x128 weight block")
+    scale = scales_from_amax(amax, pow2)
+    q = _encode(blocks, scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)
+    return q[..., :n, :k], scale
+
+
+def quantize_rowwise(x: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row over the whole last dimension: x [..., K] -> (q [..., K] e4m3, scale [..., 1] fp32)."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    if check:
+        check_finite(amax, "a row")
+    scale = scales_from_amax(amax, pow2)
+    return _encode(x.float(), scale), scale
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_tiles` in float32: q [..., K] * scale of its 1x128 tile."""
+    return q.float() * scale.float().repeat_interleave(BLOCK, dim=-1)[..., : q.shape[-1]]
+
+
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_blocks` in float32, each element times the scale of its (possibly partial) block.
+
+    The block size is 128, never derived from the scale grid: a [576, 7168] weight has a [5, 56] grid whose
+    last row of blocks holds 64 rows, and a [136, 160] weight a [2, 2] grid of 128+8 by 128+32.
+    """
+    n, k = q.shape[-2:]
+    expected = (math.ceil(n / BLOCK), math.ceil(k / BLOCK))
+    if tuple(scale.shape[-2:]) != expected:
+        raise ValueError(f"A [{n}, {k}] weight needs a {list(expected)} scale grid, got {list(scale.shape[-2:])}.")
+    full = scale.float().repeat_interleave(BLOCK, dim=-2).repeat_interleave(BLOCK, dim=-1)
+    return q.float() * full[..., :n, :k]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backends: the operations the FP8 layers need. Layout conventions shared by both backends:
+#   quantize_rows(x [R, C]) -> q [Rp, Cp], scale [Rp, Cp/128] (blockwise: 1x128 tiles along C) or [Rp, 1]
+#       (rowwise), zero rows/cols as padding;
+#   quantize_weight(w [..., N, K]) -> q, scale [..., ceil(N/128), ceil(K/128)] (blockwise) or [..., N, 1];
+#   quantize_weight_t(w, q, scale) -> the operand of w^T (input gradient): blockwise, q^T with the transposed
+#       grid (the same blocks); rowwise, w^T quantised again with one scale per row of w^T;
+#   gemm(a, a_scale, b, b_scale, b_blocks) -> a @ b^T [Ma, Nb]: both operands K-contiguous, b scaled as a weight
+#       (`b_blocks`) or as an activation; b may hold fewer K columns than a's zero padding;
+#   grouped_gemm / grouped_wgrad: the same per 128-row expert segment of an `ExpertLayout`.
+# Nothing here reads device values on the host, so a compiled step stays one graph.
+
+
+class EmulatedBackend:
+    """Reference numerics on any device: the reference quantisers, then FP32 products of dequantised values."""
+
+    name = "emulated"
+    device_type = None  # any
+
+    def __init__(self, recipe: FP8Recipe):
+        self.recipe = recipe
+        self.pow2, self.rowwise, self._check = recipe.pow2_scales, recipe.rowwise, recipe.check_finite is not False
+
+    @property
+    def check(self) -> bool:
+        """The finite check reads a device value on the host: skipped inside a compile, to keep one graph."""
+        return self._check and not torch.compiler.is_compiling()
+
+    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rowwise:
+            padded = F.pad(x, (0, _ceil_to(x.shape[1], BLOCK) - x.shape[1]))
+            q, scale = quantize_rowwise(padded, self.pow2, self.check)
+        else:
+            q, scale = quantize_tiles(x, self.pow2, self.check)
+        pad = _ceil_to(x.shape[0], rows_multiple) - x.shape[0]
+        return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8), F.pad(scale, (0, 0, 0, pad))
+
+    def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_rowwise(w, self.pow2, self.check) if self.rowwise else quantize_blocks(w, self.pow2, self.check)
+
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+        if self.rowwise:
+            return quantize_rowwise(w.transpose(-1, -2), self.pow2, self.check)
+        return q.transpose(-1, -2), scale.transpose(-1, -2)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor, blocks: bool) -> torch.Tensor:
+        if self.rowwise:
+            return q.float() * scale.float()
+        return dequantize_blocks(q, scale) if blocks else dequantize_tiles(q, scale)
+
+    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+        k = b.shape[-1]
+        a_f, b_f = self.dequantize(a, a_scale, False)[:, :k], self.dequantize(b, b_scale, b_blocks)
+        return (a_f @ b_f.T).to(out_dtype)
+
+    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        """Rows of expert e (128-aligned segments of `layout`) times expert e's weight b[e] [N, K]: each 128-row
+        block times the weight of the expert that owns it, zeros for unused blocks."""
+        k = b.shape[-1]
+        blocks = layout.block_expert.long()  # [nb]
+        a_f = self.dequantize(a, a_scale, False)[:, :k].view(blocks.shape[0], BLOCK, k)
+        w = self.dequantize(b, b_scale, True)[blocks.clamp(min=0)]  # [nb, N, K]
+        out = torch.bmm(a_f, w.transpose(1, 2)) * (blocks >= 0)[:, None, None]
+        return out.flatten(0, 1).to(out_dtype)
+
+    def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
+        """Per expert e: a[:, rows of e] @ b[:, rows of e]^T in fp32; a [N, Mp] and b [K, Mp] scaled along rows."""
+        blocks = layout.block_expert.long()
+        nb = blocks.shape[0]
+        a_f = self.dequantize(a, a_scale, False)[:, : nb * BLOCK].view(a.shape[0], nb, BLOCK).transpose(0, 1)
+        b_f = self.dequantize(b, b_scale, False)[:, : nb * BLOCK].view(b.shape[0], nb, BLOCK).transpose(0, 1)
+        per_block = torch.bmm(a_f, b_f.transpose(1, 2)) * (blocks >= 0)[:, None, None]  # [nb, N, K]
+        out = torch.zeros(layout.num_experts, a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
+        return out.index_add_(0, blocks.clamp(min=0), per_block)
+
+
+def grouped_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """Per expert e: dy[rows of e]^T @ x[rows of e] -> [E, N, K] in high precision (FP32 accumulation): torch's
+    grouped GEMM in bf16 on CUDA (rows past the last segment are not read), else per 128-row block."""
+    if dy.is_cuda:
+        return torch._grouped_mm(dy.t().to(torch.bfloat16).contiguous(), x.to(torch.bfloat16), offs=layout.seg_end)
+    blocks = layout.block_expert.long()
+    nb, dtype = blocks.shape[0], torch.promote_types(dy.dtype, x.dtype)
+    dy_blocks = dy[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1).transpose(1, 2)  # [nb, N, 128]
+    per_block = torch.bmm(dy_blocks, x[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1)) * (blocks >= 0)[:, None, None]
+    out = torch.zeros(layout.num_experts, dy.shape[1], x.shape[1], dtype=dtype, device=dy.device)
+    return out.index_add_(0, blocks.clamp(min=0), per_block)
+
+
+@dataclass
+class ExpertLayout:
+    """Token-choice pairs sorted by expert into 128-row-aligned segments of one padded buffer, so every 128-row
+    block (an FP8 tile along the tokens) belongs to one expert. Built on the device without a host sync."""
+
+    pos: torch.Tensor  # [N*k] buffer row of each sorted pair
+    token_idx: torch.Tensor  # [N*k] token of each sorted pair
+    order: torch.Tensor  # [N*k] flat (token, choice) index of each sorted pair
+    block_expert: torch.Tensor  # [rows/128] int32 expert owning each 128-row block, -1 for unused blocks
+    seg_start: torch.Tensor  # [E] int32 first row of each expert's segment (multiple of 128)
+    seg_end: torch.Tensor  # [E] int32
+    rows: int  # buffer rows: an upper bound, ceil128(N*k) + 128*E
+
+    @property
+    def num_experts(self) -> int:
+        return self.seg_start.shape[0]
+
+    def segments(self) -> list[tuple[int, int]]:
+        return list(zip(self.seg_start.tolist(), self.seg_end.tolist(), strict=True))
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """[N*k, C] rows in sorted order -> [rows, C] padded buffer, zeros elsewhere."""
+        return rows.new_zeros(self.rows, rows.shape[1]).index_copy(0, self.pos, rows)
+
+
+def expert_layout(indices: torch.Tensor, num_experts: int) -> ExpertLayout:
+    flat = indices.flatten()
+    pairs, top_k = flat.numel(), indices.shape[1]
+    order = flat.argsort(stable=True)
+    sorted_expert = flat[order]
+    counts = count_per_expert(flat, num_experts)  # no host sync: a compiled decode step stays one graph
+    padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+    seg_end = padded.cumsum(0)
+    seg_start = seg_end - padded
+    first = counts.cumsum(0) - counts
+    pos = seg_start[sorted_expert] + torch.arange(pairs, device=flat.device) - first[sorted_expert]
+    rows = _ceil_to(pairs, BLOCK) + BLOCK * num_experts
+    block_starts = torch.arange(0, rows, BLOCK, device=flat.device)
+    block_expert = torch.searchsorted(seg_end, block_starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return ExpertLayout(pos, order // top_k, order, block_expert, seg_start.int(), seg_end.int(), rows)
