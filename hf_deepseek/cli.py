@@ -55,11 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup-steps", type=int, help="untimed first steps: compilation, allocator (3)")
     bench_train.add_argument(
         "--variants",
-        help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, hf_deepseek-fp8, "
-        "hf_deepseek-fp8-eager (default: all but the last)",
+        help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, hf_deepseek-fp8 (the "
+        "deepseek recipe), hf_deepseek-fp8-rowwise, hf_deepseek-fp8-eager (default: transformers, hf_deepseek-bf16 "
+        "and the two compiled FP8 recipes; v3-width: ours only)",
     )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
+    bench_train.add_argument(
+        "--shape", choices=("bench", "v3-width"), help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168"
+    )
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     bench_decode = bench_kinds.add_parser(
         "decode",

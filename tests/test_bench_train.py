@@ -10,7 +10,15 @@ from torch import nn
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.cli import main
-from hf_deepseek.evals.bench_train import OURS, OURS_EAGER, OURS_FP8, PEER, VARIANTS, active_matmul_parameters
+from hf_deepseek.evals.bench_train import (
+    OURS,
+    OURS_EAGER,
+    OURS_FP8,
+    OURS_FP8_ROWWISE,
+    PEER,
+    VARIANTS,
+    active_matmul_parameters,
+)
 from hf_deepseek.modeling.moe import RoutedExperts, TopKRouter
 
 
@@ -32,8 +40,28 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
         assert variants[name]["losses"][0] == pytest.approx(torch.tensor(float(vocab)).log().item(), rel=0.05)
     # FP8 (emulated on the CPU) tracks bf16 at matched data
     assert variants[OURS_FP8]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
+    assert variants[OURS_FP8_ROWWISE]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
+
+
+def test_v3_width_shape_is_deepseek_v3s_layer_with_a_16k_vocabulary():
+    from argparse import Namespace
+
+    from hf_deepseek import DeepSeekConfig
+    from hf_deepseek.evals.bench_train import plan_from_args
+
+    args = dict(tiny=False, batch_size=None, seq_len=None, steps=None, warmup_steps=None, peak_tflops=None)
+    plan = plan_from_args(Namespace(**args, variants=None, profile=False, shape="v3-width"))
+    cfg = DeepSeekConfig(**plan.config)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size, cfg.num_experts_per_tok) == (
+        7168, 128, 2048, 8,
+    )  # fmt: skip
+    assert (cfg.q_lora_rank, cfg.kv_lora_rank, cfg.vocab_size, cfg.num_hidden_layers) == (1536, 512, 16384, 4)
+    # the decoder layers, not the output head, hold almost all of the active FLOPs (as in the 61-layer model)
+    assert cfg.hidden_size * cfg.vocab_size < 0.05 * active_matmul_parameters(cfg)
+    with pytest.raises(ValueError, match="unknown shape 'v4': choose from bench, v3-width"):
+        plan_from_args(Namespace(**args, variants=None, profile=False, shape="v4"))
 
 
 def test_active_parameters_match_a_count_over_the_modules():

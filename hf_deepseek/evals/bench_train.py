@@ -33,9 +33,11 @@ from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machi
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
-OURS_FP8_EAGER = "hf_deepseek-fp8-eager"
-VARIANTS = (PEER, OURS_EAGER, OURS, OURS_FP8, OURS_FP8_EAGER)
-DEFAULT_VARIANTS = (PEER, OURS_EAGER, OURS, OURS_FP8)
+OURS_FP8_EAGER, OURS_FP8_ROWWISE = "hf_deepseek-fp8-eager", "hf_deepseek-fp8-rowwise"
+# FP8 variants -> (named recipe, compiled): "deepseek" is the paper's blockwise recipe, "rowwise" torchtitan's
+FP8_VARIANTS = {OURS_FP8: ("deepseek", True), OURS_FP8_ROWWISE: ("rowwise", True), OURS_FP8_EAGER: ("deepseek", False)}
+VARIANTS = (PEER, OURS_EAGER, OURS, *FP8_VARIANTS)
+DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
 
 @dataclass
@@ -54,6 +56,32 @@ class TrainBenchPlan:
 
 # the REFERENCE.md training config (8 layers, hidden 2048, 64 experts top-6), without the MTP layer
 FULL_TRAIN_PLAN = TrainBenchPlan({**FULL_CONFIG, "num_nextn_predict_layers": 0})
+# DeepSeek-V3's width (hidden 7168, MLA with 128 heads and V3's ranks, experts of width 2048, top-8): one dense
+# and three MoE layers of 64 experts, the vocabulary cut to 16k so that, as in the 61-layer model, the decoder
+# layers and not the output head dominate the FLOPs; 9.9B parameters, batch 4 x 2048 to fit one H200
+V3_WIDTH_CONFIG = dict(
+    vocab_size=16384,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=4,
+    num_attention_heads=128,
+    first_k_dense_replace=1,
+    n_routed_experts=64,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    num_nextn_predict_layers=0,
+    max_position_embeddings=4096,
+)
+V3_WIDTH_TRAIN_PLAN = TrainBenchPlan(V3_WIDTH_CONFIG, batch_size=4, variants=[OURS, OURS_FP8, OURS_FP8_ROWWISE])
+SHAPES = {"bench": FULL_TRAIN_PLAN, "v3-width": V3_WIDTH_TRAIN_PLAN}
 TINY_TRAIN_PLAN = TrainBenchPlan(
     {**TINY_CONFIG, "num_nextn_predict_layers": 0},
     batch_size=2,
@@ -129,11 +157,11 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
             return DeepseekV3ForCausalLM._from_config(peer_config, dtype=dtype).train()
     with torch.device(device):
         model = DeepSeekForCausalLM._from_config(config, dtype=dtype).train()
-    if name in (OURS_FP8, OURS_FP8_EAGER):
-        from hf_deepseek.modeling.fp8 import convert_to_fp8_training
+    if name in FP8_VARIANTS:
+        from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
-        convert_to_fp8_training(model)
-    if name in (OURS, OURS_FP8) and device.type == "cuda":
+        convert_to_fp8_training(model, FP8Recipe.named(FP8_VARIANTS[name][0]))
+    if (name == OURS or FP8_VARIANTS.get(name, ("", False))[1]) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
         compile_for_training(model)
@@ -166,7 +194,7 @@ def bench_variant(
         result.parameters = sum(p.numel() for p in model.parameters())
         if name == PEER:
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
-        elif name in (OURS, OURS_FP8) and device.type != "cuda":
+        elif (name == OURS or FP8_VARIANTS.get(name, ("", False))[1]) and device.type != "cuda":
             result.note = "not compiled off CUDA"
         optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
@@ -185,7 +213,7 @@ def bench_variant(
         result.mfu = result.model_tflops / plan.peak_tflops
         if device.type == "cuda":
             result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        if plan.profile and name in (OURS, OURS_EAGER, OURS_FP8):
+        if plan.profile and name != PEER:
             profile_steps(model, optimizer, batches[:2], device, out / f"profile_{name}.txt")
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
@@ -211,11 +239,11 @@ def profile_steps(model, optimizer, batches, device: torch.device, path: Path) -
 def ratios(results: list[TrainResult]) -> dict[str, float]:
     by_name = {r.name: r for r in results if r.tokens_per_s}
     out = {}
-    for name in (OURS_EAGER, OURS, OURS_FP8, OURS_FP8_EAGER):
+    for name in (OURS_EAGER, OURS, *FP8_VARIANTS):
         if name in by_name and PEER in by_name:
             out[f"{name} / {PEER}"] = by_name[name].tokens_per_s / by_name[PEER].tokens_per_s
     if OURS in by_name:
-        for fp8 in (OURS_FP8, OURS_FP8_EAGER):
+        for fp8 in FP8_VARIANTS:
             if fp8 in by_name:
                 out[f"{fp8} / {OURS}"] = by_name[fp8].tokens_per_s / by_name[OURS].tokens_per_s
                 if by_name[OURS].mean_loss:
@@ -289,7 +317,10 @@ def run_train_bench(
 
 
 def plan_from_args(args: argparse.Namespace) -> TrainBenchPlan:
-    plan = TrainBenchPlan(**asdict(TINY_TRAIN_PLAN if args.tiny else FULL_TRAIN_PLAN))
+    shape = getattr(args, "shape", None) or "bench"
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
+    plan = TrainBenchPlan(**asdict(TINY_TRAIN_PLAN if args.tiny else SHAPES[shape]))
     for name in ("batch_size", "seq_len", "steps", "warmup_steps", "peak_tflops"):
         if getattr(args, name) is not None:
             setattr(plan, name, getattr(args, name))
