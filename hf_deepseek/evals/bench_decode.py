@@ -208,14 +208,23 @@ def compiled_step(model, plan: DecodePlan) -> Callable:
     return model.get_compiled_call(CompileConfig(dynamic=dynamic))
 
 
-def run_step_row(row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress) -> list[DecodeCell]:
+def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausalLM:
+    """Our model at the benchmark's shapes on the meta device: what the read floor counts, for every row alike
+    (the bytes a step must read in `dtype`, whichever implementation reads them)."""
+    with torch.device("meta"):
+        return DeepSeekForCausalLM._from_config(config, dtype=dtype)
+
+
+def run_step_row(
+    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM
+) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
     for batch in plan.row_batch_sizes.get(row.name, plan.batch_sizes):
-        weights = step_weight_bytes(model, batch)
+        weights = step_weight_bytes(floor, batch)
         for context in plan.contexts:
             cell = DecodeCell(row.name, batch, context)
             if row.compiled and not compile_here:
@@ -332,8 +341,9 @@ def run_decode_bench(
         "checkpoint": checkpoint or "random weights",
         "plan": asdict(plan) | {"config": None},
         "copy_bandwidth_tb_s": bandwidth / 1e12,
-        "floor": "active weights (routed experts: expected distinct experts under uniform routing) + latent cache "
-        "bytes, over the measured copy bandwidth",
+        "floor": "active weights in the bench dtype (routed experts: expected distinct experts under uniform "
+        "routing) + latent cache bytes, over the measured copy bandwidth; one floor per (batch, context), the same "
+        "for every row",
         "cells": [],
     }
     with tempfile.TemporaryDirectory(prefix="hf-deepseek-bench-decode-") as scratch:
@@ -341,13 +351,15 @@ def run_decode_bench(
             progress(f"building random weights at the benchmark shapes on {device}")
             build_checkpoint(DeepSeekConfig(**plan.config), Path(scratch), device, dtype)
         source = checkpoint or scratch
-        results["config"] = {k: getattr(DeepSeekConfig.from_pretrained(source), k) for k in FULL_CONFIG}
+        config = DeepSeekConfig.from_pretrained(source)
+        results["config"] = {k: getattr(config, k) for k in FULL_CONFIG}
+        floor = floor_model(config, dtype)
         wanted = [r for r in ROWS if r in plan.rows]
         if any(r.startswith("transformers") for r in wanted):
             peer = load(DeepseekV3ForCausalLM, source, device, dtype)
             for name in [r for r in wanted if r.startswith("transformers")]:
-                results["cells"] += [asdict(c) for c in run_step_row(STEP_ROWS[name], peer, plan, device, dtype,
-                                                                     bandwidth, progress)]  # fmt: skip
+                cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
+                results["cells"] += [asdict(c) for c in cells]
                 write_decode_report(results, output_dir)
             del peer
             gc.collect()
@@ -361,7 +373,7 @@ def run_decode_bench(
                         from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
                         convert_to_fp8_inference(model)
-                    cells = run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress)
+                    cells = run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor)
                 results["cells"] += [asdict(c) for c in cells]
                 write_decode_report(results, output_dir)
             del model
@@ -372,16 +384,11 @@ def run_decode_bench(
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    """Per (batch, context): speed-ups of each row over transformers eager and over transformers' best row; every
-    bf16 row gets the bf16 floor counted on our model (transformers' experts are not `RoutedExperts`)."""
+    """Per (batch, context): speed-ups of each row over transformers eager and over transformers' best row."""
     by_cell: dict[tuple[int, int], dict[str, dict]] = {}
     for cell in results["cells"]:
         by_cell.setdefault((cell["batch"], cell["context"]), {})[cell["row"]] = cell
     for rows in by_cell.values():
-        floors = [rows[r]["floor_ms"] for r in ("ours-fast", "ours-eager") if r in rows and rows[r]["floor_ms"]]
-        for name, cell in rows.items():
-            if floors and name != "ours-fast-fp8" and cell["ms_per_step"] and name != "ours-mtp":
-                cell["floor_ms"], cell["floor_fraction"] = floors[0], floors[0] / cell["ms_per_step"]
         eager = (rows.get("transformers-eager") or {}).get("ms_per_step")
         peers = [rows[r]["ms_per_step"] for r in ("transformers-eager", "transformers-compile")
                  if r in rows and rows[r]["ms_per_step"]]  # fmt: skip
