@@ -39,7 +39,7 @@ from .fp8_numerics import (
     quantize_blocks,
     quantize_tiles,
 )
-from .moe import RoutedExperts
+from .moe import GatherTokenRows, PermuteRows, RoutedExperts
 
 _BACKENDS: dict[tuple, object] = {}
 
@@ -159,6 +159,39 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
+class ScatterUniqueRows(torch.autograd.Function):
+    """rows [R, C] -> a zero [total, C] buffer with row i at `pos[i]` (positions unique); its backward, and
+    `gather`'s, are the opposite copy: no accumulation, so no atomics."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, pos: torch.Tensor, total: int) -> torch.Tensor:
+        ctx.save_for_backward(pos)
+        return rows.new_zeros(total, rows.shape[1]).index_copy_(0, pos, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pos,) = ctx.saved_tensors
+        return grad.index_select(0, pos), None, None
+
+    @staticmethod
+    def gather(buffer: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """buffer[pos], with `forward` as its backward."""
+        return _GatherUniqueRows.apply(buffer, pos)
+
+
+class _GatherUniqueRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, buffer: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(pos)
+        ctx.total = buffer.shape[0]
+        return buffer.index_select(0, pos)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (pos,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.total, grad.shape[1]).index_copy_(0, pos, grad), None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Training modules: same parameters as the modules they replace (their class is swapped in place)
 
@@ -181,14 +214,21 @@ class FP8RoutedExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
         backend, dtype = _module_backend(self, x), _output_dtype(x)
+        num_tokens, top_k = indices.shape
         layout = expert_layout(indices, self.num_experts)
         tensors = (layout.block_expert, layout.seg_start, layout.seg_end)
-        x_pad = layout.scatter(x[layout.token_idx])  # [rows, d]
+        # gathers both ways, forward and backward: no scatter-add with atomics (see moe.GatherTokenRows)
+        inverse = torch.empty_like(layout.order).scatter_(
+            0, layout.order, torch.arange(layout.order.numel(), device=layout.order.device)
+        )
+        x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
+        x_pad = ScatterUniqueRows.apply(x_sorted, layout.pos, layout.rows)  # [rows, d], 128-aligned segments
         h = FP8GroupedLinearFunction.apply(x_pad, self.gate_up_proj, *tensors, backend, dtype)
         gate, up = h.chunk(2, dim=-1)
         out = FP8GroupedLinearFunction.apply(self.act_fn(gate) * up, self.down_proj, *tensors, backend, dtype)
-        out = out[layout.pos] * weights.flatten()[layout.order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, layout.token_idx, out.to(x.dtype))
+        out = ScatterUniqueRows.gather(out, layout.pos)  # [N*k, d] in expert order
+        out = PermuteRows.apply(out, inverse, layout.order).view(num_tokens, top_k, -1)  # (token, choice) order
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
