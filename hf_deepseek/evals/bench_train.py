@@ -36,7 +36,8 @@ OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_d
 OURS_FP8_EAGER, OURS_FP8_ROWWISE = "hf_deepseek-fp8-eager", "hf_deepseek-fp8-rowwise"
 # FP8 variants -> (named recipe, compiled): "deepseek" is the paper's blockwise recipe, "rowwise" torchtitan's
 FP8_VARIANTS = {OURS_FP8: ("deepseek", True), OURS_FP8_ROWWISE: ("rowwise", True), OURS_FP8_EAGER: ("deepseek", False)}
-VARIANTS = (PEER, OURS_EAGER, OURS, *FP8_VARIANTS)
+OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
+VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS)
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
 
@@ -157,11 +158,15 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
             return DeepseekV3ForCausalLM._from_config(peer_config, dtype=dtype).train()
     with torch.device(device):
         model = DeepSeekForCausalLM._from_config(config, dtype=dtype).train()
+    if name != OURS_UNFUSED_LOSS:
+        from hf_deepseek.modeling.output_loss import enable_fused_output_loss
+
+        enable_fused_output_loss(model)  # the head + cross-entropy in 8 chunks, no [tokens, vocab] logits kept
     if name in FP8_VARIANTS:
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
         convert_to_fp8_training(model, FP8Recipe.named(FP8_VARIANTS[name][0]))
-    if (name == OURS or FP8_VARIANTS.get(name, ("", False))[1]) and device.type == "cuda":
+    if (name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
         compile_for_training(model)
@@ -194,7 +199,7 @@ def bench_variant(
         result.parameters = sum(p.numel() for p in model.parameters())
         if name == PEER:
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
-        elif (name == OURS or FP8_VARIANTS.get(name, ("", False))[1]) and device.type != "cuda":
+        elif (name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]) and device.type != "cuda":
             result.note = "not compiled off CUDA"
         optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
@@ -239,7 +244,7 @@ def profile_steps(model, optimizer, batches, device: torch.device, path: Path) -
 def ratios(results: list[TrainResult]) -> dict[str, float]:
     by_name = {r.name: r for r in results if r.tokens_per_s}
     out = {}
-    for name in (OURS_EAGER, OURS, *FP8_VARIANTS):
+    for name in (OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS):
         if name in by_name and PEER in by_name:
             out[f"{name} / {PEER}"] = by_name[name].tokens_per_s / by_name[PEER].tokens_per_s
     if OURS in by_name:

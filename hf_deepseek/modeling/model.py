@@ -26,6 +26,7 @@ from .latent_cache import LatentCacheGenerationMixin, host_seq_length
 from .layers import RMSNorm
 from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
+from .output_loss import causal_lm_loss
 from .speculative import speculative_generate
 
 # transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
@@ -227,7 +228,8 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        fused = self._fused_loss(labels, logits_to_keep)
+        logits = None if fused else self.lm_head(hidden_states[:, keep, :])
 
         loss = mtp_loss = aux_loss = None
         # With `num_items_in_batch` (Trainer: label tokens of all accumulated micro-batches, all ranks) the
@@ -238,9 +240,7 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             items = torch.as_tensor(num_items_in_batch, device=labels.device)
             share = (labels[..., 1:] != -100).sum() / items
         if labels is not None:
-            loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
+            loss = self._output_loss(hidden_states, logits, labels, num_items_in_batch)
             if self.config.num_nextn_predict_layers > 0:
                 mtp_loss = self._mtp_loss(
                     input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, **kwargs
@@ -275,14 +275,25 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         for depth, layer in enumerate(self.model.mtp_layers, start=1):
             shifted = shift_left(embeds, depth, 0.0)
             previous, normed = layer.forward_mtp(shifted, previous, position_embeddings, mask, **kwargs)
-            logits = self.lm_head(normed)
+            logits = None if self._fused_loss(labels, 0) else self.lm_head(normed)
             target = mtp_labels(labels, depth, position_ids.expand_as(labels))
             # sum / count rather than a mean, so a batch too short for this depth gives 0, not NaN
             count = (target[:, 1:] != -100).sum().clamp(min=1)
-            losses.append(
-                self.loss_function(logits, target, vocab_size=self.config.vocab_size, num_items_in_batch=count)
-            )
+            losses.append(self._output_loss(normed, logits, target, count))
         return torch.stack(losses).mean()
+
+    fused_output_loss: int = 0  # chunks of `output_loss.causal_lm_loss` in training (0: the plain head and loss)
+
+    def _fused_loss(self, labels, logits_to_keep) -> bool:
+        return bool(self.fused_output_loss) and self.training and labels is not None and logits_to_keep == 0
+
+    def _output_loss(self, hidden, logits, labels, num_items_in_batch) -> torch.Tensor:
+        """The causal LM loss of the head over `hidden`: from `logits`, or chunked without them (None)."""
+        if logits is None:
+            return causal_lm_loss(hidden, self.lm_head, labels, num_items_in_batch, self.fused_output_loss)
+        return self.loss_function(
+            logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+        )
 
 
 __all__ = ["DeepSeekPreTrainedModel", "DeepSeekModel", "DeepSeekForCausalLM", "DeepSeekCausalLMOutput"]

@@ -1,0 +1,92 @@
+"""The output head and its cross-entropy in chunks, without the [tokens, vocabulary] logits in memory.
+
+At 16k tokens and DeepSeek-V3's 129k vocabulary the logits alone are 4 GiB in bf16 (8 in fp32), and autograd keeps
+them, and their gradient, for the backward pass. `LinearCrossEntropy` walks the tokens in chunks: for each it
+computes the logits, the loss terms and, since the loss is the last operation of the step, the gradients of the
+hidden states and of the head's weight right away (softmax minus one-hot, times the head), then drops the
+logits. Backward only scales those saved gradients. The FLOPs are those of the unfused head; the memory is one
+chunk's logits. This is the fused linear cross-entropy of Liger-Kernel and torchtitan's chunked loss, in plain
+torch (Inductor fuses each chunk's elementwise work under `torch.compile`).
+
+Used by `DeepSeekForCausalLM` in training mode when `model.fused_output_loss` is set
+(`enable_fused_output_loss(model)`); the output's `logits` is then None.
+"""
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
+    """(sum of -log p(target) over valid rows, d loss / d logits) of one chunk; logits fp32 [c, V]."""
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0)
+    lse = logits.logsumexp(dim=-1)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    loss = ((lse - picked) * valid).sum()
+    grad = (logits - lse[:, None]).exp()
+    grad = grad - torch.zeros_like(grad).scatter_(1, safe[:, None], 1.0)
+    return loss, grad * (valid[:, None] * scale)
+
+
+_compiled_chunk_terms = None
+
+
+def _terms(logits, targets, scale):
+    global _compiled_chunk_terms
+    if logits.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_chunk_terms is None:
+            _compiled_chunk_terms = torch.compile(_chunk_terms, dynamic=False)
+        return _compiled_chunk_terms(logits, targets, scale)
+    return _chunk_terms(logits, targets, scale)
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of -log softmax(hidden @ weight^T)[target] / denominator, in `chunks` row chunks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, denominator, chunks: int):
+        rows = hidden.shape[0]
+        size = -(-rows // chunks)
+        scale = 1.0 / denominator.float()
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, rows, size):
+            h = hidden[start : start + size]
+            loss, grad_logits = _terms((h @ weight.t()).float(), targets[start : start + size], scale)
+            total = total + loss
+            grad_logits = grad_logits.to(hidden.dtype)
+            grad_hidden[start : start + size] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, num_items_in_batch=None, chunks: int = 8
+) -> torch.Tensor:
+    """transformers' ForCausalLMLoss of `head(hidden)` against `labels` (shifted by one, -100 ignored; a mean over
+    the counted tokens, or their sum over `num_items_in_batch`), without materialising the logits."""
+    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).flatten()
+    if num_items_in_batch is None:
+        denominator = (targets != IGNORE_INDEX).sum()
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return LinearCrossEntropy.apply(flat, head.weight, targets.to(hidden.device), denominator, chunks)
+
+
+def enable_fused_output_loss(model: nn.Module, chunks: int = 8) -> nn.Module:
+    """In training mode with labels, compute the model's losses (main and MTP) with `causal_lm_loss`; the output's
+    logits are then None. Returns the model."""
+    model.fused_output_loss = chunks
+    return model

@@ -1,0 +1,52 @@
+"""The chunked output head + cross-entropy (`modeling/output_loss.py`) against transformers' own loss on full
+logits: the same loss and the same gradients for every parameter, main and MTP losses, padding, and the Trainer's
+`num_items_in_batch`."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.modeling.output_loss import causal_lm_loss, enable_fused_output_loss
+
+
+def losses_and_grads(model, ids, labels, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=labels, **kwargs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("num_items", [None, 37])
+def test_fused_output_loss_equals_the_full_logits_loss_and_gradients(num_items):
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config(tie_word_embeddings=False)).train()
+    ids = torch.randint(0, 97, (3, 20))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that is not trained on
+    kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+    plain, plain_grads = losses_and_grads(model, ids, labels, **kwargs)
+    enable_fused_output_loss(model, chunks=4)  # 60 rows: chunks of 15
+    fused, fused_grads = losses_and_grads(model, ids, labels, **kwargs)
+    assert fused.logits is None and plain.logits is not None
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.mtp_loss, plain.mtp_loss, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fused_grads.keys() and "lm_head.weight" in fused_grads
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.eval()  # outside training the logits come back
+    assert model(ids, labels=labels).logits is not None
+
+
+def test_chunked_loss_scales_with_the_incoming_gradient():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(8, 11, bias=False)
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    (3.0 * causal_lm_loss(hidden, head, labels, chunks=3)).backward()
+    want_hidden = hidden.detach().clone().requires_grad_(True)
+    logits = head(want_hidden)
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+    want_hidden_grad, want_weight_grad = torch.autograd.grad(3.0 * plain, [want_hidden, head.weight])
+    torch.testing.assert_close(hidden.grad, want_hidden_grad)
+    torch.testing.assert_close(head.weight.grad, want_weight_grad)
