@@ -228,9 +228,10 @@ class HopperBackend:
             cols_out = _ceil_to(cols, 16 if self.rowwise else BLOCK)
             padded = F.pad(x, (0, cols_out - cols, 0, rows_out - rows))
             if self.rowwise:
-                return quantize_rowwise(padded, self.pow2, check=False)
+                q, scale = quantize_rowwise(padded, self.pow2, check=False)
+                return q.contiguous(), scale.contiguous()  # cuBLAS wants row-major values (x^T comes transposed)
             q, scale = quantize_tiles(padded, self.pow2, check=False)
-            return q, _col_major(scale)
+            return q.contiguous(), _col_major(scale)
         cols_out = _ceil_to(cols, BLOCK)
         q = torch.empty(rows_out, cols_out, dtype=FP8, device=x.device)
         scale = torch.empty(cols_out // BLOCK, rows_out, dtype=torch.float32, device=x.device).t()
@@ -248,12 +249,13 @@ class HopperBackend:
         """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
         rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
         if self.rowwise:
-            return quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
+            q, scale = quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
+            return q.contiguous(), scale.contiguous()
         if self._fused():
             q, scale = quantize_blocks(w, self.pow2, check=False)
             n, k = w.shape[-2:]
             q = F.pad(q.view(torch.uint8), (0, _ceil_to(k, BLOCK) - k, 0, _ceil_to(n, BLOCK) - n)).view(FP8)
-            return q, scale
+            return q.contiguous(), scale
         w3 = w if w.dim() == 3 else w[None]
         q, scale = self._quantize_blocks(w3)
         if self.check:
@@ -263,7 +265,8 @@ class HopperBackend:
     def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
         """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised."""
         if self.rowwise:
-            return quantize_rowwise(_pad_last(w.transpose(-1, -2), 16), self.pow2, check=False)
+            q, scale = quantize_rowwise(_pad_last(w.transpose(-1, -2), 16), self.pow2, check=False)
+            return q.contiguous(), scale.contiguous()
         if self._fused():
             return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
         w3 = w if w.dim() == 3 else w[None]
