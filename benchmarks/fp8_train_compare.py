@@ -1,7 +1,8 @@
-"""Train one ~100M-parameter DeepSeek MoE twice from the same seed on the same batches, in BF16 (autocast, FP32
-master weights) and with `convert_to_fp8_training` (all linear GEMMs in block-scaled FP8), and compare the curves.
+"""Train one ~100M-parameter DeepSeek MoE from the same seed on the same batches in BF16 (autocast, FP32 master
+weights) and with `convert_to_fp8_training` under each named FP8 recipe ("deepseek": 1x128 / 128x128 blockwise
+scales, the paper's; "rowwise": one scale per row, torchtitan's), and compare the curves.
 
-    python benchmarks/fp8_train_compare.py --steps 300 --json curves.json --plot curves.png
+    python benchmarks/fp8_train_compare.py --steps 200 --recipes deepseek,rowwise --json curves.json --plot curves.png
 
 The data are the bytes of the Python standard library's source (a byte-level vocabulary of 256), read in sorted
 order, so both runs see exactly the same token stream without any download. The relative loss difference is taken
@@ -54,14 +55,14 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(fp8: bool, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
+def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
     """Stops early (and the caller trims the other run to match) once `max_seconds` have passed."""
     torch.manual_seed(args.seed)
     config = DeepSeekConfig(**CONFIG, attn_implementation="sdpa")
     model = DeepSeekForCausalLM(config).cuda().train()
     params = sum(p.numel() for p in model.parameters())
-    if fp8:
-        convert_to_fp8_training(model, FP8Recipe())
+    if recipe:
+        convert_to_fp8_training(model, FP8Recipe.named(recipe))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "gate.weight" not in n)]
     optimizer = torch.optim.AdamW(
@@ -86,7 +87,7 @@ def train(fp8: bool, data: list[torch.Tensor], args, max_seconds: float = float(
         main = out.loss.detach() - config.mtp_loss_weight * out.mtp_loss.detach()
         losses.append(main)
         if step % 50 == 0 or step == len(data) - 1:
-            print(f"{'fp8' if fp8 else 'bf16'} step {step:4d} loss {main.item():.4f} {time.time() - start:6.1f}s")
+            print(f"{recipe or 'bf16'} step {step:4d} loss {main.item():.4f} {time.time() - start:6.1f}s")
         if time.time() - start > max_seconds:
             print(f"stopping after {step + 1} steps ({max_seconds:.0f} s budget)")
             break
@@ -97,7 +98,8 @@ def train(fp8: bool, data: list[torch.Tensor], args, max_seconds: float = float(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--recipes", default="deepseek,rowwise", help="comma-separated named FP8 recipes")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -111,14 +113,19 @@ def main() -> None:
     args = parser.parse_args()
 
     data = batches(stdlib_bytes(32 << 20), args.steps, args.batch, args.seq, seed=args.seed)
-    bf16 = train(False, data, args, args.max_seconds)
-    runs = {"bf16": bf16, "fp8": train(True, data[: len(bf16["loss"])], args)}
+    bf16 = train(None, data, args, args.max_seconds)
+    runs = {"bf16": bf16}
+    for recipe in args.recipes.split(","):
+        runs[f"fp8-{recipe}"] = train(recipe, data[: len(bf16["loss"])], args)
     final = {name: sum(r["loss"][-args.tail :]) / args.tail for name, r in runs.items()}
-    rel = abs(final["fp8"] - final["bf16"]) / final["bf16"]
+    mean = {name: sum(r["loss"]) / len(r["loss"]) for name, r in runs.items()}
     summary = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "params": runs["bf16"]["params"],
         "steps": len(runs["bf16"]["loss"]), "tokens_per_step": args.batch * args.seq, "final_mean_loss": final,
-        "relative_difference": rel, "seconds": {n: r["seconds"] for n, r in runs.items()},
+        "mean_loss": mean,
+        "relative_difference_final": {n: (final[n] - final["bf16"]) / final["bf16"] for n in runs if n != "bf16"},
+        "relative_difference_mean": {n: (mean[n] - mean["bf16"]) / mean["bf16"] for n in runs if n != "bf16"},
+        "seconds": {n: r["seconds"] for n, r in runs.items()},
     }  # fmt: skip
     print(json.dumps(summary, indent=1))
     if args.json:
@@ -138,11 +145,14 @@ def plot(runs: dict, summary: dict, args) -> None:
         top.plot(run["loss"], label=f"{name} (last {args.tail}: {summary['final_mean_loss'][name]:.4f})", lw=1)
     top.set_ylabel("next-byte cross-entropy")
     top.set_yscale("log")
-    top.legend()
+    top.legend(loc="upper right", framealpha=0.9)
     top.set_title(f"{summary['params'] / 1e6:.0f}M-param DeepSeek MoE, {summary['device']}: FP8 vs BF16")
-    diff = [(f - b) / b * 100 for f, b in zip(runs["fp8"]["loss"], runs["bf16"]["loss"], strict=True)]
-    bottom.plot(diff, lw=0.8, color="gray")
+    for name, run in runs.items():
+        if name != "bf16":
+            diff = [(f - b) / b * 100 for f, b in zip(run["loss"], runs["bf16"]["loss"], strict=True)]
+            bottom.plot(diff, lw=0.8, label=name)
     bottom.axhline(0, color="black", lw=0.5)
+    bottom.legend(loc="lower right", fontsize="small")
     bottom.set_ylabel("(fp8 - bf16) / bf16, %")
     bottom.set_xlabel("step")
     fig.tight_layout()
