@@ -8,12 +8,14 @@ main CE + mtp_loss_weight * mean_k(MTP CE_k) + the routers' sequence-wise balanc
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import can_return_tuple
 
 from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
@@ -51,6 +53,7 @@ class DeepSeekPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # no host reads in traced code: input checks and MoE dispatch guard on tracing
     _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
     # the official MTP layer repeats the shared embedding and head; this model shares the main ones instead
     _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
@@ -66,8 +69,6 @@ class DeepSeekPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, RotaryEmbedding(self.config).inv_freq)
 
 
 class DeepSeekModel(DeepSeekPreTrainedModel):
@@ -94,6 +95,7 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -103,11 +105,15 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """`output_hidden_states`, `output_attentions` and `return_dict` default to the config's values."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         cache = cache if cache is not None else past_key_values
         past = host_seq_length(cache)  # None inside a compiled decode step (a static cache's length lives on device)
         check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, past)
@@ -121,15 +127,26 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         )
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for layer in self.decoder_layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            hidden_states = layer(
+                hidden_states, position_embeddings, mask, cache=cache, output_attentions=output_attentions, **kwargs
+            )
+            if output_attentions:
+                hidden_states, weights = hidden_states
+                all_attentions.append(weights)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden[-1] = hidden_states
-        out = MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden and tuple(all_hidden))
-        out[CACHE_FIELD] = cache if use_cache else None
+        out = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden and tuple(all_hidden),
+            attentions=all_attentions and tuple(all_attentions),
+        )
+        if use_cache:  # no entry at all without a cache: generate() would try to reorder a None one
+            out[CACHE_FIELD] = cache
         return out
 
     def attention_inputs(self, inputs_embeds, attention_mask, position_ids, cache):
@@ -199,6 +216,7 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
         return [layer.mlp.gate for layer in self.model.decoder_layers if isinstance(layer.mlp, DeepSeekMoE)]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -210,10 +228,14 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_expert_load: bool = False,
         cache: Cache | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepSeekCausalLMOutput:
+        """`labels` [B, T] (shifted inside) or `shift_labels` [B, T] (already shifted: position t's target, as
+        transformers' loss takes them) give the loss; `return_dict=False` returns a tuple."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -223,12 +245,17 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
+        if labels is None and shift_labels is not None:
+            # the MTP terms read unshifted labels; the last target of each row is one only the main head predicts
+            labels = F.pad(shift_labels[:, :-1], (1, 0), value=-100)
         loss = mtp_loss = aux_loss = None
         # With `num_items_in_batch` (Trainer: label tokens of all accumulated micro-batches, all ranks) the
         # main loss is this batch's share of a sum the Trainer adds up undivided; the MTP and balance terms
@@ -236,10 +263,15 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         share = 1.0
         if labels is not None and num_items_in_batch is not None:
             items = torch.as_tensor(num_items_in_batch, device=labels.device)
-            share = (labels[..., 1:] != -100).sum() / items
+            targets = shift_labels if shift_labels is not None else labels[..., 1:]
+            share = (targets != -100).sum() / items
         if labels is not None:
             loss = self.loss_function(
-                logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+                logits,
+                labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
             )
             if self.config.num_nextn_predict_layers > 0:
                 mtp_loss = self._mtp_loss(
@@ -257,10 +289,12 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             mtp_loss=mtp_loss,
             expert_load=expert_load,
         )
-        result[CACHE_FIELD] = outputs[CACHE_FIELD]
+        if outputs.get(CACHE_FIELD) is not None:
+            result[CACHE_FIELD] = outputs[CACHE_FIELD]
         return result
 
     def _mtp_loss(

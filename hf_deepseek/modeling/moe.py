@@ -12,6 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
+from .input_checks import tracing
 from .layers import SwiGLUMLP
 from .moe_decode import dense_experts, use_dense_experts
 
@@ -118,6 +119,10 @@ class RoutedExperts(nn.Module):
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
         num_tokens, top_k = indices.shape
         if use_dense_experts(self, x, top_k):  # decode-sized batch on CUDA: all experts, batched (moe_decode.py)
+            return dense_experts(self, x, indices, weights)
+        if tracing() and not torch.is_grad_enabled() and not self._grouped_gemm_ok(x):
+            # inference under torch.compile / torch.export without the grouped GEMM: the loop's per-expert row
+            # counts are data-dependent shapes, so every expert runs on every token (static shapes, same result)
             return dense_experts(self, x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
