@@ -172,6 +172,8 @@ def check_checkpoint(
     expected, optional = _stored_layout(expected_shapes(model_cls, config), tensors, model_cls, config)
     if getattr(config, "tie_word_embeddings", False):
         optional.add("lm_head.weight")
+    if getattr(config, "topk_method", "noaux_tc") != "noaux_tc":  # DeepSeek-V2 routers have no correction bias
+        optional |= {k for k in expected if k.endswith("e_score_correction_bias")}
     base = "model." if any(k.startswith("model.") for k in expected) else ""
     for k in range(getattr(config, "num_nextn_predict_layers", 0)):  # transformers' own layout drops MTP layers
         prefix = f"{base}layers.{config.num_hidden_layers + k}."

@@ -5,16 +5,13 @@ run on the final hidden state and the shifted token embeddings, and the loss is
 main CE + mtp_loss_weight * mean_k(MTP CE_k) + the routers' sequence-wise balance loss (when enabled).
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.utils import can_return_tuple
 
 from ..configuration import DeepSeekConfig
@@ -26,49 +23,10 @@ from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .input_checks import check_model_inputs
 from .latent_cache import LatentCacheGenerationMixin, host_seq_length
 from .layers import RMSNorm
-from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
+from .moe import DeepSeekMoE, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
+from .pretrained import CACHE_FIELD, DeepSeekCausalLMOutput, DeepSeekPreTrainedModel
 from .speculative import speculative_generate
-
-# transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
-CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-@dataclass
-class DeepSeekCausalLMOutput(MoeCausalLMOutputWithPast):
-    """`loss` is the total training loss; `mtp_loss` (mean over depths) and `aux_loss` (balance) are its parts.
-    `expert_load` [num_moe_layers, n_routed_experts] holds token counts per expert when asked for."""
-
-    mtp_loss: torch.FloatTensor | None = None
-    expert_load: torch.Tensor | None = None
-
-
-class DeepSeekPreTrainedModel(PreTrainedModel):
-    config_class = DeepSeekConfig
-    config: DeepSeekConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepSeekDecoderLayer", "MTPLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = True  # no host reads in traced code: input checks and MoE dispatch guard on tracing
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
-    # the official MTP layer repeats the shared embedding and head; this model shares the main ones instead
-    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, TopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            init.zeros_(module.e_score_correction_bias)
-        elif isinstance(module, RoutedExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
 
 
 class DeepSeekModel(DeepSeekPreTrainedModel):
@@ -112,8 +70,10 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         """`output_hidden_states`, `output_attentions` and `return_dict` default to the config's values."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         cache = cache if cache is not None else past_key_values
         past = host_seq_length(cache)  # None inside a compiled decode step (a static cache's length lives on device)
         check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, past)
