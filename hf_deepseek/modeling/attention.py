@@ -79,10 +79,16 @@ def yarn_softmax_scale(config: DeepSeekConfig) -> float:
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention with full-head keys, for `attn_implementation="eager"`."""
+    """Plain softmax attention with full-head keys, for `attn_implementation="eager"` and for `output_attentions`
+    under the other implementations, whose masks it also reads: boolean (keep), or None for causal (SDPA)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and module.is_causal and q_len > 1:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., :k_len]
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
