@@ -44,7 +44,8 @@ class DeepSeekConfig(PreTrainedConfig):
     """Configuration of a DeepSeek-V3 model; the defaults are DeepSeek-V3's own (671B) numbers.
 
     Fields beyond the official config: `mtp_loss_weight` (lambda of the MTP loss), `aux_loss_alpha`
-    (weight of the sequence-wise balance loss, 0 disables it).
+    (weight of the sequence-wise balance loss, 0 disables it). `scoring_func` and `topk_method` cover the rest of
+    the family: V2 is `softmax` with `group_limited_greedy` (V2-Lite: `greedy`), V3 `sigmoid` with `noaux_tc`.
     """
 
     model_type = "hf_deepseek"
@@ -119,9 +120,10 @@ class DeepSeekConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
         """transformers' `save_pretrained`, plus the module `auto_map` names (`hf_deepseek_auto.py`)."""
         self.auto_map = dict(AUTO_MAP)
-        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-        with open(os.path.join(save_directory, f"{AUTO_MODULE}.py"), "w") as f:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, f"{AUTO_MODULE}.py"), "w") as f:  # first: a push uploads it too
             f.write(AUTO_MODULE_SOURCE)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: the first `first_k_dense_replace` layers are dense, then every `moe_layer_freq`-th."""

@@ -226,7 +226,12 @@ def speculative_decode(
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        return_dict=True,
     ).last_hidden_state  # [B, T, d], normed
     stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
     token, _ = chooser.choose(model.lm_head(hidden[:, -1]))
@@ -256,6 +261,7 @@ def speculative_decode(
             position_ids=positions,
             cache=cache,
             use_cache=True,
+            return_dict=True,
         ).last_hidden_state  # [B, D+1, d]
         kept, bonus = verify_drafts(model.lm_head(hidden), drafts, q, chooser)
         stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
