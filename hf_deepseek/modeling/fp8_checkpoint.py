@@ -139,16 +139,13 @@ def _fp8_recipe_for(model: nn.Module, keys: set[str]) -> FP8Recipe:
 def _mtp_keys(model: nn.Module) -> set[str]:
     """State-dict names of the MTP modules (`model.layers.{num_hidden_layers + k}.`)."""
     config = model.config
-    prefixes = tuple(
-        f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers)
-    )
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
     return {k for k in model.state_dict() if k.startswith(prefixes)} if prefixes else set()
 
 
-def _init_missing_mtp(model: nn.Module, missing: list[str], path) -> list[str]:
+def _init_missing_mtp(model: nn.Module, missing: list[str]) -> list[str]:
     """A checkpoint without the MTP layer (every one transformers' DeepseekV3 saves) loads as in bf16: the MTP
-    modules are newly initialised and reported as transformers reports missing weights. Returns what else is
-    missing."""
+    modules are newly initialised. Returns what is still missing."""
     mtp = _mtp_keys(model)
     if not mtp or not mtp <= set(missing):
         return missing
@@ -156,15 +153,18 @@ def _init_missing_mtp(model: nn.Module, missing: list[str], path) -> list[str]:
         for layer in model.model.mtp_layers:
             for module in layer.modules():
                 model._init_weights(module)
-    logger.warning(
-        "Some weights of %s were not initialized from the model checkpoint at %s and are newly initialized: %s\n"
-        "You should probably TRAIN this model on a down-stream task to be able to use it for predictions and "
-        "inference.",
-        type(model).__name__,
-        path,
-        sorted(mtp),
-    )
     return [k for k in missing if k not in mtp]
+
+
+def _report(model: nn.Module, path, initialised: set[str], unexpected: set[str]) -> None:
+    """transformers' own load report (the table bf16 loading prints) for newly initialised and unused tensors."""
+    from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
+
+    info = LoadStateDictInfo(
+        missing_keys=initialised, unexpected_keys=unexpected, mismatched_keys=set(), error_msgs=[],
+        conversion_errors={}, skipped_pp_keys=set(),
+    )  # fmt: skip
+    log_state_dict_report(model, str(path), ignore_mismatched_sizes=False, loading_info=info, logger=logger)
 
 
 def load_fp8_pretrained(cls, path: str | os.PathLike, *model_args, **kwargs):
@@ -214,11 +214,11 @@ def load_fp8_pretrained(cls, path: str | os.PathLike, *model_args, **kwargs):
     if config.tie_word_embeddings:
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
-    missing = _init_missing_mtp(model, missing, path)
-    if missing:
-        raise ValueError(f"The FP8 checkpoint at {path} lacks {len(missing)} tensors, e.g. {missing[:4]}.")
-    if unexpected:
-        logger.warning("Ignored %d unexpected tensors in %s, e.g. %s", len(unexpected), path, unexpected[:4])
+    still_missing = _init_missing_mtp(model, missing)
+    if still_missing:
+        raise ValueError(f"The FP8 checkpoint at {path} lacks {len(still_missing)} tensors, e.g. {still_missing[:4]}.")
+    if missing or unexpected:
+        _report(model, path, set(missing), set(unexpected))
     if dequantize:
         dequantize_fp8_model(model, dtype)
     model.to(device)
