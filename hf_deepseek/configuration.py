@@ -1,10 +1,10 @@
 """DeepSeekConfig: every DeepSeek-V3 hyper-parameter, validated with errors that name the field.
 
 It also reads the official `config.json` of the DeepSeek family unchanged: V2, V2-Lite, V2.5 (`model_type:
-deepseek_v2`: softmax routing, `topk_method` greedy or group_limited_greedy) and V3, R1, V3.1, Kimi-K2 (`model_type:
-deepseek_v3`), as published or as transformers' DeepseekV2/V3 configs save them (keys left at that class's default
-are omitted there, so they are filled in from it). Unknown keys (`ep_size`, `quantization_config`, ...) are kept as
-attributes; legacy `rope_scaling` is converted to `rope_parameters` by transformers' own RoPE standardisation.
+deepseek_v2`: softmax routing, `topk_method` greedy or group_limited_greedy) and V3, R1, V3.1 (`deepseek_v3`),
+Kimi-K2 (`kimi_k2`), as published or as transformers' DeepseekV2/V3 configs save them (keys left at that class's
+default are omitted there, so they are filled in from it). Unknown keys (`ep_size`, `quantization_config`, ...)
+are kept as attributes; legacy `rope_scaling` becomes `rope_parameters` by transformers' own RoPE standardisation.
 
 `save_pretrained` also writes `hf_deepseek_auto.py` beside `config.json`, whose `auto_map` names it, so plain
 transformers (and lm-eval, TRL, vLLM's transformers backend) load the directory with `trust_remote_code=True` in a
@@ -200,11 +200,11 @@ class DeepSeekConfig(PreTrainedConfig):
 
 
 def official_defaults(config_dict: dict) -> dict:
-    """An official `deepseek_v2` / `deepseek_v3` config dict with every key this class reads: missing keys take the
-    value of transformers' DeepseekV2Config / DeepseekV3Config (what the dict was written against), a V2 model
-    scores experts with softmax, and `n_group` / `topk_group` left at None mean one group."""
+    """An official `deepseek_v2` / `deepseek_v3` / `kimi_k2` config dict with every key this class reads: missing keys
+    take the value of transformers' DeepseekV2Config / DeepseekV3Config (what the dict was written against), a V2
+    model scores experts with softmax, and `n_group` / `topk_group` left at None mean one group."""
     model_type = config_dict.get("model_type")
-    if model_type not in ("deepseek_v2", "deepseek_v3"):
+    if model_type not in ("deepseek_v2", "deepseek_v3", "kimi_k2"):  # Kimi-K2 is the V3 architecture, renamed
         return config_dict
     from transformers import DeepseekV2Config, DeepseekV3Config
 

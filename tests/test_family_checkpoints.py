@@ -85,9 +85,9 @@ FAMILY = {
         first_k_dense_replace=1,
         num_nextn_predict_layers=1,
     ),
-    # Kimi-K2 (the DeepSeek-V3 architecture): other expert count, a single group, its own scaling factor
+    # Kimi-K2 (the DeepSeek-V3 architecture, its own model_type): other expert count, one group, its own scaling
     "kimi-k2": dict(
-        model_type="deepseek_v3",
+        model_type="kimi_k2",
         q_lora_rank=24,
         n_routed_experts=12,
         n_shared_experts=1,
@@ -117,7 +117,8 @@ def official_config(member: str, **extra) -> dict:
 def reference_model(member: str, seed: int = 1):
     """transformers' own class for the member, built from the same official config, with O(1) random weights."""
     cfg = {k: v for k, v in official_config(member).items() if k not in ("auto_map", "architectures")}
-    if cfg["model_type"] == "deepseek_v2":
+    model_type = cfg.pop("model_type")
+    if model_type == "deepseek_v2":
         ref = DeepseekV2ForCausalLM(DeepseekV2Config(**cfg))
     else:
         ref = DeepseekV3ForCausalLM(DeepseekV3Config(**cfg))
