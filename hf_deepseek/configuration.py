@@ -1,17 +1,41 @@
 """DeepSeekConfig: every DeepSeek-V3 hyper-parameter, validated with errors that name the field.
 
-It also reads an official DeepSeek-V3 / R1 `config.json` (`model_type: deepseek_v3`) unchanged: unknown keys
-(`topk_method`, `ep_size`, `quantization_config`, ...) are kept as attributes, legacy `rope_scaling` is
-converted to `rope_parameters` by transformers' own RoPE standardisation.
+It also reads the official `config.json` of the DeepSeek family unchanged: V2, V2-Lite, V2.5 (`model_type:
+deepseek_v2`: softmax routing, `topk_method` greedy or group_limited_greedy) and V3, R1, V3.1 (`deepseek_v3`),
+Kimi-K2 (`kimi_k2`), as published or as transformers' DeepseekV2/V3 configs save them (keys left at that class's
+default are omitted there, so they are filled in from it). Unknown keys (`ep_size`, `quantization_config`, ...)
+are kept as attributes; legacy `rope_scaling` becomes `rope_parameters` by transformers' own RoPE standardisation.
+
+`save_pretrained` also writes `hf_deepseek_auto.py` beside `config.json`, whose `auto_map` names it, so plain
+transformers (and lm-eval, TRL, vLLM's transformers backend) load the directory with `trust_remote_code=True` in a
+process that never imported this package; the module only imports `hf_deepseek`, which must be installed.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, fields
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 SCORING_FUNCS = ("sigmoid", "softmax")
+# how routing restricts experts to groups: V3's group score is the sum of its top-2 experts' (biased) scores, V2's
+# (`group_limited_greedy`) its best expert's score; `greedy` (V2-Lite) takes the top-k over all experts
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+AUTO_MODULE = "hf_deepseek_auto"
+AUTO_MODULE_SOURCE = '''"""Lets transformers load this checkpoint by path (`trust_remote_code=True`), no import needed.
+
+Written by hf-deepseek\'s `save_pretrained`; the code itself lives in the installed `hf-deepseek` package."""
+
+from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM, DeepSeekModel
+
+__all__ = ["DeepSeekConfig", "DeepSeekForCausalLM", "DeepSeekModel"]
+'''
+AUTO_MAP = {
+    "AutoConfig": f"{AUTO_MODULE}.DeepSeekConfig",
+    "AutoModel": f"{AUTO_MODULE}.DeepSeekModel",
+    "AutoModelForCausalLM": f"{AUTO_MODULE}.DeepSeekForCausalLM",
+}
 
 
 @strict(accept_kwargs=True)
@@ -20,7 +44,8 @@ class DeepSeekConfig(PreTrainedConfig):
     """Configuration of a DeepSeek-V3 model; the defaults are DeepSeek-V3's own (671B) numbers.
 
     Fields beyond the official config: `mtp_loss_weight` (lambda of the MTP loss), `aux_loss_alpha`
-    (weight of the sequence-wise balance loss, 0 disables it).
+    (weight of the sequence-wise balance loss, 0 disables it). `scoring_func` and `topk_method` cover the rest of
+    the family: V2 is `softmax` with `group_limited_greedy` (V2-Lite: `greedy`), V3 `sigmoid` with `noaux_tc`.
     """
 
     model_type = "hf_deepseek"
@@ -41,6 +66,7 @@ class DeepSeekConfig(PreTrainedConfig):
     n_group: int = 8
     topk_group: int = 4
     scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
     first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
@@ -72,14 +98,32 @@ class DeepSeekConfig(PreTrainedConfig):
         kwargs.pop("head_dim", None)
         kwargs.pop("model_type", None)  # an official config says "deepseek_v3"; this class is always "hf_deepseek"
         kwargs.pop("qk_head_dim", None)
-        # An official config names a remote-code class here; this plugin registers its own Auto classes, and
-        # TRL reloads reference models from `auto_map`, so it must stay empty.
+        # An official config names DeepSeek's remote code here, which a saved checkpoint does not ship: replaced by
+        # this package's own module (see the module docstring)
         kwargs.pop("auto_map", None)
         self.validate_deepseek()
         self.qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         self.head_dim = self.qk_rope_head_dim  # the rotary dimension, read by transformers' RoPE initialisers
         super().__post_init__(**kwargs)
-        self.auto_map = {}
+        self.auto_map = dict(AUTO_MAP)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As transformers' `from_dict`, after filling in what an official DeepSeek-V2 / V3 config leaves out."""
+        return super().from_dict(official_defaults(config_dict), **kwargs)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """A no-op: transformers calls it on classes loaded through `auto_map`, to copy their source files into the
+        next save; `auto_map` must keep naming `hf_deepseek_auto` instead."""
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs) -> None:
+        """transformers' `save_pretrained`, plus the module `auto_map` names (`hf_deepseek_auto.py`)."""
+        self.auto_map = dict(AUTO_MAP)
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, f"{AUTO_MODULE}.py"), "w") as f:  # first: a push uploads it too
+            f.write(AUTO_MODULE_SOURCE)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """DeepSeek's rule: the first `first_k_dense_replace` layers are dense, then every `moe_layer_freq`-th."""
@@ -149,8 +193,36 @@ class DeepSeekConfig(PreTrainedConfig):
             )
         if self.scoring_func not in SCORING_FUNCS:
             fail("scoring_func", f"must be one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            fail("topk_method", f"must be one of {TOPK_METHODS}")
         if self.routed_scaling_factor <= 0:
             fail("routed_scaling_factor", "must be > 0")
 
 
-__all__ = ["DeepSeekConfig"]
+def official_defaults(config_dict: dict) -> dict:
+    """An official `deepseek_v2` / `deepseek_v3` / `kimi_k2` config dict with every key this class reads: missing keys
+    take the value of transformers' DeepseekV2Config / DeepseekV3Config (what the dict was written against), a V2
+    model scores experts with softmax, and `n_group` / `topk_group` left at None mean one group."""
+    model_type = config_dict.get("model_type")
+    if model_type not in ("deepseek_v2", "deepseek_v3", "kimi_k2"):  # Kimi-K2 is the V3 architecture, renamed
+        return config_dict
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    reference = DeepseekV2Config if model_type == "deepseek_v2" else DeepseekV3Config
+    ours = {f.name for f in fields(DeepSeekConfig)}
+    filled = dict(config_dict)
+    for field in fields(reference):
+        if field.name in ours and field.name not in filled and field.name != "rope_parameters":
+            filled[field.name] = field.default
+    if model_type == "deepseek_v2":
+        filled.setdefault("scoring_func", "softmax")
+        filled.setdefault("topk_method", "greedy")
+        filled.setdefault("num_nextn_predict_layers", 0)  # V2 has no MTP module
+    if filled.get("n_group") is None:
+        filled["n_group"] = 1
+    if filled.get("topk_group") is None:
+        filled["topk_group"] = filled["n_group"]
+    return filled
+
+
+__all__ = ["DeepSeekConfig", "official_defaults"]

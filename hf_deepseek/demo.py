@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, ProgressCallback
 DEFAULT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny"
 SFT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny-sft"
 TASK = "addition"
+EVAL_TASK = f"hfds_{TASK}"  # the lm-eval task of the same problems
 
 
 @dataclass
@@ -207,14 +208,15 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
         console.print(f"[bold]{name}[/] ({path}): greedy on {options.eval_limit} held-out sums, then 8 samples each "
                       f"on {options.sampled_limit} of them")  # fmt: skip
         kwargs = dict(batch_size=100, apply_chat_template=True)  # the chat turns the model was trained on
-        greedy = evaluate_model(model, tokenizer, tasks=[TASK], limit=options.eval_limit, **kwargs)
-        sampled = evaluate_model(model, tokenizer, tasks=[f"{TASK}_sampled"], limit=options.sampled_limit, **kwargs)
-        p1 = _pass_at_1(greedy, TASK)
-        n = int(greedy["n-samples"][TASK]["effective"])
+        greedy = evaluate_model(model, tokenizer, tasks=[EVAL_TASK], limit=options.eval_limit, **kwargs)
+        sampled_task = f"{EVAL_TASK}_sampled"
+        sampled = evaluate_model(model, tokenizer, tasks=[sampled_task], limit=options.sampled_limit, **kwargs)
+        p1 = _pass_at_1(greedy, EVAL_TASK)
+        n = int(greedy["n-samples"][EVAL_TASK]["effective"])
         low, high = wilson_interval(round(p1 * n), n)
-        fmt = greedy["results"][TASK].get("format,none", float("nan"))
+        fmt = greedy["results"][EVAL_TASK].get("format,none", float("nan"))
         table[name] = {"pass@1": p1, "n": n, "interval": (low, high), "format": fmt}
-        for key, value in sampled["results"][f"{TASK}_sampled"].items():
+        for key, value in sampled["results"][sampled_task].items():
             if key.startswith(("pass@", "maj@")) and "stderr" not in key:
                 table[name][f"sampled {key.split(',')[0]}"] = value
     for name, row in table.items():

@@ -89,6 +89,6 @@ def test_absorbed_attention_matches_expanded_attention_in_float64(model):
     latent = torch.randn(2, 1, seq, attn.kv_lora_rank, dtype=torch.float64)
     k_rope = torch.randn(2, 1, seq, attn.rope_dim, dtype=torch.float64)
     with torch.no_grad():
-        absorbed = attn._absorbed_attention(q_nope, q_rope, latent, k_rope, None, past_len=seq - 1)
-        expanded = attn._expanded_attention(q_nope, q_rope, latent, k_rope, None)
+        absorbed, _ = attn._absorbed_attention(q_nope, q_rope, latent, k_rope, None, past_len=seq - 1)
+        expanded, _ = attn._expanded_attention(q_nope, q_rope, latent, k_rope, None)
     torch.testing.assert_close(absorbed, expanded, atol=1e-12, rtol=0)

@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY_CONFIG_DEFAULTS, tiny_config
 
 from hf_deepseek import DeepSeekConfig
+from hf_deepseek.configuration import AUTO_MAP
 from hf_deepseek.modeling.attention import RotaryEmbedding, yarn_softmax_scale
 
 # (overrides on the tiny config, the field the error must name)
@@ -133,7 +134,8 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
     cfg.save_pretrained(tmp_path)
     on_disk = json.loads((tmp_path / "config.json").read_text())
     assert on_disk["model_type"] == "hf_deepseek"
-    assert on_disk["auto_map"] == {}
+    assert on_disk["auto_map"] == AUTO_MAP  # names hf_deepseek_auto.py, written beside it (plain loading)
+    assert (tmp_path / "hf_deepseek_auto.py").is_file()
     loaded = DeepSeekConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == cfg.to_dict()
     for key in TINY_CONFIG_DEFAULTS:
@@ -141,7 +143,7 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
     assert loaded.q_lora_rank is None
     assert loaded.mtp_loss_weight == 0.7
     assert loaded.aux_loss_alpha == 1e-3
-    assert loaded.auto_map == {}
+    assert loaded.auto_map == AUTO_MAP
 
 
 # config.json of deepseek-ai/DeepSeek-V3, as published
@@ -229,8 +231,8 @@ def test_official_deepseek_v3_config_loads_unchanged(tmp_path):
     ):  # fmt: skip
         assert getattr(cfg, key) == OFFICIAL_DEEPSEEK_V3[key], key
     assert cfg.qk_head_dim == 192
-    # remote code is never referenced: this plugin registers its own classes
-    assert cfg.auto_map == {}
+    # DeepSeek's remote code (not shipped with a saved checkpoint) is replaced by this package's own module
+    assert cfg.auto_map == AUTO_MAP
     # unknown official keys are kept as attributes
     assert cfg.quantization_config == OFFICIAL_DEEPSEEK_V3["quantization_config"]
     assert cfg.topk_method == "noaux_tc"
@@ -259,6 +261,6 @@ def test_official_config_survives_a_save_load_round_trip(tmp_path):
     cfg.save_pretrained(tmp_path / "saved")
     again = DeepSeekConfig.from_pretrained(tmp_path / "saved")
     assert again.to_dict() == cfg.to_dict()
-    assert again.auto_map == {}
+    assert again.auto_map == AUTO_MAP
     assert again.quantization_config == OFFICIAL_DEEPSEEK_V3["quantization_config"]
     assert yarn_softmax_scale(again) == pytest.approx(yarn_softmax_scale(cfg))

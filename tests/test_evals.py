@@ -221,8 +221,13 @@ def test_test_problems_never_appear_in_reasoning_gym_training_problems(task):
 
 def test_tasks_are_registered_with_lm_eval():
     manager = task_manager()
-    expected = {*TASKS, *(f"{t}_sampled" for t in TASKS), "hf_deepseek_reasoning", "hf_deepseek_reasoning_sampled"}
+    names = [f"hfds_{t}" for t in TASKS]
+    expected = {*names, *(f"{t}_sampled" for t in names), "hf_deepseek_reasoning", "hf_deepseek_reasoning_sampled"}
     assert expected <= set(manager.all_tasks)
+    # no name shadows one of lm-eval's own tasks (its `arithmetic` group, for one)
+    from lm_eval.tasks import TaskManager
+
+    assert not set(TaskManager().all_tasks) & (expected - {"hf_deepseek_reasoning", "hf_deepseek_reasoning_sampled"})
 
 
 def test_evaluate_metric_loads_offline_from_the_package():
@@ -308,14 +313,14 @@ def test_oracle_model_gets_exactly_the_expected_metrics():
     add("countdown", c[2], ["<think>t</think><answer>1+1</answer>"] * 8, [0] * 8, 0)
 
     oracle = OracleLM(script)
-    tasks = ["arithmetic_sampled", "countdown_sampled"]
-    limits = {"arithmetic_sampled": len(a), "countdown_sampled": len(c)}
+    tasks = ["hfds_arithmetic_sampled", "hfds_countdown_sampled"]
+    limits = {"hfds_arithmetic_sampled": len(a), "hfds_countdown_sampled": len(c)}
     for task in tasks:
         results = lm_eval.simple_evaluate(
             model=oracle, tasks=[task], limit=limits[task], task_manager=task_manager(), log_samples=True
         )
         metrics = results["results"][task]
-        name = task.removesuffix("_sampled")
+        name = task.removeprefix("hfds_").removesuffix("_sampled")
         per_doc = expected_correct[name]
         for k in (1, 4, 8):
             want = sum(brute_force_pass_at_k([bool(x) for x in doc], k) for doc in per_doc) / len(per_doc)
@@ -327,8 +332,9 @@ def test_oracle_model_gets_exactly_the_expected_metrics():
 
     # the greedy task scores the single completion it gets: here the first scripted sample of each problem
     oracle.calls.clear()
-    results = lm_eval.simple_evaluate(model=oracle, tasks=["arithmetic"], limit=len(a), task_manager=task_manager())
-    metrics = results["results"]["arithmetic"]
+    manager = task_manager()
+    results = lm_eval.simple_evaluate(model=oracle, tasks=["hfds_arithmetic"], limit=len(a), task_manager=manager)
+    metrics = results["results"]["hfds_arithmetic"]
     assert metrics["pass@1,none"] == pytest.approx(sum(doc[0] for doc in expected_correct["arithmetic"]) / len(a))
     assert metrics["format,none"] == pytest.approx(sum(f[0] for f in expected_format["arithmetic"]) / len(a))
 
@@ -340,7 +346,7 @@ def test_hflm_batched_left_padded_generation_equals_batch_size_one(tokenizer):
     runs = {}
     for batch_size in (1, 4):
         results = evaluate_model(
-            model, tokenizer, tasks=["countdown", "arithmetic"], batch_size=batch_size, limit=8,
+            model, tokenizer, tasks=["hfds_countdown", "hfds_arithmetic"], batch_size=batch_size, limit=8,
             gen_kwargs={"max_gen_toks": 24}, log_samples=True,
         )  # fmt: skip
         runs[batch_size] = {
@@ -348,7 +354,7 @@ def test_hflm_batched_left_padded_generation_equals_batch_size_one(tokenizer):
             for task, samples in results["samples"].items()
         }
     assert runs[1] == runs[4]
-    for task in ("countdown", "arithmetic"):
+    for task in ("hfds_countdown", "hfds_arithmetic"):
         prompts = [prompt for prompt, _ in runs[4][task].values()]
         completions = [completion for _, completion in runs[4][task].values()]
         assert len({len(p) for p in prompts}) > 1, "prompts of different lengths, so the batches are padded"
@@ -364,17 +370,18 @@ def test_eval_command_runs_offline_on_a_saved_checkpoint(tokenizer, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     command = [
         sys.executable, "-m", "hf_deepseek.cli", "eval", "--model_args", f"pretrained={checkpoint}",
-        "--tasks", "countdown,arithmetic,gsm_symbolic", "--limit", "20", "--batch_size", "4",
+        "--tasks", "hfds_countdown,hfds_arithmetic,hfds_gsm_symbolic", "--limit", "20", "--batch_size", "4",
         "--gen_kwargs", "max_gen_toks=8", "--output_path", str(output), "--log_samples",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for task in TASKS:
+    names = [f"hfds_{task}" for task in TASKS]
+    for task in names:
         assert any(line.startswith(f"|{task}") for line in done.stdout.splitlines()), done.stdout
     (results_file,) = output.rglob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
-    assert set(results) == set(TASKS)
-    for task in TASKS:
+    assert set(results) == set(names)
+    for task in names:
         assert 0.0 <= results[task]["pass@1,none"] <= 1.0 and 0.0 <= results[task]["format,none"] <= 1.0
-    samples = list(output.rglob("samples_countdown_*.jsonl"))
+    samples = list(output.rglob("samples_hfds_countdown_*.jsonl"))
     assert samples and len(samples[0].read_text().splitlines()) == 20

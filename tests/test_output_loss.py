@@ -38,6 +38,17 @@ def test_fused_output_loss_equals_the_full_logits_loss_and_gradients(num_items):
     assert model(ids, labels=labels).logits is not None
 
 
+def test_fused_output_loss_takes_shift_labels():
+    torch.manual_seed(2)
+    model = DeepSeekForCausalLM(tiny_config(num_nextn_predict_layers=0)).train()
+    ids = torch.randint(0, 97, (2, 12))
+    shift = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    shift[1, :4] = -100
+    plain = model(ids, shift_labels=shift).loss
+    enable_fused_output_loss(model, chunks=3)
+    torch.testing.assert_close(model(ids, shift_labels=shift).loss, plain, rtol=1e-5, atol=1e-6)
+
+
 def test_chunked_loss_scales_with_the_incoming_gradient():
     torch.manual_seed(1)
     head = torch.nn.Linear(8, 11, bias=False)

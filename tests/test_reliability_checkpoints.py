@@ -215,6 +215,7 @@ def test_resaving_with_other_sharding_leaves_no_stale_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [
         "config.json",
         "generation_config.json",
+        "hf_deepseek_auto.py",  # what config.json's auto_map names (plain transformers loading)
         "model.safetensors",
         "tokenizer.json",
     ]

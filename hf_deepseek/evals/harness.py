@@ -18,7 +18,7 @@ OFFLINE_ENV = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-GREEDY_TASKS = ["countdown", "arithmetic", "gsm_symbolic"]
+GREEDY_TASKS = ["hfds_countdown", "hfds_arithmetic", "hfds_gsm_symbolic"]  # prefixed: lm-eval has its own `arithmetic`
 SAMPLED_TASKS = [f"{task}_sampled" for task in GREEDY_TASKS]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
@@ -24,20 +24,29 @@ from .mla_decode import latent_cache_attention
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for the rotary part of q and k, from transformers' RoPE initialisers (default, YaRN, ...)."""
+    """cos/sin tables for the rotary part of q and k, from transformers' RoPE initialisers (`ROPE_INIT_FUNCTIONS`:
+    linear, dynamic, yarn, llama3, longrope, ...); `dynamic_rope_update` recomputes them for the types that depend
+    on the sequence length (dynamic NTK, longrope), as in transformers' own models."""
 
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "default":
-            dim, base = config.qk_rope_head_dim, config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-            self.attention_scaling = 1.0
-        else:
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.config = config
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        default = self.rope_type == "default"
+        init_fn = self.compute_default_rope_parameters if default else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config, None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: DeepSeekConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        dim, base = config.qk_rope_head_dim, config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+        return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [B, T] -> cos, sin [B, T, rope_dim / 2]: one angle per rotated pair
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
@@ -70,10 +79,16 @@ def yarn_softmax_scale(config: DeepSeekConfig) -> float:
 
 
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Plain softmax attention with full-head keys, for `attn_implementation="eager"`."""
+    """Plain softmax attention with full-head keys, for `attn_implementation="eager"` and for `output_attentions`
+    under the other implementations, whose masks it also reads: boolean (keep), or None for causal (SDPA)."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and module.is_causal and q_len > 1:
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
+    elif attention_mask is not None:
+        scores = scores + attention_mask[..., :k_len]
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
@@ -118,8 +133,10 @@ class MultiHeadLatentAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None)."""
         bsz, q_len, _ = hidden_states.shape
         if self.q_lora_rank is None:
             q = self.q_proj(hidden_states)
@@ -137,19 +154,25 @@ class MultiHeadLatentAttention(nn.Module):
 
         if isinstance(cache, LatentStaticCache):  # the fast decode path: static latent cache (mla_decode.py)
             out = latent_cache_attention(self, q_nope, q_rope, latent, k_rope, cache, attention_mask, **kwargs)
-            return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
+            return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim)), None
         past_len = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if cache is not None:
             latent, k_rope = cache.update(latent, k_rope, self.layer_idx)  # [B, 1, S, r], [B, 1, S, rope]
 
         if past_len > 0 and (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
-            out = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, past_len)
+            out, weights = self._absorbed_attention(q_nope, q_rope, latent, k_rope, attention_mask, past_len)
         else:
-            out = self._expanded_attention(q_nope, q_rope, latent, k_rope, attention_mask, **kwargs)
-        return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
+            out, weights = self._expanded_attention(
+                q_nope, q_rope, latent, k_rope, attention_mask, output_attentions, **kwargs
+            )
+        out = self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
+        return out, weights if output_attentions else None
 
-    def _expanded_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, **kwargs) -> torch.Tensor:
-        """Training / prefill: up-project the latent to per-head keys and values, run the attention interface."""
+    def _expanded_attention(
+        self, q_nope, q_rope, latent, k_rope, attention_mask, output_attentions: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training / prefill: up-project the latent to per-head keys and values, run the attention interface
+        (the eager one when the weights are asked for: the fused kernels do not return them)."""
         bsz, _, seq_len, _ = latent.shape
         if self.kv_b_proj.weight.dtype == torch.float8_e4m3fn:
             # FP8 inference weights: the dequantised weight absorbed decoding uses (DeepSeek's absorb mode), so the
@@ -162,7 +185,9 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat([k_nope, k_rope.expand(-1, self.num_heads, -1, -1)], dim=-1)
         query = torch.cat([q_nope, q_rope], dim=-1)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
-        out, _ = attention(
+        if output_attentions:
+            attention = eager_attention
+        out, weights = attention(
             self,
             query,
             key,
@@ -172,7 +197,7 @@ class MultiHeadLatentAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        return out  # [B, T, H, v]
+        return out, weights  # [B, T, H, v], [B, H, T, S] or None
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, r] and W_UV [H, v, r] split out of kv_b_proj (views)."""
@@ -202,7 +227,9 @@ class MultiHeadLatentAttention(nn.Module):
         eye = torch.eye(self.kv_lora_rank, device=self.kv_b_proj.weight.device, dtype=self.kv_a_layernorm.weight.dtype)
         return self.kv_b_proj(eye).detach().T.contiguous().view(shape)
 
-    def _absorbed_attention(self, q_nope, q_rope, latent, k_rope, attention_mask, past_len) -> torch.Tensor:
+    def _absorbed_attention(
+        self, q_nope, q_rope, latent, k_rope, attention_mask, past_len
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: multi-query attention over the cached latent; kv_b_proj is folded into q and the output.
 
         Heads are folded into the query length ([B, H*T, r] against [B, S, r]) so each cached latent is read
@@ -229,4 +256,4 @@ class MultiHeadLatentAttention(nn.Module):
         probs = F.dropout(probs, p=self.config.attention_dropout if self.training else 0.0, training=self.training)
         out_latent = torch.bmm(probs.view(bsz, heads * q_len, seq_len), latent[:, 0])  # [B, H*T, r]
         out_latent = out_latent.view(bsz, heads, q_len, -1)
-        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv)  # [B, T, H, v]
+        return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv), probs  # [B, T, H, v], [B, H, T, S]

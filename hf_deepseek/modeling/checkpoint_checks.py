@@ -103,11 +103,8 @@ def stored_tensors(directory: str) -> dict[str, StoredTensor]:
 
 def expected_shapes(model_cls: type[nn.Module], config) -> dict[str, tuple[int, ...]]:
     """The official-layout tensor names and shapes the config implies (experts per expert), built on `meta`."""
-    with torch.device("meta"):
-        model = model_cls(config)
     expected = {}
-    for key, tensor in model.state_dict().items():
-        shape = tuple(tensor.shape)
+    for key, shape in in_memory_shapes(model_cls, config).items():
         if key.endswith("mlp.experts.gate_up_proj"):
             base, (experts, two_inter, hidden) = key[: -len("gate_up_proj")], shape
             for e in range(experts):
@@ -120,6 +117,39 @@ def expected_shapes(model_cls: type[nn.Module], config) -> dict[str, tuple[int, 
         else:
             expected[key] = shape
     return expected
+
+
+def in_memory_shapes(model_cls: type[nn.Module], config) -> dict[str, tuple[int, ...]]:
+    """The model's own state-dict names and shapes (stacked experts), built on `meta`."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    return {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def _stored_layout(
+    expected: dict[str, tuple[int, ...]], tensors: dict[str, StoredTensor], model_cls: type[nn.Module], config
+) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """`expected` adapted to how the checkpoint was written, and the names it may lack (newly initialised on load,
+    as transformers does). Two variants besides the official layout: stacked experts (`save_pretrained(...,
+    save_original_format=False)` writes the in-memory names), and a checkpoint of the base model alone (saved from
+    `DeepSeekModel`: no `model.` prefix, no output head)."""
+    optional: set[str] = set()
+    prefix = getattr(model_cls, "base_model_prefix", "") + "."
+    if prefix != "." and not any(k.startswith(prefix) for k in tensors) and any(k.startswith(prefix) for k in expected):
+        optional = {k for k in expected if not k.startswith(prefix)}
+        expected = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in expected.items()}
+        stacked = {k[len(prefix) :]: v for k, v in in_memory_shapes(model_cls, config).items() if k.startswith(prefix)}
+    else:
+        stacked = in_memory_shapes(model_cls, config)
+    for key, shape in stacked.items():
+        if key.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) and key in tensors:
+            base = key[: key.rindex(".") + 1]
+            names = ("gate_proj", "up_proj") if key.endswith("gate_up_proj") else ("down_proj",)
+            for e in range(shape[0]):
+                for name in names:
+                    expected.pop(f"{base}{e}.{name}.weight", None)
+            expected[key] = shape
+    return expected, optional
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
@@ -139,10 +169,14 @@ def check_checkpoint(
     `fp8`: the config declares DeepSeek's block-scaled FP8 (e4m3 weights with float32 `weight_scale_inv`).
     """
     tensors = stored_tensors(directory)
-    expected = expected_shapes(model_cls, config)
-    optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    expected, optional = _stored_layout(expected_shapes(model_cls, config), tensors, model_cls, config)
+    if getattr(config, "tie_word_embeddings", False):
+        optional.add("lm_head.weight")
+    if getattr(config, "topk_method", "noaux_tc") != "noaux_tc":  # DeepSeek-V2 routers have no correction bias
+        optional |= {k for k in expected if k.endswith("e_score_correction_bias")}
+    base = "model." if any(k.startswith("model.") for k in expected) else ""
     for k in range(getattr(config, "num_nextn_predict_layers", 0)):  # transformers' own layout drops MTP layers
-        prefix = f"model.layers.{config.num_hidden_layers + k}."
+        prefix = f"{base}layers.{config.num_hidden_layers + k}."
         mtp_keys = {key for key in expected if key.startswith(prefix)}
         if not any(key in tensors for key in mtp_keys):
             optional |= mtp_keys

@@ -26,9 +26,18 @@ class DeepSeekDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         cache=None,
+        output_attentions: bool = False,
         **kwargs,
-    ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """The new hidden states; with `output_attentions`, (hidden states, attention weights [B, H, T, S])."""
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings,
+            attention_mask,
+            cache=cache,
+            output_attentions=output_attentions,
+            **kwargs,
         )
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return (hidden_states, attn_weights) if output_attentions else hidden_states

@@ -120,14 +120,51 @@ def read_checkpoint(directory: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def uses_pow2_scales(quant: dict | None) -> bool:
+    """`scale_fmt: ue8m0` (DeepSeek-V3.1): every scale is a power of two, the weights' and the activations'."""
+    return bool(quant) and quant.get("scale_fmt") == "ue8m0"
+
+
 def _fp8_recipe_for(model: nn.Module, keys: set[str]) -> FP8Recipe:
-    """Modules the checkpoint ships in FP8 get converted; those without scales (and the output head) stay."""
+    """Modules the checkpoint ships in FP8 get converted; those without scales (and the output head) stay. With
+    `scale_fmt: ue8m0` the layers quantise activations to power-of-two scales too, as DeepSeek-V3.1 does."""
     skip = ["lm_head"]
     for name, module in model.named_modules():
         scale_key = {nn.Linear: f"{name}.weight_scale_inv", RoutedExperts: f"{name}.0.gate_proj.weight_scale_inv"}
         if type(module) in scale_key and scale_key[type(module)] not in keys:
             skip.append(name)
-    return FP8Recipe(skip=tuple(skip))
+    return FP8Recipe(skip=tuple(skip), pow2_scales=uses_pow2_scales(_quantization_config(model.config)))
+
+
+def _mtp_keys(model: nn.Module) -> set[str]:
+    """State-dict names of the MTP modules (`model.layers.{num_hidden_layers + k}.`)."""
+    config = model.config
+    prefixes = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
+    return {k for k in model.state_dict() if k.startswith(prefixes)} if prefixes else set()
+
+
+def _init_missing_mtp(model: nn.Module, missing: list[str]) -> list[str]:
+    """A checkpoint without the MTP layer (every one transformers' DeepseekV3 saves) loads as in bf16: the MTP
+    modules are newly initialised. Returns what is still missing."""
+    mtp = _mtp_keys(model)
+    if not mtp or not mtp <= set(missing):
+        return missing
+    with torch.no_grad():
+        for layer in model.model.mtp_layers:
+            for module in layer.modules():
+                model._init_weights(module)
+    return [k for k in missing if k not in mtp]
+
+
+def _report(model: nn.Module, path, initialised: set[str], unexpected: set[str]) -> None:
+    """transformers' own load report (the table bf16 loading prints) for newly initialised and unused tensors."""
+    from transformers.utils.loading_report import LoadStateDictInfo, log_state_dict_report
+
+    info = LoadStateDictInfo(
+        missing_keys=initialised, unexpected_keys=unexpected, mismatched_keys=set(), error_msgs=[],
+        conversion_errors={}, skipped_pp_keys=set(),
+    )  # fmt: skip
+    log_state_dict_report(model, str(path), ignore_mismatched_sizes=False, loading_info=info, logger=logger)
 
 
 def load_fp8_pretrained(cls, path: str | os.PathLike, *model_args, **kwargs):
@@ -155,6 +192,9 @@ def load_fp8_pretrained(cls, path: str | os.PathLike, *model_args, **kwargs):
     build = {"attn_implementation": kwargs.pop("attn_implementation")} if "attn_implementation" in kwargs else {}
     for name in IGNORED_KWARGS:
         kwargs.pop(name, None)
+    # the Auto classes pass hub options here, and `_adapter_model_path` when the directory holds a PEFT adapter
+    if "_adapter_model_path" in (kwargs.pop("adapter_kwargs", None) or {}):
+        raise NotImplementedError("FP8 checkpoints load without PEFT adapters; load the adapter afterwards.")
     for name, value in kwargs.items():
         if not hasattr(config, name):
             raise TypeError(f"Unexpected keyword argument {name!r} for an FP8 checkpoint.")
@@ -167,15 +207,18 @@ def load_fp8_pretrained(cls, path: str | os.PathLike, *model_args, **kwargs):
     state = {k: v for k, v in state.items() if not any(p.search(k) for p in ignored)}
     with init.no_init_weights():
         model = cls._from_config(config, dtype=dtype, **build)
+    quant = _quantization_config(config)
     convert_to_fp8_inference(model, _fp8_recipe_for(model, set(state)), quantize=False)
+    model.config.quantization_config = dict(quant)  # the checkpoint's own, `scale_fmt` included, for the next save
     missing, unexpected = model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
         missing = [k for k in missing if k != "lm_head.weight"]
-    if missing:
-        raise ValueError(f"The FP8 checkpoint at {path} lacks {len(missing)} tensors, e.g. {missing[:4]}.")
-    if unexpected:
-        logger.warning("Ignored %d unexpected tensors in %s, e.g. %s", len(unexpected), path, unexpected[:4])
+    still_missing = _init_missing_mtp(model, missing)
+    if still_missing:
+        raise ValueError(f"The FP8 checkpoint at {path} lacks {len(still_missing)} tensors, e.g. {still_missing[:4]}.")
+    if missing or unexpected:
+        _report(model, path, set(missing), set(unexpected))
     if dequantize:
         dequantize_fp8_model(model, dtype)
     model.to(device)
@@ -204,10 +247,17 @@ def fp8_state_dict(model: nn.Module, recipe: FP8Recipe | None = None) -> dict[st
 
 
 def save_fp8_pretrained(model, save_directory: str | os.PathLike, recipe: FP8Recipe | None = None, **kwargs) -> None:
-    """Write a high-precision model as an official FP8 checkpoint, leaving the model itself unchanged."""
-    state = fp8_state_dict(model, recipe)
+    """Write a high-precision model as an official FP8 checkpoint, leaving the model itself unchanged. With
+    `recipe.pow2_scales` (or a config already declaring `scale_fmt: ue8m0`) every scale is a power of two and
+    `quantization_config` says `scale_fmt: ue8m0`, as DeepSeek-V3.1's checkpoints do."""
     previous = getattr(model.config, "quantization_config", None)
-    model.config.quantization_config = dict(OFFICIAL_QUANTIZATION_CONFIG)
+    if recipe is None:
+        recipe = FP8Recipe(pow2_scales=uses_pow2_scales(_quantization_config(model.config)))
+    state = fp8_state_dict(model, recipe)
+    quant = dict(OFFICIAL_QUANTIZATION_CONFIG)
+    if recipe.pow2_scales:
+        quant["scale_fmt"] = "ue8m0"
+    model.config.quantization_config = quant
     try:
         model.save_pretrained(save_directory, state_dict=state, **kwargs)
     finally:

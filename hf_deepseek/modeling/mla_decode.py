@@ -23,7 +23,7 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     cache.update(latent, k_rope, attn.layer_idx)
     if fresh:  # prefill from empty: the cache holds only these tokens, masks cover [:T] of the buffer
         mask = attention_mask[..., :q_len] if isinstance(attention_mask, torch.Tensor) else attention_mask
-        return attn._expanded_attention(q_nope, q_rope, latent, k_rope, mask, **kwargs)
+        return attn._expanded_attention(q_nope, q_rope, latent, k_rope, mask, **kwargs)[0]
     layer = cache.layers[attn.layer_idx]
     buffer, length = layer.latent_and_rope, layer.cumulative_length
     return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)

@@ -5,15 +5,14 @@ run on the final hidden state and the shifted token embeddings, and the loss is
 main CE + mtp_loss_weight * mean_k(MTP CE_k) + the routers' sequence-wise balance loss (when enabled).
 """
 
-from dataclasses import dataclass
-
 import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
+from transformers import GenerationMixin
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
+from transformers.utils import can_return_tuple
 
 from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
@@ -24,51 +23,11 @@ from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .input_checks import check_model_inputs
 from .latent_cache import LatentCacheGenerationMixin, host_seq_length
 from .layers import RMSNorm
-from .moe import DeepSeekMoE, RoutedExperts, TopKRouter
+from .moe import DeepSeekMoE, TopKRouter
 from .mtp import MTPLayer, mtp_labels, shift_left
 from .output_loss import causal_lm_loss
+from .pretrained import CACHE_FIELD, DeepSeekCausalLMOutput, DeepSeekPreTrainedModel
 from .speculative import speculative_generate
-
-# transformers 5.24 renamed `past_key_values` to `cache`; the model takes either and returns the installed name.
-CACHE_FIELD = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-@dataclass
-class DeepSeekCausalLMOutput(MoeCausalLMOutputWithPast):
-    """`loss` is the total training loss; `mtp_loss` (mean over depths) and `aux_loss` (balance) are its parts.
-    `expert_load` [num_moe_layers, n_routed_experts] holds token counts per expert when asked for."""
-
-    mtp_loss: torch.FloatTensor | None = None
-    expert_load: torch.Tensor | None = None
-
-
-class DeepSeekPreTrainedModel(PreTrainedModel):
-    config_class = DeepSeekConfig
-    config: DeepSeekConfig
-    base_model_prefix = "model"
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepSeekDecoderLayer", "MTPLayer"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
-    # the official MTP layer repeats the shared embedding and head; this model shares the main ones instead
-    _keys_to_ignore_on_load_unexpected = [r"model\.layers\.\d+\.(embed_tokens|shared_head\.head)\.weight"]
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, TopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            init.zeros_(module.e_score_correction_bias)
-        elif isinstance(module, RoutedExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, RotaryEmbedding(self.config).inv_freq)
 
 
 class DeepSeekModel(DeepSeekPreTrainedModel):
@@ -95,6 +54,7 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
     def mtp_layers(self) -> nn.ModuleList:
         return self.layers[self.config.num_hidden_layers :]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -104,11 +64,17 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         cache: Cache | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """`output_hidden_states`, `output_attentions` and `return_dict` default to the config's values."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         cache = cache if cache is not None else past_key_values
         past = host_seq_length(cache)  # None inside a compiled decode step (a static cache's length lives on device)
         check_model_inputs(self.config, input_ids, inputs_embeds, position_ids, past)
@@ -122,15 +88,26 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         )
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         for layer in self.decoder_layers:
-            hidden_states = layer(hidden_states, position_embeddings, mask, cache=cache, **kwargs)
+            hidden_states = layer(
+                hidden_states, position_embeddings, mask, cache=cache, output_attentions=output_attentions, **kwargs
+            )
+            if output_attentions:
+                hidden_states, weights = hidden_states
+                all_attentions.append(weights)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden[-1] = hidden_states
-        out = MoeModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden and tuple(all_hidden))
-        out[CACHE_FIELD] = cache if use_cache else None
+        out = MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden and tuple(all_hidden),
+            attentions=all_attentions and tuple(all_attentions),
+        )
+        if use_cache:  # no entry at all without a cache: generate() would try to reorder a None one
+            out[CACHE_FIELD] = cache
         return out
 
     def attention_inputs(self, inputs_embeds, attention_mask, position_ids, cache):
@@ -200,6 +177,7 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
         return [layer.mlp.gate for layer in self.model.decoder_layers if isinstance(layer.mlp, DeepSeekMoE)]
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -211,10 +189,14 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_expert_load: bool = False,
         cache: Cache | None = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepSeekCausalLMOutput:
+        """`labels` [B, T] (shifted inside) or `shift_labels` [B, T] (already shifted: position t's target, as
+        transformers' loss takes them) give the loss; `return_dict=False` returns a tuple."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids,
@@ -224,6 +206,8 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -231,6 +215,9 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         fused = self._fused_loss(labels, logits_to_keep)
         logits = None if fused else self.lm_head(hidden_states[:, keep, :])
 
+        if labels is None and shift_labels is not None:
+            # the MTP terms read unshifted labels; the last target of each row is one only the main head predicts
+            labels = F.pad(shift_labels[:, :-1], (1, 0), value=-100)
         loss = mtp_loss = aux_loss = None
         # With `num_items_in_batch` (Trainer: label tokens of all accumulated micro-batches, all ranks) the
         # main loss is this batch's share of a sum the Trainer adds up undivided; the MTP and balance terms
@@ -238,9 +225,10 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
         share = 1.0
         if labels is not None and num_items_in_batch is not None:
             items = torch.as_tensor(num_items_in_batch, device=labels.device)
-            share = (labels[..., 1:] != -100).sum() / items
+            targets = shift_labels if shift_labels is not None else labels[..., 1:]
+            share = (targets != -100).sum() / items
         if labels is not None:
-            loss = self._output_loss(hidden_states, logits, labels, num_items_in_batch)
+            loss = self._output_loss(hidden_states, logits, labels, num_items_in_batch, shift_labels)
             if self.config.num_nextn_predict_layers > 0:
                 mtp_loss = self._mtp_loss(
                     input_ids, inputs_embeds, attention_mask, position_ids, hidden_states, labels, **kwargs
@@ -257,10 +245,12 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             aux_loss=aux_loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             mtp_loss=mtp_loss,
             expert_load=expert_load,
         )
-        result[CACHE_FIELD] = outputs[CACHE_FIELD]
+        if outputs.get(CACHE_FIELD) is not None:
+            result[CACHE_FIELD] = outputs[CACHE_FIELD]
         return result
 
     def _mtp_loss(
@@ -287,12 +277,17 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
     def _fused_loss(self, labels, logits_to_keep) -> bool:
         return bool(self.fused_output_loss) and self.training and labels is not None and logits_to_keep == 0
 
-    def _output_loss(self, hidden, logits, labels, num_items_in_batch) -> torch.Tensor:
+    def _output_loss(self, hidden, logits, labels, num_items_in_batch, shift_labels=None) -> torch.Tensor:
         """The causal LM loss of the head over `hidden`: from `logits`, or chunked without them (None)."""
         if logits is None:
-            return causal_lm_loss(hidden, self.lm_head, labels, num_items_in_batch, self.fused_output_loss)
+            chunks = self.fused_output_loss
+            return causal_lm_loss(hidden, self.lm_head, labels, num_items_in_batch, chunks, shift_labels)
         return self.loss_function(
-            logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            logits,
+            labels,
+            vocab_size=self.config.vocab_size,
+            num_items_in_batch=num_items_in_batch,
+            shift_labels=shift_labels,
         )
 
 

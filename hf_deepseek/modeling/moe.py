@@ -12,6 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
+from .input_checks import tracing
 from .layers import SwiGLUMLP
 from .moe_decode import dense_experts, use_dense_experts
 
@@ -24,7 +25,8 @@ def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tens
 
 
 class TopKRouter(nn.Module):
-    """Scores experts in fp32; the bias only picks experts, the gate weights come from the unbiased scores."""
+    """Scores experts in fp32 (sigmoid: V3; softmax: V2); the bias only picks experts, the gate weights come from
+    the unbiased scores; `topk_method` says how groups limit the choice (see `configuration.TOPK_METHODS`)."""
 
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
@@ -41,9 +43,12 @@ class TopKRouter(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
         scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores.detach() + self.e_score_correction_bias  # [N, E]
-        if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        if cfg.topk_method != "greedy" and cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
             grouped = choice.view(-1, cfg.n_group, self.num_experts // cfg.n_group)  # [N, G, E/G]
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # top-2 sum, [N, G]
+            if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group scores as its best expert
+                group_scores = grouped.amax(dim=-1)  # [N, G]
+            else:  # noaux_tc (DeepSeek-V3): the sum of its two best experts
+                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [N, G]
             kept = group_scores.topk(cfg.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.num_experts)
@@ -118,6 +123,10 @@ class RoutedExperts(nn.Module):
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
         num_tokens, top_k = indices.shape
         if use_dense_experts(self, x, top_k):  # decode-sized batch on CUDA: all experts, batched (moe_decode.py)
+            return dense_experts(self, x, indices, weights)
+        if tracing() and not torch.is_grad_enabled() and not self._grouped_gemm_ok(x):
+            # inference under torch.compile / torch.export without the grouped GEMM: the loop's per-expert row
+            # counts are data-dependent shapes, so every expert runs on every token (static shapes, same result)
             return dense_experts(self, x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert

@@ -72,11 +72,19 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(
-    hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, num_items_in_batch=None, chunks: int = 8
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    num_items_in_batch=None,
+    chunks: int = 8,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """transformers' ForCausalLMLoss of `head(hidden)` against `labels` (shifted by one, -100 ignored; a mean over
-    the counted tokens, or their sum over `num_items_in_batch`), without materialising the logits."""
-    targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1).flatten()
+    """transformers' ForCausalLMLoss of `head(hidden)` against `labels` (shifted by one, or `shift_labels` as
+    given; -100 ignored; a mean over the counted tokens, or their sum over `num_items_in_batch`), without
+    materialising the logits."""
+    if shift_labels is None:
+        shift_labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+    targets = shift_labels.flatten()
     if num_items_in_batch is None:
         denominator = (targets != IGNORE_INDEX).sum()
     else:

@@ -15,7 +15,6 @@ keeps its own position ids, as with left padding. Rows leave the batch when they
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import GenerationConfig
@@ -31,9 +30,7 @@ from transformers.generation import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .mtp_drafter import MTPDrafter
-
-if TYPE_CHECKING:
-    from .model import DeepSeekForCausalLM
+from .pretrained import DeepSeekPreTrainedModel
 
 # generate() options that change the logits or the search; speculative decoding runs none of them
 UNSUPPORTED_OPTIONS = (
@@ -133,7 +130,7 @@ class TokenChooser:
         return torch.multinomial(probs, 1)[:, 0], probs
 
 
-def _eos_ids(model: "DeepSeekForCausalLM", eos_token_id) -> set[int]:
+def _eos_ids(model: DeepSeekPreTrainedModel, eos_token_id) -> set[int]:
     if eos_token_id is None:
         eos_token_id = model.generation_config.eos_token_id
     if eos_token_id is None:
@@ -143,7 +140,7 @@ def _eos_ids(model: "DeepSeekForCausalLM", eos_token_id) -> set[int]:
     return {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
 
-def _check_model(model: "DeepSeekForCausalLM") -> None:
+def _check_model(model: DeepSeekPreTrainedModel) -> None:
     if model.config.num_nextn_predict_layers < 1:
         raise ValueError(
             "MTP speculative decoding needs an MTP module, but this model has none "
@@ -173,7 +170,7 @@ def verify_drafts(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | 
 
 @torch.no_grad()
 def speculative_decode(
-    model: "DeepSeekForCausalLM",
+    model: DeepSeekPreTrainedModel,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,
@@ -229,7 +226,12 @@ def speculative_decode(
     attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        return_dict=True,
     ).last_hidden_state  # [B, T, d], normed
     stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
     token, _ = chooser.choose(model.lm_head(hidden[:, -1]))
@@ -259,6 +261,7 @@ def speculative_decode(
             position_ids=positions,
             cache=cache,
             use_cache=True,
+            return_dict=True,
         ).last_hidden_state  # [B, D+1, d]
         kept, bonus = verify_drafts(model.lm_head(hidden), drafts, q, chooser)
         stats.main_passes, stats.row_passes = stats.main_passes + 1, stats.row_passes + batch
@@ -293,7 +296,7 @@ def _is_neutral(value) -> bool:
 
 
 def speculative_generate(
-    model: "DeepSeekForCausalLM",
+    model: DeepSeekPreTrainedModel,
     inputs: torch.LongTensor | None = None,
     generation_config: GenerationConfig | None = None,
     **kwargs,
@@ -346,7 +349,7 @@ def speculative_generate(
 
 
 def mtp_speculative_stream(
-    model: "DeepSeekForCausalLM",
+    model: DeepSeekPreTrainedModel,
     input_ids: torch.LongTensor,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
@@ -365,7 +368,7 @@ def mtp_speculative_stream(
 
 
 def mtp_greedy_generate(
-    model: "DeepSeekForCausalLM",
+    model: DeepSeekPreTrainedModel,
     input_ids: torch.LongTensor,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
