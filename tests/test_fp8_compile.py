@@ -101,3 +101,11 @@ def test_named_recipes_and_bad_fields_are_reported():
         FP8Recipe.named("tensorwise")
     with pytest.raises(ValueError, match="FP8Recipe.scaling must be one of blockwise, rowwise, got 'rows'"):
         FP8Recipe(scaling="rows")
+
+
+def test_fp8_inference_conversion_declares_power_of_two_scales():
+    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+    model = convert_to_fp8_inference(DeepSeekForCausalLM(tiny_config()), FP8Recipe(pow2_scales=True))
+    assert model.config.quantization_config["scale_fmt"] == "ue8m0"
+    assert "scale_fmt" not in convert_to_fp8_inference(DeepSeekForCausalLM(tiny_config())).config.quantization_config

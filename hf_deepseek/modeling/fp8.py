@@ -440,8 +440,9 @@ def convert_to_fp8_inference(model: nn.Module, recipe: FP8Recipe | None = None, 
             _replace(model, name, FP8InferenceLinear.from_linear(module, recipe, quantize))
         elif type(module) in (RoutedExperts, FP8RoutedExperts):
             _replace(model, name, FP8InferenceExperts.from_experts(module, config, recipe, quantize))
-    if config is not None:
-        config.quantization_config = dict(OFFICIAL_QUANTIZATION_CONFIG)
+    if config is not None:  # power-of-two scales are DeepSeek-V3.1's `scale_fmt: ue8m0`
+        ue8m0 = {"scale_fmt": "ue8m0"} if recipe.pow2_scales else {}
+        config.quantization_config = dict(OFFICIAL_QUANTIZATION_CONFIG) | ue8m0
     return model
 
 
