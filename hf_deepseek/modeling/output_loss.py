@@ -19,15 +19,17 @@ IGNORE_INDEX = -100
 
 
 def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
-    """(sum of -log p(target) over valid rows, d loss / d logits) of one chunk; logits fp32 [c, V]."""
+    """(sum of -log p(target) over valid rows, d loss / d logits in the logits' dtype) of one chunk [c, V]. Written
+    as reductions and elementwise work over `logits` only, so that Inductor reads the chunk twice and writes its
+    gradient once."""
+    out_dtype, logits = logits.dtype, logits.float()
     valid = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0)
     lse = logits.logsumexp(dim=-1)
-    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    is_target = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    picked = torch.where(is_target, logits, 0.0).sum(dim=-1)
     loss = ((lse - picked) * valid).sum()
-    grad = (logits - lse[:, None]).exp()
-    grad = grad - torch.zeros_like(grad).scatter_(1, safe[:, None], 1.0)
-    return loss, grad * (valid[:, None] * scale)
+    grad = ((logits - lse[:, None]).exp() - is_target.float()) * (valid[:, None] * scale)
+    return loss, grad.to(out_dtype)
 
 
 _compiled_chunk_terms = None
@@ -55,9 +57,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, size):
             h = hidden[start : start + size]
-            loss, grad_logits = _terms((h @ weight.t()).float(), targets[start : start + size], scale)
+            loss, grad_logits = _terms(h @ weight.t(), targets[start : start + size], scale)
             total = total + loss
-            grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[start : start + size] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
