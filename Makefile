@@ -42,8 +42,9 @@ chat: venv
 	@if [ -f "$(CHAT_MODEL)/config.json" ]; then \
 		$(BIN)/python -m hf_deepseek.cli chat --model "$(CHAT_MODEL)"; \
 	else \
-		echo "No checkpoint at $(CHAT_MODEL)/ (the embedded default is trained by the main training job)."; \
-		echo "Chat with any saved model instead:  make chat CHAT_MODEL=DIR"; \
-		echo "  e.g. after 'make demo':            make chat CHAT_MODEL=outputs/demo-model"; \
-		exit 1; \
+		echo "make chat: no model at $(CHAT_MODEL)/ (a saved model's directory holds a config.json)." >&2; \
+		echo "  the embedded default:   make chat" >&2; \
+		echo "  the model 'make demo' trains:  make chat CHAT_MODEL=outputs/demo/grpo" >&2; \
+		echo "  any saved model:        make chat CHAT_MODEL=DIR" >&2; \
+		exit 2; \
 	fi

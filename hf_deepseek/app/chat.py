@@ -258,8 +258,10 @@ def load_chat_model(
     model_dir: str | Path, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a checkpoint the project can read, and its tokenizer (the project's own if the directory has none)."""
-    import hf_deepseek  # noqa: F401  (registers the model with the Auto classes)
+    from hf_deepseek import register_auto_classes
     from hf_deepseek.data import build_tokenizer
+
+    register_auto_classes()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()

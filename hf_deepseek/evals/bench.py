@@ -397,6 +397,12 @@ def run_bench(
     return results
 
 
+CPU_NOTE = (
+    "On a CPU these figures only show that the benchmark runs: speed ratios between the models mean nothing "
+    "here (kernels, caches and threading differ from a GPU's); measure on a GPU to compare them."
+)
+
+
 def bench_setup(device: str, dtype: torch.dtype | None, output_dir: str | Path, progress: Callable | None):
     """The start every benchmark run shares: (device, dtype — bf16 on CUDA, fp32 elsewhere unless given —, the
     output folder, created, and a progress printer)."""
@@ -404,7 +410,10 @@ def bench_setup(device: str, dtype: torch.dtype | None, output_dir: str | Path, 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return device, dtype, output_dir, progress or timestamped_printer()
+    progress = progress or timestamped_printer()
+    if device.type == "cpu":
+        progress(CPU_NOTE)
+    return device, dtype, output_dir, progress
 
 
 def timestamped_printer() -> Callable[[str], None]:

@@ -30,6 +30,7 @@ from transformers.generation.configuration_utils import CompileConfig
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import (
+    CPU_NOTE,
     FULL_CONFIG,
     TINY_CONFIG,
     bench_setup,
@@ -405,6 +406,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{results['machine']['device']}, torch {results['machine']['torch']}, transformers "
         f"{results['machine']['transformers']}, {results['dtype']}, copy bandwidth "
         f"{results['copy_bandwidth_tb_s']:.2f} TB/s; floor = {results['floor']}",
+        *(["", CPU_NOTE] if results["machine"]["device"].startswith("cpu") else []),
         "",
         "| row | batch | context | ms/step (median) | tokens/s | peak GiB | floor ms | floor/actual | "
         "x tf eager | x tf best | accept | tok/step | note |",

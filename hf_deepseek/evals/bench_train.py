@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
-from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
+from hf_deepseek.evals.bench import CPU_NOTE, FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -283,6 +283,8 @@ def run_train_bench(
         (out / "bench_train.json").write_text(json.dumps(results, indent=2))
         (out / "bench_train.md").write_text(f"`{command}`\n\n{markdown_table(measured)}\n")
     print(markdown_table(measured), flush=True)
+    if device.type == "cpu":
+        print(CPU_NOTE, flush=True)
     for key, value in results["ratios"].items():
         print(f"{key}: {value:.3f}", flush=True)
     return results
