@@ -3,6 +3,7 @@
 never loses work (generation capped to the context, each task's results kept, a failing task reported)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,15 @@ def test_eval_caps_generation_to_the_context_and_keeps_every_other_tasks_results
     files = sorted(out_dir.rglob("results_*.json"))
     scored = {task for path in files for task in json.loads(path.read_text())["results"]}
     assert scored == {short_task, long_task}
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_chat_with_a_missing_model_gives_the_right_advice():
+    result = subprocess.run(
+        ["make", "-s", "chat", "CHAT_MODEL=no/such/model"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    ours = [line for line in result.stderr.splitlines() if line.startswith("make chat:")]
+    assert len(ours) == 1 and "no/such/model" in ours[0], result.stderr
+    assert "make chat CHAT_MODEL=DIR" in ours[0] and "outputs/demo/grpo" in ours[0]
+    assert "Traceback" not in result.stderr

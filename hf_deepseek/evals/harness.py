@@ -71,6 +71,12 @@ def run_lm_eval(argv: Sequence[str]) -> None:
     if argv in (["--list"], ["-l"]):
         print_task_list()
         return
+    if {"-h", "--help"} & set(argv):
+        print(
+            "hf-deepseek eval: lm-eval's command line (below) with this plugin loaded and the project's tasks on the "
+            f"include path. Also: --list (the project's tasks), {NO_CHAT_TEMPLATE} (do not apply the checkpoint's "
+            "chat template, which is applied by default).\n"
+        )
     _go_offline()
     from lm_eval._cli import HarnessCLI
 

@@ -139,7 +139,7 @@ def plot_stage_curves(
         panel.set_title(f"{what}: {' + '.join(name for name, _, _ in runs)}" if len(runs) > 1 else what)
         panel.set_xlabel("optimizer step")
         panel.grid(alpha=0.3)
-        if runs:  # below the panel, so that it covers no curve
+        if panel.get_legend_handles_labels()[0]:  # below the panel, so that it covers no curve
             panel.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     if title:
         figure.suptitle(title)
