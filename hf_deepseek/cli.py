@@ -39,6 +39,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return value
+
+
 def int_list(text: str) -> str:
     """An argparse type: comma-separated positive integers (`1,8,32`), kept as text for the benchmark plans."""
     for item in text.split(","):
@@ -176,13 +184,6 @@ def add_device_options(parser: argparse.ArgumentParser, tiny_help: str) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
-
-
-def port_number(text: str) -> int:
-    value = positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
-    return value
 
 
 def check_model_dir(path: str | None, option: str) -> None:

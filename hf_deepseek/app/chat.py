@@ -25,13 +25,12 @@ from hf_deepseek.data.r1 import INSTRUCTION, user_content
 DEFAULT_HOST = "127.0.0.1"
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates a second, however fast the model is
 MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave this many positions of the context for the reply (or fewer if asked)
-# what the embedded default answers well (the chat shows them as buttons in the empty conversation)
-# (in the phrasing of the project's arithmetic data, which the model was trained on)
+# What the embedded default answers well, in the phrasing of the project's arithmetic data (the model's training
+# data); the chat shows them as buttons in the empty conversation.
 EXAMPLE_PROMPTS = ["Calculate 345 + 278.", "Calculate 57 + 68.", "Calculate 4821 - 1397.", "Calculate 903 - 56."]
 EMBEDDED_NOTE = (
-    "A tiny DeepSeek-V3-architecture model (latent attention, mixture of experts, multi-token prediction) trained "
-    "with the DeepSeek-R1 recipe for one job: adding and subtracting whole numbers of up to 4 digits. It reasons "
-    "step by step (the folding block), then answers; ask it anything else and it will still do arithmetic."
+    "A tiny DeepSeek-V3-architecture model trained with the DeepSeek-R1 recipe for whole-number arithmetic only: "
+    "it reasons step by step (the folding block), then answers."
 )
 
 
