@@ -6,6 +6,7 @@ config key, a bad value, CUDA on a machine without it) ends in one line naming t
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -206,6 +207,20 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
+def override_hint(args: argparse.Namespace, override: str) -> str:
+    """What to write instead of a dashed recipe override: the bare `key=value`, or the field it probably meant."""
+    hint = f"recipe overrides are key=value without dashes, e.g. {override}"
+    if args.stage == "all":
+        return hint
+    from hf_deepseek.trainers.recipes import apply_overrides, check_recipe, load_recipe
+
+    try:
+        check_recipe(apply_overrides(load_recipe(args.recipe), args.stage, [override]), [args.stage])
+    except UsageError as error:
+        return f"recipe overrides are key=value without dashes, and {error}"
+    return hint
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse `argv` (default: the command line) and run the chosen subcommand; usage errors exit with status 2."""
     parser = build_parser()
@@ -219,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
+    # bitsandbytes (imported by PEFT and TRL) warns on every CPU start that an optional 4-bit kernel is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.command == "eval":  # everything after `eval` belongs to lm-eval
         from hf_deepseek.evals.harness import run_lm_eval
 
@@ -227,10 +244,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if args.command == "train":
         dashed = [e for e in extra if e.startswith("-")]
         if dashed:
-            raise UsageError(
-                f"unrecognized option {dashed[0]!r}: recipe overrides are key=value without dashes, "
-                f"e.g. {dashed[0].lstrip('-')}"
-            )
+            raise UsageError(f"unrecognized option {dashed[0]!r}: {override_hint(args, dashed[0].lstrip('-'))}")
     if args.command == "train" and args.num_processes:
         from hf_deepseek.trainers.launch import launch_training
 

@@ -54,7 +54,8 @@ MISUSES = {
         ["eval", "--model_args", "pretrained=no/such/dir", "--tasks", "x"],
         "pretrained",
     ),
-    "dashed recipe override": (["train", "sft", "--recipe", "r1_tiny", "--max_step=2"], "max_step=2"),
+    "dashed recipe override": (["train", "sft", "--recipe", "r1_tiny", "--max_steps=2"], "e.g. max_steps=2"),
+    "dashed, misspelt override": (["train", "sft", "--recipe", "r1_tiny", "--max_step=2"], "did you mean 'max_steps'"),
     "misspelt recipe field": (["train", "sft", "--recipe", "r1_tiny", "max_step=2"], "did you mean 'max_steps'"),
     "misspelt config key": (
         ["train", "sft", "--recipe", "r1_tiny", "model.config.hidden_sise=64"],
