@@ -54,6 +54,7 @@ MISUSES = {
         ["eval", "--model_args", "pretrained=no/such/dir", "--tasks", "x"],
         "pretrained",
     ),
+    "missing model directory (train)": (["train", "grpo", "--recipe", "r1_tiny", "grpo.init=no/such/dir"], "init"),
     "dashed recipe override": (["train", "sft", "--recipe", "r1_tiny", "--max_steps=2"], "e.g. max_steps=2"),
     "dashed, misspelt override": (["train", "sft", "--recipe", "r1_tiny", "--max_step=2"], "did you mean 'max_steps'"),
     "misspelt recipe field": (["train", "sft", "--recipe", "r1_tiny", "max_step=2"], "did you mean 'max_steps'"),

@@ -110,7 +110,14 @@ def check_recipe(recipe: dict[str, Any], stages: Sequence[str]) -> None:
         if key not in known:
             raise UsageError(f"unknown model config key {key!r} (model.config.{key}){did_you_mean(key, known)}")
     for stage in stages:
-        if stage_trainer(recipe, stage) == "sft":
+        trainer = stage_trainer(recipe, stage)
+        init = recipe[stage].get("init", "new")
+        if init != "new" and not isinstance(recipe.get(init), dict) and not (Path(init) / "config.json").is_file():
+            raise UsageError(
+                f"{stage}.init={init!r} is neither `new`, a stage of this recipe, nor a saved model's directory "
+                f"(one with a config.json): e.g. {stage}.init=checkpoints/hf-deepseek-r1-tiny-sft"
+            )
+        if trainer == "sft":
             from hf_deepseek.trainers.sft import DeepSeekSFTConfig as config_class
         else:
             from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig as config_class
