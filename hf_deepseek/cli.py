@@ -286,6 +286,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         check_model_dir(args.checkpoint, "--checkpoint")
         check_model_dir(args.sft_checkpoint, "--sft-checkpoint")
         args.device = resolve_device(args.device)
+        from hf_deepseek.trainers.recipes import apply_overrides, check_recipe, load_recipe, recipe_stages
+
+        recipe = apply_overrides(load_recipe(args.recipe), "sft", args.overrides)  # as the demo applies them
+        check_recipe(recipe, recipe_stages(recipe))
         register_auto_classes()
         from hf_deepseek.demo import DemoOptions, run_demo
 

@@ -62,6 +62,7 @@ MISUSES = {
         ["train", "sft", "--recipe", "r1_tiny", "model.config.hidden_sise=64"],
         "did you mean 'hidden_size'",
     ),
+    "misspelt config key (demo)": (["demo", "--set", "model.config.hidden_sise=64"], "did you mean 'hidden_size'"),
     "unknown recipe": (["train", "sft", "--recipe", "no_such_recipe"], "r1_tiny"),
     "unknown stage": (["train", "warmup", "--recipe", "r1_tiny"], "use one of"),
     "bad override value": (["train", "sft", "--recipe", "r1_tiny", "max_steps=many"], "an integer"),
