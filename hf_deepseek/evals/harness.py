@@ -156,8 +156,11 @@ def run_tasks_one_by_one(args, use_template: bool = True) -> list[str]:
     lm = context_fitting_hflm().create_from_arg_obj(
         cfg.model_args, {"batch_size": cfg.batch_size, "max_batch_size": cfg.max_batch_size, "device": cfg.device}
     )
-    if template_by_default and not getattr(lm.tokenizer, "chat_template", None):
+    has_template = bool(getattr(lm.tokenizer, "chat_template", None))
+    if template_by_default and not has_template:
         cfg.apply_chat_template = False
+    elif cfg.apply_chat_template and not has_template:
+        raise UsageError("--apply_chat_template: this checkpoint's tokenizer has no chat template; leave the flag out")
     elif template_by_default:
         print(f"hf-deepseek eval: applying the checkpoint's chat template ({NO_CHAT_TEMPLATE} to turn it off)",
               file=sys.stderr)  # fmt: skip
