@@ -206,3 +206,20 @@ def test_over_long_message_gets_a_notice_and_the_chat_goes_on():
         send(page, "What is 40 + 2?")
         expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"^\s*42\s*$"))
         expect_no_error_badge(page)
+
+
+def test_stop_while_thinking_closes_the_reasoning_block_without_error():
+    model = scripted_chat_model(["<|assistant|>", "<think>", *"hm"], loop=True)  # "<think>hmhmhm..." forever
+    limits = dict(default_max_new_tokens=8000, max_new_tokens=8192)
+    with serve(model, **limits) as url, sync_api.sync_playwright() as pw, browser_page(pw) as (_, page):
+        page.goto(url)
+        send(page, "Think about it")
+        thought = page.locator(".thought-group").first
+        expect(thought).to_contain_text("Thinking")
+        expect(thought).to_contain_text("hmhmhmhmhm")
+        page.get_by_test_id("stop-button").click()
+        expect(thought).to_contain_text("Reasoning (stopped)")
+        expect(page.get_by_test_id("bot").last).to_contain_text("Stopped")
+        expect(page.get_by_test_id("stop-button")).to_be_hidden()
+        expect(page.locator(".thought-group").filter(has_text="Thinking…")).to_have_count(0)
+        expect_no_error_badge(page)
