@@ -6,6 +6,7 @@ The page talks to a scripted tiny DeepSeek model (tests/app_helpers.py) through 
 
 import hashlib
 import re
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from app_helpers import ENDLESS_SCRIPT, FINITE_SCRIPT, ForwardCounter, scripted_chat_model, serve
 
 from hf_deepseek.app.chat import EXAMPLE_PROMPTS
+from hf_deepseek.app.streaming import GENERATE_THREAD_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "checkpoints" / "hf-deepseek-r1-tiny"
@@ -173,10 +175,19 @@ def test_two_turn_conversation_with_the_embedded_default_answers_both_questions(
 
 
 def test_four_concurrent_sessions_each_get_their_answer_and_examples_run():
-    """Four browser sessions ask at the same moment (one through an example button); each gets its own answer."""
-    model = scripted_chat_model(FINITE_SCRIPT)  # "<think>plan</think><answer>42</answer>"
+    """Four browser sessions ask at about the same moment (one through an example button); their replies are
+    generated at the same time, and each session gets its own complete reply."""
+    model = scripted_chat_model(ENDLESS_SCRIPT, loop=True)  # "<think>plan</think><answer>okok..."
+    live, most_at_once = set(), []
+
+    def count_generations(*_):  # generation threads alive during each forward pass
+        live.update(t.name for t in threading.enumerate() if t.name == GENERATE_THREAD_NAME)
+        most_at_once.append(sum(t.name == GENERATE_THREAD_NAME for t in threading.enumerate()))
+
+    model.model.register_forward_hook(count_generations)
     note = "A scripted test model."
-    with serve(model, note=note, concurrency=4) as url, sync_api.sync_playwright() as pw, browser_page(pw) as (b, _):
+    limits = dict(concurrency=4, default_max_new_tokens=300)
+    with serve(model, note=note, **limits) as url, sync_api.sync_playwright() as pw, browser_page(pw) as (b, _):
         pages = [b.new_page(viewport={"width": 1000, "height": 900}) for _ in range(4)]
         for page in pages:
             page.set_default_timeout(60_000)
@@ -189,11 +200,14 @@ def test_four_concurrent_sessions_each_get_their_answer_and_examples_run():
         for i, page in enumerate(pages[1:], start=1):
             send(page, f"Session {i}: what is {i} + {i}?")
         for i, page in enumerate(pages):
-            expect(page.get_by_test_id("bot").last).to_have_text(re.compile(r"^\s*42\s*$"))
+            stats = page.locator("#generation-stats")
+            expect(stats).to_contain_text("300 tokens", timeout=60_000)  # the whole reply
+            expect(page.get_by_test_id("stop-button")).to_be_hidden()
             expect(page.get_by_test_id("user")).to_have_count(1)
             question = example if i == 0 else f"Session {i}: what is {i} + {i}?"
             expect(page.get_by_test_id("user")).to_contain_text(question)
             expect_no_error_badge(page)
+    assert max(most_at_once) >= 2, "the sessions' replies were not generated concurrently"
 
 
 def test_over_long_message_gets_a_notice_and_the_chat_goes_on():
