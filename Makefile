@@ -36,14 +36,13 @@ lint: venv
 	$(BIN)/ruff check .
 
 # The chat app on the embedded default checkpoint (another: make chat CHAT_MODEL=DIR); serves 127.0.0.1 only.
+# The model directory is checked before anything is installed.
 CHAT_MODEL ?= checkpoints/hf-deepseek-r1-tiny
-.PHONY: chat
-chat: venv
-	@if [ -f "$(CHAT_MODEL)/config.json" ]; then \
-		$(BIN)/python -m hf_deepseek.cli chat --model "$(CHAT_MODEL)"; \
-	else \
-		echo "No checkpoint at $(CHAT_MODEL)/ (the embedded default is trained by the main training job)."; \
-		echo "Chat with any saved model instead:  make chat CHAT_MODEL=DIR"; \
-		echo "  e.g. after 'make demo':            make chat CHAT_MODEL=outputs/demo-model"; \
-		exit 1; \
-	fi
+.PHONY: chat chat-model
+chat: chat-model venv
+	$(BIN)/python -m hf_deepseek.cli chat --model "$(CHAT_MODEL)"
+
+chat-model:
+	@test -f "$(CHAT_MODEL)/config.json" || { echo "make chat: no model at $(CHAT_MODEL)/ (no config.json): \
+	run 'make chat' for the embedded default, or 'make chat CHAT_MODEL=DIR' with a saved model's directory \
+	('make demo' saves one in outputs/demo/grpo)" >&2; exit 2; }

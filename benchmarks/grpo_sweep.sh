@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GRPO sweep behind the embedded checkpoint (issue 7; checkpoints/hf-deepseek-r1-tiny/README.md, "How GRPO got
+# The GRPO sweep behind the embedded checkpoint (checkpoints/hf-deepseek-r1-tiny/README.md, "How GRPO got
 # above the SFT ancestor"): several GRPO configurations from the SFT-only ancestor checkpoints/hf-deepseek-r1-tiny-sft,
 # many completions per step, all running CONCURRENTLY on one GPU (or the CPU: the device is cuda whenever torch sees
 # one), each stopped by the same wall clock (benchmarks/grpo_wall.py); then validation greedy pass@1 (500 sums from

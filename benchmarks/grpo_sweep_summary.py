@@ -126,7 +126,7 @@ def main(root: Path, out: Path) -> None:
         return "-" if v is None else f.format(v)
 
     lines = [
-        f"# GRPO sweep (issue 7): {root}",
+        f"# GRPO sweep: {root}",
         "",
         f"SFT-only ancestor `checkpoints/hf-deepseek-r1-tiny-sft`, validation greedy pass@1 (same run, same script): "
         f"**{pct(ancestor_value)}**",

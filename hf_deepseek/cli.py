@@ -1,14 +1,70 @@
 """The `hf-deepseek` command: one subcommand per job (`demo`, `train`, `eval`, `bench`, `chat`).
 
-Each subcommand imports its module only when it runs, so `hf-deepseek --help` stays fast.
+Each subcommand imports its module only when it runs, so `hf-deepseek --help` stays fast (no torch, transformers,
+TRL or lm-eval import). A mistake on the command line (a missing model directory, an unknown option, recipe or
+config key, a bad value, CUDA on a machine without it) ends in one line naming the fix and exit status 2.
 """
 
 import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hf_deepseek.usage_errors import UsageError
+
+PACKAGE_DIR = Path(__file__).parent
+EXAMPLE_MODEL = "checkpoints/hf-deepseek-r1-tiny"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (and exit status 2), without the usage block."""
+
+    def error(self, message: str):
+        fail(self.prog, f"{message} (see `{self.prog} --help`)")
+
+
+def fail(prog: str, message: str):
+    """Print `prog: error: message` as one line and exit with status 2."""
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+    raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 4)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return value
+
+
+def int_list(text: str) -> str:
+    """An argparse type: comma-separated positive integers (`1,8,32`), kept as text for the benchmark plans."""
+    for item in text.split(","):
+        if not item.strip().isdigit() or int(item) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a comma-separated list of positive integers (e.g. 1,8,32)"
+            )
+    return text
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in (PACKAGE_DIR / "trainers" / "recipes").glob("*.yaml"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the parser with every subcommand and its options."""
-    parser = argparse.ArgumentParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
         "demo", help="the R1 story on a CPU: SFT then GRPO from scratch, lm-eval, architecture payoffs, chat command"
@@ -16,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="r1_tiny", help="recipe of the miniature run (name or YAML path)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the miniature run (0: skip stage 1)")
-    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=int, default=16, help="GRPO steps")
+    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=positive_int, default=16, help="GRPO steps")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the miniature run writes models and PNGs")
     demo.add_argument("--checkpoint", default="checkpoints/hf-deepseek-r1-tiny", help="model for stages 2 and 3")
     demo.add_argument("--sft-checkpoint", default="checkpoints/hf-deepseek-r1-tiny-sft", help="its SFT ancestor")
@@ -31,17 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         add_help=False,
         help="lm-eval with this plugin loaded and the project's offline tasks on the include path; takes "
-        "lm-eval's own arguments (`hf-deepseek eval --help`)",
+        "lm-eval's own arguments (`hf-deepseek eval --help`); `hf-deepseek eval --list` lists the tasks",
     )
     bench = commands.add_parser(
         "bench", help="systems benchmark of this model against transformers' DeepseekV3 with the same weights"
     )
     add_device_options(bench, "tiny shapes and grid, for a CPU smoke test")
     bench.add_argument("--checkpoint", help="benchmark this saved model (weights and shapes) instead of random ones")
-    bench.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
-    bench.add_argument("--contexts", help="comma-separated context lengths, e.g. 512,2048,8192")
-    bench.add_argument("--decode-steps", type=int, help="timed decode steps per (batch, context)")
-    bench.add_argument("--max-tokens", type=int, help="skip cells whose batch x context exceeds this")
+    bench.add_argument("--batch-sizes", type=int_list, help="comma-separated, e.g. 1,8,32")
+    bench.add_argument("--contexts", type=int_list, help="comma-separated context lengths, e.g. 512,2048,8192")
+    bench.add_argument("--decode-steps", type=positive_int, help="timed decode steps per (batch, context)")
+    bench.add_argument("--max-tokens", type=positive_int, help="skip cells whose batch x context exceeds this")
     bench.add_argument("--output-dir", default="outputs/bench", help="where bench.json and the PNG charts go")
     bench_kinds = bench.add_subparsers(dest="bench_command", metavar="{train,decode}")
     bench_train = bench_kinds.add_parser(
@@ -49,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="training step: transformers' DeepseekV3 vs this project in bf16 and FP8: tokens/s, MFU, peak memory",
     )
     add_device_options(bench_train, "tiny shapes and every variant, a CPU smoke test")
-    bench_train.add_argument("--batch-size", type=int, help="sequences per step (default 8)")
-    bench_train.add_argument("--seq-len", type=int, help="tokens per sequence (default 2048)")
-    bench_train.add_argument("--steps", type=int, help="timed steps (default 10)")
+    bench_train.add_argument("--batch-size", type=positive_int, help="sequences per step (default 8)")
+    bench_train.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 2048)")
+    bench_train.add_argument("--steps", type=positive_int, help="timed steps (default 10)")
     bench_train.add_argument("--warmup-steps", type=int, help="untimed first steps: compilation, allocator (3)")
     bench_train.add_argument(
         "--variants",
@@ -72,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_device_options(bench_decode, "tiny shapes and grid, a CPU smoke test")
     bench_decode.add_argument("--checkpoint", help="benchmark this saved model instead of random weights")
-    bench_decode.add_argument("--batch-sizes", help="comma-separated (default 1,32)")
-    bench_decode.add_argument("--contexts", help="comma-separated cached tokens (default 2048,8192,32768)")
+    bench_decode.add_argument("--batch-sizes", type=int_list, help="comma-separated (default 1,32)")
+    bench_decode.add_argument(
+        "--contexts", type=int_list, help="comma-separated cached tokens (default 2048,8192,32768)"
+    )
     bench_decode.add_argument(
         "--rows",
         help="comma-separated, from transformers-eager, transformers-compile, ours-eager, ours-fast, "
         "ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-fast-fp8 (default: all)",
     )
-    bench_decode.add_argument("--steps", type=int, help="timed decode steps per cell (default 10)")
+    bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")
     bench_decode.add_argument("--mtp-contexts", help="prompt lengths of the MTP row (default 2048)")
     bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
@@ -88,13 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_decode.add_argument("--merge", help="comma-separated bench_decode.json files of one plan: merge into one")
     bench_decode.add_argument("--output-dir", default="outputs/bench-decode", help="bench_decode.json/.md go here")
+    recipes = ", ".join(shipped_recipes())
     train = commands.add_parser(
-        "train", help="train with a YAML recipe (r1_zero, r1, distill): DeepSeek SFT or GRPO on TRL"
+        "train",
+        help=f"train with a YAML recipe ({recipes}): DeepSeek SFT or GRPO on TRL",
+        description=f"Train with a YAML recipe: DeepSeek SFT or GRPO on TRL. Shipped recipes: {recipes} "
+        f"(in {PACKAGE_DIR / 'trainers' / 'recipes'}). Example: hf-deepseek train sft --recipe r1_tiny max_steps=5",
     )
     train.add_argument(
         "stage", help="the recipe's stage to run (sft, grpo, or another stage the recipe lists), or `all` in order"
     )
-    train.add_argument("--recipe", required=True, help="a shipped recipe name (r1_zero, r1, distill) or a YAML path")
+    train.add_argument("--recipe", required=True, help=f"a shipped recipe ({recipes}) or a YAML path")
     train.add_argument(
         "overrides",
         nargs="*",
@@ -103,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--num-processes",
-        type=int,
+        type=positive_int,
         help="train on this many GPUs of this host through `accelerate launch` (default: this process only)",
     )
     train.add_argument(
@@ -114,40 +176,98 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="Gradio chat demo: streamed replies, collapsible reasoning, MTP switch")
     chat.add_argument("--model", required=True, help="checkpoint directory (the model and its tokenizer)")
     chat.add_argument("--host", default="127.0.0.1", help="interface to bind; the default serves this machine only")
-    chat.add_argument("--port", type=int, help="port (default: Gradio's 7860, or the next free one)")
-    chat.add_argument("--max-input-chars", type=int, default=4000, help="longer messages get a notice, no reply")
-    chat.add_argument("--concurrency", type=int, default=4, help="replies generated at once; the rest queue")
+    chat.add_argument("--port", type=port_number, help="port (default: Gradio's 7860, or the next free one)")
+    chat.add_argument(
+        "--max-input-chars", type=positive_int, default=4000, help="longer messages get a notice, no reply"
+    )
+    chat.add_argument("--concurrency", type=positive_int, default=4, help="replies generated at once; the rest queue")
     return parser
 
 
 def add_device_options(parser: argparse.ArgumentParser, tiny_help: str) -> None:
     """--device, --tiny and --dtype, which every benchmark takes."""
-    parser.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda where there is one, else cpu)")
     parser.add_argument("--tiny", action="store_true", help=tiny_help)
     parser.add_argument("--dtype", help="default: bfloat16 on CUDA, float32 on CPU")
 
 
+def check_model_dir(path: str | None, option: str) -> None:
+    """A model directory must exist and hold a config.json."""
+    if path is not None and not (Path(path) / "config.json").is_file():
+        what = "no directory" if not Path(path).is_dir() else "no config.json in"
+        raise UsageError(f"{what} {path!r} ({option}): give a saved model's directory, e.g. {option} {EXAMPLE_MODEL}")
+
+
+def resolve_device(device: str | None) -> str:
+    """The device asked for, or the one that exists (cuda if available, else cpu); refuses CUDA without CUDA."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise UsageError(f"unknown device {device!r}: use cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {device} asks for CUDA, which this machine does not have: use --device cpu")
+    return device
+
+
+def override_hint(args: argparse.Namespace, override: str) -> str:
+    """What to write instead of a dashed recipe override: the bare `key=value`, or the field it probably meant."""
+    hint = f"recipe overrides are key=value without dashes, e.g. {override}"
+    if args.stage == "all":
+        return hint
+    from hf_deepseek.trainers.recipes import apply_overrides, check_recipe, load_recipe
+
+    try:
+        check_recipe(apply_overrides(load_recipe(args.recipe), args.stage, [override]), [args.stage])
+    except UsageError as error:
+        return f"recipe overrides are key=value without dashes, and {error}"
+    return hint
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse `argv` (default: the command line) and run the chosen subcommand."""
+    """Parse `argv` (default: the command line) and run the chosen subcommand; usage errors exit with status 2."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        run(parser, argv)
+    except UsageError as error:
+        words = [w for w in argv[:2] if not w.startswith("-")][:1]
+        fail(" ".join(["hf-deepseek", *words]), str(error))
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
+    # bitsandbytes (imported by PEFT and TRL) warns on every CPU start that an optional 4-bit kernel is missing
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.command == "eval":  # everything after `eval` belongs to lm-eval
         from hf_deepseek.evals.harness import run_lm_eval
 
         run_lm_eval(extra)
         return
+    if args.command == "train":
+        dashed = [e for e in extra if e.startswith("-")]
+        if dashed:
+            raise UsageError(f"unrecognized option {dashed[0]!r}: {override_hint(args, dashed[0].lstrip('-'))}")
     if args.command == "train" and args.num_processes:
         from hf_deepseek.trainers.launch import launch_training
 
         launch_training(args, extra)
         return
+    from hf_deepseek import register_auto_classes
+
     if args.command == "train":  # overrides after `--recipe NAME` are left unparsed by argparse: they are extras
         from hf_deepseek.trainers.recipes import run_train_from_args
 
+        register_auto_classes()
         run_train_from_args(args, extra)
         return
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "bench":
+        check_model_dir(args.checkpoint, "--checkpoint")
+        args.device = resolve_device(args.device)
+        register_auto_classes()
     if args.command == "bench" and args.bench_command == "train":
         from hf_deepseek.evals.bench_train import run_train_bench_from_args
 
@@ -161,10 +281,20 @@ def main(argv: list[str] | None = None) -> None:
 
         run_bench_from_args(args)
     if args.command == "chat":
+        check_model_dir(args.model, "--model")
+        register_auto_classes()
         from hf_deepseek.app import run_chat_from_args
 
         run_chat_from_args(args)
     if args.command == "demo":
+        check_model_dir(args.checkpoint, "--checkpoint")
+        check_model_dir(args.sft_checkpoint, "--sft-checkpoint")
+        args.device = resolve_device(args.device)
+        from hf_deepseek.trainers.recipes import apply_overrides, check_recipe, load_recipe, recipe_stages
+
+        recipe = apply_overrides(load_recipe(args.recipe), "sft", args.overrides)  # as the demo applies them
+        check_recipe(recipe, recipe_stages(recipe))
+        register_auto_classes()
         from hf_deepseek.demo import DemoOptions, run_demo
 
         options = {k: v for k, v in vars(args).items() if k in DemoOptions.__dataclass_fields__}

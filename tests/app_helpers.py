@@ -89,11 +89,11 @@ class ForwardCounter:
 
 
 @contextmanager
-def serve(model: DeepSeekForCausalLM, **limits):
+def serve(model: DeepSeekForCausalLM, tokenizer=None, note: str = "", **limits):
     """Launch the chat app on a free local port in this process; yields its URL."""
     from hf_deepseek.app import ChatLimits, build_chat_app, launch_chat
 
-    blocks = build_chat_app(model, build_tokenizer(), ChatLimits(**limits))
+    blocks = build_chat_app(model, tokenizer or build_tokenizer(), ChatLimits(**limits), note=note)
     url = launch_chat(blocks, port=free_port(), block=False, quiet=True, show_error=True)
     try:
         yield url

@@ -61,6 +61,8 @@ def texts(messages: list) -> list[tuple[str, str]]:
         ("a plan</think>the answer", True, ReplyParts("a plan", "the answer", False)),
         ("no tags at all", True, ReplyParts("", "no tags at all", False)),
         ("<think>ran out of tokens", True, ReplyParts("ran out of tokens", "", False)),
+        ("<think>a</think><answer>42</answer></think>", True, ReplyParts("a", "42", False)),  # no tag leaks
+        ("<think>a</think>4</think>2<think>", True, ReplyParts("a", "42", False)),
     ],
 )
 def test_split_reply(text, final, expected):
@@ -74,6 +76,29 @@ def test_reasoning_block_is_open_while_thinking_and_closed_with_duration_after()
     assert [m.content for m in done] == ["hmm", "42"]
     assert done[0].metadata == {"title": "Reasoning", "status": "done", "duration": 1.3}
     assert not done[1].metadata
+
+
+def test_stop_keeps_the_partial_reply_closes_the_reasoning_and_says_so():
+    from hf_deepseek.app.messages import STOPPED_NOTICE, mark_stopped
+
+    history = [
+        {"role": "user", "content": "Calculate 1 + 2."},
+        {"role": "assistant", "content": "3", "metadata": None},
+        {"role": "user", "content": "Calculate 345 + 278."},
+        {"role": "assistant", "content": "ones: 5 + 8", "metadata": {"title": "Thinking…", "status": "pending"}},
+    ]
+    stopped = mark_stopped(history)
+    assert stopped[:3] == history[:3]
+    assert stopped[3]["content"] == "ones: 5 + 8"
+    assert stopped[3]["metadata"] == {"title": "Reasoning (stopped)", "status": "done"}
+    assert stopped[4] == {"role": "assistant", "content": STOPPED_NOTICE}
+    assert mark_stopped(stopped) == stopped  # a second Stop adds nothing
+    # a turn stopped while thinking leaves no trace in the next prompt
+    assert history_to_messages(stopped) == [
+        {"role": "user", "content": "Calculate 1 + 2."},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert mark_stopped([]) == []
 
 
 def test_history_drops_reasoning_and_notices():
@@ -226,7 +251,8 @@ def test_cancelling_a_job_stops_generation():
         assert counter.count - cancelled_at < 1000  # promptly: far fewer than the 4096 tokens asked for
         assert not any(t.name == GENERATE_THREAD_NAME and t.is_alive() for t in threading.enumerate())
         reply, _ = client.predict("still there?", "", 0.6, 0.95, 6, False, api_name="/chat")
-        assert texts(reply) == [("Reasoning", "plan")]  # six tokens: <think>plan</think>
+        assert texts(reply)[0] == ("Reasoning", "plan")  # six tokens: <think>plan</think>
+        assert "without an answer" in texts(reply)[1][1]  # and a notice that no answer came
 
         # MTP speculative decoding runs in the request's own thread; cancelling closes it the same way
         job = client.submit("talk forever", "", 0.0, 1.0, 4096, True, api_name="/chat")

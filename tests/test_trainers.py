@@ -5,6 +5,7 @@ AutoModelForCausalLM, and PNG plots."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -280,10 +281,13 @@ def test_train_all_runs_every_stage_of_the_recipe_in_order_each_from_the_last(tm
     for stage in stages:  # r1_tiny's own model is 96 wide: every stage after the first started from the one before
         assert AutoModelForCausalLM.from_pretrained(tmp_path / stage).config.hidden_size == 64
     assert (tmp_path / "training_curves.png").stat().st_size > 10_000
-    with pytest.raises(ValueError, match="name the stage"):
-        cli_main(["train", "all", "--recipe", "r1_tiny", "max_steps=1"])
-    with pytest.raises(ValueError, match="no stage 'nope'.*sft_continue"):
-        cli_main(["train", "nope", "--recipe", "r1_tiny"])
+    for argv, message in (  # mistakes end in one line and exit status 2
+        (["train", "all", "--recipe", "r1_tiny", "max_steps=1"], "name the stage"),
+        (["train", "nope", "--recipe", "r1_tiny"], "no stage 'nope'.*sft_continue"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_distill_recipe_trains_on_checked_traces_only(tmp_path):

@@ -18,13 +18,20 @@ import gradio as gr
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_deepseek.app.messages import history_to_messages, notice, reply_messages, split_reply
+from hf_deepseek.app.messages import history_to_messages, mark_stopped, notice, reply_messages, split_reply
 from hf_deepseek.app.streaming import DraftStats, SamplingSettings, generate_stream, mtp_available, mtp_stream
 from hf_deepseek.data.r1 import INSTRUCTION, user_content
 
 DEFAULT_HOST = "127.0.0.1"
 STREAM_INTERVAL_S = 0.05  # at most ~20 UI updates a second, however fast the model is
 MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave this many positions of the context for the reply (or fewer if asked)
+# What the embedded default answers well, in the phrasing of the project's arithmetic data (the model's training
+# data); the chat shows them as buttons in the empty conversation.
+EXAMPLE_PROMPTS = ["Calculate 345 + 278.", "Calculate 57 + 68.", "Calculate 4821 - 1397.", "Calculate 903 - 56."]
+EMBEDDED_NOTE = (
+    "A tiny DeepSeek-V3-architecture model trained with the DeepSeek-R1 recipe for whole-number arithmetic only: "
+    "it reasons step by step (the folding block), then answers."
+)
 
 
 @dataclass
@@ -56,7 +63,7 @@ class ChatResponder:
         message: str,
         history: list[dict[str, Any]],
         system_prompt: str = "",
-        temperature: float = 0.6,
+        temperature: float = 0.0,
         top_p: float = 0.95,
         max_new_tokens: int = 512,
         use_mtp: bool = False,
@@ -160,6 +167,8 @@ class ChatResponder:
         messages = reply_messages(parts, (answer_started or now) - start)
         if not messages:
             messages = notice("The model ended its reply without any text.")
+        elif not parts.answer:
+            messages += notice("The model's reasoning ended without an answer (open the block to read it).")
         yield messages, self._stats(len(ids), now - start, draft_stats)
 
     @staticmethod
@@ -186,13 +195,27 @@ def _without_oldest_exchange(turns: list[dict[str, str]]) -> list[dict[str, str]
     return rest
 
 
+def model_note(model: PreTrainedModel, model_dir: str | Path | None = None) -> str:
+    """One line on what the model is: the embedded default's scope, or the size and architecture of another."""
+    if model_dir is not None and Path(model_dir).resolve().name == "hf-deepseek-r1-tiny":
+        return EMBEDDED_NOTE
+    params = sum(p.numel() for p in model.parameters())
+    name = Path(model_dir).name if model_dir else type(model).__name__
+    return f"{name}: {params / 1e6:,.1f}M parameters, {getattr(model.config, 'model_type', 'causal LM')} architecture."
+
+
 def build_chat_app(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     limits: ChatLimits | None = None,
     title: str = "hf-deepseek chat",
+    note: str = "",
+    examples: list[str] | None = None,
 ) -> gr.Blocks:
-    """The chat interface around `model`; its endpoint is `/chat` (inputs: message, then the controls)."""
+    """The chat interface around `model`; its endpoint is `/chat` (inputs: message, then the controls).
+
+    `note` (one line on what the model is) heads the page; `examples` are prompts shown as buttons in the empty
+    conversation (default: `EXAMPLE_PROMPTS`, arithmetic the embedded default answers well)."""
     responder = ChatResponder(model, tokenizer, limits)
     limits = responder.limits
     stats = gr.Markdown("", elem_id="generation-stats", render=False)
@@ -202,7 +225,7 @@ def build_chat_app(
         mtp_info = "Unavailable: this model has no MTP module or the drafting code is missing."
     controls = [
         gr.Textbox("", label="System prompt", lines=2, max_length=limits.max_input_chars, elem_id="system-prompt"),
-        gr.Slider(0.0, 2.0, value=0.6, step=0.05, label="Temperature", info="0 = greedy", elem_id="temperature"),
+        gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 = greedy", elem_id="temperature"),
         gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p", elem_id="top-p"),
         gr.Slider(
             1,
@@ -226,8 +249,13 @@ def build_chat_app(
             elem_id="r1-instruction",
         ),
     ]
+    examples = EXAMPLE_PROMPTS if examples is None else examples
+    cap = f"{limits.max_input_chars:,}"
+    description = (f"{note} " if note else "") + (
+        f"The reasoning folds away when the answer starts; messages are capped at {cap} characters."
+    )
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
-        gr.ChatInterface(
+        chat = gr.ChatInterface(
             responder.respond,
             chatbot=gr.Chatbot(label="DeepSeek", height=520, elem_id="chatbot"),
             textbox=gr.Textbox(
@@ -242,14 +270,18 @@ def build_chat_app(
             additional_inputs_accordion=gr.Accordion("Settings", open=False, render=False),
             additional_outputs=[stats],
             title=title,
-            description=f"Streams the reply; the reasoning (`<think>`) folds away when the answer starts. "
-            f"Messages are capped at {limits.max_input_chars:,} characters.",
+            description=description,
+            examples=[[prompt] for prompt in examples] or None,
+            cache_examples=False,
             api_name="chat",
             concurrency_limit=limits.concurrency,
             analytics_enabled=False,
             fill_height=False,
         )
         stats.render()
+        # Stop cancels the reply's generator (which ends generation); this keeps the partial reply, closes an open
+        # reasoning block and says that the reply was stopped
+        chat.textbox.stop(mark_stopped, [chat.chatbot], [chat.chatbot], queue=False, api_visibility="private")
     blocks.queue(max_size=limits.queue_size, default_concurrency_limit=limits.concurrency)
     return blocks
 
@@ -258,8 +290,10 @@ def load_chat_model(
     model_dir: str | Path, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a checkpoint the project can read, and its tokenizer (the project's own if the directory has none)."""
-    import hf_deepseek  # noqa: F401  (registers the model with the Auto classes)
+    from hf_deepseek import register_auto_classes
     from hf_deepseek.data import build_tokenizer
+
+    register_auto_classes()
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
@@ -297,4 +331,5 @@ def run_chat_from_args(args) -> None:
     limits = ChatLimits(max_input_chars=args.max_input_chars, concurrency=args.concurrency)
     if args.host not in (DEFAULT_HOST, "localhost", "::1"):
         print(f"Warning: binding {args.host} makes the chat reachable from other machines.")
-    launch_chat(build_chat_app(model, tokenizer, limits), host=args.host, port=args.port)
+    app = build_chat_app(model, tokenizer, limits, note=model_note(model, args.model))
+    launch_chat(app, host=args.host, port=args.port)

@@ -48,7 +48,8 @@ def split_reply(text: str, final: bool = False) -> ReplyParts:
         reasoning, answer, thinking = head.removeprefix(THINK_OPEN), "", not final
     else:
         reasoning, answer, thinking = "", clean, False
-    answer = answer.replace(ANSWER_OPEN, "").replace(ANSWER_CLOSE, "")
+    for tag in TAGS:  # a model that repeats a tag must not show it in the answer
+        answer = answer.replace(tag, "")
     return ReplyParts(reasoning.strip(), answer.strip(), thinking)
 
 
@@ -64,6 +65,23 @@ def reply_messages(parts: ReplyParts, thought_seconds: float) -> list[gr.ChatMes
     if parts.answer:
         messages.append(gr.ChatMessage(role="assistant", content=parts.answer))
     return messages
+
+
+STOPPED_NOTICE = NOTICE_PREFIX + "Stopped: the reply above is partial."
+
+
+def mark_stopped(history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The chat after Stop: the partial reply kept, a reasoning block still open closed as "stopped", and a notice
+    saying the reply was stopped (left out of later prompts, like every notice)."""
+    history = [dict(item) for item in history or []]
+    turn_start = max((i for i, item in enumerate(history) if item.get("role") == "user"), default=-1) + 1
+    for item in history[turn_start:]:
+        metadata = dict(item.get("metadata") or {})
+        if metadata.get("status") == "pending":
+            item["metadata"] = {**metadata, "status": "done", "title": "Reasoning (stopped)"}
+    if turn_start > 0 and not (history and _text_of(history[-1].get("content")) == STOPPED_NOTICE):
+        history.append({"role": "assistant", "content": STOPPED_NOTICE})
+    return history
 
 
 def notice(text: str) -> list[gr.ChatMessage]:

@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 
 import hf_deepseek
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.modeling.speculative import DraftStats, mtp_greedy_generate
 
 OURS, PEER = "hf_deepseek", "transformers DeepseekV3"
@@ -404,7 +405,10 @@ def bench_setup(device: str, dtype: torch.dtype | None, output_dir: str | Path, 
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return device, dtype, output_dir, progress or timestamped_printer()
+    progress = progress or timestamped_printer()
+    if device.type == "cpu":
+        progress(CPU_NOTE)
+    return device, dtype, output_dir, progress
 
 
 def timestamped_printer() -> Callable[[str], None]:

@@ -39,6 +39,7 @@ from hf_deepseek.evals.bench import (
     machine_description,
     synchronize,
 )
+from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -412,6 +413,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{results['machine']['device']}, torch {results['machine']['torch']}, transformers "
         f"{results['machine']['transformers']}, {results['dtype']}, copy bandwidth "
         f"{results['copy_bandwidth_tb_s']:.2f} TB/s; floor = {results['floor']}",
+        *(["", CPU_NOTE] if results["machine"]["device"].startswith("cpu") else []),
         "",
         "| row | batch | context | ms/step (median) | tokens/s | peak GiB | floor ms | floor/actual | "
         "x tf eager | x tf best | accept | tok/step | note |",

@@ -8,6 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+CPU_NOTE = (
+    "On a CPU these figures only show that the benchmark runs: speed ratios between the models mean nothing "
+    "here (kernels, caches and threading differ from a GPU's); measure on a GPU to compare them."
+)
+
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -83,7 +88,7 @@ def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
         ("decode_tok_s", "Decode throughput", "decode.png"),
         ("prefill_tok_s", "Prefill throughput", "prefill.png"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for i, model in enumerate(results["models"]):
             for batch in batches:
                 points = [(c["context"], c[metric]) for c in model["cells"] if c["batch"] == batch and c[metric]]
@@ -93,9 +98,11 @@ def plot(results: dict[str, Any], output_dir: Path) -> list[Path]:
                     ax.plot(xs, ys, style, color=colors[batch], label=f"{model['name']}, batch {batch}")
         ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="tokens / s", title=title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(
+            fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0
+        )  # beside, not over, the lines
         fig.tight_layout()
-        fig.savefig(output_dir / filename, dpi=120)
+        fig.savefig(output_dir / filename, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(output_dir / filename)
 
@@ -119,6 +126,8 @@ def write_report(
     """Write bench.md and bench.json into `output_dir`; when `final`, also print the table and draw the charts.
     (The benchmark writes a partial report after each model, so a run cut short keeps what it measured.)"""
     table = markdown_table(results)
+    if results["machine"]["device"].startswith("cpu"):
+        table = f"{CPU_NOTE}\n\n{table}"
     command = results.get("command") or "(run from Python)"
     (output_dir / "bench.md").write_text(f"Command: `{command}`\n\n{table}\n")
     (output_dir / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

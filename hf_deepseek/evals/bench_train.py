@@ -30,6 +30,7 @@ import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
+from hf_deepseek.evals.bench_report import CPU_NOTE
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -316,6 +317,8 @@ def run_train_bench(
         (out / "bench_train.json").write_text(json.dumps(results, indent=2))
         (out / "bench_train.md").write_text(f"`{command}`\n\n{markdown_table(measured)}\n")
     print(markdown_table(measured), flush=True)
+    if device.type == "cpu":
+        print(CPU_NOTE, flush=True)
     for key, value in results["ratios"].items():
         print(f"{key}: {value:.3f}", flush=True)
     return results

@@ -35,7 +35,9 @@ def generate_traces(
     at most) to `path`. Returns how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import hf_deepseek  # noqa: F401  (the teacher may be one of ours)
+    from hf_deepseek import register_auto_classes
+
+    register_auto_classes()  # the teacher may be one of ours
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()

@@ -65,10 +65,11 @@ def plot_metrics(log_history: Sequence[dict[str, Any]], output_dir: str | Path) 
         axes.set_title(title)
         axes.set_xlabel("optimizer step")
         axes.grid(alpha=0.3)
-        axes.legend(fontsize=6 if len(series) > 6 else 8)
+        # beside the axes, so that no legend covers a curve
+        axes.legend(fontsize=6 if len(series) > 6 else 8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         figure.tight_layout()
         path = output_dir / f"{name}.png"
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
         written.append(path)
     return written
@@ -138,13 +139,13 @@ def plot_stage_curves(
         panel.set_title(f"{what}: {' + '.join(name for name, _, _ in runs)}" if len(runs) > 1 else what)
         panel.set_xlabel("optimizer step")
         panel.grid(alpha=0.3)
-        if runs:
-            panel.legend(fontsize=8)
+        if panel.get_legend_handles_labels()[0]:  # below the panel, so that it covers no curve
+            panel.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

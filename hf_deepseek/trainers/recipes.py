@@ -19,6 +19,7 @@ import yaml
 
 from hf_deepseek.data.r1 import SYSTEM_PROMPTS, grpo_row, prompt_messages, sft_row
 from hf_deepseek.data.reasoning_tasks import task_examples
+from hf_deepseek.usage_errors import UsageError, did_you_mean
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 STAGES = ("sft", "grpo")
@@ -36,7 +37,7 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ValueError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(recipe_names())}")
+            raise UsageError(f"no recipe {name_or_path!r}: give a YAML path or one of {', '.join(recipe_names())}")
     return yaml.safe_load(path.read_text())
 
 
@@ -46,8 +47,12 @@ def apply_overrides(recipe: dict[str, Any], stage: str, overrides: list[str]) ->
     stage's args (`max_steps=5`)."""
     for item in overrides:
         key, sep, text = item.partition("=")
+        if key.startswith("-"):
+            raise UsageError(
+                f"unrecognized option {item!r}: recipe overrides are key=value without dashes, e.g. {item.lstrip('-')}"
+            )
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise UsageError(f"override {item!r} is not key=value (e.g. max_steps=5)")
         path = key.split(".")
         if path[0] not in recipe:
             path = [stage, "args", *path]
@@ -55,7 +60,7 @@ def apply_overrides(recipe: dict[str, Any], stage: str, overrides: list[str]) ->
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a mapping")
+                raise UsageError(f"override {item!r}: {part!r} is not a mapping")
         node[path[-1]] = parse_value(text)
     return recipe
 
@@ -84,11 +89,53 @@ def stage_trainer(recipe: dict[str, Any], stage: str) -> str:
     section = recipe.get(stage)
     if not isinstance(section, dict):
         names = [k for k, v in recipe.items() if isinstance(v, dict) and v.get("trainer", k) in STAGES and "args" in v]
-        raise ValueError(f"this recipe has no stage {stage!r} (it has {', '.join(names) or 'none'})")
+        raise UsageError(f"this recipe has no stage {stage!r}: use one of {', '.join(names) or 'none'} (or all)")
     trainer = section.get("trainer", stage)
     if trainer not in STAGES:
-        raise ValueError(f"stage {stage!r}: trainer must be one of {STAGES}, got {trainer!r}")
+        raise UsageError(f"stage {stage!r}: trainer must be one of {', '.join(STAGES)}, got {trainer!r}")
     return trainer
+
+
+def check_recipe(recipe: dict[str, Any], stages: Sequence[str]) -> None:
+    """Refuse unknown keys and values of the wrong type before anything is built: `model.config` keys against
+    `DeepSeekConfig`, each stage's `args` against its trainer config's fields (with the closest name suggested)."""
+    import dataclasses
+    import inspect
+
+    from hf_deepseek.configuration import DeepSeekConfig
+
+    config = recipe.get("model", {}).get("config", {}) or {}
+    known = set(inspect.signature(DeepSeekConfig.__init__).parameters) | set(DeepSeekConfig().to_dict())
+    for key in config:
+        if key not in known:
+            raise UsageError(f"unknown model config key {key!r} (model.config.{key}){did_you_mean(key, known)}")
+    for stage in stages:
+        trainer = stage_trainer(recipe, stage)
+        init = recipe[stage].get("init", "new")
+        if init != "new" and not isinstance(recipe.get(init), dict) and not (Path(init) / "config.json").is_file():
+            raise UsageError(
+                f"{stage}.init={init!r} is neither `new`, a stage of this recipe, nor a saved model's directory "
+                f"(one with a config.json): e.g. {stage}.init=checkpoints/hf-deepseek-r1-tiny-sft"
+            )
+        if trainer == "sft":
+            from hf_deepseek.trainers.sft import DeepSeekSFTConfig as config_class
+        else:
+            from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig as config_class
+        fields = {f.name: f for f in dataclasses.fields(config_class)}
+        for key, value in (recipe[stage].get("args") or {}).items():
+            if key not in fields:
+                hint = did_you_mean(key, fields)
+                raise UsageError(f"unknown {config_class.__name__} field {key!r} ({stage}.args.{key}){hint}")
+            default = fields[key].default
+            expected = next((t for t in (bool, int, float) if type(default) is t), None)
+            fits = value is None or expected is None or isinstance(value, expected)
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                fits = True
+            if expected is int and isinstance(value, bool):
+                fits = False
+            if not fits:
+                kind = {bool: "true or false", int: "an integer", float: "a number"}[expected]
+                raise UsageError(f"{key}={value!r}: {key} takes {kind}, e.g. {key}={default!r}")
 
 
 def stage_output_dir(recipe: dict[str, Any], stage: str) -> str:
@@ -235,7 +282,9 @@ def run_stage(stage: str, recipe: dict[str, Any], callbacks: Sequence[Any] = ())
 def run_train_from_args(args, extra: list[str] = ()) -> None:
     """The `hf-deepseek train` subcommand: `args.stage`, `args.recipe`, and the overrides in `args.overrides`
     and `extra` (what argparse left over)."""
-    import hf_deepseek  # noqa: F401  (registers the Auto classes, so checkpoints reload)
+    from hf_deepseek import register_auto_classes
+
+    register_auto_classes()  # registers the Auto classes, so checkpoints reload
 
     recipe = load_recipe(args.recipe)
     overrides = [*args.overrides, *extra]
@@ -243,10 +292,11 @@ def run_train_from_args(args, extra: list[str] = ()) -> None:
         stages = recipe_stages(recipe)
         bare = [o for o in overrides if o.partition("=")[0].split(".")[0] not in recipe]
         if bare:
-            raise ValueError(f"with `all`, name the stage in each override ({stages[-1]}.args.max_steps=5): {bare}")
+            raise UsageError(f"with `all`, name the stage in each override ({stages[-1]}.args.max_steps=5): {bare}")
     else:
         stages = [args.stage]
     recipe = apply_overrides(recipe, stages[0], overrides)
+    check_recipe(recipe, stages)
     histories = []
     for stage in stages:
         trainer = run_stage(stage, recipe)
