@@ -85,8 +85,9 @@ def last_answer(page) -> str:
 
 
 def expect_no_error_badge(page) -> None:
+    """No error toast and no visible "Error" status anywhere on the page."""
     expect(page.locator(".toast-body.error")).to_have_count(0)
-    expect(page.get_by_text(re.compile(r"^\s*Error\s*$"))).to_have_count(0)
+    expect(page.get_by_text(re.compile(r"^\s*Error\s*$")).filter(visible=True)).to_have_count(0)
 
 
 def test_chat_page_streams_reasoning_and_answer_and_stops(tmp_path):

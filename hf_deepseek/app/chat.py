@@ -306,6 +306,11 @@ def load_chat_model(
     return model, tokenizer
 
 
+# The stats line is an extra output of the streaming reply: when Stop cancels that event, Gradio can mark the line's
+# status tracker "Error" (seen on a loaded 2-core machine); the line needs no progress display of its own.
+APP_CSS = "#generation-stats [data-testid='status-tracker'] { display: none !important; }"
+
+
 def launch_chat(
     blocks: gr.Blocks, host: str = DEFAULT_HOST, port: int | None = None, block: bool = True, **launch_kwargs
 ) -> str:
@@ -320,6 +325,7 @@ def launch_chat(
         pwa=False,
         mcp_server=False,
         footer_links=["api"],
+        css=APP_CSS,
         **launch_kwargs,
     )
     return url
