@@ -1,6 +1,6 @@
 #!/bin/bash
 # Trains and evaluates the embedded default (recipe r1_tiny: cold-start SFT, then GRPO) and runs R1-Zero in miniature
-# (recipe r1_zero_tiny, two pretraining mixes) side by side on one GPU, each stage on a wall-clock budget
+# (recipe r1_zero_tiny, three pretraining mixes: no tags, 0.2% and 2% of documents with the R1 tags) side by side on one GPU, each stage on a wall-clock budget
 # (benchmarks/train_wall.py); then greedy pass@1 of the SFT ancestor and the GRPO model on every add_sub bucket and
 # on first vs second turns (benchmarks/add_sub_eval.py), and of the R1-Zero base and GRPO models on held-out 4-digit
 # sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
@@ -35,8 +35,10 @@ zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides
 }
 zero z1_plain pretrain.data.tagged_share=0.0 &
 ZP1=$!
-zero z2_tagged2pct pretrain.data.tagged_share=0.02 &
+zero z2_tagged02pct pretrain.data.tagged_share=0.002 &
 ZP2=$!
+zero z3_tagged2pct pretrain.data.tagged_share=0.02 &
+ZP3=$!
 
 WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_tiny sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
   > $L/sft.log 2>&1
@@ -49,7 +51,7 @@ say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
 python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
 wait $EP
 cat $L/sft_eval.log $L/grpo_eval.log | grep -v -i -E "warn|loading"
-wait $ZP1 $ZP2
+wait $ZP1 $ZP2 $ZP3
 cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
 for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
 tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
