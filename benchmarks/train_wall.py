@@ -1,4 +1,4 @@
-"""One stage of a recipe on a wall-clock budget, for GPU runs of fixed length (benchmarks/r1_tiny_gpu.sh):
+"""One stage of a recipe on a wall-clock budget, for GPU runs of fixed length (benchmarks/r1_add_sub_gpu.sh):
 
     WALL=200 python benchmarks/train_wall.py RECIPE STAGE [KEY=VALUE ...]
 

@@ -20,9 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="outputs/demo", help="where the miniature run writes models and PNGs")
     demo.add_argument("--checkpoint", default="checkpoints/hf-deepseek-r1-tiny", help="model for stages 2 and 3")
     demo.add_argument("--sft-checkpoint", default="checkpoints/hf-deepseek-r1-tiny-sft", help="its SFT ancestor")
-    demo.add_argument(
-        "--eval-limit", type=int, default=100, help="held-out problems per 4-digit bucket for greedy pass@1 (0: skip)"
-    )
+    demo.add_argument("--eval-limit", type=int, default=500, help="held-out sums for greedy pass@1 (0: skip)")
     demo.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="recipe override for the miniature run, e.g. --set model.config.hidden_size=256 "

@@ -1,10 +1,10 @@
 #!/bin/bash
-# Trains and evaluates the embedded default (recipe r1_tiny: cold-start SFT, then GRPO) and runs R1-Zero in miniature
+# Trains and evaluates the candidate embedded default (recipe r1_add_sub: cold-start SFT, then GRPO, on 1- to 4-digit addition and subtraction) and runs R1-Zero in miniature
 # (recipe r1_zero_tiny, three pretraining mixes: no tags, 0.2% and 2% of documents with the R1 tags) side by side on one GPU, each stage on a wall-clock budget
 # (benchmarks/train_wall.py); then greedy pass@1 of the SFT ancestor and the GRPO model on every add_sub bucket and
 # on first vs second turns (benchmarks/add_sub_eval.py), and of the R1-Zero base and GRPO models on held-out 4-digit
 # sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
-#   bash benchmarks/r1_tiny_gpu.sh
+#   bash benchmarks/r1_add_sub_gpu.sh
 # Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); WHEELS, a folder of wheels to
 # install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
 # and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`).
@@ -21,7 +21,7 @@ else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 say "$(python3 -c 'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)')"
-R=outputs/r1_tiny; Z=outputs/r1_zero_tiny; L=outputs/logs; mkdir -p $R $Z $L
+R=outputs/r1_add_sub; Z=outputs/r1_zero_tiny; L=outputs/logs; mkdir -p $R $Z $L
 
 zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides
   local name=$1; shift
@@ -40,12 +40,12 @@ ZP2=$!
 zero z3_tagged2pct pretrain.data.tagged_share=0.02 &
 ZP3=$!
 
-WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_tiny sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
+WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
   > $L/sft.log 2>&1
 say "sft: $(grep -E 'done|Error' $L/sft.log | tail -2)"
 python3 benchmarks/add_sub_eval.py $R/sft $EVAL_ARGS --json $L/sft_eval.json > $L/sft_eval.log 2>&1 &
 EP=$!
-WALL=${GRPO_WALL:-150} python3 benchmarks/train_wall.py r1_tiny grpo grpo.init=$R/sft output_dir=$R/grpo \
+WALL=${GRPO_WALL:-150} python3 benchmarks/train_wall.py r1_add_sub grpo grpo.init=$R/sft output_dir=$R/grpo \
   max_steps=100000 per_device_train_batch_size=1024 $GRPO_ARGS > $L/grpo.log 2>&1
 say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
 python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
