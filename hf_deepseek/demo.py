@@ -197,8 +197,8 @@ def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
         lines.append(f"mean response length {first:.0f} -> {last:.0f} tokens")
     console.print(
         f"GRPO: {'; '.join(lines)} (means of the first and last 3 logged steps, "
-        f"{grpo_args['per_device_train_batch_size']} samples each). A few CPU steps move little: the embedded default's GRPO stage ran 2,048 samples a step on a "
-        "GPU; stage 2 measures what it added."
+        f"{grpo_args['per_device_train_batch_size']} samples each). A few CPU steps move little: the embedded "
+        "default's GRPO stage ran 2,048 samples a step on a GPU; stage 2 measures what it added."
     )
     curves = plot_stage_curves(
         [("sft", "sft", sft_history), ("grpo", "grpo", grpo_history)], Path(options.output_dir) / "curves.png"
