@@ -48,7 +48,7 @@ class DemoOptions:
     checkpoint: str = DEFAULT_CHECKPOINT
     sft_checkpoint: str = SFT_CHECKPOINT
     grpo_init: str = SFT_CHECKPOINT  # `sft`: GRPO from stage 1's own SFT model instead
-    grpo_temperature: float = 1.0  # the ancestor gets ~60% of its samples right here
+    grpo_temperature: float = 1.0  # the ancestor gets ~30-50% of its samples right on these sums
     grpo_learning_rate: float = 5e-5
     grpo_prompts: int = 8  # problems per GRPO step, 8 samples each
     eval_limit: int = 500
@@ -131,8 +131,12 @@ def stage_recipe(options: DemoOptions) -> dict[str, Any]:
             args["max_completion_length"] = 160
             args.update(temperature=options.grpo_temperature, learning_rate=options.grpo_learning_rate)
             prompts_per_step = options.grpo_prompts
-        recipe[stage]["data"] = {"kind": recipe[stage]["data"]["kind"], "tasks": {TASK: 0}, "seed": stage == "grpo"}
-        recipe[stage]["data"]["tasks"] = {TASK: max(64, steps * prompts_per_step)}  # enough for the run, no more
+        count = max(64, steps * prompts_per_step)  # enough problems for the run, no more to tokenize
+        if stage == "sft":
+            recipe[stage]["data"] = {"kind": "cold_start", "tasks": {TASK: count}, "seed": 0}
+        else:  # a 3-digit number plus a 1- to 3-digit one: the ancestor, trained on 3 + 3 digits, gets part right
+            data = {"kind": "problems", "tasks": {"add_sub": count}, "buckets": ["add3"], "varied": False, "seed": 1}
+            recipe[stage]["data"] = data
     return apply_overrides(recipe, "sft", options.overrides)
 
 
@@ -179,7 +183,8 @@ def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
     grpo_args = recipe["grpo"]["args"]
     console.print(
         f"GRPO from {start}, {options.grpo_steps} steps: each step samples {grpo_args['num_generations']} answers "
-        f"to each of {grpo_args['per_device_train_batch_size'] // grpo_args['num_generations']} training sums "
+        f"to each of {grpo_args['per_device_train_batch_size'] // grpo_args['num_generations']} sums of a 3-digit "
+        "number and a 1- to 3-digit one (trained on 3 + 3 digits only, it gets part of them right) "
         f"at temperature {grpo_args['temperature']} and rewards them by rule (right answer; <think>/<answer> format)."
     )
     reward_keys = ("reward", "rewards/accuracy_reward/mean", "rewards/format_reward/mean", "completions/mean_length")

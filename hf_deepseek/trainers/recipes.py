@@ -146,11 +146,12 @@ def build_model_and_tokenizer(recipe: dict[str, Any], stage: str):
 
 
 def _problems(data: dict[str, Any]):
-    """The stage's problems: `data.tasks` (task -> count) at `data.seed`; `data.buckets` narrows `add_sub`."""
+    """The stage's problems: `data.tasks` (task -> count) at `data.seed`; `data.buckets` narrows `add_sub` and
+    `data.varied: false` asks all its questions as `Calculate a + b.`."""
     seed = data.get("seed", 0)
     for task, count in data["tasks"].items():
         if task == "add_sub" and data.get("buckets"):
-            yield from add_sub_examples(count, seed, buckets=tuple(data["buckets"]))
+            yield from add_sub_examples(count, seed, buckets=tuple(data["buckets"]), varied=data.get("varied", True))
         else:
             yield from task_examples(task, count, seed)
 
