@@ -126,7 +126,7 @@ def stage_recipe(options: DemoOptions) -> dict[str, Any]:
             args.update(per_device_train_batch_size=16, warmup_steps=10, learning_rate=3e-3, max_length=384)
             args["assistant_only_loss"] = True
             prompts_per_step = 16
-        if stage == "grpo":  # 8 prompts x 8 samples a step, sampled hot
+        if stage == "grpo":  # `grpo_prompts` problems x 8 samples a step
             args.update(num_generations=8, per_device_train_batch_size=8 * options.grpo_prompts, warmup_steps=0)
             args["max_completion_length"] = 160
             args.update(temperature=options.grpo_temperature, learning_rate=options.grpo_learning_rate)
