@@ -29,10 +29,12 @@ def addition_dataset(**kwargs) -> DatasetDict:
 
 def add_sub_dataset(rows: str = "turns", **kwargs) -> DatasetDict:
     """`add_sub` as lm-eval reads it: `test` holds one bucket's problems (`rows: add3`) or the `turns` split;
-    `context` the training-side problems that open the two-turn conversations."""
+    `context` (also as `fewshot`, the template's few-shot split) the training-side problems that open the two-turn
+    conversations."""
     splits = load_rows("add_sub")
     test = splits["turns"] if rows == "turns" else [r for r in splits["test"] if r["bucket"] == rows]
-    return DatasetDict({"test": Dataset.from_list(test), "context": Dataset.from_list(splits["context"])})
+    context = Dataset.from_list(splits["context"])
+    return DatasetDict({"test": Dataset.from_list(test), "context": context, "fewshot": context})
 
 
 def add_sub_earlier_reply(doc: dict) -> str:
