@@ -96,3 +96,32 @@ def test_multi_turn_rows_carry_earlier_turns_as_the_chat_sends_them():
     assert row["prompt"][:-1] == sent
     assert row["prompt"][-1] == {"role": "user", "content": user_content(problem["question"])}
     assert format_reward(None, [row["completion"][0]["content"]]) == [1.0]
+
+
+def test_add_sub_tasks_are_registered_with_lm_eval():
+    from hf_deepseek.evals.harness import task_manager
+
+    names = {f"hfds_add_sub_{bucket}" for bucket in BUCKETS} | {"hfds_add_sub_turn1", "hfds_add_sub_turn2"}
+    assert names <= set(task_manager().all_tasks)
+
+
+def test_r1_zero_pretraining_text_has_no_tags_or_roles_and_the_prompt_opens_think():
+    import random as stdlib_random
+
+    from hf_deepseek.data.r1_zero import pretraining_text, zero_prompt
+    from hf_deepseek.trainers.rewards import opened_format_reward
+
+    rng = stdlib_random.Random(0)
+    problems = list(add_sub_examples(200, seed=0, buckets=("add1", "add2", "add3", "add4")))
+    texts = [pretraining_text(p, rng, worked_share=0.5, tagged_share=0.0) for p in problems]
+    assert not any("<" in t or "|" in t for t in texts)
+    assert any("ones:" in t for t in texts) and any("ones:" not in t for t in texts)
+    tagged = [pretraining_text(p, rng, worked_share=0.5, tagged_share=1.0) for p in problems[:5]]
+    assert all("<think>" in t and t.rstrip().endswith("</answer>") for t in tagged)
+    assert zero_prompt("Calculate 1 + 2.").endswith("<think>")
+    assert opened_format_reward(
+        None, ["1 + 2 = 3</think><answer>3</answer>", "<think>x</think><answer>3</answer>"]
+    ) == [
+        1.0,
+        0.0,
+    ]
