@@ -11,7 +11,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="the R1 story on a CPU: SFT then GRPO from scratch, lm-eval, architecture payoffs, chat command"
+        "demo",
+        help="the R1 story on a CPU: SFT from scratch, GRPO from the shipped SFT ancestor, lm-eval, architecture "
+        "payoffs, chat command",
     )
     demo.add_argument("--recipe", default="r1_tiny", help="recipe of the miniature run (name or YAML path)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
