@@ -67,17 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="hf-deepseek", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="the R1 story on a CPU: SFT then GRPO from scratch, lm-eval, architecture payoffs, chat command"
+        "demo",
+        help="the R1 story on a CPU: SFT from scratch, GRPO from the shipped SFT ancestor, lm-eval, architecture "
+        "payoffs, chat command",
     )
     demo.add_argument("--recipe", default="r1_tiny", help="recipe of the miniature run (name or YAML path)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    demo.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the miniature run (0: skip stage 1)")
-    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=positive_int, default=16, help="GRPO steps")
+    demo.add_argument("--sft-steps", type=int, default=120, help="SFT steps of the miniature run (0: skip stage 1)")
+    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=positive_int, default=12, help="GRPO steps")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the miniature run writes models and PNGs")
     demo.add_argument("--checkpoint", default="checkpoints/hf-deepseek-r1-tiny", help="model for stages 2 and 3")
     demo.add_argument("--sft-checkpoint", default="checkpoints/hf-deepseek-r1-tiny-sft", help="its SFT ancestor")
-    demo.add_argument("--eval-limit", type=int, default=500, help="held-out problems for greedy pass@1 (0: skip)")
-    demo.add_argument("--sampled-limit", type=int, default=50, help="held-out problems for pass@k (8 samples each)")
+    demo.add_argument("--eval-limit", type=int, default=500, help="held-out sums for greedy pass@1 (0: skip)")
     demo.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="recipe override for the miniature run, e.g. --set model.config.hidden_size=256 "

@@ -27,9 +27,7 @@ def test_wilson_interval():
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_short_demo_runs_every_stage(tmp_path, capsys):
-    options = DemoOptions(
-        sft_steps=3, grpo_steps=1, output_dir=str(tmp_path / "demo"), eval_limit=4, sampled_limit=1, probe_prompts=1
-    )
+    options = DemoOptions(sft_steps=3, grpo_steps=1, output_dir=str(tmp_path / "demo"), eval_limit=2, probe_prompts=1)
     results = run_demo(options)
     printed = capsys.readouterr().out
     assert (tmp_path / "demo" / "curves.png").is_file()

@@ -10,6 +10,7 @@ with the character-level tokenizer.
 from fractions import Fraction
 from typing import Any
 
+from hf_deepseek.data.column_arithmetic import worked_lines
 from hf_deepseek.data.expressions import Node, format_number, parse_expression
 
 INSTRUCTION = "Think inside <think> </think>, then give the final answer inside <answer> </answer>."
@@ -27,10 +28,22 @@ def user_content(question: str) -> str:
     return f"{question}\n{INSTRUCTION}\n"
 
 
-def prompt_messages(question: str, system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The conversation up to the assistant's turn."""
+def earlier_turns(history: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Earlier exchanges as the chat app sends them back (`hf_deepseek.app.messages.history_to_messages`): each
+    question with the format instruction, each reply reduced to its `<answer>...</answer>` (reasoning dropped)."""
+    turns = []
+    for example in history:
+        turns.append({"role": "user", "content": user_content(example["question"])})
+        turns.append({"role": "assistant", "content": f"<answer>{example['answer']}</answer>"})
+    return turns
+
+
+def prompt_messages(
+    question: str, system_prompt: str | None = None, history: list[dict[str, Any]] = ()
+) -> list[dict[str, str]]:
+    """The conversation up to the assistant's turn, after the `history` problems' exchanges."""
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [*system, {"role": "user", "content": user_content(question)}]
+    return [*system, *earlier_turns(list(history)), {"role": "user", "content": user_content(question)}]
 
 
 def _n(value: Fraction) -> str:
@@ -103,6 +116,10 @@ def solution_steps(example: dict[str, Any]) -> str:
         lines.append(f"That reaches {example['target']} using each number once.")
     elif task == "addition":
         lines = ["Add column by column:", *_column_addition(example["expression"])]
+    elif task == "add_sub":
+        expression = example["expression"]
+        op, (a, b) = ("add", expression.split("+")) if "+" in expression else ("sub", expression.split("-"))
+        lines = worked_lines(op, int(a), int(b))
     elif task == "arithmetic":
         node = parse_expression(example["expression"], allow_unary_minus=True)
         lines = [*evaluation_steps(node)] or [f"The value is {_n(node.value)}."]
@@ -127,11 +144,25 @@ def sft_row(example: dict[str, Any], system_prompt: str | None = None) -> dict[s
     return {"messages": [*messages, {"role": "assistant", "content": cold_start_completion(example)}]}
 
 
-def grpo_row(example: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
-    """A conversational GRPO row: the `prompt`, and the columns the rewards read (`task`, `answer`, `numbers`,
-    `target`; the last two are empty outside Countdown, so rows of several tasks share one schema)."""
+def sft_turn_row(
+    example: dict[str, Any], system_prompt: str | None = None, history: list[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A conversational prompt-completion SFT row: the conversation so far (`history` exchanges as the chat sends
+    them, then the question) as `prompt`, the worked solution as `completion`; the loss is on the completion only."""
     return {
-        "prompt": prompt_messages(example["question"], system_prompt),
+        "prompt": prompt_messages(example["question"], system_prompt, history),
+        "completion": [{"role": "assistant", "content": cold_start_completion(example)}],
+    }
+
+
+def grpo_row(
+    example: dict[str, Any], system_prompt: str | None = None, history: list[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    """A conversational GRPO row: the `prompt` (after the `history` exchanges), and the columns the rewards read
+    (`task`, `answer`, `numbers`, `target`; the last two are empty outside Countdown, so rows of several tasks share
+    one schema)."""
+    return {
+        "prompt": prompt_messages(example["question"], system_prompt, history),
         "task": example["task"],
         "answer": example["answer"],
         "numbers": list(example.get("numbers", [])),

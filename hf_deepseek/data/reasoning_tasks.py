@@ -1,7 +1,8 @@
 """Training problems for the verifiable tasks, drawn from reasoning-gym (offline, procedural, deterministic).
 
 `task_examples(task, n, seed)` yields problems of `countdown`, `arithmetic` (reasoning-gym's `basic_arithmetic`),
-`gsm_symbolic` and `addition` (this package's own generator), with the same option ranges and the same problem
+`gsm_symbolic`, `addition` and `add_sub` (this package's own generators: `add_sub` is 1- to 4-digit addition and
+subtraction, `hf_deepseek.data.column_arithmetic`), with the same option ranges and the same problem
 keys as the held-out evaluation sets (`hf_deepseek.evals.task_data`). A problem is yielded only if every one of
 its keys hashes to the requested side of `split_of`, so training never sees an evaluation problem.
 """
@@ -10,10 +11,11 @@ from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
 
+from hf_deepseek.data.column_arithmetic import add_sub_examples, problem_key
 from hf_deepseek.data.expressions import countdown_value
 from hf_deepseek.data.tasks import Split, _check_split, addition_examples, split_of
 
-TASKS = ("countdown", "arithmetic", "gsm_symbolic", "addition")
+TASKS = ("countdown", "arithmetic", "gsm_symbolic", "addition", "add_sub")
 GYM_DATASETS = {"countdown": "countdown", "arithmetic": "basic_arithmetic", "gsm_symbolic": "gsm_symbolic"}
 GYM_OPTIONS: dict[str, dict[str, Any]] = {
     "countdown": dict(min_numbers=3, max_numbers=4, min_value=1, max_value=20, min_target=1, max_target=100),
@@ -41,6 +43,10 @@ def problem_keys(task: str, example: dict[str, Any]) -> list[str]:
     if task == "addition":
         a, b = sorted(int(t) for t in example["expression"].split("+"))
         return [f"add:{a}+{b}"]
+    if task == "add_sub":
+        expression = example["expression"]
+        op, (a, b) = ("add", expression.split("+")) if "+" in expression else ("sub", expression.split("-"))
+        return [problem_key(op, int(a), int(b))]
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
@@ -98,6 +104,9 @@ def task_examples(task: str, n: int, seed: int, split: Split = "train") -> Itera
             expression = example["prompt"].removesuffix("=")
             question = f"Calculate {expression.replace('+', ' + ')}."
             yield {"task": task, "question": question, "answer": example["answer"], "expression": expression}
+        return
+    if task == "add_sub":
+        yield from add_sub_examples(n, seed, split)
         return
     if task not in GYM_DATASETS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")

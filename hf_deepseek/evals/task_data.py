@@ -9,12 +9,14 @@ Rebuild the files with `python -m hf_deepseek.evals.task_data` (deterministic: s
 """
 
 import json
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hf_deepseek.data import addition_examples, split_of
+from hf_deepseek.data.column_arithmetic import BUCKETS, add_sub_examples, bucket_problems
 from hf_deepseek.data.reasoning_tasks import GYM_DATASETS, GYM_OPTIONS, problem_keys
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -121,6 +123,37 @@ def addition_rows(split: str, size: int) -> Iterator[dict[str, Any]]:
         }
 
 
+ADD_SUB_TEST_PER_BUCKET = 500
+ADD_SUB_TURNS = 500  # problems asked as the second turn of a two-turn conversation, and alone
+
+
+def add_sub_rows() -> Iterator[dict[str, Any]]:
+    """The `add_sub` evaluation set (`Calculate a + b.` / `Calculate a - b.`): per bucket (`add1` ... `sub4`) 500
+    held-out problems (all 100 for the 1-digit buckets, which training covers whole); a `turns` split of 500 of them
+    (an equal share of each bucket) for the first-turn / second-turn comparison; and a `context` split of
+    training-side problems that serve as the earlier exchange of the two-turn conversations."""
+    turns_per_bucket = -(-ADD_SUB_TURNS // len(BUCKETS))
+    turns = []
+    for bucket in BUCKETS:
+        if bucket.endswith("1"):
+            rows = bucket_problems(bucket)
+        else:
+            seed, seen, rows = EVAL_SEED + BUCKETS.index(bucket), set(), []
+            for row in add_sub_examples(10**6, seed, "test", (bucket,), varied=False):  # distinct problems
+                if row["expression"] not in seen:
+                    seen.add(row["expression"])
+                    rows.append(row)
+                if len(rows) == ADD_SUB_TEST_PER_BUCKET:
+                    break
+        for i, row in enumerate(rows):
+            yield {"id": f"add_sub-{bucket}-{i:04d}", "split": "test", **row}
+        turns += random.Random(EVAL_SEED).sample(rows, turns_per_bucket)
+    for i, row in enumerate(turns[:ADD_SUB_TURNS]):
+        yield {"id": f"add_sub-turns-{i:04d}", "split": "turns", **row}
+    for i, row in enumerate(add_sub_examples(ADD_SUB_TURNS, FEWSHOT_SEED, "train", varied=False)):
+        yield {"id": f"add_sub-context-{i:04d}", "split": "context", **row}
+
+
 def data_file(task: str) -> Path:
     return TASKS_DIR / f"{task}.jsonl"
 
@@ -139,6 +172,10 @@ def write_task_files(sizes: dict[str, int] = SPLIT_SIZES) -> list[Path]:
             for i, row in enumerate(addition_rows(split, size)):
                 out.write(json.dumps({"id": f"addition-{split}-{i:04d}", "split": split, **row}) + "\n")
     paths.append(data_file("addition"))
+    with data_file("add_sub").open("w") as out:
+        for row in add_sub_rows():
+            out.write(json.dumps(row) + "\n")
+    paths.append(data_file("add_sub"))
     return paths
 
 

@@ -100,22 +100,26 @@ _GRPO_CURVES = (
     ("reward", "total reward"),
     ("rewards/accuracy_reward/mean", "accuracy reward"),
     ("rewards/format_reward/mean", "format reward"),
+    ("rewards/opened_format_reward/mean", "format reward"),
 )
+_LENGTH_KEY = "completions/mean_length"  # on its own axis, right of the GRPO panel
 
 
 def plot_stage_curves(
     stages: Sequence[tuple[str, str, Sequence[dict[str, Any]]]], path: str | Path, title: str | None = None
 ) -> Path:
     """One PNG of a whole recipe: every SFT stage's loss and token accuracy end to end on the left, GRPO rewards
-    on the right (a running mean over ~1/20 of the run on top of the raw points). `stages` holds
-    (name, "sft" or "grpo", log history) in run order."""
+    and the mean response length (right-hand axis) on the right (a running mean over ~1/20 of the run on top of the
+    raw points); legends sit below the panels, clear of the curves. `stages` holds (name, "sft" or "grpo", log
+    history) in run order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(11, 3.8))
+    figure, panels = plt.subplots(1, 2, figsize=(11, 4.6))
     for panel, kind, curves in ((panels[0], "sft", _SFT_CURVES), (panels[1], "grpo", _GRPO_CURVES)):
+        handles = []
         runs, offset = [], 0  # stages of this kind, each shifted to start where the one before ended
         for name, trainer, history in stages:
             if trainer == kind:
@@ -125,22 +129,29 @@ def plot_stage_curves(
         for name, start, _ in runs[1:]:
             panel.axvline(start, color="grey", linestyle=":", linewidth=1)
             panel.annotate(f" {name}", (start, 0.98), xycoords=("data", "axes fraction"), fontsize=7, va="top")
-        for color, (key, label) in enumerate(curves):
+        length_axis = panel.twinx() if kind == "grpo" else None
+        for color, (key, label) in enumerate([*curves, *([(_LENGTH_KEY, "mean response length (tokens, right)")]
+                                                         if length_axis else [])]):  # fmt: skip
+            axis = length_axis if key == _LENGTH_KEY else panel
             points = [(start + row["step"], row[key]) for _, start, rows in runs for row in rows if key in row]
             if not points:
                 continue
             steps, values = zip(*points, strict=True)
             window = max(1, len(values) // 20) if kind == "grpo" else 1
             if window > 1:  # rewards of a few dozen samples a step are noisy: raw points faint, running mean bold
-                panel.plot(steps, values, color=f"C{color}", alpha=0.25, linewidth=0.8)
+                axis.plot(steps, values, color=f"C{color}", alpha=0.25, linewidth=0.8)
                 values = [sum(values[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(values))]
-            panel.plot(steps, values, color=f"C{color}", label=label, marker="." if len(values) < 60 else None)
+            style = "--" if key == _LENGTH_KEY else "-"
+            marker = "." if len(values) < 60 else None
+            handles += axis.plot(steps, values, style, color=f"C{color}", label=label, marker=marker)
+        if length_axis is not None:
+            length_axis.set_ylabel("tokens")
         what = "cold-start SFT" if kind == "sft" else "GRPO (rule-based rewards)"
         panel.set_title(f"{what}: {' + '.join(name for name, _, _ in runs)}" if len(runs) > 1 else what)
         panel.set_xlabel("optimizer step")
         panel.grid(alpha=0.3)
-        if panel.get_legend_handles_labels()[0]:  # below the panel, so that it covers no curve
-            panel.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+        if handles:
+            panel.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     if title:
         figure.suptitle(title)
     figure.tight_layout()

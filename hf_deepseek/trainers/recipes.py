@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import yaml
 
-from hf_deepseek.data.r1 import SYSTEM_PROMPTS, grpo_row, prompt_messages, sft_row
+from hf_deepseek.data.column_arithmetic import add_sub_examples
+from hf_deepseek.data.r1 import SYSTEM_PROMPTS, grpo_row, prompt_messages, sft_row, sft_turn_row
 from hf_deepseek.data.reasoning_tasks import task_examples
 from hf_deepseek.usage_errors import UsageError, did_you_mean
 
@@ -192,23 +193,56 @@ def build_model_and_tokenizer(recipe: dict[str, Any], stage: str):
 
 
 def _problems(data: dict[str, Any]):
+    """The stage's problems: `data.tasks` (task -> count) at `data.seed`; `data.buckets` narrows `add_sub` and
+    `data.varied: false` asks all its questions as `Calculate a + b.`."""
     seed = data.get("seed", 0)
     for task, count in data["tasks"].items():
-        yield from task_examples(task, count, seed)
+        if task == "add_sub" and data.get("buckets"):
+            yield from add_sub_examples(count, seed, buckets=tuple(data["buckets"]), varied=data.get("varied", True))
+        else:
+            yield from task_examples(task, count, seed)
+
+
+def with_history(data: dict[str, Any], problems: list[dict[str, Any]]) -> list[tuple[dict, list[dict]]]:
+    """Pair each problem with the earlier exchanges of its conversation: with `data.multi_turn` (a share of rows),
+    that share gets 1 to `data.max_earlier_turns` (default 2) other problems of the set before it."""
+    import random
+
+    share, most = data.get("multi_turn", 0.0), data.get("max_earlier_turns", 2)
+    rng = random.Random(data.get("seed", 0) + 7919)
+    return [(p, rng.sample(problems, rng.randint(1, most)) if share and rng.random() < share else []) for p in problems]
 
 
 def build_dataset(recipe: dict[str, Any], stage: str):
     """The stage's dataset: `cold_start` (SFT rows with worked solutions), `problems` (GRPO prompts and reward
-    columns) or `traces` (SFT on checked teacher traces)."""
+    columns), `traces` (SFT on checked teacher traces), or R1-Zero's `plain_text` (pretraining documents) and
+    `zero_problems` (plain-text prompts that open `<think>`). With `data.multi_turn` some rows are later turns of a
+    conversation (`with_history`); such cold-start rows are prompt-completion rows (loss on the last reply only)."""
     from datasets import Dataset
 
     data = recipe[stage]["data"]
     system_prompt = SYSTEM_PROMPTS[recipe.get("system_prompt", "none") or "none"]
     kind = data["kind"]
+    if kind == "cold_start" and data.get("multi_turn"):
+        rows = with_history(data, list(_problems(data)))
+        return Dataset.from_list([sft_turn_row(p, system_prompt, history) for p, history in rows])
     if kind == "cold_start":
         return Dataset.from_list([sft_row(p, system_prompt) for p in _problems(data)])
+    if kind == "plain_text":  # R1-Zero's base model: documents without tags or chat roles
+        import random
+
+        from hf_deepseek.data.r1_zero import pretraining_text
+
+        rng = random.Random(data.get("seed", 0))
+        worked, tagged = data.get("worked_share", 0.5), data.get("tagged_share", 0.0)
+        return Dataset.from_list([{"text": pretraining_text(p, rng, worked, tagged)} for p in _problems(data)])
+    if kind == "zero_problems":  # R1-Zero's GRPO prompts: plain text that opens the thinking block
+        from hf_deepseek.data.r1_zero import zero_prompt
+
+        return Dataset.from_list([{**grpo_row(p), "prompt": zero_prompt(p["question"])} for p in _problems(data)])
     if kind == "problems":
-        return Dataset.from_list([grpo_row(p, system_prompt) for p in _problems(data)])
+        rows = with_history(data, list(_problems(data)))
+        return Dataset.from_list([grpo_row(p, system_prompt, history) for p, history in rows])
     if kind == "traces":
         from hf_deepseek.trainers.distill import generate_traces, load_traces
 

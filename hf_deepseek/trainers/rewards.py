@@ -20,7 +20,7 @@ RewardFunc = Callable[..., list[float | None]]
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 MAX_ANSWER_CHARS = 200  # longer answers are wrong without being parsed
-INTEGER_TASKS = {"addition", "arithmetic"}
+INTEGER_TASKS = {"addition", "arithmetic", "add_sub"}
 _INTEGER = re.compile(r"[+-]?\d{1,60}")
 _NUMBER = re.compile(r"[+-]?\$?(?:\d{1,3}(?:,\d{3})+|\d{1,60})(?:\.\d{1,30})?")
 _POWER = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*(\d*)")
@@ -133,6 +133,12 @@ def accuracy_reward(prompts, completions, completion_ids=None, answer=None, **co
 def format_reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
     """1.0 for `<think>...</think><answer>...</answer>` with each tag once, else 0.0."""
     return [float(is_well_formatted(completion_text(c))) for c in completions]
+
+
+def opened_format_reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
+    """`format_reward` for a prompt that already opened `<think>` (R1-Zero's): 1.0 when `<think>` + the completion
+    is `<think>...</think><answer>...</answer>` with each tag once, else 0.0."""
+    return [float(is_well_formatted(THINK_OPEN + completion_text(c))) for c in completions]
 
 
 def tag_count_reward(prompts, completions, completion_ids=None, **columns) -> list[float]:
@@ -300,6 +306,7 @@ def make_repetition_penalty(ngram_size: int = 3, max_penalty: float = -1.0, max_
 REWARD_FUNCS: dict[str, RewardFunc] = {
     "accuracy": accuracy_reward,
     "format": format_reward,
+    "opened_format": opened_format_reward,
     "tag_count": tag_count_reward,
     "countdown": countdown_reward,
     "column": column_reward,

@@ -27,6 +27,25 @@ def addition_dataset(**kwargs) -> DatasetDict:
     return _dataset("addition")
 
 
+def add_sub_dataset(rows: str = "turns", **kwargs) -> DatasetDict:
+    """`add_sub` as lm-eval reads it: `test` holds one bucket's problems (`rows: add3`) or the `turns` split;
+    `context` (also as `fewshot`, the template's few-shot split) the training-side problems that open the two-turn
+    conversations."""
+    splits = load_rows("add_sub")
+    test = splits["turns"] if rows == "turns" else [r for r in splits["test"] if r["bucket"] == rows]
+    context = Dataset.from_list(splits["context"])
+    return DatasetDict({"test": Dataset.from_list(test), "context": context, "fewshot": context})
+
+
+def add_sub_earlier_reply(doc: dict) -> str:
+    """An earlier reply as the chat app sends it back: the answer alone, in its tags (the reasoning dropped)."""
+    return f"<answer>{doc['answer']}</answer>"
+
+
+def add_sub_greedy(doc, results):
+    return score_greedy("add_sub", doc, results[0])
+
+
 def gsm_symbolic_dataset(**kwargs) -> DatasetDict:
     return _dataset("gsm_symbolic")
 

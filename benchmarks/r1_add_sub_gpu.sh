@@ -1,0 +1,61 @@
+#!/bin/bash
+# Trains and evaluates the candidate embedded default (recipe r1_add_sub: cold-start SFT, then GRPO, on 1- to 4-digit addition and subtraction) and runs R1-Zero in miniature
+# (recipe r1_zero_tiny, three pretraining mixes: no tags, 0.2% and 2% of documents with the R1 tags) side by side on one GPU, each stage on a wall-clock budget
+# (benchmarks/train_wall.py); then greedy pass@1 of the SFT ancestor and the GRPO model on every add_sub bucket and
+# on first vs second turns (benchmarks/add_sub_eval.py), and of the R1-Zero base and GRPO models on held-out 4-digit
+# sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
+#   bash benchmarks/r1_add_sub_gpu.sh
+# Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); WHEELS, a folder of wheels to
+# install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
+# and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`).
+# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
+START=$(date +%s)
+say() { echo "[$(( $(date +%s) - START ))s] $*"; }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+export TORCHINDUCTOR_COMPILE_THREADS=2 OMP_NUM_THREADS=2
+OUT=${OUT:?set OUT}
+if ! python3 -c "import trl, datasets" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+say "$(python3 -c 'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)')"
+R=outputs/r1_add_sub; Z=outputs/r1_zero_tiny; L=outputs/logs; mkdir -p $R $Z $L
+
+zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides
+  local name=$1; shift
+  WALL=${ZPRE_WALL:-150} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_zero_tiny pretrain \
+    output_dir=$Z/$name/pretrain max_steps=100000 "$@" $ZPRE_ARGS > $L/$name.pretrain.log 2>&1
+  python3 benchmarks/r1_zero_eval.py $Z/$name/pretrain $EVAL_ARGS --json $L/$name.before.json > $L/$name.before.log 2>&1
+  WALL=${ZGRPO_WALL:-210} python3 benchmarks/train_wall.py r1_zero_tiny grpo grpo.init=$Z/$name/pretrain \
+    output_dir=$Z/$name/grpo max_steps=100000 $ZGRPO_ARGS > $L/$name.grpo.log 2>&1
+  python3 benchmarks/r1_zero_eval.py $Z/$name/grpo $EVAL_ARGS --json $L/$name.after.json > $L/$name.after.log 2>&1
+  say "zero $name done: $(tail -1 $L/$name.before.log | cut -c1-150) || $(tail -1 $L/$name.after.log | cut -c1-200)"
+}
+zero z1_plain pretrain.data.tagged_share=0.0 &
+ZP1=$!
+zero z2_tagged02pct pretrain.data.tagged_share=0.002 &
+ZP2=$!
+zero z3_tagged2pct pretrain.data.tagged_share=0.02 &
+ZP3=$!
+
+WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
+  > $L/sft.log 2>&1
+say "sft: $(grep -E 'done|Error' $L/sft.log | tail -2)"
+python3 benchmarks/add_sub_eval.py $R/sft $EVAL_ARGS --json $L/sft_eval.json > $L/sft_eval.log 2>&1 &
+EP=$!
+WALL=${GRPO_WALL:-150} python3 benchmarks/train_wall.py r1_add_sub grpo grpo.init=$R/sft output_dir=$R/grpo \
+  max_steps=100000 per_device_train_batch_size=1024 $GRPO_ARGS > $L/grpo.log 2>&1
+say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
+python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
+wait $EP
+cat $L/sft_eval.log $L/grpo_eval.log | grep -v -i -E "warn|loading"
+wait $ZP1 $ZP2 $ZP3
+cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
+for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
+tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
+tar czf $OUT/grpo.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R grpo
+tar czf $OUT/logs.tgz $L
+ls -la $OUT
+say "done"

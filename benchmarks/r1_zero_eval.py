@@ -1,0 +1,49 @@
+"""Held-out greedy pass@1 and format rate of an R1-Zero model on 4-digit sums (the `add4` bucket of the `add_sub`
+evaluation set), prompted as in GRPO: the question, the R1 instruction, and `<think>` opened (plain text, no chat):
+
+    python benchmarks/r1_zero_eval.py CHECKPOINT [CHECKPOINT ...] [--json out.json] [--device cuda]
+"""
+
+import argparse
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_deepseek  # noqa: F401  (registers the Auto classes)
+from hf_deepseek.data.r1_zero import zero_prompt
+from hf_deepseek.demo import wilson_interval
+from hf_deepseek.evals.task_data import load_rows
+from hf_deepseek.trainers.rewards import accuracy_reward, opened_format_reward
+
+
+@torch.inference_mode()
+def evaluate(path: str, device: str, limit: int = 500) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    rows = [r for r in load_rows("add_sub")["test"] if r["bucket"] == "add4"][:limit]
+    inputs = tokenizer([zero_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True).to(device)
+    out = model.generate(**inputs, max_new_tokens=192, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = accuracy_reward(None, texts, answer=[r["answer"] for r in rows], task=["add_sub"] * len(rows))
+    formatted = opened_format_reward(None, texts)
+    hits = int(sum(correct))
+    result = {"correct": hits, "n": len(rows), "pass@1": hits / len(rows), "interval": wilson_interval(hits, len(rows)),
+              "format": sum(formatted) / len(rows), "example": texts[0]}  # fmt: skip
+    print(f"{path}: pass@1 {hits}/{len(rows)}, format {result['format']:.3f}; e.g. {texts[0]!r}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--json")
+    parser.add_argument("--limit", type=int, default=500)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    results = {path: evaluate(path, args.device, args.limit) for path in args.checkpoints}
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(results, out, indent=1)

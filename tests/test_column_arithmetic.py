@@ -1,0 +1,127 @@
+"""The embedded default's task: 1- to 4-digit addition and subtraction worked column by column, its splits, its
+multi-turn cold-start rows (earlier turns exactly as the chat app sends them) and its evaluation set."""
+
+import random
+import re
+
+from hf_deepseek.app.messages import history_to_messages
+from hf_deepseek.data.column_arithmetic import (
+    BUCKETS,
+    add_sub_examples,
+    bucket_of,
+    column_subtraction_lines,
+    held_out,
+    worked_lines,
+)
+from hf_deepseek.data.r1 import cold_start_completion, sft_turn_row, user_content
+from hf_deepseek.evals.task_data import load_rows
+from hf_deepseek.trainers.recipes import with_history
+from hf_deepseek.trainers.rewards import accuracy_reward, format_reward
+
+LINE = re.compile(r"[a-z-]+: (\d+(?: [+-] \d+)*) = (\d+)(?:, (carry|borrow) (\d))?")
+
+
+def _check_columns(op: str, a: int, b: int) -> None:
+    """Every column line holds, and the digits of the column results, read top-down, give the result."""
+    lines = worked_lines(op, a, b)
+    digits, carry = [], 0
+    for line in lines:
+        match = LINE.fullmatch(line)
+        if not match:
+            continue
+        terms, value, kind, out = match.groups()
+        numbers = [int(t) for t in re.findall(r"\d+", terms)]
+        signs = [1] + [1 if s == "+" else -1 for s in re.findall(r" ([+-]) ", terms)]
+        assert sum(n * s for n, s in zip(numbers, signs, strict=True)) == int(value), line
+        digits.append(int(value) % 10)
+        carry = int(value) // 10 if kind == "carry" else 0
+    magnitude = int("".join(map(str, reversed(digits)))) + carry * 10 ** len(digits)
+    assert magnitude == abs(a + b if op == "add" else a - b)
+    assert lines[-1] == f"{a} {'+' if op == 'add' else '-'} {b} = {a + b if op == 'add' else a - b}"
+
+
+def test_worked_lines_are_right_for_random_and_edge_problems():
+    rng = random.Random(0)
+    cases = [("sub", 1000, 999), ("sub", 25, 300), ("sub", 7, 7), ("add", 9999, 9999), ("sub", 0, 5), ("add", 0, 0)]
+    cases += [
+        (rng.choice(["add", "sub"]), rng.randrange(10 ** rng.randint(1, 4)), rng.randrange(10**4)) for _ in range(500)
+    ]
+    for op, a, b in cases:
+        _check_columns(op, a, b)
+    assert column_subtraction_lines(1000, 999)[0] == "ones: 10 - 9 = 1, borrow 1"
+    assert worked_lines("sub", 25, 300)[0] == "300 is larger than 25, so 25 - 300 = -(300 - 25)."
+
+
+def test_buckets_mix_operand_lengths_and_training_never_draws_held_out_problems():
+    problems = list(add_sub_examples(3000, seed=3))
+    assert {p["bucket"] for p in problems} == set(BUCKETS)
+    lengths = {tuple(sorted(len(t) for t in re.split(r"[+-]", p["expression"]))) for p in problems}
+    assert (1, 4) in lengths and (2, 4) in lengths and (4, 4) in lengths
+    for p in problems:
+        op = "add" if "+" in p["expression"] else "sub"
+        a, b = (int(t) for t in p["expression"].split("+" if op == "add" else "-"))
+        assert not held_out(op, a, b) and bucket_of(op, a, b) == p["bucket"]
+    held = list(add_sub_examples(200, seed=3, split="test"))
+    assert all(p["bucket"][-1] != "1" for p in held)
+
+
+def test_evaluation_set_has_500_held_out_problems_per_bucket_and_two_turn_rows():
+    rows = load_rows("add_sub")
+    for bucket in BUCKETS:
+        chosen = [r for r in rows["test"] if r["bucket"] == bucket]
+        assert len(chosen) == (100 if bucket.endswith("1") else 500)
+        assert len({r["expression"] for r in chosen}) == len(chosen)
+        assert all(r["question"].startswith("Calculate ") for r in chosen)
+    assert len(rows["turns"]) == 500 and len(rows["context"]) >= 500
+    rewards = accuracy_reward(None, [cold_start_completion(r) for r in rows["turns"]], answer=[r["answer"] for r in
+                              rows["turns"]], task=["add_sub"] * 500)  # fmt: skip
+    assert rewards == [1.0] * 500
+
+
+def test_multi_turn_rows_carry_earlier_turns_as_the_chat_sends_them():
+    problems = list(add_sub_examples(50, seed=1))
+    paired = with_history({"multi_turn": 1.0, "max_earlier_turns": 2, "seed": 0}, problems)
+    problem, history = paired[0]
+    assert 1 <= len(history) <= 2
+    row = sft_turn_row(problem, None, history)
+    gradio_history = []  # what the chat app holds after those turns: the reasoning block, then the answer
+    for earlier in history:
+        gradio_history += [
+            {"role": "user", "content": earlier["question"]},
+            {"role": "assistant", "content": "worked steps", "metadata": {"title": "Reasoning"}},
+            {"role": "assistant", "content": earlier["answer"]},
+        ]
+    sent = history_to_messages(gradio_history, answer_tags=True)
+    sent = [{**m, "content": user_content(m["content"])} if m["role"] == "user" else m for m in sent]
+    assert row["prompt"][:-1] == sent
+    assert row["prompt"][-1] == {"role": "user", "content": user_content(problem["question"])}
+    assert format_reward(None, [row["completion"][0]["content"]]) == [1.0]
+
+
+def test_add_sub_tasks_are_registered_with_lm_eval():
+    from hf_deepseek.evals.harness import task_manager
+
+    names = {f"hfds_add_sub_{bucket}" for bucket in BUCKETS} | {"hfds_add_sub_turn1", "hfds_add_sub_turn2"}
+    assert names <= set(task_manager().all_tasks)
+
+
+def test_r1_zero_pretraining_text_has_no_tags_or_roles_and_the_prompt_opens_think():
+    import random as stdlib_random
+
+    from hf_deepseek.data.r1_zero import pretraining_text, zero_prompt
+    from hf_deepseek.trainers.rewards import opened_format_reward
+
+    rng = stdlib_random.Random(0)
+    problems = list(add_sub_examples(200, seed=0, buckets=("add1", "add2", "add3", "add4")))
+    texts = [pretraining_text(p, rng, worked_share=0.5, tagged_share=0.0) for p in problems]
+    assert not any("<" in t or "|" in t for t in texts)
+    assert any("ones:" in t for t in texts) and any("ones:" not in t for t in texts)
+    tagged = [pretraining_text(p, rng, worked_share=0.5, tagged_share=1.0) for p in problems[:5]]
+    assert all("<think>" in t and t.rstrip().endswith("</answer>") for t in tagged)
+    assert zero_prompt("Calculate 1 + 2.").endswith("<think>")
+    assert opened_format_reward(
+        None, ["1 + 2 = 3</think><answer>3</answer>", "<think>x</think><answer>3</answer>"]
+    ) == [
+        1.0,
+        0.0,
+    ]
