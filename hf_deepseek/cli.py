@@ -135,13 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_decode.add_argument(
         "--rows",
-        help="comma-separated, from transformers-eager, transformers-compile, ours-eager, ours-fast, "
-        "ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-fast-fp8 (default: all)",
+        help="comma-separated, from transformers-eager, transformers-compile, transformers-generate, ours-eager, "
+        "ours-fast, ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-generate, ours-fast-fp8 "
+        "(*-generate: generate() end to end, ms per new token; default: all)",
     )
     bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")
     bench_decode.add_argument("--mtp-contexts", help="prompt lengths of the MTP row (default 2048)")
     bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
+    bench_decode.add_argument(
+        "--generate-new-tokens", type=int, help="greedy tokens per prompt in the *-generate rows (default 128)"
+    )
     bench_decode.add_argument(
         "--row-batch-sizes", help="per-row batch sizes, e.g. 'transformers-compile=32;ours-fast-grouped=32'"
     )

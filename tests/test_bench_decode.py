@@ -23,6 +23,9 @@ def test_bench_decode_tiny_smoke(tmp_path):
         assert cell["speedup_vs_transformers_eager"] > 0
     assert cells["ours-mtp"]["acceptance_rate"] is not None and cells["ours-mtp"]["tokens_per_step"] >= 1
     assert cells["ours-fast"]["floor_fraction"] > 0
+    # generate() end to end, both models, prefill subtracted: a per-token time and the prefill in the note
+    for row in ("ours-generate", "transformers-generate"):
+        assert cells[row]["note"].startswith("prefill "), cells[row]
     # one floor per (batch, context): the same bytes to read whichever row (transformers' too) reads them
     floors = {(c["batch"], c["context"], c["floor_ms"]) for c in results["cells"] if c["row"] != "ours-mtp"}
     assert len(floors) == len({(c["batch"], c["context"]) for c in results["cells"] if c["row"] != "ours-mtp"})

@@ -2,7 +2,8 @@
 
 Rows, in one process: transformers eager (DynamicCache), transformers static cache + torch.compile (CUDA graphs),
 ours eager (DynamicCache, absorbed decode), ours fast path (static latent cache + the compiled step `generate()`
-uses) in bf16 and with FP8 weights, and ours with MTP self-speculative decoding through `generate()`. Each cell
+uses) in bf16 and with FP8 weights, ours with MTP self-speculative decoding through `generate()`, and `generate()`
+end to end for both models (ms per new token, prefill subtracted). Each step-row cell
 (batch, context) fills the cache with `context` random latent tokens (decode cost does not depend on their values,
 and no row pays a long prefill), then times `warmup + steps` single-token steps with CUDA events between steps and
 reports the median. The read floor of a step counts the weights a step must read (all but the embedding and the
@@ -45,13 +46,15 @@ from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
 
 # run in this order: MTP before FP8, since the FP8 row converts the loaded model in place
-ROWS = (
+ROWS = (  # in run order: ours-fast-fp8 converts the model in place, so it comes last
     "transformers-eager",
     "transformers-compile",
+    "transformers-generate",
     "ours-eager",
     "ours-fast",
     "ours-fast-grouped",
     "ours-mtp",
+    "ours-generate",
     "ours-fast-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -67,14 +70,16 @@ class DecodePlan:
     warmup_steps: int = 3
     mtp_contexts: list[int] = field(default_factory=lambda: [2048])
     mtp_new_tokens: int = 32
+    generate_new_tokens: int = 128  # the `*-generate` rows: greedy tokens per prompt, prefill subtracted
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
 
 
 FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
 TINY_DECODE_PLAN = DecodePlan(
-    TINY_CONFIG, batch_sizes=[2], contexts=[16], steps=2, warmup_steps=1, mtp_contexts=[16], mtp_new_tokens=4
-)
+    TINY_CONFIG, batch_sizes=[2], contexts=[16], steps=2, warmup_steps=1, mtp_contexts=[16], mtp_new_tokens=4,
+    generate_new_tokens=6,
+)  # fmt: skip
 
 
 @dataclass
@@ -267,6 +272,56 @@ def run_step_row(
     return cells
 
 
+def time_generate(model, ids: torch.Tensor, new_tokens: int, device, **kwargs) -> float:
+    """Seconds of one greedy `generate` of exactly `new_tokens` tokens per row (eos cannot end it early)."""
+    synchronize(device)
+    start = time.perf_counter()
+    model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, **kwargs,
+    )  # fmt: skip
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def run_generate_row(name: str, model, plan: DecodePlan, device, floor, bandwidth, progress) -> list[DecodeCell]:
+    """`generate()` end to end as users call it (greedy; ours: its default fast path; transformers': its static
+    cache, which it compiles on accelerators): ms per new token with the prefill subtracted, after a warm-up call
+    that compiles. The same read floor as the step rows."""
+    kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
+    floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    cells = []
+    for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
+        for context in plan.contexts:
+            cell = DecodeCell(name, batch, context)
+            n = plan.generate_new_tokens
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+                time_generate(model, ids, n, device, **kwargs)  # warm-up: compilation, CUDA graphs
+                prefill_s = time_generate(model, ids, 1, device, **kwargs)
+                total_s = time_generate(model, ids, n, device, **kwargs)
+                cell.ms_per_step = 1000 * (total_s - prefill_s) / (n - 1)
+                cell.tokens_per_s = batch * 1000 / cell.ms_per_step
+                if device.type == "cuda":
+                    cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                floor_bytes = step_weight_bytes(floor, batch) + cache_bytes(
+                    model.config, batch, context, floor_cache_size
+                )
+                cell.floor_ms = 1000 * floor_bytes / bandwidth
+                cell.floor_fraction = cell.floor_ms / cell.ms_per_step
+                cell.note = f"prefill {1000 * prefill_s:.1f} ms"
+            except torch.OutOfMemoryError:
+                cell.note = "out of memory"
+            except Exception as error:  # a row that fails is reported, the others still run
+                cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            progress(f"{name} batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
+            cells.append(cell)
+    return cells
+
+
 def run_mtp_row(model, plan: DecodePlan, device, progress) -> list[DecodeCell]:
     """MTP self-speculative decoding through `generate(mtp_speculative=True)` against plain greedy `generate()`
     (the fast path where it applies) on the same prompts: ms per generated token, acceptance, tokens per step."""
@@ -359,7 +414,10 @@ def run_decode_bench(
         if any(r.startswith("transformers") for r in wanted):
             peer = load(DeepseekV3ForCausalLM, source, device, dtype)
             for name in [r for r in wanted if r.startswith("transformers")]:
-                cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
+                if name == "transformers-generate":
+                    cells = run_generate_row(name, peer, plan, device, floor, bandwidth, progress)
+                else:
+                    cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
                 results["cells"] += [asdict(c) for c in cells]
                 write_decode_report(results, output_dir)
             del peer
@@ -369,6 +427,8 @@ def run_decode_bench(
             for name in [r for r in wanted if r.startswith("ours")]:
                 if name == "ours-mtp":
                     cells = run_mtp_row(model, plan, device, progress)
+                elif name == "ours-generate":
+                    cells = run_generate_row(name, model, plan, device, floor, bandwidth, progress)
                 else:
                     if name == "ours-fast-fp8":
                         from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
@@ -461,6 +521,8 @@ def plan_from_args(args: argparse.Namespace) -> DecodePlan:
         plan.mtp_contexts = [int(c) for c in args.mtp_contexts.split(",")]
     if args.mtp_new_tokens:
         plan.mtp_new_tokens = args.mtp_new_tokens
+    if getattr(args, "generate_new_tokens", None):
+        plan.generate_new_tokens = args.generate_new_tokens
     for item in (args.row_batch_sizes or "").split(";"):
         if item.strip():
             name, sizes = item.split("=")
@@ -474,7 +536,8 @@ def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
         return merge_results(args.merge.split(","), args.output_dir)
     words = ["hf-deepseek bench decode"]
     for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "row_batch_sizes",
-                 "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "output_dir"):  # fmt: skip
+                 "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
+                 "output_dir"):  # fmt: skip
         value = getattr(args, name, None)
         if value not in (None, False):
             words.append(
