@@ -1,0 +1,86 @@
+"""Expert parallelism over gloo (2 and 4 CPU processes): each rank holds E/P routed experts and its share of the
+batch; the loss, every gradient and the next step's loss equal a single process on the whole batch (fp32)."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.modeling.moe import RoutedExperts
+from hf_deepseek.parallel import ExpertParallelExperts, apply_expert_parallel
+
+BATCH, LENGTH = 4, 24
+
+
+def _step(model, ids, count):
+    """Loss as a sum over this batch's predicted tokens divided by the global count, and its gradients."""
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids, num_items_in_batch=count).loss
+    loss.backward()
+    return loss.detach()
+
+
+def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                             num_nextn_predict_layers=0)  # fmt: skip
+        reference = DeepSeekForCausalLM(config).train()
+        ids = torch.randint(0, config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+        count = BATCH * (LENGTH - 1)
+        parallel = apply_expert_parallel(copy.deepcopy(reference))
+        assert sum(isinstance(m, ExpertParallelExperts) for m in parallel.modules()) == 2
+        assert not any(type(m) is RoutedExperts for m in parallel.modules())
+
+        losses = {"reference": [], "parallel": []}
+        for _ in range(2):  # two steps of plain SGD, the second on the updated weights
+            losses["reference"].append(_step(reference, ids, count))
+            local = _step(parallel, ids[rank::world], count)  # this rank's rows of the batch
+            dist.all_reduce(local)  # sum of the ranks' shares = the loss of the whole batch
+            losses["parallel"].append(local)
+            grads = {}
+            for name, p in parallel.named_parameters():
+                if ".experts." not in name:  # replicated: average as DDP would (sum: losses are shares)
+                    dist.all_reduce(p.grad)
+                grads[name] = p.grad.clone()
+            with torch.no_grad():
+                for p in [*reference.parameters(), *parallel.parameters()]:
+                    p -= 0.5 * p.grad
+        reference_grads = dict(reference.named_parameters())
+        first, last = next(m.expert_range for m in parallel.modules() if isinstance(m, ExpertParallelExperts))
+        result = {"losses": losses, "max_grad_diff": 0.0, "experts": (first, last)}
+        for name, grad in grads.items():
+            want = reference_grads[name].grad
+            if ".experts." in name:
+                want = want[first:last]  # this rank's experts
+            result["max_grad_diff"] = max(result["max_grad_diff"], (grad - want).abs().max().item())
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_step_equals_one_process(tmp_path, world):
+    port = 29300 + os.getpid() % 300 + world
+    mp.start_processes(_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True, start_method="fork")
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert [r["experts"] for r in results] == [(r * 8 // world, (r + 1) * 8 // world) for r in range(world)]
+    for r in results:
+        for want, got in zip(r["losses"]["reference"], r["losses"]["parallel"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert r["losses"]["parallel"][1] < r["losses"]["parallel"][0]  # the step moved the weights
+        assert r["max_grad_diff"] < 1e-5, r["max_grad_diff"]
+
+
+def test_uneven_expert_split_is_refused(monkeypatch):
+    experts = RoutedExperts(tiny_config(n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)  # as if in a group of four ranks
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with pytest.raises(ValueError, match="6 routed experts cannot be split evenly over 4 expert-parallel ranks"):
+        ExpertParallelExperts(experts, group=object())
