@@ -1,5 +1,6 @@
-"""Expert parallelism over gloo (2 and 4 CPU processes): each rank holds E/P routed experts and its share of the
-batch; the loss, every gradient and the next step's loss equal a single process on the whole batch (fp32)."""
+"""Expert parallelism over gloo (2 and 4 CPU processes), alone (the other gradients averaged as DDP does) and with
+FSDP2 sharding the other parameters: each rank holds E/P routed experts and its share of the batch; the loss, every
+gradient and the next step's loss equal a single process on the whole batch (fp32)."""
 
 import copy
 import os
@@ -12,20 +13,24 @@ from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.modeling.moe import RoutedExperts
-from hf_deepseek.parallel import ExpertParallelExperts, apply_expert_parallel
+from hf_deepseek.parallel import ExpertParallelExperts, apply_expert_parallel, fully_shard_around_experts
 
 BATCH, LENGTH = 4, 24
 
 
-def _step(model, ids, count):
-    """Loss as a sum over this batch's predicted tokens divided by the global count, and its gradients."""
+def _step(model, ids):
+    """The mean loss over this batch's tokens, and its gradients."""
     model.zero_grad(set_to_none=True)
-    loss = model(ids, labels=ids, num_items_in_batch=count).loss
+    loss = model(ids, labels=ids).loss
     loss.backward()
     return loss.detach()
 
 
-def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP2's shards: the whole tensor
+
+
+def _rank(rank: int, world: int, sharding: str, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
@@ -33,22 +38,27 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
                              num_nextn_predict_layers=0)  # fmt: skip
         reference = DeepSeekForCausalLM(config).train()
         ids = torch.randint(0, config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
-        count = BATCH * (LENGTH - 1)
         parallel = apply_expert_parallel(copy.deepcopy(reference))
         assert sum(isinstance(m, ExpertParallelExperts) for m in parallel.modules()) == 2
         assert not any(type(m) is RoutedExperts for m in parallel.modules())
+        if sharding == "fsdp2":
+            fully_shard_around_experts(parallel)
+            kinds = {n: type(p).__name__ for n, p in parallel.named_parameters()}
+            assert {k for n, k in kinds.items() if ".experts." in n} == {"Parameter"}  # split by expert, not FSDP
+            assert {k for n, k in kinds.items() if ".experts." not in n} == {"DTensor"}  # the rest sharded
 
         losses = {"reference": [], "parallel": []}
         for _ in range(2):  # two steps of plain SGD, the second on the updated weights
-            losses["reference"].append(_step(reference, ids, count))
-            local = _step(parallel, ids[rank::world], count)  # this rank's rows of the batch
-            dist.all_reduce(local)  # sum of the ranks' shares = the loss of the whole batch
-            losses["parallel"].append(local)
+            losses["reference"].append(_step(reference, ids))
+            local = _step(parallel, ids[rank::world])  # this rank's rows of the batch
+            dist.all_reduce(local)
+            losses["parallel"].append(local / world)  # equal shares: the mean of the means is the batch's mean
             grads = {}
             for name, p in parallel.named_parameters():
-                if ".experts." not in name:  # replicated: average as DDP would (sum: losses are shares)
+                if sharding == "ddp" and ".experts." not in name:  # replicated: averaged as DDP does
                     dist.all_reduce(p.grad)
-                grads[name] = p.grad.clone()
+                    p.grad /= world
+                grads[name] = _full(p.grad).clone()
             with torch.no_grad():
                 for p in [*reference.parameters(), *parallel.parameters()]:
                     p -= 0.5 * p.grad
@@ -65,10 +75,12 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_step_equals_one_process(tmp_path, world):
-    port = 29300 + os.getpid() % 300 + world
-    mp.start_processes(_rank, args=(world, port, str(tmp_path)), nprocs=world, join=True, start_method="fork")
+def test_expert_parallel_step_equals_one_process(tmp_path, world, sharding):
+    port = 29300 + os.getpid() % 300 + world + (10 if sharding == "fsdp2" else 0)
+    args = (world, sharding, port, str(tmp_path))
+    mp.start_processes(_rank, args=args, nprocs=world, join=True, start_method="fork")
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert [r["experts"] for r in results] == [(r * 8 // world, (r + 1) * 8 // world) for r in range(world)]
     for r in results:

@@ -4,10 +4,13 @@ Rank r of a group of P holds experts [r * E/P, (r + 1) * E/P). Each rank routes 
 (token, choice) row to the rank that holds its expert with an all-to-all of uneven splits, runs its local experts
 on the rows it received from every rank, and sends the results back with the opposite all-to-all; both
 all-to-alls are differentiable (`all_to_all_single_autograd`), so backward moves the gradients the same way.
-Everything but the routed experts stays replicated: the caller averages those gradients over the group (DDP,
-or FSDP2 with the experts left out), while each expert's gradient already sums the rows of every rank.
+Everything but the routed experts is replicated (DDP) or sharded by FSDP2 with the experts left out
+(`fully_shard_around_experts`), and those gradients are averaged over the group as usual; an expert's gradient
+sums the rows of every rank, so a hook divides it by the group size to match: each rank's loss is the mean over
+its own batch, as under DDP.
 
     apply_expert_parallel(model, group)   # in place; every rank must build the same model first
+    fully_shard_around_experts(model)     # optional: FSDP2 for the other parameters
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ class ExpertParallelExperts(RoutedExperts):
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[first : first + self.num_experts].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[first : first + self.num_experts].clone())
         self.act_fn = experts.act_fn
+        for weight in (self.gate_up_proj, self.down_proj):  # the group-average that DDP / FSDP apply elsewhere
+            weight.register_hook(lambda grad: grad / self.world)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] (global expert ids) -> sum_k weight_k * expert_k(x) [N, d]."""
@@ -84,4 +89,16 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = No
         if type(module) is RoutedExperts:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, ExpertParallelExperts(module, group))
+    return model
+
+
+def fully_shard_around_experts(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 (`fully_shard`) on every decoder and MTP layer and on the whole model, leaving out the parameters of
+    the expert-parallel experts, which are already split by expert. Returns the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    experts = {p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=experts & set(layer.parameters()))
+    fully_shard(model, mesh=mesh, ignored_params=experts)
     return model
