@@ -13,7 +13,12 @@ from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.modeling.moe import RoutedExperts
-from hf_deepseek.parallel import ExpertParallelExperts, apply_expert_parallel, fully_shard_around_experts
+from hf_deepseek.parallel import (
+    ExpertParallelExperts,
+    apply_expert_parallel,
+    fully_shard_around_experts,
+    gather_experts,
+)
 
 BATCH, LENGTH = 4, 24
 
@@ -96,3 +101,66 @@ def test_uneven_expert_split_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     with pytest.raises(ValueError, match="6 routed experts cannot be split evenly over 4 expert-parallel ranks"):
         ExpertParallelExperts(experts, group=object())
+
+
+def _generate_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+        model = DeepSeekForCausalLM(config).eval()
+        prompts = torch.randint(1, config.vocab_size, (2 * world, 10), generator=torch.Generator().manual_seed(2))
+        common = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)  # the same step count
+        alone = model.generate(prompts, attention_mask=torch.ones_like(prompts), **common)
+        apply_expert_parallel(model)
+        mine = prompts[rank::world]  # each rank generates for its own prompts; the experts serve all ranks
+        together = model.generate(mine, attention_mask=torch.ones_like(mine), **common)
+        torch.save((alone[rank::world], together), os.path.join(out_dir, f"gen{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_generation_gives_the_tokens_of_one_process(tmp_path):
+    port = 29300 + os.getpid() % 300 + 40
+    mp.start_processes(_generate_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    for rank in range(2):
+        alone, together = torch.load(tmp_path / f"gen{rank}.pt")
+        assert together.shape == (2, 18) and torch.equal(together, alone)
+
+
+def _resume_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        config = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1)
+        model = apply_expert_parallel(DeepSeekForCausalLM(config).train())
+        ids = torch.randint(0, config.vocab_size, (2 * world, 16), generator=torch.Generator().manual_seed(3))
+        mine = ids[rank::world]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(2):
+            _step(model, mine)
+            for name, p in model.named_parameters():
+                if ".experts." not in name:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            optimizer.step()
+        expected_next = _step(model, mine)  # the run going on without a save
+        gather_experts(model)  # whole experts on every rank: the usual checkpoint layout
+        if rank == 0:
+            model.save_pretrained(os.path.join(out_dir, "ckpt"))
+        dist.barrier()
+        resumed = apply_expert_parallel(DeepSeekForCausalLM.from_pretrained(os.path.join(out_dir, "ckpt")).train())
+        torch.save((expected_next, _step(resumed, mine)), os.path.join(out_dir, f"resume{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_checkpoint_saves_the_usual_layout_and_resumes(tmp_path):
+    port = 29300 + os.getpid() % 300 + 50
+    mp.start_processes(_resume_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    reloaded = DeepSeekForCausalLM.from_pretrained(tmp_path / "ckpt")  # one process, no parallelism
+    assert all(type(m) is not ExpertParallelExperts for m in reloaded.modules())
+    assert next(m for m in reloaded.modules() if isinstance(m, RoutedExperts)).gate_up_proj.shape[0] == 8
+    for rank in range(2):
+        expected, resumed = torch.load(tmp_path / f"resume{rank}.pt")
+        torch.testing.assert_close(resumed, expected, rtol=1e-6, atol=1e-6)

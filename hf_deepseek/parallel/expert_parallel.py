@@ -11,6 +11,7 @@ its own batch, as under DDP.
 
     apply_expert_parallel(model, group)   # in place; every rank must build the same model first
     fully_shard_around_experts(model)     # optional: FSDP2 for the other parameters
+    gather_experts(model)                 # back to whole experts on every rank, e.g. before save_pretrained
 """
 
 from __future__ import annotations
@@ -89,6 +90,26 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = No
         if type(module) is RoutedExperts:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, ExpertParallelExperts(module, group))
+    return model
+
+
+def gather_experts(model: nn.Module) -> nn.Module:
+    """Undo `apply_expert_parallel` in place: every rank gets back whole `RoutedExperts` (all-gathered over each
+    module's group), so `save_pretrained` writes the usual layout whatever the parallel one was. Returns the
+    model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, ExpertParallelExperts):
+            whole = []
+            for weight in (module.gate_up_proj, module.down_proj):
+                parts = [torch.empty_like(weight) for _ in range(module.world)]
+                dist.all_gather(parts, weight.detach().contiguous(), group=module.group)
+                whole.append(torch.cat(parts))
+            experts = RoutedExperts.__new__(RoutedExperts)
+            nn.Module.__init__(experts)
+            experts.num_experts, experts.act_fn = module.global_experts, module.act_fn
+            experts.gate_up_proj, experts.down_proj = nn.Parameter(whole[0]), nn.Parameter(whole[1])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, experts)
     return model
 
 
