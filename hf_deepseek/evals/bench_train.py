@@ -60,25 +60,16 @@ class TrainBenchPlan:
 FULL_TRAIN_PLAN = TrainBenchPlan({**FULL_CONFIG, "num_nextn_predict_layers": 0})
 # DeepSeek-V3's width (hidden 7168, MLA with 128 heads and V3's ranks, experts of width 2048, top-8): one dense
 # and three MoE layers of 64 experts, the vocabulary cut to 16k so that, as in the 61-layer model, the decoder
-# layers and not the output head dominate the FLOPs; 9.9B parameters, batch 4 x 2048 to fit one H200
-V3_WIDTH_CONFIG = dict(
+# layers and not the output head dominate the FLOPs; 10.0B parameters; batch 4 x 2048, sized (not yet run) for one H200
+V3_WIDTH_CONFIG = FULL_CONFIG | dict(  # the bench's MLA ranks, 64 experts in 8 groups, 1 dense layer
     vocab_size=16384,
     hidden_size=7168,
     intermediate_size=18432,
     moe_intermediate_size=2048,
     num_hidden_layers=4,
     num_attention_heads=128,
-    first_k_dense_replace=1,
-    n_routed_experts=64,
     n_shared_experts=1,
     num_experts_per_tok=8,
-    n_group=8,
-    topk_group=4,
-    q_lora_rank=1536,
-    kv_lora_rank=512,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
     num_nextn_predict_layers=0,
     max_position_embeddings=4096,
 )
