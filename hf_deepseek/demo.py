@@ -57,7 +57,7 @@ class DemoOptions:
     # single unlikely digits drawn by the hot sampling; GRPO sharpens that away by training only the output head
     # and final norm (`GRPO_TRAINABLE`) at a learning rate the whole model would not survive
     grpo_temperature: float = 1.5
-    grpo_learning_rate: float = 1.5e-2
+    grpo_learning_rate: float = 2.5e-2
     grpo_prompts: int = 32  # problems per GRPO step, 8 samples each
     eval_limit: int = 500
     probe_prompts: int = 6
