@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="r1_tiny", help="recipe of the miniature run (name or YAML path)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     demo.add_argument("--sft-steps", type=int, default=120, help="SFT steps of the miniature run (0: skip stage 1)")
-    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=positive_int, default=12, help="GRPO steps")
+    demo.add_argument("--steps", "--grpo-steps", dest="grpo_steps", type=positive_int, default=18, help="GRPO steps")
     demo.add_argument("--output-dir", default="outputs/demo", help="where the miniature run writes models and PNGs")
     demo.add_argument("--checkpoint", default="checkpoints/hf-deepseek-r1-tiny", help="model for stages 2 and 3")
     demo.add_argument("--sft-checkpoint", default="checkpoints/hf-deepseek-r1-tiny-sft", help="its SFT ancestor")

@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_deepseek.cli import main as cli_main
 from hf_deepseek.data import build_tokenizer
-from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig, DeepSeekGRPOTrainer
+from hf_deepseek.trainers.grpo import DeepSeekGRPOConfig, DeepSeekGRPOTrainer, freeze_except
 from hf_deepseek.trainers.rewards import get_reward_funcs
 from hf_deepseek.trainers.sft import DeepSeekSFTConfig, DeepSeekSFTTrainer
 
@@ -236,6 +236,30 @@ def test_grpo_positive_advantages_only_zeroes_the_negative_ones(tok, tmp_path, m
     monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: {"advantages": advantages})
     got = trainer._generate_and_score_completions([])["advantages"]
     assert torch.equal(got, advantages.clamp(min=0) if positive_only else advantages)
+
+
+def odd_length_reward(prompts, completions, **columns) -> list[float]:
+    """1.0 for a completion of odd length: rewards that differ within a group, so the policy gradient is not zero."""
+    return [float(len(c[-1]["content"] if isinstance(c, list) else c) % 2) for c in completions]
+
+
+def test_grpo_trains_only_the_trainable_parameters(tok, tmp_path):
+    torch.manual_seed(0)
+    model = tiny_model(tok)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = DeepSeekGRPOConfig(
+        output_dir=str(tmp_path), **{**FAST_ARGS, "max_steps": 1, "per_device_train_batch_size": 8},
+        learning_rate=1e-2, num_generations=8, max_completion_length=12, mtp_loss_weight=0.0,
+        trainable_parameters=r"^(lm_head|model\.norm)\.",
+    )  # fmt: skip
+    trainer = DeepSeekGRPOTrainer(
+        model=model, reward_funcs=[odd_length_reward], args=config, train_dataset=grpo_problems(), processing_class=tok
+    )  # fmt: skip
+    trainer.train()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert moved == {"lm_head.weight", "model.norm.weight"}
+    with pytest.raises(ValueError, match="matches no parameter"):
+        freeze_except(model, "no_such_parameter")
 
 
 # ------------------------------------------------------------------------------------------------ command line
