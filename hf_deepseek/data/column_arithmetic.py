@@ -17,7 +17,7 @@ OPERATIONS = ("add", "sub")
 SYMBOLS = {"add": "+", "sub": "-"}
 DIGITS = (1, 2, 3, 4)
 BUCKETS = tuple(f"{op}{d}" for op in OPERATIONS for d in DIGITS)
-PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands")
 # how users ask (the chat) besides the evaluation's `Calculate a + b.`; training draws from all of them
 QUESTION_TEMPLATES = ("Calculate {a} {s} {b}.", "What is {a} {s} {b}?", "{a} {s} {b}", "{a}{s}{b}", "{a} {s} {b} =")
 

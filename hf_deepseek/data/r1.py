@@ -10,7 +10,7 @@ with the character-level tokenizer.
 from fractions import Fraction
 from typing import Any
 
-from hf_deepseek.data.column_arithmetic import worked_lines
+from hf_deepseek.data.column_arithmetic import column_addition_lines, worked_lines
 from hf_deepseek.data.expressions import Node, format_number, parse_expression
 
 INSTRUCTION = "Think inside <think> </think>, then give the final answer inside <answer> </answer>."
@@ -93,17 +93,7 @@ def evaluation_steps(node: Node) -> list[str]:
 
 def _column_addition(expression: str) -> list[str]:
     a, b = (int(t) for t in expression.split("+"))
-    places = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
-    da, db = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        terms = [int(d[i]) for d in (da, db) if i < len(d)] + ([carry] if carry else [])
-        total = sum(terms)
-        carry = total // 10
-        place = places[i] if i < len(places) else f"10^{i}"
-        lines.append(f"{place}: {' + '.join(map(str, terms))} = {total}" + (f", carry {carry}" if carry else ""))
-    lines.append(f"{a} + {b} = {a + b}")
-    return lines
+    return column_addition_lines(a, b)
 
 
 def solution_steps(example: dict[str, Any]) -> str:
