@@ -139,6 +139,11 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
     return [distinct[i % 2] for i in range(count)]
 
 
+def compiled(name: str) -> bool:
+    """Whether the variant compiles its layers (on CUDA; CPU runs stay eager)."""
+    return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]
+
+
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The variant's model, initialised from seed 0 on `device` (our variants share their initial weights)."""
     torch.manual_seed(0)
@@ -158,7 +163,7 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
         convert_to_fp8_training(model, FP8Recipe.named(FP8_VARIANTS[name][0]))
-    if (name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]) and device.type == "cuda":
+    if compiled(name) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
         compile_for_training(model)
@@ -191,7 +196,7 @@ def bench_variant(
         result.parameters = sum(p.numel() for p in model.parameters())
         if name == PEER:
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
-        elif (name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]) and device.type != "cuda":
+        elif compiled(name) and device.type != "cuda":
             result.note = "not compiled off CUDA"
         optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
