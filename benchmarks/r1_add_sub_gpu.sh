@@ -5,7 +5,8 @@
 # on first vs second turns (benchmarks/add_sub_eval.py), and of the R1-Zero base and GRPO models on held-out 4-digit
 # sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
 #   bash benchmarks/r1_add_sub_gpu.sh
-# Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); WHEELS, a folder of wheels to
+# Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); ZERO_ATTEMPTS, the R1-Zero
+# attempts as NAME:TAGGED_SHARE words (default the three above; empty for none); WHEELS, a folder of wheels to
 # install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
 # and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`).
 # Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
@@ -33,12 +34,11 @@ zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides
   python3 benchmarks/r1_zero_eval.py $Z/$name/grpo $EVAL_ARGS --json $L/$name.after.json > $L/$name.after.log 2>&1
   say "zero $name done: $(tail -1 $L/$name.before.log | cut -c1-150) || $(tail -1 $L/$name.after.log | cut -c1-200)"
 }
-zero z1_plain pretrain.data.tagged_share=0.0 &
-ZP1=$!
-zero z2_tagged02pct pretrain.data.tagged_share=0.002 &
-ZP2=$!
-zero z3_tagged2pct pretrain.data.tagged_share=0.02 &
-ZP3=$!
+ZPIDS=""
+for attempt in ${ZERO_ATTEMPTS-z1_plain:0.0 z2_tagged02pct:0.002 z3_tagged2pct:0.02}; do
+  zero ${attempt%%:*} pretrain.data.tagged_share=${attempt#*:} &
+  ZPIDS="$ZPIDS $!"
+done
 
 WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
   > $L/sft.log 2>&1
@@ -51,7 +51,7 @@ say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
 python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
 wait $EP
 cat $L/sft_eval.log $L/grpo_eval.log | grep -v -i -E "warn|loading"
-wait $ZP1 $ZP2 $ZP3
+wait $ZPIDS
 cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
 for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
 tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
