@@ -12,9 +12,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
-from .input_checks import tracing
 from .layers import SwiGLUMLP
-from .moe_decode import dense_experts, use_dense_experts
+from .moe_decode import decode_experts
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -122,24 +121,15 @@ class RoutedExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
         num_tokens, top_k = indices.shape
-        if use_dense_experts(self, x, top_k):  # decode-sized batch on CUDA: all experts, batched (moe_decode.py)
-            return dense_experts(self, x, indices, weights)
-        if tracing() and not torch.is_grad_enabled() and not self._grouped_gemm_ok(x):
-            # inference under torch.compile / torch.export without the grouped GEMM: the loop's per-expert row
-            # counts are data-dependent shapes, so every expert runs on every token (static shapes, same result)
-            return dense_experts(self, x, indices, weights)
+        decode = decode_experts(self, x, top_k, grouped_gemm=self._grouped_gemm_ok(x))  # moe_decode.py
+        if decode is not None:  # inference on decode-sized batches, or under torch.compile: static shapes
+            return decode(self, x, indices, weights)
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # token-choice pairs sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         counts = count_per_expert(flat, self.num_experts)
         x_sorted = GatherTokenRows.apply(x, order, inverse, top_k)  # [N*k, d]
-        if self._grouped_gemm_ok(x_sorted):
-            offs = counts.cumsum(0).to(torch.int32)
-            h = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs)
-            gate, up = h.chunk(2, dim=-1)
-            out = F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        else:
-            out = self._loop_experts(x_sorted, counts.tolist())
+        out = self._sorted_experts(x_sorted, counts)
         out = PermuteRows.apply(out, inverse, order).view(num_tokens, top_k, -1)  # back to (token, choice) order
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
@@ -148,14 +138,24 @@ class RoutedExperts(nn.Module):
         dims_ok = all(s % 8 == 0 for s in (*self.gate_up_proj.shape[1:], self.down_proj.shape[2]))
         return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and dims_ok
 
-    def _loop_experts(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _sorted_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows [R, d] sorted by expert, `counts` [E] rows each -> each row through its expert [R, d]: the grouped
+        GEMM where it is fast (bf16 CUDA), else the per-expert loop."""
+        if self._grouped_gemm_ok(x_sorted):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            return F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+        return self._loop_experts(x_sorted, counts)
+
+    @torch.compiler.disable  # under torch.compile it runs eagerly: a graph break, but no graph specialised on counts
+    def _loop_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One GEMM pair per expert over its rows (the counts read on the host; an expert without rows gets an
+        empty product). Inference under torch.compile takes `moe_decode`'s static-shape paths instead."""
         outputs = []
-        for expert, chunk in enumerate(x_sorted.split(counts)):
-            if chunk.shape[0] == 0:
-                continue
+        for expert, chunk in enumerate(x_sorted.split(counts.tolist())):
             gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
             outputs.append(F.linear(self.act_fn(gate) * up, self.down_proj[expert]))
-        return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, x_sorted.shape[1])
+        return torch.cat(outputs)
 
 
 class DeepSeekMoE(nn.Module):

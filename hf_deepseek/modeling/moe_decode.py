@@ -1,21 +1,31 @@
-"""Routed experts for decode-sized batches: every expert on every token as two batched GEMMs, then the routing
-weights (zero for the experts a token did not choose) combine them.
+"""Routed experts for inference on decode-sized batches and under torch.compile: static shapes, no host reads.
 
-At decode a batch of B tokens choosing k of E experts touches nearly every expert once B * k >= 2E (86% of them),
-with a handful of rows each: the grouped GEMM then streams every expert's weights through tiles that are almost
-all padding. Batched GEMMs over all E experts with B rows each read the same weights once, at the bandwidth that
-plain GEMMs reach, and have static shapes (CUDA-graph friendly). Used only without autograd, on CUDA, for at most
-`MAX_TOKENS` tokens (beyond that the extra FLOPs of computing unchosen experts stop being free).
+Two ways, both combining the experts' outputs with the routing weights as the sorted path does:
+- dense: every expert on every token as two batched GEMMs, the routing weights (zero for the experts a token did
+  not choose) combining them. At decode a batch of B tokens choosing k of E experts touches nearly every expert
+  once B * k >= 2E (86% of them), with a handful of rows each: the grouped GEMM then streams every expert's weights
+  through tiles that are almost all padding, where batched GEMMs over all E experts with B rows each read the same
+  weights once, at the bandwidth plain GEMMs reach. Used on CUDA for at most `MAX_TOKENS` tokens (beyond that the
+  extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
+- gathered: for the few tokens of a small decode batch under torch.compile without the grouped GEMM (fp32, CPU),
+  each token-choice pair's expert weights gathered and applied by batched vector-matrix products: only the chosen
+  experts are computed (as vLLM's fused MoE reads only them), in the (token, choice) order of the eager path.
+The sorted per-expert loop reads each expert's row count on the host, which under torch.compile breaks the graph
+and recompiles whenever another set of experts gets no rows: these keep the compiled decode step one graph.
 """
 
+from collections.abc import Callable
+
 import torch
+
+from .input_checks import tracing
 
 DENSE_DECODE = True  # the decode benchmark turns it off to measure the grouped GEMM in the same run
 MAX_TOKENS = 128
 
 
 def use_dense_experts(experts, x: torch.Tensor, top_k: int) -> bool:
-    """Whether `experts` (a RoutedExperts) should run all experts densely on these x [N, d] tokens."""
+    """Whether `experts` (a RoutedExperts) should run all experts densely on these x [N, d] tokens on CUDA."""
     num_tokens = x.shape[0]
     return (
         DENSE_DECODE
@@ -24,6 +34,17 @@ def use_dense_experts(experts, x: torch.Tensor, top_k: int) -> bool:
         and num_tokens <= MAX_TOKENS
         and num_tokens * top_k >= 2 * experts.num_experts
     )
+
+
+def decode_experts(experts, x: torch.Tensor, top_k: int, grouped_gemm: bool) -> Callable | None:
+    """`dense_experts`, `gathered_experts` or None (the sorted path) for x [N, d] routed to `top_k` experts each;
+    `grouped_gemm`: whether the fast grouped GEMM serves these tokens (bf16 CUDA), which keeps shapes static too."""
+    if use_dense_experts(experts, x, top_k):
+        return dense_experts
+    if torch.is_grad_enabled() or grouped_gemm or not tracing():
+        return None
+    # gathering copies each pair's weights once (write and read again): worth it while 3 * N * k <= E
+    return gathered_experts if 3 * x.shape[0] * top_k <= experts.num_experts else dense_experts
 
 
 def dense_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -36,4 +57,16 @@ def dense_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torc
     return torch.einsum("end,ne->nd", out, combine).to(x.dtype)
 
 
-__all__ = ["use_dense_experts", "dense_experts", "DENSE_DECODE", "MAX_TOKENS"]
+def gathered_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d], computing only the chosen experts."""
+    num_tokens, top_k = indices.shape
+    chosen = indices.flatten()  # [N*k]: token-major, as the eager path's (token, choice) order
+    rows = x.repeat_interleave(top_k, dim=0).unsqueeze(1)  # [N*k, 1, d]
+    h = torch.bmm(rows, experts.gate_up_proj[chosen].transpose(1, 2))  # [N*k, 1, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    out = torch.bmm(experts.act_fn(gate) * up, experts.down_proj[chosen].transpose(1, 2))  # [N*k, 1, d]
+    out = out.view(num_tokens, top_k, -1)
+    return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
+
+
+__all__ = ["use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "DENSE_DECODE", "MAX_TOKENS"]

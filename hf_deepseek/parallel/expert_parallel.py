@@ -73,11 +73,7 @@ class ExpertParallelExperts(RoutedExperts):
 
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on their rows [R, d] in local-expert order, `counts` [E/P] rows each."""
-        if self._grouped_gemm_ok(rows):
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = nn.functional.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            return nn.functional.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
-        return self._loop_experts(rows, counts.tolist())
+        return self._sorted_experts(rows, counts)
 
     def extra_repr(self) -> str:
         return f"experts {self.expert_range[0]}..{self.expert_range[1] - 1} of {self.global_experts}"
