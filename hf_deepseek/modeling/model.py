@@ -160,7 +160,11 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """transformers' `generate`; with `mtp_speculative=True` or `use_mtp=True` (argument or generation config) MTP
         self-speculative decoding instead (`speculative.py`): greedy gives the same tokens and sampling the same
-        distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`."""
+        distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`.
+        Otherwise, where `generate()` takes the static latent cache on CUDA, its token loop runs on the device
+        (`generation/fast_generate.py`: greedy gives the same tokens, sampling the same distribution, no host sync
+        per token) unless the call needs more than it offers; `fast_loop=True` asks for it anywhere (CPU included),
+        `fast_loop=False` keeps transformers' loop (also a generation config field)."""
         config = generation_config or self.generation_config
         speculative = kwargs.pop("mtp_speculative", None)
         # transformers' own flag: its drafter needs config.num_mtp_layers, which this model lacks, so it drafts here
@@ -171,6 +175,14 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             )
         if speculative:
             return speculative_generate(self, inputs, generation_config, **kwargs)
+        fast_loop = kwargs.pop("fast_loop", getattr(config, "fast_loop", None))
+        if fast_loop is not False:
+            from ..generation.fast_generate import fast_generate, wants_fast_loop
+
+            merged, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+            if wants_fast_loop(self, merged, model_kwargs, fast_loop):
+                input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+                return fast_generate(self, input_ids, merged, model_kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def routers(self) -> list[TopKRouter]:

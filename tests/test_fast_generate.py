@@ -1,0 +1,175 @@
+"""generate()'s device loop (`generation/fast_generate.py`) against transformers' own loop on the CPU: the same greedy
+tokens (left padding, rows ending at different steps, min_new_tokens), the same lengths, sampling from the warped
+distribution, one compiled graph across calls, and the host's end-of-sequence check only every few steps."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from torch._dynamo.utils import counters
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
+from transformers.generation.logits_process import LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.generation import fast_generate as fg
+
+
+def tiny_model(seed: int = 1) -> DeepSeekForCausalLM:
+    torch.manual_seed(seed)
+    return DeepSeekForCausalLM(tiny_config(num_hidden_layers=3, initializer_range=0.1)).eval()
+
+
+def left_padded(vocab: int, pads=(0, 3, 1), length: int = 7, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(pads), length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate(pads):
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+def both(model, ids, mask, **kwargs):
+    """transformers' loop (dynamic cache) and the device loop on the same call."""
+    kwargs = dict(attention_mask=mask, pad_token_id=0, **kwargs)
+    eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
+    fast = model.generate(ids, cache_implementation="static", fast_loop=True, **kwargs)
+    return eager, fast
+
+
+def frequent_token(model, ids, mask, new_tokens: int) -> int:
+    """A token the greedy continuation emits somewhere in the middle: as eos it ends rows at different steps."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         cache_implementation="dynamic")[:, ids.shape[1]:]  # fmt: skip
+    return int(out[0, new_tokens // 3])
+
+
+def test_greedy_tokens_equal_transformers_loop_with_left_padding():
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+    eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(fast, eager)
+
+
+def test_rows_ending_at_different_steps_give_transformers_tokens_and_length():
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+    eos = frequent_token(model, ids, mask, 24)
+    eager, fast = both(model, ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=eos)
+    assert torch.equal(fast, eager)  # pads after each row's eos (one row never ends here)
+    eager, fast = both(model, ids[:2], mask[:2], max_new_tokens=24, do_sample=False, eos_token_id=eos)
+    assert torch.equal(fast, eager) and fast.shape[1] < ids.shape[1] + 24  # both rows end: the same shorter length
+    eager, fast = both(model, ids, mask, max_new_tokens=24, do_sample=False, eos_token_id=[eos, 5], min_new_tokens=11)
+    assert torch.equal(fast, eager)
+    ended = torch.isin(fast[:, ids.shape[1] :], torch.tensor([eos, 5]))
+    assert ended.any() and not ended[:, :11].any()  # min_new_tokens held back the eos of the row that ends at 10
+
+
+def test_the_host_checks_for_ended_rows_every_few_steps(monkeypatch):
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size, pads=(0,))
+    eos = frequent_token(model, ids, mask, 40)
+    steps = []
+    monkeypatch.setattr(fg, "compiled_decode_step", lambda *a: lambda *args: steps.append(fg.decode_step(*args)))
+    eager, fast = both(model, ids, mask, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    assert torch.equal(fast, eager)
+    generated = fast.shape[1] - ids.shape[1]
+    assert generated < 40  # eos ended it
+    assert generated - 1 <= len(steps) < generated - 1 + fg.CHECK_EVERY  # at most CHECK_EVERY - 1 steps past it
+
+
+def test_compiled_loop_is_one_graph_across_calls_and_prompt_lengths():
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+    eos = frequent_token(model, ids, mask, 16)
+    compile_config = CompileConfig(backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True  # CPU: transformers would not compile otherwise
+    torch.compiler.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for prompt in (ids, ids[:, 2:]):  # a shorter prompt reuses the cache, buffers and graph
+                attention = mask[:, -prompt.shape[1] :]
+                kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=eos, compile_config=compile_config)
+                eager, fast = both(model, prompt, attention, **kwargs)
+                assert torch.equal(fast, eager)
+        assert counters["stats"]["unique_graphs"] == 1
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch.compiler.reset()
+
+
+def test_sampling_draws_from_transformers_warped_distribution():
+    """The exponential race over the warped probabilities, tested where the distribution is known exactly."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=6, top_p=0.9, pad_token_id=0)
+    choice = fg.TokenChoice.from_config(config, torch.device("cpu"))
+    warped = LogitsProcessorList([w for w in choice.warpers])(None, logits.clone() / 1.0)
+    reference = LogitsProcessorList([TopKLogitsWarper(6), TopPLogitsWarper(0.9)])(None, logits / 0.7)
+    torch.testing.assert_close(warped, reference)
+    probs = reference.softmax(-1)[0]
+    draws = choice(logits.expand(20000, -1), torch.tensor(0), torch.tensor(0))
+    frequency = torch.bincount(draws, minlength=12).float() / draws.numel()
+    assert (frequency[probs == 0] == 0).all()  # never a token the warpers removed
+    torch.testing.assert_close(frequency, probs, atol=0.015, rtol=0)
+
+
+def test_sampling_with_top_k_1_is_greedy_and_seeded_runs_repeat():
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+    eager, fast = both(model, ids, mask, max_new_tokens=10, do_sample=True, top_k=1)
+    assert torch.equal(fast, eager)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=1.3,
+                                   pad_token_id=0, cache_implementation="static", fast_loop=True))  # fmt: skip
+    assert torch.equal(*runs)
+
+
+def test_the_loop_is_the_default_only_on_cuda_for_what_it_supports(monkeypatch):
+    model = tiny_model()
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = 4
+    inputs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}
+    assert not fg.wants_fast_loop(model, config, inputs, None)  # CPU
+    monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    assert fg.wants_fast_loop(model, config, inputs, None)
+    assert not fg.wants_fast_loop(model, config, inputs, False)
+    unsupported = (
+        dict(num_beams=2),
+        dict(output_scores=True, return_dict_in_generate=True),
+        dict(repetition_penalty=1.2),
+        dict(disable_compile=True),
+        dict(cache_implementation="dynamic"),
+    )
+    for setting in unsupported:
+        other = copy.deepcopy(config)
+        other.update(**setting)
+        assert not fg.wants_fast_loop(model, other, inputs, None), setting
+    assert not fg.wants_fast_loop(model, config, {**inputs, "streamer": object()}, None)
+    model.train()
+    assert not fg.wants_fast_loop(model, config, inputs, None)  # training mode: only with cache_implementation="static"
+    config.cache_implementation = "static"
+    assert fg.wants_fast_loop(model, config, inputs, None)
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate(inputs["input_ids"], max_new_tokens=2, num_beams=2, fast_loop=True)
+
+
+@pytest.mark.gpu
+def test_compiled_device_loop_on_gpu():
+    """On CUDA generate() takes the device loop by default: one CUDA graph per step (Inductor), fp32 so that the
+    greedy tokens can be compared exactly with transformers' eager loop; sampling runs inside the graph too."""
+    model = tiny_model().cuda()
+    ids, mask = (t.cuda() for t in left_padded(model.config.vocab_size))
+    eos = frequent_token(model, ids, mask, 24)
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
+    fast = model.generate(ids, **kwargs)
+    assert model.__dict__.get("_fast_decode_buffers") is not None  # the device loop ran
+    assert torch.equal(fast, eager)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=0)
+    assert sampled.shape == (ids.shape[0], ids.shape[1] + 12) and torch.equal(sampled[:, : ids.shape[1]], ids)
