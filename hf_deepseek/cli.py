@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument(
         "--rows",
         help="comma-separated, from transformers-eager, transformers-compile, transformers-generate, ours-eager, "
-        "ours-fast, ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-generate, ours-fast-fp8 "
-        "(*-generate: generate() end to end, ms per new token; default: all)",
+        "ours-fast, ours-fast-grouped (MoE through the grouped GEMM), ours-mtp, ours-generate, "
+        "ours-generate-tf-loop (transformers' token loop), ours-fast-fp8 (*-generate: generate() end to end, ms per "
+        "new token; default: all)",
     )
     bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")
@@ -148,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_decode.add_argument(
         "--row-batch-sizes", help="per-row batch sizes, e.g. 'transformers-compile=32;ours-fast-grouped=32'"
+    )
+    bench_decode.add_argument(
+        "--row-contexts", help="per-row contexts, e.g. 'ours-generate=2048;transformers-generate=2048'"
     )
     bench_decode.add_argument("--merge", help="comma-separated bench_decode.json files of one plan: merge into one")
     bench_decode.add_argument("--output-dir", default="outputs/bench-decode", help="bench_decode.json/.md go here")

@@ -70,3 +70,17 @@ def test_compiled_step_takes_both_models_and_compiles_fp8_weights_per_shape(tmp_
     ours = convert_to_fp8_inference(load(DeepSeekForCausalLM, tmp_path, torch.device("cpu"), torch.float32))
     assert callable(compiled_step(ours, TINY_DECODE_PLAN))
     assert ours._last_compile_config.dynamic is False
+
+
+def test_per_row_batch_sizes_and_contexts_parse():
+    from hf_deepseek.cli import build_parser
+    from hf_deepseek.evals.bench_decode import plan_from_args
+
+    args = build_parser().parse_args(
+        ["bench", "decode", "--batch-sizes", "1,32", "--contexts", "2048,32768", "--row-batch-sizes",
+         "ours-generate=1", "--row-contexts", "ours-generate=2048;transformers-generate=2048,4096"]
+    )  # fmt: skip
+    plan = plan_from_args(args)
+    assert plan.row_batch_sizes == {"ours-generate": [1]}
+    assert plan.row_contexts == {"ours-generate": [2048], "transformers-generate": [2048, 4096]}
+    assert plan.contexts == [2048, 32768]

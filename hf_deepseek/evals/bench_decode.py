@@ -3,7 +3,8 @@
 Rows, in one process: transformers eager (DynamicCache), transformers static cache + torch.compile (CUDA graphs),
 ours eager (DynamicCache, absorbed decode), ours fast path (static latent cache + the compiled step `generate()`
 uses) in bf16 and with FP8 weights, ours with MTP self-speculative decoding through `generate()`, and `generate()`
-end to end for both models (ms per new token, prefill subtracted). Each step-row cell
+end to end for both models (ms per new token, prefill subtracted; ours with its device loop and with transformers'
+token loop, `ours-generate-tf-loop`). Each step-row cell
 (batch, context) fills the cache with `context` random latent tokens (decode cost does not depend on their values,
 and no row pays a long prefill), then times `warmup + steps` single-token steps with CUDA events between steps and
 reports the median. The read floor of a step counts the weights a step must read (all but the embedding and the
@@ -45,8 +46,9 @@ from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
 
-# run in this order: MTP before FP8, since the FP8 row converts the loaded model in place
-ROWS = (  # in run order: ours-fast-fp8 converts the model in place, so it comes last
+# the table's order; ours run first in this order (ours-fast-fp8 converts the loaded model in place: last), then
+# transformers'
+ROWS = (
     "transformers-eager",
     "transformers-compile",
     "transformers-generate",
@@ -55,6 +57,7 @@ ROWS = (  # in run order: ours-fast-fp8 converts the model in place, so it comes
     "ours-fast-grouped",
     "ours-mtp",
     "ours-generate",
+    "ours-generate-tf-loop",
     "ours-fast-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -73,6 +76,7 @@ class DecodePlan:
     generate_new_tokens: int = 128  # the `*-generate` rows: greedy tokens per prompt, prefill subtracted
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
+    row_contexts: dict[str, list[int]] = field(default_factory=dict)  # per-row override of contexts
 
 
 FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
@@ -231,7 +235,7 @@ def run_step_row(
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
     for batch in plan.row_batch_sizes.get(row.name, plan.batch_sizes):
         weights = step_weight_bytes(floor, batch)
-        for context in plan.contexts:
+        for context in plan.row_contexts.get(row.name, plan.contexts):
             cell = DecodeCell(row.name, batch, context)
             if row.compiled and not compile_here:
                 cell.note = "not compiled on CPU (as generate)"
@@ -289,10 +293,12 @@ def run_generate_row(name: str, model, plan: DecodePlan, device, floor, bandwidt
     cache, which it compiles on accelerators): ms per new token with the prefill subtracted, after a warm-up call
     that compiles. The same read floor as the step rows."""
     kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
+    if name == "ours-generate-tf-loop":
+        kwargs = {"fast_loop": False}  # the static latent cache and compiled step, transformers' token loop
     floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     cells = []
     for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
-        for context in plan.contexts:
+        for context in plan.row_contexts.get(name, plan.contexts):
             cell = DecodeCell(name, batch, context)
             n = plan.generate_new_tokens
             try:
@@ -319,6 +325,7 @@ def run_generate_row(name: str, model, plan: DecodePlan, device, floor, bandwidt
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             progress(f"{name} batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
             cells.append(cell)
+    model.__dict__.pop("_fast_decode_buffers", None)  # the device loop's cache: free it for the next rows
     return cells
 
 
@@ -411,23 +418,12 @@ def run_decode_bench(
         results["config"] = {k: getattr(config, k) for k in FULL_CONFIG}
         floor = floor_model(config, dtype)
         wanted = [r for r in ROWS if r in plan.rows]
-        if any(r.startswith("transformers") for r in wanted):
-            peer = load(DeepseekV3ForCausalLM, source, device, dtype)
-            for name in [r for r in wanted if r.startswith("transformers")]:
-                if name == "transformers-generate":
-                    cells = run_generate_row(name, peer, plan, device, floor, bandwidth, progress)
-                else:
-                    cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
-                results["cells"] += [asdict(c) for c in cells]
-                write_decode_report(results, output_dir)
-            del peer
-            gc.collect()
-        if any(r.startswith("ours") for r in wanted):
+        if any(r.startswith("ours") for r in wanted):  # ours first: a run cut short still has them
             model = load(DeepSeekForCausalLM, source, device, dtype)
             for name in [r for r in wanted if r.startswith("ours")]:
                 if name == "ours-mtp":
                     cells = run_mtp_row(model, plan, device, progress)
-                elif name == "ours-generate":
+                elif name.startswith("ours-generate"):
                     cells = run_generate_row(name, model, plan, device, floor, bandwidth, progress)
                 else:
                     if name == "ours-fast-fp8":
@@ -438,6 +434,17 @@ def run_decode_bench(
                 results["cells"] += [asdict(c) for c in cells]
                 write_decode_report(results, output_dir)
             del model
+            gc.collect()
+        if any(r.startswith("transformers") for r in wanted):
+            peer = load(DeepseekV3ForCausalLM, source, device, dtype)
+            for name in [r for r in wanted if r.startswith("transformers")]:
+                if name == "transformers-generate":
+                    cells = run_generate_row(name, peer, plan, device, floor, bandwidth, progress)
+                else:
+                    cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
+                results["cells"] += [asdict(c) for c in cells]
+                write_decode_report(results, output_dir)
+            del peer
             gc.collect()
     add_ratios(results)
     write_decode_report(results, output_dir)
@@ -523,10 +530,12 @@ def plan_from_args(args: argparse.Namespace) -> DecodePlan:
         plan.mtp_new_tokens = args.mtp_new_tokens
     if getattr(args, "generate_new_tokens", None):
         plan.generate_new_tokens = args.generate_new_tokens
-    for item in (args.row_batch_sizes or "").split(";"):
-        if item.strip():
-            name, sizes = item.split("=")
-            plan.row_batch_sizes[name.strip()] = [int(b) for b in sizes.split(",")]
+    for option, per_row in ((args.row_batch_sizes, plan.row_batch_sizes), (getattr(args, "row_contexts", None),
+                                                                          plan.row_contexts)):  # fmt: skip
+        for item in (option or "").split(";"):
+            if item.strip():
+                name, sizes = item.split("=")
+                per_row[name.strip()] = [int(b) for b in sizes.split(",")]
     return plan
 
 
@@ -536,7 +545,7 @@ def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
         return merge_results(args.merge.split(","), args.output_dir)
     words = ["hf-deepseek bench decode"]
     for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "row_batch_sizes",
-                 "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
+                 "row_contexts", "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
                  "output_dir"):  # fmt: skip
         value = getattr(args, name, None)
         if value not in (None, False):
