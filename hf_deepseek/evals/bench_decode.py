@@ -46,9 +46,7 @@ from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
 
-# the table's order; ours run first in this order (ours-fast-fp8 converts the loaded model in place: last), then
-# transformers'
-ROWS = (
+ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "transformers-eager",
     "transformers-compile",
     "transformers-generate",
@@ -226,7 +224,7 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 
 
 def run_step_row(
-    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM
+    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM, emit=None
 ) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
@@ -269,6 +267,8 @@ def run_step_row(
                 + f" ({time.perf_counter() - started:.0f} s)"
             )
             cells.append(cell)
+            if emit is not None:  # each cell reported as it is measured
+                emit(cell)
     if compile_here:
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
@@ -288,7 +288,9 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, device, **kwargs) -
     return time.perf_counter() - start
 
 
-def run_generate_row(name: str, model, plan: DecodePlan, device, floor, bandwidth, progress) -> list[DecodeCell]:
+def run_generate_row(
+    name: str, model, plan: DecodePlan, device, floor, bandwidth, progress, emit=None
+) -> list[DecodeCell]:
     """`generate()` end to end as users call it (greedy; ours: its default fast path; transformers': its static
     cache, which it compiles on accelerators): ms per new token with the prefill subtracted, after a warm-up call
     that compiles. The same read floor as the step rows."""
@@ -325,11 +327,13 @@ def run_generate_row(name: str, model, plan: DecodePlan, device, floor, bandwidt
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             progress(f"{name} batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
             cells.append(cell)
+            if emit is not None:  # each cell reported as it is measured
+                emit(cell)
     model.__dict__.pop("_fast_decode_buffers", None)  # the device loop's cache: free it for the next rows
     return cells
 
 
-def run_mtp_row(model, plan: DecodePlan, device, progress) -> list[DecodeCell]:
+def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[DecodeCell]:
     """MTP self-speculative decoding through `generate(mtp_speculative=True)` against plain greedy `generate()`
     (the fast path where it applies) on the same prompts: ms per generated token, acceptance, tokens per step."""
     cells = []
@@ -375,6 +379,8 @@ def run_mtp_row(model, plan: DecodePlan, device, progress) -> list[DecodeCell]:
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
             progress(f"ours-mtp batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
             cells.append(cell)
+            if emit is not None:  # each cell reported as it is measured
+                emit(cell)
     return cells
 
 
@@ -417,38 +423,39 @@ def run_decode_bench(
         config = DeepSeekConfig.from_pretrained(source)
         results["config"] = {k: getattr(config, k) for k in FULL_CONFIG}
         floor = floor_model(config, dtype)
-        wanted = [r for r in ROWS if r in plan.rows]
-        if any(r.startswith("ours") for r in wanted):  # ours first: a run cut short still has them
-            model = load(DeepSeekForCausalLM, source, device, dtype)
-            for name in [r for r in wanted if r.startswith("ours")]:
-                if name == "ours-mtp":
-                    cells = run_mtp_row(model, plan, device, progress)
-                elif name.startswith("ours-generate"):
-                    cells = run_generate_row(name, model, plan, device, floor, bandwidth, progress)
-                else:
-                    if name == "ours-fast-fp8":
-                        from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
-                        convert_to_fp8_inference(model)
-                    cells = run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor)
-                results["cells"] += [asdict(c) for c in cells]
-                write_decode_report(results, output_dir)
-            del model
-            gc.collect()
-        if any(r.startswith("transformers") for r in wanted):
-            peer = load(DeepseekV3ForCausalLM, source, device, dtype)
-            for name in [r for r in wanted if r.startswith("transformers")]:
-                if name == "transformers-generate":
-                    cells = run_generate_row(name, peer, plan, device, floor, bandwidth, progress)
-                else:
-                    cells = run_step_row(STEP_ROWS[name], peer, plan, device, dtype, bandwidth, progress, floor)
-                results["cells"] += [asdict(c) for c in cells]
-                write_decode_report(results, output_dir)
-            del peer
-            gc.collect()
+        def emit(cell: DecodeCell) -> None:
+            results["cells"].append(asdict(cell))
+            write_decode_report(results, output_dir)
+
+        models: dict[str, Any] = {}  # each loaded at its first row, kept for the later ones
+        for name in run_order(plan.rows):
+            ours = name.startswith("ours")
+            key = "ours" if ours else "transformers"
+            if key not in models:
+                models[key] = load(DeepSeekForCausalLM if ours else DeepseekV3ForCausalLM, source, device, dtype)
+            model = models[key]
+            if name == "ours-mtp":
+                run_mtp_row(model, plan, device, progress, emit)
+            elif "generate" in name:
+                run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit)
+            else:
+                if name == "ours-fast-fp8":
+                    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+                    convert_to_fp8_inference(model)
+                run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor, emit)
+        models.clear()
+        gc.collect()
     add_ratios(results)
     write_decode_report(results, output_dir)
     return results
+
+
+def run_order(rows: list[str]) -> list[str]:
+    """The rows in the order asked (the most wanted first survive a run cut short), `ours-fast-fp8` last: it
+    converts our loaded model in place."""
+    return [r for r in rows if r != "ours-fast-fp8"] + [r for r in rows if r == "ours-fast-fp8"]
 
 
 def add_ratios(results: dict[str, Any]) -> None:
