@@ -42,6 +42,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
+from hf_deepseek.kernels import flash_mla_decode
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -53,6 +54,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-eager",
     "ours-fast",
     "ours-fast-grouped",
+    "ours-fast-torch-attn",
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
@@ -150,6 +152,7 @@ def filled_cache(kind: str, model, batch: int, context: int, max_len: int, devic
         cache = StaticCache(config=config, max_cache_len=max_len)
     else:
         cache = LatentStaticCache(config, max_cache_len=max_len)
+        cache.unpadded = True  # random tokens, no padding: FlashMLA's decode kernel may read it
     gen = torch.Generator(device=device).manual_seed(batch * 7919 + context)
     latent = torch.randn(batch, 1, context, config.kv_lora_rank, device=device, dtype=dtype, generator=gen)
     rope = torch.randn(batch, 1, context, config.qk_rope_head_dim, device=device, dtype=dtype, generator=gen)
@@ -191,6 +194,7 @@ class Row:
     cache_kind: str  # dynamic | static | latent
     compiled: bool
     dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE during the row
+    flash_mla: bool = True  # flash_mla_decode.ENABLED during the row (FlashMLA where installed)
 
 
 STEP_ROWS = {
@@ -199,6 +203,7 @@ STEP_ROWS = {
     "ours-eager": Row("ours-eager", "dynamic", False),
     "ours-fast": Row("ours-fast", "latent", True),
     "ours-fast-grouped": Row("ours-fast-grouped", "latent", True, dense_decode_experts=False),
+    "ours-fast-torch-attn": Row("ours-fast-torch-attn", "latent", True, flash_mla=False),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -228,6 +233,7 @@ def run_step_row(
 ) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
+    flash_mla_decode.ENABLED = row.flash_mla
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
@@ -273,6 +279,7 @@ def run_step_row(
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
     moe_decode.DENSE_DECODE = True
+    flash_mla_decode.ENABLED = True
     return cells
 
 

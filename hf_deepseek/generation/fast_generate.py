@@ -242,6 +242,7 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
         model.__dict__["_fast_decode_buffers"] = buffers
     b = buffers
     b.cache.reset()
+    b.cache.unpadded = bool(mask.all())  # no left padding: decode attention may take FlashMLA's kernel
     b.keep.zero_()
     b.keep[:, :prompt_len] = mask.bool()
     b.new_tokens.fill_(choice.pad)

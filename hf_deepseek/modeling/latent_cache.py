@@ -17,10 +17,17 @@ from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.configuration_utils import CompileConfig
 from transformers.utils import is_torchdynamo_compiling
 
+from ..kernels import flash_mla_decode
+from ..kernels.flash_mla_decode import PAGE
+
 
 class LatentCacheLayer(StaticLayer):
     """One layer's latent cache. `keys` [B, 1, L, r] and `values` [B, 1, L, rope] are views of one buffer
-    `latent_and_rope` [B, L, r + rope], so attention can score against both with one matmul."""
+    `latent_and_rope` [B, L, r + rope], so attention can score against both with one matmul. Each row's storage
+    is rounded up to whole pages of `PAGE` tokens (`storage` [B, L64, r + rope]), which FlashMLA's decode kernel
+    reads when `flash_mla` (decided once, here, outside traced code: `kernels/flash_mla_decode.py`)."""
+
+    flash_mla: bool = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -28,14 +35,19 @@ class LatentCacheLayer(StaticLayer):
         if self.num_heads != 1:
             raise ValueError(f"LatentCacheLayer holds one shared latent per token, got {self.num_heads} heads.")
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        self.latent_and_rope = torch.zeros(
-            self.batch_size, self.max_cache_len, self.k_head_dim + self.v_head_dim, dtype=self.dtype, device=self.device
+        paged_len = -(-self.max_cache_len // PAGE) * PAGE
+        width = self.k_head_dim + self.v_head_dim
+        self.storage = torch.zeros(self.batch_size, paged_len, width, dtype=self.dtype, device=self.device)
+        self.latent_and_rope = self.storage[:, : self.max_cache_len]
+        compiling = is_torchdynamo_compiling()
+        self.flash_mla = not compiling and flash_mla_decode.usable(
+            self.k_head_dim, self.v_head_dim, self.dtype, self.device
         )
         self.keys = self.latent_and_rope[:, None, :, : self.k_head_dim]
         self.values = self.latent_and_rope[:, None, :, self.k_head_dim :]
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not is_torchdynamo_compiling():  # fixed addresses: CUDA graphs replay over these very tensors
-            for tensor in (self.latent_and_rope, self.keys, self.values, self.cumulative_length):
+            for tensor in (self.storage, self.latent_and_rope, self.keys, self.values, self.cumulative_length):
                 torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
 
@@ -58,7 +70,11 @@ class LatentCacheLayer(StaticLayer):
 
 
 class LatentStaticCache(Cache):
-    """A compileable cache of `max_cache_len` latent tokens per layer (the main layers and the MTP layers)."""
+    """A compileable cache of `max_cache_len` latent tokens per layer (the main layers and the MTP layers).
+    `unpadded`: every row's tokens fill cache positions [0, length) (no left padding), which lets decode attention
+    take kernels without a padding mask (FlashMLA); whoever fills the cache and knows it sets it."""
+
+    unpadded: bool = False
 
     def __init__(self, config, max_cache_len: int, **kwargs):
         if max_cache_len < 1:

@@ -6,12 +6,15 @@ cache buffer: the query is folded through W_UK into latent space and concatenate
 batched matmul against the [B, L, r + rope] buffer gives the scores and one against its latent part gives the
 output, which W_UV maps back to heads. Shapes are static (the whole buffer, masked past each row's length), the
 length is a device tensor, and nothing reads device values on the host: the step compiles into CUDA graphs.
+One query token per row over a cache without padding goes through FlashMLA's split-KV kernel where it is installed
+(`kernels/flash_mla_decode.py`), which reads each row only up to its length.
 """
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
+from ..kernels.flash_mla_decode import flash_latent_attention
 from .latent_cache import LatentStaticCache
 
 
@@ -26,7 +29,17 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
         return attn._expanded_attention(q_nope, q_rope, latent, k_rope, mask, **kwargs)[0]
     layer = cache.layers[attn.layer_idx]
     buffer, length = layer.latent_and_rope, layer.cumulative_length
+    if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
+        return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length)
     return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
+
+
+def flash_cache_attention(attn, q_nope, q_rope, storage, length) -> torch.Tensor:
+    """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py`."""
+    w_uk, w_uv = attn.absorbed_weights()
+    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, 1, r]
+    out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling).to(q_nope.dtype)
+    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
 
 
 def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask) -> torch.Tensor:

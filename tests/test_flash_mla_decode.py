@@ -1,0 +1,108 @@
+"""FlashMLA's decode kernel (`kernels/flash_mla_decode.py`, from the optional `sgl-flash-mla` wheel) against a
+float64 reference and the torch path it replaces: on an SM90 GPU where the wheel is installed (skipped elsewhere);
+on the CPU, the plumbing around it (pages, block table, lengths, the absorbed projections) with the kernel emulated."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import flash_mla_decode
+from hf_deepseek.modeling.latent_cache import LatentStaticCache
+
+V3_LATENT = dict(hidden_size=256, num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
+                 v_head_dim=64, q_lora_rank=128, initializer_range=0.05)  # fmt: skip
+
+
+@pytest.fixture
+def flash_mla():
+    if not flash_mla_decode.available():
+        pytest.skip("sgl-flash-mla is not installed, or this GPU is not SM90")
+    yield
+    flash_mla_decode.ENABLED = True
+
+
+def reference(q_latent, q_rope, storage, length: int, scale: float) -> torch.Tensor:
+    keys = storage[:, :length].double()  # [B, S, 576]
+    query = torch.cat([q_latent, q_rope], dim=-1).double()  # [B, H, 1, 576]
+    probs = (torch.einsum("bhtd,bsd->bhts", query, keys) * scale).softmax(dim=-1)
+    return torch.einsum("bhts,bsr->bhtr", probs, keys[..., :512])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.gpu
+def test_flash_decode_matches_float64_eager_and_in_a_cuda_graph(flash_mla):
+    torch.manual_seed(0)
+    batch, heads, scale = 4, 16, 192**-0.5
+    storage = torch.randn(batch, 1024, 576, device="cuda", dtype=torch.bfloat16)
+    q_latent = torch.randn(batch, heads, 1, 512, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(batch, heads, 1, 64, device="cuda", dtype=torch.bfloat16)
+    length = torch.tensor([777], device="cuda")
+    out = flash_mla_decode.flash_latent_attention(q_latent, q_rope, storage, length, scale)
+    assert out.shape == (batch, heads, 1, 512)
+    assert relative_error(out, reference(q_latent, q_rope, storage, 777, scale)) < 1e-2
+    compiled = torch.compile(flash_mla_decode.flash_latent_attention, mode="reduce-overhead", fullgraph=True)
+    for n in (100, 101, 1000):  # the length lives on the device: one graph, replayed
+        length.fill_(n)
+        out = compiled(q_latent, q_rope, storage, length, scale).clone()
+        assert relative_error(out, reference(q_latent, q_rope, storage, n, scale)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_model_decode_step_through_flash_equals_the_torch_path(flash_mla):
+    """DeepSeek-V3's latent dimensions (512 + 64), 16 heads: a decode step's logits with the cache read by FlashMLA
+    and by the torch path (bf16 both; same weights, prompt and token)."""
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).cuda().bfloat16().eval()
+    ids = torch.randint(3, config.vocab_size, (2, 50), device="cuda")
+    step = torch.randint(3, config.vocab_size, (2, 1), device="cuda")
+    logits = {}
+    for enabled in (True, False):
+        flash_mla_decode.ENABLED = enabled
+        cache = LatentStaticCache(config, max_cache_len=60)
+        cache.unpadded = True
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+            assert cache.layers[0].flash_mla is enabled
+            logits[enabled] = model(step, cache=cache, use_cache=True).logits.float()
+    assert relative_error(logits[True], logits[False]) < 2e-2
+
+
+EMULATED_CALLS = []
+
+
+def emulated_kernel(query, pages, block_table, lengths, scale):
+    """What FlashMLA computes, from its own inputs: each row's pages through the block table, its first `lengths`."""
+    EMULATED_CALLS.append(int(lengths[0]))
+    rows = pages[block_table.long()].flatten(1, 2)[:, :, 0]  # [B, pages * 64, 576]
+    out = []
+    for b in range(query.shape[0]):
+        keys = rows[b, : int(lengths[b])]
+        probs = (query[b, 0] @ keys.T * scale).softmax(dim=-1)  # [H, S]
+        out.append((probs @ keys[:, :512])[None])
+    return torch.stack(out)  # [B, 1, H, 512]
+
+
+def test_flash_path_plumbing_with_the_kernel_emulated_on_cpu():
+    flash_mla_decode.flash_mla_decode.register_kernel("cpu")(emulated_kernel)
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 50))
+    steps = torch.randint(3, config.vocab_size, (2, 3))
+    logits = {}
+    for flash in (True, False):
+        cache = LatentStaticCache(config, max_cache_len=70)  # storage rounded up to 128 tokens a row
+        cache.unpadded = True
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+            for layer in cache.layers:
+                layer.flash_mla = flash
+            logits[flash] = torch.cat([model(steps[:, i : i + 1], cache=cache).logits for i in range(3)], dim=1)
+        assert cache.layers[0].storage.shape[1] == 128
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+    assert EMULATED_CALLS == [51] * 3 + [52] * 3 + [53] * 3  # 3 layers a step, each step one token longer
