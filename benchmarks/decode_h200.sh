@@ -34,6 +34,10 @@ say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import av
 timeout ${TEST_S:-110} python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 100 \
   tests/test_fast_generate.py tests/test_flash_mla_decode.py > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
+if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
+  export HF_DEEPSEEK_FLASH_MLA=0  # the benches then measure the torch attention path
+  say "FlashMLA failed its tests: turned off for the benches"
+fi
 
 timeout ${MTP_S:-70} python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-tiny \
   --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-contexts 128 --mtp-new-tokens 128 \

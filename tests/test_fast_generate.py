@@ -158,6 +158,24 @@ def test_the_loop_is_the_default_only_on_cuda_for_what_it_supports(monkeypatch):
         model.generate(inputs["input_ids"], max_new_tokens=2, num_beams=2, fast_loop=True)
 
 
+def test_a_failing_device_loop_falls_back_to_transformers_loop_once_and_for_all(monkeypatch):
+    model = tiny_model()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no CUDA graph today")
+
+    monkeypatch.setattr(fg, "fast_generate", broken)
+    assert fg.try_fast_generate(model, ids, None, dict(max_new_tokens=2), None) is None
+    assert "no CUDA graph today" in model.fast_loop_error
+    assert fg.try_fast_generate(model, ids, None, dict(max_new_tokens=2), None) is None and len(calls) == 1
+    with pytest.raises(RuntimeError, match="no CUDA graph"):  # asked for explicitly: the error, not the fallback
+        fg.try_fast_generate(model, ids, None, dict(max_new_tokens=2), True)
+
+
 @pytest.mark.gpu
 def test_compiled_device_loop_on_gpu():
     """On CUDA generate() takes the device loop by default: one CUDA graph per step (Inductor), fp32 so that the
@@ -169,6 +187,7 @@ def test_compiled_device_loop_on_gpu():
     eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
     fast = model.generate(ids, **kwargs)
     assert model.__dict__.get("_fast_decode_buffers") is not None  # the device loop ran
+    assert model.__dict__.get("fast_loop_error") is None, model.fast_loop_error  # and did not fall back
     assert torch.equal(fast, eager)
     torch.manual_seed(0)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=0)

@@ -233,7 +233,8 @@ def run_step_row(
 ) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
-    flash_mla_decode.ENABLED = row.flash_mla
+    flash_enabled = flash_mla_decode.ENABLED  # off for the whole run with HF_DEEPSEEK_FLASH_MLA=0
+    flash_mla_decode.ENABLED = flash_enabled and row.flash_mla
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
@@ -279,7 +280,7 @@ def run_step_row(
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
     moe_decode.DENSE_DECODE = True
-    flash_mla_decode.ENABLED = True
+    flash_mla_decode.ENABLED = flash_enabled
     return cells
 
 
@@ -328,6 +329,8 @@ def run_generate_row(
                 cell.floor_ms = 1000 * floor_bytes / bandwidth
                 cell.floor_fraction = cell.floor_ms / cell.ms_per_step
                 cell.note = f"prefill {1000 * prefill_s:.1f} ms"
+                if model.__dict__.get("fast_loop_error"):  # generate() fell back to transformers' loop
+                    cell.note += f"; device loop failed, transformers' loop measured: {model.fast_loop_error[:150]}"
             except torch.OutOfMemoryError:
                 cell.note = "out of memory"
             except Exception as error:  # a row that fails is reported, the others still run

@@ -23,8 +23,10 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.utils import logging
 
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
+logger = logging.get_logger(__name__)
 
 # generation settings this loop does not implement: each must be None, its neutral value or GenerationConfig()'s
 NEUTRAL_SETTINGS = dict(
@@ -222,6 +224,32 @@ def default_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) ->
     return input_ids.ne(pad).long()
 
 
+def try_fast_generate(model, inputs, generation_config, kwargs: dict, requested: bool | None) -> torch.Tensor | None:
+    """The device loop's tokens, or None where transformers' loop should run instead: the call needs more than the
+    loop offers, or (unless `requested`) the loop failed on this model before. A failure other than running out of
+    memory is remembered in `model.fast_loop_error` and warned about, and transformers' loop takes over."""
+    config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
+    if not wants_fast_loop(model, config, model_kwargs, requested):
+        return None
+    if requested is None and model.__dict__.get("fast_loop_error"):
+        return None
+    input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+    try:
+        return fast_generate(model, input_ids, config, model_kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # a compile or kernel failure: transformers' loop still gives the tokens
+        if requested:
+            raise
+        model.__dict__["fast_loop_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        model.__dict__.pop("_fast_decode_buffers", None)
+        logger.warning(
+            f"generate(): the device token loop failed ({model.fast_loop_error}); this model uses transformers' "
+            "loop from now on. Please report it; generate(fast_loop=True) raises the error instead."
+        )
+        return None
+
+
 @torch.no_grad()
 def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, model_kwargs: dict) -> torch.Tensor:
     """Greedy or sampled tokens [B, T + new] as `generate()` returns them (rows that end early padded with pad)."""
@@ -265,4 +293,7 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     return torch.cat([input_ids, b.new_tokens[:, :generated].to(input_ids.dtype)], dim=1)
 
 
-__all__ = ["fast_generate", "wants_fast_loop", "fast_loop_reason", "TokenChoice", "decode_step", "CHECK_EVERY"]
+__all__ = [
+    "fast_generate", "try_fast_generate", "wants_fast_loop", "fast_loop_reason", "TokenChoice", "decode_step",
+    "CHECK_EVERY",
+]  # fmt: skip

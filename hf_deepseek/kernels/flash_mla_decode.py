@@ -7,14 +7,16 @@ the keys across the GPU's multiprocessors and stops at each row's length, where 
 matmuls over the whole static buffer. FlashMLA has no padding mask, so it serves only caches whose rows fill
 [0, length) (`LatentStaticCache.unpadded`). DeepSeek-V3's dimensions only: kv_lora_rank 512, qk_rope_head_dim 64,
 bf16. Whether it can run is decided once, when a cache is allocated (outside traced code); `ENABLED = False`
-turns it off for caches allocated afterwards.
+(or HF_DEEPSEEK_FLASH_MLA=0 in the environment) turns it off for caches allocated afterwards.
 """
 
 import functools
+import os
 
 import torch
 
-ENABLED = True  # the benchmark turns it off to measure the torch path in the same run
+# HF_DEEPSEEK_FLASH_MLA=0 turns it off; the benchmark turns it off per row to measure the torch path in the same run
+ENABLED = os.environ.get("HF_DEEPSEEK_FLASH_MLA", "1") != "0"
 PAGE = 64  # tokens per FlashMLA page
 LATENT_DIM, ROPE_DIM = 512, 64
 

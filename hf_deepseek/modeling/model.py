@@ -177,12 +177,11 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             return speculative_generate(self, inputs, generation_config, **kwargs)
         fast_loop = kwargs.pop("fast_loop", getattr(config, "fast_loop", None))
         if fast_loop is not False:
-            from ..generation.fast_generate import fast_generate, wants_fast_loop
+            from ..generation.fast_generate import try_fast_generate
 
-            merged, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-            if wants_fast_loop(self, merged, model_kwargs, fast_loop):
-                input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
-                return fast_generate(self, input_ids, merged, model_kwargs)
+            tokens = try_fast_generate(self, inputs, generation_config, kwargs, fast_loop)
+            if tokens is not None:
+                return tokens
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def routers(self) -> list[TopKRouter]:
