@@ -283,8 +283,10 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     record_token(b, choice, choice(out.logits[:, -1].float(), b.prompt_len, b.step))
     del out
     step = compiled_decode_step(model, config)
+    can_end_from = max(choice.min_new_tokens, choice.min_length - prompt_len, 0)  # no eos before: nothing to check
     for done in range(1, max_new):
-        if choice.eos is not None and done % CHECK_EVERY == 0 and not bool(b.unfinished.any()):
+        check = choice.eos is not None and done > can_end_from and done % CHECK_EVERY == 0
+        if check and not bool(b.unfinished.any()):
             break
         step(model, b, choice)
     generated = max_new
