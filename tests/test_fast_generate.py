@@ -166,7 +166,7 @@ def test_a_failing_device_loop_falls_back_to_transformers_loop_once_and_for_all(
 
     def broken(*args):
         calls.append(1)
-        raise RuntimeError("no CUDA graph today")
+        raise fg.DecodeStepError("step failed") from RuntimeError("no CUDA graph today")
 
     monkeypatch.setattr(fg, "fast_generate", broken)
     assert fg.try_fast_generate(model, ids, None, dict(max_new_tokens=2), None) is None

@@ -224,30 +224,39 @@ def default_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) ->
     return input_ids.ne(pad).long()
 
 
+class DecodeStepError(RuntimeError):
+    """The compiled decode step failed (compilation, CUDA graphs, a kernel): raised from the original error."""
+
+
 def try_fast_generate(model, inputs, generation_config, kwargs: dict, requested: bool | None) -> torch.Tensor | None:
     """The device loop's tokens, or None where transformers' loop should run instead: the call needs more than the
-    loop offers, or (unless `requested`) the loop failed on this model before. A failure other than running out of
-    memory is remembered in `model.fast_loop_error` and warned about, and transformers' loop takes over."""
+    loop offers, or (unless `requested`) its compiled step failed on this model, now or before. Such a failure (not
+    running out of memory) is remembered in `model.fast_loop_error` and warned about; transformers' loop takes over."""
     config, model_kwargs = model._prepare_generation_config(generation_config, **kwargs)
     if not wants_fast_loop(model, config, model_kwargs, requested):
         return None
     if requested is None and model.__dict__.get("fast_loop_error"):
         return None
     input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
+    if input_ids is None or input_ids.dim() != 2 or new_token_budget(config, input_ids.shape[1]) < 1:
+        return None  # transformers' own checks and messages
     try:
         return fast_generate(model, input_ids, config, model_kwargs)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as error:  # a compile or kernel failure: transformers' loop still gives the tokens
+    except DecodeStepError as error:
         if requested:
-            raise
-        model.__dict__["fast_loop_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+            raise error.__cause__ from None
+        cause = error.__cause__
+        model.__dict__["fast_loop_error"] = f"{type(cause).__name__}: {str(cause)[:500]}"
         model.__dict__.pop("_fast_decode_buffers", None)
         logger.warning(
             f"generate(): the device token loop failed ({model.fast_loop_error}); this model uses transformers' "
             "loop from now on. Please report it; generate(fast_loop=True) raises the error instead."
         )
         return None
+
+
+def new_token_budget(config: GenerationConfig, prompt_len: int) -> int:
+    return config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
 
 
 @torch.no_grad()
@@ -257,7 +266,7 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     device = input_ids.device
     mask = model_kwargs.get("attention_mask")
     mask = default_attention_mask(input_ids, config) if mask is None else mask
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
+    max_new = new_token_budget(config, prompt_len)
     if max_new < 1:
         raise ValueError(f"generate would add {max_new} tokens to a {prompt_len}-token prompt; raise max_new_tokens.")
     max_len = prompt_len + max_new - 1  # the last token is never fed back
@@ -288,7 +297,12 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
         check = choice.eos is not None and done > can_end_from and done % CHECK_EVERY == 0
         if check and not bool(b.unfinished.any()):
             break
-        step(model, b, choice)
+        try:
+            step(model, b, choice)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            raise DecodeStepError(str(error)) from error
     generated = max_new
     if choice.eos is not None:  # transformers stops once every row has ended: same length
         generated = min(max_new, int(b.ended_at.max()) + 1)
@@ -296,6 +310,6 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
 
 
 __all__ = [
-    "fast_generate", "try_fast_generate", "wants_fast_loop", "fast_loop_reason", "TokenChoice", "decode_step",
-    "CHECK_EVERY",
+    "fast_generate", "try_fast_generate", "DecodeStepError", "wants_fast_loop", "fast_loop_reason", "TokenChoice",
+    "decode_step", "CHECK_EVERY",
 ]  # fmt: skip
