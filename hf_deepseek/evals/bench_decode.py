@@ -300,11 +300,14 @@ def run_generate_row(
     name: str, model, plan: DecodePlan, device, floor, bandwidth, progress, emit=None
 ) -> list[DecodeCell]:
     """`generate()` end to end as users call it (greedy; ours: its default fast path; transformers': its static
-    cache, which it compiles on accelerators): ms per new token with the prefill subtracted, after a warm-up call
-    that compiles. The same read floor as the step rows."""
+    cache, which it compiles on accelerators), with the step rows' compile settings (`plan.compile_dynamic`): ms per
+    new token with the prefill subtracted, after a warm-up call that compiles. The same read floor as the step rows."""
     kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
     if name == "ours-generate-tf-loop":
         kwargs = {"fast_loop": False}  # the static latent cache and compiled step, transformers' token loop
+    fp8 = isinstance(model, DeepSeekForCausalLM) and model.has_fp8_weights()
+    # compiled as the step rows are (one shape-generic graph: one compile for every cell, CUDA graphs per shape)
+    kwargs["compile_config"] = CompileConfig(dynamic=False if fp8 else plan.compile_dynamic)
     floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     cells = []
     for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
