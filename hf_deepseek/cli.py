@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
     bench_train.add_argument("--profile-variants", help="comma-separated: profile only these variants (one step each)")
     bench_train.add_argument(
-        "--shape", choices=("bench", "v3-width"), help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168"
+        "--shape",
+        choices=("bench", "v3-width", "small"),
+        help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168; small: 4 layers at hidden 512 (a CPU "
+        "comparison of bf16 with emulated FP8)",
     )
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     bench_decode = bench_kinds.add_parser(
