@@ -4,9 +4,10 @@
 #   bash benchmarks/train_h200.sh
 # In order, within BUDGET seconds of wall time (default 520):
 #   1. `hf-deepseek bench train --device cuda` (through `python -m hf_deepseek.cli`): hf_deepseek-bf16-unfused-loss,
-#      hf_deepseek-bf16, hf_deepseek-fp8-rowwise, hf_deepseek-fp8, and the two FP8 recipes uncompiled
-#      (hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager: where the FP8 loss gap comes from), with a kernel-time
-#      profile of one step after warm-up of the two bf16 variants and FP8 rowwise (top 25 kernels, time per kind);
+#      hf_deepseek-bf16, hf_deepseek-fp8-rowwise, hf_deepseek-fp8, and uncompiled FP8 steps that place the FP8 loss
+#      gap in the compiled step or in the kernels (hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager, and
+#      hf_deepseek-fp8-eager-fp8-wgrad, November's FP8 step, whose loss matched bf16's), with a kernel-time profile
+#      of one step after warm-up of both bf16 variants and FP8 rowwise (top 25 kernels, time per kind of kernel);
 #   2. torchtitan's DeepSeek-V3 at the same shapes and batches (titan_anchor.py, titan-bf16 and titan-fp8), after ours
 #      in the same call, as the 2026-12-03 run (it then ran our bench itself with --project; here the bench runs
 #      first on its own so that it can profile, and the ratios are computed below);
@@ -41,7 +42,7 @@ $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 say "torchtitan wheels: $(tail -1 $L/pip.log) $(ls $SITE 2>/dev/null | tr '\n' ' ' | cut -c1-120)"
 
 # 1. the bench (timed: alone on the GPU)
-VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager}
+VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad}
 PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 200 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
   --variants $VARIANTS --profile-variants hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise \
   --output-dir $W/bt > $L/bench_train.log 2>&1

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, "
         "hf_deepseek-bf16-unfused-loss, hf_deepseek-fp8 (the deepseek recipe), hf_deepseek-fp8-rowwise, "
-        "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager (default: transformers, hf_deepseek-bf16 and the two "
-        "compiled FP8 recipes; v3-width: ours only)",
+        "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager-fp8-wgrad (default: "
+        "transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; v3-width: ours only)",
     )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")

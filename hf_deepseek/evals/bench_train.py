@@ -36,12 +36,15 @@ PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
 OURS_FP8_EAGER, OURS_FP8_ROWWISE = "hf_deepseek-fp8-eager", "hf_deepseek-fp8-rowwise"
 OURS_FP8_ROWWISE_EAGER = "hf_deepseek-fp8-rowwise-eager"
-# FP8 variants -> (named recipe, compiled): "deepseek" is the paper's blockwise recipe, "rowwise" torchtitan's
+OURS_FP8_EAGER_FP8_WGRAD = "hf_deepseek-fp8-eager-fp8-wgrad"  # the November FP8 step: experts' weight gradient in FP8
+# FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
+# torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
-    OURS_FP8: ("deepseek", True),
-    OURS_FP8_ROWWISE: ("rowwise", True),
-    OURS_FP8_EAGER: ("deepseek", False),
-    OURS_FP8_ROWWISE_EAGER: ("rowwise", False),
+    OURS_FP8: ("deepseek", True, {}),
+    OURS_FP8_ROWWISE: ("rowwise", True, {}),
+    OURS_FP8_EAGER: ("deepseek", False, {}),
+    OURS_FP8_ROWWISE_EAGER: ("rowwise", False, {}),
+    OURS_FP8_EAGER_FP8_WGRAD: ("deepseek", False, {"grouped_wgrad": "fp8"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS)
@@ -158,7 +161,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def compiled(name: str) -> bool:
     """Whether the variant compiles its layers (on CUDA; CPU runs stay eager)."""
-    return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]
+    return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False, {}))[1]
 
 
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -179,7 +182,8 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
     if name in FP8_VARIANTS:
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
-        convert_to_fp8_training(model, FP8Recipe.named(FP8_VARIANTS[name][0]))
+        recipe, _, overrides = FP8_VARIANTS[name]
+        convert_to_fp8_training(model, FP8Recipe.named(recipe, **overrides))
     if compiled(name) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
