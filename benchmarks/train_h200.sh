@@ -32,29 +32,35 @@ PROJECT_PATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SITE=${SITE:-/tmp/site}
 DEV="--device cuda"; BENCH_SMOKE=""; TITAN_SMOKE=""; COMPARE_SMOKE=""
 if [ "${SMOKE:-0}" = 1 ]; then
-  DEV="--device cpu"; BENCH_SMOKE="--tiny --steps 2"; TITAN_SMOKE="--tiny"; COMPARE_SMOKE="--shape tiny --steps 6 --tail 3"
+  DEV="--device cpu"; BENCH_SMOKE="--tiny --steps 2"; TITAN_SMOKE="--tiny"
+  COMPARE_SMOKE="--shape tiny --steps 6 --tail 3"
   SITE=$W/site
 fi
 
-say "$($PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")')"
+say "$($PY -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
+  torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")')"
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/titan/*.whl \
   > $L/pip.log 2>&1 && rm -rf $SITE/test
 say "torchtitan wheels: $(tail -1 $L/pip.log) $(ls $SITE 2>/dev/null | tr '\n' ' ' | cut -c1-120)"
 
 # 1. the bench (timed: alone on the GPU)
-VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad}
+EAGER_FP8=hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad
+VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,$EAGER_FP8}
 PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 200 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
   --variants $VARIANTS --profile-variants hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise \
   --output-dir $W/bt > $L/bench_train.log 2>&1
 say "bench train: exit $?"
 grep -E "ms/step|failed" $L/bench_train.log | cut -c1-400
 cp $W/bt/bench_train.json $OUT/ 2>/dev/null
-for f in $W/bt/profile_*.txt; do [ -f "$f" ] && { echo "==== $(basename $f)"; cat "$f"; echo; }; done > $OUT/profiles.txt
+for f in $W/bt/profile_*.txt; do
+  [ -f "$f" ] && { echo "==== $(basename $f)"; cat "$f"; echo; }
+done > $OUT/profiles.txt
 grep -A 12 "time per step" $OUT/profiles.txt | head -60
 
 # 2. torchtitan (timed: alone on the GPU)
 PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} timeout -k 10 $(( $(left) - 60 )) $PY .whl/titan/titan_anchor.py \
-  $DEV $TITAN_SMOKE --variants titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8) --out $W/titan/anchor.json > $L/titan_anchor.log 2>&1
+  $DEV $TITAN_SMOKE --variants titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8) --out $W/titan/anchor.json \
+  > $L/titan_anchor.log 2>&1
 say "torchtitan anchor: exit $?"
 grep -E "ms/step|failed|Error" $L/titan_anchor.log | grep -v TITAN_ANCHOR_JSON | cut -c1-300
 cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
