@@ -12,7 +12,8 @@ activation-memory choice DeepSeek-V3 makes by hand for its norms). The grouped e
 A model with FP8 layers keeps its `torch._scaled_mm` calls on the kernels its backend probed (cuBLAS): Inductor
 otherwise autotunes its own Triton scaled-mm templates against them at every FP8 GEMM shape, even without
 max-autotune, and its blockwise template reads 1x128 scales row-major where `torch._scaled_mm` takes them
-column-major, as the FP8 backend passes them.
+column-major, as the FP8 backend passes them (read in `torch/_inductor/kernel/mm.py` and its
+`triton_main_loop_scaled_mm` template, torch 2.13; not yet seen to fire on the GPU).
 """
 
 import torch
