@@ -1,17 +1,26 @@
-"""Train one ~100M-parameter DeepSeek MoE from the same seed on the same batches in BF16 (autocast, FP32 master
-weights) and with `convert_to_fp8_training` under each named FP8 recipe ("deepseek": 1x128 / 128x128 blockwise
-scales, the paper's; "rowwise": one scale per row, torchtitan's), and compare the curves.
+"""Train one DeepSeek MoE from the same seed on the same batches in BF16 (autocast, FP32 master weights) and with
+`convert_to_fp8_training` under each named FP8 recipe ("deepseek": 1x128 / 128x128 blockwise scales, the paper's;
+"rowwise": one scale per row, torchtitan's), and compare the curves.
 
     python benchmarks/fp8_train_compare.py --steps 200 --recipes deepseek,rowwise --json curves.json --plot curves.png
+    python benchmarks/fp8_train_compare.py --shape bench --steps 200 --max-seconds 40 ...  # the bench's layers
+    python benchmarks/fp8_train_compare.py --shape tiny --device cpu --steps 8                # CPU smoke test
 
-The data are the bytes of the Python standard library's source (a byte-level vocabulary of 256), read in sorted
-order, so both runs see exactly the same token stream without any download. The relative loss difference is taken
-over the mean of the last `--tail` steps, where each step's loss is the main next-token cross-entropy.
+Shapes (`--shape`): "small" (135M parameters: 6 layers, hidden 768, 16 experts top-4, 1 MTP layer; 16 x 512 tokens
+a step), "bench" (`hf-deepseek bench train`'s layers: hidden 2048, MLA 1536 / 512, 16 heads, 64 experts of width 1408
+top-6 in 8 groups + 2 shared, the first layer dense; 4 layers rather than 8 and no MTP layer, 1.84B parameters;
+8 x 1024 tokens a step), "tiny" (a CPU smoke test). The data are the bytes of the Python standard library's source
+(a byte-level vocabulary of 256), read in sorted order, so every run sees exactly the same token stream without
+any download. Each step's loss is the main next-token cross-entropy; the runs are compared by the mean over all
+steps (`mean_loss_difference_percent`, the issue's criterion) and over the last `--tail` steps. `--max-seconds`
+caps each run; all runs are then cut to the steps every one of them completed.
 """
 
 import argparse
 import json
 import math
+import platform
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -19,15 +28,29 @@ from pathlib import Path
 import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+from hf_deepseek.modeling.compile_regions import compile_for_training
 from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
-CONFIG = dict(
+SMALL = dict(
     vocab_size=256, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512, num_hidden_layers=6,
     first_k_dense_replace=1, num_attention_heads=6, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
     qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
     n_shared_experts=1, num_nextn_predict_layers=1, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0,
     pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
 )  # fmt: skip
+BENCH = SMALL | dict(
+    hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4, num_attention_heads=16,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=2,
+    num_nextn_predict_layers=0, max_position_embeddings=2048,
+)  # fmt: skip
+TINY = SMALL | dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+    q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+    num_experts_per_tok=2,
+)  # fmt: skip
+# shape -> (config, batch, sequence length, peak learning rate)
+SHAPES = {"small": (SMALL, 16, 512, 1.5e-3), "bench": (BENCH, 8, 1024, 6e-4), "tiny": (TINY, 2, 64, 1.5e-3)}
 
 
 def stdlib_bytes(limit: int) -> torch.Tensor:
@@ -56,25 +79,29 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
-    """Stops early (and the caller trims the other run to match) once `max_seconds` have passed."""
+    """Stops early, once `max_seconds` have passed (the caller cuts every run to the steps all of them made)."""
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    config = DeepSeekConfig(**CONFIG, attn_implementation="sdpa")
-    model = DeepSeekForCausalLM(config).cuda().train()
+    config = DeepSeekConfig(**SHAPES[args.shape][0], attn_implementation="sdpa")
+    with torch.device(device):  # initialised where it trains (the same weights for every run: same seed)
+        model = DeepSeekForCausalLM(config).train()
     params = sum(p.numel() for p in model.parameters())
     if recipe:
         convert_to_fp8_training(model, FP8Recipe.named(recipe))
+    if args.compile:
+        compile_for_training(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "gate.weight" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), fused=True,
+        lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )  # fmt: skip
     losses, start = [], time.time()
     for step, ids in enumerate(data):
-        ids = ids.cuda(non_blocking=True)
+        ids = ids.to(device, non_blocking=True)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = model(ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -84,50 +111,69 @@ def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float
             for router in model.routers():
                 load = router.last_expert_load.float()
                 router.e_score_correction_bias += args.bias_rate * torch.sign(load.mean() - load)
-        main = out.loss.detach() - config.mtp_loss_weight * out.mtp_loss.detach()
+        main = out.loss.detach()
+        if out.mtp_loss is not None:
+            main = main - config.mtp_loss_weight * out.mtp_loss.detach()
         losses.append(main)
         if step % 50 == 0 or step == len(data) - 1:
-            print(f"{recipe or 'bf16'} step {step:4d} loss {main.item():.4f} {time.time() - start:6.1f}s")
+            print(f"{recipe or 'bf16'} step {step:4d} loss {main.item():.4f} {time.time() - start:6.1f}s", flush=True)
         if time.time() - start > max_seconds:
-            print(f"stopping after {step + 1} steps ({max_seconds:.0f} s budget)")
+            print(f"{recipe or 'bf16'}: stopping after {step + 1} steps ({max_seconds:.0f} s budget)", flush=True)
             break
-    torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.time() - start
-    return {"loss": torch.stack(losses).tolist(), "seconds": seconds, "params": params}
+    return {"loss": torch.stack(losses).float().tolist(), "seconds": seconds, "params": params, "steps": len(losses)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="small")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--recipes", default="deepseek,rowwise", help="comma-separated named FP8 recipes")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--batch", type=int, help="sequences a step (default: the shape's)")
+    parser.add_argument("--seq", type=int, help="tokens a sequence (default: the shape's)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the shape's)")
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--bias-rate", type=float, default=1e-3)
     parser.add_argument("--tail", type=int, default=50, help="steps averaged for the final loss")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="time budget of the bf16 run")
+    parser.add_argument("--compile", action="store_true", help="compile each layer (compile_for_training)")
+    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="time budget of each run")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
+    _, batch, seq, lr = SHAPES[args.shape]
+    args.batch, args.seq, args.lr = args.batch or batch, args.seq or seq, args.lr or lr
 
     data = batches(stdlib_bytes(32 << 20), args.steps, args.batch, args.seq, seed=args.seed)
-    bf16 = train(None, data, args, args.max_seconds)
-    runs = {"bf16": bf16}
+    runs = {"bf16": train(None, data, args, args.max_seconds)}
     for recipe in args.recipes.split(","):
-        runs[f"fp8-{recipe}"] = train(recipe, data[: len(bf16["loss"])], args)
-    final = {name: sum(r["loss"][-args.tail :]) / args.tail for name, r in runs.items()}
-    mean = {name: sum(r["loss"]) / len(r["loss"]) for name, r in runs.items()}
+        runs[f"fp8-{recipe}"] = train(recipe, data[: runs["bf16"]["steps"]], args, args.max_seconds)
+    steps = min(r["steps"] for r in runs.values())
+    for run in runs.values():
+        run["loss"] = run["loss"][:steps]
+    tail = min(args.tail, steps)
+    final = {name: sum(r["loss"][-tail:]) / tail for name, r in runs.items()}
+    mean = {name: sum(r["loss"]) / steps for name, r in runs.items()}
+    percent = {n: 100 * (mean[n] - mean["bf16"]) / mean["bf16"] for n in runs if n != "bf16"}
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.device} ({platform.machine()})"
     summary = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "params": runs["bf16"]["params"],
-        "steps": len(runs["bf16"]["loss"]), "tokens_per_step": args.batch * args.seq, "final_mean_loss": final,
-        "mean_loss": mean,
+        "command": " ".join(["python", *sys.argv]), "device": device, "torch": torch.__version__,
+        "shape": args.shape, "params": runs["bf16"]["params"], "steps": steps, "requested_steps": args.steps,
+        "tokens_per_step": args.batch * args.seq, "lr": args.lr, "compiled": args.compile,
+        "final_mean_loss": final, "mean_loss": mean, "mean_loss_difference_percent": percent,
         "relative_difference_final": {n: (final[n] - final["bf16"]) / final["bf16"] for n in runs if n != "bf16"},
         "relative_difference_mean": {n: (mean[n] - mean["bf16"]) / mean["bf16"] for n in runs if n != "bf16"},
         "seconds": {n: r["seconds"] for n, r in runs.items()},
+        "steps_done": {n: r["steps"] for n, r in runs.items()},
     }  # fmt: skip
     print(json.dumps(summary, indent=1))
+    for name, value in percent.items():
+        print(
+            f"{name}: mean loss over {steps} steps {value:+.3f}% against bf16 ({mean[name]:.4f} vs {mean['bf16']:.4f})"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({**summary, "curves": {n: r["loss"] for n, r in runs.items()}}))
     if args.plot:
@@ -141,16 +187,20 @@ def plot(runs: dict, summary: dict, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = {}
     for name, run in runs.items():
-        top.plot(run["loss"], label=f"{name} (last {args.tail}: {summary['final_mean_loss'][name]:.4f})", lw=1)
+        label = f"{name} (last {min(args.tail, summary['steps'])}: {summary['final_mean_loss'][name]:.4f})"
+        colors[name] = top.plot(run["loss"], label=label, lw=1)[0].get_color()
+    for name, value in summary["mean_loss_difference_percent"].items():
+        top.plot([], [], " ", label=f"{name}: mean over {summary['steps']} steps {value:+.2f}%")
     top.set_ylabel("next-byte cross-entropy")
     top.set_yscale("log")
     top.legend(loc="upper right", framealpha=0.9)
-    top.set_title(f"{summary['params'] / 1e6:.0f}M-param DeepSeek MoE, {summary['device']}: FP8 vs BF16")
+    top.set_title(f"{summary['params'] / 1e6:.3g}M-parameter DeepSeek MoE, {summary['device']}: FP8 vs BF16")
     for name, run in runs.items():
         if name != "bf16":
             diff = [(f - b) / b * 100 for f, b in zip(run["loss"], runs["bf16"]["loss"], strict=True)]
-            bottom.plot(diff, lw=0.8, label=name)
+            bottom.plot(diff, lw=0.8, label=name, color=colors[name])
     bottom.axhline(0, color="black", lw=0.5)
     bottom.legend(loc="lower right", fontsize="small")
     bottom.set_ylabel("(fp8 - bf16) / bf16, %")

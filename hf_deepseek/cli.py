@@ -112,14 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--warmup-steps", type=int, help="untimed first steps: compilation, allocator (3)")
     bench_train.add_argument(
         "--variants",
-        help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, hf_deepseek-fp8 (the "
-        "deepseek recipe), hf_deepseek-fp8-rowwise, hf_deepseek-fp8-eager (default: transformers, hf_deepseek-bf16 "
-        "and the two compiled FP8 recipes; v3-width: ours only)",
+        help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, "
+        "hf_deepseek-bf16-unfused-loss, hf_deepseek-fp8 (the deepseek recipe), hf_deepseek-fp8-rowwise, "
+        "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager-fp8-wgrad (default: "
+        "transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; v3-width: ours only)",
     )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
+    bench_train.add_argument("--profile-variants", help="comma-separated: profile only these variants (one step each)")
     bench_train.add_argument(
-        "--shape", choices=("bench", "v3-width"), help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168"
+        "--shape",
+        choices=("bench", "v3-width", "small"),
+        help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168; small: 4 layers at hidden 512 (a CPU "
+        "comparison of bf16 with emulated FP8)",
     )
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     bench_decode = bench_kinds.add_parser(

@@ -11,10 +11,9 @@ from torch import nn
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.cli import main
 from hf_deepseek.evals.bench_train import (
+    FP8_VARIANTS,
     OURS,
     OURS_EAGER,
-    OURS_FP8,
-    OURS_FP8_ROWWISE,
     PEER,
     VARIANTS,
     active_matmul_parameters,
@@ -38,11 +37,31 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     vocab = results["plan"]["config"]["vocab_size"]
     for name in (PEER, OURS):
         assert variants[name]["losses"][0] == pytest.approx(torch.tensor(float(vocab)).log().item(), rel=0.05)
-    # FP8 (emulated on the CPU) tracks bf16 at matched data
-    assert variants[OURS_FP8]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
-    assert variants[OURS_FP8_ROWWISE]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
+    # FP8 (emulated on the CPU) starts from bf16's loss (same weights and batch) and tracks it at matched data
+    for name in FP8_VARIANTS:
+        assert variants[name]["losses"][0] == pytest.approx(variants[OURS]["losses"][0], rel=0.002), name
+        assert variants[name]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01), name
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
+
+
+def test_profile_writes_a_kernel_table_of_one_step_for_the_variants_asked(tmp_path, capsys):
+    from hf_deepseek.evals.bench_train import kernel_kind
+
+    args = ["bench", "train", "--device", "cpu", "--tiny", "--steps", "1", "--output-dir", str(tmp_path)]
+    main([*args, "--variants", f"{OURS},{OURS_EAGER}", "--profile-variants", OURS])
+    assert [p.name for p in tmp_path.glob("profile_*.txt")] == [f"profile_{OURS}.txt"]
+    table = (tmp_path / f"profile_{OURS}.txt").read_text()
+    assert "time per step" in table and "ms/step" in table and "Optimizer.step" in table
+    assert f"{OURS}: one step after warm-up" in capsys.readouterr().out
+    # GPU kernel names as the H200 profiles show them
+    assert kernel_kind("nvjet_sm90_tst_256x128_64x4_2x1_v_bz_coopB_TNT") == "GEMM"
+    assert kernel_kind("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128") == "fp8 GEMM"
+    assert kernel_kind("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == (
+        "optimizer"
+    )
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
+    assert kernel_kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "Triton (fused)"
 
 
 def test_v3_width_shape_is_deepseek_v3s_layer_with_a_16k_vocabulary():
@@ -78,3 +97,21 @@ def test_active_parameters_match_a_count_over_the_modules():
             elif isinstance(module, TopKRouter):
                 count += module.weight.numel()
         assert active_matmul_parameters(cfg) == count
+
+
+@pytest.mark.gpu
+def test_compiled_fp8_variants_track_bf16_on_the_gpu(tmp_path):
+    """The bench's own variants (compiled, Hopper kernels) at `--shape small`, its data and learning rate: FP8 starts
+    from bf16's loss and its mean loss over 8 steps stays within 1% of bf16's (the emulation on the CPU: +0.3% for
+    both recipes over these 8 steps; the H200 bench measured -6.0% / -6.8% at the full shapes on 2026-12-03)."""
+    from dataclasses import replace
+
+    from hf_deepseek.evals.bench_train import OURS_FP8, OURS_FP8_ROWWISE, SMALL_TRAIN_PLAN, run_train_bench
+
+    variants = [OURS, OURS_FP8_ROWWISE, OURS_FP8]
+    plan = replace(SMALL_TRAIN_PLAN, warmup_steps=1, steps=7, variants=variants)
+    results = run_train_bench(plan, "cuda", output_dir=tmp_path)
+    runs = {v["name"]: v for v in results["variants"]}
+    for name in (OURS_FP8_ROWWISE, OURS_FP8):
+        assert runs[name]["losses"][0] == pytest.approx(runs[OURS]["losses"][0], rel=0.005), name
+        assert runs[name]["mean_loss"] == pytest.approx(runs[OURS]["mean_loss"], rel=0.01), (name, runs)

@@ -35,3 +35,27 @@ def test_trainer_switch_compiles_the_layers(tmp_path, switch):
     args = DeepSeekSFTConfig(output_dir=str(tmp_path), max_steps=1, compile_layers=switch, **FAST_ARGS)
     DeepSeekSFTTrainer(model=model, args=args, train_dataset=addition_chats(4), processing_class=tok)
     assert compiled_layers(model) == [switch] * len(model.model.layers)
+
+
+def test_fp8_models_keep_their_scaled_gemms_on_aten_under_inductor(monkeypatch):
+    """Inductor would autotune its own Triton scaled-mm templates against cuBLAS, and its blockwise template reads
+    1x128 scales row-major where torch._scaled_mm takes (and the FP8 backend passes) them column-major."""
+    from hf_deepseek.modeling.compile_regions import FP8_INDUCTOR_OPTIONS
+    from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    tok = build_tokenizer()
+    compile_for_training(tiny_model(tok))
+    assert calls and all("options" not in kwargs for kwargs in calls)  # bf16: Inductor's defaults
+    fp8 = convert_to_fp8_training(tiny_model(tok), FP8Recipe(backend="emulated"))
+    calls.clear()
+    compile_for_training(fp8)
+    assert calls and all(kwargs["options"] == FP8_INDUCTOR_OPTIONS for kwargs in calls)
+    calls.clear()
+    compile_for_training(fp8, mode="max-autotune")  # the caller's choice stands (torch.compile takes one of the two)
+    assert all("options" not in kwargs for kwargs in calls)
+    calls.clear()
+    compile_for_training(fp8, backend="aot_eager")
+    assert all("options" not in kwargs for kwargs in calls)

@@ -613,6 +613,36 @@ def test_hopper_linear_and_experts_agree_with_the_emulation(gemm):
 
 
 @gpu
+@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts(name):
+    """The routed experts as the bench trains them (bf16 weights and tokens), with two of eight experts given no
+    token, on the GPU against the emulation on the CPU (whose weight gradient is a plain per-block product, not
+    torch's grouped GEMM): outputs and every gradient, and an idle expert's weight gradient exactly zero (torch's
+    grouped GEMMs write no output for an empty group)."""
+    gen = torch.Generator().manual_seed(23)
+    cfg = tiny_config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2)
+    experts = RoutedExperts(cfg).to(torch.bfloat16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.06)
+    torch.nn.init.normal_(experts.down_proj, std=0.09)
+    tokens = torch.randn(1000, 256, generator=gen).to(torch.bfloat16)
+    indices = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(1000)])  # experts 6 and 7 idle
+    weights = torch.rand(1000, 2, generator=gen)
+    results = []
+    for device, recipe in (("cuda", FP8Recipe.named(name)), ("cpu", FP8Recipe.named(name, backend="emulated"))):
+        torch.cuda.empty_cache()  # fresh blocks: stale values would show in an unwritten output
+        module = convert_to_fp8_training(copy.deepcopy(experts).to(device), recipe)
+        x = tokens.to(device).requires_grad_(True)
+        out = module(x, indices.to(device), weights.to(device))
+        grads = torch.autograd.grad(out, [x, module.gate_up_proj, module.down_proj], out.float().cos().to(out.dtype))
+        results.append([t.float().cpu() for t in (out, *grads)])
+    for what, got, want in zip(("output", "d tokens", "d gate_up", "d down"), *results, strict=True):
+        assert torch.isfinite(got).all(), what
+        assert (got - want).norm() / want.norm() < 2e-2, what
+    for grad in results[0][2:]:
+        assert not grad[6:].any(), "an idle expert got a weight gradient"
+
+
+@gpu
 def test_official_fp8_checkpoint_runs_in_fp8_on_the_gpu(official_fp8):
     tmp_path, reference, ids = official_fp8
     model = DeepSeekForCausalLM.from_pretrained(tmp_path / "official", dtype=torch.bfloat16, device_map="cuda")

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch._inductor.config
 from conftest import tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from hf_deepseek import DeepSeekForCausalLM
-from hf_deepseek.modeling.compile_regions import compile_for_training
+from hf_deepseek.modeling.compile_regions import FP8_INDUCTOR_OPTIONS, compile_for_training
 from hf_deepseek.modeling.fp8 import FP8Linear, FP8Recipe, FP8RoutedExperts, convert_to_fp8_training, fp8_linear
 
 
@@ -36,13 +37,15 @@ def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: i
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).to(device)
     frames, losses = [], []
-    for _ in range(steps):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        frames.append(counter.frame_count)
-        losses.append(loss.item())
+    # the counting backend wraps Inductor, so the options compile_for_training gives it go in as a config patch
+    with torch._inductor.config.patch(FP8_INDUCTOR_OPTIONS if backend == "inductor" else {}):
+        for _ in range(steps):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            frames.append(counter.frame_count)
+            losses.append(loss.item())
     return model, frames, losses
 
 

@@ -35,8 +35,17 @@ from hf_deepseek.evals.bench_report import CPU_NOTE
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
 OURS_FP8_EAGER, OURS_FP8_ROWWISE = "hf_deepseek-fp8-eager", "hf_deepseek-fp8-rowwise"
-# FP8 variants -> (named recipe, compiled): "deepseek" is the paper's blockwise recipe, "rowwise" torchtitan's
-FP8_VARIANTS = {OURS_FP8: ("deepseek", True), OURS_FP8_ROWWISE: ("rowwise", True), OURS_FP8_EAGER: ("deepseek", False)}
+OURS_FP8_ROWWISE_EAGER = "hf_deepseek-fp8-rowwise-eager"
+OURS_FP8_EAGER_FP8_WGRAD = "hf_deepseek-fp8-eager-fp8-wgrad"  # the November FP8 step: experts' weight gradient in FP8
+# FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
+# torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
+FP8_VARIANTS = {
+    OURS_FP8: ("deepseek", True, {}),
+    OURS_FP8_ROWWISE: ("rowwise", True, {}),
+    OURS_FP8_EAGER: ("deepseek", False, {}),
+    OURS_FP8_ROWWISE_EAGER: ("rowwise", False, {}),
+    OURS_FP8_EAGER_FP8_WGRAD: ("deepseek", False, {"grouped_wgrad": "fp8"}),
+}
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS)
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
@@ -53,7 +62,8 @@ class TrainBenchPlan:
     pattern_len: int = 64  # each row repeats a random pattern of this many tokens: a loss that falls quickly
     peak_tflops: float = 790.0  # bf16 dense matmul measured on the H200 (REFERENCE.md)
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    profile: bool = False
+    profile: bool = False  # a kernel-time table of one step of each of our variants (`profile_variants`: of those)
+    profile_variants: list[str] | None = None
 
 
 # the REFERENCE.md training config (8 layers, hidden 2048, 64 experts top-6), without the MTP layer
@@ -74,7 +84,17 @@ V3_WIDTH_CONFIG = FULL_CONFIG | dict(  # the bench's MLA ranks, 64 experts in 8 
     max_position_embeddings=4096,
 )
 V3_WIDTH_TRAIN_PLAN = TrainBenchPlan(V3_WIDTH_CONFIG, batch_size=4, variants=[OURS, OURS_FP8, OURS_FP8_ROWWISE])
-SHAPES = {"bench": FULL_TRAIN_PLAN, "v3-width": V3_WIDTH_TRAIN_PLAN}
+# the bench's layer kinds at a quarter of its width and a quarter of its vocabulary (4 layers, hidden 512, 32 experts
+# top-6 in 8 groups, vocabulary 32,768; batch 4 x 512): the same fast fall of the loss (10.5 -> 7.7 in two steps),
+# small enough for a CPU to compare bf16 with emulated FP8 step by step (~5 s a bf16 step on one core)
+SMALL_CONFIG = TINY_CONFIG | dict(
+    vocab_size=32768, hidden_size=512, intermediate_size=2048, moe_intermediate_size=256, num_hidden_layers=4,
+    num_attention_heads=4, n_routed_experts=32, num_experts_per_tok=6, n_group=8, topk_group=4, n_shared_experts=2,
+    q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+    num_nextn_predict_layers=0,
+)  # fmt: skip
+SMALL_TRAIN_PLAN = TrainBenchPlan(SMALL_CONFIG, batch_size=4, seq_len=512)
+SHAPES = {"bench": FULL_TRAIN_PLAN, "v3-width": V3_WIDTH_TRAIN_PLAN, "small": SMALL_TRAIN_PLAN}
 TINY_TRAIN_PLAN = TrainBenchPlan(
     {**TINY_CONFIG, "num_nextn_predict_layers": 0},
     batch_size=2,
@@ -141,7 +161,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def compiled(name: str) -> bool:
     """Whether the variant compiles its layers (on CUDA; CPU runs stay eager)."""
-    return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False))[1]
+    return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False, {}))[1]
 
 
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -162,7 +182,8 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
     if name in FP8_VARIANTS:
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
-        convert_to_fp8_training(model, FP8Recipe.named(FP8_VARIANTS[name][0]))
+        recipe, _, overrides = FP8_VARIANTS[name]
+        convert_to_fp8_training(model, FP8Recipe.named(recipe, **overrides))
     if compiled(name) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
@@ -215,8 +236,9 @@ def bench_variant(
         result.mfu = result.model_tflops / plan.peak_tflops
         if device.type == "cuda":
             result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        if plan.profile and name != PEER:
-            profile_steps(model, optimizer, batches[:2], device, out / f"profile_{name}.txt")
+        if plan.profile and name != PEER and (plan.profile_variants is None or name in plan.profile_variants):
+            table = profile_step(model, optimizer, batches[:1], device, out / f"profile_{name}.txt")
+            print(f"{name}: one step after warm-up\n{table}", flush=True)
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
@@ -227,15 +249,57 @@ def bench_variant(
     return result
 
 
-def profile_steps(model, optimizer, batches, device: torch.device, path: Path) -> None:
-    """Kernel time table (self device time, top 40) of a few steps: where the step goes."""
+def profile_step(model, optimizer, batches, device: torch.device, path: Path, top: int = 25) -> str:
+    """Where a step's time goes: the `top` kernels by total device time over `batches` (one optimizer step each,
+    after warm-up) and the time per kind of kernel; written to `path` (with torch's operator table below it) and
+    returned."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         run_steps(model, optimizer, batches, device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90))
+    kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
+    for event in prof.events():
+        if (event.device_type != DeviceType.CPU) == on_cuda and (on_cuda or not event.cpu_parent):
+            entry = kernels.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    steps = max(1, len(batches))
+    total = sum(us for us, _ in kernels.values())
+    kinds: dict[str, float] = {}
+    for name, (us, _) in kernels.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + us
+    lines = [f"{'device' if on_cuda else 'top-level CPU'} time per step: {total / 1000 / steps:.1f} ms", ""]
+    lines += [
+        f"{kind:<22} {us / 1000 / steps:8.2f} ms {us / total:6.1%}"
+        for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])
+    ]
+    lines += ["", f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel"]
+    for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{us / 1000 / steps:8.2f} {us / total:6.1%} {calls // steps:6d}  {name[:150]}")
+    table = "\n".join(lines)
+    sort = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    operators = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    path.write_text(f"{table}\n\n{operators}")
+    return table
+
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("fp8 GEMM", ("f8f8", "e4m3", "fp8", "scaled_mm", "_gemm_kernel", "_wgrad_kernel")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "grouped_mm", "matmul")),
+    ("quantise", ("_quant_rows", "_quant_blocks")),
+    ("Triton (fused)", ("triton",)),
+    ("copy / index", ("copy", "index", "gather", "scatter", "cat", "elementwise", "reduce", "sort", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
 
 
 def ratios(results: list[TrainResult]) -> dict[str, float]:
@@ -304,7 +368,8 @@ def run_train_bench(
         if result.tokens_per_s:
             progress(
                 f"{name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}, "
-                f"peak {result.peak_memory_gib or 0:.1f} GiB, mean loss {result.mean_loss:.4f}"
+                f"peak {result.peak_memory_gib or 0:.1f} GiB, mean loss {result.mean_loss:.4f}; losses "
+                + " ".join(f"{x:.3f}" for x in result.losses)
             )
         else:
             progress(f"{name}: {result.note}")
@@ -330,7 +395,9 @@ def plan_from_args(args: argparse.Namespace) -> TrainBenchPlan:
             setattr(plan, name, getattr(args, name))
     if args.variants:
         plan.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    plan.profile = args.profile
+    plan.profile = args.profile or bool(getattr(args, "profile_variants", None))
+    if getattr(args, "profile_variants", None):
+        plan.profile_variants = [v.strip() for v in args.profile_variants.split(",") if v.strip()]
     return plan
 
 

@@ -8,19 +8,33 @@ scaling; its partitioner recomputes those cheap elementwise results in backward 
 activation-memory choice DeepSeek-V3 makes by hand for its norms). The grouped expert GEMMs stay
 `F.grouped_mm` and the attention core SDPA. The loss is compiled too, so the fp32 upcast of the
 [tokens, vocab] logits is fused into the cross-entropy instead of written out.
+
+A model with FP8 layers keeps its `torch._scaled_mm` calls on the kernels its backend probed (cuBLAS): Inductor
+otherwise autotunes its own Triton scaled-mm templates against them at every FP8 GEMM shape, even without
+max-autotune, and its blockwise template reads 1x128 scales row-major where `torch._scaled_mm` takes them
+column-major, as the FP8 backend passes them (read in `torch/_inductor/kernel/mm.py` and its
+`triton_main_loop_scaled_mm` template, torch 2.13; not yet seen to fire on the GPU).
 """
 
 import torch
 from torch import nn
 
+# Inductor settings for models with FP8 layers: GEMM templates from ATen only (cuBLAS), none autotuned in Triton
+FP8_INDUCTOR_OPTIONS = {"max_autotune_gemm_backends": "ATEN"}
+
 
 def compile_for_training(model: nn.Module, loss: bool = True, **compile_options) -> nn.Module:
     """Compile, in place, every block of `model.model.layers` (decoder and MTP layers) and, with `loss`, the
-    model's loss function. Returns the model. `compile_options` go to `torch.compile` (e.g. `mode=...`)."""
+    model's loss function. Returns the model. `compile_options` go to `torch.compile` (e.g. `mode=...`); with
+    Inductor and neither `mode` nor `options` given, a model with FP8 layers gets `FP8_INDUCTOR_OPTIONS`."""
     backbone = getattr(model, "model", model)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"compile_for_training needs a model with `.model.layers`, got {type(model).__name__}")
+    inductor = compile_options.get("backend", "inductor") == "inductor"
+    has_fp8 = any(hasattr(module, "fp8_recipe") for module in model.modules())
+    if inductor and has_fp8 and not {"mode", "options"} & compile_options.keys():
+        compile_options["options"] = dict(FP8_INDUCTOR_OPTIONS)
     for layer in layers:
         layer.compile(**compile_options)
     if loss and hasattr(model, "loss_function"):
