@@ -12,7 +12,8 @@
 # 3. MTP speculative decoding on the trained embedded checkpoint (ours-mtp: acceptance, ms per token against plain
 #    generate(), eager and by default), then plain generate() and the step on it, until the deadline.
 # Env: WHEELS (default .whl/decode: sgl-flash-mla 1.0.0, installed with --no-deps), DEADLINE (s, default 390),
-# TEST_S (100), MTP_S (80). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md}, $OUT/mtp/bench_decode.{json,md},
+# TEST_S (100), MTP_S (80); ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE
+# (cells whose steps get a kernel table, default ours-fast at 1 / 2k and 32 / 32k: $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md}, $OUT/mtp/bench_decode.{json,md},
 # $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
 START=$(date +%s)
 OUT=${OUT:?set OUT}
@@ -40,12 +41,14 @@ if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
   say "FlashMLA failed its tests: turned off for the benches"
 fi
 
+ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
+ROW_CONTEXTS=${ROW_CONTEXTS:-ours-generate=2048;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
+ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-torch-attn=32;ours-generate-tf-loop=1}
+PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast:32:32768}
 MAIN_S=$(( $(left) - ${MTP_S:-80} ))
 timeout $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \
-  --contexts 2048,32768 \
-  --rows ours-fast,ours-generate,transformers-generate,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop \
-  --row-contexts 'ours-generate=2048;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048' \
-  --row-batch-sizes 'ours-fast-torch-attn=32;ours-generate-tf-loop=1' --output-dir $OUT/decode > $L/decode.log 2>&1
+  --contexts 2048,32768 --rows "$ROWS" --row-contexts "$ROW_CONTEXTS" --row-batch-sizes "$ROW_BATCH_SIZES" \
+  --profile "$PROFILE" --output-dir $OUT/decode > $L/decode.log 2>&1
 say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept):"
 grep -E "ms/(step|token)|failed|Error" $L/decode.log | tail -20
 

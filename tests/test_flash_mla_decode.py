@@ -106,3 +106,58 @@ def test_flash_path_plumbing_with_the_kernel_emulated_on_cpu():
         assert cache.layers[0].storage.shape[1] == 128
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
     assert EMULATED_CALLS == [51] * 3 + [52] * 3 + [53] * 3  # 3 layers a step, each step one token longer
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash-emulated", "torch-attention"])
+def test_compiled_decode_step_reads_the_cache_through_one_input(flash):
+    """Inductor replays a compiled step as a CUDA graph only if no two of its inputs alias while one is written
+    ("skipping cudagraphs due to mutated inputs": 5x slower decoding on an H200). The decode step's graph, as Dynamo
+    hands it to the backend, must take each layer's cache storage once."""
+    flash_mla_decode.flash_mla_decode.register_kernel("cpu")(emulated_kernel)
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).eval()
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    cache = LatentStaticCache(config, max_cache_len=70)
+    cache.unpadded = True
+    ids = torch.randint(3, config.vocab_size, (2, 50))
+    torch.compiler.reset()
+    with torch.no_grad():
+        model(ids, cache=cache, use_cache=True)
+        for layer in cache.layers:
+            layer.flash_mla = flash
+        torch.compile(model, backend=recording_backend, fullgraph=True)(ids[:, :1], cache=cache, use_cache=True)
+    torch.compiler.reset()
+    assert len(graphs) == 1
+    storages = [t.untyped_storage().data_ptr() for t in graphs[0]]
+    written = [layer for layer in cache.layers if layer.is_initialized]  # the MTP layers' stay empty
+    assert len(written) == config.num_hidden_layers
+    cache_storages = {layer.storage.untyped_storage().data_ptr() for layer in written}
+    assert cache_storages <= set(storages)  # the step reads every layer's cache
+    assert len(storages) == len(set(storages)), "two inputs of the compiled step share memory"
+
+
+@pytest.mark.gpu
+def test_generate_step_keeps_cuda_graphs_with_flash(flash_mla):
+    """The step `generate()` compiles (Inductor, mode "reduce-overhead") over a FlashMLA-read cache is replayed as a
+    CUDA graph: Inductor reports no skipped CUDA graph, with FlashMLA reading the cache and without."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).cuda().bfloat16().eval()
+    ids = torch.randint(3, config.vocab_size, (2, 40), device="cuda")
+    for enabled in (False, True):
+        flash_mla_decode.ENABLED = enabled
+        torch.compiler.reset()
+        model.__dict__.pop("_fast_decode_buffers", None)
+        model.__dict__.pop("_fast_decode_step", None)
+        counters.clear()
+        assert model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False).shape == (2, 52)
+        assert model.__dict__["_fast_decode_buffers"].cache.layers[0].flash_mla is enabled  # the device loop ran
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

@@ -77,6 +77,7 @@ class DecodePlan:
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
     row_contexts: dict[str, list[int]] = field(default_factory=dict)  # per-row override of contexts
+    profile: list[str] = field(default_factory=list)  # "row:batch:context" cells whose steps get a kernel table
 
 
 FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
@@ -179,6 +180,20 @@ def time_steps(step: Callable, model, cache, batch: int, context: int, plan: Dec
     return [1000 * (b - a) for a, b in zip(marks, marks[1:], strict=False)]
 
 
+def profile_steps(step: Callable, model, cache, batch: int, context: int, plan: DecodePlan, device, path: Path):
+    """Where a decode step's time goes: `plan.steps` more steps (the cache already holds `context` tokens) under
+    torch's profiler, kernels launched from CUDA graphs included; torch's table by device time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    timing = replace(plan, warmup_steps=0)
+    with profile(activities=activities) as prof:
+        time_steps(step, model, cache, batch, context, timing, device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100)
+    path.write_text(f"{plan.steps} decode steps, batch {batch}, context {context}\n{table}")
+
+
 def _mark(device):
     if device.type == "cuda":
         event = torch.cuda.Event(enable_timing=True)
@@ -229,7 +244,8 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 
 
 def run_step_row(
-    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM, emit=None
+    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM, emit=None,
+    output_dir: Path | None = None,
 ) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
@@ -249,10 +265,15 @@ def run_step_row(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(device)
-                max_len = context + plan.warmup_steps + plan.steps
+                profiled = f"{row.name}:{batch}:{context}" in plan.profile
+                max_len = context + (2 if profiled else 1) * (plan.warmup_steps + plan.steps)
                 with torch.no_grad():
                     cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
                     times = time_steps(step, model, cache, batch, context, plan, device)
+                    if profiled and output_dir is not None:
+                        path = output_dir / f"profile_{row.name}_b{batch}_c{context}.txt"
+                        offset = plan.warmup_steps + plan.steps
+                        profile_steps(step, model, cache, batch, context + offset, plan, device, path)
                 cell.ms_per_step = statistics.median(times)
                 cell.tokens_per_s = batch * 1000 / cell.ms_per_step
                 if device.type == "cuda":
@@ -461,7 +482,7 @@ def run_decode_bench(
                     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
                     convert_to_fp8_inference(model)
-                run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor, emit)
+                run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor, emit, output_dir)
         models.clear()
         gc.collect()
     add_ratios(results)
@@ -554,6 +575,7 @@ def plan_from_args(args: argparse.Namespace) -> DecodePlan:
         plan.mtp_new_tokens = args.mtp_new_tokens
     if getattr(args, "generate_new_tokens", None):
         plan.generate_new_tokens = args.generate_new_tokens
+    plan.profile = [cell.strip() for cell in (getattr(args, "profile", None) or "").split(",") if cell.strip()]
     for option, per_row in ((args.row_batch_sizes, plan.row_batch_sizes), (getattr(args, "row_contexts", None),
                                                                           plan.row_contexts)):  # fmt: skip
         for item in (option or "").split(";"):
@@ -569,7 +591,7 @@ def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
         return merge_results(args.merge.split(","), args.output_dir)
     words = ["hf-deepseek bench decode"]
     for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "row_batch_sizes",
-                 "row_contexts", "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
+                 "row_contexts", "profile", "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
                  "output_dir"):  # fmt: skip
         value = getattr(args, name, None)
         if value not in (None, False):

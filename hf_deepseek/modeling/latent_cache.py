@@ -59,14 +59,21 @@ class LatentCacheLayer(StaticLayer):
         positions = torch.arange(new_tokens, device=self.device) + self.cumulative_length
         self.cumulative_length.add_(new_tokens)
         rows = torch.cat([key_states[:, 0], value_states[:, 0]], dim=-1).to(self.dtype)  # [B, T, r + rope]
-        self.latent_and_rope.index_copy_(1, positions, rows)
-        return self.keys, self.values
+        self.storage.index_copy_(1, positions, rows)
+        written = self.buffer()
+        return written[:, None, :, : self.k_head_dim], written[:, None, :, self.k_head_dim :]
+
+    def buffer(self) -> torch.Tensor:
+        """[B, max_len, r + rope], a view of `storage` taken where it is used: compiled code must read and write
+        the cache through the one tensor `storage`, because two graph inputs that alias each other, one of them
+        written, make Inductor give up CUDA graphs ("skipping cudagraphs due to mutated inputs")."""
+        return self.storage[:, : self.max_cache_len]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the rows in place, so the buffer keeps its address and `keys`/`values` stay views."""
         if self.is_initialized:
-            reordered = self.latent_and_rope.index_select(0, beam_idx.to(self.device))
-            self.latent_and_rope.copy_(reordered)
+            reordered = self.storage.index_select(0, beam_idx.to(self.device))
+            self.storage.copy_(reordered)
 
 
 class LatentStaticCache(Cache):

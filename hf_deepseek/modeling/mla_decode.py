@@ -28,10 +28,10 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
         mask = attention_mask[..., :q_len] if isinstance(attention_mask, torch.Tensor) else attention_mask
         return attn._expanded_attention(q_nope, q_rope, latent, k_rope, mask, **kwargs)[0]
     layer = cache.layers[attn.layer_idx]
-    buffer, length = layer.latent_and_rope, layer.cumulative_length
+    length = layer.cumulative_length
     if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
         return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length)
-    return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
+    return absorbed_cache_attention(attn, q_nope, q_rope, layer.buffer(), length, attention_mask)
 
 
 def flash_cache_attention(attn, q_nope, q_rope, storage, length) -> torch.Tensor:
