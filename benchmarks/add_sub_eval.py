@@ -29,7 +29,7 @@ def evaluate(path: str, device: str, batch_size: int, limit: int | None = None) 
     results = {}
     for name, (rows, earlier) in sets.items():
         rows, earlier = rows[:limit], earlier[:limit] if earlier else None
-        ok = greedy_correct(model, tokenizer, rows, "add_sub", batch_size, 320, earlier)
+        ok = greedy_correct(model, tokenizer, rows, "add_sub", batch_size, 384, earlier)
         low, high = wilson_interval(sum(ok), len(ok))
         results[name] = {"correct": sum(ok), "n": len(ok), "pass@1": sum(ok) / len(ok), "interval": [low, high]}
         print(f"{path} {name}: {sum(ok)}/{len(ok)} = {sum(ok) / len(ok):.3f} [{low:.3f}, {high:.3f}]", flush=True)

@@ -18,7 +18,7 @@ from hf_deepseek.evals.task_data import load_rows
 from hf_deepseek.trainers.recipes import with_history
 from hf_deepseek.trainers.rewards import accuracy_reward, format_reward
 
-LINE = re.compile(r"[a-z-]+: (\d+(?: [+-] \d+)*) = (\d+)(?:, (carry|borrow) (\d))?")
+LINE = re.compile(r"[a-z-]+: (\d+(?: [+-] \d+)*) = (-?\d+)(?:, carry (\d)|, \+10 = (\d), borrow 1)?")
 
 
 def _check_columns(op: str, a: int, b: int) -> None:
@@ -29,12 +29,13 @@ def _check_columns(op: str, a: int, b: int) -> None:
         match = LINE.fullmatch(line)
         if not match:
             continue
-        terms, value, kind, out = match.groups()
+        terms, value, carried, borrowed = match.groups()
         numbers = [int(t) for t in re.findall(r"\d+", terms)]
         signs = [1] + [1 if s == "+" else -1 for s in re.findall(r" ([+-]) ", terms)]
         assert sum(n * s for n, s in zip(numbers, signs, strict=True)) == int(value), line
+        assert (int(value) < 0) == (borrowed is not None) and (borrowed is None or int(borrowed) == int(value) + 10)
         digits.append(int(value) % 10)
-        carry = int(value) // 10 if kind == "carry" else 0
+        carry = int(carried) if carried else 0
     magnitude = int("".join(map(str, reversed(digits)))) + carry * 10 ** len(digits)
     assert magnitude == abs(a + b if op == "add" else a - b)
     assert lines[-1] == f"{a} {'+' if op == 'add' else '-'} {b} = {a + b if op == 'add' else a - b}"
@@ -48,8 +49,29 @@ def test_worked_lines_are_right_for_random_and_edge_problems():
     ]
     for op, a, b in cases:
         _check_columns(op, a, b)
-    assert column_subtraction_lines(1000, 999)[0] == "ones: 10 - 9 = 1, borrow 1"
-    assert worked_lines("sub", 25, 300)[0] == "300 is larger than 25, so 25 - 300 = -(300 - 25)."
+    assert column_subtraction_lines(1000, 999)[:2] == ["ones: 0 - 9 = -9, +10 = 1, borrow 1",
+                                                        "tens: 0 - 9 - 1 = -10, +10 = 0, borrow 1"]  # fmt: skip
+    assert worked_lines("sub", 25, 300)[:2] == ["Compare 25 with 300: 2 digits < 3 digits, so 25 < 300.",
+                                                "So 25 - 300 = -(300 - 25)."]  # fmt: skip
+    assert worked_lines("sub", 858, 827)[0] == "Compare 858 with 827: 8 = 8, 5 > 2, so 858 > 827."
+    assert worked_lines("sub", 7, 7)[0] == "Compare 7 with 7: 7 = 7, so 7 = 7."
+    assert worked_lines("add", 23, 54)[0] == "Add 23 + 54 column by column:"
+
+
+def test_worked_subtraction_states_each_comparison_and_borrow_after_the_digits_it_follows_from():
+    rng = random.Random(1)
+    for _ in range(300):
+        a, b = rng.randrange(10 ** rng.randint(1, 4)), rng.randrange(10 ** rng.randint(1, 4))
+        compare = worked_lines("sub", a, b)[0]
+        assert compare.endswith(f"so {a} {'<' if a < b else '>' if a > b else '='} {b}.")
+        for line in worked_lines("sub", a, b):  # a borrow is written after the column's (negative) difference
+            assert ", borrow 1" not in line or re.search(r" = -\d+, \+10 = \d, borrow 1$", line)
+
+
+def test_bucket_weights_set_the_mix():
+    problems = list(add_sub_examples(2000, seed=2, weights={"add1": 1, "sub4": 3}, buckets=("add1", "sub4")))
+    share = sum(p["bucket"] == "sub4" for p in problems) / len(problems)
+    assert 0.7 < share < 0.8
 
 
 def test_buckets_mix_operand_lengths_and_training_never_draws_held_out_problems():
@@ -118,7 +140,10 @@ def test_r1_zero_pretraining_text_has_no_tags_or_roles_and_the_prompt_opens_thin
     assert any("ones:" in t for t in texts) and any("ones:" not in t for t in texts)
     tagged = [pretraining_text(p, rng, worked_share=0.5, tagged_share=1.0) for p in problems[:5]]
     assert all("<think>" in t and t.rstrip().endswith("</answer>") for t in tagged)
-    assert zero_prompt("Calculate 1 + 2.").endswith("<think>")
+    # a tagged document is the GRPO prompt, then the solution: the question right before the thinking
+    prompts = [zero_prompt(f"Calculate {p['expression'].replace('+', ' + ')}.") for p in problems[:5]]
+    assert all(t.startswith(prompt) for t, prompt in zip(tagged, prompts, strict=True))
+    assert zero_prompt("Calculate 1 + 2.").endswith("Calculate 1 + 2.\n<think>")
     assert opened_format_reward(
         None, ["1 + 2 = 3</think><answer>3</answer>", "<think>x</think><answer>3</answer>"]
     ) == [

@@ -1,10 +1,11 @@
 """Addition and subtraction of 1- to 4-digit integers, worked column by column: the embedded default's task.
 
 A problem's bucket is its operation and the digit count of its longer operand (`add3`: a sum whose longer operand
-has 3 digits; the other operand has 1 to 3). Subtraction may go below zero (`25 - 300`): the worked solution then
-subtracts the other way round and negates. Problems are named `add:a+b` (both orders share the name, as in
-`hf_deepseek.data.tasks.addition_examples`) or `sub:a-b` for the split hash, so training never draws a held-out
-problem of buckets 2-4; bucket 1 (100 problems per operation) is too small to hold any out and is trained on whole.
+has 3 digits; the other operand has 1 to 3). A worked subtraction first compares its operands from the left; one that
+goes below zero (`25 - 300`) then subtracts the other way round and negates. Problems are named `add:a+b` (both
+orders share the name, as in `hf_deepseek.data.tasks.addition_examples`) or `sub:a-b` for the split hash, so
+training never draws a held-out problem of buckets 2-4; bucket 1 (100 problems per operation) is too small to hold
+any out and is trained on whole.
 """
 
 import random
@@ -53,30 +54,52 @@ def column_addition_lines(a: int, b: int) -> list[str]:
 
 
 def column_subtraction_lines(a: int, b: int) -> list[str]:
-    """`a - b` for `a >= b`: per place, the top digit (plus 10 when it borrows) minus the bottom digit and the
-    incoming borrow: `tens: 12 - 7 - 1 = 4, borrow 1`; then `a - b = difference`."""
+    """`a - b` for `a >= b`: per place, the top digit minus the bottom digit and the incoming borrow; a negative
+    difference then adds 10 and borrows (`tens: 4 - 9 - 1 = -6, +10 = 4, borrow 1`), so whether a column borrows
+    is read from a difference already written rather than decided before its first digit; then `a - b = difference`."""
     da, db = str(a)[::-1], str(b)[::-1]
     lines, borrow = [], 0
     for i in range(len(da)):
-        top, bottom = int(da[i]), int(db[i]) if i < len(db) else 0
-        owed = bottom + borrow
-        lends = top < owed
-        terms = [top + 10 * lends] + ([int(db[i])] if i < len(db) else []) + ([borrow] if borrow else [])
-        text = f"{_place(i)}: {' - '.join(map(str, terms))} = {terms[0] - owed}"
-        lines.append(text + (", borrow 1" if lends else ""))
-        borrow = int(lends)
+        terms = [int(da[i])] + ([int(db[i])] if i < len(db) else []) + ([borrow] if borrow else [])
+        difference = terms[0] - sum(terms[1:])
+        text = f"{_place(i)}: {' - '.join(map(str, terms))} = {difference}"
+        lines.append(text + (f", +10 = {difference + 10}, borrow 1" if difference < 0 else ""))
+        borrow = int(difference < 0)
     lines.append(f"{a} - {b} = {a - b}")
     return lines
 
 
+def _digits(n: int) -> str:
+    return f"{n} digit" + ("s" if n > 1 else "")
+
+
+def comparison_line(a: int, b: int) -> str:
+    """Which of `a` and `b` is larger, worked from the left: the digit counts when they differ, else the digits
+    pair by pair up to the first that differ (`Compare 858 with 827: 8 = 8, 5 > 2, so 858 > 827.`)."""
+    sa, sb = str(a), str(b)
+    if len(sa) != len(sb):
+        steps = [f"{_digits(len(sa))} {'<' if len(sa) < len(sb) else '>'} {_digits(len(sb))}"]
+    else:
+        steps = []
+        for x, y in zip(sa, sb, strict=True):
+            steps.append(f"{x} {'<' if x < y else '>' if x > y else '='} {y}")
+            if x != y:
+                break
+    relation = "<" if a < b else ">" if a > b else "="
+    return f"Compare {a} with {b}: {', '.join(steps)}, so {a} {relation} {b}."
+
+
 def worked_lines(op: str, a: int, b: int) -> list[str]:
-    """The reasoning inside `<think>` for `a + b` or `a - b`."""
+    """The reasoning inside `<think>` for `a + b` or `a - b`. Each first restates its operands (so the columns read
+    digits from the line above, not from a question among earlier turns); a subtraction compares them, and a
+    negative one subtracts the other way round and negates."""
     if op == "add":
-        return ["Add column by column:", *column_addition_lines(a, b)]
+        return [f"Add {a} + {b} column by column:", *column_addition_lines(a, b)]
     if a >= b:
-        return ["Subtract column by column:", *column_subtraction_lines(a, b)]
+        return [comparison_line(a, b), "Subtract column by column:", *column_subtraction_lines(a, b)]
     return [
-        f"{b} is larger than {a}, so {a} - {b} = -({b} - {a}).",
+        comparison_line(a, b),
+        f"So {a} - {b} = -({b} - {a}).",
         "Subtract column by column:",
         *column_subtraction_lines(b, a),
         f"{a} - {b} = {a - b}",
@@ -109,16 +132,22 @@ def _operands(rng: random.Random, digits: int) -> tuple[int, int]:
 
 
 def add_sub_examples(
-    n: int, seed: int, split: Split = "train", buckets: tuple[str, ...] = BUCKETS, varied: bool = True
+    n: int,
+    seed: int,
+    split: Split = "train",
+    buckets: tuple[str, ...] = BUCKETS,
+    varied: bool = True,
+    weights: dict[str, float] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """`n` problems, each bucket drawn in proportion to its digit count (more digits, more steps to learn); `train`
-    skips held-out problems, `test` yields only them (buckets 2-4). `varied` phrases each question with a random
-    template (else `Calculate a + b.`)."""
+    """`n` problems, each bucket drawn in proportion to its `weights` entry, by default its digit count (more
+    digits, more steps to learn); `train` skips held-out problems, `test` yields only them (buckets 2-4). `varied`
+    phrases each question with a random template (else `Calculate a + b.`)."""
     _check_split(split)
     rng = random.Random(seed)
+    shares = [weights[b] if weights else int(b[3:]) for b in buckets]
     produced = 0
     while produced < n:
-        bucket = rng.choices(buckets, weights=[int(b[3:]) for b in buckets])[0]
+        bucket = rng.choices(buckets, weights=shares)[0]
         op, digits = bucket[:3], int(bucket[3:])
         a, b = _operands(rng, digits)
         if held_out(op, a, b) != (split == "test"):

@@ -3,8 +3,11 @@ its thinking block.
 
 A base model has seen arithmetic two ways: problems with bare answers (`1234 + 5678 = 6912`) and worked column
 arithmetic as ordinary text. Its documents here are exactly that, without tags and without chat roles (`tagged_share`
-mixes in documents that show the R1 tags, for attempts that give the base model a prior over them). GRPO then asks
-`Calculate a + b.` with the R1 instruction and `<think>` already opened, and rewards only the answer and the format.
+mixes in documents that show the R1 template whole, instruction included, for attempts that give the base model a
+prior over it). GRPO then gives the R1 instruction, then `Calculate a + b.` and `<think>` already opened, and rewards
+only the answer and the format. The instruction comes first so that the question sits right before the thinking, as
+it sits right before the answer in every pretraining document: with the instruction between them, a base model that
+never saw it miscopied the operands and answered no 4-digit sum right (docs/r1_add_sub.md).
 """
 
 import random
@@ -23,15 +26,16 @@ def _operands(expression: str) -> tuple[int, int]:
 
 def pretraining_text(example: dict[str, Any], rng: random.Random, worked_share: float, tagged_share: float) -> str:
     """One plain-text document for a sum: the question, then a bare answer or (with `worked_share`) the worked
-    columns; with `tagged_share` the same inside `<think>...</think><answer>...</answer>`."""
+    columns; with `tagged_share` the R1-Zero prompt (`zero_prompt`) followed by the same body and the answer,
+    `...</think><answer>...</answer>`."""
     a, b = _operands(example["expression"])
     worked = rng.random() < worked_share
     body = "\n".join(["Add column by column:", *column_addition_lines(a, b)] if worked else [f"{a} + {b} = {a + b}"])
     if rng.random() < tagged_share:
-        body = f"{THINK_OPEN}{body}</think><answer>{a + b}</answer>"
+        return f"{zero_prompt(f'Calculate {a} + {b}.')}{body}</think><answer>{a + b}</answer>\n"
     return f"Calculate {a} + {b}.\n{body}\n"
 
 
 def zero_prompt(question: str) -> str:
-    """The R1-Zero prompt: the question, the format instruction, and the thinking block opened."""
-    return f"{question}\n{INSTRUCTION}\n{THINK_OPEN}"
+    """The R1-Zero prompt: the format instruction, the question, and the thinking block opened."""
+    return f"{INSTRUCTION}\n{question}\n{THINK_OPEN}"

@@ -193,12 +193,15 @@ def build_model_and_tokenizer(recipe: dict[str, Any], stage: str):
 
 
 def _problems(data: dict[str, Any]):
-    """The stage's problems: `data.tasks` (task -> count) at `data.seed`; `data.buckets` narrows `add_sub` and
-    `data.varied: false` asks all its questions as `Calculate a + b.`."""
+    """The stage's problems: `data.tasks` (task -> count) at `data.seed`; for `add_sub`, `data.buckets` narrows the
+    buckets, `data.bucket_weights` (bucket -> weight) sets their shares and `data.varied: false` asks all its
+    questions as `Calculate a + b.`."""
     seed = data.get("seed", 0)
     for task, count in data["tasks"].items():
-        if task == "add_sub" and data.get("buckets"):
-            yield from add_sub_examples(count, seed, buckets=tuple(data["buckets"]), varied=data.get("varied", True))
+        if task == "add_sub" and (data.get("buckets") or data.get("bucket_weights")):
+            weights = data.get("bucket_weights")
+            buckets = tuple(data.get("buckets") or weights)
+            yield from add_sub_examples(count, seed, buckets=buckets, varied=data.get("varied", True), weights=weights)
         else:
             yield from task_examples(task, count, seed)
 
