@@ -52,6 +52,17 @@ def test_flash_decode_matches_float64_eager_and_in_a_cuda_graph(flash_mla):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])
+def test_schedule_op_shapes_match_flash_mla(flash_mla, heads):
+    """The schedule's fake (what compiled code allocates for it) has the real op's shapes and dtypes."""
+    lengths = torch.tensor([3000, 3000, 3000], device="cuda", dtype=torch.int32)
+    real = flash_mla_decode.flash_mla_schedule(lengths, heads)
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = flash_mla_decode.flash_mla_schedule(mode.from_tensor(lengths), heads)
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+@pytest.mark.gpu
 def test_model_decode_step_through_flash_equals_the_torch_path(flash_mla):
     """DeepSeek-V3's latent dimensions (512 + 64), 16 heads: a decode step's logits with the cache read by FlashMLA
     and by the torch path (bf16 both; same weights, prompt and token)."""
@@ -75,8 +86,24 @@ def test_model_decode_step_through_flash_equals_the_torch_path(flash_mla):
 EMULATED_CALLS = []
 
 
-def emulated_kernel(query, pages, block_table, lengths, scale):
-    """What FlashMLA computes, from its own inputs: each row's pages through the block table, its first `lengths`."""
+SCHEDULES = []
+
+
+def emulated_schedule(lengths, query_heads):
+    """Stands for FlashMLA's scheduler: the lengths it saw, counted per call."""
+    SCHEDULES.append(int(lengths[0]))
+    return lengths.new_zeros(4, 8), torch.cat([lengths.new_zeros(1), lengths.cumsum(0).to(torch.int32)])
+
+
+def emulate_flash_mla_on_cpu():
+    flash_mla_decode.flash_mla_schedule.register_kernel("cpu")(emulated_schedule)
+    flash_mla_decode.flash_mla_decode.register_kernel("cpu")(emulated_kernel)
+
+
+def emulated_kernel(query, pages, block_table, lengths, schedule, splits, scale):
+    """What FlashMLA computes, from its own inputs: each row's pages through the block table, its first `lengths`
+    (the schedule only splits the work)."""
+    assert torch.equal(splits[1:], lengths.cumsum(0).to(torch.int32)), "a schedule made for other lengths"
     EMULATED_CALLS.append(int(lengths[0]))
     rows = pages[block_table.long()].flatten(1, 2)[:, :, 0]  # [B, pages * 64, 576]
     out = []
@@ -88,7 +115,7 @@ def emulated_kernel(query, pages, block_table, lengths, scale):
 
 
 def test_flash_path_plumbing_with_the_kernel_emulated_on_cpu():
-    flash_mla_decode.flash_mla_decode.register_kernel("cpu")(emulated_kernel)
+    emulate_flash_mla_on_cpu()
     torch.manual_seed(0)
     config = tiny_config(**V3_LATENT)
     model = DeepSeekForCausalLM(config).eval()
@@ -106,6 +133,7 @@ def test_flash_path_plumbing_with_the_kernel_emulated_on_cpu():
         assert cache.layers[0].storage.shape[1] == 128
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
     assert EMULATED_CALLS == [51] * 3 + [52] * 3 + [53] * 3  # 3 layers a step, each step one token longer
+    assert SCHEDULES == [51, 52, 53]  # one schedule a step, made by the first layer, used by all three
 
 
 @pytest.mark.parametrize("flash", [True, False], ids=["flash-emulated", "torch-attention"])
@@ -113,7 +141,7 @@ def test_compiled_decode_step_reads_the_cache_through_one_input(flash):
     """Inductor replays a compiled step as a CUDA graph only if no two of its inputs alias while one is written
     ("skipping cudagraphs due to mutated inputs": 5x slower decoding on an H200). The decode step's graph, as Dynamo
     hands it to the backend, must take each layer's cache storage once."""
-    flash_mla_decode.flash_mla_decode.register_kernel("cpu")(emulated_kernel)
+    emulate_flash_mla_on_cpu()
     torch.manual_seed(0)
     config = tiny_config(**V3_LATENT)
     model = DeepSeekForCausalLM(config).eval()

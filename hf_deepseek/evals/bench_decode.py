@@ -42,7 +42,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode
+from hf_deepseek.kernels import flash_mla_decode, moe_gemv
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -208,7 +208,7 @@ class Row:
     name: str
     cache_kind: str  # dynamic | static | latent
     compiled: bool
-    dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE during the row
+    dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE and moe_gemv.ENABLED during the row
     flash_mla: bool = True  # flash_mla_decode.ENABLED during the row (FlashMLA where installed)
 
 
@@ -249,6 +249,7 @@ def run_step_row(
 ) -> list[DecodeCell]:
     cells = []
     moe_decode.DENSE_DECODE = row.dense_decode_experts
+    moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: torch's grouped GEMM at every batch size
     flash_enabled = flash_mla_decode.ENABLED  # off for the whole run with HF_DEEPSEEK_FLASH_MLA=0
     flash_mla_decode.ENABLED = flash_enabled and row.flash_mla
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
@@ -300,7 +301,7 @@ def run_step_row(
     if compile_here:
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
-    moe_decode.DENSE_DECODE = True
+    moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
     flash_mla_decode.ENABLED = flash_enabled
     return cells
 

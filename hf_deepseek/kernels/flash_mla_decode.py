@@ -39,35 +39,73 @@ def usable(latent_dim: int, rope_dim: int, dtype: torch.dtype, device: torch.dev
     return ENABLED and shapes_ok and device.type == "cuda" and available(device.index or 0)
 
 
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@torch.library.custom_op("hf_deepseek::flash_mla_schedule", mutates_args=())
+def flash_mla_schedule(lengths: torch.Tensor, query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashMLA's split-KV schedule for rows of `lengths` [B] int32 keys and `query_heads` query heads over one
+    latent head: (tile metadata [parts, 8] int32, split offsets [B + 1] int32). One per decode step, shared by the
+    layers (every layer's cache holds the same lengths), instead of one scheduler kernel per layer."""
+    from flash_mla import get_mla_decoding_metadata
+
+    schedule, splits = get_mla_decoding_metadata(lengths, query_heads, 1, query_heads, use_legacy=True)
+    return schedule, splits
+
+
+@flash_mla_schedule.register_fake
+def _(lengths, query_heads):
+    # FlashMLA's scheduler: one part per group of multiprocessors serving 64 query heads each (elsewhere, where only
+    # an emulation runs, any count)
+    sms = multiprocessors(lengths.device.index or 0) if lengths.device.type == "cuda" else 4
+    parts = sms // -(-query_heads // 64)
+    return lengths.new_empty(parts, 8), lengths.new_empty(lengths.shape[0] + 1)
+
+
 @torch.library.custom_op("hf_deepseek::flash_mla_decode", mutates_args=())
 def flash_mla_decode(
-    query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """query [B, 1, H, 576] bf16, pages [P, 64, 1, 576], block_table [B, L/64] int32, lengths [B] int32 ->
-    [B, 1, H, 512]: softmax(scale * q.k) v over each row's first `lengths` tokens, v the keys' first 512 values."""
-    from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    query: torch.Tensor, pages: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor,
+    schedule: torch.Tensor, splits: torch.Tensor, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """query [B, 1, H, 576] bf16, pages [P, 64, 1, 576], block_table [B, L/64] int32, lengths [B] int32, the
+    schedule of `flash_mla_schedule` -> [B, 1, H, 512]: softmax(scale * q.k) v over each row's first `lengths`
+    tokens, v the keys' first 512 values."""
+    from flash_mla import flash_mla_with_kvcache
+    from flash_mla.flash_mla_interface import FlashMLASchedMeta
 
+    meta = FlashMLASchedMeta(tile_scheduler_metadata=schedule, num_splits=splits)
     out, _ = flash_mla_with_kvcache(
-        query, pages, block_table, lengths, LATENT_DIM, get_mla_metadata()[0], softmax_scale=scale, causal=False,
-        use_legacy=True,
-    )  # fmt: skip
+        query, pages, block_table, lengths, LATENT_DIM, meta, softmax_scale=scale, causal=False, use_legacy=True
+    )
     return out
 
 
 @flash_mla_decode.register_fake
-def _(query, pages, block_table, lengths, scale):
+def _(query, pages, block_table, lengths, schedule, splits, scale):
     return query.new_empty(*query.shape[:-1], LATENT_DIM)
 
 
-def flash_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: torch.Tensor, scale: float):
+def row_lengths(length: torch.Tensor, batch: int) -> torch.Tensor:
+    """The cache's written length (a device scalar) as FlashMLA's per-row lengths [B] int32."""
+    return length.to(torch.int32).expand(batch).contiguous()
+
+
+def flash_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: torch.Tensor, scale: float, schedule=None):
     """q_latent [B, H, 1, 512], q_rope [B, H, 1, 64], storage [B, L64, 576] (L64 a multiple of 64) whose first
-    `length` (device tensor) tokens are written -> the attention output in latent space [B, H, 1, 512]."""
-    bsz, pages_per_row = storage.shape[0], storage.shape[1] // PAGE
+    `length` (device tensor) tokens are written -> the attention output in latent space [B, H, 1, 512]. `schedule`:
+    `flash_mla_schedule`'s for these lengths and heads, computed here if not given."""
+    bsz, heads, pages_per_row = storage.shape[0], q_latent.shape[1], storage.shape[1] // PAGE
     query = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2).to(storage.dtype)  # [B, 1, H, 576]
     pages = storage.view(bsz * pages_per_row, PAGE, 1, storage.shape[-1])
     block_table = torch.arange(bsz * pages_per_row, device=storage.device, dtype=torch.int32).view(bsz, -1)
-    lengths = length.to(torch.int32).expand(bsz).contiguous()
-    return flash_mla_decode(query.contiguous(), pages, block_table, lengths, scale).transpose(1, 2)
+    lengths = row_lengths(length, bsz)
+    schedule = flash_mla_schedule(lengths, heads) if schedule is None else schedule
+    return flash_mla_decode(query.contiguous(), pages, block_table, lengths, *schedule, scale).transpose(1, 2)
 
 
-__all__ = ["available", "usable", "flash_latent_attention", "flash_mla_decode", "ENABLED", "PAGE"]
+__all__ = [
+    "available", "usable", "flash_latent_attention", "flash_mla_decode", "flash_mla_schedule", "row_lengths", "ENABLED",
+    "PAGE",
+]  # fmt: skip

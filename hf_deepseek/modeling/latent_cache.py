@@ -82,6 +82,7 @@ class LatentStaticCache(Cache):
     take kernels without a padding mask (FlashMLA); whoever fills the cache and knows it sets it."""
 
     unpadded: bool = False
+    flash_schedule: tuple[torch.Tensor, torch.Tensor] | None = None  # FlashMLA's, left by a forward's first layer
 
     def __init__(self, config, max_cache_len: int, **kwargs):
         if max_cache_len < 1:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
-from ..kernels.flash_mla_decode import flash_latent_attention
+from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
 from .latent_cache import LatentStaticCache
 
 
@@ -30,15 +30,24 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     layer = cache.layers[attn.layer_idx]
     length = layer.cumulative_length
     if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
-        return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length)
+        return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length, cache)
     return absorbed_cache_attention(attn, q_nope, q_rope, layer.buffer(), length, attention_mask)
 
 
-def flash_cache_attention(attn, q_nope, q_rope, storage, length) -> torch.Tensor:
-    """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py`."""
+def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache) -> torch.Tensor:
+    """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py`. The first
+    layer of a forward computes FlashMLA's split-KV schedule and leaves it on the cache for the other main layers,
+    whose caches hold as many tokens (the MTP layers', which may hold fewer, compute their own)."""
     w_uk, w_uv = attn.absorbed_weights()
     q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, 1, r]
-    out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling).to(q_nope.dtype)
+    main_layers = attn.config.num_hidden_layers
+    if attn.layer_idx == 0 or attn.layer_idx >= main_layers or cache.flash_schedule is None:
+        schedule = flash_mla_schedule(row_lengths(length, storage.shape[0]), q_nope.shape[1])
+        if attn.layer_idx < main_layers:
+            cache.flash_schedule = schedule
+    else:
+        schedule = cache.flash_schedule
+    out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling, schedule).to(q_nope.dtype)
     return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
 
 

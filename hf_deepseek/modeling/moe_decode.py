@@ -7,6 +7,8 @@ Two ways, both combining the experts' outputs with the routing weights as the so
   through tiles that are almost all padding, where batched GEMMs over all E experts with B rows each read the same
   weights once, at the bandwidth plain GEMMs reach. Used on CUDA for at most `MAX_TOKENS` tokens (beyond that the
   extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
+- matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
+  top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once.
 - gathered: for the few tokens of a small decode batch under torch.compile without the grouped GEMM (fp32, CPU),
   each token-choice pair's expert weights gathered and applied by batched vector-matrix products: only the chosen
   experts are computed (as vLLM's fused MoE reads only them), in the (token, choice) order of the eager path.
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..kernels import moe_gemv
 from .input_checks import tracing
 
 DENSE_DECODE = True  # the decode benchmark turns it off to measure the grouped GEMM in the same run
@@ -41,10 +44,17 @@ def decode_experts(experts, x: torch.Tensor, top_k: int, grouped_gemm: bool) -> 
     `grouped_gemm`: whether the fast grouped GEMM serves these tokens (bf16 CUDA), which keeps shapes static too."""
     if use_dense_experts(experts, x, top_k):
         return dense_experts
+    if moe_gemv.usable(experts, x, x.shape[0] * top_k):  # a few bf16 tokens on CUDA: only the chosen experts read
+        return gemv_experts
     if torch.is_grad_enabled() or grouped_gemm or not tracing():
         return None
     # gathering copies each pair's weights once (write and read again): worth it while 3 * N * k <= E
     return gathered_experts if 3 * x.shape[0] * top_k <= experts.num_experts else dense_experts
+
+
+def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_gemv.py` (Triton on CUDA)."""
+    return moe_gemv.routed_experts_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
 
 
 def dense_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,4 +79,7 @@ def gathered_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: t
     return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
 
-__all__ = ["use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "DENSE_DECODE", "MAX_TOKENS"]
+__all__ = [
+    "use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "gemv_experts", "DENSE_DECODE",
+    "MAX_TOKENS",
+]  # fmt: skip

@@ -1,0 +1,67 @@
+"""The Triton kernels of `moe_gemv.py` (imported only where Triton and CUDA exist)."""
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N, BLOCK_K, WARPS = 32, 256, 4
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, idx_ptr, w_ptr, act_ptr, D, INTER, TOP_K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
+    [I, 2I) of the expert's [2I, d] matrix."""
+    pair = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = pair // TOP_K
+    expert = tl.load(idx_ptr + pair).to(tl.int64)
+    w = w_ptr + expert * (2 * INTER) * D
+    n_ok = n < INTER
+    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        xk = tl.load(x_ptr + token * D + k, mask=k_ok, other=0.0).to(tl.float32)
+        mask = n_ok[:, None] & k_ok[None, :]
+        gate = tl.load(w + n[:, None] * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(w + (n[:, None] + INTER) * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc_gate += tl.sum(gate * xk[None, :], axis=1)
+        acc_up += tl.sum(up * xk[None, :], axis=1)
+    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    tl.store(act_ptr + pair * INTER + n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _down_kernel(act_ptr, idx_ptr, weight_ptr, w_ptr, out_ptr, D, INTER, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n."""
+    pair = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = tl.load(idx_ptr + pair).to(tl.int64)
+    w = w_ptr + expert * D * INTER
+    n_ok = n < D
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < INTER
+        a = tl.load(act_ptr + pair * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
+        down = tl.load(w + n[:, None] * INTER + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(down.to(tl.float32) * a[None, :], axis=1)
+    scale = tl.load(weight_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair * D + n, acc * scale, mask=n_ok)
+
+
+def launch(x, indices, weights, gate_up, down) -> torch.Tensor:
+    num_tokens, top_k = indices.shape
+    pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
+    act = torch.empty(pairs, inter, device=x.device, dtype=gate_up.dtype)
+    _gate_up_kernel[(pairs, triton.cdiv(inter, BLOCK_N))](
+        x, flat_idx, gate_up, act, dim, inter, top_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS
+    )
+    out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
+    _down_kernel[(pairs, triton.cdiv(dim, BLOCK_N))](
+        act, flat_idx, flat_w, down, out, dim, inter, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS
+    )
+    return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)

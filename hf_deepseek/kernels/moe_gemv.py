@@ -1,0 +1,81 @@
+"""Routed experts for a few decode tokens as two Triton matrix-vector kernels that read only the chosen experts'
+weights, once (as vLLM's fused MoE does for small batches).
+
+At batch 1 a DeepSeek MoE layer computes k token-expert pairs of one row each. torch's grouped GEMM pads every pair
+to a 64- or 128-row tile and, with its set-up kernels (sort, offsets, gathers), took twice the weights' read time on
+an H200 (0.40 ms of a 1.9 ms step, `docs/decode-h200/`). Here each program streams a block of one chosen expert's
+rows against the token's vector: the gate and up rows together, SiLU(gate) * up written once (kernel 1), then the
+down projection scaled by the routing weight (kernel 2); the k results per token are summed in torch.
+
+`routed_experts_gemv` is a custom op (one node under torch.compile, captured by CUDA graphs): the Triton kernels on
+CUDA, the same computation in torch elsewhere (`reference`), which is what the CPU tests run.
+"""
+
+import torch
+
+ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
+MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
+
+
+_TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
+
+
+def triton_available() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON = torch.cuda.is_available()
+        except ImportError:
+            _TRITON = False
+    return _TRITON
+
+
+def usable(experts, x: torch.Tensor, pairs: int) -> bool:
+    """Whether `routed_experts_gemv` serves x [N, d] with `pairs` token-expert pairs (set-up time checks only)."""
+    silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
+    return (
+        ENABLED
+        and x.is_cuda
+        and triton_available()  # first: an eager forward (the prefill) settles it before any compiled step
+        and x.dtype == torch.bfloat16
+        and experts.gate_up_proj.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+        and pairs <= MAX_PAIRS
+        and silu
+    )
+
+
+def reference(x, indices, weights, gate_up, down) -> torch.Tensor:
+    """x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] -> [N, d]: the kernels' computation in
+    torch (fp32 accumulation, the activation rounded to the weights' dtype as the kernel stores it)."""
+    num_tokens, top_k = indices.shape
+    inter = down.shape[-1]
+    chosen = indices.flatten()
+    rows = x.repeat_interleave(top_k, dim=0).float()  # [P, d]
+    h = torch.einsum("pd,pnd->pn", rows, gate_up[chosen].float())  # [P, 2I]
+    act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(gate_up.dtype).float()
+    out = torch.einsum("pi,pdi->pd", act, down[chosen].float()) * weights.flatten()[:, None].float()
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+@torch.library.custom_op("hf_deepseek::routed_experts_gemv", mutates_args=())
+def routed_experts_gemv(
+    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """x [N, d] bf16, indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] (bf16, contiguous) -> [N, d]:
+    sum_k weights[:, k] * down[e_k] @ (SiLU(gate[e_k] @ x) * (up[e_k] @ x))."""
+    if not x.is_cuda:
+        return reference(x, indices, weights, gate_up, down)
+    from ._moe_gemv_triton import launch
+
+    return launch(x, indices, weights, gate_up, down)
+
+
+@routed_experts_gemv.register_fake
+def _(x, indices, weights, gate_up, down):
+    return torch.empty_like(x)
+
+
+__all__ = ["routed_experts_gemv", "reference", "usable", "triton_available", "ENABLED", "MAX_PAIRS"]

@@ -1,0 +1,81 @@
+"""The routed experts' matrix-vector kernels for a few decode tokens (`kernels/moe_gemv.py`): the op's torch
+computation against the per-expert reference on the CPU, the model's decode path through the op, and on a GPU the
+Triton kernels against the same computation."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import moe_gemv
+from hf_deepseek.modeling import moe_decode
+from hf_deepseek.modeling.moe import RoutedExperts
+
+
+def experts_and_routing(device, dtype, tokens=3, top_k=6, num_experts=16, hidden=256, inter=160, seed=0):
+    torch.manual_seed(seed)
+    config = tiny_config(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=num_experts)
+    experts = RoutedExperts(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, hidden**-0.5)
+        experts.down_proj.normal_(0, inter**-0.5)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    indices = torch.stack([torch.randperm(num_experts, device=device)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, device=device).softmax(dim=-1)
+    return experts, x, indices, weights
+
+
+def per_expert_float64(experts, x, indices, weights) -> torch.Tensor:
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t].double(), strict=True):
+            gate, up = (experts.gate_up_proj[e].double() @ x[t].double()).chunk(2)
+            out[t] += w * (experts.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+def test_op_computes_the_chosen_experts_on_the_cpu():
+    experts, x, indices, weights = experts_and_routing("cpu", torch.float32)
+    with torch.no_grad():
+        out = moe_gemv.routed_experts_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(out.double(), per_expert_float64(experts, x, indices, weights), rtol=1e-5, atol=1e-6)
+    assert not moe_gemv.usable(experts, x, 18)  # the kernels serve bf16 on CUDA only
+
+
+def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=4)
+    model = DeepSeekForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (1, 12))
+    default = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    calls = []
+    original = moe_gemv.routed_experts_gemv
+
+    def counted(*args):
+        calls.append(args[1].shape)
+        return original(*args)
+
+    monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
+    monkeypatch.setattr(moe_gemv, "routed_experts_gemv", counted)
+    through_op = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(through_op, default)
+    assert (1, 4) in calls  # the decode steps' single token went through the op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_triton_kernels_match_float64(tokens):
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    experts, x, indices, weights = experts_and_routing("cuda", torch.bfloat16, tokens=tokens, num_experts=64,
+                                                       hidden=2048, inter=1408)  # fmt: skip
+    assert moe_gemv.usable(experts, x, tokens * 6) is False  # grad mode on: training never takes it
+    with torch.no_grad():
+        assert moe_gemv.usable(experts, x, tokens * 6)
+        out = moe_gemv.routed_experts_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+        want = per_expert_float64(experts, x, indices, weights)
+        compiled = torch.compile(moe_decode.gemv_experts, mode="reduce-overhead", fullgraph=True)
+        again = compiled(experts, x, indices, weights).clone()
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert error < 1e-2, error
+    torch.testing.assert_close(again, out)
