@@ -51,17 +51,19 @@ def _down_kernel(act_ptr, idx_ptr, weight_ptr, w_ptr, out_ptr, D, INTER, BLOCK_N
     tl.store(out_ptr + pair * D + n, acc * scale, mask=n_ok)
 
 
-def launch(x, indices, weights, gate_up, down) -> torch.Tensor:
+def launch(x, indices, weights, gate_up, down, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """`config`: (BLOCK_N, BLOCK_K, warps) for both kernels (the tuning script tries several)."""
+    block_n, block_k, warps = config or (BLOCK_N, BLOCK_K, WARPS)
     num_tokens, top_k = indices.shape
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
     act = torch.empty(pairs, inter, device=x.device, dtype=gate_up.dtype)
-    _gate_up_kernel[(pairs, triton.cdiv(inter, BLOCK_N))](
-        x, flat_idx, gate_up, act, dim, inter, top_k, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS
+    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
+        x, flat_idx, gate_up, act, dim, inter, top_k, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps
     )
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
-    _down_kernel[(pairs, triton.cdiv(dim, BLOCK_N))](
-        act, flat_idx, flat_w, down, out, dim, inter, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=WARPS
+    _down_kernel[(pairs, triton.cdiv(dim, block_n))](
+        act, flat_idx, flat_w, down, out, dim, inter, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps
     )
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
