@@ -15,12 +15,14 @@ say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_COMPILE_THREADS=2 OMP_NUM_THREADS=2
 OUT=${OUT:?set OUT}
-if ! python3 -c "import trl, datasets" 2>/dev/null; then
+if ! python3 -c "import trl, datasets, math_verify.parser" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site ${WHEELS:-.whl}/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+# math-verify scores the answers (it needs latex2sympy2_extended and antlr4-python3-runtime): fail now, not after training
+python3 -c "import math_verify.parser" || { say "math-verify does not import: add its wheels to ${WHEELS:-.whl}"; exit 1; }
 say "$(python3 -c 'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)')"
 R=outputs/r1_add_sub; Z=outputs/r1_zero_tiny; L=outputs/logs; mkdir -p $R $Z $L
 
