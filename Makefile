@@ -16,10 +16,10 @@ venv: $(STAMP)
 
 # torch==2.13.0 first: that exact pin takes the CPU wheel on this machine's disk; a looser
 # spec would let pip download a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[all]'
+	$(BIN)/pip install -c constraints.txt -e '.[all]'
 	touch $@
 
 # Debian's chromium for the browser tests of the chat app (Playwright cannot download browsers here).

@@ -256,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     args, extra = parser.parse_known_args(argv)
-    # bitsandbytes (imported by PEFT and TRL) warns on every CPU start that an optional 4-bit kernel is missing
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # bitsandbytes (imported by PEFT and TRL) warns on every CPU start that an optional 4-bit kernel is missing,
+    # and `kernels` (which it asks for that kernel) that the hub is offline: neither concerns the user's command
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if args.command == "eval":  # everything after `eval` belongs to lm-eval
         from hf_deepseek.evals.harness import run_lm_eval
 
