@@ -155,3 +155,32 @@ def test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products():
     for e, (start, end) in enumerate(layout.segments()):
         want = dy[start:end].float().t() @ x[start:end].float()
         assert (got[e] - want).norm() / want.norm() < 4e-3  # bf16 output rounding: 0.17% measured on an H200
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(
+    strict=True,
+    reason="H200, torch 2.11, 2026-12-03 (benchmarks/fp8_compile_grad_check.py): under Inductor the FP8 routed "
+    "experts' input gradient comes out zero (relative difference 1.0, both recipes) while their weight gradients "
+    "match within 0.6%; on the CPU, Inductor matches eager within 1.6%",
+)
+@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+def test_compiled_fp8_parts_give_the_gradients_of_eager_fp8_on_the_gpu(name):
+    """Inductor may fuse and round differently, not change what is computed: every gradient of the routed experts,
+    a linear layer and a whole small model within 5% of eager FP8's (a miscompiled GEMM is off by far more)."""
+    from hf_deepseek.evals.fp8_compile_check import check_all, worst
+
+    for part, differences in check_all([name]).items():
+        assert max(differences.values()) < 5e-2, (part, worst(differences))
+
+
+def test_the_grouped_weight_gradient_op_traces_with_fake_tensors():
+    """The opaque op Inductor sees in FP8 backward: its fake implementation gives the shape the GEMM returns."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hf_deepseek.modeling.fp8_numerics import grouped_wgrad_bf16
+
+    with FakeTensorMode():
+        dy_t, x = torch.empty(48, 384, dtype=torch.bfloat16), torch.empty(384, 96, dtype=torch.bfloat16)
+        out = grouped_wgrad_bf16(dy_t, x, torch.tensor([128, 256, 384], dtype=torch.int32))
+    assert out.shape == (3, 48, 96) and out.dtype == torch.bfloat16
