@@ -39,10 +39,11 @@ class SpeculativeBuffers:
     produced: torch.Tensor  # [B] tokens committed so far
     unfinished: torch.Tensor  # [B] bool: no end-of-sequence token committed yet
     max_new: torch.Tensor  # [] the token budget (a tensor: one graph serves every budget)
+    eos: torch.Tensor  # [E] end-of-sequence ids, -1 for none (a fixed buffer: one graph with or without eos)
     counts: torch.Tensor  # [3] over rows still going: drafts proposed, drafts kept, passes with any such row
 
     @classmethod
-    def allocate(cls, model, batch: int, max_len: int, width: int, device) -> "SpeculativeBuffers":
+    def allocate(cls, model, batch: int, max_len: int, width: int, eos: int, device) -> "SpeculativeBuffers":
         def buffer(*shape, dtype=torch.long):
             tensor = torch.zeros(shape, dtype=dtype, device=device)
             torch._dynamo.mark_static_address(tensor)  # CUDA graphs replay over these very tensors
@@ -52,11 +53,12 @@ class SpeculativeBuffers:
             cache=LatentStaticCache(model.config, max_cache_len=max_len), token=buffer(batch), draft=buffer(batch),
             position=buffer(batch), length=buffer(), keep=buffer(batch, max_len, dtype=torch.bool),
             new_tokens=buffer(batch, width), produced=buffer(batch), unfinished=buffer(batch, dtype=torch.bool),
-            max_new=buffer(), counts=buffer(3),
+            max_new=buffer(), eos=buffer(eos), counts=buffer(3),
         )  # fmt: skip
 
-    def fits(self, batch: int, max_len: int, width: int, device) -> bool:
-        return self.keep.shape == (batch, max_len) and self.new_tokens.shape[1] == width and self.keep.device == device
+    def fits(self, batch: int, max_len: int, width: int, eos: int, device) -> bool:
+        shapes = (self.keep.shape, self.new_tokens.shape[1], self.eos.shape[0])
+        return shapes == ((batch, max_len), width, eos) and self.keep.device == device
 
 
 def fast_speculative_reason(model, config: GenerationConfig, draft_tokens: int | None) -> str | None:
@@ -86,7 +88,7 @@ def wants_fast_speculative(model, config: GenerationConfig, draft_tokens: int | 
     return reason is None and model.device.type == "cuda" and not config.disable_compile and not model.training
 
 
-def speculative_step(model, b: SpeculativeBuffers, eos: torch.Tensor | None) -> None:
+def speculative_step(model, b: SpeculativeBuffers) -> None:
     """Verify [token, draft] per row, keep the draft where it is the main model's argmax, draft the next token."""
     backbone, head = model.model, model.lm_head
     offsets = torch.arange(VERIFIED, device=b.keep.device)
@@ -112,9 +114,8 @@ def speculative_step(model, b: SpeculativeBuffers, eos: torch.Tensor | None) -> 
     b.counts.add_(torch.stack([going.sum(), (kept * going).sum(), going.any().long()]))
     width = b.new_tokens.shape[1]
     b.new_tokens.scatter_(1, (b.produced[:, None] + offsets).clamp(max=width - 1), target)  # past 1+kept: rewritten
-    if eos is not None:
-        ends = (torch.isin(target, eos) & (offsets <= kept[:, None])).any(dim=1)
-        b.unfinished.logical_and_(~ends)
+    ends = (torch.isin(target, b.eos) & (offsets <= kept[:, None])).any(dim=1)
+    b.unfinished.logical_and_(~ends)
     b.produced.add_(1 + kept)
     b.keep.index_copy_(1, slots[1:], offsets[1:] <= kept[:, None])  # a rejected draft's slot becomes a hole
     b.token.copy_(target.gather(1, kept[:, None])[:, 0])
@@ -139,23 +140,23 @@ def compiled_speculative_step(model, config: GenerationConfig) -> Callable:
     return cached[1]
 
 
-def buffers_for(model, batch: int, prompt_len: int, max_new: int, device) -> SpeculativeBuffers:
+def buffers_for(model, batch: int, prompt_len: int, max_new: int, eos: int, device) -> SpeculativeBuffers:
     """The model's buffers, reused while they fit and never shrunk (the compiled step keeps its shapes). Every step
     commits at least one token per row and takes at most two slots, so 2 * (max_new - 1) slots follow the prompt."""
     max_len = prompt_len + VERIFIED * max(max_new - 1, 1)
     width = max_new + VERIFIED
-    previous = model.__dict__.get("_fast_speculative_sizes", (0, 0))
-    max_len, width = max(max_len, previous[0]), max(width, previous[1])
-    model.__dict__["_fast_speculative_sizes"] = (max_len, width)
+    previous = model.__dict__.get("_fast_speculative_sizes", (0, 0, 4))
+    sizes = (max(max_len, previous[0]), max(width, previous[1]), max(eos, previous[2]))
+    model.__dict__["_fast_speculative_sizes"] = sizes
     buffers = model.__dict__.get("_fast_speculative_buffers")
-    if buffers is None or not buffers.fits(batch, max_len, width, device):
+    if buffers is None or not buffers.fits(batch, *sizes, device):
         model.__dict__["_fast_speculative_buffers"] = buffers = None  # free the old cache first
-        buffers = SpeculativeBuffers.allocate(model, batch, max_len, width, device)
+        buffers = SpeculativeBuffers.allocate(model, batch, *sizes, device)
         model.__dict__["_fast_speculative_buffers"] = buffers
     return buffers
 
 
-def prefill(model, b: SpeculativeBuffers, input_ids: torch.Tensor, mask: torch.Tensor, eos) -> None:
+def prefill(model, b: SpeculativeBuffers, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
     """Uncompiled, as `generate()`'s: the prompt into the main and MTP caches, the first token and the first draft."""
     backbone, head = model.model, model.lm_head
     batch, prompt_len = input_ids.shape
@@ -172,7 +173,7 @@ def prefill(model, b: SpeculativeBuffers, input_ids: torch.Tensor, mask: torch.T
     b.length.fill_(prompt_len)
     b.new_tokens[:, 0] = token
     b.produced.fill_(1)
-    b.unfinished.copy_(~torch.isin(token, eos) if eos is not None else torch.ones_like(b.unfinished))
+    b.unfinished.copy_(~torch.isin(token, b.eos))
 
 
 class SpeculativeStepError(RuntimeError):
@@ -181,7 +182,12 @@ class SpeculativeStepError(RuntimeError):
 
 @torch.no_grad()
 def fast_speculative_generate(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new: int, eos_ids: list[int], pad: int,
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new: int,
+    eos_ids: list[int],
+    pad: int,
     config: GenerationConfig,
 ) -> tuple[torch.Tensor, dict]:
     """Greedy tokens [B, T + new] as plain greedy `generate()` returns them (rows that end early padded with `pad`),
@@ -191,27 +197,28 @@ def fast_speculative_generate(
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     if not bool(mask[:, -1].all()):
         raise ValueError("MTP speculative decoding needs left padding: every row's last token must be unmasked")
-    eos = torch.tensor(eos_ids, device=device) if eos_ids else None
-    b = buffers_for(model, batch, prompt_len, max_new, device)
+    b = buffers_for(model, batch, prompt_len, max_new, len(eos_ids), device)
     b.cache.reset()
     b.cache.unpadded = False  # two query tokens per pass: FlashMLA's one-token kernel never serves this loop
     b.keep.zero_()
     b.keep[:, :prompt_len] = mask.bool()
     b.new_tokens.fill_(pad)
     b.max_new.fill_(max_new)
+    b.eos.fill_(-1)
+    b.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.long)
     b.counts.zero_()
-    prefill(model, b, input_ids, mask, eos)
+    prefill(model, b, input_ids, mask)
 
     step = compiled_speculative_step(model, config)
     steps_left, least_produced = max_new - 1, 1  # each step commits at least one token per row
     while steps_left > 0:
         # as many steps as the fewest tokens still owed could take if every draft were kept, then one read
         burst = min(steps_left, -(-(max_new - least_produced) // VERIFIED))
-        if eos is not None:
+        if eos_ids:
             burst = min(burst, CHECK_EVERY)
         for _ in range(burst):
             try:
-                step(model, b, eos)
+                step(model, b)
             except torch.OutOfMemoryError:
                 raise
             except Exception as error:
@@ -224,8 +231,8 @@ def fast_speculative_generate(
 
     new = b.new_tokens[:, :max_new]
     lengths = torch.full((batch,), max_new, device=device)
-    if eos is not None:  # cut each row after its first end-of-sequence token; the batch as long as its longest row
-        is_eos = torch.isin(new, eos)
+    if eos_ids:  # cut each row after its first end-of-sequence token; the batch as long as its longest row
+        is_eos = torch.isin(new, b.eos)
         lengths = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1) + 1, lengths)
         new = torch.where(torch.arange(max_new, device=device) < lengths[:, None], new, pad)
     drafted, accepted, passes = b.counts.tolist()

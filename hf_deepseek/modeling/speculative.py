@@ -358,8 +358,17 @@ def speculative_generate(
     return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
 
 
-def _try_fast_speculative(model, input_ids, attention_mask, max_new_tokens: int, eos: list[int], pad: int,
-                          config: GenerationConfig, draft_tokens, fast_loop: bool | None) -> torch.Tensor | None:
+def _try_fast_speculative(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    eos: list[int],
+    pad: int,
+    config: GenerationConfig,
+    draft_tokens,
+    fast_loop: bool | None,
+) -> torch.Tensor | None:
     """The device loop's tokens (setting `last_speculative_stats`), or None where the eager loop should run."""
     from ..generation import fast_speculative as fs  # generation/ builds on modeling/, not the other way round
 
