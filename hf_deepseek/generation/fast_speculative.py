@@ -41,6 +41,7 @@ class SpeculativeBuffers:
     max_new: torch.Tensor  # [] the token budget (a tensor: one graph serves every budget)
     eos: torch.Tensor  # [E] end-of-sequence ids, -1 for none (a fixed buffer: one graph with or without eos)
     counts: torch.Tensor  # [3] over rows still going: drafts proposed, drafts kept, passes with any such row
+    going: torch.Tensor  # [] bool: some row still owes tokens
 
     @classmethod
     def allocate(cls, model, batch: int, max_len: int, width: int, eos: int, device) -> "SpeculativeBuffers":
@@ -53,7 +54,7 @@ class SpeculativeBuffers:
             cache=LatentStaticCache(model.config, max_cache_len=max_len), token=buffer(batch), draft=buffer(batch),
             position=buffer(batch), length=buffer(), keep=buffer(batch, max_len, dtype=torch.bool),
             new_tokens=buffer(batch, width), produced=buffer(batch), unfinished=buffer(batch, dtype=torch.bool),
-            max_new=buffer(), eos=buffer(eos), counts=buffer(3),
+            max_new=buffer(), eos=buffer(eos), counts=buffer(3), going=buffer(dtype=torch.bool),
         )  # fmt: skip
 
     def fits(self, batch: int, max_len: int, width: int, eos: int, device) -> bool:
@@ -121,6 +122,7 @@ def speculative_step(model, b: SpeculativeBuffers) -> None:
     b.token.copy_(target.gather(1, kept[:, None])[:, 0])
     b.draft.copy_(draft)
     b.position.add_(1 + kept)
+    b.going.copy_((b.unfinished & (b.produced < b.max_new)).any())
     b.length.add_(1 + kept.max())  # rewind past the drafts every row rejected
     for layer in b.cache.layers:
         layer.cumulative_length.copy_(b.length)
@@ -174,6 +176,24 @@ def prefill(model, b: SpeculativeBuffers, input_ids: torch.Tensor, mask: torch.T
     b.new_tokens[:, 0] = token
     b.produced.fill_(1)
     b.unfinished.copy_(~torch.isin(token, b.eos))
+    b.going.copy_(b.unfinished.any())
+
+
+def run_watching(run: Callable[[int], None], b: SpeculativeBuffers, steps_left: int, lag: int = 2) -> None:
+    """CUDA: up to `steps_left` steps, stopping once no row is going, as seen `lag` steps late. After each step
+    the flag `going` is copied to pinned host memory behind an event; before step s the host waits for step
+    s - lag's event only, so the GPU always has steps queued (no bubble) and at most `lag` steps run past the end."""
+    flags = torch.zeros(lag, dtype=torch.bool, pin_memory=True)
+    events = [torch.cuda.Event() for _ in range(lag)]
+    for index in range(steps_left):
+        slot = index % lag
+        if index >= lag:
+            events[slot].synchronize()
+            if not bool(flags[slot]):
+                return
+        run(1)
+        flags[slot].copy_(b.going, non_blocking=True)
+        events[slot].record()
 
 
 class SpeculativeStepError(RuntimeError):
@@ -210,22 +230,28 @@ def fast_speculative_generate(
     prefill(model, b, input_ids, mask)
 
     step = compiled_speculative_step(model, config)
+
+    def run(step_count: int) -> None:
+        try:
+            for _ in range(step_count):
+                step(model, b)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            raise SpeculativeStepError(str(error)) from error
+
     steps_left, least_produced = max_new - 1, 1  # each step commits at least one token per row
     while steps_left > 0:
         # as many steps as the fewest tokens still owed could take if every draft were kept, then one read
         burst = min(steps_left, -(-(max_new - least_produced) // VERIFIED))
+        if eos_ids and device.type == "cuda":  # rows may end any time: watch them without stalling the queue
+            run_watching(run, b, steps_left)
+            break
         if eos_ids:
             burst = min(burst, CHECK_EVERY)
-        for _ in range(burst):
-            try:
-                step(model, b)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as error:
-                raise SpeculativeStepError(str(error)) from error
+        run(burst)
         steps_left -= burst
-        going = b.unfinished & (b.produced < b.max_new)
-        least_produced, any_going = torch.stack([b.produced.min(), going.any().long()]).tolist()
+        least_produced, any_going = torch.stack([b.produced.min(), b.going.long()]).tolist()
         if not any_going:
             break
 
