@@ -24,6 +24,8 @@ def test_bench_decode_tiny_smoke(tmp_path):
         assert cell["tokens_per_s"] == cell["batch"] * 1000 / cell["ms_per_step"]
         assert cell["speedup_vs_transformers_eager"] > 0
     assert cells["ours-mtp"]["acceptance_rate"] is not None and cells["ours-mtp"]["tokens_per_step"] >= 1
+    # the MTP device loop against plain greedy generate() in the same run, the same tokens
+    assert cells["ours-mtp"]["speedup_vs_plain"] > 0 and "equal to plain greedy: True" in cells["ours-mtp"]["note"]
     assert cells["ours-fast"]["floor_fraction"] > 0
     # generate() end to end, both models, prefill subtracted: a per-token time and the prefill in the note
     for row in ("ours-generate", "transformers-generate"):

@@ -73,6 +73,7 @@ class DecodePlan:
     warmup_steps: int = 3
     mtp_contexts: list[int] = field(default_factory=lambda: [2048])
     mtp_new_tokens: int = 32
+    mtp_prompts: str = "random"  # or "task": the embedded default's held-out addition prompts (its tokenizer)
     generate_new_tokens: int = 128  # the `*-generate` rows: greedy tokens per prompt, prefill subtracted
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
@@ -99,6 +100,8 @@ class DecodeCell:
     floor_fraction: float | None = None  # floor_ms / ms_per_step: 1.0 would read at the measured copy bandwidth
     acceptance_rate: float | None = None
     tokens_per_step: float | None = None
+    plain_ms_per_token: float | None = None  # ours-mtp: plain greedy generate() on the same prompts, same run
+    speedup_vs_plain: float | None = None  # ours-mtp: plain_ms_per_token / ms_per_step
     note: str = ""
 
 
@@ -368,16 +371,44 @@ def run_generate_row(
     return cells
 
 
+def mtp_prompts(model, plan: DecodePlan, batch: int, context: int, device) -> torch.Tensor:
+    """[batch, T] prompt ids: random tokens of length `context`, or with `plan.mtp_prompts == "task"` the held-out
+    addition prompts of the embedded default (its tokenizer loaded from the model's checkpoint), left-padded."""
+    if plan.mtp_prompts == "random":
+        return torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    from transformers import AutoTokenizer
+
+    from hf_deepseek.evals.task_data import load_rows, prompt_text
+
+    tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    rows = load_rows("addition")["test"]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt_text(rows[i % len(rows)])}], add_generation_prompt=True,
+            return_dict=True,
+        )["input_ids"]
+        for i in range(batch)
+    ]  # fmt: skip
+    width = max(len(p) for p in prompts)
+    return torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+
+
 def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[DecodeCell]:
-    """MTP self-speculative decoding through `generate(mtp_speculative=True)` against plain greedy `generate()`
-    (the fast path where it applies) on the same prompts: ms per generated token, acceptance, tokens per step."""
+    """MTP self-speculative greedy decoding through `generate(mtp_speculative=True, fast_loop=True)` (the device
+    loop, one draft per step: one compiled verify-and-draft step on CUDA, uncompiled on a CPU) against plain greedy
+    `generate()` (its fast path where it applies), the eager speculative loop and transformers' loop over a dynamic
+    cache, on the same prompts in the same run: ms per generated token (prefill subtracted, after a warm-up call
+    that compiles), acceptance, tokens per step, and whether the tokens equal plain greedy decoding's."""
     cells = []
+    contexts = plan.mtp_contexts if plan.mtp_prompts == "random" else [0]
     for batch in plan.row_batch_sizes.get("ours-mtp", plan.batch_sizes):
-        for context in plan.mtp_contexts:
+        for context in contexts:
             cell = DecodeCell("ours-mtp", batch, context)
             try:
-                ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
-                common = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+                ids = mtp_prompts(model, plan, batch, context, device)
+                cell.context = ids.shape[1]
+                mask = (ids != 0).long() if plan.mtp_prompts == "task" else torch.ones_like(ids)
+                common = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
                 n = plan.mtp_new_tokens
 
                 def run(new_tokens: int, ids=ids, common=common, **extra):
@@ -387,39 +418,44 @@ def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[De
                     synchronize(device)
                     return time.perf_counter() - start, out
 
-                run(n, mtp_speculative=True)  # warm-up
-                prefill_s, _ = run(1, mtp_speculative=True)
-                total_s, out = run(n, mtp_speculative=True)
-                stats = getattr(model, "last_speculative_stats", None)
-                if not stats:
-                    cell.note = "skipped: generate(mtp_speculative=True) set no last_speculative_stats"
-                else:
-                    generated = out.shape[1] - context
-                    cell.ms_per_step = 1000 * (total_s - prefill_s) / max(generated - 1, 1)  # per generated token
-                    cell.tokens_per_s = batch * 1000 / cell.ms_per_step
-                    cell.acceptance_rate = stats.get("acceptance_rate")
-                    cell.tokens_per_step = stats.get("tokens_per_step")
-                    # plain greedy generate: with the same eager DynamicCache machinery, and by default (the fast
-                    # path on CUDA); warm-up, then timed, per token it generated (eos can end it early)
-                    notes = []
-                    for label, plain in (("eager", dict(cache_implementation="dynamic")), ("default", {})):
-                        run(n, **plain)
-                        plain_prefill_s, _ = run(1, **plain)
-                        plain_s, plain_out = run(n, **plain)
-                        plain_generated = plain_out.shape[1] - context
-                        plain_ms = 1000 * (plain_s - plain_prefill_s) / max(plain_generated - 1, 1)
-                        notes.append(f"plain {label} generate: {plain_ms:.2f} ms/token ({plain_generated} tokens)")
-                    cell.note = f"{generated} tokens; " + "; ".join(notes)
-            except TypeError as error:
-                cell.note = f"skipped: generate does not take mtp_speculative yet ({error})"
+                def ms_per_token(n=n, ids=ids, **extra) -> tuple[float, torch.Tensor]:
+                    run(n, **extra)  # warm-up: compilation, CUDA graphs
+                    prefill_s, _ = run(1, **extra)
+                    total_s, out = run(n, **extra)
+                    return 1000 * (total_s - prefill_s) / max(out.shape[1] - ids.shape[1] - 1, 1), out
+
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                mtp_ms, out = ms_per_token(mtp_speculative=True, fast_loop=True, mtp_draft_tokens=1)
+                stats = dict(model.last_speculative_stats or {})
+                if device.type == "cuda":
+                    cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                plain_ms, plain_out = ms_per_token()
+                eager_mtp_ms, _ = ms_per_token(mtp_speculative=True, fast_loop=False)
+                dynamic_ms, _ = ms_per_token(cache_implementation="dynamic")
+                cell.ms_per_step = mtp_ms  # per generated token
+                cell.tokens_per_s = batch * 1000 / mtp_ms
+                cell.acceptance_rate = stats.get("acceptance_rate")
+                cell.tokens_per_step = stats.get("tokens_per_step")
+                cell.plain_ms_per_token = plain_ms
+                cell.speedup_vs_plain = plain_ms / mtp_ms
+                cell.note = (
+                    f"{out.shape[1] - ids.shape[1]} tokens, equal to plain greedy: {torch.equal(out, plain_out)}; "
+                    f"plain generate() {plain_ms:.3f} ms/token (MTP x{plain_ms / mtp_ms:.2f}); eager MTP loop "
+                    f"{eager_mtp_ms:.3f}; transformers' loop, dynamic cache {dynamic_ms:.3f}"
+                )
+                if model.__dict__.get("fast_speculative_error"):
+                    cell.note += f"; device loop failed: {model.fast_speculative_error[:150]}"
             except torch.OutOfMemoryError:
                 cell.note = "out of memory"
             except Exception as error:
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            progress(f"ours-mtp batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
+            progress(f"ours-mtp batch {batch} context {cell.context}: {cell.ms_per_step} ms/token {cell.note}")
             cells.append(cell)
             if emit is not None:  # each cell reported as it is measured
                 emit(cell)
+    model.__dict__.pop("_fast_speculative_buffers", None)
     return cells
 
 
@@ -574,6 +610,8 @@ def plan_from_args(args: argparse.Namespace) -> DecodePlan:
         plan.mtp_contexts = [int(c) for c in args.mtp_contexts.split(",")]
     if args.mtp_new_tokens:
         plan.mtp_new_tokens = args.mtp_new_tokens
+    if getattr(args, "mtp_prompts", None):
+        plan.mtp_prompts = args.mtp_prompts
     if getattr(args, "generate_new_tokens", None):
         plan.generate_new_tokens = args.generate_new_tokens
     plan.profile = [cell.strip() for cell in (getattr(args, "profile", None) or "").split(",") if cell.strip()]
@@ -592,8 +630,8 @@ def run_decode_bench_from_args(args: argparse.Namespace) -> dict[str, Any]:
         return merge_results(args.merge.split(","), args.output_dir)
     words = ["hf-deepseek bench decode"]
     for name in ("device", "tiny", "dtype", "checkpoint", "batch_sizes", "contexts", "rows", "row_batch_sizes",
-                 "row_contexts", "profile", "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "generate_new_tokens",
-                 "output_dir"):  # fmt: skip
+                 "row_contexts", "profile", "steps", "warmup_steps", "mtp_contexts", "mtp_new_tokens", "mtp_prompts",
+                 "generate_new_tokens", "output_dir"):  # fmt: skip
         value = getattr(args, name, None)
         if value not in (None, False):
             words.append(

@@ -160,7 +160,9 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
     def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
         """transformers' `generate`; with `mtp_speculative=True` or `use_mtp=True` (argument or generation config) MTP
         self-speculative decoding instead (`speculative.py`): greedy gives the same tokens and sampling the same
-        distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`.
+        distribution, in fewer main-model passes, at any batch size. It sets `last_speculative_stats`. Greedy with
+        one draft per step runs on the device by default on CUDA (`generation/fast_speculative.py`: one compiled
+        step, no host sync per step; `fast_loop=True` anywhere, `fast_loop=False` keeps the eager loop).
         Otherwise, where `generate()` takes the static latent cache on CUDA, its token loop runs on the device
         (`generation/fast_generate.py`: greedy gives the same tokens, sampling the same distribution, no host sync
         per token) unless the call needs more than it offers; `fast_loop=True` asks for it anywhere (CPU included),
@@ -173,9 +175,9 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             speculative = getattr(config, "mtp_speculative", False) or (
                 use_mtp if use_mtp is not None else getattr(config, "use_mtp", False)
             )
-        if speculative:
-            return speculative_generate(self, inputs, generation_config, **kwargs)
         fast_loop = kwargs.pop("fast_loop", getattr(config, "fast_loop", None))
+        if speculative:
+            return speculative_generate(self, inputs, generation_config, fast_loop=fast_loop, **kwargs)
         if fast_loop is not False:
             from ..generation.fast_generate import try_fast_generate
 

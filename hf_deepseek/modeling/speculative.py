@@ -28,6 +28,7 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils import logging
 
 from .mtp_drafter import MTPDrafter
 from .pretrained import DeepSeekPreTrainedModel
@@ -44,6 +45,7 @@ UNSUPPORTED_OPTIONS = (
 )  # fmt: skip
 # generate() arguments besides the generation config that speculative decoding accepts
 ACCEPTED_ARGUMENTS = ("input_ids", "attention_mask", "mtp_draft_tokens")
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -299,11 +301,14 @@ def speculative_generate(
     model: DeepSeekPreTrainedModel,
     inputs: torch.LongTensor | None = None,
     generation_config: GenerationConfig | None = None,
+    fast_loop: bool | None = None,
     **kwargs,
 ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
     """`generate()` with MTP speculative decoding: same arguments, same output shape (prompt + new tokens, rows
     that ended early filled with `pad_token_id`), plus `mtp_draft_tokens` (drafts per step, 1 to the number of MTP
-    modules; default all). Sets `model.last_speculative_stats`."""
+    modules; default all). Sets `model.last_speculative_stats`. Greedy decoding with one draft per step takes the
+    device loop (`generation/fast_speculative.py`) where `wants_fast_speculative` says so; a compiled step that
+    fails (unless `fast_loop=True`) is warned about once and this eager loop takes over."""
     _check_model(model)
     config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     arguments = config.update(**kwargs)
@@ -333,8 +338,13 @@ def speculative_generate(
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
     chooser = TokenChooser(sampling_warpers(config) if config.do_sample else None)
 
-    stats, new = DraftStats(), [[] for _ in range(input_ids.shape[0])]
     draft_tokens = arguments.get("mtp_draft_tokens")
+    sequences = _try_fast_speculative(
+        model, input_ids, attention_mask, max_new_tokens, eos, pad, config, draft_tokens, fast_loop
+    )
+    if sequences is not None:
+        return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
+    stats, new = DraftStats(), [[] for _ in range(input_ids.shape[0])]
     steps = speculative_decode(model, input_ids, attention_mask, max_new_tokens, eos, chooser, stats, draft_tokens)
     for committed in steps:
         for row, tokens in committed.items():
@@ -346,6 +356,42 @@ def speculative_generate(
         generated[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
     sequences = torch.cat([input_ids, generated], dim=1)
     return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
+
+
+def _try_fast_speculative(
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    eos: list[int],
+    pad: int,
+    config: GenerationConfig,
+    draft_tokens,
+    fast_loop: bool | None,
+) -> torch.Tensor | None:
+    """The device loop's tokens (setting `last_speculative_stats`), or None where the eager loop should run."""
+    from ..generation import fast_speculative as fs  # generation/ builds on modeling/, not the other way round
+
+    if max_new_tokens < 1 or not fs.wants_fast_speculative(model, config, draft_tokens, fast_loop):
+        return None
+    if not fast_loop and model.__dict__.get("fast_speculative_error"):
+        return None
+    try:
+        sequences, model.last_speculative_stats = fs.fast_speculative_generate(
+            model, input_ids, attention_mask, max_new_tokens, eos, pad, config
+        )
+    except fs.SpeculativeStepError as error:
+        if fast_loop:
+            raise error.__cause__ from None
+        cause = error.__cause__
+        model.__dict__["fast_speculative_error"] = f"{type(cause).__name__}: {str(cause)[:500]}"
+        model.__dict__.pop("_fast_speculative_buffers", None)
+        logger.warning(
+            f"generate(mtp_speculative=True): the device loop failed ({model.fast_speculative_error}); this model "
+            "uses the eager speculative loop from now on. generate(..., fast_loop=True) raises the error instead."
+        )
+        return None
+    return sequences
 
 
 def mtp_speculative_stream(
