@@ -66,6 +66,8 @@ def main() -> None:
             attempt("bisect/inductor-no-pattern-matcher", versus_eager, rowwise, True)
         with torch._inductor.config.patch(reorder_for_locality=False, split_reductions=False):
             attempt("bisect/inductor-no-reorder", versus_eager, rowwise, True)
+        with torch._inductor.config.patch(max_fusion_size=1):  # every node its own kernel: a fusion bug goes away
+            attempt("bisect/inductor-no-fusion", versus_eager, rowwise, True)
         try:  # the padded-buffer scatter as plain autograd indexing instead of the custom Function
             fp8.ScatterUniqueRows.apply = staticmethod(plain_scatter)
             attempt("bisect/inductor-plain-scatter", versus_eager, rowwise, True)

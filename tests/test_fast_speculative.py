@@ -171,6 +171,8 @@ def test_the_device_loop_is_the_default_only_on_cuda_for_greedy_single_drafts(mo
     config = model.generation_config
     assert not fs.wants_fast_speculative(model, config, None, None)  # CPU: the eager loop unless asked
     monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    assert not fs.wants_fast_speculative(model, config, None, None)  # opt-in until measured on a GPU
+    monkeypatch.setattr(fs, "DEFAULT_ON_CUDA", True)
     assert fs.wants_fast_speculative(model, config, None, None)
     assert not fs.wants_fast_speculative(model, config, 2, None)
     sampling = config.__class__(do_sample=True)
@@ -201,13 +203,13 @@ def test_a_failing_device_loop_falls_back_to_the_eager_loop(monkeypatch):
 
 @pytest.mark.gpu
 def test_compiled_device_loop_on_gpu():
-    """On CUDA generate(mtp_speculative=True) takes the device loop by default (Inductor, CUDA graphs); fp32, so
+    """On CUDA generate(mtp_speculative=True, fast_loop=True) takes the device loop (Inductor, CUDA graphs); fp32, so
     that its tokens can be compared exactly with plain greedy decoding."""
     model, ids, mask, eos = embedded_model_and_prompts(4)
     model, ids, mask = model.cuda(), ids.cuda(), mask.cuda()
     kwargs = dict(attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=0, eos_token_id=eos)
     plain = model.generate(ids, cache_implementation="dynamic", **kwargs)
-    fast = model.generate(ids, mtp_speculative=True, **kwargs)
+    fast = model.generate(ids, mtp_speculative=True, fast_loop=True, **kwargs)
     assert model.__dict__.get("_fast_speculative_buffers") is not None  # the device loop ran
     assert model.__dict__.get("fast_speculative_error") is None, model.fast_speculative_error
     assert torch.equal(fast, plain)
