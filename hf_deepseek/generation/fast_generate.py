@@ -197,18 +197,23 @@ def decode_step(model, buffers: DecodeBuffers, choice: TokenChoice) -> None:
     record_token(b, choice, choice(logits, b.prompt_len, b.step))
 
 
-def compiled_decode_step(model, config: GenerationConfig) -> Callable:
-    """`decode_step` compiled with the model's generate compile settings (Inductor + CUDA graphs), once per model
-    and compile config; uncompiled where transformers would not compile (CPU without `_compile_all_devices`)."""
+def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache_name: str) -> Callable:
+    """`step` compiled with the model's generate compile settings (Inductor + CUDA graphs), once per model and
+    compile config (kept in `model.<cache_name>`); uncompiled where transformers would not compile (CPU without
+    `_compile_all_devices`)."""
     compile_config = config.compile_config or model._default_compile_config()
     on_accelerator = model.device.type in ("cuda", "xpu")
     if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
-        return decode_step
-    cached = model.__dict__.get("_fast_decode_step")
+        return step
+    cached = model.__dict__.get(cache_name)
     if cached is None or cached[0] != compile_config:
-        cached = (compile_config, torch.compile(decode_step, **compile_config.to_dict()))
-        model.__dict__["_fast_decode_step"] = cached
+        cached = (compile_config, torch.compile(step, **compile_config.to_dict()))
+        model.__dict__[cache_name] = cached
     return cached[1]
+
+
+def compiled_decode_step(model, config: GenerationConfig) -> Callable:
+    return compiled_for_generate(model, decode_step, config, "_fast_decode_step")
 
 
 def end_of_sequence_ids(config: GenerationConfig) -> list[int]:

@@ -20,7 +20,7 @@ import torch
 from transformers import GenerationConfig
 
 from ..modeling.latent_cache import LatentStaticCache
-from .fast_generate import CHECK_EVERY
+from .fast_generate import CHECK_EVERY, compiled_for_generate
 
 VERIFIED = 2  # tokens per row in a verify pass: the newest committed token and one draft
 
@@ -135,17 +135,7 @@ def speculative_step(model, b: SpeculativeBuffers) -> None:
 
 
 def compiled_speculative_step(model, config: GenerationConfig) -> Callable:
-    """`speculative_step` compiled with the model's generate compile settings (Inductor + CUDA graphs), once per
-    model and compile config; uncompiled where transformers would not compile (CPU without `_compile_all_devices`)."""
-    compile_config = config.compile_config or model._default_compile_config()
-    on_accelerator = model.device.type in ("cuda", "xpu")
-    if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
-        return speculative_step
-    cached = model.__dict__.get("_fast_speculative_step")
-    if cached is None or cached[0] != compile_config:
-        cached = (compile_config, torch.compile(speculative_step, **compile_config.to_dict()))
-        model.__dict__["_fast_speculative_step"] = cached
-    return cached[1]
+    return compiled_for_generate(model, speculative_step, config, "_fast_speculative_step")
 
 
 def buffers_for(model, batch: int, prompt_len: int, max_new: int, eos: int, device) -> SpeculativeBuffers:
