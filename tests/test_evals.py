@@ -339,6 +339,53 @@ def test_oracle_model_gets_exactly_the_expected_metrics():
     assert metrics["format,none"] == pytest.approx(sum(f[0] for f in expected_format["arithmetic"]) / len(a))
 
 
+class ChatRecordingLM(OracleLM):
+    """Records the chat-templated prompts lm-eval sends, rendered by the embedded default's own template."""
+
+    def __init__(self, tokenizer):
+        super().__init__({})
+        self.tokenizer, self.contexts = tokenizer, []
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "hf-deepseek-r1-tiny"
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def generate_until(self, requests):
+        self.contexts += [request.args[0] for request in requests]
+        return ["<think>x</think><answer>0</answer>"] * len(requests)
+
+
+def test_second_turn_task_sends_the_conversation_the_chat_app_sends():
+    """hfds_addition_turn2's prompt is the chat app's for the same two turns: an earlier sum and its reply as the
+    app sends it back (`<answer>...</answer>`), then the held-out sum, each user turn with the R1 instruction."""
+    from transformers import AutoTokenizer
+
+    from hf_deepseek.data.r1 import user_content
+
+    checkpoint = Path(__file__).resolve().parents[1] / "checkpoints" / "hf-deepseek-r1-tiny"
+    lm = ChatRecordingLM(AutoTokenizer.from_pretrained(checkpoint))
+    lm_eval.simple_evaluate(
+        model=lm, tasks=["hfds_addition_turn2"], limit=4, apply_chat_template=True, task_manager=task_manager()
+    )
+    rows = load_rows("addition")
+
+    def conversation(earlier: dict, question: dict) -> str:
+        return lm.apply_chat_template([
+            {"role": "user", "content": user_content(earlier["question"])},
+            {"role": "assistant", "content": f"<answer>{earlier['answer']}</answer>"},
+            {"role": "user", "content": user_content(question["question"])},
+        ])  # fmt: skip
+
+    app = {conversation(e, d): d["question"] for e in rows["fewshot"] for d in rows["test"][:4]}
+    assert all(context in app for context in lm.contexts), lm.contexts[0]
+    assert sorted(app[c] for c in lm.contexts) == sorted(d["question"] for d in rows["test"][:4])
+
+
 def test_hflm_batched_left_padded_generation_equals_batch_size_one(tokenizer):
     """Inside lm-eval (HFLM on an in-memory model, simple_evaluate), batches of prompts of different lengths are
     left-padded; every completion must equal the one generated alone."""

@@ -37,7 +37,7 @@ def add_sub_dataset(rows: str = "turns", **kwargs) -> DatasetDict:
     return DatasetDict({"test": Dataset.from_list(test), "context": context, "fewshot": context})
 
 
-def add_sub_earlier_reply(doc: dict) -> str:
+def earlier_reply(doc: dict) -> str:
     """An earlier reply as the chat app sends it back: the answer alone, in its tags (the reasoning dropped)."""
     return f"<answer>{doc['answer']}</answer>"
 
