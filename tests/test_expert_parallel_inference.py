@@ -27,9 +27,10 @@ def _rank(rank: int, path: str, port: int) -> None:
         model = load_expert_parallel(path)
         shares = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
         mine = _prompts(model.config)[rank::WORLD]
+        steps = NEW_TOKENS[rank]
         tokens = model.generate(
-            mine, attention_mask=torch.ones_like(mine), max_new_tokens=NEW_TOKENS[rank], min_new_tokens=NEW_TOKENS[rank],
-            do_sample=False, pad_token_id=0, synced_gpus=True,
+            mine, attention_mask=torch.ones_like(mine), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+            pad_token_id=0, synced_gpus=True,
         )  # fmt: skip
         experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
         torch.save((tokens, [m.expert_range for m in shares], experts), os.path.join(path, f"rank{rank}.pt"))
@@ -61,9 +62,8 @@ def test_load_expert_parallel_generates_the_tokens_of_one_process(tmp_path):
 
 
 def test_load_expert_parallel_refuses_an_uneven_split(tmp_path, monkeypatch):
-    DeepSeekForCausalLM(tiny_config(n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1)).save_pretrained(
-        tmp_path
-    )
+    config = tiny_config(n_routed_experts=6, num_experts_per_tok=2, n_group=1, topk_group=1)
+    DeepSeekForCausalLM(config).save_pretrained(tmp_path)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
     with pytest.raises(ValueError, match="^6 routed experts cannot be split evenly over 4 expert-parallel ranks$"):
         load_expert_parallel(tmp_path, group=object())
