@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on this many GPUs of this host through `accelerate launch` (default: this process only)",
     )
     train.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="split each MoE layer's routed experts over the processes and shard the rest with FSDP2 (SFT stages; "
+        "with --num-processes N through torchrun, or inside `torchrun --nproc-per-node N`)",
+    )
+    train.add_argument(
         "--accelerate-config",
         default="fsdp2",
         help="with --num-processes: a shipped accelerate config (fsdp2, ddp) or a YAML path",
@@ -267,6 +273,15 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         dashed = [e for e in extra if e.startswith("-")]
         if dashed:
             raise UsageError(f"unrecognized option {dashed[0]!r}: {override_hint(args, dashed[0].lstrip('-'))}")
+    if args.command == "train" and args.expert_parallel:
+        import os
+
+        from hf_deepseek.parallel.training import expert_parallel_recipe, run_expert_parallel_training
+
+        if args.num_processes is None and "WORLD_SIZE" in os.environ:  # a torchrun worker
+            run_expert_parallel_training(args, extra)
+            return
+        expert_parallel_recipe(args, extra, args.num_processes or 1)  # one-line errors before anything starts
     if args.command == "train" and args.num_processes:
         from hf_deepseek.trainers.launch import launch_training
 

@@ -115,7 +115,7 @@ def _expert_share(folder: SafetensorsFolder, name: str, module: ExpertParallelEx
 def load_expert_parallel(
     path: str | Path,
     group: dist.ProcessGroup | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> DeepSeekForCausalLM:
     """A saved model (the `save_pretrained` folder) with the routed experts split over `group` (default: every
@@ -137,6 +137,7 @@ def load_expert_parallel(
     with torch.device("meta"):
         model = DeepSeekForCausalLM(config)
     apply_expert_parallel(model, group)
+    device = torch.device(device or "cpu")
     model.to_empty(device=device)
     folder = SafetensorsFolder(path)
     experts = expert_parameters(model)

@@ -59,7 +59,7 @@ class ParallelTrainOptions:
     router_bias_update_schedule: str = "constant"
     router_bias_update_end: float = 1.0
     logging_steps: int = 10
-    save_steps: int = 0  # 0: only the final model
+    save_steps: int = 500  # 0 (or save_strategy "no"): only the final model
     seed: int = 42
     bf16: bool = False
     resume_from_checkpoint: str | bool | None = None
@@ -327,15 +327,23 @@ def build_trainer(recipe: dict[str, Any], stage: str, mesh=None, device=None) ->
     return trainer, rows
 
 
-def run_expert_parallel_training(args, extra: list[str]) -> None:
-    """`hf-deepseek train STAGE --recipe R --expert-parallel` inside each torchrun worker."""
+def expert_parallel_recipe(args, extra: list[str], processes: int) -> dict[str, Any]:
+    """The stage's recipe with its overrides, checked for an expert-parallel run on `processes` processes."""
     from ..trainers.recipes import apply_overrides, check_recipe, load_recipe
 
     if args.stage == "all":
         raise UsageError("--expert-parallel trains one stage at a time: name the stage, e.g. `train sft`")
+    if processes < 2:
+        check_expert_split(0, processes)
     recipe = apply_overrides(load_recipe(args.recipe), args.stage, [*args.overrides, *extra])
     check_recipe(recipe, [args.stage])
-    check_expert_split(recipe_experts(recipe, args.stage), int(os.environ.get("WORLD_SIZE", "1")))
+    check_expert_split(recipe_experts(recipe, args.stage), processes)
+    return recipe
+
+
+def run_expert_parallel_training(args, extra: list[str]) -> None:
+    """`hf-deepseek train STAGE --recipe R --expert-parallel` inside each torchrun worker."""
+    recipe = expert_parallel_recipe(args, extra, int(os.environ.get("WORLD_SIZE", "1")))
     mesh, device = distributed_mesh()
     try:
         trainer, rows = build_trainer(recipe, args.stage, mesh, device)

@@ -1,0 +1,136 @@
+"""The expert-parallel training loop (`parallel/training.py`) over gloo, 2 CPU processes, on the r1_tiny recipe's
+model (8 experts, an MTP layer) and data: three AdamW steps with the gradient clipped hard and fast router-bias moves
+give the losses, gradient norms and final weights of one process on the whole batch; a run killed right after its
+step-2 checkpoint and resumed from it gives the step-3 loss of the run that went on; the checkpoint is the usual
+folder one process loads. Bad process counts are refused with one line."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.cli import main
+from hf_deepseek.parallel.training import build_trainer
+from hf_deepseek.trainers.recipes import apply_overrides, load_recipe
+
+WORLD, PER_RANK, STEPS = 2, 2, 3
+
+
+def _recipe(output_dir, **args):
+    overrides = {
+        "sft.data.tasks": "{addition: 40}", "max_steps": STEPS, "max_length": 48, "learning_rate": 0.01,
+        "lr_scheduler_type": "cosine", "warmup_steps": 1, "max_grad_norm": 0.05, "router_bias_update_speed": 0.05,
+        "per_device_train_batch_size": PER_RANK, "output_dir": str(output_dir), **args,
+    }  # fmt: skip
+    return apply_overrides(load_recipe("r1_tiny"), "sft", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _rank(rank: int, port: int, out: str, mode: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        args = {
+            "full": {},
+            "killed": {"save_strategy": "steps", "save_steps": 2},
+            "resumed": {"resume_from_checkpoint": True},
+        }[mode]
+        run_dir = os.path.join(out, "full" if mode == "full" else "killed")
+        trainer, rows = build_trainer(_recipe(run_dir, **args), "sft", mesh)
+        if mode == "killed":
+            save = trainer.save
+
+            def save_then_die(path):
+                save(path)
+                os._exit(0)  # killed: no final save, no clean shutdown
+
+            trainer.save = save_then_die
+        history = trainer.train(rows, progress=lambda line: None)
+        torch.save(history, os.path.join(out, f"{mode}{rank}.pt"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(tmp_path, mode: str, offset: int) -> None:
+    port = 29500 + os.getpid() % 300 + offset
+    mp.start_processes(_rank, args=(port, str(tmp_path), mode), nprocs=WORLD, join=True, start_method="fork")
+
+
+def test_expert_parallel_training_equals_one_process_and_resumes_after_a_kill(tmp_path):
+    _spawn(tmp_path, "full", 0)
+    _spawn(tmp_path, "killed", 1)
+    assert not (tmp_path / "killed" / "model.safetensors").exists()  # killed before its final save
+    assert not (tmp_path / "killed0.pt").exists()
+    _spawn(tmp_path, "resumed", 2)
+    full = torch.load(tmp_path / "full0.pt")
+    assert [m["step"] for m in full] == [1, 2, 3] and full[2]["loss"] < full[0]["loss"]
+    assert torch.equal(torch.tensor(full[0]["loss"]), torch.tensor(torch.load(tmp_path / "full1.pt")[0]["loss"]))
+    assert all(m["grad_norm"] > 0.05 for m in full)  # every step clipped: the global norm decides each update
+    assert "mtp_loss" in full[0]
+
+    # one process, the whole batch of 2 x 2 rows a step
+    trainer, rows = build_trainer(_recipe(tmp_path / "alone", per_device_train_batch_size=WORLD * PER_RANK), "sft")
+    alone = trainer.train(rows, progress=lambda line: None)
+    for key in ("loss", "mtp_loss", "grad_norm", "max_violation"):
+        torch.testing.assert_close(
+            torch.tensor([m[key] for m in full]), torch.tensor([m[key] for m in alone]), rtol=1e-5, atol=1e-6
+        )
+    parallel = DeepSeekForCausalLM.from_pretrained(tmp_path / "full")  # one process loads the parallel run's output
+    biases = [r.e_score_correction_bias for r in parallel.routers()]
+    assert all(b.abs().max() > 0 for b in biases)  # the routers' biases moved
+    for (name, got), want in zip(parallel.state_dict().items(), trainer.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+    # killed after the step-2 checkpoint, resumed from it: the step-3 loss of the run that went on
+    state = json.loads((tmp_path / "killed" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    resumed = torch.load(tmp_path / "resumed0.pt")
+    assert [m["step"] for m in resumed] == [3]
+    torch.testing.assert_close(torch.tensor(resumed[0]["loss"]), torch.tensor(full[2]["loss"]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(resumed[0]["grad_norm"]), torch.tensor(full[2]["grad_norm"]), rtol=1e-5, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--num-processes", "1"],
+            "hf-deepseek train: error: --expert-parallel needs at least 2 processes: add --num-processes N, or start "
+            "it with `torchrun --nproc-per-node N -m hf_deepseek.cli train ... --expert-parallel`",
+        ),
+        (
+            ["--num-processes", "3"],
+            "hf-deepseek train: error: 8 routed experts cannot be split evenly over 3 processes: use a process count "
+            "that divides 8 (2, 4, 8)",
+        ),
+        (
+            [],
+            "hf-deepseek train: error: --expert-parallel needs at least 2 processes: add --num-processes N, or start "
+            "it with `torchrun --nproc-per-node N -m hf_deepseek.cli train ... --expert-parallel`",
+        ),
+    ],
+)
+def test_bad_expert_parallel_launches_are_one_line_errors(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "sft", "--recipe", "r1_tiny", "--expert-parallel", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_expert_parallel_refuses_grpo_and_all(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for stage, message in [
+        ("grpo", "--expert-parallel trains SFT stages; 'grpo' is a GRPO stage"),
+        ("all", "--expert-parallel trains one stage at a time: name the stage, e.g. `train sft`"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", stage, "--recipe", "r1_tiny", "--num-processes", "2", "--expert-parallel"])
+        assert capsys.readouterr().err == f"hf-deepseek train: error: {message}\n"
