@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168; small: 4 layers at hidden 512 (a CPU "
         "comparison of bf16 with emulated FP8)",
     )
+    bench_train.add_argument(
+        "--num-processes",
+        type=positive_int,
+        help="instead: the expert-parallel training step on N GPUs of this host (torchrun) against one, each GPU "
+        "with --batch-size rows; tokens/s per GPU and scaling",
+    )
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     bench_decode = bench_kinds.add_parser(
         "decode",
@@ -301,7 +307,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         check_model_dir(args.checkpoint, "--checkpoint")
         args.device = resolve_device(args.device)
         register_auto_classes()
-    if args.command == "bench" and args.bench_command == "train":
+    if args.command == "bench" and args.bench_command == "train" and args.num_processes:
+        from hf_deepseek.evals.bench_train_parallel import run_parallel_train_bench_from_args
+
+        run_parallel_train_bench_from_args(args)
+    elif args.command == "bench" and args.bench_command == "train":
         from hf_deepseek.evals.bench_train import run_train_bench_from_args
 
         run_train_bench_from_args(args)
