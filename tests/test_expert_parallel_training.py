@@ -5,6 +5,7 @@ step-2 checkpoint and resumed from it gives the step-3 loss of the run that went
 folder one process loads. Bad process counts are refused with one line."""
 
 import json
+import math
 import os
 
 import pytest
@@ -16,6 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.cli import main
 from hf_deepseek.parallel.training import build_trainer
+from hf_deepseek.trainers.launch import torchrun_command
 from hf_deepseek.trainers.recipes import apply_overrides, load_recipe
 
 WORLD, PER_RANK, STEPS = 2, 2, 3
@@ -134,3 +136,50 @@ def test_expert_parallel_refuses_grpo_and_all(capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(["train", stage, "--recipe", "r1_tiny", "--num-processes", "2", "--expert-parallel"])
         assert capsys.readouterr().err == f"hf-deepseek train: error: {message}\n"
+
+
+def test_num_processes_expert_parallel_trains_through_torchrun(tmp_path, capfd):
+    """The user's command, end to end: torchrun starts two workers, which train and write the usual folder."""
+    overrides = ["sft.data.tasks={addition: 24}", "max_steps=2", "max_length=48", "per_device_train_batch_size=1",
+                 "logging_steps=1", f"output_dir={tmp_path}"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "sft", "--recipe", "r1_tiny", "--num-processes", "2", "--expert-parallel", *overrides])
+    out, err = capfd.readouterr()
+    assert exit_info.value.code == 0, err[-3000:]
+    assert f"launching: {' '.join(torchrun_command('sft', 'r1_tiny', overrides, 2))}" in out
+    assert "-m torch.distributed.run --standalone --nproc-per-node 2 -m hf_deepseek.cli train sft" in out
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    model = DeepSeekForCausalLM.from_pretrained(tmp_path)  # one process reads what two wrote
+    assert model.model.layers[1].mlp.experts.gate_up_proj.shape[0] == 8
+    assert (tmp_path / "tokenizer.json").is_file()
+
+
+def test_bench_train_num_processes_reports_tokens_per_gpu_and_scaling(tmp_path, capfd):
+    main(["bench", "train", "--tiny", "--num-processes", "2", "--steps", "2", "--output-dir", str(tmp_path)])
+    out = capfd.readouterr().out
+    result = json.loads((tmp_path / "bench_train_parallel.json").read_text())
+    one, two = result["runs"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert result["command"] == "hf-deepseek bench train --num-processes 2 --tiny --steps 2"
+    tokens = result["plan"]["batch_size"] * result["plan"]["seq_len"]
+    for run in (one, two):  # each process trains batch_size rows a step: the work grows with the process count
+        assert run["tokens_per_s"] == pytest.approx(tokens * run["processes"] / (run["step_ms"] / 1000))
+        assert run["tokens_per_s_per_gpu"] == pytest.approx(run["tokens_per_s"] / run["processes"])
+        assert len(run["losses"]) == 3 and all(math.isfinite(x) for x in run["losses"])
+    assert two["scaling"] == pytest.approx(two["tokens_per_s"] / one["tokens_per_s"])
+    assert "| processes | ms/step | tokens/s | tokens/s per GPU | scaling vs 1 |" in out
+    assert f"| 2 | {two['step_ms']:.1f} |" in out
+
+
+@pytest.mark.parametrize(
+    ("processes", "message"),
+    [
+        ("1", "--num-processes 1: the parallel bench compares N >= 2 processes with one"),
+        ("3", "8 routed experts cannot be split evenly over 3 processes: use a process count that divides 8 (2, 4, 8)"),
+    ],
+)
+def test_bench_train_refuses_bad_process_counts(processes, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "train", "--tiny", "--num-processes", processes])
+    assert capsys.readouterr().err == f"hf-deepseek bench: error: {message}\n"
