@@ -1,8 +1,8 @@
 """The expert-parallel training loop (`parallel/training.py`) over gloo, 2 CPU processes, on the r1_tiny recipe's
-model (8 experts, an MTP layer) and data: three AdamW steps with the gradient clipped hard and fast router-bias moves
+model (8 experts, an MTP layer) and data: four AdamW steps with the gradient clipped hard and fast router-bias moves
 give the losses, gradient norms and final weights of one process on the whole batch; a run killed right after its
-step-2 checkpoint and resumed from it gives the step-3 loss of the run that went on; the checkpoint is the usual
-folder one process loads. Bad process counts are refused with one line."""
+step-2 checkpoint and resumed from it gives the losses of steps 3 and 4 of the run that went on; the checkpoint is
+the usual folder one process loads, and one process resumes it too. Bad process counts are one-line errors."""
 
 import json
 import math
@@ -20,7 +20,7 @@ from hf_deepseek.parallel.training import build_trainer
 from hf_deepseek.trainers.launch import torchrun_command
 from hf_deepseek.trainers.recipes import apply_overrides, load_recipe
 
-WORLD, PER_RANK, STEPS = 2, 2, 3
+WORLD, PER_RANK, STEPS = 2, 2, 4
 
 
 def _recipe(output_dir, **args):
@@ -70,7 +70,7 @@ def test_expert_parallel_training_equals_one_process_and_resumes_after_a_kill(tm
     assert not (tmp_path / "killed0.pt").exists()
     _spawn(tmp_path, "resumed", 2)
     full = torch.load(tmp_path / "full0.pt")
-    assert [m["step"] for m in full] == [1, 2, 3] and full[2]["loss"] < full[0]["loss"]
+    assert [m["step"] for m in full] == [1, 2, 3, 4] and full[3]["loss"] < full[0]["loss"]
     assert torch.equal(torch.tensor(full[0]["loss"]), torch.tensor(torch.load(tmp_path / "full1.pt")[0]["loss"]))
     assert all(m["grad_norm"] > 0.05 for m in full)  # every step clipped: the global norm decides each update
     assert "mtp_loss" in full[0]
@@ -88,15 +88,23 @@ def test_expert_parallel_training_equals_one_process_and_resumes_after_a_kill(tm
     for (name, got), want in zip(parallel.state_dict().items(), trainer.model.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
-    # killed after the step-2 checkpoint, resumed from it: the step-3 loss of the run that went on
+    # killed after the step-2 checkpoint, resumed from it: the losses of the run that went on (step 3 on the saved
+    # weights and router biases, step 4 after an update with the restored AdamW moments and learning rate)
     state = json.loads((tmp_path / "killed" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     resumed = torch.load(tmp_path / "resumed0.pt")
-    assert [m["step"] for m in resumed] == [3]
-    torch.testing.assert_close(torch.tensor(resumed[0]["loss"]), torch.tensor(full[2]["loss"]), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(
-        torch.tensor(resumed[0]["grad_norm"]), torch.tensor(full[2]["grad_norm"]), rtol=1e-5, atol=1e-7
-    )
+    assert [m["step"] for m in resumed] == [3, 4]
+    for key in ("loss", "grad_norm", "learning_rate"):
+        torch.testing.assert_close(
+            torch.tensor([m[key] for m in resumed]), torch.tensor([m[key] for m in full[2:]]), rtol=1e-6, atol=1e-7
+        )
+    # the same checkpoint resumed by one process (the same global batch: 4 rows on one process)
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    recipe = _recipe(tmp_path / "one", per_device_train_batch_size=WORLD * PER_RANK, resume_from_checkpoint=checkpoint)
+    trainer, rows = build_trainer(recipe, "sft")
+    alone_resumed = trainer.train(rows, progress=lambda line: None)
+    losses = torch.tensor([m["loss"] for m in alone_resumed])
+    torch.testing.assert_close(losses, torch.tensor([m["loss"] for m in full[2:]]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -262,7 +263,7 @@ class ExpertParallelTrainer:
                 moments[f"{name}.step"] = state["step"].detach().cpu().reshape(1)
         if self.rank == 0:
             save_file(moments, str(path / "optimizer.safetensors"))
-            state = {"global_step": self.step, "scheduler": self.scheduler.state_dict(), "processes": self.world}
+            state = {"global_step": self.step, "processes": self.world}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if self.mesh is not None:
             dist.barrier()
@@ -287,10 +288,11 @@ class ExpertParallelTrainer:
                 else:
                     entry[key] = whole
             self.optimizer.state[param] = entry
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
         self.step = state["global_step"]
+        with warnings.catch_warnings():  # the schedule replayed to the step (the optimizer's groups may differ)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(self.step):
+                self.scheduler.step()
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
