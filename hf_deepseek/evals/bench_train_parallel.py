@@ -2,9 +2,11 @@
 AdamW, clipping, router-bias update) on N processes against the same loop in one process, at the bench's shapes
 with the batch scaled to the process count (each process keeps `batch_size` rows of `seq_len` tokens).
 
-The command starts torchrun; in there rank 0 first trains alone (the plain model, no parallelism: the one-GPU
-figure) while the others wait, then all N train expert-parallel. Reported: median step time, tokens/s in all and per
-GPU, and the scaling (N-process tokens/s over one process's). Rank 0 writes bench_train_parallel.json and .md.
+The model is built as `bench train` builds its `hf_deepseek-bf16` variant, uncompiled: bf16 weights on CUDA (fp32
+on a CPU) and the chunked output loss. The command starts torchrun; in there rank 0 first trains alone (the plain
+model, no parallelism: the one-GPU figure) while the others wait, then all N train expert-parallel. Reported: median
+step time, tokens/s in all and per GPU, and the scaling (N-process tokens/s over one process's). Rank 0 writes
+bench_train_parallel.json and .md.
 """
 
 from __future__ import annotations
@@ -46,11 +48,24 @@ def timed_steps(trainer, rows: torch.Tensor, warmup: int, steps: int) -> dict[st
     }  # fmt: skip
 
 
+def bench_model(config, device: torch.device):
+    """The model from seed 0 on the CPU (the trainer splits the experts before moving it): bf16 weights for CUDA,
+    fp32 for a CPU, the chunked output loss."""
+    from hf_deepseek import DeepSeekForCausalLM
+    from hf_deepseek.modeling.output_loss import enable_fused_output_loss
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = DeepSeekForCausalLM._from_config(config, dtype=dtype)
+    enable_fused_output_loss(model)
+    return model
+
+
 def run_worker(output_dir: str) -> None:
     """Inside torchrun: the one-process figure on rank 0, then the N-process one; rank 0 writes the results."""
     import torch.distributed as dist
 
-    from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+    from hf_deepseek import DeepSeekConfig
     from hf_deepseek.parallel.training import ExpertParallelTrainer, ParallelTrainOptions, distributed_mesh
 
     out = Path(output_dir)
@@ -64,25 +79,18 @@ def run_worker(output_dir: str) -> None:
                          generator=torch.Generator().manual_seed(0))  # fmt: skip
     options = ParallelTrainOptions(
         output_dir=str(out), max_steps=total, per_device_train_batch_size=plan.batch_size, max_length=plan.seq_len,
-        learning_rate=plan.learning_rate, lr_scheduler_type="constant", bf16=device.type == "cuda", save_steps=0,
+        learning_rate=plan.learning_rate, lr_scheduler_type="constant", save_steps=0,
     )  # fmt: skip
     runs = []
     if rank == 0:
-        torch.manual_seed(0)
-        runs.append(
-            timed_steps(
-                ExpertParallelTrainer(DeepSeekForCausalLM(config), options, None, device),
-                rows,
-                plan.warmup_steps,
-                plan.steps,
-            )
-        )
+        alone = ExpertParallelTrainer(bench_model(config, device), options, None, device)
+        runs.append(timed_steps(alone, rows, plan.warmup_steps, plan.steps))
+        del alone
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
     dist.barrier()
-    torch.manual_seed(0)
-    trainer = ExpertParallelTrainer(DeepSeekForCausalLM(config), options, mesh, device)
+    trainer = ExpertParallelTrainer(bench_model(config, device), options, mesh, device)
     runs.append(timed_steps(trainer, rows, plan.warmup_steps, plan.steps))
     if rank == 0:
         from hf_deepseek.evals.bench import machine_description
