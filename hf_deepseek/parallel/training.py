@@ -119,8 +119,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     if isinstance(other, DTensor):
         other = other.full_tensor()
     squared = other.double() ** 2
-    if expert_grads:
-        expert_squared = torch.nn.utils.get_total_norm(expert_grads).double() ** 2
+    if experts:  # every rank joins the all-reduce, with or without expert gradients
+        expert_squared = torch.nn.utils.get_total_norm(expert_grads).double().to(squared.device) ** 2
         dist.all_reduce(expert_squared, group=next(iter(experts.values())).group)
         squared = squared + expert_squared.to(squared.device)
     total = squared.sqrt().float()
