@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="bench: 8 layers at hidden 2048 (default); v3-width: hidden 7168; small: 4 layers at hidden 512 (a CPU "
         "comparison of bf16 with emulated FP8)",
     )
+    bench_train.add_argument(
+        "--num-processes",
+        type=positive_int,
+        help="instead: the expert-parallel training step on N GPUs of this host (torchrun) against one, each GPU "
+        "with --batch-size rows; tokens/s per GPU and scaling",
+    )
     bench_train.add_argument("--output-dir", default="outputs/bench-train", help="where bench_train.json/.md go")
     bench_decode = bench_kinds.add_parser(
         "decode",
@@ -190,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-processes",
         type=positive_int,
         help="train on this many GPUs of this host through `accelerate launch` (default: this process only)",
+    )
+    train.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="split each MoE layer's routed experts over the processes and shard the rest with FSDP2 (SFT stages; "
+        "with --num-processes N through torchrun, or inside `torchrun --nproc-per-node N`)",
     )
     train.add_argument(
         "--accelerate-config",
@@ -274,6 +286,15 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         dashed = [e for e in extra if e.startswith("-")]
         if dashed:
             raise UsageError(f"unrecognized option {dashed[0]!r}: {override_hint(args, dashed[0].lstrip('-'))}")
+    if args.command == "train" and args.expert_parallel:
+        import os
+
+        from hf_deepseek.parallel.training import expert_parallel_recipe, run_expert_parallel_training
+
+        if args.num_processes is None and "WORLD_SIZE" in os.environ:  # a torchrun worker
+            run_expert_parallel_training(args, extra)
+            return
+        expert_parallel_recipe(args, extra, args.num_processes or 1)  # one-line errors before anything starts
     if args.command == "train" and args.num_processes:
         from hf_deepseek.trainers.launch import launch_training
 
@@ -293,7 +314,11 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> None:
         check_model_dir(args.checkpoint, "--checkpoint")
         args.device = resolve_device(args.device)
         register_auto_classes()
-    if args.command == "bench" and args.bench_command == "train":
+    if args.command == "bench" and args.bench_command == "train" and args.num_processes:
+        from hf_deepseek.evals.bench_train_parallel import run_parallel_train_bench_from_args
+
+        run_parallel_train_bench_from_args(args)
+    elif args.command == "bench" and args.bench_command == "train":
         from hf_deepseek.evals.bench_train import run_train_bench_from_args
 
         run_train_bench_from_args(args)

@@ -40,8 +40,20 @@ class ExpertParallelExperts(RoutedExperts):
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[first : first + self.num_experts].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[first : first + self.num_experts].clone())
         self.act_fn = experts.act_fn
-        for weight in (self.gate_up_proj, self.down_proj):  # the group-average that DDP / FSDP apply elsewhere
-            weight.register_hook(lambda grad: grad / self.world)
+        self._average_grads()
+
+    def _average_grads(self) -> None:
+        """Divide each weight's gradient by the group size (the group-average that DDP / FSDP apply elsewhere),
+        once per weight tensor: `to_empty` and some `.to()` calls replace the parameters, so `_apply` calls it again."""
+        for weight in (self.gate_up_proj, self.down_proj):
+            if not getattr(weight, "_averaged_over_group", False):
+                weight.register_hook(lambda grad: grad / self.world)
+                weight._averaged_over_group = True
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._average_grads()
+        return result
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] (global expert ids) -> sum_k weight_k * expert_k(x) [N, d]."""

@@ -2,6 +2,8 @@
 with a shipped config (`trainers/accelerate/fsdp2.yaml` by default, `ddp.yaml`, or any accelerate config file).
 
 Equivalent by hand: `accelerate launch --config_file <config> --num_processes N -m hf_deepseek.cli train ...`.
+With `--expert-parallel` the run goes through torchrun instead (`parallel/training.py`, its own loop):
+`torchrun --standalone --nproc-per-node N -m hf_deepseek.cli train ... --expert-parallel`.
 """
 
 import subprocess
@@ -35,10 +37,22 @@ def launch_command(stage: str, recipe: str, overrides: list[str], num_processes:
     ]  # fmt: skip
 
 
+def torchrun_command(stage: str, recipe: str, overrides: list[str], num_processes: int) -> list[str]:
+    """The `torchrun` command line that runs `hf-deepseek train <stage> --expert-parallel` in `num_processes`
+    processes of this host."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(num_processes),
+        "-m", "hf_deepseek.cli", "train", stage, "--recipe", recipe, "--expert-parallel", *overrides,
+    ]  # fmt: skip
+
+
 def launch_training(args, extra: list[str]) -> None:
-    """Run `hf-deepseek train` under accelerate (arguments from `hf_deepseek.cli`); exits with its status."""
-    command = launch_command(
-        args.stage, args.recipe, [*args.overrides, *extra], args.num_processes, args.accelerate_config
-    )
+    """Run `hf-deepseek train` under accelerate, or torchrun with `--expert-parallel` (arguments from
+    `hf_deepseek.cli`); exits with its status."""
+    overrides = [*args.overrides, *extra]
+    if args.expert_parallel:
+        command = torchrun_command(args.stage, args.recipe, overrides, args.num_processes)
+    else:
+        command = launch_command(args.stage, args.recipe, overrides, args.num_processes, args.accelerate_config)
     print("launching:", " ".join(command), flush=True)
     raise SystemExit(subprocess.call(command))
