@@ -1,7 +1,8 @@
 """The README is a manual: every Python and shell snippet in it runs, here with fewer steps and problems.
 
 Python blocks (```python) run in this process, each in a fresh namespace, from a scratch directory that links the
-repository's `checkpoints/`; shell blocks (```bash) run `hf-deepseek ...` through `python -m hf_deepseek.cli`.
+repository's `checkpoints/` (a block whose first line is `# torchrun ... --nproc-per-node N FILE.py` runs so, on N
+CPU processes); shell blocks (```bash) run `hf-deepseek ...` through `python -m hf_deepseek.cli`.
 Blocks marked ```bash skip-test (installs, `make` targets, GPU runs) are not run.
 """
 
@@ -86,6 +87,16 @@ def test_the_readme_has_a_snippet_for_each_job():
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_python_snippet_runs(index, scratch, capsys):
     code = shrink(PYTHON_BLOCKS[index])
+    launch = re.match(r"# (torchrun .*--nproc-per-node (\d+)) (\S+\.py)\n", code)
+    if launch:  # a multi-process snippet: run as its first line says, on CPU processes (gloo)
+        (scratch / launch[3]).write_text(code)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", launch[2]]
+        result = subprocess.run([*command, launch[3]], cwd=scratch, env=env, capture_output=True, text=True,
+                                timeout=280)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "print(" not in code or len(result.stdout.strip().splitlines()) == int(launch[2]), result.stdout
+        return
     if "DeepSeek-V3-official" in code:
         official_checkpoint(scratch / "DeepSeek-V3-official")
     exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
