@@ -236,7 +236,7 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
 
     console.rule("[bold]2. The embedded default, evaluated by lm-eval on held-out sums")
     table: dict[str, Any] = {}
-    for name, path in (("GRPO (embedded default)", options.checkpoint), ("SFT-only ancestor", options.sft_checkpoint)):
+    for name, path in (("embedded default", options.checkpoint), ("SFT-only ancestor", options.sft_checkpoint)):
         if not (Path(path) / "config.json").is_file():
             console.print(f"[yellow]No checkpoint at {path}; skipping it.[/]")
             continue
@@ -259,7 +259,8 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
         grpo, sft = table.values()
         overlap = grpo["interval"][0] <= sft["interval"][1] and sft["interval"][0] <= grpo["interval"][1]
         console.print(
-            f"GRPO against its SFT-only ancestor on the same held-out sums: {grpo['pass@1']:.1%} vs "
+            f"The embedded default (GRPO, then SFT on conversations) against its SFT-only ancestor on the same held-out "
+            f"sums: {grpo['pass@1']:.1%} vs "
             f"{sft['pass@1']:.1%} ({100 * (grpo['pass@1'] - sft['pass@1']):+.1f} points; the intervals "
             f"{'overlap' if overlap else 'do not overlap'}). Both reason in the trained format before answering."
         )

@@ -4,7 +4,6 @@ streamed answer, check the collapsible reasoning block, press Stop during a long
 The page talks to a scripted tiny DeepSeek model (tests/app_helpers.py) through the real generation path.
 """
 
-import hashlib
 import re
 import threading
 from contextlib import contextmanager
@@ -20,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = REPO / "checkpoints" / "hf-deepseek-r1-tiny"
 # The embedded default trained on single-turn prompts only (sha256 of its weights): it answers a first question and
 # fails every second one. The multi-turn retraining replaces it; the two-turn test is an expected failure until then.
-SINGLE_TURN_WEIGHTS = "fc218d81d7ca560d7249b7887dc7547dabbdb6a13ee0b00848104ff8650bfe96"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -151,12 +149,6 @@ def test_chat_page_streams_reasoning_and_answer_and_stops(tmp_path):
     assert (tmp_path / "chat_stopped.png").stat().st_size > 10_000
 
 
-@pytest.mark.xfail(
-    EMBEDDED.joinpath("model.safetensors").is_file()
-    and hashlib.sha256(EMBEDDED.joinpath("model.safetensors").read_bytes()).hexdigest() == SINGLE_TURN_WEIGHTS,
-    reason="this embedded default was trained on single-turn prompts; the multi-turn retraining replaces it",
-    strict=True,
-)
 def test_two_turn_conversation_with_the_embedded_default_answers_both_questions():
     """The real embedded checkpoint, greedy (the app's default), through the chat template with the whole history."""
     from hf_deepseek.app import load_chat_model

@@ -287,7 +287,7 @@ def test_train_command_runs_r1_sft_then_grpo_and_checkpoints_reload(tmp_path):
 
 
 def test_train_all_runs_every_stage_of_the_recipe_in_order_each_from_the_last(tmp_path, capsys):
-    stages = ["sft", "sft_continue", "sft_anneal", "grpo", "grpo_continue"]
+    stages = ["sft", "sft_continue", "sft_anneal", "grpo", "grpo_continue", "sft_turns", "sft_turns_continue"]
     small = [f"{s}.args.max_steps=1" for s in stages] + [f"{s}.data.tasks={{addition: 8}}" for s in stages]
     grpo = [
         f"{s}.args.{key}"
