@@ -12,6 +12,8 @@ import json
 import torch
 import torch.nn.functional as F
 
+from hf_deepseek.modeling.moe import count_per_expert
+
 CONFIGS = [(n, k, w) for n, k, w in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)) if n * k <= 16384]
 
 
@@ -36,7 +38,7 @@ def grouped(x, indices, weights, gate_up, down):
     top_k = indices.shape[1]
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    counts = count_per_expert(flat, gate_up.shape[0])  # bincount reads back to the host: no CUDA graph
     offs = counts.cumsum(0).to(torch.int32)
     rows = x[order // top_k]
     gate, up = F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
