@@ -256,12 +256,12 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
             f"{row['interval'][1]:.1%}] (n={row['n']}, well-formatted {row['format']:.0%})"
         )
     if len(table) == 2:
-        grpo, sft = table.values()
-        overlap = grpo["interval"][0] <= sft["interval"][1] and sft["interval"][0] <= grpo["interval"][1]
+        default, sft = table.values()
+        overlap = default["interval"][0] <= sft["interval"][1] and sft["interval"][0] <= default["interval"][1]
         console.print(
-            f"The embedded default (GRPO, then SFT on conversations) against its SFT-only ancestor on the same held-out "
-            f"sums: {grpo['pass@1']:.1%} vs "
-            f"{sft['pass@1']:.1%} ({100 * (grpo['pass@1'] - sft['pass@1']):+.1f} points; the intervals "
+            "The embedded default (GRPO, then SFT on conversations) against its SFT-only ancestor on the same "
+            f"held-out sums: {default['pass@1']:.1%} vs {sft['pass@1']:.1%} "
+            f"({100 * (default['pass@1'] - sft['pass@1']):+.1f} points; the intervals "
             f"{'overlap' if overlap else 'do not overlap'}). Both reason in the trained format before answering."
         )
     return table

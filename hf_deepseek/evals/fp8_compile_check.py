@@ -93,16 +93,19 @@ def model_gradients(recipe: FP8Recipe, compile_it: bool, device: str = "cuda") -
     return {"loss": loss.detach().reshape(1), **grads}
 
 
-def check_all(recipes: list[str], device: str = "cuda", with_model: bool = True) -> dict:
-    """{part/recipe: {tensor: relative difference compiled vs eager}} for every part."""
+def check_all(recipes: list[str], device: str = "cuda", with_model: bool = True, report=None) -> dict:
+    """{part/recipe: {tensor: relative difference compiled vs eager}} for every part; `report(key, differences)`
+    is called as each part finishes."""
+    parts = [("experts", expert_gradients), ("linear", linear_gradients)]
+    parts += [("model", model_gradients)] if with_model else []
     results = {}
     for name in recipes:
         recipe = FP8Recipe.named(name)
-        for part, fn in [("experts", expert_gradients), ("linear", linear_gradients)]:
-            results[f"{part}/{name}"] = relative_differences(fn(recipe, True, device), fn(recipe, False, device))
-        if with_model:
-            eager = model_gradients(recipe, False, device)
-            results[f"model/{name}"] = relative_differences(model_gradients(recipe, True, device), eager)
+        for part, fn in parts:
+            key = f"{part}/{name}"
+            results[key] = relative_differences(fn(recipe, True, device), fn(recipe, False, device))
+            if report is not None:
+                report(key, results[key])
     return results
 
 

@@ -250,14 +250,20 @@ def try_fast_generate(model, inputs, generation_config, kwargs: dict, requested:
     except DecodeStepError as error:
         if requested:
             raise error.__cause__ from None
-        cause = error.__cause__
-        model.__dict__["fast_loop_error"] = f"{type(cause).__name__}: {str(cause)[:500]}"
-        model.__dict__.pop("_fast_decode_buffers", None)
+        remember_failure(model, error, "fast_loop_error", "_fast_decode_buffers")
         logger.warning(
             f"generate(): the device token loop failed ({model.fast_loop_error}); this model uses transformers' "
             "loop from now on. Please report it; generate(fast_loop=True) raises the error instead."
         )
         return None
+
+
+def remember_failure(model, error: RuntimeError, error_name: str, buffers_name: str) -> None:
+    """A device loop's compiled step failed: note its cause on the model under `error_name` (later calls skip the
+    loop) and free the loop's buffers."""
+    cause = error.__cause__
+    model.__dict__[error_name] = f"{type(cause).__name__}: {str(cause)[:500]}"
+    model.__dict__.pop(buffers_name, None)
 
 
 def new_token_budget(config: GenerationConfig, prompt_len: int) -> int:

@@ -257,24 +257,11 @@ class EmulatedBackend:
         return out.index_add_(0, blocks.clamp(min=0), per_block)
 
 
-@torch.library.custom_op("hf_deepseek::grouped_wgrad_bf16", mutates_args=())
-def grouped_wgrad_bf16(dy_t: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """[N, rows] x [rows, K] -> [E, N, K], group e reducing over rows offs[e-1]:offs[e] (torch's grouped GEMM).
-    An opaque op, so that Inductor hands it the row-major operands eager code does rather than re-laying them
-    out: the 2-D x 2-D grouped GEMM reads its operands with fixed strides."""
-    return torch._grouped_mm(dy_t.contiguous(), x.contiguous(), offs=offs)
-
-
-@grouped_wgrad_bf16.register_fake
-def _(dy_t: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return dy_t.new_empty(offs.shape[0], dy_t.shape[0], x.shape[1])
-
-
 def grouped_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
     """Per expert e: dy[rows of e]^T @ x[rows of e] -> [E, N, K] in high precision (FP32 accumulation): torch's
     grouped GEMM in bf16 on CUDA (rows past the last segment are not read), else per 128-row block."""
     if dy.is_cuda:
-        return grouped_wgrad_bf16(dy.t().to(torch.bfloat16), x.to(torch.bfloat16), layout.seg_end)
+        return torch._grouped_mm(dy.t().to(torch.bfloat16).contiguous(), x.to(torch.bfloat16), offs=layout.seg_end)
     blocks = layout.block_expert.long()
     nb, dtype = blocks.shape[0], torch.promote_types(dy.dtype, x.dtype)
     dy_blocks = dy[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1).transpose(1, 2)  # [nb, N, 128]

@@ -370,7 +370,8 @@ def _try_fast_speculative(
     fast_loop: bool | None,
 ) -> torch.Tensor | None:
     """The device loop's tokens (setting `last_speculative_stats`), or None where the eager loop should run."""
-    from ..generation import fast_speculative as fs  # generation/ builds on modeling/, not the other way round
+    from ..generation import fast_generate as fg  # generation/ builds on modeling/, not the other way round
+    from ..generation import fast_speculative as fs
 
     if max_new_tokens < 1 or not fs.wants_fast_speculative(model, config, draft_tokens, fast_loop):
         return None
@@ -383,9 +384,7 @@ def _try_fast_speculative(
     except fs.SpeculativeStepError as error:
         if fast_loop:
             raise error.__cause__ from None
-        cause = error.__cause__
-        model.__dict__["fast_speculative_error"] = f"{type(cause).__name__}: {str(cause)[:500]}"
-        model.__dict__.pop("_fast_speculative_buffers", None)
+        fg.remember_failure(model, error, "fast_speculative_error", "_fast_speculative_buffers")
         logger.warning(
             f"generate(mtp_speculative=True): the device loop failed ({model.fast_speculative_error}); this model "
             "uses the eager speculative loop from now on. generate(..., fast_loop=True) raises the error instead."
