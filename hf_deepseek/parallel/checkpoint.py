@@ -43,11 +43,7 @@ def whole_tensor(tensor: torch.Tensor, experts: ExpertParallelExperts | None = N
     anything else as it is."""
     if isinstance(tensor, DTensor):
         return tensor.full_tensor()
-    if experts is None:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(experts.world)]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=experts.group)
-    return torch.cat(parts)
+    return tensor if experts is None else experts.whole(tensor)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:

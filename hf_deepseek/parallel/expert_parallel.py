@@ -55,6 +55,12 @@ class ExpertParallelExperts(RoutedExperts):
         self._average_grads()
         return result
 
+    def whole(self, share: torch.Tensor) -> torch.Tensor:
+        """Collective: this rank's share of an expert tensor [E/P, ...] joined with every rank's -> [E, ...]."""
+        parts = [torch.empty_like(share) for _ in range(self.world)]
+        dist.all_gather(parts, share.detach().contiguous(), group=self.group)
+        return torch.cat(parts)
+
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] (global expert ids) -> sum_k weight_k * expert_k(x) [N, d]."""
         num_tokens, top_k = indices.shape
@@ -107,11 +113,7 @@ def gather_experts(model: nn.Module) -> nn.Module:
     model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, ExpertParallelExperts):
-            whole = []
-            for weight in (module.gate_up_proj, module.down_proj):
-                parts = [torch.empty_like(weight) for _ in range(module.world)]
-                dist.all_gather(parts, weight.detach().contiguous(), group=module.group)
-                whole.append(torch.cat(parts))
+            whole = [module.whole(weight) for weight in (module.gate_up_proj, module.down_proj)]
             experts = RoutedExperts.__new__(RoutedExperts)
             nn.Module.__init__(experts)
             experts.num_experts, experts.act_fn = module.global_experts, module.act_fn
