@@ -18,19 +18,22 @@ from hf_deepseek.modeling import fp8
 from hf_deepseek.modeling.fp8 import FP8Recipe
 
 
-def plain_scatter(rows, pos, total):
-    """ScatterUniqueRows through autograd's own indexing (index_put backward), for the bisection."""
-    return rows.new_zeros(total, rows.shape[1]).index_put((pos,), rows)
+def _inplace_scatter_forward(ctx, rows, pos, total):
+    ctx.save_for_backward(pos)
+    return rows.new_zeros(total, rows.shape[1]).index_copy_(0, pos, rows)
 
 
 @contextlib.contextmanager
-def plain_scatter_in_experts():
-    original = fp8.ScatterUniqueRows.apply
-    fp8.ScatterUniqueRows.apply = staticmethod(plain_scatter)
+def inplace_scatter_in_experts():
+    """ScatterUniqueRows as it was: its forward returned `index_copy_`'s in-place result, which torch 2.11's Dynamo
+    cut from the autograd graph (the experts' input gradient then came out zero). Patching `apply` would not do:
+    Dynamo traces an autograd.Function's own forward and backward whatever `apply` is."""
+    original = fp8.ScatterUniqueRows.forward
+    fp8.ScatterUniqueRows.forward = staticmethod(_inplace_scatter_forward)
     try:
         yield
     finally:
-        fp8.ScatterUniqueRows.apply = original
+        fp8.ScatterUniqueRows.forward = original
 
 
 # (name, compiler: True for Inductor with the FP8 options or a Dynamo backend's name, context to compile in)
@@ -41,7 +44,7 @@ BISECTION = [
     ("inductor-no-reorder", True,
      lambda: torch._inductor.config.patch(reorder_for_locality=False, split_reductions=False)),
     ("inductor-no-fusion", True, lambda: torch._inductor.config.patch(max_fusion_size=1)),  # every node a kernel
-    ("inductor-plain-scatter", True, plain_scatter_in_experts),
+    ("aot_eager-inplace-scatter", "aot_eager", inplace_scatter_in_experts),
 ]  # fmt: skip
 
 

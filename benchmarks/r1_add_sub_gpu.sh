@@ -8,8 +8,10 @@
 # Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); ZERO_ATTEMPTS, the R1-Zero
 # attempts as NAME:TAGGED_SHARE words (default the three above; empty for none); WHEELS, a folder of wheels to
 # install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
-# and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`).
-# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
+# and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`). A stage is skipped with its
+# WALL at 0: SFT_WALL=0 starts GRPO from the model at SFT_INIT, GRPO_WALL=0 stops after the cold start, ZGRPO_WALL=0
+# after the R1-Zero bases; ZPRE_INIT gives a pretrained R1-Zero base instead of pretraining one.
+# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models), $OUT/zero_NAME.tgz (each R1-Zero attempt's models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
 START=$(date +%s)
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -26,15 +28,21 @@ python3 -c "import math_verify.parser" || { say "math-verify does not import: ad
 say "$(python3 -c 'import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)')"
 R=outputs/r1_add_sub; Z=outputs/r1_zero_tiny; L=outputs/logs; mkdir -p $R $Z $L
 
-zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides
+zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides (ZPRE_INIT: a pretrained base to start GRPO from)
   local name=$1; shift
-  WALL=${ZPRE_WALL:-150} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_zero_tiny pretrain \
-    output_dir=$Z/$name/pretrain max_steps=100000 "$@" $ZPRE_ARGS > $L/$name.pretrain.log 2>&1
+  if [ -n "$ZPRE_INIT" ]; then
+    mkdir -p $Z/$name; cp -r $ZPRE_INIT $Z/$name/pretrain
+  else
+    WALL=${ZPRE_WALL:-150} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_zero_tiny pretrain \
+      output_dir=$Z/$name/pretrain max_steps=100000 "$@" $ZPRE_ARGS > $L/$name.pretrain.log 2>&1
+  fi
   python3 benchmarks/r1_zero_eval.py $Z/$name/pretrain $EVAL_ARGS --json $L/$name.before.json > $L/$name.before.log 2>&1
+  say "zero $name base: $(tail -1 $L/$name.before.log | cut -c1-200)"
+  [ "${ZGRPO_WALL:-210}" = 0 ] && return
   WALL=${ZGRPO_WALL:-210} python3 benchmarks/train_wall.py r1_zero_tiny grpo grpo.init=$Z/$name/pretrain \
     output_dir=$Z/$name/grpo max_steps=100000 $ZGRPO_ARGS > $L/$name.grpo.log 2>&1
   python3 benchmarks/r1_zero_eval.py $Z/$name/grpo $EVAL_ARGS --json $L/$name.after.json > $L/$name.after.log 2>&1
-  say "zero $name done: $(tail -1 $L/$name.before.log | cut -c1-150) || $(tail -1 $L/$name.after.log | cut -c1-200)"
+  say "zero $name done: $(tail -1 $L/$name.after.log | cut -c1-200)"
 }
 ZPIDS=""
 for attempt in ${ZERO_ATTEMPTS-z1_plain:0.0 z2_tagged02pct:0.002 z3_tagged2pct:0.02}; do
@@ -42,22 +50,31 @@ for attempt in ${ZERO_ATTEMPTS-z1_plain:0.0 z2_tagged02pct:0.002 z3_tagged2pct:0
   ZPIDS="$ZPIDS $!"
 done
 
-WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 $SFT_ARGS \
-  > $L/sft.log 2>&1
-say "sft: $(grep -E 'done|Error' $L/sft.log | tail -2)"
+if [ "${SFT_WALL:-210}" = 0 ]; then  # no SFT: GRPO from the cold-start model at SFT_INIT
+  mkdir -p $R; cp -r ${SFT_INIT:?SFT_WALL=0 needs SFT_INIT} $R/sft
+else
+  WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 \
+    $SFT_ARGS > $L/sft.log 2>&1
+  say "sft: $(grep -E 'done|Error' $L/sft.log | tail -2)"
+fi
 python3 benchmarks/add_sub_eval.py $R/sft $EVAL_ARGS --json $L/sft_eval.json > $L/sft_eval.log 2>&1 &
 EP=$!
-WALL=${GRPO_WALL:-150} python3 benchmarks/train_wall.py r1_add_sub grpo grpo.init=$R/sft output_dir=$R/grpo \
-  max_steps=100000 per_device_train_batch_size=1024 $GRPO_ARGS > $L/grpo.log 2>&1
-say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
-python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
+if [ "${GRPO_WALL:-150}" != 0 ]; then
+  WALL=${GRPO_WALL:-150} python3 benchmarks/train_wall.py r1_add_sub grpo grpo.init=${GRPO_INIT:-$R/sft} \
+    output_dir=$R/grpo max_steps=100000 per_device_train_batch_size=1024 $GRPO_ARGS > $L/grpo.log 2>&1
+  say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
+  python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
+fi
 wait $EP
 cat $L/sft_eval.log $L/grpo_eval.log | grep -v -i -E "warn|loading"
 wait $ZPIDS
 cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
 for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
 tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
-tar czf $OUT/grpo.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R grpo
+[ -d $R/grpo ] && tar czf $OUT/grpo.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R grpo
+for d in $Z/*; do  # one file per attempt: two models would pass the device tool's 16 MiB a file
+  [ -d $d ] && tar czf $OUT/zero_$(basename $d).tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $Z $(basename $d)
+done
 tar czf $OUT/logs.tgz $L
 ls -la $OUT
 say "done"

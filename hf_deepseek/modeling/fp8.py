@@ -161,12 +161,16 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
 class ScatterUniqueRows(torch.autograd.Function):
     """rows [R, C] -> a zero [total, C] buffer with row i at `pos[i]` (positions unique); its backward, and
-    `gather`'s, are the opposite copy: no accumulation, so no atomics."""
+    `gather`'s, are the opposite copy: no accumulation, so no atomics.
+
+    Out-of-place `index_copy`, never `index_copy_`: torch 2.11's Dynamo loses the gradient of an autograd.Function
+    whose forward returns an in-place result, and the routed experts' input gradient came out zero under
+    torch.compile (docs/PERF.md; `benchmarks/fp8_compile_grad_check.py --bisect` keeps the in-place variant)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, pos: torch.Tensor, total: int) -> torch.Tensor:
         ctx.save_for_backward(pos)
-        return rows.new_zeros(total, rows.shape[1]).index_copy_(0, pos, rows)
+        return rows.new_zeros(total, rows.shape[1]).index_copy(0, pos, rows)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -189,7 +193,7 @@ class _GatherUniqueRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (pos,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.total, grad.shape[1]).index_copy_(0, pos, grad), None
+        return grad.new_zeros(ctx.total, grad.shape[1]).index_copy(0, pos, grad), None
 
 
 # --------------------------------------------------------------------------------------------------------------
