@@ -18,7 +18,7 @@ from hf_deepseek.evals.greedy import greedy_correct
 from hf_deepseek.evals.task_data import load_rows
 
 
-def evaluate(path: str, device: str, batch_size: int, limit: int | None = None) -> dict:
+def evaluate(path: str, device: str, batch_size: int, limit: int | None = None, sets_wanted=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     splits = load_rows("add_sub")
@@ -28,6 +28,8 @@ def evaluate(path: str, device: str, batch_size: int, limit: int | None = None) 
     sets["turn2"] = (turns, splits["context"][: len(turns)])
     results = {}
     for name, (rows, earlier) in sets.items():
+        if sets_wanted and name not in sets_wanted:
+            continue
         rows, earlier = rows[:limit], earlier[:limit] if earlier else None
         ok = greedy_correct(model, tokenizer, rows, "add_sub", batch_size, 384, earlier)
         low, high = wilson_interval(sum(ok), len(ok))
@@ -43,9 +45,13 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch_size", type=int, default=500)
     parser.add_argument("--limit", type=int, help="the first N problems of each set (quick checks)")
+    parser.add_argument("--sets", help="comma-separated sets to evaluate (default all: add1..sub4, turn1, turn2)")
     args = parser.parse_args()
     torch.set_num_threads(1 if args.device == "cpu" else torch.get_num_threads())
-    everything = {path: evaluate(path, args.device, args.batch_size, args.limit) for path in args.checkpoints}
+    everything = {
+        path: evaluate(path, args.device, args.batch_size, args.limit, args.sets and args.sets.split(","))
+        for path in args.checkpoints
+    }
     if args.json:
         with open(args.json, "w") as out:
             json.dump(everything, out, indent=1)

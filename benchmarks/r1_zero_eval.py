@@ -24,7 +24,7 @@ def evaluate(path: str, device: str, limit: int = 500) -> dict:
     tokenizer.padding_side = "left"
     rows = [r for r in load_rows("add_sub")["test"] if r["bucket"] == "add4"][:limit]
     inputs = tokenizer([zero_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True).to(device)
-    out = model.generate(**inputs, max_new_tokens=192, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+    out = model.generate(**inputs, max_new_tokens=256, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = accuracy_reward(None, texts, answer=[r["answer"] for r in rows], task=["add_sub"] * len(rows))

@@ -13,7 +13,7 @@ never saw it miscopied the operands and answered no 4-digit sum right (docs/r1_a
 import random
 from typing import Any
 
-from hf_deepseek.data.column_arithmetic import column_addition_lines
+from hf_deepseek.data.column_arithmetic import worked_lines
 from hf_deepseek.data.r1 import INSTRUCTION
 
 THINK_OPEN = "<think>"
@@ -30,7 +30,8 @@ def pretraining_text(example: dict[str, Any], rng: random.Random, worked_share: 
     `...</think><answer>...</answer>`."""
     a, b = _operands(example["expression"])
     worked = rng.random() < worked_share
-    body = "\n".join(["Add column by column:", *column_addition_lines(a, b)] if worked else [f"{a} + {b} = {a + b}"])
+    # worked as in the cold start of `r1_add_sub`, the operands restated right above the columns that read them
+    body = "\n".join(worked_lines("add", a, b) if worked else [f"{a} + {b} = {a + b}"])
     if rng.random() < tagged_share:
         return f"{zero_prompt(f'Calculate {a} + {b}.')}{body}</think><answer>{a + b}</answer>\n"
     return f"Calculate {a} + {b}.\n{body}\n"
