@@ -147,6 +147,8 @@ def plot_stage_curves(
         if length_axis is not None:
             length_axis.set_ylabel("tokens")
         what = "cold-start SFT" if kind == "sft" else "GRPO (rule-based rewards)"
+        if runs and all(name == "pretrain" for name, _, _ in runs):  # R1-Zero's base: trained by the SFT trainer
+            what = "pretraining (plain text)"
         panel.set_title(f"{what}: {' + '.join(name for name, _, _ in runs)}" if len(runs) > 1 else what)
         panel.set_xlabel("optimizer step")
         panel.grid(alpha=0.3)
