@@ -171,9 +171,11 @@ def test_the_device_loop_is_the_default_only_on_cuda_for_greedy_single_drafts(mo
     config = model.generation_config
     assert not fs.wants_fast_speculative(model, config, None, None)  # CPU: the eager loop unless asked
     monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
-    assert not fs.wants_fast_speculative(model, config, None, None)  # opt-in until measured on a GPU
-    monkeypatch.setattr(fs, "DEFAULT_ON_CUDA", True)
     assert fs.wants_fast_speculative(model, config, None, None)
+    assert not fs.wants_fast_speculative(model, config, None, False)  # fast_loop=False: the eager loop
+    model.train()
+    assert not fs.wants_fast_speculative(model, config, None, None)  # training mode: no compiled loop
+    model.eval()
     assert not fs.wants_fast_speculative(model, config, 2, None)
     sampling = config.__class__(do_sample=True)
     assert not fs.wants_fast_speculative(model, sampling, None, None)
