@@ -37,7 +37,7 @@ lint: venv
 
 # The chat app on the embedded default checkpoint (another: make chat CHAT_MODEL=DIR); serves 127.0.0.1 only.
 # The model directory is checked before anything is installed.
-CHAT_MODEL ?= checkpoints/hf-deepseek-r1-tiny
+CHAT_MODEL ?= checkpoints/hf-deepseek-r1-add-sub
 .PHONY: chat chat-model
 chat: chat-model venv
 	$(BIN)/python -m hf_deepseek.cli chat --model "$(CHAT_MODEL)"

@@ -13,7 +13,7 @@ from pathlib import Path
 from hf_deepseek.usage_errors import UsageError
 
 PACKAGE_DIR = Path(__file__).parent
-EXAMPLE_MODEL = "checkpoints/hf-deepseek-r1-tiny"
+EXAMPLE_MODEL = "checkpoints/hf-deepseek-r1-add-sub"
 
 
 class OneLineParser(argparse.ArgumentParser):

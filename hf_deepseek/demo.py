@@ -3,7 +3,7 @@
 1. The R1 recipe in miniature: a cold-start SFT from scratch on worked solutions (a 0.4M-parameter model, to see
    the format being learned), then GRPO with accuracy + format rewards from the shipped SFT-only ancestor, which gets
    part of its sampled answers right; reward and response-length curves as PNG.
-2. The embedded default (`checkpoints/hf-deepseek-r1-tiny`, the full recipe) and its SFT-only ancestor, evaluated
+2. The demo's R1 model (`checkpoints/hf-deepseek-r1-tiny`, the full recipe) and its SFT-only ancestor, evaluated
    by lm-eval on held-out sums: greedy pass@1 with Wilson 95% intervals.
 3. What the architecture buys on that model: latent KV cache bytes against full multi-head attention, expert-load
    balance, and MTP self-speculative decoding's acceptance rate and speed-up on its own outputs.
@@ -27,9 +27,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, ProgressCallback
 
 DEFAULT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny"
 SFT_CHECKPOINT = "checkpoints/hf-deepseek-r1-tiny-sft"
-TASK = "addition"  # the embedded default's task: 3-digit sums
+TASK = "addition"  # the demo model's task: 3-digit sums
 EVAL_TASK = f"hfds_{TASK}"  # the lm-eval task of the same problems
-# stage 1's model trained from scratch: the embedded default's architecture at 0.4M parameters; the value head dim
+# stage 1's model trained from scratch: the demo model's architecture at 0.4M parameters; the value head dim
 # equals the query/key head dim (24) so that CPU attention takes PyTorch's fused kernel (1.7x faster than 16 vs 24)
 # what the demo's GRPO trains: a step of norm ~0.02 along the policy gradient of the embeddings or attention already
 # lowers the log-probability of the rewarded samples (the attention that finds each digit is that sharp), so updates
@@ -212,7 +212,7 @@ def stage_training(options: DemoOptions, console: Console) -> dict[str, Any]:
         lines.append(f"mean response length {first:.0f} -> {last:.0f} tokens")
     console.print(
         f"GRPO: {'; '.join(lines)} (means of the first and last 3 logged steps, "
-        f"{grpo_args['per_device_train_batch_size']} samples each). The embedded default's GRPO stage trained the "
+        f"{grpo_args['per_device_train_batch_size']} samples each). The demo model's GRPO stage trained the "
         "whole model at 2,048 samples a step on a GPU; stage 2 measures what it added to greedy answers."
     )
     curves = plot_stage_curves(
@@ -231,12 +231,12 @@ def _pass_at_1(results: dict[str, Any], task: str) -> float:
 
 
 def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
-    """Stage 2: lm-eval on held-out sums for the embedded default and its SFT-only ancestor."""
+    """Stage 2: lm-eval on held-out sums for the demo's R1 model and its SFT-only ancestor."""
     from hf_deepseek.evals.harness import evaluate_model
 
-    console.rule("[bold]2. The embedded default, evaluated by lm-eval on held-out sums")
+    console.rule("[bold]2. The R1 model, evaluated by lm-eval on held-out sums")
     table: dict[str, Any] = {}
-    for name, path in (("embedded default", options.checkpoint), ("SFT-only ancestor", options.sft_checkpoint)):
+    for name, path in (("R1 model", options.checkpoint), ("SFT-only ancestor", options.sft_checkpoint)):
         if not (Path(path) / "config.json").is_file():
             console.print(f"[yellow]No checkpoint at {path}; skipping it.[/]")
             continue
@@ -259,7 +259,7 @@ def stage_evaluation(options: DemoOptions, console: Console) -> dict[str, Any]:
         default, sft = table.values()
         overlap = default["interval"][0] <= sft["interval"][1] and sft["interval"][0] <= default["interval"][1]
         console.print(
-            "The embedded default (GRPO, then SFT on conversations) against its SFT-only ancestor on the same "
+            "The R1 model (GRPO, then SFT on conversations) against its SFT-only ancestor on the same "
             f"held-out sums: {default['pass@1']:.1%} vs {sft['pass@1']:.1%} "
             f"({100 * (default['pass@1'] - sft['pass@1']):+.1f} points; the intervals "
             f"{'overlap' if overlap else 'do not overlap'}). Both reason in the trained format before answering."
@@ -289,7 +289,7 @@ def stage_architecture(options: DemoOptions, console: Console) -> dict[str, Any]
     )
     from hf_deepseek.trainers.balancing import ExpertLoadTracker, balance_metrics
 
-    console.rule("[bold]3. What the architecture buys, measured on the embedded default")
+    console.rule("[bold]3. What the architecture buys, measured on the R1 model")
     model = AutoModelForCausalLM.from_pretrained(options.checkpoint).to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(options.checkpoint)
     config = model.config
@@ -354,7 +354,7 @@ def run_demo(options: DemoOptions | None = None) -> dict[str, Any]:
         if options.eval_limit > 0:
             results["evaluation"] = stage_evaluation(options, console)
         results["architecture"] = stage_architecture(options, console)
-        chat = "make chat" if options.checkpoint == DEFAULT_CHECKPOINT else f"make chat CHAT_MODEL={options.checkpoint}"
+        chat = f"make chat CHAT_MODEL={options.checkpoint}"  # plain `make chat`: the larger add/sub model
     else:
         console.print(f"[yellow]No checkpoint at {options.checkpoint}: stages 2 and 3 need one.[/]")
         chat = f"make chat CHAT_MODEL={options.output_dir}/grpo"

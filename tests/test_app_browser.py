@@ -16,9 +16,7 @@ from hf_deepseek.app.chat import EXAMPLE_PROMPTS
 from hf_deepseek.app.streaming import GENERATE_THREAD_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-EMBEDDED = REPO / "checkpoints" / "hf-deepseek-r1-tiny"
-# The embedded default trained on single-turn prompts only (sha256 of its weights): it answers a first question and
-# fails every second one. The multi-turn retraining replaces it; the two-turn test is an expected failure until then.
+EMBEDDED = REPO / "checkpoints" / "hf-deepseek-r1-add-sub"
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -156,7 +154,7 @@ def test_two_turn_conversation_with_the_embedded_default_answers_both_questions(
     model, tokenizer = load_chat_model(EMBEDDED, device="cpu")
     with serve(model, tokenizer) as url, sync_api.sync_playwright() as pw, browser_page(pw) as (_, page):
         page.goto(url)
-        for turn, (question, answer) in enumerate([("Calculate 345 + 278.", "623"), ("Calculate 416 + 357.", "773")]):
+        for turn, (question, answer) in enumerate([("What is 2 + 2?", "4"), ("Calculate 4021 - 7386.", "-3365")]):
             send(page, question)
             expect(page.get_by_test_id("user").nth(turn)).to_contain_text(question)
             page.wait_for_timeout(500)

@@ -67,7 +67,7 @@ MISUSES = {
     "unknown stage": (["train", "warmup", "--recipe", "r1_tiny"], "use one of"),
     "bad override value": (["train", "sft", "--recipe", "r1_tiny", "max_steps=many"], "an integer"),
     "bad list value": (["bench", "--batch-sizes", "1,x", "--device", "cpu"], "1,8,32"),
-    "bad count": (["chat", "--model", "checkpoints/hf-deepseek-r1-tiny", "--concurrency", "0"], "at least 1"),
+    "bad count": (["chat", "--model", "checkpoints/hf-deepseek-r1-add-sub", "--concurrency", "0"], "at least 1"),
     "misspelt option": (["bench", "--devise=cpu"], "--devise"),
     "unknown device": (["bench", "--device", "tpu", "--tiny"], "cpu, cuda or cuda:N"),
 }

@@ -33,6 +33,6 @@ def test_short_demo_runs_every_stage(tmp_path, capsys):
     assert (tmp_path / "demo" / "curves.png").is_file()
     assert (tmp_path / "demo" / "grpo" / "config.json").is_file()
     assert "SFT: training loss" in printed and "GRPO:" in printed and "make chat" in printed
-    if "evaluation" in results:  # the embedded default is shipped
+    if "evaluation" in results:  # the demo's R1 model is shipped
         assert "greedy pass@1" in printed and "Latent KV cache" in printed and "accepted" in printed
         assert results["architecture"]["mha_bytes"] > results["architecture"]["cache_bytes"] > 0

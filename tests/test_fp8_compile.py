@@ -179,4 +179,3 @@ def test_compiled_fp8_parts_give_the_gradients_of_eager_fp8_on_the_gpu(name):
 
     for part, differences in check_all([name]).items():
         assert max(differences.values()) < 5e-2, (part, worst(differences))
-

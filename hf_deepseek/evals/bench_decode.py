@@ -247,7 +247,15 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 
 
 def run_step_row(
-    row: Row, model, plan: DecodePlan, device, dtype, bandwidth, progress, floor: DeepSeekForCausalLM, emit=None,
+    row: Row,
+    model,
+    plan: DecodePlan,
+    device,
+    dtype,
+    bandwidth,
+    progress,
+    floor: DeepSeekForCausalLM,
+    emit=None,
     output_dir: Path | None = None,
 ) -> list[DecodeCell]:
     cells = []

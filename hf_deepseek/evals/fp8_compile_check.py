@@ -116,13 +116,13 @@ def check_all(recipes: list[str], device: str = "cuda", with_model: bool = True,
     results = {}
     for name in recipes:
         recipe = FP8Recipe.named(name)
-        parts = [(f"experts/{name}", lambda: relative_differences(expert_gradients(recipe, True, device),
-                                                                   expert_gradients(recipe, False, device))),
-                 (f"linear/{name}", lambda: relative_differences(linear_gradients(recipe, True, device),
-                                                                  linear_gradients(recipe, False, device)))]  # fmt: skip
-        parts += [(f"model-excess/{name}", lambda: model_excess_error(recipe, device))] if with_model else []
-        for key, measure in parts:
-            results[key] = measure()
+        parts = [("experts", expert_gradients), ("linear", linear_gradients)] + [("model-excess", None)] * with_model
+        for part, gradients in parts:
+            key = f"{part}/{name}"
+            if gradients is None:
+                results[key] = model_excess_error(recipe, device)
+            else:
+                results[key] = relative_differences(gradients(recipe, True, device), gradients(recipe, False, device))
             if report is not None:
                 report(key, results[key])
     return results

@@ -117,8 +117,11 @@ def plot_stage_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4.6))
-    for panel, kind, curves in ((panels[0], "sft", _SFT_CURVES), (panels[1], "grpo", _GRPO_CURVES)):
+    kinds = [(kind, curves) for kind, curves in (("sft", _SFT_CURVES), ("grpo", _GRPO_CURVES))
+             if any(trainer == kind for _, trainer, _ in stages)] or [("sft", _SFT_CURVES)]  # fmt: skip
+    figure, panels = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 0.5 * (len(kinds) == 1), 4.6))
+    panels = panels if len(kinds) > 1 else [panels]
+    for panel, (kind, curves) in zip(panels, kinds, strict=True):
         handles = []
         runs, offset = [], 0  # stages of this kind, each shifted to start where the one before ended
         for name, trainer, history in stages:

@@ -1,0 +1,58 @@
+"""The chat's embedded default, checkpoints/hf-deepseek-r1-add-sub: it loads through the Auto classes, its model card
+states what the committed evaluation measured, and re-measured on the CPU it clears the 95% bar on the hardest
+bucket and on second turns."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import hf_deepseek  # noqa: F401  (registers the Auto classes)
+from hf_deepseek.data.column_arithmetic import BUCKETS
+from hf_deepseek.evals.greedy import greedy_correct
+from hf_deepseek.evals.task_data import load_rows
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "hf-deepseek-r1-add-sub"
+EVALUATION = REPO / "docs" / "r1-add-sub-h200" / "sft_eval_2026-12-04.json"
+CARD_ROW = re.compile(r"^\| (\w[\w ]*?) \| (\d+)/(\d+) = ([\d.]+)% \[([\d.]+)%, ([\d.]+)%\] \|$", re.M)
+CARD_NAMES = {"first turn": "turn1", "second turn": "turn2"}
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.set_num_threads(1)
+    return AutoModelForCausalLM.from_pretrained(str(CHECKPOINT)).eval(), AutoTokenizer.from_pretrained(str(CHECKPOINT))
+
+
+def test_checkpoint_loads_and_fits_the_size_budget(model_and_tokenizer):
+    model, _ = model_and_tokenizer
+    assert type(model).__name__ == "DeepSeekForCausalLM"
+    assert model.config.num_nextn_predict_layers == 1 and model.config.n_routed_experts > 1
+    assert 0 < sum(p.stat().st_size for p in CHECKPOINT.glob("*.safetensors")) <= 25 * 2**20
+    assert (CHECKPOINT / "training_curves.png").is_file()
+
+
+def test_model_card_states_the_committed_evaluation():
+    stated = {CARD_NAMES.get(m[0], m[0]): m[1:] for m in CARD_ROW.findall((CHECKPOINT / "README.md").read_text())}
+    measured = next(iter(json.loads(EVALUATION.read_text()).values()))
+    assert set(stated) == {*BUCKETS, "turn1", "turn2"}
+    for name, (correct, n, _, low, high) in stated.items():
+        got = measured[name]
+        assert (int(correct), int(n)) == (got["correct"], got["n"]), name
+        assert [float(low), float(high)] == [round(100 * x, 1) for x in got["interval"]], name
+
+
+@pytest.mark.timeout(240)
+def test_hardest_bucket_and_second_turns_clear_95_percent_on_the_cpu(model_and_tokenizer):
+    """The first 100 held-out 4-digit subtractions, and 100 problems asked as the second turn of a conversation
+    (the app's history format), greedy as the chat answers them."""
+    model, tokenizer = model_and_tokenizer
+    splits = load_rows("add_sub")
+    sub4 = [r for r in splits["test"] if r["bucket"] == "sub4"][:100]
+    assert sum(greedy_correct(model, tokenizer, sub4, "add_sub", 100, 384)) >= 95
+    turns, earlier = splits["turns"][:100], splits["context"][:100]
+    assert sum(greedy_correct(model, tokenizer, turns, "add_sub", 100, 384, earlier)) >= 95
