@@ -28,11 +28,16 @@ MIN_NEW_TOKENS_ROOM = 8  # a prompt must leave this many positions of the contex
 # What the embedded default answers well, in the phrasing of the project's arithmetic data (the model's training
 # data); the chat shows them as buttons in the empty conversation.
 EXAMPLE_PROMPTS = ["What is 2 + 2?", "Calculate 4821 - 1397.", "Calculate 7 + 7793.", "What is 356 - 4021?"]
-EMBEDDED = ("hf-deepseek-r1-add-sub", "hf-deepseek-r1-tiny")  # the chat's default and the demo's model
-EMBEDDED_NOTE = (
-    "A tiny DeepSeek-V3-architecture model trained with the DeepSeek-R1 recipe for whole-number arithmetic only "
-    "(addition and subtraction up to 4 digits): it reasons step by step (the folding block), then answers."
+_ARITHMETIC_NOTE = (
+    "A tiny DeepSeek-V3-architecture model trained by {how} for whole-number arithmetic only ({scope}): it reasons "
+    "step by step (the folding block), then answers."
 )
+EMBEDDED_NOTES = {  # the shipped checkpoints' scope, by directory name: the chat's default, then the demo's model
+    "hf-deepseek-r1-add-sub": _ARITHMETIC_NOTE.format(
+        how="the DeepSeek-R1 recipe's cold start", scope="addition and subtraction up to 4 digits"
+    ),
+    "hf-deepseek-r1-tiny": _ARITHMETIC_NOTE.format(how="the DeepSeek-R1 recipe", scope="addition up to 3 digits"),
+}
 
 
 @dataclass
@@ -198,10 +203,8 @@ def _without_oldest_exchange(turns: list[dict[str, str]]) -> list[dict[str, str]
 
 def model_note(model: PreTrainedModel, model_dir: str | Path | None = None) -> str:
     """One line on what the model is: the embedded default's scope, or the size and architecture of another."""
-    if model_dir is not None and Path(model_dir).resolve().name == EMBEDDED[0]:
-        return EMBEDDED_NOTE
-    if model_dir is not None and Path(model_dir).resolve().name == EMBEDDED[1]:
-        return EMBEDDED_NOTE.replace("addition and subtraction up to 4 digits", "addition up to 3 digits")
+    if model_dir is not None and Path(model_dir).resolve().name in EMBEDDED_NOTES:
+        return EMBEDDED_NOTES[Path(model_dir).resolve().name]
     params = sum(p.numel() for p in model.parameters())
     name = Path(model_dir).name if model_dir else type(model).__name__
     return f"{name}: {params / 1e6:,.1f}M parameters, {getattr(model.config, 'model_type', 'causal LM')} architecture."
