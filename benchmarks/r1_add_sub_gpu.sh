@@ -10,8 +10,10 @@
 # install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
 # and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`). A stage is skipped with its
 # WALL at 0: SFT_WALL=0 starts GRPO from the model at SFT_INIT, GRPO_WALL=0 stops after the cold start, ZGRPO_WALL=0
-# after the R1-Zero bases; ZPRE_INIT gives a pretrained R1-Zero base instead of pretraining one.
-# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models), $OUT/zero_NAME.tgz (each R1-Zero attempt's models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
+# after the R1-Zero bases; ZPRE_INIT gives a pretrained R1-Zero base instead of pretraining one. ANCESTOR=0.88: the
+# cold start saves checkpoints (SAVE_STEPS, default 30) and GRPO starts from the one nearest 88% on sub4
+# (benchmarks/pick_ancestor.py, options in ANCESTOR_ARGS; $OUT/anc.tgz), so that GRPO has room to show its gain.
+# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models; with ANCESTOR also $OUT/anc.tgz), $OUT/zero_NAME.tgz (each R1-Zero attempt's models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
 START=$(date +%s)
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -53,9 +55,18 @@ done
 if [ "${SFT_WALL:-210}" = 0 ]; then  # no SFT: GRPO from the cold-start model at SFT_INIT
   mkdir -p $R; cp -r ${SFT_INIT:?SFT_WALL=0 needs SFT_INIT} $R/sft
 else
+  SAVE=""  # with ANCESTOR, checkpoints to choose GRPO's starting point from
+  [ -n "$ANCESTOR" ] && SAVE="save_strategy=steps save_steps=${SAVE_STEPS:-30} save_only_model=true"
   WALL=${SFT_WALL:-210} TIME_COSINE=1 python3 benchmarks/train_wall.py r1_add_sub sft output_dir=$R/sft max_steps=100000 \
-    $SFT_ARGS > $L/sft.log 2>&1
+    $SAVE $SFT_ARGS > $L/sft.log 2>&1
   say "sft: $(grep -E 'done|Error' $L/sft.log | tail -2)"
+fi
+if [ -n "$ANCESTOR" ]; then  # GRPO from the checkpoint nearest ANCESTOR pass@1 on sub4, not from the final model
+  ANC=$(python3 benchmarks/pick_ancestor.py $R/sft --target $ANCESTOR $ANCESTOR_ARGS --json $L/ancestor.json 2> $L/ancestor.log)
+  say "ancestor: $ANC ($(tr '\n' ' ' < $L/ancestor.log | grep -o 'checkpoint-[0-9]*: sub4 [0-9/]*' | tr '\n' ' '))"
+  rm -rf $R/anc && cp -r ${ANC:-$R/sft} $R/anc && GRPO_INIT=$R/anc
+  python3 benchmarks/add_sub_eval.py $R/anc $EVAL_ARGS --json $L/anc_eval.json > $L/anc_eval.log 2>&1 &
+  AP=$!
 fi
 python3 benchmarks/add_sub_eval.py $R/sft $EVAL_ARGS --json $L/sft_eval.json > $L/sft_eval.log 2>&1 &
 EP=$!
@@ -65,12 +76,13 @@ if [ "${GRPO_WALL:-150}" != 0 ]; then
   say "grpo: $(grep -E 'done|Error' $L/grpo.log | tail -2)"
   python3 benchmarks/add_sub_eval.py $R/grpo $EVAL_ARGS --json $L/grpo_eval.json > $L/grpo_eval.log 2>&1
 fi
-wait $EP
-cat $L/sft_eval.log $L/grpo_eval.log | grep -v -i -E "warn|loading"
+wait $EP $AP
+cat $L/sft_eval.log $L/anc_eval.log $L/grpo_eval.log 2>/dev/null | grep -v -i -E "warn|loading"
 wait $ZPIDS
 cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
 for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
 tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
+[ -d $R/anc ] && tar czf $OUT/anc.tgz -C $R anc
 [ -d $R/grpo ] && tar czf $OUT/grpo.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R grpo
 for d in $Z/*; do  # one file per attempt: two models would pass the device tool's 16 MiB a file
   [ -d $d ] && tar czf $OUT/zero_$(basename $d).tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $Z $(basename $d)
