@@ -263,6 +263,38 @@ def test_grouped_fp8_experts_equal_one_fp8_linear_per_expert():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kept", [("gate_up_proj", "down_proj"), ("down_proj",)])
+def test_expert_projections_kept_in_high_precision(kept):
+    """`grouped_bf16` names projections that skip FP8: with both kept the FP8 experts compute exactly what the plain
+    experts do (values and gradients); with the down projection kept, they match a model whose gate-up projection
+    alone is quantised."""
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=48)
+    torch.manual_seed(7)
+    experts = RoutedExperts(cfg)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(300, cfg.hidden_size, requires_grad=True)
+    indices = torch.stack([torch.randperm(3)[:2] for _ in range(300)])  # expert 3 idle: an empty segment
+    weights, dy = torch.rand(300, 2), torch.randn(300, cfg.hidden_size)
+    params = [x, experts.gate_up_proj, experts.down_proj]
+
+    want = experts(x, indices, weights)
+    grads_want = torch.autograd.grad(want, params, dy)
+    convert_to_fp8_training(experts, FP8Recipe(backend="emulated", grouped_bf16=kept))
+    got = experts(x, indices, weights)
+    grads_got = torch.autograd.grad(got, params, dy)
+    if len(kept) == 2:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads_got, grads_want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    else:  # FP8 on the gate-up projection only: its rounding, no more
+        assert 1e-4 < (got - want).norm() / want.norm() < 0.1
+        for g, w in zip(grads_got, grads_want, strict=True):
+            assert (g - w).norm() / w.norm() < 0.1
+    with pytest.raises(ValueError, match="gate_up_proj and down_proj only"):
+        FP8Recipe(grouped_bf16=("up_proj",))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Conversions
 

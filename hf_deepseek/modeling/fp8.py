@@ -35,6 +35,7 @@ from .fp8_numerics import (
     dequantize_blocks,
     dequantize_tiles,
     expert_layout,
+    grouped_linear_high_precision,
     grouped_wgrad_high_precision,
     quantize_blocks,
     quantize_tiles,
@@ -220,19 +221,25 @@ class FP8RoutedExperts(RoutedExperts):
         backend, dtype = _module_backend(self, x), _output_dtype(x)
         num_tokens, top_k = indices.shape
         layout = expert_layout(indices, self.num_experts)
-        tensors = (layout.block_expert, layout.seg_start, layout.seg_end)
         # gathers both ways, forward and backward: no scatter-add with atomics (see moe.GatherTokenRows)
         inverse = torch.empty_like(layout.order).scatter_(
             0, layout.order, torch.arange(layout.order.numel(), device=layout.order.device)
         )
         x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
         x_pad = ScatterUniqueRows.apply(x_sorted, layout.pos, layout.rows)  # [rows, d], 128-aligned segments
-        h = FP8GroupedLinearFunction.apply(x_pad, self.gate_up_proj, *tensors, backend, dtype)
-        gate, up = h.chunk(2, dim=-1)
-        out = FP8GroupedLinearFunction.apply(self.act_fn(gate) * up, self.down_proj, *tensors, backend, dtype)
+        gate, up = self._project(x_pad, "gate_up_proj", layout, backend, dtype).chunk(2, dim=-1)
+        out = self._project(self.act_fn(gate) * up, "down_proj", layout, backend, dtype)
         out = ScatterUniqueRows.gather(out, layout.pos)  # [N*k, d] in expert order
         out = PermuteRows.apply(out, inverse, layout.order).view(num_tokens, top_k, -1)  # (token, choice) order
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
+
+    def _project(self, rows: torch.Tensor, name: str, layout: ExpertLayout, backend, dtype) -> torch.Tensor:
+        """One projection of every expert over its segment: FP8, or high precision where the recipe keeps it."""
+        weight = getattr(self, name)
+        if name in self.fp8_recipe.grouped_bf16:
+            return grouped_linear_high_precision(rows, weight, layout).to(dtype)
+        tensors = (layout.block_expert, layout.seg_start, layout.seg_end)
+        return FP8GroupedLinearFunction.apply(rows, weight, *tensors, backend, dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

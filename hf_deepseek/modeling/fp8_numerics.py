@@ -46,7 +46,10 @@ class FP8Recipe:
     Triton quantisers; `check_finite`: raise on NaN/inf inputs; None (default) checks where it is free (the
     emulation) and lets them propagate on the GPU, where a check costs a device sync per quantisation (NaN scales
     then make the output, and the loss, NaN);
-    `skip`: names of modules (matched against the end of their qualified name) left in high precision.
+    `skip`: names of modules (matched against the end of their qualified name) left in high precision;
+    `grouped_bf16`: the routed experts' projections ("gate_up_proj", "down_proj") whose forward and input-gradient
+    GEMMs stay in high precision (torch's grouped GEMM in bf16 on CUDA), for expert shapes where the device's FP8
+    grouped GEMM is slower than bf16's.
     """
 
     scaling: str = "blockwise"
@@ -57,6 +60,7 @@ class FP8Recipe:
     fused_quantization: bool = True
     check_finite: bool | None = None
     skip: tuple[str, ...] = field(default=("lm_head",))
+    grouped_bf16: tuple[str, ...] = ()
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -64,6 +68,9 @@ class FP8Recipe:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FP8Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        unknown = set(self.grouped_bf16) - {"gate_up_proj", "down_proj"}
+        if unknown:
+            raise ValueError(f"FP8Recipe.grouped_bf16 names gate_up_proj and down_proj only, got {sorted(unknown)}")
         if self.rowwise and self.grouped_wgrad == "fp8":
             raise ValueError(
                 "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"
@@ -268,6 +275,21 @@ def grouped_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor, layout: Expe
     per_block = torch.bmm(dy_blocks, x[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1)) * (blocks >= 0)[:, None, None]
     out = torch.zeros(layout.num_experts, dy.shape[1], x.shape[1], dtype=dtype, device=dy.device)
     return out.index_add_(0, blocks.clamp(min=0), per_block)
+
+
+def grouped_linear_high_precision(x: torch.Tensor, weight: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """Per expert e: x[rows of e] @ weight[e]^T -> [rows, N] in high precision, differentiable: torch's grouped GEMM
+    in bf16 on CUDA (rows past the last segment are left undefined, as FP8's grouped GEMM leaves them; nothing reads
+    them), else per 128-row block (zeros past the last segment)."""
+    if x.is_cuda:
+        return torch._grouped_mm(x.to(torch.bfloat16), weight.to(torch.bfloat16).transpose(-2, -1), offs=layout.seg_end)
+    blocks = layout.block_expert.long()
+    nb = blocks.shape[0]
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    x_blocks = x[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1)  # [nb, 128, K]
+    per_block = torch.bmm(x_blocks, weight[blocks.clamp(min=0)].to(dtype).transpose(1, 2))  # [nb, 128, N]
+    out = (per_block * (blocks >= 0)[:, None, None]).reshape(nb * BLOCK, -1)
+    return torch.cat([out, out.new_zeros(x.shape[0] - nb * BLOCK, out.shape[1])])
 
 
 @dataclass
