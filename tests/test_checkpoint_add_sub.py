@@ -1,6 +1,6 @@
 """The chat's embedded default, checkpoints/hf-deepseek-r1-add-sub: it loads through the Auto classes, its model card
-states what the committed evaluation measured, and re-measured on the CPU it clears the 95% bar on the hardest
-bucket and on second turns."""
+states what the committed evaluation measured, the chat app answers its example questions correctly alone and as a
+later turn, and re-measured on the CPU it clears the 95% bar on the hardest bucket and on second turns."""
 
 import json
 import re
@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_deepseek  # noqa: F401  (registers the Auto classes)
+from hf_deepseek.app.chat import EXAMPLE_PROMPTS, ChatResponder
 from hf_deepseek.data.column_arithmetic import BUCKETS
 from hf_deepseek.evals.greedy import greedy_correct
 from hf_deepseek.evals.task_data import load_rows
@@ -20,6 +21,7 @@ CHECKPOINT = REPO / "checkpoints" / "hf-deepseek-r1-add-sub"
 EVALUATION = REPO / "docs" / "r1-add-sub-h200" / "sft_eval_2026-12-04.json"
 CARD_ROW = re.compile(r"^\| (\w[\w ]*?) \| (\d+)/(\d+) = ([\d.]+)% \[([\d.]+)%, ([\d.]+)%\] \|$", re.M)
 CARD_NAMES = {"first turn": "turn1", "second turn": "turn2"}
+OPERATION = re.compile(r"(\d+) ?([+-]) ?(\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,37 @@ def test_model_card_states_the_committed_evaluation():
         got = measured[name]
         assert (int(correct), int(n)) == (got["correct"], got["n"]), name
         assert [float(low), float(high)] == [round(100 * x, 1) for x in got["interval"]], name
+
+
+def chat_reply(responder: ChatResponder, question: str, history: list[dict]) -> list[dict]:
+    """The chat's reply to `question` after `history` (greedy), as the items Gradio adds to the history."""
+    *_, (messages, _) = responder.respond(question, history, temperature=0.0, max_new_tokens=512)
+    return [{"role": m.role, "content": m.content, "metadata": m.metadata} for m in messages]
+
+
+def true_result(question: str) -> str:
+    a, sign, b = OPERATION.search(question).groups()
+    return str(int(a) + int(b) if sign == "+" else int(a) - int(b))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "questions",
+    [["What is 2 + 2?"], ["Calculate 4021 - 7386."], ["What is 2 + 2?", "Calculate 4021 - 7386."],
+     ["Calculate 9005 - 1997.", "2+2"], EXAMPLE_PROMPTS[:3], EXAMPLE_PROMPTS[1:]],
+    ids=["2+2", "4-digit subtraction", "two turns", "two turns, the other way", "examples 1-3", "examples 2-4"],
+)  # fmt: skip
+def test_chat_app_answers_each_question_of_a_conversation(model_and_tokenizer, questions):
+    """Through the app's own responder, each question asked in turn gets its true result; the history holds each
+    earlier reply as the app shows it (its reasoning block included, which the app leaves out of the prompt). Up to
+    two earlier exchanges, as in training; the app's examples each come after the one before them."""
+    responder = ChatResponder(*model_and_tokenizer)
+    history: list[dict] = []
+    for question in questions:
+        reply = chat_reply(responder, question, history)
+        answer = "".join(m["content"] for m in reply if not (m["metadata"] or {}).get("title"))
+        assert answer == true_result(question), (question, history)
+        history += [{"role": "user", "content": question}, *reply]
 
 
 @pytest.mark.timeout(240)
