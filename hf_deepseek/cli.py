@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
     bench_decode.add_argument(
         "--mtp-prompts", choices=["random", "task"],
-        help="MTP row prompts: random tokens of each --mtp-contexts length (default), or the embedded default's "
-        "held-out addition prompts (needs --checkpoint with its tokenizer)",
+        help="MTP row prompts: random tokens of each --mtp-contexts length (default), or hfds_addition's "
+        "held-out 3-digit sums (needs --checkpoint with its tokenizer)",
     )  # fmt: skip
     bench_decode.add_argument(
         "--generate-new-tokens", type=int, help="greedy tokens per prompt in the *-generate rows (default 128)"

@@ -340,7 +340,7 @@ def test_oracle_model_gets_exactly_the_expected_metrics():
 
 
 class ChatRecordingLM(OracleLM):
-    """Records the chat-templated prompts lm-eval sends, rendered by the embedded default's own template."""
+    """Records the chat-templated prompts lm-eval sends, rendered by the demo model's own template."""
 
     def __init__(self, tokenizer):
         super().__init__({})

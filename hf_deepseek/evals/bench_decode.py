@@ -73,7 +73,7 @@ class DecodePlan:
     warmup_steps: int = 3
     mtp_contexts: list[int] = field(default_factory=lambda: [2048])
     mtp_new_tokens: int = 32
-    mtp_prompts: str = "random"  # or "task": the embedded default's held-out addition prompts (its tokenizer)
+    mtp_prompts: str = "random"  # or "task": hfds_addition's held-out 3-digit sums (the checkpoint's tokenizer)
     generate_new_tokens: int = 128  # the `*-generate` rows: greedy tokens per prompt, prefill subtracted
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
@@ -381,7 +381,7 @@ def run_generate_row(
 
 def mtp_prompts(model, plan: DecodePlan, batch: int, context: int, device) -> torch.Tensor:
     """[batch, T] prompt ids: random tokens of length `context`, or with `plan.mtp_prompts == "task"` the held-out
-    addition prompts of the embedded default (its tokenizer loaded from the model's checkpoint), left-padded."""
+    3-digit sums of `hfds_addition` (the tokenizer loaded from the model's checkpoint), left-padded."""
     if plan.mtp_prompts == "random":
         return torch.randint(0, model.config.vocab_size, (batch, context), device=device)
     from transformers import AutoTokenizer
