@@ -1,4 +1,5 @@
-"""The demo's R1 checkpoint (hf-deepseek-r1-tiny): it loads through the Auto classes, and its model card's held-out pass@1 holds.
+"""The demo's R1 checkpoint (hf-deepseek-r1-tiny): it loads through the Auto classes, and its model card's
+held-out pass@1 holds.
 
 The card states greedy pass@1 on the 500 held-out sums of lm-eval's `addition` task with a Wilson 95% interval;
 this test answers the same 500 sums greedily (batched, left-padded, as lm-eval's HF model does) and checks that the
