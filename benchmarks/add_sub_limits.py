@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_deepseek  # noqa: F401  (registers the Auto classes)
 from hf_deepseek.data.column_arithmetic import make_problem
-from hf_deepseek.evals.scoring import extract_answer, is_correct
-from hf_deepseek.evals.task_data import load_rows, prompt_text
+from hf_deepseek.evals.greedy import greedy_correct
+from hf_deepseek.evals.task_data import load_rows
 
 # (name, digits of both operands, lowest and highest a - b)
 CLOSE_OPERANDS = [
@@ -43,28 +43,6 @@ def close_problems(digits: int, low: int, high: int, n: int, rng: random.Random)
     return rows
 
 
-@torch.inference_mode()
-def correct(model, tokenizer, conversations: list[list[dict]], rows: list[dict]) -> list[bool]:
-    texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(
-        **inputs, max_new_tokens=384, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [is_correct("add_sub", extract_answer("add_sub", r), row) for r, row in zip(replies, rows, strict=True)]
-
-
-def ask(row: dict, earlier: list[dict] = ()) -> list[dict]:
-    messages = []
-    for e in earlier:
-        messages += [
-            {"role": "user", "content": prompt_text(e)},
-            {"role": "assistant", "content": f"<answer>{e['answer']}</answer>"},
-        ]
-    return [*messages, {"role": "user", "content": prompt_text(row)}]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint")
@@ -75,12 +53,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     result = {"command": "python " + " ".join(sys.argv), "close_operands": {}, "earlier_exchanges": {}}
     rng = random.Random(0)
     for name, digits, low, high in CLOSE_OPERANDS:
         rows = close_problems(digits, low, high, args.problems, rng)
-        ok = correct(model, tokenizer, [ask(r) for r in rows], rows)
+        ok = greedy_correct(model, tokenizer, rows, "add_sub", len(rows), 384)
         wrong = [r["expression"] for r, good in zip(rows, ok, strict=True) if not good]
         result["close_operands"][name] = {"correct": sum(ok), "n": len(ok), "wrong": wrong}
         print(f"{name}: {sum(ok)}/{len(ok)}  e.g. wrong: {', '.join(wrong[:3])}", flush=True)
@@ -88,7 +66,7 @@ def main() -> None:
     rows, context = splits["turns"][: args.turns], splits["context"]
     for depth in range(1, args.max_earlier + 1):
         earlier = [[context[(7 * i + 13 * k) % len(context)] for k in range(depth)] for i in range(len(rows))]
-        ok = correct(model, tokenizer, [ask(r, e) for r, e in zip(rows, earlier, strict=True)], rows)
+        ok = greedy_correct(model, tokenizer, rows, "add_sub", len(rows), 384, earlier)
         result["earlier_exchanges"][depth] = {"correct": sum(ok), "n": len(ok)}
         print(f"after {depth} earlier exchange(s): {sum(ok)}/{len(ok)}", flush=True)
     if args.output:

@@ -11,14 +11,17 @@ from hf_deepseek.evals.scoring import extract_answer, is_correct
 from hf_deepseek.evals.task_data import prompt_text
 
 
-def conversation(row: dict[str, Any], earlier: dict[str, Any] | None = None) -> list[dict[str, str]]:
-    """The chat messages for a problem, optionally after an earlier exchange as the chat app sends it back (the
-    earlier question, then its answer alone in `<answer>` tags)."""
+def conversation(
+    row: dict[str, Any], earlier: dict[str, Any] | list[dict[str, Any]] | None = None
+) -> list[dict[str, str]]:
+    """The chat messages for a problem, optionally after one earlier exchange (a row) or several (a list of rows),
+    each as the chat app sends it back: the earlier question, then its answer alone in `<answer>` tags."""
+    exchanges = [] if earlier is None else [earlier] if isinstance(earlier, dict) else earlier
     messages = []
-    if earlier is not None:
+    for prior in exchanges:
         messages += [
-            {"role": "user", "content": prompt_text(earlier)},
-            {"role": "assistant", "content": f"<answer>{earlier['answer']}</answer>"},
+            {"role": "user", "content": prompt_text(prior)},
+            {"role": "assistant", "content": f"<answer>{prior['answer']}</answer>"},
         ]
     return [*messages, {"role": "user", "content": prompt_text(row)}]
 
@@ -31,10 +34,10 @@ def greedy_correct(
     task: str = "addition",
     batch_size: int = 125,
     max_new_tokens: int = 160,
-    earlier: list[dict[str, Any]] | None = None,
+    earlier: list[dict[str, Any] | list[dict[str, Any]]] | None = None,
 ) -> list[bool]:
-    """Whether each row's greedy answer (chat template, `prompt_text` prompt, after `earlier[i]`'s exchange when
-    given) `is_correct`."""
+    """Whether each row's greedy answer (chat template, `prompt_text` prompt, after `earlier[i]`'s exchange or
+    exchanges when given) `is_correct`."""
     tokenizer.padding_side = "left"
     correct = []
     for start in range(0, len(rows), batch_size):
