@@ -17,7 +17,7 @@
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
 # Writes to $OUT (8 files): bench_train.json, titan_anchor.json, profiles.txt, pytest.log, fp8_train_compare.json,
 # fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log and bench_train.md).
-# Env: BUDGET, TEST_WALL, PY (python, default python3), VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
+# Env: BUDGET, TEST_WALL, PY (python, default python3), VARIANTS, PROFILE_VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
 # SMOKE=1: the same steps at tiny shapes on the CPU (the GPU tests are then skipped), a check of the script itself.
 START=$(date +%s)
 BUDGET=${BUDGET:-520}
@@ -47,7 +47,7 @@ say "torchtitan wheels: $(tail -1 $L/pip.log) $(ls $SITE 2>/dev/null | tr '\n' '
 EAGER_FP8=hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad
 VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,$EAGER_FP8}
 PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 200 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
-  --variants $VARIANTS --profile-variants hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise \
+  --variants $VARIANTS --profile-variants ${PROFILE_VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise} \
   --output-dir $W/bt > $L/bench_train.log 2>&1
 say "bench train: exit $?"
 grep -E "ms/step|failed" $L/bench_train.log | cut -c1-400

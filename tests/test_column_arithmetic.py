@@ -150,3 +150,94 @@ def test_r1_zero_pretraining_text_has_no_tags_or_roles_and_the_prompt_opens_thin
         1.0,
         0.0,
     ]
+
+
+def _zero_problems(count, seed=0):
+    return list(add_sub_examples(count, seed=seed, buckets=("add1", "add2", "add3", "add4")))
+
+
+def _ops(problem):
+    a, b = problem["expression"].split("+")
+    return int(a), int(b)
+
+
+def _lead_of(text, a, b):
+    """The lead of an untagged r1_zero pretraining document: what sits between its question line and its body (a
+    worked `Add a + b column by column:` or the bare `a + b = sum`); '' for none."""
+    from hf_deepseek.data.r1_zero import LEADS
+
+    question = f"Calculate {a} + {b}.\n"
+    assert text.startswith(question), text
+    rest = text[len(question) :]
+    starts = (f"Add {a} + {b} column by column:\n", f"{a} + {b} = {a + b}\n")
+    if rest.startswith(starts):
+        return ""
+    leads = [lead for lead in LEADS if rest.startswith(lead) and rest[len(lead) :].startswith(starts)]
+    assert len(leads) == 1, text
+    return leads[0]
+
+
+def test_r1_zero_lead_share_zero_keeps_the_documents_and_random_stream():
+    from hf_deepseek.data.r1_zero import LEADS, pretraining_text
+
+    problems = _zero_problems(200)
+    for tagged_share in (0.0, 0.3):
+        rng_default, rng_zero = random.Random(3), random.Random(3)
+        default = [pretraining_text(p, rng_default, 0.5, tagged_share) for p in problems]
+        zero = [pretraining_text(p, rng_zero, 0.5, tagged_share, lead_share=0.0) for p in problems]
+        assert default == zero and rng_default.random() == rng_zero.random()
+    rng = random.Random(0)
+    for p in problems:  # untagged: the question line, then the body at once
+        assert _lead_of(pretraining_text(p, rng, 0.5, 0.0), *_ops(p)) == ""
+    assert len(set(LEADS)) == len(LEADS) == len({len(lead) for lead in LEADS})
+    assert all(lead.endswith(("\n", " ")) and not any(c in lead for c in "<>|0123456789") for lead in LEADS)
+
+
+def test_r1_zero_leads_sit_between_the_question_and_a_correct_body():
+    from hf_deepseek.data.r1_zero import LEADS, pretraining_text, zero_prompt
+
+    rng = random.Random(0)
+    seen = set()
+    for p in _zero_problems(300):
+        a, b = _ops(p)
+        text = pretraining_text(p, rng, 0.5, 0.0, lead_share=1.0)
+        lead = _lead_of(text, a, b)
+        assert lead in LEADS and "<" not in text
+        seen.add(lead)
+        assert text.endswith(f"{a} + {b} = {a + b}\n")  # the bare line or a worked doc's last line: the right sum
+    assert seen == set(LEADS)
+    # a lead moves the body's restated operands away from the question's by its length (a per-character tokenizer)
+    text = pretraining_text({"expression": "38+2"}, random.Random(0), 0.0, 0.0, lead_share=1.0)
+    assert text.index("38 + 2 =") - text.index("38 + 2.") > len("38 + 2.\n")
+    # half the documents at lead_share=0.5
+    rng = random.Random(1)
+    problems = _zero_problems(2000, seed=1)
+    leads = [_lead_of(pretraining_text(p, rng, 0.5, 0.0, lead_share=0.5), *_ops(p)) for p in problems]
+    assert 0.45 <= sum(bool(lead) for lead in leads) / len(leads) <= 0.55
+    # tagged documents: the zero prompt, then the lead and the body, then the answer
+    rng = random.Random(2)
+    for p in _zero_problems(100):
+        a, b = _ops(p)
+        text = pretraining_text(p, rng, 0.5, 1.0, lead_share=1.0)
+        prompt = zero_prompt(f"Calculate {a} + {b}.")
+        assert text.startswith(prompt) and text.endswith(f"</think><answer>{a + b}</answer>\n")
+        after = text[len(prompt) :]
+        assert any(
+            after.startswith(lead) and after[len(lead) :].startswith((f"Add {a} + {b}", f"{a} + {b}")) for lead in LEADS
+        )
+
+
+def test_r1_zero_recipe_lead_share_override_reaches_the_pretraining_dataset():
+    from hf_deepseek.trainers.recipes import apply_overrides, build_dataset, load_recipe
+
+    assert load_recipe("r1_zero_tiny")["pretrain"]["data"]["lead_share"] == 0.0
+    overrides = ["pretrain.data.tasks.add_sub=400", "pretrain.data.tagged_share=0.0"]
+    plain = build_dataset(apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", overrides), "pretrain")
+    recipe = apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", [*overrides, "pretrain.data.lead_share=0.5"])
+    assert recipe["pretrain"]["data"]["lead_share"] == 0.5
+    dataset = build_dataset(recipe, "pretrain")
+    assert len(plain) == len(dataset) == 400
+    operands = [tuple(int(x) for x in re.match(r"Calculate (\d+) \+ (\d+)\.", t).groups()) for t in dataset["text"]]
+    assert not any(_lead_of(t, a, b) for t, (a, b) in zip(plain["text"], operands, strict=True))
+    with_lead = sum(bool(_lead_of(t, a, b)) for t, (a, b) in zip(dataset["text"], operands, strict=True))
+    assert 0.4 <= with_lead / len(dataset) <= 0.6

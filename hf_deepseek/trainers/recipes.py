@@ -238,7 +238,8 @@ def build_dataset(recipe: dict[str, Any], stage: str):
 
         rng = random.Random(data.get("seed", 0))
         worked, tagged = data.get("worked_share", 0.5), data.get("tagged_share", 0.0)
-        return Dataset.from_list([{"text": pretraining_text(p, rng, worked, tagged)} for p in _problems(data)])
+        lead = data.get("lead_share", 0.0)
+        return Dataset.from_list([{"text": pretraining_text(p, rng, worked, tagged, lead)} for p in _problems(data)])
     if kind == "zero_problems":  # R1-Zero's GRPO prompts: plain text that opens the thinking block
         from hf_deepseek.data.r1_zero import zero_prompt
 
