@@ -6,7 +6,8 @@
 # sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
 #   bash benchmarks/r1_add_sub_gpu.sh
 # Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (150), ZGRPO_WALL (210); ZERO_ATTEMPTS, the R1-Zero
-# attempts as NAME:TAGGED_SHARE words (default the three above; empty for none); WHEELS, a folder of wheels to
+# attempts as NAME:TAGGED_SHARE[:KEY=VALUE,...] words, the optional third part that attempt's own pretraining overrides
+# (default the three above; empty for none); WHEELS, a folder of wheels to
 # install when `import trl, datasets` fails (default .whl); SFT_ARGS, GRPO_ARGS, ZPRE_ARGS, ZGRPO_ARGS: more overrides
 # and EVAL_ARGS more evaluation options (a CPU smoke test: small data and `--limit 4`). A stage is skipped with its
 # WALL at 0: SFT_WALL=0 starts GRPO from the model at SFT_INIT, GRPO_WALL=0 stops after the cold start, ZGRPO_WALL=0
@@ -48,7 +49,8 @@ zero() {  # one R1-Zero attempt: $1 name, then pretraining overrides (ZPRE_INIT:
 }
 ZPIDS=""
 for attempt in ${ZERO_ATTEMPTS-z1_plain:0.0 z2_tagged02pct:0.002 z3_tagged2pct:0.02}; do
-  zero ${attempt%%:*} pretrain.data.tagged_share=${attempt#*:} &
+  IFS=: read -r name tagged extra <<< "$attempt"
+  zero $name pretrain.data.tagged_share=$tagged ${extra//,/ } &
   ZPIDS="$ZPIDS $!"
 done
 
