@@ -1,11 +1,14 @@
 """Held-out greedy pass@1 and format rate of an R1-Zero model on 4-digit sums (the `add4` bucket of the `add_sub`
-evaluation set), prompted as in GRPO: the question, the R1 instruction, and `<think>` opened (plain text, no chat):
+evaluation set), prompted as in GRPO: the question, the R1 instruction, and `<think>` opened (plain text, no chat).
+Also what the thinking itself gets right, tags or not: the share whose line `a + b = sum` is right (`body_correct`),
+worked column by column (`worked`) and closing `</think>` (`closes_think`). `--temperature 1` samples as GRPO does.
 
-    python benchmarks/r1_zero_eval.py CHECKPOINT [CHECKPOINT ...] [--json out.json] [--device cuda]
+    python benchmarks/r1_zero_eval.py CHECKPOINT [CHECKPOINT ...] [--json out.json] [--device cuda] [--temperature T]
 """
 
 import argparse
 import json
+import re
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -18,21 +21,33 @@ from hf_deepseek.trainers.rewards import accuracy_reward, opened_format_reward
 
 
 @torch.inference_mode()
-def evaluate(path: str, device: str, limit: int = 500) -> dict:
+def evaluate(path: str, device: str, limit: int = 500, temperature: float = 0.0) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     rows = [r for r in load_rows("add_sub")["test"] if r["bucket"] == "add4"][:limit]
     inputs = tokenizer([zero_prompt(r["question"]) for r in rows], return_tensors="pt", padding=True).to(device)
-    out = model.generate(**inputs, max_new_tokens=256, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
+    torch.manual_seed(0)
+    out = model.generate(**inputs, max_new_tokens=256, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, **sampling)  # fmt: skip
     texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     correct = accuracy_reward(None, texts, answer=[r["answer"] for r in rows], task=["add_sub"] * len(rows))
     formatted = opened_format_reward(None, texts)
     hits = int(sum(correct))
-    result = {"correct": hits, "n": len(rows), "pass@1": hits / len(rows), "interval": wilson_interval(hits, len(rows)),
-              "format": sum(formatted) / len(rows), "example": texts[0]}  # fmt: skip
-    print(f"{path}: pass@1 {hits}/{len(rows)}, format {result['format']:.3f}; e.g. {texts[0]!r}", flush=True)
+    n = len(rows)
+    body = sum(bool(re.search(rf"^{re.escape(r['question'][len('Calculate ') : -1])} = {r['answer']}$", t, re.M))
+               for t, r in zip(texts, rows, strict=True))  # fmt: skip
+    result = {"correct": hits, "n": n, "pass@1": hits / n, "interval": wilson_interval(hits, n),
+              "format": sum(formatted) / n, "body_correct": body / n,
+              "worked": sum("column by column" in t for t in texts) / n,
+              "closes_think": sum("</think>" in t for t in texts) / n, "temperature": temperature,
+              "example": texts[0]}  # fmt: skip
+    print(
+        f"{path}: pass@1 {hits}/{n}, format {result['format']:.3f}, body right {result['body_correct']:.3f}, "
+        f"worked {result['worked']:.3f}, closes </think> {result['closes_think']:.3f}; e.g. {texts[0]!r}",
+        flush=True,
+    )
     return result
 
 
@@ -42,8 +57,9 @@ if __name__ == "__main__":
     parser.add_argument("--json")
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); 1: as GRPO samples")
     args = parser.parse_args()
-    results = {path: evaluate(path, args.device, args.limit) for path in args.checkpoints}
+    results = {path: evaluate(path, args.device, args.limit, args.temperature) for path in args.checkpoints}
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=1)
