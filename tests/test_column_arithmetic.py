@@ -227,14 +227,14 @@ def test_r1_zero_leads_sit_between_the_question_and_a_correct_body():
         )
 
 
-def test_r1_zero_recipe_lead_share_override_reaches_the_pretraining_dataset():
+def test_r1_zero_recipe_lead_share_reaches_the_pretraining_dataset():
     from hf_deepseek.trainers.recipes import apply_overrides, build_dataset, load_recipe
 
-    assert load_recipe("r1_zero_tiny")["pretrain"]["data"]["lead_share"] == 0.0
+    assert load_recipe("r1_zero_tiny")["pretrain"]["data"]["lead_share"] == 0.5
     overrides = ["pretrain.data.tasks.add_sub=400", "pretrain.data.tagged_share=0.0"]
-    plain = build_dataset(apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", overrides), "pretrain")
-    recipe = apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", [*overrides, "pretrain.data.lead_share=0.5"])
-    assert recipe["pretrain"]["data"]["lead_share"] == 0.5
+    plain_overrides = [*overrides, "pretrain.data.lead_share=0.0"]
+    plain = build_dataset(apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", plain_overrides), "pretrain")
+    recipe = apply_overrides(load_recipe("r1_zero_tiny"), "pretrain", overrides)
     dataset = build_dataset(recipe, "pretrain")
     assert len(plain) == len(dataset) == 400
     operands = [tuple(int(x) for x in re.match(r"Calculate (\d+) \+ (\d+)\.", t).groups()) for t in dataset["text"]]
