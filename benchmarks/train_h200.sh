@@ -70,6 +70,7 @@ TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 2
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
   "tests/test_fp8_compile.py::test_rowwise_fp8_linear_matches_a_float64_reference" \
   tests/test_fp8.py::test_hopper_quantisers_are_bit_identical_to_the_reference \
+  tests/test_fp8.py::test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference \
   tests/test_fp8.py::test_hopper_linear_and_experts_agree_with_the_emulation \
   tests/test_fp8.py::test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts \
   tests/test_fp8_compile.py::test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products \

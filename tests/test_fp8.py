@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 from safetensors.torch import load_file, save_file
 from transformers import FineGrainedFP8Config
@@ -32,6 +33,7 @@ from hf_deepseek.modeling.fp8 import (
     quantize_tiles,
 )
 from hf_deepseek.modeling.fp8_checkpoint import save_fp8_pretrained
+from hf_deepseek.modeling.fp8_numerics import quantize_rowwise
 from hf_deepseek.modeling.moe import RoutedExperts, TopKRouter
 
 EMULATED = FP8Recipe(backend="emulated")
@@ -604,6 +606,31 @@ def test_hopper_quantisers_are_bit_identical_to_the_reference(pow2, dtype):
     assert torch.isinf(hopper.quantize_rows(bad)[1]).all()  # by default no sync: NaN propagates as an inf scale
     with pytest.raises(ValueError, match="NaN or inf"):
         HopperBackend(FP8Recipe(check_finite=True)).quantize_rows(bad)
+
+
+@gpu
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference(pow2, dtype):
+    """The rowwise recipe's Triton quantiser (outside Inductor's fused path) against `quantize_rowwise` of the
+    zero-padded operand: activations, their transposed views (weight-gradient operands), expert weights and the
+    transposed expert weights of the input gradient."""
+    from hf_deepseek.modeling.fp8_triton import HopperBackend
+
+    hopper = HopperBackend(FP8Recipe(scaling="rowwise", pow2_scales=pow2))
+    x = varied(300, 1000, seed=20).to("cuda", dtype)
+    for view in (x, x.t(), x[:37, :51]):
+        q, scale = hopper.quantize_rows(view, rows_multiple=64)
+        rows, cols = q.shape
+        q_ref, scale_ref = quantize_rowwise(F.pad(view, (0, cols - view.shape[1], 0, rows - view.shape[0])), pow2)
+        assert rows % 64 == 0 and cols % 16 == 0
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+    w = varied(3 * 200, 330, seed=21).view(3, 200, 330).to("cuda", dtype)
+    q, scale = hopper.quantize_weight(w)
+    qt, scale_t = hopper.quantize_weight_t(w, q, scale)
+    for got, got_scale, want in ((q, scale, w), (qt, scale_t, w.transpose(1, 2))):
+        q_ref, scale_ref = quantize_rowwise(F.pad(want, (0, got.shape[-1] - want.shape[-1])), pow2)
+        assert torch.equal(got.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(got_scale, scale_ref)
 
 
 @gpu

@@ -1,13 +1,13 @@
 """The Hopper backend of `fp8.py`: Triton quantisation kernels and FP8 GEMMs.
 
-The quantisers reproduce `fp8_numerics.quantize_tiles` / `quantize_blocks` bit for bit (correctly rounded
-division, round-to-nearest-even E4M3). Inside `torch.compile` (with the recipe's `fused_quantization`) the same
-quantisation is written as torch operations instead, which Inductor fuses into the kernel that produced the
-tensor. Dense GEMMs go to cuBLAS through `torch._scaled_mm`'s blockwise recipes (1x128 x 128x128 and
-1x128 x 1x128) or its rowwise one; blockwise grouped expert GEMMs, and anything cuBLAS refuses, run in a Triton
-kernel that promotes each 128-element partial sum to FP32 with both operands' scales, as DeepSeek's kernels do;
-rowwise grouped GEMMs go to `torch._scaled_grouped_mm`. Which cuBLAS paths dispatch is probed once, when the
-backend is built, outside any traced code.
+The quantisers reproduce `fp8_numerics.quantize_tiles` / `quantize_blocks` / `quantize_rowwise` bit for bit
+(correctly rounded division, round-to-nearest-even E4M3). Inside `torch.compile` (with the recipe's
+`fused_quantization`) the same quantisation is written as torch operations instead, which Inductor fuses into the
+kernel that produced the tensor. Dense GEMMs go to cuBLAS through `torch._scaled_mm`'s blockwise recipes
+(1x128 x 128x128 and 1x128 x 1x128) or its rowwise one; blockwise grouped expert GEMMs, and anything cuBLAS
+refuses, run in a Triton kernel that promotes each 128-element partial sum to FP32 with both operands' scales, as
+DeepSeek's kernels do; rowwise grouped GEMMs go to `torch._scaled_grouped_mm`. Which cuBLAS paths dispatch is
+probed once, when the backend is built, outside any traced code.
 """
 
 from __future__ import annotations
@@ -81,6 +81,52 @@ def _quant_rows_kernel(
     out_rows = rows < R_OUT
     tl.store(q_ptr + rows[:, None] * s_qr + cols[None, :], q, mask=out_rows[:, None])
     tl.store(s_ptr + rows * s_sr + pid_c * s_sc, scale, mask=out_rows)
+
+
+@triton.jit
+def _quant_rowwise_kernel(
+    x_ptr, q_ptr, s_ptr, R, C, R_OUT, C_OUT,
+    s_xb, s_xr, s_xc, s_qb, s_qr, s_sb,
+    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows of matrix `program_id(1)`, one scale per row over all its C columns: a pass for the amax, a
+    second for the E4M3 values. Rows R..R_OUT and columns C..C_OUT are zero. x may be a transposed view (the
+    operand of a weight or input gradient): Triton specialises a unit stride, so the loads stay coalesced."""
+    pid_r, batch = tl.program_id(0), tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_rows = x_ptr + batch * s_xb + rows[:, None] * s_xr
+    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(_abs_nan_as_inf(x), axis=1))
+    scale = _scale_of(amax, POW2)
+    out_rows = rows < R_OUT
+    for c0 in range(0, C_OUT, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = (rows < R)[:, None] & (cols < C)[None, :]
+        x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
+        q = _to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
+        store = out_rows[:, None] & (cols < C_OUT)[None, :]
+        tl.store(q_ptr + batch * s_qb + rows[:, None] * s_qr + cols[None, :], q, mask=store)
+    tl.store(s_ptr + batch * s_sb + rows, scale, mask=out_rows)
+
+
+def quantize_rowwise_triton(x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool):
+    """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out], in
+    one kernel: q row-major, scales [(E,) rows_out, 1]."""
+    x3 = x if x.dim() == 3 else x[None]
+    batch, rows, cols = x3.shape
+    q = torch.empty(batch, rows_out, cols_out, dtype=FP8, device=x.device)
+    scale = torch.empty(batch, rows_out, 1, dtype=torch.float32, device=x.device)
+    block_r = 64 if x3.stride(1) == 1 else 16  # rows contiguous (a transposed view): wider along them
+    grid = (triton.cdiv(rows_out, block_r), batch)
+    _quant_rowwise_kernel[grid](
+        x3, q, scale, rows, cols, rows_out, cols_out, x3.stride(0), x3.stride(1), x3.stride(2), q.stride(0),
+        q.stride(1), scale.stride(0), POW2=pow2, BLOCK_R=block_r, BLOCK_C=128, num_warps=4,
+    )  # fmt: skip
+    return (q, scale) if x.dim() == 3 else (q[0], scale[0])
 
 
 @triton.jit
@@ -224,7 +270,12 @@ class HopperBackend:
         stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1])."""
         rows, cols = x.shape
         rows_out = _ceil_to(rows, max(rows_multiple, 16))
-        if self.rowwise or self._fused():
+        if self.rowwise and not self._fused():
+            q, scale = quantize_rowwise_triton(x, rows_out, _ceil_to(cols, 16), self.pow2)
+            if self.check:
+                check_finite(scale, "a row")
+            return q, scale
+        if self._fused():
             cols_out = _ceil_to(cols, 16 if self.rowwise else BLOCK)
             padded = F.pad(x, (0, cols_out - cols, 0, rows_out - rows))
             if self.rowwise:
@@ -249,8 +300,7 @@ class HopperBackend:
         """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
         rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
         if self.rowwise:
-            q, scale = quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
-            return q.contiguous(), scale.contiguous()
+            return self._quantize_weight_rows(w)
         if self._fused():
             q, scale = quantize_blocks(w, self.pow2, check=False)
             n, k = w.shape[-2:]
@@ -265,13 +315,22 @@ class HopperBackend:
     def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
         """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised."""
         if self.rowwise:
-            q, scale = quantize_rowwise(_pad_last(w.transpose(-1, -2), 16), self.pow2, check=False)
-            return q.contiguous(), scale.contiguous()
+            return self._quantize_weight_rows(w.transpose(-1, -2))
         if self._fused():
             return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
         w3 = w if w.dim() == 3 else w[None]
         qt = self._quantize_blocks(w3.transpose(1, 2))[0]  # same blocks, same scales, K-contiguous
         return (qt[0] if w.dim() == 2 else qt), scale.transpose(-1, -2)
+
+    def _quantize_weight_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rowwise: w [(E,) N, K] (or a transposed view) -> q [(E,) N, K16] row-major, scales [(E,) N, 1]."""
+        if self._fused():
+            q, scale = quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
+            return q.contiguous(), scale.contiguous()
+        q, scale = quantize_rowwise_triton(w, w.shape[-2], _ceil_to(w.shape[-1], 16), self.pow2)
+        if self.check:
+            check_finite(scale, "a weight row")
+        return q, scale
 
     def _quantize_blocks(self, w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         experts, n, k = w3.shape
