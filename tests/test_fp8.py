@@ -618,8 +618,8 @@ def test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference(pow2, dtype)
     from hf_deepseek.modeling.fp8_triton import HopperBackend
 
     hopper = HopperBackend(FP8Recipe(scaling="rowwise", pow2_scales=pow2))
-    x = varied(300, 1000, seed=20).to("cuda", dtype)
-    for view in (x, x.t(), x[:37, :51]):
+    x, long_rows = varied(300, 1000, seed=20).to("cuda", dtype), varied(40, 2600, seed=22).to("cuda", dtype)
+    for view in (x, x.t(), x[:37, :51], long_rows, long_rows.t()):  # rows past one 1024-column chunk, too
         q, scale = hopper.quantize_rows(view, rows_multiple=64)
         rows, cols = q.shape
         q_ref, scale_ref = quantize_rowwise(F.pad(view, (0, cols - view.shape[1], 0, rows - view.shape[0])), pow2)
@@ -631,6 +631,10 @@ def test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference(pow2, dtype)
     for got, got_scale, want in ((q, scale, w), (qt, scale_t, w.transpose(1, 2))):
         q_ref, scale_ref = quantize_rowwise(F.pad(want, (0, got.shape[-1] - want.shape[-1])), pow2)
         assert torch.equal(got.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(got_scale, scale_ref)
+    bad = long_rows.clone()
+    bad[3, 2000] = float("nan")
+    scale = hopper.quantize_rows(bad)[1]
+    assert torch.isinf(scale[3]).all() and torch.isfinite(scale[torch.arange(scale.shape[0]) != 3]).all()
 
 
 @gpu

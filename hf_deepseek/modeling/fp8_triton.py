@@ -84,47 +84,68 @@ def _quant_rows_kernel(
 
 
 @triton.jit
-def _quant_rowwise_kernel(
-    x_ptr, q_ptr, s_ptr, R, C, R_OUT, C_OUT,
-    s_xb, s_xr, s_xc, s_qb, s_qr, s_sb,
-    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _amax_rows_kernel(
+    x_ptr, amax_ptr, R, C, s_xb, s_xr, s_xc, s_ab,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_R rows of matrix `program_id(1)`, one scale per row over all its C columns: a pass for the amax, a
-    second for the E4M3 values. Rows R..R_OUT and columns C..C_OUT are zero. x may be a transposed view (the
-    operand of a weight or input gradient): Triton specialises a unit stride, so the loads stay coalesced."""
-    pid_r, batch = tl.program_id(0), tl.program_id(1)
+    """Per row of matrix `program_id(2)`: max |x| over the columns of chunk `program_id(1)`, folded into amax
+    (zero-initialised) by atomic max, so that long rows (the token dimension of a transposed operand) spread over
+    many programs. NaN counts as inf."""
+    pid_r, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     x_rows = x_ptr + batch * s_xb + rows[:, None] * s_xr
     amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = (rows < R)[:, None] & (cols < C)[None, :]
         x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(_abs_nan_as_inf(x), axis=1))
-    scale = _scale_of(amax, POW2)
+    tl.atomic_max(amax_ptr + batch * s_ab + rows, amax, mask=rows < R)
+
+
+@triton.jit
+def _quant_scaled_rows_kernel(
+    x_ptr, amax_ptr, q_ptr, s_ptr, R, C, R_OUT, C_OUT,
+    s_xb, s_xr, s_xc, s_ab, s_qb, s_qr, s_sb,
+    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """E4M3 values of a [BLOCK_R, CHUNK] piece from its rows' amax; chunk 0 also writes the scales. Rows R..R_OUT
+    and columns C..C_OUT are zero."""
+    pid_r, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     out_rows = rows < R_OUT
-    for c0 in range(0, C_OUT, BLOCK_C):
+    scale = _scale_of(tl.load(amax_ptr + batch * s_ab + rows, mask=out_rows, other=0.0), POW2)
+    x_rows = x_ptr + batch * s_xb + rows[:, None] * s_xr
+    for c0 in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         mask = (rows < R)[:, None] & (cols < C)[None, :]
         x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
         q = _to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
         store = out_rows[:, None] & (cols < C_OUT)[None, :]
         tl.store(q_ptr + batch * s_qb + rows[:, None] * s_qr + cols[None, :], q, mask=store)
-    tl.store(s_ptr + batch * s_sb + rows, scale, mask=out_rows)
+    if pid_c == 0:
+        tl.store(s_ptr + batch * s_sb + rows, scale, mask=out_rows)
 
 
 def quantize_rowwise_triton(x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool):
-    """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out], in
-    one kernel: q row-major, scales [(E,) rows_out, 1]."""
+    """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out]:
+    q row-major, scales [(E,) rows_out, 1]. Two passes over x (amax, then values), each split over row blocks and
+    column chunks; a unit stride along rows or columns is specialised by Triton, so the loads stay coalesced for
+    transposed views (the operands of the weight and input gradients) too."""
     x3 = x if x.dim() == 3 else x[None]
     batch, rows, cols = x3.shape
     q = torch.empty(batch, rows_out, cols_out, dtype=FP8, device=x.device)
     scale = torch.empty(batch, rows_out, 1, dtype=torch.float32, device=x.device)
+    amax = torch.zeros(batch, rows_out, dtype=torch.float32, device=x.device)
     block_r = 64 if x3.stride(1) == 1 else 16  # rows contiguous (a transposed view): wider along them
-    grid = (triton.cdiv(rows_out, block_r), batch)
-    _quant_rowwise_kernel[grid](
-        x3, q, scale, rows, cols, rows_out, cols_out, x3.stride(0), x3.stride(1), x3.stride(2), q.stride(0),
-        q.stride(1), scale.stride(0), POW2=pow2, BLOCK_R=block_r, BLOCK_C=128, num_warps=4,
+    chunk = 1024
+    strides = (x3.stride(0), x3.stride(1), x3.stride(2), amax.stride(0))
+    _amax_rows_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, chunk), batch)](
+        x3, amax, rows, cols, *strides, BLOCK_R=block_r, BLOCK_C=128, CHUNK=chunk, num_warps=4
+    )
+    _quant_scaled_rows_kernel[(triton.cdiv(rows_out, block_r), triton.cdiv(cols_out, chunk), batch)](
+        x3, amax, q, scale, rows, cols, rows_out, cols_out, *strides, q.stride(0), q.stride(1), scale.stride(0),
+        POW2=pow2, BLOCK_R=block_r, BLOCK_C=128, CHUNK=chunk, num_warps=4,
     )  # fmt: skip
     return (q, scale) if x.dim() == 3 else (q[0], scale[0])
 
