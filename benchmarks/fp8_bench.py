@@ -3,6 +3,9 @@ recipe: 1x128 activation tiles, 128x128 weight blocks, all three GEMMs in FP8) a
 
     python benchmarks/fp8_bench.py --json fp8_bench.json
 
+It ends with the rowwise recipe's quantisers at the training bench's shapes (2 x --tokens rows): the Triton kernel
+against Inductor's compiled torch operations.
+
 Needs a CUDA GPU of compute capability 9.0 (Hopper). Times are medians of `triton.testing.do_bench` (L2 flushed
 between repetitions). TFLOP/s count the three GEMMs: 6 * M * N * K per linear layer.
 """
@@ -141,6 +144,31 @@ def bench_grouped(tokens: int, experts: int, top_k: int) -> dict:
     return {name: do_bench(fn, warmup=10, rep=100, return_mode="median") for name, fn in parts.items()}
 
 
+def rowwise_quantisers(tokens: int) -> dict:
+    """The rowwise recipe's quantisers at the training bench's shapes (hidden 2048, 64 experts of width 1408):
+    the Triton kernel against the same torch operations compiled by Inductor (the fused path), median ms and the
+    GB/s of reading the bf16 input once and writing its FP8 values once."""
+    from hf_deepseek.modeling.fp8_numerics import quantize_rowwise
+    from hf_deepseek.modeling.fp8_triton import quantize_rowwise_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(64, 2816, 2048, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    inductor = torch.compile(lambda t: [u.contiguous() for u in quantize_rowwise(t, check=False)])
+    operands = {"activations [M, 2048]": x, "activations^T (along tokens)": x.t(),
+                "expert weights [64, 2816, 2048]": w, "expert weights^T": w.transpose(1, 2)}  # fmt: skip
+    out = {}
+    for name, t in operands.items():
+        gbytes = t.numel() * 3 / 1e9
+        for kind, fn in (
+            ("triton", lambda t=t: quantize_rowwise_triton(t, t.shape[-2], t.shape[-1], False)),
+            ("inductor", lambda t=t: inductor(t)),
+        ):
+            ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
+            out[f"{name}, {kind}"] = {"ms": ms, "GB/s": gbytes / (ms / 1e3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (M), e.g. 4 x 2048")
@@ -166,9 +194,14 @@ def main() -> None:
     pieces = {
         "o_proj pieces": breakdown(args.tokens, 16384, 7168),
         "expert pieces": bench_grouped(args.tokens, args.experts, 8),
+        "rowwise quantisers": rowwise_quantisers(2 * args.tokens),
     }
     for title, part in pieces.items():
-        print(f"{title}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in part.items()))
+        cells = [
+            f"{n} {v:.3f}" if isinstance(v, float) else f"{n} {v['ms']:.3f} ({v['GB/s']:.0f} GB/s)"
+            for n, v in part.items()
+        ]
+        print(f"{title}: " + ", ".join(cells))
     if args.json:
         rows.append(pieces)
         with open(args.json, "w") as f:
