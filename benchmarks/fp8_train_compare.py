@@ -3,6 +3,7 @@
 "rowwise": one scale per row, torchtitan's), and compare the curves.
 
     python benchmarks/fp8_train_compare.py --steps 200 --recipes deepseek,rowwise --json curves.json --plot curves.png
+    python benchmarks/fp8_train_compare.py --recipes rowwise,rowwise+linear_wgrad=bf16 ...    # a recipe's field
     python benchmarks/fp8_train_compare.py --shape bench --steps 200 --max-seconds 40 ...  # the bench's layers
     python benchmarks/fp8_train_compare.py --shape tiny --device cpu --steps 8                # CPU smoke test
 
@@ -78,6 +79,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def recipe_from_spec(spec: str) -> FP8Recipe:
+    """A named recipe with `+field=value` overrides, e.g. `rowwise+linear_wgrad=bf16`."""
+    name, *overrides = spec.split("+")
+    return FP8Recipe.named(name, **dict(override.split("=", 1) for override in overrides))
+
+
 def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
     """Stops early, once `max_seconds` have passed (the caller cuts every run to the steps all of them made)."""
     device = torch.device(args.device)
@@ -87,7 +94,7 @@ def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float
         model = DeepSeekForCausalLM(config).train()
     params = sum(p.numel() for p in model.parameters())
     if recipe:
-        convert_to_fp8_training(model, FP8Recipe.named(recipe))
+        convert_to_fp8_training(model, recipe_from_spec(recipe))
     if args.compile:
         compile_for_training(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "gate.weight" not in n]
@@ -131,7 +138,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=tuple(SHAPES), default="small")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--recipes", default="deepseek,rowwise", help="comma-separated named FP8 recipes")
+    parser.add_argument(
+        "--recipes",
+        default="deepseek,rowwise",
+        help="comma-separated named FP8 recipes, each with +field=value overrides",
+    )
     parser.add_argument("--batch", type=int, help="sequences a step (default: the shape's)")
     parser.add_argument("--seq", type=int, help="tokens a sequence (default: the shape's)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the shape's)")

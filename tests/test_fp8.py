@@ -221,6 +221,30 @@ def test_fp8_linear_forward_and_gradients_are_bounded_against_fp32():
     check_product(w.grad, dy.T.contiguous(), x.detach().T.contiguous(), quantize_tiles, quantize_tiles)
 
 
+@pytest.mark.parametrize("scaling", ["blockwise", "rowwise"])
+def test_high_precision_linear_weight_gradient_keeps_the_fp8_forward_and_input_gradient(scaling):
+    """linear_wgrad="bf16": the weight gradient is dy^T x in the inputs' precision (float64 here, against a float64
+    recomputation), while the output and the input gradient are the FP8 recipe's, bit for bit."""
+    gen = torch.Generator().manual_seed(23)
+    x = torch.randn(96, 320, generator=gen, dtype=torch.float64)
+    w = torch.randn(200, 320, generator=gen, dtype=torch.float64) / 18
+    dy = torch.randn(96, 200, generator=gen, dtype=torch.float64)
+    results = {}
+    for wgrad in ("fp8", "bf16"):
+        recipe = FP8Recipe(backend="emulated", scaling=scaling, linear_wgrad=wgrad)
+        xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = fp8_linear(xs, ws, recipe)
+        y.backward(dy)
+        results[wgrad] = (y.detach(), xs.grad, ws.grad)
+    assert torch.equal(results["bf16"][0], results["fp8"][0]) and torch.equal(results["bf16"][1], results["fp8"][1])
+    exact = dy.T @ x
+    assert torch.allclose(results["bf16"][2], exact, rtol=1e-12, atol=1e-12)
+    fp8_error = (results["fp8"][2] - exact).norm() / exact.norm()
+    assert 1e-3 < fp8_error < 0.1  # the FP8 weight gradient carries E4M3's rounding; the high-precision one none
+    with pytest.raises(ValueError, match="FP8Recipe.linear_wgrad must be one of fp8, bf16, got 'fp16'"):
+        FP8Recipe(linear_wgrad="fp16")
+
+
 def test_emulation_multiplies_exactly_the_quantised_operands():
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(40, 256, generator=gen), torch.randn(136, 256, generator=gen)

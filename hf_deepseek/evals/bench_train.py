@@ -40,6 +40,7 @@ OURS_FP8_EAGER_FP8_WGRAD = "hf_deepseek-fp8-eager-fp8-wgrad"  # the November FP8
 OURS_FP8_ROWWISE_BF16_DOWN = "hf_deepseek-fp8-rowwise-bf16-down"  # experts' down projection in bf16 (FP8 loses there)
 OURS_FP8_ROWWISE_DENSE = "hf_deepseek-fp8-rowwise-dense"  # FP8 in the dense linears only: what they gain on their own
 OURS_FP8_ROWWISE_TRITON_QUANT = "hf_deepseek-fp8-rowwise-triton-quant"  # Triton quantisers, not Inductor's reductions
+OURS_FP8_ROWWISE_HP_WGRAD = "hf_deepseek-fp8-rowwise-hp-wgrad"  # linears: weight gradient in bf16 (torchao gw_hp)
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -51,6 +52,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_BF16_DOWN: ("rowwise", True, {"grouped_bf16": ("down_proj",)}),
     OURS_FP8_ROWWISE_DENSE: ("rowwise", True, {"grouped_bf16": ("gate_up_proj", "down_proj")}),
     OURS_FP8_ROWWISE_TRITON_QUANT: ("rowwise", True, {"fused_quantization": False}),
+    OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS)

@@ -37,6 +37,7 @@ from .fp8_numerics import (
     expert_layout,
     grouped_linear_high_precision,
     grouped_wgrad_high_precision,
+    linear_wgrad_high_precision,
     quantize_blocks,
     quantize_tiles,
 )
@@ -110,7 +111,9 @@ class FP8LinearFunction(torch.autograd.Function):
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s)
             dx = backend.gemm(dy_q, dy_s, wt_q, wt_s, True, ctx.x_dtype)[:m, :k]
             dx = dx.reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and backend.recipe.linear_wgrad == "bf16":
+            dw = linear_wgrad_high_precision(dy2, x2).to(ctx.w_dtype)
+        elif ctx.needs_input_grad[1]:
             dyt_q, dyt_s = backend.quantize_rows(dy2.t())  # [N, Mp]: scaled along the tokens
             xt_q, xt_s = backend.quantize_rows(x2.t())  # [K, Mp]
             dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32)[:n, :k].to(ctx.w_dtype)

@@ -38,6 +38,8 @@ class FP8Recipe:
     `grouped_wgrad`: the routed experts' weight gradient in "fp8" (the paper) or "bf16" (the input precision,
     through torch's grouped GEMM; the default while no fast FP8 grouped weight-gradient kernel exists here: the
     Triton one runs at ~50 TFLOP/s on the H200, bf16 `grouped_mm` at ~650);
+    `linear_wgrad`: the linear layers' weight gradient in "fp8" (the paper) or "bf16" (the input precision, as
+    torchao's `rowwise_with_gw_hp`: no operand scaled along the tokens, where one rowwise scale spans them all);
     `pow2_scales`: round every scale up to a power of two (UE8M0, as DeepSeek-V3.1 and DeepGEMM do);
     `backend`: "auto" (Hopper kernels on a CUDA device of compute capability 9.0+, else emulation) or "emulated";
     `gemm`: for the Hopper backend, "auto" (cuBLAS where it dispatches, else Triton), "cublas" or "triton";
@@ -54,6 +56,7 @@ class FP8Recipe:
 
     scaling: str = "blockwise"
     grouped_wgrad: str = "bf16"
+    linear_wgrad: str = "fp8"
     pow2_scales: bool = False
     backend: str = "auto"
     gemm: str = "auto"
@@ -64,7 +67,8 @@ class FP8Recipe:
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
-                   "backend": ("auto", "emulated"), "gemm": ("auto", "cublas", "triton")}  # fmt: skip
+                   "linear_wgrad": ("fp8", "bf16"), "backend": ("auto", "emulated"),
+                   "gemm": ("auto", "cublas", "triton")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FP8Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -262,6 +266,12 @@ class EmulatedBackend:
         per_block = torch.bmm(a_f, b_f.transpose(1, 2)) * (blocks >= 0)[:, None, None]  # [nb, N, K]
         out = torch.zeros(layout.num_experts, a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
         return out.index_add_(0, blocks.clamp(min=0), per_block)
+
+
+def linear_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy [M, N]^T @ x [M, K] -> [N, K] in the inputs' precision (bf16 GEMMs accumulate in FP32)."""
+    dtype = torch.promote_types(dy.dtype, x.dtype)
+    return dy.t().to(dtype) @ x.to(dtype)
 
 
 def grouped_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
