@@ -79,3 +79,70 @@ def test_triton_kernels_match_float64(tokens):
     error = ((out.double() - want).norm() / want.norm()).item()
     assert error < 1e-2, error
     torch.testing.assert_close(again, out)
+
+
+# FP8 weights with 128x128 block scales (a model kept in FP8): weight-only matrix-vector kernels
+
+
+def fp8_experts_and_routing(device, dtype, inter, **kwargs):
+    """RoutedExperts quantised to FP8InferenceExperts (gate and up with their own scale grids)."""
+    from hf_deepseek.modeling.fp8 import FP8InferenceExperts
+
+    experts, x, indices, weights = experts_and_routing(device, torch.float32, inter=inter, **kwargs)
+    config = tiny_config(hidden_size=x.shape[1], moe_intermediate_size=inter, n_routed_experts=experts.num_experts)
+    return FP8InferenceExperts.from_experts(experts, config), x.to(dtype), indices, weights
+
+
+def fp8_args(fp8):
+    return fp8.gate_up_proj, fp8.gate_up_proj_scale_inv, fp8.down_proj, fp8.down_proj_scale_inv
+
+
+@pytest.mark.parametrize("inter", [160, 256])  # partial scale blocks, and whole ones
+def test_fp8_op_computes_the_chosen_experts_from_the_dequantised_weights(inter):
+    fp8, x, indices, weights = fp8_experts_and_routing("cpu", torch.float32, inter)
+    gate_up, down = fp8.dequantized_weights()  # the module's own dequantiser, independent of the op's
+    gate_up_op, down_op = moe_gemv.dequantize_experts(*fp8_args(fp8))
+    assert torch.equal(gate_up_op, gate_up) and torch.equal(down_op, down)
+    dense = RoutedExperts(tiny_config(hidden_size=256, moe_intermediate_size=inter, n_routed_experts=16))
+    dense.gate_up_proj.data, dense.down_proj.data = gate_up, down
+    with torch.no_grad():
+        out = moe_gemv.routed_experts_gemv_fp8(x, indices, weights, *fp8_args(fp8))
+    torch.testing.assert_close(out.double(), per_expert_float64(dense, x, indices, weights), rtol=1e-5, atol=1e-6)
+    assert not moe_gemv.usable_fp8(fp8, x, indices.numel())  # CUDA only
+
+
+def test_fp8_experts_take_the_weight_only_op_when_it_serves(monkeypatch):
+    """FP8InferenceExperts.forward goes through the op for decode batches (weight-only: bf16 activations), and
+    agrees with its FP8-GEMM path (activations quantised per 1x128 tile) to FP8's activation error."""
+    fp8, x, indices, weights = fp8_experts_and_routing("cpu", torch.float32, 256)
+    with torch.no_grad():
+        gemm_path = fp8(x, indices, weights)
+        calls = []
+        original = moe_gemv.routed_experts_gemv_fp8
+        monkeypatch.setattr(moe_gemv, "usable_fp8", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
+        monkeypatch.setattr(moe_gemv, "routed_experts_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+        weight_only = fp8(x, indices, weights)
+        assert calls == [1]
+        fp8.fp8_recipe = type(fp8.fp8_recipe)(weight_only_decode=False)
+        assert torch.equal(fp8(x, indices, weights), gemm_path) and calls == [1]
+    error = ((weight_only - gemm_path).norm() / weight_only.norm()).item()
+    assert 1e-4 < error < 0.05, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_fp8_triton_kernels_match_the_dequantised_weights(tokens):
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    fp8, x, indices, weights = fp8_experts_and_routing("cuda", torch.bfloat16, 1408, tokens=tokens, num_experts=64,
+                                                       hidden=2048)  # fmt: skip
+    with torch.no_grad():
+        assert moe_gemv.usable_fp8(fp8, x, tokens * 6)
+        out = moe_gemv.routed_experts_gemv_fp8(x, indices, weights, *fp8_args(fp8))
+        want = moe_gemv.reference(x.cpu(), indices.cpu(), weights.cpu(), *(w.cpu() for w in fp8.dequantized_weights()),
+                                  act_dtype=torch.bfloat16)  # fmt: skip
+        compiled = torch.compile(moe_gemv.routed_experts_gemv_fp8, mode="reduce-overhead", fullgraph=True)
+        again = compiled(x, indices, weights, *fp8_args(fp8)).clone()
+    error = ((out.cpu().double() - want.double()).norm() / want.double().norm()).item()
+    assert error < 1e-2, error
+    torch.testing.assert_close(again, out)

@@ -9,6 +9,8 @@ down projection scaled by the routing weight (kernel 2); the k results per token
 
 `routed_experts_gemv` is a custom op (one node under torch.compile, captured by CUDA graphs): the Triton kernels on
 CUDA, the same computation in torch elsewhere (`reference`), which is what the CPU tests run.
+`routed_experts_gemv_fp8` is the same for FP8 weights with DeepSeek's 128x128 block scales (a checkpoint kept in
+FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's.
 """
 
 import torch
@@ -47,17 +49,48 @@ def usable(experts, x: torch.Tensor, pairs: int) -> bool:
     )
 
 
-def reference(x, indices, weights, gate_up, down) -> torch.Tensor:
+def reference(x, indices, weights, gate_up, down, act_dtype: torch.dtype | None = None) -> torch.Tensor:
     """x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] -> [N, d]: the kernels' computation in
-    torch (fp32 accumulation, the activation rounded to the weights' dtype as the kernel stores it)."""
+    torch (fp32 accumulation, the activation rounded to `act_dtype`, by default the weights' dtype, as the kernel
+    stores it)."""
     num_tokens, top_k = indices.shape
     inter = down.shape[-1]
     chosen = indices.flatten()
     rows = x.repeat_interleave(top_k, dim=0).float()  # [P, d]
     h = torch.einsum("pd,pnd->pn", rows, gate_up[chosen].float())  # [P, 2I]
-    act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(gate_up.dtype).float()
+    act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(act_dtype or gate_up.dtype).float()
     out = torch.einsum("pi,pdi->pd", act, down[chosen].float()) * weights.flatten()[:, None].float()
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+
+
+def dequantize_experts(gate_up_q, gate_up_scale, down_q, down_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 expert weights and their 128x128 block scales -> (gate_up [E, 2I, d], down [E, d, I]) in float32; the
+    gate and up halves have their own scale grids ([E, 2*ceil(I/128), ceil(d/128)]), as DeepSeek quantises them."""
+    inter, dim = down_q.shape[-1], down_q.shape[-2]
+    g_inter = -(-inter // 128)
+
+    def expand(q, scale, rows, cols):
+        full = scale.float().repeat_interleave(128, dim=-2).repeat_interleave(128, dim=-1)
+        return q.float() * full[..., :rows, :cols]
+
+    gate = expand(gate_up_q[:, :inter], gate_up_scale[:, :g_inter], inter, dim)
+    up = expand(gate_up_q[:, inter:], gate_up_scale[:, g_inter:], inter, dim)
+    return torch.cat([gate, up], dim=1), expand(down_q, down_scale, dim, inter)
+
+
+def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
+    """Whether `routed_experts_gemv_fp8` serves FP8 `experts` (an FP8InferenceExperts) for x [N, d]."""
+    silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
+    return (
+        ENABLED
+        and x.is_cuda
+        and triton_available()
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and experts.gate_up_proj.dtype == torch.float8_e4m3fn
+        and not torch.is_grad_enabled()
+        and pairs <= MAX_PAIRS
+        and silu
+    )
 
 
 @torch.library.custom_op("hf_deepseek::routed_experts_gemv", mutates_args=())
@@ -78,4 +111,39 @@ def _(x, indices, weights, gate_up, down):
     return torch.empty_like(x)
 
 
-__all__ = ["routed_experts_gemv", "reference", "usable", "triton_available", "ENABLED", "MAX_PAIRS"]
+@torch.library.custom_op("hf_deepseek::routed_experts_gemv_fp8", mutates_args=())
+def routed_experts_gemv_fp8(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down: torch.Tensor,
+    down_scale: torch.Tensor,
+) -> torch.Tensor:
+    """`routed_experts_gemv` with FP8 weights: gate_up [E, 2I, d] and down [E, d, I] float8_e4m3fn, their block
+    scales as `dequantize_experts` reads them; the activation kept in x's dtype."""
+    if not x.is_cuda:
+        full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
+        return reference(x, indices, weights, *full, act_dtype=x.dtype)
+    from ._moe_gemv_triton import launch
+
+    return launch(x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale)
+
+
+@routed_experts_gemv_fp8.register_fake
+def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale):
+    return torch.empty_like(x)
+
+
+__all__ = [
+    "routed_experts_gemv",
+    "routed_experts_gemv_fp8",
+    "dequantize_experts",
+    "reference",
+    "usable",
+    "usable_fp8",
+    "triton_available",
+    "ENABLED",
+    "MAX_PAIRS",
+]

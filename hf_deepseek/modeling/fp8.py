@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..kernels import moe_gemv
 from .fp8_numerics import (
     BLOCK,
     FP8,
@@ -344,6 +345,9 @@ class FP8InferenceExperts(RoutedExperts):
         return self
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.fp8_recipe.weight_only_decode and moe_gemv.usable_fp8(self, x, indices.numel()):
+            scales = (self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv)
+            return moe_gemv.routed_experts_gemv_fp8(x, indices, weights, self.gate_up_proj, *scales)
         backend, dtype = get_backend(self.fp8_recipe, x.device), _output_dtype(x)
         layout = expert_layout(indices, self.num_experts)
         if self.intermediate_size % BLOCK:  # the gate and up grids do not tile [2I] evenly: exact dense weights
