@@ -146,3 +146,46 @@ def test_fp8_triton_kernels_match_the_dequantised_weights(tokens):
     error = ((out.cpu().double() - want.double()).norm() / want.double().norm()).item()
     assert error < 1e-2, error
     torch.testing.assert_close(again, out)
+
+
+def fp8_linear_layer(device, in_features=320, out_features=200, seed=1):
+    """An FP8InferenceLinear with partial 128x128 blocks in both dimensions."""
+    from hf_deepseek.modeling.fp8 import FP8InferenceLinear
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=True, device=device)
+    return FP8InferenceLinear.from_linear(linear)
+
+
+def test_fp8_linear_op_is_the_product_with_the_dequantised_weight(monkeypatch):
+    layer = fp8_linear_layer("cpu")
+    x = torch.randn(3, 320)
+    with torch.no_grad():
+        out = moe_gemv.linear_gemv_fp8(x, layer.weight, layer.weight_scale_inv)
+        want = x.double() @ layer.dequantized(torch.float64).weight.T
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        assert not moe_gemv.usable_linear_fp8(x, layer.weight)  # CUDA only
+        gemm_path = layer(x)
+        calls = []
+        original = moe_gemv.linear_gemv_fp8
+        monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+        monkeypatch.setattr(moe_gemv, "linear_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+        weight_only = layer(x[None])  # [1, 3, 320]: leading dimensions kept, bias added
+    assert calls == [1] and weight_only.shape == (1, 3, 200)
+    torch.testing.assert_close(weight_only[0], out + layer.bias)
+    error = ((weight_only[0] - gemm_path).norm() / gemm_path.norm()).item()
+    assert 1e-4 < error < 0.05, error  # the GEMM path's activations are quantised per 1x128 tile
+
+
+@pytest.mark.gpu
+def test_fp8_linear_kernel_matches_the_dequantised_weight():
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    layer = fp8_linear_layer("cuda", 2048, 1536)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert moe_gemv.usable_linear_fp8(x, layer.weight)
+        out = moe_gemv.linear_gemv_fp8(x, layer.weight, layer.weight_scale_inv)
+        want = x.double() @ layer.dequantized(torch.float64).weight.T
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert out.dtype == torch.bfloat16 and error < 1e-2, error

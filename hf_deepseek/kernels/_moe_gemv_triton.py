@@ -94,3 +94,18 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+
+
+def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
+    """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
+    down kernel with one expert and unit routing weights, each row a matrix-vector product."""
+    block_n, block_k, warps = config or (BLOCK_N, BLOCK_K, WARPS)
+    rows, (n, k) = x.shape[0], weight.shape
+    idx = torch.zeros(rows, device=x.device, dtype=torch.int32)
+    ones = torch.ones(rows, device=x.device, dtype=torch.float32)
+    out = torch.empty(rows, n, device=x.device, dtype=torch.float32)
+    _down_kernel[(rows, triton.cdiv(n, block_n))](
+        x.contiguous(), idx, ones, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128),
+        triton.cdiv(n, 128), SCALED=True, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    return out.to(x.dtype)

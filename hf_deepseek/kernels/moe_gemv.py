@@ -10,13 +10,15 @@ down projection scaled by the routing weight (kernel 2); the k results per token
 `routed_experts_gemv` is a custom op (one node under torch.compile, captured by CUDA graphs): the Triton kernels on
 CUDA, the same computation in torch elsewhere (`reference`), which is what the CPU tests run.
 `routed_experts_gemv_fp8` is the same for FP8 weights with DeepSeek's 128x128 block scales (a checkpoint kept in
-FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's.
+FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's;
+`linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`).
 """
 
 import torch
 
 ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
 MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
+MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -111,6 +113,37 @@ def _(x, indices, weights, gate_up, down):
     return torch.empty_like(x)
 
 
+def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_gemv_fp8` serves the rows x2 [T, K] of an FP8 linear layer."""
+    return (
+        ENABLED
+        and x2.is_cuda
+        and triton_available()
+        and x2.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == torch.float8_e4m3fn
+        and not torch.is_grad_enabled()
+        and x2.shape[0] <= MAX_LINEAR_ROWS
+    )
+
+
+@torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
+def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
+    [ceil(N/128), ceil(K/128)] (fp32 accumulation)."""
+    if not x.is_cuda:
+        n, k = weight.shape
+        full = scale.float().repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)[:n, :k]
+        return (x.float() @ (weight.float() * full).T).to(x.dtype)
+    from ._moe_gemv_triton import launch_linear_fp8
+
+    return launch_linear_fp8(x, weight, scale)
+
+
+@linear_gemv_fp8.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::routed_experts_gemv_fp8", mutates_args=())
 def routed_experts_gemv_fp8(
     x: torch.Tensor,
@@ -139,6 +172,8 @@ def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale):
 __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
+    "linear_gemv_fp8",
+    "usable_linear_fp8",
     "dequantize_experts",
     "reference",
     "usable",
@@ -146,4 +181,5 @@ __all__ = [
     "triton_available",
     "ENABLED",
     "MAX_PAIRS",
+    "MAX_LINEAR_ROWS",
 ]

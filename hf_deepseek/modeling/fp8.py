@@ -252,7 +252,8 @@ class FP8RoutedExperts(RoutedExperts):
 
 class FP8InferenceLinear(nn.Module):
     """A linear layer stored as DeepSeek ships it: `weight` float8_e4m3fn [out, in], `weight_scale_inv` float32
-    [ceil(out/128), ceil(in/128)]; activations are quantised per 1x128 tile on the fly (dynamic scheme)."""
+    [ceil(out/128), ceil(in/128)]; activations are quantised per 1x128 tile on the fly (dynamic scheme), or, for a
+    few decode rows on CUDA (`FP8Recipe.weight_only_decode`), kept as they are against the dequantised weight."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, recipe=None):
         super().__init__()
@@ -283,8 +284,11 @@ class FP8InferenceLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = get_backend(self.fp8_recipe, x.device)
         x2 = x.reshape(-1, self.in_features)
+        if self.fp8_recipe.weight_only_decode and moe_gemv.usable_linear_fp8(x2, self.weight):
+            y = moe_gemv.linear_gemv_fp8(x2, self.weight, self.weight_scale_inv).reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        backend = get_backend(self.fp8_recipe, x.device)
         x_q, x_s = backend.quantize_rows(x2)
         y = backend.gemm(x_q, x_s, self.weight, self.weight_scale_inv, True, _output_dtype(x))[: x2.shape[0]]
         y = y[:, : self.out_features].contiguous().reshape(*x.shape[:-1], self.out_features)
