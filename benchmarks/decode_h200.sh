@@ -3,10 +3,12 @@
 # with $OUT set and the FlashMLA wheel carried (carry [".whl/decode"]):
 #   bash benchmarks/decode_h200.sh
 # 1. the GPU tests of this work: the device token loop of generate() (tests/test_fast_generate.py), FlashMLA's
-#    decode kernel against float64 and the torch path (tests/test_flash_mla_decode.py);
+#    decode kernel against float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels
+#    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
 #    step; FlashMLA attention where installed), ours-generate (generate() with the device loop), transformers-generate,
+#    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, FP8 GEMMs at 32; the bench runs it last),
 #    ours-fast-torch-attn (the step with torch attention, 32 / 32k only), transformers-compile (2k only),
 #    ours-generate-tf-loop (generate() through transformers' token loop, 1 / 2k only), until MTP_S before the deadline;
 # 3. MTP speculative decoding on the trained embedded checkpoint (ours-mtp: acceptance, ms per token against plain
@@ -34,14 +36,14 @@ say "$(python3 -c 'import torch, transformers; print(torch.__version__, transfor
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
 timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 90 \
-  tests/test_fast_generate.py tests/test_flash_mla_decode.py > $OUT/gpu_tests.txt 2>&1
+  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
 if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
   export HF_DEEPSEEK_FLASH_MLA=0  # the benches then measure the torch attention path
   say "FlashMLA failed its tests: turned off for the benches"
 fi
 
-ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
+ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
 ROW_CONTEXTS=${ROW_CONTEXTS:-ours-generate=2048;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
 ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-torch-attn=32;ours-generate-tf-loop=1}
 PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast:32:32768}
