@@ -52,6 +52,33 @@ def test_greedy_tokens_equal_transformers_loop_with_left_padding():
     assert torch.equal(fast, eager)
 
 
+@pytest.mark.parametrize("chunking", ["prefill_chunk_size", "PREFILL_TOKENS", "query pieces"])
+def test_chunked_prefill_gives_transformers_tokens_with_left_padding(monkeypatch, chunking):
+    """Long prompts are prefilled in chunks straight into the latent cache (later chunks attend to it through the
+    absorbed path), and a chunk's scores in pieces of queries: the tokens stay transformers' unchunked ones, with rows
+    whose padding spans more than a chunk."""
+    from hf_deepseek.modeling import mla_decode
+
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size, pads=(0, 5, 2), length=11)
+    kwargs = {}
+    if chunking == "prefill_chunk_size":
+        kwargs["prefill_chunk_size"] = 3
+    else:
+        monkeypatch.setattr(fg, "PREFILL_TOKENS", 12)  # 3 rows: chunks of 4 tokens
+        if chunking == "query pieces":  # every chunk's scores two queries at a time
+            monkeypatch.setattr(mla_decode, "MAX_SCORES", 2 * 3 * model.config.num_attention_heads * 32)
+    common = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=10, do_sample=False)
+    eager = model.generate(ids, cache_implementation="dynamic", **common)  # unchunked
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[1]) or original(*a, **k))
+    fast = model.generate(ids, cache_implementation="static", fast_loop=True, **common, **kwargs)
+    assert torch.equal(fast, eager)
+    chunks = [3, 3, 3, 2] if chunking == "prefill_chunk_size" else [4, 4, 3]
+    assert calls[: len(chunks)] == chunks and set(calls[len(chunks) :]) <= {1}  # the prefill's chunks, then steps
+
+
 def test_rows_ending_at_different_steps_give_transformers_tokens_and_length():
     model = tiny_model()
     ids, mask = left_padded(model.config.vocab_size)

@@ -6,10 +6,12 @@ transformers' own loop spends host time on every token (growing input and mask t
 stopping check that reads a device value); at batch 1 that cost about 1.1 ms a token on an H200 (issue 17). Here
 every per-token tensor is a fixed buffer at a fixed address: the new tokens, the padding mask over the static
 latent cache, the step counter, which rows have ended. The prefill and the first token run uncompiled, as in
-transformers. Greedy decoding gives transformers' tokens; sampling applies transformers' own warpers (temperature,
-top-k, top-p, min-p) and draws from the same distribution with the exponential race (argmax of p / Exp(1), what
-gpt-fast and vLLM use inside CUDA graphs), not with `torch.multinomial`'s draws. Anything else `generate()` offers
-(beams, scores, streamers, other processors, stopping strings) goes to transformers' loop.
+transformers; a long batch is prefilled in chunks of at most `PREFILL_TOKENS` tokens (or `prefill_chunk_size`
+tokens a row) straight into the latent cache, so its memory grows with the cache, not with batch x prompt.
+Greedy decoding gives transformers' tokens; sampling applies transformers' own warpers (temperature, top-k, top-p,
+min-p) and draws from the same distribution with the exponential race (argmax of p / Exp(1), what gpt-fast and
+vLLM use inside CUDA graphs), not with `torch.multinomial`'s draws. Anything else `generate()` offers (beams,
+scores, streamers, other processors, stopping strings) goes to transformers' loop.
 """
 
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import logging
 
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
+PREFILL_TOKENS = 32768  # tokens (batch x chunk) one prefill forward takes; longer prompts go in chunks
 logger = logging.get_logger(__name__)
 
 # generation settings this loop does not implement: each must be None, its neutral value or GenerationConfig()'s
@@ -44,7 +47,7 @@ UNSUPPORTED_SETTINGS = (
     "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "renormalize_logits",
     "stop_strings", "max_time", "watermarking_config", "prompt_lookup_num_tokens", "assistant_early_exit",
-    "low_memory", "token_healing", "prefill_chunk_size",
+    "low_memory", "token_healing",
 )  # fmt: skip
 # generate() arguments other than the prompt and its mask that only transformers' loop handles
 UNSUPPORTED_ARGUMENTS = (
@@ -299,7 +302,11 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     b.unfinished.fill_(True)
     b.ended_at.fill_(b.new_tokens.shape[1])
 
-    out = model(input_ids=input_ids, attention_mask=mask, cache=b.cache, use_cache=True, logits_to_keep=1)
+    chunk = config.prefill_chunk_size or max(1, PREFILL_TOKENS // batch)
+    for start in range(0, prompt_len, chunk):  # later chunks attend to the cache the earlier ones wrote
+        end = min(prompt_len, start + chunk)
+        out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end], cache=b.cache, use_cache=True,
+                    logits_to_keep=1)  # fmt: skip
     record_token(b, choice, choice(out.logits[:, -1].float(), b.prompt_len, b.step))
     del out
     step = compiled_decode_step(model, config)

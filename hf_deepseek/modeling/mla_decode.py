@@ -51,40 +51,56 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
     return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
 
 
+MAX_SCORES = 2**28  # score elements (fp32: 1 GiB) a chunk of queries may hold; more queries are taken in pieces
+
+
 def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask) -> torch.Tensor:
     """Absorbed MQA of the last T queries over buffer [B, L, r + rope], whose first `length` (device tensor)
-    tokens are written; the query tokens are the last T of those. Returns [B, T, H, v]."""
+    tokens are written; the query tokens are the last T of those. Returns [B, T, H, v]. The [B, H, T, L] scores of
+    a long chunk (chunked prefill of long prompts) are computed for `MAX_SCORES` elements' worth of queries at a
+    time: memory grows with the latent cache, not with queries x context."""
     w_uk, w_uv = attn.absorbed_weights()
     bsz, heads, q_len, _ = q_nope.shape
     max_len, rank = buffer.shape[1], attn.kv_lora_rank
     q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
-    query = torch.cat([q_latent, q_rope], dim=-1).reshape(bsz, heads * q_len, -1).to(buffer.dtype)
-    scores = torch.bmm(query, buffer.transpose(1, 2)).view(bsz, heads, q_len, max_len)  # one read of the buffer
-    scores = scores.float() * attn.scaling
-    scores = _mask_scores(scores, attention_mask, length)
-    probs = F.softmax(scores, dim=-1).to(buffer.dtype)
-    out_latent = torch.bmm(probs.view(bsz, heads * q_len, max_len), buffer[..., :rank])  # [B, H*T, r]
-    out_latent = out_latent.view(bsz, heads, q_len, rank).to(q_nope.dtype)
+    query = torch.cat([q_latent, q_rope], dim=-1).to(buffer.dtype)  # [B, H, T, r + rope]
+    piece = max(1, MAX_SCORES // (bsz * heads * max_len))
+    outputs = []
+    for start in range(0, q_len, piece):
+        end = min(q_len, start + piece)
+        part = query[:, :, start:end].reshape(bsz, heads * (end - start), -1)
+        scores = torch.bmm(part, buffer.transpose(1, 2)).view(bsz, heads, end - start, max_len)  # a buffer read
+        scores = _mask_scores(scores.float() * attn.scaling, attention_mask, length, start, q_len)
+        probs = F.softmax(scores, dim=-1).to(buffer.dtype)
+        out = torch.bmm(probs.view(bsz, heads * (end - start), max_len), buffer[..., :rank])  # [B, H*t, r]
+        outputs.append(out.view(bsz, heads, end - start, rank))
+    out_latent = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)).to(q_nope.dtype)
     return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, T, H, v]
 
 
-def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor) -> torch.Tensor:
-    """scores [B, H, T, L]: keep what the mask allows; without a 4D mask, causal up to each query's position and
-    never past the written length (a 2D mask [B, >=L] adds padding)."""
-    q_len, max_len = scores.shape[2:]
+def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor, start: int, q_len: int):
+    """scores [B, H, t, L] of queries start..start+t of the T = `q_len` new ones: keep what the mask allows;
+    without a 4D mask, causal up to each query's position and never past the written length (a 2D mask [B, >=L]
+    adds padding). Masked scores become the dtype's lowest finite value, not -inf: a padding query that may attend
+    to nothing (a chunk of a left-padded prompt) then averages the cache rather than turning NaN, which the cache
+    would carry to the real tokens (0 x NaN); anywhere else exp() of it is exactly 0, as of -inf."""
+    part, max_len = scores.shape[2:]
+    lowest = torch.finfo(scores.dtype).min
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
         mask = attention_mask[..., :max_len]
+        if mask.shape[2] > 1:  # one row per query (else one row for all)
+            mask = mask[:, :, start : start + part]
         if mask.dtype == torch.bool:
-            return scores.masked_fill(~mask, float("-inf"))
+            return scores.masked_fill(~mask, lowest)
         return scores + mask
     key_pos = torch.arange(max_len, device=scores.device)
-    query_pos = length - q_len + torch.arange(q_len, device=scores.device)
+    query_pos = length - q_len + start + torch.arange(part, device=scores.device)
     keep = key_pos[None, :] <= query_pos[:, None]  # [T, L]
     if isinstance(attention_mask, torch.Tensor):  # 2D padding mask [B, S], S <= L: the rest is masked causally
         padding = attention_mask[:, :max_len].bool()
         padding = F.pad(padding, (0, max_len - padding.shape[1]), value=False)
         keep = keep[None, None] & padding[:, None, None, :]
-    return scores.masked_fill(~keep, float("-inf"))
+    return scores.masked_fill(~keep, lowest)
 
 
 __all__ = ["latent_cache_attention", "absorbed_cache_attention"]
