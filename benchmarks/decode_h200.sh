@@ -7,7 +7,8 @@
 #    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
-#    step; FlashMLA attention where installed), ours-generate (generate() with the device loop), transformers-generate,
+#    step; FlashMLA attention where installed), ours-generate (generate() with the device loop; at 32k its prompts
+#    are prefilled in chunks: peak memory and prefill time in the cell), transformers-generate,
 #    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, FP8 GEMMs at 32; the bench runs it last),
 #    ours-fast-torch-attn (the step with torch attention, 32 / 32k only), transformers-compile (2k only),
 #    ours-generate-tf-loop (generate() through transformers' token loop, 1 / 2k only), until MTP_S before the deadline;
@@ -44,7 +45,7 @@ if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
 fi
 
 ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
-ROW_CONTEXTS=${ROW_CONTEXTS:-ours-generate=2048;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
+ROW_CONTEXTS=${ROW_CONTEXTS:-ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
 ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-torch-attn=32;ours-generate-tf-loop=1}
 PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast:32:32768}
 MAIN_S=$(( $(left) - ${MTP_S:-80} ))
