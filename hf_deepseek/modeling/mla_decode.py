@@ -31,7 +31,10 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     length = layer.cumulative_length
     if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
         return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length, cache)
-    return absorbed_cache_attention(attn, q_nope, q_rope, layer.buffer(), length, attention_mask)
+    buffer = layer.buffer()
+    if q_len > 1 and not is_torchdynamo_compiling():  # an eager prefill chunk: score only the tokens written so far
+        buffer = buffer[:, : int(length)]
+    return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
 
 
 def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache) -> torch.Tensor:
