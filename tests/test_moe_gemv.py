@@ -189,3 +189,41 @@ def test_fp8_linear_kernel_matches_the_dequantised_weight():
         want = x.double() @ layer.dequantized(torch.float64).weight.T
     error = ((out.double() - want).norm() / want.norm()).item()
     assert out.dtype == torch.bfloat16 and error < 1e-2, error
+
+
+def test_compiled_fp8_decode_through_the_weight_only_ops_is_the_dequantised_model(monkeypatch):
+    """A model with FP8 weights decoding through the weight-only ops, compiled as one graph (the custom ops' fake
+    kernels), gives the logits of the same model with its weights dequantised to float32, where its FP8 GEMMs
+    (activations quantised per 1x128 tile) do not."""
+    import copy
+
+    from transformers import CompileConfig
+
+    from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear, convert_to_fp8_inference
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, moe_intermediate_size=128, intermediate_size=256, n_routed_experts=8,
+                         num_experts_per_tok=2, q_lora_rank=128, kv_lora_rank=128)  # fmt: skip
+    model = convert_to_fp8_inference(DeepSeekForCausalLM(config).eval())
+    reference = copy.deepcopy(model)
+    for name, module in list(reference.named_modules()):
+        if isinstance(module, FP8InferenceLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(reference.get_submodule(parent), child, module.dequantized(torch.float32))
+        elif isinstance(module, FP8InferenceExperts):
+            module.dequantize_(torch.float32)
+    ids = torch.randint(3, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    greedy = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_logits=True)
+
+    def logits(m, **kwargs):
+        return torch.stack(m.generate(ids, **greedy, **kwargs).logits)
+
+    want = logits(reference, cache_implementation="dynamic")
+    fp8_gemms = logits(model, cache_implementation="static")
+    monkeypatch.setattr(moe_gemv, "usable_fp8", lambda experts, x, pairs: not torch.is_grad_enabled())
+    monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, weight: not torch.is_grad_enabled())
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles the decode step on accelerators only
+    got = logits(model, cache_implementation="static", compile_config=compile_config)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    assert (fp8_gemms - want).abs().max() > 1e-2
