@@ -36,6 +36,16 @@ def triton_available() -> bool:
     return _TRITON
 
 
+_FP8: bool | None = None  # whether the GPU converts FP8 in Triton (compute capability 8.9+): found once, eagerly
+
+
+def fp8_kernels_available() -> bool:
+    global _FP8
+    if _FP8 is None:
+        _FP8 = triton_available() and torch.cuda.get_device_capability() >= (8, 9)
+    return _FP8
+
+
 def usable(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_gemv` serves x [N, d] with `pairs` token-expert pairs (set-up time checks only)."""
     silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
@@ -86,7 +96,7 @@ def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
     return (
         ENABLED
         and x.is_cuda
-        and triton_available()
+        and fp8_kernels_available()
         and x.dtype in (torch.bfloat16, torch.float16)
         and experts.gate_up_proj.dtype == torch.float8_e4m3fn
         and not torch.is_grad_enabled()
@@ -118,7 +128,7 @@ def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         ENABLED
         and x2.is_cuda
-        and triton_available()
+        and fp8_kernels_available()
         and x2.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == torch.float8_e4m3fn
         and not torch.is_grad_enabled()
@@ -179,6 +189,7 @@ __all__ = [
     "usable",
     "usable_fp8",
     "triton_available",
+    "fp8_kernels_available",
     "ENABLED",
     "MAX_PAIRS",
     "MAX_LINEAR_ROWS",

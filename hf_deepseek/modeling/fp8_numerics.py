@@ -50,9 +50,10 @@ class FP8Recipe:
     then make the output, and the loss, NaN);
     `skip`: names of modules (matched against the end of their qualified name) left in high precision;
     `weight_only_decode`: models with FP8 weights (`convert_to_fp8_inference`, an official FP8 checkpoint) run
-    decode-sized batches on CUDA (up to `kernels.moe_gemv.MAX_PAIRS` token-expert pairs, `MAX_LINEAR_ROWS` rows of
-    a linear layer) as matrix-vector kernels that read the FP8 weights and dequantise them in registers (FP8
-    storage, bf16 compute); False keeps FP8 GEMMs on quantised activations there too;
+    decode-sized batches on CUDA devices of compute capability 8.9+ (up to `kernels.moe_gemv.MAX_PAIRS`
+    token-expert pairs, `MAX_LINEAR_ROWS` rows of a linear layer) as matrix-vector kernels that read the FP8
+    weights and dequantise them in registers (FP8 storage, bf16 compute); False keeps FP8 GEMMs on quantised
+    activations there too;
     `grouped_bf16`: the routed experts' projections ("gate_up_proj", "down_proj") whose forward and input-gradient
     GEMMs stay in high precision (torch's grouped GEMM in bf16 on CUDA), for expert shapes where the device's FP8
     grouped GEMM is slower than bf16's.
