@@ -291,17 +291,10 @@ class HopperBackend:
         stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1])."""
         rows, cols = x.shape
         rows_out = _ceil_to(rows, max(rows_multiple, 16))
-        if self.rowwise and not self._fused():
-            q, scale = quantize_rowwise_triton(x, rows_out, _ceil_to(cols, 16), self.pow2)
-            if self.check:
-                check_finite(scale, "a row")
-            return q, scale
+        if self.rowwise:
+            return self._quantize_rowwise(x, rows_out, "a row")
         if self._fused():
-            cols_out = _ceil_to(cols, 16 if self.rowwise else BLOCK)
-            padded = F.pad(x, (0, cols_out - cols, 0, rows_out - rows))
-            if self.rowwise:
-                q, scale = quantize_rowwise(padded, self.pow2, check=False)
-                return q.contiguous(), scale.contiguous()  # cuBLAS wants row-major values (x^T comes transposed)
+            padded = F.pad(x, (0, _ceil_to(cols, BLOCK) - cols, 0, rows_out - rows))
             q, scale = quantize_tiles(padded, self.pow2, check=False)
             return q.contiguous(), _col_major(scale)
         cols_out = _ceil_to(cols, BLOCK)
@@ -321,7 +314,7 @@ class HopperBackend:
         """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
         rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
         if self.rowwise:
-            return self._quantize_weight_rows(w)
+            return self._quantize_rowwise(w, w.shape[-2], "a weight row")
         if self._fused():
             q, scale = quantize_blocks(w, self.pow2, check=False)
             n, k = w.shape[-2:]
@@ -336,21 +329,25 @@ class HopperBackend:
     def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
         """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised."""
         if self.rowwise:
-            return self._quantize_weight_rows(w.transpose(-1, -2))
+            return self._quantize_rowwise(w.transpose(-1, -2), w.shape[-1], "a weight row")
         if self._fused():
             return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
         w3 = w if w.dim() == 3 else w[None]
         qt = self._quantize_blocks(w3.transpose(1, 2))[0]  # same blocks, same scales, K-contiguous
         return (qt[0] if w.dim() == 2 else qt), scale.transpose(-1, -2)
 
-    def _quantize_weight_rows(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rowwise: w [(E,) N, K] (or a transposed view) -> q [(E,) N, K16] row-major, scales [(E,) N, 1]."""
+    def _quantize_rowwise(self, x: torch.Tensor, rows_out: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One scale per row: x [(E,) R, C] (any strides, e.g. a transposed weight) zero-padded to rows_out rows and
+        a multiple of 16 columns -> q row-major (cuBLAS wants row-major values; x^T comes transposed), scales
+        [(E,) rows_out, 1]. Inductor's fused torch operations inside a compile, else the Triton kernel."""
+        rows, cols = x.shape[-2:]
+        cols_out = _ceil_to(cols, 16)
         if self._fused():
-            q, scale = quantize_rowwise(_pad_last(w, 16), self.pow2, check=False)
+            q, scale = quantize_rowwise(F.pad(x, (0, cols_out - cols, 0, rows_out - rows)), self.pow2, check=False)
             return q.contiguous(), scale.contiguous()
-        q, scale = quantize_rowwise_triton(w, w.shape[-2], _ceil_to(w.shape[-1], 16), self.pow2)
+        q, scale = quantize_rowwise_triton(x, rows_out, cols_out, self.pow2)
         if self.check:
-            check_finite(scale, "a weight row")
+            check_finite(scale, what)
         return q, scale
 
     def _quantize_blocks(self, w3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,8 +437,3 @@ class HopperBackend:
             b.stride(0), *b_scale.stride(), out.stride(0), out.stride(1), **cfg,
         )  # fmt: skip
         return out
-
-
-def _pad_last(w: torch.Tensor, multiple: int) -> torch.Tensor:
-    k = w.shape[-1]
-    return w if k % multiple == 0 else F.pad(w, (0, _ceil_to(k, multiple) - k))
