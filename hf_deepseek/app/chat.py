@@ -203,8 +203,9 @@ def _without_oldest_exchange(turns: list[dict[str, str]]) -> list[dict[str, str]
 
 def model_note(model: PreTrainedModel, model_dir: str | Path | None = None) -> str:
     """One line on what the model is: the embedded default's scope, or the size and architecture of another."""
-    if model_dir is not None and Path(model_dir).resolve().name in EMBEDDED_NOTES:
-        return EMBEDDED_NOTES[Path(model_dir).resolve().name]
+    embedded = EMBEDDED_NOTES.get(Path(model_dir).resolve().name) if model_dir is not None else None
+    if embedded is not None:
+        return embedded
     params = sum(p.numel() for p in model.parameters())
     name = Path(model_dir).name if model_dir else type(model).__name__
     return f"{name}: {params / 1e6:,.1f}M parameters, {getattr(model.config, 'model_type', 'causal LM')} architecture."

@@ -114,17 +114,21 @@ def check_all(recipes: list[str], device: str = "cuda", with_model: bool = True,
     difference compiled vs eager; the whole model, `model_excess_error`. `report(key, errors)` is called as each
     part finishes."""
     results = {}
+
+    def record(key: str, errors: dict) -> None:
+        results[key] = errors
+        if report is not None:
+            report(key, errors)
+
     for name in recipes:
         recipe = FP8Recipe.named(name)
-        parts = [("experts", expert_gradients), ("linear", linear_gradients)] + [("model-excess", None)] * with_model
-        for part, gradients in parts:
-            key = f"{part}/{name}"
-            if gradients is None:
-                results[key] = model_excess_error(recipe, device)
-            else:
-                results[key] = relative_differences(gradients(recipe, True, device), gradients(recipe, False, device))
-            if report is not None:
-                report(key, results[key])
+        for part, gradients in (("experts", expert_gradients), ("linear", linear_gradients)):
+            record(
+                f"{part}/{name}",
+                relative_differences(gradients(recipe, True, device), gradients(recipe, False, device)),
+            )
+        if with_model:
+            record(f"model-excess/{name}", model_excess_error(recipe, device))
     return results
 
 

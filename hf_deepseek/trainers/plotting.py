@@ -119,9 +119,8 @@ def plot_stage_curves(
 
     kinds = [(kind, curves) for kind, curves in (("sft", _SFT_CURVES), ("grpo", _GRPO_CURVES))
              if any(trainer == kind for _, trainer, _ in stages)] or [("sft", _SFT_CURVES)]  # fmt: skip
-    figure, panels = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds) + 0.5 * (len(kinds) == 1), 4.6))
-    panels = panels if len(kinds) > 1 else [panels]
-    for panel, (kind, curves) in zip(panels, kinds, strict=True):
+    figure, panels = plt.subplots(1, len(kinds), figsize=(11 if len(kinds) == 2 else 6, 4.6), squeeze=False)
+    for panel, (kind, curves) in zip(panels[0], kinds, strict=True):
         handles = []
         runs, offset = [], 0  # stages of this kind, each shifted to start where the one before ended
         for name, trainer, history in stages:
