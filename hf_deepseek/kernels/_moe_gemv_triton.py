@@ -44,14 +44,17 @@ def _gate_up_kernel(
 @triton.jit
 def _down_kernel(
     act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D,
-    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
-    [G_D, G_INTER] per expert."""
+    [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
+    row of act a plain matrix-vector product (an FP8 linear layer)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
-    expert = tl.load(idx_ptr + pair).to(tl.int64)
+    expert = 0
+    if ROUTED:
+        expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * D * INTER
     n_ok = n < D
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -65,8 +68,9 @@ def _down_kernel(
             s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
             down *= tl.load(s, mask=k_ok, other=0.0)[None, :]
         acc += tl.sum(down * a[None, :], axis=1)
-    scale = tl.load(weight_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + pair * D + n, acc * scale, mask=n_ok)
+    if ROUTED:
+        acc *= tl.load(weight_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + pair * D + n, acc, mask=n_ok)
 
 
 def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
@@ -79,8 +83,7 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
     scaled = gate_up_scale is not None
     if scaled:
-        if 128 % block_n:
-            raise ValueError(f"FP8 weights need BLOCK_N dividing the 128-row scale blocks, got {block_n}")
+        _check_scaled_block(block_n)
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act = torch.empty(pairs, inter, device=x.device, dtype=x.dtype if scaled else gate_up.dtype)
@@ -91,21 +94,26 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
     _down_kernel[(pairs, triton.cdiv(dim, block_n))](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
+def _check_scaled_block(block_n: int) -> None:
+    if 128 % block_n:
+        raise ValueError(f"FP8 weights need BLOCK_N dividing the 128-row scale blocks, got {block_n}")
+
+
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
-    down kernel with one expert and unit routing weights, each row a matrix-vector product."""
+    down kernel over one matrix, each row a matrix-vector product."""
     block_n, block_k, warps = config or (BLOCK_N, BLOCK_K, WARPS)
+    _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
-    idx = torch.zeros(rows, device=x.device, dtype=torch.int32)
-    ones = torch.ones(rows, device=x.device, dtype=torch.float32)
+    x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=torch.float32)
     _down_kernel[(rows, triton.cdiv(n, block_n))](
-        x.contiguous(), idx, ones, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128),
-        triton.cdiv(n, 128), SCALED=True, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        x, x, x, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128), triton.cdiv(n, 128),
+        SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return out.to(x.dtype)

@@ -75,21 +75,6 @@ def reference(x, indices, weights, gate_up, down, act_dtype: torch.dtype | None 
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
-def dequantize_experts(gate_up_q, gate_up_scale, down_q, down_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 expert weights and their 128x128 block scales -> (gate_up [E, 2I, d], down [E, d, I]) in float32; the
-    gate and up halves have their own scale grids ([E, 2*ceil(I/128), ceil(d/128)]), as DeepSeek quantises them."""
-    inter, dim = down_q.shape[-1], down_q.shape[-2]
-    g_inter = -(-inter // 128)
-
-    def expand(q, scale, rows, cols):
-        full = scale.float().repeat_interleave(128, dim=-2).repeat_interleave(128, dim=-1)
-        return q.float() * full[..., :rows, :cols]
-
-    gate = expand(gate_up_q[:, :inter], gate_up_scale[:, :g_inter], inter, dim)
-    up = expand(gate_up_q[:, inter:], gate_up_scale[:, g_inter:], inter, dim)
-    return torch.cat([gate, up], dim=1), expand(down_q, down_scale, dim, inter)
-
-
 def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_gemv_fp8` serves FP8 `experts` (an FP8InferenceExperts) for x [N, d]."""
     silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
@@ -141,9 +126,9 @@ def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
     [ceil(N/128), ceil(K/128)] (fp32 accumulation)."""
     if not x.is_cuda:
-        n, k = weight.shape
-        full = scale.float().repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)[:n, :k]
-        return (x.float() @ (weight.float() * full).T).to(x.dtype)
+        from hf_deepseek.modeling.fp8_numerics import dequantize_blocks  # here: modeling imports this module
+
+        return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
     from ._moe_gemv_triton import launch_linear_fp8
 
     return launch_linear_fp8(x, weight, scale)
@@ -165,8 +150,10 @@ def routed_experts_gemv_fp8(
     down_scale: torch.Tensor,
 ) -> torch.Tensor:
     """`routed_experts_gemv` with FP8 weights: gate_up [E, 2I, d] and down [E, d, I] float8_e4m3fn, their block
-    scales as `dequantize_experts` reads them; the activation kept in x's dtype."""
+    scales as `fp8_numerics.dequantize_experts` reads them; the activation kept in x's dtype."""
     if not x.is_cuda:
+        from hf_deepseek.modeling.fp8_numerics import dequantize_experts  # here: modeling imports this module
+
         full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
         return reference(x, indices, weights, *full, act_dtype=x.dtype)
     from ._moe_gemv_triton import launch
@@ -184,7 +171,6 @@ __all__ = [
     "routed_experts_gemv_fp8",
     "linear_gemv_fp8",
     "usable_linear_fp8",
-    "dequantize_experts",
     "reference",
     "usable",
     "usable_fp8",

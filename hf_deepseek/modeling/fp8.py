@@ -34,6 +34,7 @@ from .fp8_numerics import (
     ExpertLayout,
     FP8Recipe,
     dequantize_blocks,
+    dequantize_experts,
     dequantize_tiles,
     expert_layout,
     grouped_linear_high_precision,
@@ -335,10 +336,10 @@ class FP8InferenceExperts(RoutedExperts):
 
     def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gate_up [E, 2I, d], down [E, d, I]) in float32, the gate and up halves with their own grids."""
-        inter, g_inter = self.intermediate_size, math.ceil(self.intermediate_size / BLOCK)
-        gate = dequantize_blocks(self.gate_up_proj[:, :inter], self.gate_up_proj_scale_inv[:, :g_inter])
-        up = dequantize_blocks(self.gate_up_proj[:, inter:], self.gate_up_proj_scale_inv[:, g_inter:])
-        return torch.cat([gate, up], dim=1), dequantize_blocks(self.down_proj, self.down_proj_scale_inv)
+        return dequantize_experts(*self._fp8_tensors())
+
+    def _fp8_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj, self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv
 
     def dequantize_(self, dtype: torch.dtype) -> RoutedExperts:
         """Turn this module, in place, into a plain RoutedExperts holding the exact dequantised weights."""
@@ -350,8 +351,7 @@ class FP8InferenceExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.fp8_recipe.weight_only_decode and moe_gemv.usable_fp8(self, x, indices.numel()):
-            scales = (self.gate_up_proj_scale_inv, self.down_proj, self.down_proj_scale_inv)
-            return moe_gemv.routed_experts_gemv_fp8(x, indices, weights, self.gate_up_proj, *scales)
+            return moe_gemv.routed_experts_gemv_fp8(x, indices, weights, *self._fp8_tensors())
         backend, dtype = get_backend(self.fp8_recipe, x.device), _output_dtype(x)
         layout = expert_layout(indices, self.num_experts)
         if self.intermediate_size % BLOCK:  # the gate and up grids do not tile [2I] evenly: exact dense weights

@@ -198,6 +198,16 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * full[..., :n, :k]
 
 
+def dequantize_experts(gate_up, gate_up_scale, down, down_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 routed experts -> (gate_up [E, 2I, d], down [E, d, I]) in float32; the gate and up halves of gate_up have
+    their own scale grids ([E, 2*ceil(I/128), ceil(d/128)]), as DeepSeek quantises them separately."""
+    inter = down.shape[-1]
+    g_inter = math.ceil(inter / BLOCK)
+    gate = dequantize_blocks(gate_up[:, :inter], gate_up_scale[:, :g_inter])
+    up = dequantize_blocks(gate_up[:, inter:], gate_up_scale[:, g_inter:])
+    return torch.cat([gate, up], dim=1), dequantize_blocks(down, down_scale)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Backends: the operations the FP8 layers need. Layout conventions shared by both backends:
 #   quantize_rows(x [R, C]) -> q [Rp, Cp], scale [Rp, Cp/128] (blockwise: 1x128 tiles along C) or [Rp, 1]
