@@ -31,6 +31,7 @@ import torch
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.modeling.compile_regions import compile_for_training
 from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
+from hf_deepseek.trainers.recipes import parse_value
 
 SMALL = dict(
     vocab_size=256, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512, num_hidden_layers=6,
@@ -82,7 +83,9 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def recipe_from_spec(spec: str) -> FP8Recipe:
     """A named recipe with `+field=value` overrides, e.g. `rowwise+linear_wgrad=bf16`."""
     name, *overrides = spec.split("+")
-    return FP8Recipe.named(name, **dict(override.split("=", 1) for override in overrides))
+    values = {key: parse_value(value) for key, value in (override.split("=", 1) for override in overrides)}
+    # the recipes' value syntax; lists as tuples, since a recipe is frozen and hashed
+    return FP8Recipe.named(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
