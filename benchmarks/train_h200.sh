@@ -8,16 +8,19 @@
 #      gap in the compiled step or in the kernels (hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager, and
 #      hf_deepseek-fp8-eager-fp8-wgrad, November's FP8 step, whose loss matched bf16's), with a kernel-time profile
 #      of one step after warm-up of both bf16 variants and FP8 rowwise (top 25 kernels, time per kind of kernel);
-#   2. torchtitan's DeepSeek-V3 at the same shapes and batches (titan_anchor.py, titan-bf16 and titan-fp8), after ours
+#   2. torchtitan's DeepSeek-V3 at the same shapes and batches (titan_anchor.py, TITAN_VARIANTS, default titan-bf16 and
+#      titan-fp8), after ours
 #      in the same call, as the 2026-12-03 run (it then ran our bench itself with --project; here the bench runs
 #      first on its own so that it can profile, and the ratios are computed below);
+#   2b. with V3_VARIANTS set (e.g. hf_deepseek-bf16,hf_deepseek-fp8-rowwise): `bench train --shape v3-width` of those
+#      variants (DeepSeek-V3's layer width), to bench_train_v3_width.json;
 #   3. at the same time, as neither is timed: the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
 #      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16), fastest
 #      first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
-# Writes to $OUT (8 files): bench_train.json, titan_anchor.json, profiles.txt, pytest.log, fp8_train_compare.json,
-# fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log and bench_train.md).
-# Env: BUDGET, TEST_WALL, PY (python, default python3), VARIANTS, PROFILE_VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
+# Writes to $OUT (at most 8 files): bench_train.json, titan_anchor.json, bench_train_v3_width.json, profiles.txt,
+# fp8_train_compare.json, fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log, pytest.log and bench_train.md).
+# Env: BUDGET, TEST_WALL, PY (python, default python3), VARIANTS, PROFILE_VARIANTS, TITAN_VARIANTS, V3_VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
 # SMOKE=1: the same steps at tiny shapes on the CPU (the GPU tests are then skipped), a check of the script itself.
 START=$(date +%s)
 BUDGET=${BUDGET:-520}
@@ -59,11 +62,21 @@ grep -A 12 "time per step" $OUT/profiles.txt | head -60
 
 # 2. torchtitan (timed: alone on the GPU)
 PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} timeout -k 10 $(( $(left) - 60 )) $PY .whl/titan/titan_anchor.py \
-  $DEV $TITAN_SMOKE --variants titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8) --out $W/titan/anchor.json \
+  $DEV $TITAN_SMOKE --variants ${TITAN_VARIANTS:-titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8)} --out $W/titan/anchor.json \
   > $L/titan_anchor.log 2>&1
 say "torchtitan anchor: exit $?"
 grep -E "ms/step|failed|Error" $L/titan_anchor.log | grep -v TITAN_ANCHOR_JSON | cut -c1-300
 cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
+
+# 2b. the V3-width shape (timed: alone on the GPU)
+if [ -n "${V3_VARIANTS:-}" ]; then
+  mkdir -p $W/v3
+  PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 120 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
+    --shape v3-width --variants $V3_VARIANTS --output-dir $W/v3 > $L/bench_train_v3_width.log 2>&1
+  say "bench train --shape v3-width: exit $?"
+  grep -E "ms/step|failed" $L/bench_train_v3_width.log | cut -c1-400
+  cp $W/v3/bench_train.json $OUT/bench_train_v3_width.json 2>/dev/null
+fi
 
 # 3. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
@@ -77,7 +90,7 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise]" \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[deepseek]" \
   tests/test_bench_train.py::test_compiled_fp8_variants_track_bf16_on_the_gpu \
-  > $OUT/pytest.log 2>&1 &
+  > $L/pytest.log 2>&1 &
 TESTS=$!
 RUN_S=$(( ($(left) - 35) / 3 ))
 if [ $RUN_S -ge 15 ]; then
@@ -92,7 +105,7 @@ else
 fi
 wait $TESTS
 say "pytest: exit $? (124/130: stopped at ${TEST_WALL}s)"
-grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|s call " $OUT/pytest.log | head -40
+grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed|s call " $L/pytest.log | head -40
 
 # summary: our variants against bf16 and torchtitan, from the JSON written above
 PYTHONPATH=$PROJECT_PATH $PY benchmarks/train_h200_summary.py $OUT > $OUT/summary.txt 2>&1

@@ -1,7 +1,7 @@
 """Summary of `benchmarks/train_h200.sh`'s results: our training-step variants against bf16 and against
 torchtitan's in the same call (speed, MFU, peak memory, mean loss and each step's loss), and the 200-step FP8 vs bf16
-comparison on real text. Reads `bench_train.json`, `titan_anchor.json` and `fp8_train_compare.json` from the folder
-given; prints what it finds and notes what is missing.
+comparison on real text. Reads `bench_train.json`, `titan_anchor.json`, `fp8_train_compare.json` and, when present,
+`bench_train_v3_width.json` from the folder given; prints what it finds and notes what is missing.
 
     python benchmarks/train_h200_summary.py $OUT
 """
@@ -61,6 +61,17 @@ def main(folder: Path) -> None:
     for r in rows:
         if r.get("losses"):
             print(f"  {r['name'][:32]:<32} " + " ".join(f"{x:6.3f}" for x in r["losses"]))
+    v3 = (folder / "bench_train_v3_width.json").is_file() and load(folder, "bench_train_v3_width.json")
+    if v3:
+        v3_rows = {r["name"]: r for r in v3.get("variants", []) if r.get("step_ms")}
+        print("\nV3-width shape (target: FP8 >= 1.4x bf16):")
+        for name, r in v3_rows.items():
+            speed = v3_rows[BF16]["step_ms"] / r["step_ms"] if BF16 in v3_rows else None
+            print(
+                f"  {name}: {r['step_ms']:.1f} ms, MFU {fmt(r.get('mfu'), '.1%')}, "
+                f"peak {fmt(r.get('peak_memory_gib'), '.2f')} GiB, "
+                f"mean loss {fmt(r.get('mean_loss'), '.4f')}, {fmt(speed, '.3f', 'x')} bf16"
+            )
     if compare:
         print(
             f"\nfp8_train_compare ({compare.get('shape')}, {compare.get('params', 0) / 1e6:.0f}M parameters, "

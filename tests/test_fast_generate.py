@@ -52,11 +52,12 @@ def test_greedy_tokens_equal_transformers_loop_with_left_padding():
     assert torch.equal(fast, eager)
 
 
-@pytest.mark.parametrize("chunking", ["prefill_chunk_size", "PREFILL_TOKENS", "query pieces"])
+@pytest.mark.parametrize("chunking", ["prefill_chunk_size", "row groups", "PREFILL_TOKENS", "query pieces"])
 def test_chunked_prefill_gives_transformers_tokens_with_left_padding(monkeypatch, chunking):
-    """Long prompts are prefilled in chunks straight into the latent cache (later chunks attend to it through the
-    absorbed path), and a chunk's scores in pieces of queries: the tokens stay transformers' unchunked ones, with rows
-    whose padding spans more than a chunk."""
+    """Long batches are prefilled straight into the latent cache: whole prompts in groups of rows (each group a fresh
+    prefill through a view of its rows of the cache), a prompt longer than `PREFILL_TOKENS` in chunks (later chunks
+    attend to the cache through the absorbed path, their scores in pieces of queries), or every row in chunks of
+    `prefill_chunk_size`: the tokens stay transformers' unchunked ones, with rows whose padding spans a chunk."""
     from hf_deepseek.modeling import mla_decode
 
     model = tiny_model()
@@ -64,19 +65,25 @@ def test_chunked_prefill_gives_transformers_tokens_with_left_padding(monkeypatch
     kwargs = {}
     if chunking == "prefill_chunk_size":
         kwargs["prefill_chunk_size"] = 3
+    elif chunking == "row groups":
+        monkeypatch.setattr(fg, "PREFILL_TOKENS", 24)  # two 11-token prompts a forward
     else:
-        monkeypatch.setattr(fg, "PREFILL_TOKENS", 12)  # 3 rows: chunks of 4 tokens
+        monkeypatch.setattr(fg, "PREFILL_TOKENS", 4)  # each prompt alone, in chunks of 4 tokens
         if chunking == "query pieces":  # every chunk's scores two queries at a time
-            monkeypatch.setattr(mla_decode, "MAX_SCORES", 2 * 3 * model.config.num_attention_heads * 32)
+            monkeypatch.setattr(mla_decode, "MAX_SCORES", 2 * model.config.num_attention_heads * 32)
     common = dict(attention_mask=mask, pad_token_id=0, max_new_tokens=10, do_sample=False)
     eager = model.generate(ids, cache_implementation="dynamic", **common)  # unchunked
     calls = []
     original = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[1]) or original(*a, **k))
+    record = lambda *a, **k: calls.append(tuple(k["input_ids"].shape)) or original(*a, **k)  # noqa: E731
+    monkeypatch.setattr(model, "forward", record)
     fast = model.generate(ids, cache_implementation="static", fast_loop=True, **common, **kwargs)
     assert torch.equal(fast, eager)
-    chunks = [3, 3, 3, 2] if chunking == "prefill_chunk_size" else [4, 4, 3]
-    assert calls[: len(chunks)] == chunks and set(calls[len(chunks) :]) <= {1}  # the prefill's chunks, then steps
+    chunks = {
+        "prefill_chunk_size": [(3, 3), (3, 3), (3, 3), (3, 2)],
+        "row groups": [(2, 11), (1, 11)],
+    }.get(chunking, [(1, 4), (1, 4), (1, 3)] * 3)
+    assert calls[: len(chunks)] == chunks and set(calls[len(chunks) :]) <= {(3, 1)}  # the prefill, then steps
 
 
 def test_rows_ending_at_different_steps_give_transformers_tokens_and_length():

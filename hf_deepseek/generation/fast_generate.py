@@ -6,8 +6,9 @@ transformers' own loop spends host time on every token (growing input and mask t
 stopping check that reads a device value); at batch 1 that cost about 1.1 ms a token on an H200 (issue 17). Here
 every per-token tensor is a fixed buffer at a fixed address: the new tokens, the padding mask over the static
 latent cache, the step counter, which rows have ended. The prefill and the first token run uncompiled, as in
-transformers; a long batch is prefilled in chunks of at most `PREFILL_TOKENS` tokens (or `prefill_chunk_size`
-tokens a row) straight into the latent cache, so its memory grows with the cache, not with batch x prompt.
+transformers; a long batch is prefilled in groups of rows of at most `PREFILL_TOKENS` tokens (a longer prompt in
+chunks, or `prefill_chunk_size` tokens a row) straight into the latent cache, so its memory grows with the cache,
+not with batch x prompt.
 Greedy decoding gives transformers' tokens; sampling applies transformers' own warpers (temperature, top-k, top-p,
 min-p) and draws from the same distribution with the exponential race (argmax of p / Exp(1), what gpt-fast and
 vLLM use inside CUDA graphs), not with `torch.multinomial`'s draws. Anything else `generate()` offers (beams,
@@ -28,7 +29,7 @@ from transformers.generation.logits_process import (
 from transformers.utils import logging
 
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
-PREFILL_TOKENS = 32768  # tokens (batch x chunk) one prefill forward takes; longer prompts go in chunks
+PREFILL_TOKENS = 32768  # tokens one prefill forward takes: whole prompts in groups of rows; longer prompts in chunks
 logger = logging.get_logger(__name__)
 
 # generation settings this loop does not implement: each must be None, its neutral value or GenerationConfig()'s
@@ -273,6 +274,40 @@ def new_token_budget(config: GenerationConfig, prompt_len: int) -> int:
     return config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt_len
 
 
+def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, cache, chunk_size: int | None) -> torch.Tensor:
+    """Write the prompts to the empty latent `cache`; return the last position's logits [B, V] (fp32).
+
+    With `chunk_size` (the caller's `prefill_chunk_size`) the whole batch goes in chunks of that many tokens a row.
+    Otherwise whole prompts go in groups of rows, `PREFILL_TOKENS` tokens a forward, each group through a view of its
+    rows of the cache: every group is a fresh prefill, whose attention is the expanded path over its own tokens
+    (flash attention on a GPU), rather than absorbed attention over the cache, which would score each query against
+    all 576 latent dimensions of every earlier token. A prompt longer than `PREFILL_TOKENS` goes alone, in chunks."""
+    batch, prompt_len = input_ids.shape
+    if chunk_size:
+        groups, chunk = [(0, batch)], chunk_size
+    else:
+        rows = max(1, PREFILL_TOKENS // prompt_len)
+        groups, chunk = [(r, min(batch, r + rows)) for r in range(0, batch, rows)], PREFILL_TOKENS
+    if len(groups) > 1:
+        cache.allocate(batch, model.config, model.get_input_embeddings().weight.dtype, input_ids.device)
+    last = None
+    for first, end_row in groups:
+        view = cache if len(groups) == 1 else cache.row_view(first, end_row)
+        for start in range(0, prompt_len, chunk):  # later chunks attend to the cache the earlier ones wrote
+            end = min(prompt_len, start + chunk)
+            out = model(input_ids=input_ids[first:end_row, start:end], attention_mask=mask[first:end_row, :end],
+                        cache=view, use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = out.logits[:, -1].float()
+        del out
+        if len(groups) == 1:
+            return logits
+        if last is None:
+            last = logits.new_empty(batch, logits.shape[-1])
+        last[first:end_row] = logits
+    cache.set_length(prompt_len)
+    return last
+
+
 @torch.no_grad()
 def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, model_kwargs: dict) -> torch.Tensor:
     """Greedy or sampled tokens [B, T + new] as `generate()` returns them (rows that end early padded with pad)."""
@@ -302,13 +337,9 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     b.unfinished.fill_(True)
     b.ended_at.fill_(b.new_tokens.shape[1])
 
-    chunk = config.prefill_chunk_size or max(1, PREFILL_TOKENS // batch)
-    for start in range(0, prompt_len, chunk):  # later chunks attend to the cache the earlier ones wrote
-        end = min(prompt_len, start + chunk)
-        out = model(input_ids=input_ids[:, start:end], attention_mask=mask[:, :end], cache=b.cache, use_cache=True,
-                    logits_to_keep=1)  # fmt: skip
-    record_token(b, choice, choice(out.logits[:, -1].float(), b.prompt_len, b.step))
-    del out
+    last_logits = prefill(model, input_ids, mask, b.cache, config.prefill_chunk_size)
+    record_token(b, choice, choice(last_logits, b.prompt_len, b.step))
+    del last_logits
     step = compiled_decode_step(model, config)
     can_end_from = max(choice.min_new_tokens, choice.min_length - prompt_len, 0)  # no eos before: nothing to check
     for done in range(1, max_new):
@@ -329,5 +360,5 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
 
 __all__ = [
     "fast_generate", "try_fast_generate", "DecodeStepError", "wants_fast_loop", "fast_loop_reason", "TokenChoice",
-    "decode_step", "CHECK_EVERY",
+    "decode_step", "CHECK_EVERY", "prefill",
 ]  # fmt: skip

@@ -69,6 +69,21 @@ class LatentCacheLayer(StaticLayer):
         written, make Inductor give up CUDA graphs ("skipping cudagraphs due to mutated inputs")."""
         return self.storage[:, : self.max_cache_len]
 
+    def row_view(self, start: int, end: int) -> "LatentCacheLayer":
+        """A layer over rows start..end of this one's storage (written through, shared memory) with its own length,
+        starting at 0: a group of rows prefilled on its own (`LatentStaticCache.row_view`)."""
+        view = LatentCacheLayer(max_cache_len=self.max_cache_len)
+        view.device, view.dtype, view.flash_mla = self.device, self.dtype, self.flash_mla
+        view.batch_size, view.num_heads = end - start, self.num_heads
+        view.k_head_dim, view.v_head_dim = self.k_head_dim, self.v_head_dim
+        view.storage = self.storage[start:end]
+        view.latent_and_rope = view.storage[:, : self.max_cache_len]
+        view.keys = view.latent_and_rope[:, None, :, : self.k_head_dim]
+        view.values = view.latent_and_rope[:, None, :, self.k_head_dim :]
+        view.cumulative_length = torch.zeros_like(self.cumulative_length)
+        view.is_initialized = True
+        return view
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: reorder the rows in place, so the buffer keeps its address and `keys`/`values` stay views."""
         if self.is_initialized:
@@ -89,6 +104,27 @@ class LatentStaticCache(Cache):
             raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}.")
         layers = config.num_hidden_layers + getattr(config, "num_nextn_predict_layers", 0)
         super().__init__(layers=[LatentCacheLayer(max_cache_len=max_cache_len) for _ in range(layers)])
+
+    def allocate(self, batch: int, config, dtype: torch.dtype, device) -> None:
+        """Allocate every layer's buffer now (they are otherwise allocated by the first write)."""
+        latent = torch.empty(batch, 1, 0, config.kv_lora_rank, dtype=dtype, device=device)
+        rope = torch.empty(batch, 1, 0, config.qk_rope_head_dim, dtype=dtype, device=device)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(latent, rope)
+
+    def row_view(self, start: int, end: int) -> "LatentStaticCache":
+        """A cache over rows start..end of this one's (allocated) buffers, empty: a forward through it writes
+        those rows from position 0 as a fresh prefill would, so the group attends over its own tokens with the
+        expanded path. The caller sets this cache's lengths afterwards (`set_length`)."""
+        view = LatentStaticCache.__new__(LatentStaticCache)
+        Cache.__init__(view, layers=[layer.row_view(start, end) for layer in self.layers])
+        return view
+
+    def set_length(self, length: int) -> None:
+        """Every layer holds `length` tokens (in place: compiled steps hold these tensors)."""
+        for layer in self.layers:
+            layer.cumulative_length.fill_(length)
 
     def layer_length(self, layer_idx: int) -> torch.Tensor | int:
         """Tokens written so far in `layer_idx`: a device tensor once allocated (read it on the host only outside
