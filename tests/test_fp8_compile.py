@@ -1,6 +1,8 @@
 """FP8 training under torch.compile: a compiled step with no graph break and no recompilation across every layer
-shape, for both named recipes, and the rowwise recipe's numerics against a float64 reference (the blockwise
-recipe's are in test_fp8.py). CPU tests run the emulated backend; GPU tests the Hopper one with Inductor."""
+shape, for both named recipes (and the rowwise one with its linear layers' weight gradient in bf16), also when
+several models are compiled one after another in one process, as the training bench does; and the rowwise recipe's
+numerics against a float64 reference (the blockwise recipe's, and the bf16 weight gradient's, are in test_fp8.py).
+CPU tests run the emulated backend; GPU tests the Hopper one with Inductor."""
 
 import math
 
@@ -22,9 +24,24 @@ def layer_kinds(model) -> int:
     return len(blocks) + (2 if model.config.num_nextn_predict_layers else 1)
 
 
-def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: int = 3):
-    """Three steps of the FP8 model, compiled with `backend` (None: eager); (model, frames after each step, losses)."""
-    torch._dynamo.reset()
+# (named recipe, overrides): the recipes the training bench compiles (hf_deepseek.evals.bench_train.FP8_VARIANTS)
+RECIPES = {
+    "deepseek": ("deepseek", {}),
+    "rowwise": ("rowwise", {}),
+    "rowwise-hp-wgrad": ("rowwise", {"linear_wgrad": "bf16"}),  # torchao's rowwise_with_gw_hp
+}
+
+
+def recipe_of(name: str, **fields) -> FP8Recipe:
+    named, overrides = RECIPES[name]
+    return FP8Recipe.named(named, **overrides, **fields)
+
+
+def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: int = 3, reset: bool = True):
+    """Three steps of the FP8 model, compiled with `backend` (None: eager); (model, frames after each step, losses).
+    `reset=False` keeps what Dynamo compiled before, as a process running several models does."""
+    if reset:
+        torch._dynamo.reset()
     torch.manual_seed(0)
     # K dims 64/96/32 and N dims 48..192: several FP8 shapes, partial 128-blocks included
     cfg = tiny_config(hidden_size=64, moe_intermediate_size=48, intermediate_size=96)
@@ -49,19 +66,36 @@ def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: i
     return model, frames, losses
 
 
-@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_fp8_training_step_compiles_once_per_layer_kind_without_graph_breaks(name):
-    model, frames, losses = train_compiled(FP8Recipe.named(name, backend="emulated"), "cpu", "aot_eager")
+    model, frames, losses = train_compiled(recipe_of(name, backend="emulated"), "cpu", "aot_eager")
     assert frames[0] == layer_kinds(model), frames  # one graph per kind of block, none per linear shape
     assert frames[-1] == frames[0], frames  # later steps reuse them: no recompilation
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    assert losses == train_compiled(FP8Recipe.named(name, backend="emulated"), "cpu", None)[2]  # as eager, exactly
+    assert losses == train_compiled(recipe_of(name, backend="emulated"), "cpu", None)[2]  # as eager, exactly
+
+
+def test_models_compiled_one_after_another_each_compile_once_per_layer_kind():
+    """The training bench compiles its variants one after another in one process (bf16, rowwise, rowwise with
+    Triton quantisers, rowwise with linear_wgrad="bf16" on 2026-12-04). Dynamo keeps compiled graphs, with their
+    guards, on the code object it compiled, and every block of every model runs the same code; so while all models
+    shared one cache, each recipe added its own entries there (its guards read `fp8_backend.recipe.linear_wgrad`
+    and the like) until the last variant hit Dynamo's recompile_limit of 8 and ran its blocks eagerly (358.8 ms a
+    step on the H200 against 238.4 for plain rowwise). Here two recipes of three kinds of block each (dense, MoE,
+    MTP) and a limit of three, one graph per kind: before, the second model hit it. Each model's blocks now
+    compile in a region of their own: every model gets one graph per kind of block, whatever was compiled before."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3):  # dense, MoE and MTP blocks: one graph each, no more
+        for name in ("rowwise", "rowwise-hp-wgrad"):
+            model, frames, _ = train_compiled(recipe_of(name, backend="emulated"), "cpu", "aot_eager", 2, False)
+            assert frames == [layer_kinds(model)] * 2, (name, frames)  # none fell back to eager, none recompiled
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
-    model, frames, losses = train_compiled(FP8Recipe.named(name), "cuda", "inductor")
+    model, frames, losses = train_compiled(recipe_of(name), "cuda", "inductor")
     assert frames[0] == layer_kinds(model) and frames[-1] == frames[0], frames
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 

@@ -14,19 +14,51 @@ otherwise autotunes its own Triton scaled-mm templates against them at every FP8
 max-autotune, and its blockwise template reads 1x128 scales row-major where `torch._scaled_mm` takes them
 column-major, as the FP8 backend passes them (read in `torch/_inductor/kernel/mm.py` and its
 `triton_main_loop_scaled_mm` template, torch 2.13; not yet seen to fire on the GPU).
+
+Each call compiles its model's blocks in a region of their own. Dynamo keeps what it compiled, guards included, on
+the code object it compiled, and `layer.compile()` compiles the code that every decoder layer of every model runs:
+all models in a process then share one cache, whose size Dynamo caps per code object (`recompile_limit`, 8). A
+process that compiles several models one after another (the training bench's variants) added each model's
+graphs to it, one per kind of block, and FP8 recipes guard on their fields (`recipe.linear_wgrad`, ...): the
+fourth variant of 2026-12-04 (rowwise with `linear_wgrad="bf16"`) hit the cap and ran its blocks eagerly, 1.5x
+slower than plain rowwise. Here the blocks of one model are called through one small function whose code object is
+that model's own copy, so its cache holds that model's graphs alone and goes with the model; its loss likewise
+(`ForCausalLMLoss` is every model's, and each `torch.compile` call's backend a guard of its own).
 """
+
+import types
+from functools import partial
 
 import torch
 from torch import nn
+
+
+def _call_block(block: nn.Module, *args, **kwargs):
+    """What a block's `__call__` runs (its hooks, then `forward`); traced whole, as `layer.compile()` traces it."""
+    return block._call_impl(*args, **kwargs)
+
+
+def _call_loss(loss_function, *args, **kwargs):
+    """The model's loss function, traced whole (it is the same function, `ForCausalLMLoss`, in every model)."""
+    return loss_function(*args, **kwargs)
+
+
+def _own_copy(fn: types.FunctionType) -> types.FunctionType:
+    """`fn` with a code object of its own: Dynamo's compiled graphs and their guards, kept on the code object, then
+    serve and count against this copy's callers only."""
+    code = fn.__code__.replace()  # a new code object, equal to fn's
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
 
 # Inductor settings for models with FP8 layers: GEMM templates from ATen only (cuBLAS), none autotuned in Triton
 FP8_INDUCTOR_OPTIONS = {"max_autotune_gemm_backends": "ATEN"}
 
 
 def compile_for_training(model: nn.Module, loss: bool = True, **compile_options) -> nn.Module:
-    """Compile, in place, every block of `model.model.layers` (decoder and MTP layers) and, with `loss`, the
-    model's loss function. Returns the model. `compile_options` go to `torch.compile` (e.g. `mode=...`); with
-    Inductor and neither `mode` nor `options` given, a model with FP8 layers gets `FP8_INDUCTOR_OPTIONS`."""
+    """Compile, in place, every block of `model.model.layers` (decoder and MTP layers), in one region of this
+    model's own (one graph per kind of block), and, with `loss`, the model's loss function. Returns the model.
+    `compile_options` go to `torch.compile` (e.g. `mode=...`); with Inductor and neither `mode` nor `options`
+    given, a model with FP8 layers gets `FP8_INDUCTOR_OPTIONS`."""
     backbone = getattr(model, "model", model)
     layers = getattr(backbone, "layers", None)
     if not isinstance(layers, nn.ModuleList):
@@ -35,10 +67,11 @@ def compile_for_training(model: nn.Module, loss: bool = True, **compile_options)
     has_fp8 = any(hasattr(module, "fp8_recipe") for module in model.modules())
     if inductor and has_fp8 and not {"mode", "options"} & compile_options.keys():
         compile_options["options"] = dict(FP8_INDUCTOR_OPTIONS)
+    region = torch.compile(_own_copy(_call_block), **compile_options)  # one region for the model's blocks
     for layer in layers:
-        layer.compile(**compile_options)
+        layer._compiled_call_impl = partial(region, layer)  # what `layer.compile()` sets, through the region
     if loss and hasattr(model, "loss_function"):
-        model.loss_function = torch.compile(model.loss_function, **compile_options)
+        model.loss_function = partial(torch.compile(_own_copy(_call_loss), **compile_options), model.loss_function)
     return model
 
 
