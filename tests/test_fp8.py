@@ -284,9 +284,12 @@ def test_grouped_fp8_experts_equal_one_fp8_linear_per_expert():
     assert isinstance(experts, FP8RoutedExperts)
     got = experts(x, indices, weights)
     grads_got = torch.autograd.grad(got, [x, experts.gate_up_proj, experts.down_proj], dy)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the same FP8 values and scales; only fp32 accumulation order differs (one GEMM per expert against the grouped
+    # one, which depends on the CPU's kernels): up to ~5e-6 here, where FP8 rounding itself moves these values and
+    # gradients by up to ~1 against the unquantised experts, so a different tiling could not pass
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     for g, w in zip(grads_got, grads_want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("kept", [("gate_up_proj", "down_proj"), ("down_proj",)])
