@@ -89,20 +89,93 @@ def weight_only_kernels() -> dict[str, float]:
     return results
 
 
+# ---- the fused MoE router (hf_deepseek/kernels/moe_routing.py) ----------------------------------------------------
+# A separate section: `moe_router()`, which the main block runs, prints, saves ("moe_router_as_torch") and counts in
+# the exit status.
+
+ROUTER_CASES = {  # name: (tokens, config overrides, fused), the logits' hidden size 256
+    "V3 64 experts, 8 groups, top-6, batch 1": (1, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+                                                         topk_group=4), True),
+    "V3, 3 tokens, cuBLAS-style logits": (3, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+                                                  topk_group=4), False),
+    "V3 unnormalised, 40 tokens (3 token blocks)": (40, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+                                                             topk_group=4, norm_topk_prob=False), False),
+    "V3, 20 tokens fused (2 token blocks)": (20, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=8,
+                                                      topk_group=4), True),
+    "one group": (5, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1), True),
+    "groups of one expert": (4, dict(n_routed_experts=8, num_experts_per_tok=2, n_group=8, topk_group=4), True),
+    "160 experts, groups of 20, top-3 groups": (6, dict(n_routed_experts=160, num_experts_per_tok=6, n_group=8,
+                                                        topk_group=3), True),
+    "top-1": (3, dict(n_routed_experts=16, num_experts_per_tok=1, n_group=4, topk_group=2), True),
+    "V2 group_limited_greedy softmax": (7, dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                                                topk_method="group_limited_greedy", scoring_func="softmax",
+                                                norm_topk_prob=False, routed_scaling_factor=16.0), True),
+    "greedy softmax": (5, dict(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1,
+                               topk_method="greedy", scoring_func="softmax", norm_topk_prob=False), True),
+}  # fmt: skip
+
+
+def moe_router() -> dict[str, bool]:
+    """The router kernel (`moe_routing.launch`) against the torch routing of the logits it computed: indices and
+    counts identical, weights identical where the scores are the same computation (sigmoid: the interpreter's
+    kernel uses numpy's exp, so the reference scores with numpy too) and unnormalised, else within 4e-7 relative
+    (normalisation and softmax sum in another order); logits within 1e-5 of F.linear's fp32 product; the kernel's
+    counters back to zero; exact ties (all scores equal) broken towards the lower index."""
+    import numpy as np
+
+    from hf_deepseek.kernels import moe_routing
+
+    results = {}
+    for name, (tokens, overrides, fuse) in ROUTER_CASES.items():
+        torch.manual_seed(tokens)
+        config = DeepSeekConfig(hidden_size=256, **overrides)
+        weight, bias = torch.randn(config.n_routed_experts, 256) / 16, torch.randn(config.n_routed_experts) / 10
+        x = torch.randn(tokens, 256).to(torch.bfloat16)
+        args = moe_routing.routing_args(config)
+        indices, weights, counts, logits = moe_routing.launch(x, weight, bias, *args, fuse=fuse)
+        if config.scoring_func == "sigmoid":  # as the interpreted kernel: 1 / (1 + exp(-x)) in fp32, numpy's exp
+            one = np.float32(1)
+            scores = torch.from_numpy(one / (one + np.exp(-logits.numpy())))
+            want_indices, want_weights = moe_routing.select_experts(scores, bias, *args[:4], *args[5:])
+        else:
+            want_indices, want_weights, _ = moe_routing.route_reference(logits, bias, *args)
+        normalised = config.norm_topk_prob and config.num_experts_per_tok > 1
+        if config.scoring_func == "sigmoid" and not normalised:
+            weights_ok = torch.equal(weights, want_weights)
+        else:
+            weights_ok = torch.allclose(weights, want_weights, rtol=4e-7, atol=0)
+        results[name] = (
+            torch.equal(indices, want_indices)
+            and torch.equal(counts, torch.bincount(want_indices.flatten(), minlength=config.n_routed_experts))
+            and weights_ok
+            and torch.allclose(logits, F.linear(x.float(), weight), rtol=1e-5, atol=1e-5)
+            and not moe_routing._semaphores(x.device).any()
+        )
+    config = DeepSeekConfig(hidden_size=256, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
+    zeros = torch.zeros(64, 256), torch.zeros(64)  # every score 0.5: every group and expert tied
+    tied = moe_routing.launch(torch.randn(2, 256), *zeros, *moe_routing.routing_args(config))
+    results["exact ties: the lowest indices"] = tied[0].tolist() == [[0, 1, 2, 3, 4, 5]] * 2
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     args = parser.parse_args()
     quantiser, kernels = rowwise_quantiser(), weight_only_kernels()
+    router = moe_router()  # the fused MoE router's section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
             print(f"  DIFFERENT: {name}")
     for name, error in kernels.items():
         print(f"{name}: relative error {error:.2e}")
+    print(f"MoE router kernel: {sum(router.values())}/{len(router)} cases as the torch routing")
+    print("".join(f"  DIFFERENT: {name}\n" for name, same in router.items() if not same), end="")
     if args.json:
         with open(args.json, "w") as out:
             record = {"command": "TRITON_INTERPRET=1 python " + " ".join(sys.argv), "torch": torch.__version__,
                       "rowwise_quantiser_bit_identical": quantiser, "relative_errors": kernels}  # fmt: skip
+            record["moe_router_as_torch"] = router
             json.dump(record, out, indent=1)
-    sys.exit(0 if all(quantiser.values()) else 1)
+    sys.exit(0 if all(quantiser.values()) and all(router.values()) else 1)

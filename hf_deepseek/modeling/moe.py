@@ -3,7 +3,8 @@ stored stacked and run with a grouped GEMM, always-on shared experts, and the ba
 
 The router records each forward's per-expert token counts (`last_expert_load`) for aux-loss-free balancing
 (the trainers move `e_score_correction_bias` with them) and, when `aux_loss_alpha` > 0, the sequence-wise
-balance loss of DeepSeek-V3 (Eq. 17-20).
+balance loss of DeepSeek-V3 (Eq. 17-20). Inference on CUDA for decode-sized token counts routes with one Triton
+kernel instead of the torch ops (`kernels/moe_routing.py`, the same computation).
 """
 
 import torch
@@ -12,15 +13,10 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
+from ..kernels import moe_routing
+from ..kernels.moe_routing import count_per_expert
 from .layers import SwiGLUMLP
 from .moe_decode import decode_experts
-
-
-def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens per expert [E] (int64). A scatter-add, not `torch.bincount`, which reads the largest index back to
-    the host on CUDA (a sync per MoE layer, and a graph break under torch.compile)."""
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_indices.device)
-    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices, dtype=torch.long))
 
 
 class TopKRouter(nn.Module):
@@ -39,23 +35,16 @@ class TopKRouter(nn.Module):
     def forward(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, d] (N = batch_size * T tokens) -> expert indices [N, k], gate weights [N, k] (fp32)."""
         cfg = self.config
+        if moe_routing.usable(self, x):  # decode-sized inference on CUDA: one Triton kernel (kernels/moe_routing.py)
+            indices, weights, self.last_expert_load = moe_routing.route_tokens(
+                x, self.weight, self.e_score_correction_bias, *moe_routing.routing_args(cfg)
+            )
+            self.last_aux_loss = None
+            return indices, weights
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores.detach() + self.e_score_correction_bias  # [N, E]
-        if cfg.topk_method != "greedy" and cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
-            grouped = choice.view(-1, cfg.n_group, self.num_experts // cfg.n_group)  # [N, G, E/G]
-            if cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group scores as its best expert
-                group_scores = grouped.amax(dim=-1)  # [N, G]
-            else:  # noaux_tc (DeepSeek-V3): the sum of its two best experts
-                group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [N, G]
-            kept = group_scores.topk(cfg.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(-1, self.num_experts)
-        indices = choice.topk(self.top_k, dim=-1).indices  # [N, k]
-        weights = scores.gather(1, indices)
-        if cfg.norm_topk_prob and self.top_k > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        weights = weights * cfg.routed_scaling_factor
+        indices, weights, scores = moe_routing.route_reference(
+            logits, self.e_score_correction_bias, *moe_routing.routing_args(cfg)
+        )
 
         self.last_expert_load = count_per_expert(indices.flatten().detach(), self.num_experts)
         self.last_aux_loss = None

@@ -1,0 +1,398 @@
+"""The MoE router for decode-sized token counts as one Triton kernel: the router's matrix-vector product, the
+scores, the group-limited top-k, the gate weights and the per-expert token counts in one launch.
+
+At batch 1 on an H200 the router's torch ops took about 40 us per MoE layer, 0.28 ms of a 1.61 ms compiled decode
+step (docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04.txt): three top-k (group top-2, kept groups, experts),
+each a `gatherTopK` and a `bitonicSortKVInPlace` kernel (27 us), a cuBLAS GEMV and its reduction (3.8 us), a
+scatter and ~8 one-microsecond Inductor kernels (sigmoid, masks, gather, sum, the counts). Here each program
+computes the logits of a block of experts for a block of tokens (fp32 products and sums, as
+`F.linear(x.float(), W.float())`); the last program of a token block to finish (an atomic counter) reads them back
+and routes its tokens in registers: scores, + correction bias, group scores, kept groups, top-k by repeated argmax,
+weights. With several token blocks the last routing program sums the blocks' expert counts. The counters live in a
+small per-device buffer that each last program puts back to zero.
+
+`route_tokens` is a custom op (one node under torch.compile, captured by CUDA graphs): the kernel on CUDA, the
+router's torch computation (`route_reference`, which `TopKRouter` itself runs) elsewhere.
+
+Numerics against the torch router: the routing is the same computation (sigmoid as 1 / (1 + exp(-x)) with an
+accurate exp and IEEE division, as torch's CUDA kernel; softmax as exp(x - max) / sum), so from the same logits
+the chosen experts and the unnormalised weights agree; the kernel sums the k weights of normalisation left to right,
+where torch's reduction order depends on the device (on x86 CPUs it is not left to right), so normalised weights can
+differ in the last bit. Exact ties go to the lower index (which expert torch.topk returns on a tie is unspecified: the
+CPU's can be any). The logits agree with cuBLAS's to fp32 rounding, not bit for bit (another summation order); with
+`FUSE_MAX_TOKENS = 0` the op takes cuBLAS's logits and only routes.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .moe_gemv import triton_available
+
+ENABLED = True  # False: the torch router everywhere (to measure it in the same run)
+MAX_TOKENS = 256  # tokens up to which the router runs as the kernel (decode, speculative verification)
+FUSE_MAX_TOKENS = 16  # tokens up to which the kernel computes the logits too (beyond, cuBLAS does, then the kernel)
+MAX_EXPERTS, MAX_TOP_K = 512, 16  # what one program holds in registers (padded to powers of 2)
+
+
+def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens per expert [E] (int64). A scatter-add, not `torch.bincount`, which reads the largest index back to
+    the host on CUDA (a sync per MoE layer, and a graph break under torch.compile)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_indices.device)
+    return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices, dtype=torch.long))
+
+
+def grouped(n_group: int, topk_group: int, topk_method: str) -> bool:
+    """Whether groups limit the choice (see `configuration.TOPK_METHODS`)."""
+    return topk_method != "greedy" and n_group > 1 and topk_group < n_group
+
+
+def route_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    scoring_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [N, E] (fp32) -> expert indices [N, k] (int64), gate weights [N, k] (fp32), scores [N, E]: the
+    router's computation in torch (differentiable through the weights and scores)."""
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice_args = (top_k, n_group, topk_group, topk_method, norm_topk_prob, routed_scaling_factor)
+    return *select_experts(scores, bias, *choice_args), scores
+
+
+def select_experts(
+    scores: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [N, E] -> expert indices [N, k], gate weights [N, k]: `route_reference` after the scoring."""
+    num_experts = scores.shape[-1]
+    choice = scores.detach() + bias  # [N, E]: the bias only picks experts
+    if grouped(n_group, topk_group, topk_method):
+        groups = choice.view(-1, n_group, num_experts // n_group)  # [N, G, E/G]
+        if topk_method == "group_limited_greedy":  # DeepSeek-V2: a group scores as its best expert
+            group_scores = groups.amax(dim=-1)  # [N, G]
+        else:  # noaux_tc (DeepSeek-V3): the sum of its two best experts
+            group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)  # [N, G]
+        kept = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = groups.masked_fill(~group_mask[..., None], float("-inf")).view(-1, num_experts)
+    indices = choice.topk(top_k, dim=-1).indices  # [N, k]
+    weights = scores.gather(1, indices)
+    if norm_topk_prob and top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return indices, weights * routed_scaling_factor
+
+
+def routing_args(config) -> tuple:
+    """The config's routing settings in `route_reference`'s and `route_tokens`'s order, after logits and bias."""
+    c = config
+    return (
+        c.num_experts_per_tok, c.n_group, c.topk_group, c.topk_method, c.scoring_func, c.norm_topk_prob,
+        float(c.routed_scaling_factor),
+    )  # fmt: skip
+
+
+def supported(config) -> bool:
+    """Whether the kernel computes this router (any `topk_method` and `scoring_func` the config allows, within the
+    register budget)."""
+    num_experts, n_group = config.n_routed_experts, config.n_group
+    groups = n_group if grouped(n_group, config.topk_group, config.topk_method) else 1
+    per_group = num_experts // groups
+    padded = _next_pow2(groups) * _next_pow2(per_group)
+    return (
+        config.scoring_func in ("sigmoid", "softmax")
+        and config.topk_method in ("noaux_tc", "group_limited_greedy", "greedy")
+        and padded <= MAX_EXPERTS
+        and config.num_experts_per_tok <= MAX_TOP_K
+    )
+
+
+def usable(router, x: torch.Tensor) -> bool:
+    """Whether `route_tokens` serves a TopKRouter's x [N, d] (set-up time checks only): inference on CUDA for at
+    most `MAX_TOKENS` tokens, no sequence-wise balance loss wanted (it needs the scores)."""
+    config = router.config
+    return (
+        ENABLED
+        and _kernel_device(x)
+        and not torch.is_grad_enabled()
+        and not (router.training and config.aux_loss_alpha > 0)
+        and x.dim() == 2
+        and 0 < x.shape[0] <= MAX_TOKENS
+        and router.weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and supported(config)
+    )
+
+
+def _kernel_device(x: torch.Tensor) -> bool:
+    """Whether x is on a device the kernel runs on: CUDA, with Triton (settled by the first eager CUDA forward, the
+    prefill, before any compiled step)."""
+    return x.is_cuda and triton_available()
+
+
+@torch.library.custom_op("hf_deepseek::route_tokens", mutates_args=())
+def route_tokens(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    scoring_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, d], router weight [E, d], correction bias [E] -> expert indices [N, k] (int64), gate weights [N, k]
+    (fp32), tokens per expert [E] (int64): `TopKRouter`'s routing of x."""
+    args = (top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor)
+    if x.is_cuda and triton_available():
+        return launch(x, weight, bias, *args)[:3]
+    indices, weights, _ = route_reference(F.linear(x.float(), weight.float()), bias, *args)
+    return indices, weights, count_per_expert(indices.flatten(), weight.shape[0])
+
+
+@route_tokens.register_fake
+def _(x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor):
+    num_tokens = x.shape[0]
+    return (
+        x.new_empty(num_tokens, top_k, dtype=torch.long),
+        x.new_empty(num_tokens, top_k, dtype=torch.float32),
+        x.new_empty(weight.shape[0], dtype=torch.long),
+    )
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+_SEMAPHORES: dict[torch.device, torch.Tensor] = {}  # per device: [1 + MAX_TOKENS] int32 counters, 0 between launches
+
+
+def _semaphores(device: torch.device) -> torch.Tensor:
+    """The kernel's counters on `device`: slot 0 counts finished token blocks, slot 1 + b the finished expert
+    blocks of token block b; each last program sets its slot back to 0, so one zeroed buffer serves every launch
+    on a stream. Made outside CUDA-graph capture (the first, eager call); a call captured before any eager one gets
+    a fresh zeroed buffer (a memset in the graph)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    buffer = _SEMAPHORES.get(device)
+    if buffer is None:
+        buffer = torch.zeros(1 + MAX_TOKENS, dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return buffer
+        _SEMAPHORES[device] = buffer
+    return buffer
+
+
+def launch(
+    x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor,
+    fuse: bool | None = None, config: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The kernel: -> indices [N, k], weights [N, k], counts [E], and the logits [N, E] it routed (fp32).
+    `fuse`: whether the kernel computes the logits (default: up to `FUSE_MAX_TOKENS` tokens), else cuBLAS does.
+    `config`: (BLOCK_T, BLOCK_E, BLOCK_D, warps), tokens and experts per program and the reduction chunk."""
+    if triton is None:
+        raise RuntimeError("the router kernel needs Triton")
+    num_tokens, dim = x.shape
+    num_experts = weight.shape[0]
+    if num_tokens > MAX_TOKENS:
+        raise ValueError(f"the router kernel takes at most MAX_TOKENS={MAX_TOKENS} tokens, got {num_tokens}")
+    is_grouped = grouped(n_group, topk_group, topk_method)
+    groups = n_group if is_grouped else 1
+    per_group = num_experts // groups
+    fuse = num_tokens <= FUSE_MAX_TOKENS if fuse is None else fuse
+    columns = _next_pow2(groups) * _next_pow2(per_group)
+    block_t, block_e, block_d, warps = config or _default_config(num_tokens, dim, fuse, columns)
+    token_blocks = triton.cdiv(num_tokens, block_t)
+    device = x.device
+    indices = torch.empty(num_tokens, top_k, dtype=torch.long, device=device)
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.long, device=device)
+    partial = torch.empty(token_blocks, num_experts, dtype=torch.int32, device=device) if token_blocks > 1 else counts
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.float().contiguous()
+    if fuse:
+        logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
+        expert_blocks = triton.cdiv(num_experts, block_e)
+    else:
+        logits = F.linear(x.float(), weight.float()).contiguous()
+        expert_blocks = 1
+    if num_tokens == 0:
+        return indices, weights, counts.zero_(), logits
+    _router_kernel[(token_blocks, expert_blocks)](
+        x, weight, logits, bias, indices, weights, counts, partial, _semaphores(device),
+        num_tokens, dim, routed_scaling_factor,
+        E=num_experts, G=groups, EG=per_group, G_PAD=_next_pow2(groups), EG_PAD=_next_pow2(per_group),
+        TOP_K=top_k, K_PAD=_next_pow2(top_k), TOPK_GROUP=topk_group if is_grouped else 1,
+        GROUPED=is_grouped, GROUP_MAX=topk_method == "group_limited_greedy", SOFTMAX=scoring_func == "softmax",
+        NORM=norm_topk_prob and top_k > 1, FUSED=fuse, ONE_BLOCK=token_blocks == 1,
+        SUM_ROWS=min(_next_pow2(token_blocks), max(1, 512 // _next_pow2(num_experts))), E_PAD=_next_pow2(num_experts),
+        ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",  # libdevice's exp does not run in the interpreter
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps,
+    )  # fmt: skip
+    return indices, weights, counts, logits
+
+
+def _default_config(num_tokens: int, dim: int, fuse: bool, columns: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_E, BLOCK_D, warps) for `columns` (padded) experts, untuned
+    (tests/test_moe_routing.py::test_kernel_time_on_gpu times others). Routing tiles of at most 512 scores a warp
+    (compiled for sm_90: up to 255 registers without spilling at 64 experts; 1024 a warp spilled 5 KB at 160).
+    Fused: one expert a program (64 programs a token block at 64 experts), hidden chunks of 2048 products a warp, so
+    that at batch 1 (d = 2048) a program issues all its loads at once; one warp up to 2 tokens, so that the
+    routing's reductions are warp shuffles without block barriers (2 barriers, not 57 with 4 warps). Routing only:
+    one warp."""
+    if not fuse:
+        return min(_next_pow2(num_tokens), max(1, 512 // columns)), 1, 16, 1
+    block_t = min(_next_pow2(num_tokens), 16)
+    warps = 1 if block_t <= 2 else 2 if block_t <= 8 else 4
+    block_t = min(block_t, max(1, 512 * warps // columns))
+    return block_t, 1, max(16, min(_next_pow2(dim), 2048 * warps // block_t)), warps
+
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+except ImportError:  # CPU-only installs: the op's torch computation serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _order_key(v, pos, SIZE: tl.constexpr):
+        """int64 keys ordered as the fp32 values v, equal values by the lower position first: a max over keys is an
+        argmax that breaks ties towards the lower index. -0.0 counts as +0.0."""
+        v = tl.where(v == 0.0, 0.0, v)
+        bits = v.to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+        return (bits.to(tl.int64) << 32) | (SIZE - 1 - pos).to(tl.int64)
+
+    @triton.jit
+    def _router_kernel(
+        x_ptr, w_ptr, logits_ptr, bias_ptr, idx_ptr, wt_ptr, counts_ptr, partial_ptr, sem_ptr, N, D, scale,
+        E: tl.constexpr, G: tl.constexpr, EG: tl.constexpr, G_PAD: tl.constexpr, EG_PAD: tl.constexpr,
+        TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUPED: tl.constexpr,
+        GROUP_MAX: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr, FUSED: tl.constexpr,
+        ONE_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr, E_PAD: tl.constexpr, ACCURATE: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b, j): with FUSED, logits[tokens of b, experts of j] = x @ W^T (fp32), then the last of token
+        block b's programs routes its tokens; without, one program per token block routes the given logits."""
+        MIN_KEY: tl.constexpr = -9223372036854775807  # below every value's key: taken or absent
+        C: tl.constexpr = G_PAD * EG_PAD  # the routing tile's columns: groups side by side, each padded
+        tb = tl.program_id(0)
+        t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < N
+        last = True
+        if FUSED:
+            e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+            e_ok = e < E
+            acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                xs = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                ws = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
+                acc += tl.sum(xs.to(tl.float32)[:, None, :] * ws.to(tl.float32)[None, :, :], axis=2)
+            tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
+            tl.debug_barrier()  # every thread's logits stored before thread 0's release below
+            done = tl.atomic_add(sem_ptr + 1 + tb, 1, sem="acq_rel", scope="gpu")
+            last = done == tl.num_programs(1) - 1
+        if last:
+            if FUSED:
+                tl.store(sem_ptr + 1 + tb, 0)  # every expert block has counted: ready for the next launch
+            c = tl.arange(0, C)
+            expert = (c // EG_PAD) * EG + c % EG_PAD
+            valid = (c // EG_PAD < G) & (c % EG_PAD < EG)
+            logits = tl.load(
+                logits_ptr + t[:, None] * E + expert[None, :], mask=t_ok[:, None] & valid[None, :], other=0.0,
+                cache_modifier=".cg",
+            ).to(tl.float32)  # fmt: skip
+            logits = tl.where(valid[None, :], logits, float("-inf"))
+            if SOFTMAX:
+                shifted = logits - tl.max(logits, axis=1)[:, None]
+                exps = libdevice.exp(shifted) if ACCURATE else tl.exp(shifted)
+                scores = tl.div_rn(exps, tl.sum(exps, axis=1)[:, None])
+            else:
+                exps = libdevice.exp(-logits) if ACCURATE else tl.exp(-logits)
+                scores = tl.div_rn(tl.full(logits.shape, 1.0, tl.float32), 1.0 + exps)
+            bias = tl.load(bias_ptr + expert, mask=valid, other=0.0)
+            choice = tl.where(valid[None, :], scores + bias[None, :], float("-inf"))
+            if GROUPED:
+                c3 = tl.reshape(choice, [BLOCK_T, G_PAD, EG_PAD])
+                top1 = tl.max(c3, axis=2)
+                if GROUP_MAX or EG == 1:
+                    group_scores = top1
+                else:  # the sum of the two best: the best, then the best of the rest (one tied value counts twice)
+                    k3 = tl.reshape(_order_key(choice, c, C), [BLOCK_T, G_PAD, EG_PAD])
+                    first = tl.max(k3, axis=2)
+                    top2 = tl.max(tl.where(k3 == first[:, :, None], float("-inf"), c3), axis=2)
+                    group_scores = top1 + top2
+                g = tl.arange(0, G_PAD)
+                gkey = tl.where(g[None, :] < G, _order_key(group_scores, g, G_PAD), MIN_KEY)
+                kept = tl.zeros([BLOCK_T, G_PAD], dtype=tl.int32)
+                for _ in tl.static_range(TOPK_GROUP):
+                    hit = gkey == tl.max(gkey, axis=1)[:, None]
+                    kept = kept | hit.to(tl.int32)
+                    gkey = tl.where(hit, MIN_KEY, gkey)
+                kept_c = tl.reshape(tl.broadcast_to(kept[:, :, None], [BLOCK_T, G_PAD, EG_PAD]), [BLOCK_T, C])
+                choice = tl.where(kept_c != 0, choice, float("-inf"))
+            key = tl.where(valid[None, :], _order_key(choice, c, C), MIN_KEY)
+            k = tl.arange(0, K_PAD)
+            out_idx = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
+            out_w = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+            total = tl.zeros([BLOCK_T], dtype=tl.float32)
+            for i in tl.static_range(TOP_K):
+                best = tl.max(key, axis=1)
+                pos = C - 1 - best.to(tl.int32)  # the low 32 bits: the position
+                hit = c[None, :] == pos[:, None]
+                w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
+                chosen_expert = ((pos // EG_PAD) * EG + pos % EG_PAD).to(tl.int64)
+                out_idx = tl.where(k[None, :] == i, chosen_expert[:, None], out_idx)
+                out_w = tl.where(k[None, :] == i, w[:, None], out_w)
+                total += w  # left to right
+                key = tl.where(hit, MIN_KEY, key)
+            if NORM:
+                out_w = tl.div_rn(out_w, (total + 1e-20)[:, None])
+            out_w = out_w * scale
+            out_mask = t_ok[:, None] & (k[None, :] < TOP_K)
+            tl.store(idx_ptr + t[:, None] * TOP_K + k[None, :], out_idx, mask=out_mask)
+            tl.store(wt_ptr + t[:, None] * TOP_K + k[None, :], out_w, mask=out_mask)
+            chosen = (key == MIN_KEY) & valid[None, :] & t_ok[:, None]
+            block_counts = tl.sum(chosen.to(tl.int32), axis=0)  # [C]
+            if ONE_BLOCK:
+                tl.store(counts_ptr + expert, block_counts.to(tl.int64), mask=valid)
+            else:
+                tl.store(partial_ptr + tb * E + expert, block_counts, mask=valid)
+                tl.debug_barrier()
+                blocks_done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+                if blocks_done == tl.num_programs(0) - 1:  # the last token block: sum every block's counts
+                    tl.store(sem_ptr, 0)
+                    cols = tl.arange(0, E_PAD)
+                    total_counts = tl.zeros([E_PAD], dtype=tl.int32)
+                    for r0 in range(0, tl.num_programs(0), SUM_ROWS):
+                        rows = r0 + tl.arange(0, SUM_ROWS)
+                        part = tl.load(
+                            partial_ptr + rows[:, None] * E + cols[None, :],
+                            mask=(rows < tl.num_programs(0))[:, None] & (cols < E)[None, :], other=0,
+                            cache_modifier=".cg",
+                        )  # fmt: skip
+                        total_counts += tl.sum(part, axis=0)
+                    tl.store(counts_ptr + cols, total_counts.to(tl.int64), mask=cols < E)
+
+
+__all__ = [
+    "route_tokens", "route_reference", "select_experts", "routing_args", "count_per_expert", "grouped", "supported",
+    "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
+]  # fmt: skip
