@@ -12,8 +12,10 @@
 #    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, FP8 GEMMs at 32; the bench runs it last),
 #    ours-fast-torch-attn (the step with torch attention, 32 / 32k only), transformers-compile (2k only),
 #    ours-generate-tf-loop (generate() through transformers' token loop, 1 / 2k only), until MTP_S before the deadline;
-# 3. MTP speculative decoding on the trained embedded checkpoint (ours-mtp: acceptance, ms per token against plain
-#    generate(), eager and by default), then plain generate() and the step on it, until the deadline.
+# 3. MTP speculative decoding on the embedded checkpoint (hf-deepseek-r1-add-sub, its MTP module trained with the
+#    final main model) and its own task's prompts (held-out sums: acceptance on what it was trained for; 128 new
+#    tokens per row in every timed call, eos off), ours-mtp: acceptance, ms per token against plain generate(),
+#    eager and by default, then plain generate() and the step on it, until the deadline.
 # Env: WHEELS (default .whl/decode: sgl-flash-mla 1.0.0, installed with --no-deps), DEADLINE (s, default 390),
 # TEST_S (100), MTP_S (80); ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE
 # (cells whose steps get a kernel table, default ours-fast at 1 / 2k and 32 / 32k: $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md}, $OUT/mtp/bench_decode.{json,md},
@@ -56,8 +58,8 @@ say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept)
 grep -E "ms/(step|token)|failed|Error" $L/decode.log | tail -20
 
 REST=$(left)
-[ $REST -gt 10 ] && timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-tiny \
-  --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-contexts 128 --mtp-new-tokens 128 \
+[ $REST -gt 10 ] && timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-add-sub \
+  --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-prompts task --mtp-new-tokens 128 \
   --generate-new-tokens 128 --output-dir $OUT/mtp > $L/mtp.log 2>&1
 say "mtp bench (rc $?):"; grep -E "ms/(step|token)|failed|Error" $L/mtp.log | tail -8
 tar czf $OUT/logs.tgz $L

@@ -73,7 +73,9 @@ class DecodePlan:
     warmup_steps: int = 3
     mtp_contexts: list[int] = field(default_factory=lambda: [2048])
     mtp_new_tokens: int = 32
-    mtp_prompts: str = "random"  # or "task": hfds_addition's held-out 3-digit sums (the checkpoint's tokenizer)
+    # "random" tokens of each mtp_contexts length, "task": hfds_addition's held-out 3-digit sums in the checkpoint's
+    # chat template, "auto": task prompts for a checkpoint with a chat template, random ones otherwise
+    mtp_prompts: str = "auto"
     generate_new_tokens: int = 128  # the `*-generate` rows: greedy tokens per prompt, prefill subtracted
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
@@ -379,11 +381,33 @@ def run_generate_row(
     return cells
 
 
-def mtp_prompts(model, plan: DecodePlan, batch: int, context: int, device) -> torch.Tensor:
-    """[batch, T] prompt ids: random tokens of length `context`, or with `plan.mtp_prompts == "task"` the held-out
-    3-digit sums of `hfds_addition` (the tokenizer loaded from the model's checkpoint), left-padded."""
-    if plan.mtp_prompts == "random":
-        return torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+MTP_PROMPT_KINDS = ("auto", "random", "task")
+MTP_REPEATS = 3  # timed calls per MTP-row measurement (the median)
+# two tokens whose logits differ by at most this much (teacher-forced, bench dtype) count as a near-tie: bf16's own
+# error in the gap between a position's two best logits, against fp32 (hf-deepseek-r1-add-sub, 1,024 generated
+# positions, CPU): median 0.05, 90th percentile 0.25, 99th 1.16
+NEAR_TIE_LOGITS = 1.0
+FP32_CHECK_PARAMETERS = 10**9  # the fp32 re-run of a differing MTP cell: only for models up to this size
+
+
+def resolved_mtp_prompts(model, plan: DecodePlan) -> str:
+    """`plan.mtp_prompts`, with "auto" resolved: the task's prompts for a checkpoint that has a chat template (a
+    trained model: acceptance on the questions it was trained on means something), random tokens otherwise."""
+    if plan.mtp_prompts not in MTP_PROMPT_KINDS:
+        raise ValueError(f"mtp_prompts must be one of {', '.join(MTP_PROMPT_KINDS)}, not {plan.mtp_prompts!r}")
+    if plan.mtp_prompts != "auto":
+        return plan.mtp_prompts
+    source = Path(str(model.name_or_path))
+    return "task" if (source / "chat_template.jinja").exists() and (source / "tokenizer.json").exists() else "random"
+
+
+def mtp_prompts(model, plan: DecodePlan, batch: int, context: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, T] prompt ids and their attention mask: random tokens of length `context`, or with task prompts
+    (`resolved_mtp_prompts`) the held-out 3-digit sums of `hfds_addition` in the chat template (the tokenizer
+    loaded from the model's checkpoint), left-padded."""
+    if resolved_mtp_prompts(model, plan) == "random":
+        ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+        return ids, torch.ones_like(ids)
     from transformers import AutoTokenizer
 
     from hf_deepseek.evals.task_data import load_rows, prompt_text
@@ -398,7 +422,67 @@ def mtp_prompts(model, plan: DecodePlan, batch: int, context: int, device) -> to
         for i in range(batch)
     ]  # fmt: skip
     width = max(len(p) for p in prompts)
-    return torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+@torch.no_grad()
+def token_differences(model, reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """Where greedy outputs [B, T + new] of the same prompts (left-padded by `mask` [B, T]) first differ, row by
+    row: the new-token index, both tokens, and how far apart their logits are there in a teacher-forced forward of
+    the common prefix (the model's dtype): a gap near 0 is a near-tie that rounding decides."""
+    prompt_len = mask.shape[1]
+    differences = []
+    for row in range(reference.shape[0]):
+        differ = (reference[row, prompt_len:] != other[row, prompt_len:]).nonzero()
+        if not len(differ):
+            continue
+        index = int(differ[0])
+        start = int((mask[row] == 0).sum())  # left padding: dropped, the positions then start at 0 as in generate()
+        prefix = reference[row, start : prompt_len + index]
+        logits = model(input_ids=prefix[None]).logits[0, -1].float()
+        first, second = int(reference[row, prompt_len + index]), int(other[row, prompt_len + index])
+        gap = abs(float(logits[first] - logits[second]))
+        differences.append({"row": row, "new_token": index, "tokens": (first, second), "logit_gap": gap})
+    return differences
+
+
+def differences_note(differences: list[dict], batch: int) -> str:
+    """`token_differences` in words: which rows, from which new token, the logit gaps and whether all are near-ties."""
+    gaps = [d["logit_gap"] for d in differences]
+    near = all(g <= NEAR_TIE_LOGITS for g in gaps)
+    where = ", ".join(f"row {d['row']} at new token {d['new_token']} ({d['logit_gap']:.3f})" for d in differences)
+    verdict = "all near-ties" if near else f"not all near-ties (> {NEAR_TIE_LOGITS})"
+    return (
+        f"differs in {len(differences)}/{batch} rows; first differences and the teacher-forced logit gap of the two "
+        f"tokens there: {where}: {verdict}"
+    )
+
+
+def fp32_equality(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, device) -> str:
+    """Whether the MTP device loop and plain greedy decoding give the same tokens in fp32 (uncompiled device loops,
+    the model reloaded from its checkpoint): rounding differences of the bench dtype then stay well below the
+    margins greedy decoding picks between."""
+    if model.dtype == torch.float32:
+        return ""
+    if model.num_parameters() > FP32_CHECK_PARAMETERS:
+        return "; no fp32 re-run (model too large)"
+    try:
+        reference = load(DeepSeekForCausalLM, model.name_or_path, device, torch.float32)
+        common = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                      eos_token_id=None, fast_loop=True, disable_compile=True)  # fmt: skip
+        plain = reference.generate(ids, **common)
+        mtp = reference.generate(ids, mtp_speculative=True, mtp_draft_tokens=1, **common)
+        equal = torch.equal(plain, mtp)
+        differences = ""
+        if not equal:
+            differences = f" ({differences_note(token_differences(reference, plain, mtp, mask), len(mask))})"
+        del reference
+        verdict = " (the differences above are the bench dtype's rounding)" if equal else differences
+        return f"; in fp32 (uncompiled device loops) equal to plain greedy: {equal}{verdict}"
+    except Exception as error:  # a diagnostic: its failure must not lose the cell
+        return f"; fp32 re-run failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
 
 
 def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[DecodeCell]:
@@ -406,18 +490,27 @@ def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[De
     loop, one draft per step: one compiled verify-and-draft step on CUDA, uncompiled on a CPU) against plain greedy
     `generate()` (its fast path where it applies), the eager speculative loop and transformers' loop over a dynamic
     cache, on the same prompts in the same run: ms per generated token (prefill subtracted, after a warm-up call
-    that compiles), acceptance, tokens per step, and whether the tokens equal plain greedy decoding's."""
+    that compiles; the median of `MTP_REPEATS` timed calls), acceptance, tokens per step, and whether the tokens
+    equal plain greedy decoding's (where they differ: where, by how much, and whether fp32 agrees).
+
+    Every timed call generates exactly `plan.mtp_new_tokens` tokens per row: end-of-sequence is switched off
+    (`eos_token_id=None`, which generate(), its device loop and both speculative loops honour), else a trained model
+    that ends its answer early would leave a time per token of a handful of tokens, or of one. With task prompts
+    the note also gives the acceptance up to each answer's end-of-sequence token (an untimed call with eos on)."""
     cells = []
-    contexts = plan.mtp_contexts if plan.mtp_prompts == "random" else [0]
+    prompts = resolved_mtp_prompts(model, plan)
+    contexts = plan.mtp_contexts if prompts == "random" else [0]
+    n = plan.mtp_new_tokens
     for batch in plan.row_batch_sizes.get("ours-mtp", plan.batch_sizes):
         for context in contexts:
             cell = DecodeCell("ours-mtp", batch, context)
             try:
-                ids = mtp_prompts(model, plan, batch, context, device)
+                if n < 2:
+                    raise ValueError(f"--mtp-new-tokens {n}: at least 2 new tokens are needed to subtract the prefill")
+                ids, mask = mtp_prompts(model, plan, batch, context, device)
                 cell.context = ids.shape[1]
-                mask = (ids != 0).long() if plan.mtp_prompts == "task" else torch.ones_like(ids)
-                common = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
-                n = plan.mtp_new_tokens
+                # eos_token_id=None: every call generates exactly n tokens per row, whatever the model emits
+                common = dict(attention_mask=mask, do_sample=False, pad_token_id=0, eos_token_id=None)
 
                 def run(new_tokens: int, ids=ids, common=common, **extra):
                     synchronize(device)
@@ -426,11 +519,16 @@ def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[De
                     synchronize(device)
                     return time.perf_counter() - start, out
 
-                def ms_per_token(n=n, ids=ids, **extra) -> tuple[float, torch.Tensor]:
+                def ms_per_token(ids=ids, **extra) -> tuple[float | None, torch.Tensor]:
+                    """ms per token after the first, or None where the difference is not a time (noise)."""
                     run(n, **extra)  # warm-up: compilation, CUDA graphs
-                    prefill_s, _ = run(1, **extra)
-                    total_s, out = run(n, **extra)
-                    return 1000 * (total_s - prefill_s) / max(out.shape[1] - ids.shape[1] - 1, 1), out
+                    prefill_s = statistics.median(run(1, **extra)[0] for _ in range(MTP_REPEATS))
+                    timed = [run(n, **extra) for _ in range(MTP_REPEATS)]
+                    out = timed[-1][1]
+                    if out.shape[1] - ids.shape[1] != n:
+                        raise RuntimeError(f"generated {out.shape[1] - ids.shape[1]} tokens per row, not {n}")
+                    ms = 1000 * (statistics.median(t for t, _ in timed) - prefill_s) / (n - 1)
+                    return (ms if ms > 0 else None), out
 
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -440,19 +538,45 @@ def run_mtp_row(model, plan: DecodePlan, device, progress, emit=None) -> list[De
                 if device.type == "cuda":
                     cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
                 plain_ms, plain_out = ms_per_token()
-                eager_mtp_ms, _ = ms_per_token(mtp_speculative=True, fast_loop=False)
+                eager_mtp_ms, eager_out = ms_per_token(mtp_speculative=True, fast_loop=False)
                 dynamic_ms, _ = ms_per_token(cache_implementation="dynamic")
                 cell.ms_per_step = mtp_ms  # per generated token
-                cell.tokens_per_s = batch * 1000 / mtp_ms
+                cell.tokens_per_s = batch * 1000 / mtp_ms if mtp_ms else None
                 cell.acceptance_rate = stats.get("acceptance_rate")
                 cell.tokens_per_step = stats.get("tokens_per_step")
                 cell.plain_ms_per_token = plain_ms
-                cell.speedup_vs_plain = plain_ms / mtp_ms
-                cell.note = (
-                    f"{out.shape[1] - ids.shape[1]} tokens, equal to plain greedy: {torch.equal(out, plain_out)}; "
-                    f"plain generate() {plain_ms:.3f} ms/token (MTP x{plain_ms / mtp_ms:.2f}); eager MTP loop "
-                    f"{eager_mtp_ms:.3f}; transformers' loop, dynamic cache {dynamic_ms:.3f}"
-                )
+                cell.speedup_vs_plain = plain_ms / mtp_ms if mtp_ms and plain_ms else None
+                equal = torch.equal(out, plain_out)
+
+                def ms(value: float | None) -> str:
+                    return f"{value:.3f}" if value else "n/a (timing noise exceeds the decode time)"
+
+                notes = [
+                    f"{prompts} prompts, {n} new tokens per row in every call (eos off)",
+                    f"equal to plain greedy: {equal} (eager MTP loop: {torch.equal(eager_out, plain_out)})",
+                    f"plain generate() {ms(plain_ms)} ms/token"
+                    + (f" (MTP x{cell.speedup_vs_plain:.2f})" if cell.speedup_vs_plain else ""),
+                    f"eager MTP loop {ms(eager_mtp_ms)}",
+                    f"transformers' loop, dynamic cache {ms(dynamic_ms)}",
+                ]
+                if mtp_ms is None:
+                    notes.insert(1, "no MTP time: the n-token and 1-token calls' difference is not positive")
+                if prompts == "task":  # acceptance on the answers themselves: eos on, untimed
+                    answered = model.generate(ids, max_new_tokens=n, attention_mask=mask, do_sample=False,
+                                              pad_token_id=0, mtp_speculative=True, fast_loop=True,
+                                              mtp_draft_tokens=1)  # fmt: skip
+                    until_eos = model.last_speculative_stats or {}
+                    lengths = (answered[:, ids.shape[1] :] != 0).sum(dim=1).float()
+                    notes.append(
+                        f"up to eos (untimed): acceptance {until_eos.get('acceptance_rate', 0):.3f}, "
+                        f"{until_eos.get('tokens_per_step', 0):.2f} tokens/step, mean answer {lengths.mean():.0f} "
+                        f"tokens (of at most {n})"
+                    )
+                note = "; ".join(notes)
+                if not equal:
+                    note += "; " + differences_note(token_differences(model, plain_out, out, mask), batch)
+                    note += fp32_equality(model, ids, mask, n, device)
+                cell.note = note
                 if model.__dict__.get("fast_speculative_error"):
                     cell.note += f"; device loop failed: {model.fast_speculative_error[:150]}"
             except torch.OutOfMemoryError:
