@@ -157,9 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument("--mtp-contexts", help="prompt lengths of the MTP row (default 2048)")
     bench_decode.add_argument("--mtp-new-tokens", type=int, help="tokens generated in the MTP row (default 32)")
     bench_decode.add_argument(
-        "--mtp-prompts", choices=["random", "task"],
-        help="MTP row prompts: random tokens of each --mtp-contexts length (default), or hfds_addition's "
-        "held-out 3-digit sums (needs --checkpoint with its tokenizer)",
+        "--mtp-prompts", choices=["auto", "random", "task"],
+        help="MTP row prompts: hfds_addition's held-out 3-digit sums in the chat template ('task', needs --checkpoint "
+        "with its tokenizer), random tokens of each --mtp-contexts length ('random'); default 'auto': task for a "
+        "checkpoint with a chat template, else random",
     )  # fmt: skip
     bench_decode.add_argument(
         "--generate-new-tokens", type=int, help="greedy tokens per prompt in the *-generate rows (default 128)"
