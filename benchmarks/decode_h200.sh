@@ -4,7 +4,8 @@
 #   bash benchmarks/decode_h200.sh
 # 1. the GPU tests of this work: the device token loop of generate() (tests/test_fast_generate.py), FlashMLA's
 #    decode kernel against float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels
-#    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py);
+#    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py), the fused router kernel against the
+#    torch router (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
 #    step; FlashMLA attention where installed), ours-generate (generate() with the device loop; at 32k its prompts
@@ -39,8 +40,13 @@ say "$(python3 -c 'import torch, transformers; print(torch.__version__, transfor
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
 timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 90 \
-  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py > $OUT/gpu_tests.txt 2>&1
+  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_routing.py \
+  > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
+if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
+  export HF_DEEPSEEK_FUSED_ROUTER=0  # the benches then measure the torch router
+  say "the fused router kernel failed its tests: turned off for the benches"
+fi
 if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
   export HF_DEEPSEEK_FLASH_MLA=0  # the benches then measure the torch attention path
   say "FlashMLA failed its tests: turned off for the benches"

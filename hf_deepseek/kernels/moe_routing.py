@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .moe_gemv import triton_available
 
-ENABLED = True  # False: the torch router everywhere (to measure it in the same run)
+# False (or HF_DEEPSEEK_FUSED_ROUTER=0 in the environment): the torch router everywhere (to measure it in the same run)
+ENABLED = os.environ.get("HF_DEEPSEEK_FUSED_ROUTER", "1") != "0"
 MAX_TOKENS = 256  # tokens up to which the router runs as the kernel (decode, speculative verification)
 FUSE_MAX_TOKENS = 16  # tokens up to which the kernel computes the logits too (beyond, cuBLAS does, then the kernel)
 MAX_EXPERTS, MAX_TOP_K = 512, 16  # what one program holds in registers (padded to powers of 2)
