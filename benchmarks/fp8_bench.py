@@ -3,8 +3,12 @@ recipe: 1x128 activation tiles, 128x128 weight blocks, all three GEMMs in FP8) a
 
     python benchmarks/fp8_bench.py --json fp8_bench.json
 
-It ends with the rowwise recipe's quantisers at the training bench's shapes (2 x --tokens rows): the Triton kernel
-against Inductor's compiled torch operations.
+It ends with the rowwise recipe's quantisers at the training bench's shapes (2 x --tokens rows), per operand kind
+(activations, their transposes along the tokens, batched expert weights and their transposes): the Triton kernel
+against Inductor's compiled torch operations, in GB/s. `--quantisers-only` times just those, each kernel plan of a
+small sweep too, and checks each result bit for bit against `quantize_rowwise`:
+
+    python benchmarks/fp8_bench.py --quantisers-only --json quantisers.json
 
 Needs a CUDA GPU of compute capability 9.0 (Hopper). Times are medians of `triton.testing.do_bench` (L2 flushed
 between repetitions). TFLOP/s count the three GEMMs: 6 * M * N * K per linear layer.
@@ -144,29 +148,85 @@ def bench_grouped(tokens: int, experts: int, top_k: int) -> dict:
     return {name: do_bench(fn, warmup=10, rep=100, return_mode="median") for name, fn in parts.items()}
 
 
-def rowwise_quantisers(tokens: int) -> dict:
-    """The rowwise recipe's quantisers at the training bench's shapes (hidden 2048, 64 experts of width 1408):
-    the Triton kernel against the same torch operations compiled by Inductor (the fused path), median ms and the
-    GB/s of reading the bf16 input once and writing its FP8 values once."""
+def quantiser_operands(tokens: int) -> dict:
+    """The rowwise recipe's operands at the training bench's shapes (hidden 2048, 64 experts of width 1408, top-6):
+    operand kind -> tensor. C-contiguous ones run the "rows" kernel, transposed views "cols" or "cols_split"."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, generator=gen)
+    routed = torch.randn(6 * tokens, 2048, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gate_up = torch.randn(64, 2816, 2048, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    down = torch.randn(64, 2048, 1408, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+    return {
+        f"activations [{tokens}, 2048] (rows)": x,
+        f"activations^T [2048, {tokens}] (transposed, along the tokens)": x.t(),
+        f"routed rows^T [2048, {6 * tokens}] (transposed, along the tokens)": routed.t(),
+        "gate_up weights [64, 2816, 2048] (batched rows)": gate_up,
+        "gate_up weights^T [64, 2048, 2816] (batched, transposed)": gate_up.transpose(1, 2),
+        "down weights [64, 2048, 1408] (batched rows)": down,
+        "down weights^T [64, 1408, 2048] (batched, transposed)": down.transpose(1, 2),
+    }
+
+
+def candidate_plans(t: torch.Tensor):
+    """The default plan, then the alternatives worth timing for this operand kind."""
+    from hf_deepseek.modeling.fp8_triton import RowwisePlan, rowwise_plan
+
+    rows, cols = t.shape[-2:]
+    default = rowwise_plan(t, rows, cols)
+    plans = [default]
+    if default.kind == "rows":
+        for block_r in (1, 2, 4, 8, 16):
+            for warps in (4, 8, 16):
+                if block_r * default.block_c <= 16384 and 16 <= block_r * default.block_c // (32 * warps) <= 64:
+                    plans.append(RowwisePlan("rows", block_r, default.block_c, warps))
+        plans.append(RowwisePlan("rows_loop", 4, 1024, 8))
+    else:
+        for block_r, block_c, warps in ((32, 256, 8), (64, 128, 8), (16, 512, 8), (64, 256, 16)):
+            for programs in (132, 264, 528, 0):
+                plans.append(RowwisePlan("cols", block_r, block_c, warps, programs=programs))
+            for chunk in (1024, 2048, 4096):
+                if chunk < cols:
+                    plans.append(RowwisePlan("cols_split", block_r, block_c, warps, chunk=chunk))
+    return list(dict.fromkeys(plans))  # the default first, once
+
+
+def rowwise_quantisers(tokens: int, sweep: bool = True) -> dict:
+    """The rowwise recipe's quantiser on each operand kind: the Triton kernel's default plan (and, with `sweep`,
+    the alternatives of `candidate_plans`) against the same torch operations compiled by Inductor (the fused path).
+    Median ms (L2 flushed between repetitions) and the GB/s of reading the input once and writing its FP8 values
+    once (what a single pass moves; the transposed kernels read the input twice); `same` says whether q and the
+    scales are bit-identical to `quantize_rowwise` on the GPU."""
     from hf_deepseek.modeling.fp8_numerics import quantize_rowwise
     from hf_deepseek.modeling.fp8_triton import quantize_rowwise_triton
 
-    gen = torch.Generator(device="cuda").manual_seed(4)
-    x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, generator=gen)
-    w = torch.randn(64, 2816, 2048, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
     inductor = torch.compile(lambda t: [u.contiguous() for u in quantize_rowwise(t, check=False)])
-    operands = {"activations [M, 2048]": x, "activations^T (along tokens)": x.t(),
-                "expert weights [64, 2816, 2048]": w, "expert weights^T": w.transpose(1, 2)}  # fmt: skip
     out = {}
-    for name, t in operands.items():
-        gbytes = t.numel() * 3 / 1e9
-        for kind, fn in (
-            ("triton", lambda t=t: quantize_rowwise_triton(t, t.shape[-2], t.shape[-1], False)),
-            ("inductor", lambda t=t: inductor(t)),
-        ):
+    for name, t in quantiser_operands(tokens).items():
+        gbytes = t.numel() * (t.element_size() + 1) / 1e9
+        q_ref, s_ref = quantize_rowwise(t, check=False)
+        timed = {f"triton {tuple(p)}": p for p in (candidate_plans(t) if sweep else candidate_plans(t)[:1])}
+        timed["inductor"] = None
+        rows = {}
+        for kind, plan in timed.items():
+            if plan is None:
+                fn = lambda t=t: inductor(t)  # noqa: E731
+            else:
+                fn = lambda t=t, plan=plan: quantize_rowwise_triton(t, t.shape[-2], t.shape[-1], False, plan=plan)  # noqa: E731
+            q, scale = fn()[:2]
+            same = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, s_ref)
             ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
-            out[f"{name}, {kind}"] = {"ms": ms, "GB/s": gbytes / (ms / 1e3)}
+            rows[kind] = {"ms": ms, "GB/s": gbytes / (ms / 1e3), "same": same}
+            del q, scale
+        out[name] = rows
     return out
+
+
+def print_quantisers(results: dict) -> None:
+    for name, rows in results.items():
+        best = min((r for k, r in rows.items() if k != "inductor"), key=lambda r: r["ms"])
+        print(f"{name}: best Triton {best['ms']:.3f} ms ({best['GB/s']:.0f} GB/s)")
+        for kind, r in rows.items():
+            print(f"    {kind:<58} {r['ms']:8.3f} ms {r['GB/s']:6.0f} GB/s {'same' if r['same'] else 'DIFFERENT'}")
 
 
 def main() -> None:
@@ -174,7 +234,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step (M), e.g. 4 x 2048")
     parser.add_argument("--experts", type=int, default=32, help="routed experts on this GPU (an EP shard of 256)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--quantisers-only", action="store_true", help="time only the rowwise quantisers (a sweep)")
     args = parser.parse_args()
+    if args.quantisers_only:
+        device = torch.cuda.get_device_name()
+        print(f"{device}, torch {torch.__version__}; rowwise quantisers at {2 * args.tokens} tokens")
+        big = torch.randn(64, 2816, 2048, device="cuda", dtype=torch.bfloat16)
+        copy_ms = do_bench(lambda: torch.empty_like(big).copy_(big), warmup=10, rep=100, return_mode="median")
+        copy_gbs = big.numel() * 4 / 1e9 / (copy_ms / 1e3)  # bytes read plus bytes written
+        print(f"ceiling: a device-to-device copy of 738 MB, {copy_gbs:.0f} GB/s (read + written)")
+        del big
+        quantisers = rowwise_quantisers(2 * args.tokens)
+        quantisers["copy ceiling GB/s"] = copy_gbs
+        print_quantisers({k: v for k, v in quantisers.items() if isinstance(v, dict)})
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(
+                    {"device": device, "torch": torch.__version__, "tokens": args.tokens, "rowwise": quantisers}, f
+                )
+        return
 
     rows = [bench_linear(name, k, n, args.tokens) for name, k, n in LINEARS]
     total = {v: sum(r["ms"][v] for r in rows) for v in rows[0]["ms"]}
@@ -194,16 +272,18 @@ def main() -> None:
     pieces = {
         "o_proj pieces": breakdown(args.tokens, 16384, 7168),
         "expert pieces": bench_grouped(args.tokens, args.experts, 8),
-        "rowwise quantisers": rowwise_quantisers(2 * args.tokens),
     }
+    quantisers = rowwise_quantisers(2 * args.tokens, sweep=False)
     for title, part in pieces.items():
         cells = [
             f"{n} {v:.3f}" if isinstance(v, float) else f"{n} {v['ms']:.3f} ({v['GB/s']:.0f} GB/s)"
             for n, v in part.items()
         ]
         print(f"{title}: " + ", ".join(cells))
+    print("rowwise quantisers (Triton default plan against Inductor):")
+    print_quantisers(quantisers)
     if args.json:
-        rows.append(pieces)
+        rows.append(dict(pieces, **{"rowwise quantisers": quantisers}))
         with open(args.json, "w") as f:
             json.dump(
                 {"device": device, "torch": torch.__version__, "tokens": args.tokens, "cublas": cublas, "rows": rows}, f

@@ -1,5 +1,6 @@
 """The project's FP8 Triton kernels run in Triton's interpreter on the CPU, against their torch references: the rowwise
-quantiser (`fp8_triton.quantize_rowwise_triton`, bit for bit against `quantize_rowwise` of the padded operand) and
+quantiser (`fp8_triton.quantize_rowwise_triton`, every kernel plan, bit for bit against `quantize_rowwise` of the
+padded operand, with the reference's arithmetic and with the GPU's fma and E4M3 cast emulated: `gpu_arithmetic`) and
 the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.py`, relative error against the
 float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference).
 
@@ -10,9 +11,11 @@ Needs a Python with torch and triton (a CUDA build of torch brings triton; no GP
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv  # noqa: E402
 from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear  # noqa: E402
 from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_rowwise  # noqa: E402
-from hf_deepseek.modeling.fp8_triton import quantize_rowwise_triton  # noqa: E402
+from hf_deepseek.modeling.fp8_triton import RowwisePlan, quantize_rowwise_triton, rowwise_plan  # noqa: E402
 from hf_deepseek.modeling.moe import RoutedExperts  # noqa: E402
 
 
@@ -32,25 +35,179 @@ def varied(rows: int, cols: int) -> torch.Tensor:
     return torch.randn(rows, cols) * torch.exp(torch.randn(rows, 1) * 2) * torch.exp(torch.randn(1, cols))
 
 
+@contextlib.contextmanager
+def gpu_arithmetic():
+    """Make the interpreter compute as the GPU does where the quantiser's FAST path relies on it: a fused
+    multiply-add rounded once (the interpreter's `tl.fma` is x * y + z, rounded twice) and the float32 -> E4M3 cast
+    rounded to nearest even, saturating (`cvt.rn.satfinite.e4m3x2.f32`; the interpreter's cast does not round to
+    nearest even). fma: float64 products of float32 values are exact, and a TwoSum error term settles the sums that
+    land on a float32 midpoint; `exact_fma_check` tests it against rational arithmetic."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def create_fma(self, x, y, z):
+        if z.data.dtype != np.float32:
+            return original_fma(self, x, y, z)
+        return interpreter.TensorHandle(fma32(x.data, y.data, z.data), z.dtype.scalar)
+
+    def convert_float(data, src, dst, rounding):
+        if not (src == interpreter.tl.float32 and dst == interpreter.tl.float8e4nv):
+            return original_convert(data, src, dst, rounding)
+        clipped = torch.from_numpy(np.clip(np.asarray(data, np.float32), -448.0, 448.0))  # keeps NaN
+        return clipped.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+    original_fma, original_convert = interpreter.InterpreterBuilder.create_fma, interpreter._convert_float
+    interpreter.InterpreterBuilder.create_fma, interpreter._convert_float = create_fma, convert_float
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_fma, interpreter._convert_float = original_fma, original_convert
+
+
+def fma32(a, b, c):
+    """float32 fma(a, b, c), one rounding (to nearest even), of float32 numpy arrays."""
+    import numpy as np
+
+    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    with np.errstate(all="ignore"):  # NaN and inf (a NaN row's values) stay NaN and inf, as on the GPU
+        p = a64 * b64  # exact: 24 x 24 bits
+        s = p + c64
+        t = s - p
+        err = (p - (s - t)) + (c64 - t)  # s + err == p + c exactly
+        r = np.asarray(s.astype(np.float32))
+        r64 = r.astype(np.float64)
+        up = np.nextafter(r, np.float32(np.inf)).astype(np.float64)
+        down = np.nextafter(r, np.float32(-np.inf)).astype(np.float64)
+        tie = ((s == (r64 + up) / 2) | (s == (r64 + down) / 2)) & (err != 0)  # s on a midpoint, p + c off it
+    if tie.any():
+        r[tie] = np.nextafter(s[tie], np.where(err[tie] > 0, np.inf, -np.inf)).astype(np.float32)
+    return r
+
+
+def exact_fma_check(n: int = 3000) -> bool:
+    """`fma32` against exact rational arithmetic, on random operands and on sums placed near float32 midpoints."""
+    import numpy as np
+
+    def round32(v: Fraction) -> float:  # round to nearest even float32 (normal range)
+        if v == 0:
+            return 0.0
+        sign, v = (-1 if v < 0 else 1), abs(v)
+        e = v.numerator.bit_length() - v.denominator.bit_length()
+        e += 1 if Fraction(2) ** (e + 1) <= v else -1 if Fraction(2) ** e > v else 0
+        ulp = Fraction(2) ** (e - 23)
+        k = v / ulp
+        n_ = k.numerator // k.denominator
+        if k - n_ > Fraction(1, 2) or (k - n_ == Fraction(1, 2) and n_ % 2):
+            n_ += 1
+        return sign * float(n_ * ulp)
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    c = rng.standard_normal(n).astype(np.float32)
+    near = -(a[: n // 2].astype(np.float64) * b[: n // 2]) + rng.integers(-4, 5, n // 2) * 2.0**-26
+    c[: n // 2] = near.astype(np.float32)
+    got = fma32(a, b, c)
+    want = [
+        round32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c, strict=True)
+    ]
+    return bool(np.array_equal(got, np.array(want, np.float32)))
+
+
+def _same(got, want) -> bool:
+    return torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
 def rowwise_quantiser() -> dict[str, bool]:
-    """Bit-identical to the reference: activations, transposed views, long rows, batched and transposed weights."""
-    torch.manual_seed(0)
-    results = {}
-    for dtype in (torch.bfloat16, torch.float32):
-        for pow2 in (False, True):
-            x, long_rows = varied(300, 1000).to(dtype), varied(40, 2600).to(dtype)
-            w = varied(600, 330).view(3, 200, 330).to(dtype)
-            for name, view, multiple in (("x", x, 16), ("x^T", x.t(), 16), ("x slice", x[:37, :51], 64),
-                                         ("long rows", long_rows, 16), ("long rows^T", long_rows.t(), 16),
-                                         ("w", w, 1), ("w^T", w.transpose(1, 2), 1)):  # fmt: skip
-                rows, cols = view.shape[-2:]
-                rows_out, cols_out = _ceil_to(rows, multiple), _ceil_to(cols, 16)
-                q, scale = quantize_rowwise_triton(view, rows_out, cols_out, pow2)
-                padded = F.pad(view, (0, cols_out - cols, 0, rows_out - rows))
-                q_ref, scale_ref = quantize_rowwise(padded, pow2, check=False)
-                same = torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
-                results[f"{name} {str(dtype)[6:]} pow2={pow2}"] = same
+    """Bit-identical to the reference (`quantize_rowwise` of the zero-padded operand), with the reference's
+    arithmetic (what the interpreter runs by default) and with the GPU's (`gpu_arithmetic`, the FAST path):
+    activations, transposed views, long rows, batched and transposed weights under the default plans; then each
+    kernel forced on small operands (a persistent "cols" grid looping over strips, "cols_split" with several
+    chunks, "rows_loop", batched weights through both transposed kernels), a view with no contiguous dimension,
+    single rows and columns, signed zeros, subnormals and values on E4M3 rounding midpoints, and a row with a NaN
+    (its scale inf, the other rows unchanged)."""
+    results = {"fma32 emulation exact (vs fractions)": exact_fma_check()}
+    plans = {
+        "cols persistent": RowwisePlan("cols", 16, 32, 4, programs=3),
+        "cols_split": RowwisePlan("cols_split", 16, 32, 4, chunk=64),
+        "rows_loop": RowwisePlan("rows_loop", 4, 64, 4),
+    }
+    for arithmetic in ("reference", "gpu"):
+        fast = arithmetic == "gpu"
+        with gpu_arithmetic() if fast else contextlib.nullcontext():
+            torch.manual_seed(0)
+            for dtype in (torch.bfloat16, torch.float32):
+                for pow2 in (False, True):
+                    x, long_rows = varied(300, 1000).to(dtype), varied(40, 2600).to(dtype)
+                    w = varied(600, 330).view(3, 200, 330).to(dtype)
+                    for name, view, multiple in (("x", x, 16), ("x^T", x.t(), 16), ("x slice", x[:37, :51], 64),
+                                                 ("long rows", long_rows, 16), ("long rows^T", long_rows.t(), 16),
+                                                 ("w", w, 1), ("w^T", w.transpose(1, 2), 1)):  # fmt: skip
+                        results[f"{name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _check(
+                            view, multiple, pow2, None, fast
+                        )
+            for dtype in (torch.bfloat16, torch.float32):
+                small, ws = varied(150, 72).to(dtype), varied(3 * 40, 56).view(3, 40, 56).to(dtype)
+                for pow2 in (False, True):
+                    for plan_name, plan in plans.items():
+                        operands = (("x", small), ("w", ws)) if plan_name == "rows_loop" else (
+                            ("x^T", small.t()), ("w^T", ws.transpose(1, 2)))  # fmt: skip
+                        for name, view in operands:
+                            key = f"{name} {plan_name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                            results[key] = _check(view, 16 if name[0] == "x" else 1, pow2, plan, fast)
+                    key = f"{{}} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                    results[key.format("no contiguous dim")] = _check(small[::2, ::3], 16, pow2, None, fast)
+                    results[key.format("one row")] = _check(small[:1], 16, pow2, None, fast)
+                    results[key.format("one column^T")] = _check(small[:, :1].t(), 16, pow2, None, fast)
+                    results[key.format("one column")] = _check(small[:, :1], 16, pow2, None, fast)
+                    special = special_values(dtype)
+                    results[key.format("special values")] = _check(special, 16, pow2, None, fast)
+                    results[key.format("special values^T")] = _check(special.t().contiguous().t(), 16, pow2,
+                                                                    None, fast)  # fmt: skip
+                    results[key.format("NaN row")] = _nan_row(dtype, pow2, fast)
     return results
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """Rows of signed zeros, subnormals, tiny values beside large ones (quotients below E4M3's smallest step, and
+    underflowing the fma's residual), and values whose quotients land on E4M3 rounding midpoints."""
+    rows = torch.zeros(6, 48)
+    rows[0, ::2] = -0.0
+    rows[1] = torch.tensor([1e-40, -1e-39, 3e-41, -0.0] * 12)
+    rows[1, 0] = 1.0
+    rows[2] = torch.logspace(-30, 0, 48) * torch.tensor([1.0, -1.0] * 24)
+    e4m3 = torch.arange(0, 126, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    midpoints = (e4m3[:-1] + e4m3[1:]) / 2
+    rows[3] = torch.cat([torch.tensor([448.0]), midpoints[torch.randperm(midpoints.numel())[:47]]]) / 7
+    rows[4] = torch.cat([torch.tensor([448.0]), midpoints[-47:]]) * 3.0
+    rows[5] = torch.cat([torch.tensor([-1e30]), -midpoints[:47]])
+    return rows.to(dtype)
+
+
+def _quantise(view, multiple, pow2, plan, fast):
+    rows, cols = view.shape[-2:]
+    rows_out, cols_out = _ceil_to(rows, multiple), _ceil_to(cols, 16)
+    plan = (plan or rowwise_plan(view, rows_out, cols_out))._replace(fast=fast)
+    got = quantize_rowwise_triton(view, rows_out, cols_out, pow2, plan=plan)
+    return got, F.pad(view, (0, cols_out - cols, 0, rows_out - rows))
+
+
+def _check(view, multiple, pow2, plan, fast) -> bool:
+    got, padded = _quantise(view, multiple, pow2, plan, fast)
+    return _same(got, quantize_rowwise(padded, pow2, check=False))
+
+
+def _nan_row(dtype, pow2, fast) -> bool:
+    """A NaN in row 7 of x (row 7 of x^T: its column 7): that row's scale is inf (the finite check's signal, as the
+    old kernels gave), every other row as the reference quantises x with the NaN replaced by 0."""
+    x = varied(40, 100).to(dtype)
+    x[7, 33] = float("nan")
+    ok = True
+    for view, row in ((x, 7), (x.t(), 33)):
+        (q, scale), padded = _quantise(view, 16, pow2, None, fast)
+        q_ref, scale_ref = quantize_rowwise(torch.nan_to_num(padded, nan=0.0), pow2, check=False)
+        keep = torch.arange(scale.shape[0]) != row
+        ok &= bool(torch.isinf(scale[row]).all()) and _same((q[keep], scale[keep]), (q_ref[keep], scale_ref[keep]))
+    return ok
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

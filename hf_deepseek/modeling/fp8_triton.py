@@ -13,6 +13,8 @@ probed once, when the backend is built, outside any traced code.
 from __future__ import annotations
 
 import logging
+import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,70 +85,299 @@ def _quant_rows_kernel(
     tl.store(s_ptr + rows * s_sr + pid_c * s_sc, scale, mask=out_rows)
 
 
-@triton.jit
-def _amax_rows_kernel(
-    x_ptr, amax_ptr, R, C, s_xb, s_xr, s_xc, s_ab,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    """Per row of matrix `program_id(2)`: max |x| over the columns of chunk `program_id(1)`, folded into amax
-    (zero-initialised) by atomic max, so that long rows (the token dimension of a transposed operand) spread over
-    many programs. NaN counts as inf."""
-    pid_r, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    x_rows = x_ptr + batch * s_xb + rows[:, None] * s_xr
-    amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(_abs_nan_as_inf(x), axis=1))
-    tl.atomic_max(amax_ptr + batch * s_ab + rows, amax, mask=rows < R)
+# --------------------------------------------------------------------------------------------------------------
+# The rowwise quantiser: one scale per row of x [(E,) R, C] over C, the GEMM's reduction dimension, for any strides.
+#
+# Every load is coalesced along the dimension of x that is contiguous in memory, every store along q's rows:
+#   "rows"        C contiguous (activations, output gradients, weights): a block of whole rows in registers, so x is
+#                 read once; one launch.
+#   "rows_loop"   C contiguous, rows too long for registers: each row block read twice (amax, then values); one launch.
+#   "cols"        R contiguous (transposed views: the weights of the input gradient): tiles [BLOCK_C, BLOCK_R] read
+#                 along R; a program owns a strip of BLOCK_R rows of q, reduces over all of C, reads the strip again
+#                 and stores each tile transposed (in registers) along q's rows. A persistent grid bounds the bytes
+#                 read between a strip's two passes, so that the second pass can hit L2; one launch.
+#   "cols_split"  R contiguous with too few strips to fill the GPU, or strips too long for L2 (x^T and dy^T of the
+#                 weight gradient: reductions along the tokens): C split into chunks; launch 1 writes each chunk's
+#                 amax, launch 2 folds them and quantises its chunk, in reverse order (the chunks read last, still in
+#                 L2, first). Two launches, no memset, no atomics.
+# Values: x / scale rounded to float32 as `div_rn` would, then to E4M3 (ties to even). On the GPU (FAST) the division
+# is a multiplication by the row's correctly rounded reciprocal plus one fma correction, exact wherever the quotient
+# is at least 2^-11 (below, E4M3 is a signed zero either way, and the sign is copied from x), and the cast is the
+# hardware's round-to-nearest-even `cvt.rn.satfinite.e4m3x2.f32`. Triton's interpreter, whose fma rounds twice and
+# whose float8 cast does not round to nearest even, runs the reference arithmetic (`div_rn`, `_to_e4m3`) by default;
+# `benchmarks/triton_interpreter_check.py` checks both, the FAST one with the GPU's fma and cast emulated.
+# Amaxes fold |x| as integers of x's width (`_abs_bits`): exact, and two bf16 values an instruction.
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_NUM_SMS = 132  # H100/H200 SXM; only decides how the work is split
+_L2_STRIP_BYTES = 24 << 20  # bytes of strips in flight between their two passes ("cols"): about half of L2
+
+
+class RowwisePlan(NamedTuple):
+    """How `quantize_rowwise_triton` runs: `rowwise_plan` picks one; `benchmarks/fp8_bench.py` times others."""
+
+    kind: str  # "rows", "rows_loop", "cols", "cols_split"
+    block_r: int
+    block_c: int
+    num_warps: int
+    chunk: int = 0  # cols_split: columns of x per program, a multiple of block_c
+    programs: int = 0  # cols: programs of the persistent grid (0: one per strip)
+    fast: bool = not _INTERPRET  # GPU arithmetic (see above); False: the reference's, as in the interpreter
 
 
 @triton.jit
-def _quant_scaled_rows_kernel(
-    x_ptr, amax_ptr, q_ptr, s_ptr, R, C, R_OUT, C_OUT,
-    s_xb, s_xr, s_xc, s_ab, s_qb, s_qr, s_sb,
-    POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK: tl.constexpr,
+def _max_nan(a, b):
+    """max that keeps NaN (Triton's default drops it), so that a NaN anywhere in a row reaches its amax."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _row_scales(amax, POW2: tl.constexpr):
+    """Scales of rows with this amax (NaN counts as inf: an inf scale, caught by the finite check) and their
+    correctly rounded reciprocals."""
+    scale = _scale_of(tl.where(amax == amax, amax, float("inf")), POW2)
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def _encode_e4m3(x, scale, inv, POW2: tl.constexpr, FAST: tl.constexpr):
+    """E4M3 of clamp(div_rn(x, scale), -448, 448), bit for bit. FAST: q0 = |x| * inv, then one Markstein step
+    q = fma(fma(q0, -scale, |x|), inv, q0) (exact for pow2 scales without it), the sign of x copied in, and the
+    hardware's RNE cast; three FP32 instructions instead of a division's ten (and a branch) per element."""
+    if FAST:
+        a = tl.abs(x)
+        q = a * inv
+        if not POW2:
+            q = tl.fma(tl.fma(q, -scale, a), inv, q)  # -scale: one negation a row, not one a value
+        q = tl.minimum(q, 448.0)
+        sign = x.to(tl.int32, bitcast=True) & -0x80000000
+        return (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(tl.float8e4nv)
+    else:
+        return _to_e4m3(tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0))
+
+
+@triton.jit
+def _rowwise_rows_kernel(
+    x_ptr, q_ptr, s_ptr, R, C, R_OUT, C_OUT, s_xb, s_xr, s_qb, s_qr, s_sb, ROW_BLOCKS,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, LOOP: tl.constexpr,
 ):  # fmt: skip
-    """E4M3 values of a [BLOCK_R, CHUNK] piece from its rows' amax; chunk 0 also writes the scales. Rows R..R_OUT
-    and columns C..C_OUT are zero."""
-    pid_r, pid_c, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    out_rows = rows < R_OUT
-    scale = _scale_of(tl.load(amax_ptr + batch * s_ab + rows, mask=out_rows, other=0.0), POW2)
-    x_rows = x_ptr + batch * s_xb + rows[:, None] * s_xr
-    for c0 in range(pid_c * CHUNK, pid_c * CHUNK + CHUNK, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        mask = (rows < R)[:, None] & (cols < C)[None, :]
-        x = tl.load(x_rows + cols[None, :] * s_xc, mask=mask, other=0.0).to(tl.float32)
-        q = _to_e4m3(tl.clamp(tl.math.div_rn(x, scale[:, None]), -448.0, 448.0))
-        store = out_rows[:, None] & (cols < C_OUT)[None, :]
-        tl.store(q_ptr + batch * s_qb + rows[:, None] * s_qr + cols[None, :], q, mask=store)
-    if pid_c == 0:
-        tl.store(s_ptr + batch * s_sb + rows, scale, mask=out_rows)
+    """x [(E,) R, C] with C contiguous: BLOCK_R rows of matrix pid // ROW_BLOCKS. Not LOOP: the whole rows
+    (C_OUT <= BLOCK_C) in registers; LOOP: an amax pass over the columns, then a quantising pass. Rows R..R_OUT
+    and columns C..C_OUT of q are zero."""
+    pid = tl.program_id(0)
+    batch = tl.cast(pid // ROW_BLOCKS, tl.int64)
+    r0 = (pid % ROW_BLOCKS) * BLOCK_R
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    x_rows = x_ptr + batch * s_xb + tl.cast(r0, tl.int64) * s_xr + rows[:, None] * s_xr
+    q_rows = q_ptr + batch * s_qb + tl.cast(r0, tl.int64) * s_qr + rows[:, None] * s_qr
+    in_rows = (r0 + rows < R)[:, None]
+    out_rows = (r0 + rows < R_OUT)[:, None]
+    if LOOP:
+        acc = _abs_bits(tl.zeros([BLOCK_R, BLOCK_C], dtype=x_ptr.dtype.element_ty))
+        for c in range(0, C, BLOCK_C):
+            x = tl.load(x_rows + (c + cols)[None, :], mask=in_rows & (c + cols < C)[None, :], other=0.0)
+            acc = tl.maximum(acc, _abs_bits(x))
+        scale, inv = _row_scales(_bits_to_float(tl.max(acc, axis=1), x_ptr.dtype.element_ty), POW2)
+        for c in range(0, C_OUT, BLOCK_C):
+            x = tl.load(x_rows + (c + cols)[None, :], mask=in_rows & (c + cols < C)[None, :], other=0.0)
+            q = _encode_e4m3(x.to(tl.float32), scale[:, None], inv[:, None], POW2, FAST)
+            tl.store(q_rows + (c + cols)[None, :], q, mask=out_rows & (c + cols < C_OUT)[None, :])
+    else:
+        x = tl.load(x_rows + cols[None, :], mask=in_rows & (cols < C)[None, :], other=0.0)
+        scale, inv = _row_scales(_bits_to_float(tl.max(_abs_bits(x), axis=1), x_ptr.dtype.element_ty), POW2)
+        q = _encode_e4m3(x.to(tl.float32), scale[:, None], inv[:, None], POW2, FAST)
+        tl.store(q_rows + cols[None, :], q, mask=out_rows & (cols < C_OUT)[None, :])
+    tl.store(s_ptr + batch * s_sb + r0 + rows, scale, mask=r0 + rows < R_OUT)
 
 
-def quantize_rowwise_triton(x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool):
-    """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out]:
-    q row-major, scales [(E,) rows_out, 1]. Two passes over x (amax, then values), each split over row blocks and
-    column chunks; a unit stride along rows or columns is specialised by Triton, so the loads stay coalesced for
-    transposed views (the operands of the weight and input gradients) too."""
+@triton.jit
+def _abs_bits(x):
+    """|x| as an integer of x's width: for non-negative floats the integer order is the float order, and NaN comes
+    above inf, so an integer max over these keeps NaN (read back as NaN, hence an inf scale); exact, any width."""
+    if x.dtype.primitive_bitwidth == 16:
+        return x.to(tl.int16, bitcast=True) & 0x7FFF
+    else:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _bits_to_float(bits, dtype: tl.constexpr):
+    """The float32 value of `_abs_bits` (widened by a reduction) read back as dtype."""
+    if dtype.primitive_bitwidth == 16:
+        return bits.to(tl.int16).to(dtype, bitcast=True).to(tl.float32)
+    else:
+        return bits.to(tl.int32).to(dtype, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _cols_amax(x_base, r_in, rr, cc, c_lo, c_hi, s_xc, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """max |x| over columns [c_lo, c_hi) of a strip: tiles [BLOCK_C, BLOCK_R] read along the (contiguous) rows,
+    the next tile's load issued before this one is folded in (two tiles in flight), folded as integers of x's
+    width (no conversion to float32 a value), reduced over the columns once at the end."""
+    tile = cc[:, None] * s_xc + rr[None, :]
+    x_next = tl.load(x_base + tl.cast(c_lo, tl.int64) * s_xc + tile, mask=r_in & (c_lo + cc < c_hi)[:, None], other=0.0)
+    acc = _abs_bits(tl.zeros([BLOCK_C, BLOCK_R], dtype=x_base.dtype.element_ty))
+    for c in range(c_lo, c_hi, BLOCK_C):
+        x = x_next
+        c_next = c + BLOCK_C
+        x_next = tl.load(
+            x_base + tl.cast(c_next, tl.int64) * s_xc + tile, mask=r_in & (c_next + cc < c_hi)[:, None], other=0.0
+        )
+        acc = tl.maximum(acc, _abs_bits(x))
+    return _bits_to_float(tl.max(acc, axis=0), x_base.dtype.element_ty)
+
+
+@triton.jit
+def _cols_quantise(
+    x_base, q_base, r_in, r_out, rr, cc, c_lo, c_hi, C, s_xc, s_qr, scale, inv,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """E4M3 of columns [c_lo, c_hi) of a strip (zero from column C on), each tile transposed in registers and
+    stored along q's rows, q's contiguous dimension."""
+    tile = cc[:, None] * s_xc + rr[None, :]
+    for c in range(c_lo, c_hi, BLOCK_C):
+        x = tl.load(x_base + tl.cast(c, tl.int64) * s_xc + tile, mask=r_in & (c + cc < C)[:, None], other=0.0)
+        q = _encode_e4m3(tl.trans(x).to(tl.float32), scale[:, None], inv[:, None], POW2, FAST)  # [BLOCK_R, BLOCK_C]
+        tl.store(q_base + c + rr[:, None] * s_qr + cc[None, :], q, mask=tl.trans(r_out) & (c + cc < c_hi)[None, :])
+
+
+@triton.jit
+def _rowwise_cols_kernel(
+    x_ptr, q_ptr, s_ptr, part_ptr, R, C, R_OUT, C_OUT, s_xb, s_xc, s_qb, s_qr, s_sb, ROW_BLOCKS, CHUNKS, CHUNK, ITEMS,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr,
+):  # fmt: skip
+    """x [(E,) R, C] with R contiguous (a transposed view). Items: (matrix, chunk of C, block of BLOCK_R rows), the
+    row block fastest. PHASE 0 ("cols"): each program takes items pid, pid + programs, ... (one chunk: all of C):
+    amax pass, then quantising pass. PHASE 1: the amax of item pid's chunk into part [E, CHUNKS, R_OUT]. PHASE 2:
+    item ITEMS - 1 - pid folds its rows' partial amaxes and quantises its chunk (chunk 0 writes the scales)."""
+    pid = tl.program_id(0)
+    rr = tl.arange(0, BLOCK_R)
+    cc = tl.arange(0, BLOCK_C)
+    if PHASE == 0:
+        for item in range(pid, ITEMS, tl.num_programs(0)):
+            batch = tl.cast(item // ROW_BLOCKS, tl.int64)
+            r0 = (item % ROW_BLOCKS) * BLOCK_R
+            x_base = x_ptr + batch * s_xb + r0
+            r_in = (r0 + rr < R)[None, :]
+            r_out = (r0 + rr < R_OUT)[None, :]
+            scale, inv = _row_scales(_cols_amax(x_base, r_in, rr, cc, 0, C, s_xc, BLOCK_R, BLOCK_C), POW2)
+            # written out and read back (visible to the whole program after the barrier): the scales then reach the
+            # quantising loop in a layout of their own, and Triton transposes the bf16 tiles there with ldmatrix
+            # (LDSM.16.MT88) instead of the E4M3 ones a byte at a time (one LDS.U8 a value); seen in the SASS
+            tl.store(s_ptr + batch * s_sb + r0 + rr, scale, mask=r0 + rr < R_OUT)
+            tl.debug_barrier()
+            scale = tl.load(s_ptr + batch * s_sb + r0 + rr, mask=r0 + rr < R_OUT, other=1.0)
+            inv = tl.math.div_rn(1.0, scale)
+            q_base = q_ptr + batch * s_qb + tl.cast(r0, tl.int64) * s_qr
+            _cols_quantise(
+                x_base, q_base, r_in, r_out, rr, cc, 0, C_OUT, C, s_xc, s_qr, scale, inv, POW2, FAST, BLOCK_C
+            )
+    else:
+        item = pid if PHASE == 1 else ITEMS - 1 - pid
+        r0 = (item % ROW_BLOCKS) * BLOCK_R
+        chunk = (item // ROW_BLOCKS) % CHUNKS
+        batch = tl.cast(item // (ROW_BLOCKS * CHUNKS), tl.int64)
+        c_lo = chunk * CHUNK
+        x_base = x_ptr + batch * s_xb + r0
+        r_in = (r0 + rr < R)[None, :]
+        r_out = (r0 + rr < R_OUT)[None, :]
+        part = part_ptr + batch * CHUNKS * R_OUT + r0 + rr
+        if PHASE == 1:
+            amax = _cols_amax(x_base, r_in, rr, cc, c_lo, tl.minimum(c_lo + CHUNK, C), s_xc, BLOCK_R, BLOCK_C)
+            tl.store(part + chunk * R_OUT, amax, mask=r0 + rr < R_OUT)
+        else:
+            amax = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for k in range(0, CHUNKS):
+                amax = _max_nan(amax, tl.load(part + k * R_OUT, mask=r0 + rr < R_OUT, other=0.0))
+            scale, inv = _row_scales(amax, POW2)
+            q_base = q_ptr + batch * s_qb + tl.cast(r0, tl.int64) * s_qr
+            c_hi = tl.minimum(c_lo + CHUNK, C_OUT)
+            _cols_quantise(
+                x_base, q_base, r_in, r_out, rr, cc, c_lo, c_hi, C, s_xc, s_qr, scale, inv, POW2, FAST, BLOCK_C
+            )
+            if chunk == 0:
+                tl.store(s_ptr + batch * s_sb + r0 + rr, scale, mask=r0 + rr < R_OUT)
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def rowwise_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
+    """The kernel and block sizes for x [(E,) R, C] (either R or C contiguous) padded to [rows_out, cols_out]."""
     x3 = x if x.dim() == 3 else x[None]
     batch, rows, cols = x3.shape
+    if x3.stride(2) == 1 or cols == 1:  # reduced dimension contiguous
+        block_c = _pow2_at_least(cols_out)
+        if block_c <= 16384:  # whole rows in registers: about 8192 values a program, 32 a thread
+            block_r = max(1, min(64, 8192 // block_c))
+            return RowwisePlan("rows", block_r, block_c, max(4, min(16, block_r * block_c // 1024)))
+        return RowwisePlan("rows_loop", 4, 2048, 8)
+    # rows contiguous. "cols" when there are strips for every SM and two of them per SM (else one) fit the L2 budget
+    # between their two passes: the widest strips that do (32 rows: 64 bytes of bf16 a column; 16 rows: 32 bytes,
+    # one sector, its neighbour read by the next program at the same time), tiles of 8192 values
+    for per_sm, block_r in ((2, 32), (2, 16), (1, 32), (1, 16)):
+        strips = batch * triton.cdiv(rows_out, block_r)
+        if strips >= per_sm * _NUM_SMS and per_sm * _NUM_SMS * cols * block_r * x.element_size() <= _L2_STRIP_BYTES:
+            return RowwisePlan("cols", block_r, 8192 // block_r, 8, programs=per_sm * _NUM_SMS)
+    block_r, block_c = 64, 128  # 128 bytes of bf16 per column, tiles of [128, 64]
+    strips = batch * triton.cdiv(rows_out, block_r)
+    chunks = max(1, min(triton.cdiv(4 * _NUM_SMS, strips), triton.cdiv(cols_out, 4 * block_c)))
+    if chunks == 1:  # enough strips, or too short a reduction to split: one launch, a program per strip
+        return RowwisePlan("cols", block_r, block_c, 8)
+    return RowwisePlan("cols_split", block_r, block_c, 8, chunk=_ceil_to(triton.cdiv(cols_out, chunks), block_c))
+
+
+def quantize_rowwise_triton(
+    x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool, *, plan: RowwisePlan | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out],
+    bit for bit: q row-major [(E,) rows_out, cols_out], scales [(E,) rows_out, 1]. One launch, or two for a
+    transposed view with long reductions (see the comment above `RowwisePlan`); `plan` overrides `rowwise_plan`."""
+    x3 = x if x.dim() == 3 else x[None]
+    batch, rows, cols = x3.shape
+    if not (x3.stride(2) == 1 or cols == 1 or x3.stride(1) == 1 or rows == 1):
+        x3 = x3.contiguous()  # neither dimension contiguous: no coalesced way to read it
     q = torch.empty(batch, rows_out, cols_out, dtype=FP8, device=x.device)
     scale = torch.empty(batch, rows_out, 1, dtype=torch.float32, device=x.device)
-    amax = torch.zeros(batch, rows_out, dtype=torch.float32, device=x.device)
-    block_r = 64 if x3.stride(1) == 1 else 16  # rows contiguous (a transposed view): wider along them
-    chunk = 1024
-    strides = (x3.stride(0), x3.stride(1), x3.stride(2), amax.stride(0))
-    _amax_rows_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, chunk), batch)](
-        x3, amax, rows, cols, *strides, BLOCK_R=block_r, BLOCK_C=128, CHUNK=chunk, num_warps=4
-    )
-    _quant_scaled_rows_kernel[(triton.cdiv(rows_out, block_r), triton.cdiv(cols_out, chunk), batch)](
-        x3, amax, q, scale, rows, cols, rows_out, cols_out, *strides, q.stride(0), q.stride(1), scale.stride(0),
-        POW2=pow2, BLOCK_R=block_r, BLOCK_C=128, CHUNK=chunk, num_warps=4,
-    )  # fmt: skip
+    plan = plan if plan is not None else rowwise_plan(x3, rows_out, cols_out)
+    if q.numel() == 0:
+        return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+    sizes = (rows, cols, rows_out, cols_out)
+    out_strides = (q.stride(0), q.stride(1), scale.stride(0))
+    row_blocks = triton.cdiv(rows_out, plan.block_r)
+    common = dict(POW2=pow2, FAST=plan.fast, BLOCK_R=plan.block_r, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    if plan.kind in ("rows", "rows_loop"):
+        if not (x3.stride(2) == 1 or cols == 1):
+            x3 = x3.contiguous()
+        _rowwise_rows_kernel[(batch * row_blocks,)](
+            x3, q, scale, *sizes, x3.stride(0), x3.stride(1), *out_strides, row_blocks, LOOP=plan.kind == "rows_loop",
+            **common,
+        )  # fmt: skip
+    else:
+        if not (x3.stride(1) == 1 or rows == 1):
+            x3 = x3.transpose(1, 2).contiguous().transpose(1, 2)
+        x_strides = (x3.stride(0), x3.stride(2))
+        if plan.kind == "cols":
+            items = batch * row_blocks
+            grid = (min(items, plan.programs) if plan.programs else items,)
+            _rowwise_cols_kernel[grid](
+                x3, q, scale, scale, *sizes, *x_strides, *out_strides, row_blocks, 1, cols_out, items, PHASE=0,
+                **common,
+            )  # fmt: skip
+        else:
+            chunks = triton.cdiv(cols_out, plan.chunk)
+            items = batch * chunks * row_blocks
+            part = torch.empty(batch, chunks, rows_out, dtype=torch.float32, device=x.device)
+            for phase in (1, 2):
+                _rowwise_cols_kernel[(items,)](
+                    x3, q, scale, part, *sizes, *x_strides, *out_strides, row_blocks, chunks, plan.chunk, items,
+                    PHASE=phase, **common,
+                )  # fmt: skip
     return (q, scale) if x.dim() == 3 else (q[0], scale[0])
 
 
