@@ -1,20 +1,46 @@
 """Time the routed experts' matrix-vector kernels (`hf_deepseek/kernels/moe_gemv.py`) at the decode bench's expert
-shapes for several block configurations, against torch's grouped GEMM on the same routing; the chosen experts'
-bytes over the time give the bandwidth each reaches. On a CUDA machine with Triton:
+shapes for several launch configurations (`moe_gemv.KernelConfig`: BLOCK_N, BLOCK_K, warps, split-K, pipelining
+stages), against torch's grouped GEMM on the same routing; the chosen experts' bytes over the time give the
+bandwidth each reaches, also as a fraction of a device-to-device copy's (read + write bytes over its time) measured
+first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the kernels' M), and the decode bench's
+batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
-    python benchmarks/moe_gemv_tune.py [--json out.json]
+    python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
+
+`--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
+the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES".
 """
 
 import argparse
 import itertools
 import json
+import time
 
 import torch
 import torch.nn.functional as F
 
 from hf_deepseek.modeling.moe import count_per_expert
 
-CONFIGS = [(n, k, w) for n, k, w in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)) if n * k <= 16384]
+DEFAULT = (32, 256, 4, 1, None)
+# The first configurations (one K loop per program, Triton's default loop), then split-K and pipelined ones.
+CONFIGS = [
+    (n, k, w, 1, None) for n, k, w in itertools.product((8, 16, 32, 64), (128, 256, 512), (4, 8)) if n * k <= 16384
+]
+CONFIGS += [(n, k, w, s, st) for (n, k), w, s, st in itertools.product(
+    ((16, 256), (32, 128), (32, 256), (16, 512), (64, 128)), (4, 8), (1, 2, 4), (None, 2, 3))
+    if (s, st) != (1, None)]  # fmt: skip
+QUICK = [
+    DEFAULT,
+    (32, 256, 4, 1, 3),  # cp.async pipelined K loop (Triton pipelines plain loads only with num_stages given)
+    (16, 256, 4, 1, 3),
+    (16, 512, 4, 1, 2),
+    (32, 256, 4, 2, None),  # split-K: twice the programs
+    (16, 256, 4, 2, 3),
+    (32, 128, 4, 4, 3),
+    (16, 256, 8, 4, None),
+    (64, 128, 8, 1, 3),
+    (8, 512, 4, 1, 2),
+]
 
 
 def time_us(fn, repeats: int = 200) -> float:
@@ -34,6 +60,14 @@ def time_us(fn, repeats: int = 200) -> float:
     return 1000 * start.elapsed_time(end) / repeats
 
 
+def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> float:
+    """A device-to-device copy's read + write bytes per second (GB/s), the bandwidth the kernels are held against."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_us(lambda: dst.copy_(src), repeats=40)
+    return 2 * nbytes / us / 1e3
+
+
 def grouped(x, indices, weights, gate_up, down):
     top_k = indices.shape[1]
     flat = indices.flatten()
@@ -46,44 +80,89 @@ def grouped(x, indices, weights, gate_up, down):
     return out
 
 
+def fp8_weights(gate_up, down):
+    """The same shapes in FP8 with unit 128x128 block scales (timing only: the bytes and the kernels' work)."""
+    experts, two_inter, dim = gate_up.shape
+    g_i, g_d = -(-two_inter // 2 // 128), -(-dim // 128)
+    gate_up_scale = torch.ones(experts, 2 * g_i, g_d, device="cuda")
+    down_scale = torch.ones(experts, g_d, g_i, device="cuda")
+    return gate_up.to(torch.float8_e4m3fn), down.to(torch.float8_e4m3fn), gate_up_scale, down_scale
+
+
 def main() -> None:
     from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--quick", action="store_true", help="the ~10 most promising configurations, no grouped_mm")
+    parser.add_argument("--fp8", action="store_true", help="FP8 weights with block scales (the SCALED kernels)")
+    parser.add_argument("--pairs", type=int, nargs="*", default=[1, 4, 8, 32], help="P pairs: P tokens, top-1")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens at top-6 (default 1 4; quick: 1)")
     args = parser.parse_args()
+    started = time.time()
+    tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
+    configs = QUICK if args.quick else CONFIGS
     experts, dim, inter, top_k = 64, 2048, 1408, 6
     gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * dim**-0.5
     down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * inter**-0.5
-    results = {"shape": dict(experts=experts, dim=dim, inter=inter, top_k=top_k), "rows": []}
-    for tokens in (1, 4):
+    copy = copy_bandwidth_gb_s()
+    print(f"copy bandwidth {copy:.0f} GB/s (read + write); {len(configs)} configurations", flush=True)
+    shape = dict(experts=experts, dim=dim, inter=inter, top_k=top_k, fp8=args.fp8)
+    results = {"shape": shape, "copy_gb_s": copy, "rows": []}
+    cases = [(f"{p} pairs", p, 1) for p in args.pairs] + [(f"{t} tokens x top-{top_k}", t, top_k) for t in tokens_list]
+    scales = {}
+    if args.fp8:
+        gate_up, down, gate_up_scale, down_scale = fp8_weights(gate_up, down)
+        scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
+    element = gate_up.element_size()
+    for label, tokens, k in cases:
         x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
-        indices = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
-        weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
+        if k == 1:  # P distinct experts, one per token
+            indices = torch.randperm(experts, device="cuda")[:tokens, None]
+        else:
+            indices = torch.stack([torch.randperm(experts, device="cuda")[:k] for _ in range(tokens)])
+        weights = torch.rand(tokens, k, device="cuda").softmax(-1)
         distinct = indices.unique().numel()
-        nbytes = distinct * 3 * inter * dim * 2
-        want = moe_gemv.reference(x, indices, weights, gate_up, down).float()
+        nbytes = distinct * 3 * inter * dim * element
+        if args.fp8:
+            from hf_deepseek.modeling.fp8_numerics import dequantize_experts
+
+            full = dequantize_experts(gate_up, scales["gate_up_scale"], down, scales["down_scale"])
+            want = moe_gemv.reference(x, indices, weights, *full, act_dtype=x.dtype).float()
+        else:
+            want = moe_gemv.reference(x, indices, weights, gate_up, down).float()
+        inputs = (x, indices, weights, gate_up, down)
         with torch.no_grad():
-            inputs = (x, indices, weights, gate_up, down)
-            base = time_us(lambda args=inputs: grouped(*args))
-            results["rows"].append(dict(tokens=tokens, kernel="torch grouped_mm", us=base, tb_s=nbytes / base / 1e6))
-            print(f"tokens {tokens}: grouped_mm {base:.1f} us ({nbytes / base / 1e6:.2f} TB/s)", flush=True)
-            for config in CONFIGS:
+            if not args.quick and not args.fp8:
+                base = time_us(lambda args=inputs: grouped(*args))
+                gb_s = nbytes / base / 1e3
+                results["rows"].append(dict(case=label, kernel="torch grouped_mm", us=base, gb_s=gb_s))
+                print(f"{label}: grouped_mm {base:.1f} us ({gb_s:.0f} GB/s, {gb_s / copy:.0%} of copy)", flush=True)
+            print(f"{label}: {nbytes / 1e6:.1f} MB of weights", flush=True)
+            for config in configs:
                 try:
-                    out = _moe_gemv_triton.launch(x, indices, weights, gate_up, down, config).float()
+                    out = _moe_gemv_triton.launch(*inputs, config, **scales).float()
                     error = ((out - want).norm() / want.norm()).item()
-                    us = time_us(lambda c=config, args=inputs: _moe_gemv_triton.launch(*args, c))
+                    us = time_us(lambda c=config, a=inputs: _moe_gemv_triton.launch(*a, c, **scales))
                 except Exception as exc:  # a configuration Triton cannot compile is reported and skipped
-                    print(f"  {config}: failed {type(exc).__name__}", flush=True)
+                    print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                     continue
-                results["rows"].append(
-                    dict(tokens=tokens, kernel="triton gemv", config=config, us=us, tb_s=nbytes / us / 1e6, error=error)
-                )
-                print(f"  {config}: {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s) error {error:.1e}", flush=True)
-    best = {t: min((r for r in results["rows"] if r["tokens"] == t and "config" in r), key=lambda r: r["us"])
-            for t in (1, 4)}  # fmt: skip
-    results["best"] = {str(t): r for t, r in best.items()}
-    print("best:", {t: (r["config"], round(r["us"], 1)) for t, r in best.items()})
+                gb_s = nbytes / us / 1e3
+                row = dict(case=label, kernel="triton gemv", config=config, us=us, gb_s=gb_s, of_copy=gb_s / copy)
+                results["rows"].append(row | dict(error=error))
+                flag = "" if error < 1e-2 else "  WRONG"
+                print(f"  {config}: {us:6.1f} us {gb_s:5.0f} GB/s ({gb_s / copy:4.0%} of copy) err {error:.1e}{flag}",
+                      flush=True)  # fmt: skip
+    best = {}
+    for label, *_ in cases:
+        rows = [r for r in results["rows"] if r["case"] == label and "config" in r and r["error"] < 1e-2]
+        if rows:
+            best[label] = min(rows, key=lambda r: r["us"])
+            default = next((r for r in rows if tuple(r["config"]) == DEFAULT), None)
+            speedup = f", {default['us'] / best[label]['us']:.2f}x the default" if default else ""
+            print(f"best {label}: {best[label]['config']} {best[label]['us']:.1f} us{speedup}")
+    results["best"] = best
+    print(f"{time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

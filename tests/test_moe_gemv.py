@@ -225,3 +225,82 @@ def test_compiled_fp8_decode_through_the_weight_only_ops_is_the_dequantised_mode
     got = logits(model, cache_implementation="static", compile_config=compile_config)
     assert got.shape == want.shape and (got - want).abs().max() < 1e-4
     assert (fp8_gemms - want).abs().max() > 1e-2
+
+
+# Launch configurations (KernelConfig): split-K and pipelined variants of the kernels
+
+
+def test_kernel_config_parsing_and_split_chunks():
+    assert moe_gemv.kernel_config(None) == moe_gemv.CONFIG
+    assert moe_gemv.kernel_config((32, 256, 4)) == moe_gemv.KernelConfig(32, 256, 4, 1, None)
+    assert moe_gemv.parse_config("16, 512, 8, 4, 3") == moe_gemv.KernelConfig(16, 512, 8, 4, 3)
+    assert moe_gemv.parse_config("16,128,4,2") == moe_gemv.KernelConfig(16, 128, 4, 2, None)
+    assert moe_gemv.parse_config("16,128,4,2,none").stages is None
+    assert moe_gemv.parse_config("") is None and moe_gemv.parse_config(None) is None
+    for bad in ("32,256", "24,256,4", "32,256,4,0", "32,256,4,1,0", "1,2,4,1,1,1"):
+        with pytest.raises(ValueError):
+            moe_gemv.parse_config(bad)
+    for k, split, block in ((2048, 4, 256), (1408, 4, 256), (1408, 3, 128), (320, 2, 128), (100, 8, 64), (5, 1, 256)):
+        chunk = moe_gemv.split_chunk(k, split, block)
+        programs = -(-k // chunk)
+        assert chunk % block == 0 and programs <= split and (programs - 1) * chunk < k <= programs * chunk
+    assert moe_gemv.split_chunk(2048, 1, 256) >= 2048
+
+
+def test_config_from_the_environment():
+    assert moe_gemv.config_from_env({}) == moe_gemv.KernelConfig(32, 256, 4, 1, None)
+    got = moe_gemv.config_from_env({"HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"})
+    assert got == moe_gemv.KernelConfig(16, 256, 8, 2, 3)
+
+
+VARIANTS = [(32, 256, 4, 1, 3), (16, 256, 4, 2, None), (32, 128, 4, 4, 3), (16, 512, 8, 4, 2), (8, 64, 2, 3, None)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", VARIANTS)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_triton_kernel_variants_match_float64(tokens, config):
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    experts, x, indices, weights = experts_and_routing("cuda", torch.bfloat16, tokens=tokens, num_experts=64,
+                                                       hidden=2048, inter=1408)  # fmt: skip
+    args = x, indices, weights, experts.gate_up_proj, experts.down_proj
+    with torch.no_grad():
+        out = _moe_gemv_triton.launch(*args, config)
+        default = _moe_gemv_triton.launch(*args)
+        want = per_expert_float64(experts, x, indices, weights)
+        graph = torch.cuda.CUDAGraph()  # as the compiled decode step replays it (the zeroed buffers included)
+        with torch.cuda.graph(graph):
+            replayed = _moe_gemv_triton.launch(*args, config)
+        graph.replay()
+        graph.replay()
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert error < 1e-2, error
+    torch.testing.assert_close(out, default, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(replayed, out, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", VARIANTS)
+def test_fp8_triton_kernel_variants_match_the_dequantised_weights(config):
+    if not moe_gemv.triton_available() or not moe_gemv.fp8_kernels_available():
+        pytest.skip("needs Triton and a CUDA GPU with FP8")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    fp8, x, indices, weights = fp8_experts_and_routing("cuda", torch.bfloat16, 1408, tokens=3, num_experts=64,
+                                                       hidden=2048)  # fmt: skip
+    gate_up, gate_up_scale, down, down_scale = fp8_args(fp8)
+    with torch.no_grad():
+        out = _moe_gemv_triton.launch(x, indices, weights, gate_up, down, config, gate_up_scale, down_scale)
+        want = moe_gemv.reference(x.cpu(), indices.cpu(), weights.cpu(), *(w.cpu() for w in fp8.dequantized_weights()),
+                                  act_dtype=torch.bfloat16)  # fmt: skip
+        layer = fp8_linear_layer("cuda", 2048, 1536)
+        rows = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+        linear = _moe_gemv_triton.launch_linear_fp8(rows, layer.weight, layer.weight_scale_inv, config)
+        want_linear = rows.double() @ layer.dequantized(torch.float64).weight.T
+    error = ((out.cpu().double() - want.double()).norm() / want.double().norm()).item()
+    assert error < 1e-2, error
+    error = ((linear.double() - want_linear).norm() / want_linear.norm()).item()
+    assert error < 1e-2, error

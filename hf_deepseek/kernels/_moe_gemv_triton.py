@@ -1,20 +1,32 @@
 """The Triton kernels of `moe_gemv.py` (imported only where Triton and CUDA exist). With `SCALED` the weights are
-FP8 with DeepSeek's 128x128 block scales (`weight_scale_inv`), dequantised in registers: half the bytes read."""
+FP8 with DeepSeek's 128x128 block scales (`weight_scale_inv`), dequantised in registers: half the bytes read.
+
+Variants for more bytes in flight (`moe_gemv.KernelConfig`, the `config` argument): SPLIT_K > 1 adds a third grid
+axis over chunks of K; the gate/up kernel then adds its fp32 partial sums atomically into a zeroed [pairs, 2I]
+buffer h and the down kernel computes SiLU(gate) * up from h as it reads it (rounded to the activation's dtype as
+the unsplit kernel stores it), adding its own partial sums atomically into the zeroed fp32 output. STAGES asks
+Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
+before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N, BLOCK_K, WARPS = 32, 256, 4
+from .moe_gemv import KernelConfig, kernel_config, split_chunk
+
+BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
 
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, idx_ptr, w_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D,
-    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, idx_ptr, w_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
+    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
+    STAGES: tl.constexpr = None,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
-    [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert."""
+    [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
+    this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
+    gate and up partial sums are added to (atomically)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -22,9 +34,14 @@ def _gate_up_kernel(
     expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * (2 * INTER) * D
     n_ok = n < INTER
+    k_lo = 0
+    k_hi = D
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * K_CHUNK
+        k_hi = tl.minimum(k_lo + K_CHUNK, D)
     acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D
         xk = tl.load(x_ptr + token * D + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -37,18 +54,25 @@ def _gate_up_kernel(
             up *= tl.load(s + G_INTER * G_D, mask=k_ok, other=0.0)[None, :]
         acc_gate += tl.sum(gate * xk[None, :], axis=1)
         acc_up += tl.sum(up * xk[None, :], axis=1)
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
-    tl.store(act_ptr + pair * INTER + n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
+    if SPLIT_K > 1:
+        tl.atomic_add(act_ptr + pair * (2 * INTER) + n, acc_gate, mask=n_ok, sem="relaxed")
+        tl.atomic_add(act_ptr + pair * (2 * INTER) + INTER + n, acc_up, mask=n_ok, sem="relaxed")
+    else:
+        act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        tl.store(act_ptr + pair * INTER + n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _down_kernel(
-    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D,
+    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
-    row of act a plain matrix-vector product (an FP8 linear layer)."""
+    row of act a plain matrix-vector product (an FP8 linear layer). SPLIT_K > 1: this program's K_CHUNK of INTER,
+    added atomically into the zeroed out. ACT_FROM_H (1: round to bf16, 2: to fp16, 3: keep fp32): act_ptr is the
+    split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) * h[:, I:] computed here."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -57,12 +81,26 @@ def _down_kernel(
         expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * D * INTER
     n_ok = n < D
+    k_lo = 0
+    k_hi = INTER
+    if SPLIT_K > 1:
+        k_lo = tl.program_id(2) * K_CHUNK
+        k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, INTER, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < INTER
         mask = n_ok[:, None] & k_ok[None, :]
-        a = tl.load(act_ptr + pair * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
+        if ACT_FROM_H:
+            h_gate = tl.load(act_ptr + pair * (2 * INTER) + k, mask=k_ok, other=0.0)
+            h_up = tl.load(act_ptr + pair * (2 * INTER) + INTER + k, mask=k_ok, other=0.0)
+            a = h_gate * tl.sigmoid(h_gate) * h_up  # the unsplit gate/up kernel's expression, then its rounding
+            if ACT_FROM_H == 1:
+                a = a.to(tl.bfloat16).to(tl.float32)
+            elif ACT_FROM_H == 2:
+                a = a.to(tl.float16).to(tl.float32)
+        else:
+            a = tl.load(act_ptr + pair * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
         down = tl.load(w + n[:, None] * INTER + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:
             s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
@@ -70,13 +108,21 @@ def _down_kernel(
         acc += tl.sum(down * a[None, :], axis=1)
     if ROUTED:
         acc *= tl.load(weight_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + pair * D + n, acc, mask=n_ok)
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptr + pair * D + n, acc, mask=n_ok, sem="relaxed")
+    else:
+        tl.store(out_ptr + pair * D + n, acc, mask=n_ok)
+
+
+_ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
-    """`config`: (BLOCK_N, BLOCK_K, warps) for both kernels (the tuning script tries several). With the two
-    scales, gate_up and down are FP8 weights with their block scales; the activation is kept in x's dtype."""
-    block_n, block_k, warps = config or (BLOCK_N, BLOCK_K, WARPS)
+    """`config`: a `moe_gemv.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for both
+    kernels (the tuning script tries several); by default `moe_gemv.CONFIG`. With the two scales, gate_up and down
+    are FP8 weights with their block scales; the activation is kept in x's dtype."""
+    cfg = kernel_config(config)
+    block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
@@ -86,15 +132,23 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
         _check_scaled_block(block_n)
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
-    act = torch.empty(pairs, inter, device=x.device, dtype=x.dtype if scaled else gate_up.dtype)
-    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n))](
-        x, flat_idx, gate_up, gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter, g_dim,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    act_dtype = x.dtype if scaled else gate_up.dtype
+    launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        act = torch.zeros(pairs, 2 * inter, device=x.device, dtype=torch.float32)  # h: gate and up, fp32 sums
+        out = torch.zeros(pairs, dim, device=x.device, dtype=torch.float32)
+    else:
+        act = torch.empty(pairs, inter, device=x.device, dtype=act_dtype)
+        out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
+    chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
+    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
+        x, flat_idx, gate_up, gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter, g_dim, chunk_d,
+        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
-    out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
-    _down_kernel[(pairs, triton.cdiv(dim, block_n))](
-        act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim,
-        SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+    _down_kernel[(pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
+        act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i,
+        SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, **launch_opts,
     )  # fmt: skip
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
@@ -106,14 +160,18 @@ def _check_scaled_block(block_n: int) -> None:
 
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
-    down kernel over one matrix, each row a matrix-vector product."""
-    block_n, block_k, warps = config or (BLOCK_N, BLOCK_K, WARPS)
+    down kernel over one matrix, each row a matrix-vector product. `config` as `launch`'s, by default the kernels'
+    defaults (not `moe_gemv.CONFIG`, which is tuned for the experts)."""
+    block_n, block_k, warps, split_k, stages = kernel_config(config or KernelConfig())
     _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
-    out = torch.empty(rows, n, device=x.device, dtype=torch.float32)
-    _down_kernel[(rows, triton.cdiv(n, block_n))](
+    launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+    chunk = split_chunk(k, split_k, block_k)
+    out = (torch.zeros if split_k > 1 else torch.empty)(rows, n, device=x.device, dtype=torch.float32)
+    _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
         x, x, x, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128), triton.cdiv(n, 128),
-        SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        chunk, SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        **launch_opts,
     )  # fmt: skip
     return out.to(x.dtype)
