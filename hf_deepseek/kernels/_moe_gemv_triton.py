@@ -4,7 +4,8 @@ FP8 with DeepSeek's 128x128 block scales (`weight_scale_inv`), dequantised in re
 Variants for more bytes in flight (`moe_gemv.KernelConfig`, the `config` argument): SPLIT_K > 1 adds a third grid
 axis over chunks of K; the gate/up kernel then adds its fp32 partial sums atomically into a zeroed [pairs, 2I]
 buffer h and the down kernel computes SiLU(gate) * up from h as it reads it (rounded to the activation's dtype as
-the unsplit kernel stores it), adding its own partial sums atomically into the zeroed fp32 output. STAGES asks
+the unsplit kernel stores it), adding its partial sums atomically into the zeroed fp32 [tokens, d] output (the
+sum over the top-k too: one kernel fewer than the unsplit path's per-pair output summed in torch). STAGES asks
 Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
 before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
@@ -64,14 +65,15 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK,
+    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
     row of act a plain matrix-vector product (an FP8 linear layer). SPLIT_K > 1: this program's K_CHUNK of INTER,
-    added atomically into the zeroed out. ACT_FROM_H (1: round to bf16, 2: to fp16, 3: keep fp32): act_ptr is the
+    added atomically into the zeroed out's row of the pair's token (pair // TOP_K: the sum over the top-k done
+    here). ACT_FROM_H (1: round to bf16, 2: to fp16, 3: keep fp32): act_ptr is the
     split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) * h[:, I:] computed here."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
@@ -109,7 +111,7 @@ def _down_kernel(
     if ROUTED:
         acc *= tl.load(weight_ptr + pair).to(tl.float32)
     if SPLIT_K > 1:
-        tl.atomic_add(out_ptr + pair * D + n, acc, mask=n_ok, sem="relaxed")
+        tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
     else:
         tl.store(out_ptr + pair * D + n, acc, mask=n_ok)
 
@@ -134,9 +136,9 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
     launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
-    if split_k > 1:
-        act = torch.zeros(pairs, 2 * inter, device=x.device, dtype=torch.float32)  # h: gate and up, fp32 sums
-        out = torch.zeros(pairs, dim, device=x.device, dtype=torch.float32)
+    if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
+        buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)
+        act, out = buffer[: pairs * 2 * inter].view(pairs, 2 * inter), buffer[pairs * 2 * inter :].view(num_tokens, dim)
     else:
         act = torch.empty(pairs, inter, device=x.device, dtype=act_dtype)
         out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
@@ -146,10 +148,12 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
     _down_kernel[(pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
-        act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i,
+        act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
         SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, **launch_opts,
     )  # fmt: skip
+    if split_k > 1:
+        return out.to(x.dtype)
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
@@ -171,7 +175,7 @@ def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     out = (torch.zeros if split_k > 1 else torch.empty)(rows, n, device=x.device, dtype=torch.float32)
     _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
         x, x, x, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128), triton.cdiv(n, 128),
-        chunk, SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        chunk, 1, SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         **launch_opts,
     )  # fmt: skip
     return out.to(x.dtype)
