@@ -98,11 +98,13 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 weights with block scales (the SCALED kernels)")
     parser.add_argument("--pairs", type=int, nargs="*", default=[1, 4, 8, 32], help="P pairs: P tokens, top-1")
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens at top-6 (default 1 4; quick: 1)")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--inter", type=int, default=1408)
     args = parser.parse_args()
     started = time.time()
     tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
     configs = QUICK if args.quick else CONFIGS
-    experts, dim, inter, top_k = 64, 2048, 1408, 6
+    experts, dim, inter, top_k = 64, args.dim, args.inter, 6
     gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * dim**-0.5
     down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * inter**-0.5
     copy = copy_bandwidth_gb_s()
@@ -115,6 +117,10 @@ def main() -> None:
         gate_up, down, gate_up_scale, down_scale = fp8_weights(gate_up, down)
         scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
     element = gate_up.element_size()
+    if args.fp8:
+        from hf_deepseek.modeling.fp8_numerics import dequantize_experts
+
+        full = dequantize_experts(gate_up, scales["gate_up_scale"], down, scales["down_scale"])
     for label, tokens, k in cases:
         x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
         if k == 1:  # P distinct experts, one per token
@@ -125,9 +131,6 @@ def main() -> None:
         distinct = indices.unique().numel()
         nbytes = distinct * 3 * inter * dim * element
         if args.fp8:
-            from hf_deepseek.modeling.fp8_numerics import dequantize_experts
-
-            full = dequantize_experts(gate_up, scales["gate_up_scale"], down, scales["down_scale"])
             want = moe_gemv.reference(x, indices, weights, *full, act_dtype=x.dtype).float()
         else:
             want = moe_gemv.reference(x, indices, weights, gate_up, down).float()
