@@ -1,5 +1,5 @@
 """Time the routed experts' matrix-vector kernels (`hf_deepseek/kernels/moe_gemv.py`) at the decode bench's expert
-shapes for several launch configurations (`moe_gemv.KernelConfig`: BLOCK_N, BLOCK_K, warps, split-K, pipelining
+shapes for several launch configurations (`moe_gemv_config.KernelConfig`: BLOCK_N, BLOCK_K, warps, split-K, pipelining
 stages), against torch's grouped GEMM on the same routing; the chosen experts' bytes over the time give the
 bandwidth each reaches, also as a fraction of a device-to-device copy's (read + write bytes over its time) measured
 first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the kernels' M), and the decode bench's
@@ -118,7 +118,7 @@ def main() -> None:
         scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
     element = gate_up.element_size()
     if args.fp8:
-        from hf_deepseek.modeling.fp8_numerics import dequantize_experts
+        from hf_deepseek.kernels.fp8_blocks import dequantize_experts
 
         full = dequantize_experts(gate_up, scales["gate_up_scale"], down, scales["down_scale"])
     for label, tokens, k in cases:

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
-from hf_deepseek.kernels import moe_gemv
+from hf_deepseek.kernels import moe_gemv, moe_gemv_config
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.moe import RoutedExperts
 
@@ -231,26 +231,26 @@ def test_compiled_fp8_decode_through_the_weight_only_ops_is_the_dequantised_mode
 
 
 def test_kernel_config_parsing_and_split_chunks():
-    assert moe_gemv.kernel_config(None) == moe_gemv.CONFIG
-    assert moe_gemv.kernel_config((32, 256, 4)) == moe_gemv.KernelConfig(32, 256, 4, 1, None)
-    assert moe_gemv.parse_config("16, 512, 8, 4, 3") == moe_gemv.KernelConfig(16, 512, 8, 4, 3)
-    assert moe_gemv.parse_config("16,128,4,2") == moe_gemv.KernelConfig(16, 128, 4, 2, None)
-    assert moe_gemv.parse_config("16,128,4,2,none").stages is None
-    assert moe_gemv.parse_config("") is None and moe_gemv.parse_config(None) is None
+    assert moe_gemv_config.kernel_config(None) == moe_gemv_config.CONFIG
+    assert moe_gemv_config.kernel_config((32, 256, 4)) == moe_gemv_config.KernelConfig(32, 256, 4, 1, None)
+    assert moe_gemv_config.parse_config("16, 512, 8, 4, 3") == moe_gemv_config.KernelConfig(16, 512, 8, 4, 3)
+    assert moe_gemv_config.parse_config("16,128,4,2") == moe_gemv_config.KernelConfig(16, 128, 4, 2, None)
+    assert moe_gemv_config.parse_config("16,128,4,2,none").stages is None
+    assert moe_gemv_config.parse_config("") is None and moe_gemv_config.parse_config(None) is None
     for bad in ("32,256", "24,256,4", "32,256,4,0", "32,256,4,1,0", "1,2,4,1,1,1"):
         with pytest.raises(ValueError):
-            moe_gemv.parse_config(bad)
+            moe_gemv_config.parse_config(bad)
     for k, split, block in ((2048, 4, 256), (1408, 4, 256), (1408, 3, 128), (320, 2, 128), (100, 8, 64), (5, 1, 256)):
-        chunk = moe_gemv.split_chunk(k, split, block)
+        chunk = moe_gemv_config.split_chunk(k, split, block)
         programs = -(-k // chunk)
         assert chunk % block == 0 and programs <= split and (programs - 1) * chunk < k <= programs * chunk
-    assert moe_gemv.split_chunk(2048, 1, 256) >= 2048
+    assert moe_gemv_config.split_chunk(2048, 1, 256) >= 2048
 
 
 def test_config_from_the_environment():
-    assert moe_gemv.config_from_env({}) == moe_gemv.KernelConfig(32, 256, 4, 1, None)
-    got = moe_gemv.config_from_env({"HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"})
-    assert got == moe_gemv.KernelConfig(16, 256, 8, 2, 3)
+    assert moe_gemv_config.config_from_env({}) == moe_gemv_config.KernelConfig(32, 256, 4, 1, None)
+    got = moe_gemv_config.config_from_env({"HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"})
+    assert got == moe_gemv_config.KernelConfig(16, 256, 8, 2, 3)
 
 
 VARIANTS = [(32, 256, 4, 1, 3), (16, 256, 4, 2, None), (32, 128, 4, 4, 3), (16, 512, 8, 4, 2), (8, 64, 2, 3, None)]

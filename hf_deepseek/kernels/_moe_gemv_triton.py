@@ -1,7 +1,7 @@
 """The Triton kernels of `moe_gemv.py` (imported only where Triton and CUDA exist). With `SCALED` the weights are
 FP8 with DeepSeek's 128x128 block scales (`weight_scale_inv`), dequantised in registers: half the bytes read.
 
-Variants for more bytes in flight (`moe_gemv.KernelConfig`, the `config` argument): SPLIT_K > 1 adds a third grid
+Variants for more bytes in flight (`moe_gemv_config.KernelConfig`, the `config` argument): SPLIT_K > 1 adds a third grid
 axis over chunks of K; the gate/up kernel then adds its fp32 partial sums atomically into a zeroed [pairs, 2I]
 buffer h and the down kernel computes SiLU(gate) * up from h as it reads it (rounded to the activation's dtype as
 the unsplit kernel stores it), adding its partial sums atomically into the zeroed fp32 [tokens, d] output (the
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemv import KernelConfig, kernel_config, split_chunk
+from .moe_gemv_config import KernelConfig, kernel_config, split_chunk
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
 
@@ -120,9 +120,9 @@ _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
-    """`config`: a `moe_gemv.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for both
-    kernels (the tuning script tries several); by default `moe_gemv.CONFIG`. With the two scales, gate_up and down
-    are FP8 weights with their block scales; the activation is kept in x's dtype."""
+    """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
+    both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG`. With the two scales,
+    gate_up and down are FP8 weights with their block scales; the activation is kept in x's dtype."""
     cfg = kernel_config(config)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -165,7 +165,7 @@ def _check_scaled_block(block_n: int) -> None:
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
     down kernel over one matrix, each row a matrix-vector product. `config` as `launch`'s, by default the kernels'
-    defaults (not `moe_gemv.CONFIG`, which is tuned for the experts)."""
+    defaults (not `moe_gemv_config.CONFIG`, which is tuned for the experts)."""
     block_n, block_k, warps, split_k, stages = kernel_config(config or KernelConfig())
     _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape

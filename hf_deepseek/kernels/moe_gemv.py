@@ -14,69 +14,14 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 `linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`).
 """
 
-import os
-from typing import NamedTuple
-
 import torch
+
+from .fp8_blocks import dequantize_blocks, dequantize_experts
 
 ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
 MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
 MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
 
-
-class KernelConfig(NamedTuple):
-    """The Triton kernels' launch configuration (`_moe_gemv_triton.launch`'s `config`): rows per program, K per
-    loop step, warps, K chunks (split-K: a third grid axis, partial sums added atomically in fp32) and software
-    pipelining stages of the K loop (None: Triton's default loop, the kernels as first written)."""
-
-    block_n: int = 32
-    block_k: int = 256
-    warps: int = 4
-    split_k: int = 1
-    stages: int | None = None
-
-
-def parse_config(text: str | None) -> KernelConfig | None:
-    """ "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (as HF_DEEPSEEK_MOE_GEMV_CONFIG gives it; STAGES "none" or left
-    out: Triton's default loop) -> KernelConfig; None or "" -> None."""
-    if not text or not text.strip():
-        return None
-    fields = [f.strip() for f in text.split(",")]
-    if not 3 <= len(fields) <= 5:
-        raise ValueError(f"expected BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]], got {text!r}")
-    block_n, block_k, warps = (int(f) for f in fields[:3])
-    split_k = int(fields[3]) if len(fields) > 3 else 1
-    stages = None if len(fields) < 5 or fields[4].lower() == "none" else int(fields[4])
-    return kernel_config((block_n, block_k, warps, split_k, stages))
-
-
-def kernel_config(config=None) -> KernelConfig:
-    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for `CONFIG` (the
-    defaults unless set), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
-    cfg = KernelConfig(*(CONFIG if config is None else config))
-    for name in ("block_n", "block_k", "warps"):
-        value = getattr(cfg, name)
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
-    if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
-        raise ValueError(f"split_k must be >= 1 and stages None or >= 1: {cfg}")
-    return cfg
-
-
-def split_chunk(k: int, split_k: int, block_k: int) -> int:
-    """The K each program of a split-K launch covers: K / split_k rounded up to whole BLOCK_K steps (so chunks
-    start on step boundaries and cdiv(k, chunk) <= split_k programs cover K)."""
-    steps = -(-k // block_k)
-    return -(-steps // split_k) * block_k
-
-
-# The experts' kernel configuration (`launch`'s default): the defaults, or HF_DEEPSEEK_MOE_GEMV_CONFIG's
-# "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (read at import, for benches of a tuned configuration).
-def config_from_env(environ=os.environ) -> KernelConfig:
-    return parse_config(environ.get("HF_DEEPSEEK_MOE_GEMV_CONFIG")) or KernelConfig()
-
-
-CONFIG: KernelConfig = config_from_env()
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
 
@@ -183,8 +128,6 @@ def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
     [ceil(N/128), ceil(K/128)] (fp32 accumulation)."""
     if not x.is_cuda:
-        from hf_deepseek.modeling.fp8_numerics import dequantize_blocks  # here: modeling imports this module
-
         return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
     from ._moe_gemv_triton import launch_linear_fp8
 
@@ -207,10 +150,8 @@ def routed_experts_gemv_fp8(
     down_scale: torch.Tensor,
 ) -> torch.Tensor:
     """`routed_experts_gemv` with FP8 weights: gate_up [E, 2I, d] and down [E, d, I] float8_e4m3fn, their block
-    scales as `fp8_numerics.dequantize_experts` reads them; the activation kept in x's dtype."""
+    scales as `fp8_blocks.dequantize_experts` reads them; the activation kept in x's dtype."""
     if not x.is_cuda:
-        from hf_deepseek.modeling.fp8_numerics import dequantize_experts  # here: modeling imports this module
-
         full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
         return reference(x, indices, weights, *full, act_dtype=x.dtype)
     from ._moe_gemv_triton import launch
@@ -236,9 +177,4 @@ __all__ = [
     "ENABLED",
     "MAX_PAIRS",
     "MAX_LINEAR_ROWS",
-    "CONFIG",
-    "KernelConfig",
-    "kernel_config",
-    "parse_config",
-    "split_chunk",
 ]

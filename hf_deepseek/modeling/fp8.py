@@ -26,15 +26,13 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..kernels import moe_gemv
+from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
 from .fp8_numerics import (
-    BLOCK,
     FP8,
     OFFICIAL_QUANTIZATION_CONFIG,
     EmulatedBackend,
     ExpertLayout,
     FP8Recipe,
-    dequantize_blocks,
-    dequantize_experts,
     dequantize_tiles,
     expert_layout,
     grouped_linear_high_precision,

@@ -1,0 +1,60 @@
+"""The launch configuration of the routed experts' matrix-vector kernels (`moe_gemv.py`, `_moe_gemv_triton.py`):
+what both the op and the Triton launcher read, below both."""
+
+import os
+from typing import NamedTuple
+
+
+class KernelConfig(NamedTuple):
+    """The Triton kernels' launch configuration (`_moe_gemv_triton.launch`'s `config`): rows per program, K per
+    loop step, warps, K chunks (split-K: a third grid axis, partial sums added atomically in fp32) and software
+    pipelining stages of the K loop (None: Triton's default loop, the kernels as first written)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    split_k: int = 1
+    stages: int | None = None
+
+
+def parse_config(text: str | None) -> KernelConfig | None:
+    """ "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (as HF_DEEPSEEK_MOE_GEMV_CONFIG gives it; STAGES "none" or left
+    out: Triton's default loop) -> KernelConfig; None or "" -> None."""
+    if not text or not text.strip():
+        return None
+    fields = [f.strip() for f in text.split(",")]
+    if not 3 <= len(fields) <= 5:
+        raise ValueError(f"expected BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]], got {text!r}")
+    block_n, block_k, warps = (int(f) for f in fields[:3])
+    split_k = int(fields[3]) if len(fields) > 3 else 1
+    stages = None if len(fields) < 5 or fields[4].lower() == "none" else int(fields[4])
+    return kernel_config((block_n, block_k, warps, split_k, stages))
+
+
+def kernel_config(config=None) -> KernelConfig:
+    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for `CONFIG` (the
+    defaults unless set), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
+    cfg = KernelConfig(*(CONFIG if config is None else config))
+    for name in ("block_n", "block_k", "warps"):
+        value = getattr(cfg, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value}")
+    if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
+        raise ValueError(f"split_k must be >= 1 and stages None or >= 1: {cfg}")
+    return cfg
+
+
+def split_chunk(k: int, split_k: int, block_k: int) -> int:
+    """The K each program of a split-K launch covers: K / split_k rounded up to whole BLOCK_K steps (so chunks
+    start on step boundaries and cdiv(k, chunk) <= split_k programs cover K)."""
+    steps = -(-k // block_k)
+    return -(-steps // split_k) * block_k
+
+
+# The experts' kernel configuration (`launch`'s default): the defaults, or HF_DEEPSEEK_MOE_GEMV_CONFIG's
+# "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (read at import, for benches of a tuned configuration).
+def config_from_env(environ=os.environ) -> KernelConfig:
+    return parse_config(environ.get("HF_DEEPSEEK_MOE_GEMV_CONFIG")) or KernelConfig()
+
+
+CONFIG: KernelConfig = config_from_env()
