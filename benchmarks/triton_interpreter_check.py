@@ -214,17 +214,22 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
+def fp8_experts(hidden: int, inter: int) -> FP8InferenceExperts:
+    """16 routed experts with unit-variance outputs, quantised to FP8 with their block scales."""
+    config = DeepSeekConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=16)
+    experts = RoutedExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, hidden**-0.5)
+        experts.down_proj.normal_(0, inter**-0.5)
+    return FP8InferenceExperts.from_experts(experts, config)
+
+
 def weight_only_kernels() -> dict[str, float]:
     """FP8 experts and linear layers (bf16 activations) against float64, beside the bf16 experts kernel."""
     results = {}
     for inter, tokens, hidden in ((160, 3, 256), (1408, 2, 640)):
         torch.manual_seed(inter)
-        config = DeepSeekConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=16)
-        experts = RoutedExperts(config)
-        with torch.no_grad():
-            experts.gate_up_proj.normal_(0, hidden**-0.5)
-            experts.down_proj.normal_(0, inter**-0.5)
-        fp8 = FP8InferenceExperts.from_experts(experts, config)
+        fp8 = fp8_experts(hidden, inter)
         x = torch.randn(tokens, hidden).to(torch.bfloat16)
         indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])
         weights = torch.rand(tokens, 6).softmax(dim=-1)
@@ -327,12 +332,7 @@ def moe_gemv_variants() -> dict[str, bool]:
     results = {}
     torch.manual_seed(7)
     hidden, inter, tokens = 384, 320, 2  # partial BLOCK_K steps and split chunks, a partial 128-block of scales
-    config = DeepSeekConfig(hidden_size=hidden, moe_intermediate_size=inter, n_routed_experts=16)
-    experts = RoutedExperts(config)
-    with torch.no_grad():
-        experts.gate_up_proj.normal_(0, hidden**-0.5)
-        experts.down_proj.normal_(0, inter**-0.5)
-    fp8 = FP8InferenceExperts.from_experts(experts, config)
+    fp8 = fp8_experts(hidden, inter)
     gate_up, down = (w.to(torch.bfloat16) for w in fp8.dequantized_weights())
     x = torch.randn(tokens, hidden).to(torch.bfloat16)
     indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])

@@ -24,6 +24,7 @@ CPU's can be any). The logits agree with cuBLAS's to fp32 rounding, not bit for 
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,57 +50,50 @@ def grouped(n_group: int, topk_group: int, topk_method: str) -> bool:
     return topk_method != "greedy" and n_group > 1 and topk_group < n_group
 
 
-def route_reference(
-    logits: torch.Tensor,
-    bias: torch.Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    topk_method: str,
-    scoring_func: str,
-    norm_topk_prob: bool,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [N, E] (fp32) -> expert indices [N, k] (int64), gate weights [N, k] (fp32), scores [N, E]: the
-    router's computation in torch (differentiable through the weights and scores)."""
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
-    choice_args = (top_k, n_group, topk_group, topk_method, norm_topk_prob, routed_scaling_factor)
-    return *select_experts(scores, bias, *choice_args), scores
+class Routing(NamedTuple):
+    """A router's settings (`routing_args`), in the order `route_tokens` and `launch` take them after the bias."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    topk_method: str
+    scoring_func: str
+    norm_topk_prob: bool
+    routed_scaling_factor: float
 
 
-def select_experts(
-    scores: torch.Tensor,
-    bias: torch.Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    topk_method: str,
-    norm_topk_prob: bool,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def route_reference(logits: torch.Tensor, bias: torch.Tensor, *routing) -> tuple[torch.Tensor, ...]:
+    """logits [N, E] (fp32), `Routing` fields -> expert indices [N, k] (int64), gate weights [N, k] (fp32), scores
+    [N, E]: the router's computation in torch (differentiable through the weights and scores)."""
+    r = Routing(*routing)
+    scores = logits.sigmoid() if r.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    return *select_experts(scores, bias, r), scores
+
+
+def select_experts(scores: torch.Tensor, bias: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [N, E] -> expert indices [N, k], gate weights [N, k]: `route_reference` after the scoring."""
     num_experts = scores.shape[-1]
     choice = scores.detach() + bias  # [N, E]: the bias only picks experts
-    if grouped(n_group, topk_group, topk_method):
-        groups = choice.view(-1, n_group, num_experts // n_group)  # [N, G, E/G]
-        if topk_method == "group_limited_greedy":  # DeepSeek-V2: a group scores as its best expert
+    if grouped(r.n_group, r.topk_group, r.topk_method):
+        groups = choice.view(-1, r.n_group, num_experts // r.n_group)  # [N, G, E/G]
+        if r.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group scores as its best expert
             group_scores = groups.amax(dim=-1)  # [N, G]
         else:  # noaux_tc (DeepSeek-V3): the sum of its two best experts
             group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)  # [N, G]
-        kept = group_scores.topk(topk_group, dim=-1).indices
+        kept = group_scores.topk(r.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         choice = groups.masked_fill(~group_mask[..., None], float("-inf")).view(-1, num_experts)
-    indices = choice.topk(top_k, dim=-1).indices  # [N, k]
+    indices = choice.topk(r.top_k, dim=-1).indices  # [N, k]
     weights = scores.gather(1, indices)
-    if norm_topk_prob and top_k > 1:
+    if r.norm_topk_prob and r.top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return indices, weights * routed_scaling_factor
+    return indices, weights * r.routed_scaling_factor
 
 
-def routing_args(config) -> tuple:
-    """The config's routing settings in `route_reference`'s and `route_tokens`'s order, after logits and bias."""
+def routing_args(config) -> Routing:
+    """The config's routing settings, to unpack after logits and bias into `route_reference` and `route_tokens`."""
     c = config
-    return (
+    return Routing(
         c.num_experts_per_tok, c.n_group, c.topk_group, c.topk_method, c.scoring_func, c.norm_topk_prob,
         float(c.routed_scaling_factor),
     )  # fmt: skip
@@ -157,7 +151,7 @@ def route_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, d], router weight [E, d], correction bias [E] -> expert indices [N, k] (int64), gate weights [N, k]
     (fp32), tokens per expert [E] (int64): `TopKRouter`'s routing of x."""
-    args = (top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor)
+    args = Routing(top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor)
     if x.is_cuda and triton_available():
         return launch(x, weight, bias, *args)[:3]
     indices, weights, _ = route_reference(F.linear(x.float(), weight.float()), bias, *args)
@@ -394,6 +388,6 @@ if triton is not None:
 
 
 __all__ = [
-    "route_tokens", "route_reference", "select_experts", "routing_args", "count_per_expert", "grouped", "supported",
-    "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
+    "route_tokens", "route_reference", "select_experts", "routing_args", "Routing", "count_per_expert", "grouped",
+    "supported", "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
 ]  # fmt: skip
