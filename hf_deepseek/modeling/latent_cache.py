@@ -37,19 +37,23 @@ class LatentCacheLayer(StaticLayer):
         self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
         paged_len = -(-self.max_cache_len // PAGE) * PAGE
         width = self.k_head_dim + self.v_head_dim
-        self.storage = torch.zeros(self.batch_size, paged_len, width, dtype=self.dtype, device=self.device)
-        self.latent_and_rope = self.storage[:, : self.max_cache_len]
+        self._use_storage(torch.zeros(self.batch_size, paged_len, width, dtype=self.dtype, device=self.device))
         compiling = is_torchdynamo_compiling()
         self.flash_mla = not compiling and flash_mla_decode.usable(
             self.k_head_dim, self.v_head_dim, self.dtype, self.device
         )
-        self.keys = self.latent_and_rope[:, None, :, : self.k_head_dim]
-        self.values = self.latent_and_rope[:, None, :, self.k_head_dim :]
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not is_torchdynamo_compiling():  # fixed addresses: CUDA graphs replay over these very tensors
             for tensor in (self.storage, self.latent_and_rope, self.keys, self.values, self.cumulative_length):
                 torch._dynamo.mark_static_address(tensor)
         self.is_initialized = True
+
+    def _use_storage(self, storage: torch.Tensor) -> None:
+        """Hold `storage` [B, L64, r + rope] and the views of it that attention and transformers read."""
+        self.storage = storage
+        self.latent_and_rope = storage[:, : self.max_cache_len]
+        self.keys = self.latent_and_rope[:, None, :, : self.k_head_dim]
+        self.values = self.latent_and_rope[:, None, :, self.k_head_dim :]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new tokens at the current length (a device tensor: no sync); return the full views."""
@@ -76,10 +80,7 @@ class LatentCacheLayer(StaticLayer):
         view.device, view.dtype, view.flash_mla = self.device, self.dtype, self.flash_mla
         view.batch_size, view.num_heads = end - start, self.num_heads
         view.k_head_dim, view.v_head_dim = self.k_head_dim, self.v_head_dim
-        view.storage = self.storage[start:end]
-        view.latent_and_rope = view.storage[:, : self.max_cache_len]
-        view.keys = view.latent_and_rope[:, None, :, : self.k_head_dim]
-        view.values = view.latent_and_rope[:, None, :, self.k_head_dim :]
+        view._use_storage(self.storage[start:end])
         view.cumulative_length = torch.zeros_like(self.cumulative_length)
         view.is_initialized = True
         return view
