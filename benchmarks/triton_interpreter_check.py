@@ -298,7 +298,7 @@ def moe_router() -> dict[str, bool]:
         if config.scoring_func == "sigmoid":  # as the interpreted kernel: 1 / (1 + exp(-x)) in fp32, numpy's exp
             one = np.float32(1)
             scores = torch.from_numpy(one / (one + np.exp(-logits.numpy())))
-            want_indices, want_weights = moe_routing.select_experts(scores, bias, *args[:4], *args[5:])
+            want_indices, want_weights = moe_routing.select_experts(scores, bias, args)
         else:
             want_indices, want_weights, _ = moe_routing.route_reference(logits, bias, *args)
         normalised = config.norm_topk_prob and config.num_experts_per_tok > 1
