@@ -263,6 +263,26 @@ def test_model_decode_with_the_kernel_on_gpu(monkeypatch):
     assert torch.equal(with_kernel, without)
 
 
+@pytest.mark.gpu
+def test_kernel_first_called_inside_cuda_graph_trees_on_gpu(monkeypatch):
+    """The op's first call on a device inside Inductor's CUDA-graph trees (their warm-up routes the thread's
+    allocations to the graph pool) keeps no pool tensor alive: generate()'s device loop over a prefill too long for
+    the kernel (so the compiled step's warm-up makes the counters) runs, with the torch router's tokens. Before, it
+    failed with "tensor(s) in the cudagraph pool not tracked as outputs" and fell back to transformers' loop."""
+    gpu_ready()
+    monkeypatch.setattr(moe_routing, "_SEMAPHORES", {})
+    torch.manual_seed(0)
+    config = tiny_config(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, num_hidden_layers=3)
+    model = DeepSeekForCausalLM(config).cuda().eval()
+    ids = torch.randint(3, config.vocab_size, (2, moe_routing.MAX_TOKENS), device="cuda")  # prefill: torch router
+    with_kernel = model.generate(ids, max_new_tokens=12, do_sample=False, fast_loop=True)
+    assert moe_routing._SEMAPHORES and not any(t.any() for t in moe_routing._SEMAPHORES.values())
+    monkeypatch.setattr(moe_routing, "ENABLED", False)
+    model.__dict__.pop("_fast_decode_step", None)
+    without = model.generate(ids, max_new_tokens=12, do_sample=False, fast_loop=True)
+    assert torch.equal(with_kernel, without)
+
+
 def graph_microseconds(fn, calls: int = 50, replays: int = 20) -> float:
     """GPU time per call of `fn`, `calls` calls captured in one CUDA graph (as the decode step runs them)."""
     stream = torch.cuda.Stream()

@@ -24,6 +24,7 @@ CPU's can be any). The logits agree with cuBLAS's to fp32 rounding, not bit for 
 """
 
 import os
+import threading
 from typing import NamedTuple
 
 import torch
@@ -178,17 +179,37 @@ _SEMAPHORES: dict[torch.device, torch.Tensor] = {}  # per device: [1 + MAX_TOKEN
 def _semaphores(device: torch.device) -> torch.Tensor:
     """The kernel's counters on `device`: slot 0 counts finished token blocks, slot 1 + b the finished expert
     blocks of token block b; each last program sets its slot back to 0, so one zeroed buffer serves every launch
-    on a stream. Made outside CUDA-graph capture (the first, eager call); a call captured before any eager one gets
-    a fresh zeroed buffer (a memset in the graph)."""
+    on a stream. A call captured into a CUDA graph before any other gets a fresh zeroed buffer (a memset in the
+    graph)."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     buffer = _SEMAPHORES.get(device)
     if buffer is None:
-        buffer = torch.zeros(1 + MAX_TOKENS, dtype=torch.int32, device=device)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return buffer
-        _SEMAPHORES[device] = buffer
+            return torch.zeros(1 + MAX_TOKENS, dtype=torch.int32, device=device)
+        buffer = _SEMAPHORES[device] = _zeros_outside_graph_pools(1 + MAX_TOKENS, device)
     return buffer
+
+
+def _zeros_outside_graph_pools(size: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 [size] from the ordinary allocator. While Inductor's CUDA-graph trees warm a function up, every
+    allocation of the warming thread goes to the graph pool, and a tensor kept there beyond the call fails their
+    check ("tensor(s) in the cudagraph pool not tracked as outputs"): generate()'s device loop fell back to
+    transformers' loop. So a CUDA buffer is made on a thread of its own, outside any pool."""
+    if device.type != "cuda":
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    made = []
+
+    def make():
+        made.append(torch.zeros(size, dtype=torch.int32, device=device))
+        torch.cuda.synchronize(device)  # the memset done before any stream of the caller reads it
+
+    thread = threading.Thread(target=make, name="hf_deepseek-router-semaphores")
+    thread.start()
+    thread.join()
+    if not made:
+        raise RuntimeError(f"could not allocate the router kernel's counters on {device}")
+    return made[0]
 
 
 def launch(
