@@ -232,6 +232,7 @@ def test_compiled_fp8_decode_through_the_weight_only_ops_is_the_dequantised_mode
 
 def test_kernel_config_parsing_and_split_chunks():
     assert moe_gemv_config.kernel_config(None) == moe_gemv_config.CONFIG
+    assert moe_gemv_config.kernel_config(None, fp8=True) == moe_gemv_config.FP8_CONFIG
     assert moe_gemv_config.kernel_config((32, 256, 4)) == moe_gemv_config.KernelConfig(32, 256, 4, 1, None)
     assert moe_gemv_config.parse_config("16, 512, 8, 4, 3") == moe_gemv_config.KernelConfig(16, 512, 8, 4, 3)
     assert moe_gemv_config.parse_config("16,128,4,2") == moe_gemv_config.KernelConfig(16, 128, 4, 2, None)
@@ -248,7 +249,8 @@ def test_kernel_config_parsing_and_split_chunks():
 
 
 def test_config_from_the_environment():
-    assert moe_gemv_config.config_from_env({}) == moe_gemv_config.KernelConfig(32, 256, 4, 1, None)
+    assert moe_gemv_config.config_from_env({}) == moe_gemv_config.TUNED_BF16
+    assert moe_gemv_config.config_from_env({}, default=moe_gemv_config.KernelConfig()) == (32, 256, 4, 1, None)
     got = moe_gemv_config.config_from_env({"HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"})
     assert got == moe_gemv_config.KernelConfig(16, 256, 8, 2, 3)
 

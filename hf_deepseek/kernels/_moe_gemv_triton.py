@@ -121,9 +121,10 @@ _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
-    both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG`. With the two scales,
-    gate_up and down are FP8 weights with their block scales; the activation is kept in x's dtype."""
-    cfg = kernel_config(config)
+    both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
+    weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
+    in x's dtype."""
+    cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]

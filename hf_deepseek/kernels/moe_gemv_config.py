@@ -31,10 +31,12 @@ def parse_config(text: str | None) -> KernelConfig | None:
     return kernel_config((block_n, block_k, warps, split_k, stages))
 
 
-def kernel_config(config=None) -> KernelConfig:
-    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for `CONFIG` (the
-    defaults unless set), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
-    cfg = KernelConfig(*(CONFIG if config is None else config))
+def kernel_config(config=None, fp8: bool = False) -> KernelConfig:
+    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for the experts' default
+    (`CONFIG`, or `FP8_CONFIG` for FP8 weights), checked: powers of two for the blocks and warps, SPLIT_K >= 1,
+    STAGES None or >= 1."""
+    default = FP8_CONFIG if fp8 else CONFIG
+    cfg = KernelConfig(*(default if config is None else config))
     for name in ("block_n", "block_k", "warps"):
         value = getattr(cfg, name)
         if value < 1 or value & (value - 1):
@@ -51,10 +53,18 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
     return -(-steps // split_k) * block_k
 
 
-# The experts' kernel configuration (`launch`'s default): the defaults, or HF_DEEPSEEK_MOE_GEMV_CONFIG's
-# "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (read at import, for benches of a tuned configuration).
-def config_from_env(environ=os.environ) -> KernelConfig:
-    return parse_config(environ.get("HF_DEEPSEEK_MOE_GEMV_CONFIG")) or KernelConfig()
+# Measured on one H200 (`benchmarks/moe_gemv_tune.py --quick`, 2026-12-04, docs/PERF.md): 16 rows a program with a
+# 3-stage pipelined K loop reads bf16 experts 1.4-2.5x faster than the first-written (32, 256, 4) from 4 to 32
+# token-expert pairs and 1.93x at one token x top-6 (34 against 66 us); within 0.1 us of the best at 8 pairs and
+# above. FP8 experts keep the first-written configuration until a run measures theirs (`--fp8`).
+TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
+
+
+# The experts' kernel configurations (`launch`'s default), bf16 weights and FP8 weights: the measured ones, or
+# HF_DEEPSEEK_MOE_GEMV_CONFIG's "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" for both (read at import, for benches).
+def config_from_env(environ=os.environ, default: KernelConfig = TUNED_BF16) -> KernelConfig:
+    return parse_config(environ.get("HF_DEEPSEEK_MOE_GEMV_CONFIG")) or default
 
 
 CONFIG: KernelConfig = config_from_env()
+FP8_CONFIG: KernelConfig = config_from_env(default=KernelConfig())
