@@ -6,6 +6,7 @@ first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the
 batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
     python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
+    python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # FP8 dense layers at decode
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES".
@@ -89,6 +90,51 @@ def fp8_weights(gate_up, down):
     return gate_up.to(torch.float8_e4m3fn), down.to(torch.float8_e4m3fn), gate_up_scale, down_scale
 
 
+# The bench config's dense layers (hidden 2048, 16 heads, MLA ranks 1536 / 512, two shared experts of 1408, one dense
+# MLP of 10944) as (name, N, K): what `linear_gemv_fp8` serves at decode with FP8 weights.
+LINEAR_SHAPES = [
+    ("q_a", 1536, 2048), ("kv_a", 576, 2048), ("q_b", 3072, 1536), ("o_proj", 2048, 2048),
+    ("shared gate_up", 5632, 2048), ("shared down", 2048, 2816), ("dense up", 10944, 2048), ("dense down", 2048, 10944),
+]  # fmt: skip
+# small-N shapes fill the GPU only with smaller row blocks or split-K programs
+LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1, 3), (16, 128, 4, 1, 4)]
+
+
+def linear_rows(args, copy: float) -> list[dict]:
+    """FP8 linear layers at decode: `launch_linear_fp8` per configuration against cuBLAS's bf16 F.linear."""
+    from hf_deepseek.kernels import _moe_gemv_triton
+    from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
+
+    rows = []
+    configs = LINEAR_CONFIGS if args.quick else CONFIGS + LINEAR_CONFIGS[len(QUICK) :]
+    for name, n, k in LINEAR_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        q, scale = w.to(torch.float8_e4m3fn), torch.ones(-(-n // 128), -(-k // 128), device="cuda")
+        full = dequantize_blocks(q, scale).to(torch.bfloat16)
+        for tokens in args.linear_tokens:
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+            want = F.linear(x, full).float()
+            label = f"{name} [{n}, {k}] x {tokens}"
+            with torch.no_grad():
+                base = time_us(lambda x=x, w=w: F.linear(x, w))
+                rows.append(dict(case=label, kernel="cuBLAS bf16 F.linear", us=base, gb_s=n * k * 2 / base / 1e3))
+                print(f"{label}: cuBLAS bf16 {base:.1f} us; FP8 weights {n * k / 1e6:.1f} MB", flush=True)
+                for config in configs:
+                    try:
+                        out = _moe_gemv_triton.launch_linear_fp8(x, q, scale, config).float()
+                        error = ((out - want).norm() / want.norm()).item()
+                        us = time_us(lambda c=config, a=(x, q, scale): _moe_gemv_triton.launch_linear_fp8(*a, c))
+                    except Exception as exc:
+                        print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        continue
+                    gb_s = n * k / us / 1e3
+                    rows.append(dict(case=label, kernel="triton fp8 linear", config=config, us=us, gb_s=gb_s,
+                                     of_copy=gb_s / copy, error=error, x_cublas_bf16=base / us))  # fmt: skip
+                    flag = "" if error < 1e-2 else "  WRONG"
+                    print(f"  {config}: {us:6.1f} us {gb_s:5.0f} GB/s, {base / us:.2f}x cuBLAS bf16{flag}", flush=True)
+    return rows
+
+
 def main() -> None:
     from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
 
@@ -100,8 +146,26 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens at top-6 (default 1 4; quick: 1)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
+    parser.add_argument("--linear", action="store_true", help="FP8 linear layers (the bench's dense shapes) only")
+    parser.add_argument("--linear-tokens", type=int, nargs="*", default=[1, 32])
     args = parser.parse_args()
     started = time.time()
+    if args.linear:
+        copy = copy_bandwidth_gb_s()
+        results = {"copy_gb_s": copy, "rows": linear_rows(args, copy)}
+        for label in dict.fromkeys(r["case"] for r in results["rows"]):
+            ok = [r for r in results["rows"] if r["case"] == label and "config" in r and r["error"] < 1e-2]
+            if ok:
+                best = min(ok, key=lambda r: r["us"])
+                first = next((r for r in ok if tuple(r["config"]) == FIRST_WRITTEN), None)
+                than_first = f", {first['us'] / best['us']:.2f}x the first-written" if first else ""
+                print(f"best {label}: {best['config']} {best['us']:.1f} us, {best['x_cublas_bf16']:.2f}x cuBLAS bf16"
+                      f"{than_first}")  # fmt: skip
+        print(f"{time.time() - started:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
     configs = QUICK if args.quick else CONFIGS
     experts, dim, inter, top_k = 64, args.dim, args.inter, 6

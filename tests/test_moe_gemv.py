@@ -306,3 +306,21 @@ def test_fp8_triton_kernel_variants_match_the_dequantised_weights(config):
     assert error < 1e-2, error
     error = ((linear.double() - want_linear).norm() / want_linear.norm()).item()
     assert error < 1e-2, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(32, 256, 4, 1, None), (16, 256, 4, 1, 3)])
+def test_fp8_linear_stores_bf16_rounded_to_nearest_even_on_gpu(config):
+    """Without split-K the FP8 linear kernel writes bf16 itself: its fp32 sums (what it stores for fp32 rows)
+    rounded to nearest even, bit for bit what `.to(torch.bfloat16)` after an fp32 output gave."""
+    if not moe_gemv.triton_available() or not moe_gemv.fp8_kernels_available():
+        pytest.skip("needs Triton and a CUDA GPU with FP8")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    layer = fp8_linear_layer("cuda", 2048, 576)
+    rows = torch.randn(3, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = _moe_gemv_triton.launch_linear_fp8(rows, layer.weight, layer.weight_scale_inv, config)
+        sums = _moe_gemv_triton.launch_linear_fp8(rows.float(), layer.weight, layer.weight_scale_inv, config)
+    assert got.dtype == torch.bfloat16 and sums.dtype == torch.float32
+    assert torch.equal(got, sums.to(torch.bfloat16))

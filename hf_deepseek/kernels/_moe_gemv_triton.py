@@ -113,7 +113,7 @@ def _down_kernel(
     if SPLIT_K > 1:
         tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
     else:
-        tl.store(out_ptr + pair * D + n, acc, mask=n_ok)
+        tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -165,18 +165,22 @@ def _check_scaled_block(block_n: int) -> None:
 
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
-    down kernel over one matrix, each row a matrix-vector product. `config` as `launch`'s, by default the kernels'
-    defaults (not `moe_gemv_config.CONFIG`, which is tuned for the experts)."""
-    block_n, block_k, warps, split_k, stages = kernel_config(config or KernelConfig())
+    down kernel over one matrix, each row a matrix-vector product. `config` as `launch`'s, by default
+    `moe_gemv_config.FP8_CONFIG`. Without split-K the kernel stores x's dtype itself (its fp32 sums rounded to
+    nearest even on the store, as `.to()` rounds them): no conversion kernel after it."""
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=True)
     _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
     launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
     chunk = split_chunk(k, split_k, block_k)
-    out = (torch.zeros if split_k > 1 else torch.empty)(rows, n, device=x.device, dtype=torch.float32)
+    if split_k > 1:  # partial sums added atomically: fp32, zeroed
+        out = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
         x, x, x, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128), triton.cdiv(n, 128),
         chunk, 1, SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
         **launch_opts,
     )  # fmt: skip
-    return out.to(x.dtype)
+    return out if split_k == 1 else out.to(x.dtype)
