@@ -6,7 +6,7 @@ first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the
 batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
     python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
-    python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # FP8 dense layers at decode
+    python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES".
@@ -91,7 +91,7 @@ def fp8_weights(gate_up, down):
 
 
 # The bench config's dense layers (hidden 2048, 16 heads, MLA ranks 1536 / 512, two shared experts of 1408, one dense
-# MLP of 10944) as (name, N, K): what `linear_gemv_fp8` serves at decode with FP8 weights.
+# MLP of 10944) as (name, N, K): what `linear_gemv_fp8` serves at decode with FP8 weights, cuBLAS with bf16 weights.
 LINEAR_SHAPES = [
     ("q_a", 1536, 2048), ("kv_a", 576, 2048), ("q_b", 3072, 1536), ("o_proj", 2048, 2048),
     ("shared gate_up", 5632, 2048), ("shared down", 2048, 2816), ("dense up", 10944, 2048), ("dense down", 2048, 10944),
@@ -101,7 +101,8 @@ LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1,
 
 
 def linear_rows(args, copy: float) -> list[dict]:
-    """FP8 linear layers at decode: `launch_linear_fp8` per configuration against cuBLAS's bf16 F.linear."""
+    """Linear layers at decode: `launch_linear` per configuration, FP8 weights (unit block scales) and bf16
+    weights, against cuBLAS's bf16 F.linear."""
     from hf_deepseek.kernels import _moe_gemv_triton
     from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
 
@@ -110,28 +111,30 @@ def linear_rows(args, copy: float) -> list[dict]:
     for name, n, k in LINEAR_SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q, scale = w.to(torch.float8_e4m3fn), torch.ones(-(-n // 128), -(-k // 128), device="cuda")
-        full = dequantize_blocks(q, scale).to(torch.bfloat16)
+        weights = {"fp8": (q, scale, dequantize_blocks(q, scale).to(torch.bfloat16)), "bf16": (w, None, w)}
         for tokens in args.linear_tokens:
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-            want = F.linear(x, full).float()
             label = f"{name} [{n}, {k}] x {tokens}"
             with torch.no_grad():
                 base = time_us(lambda x=x, w=w: F.linear(x, w))
                 rows.append(dict(case=label, kernel="cuBLAS bf16 F.linear", us=base, gb_s=n * k * 2 / base / 1e3))
-                print(f"{label}: cuBLAS bf16 {base:.1f} us; FP8 weights {n * k / 1e6:.1f} MB", flush=True)
-                for config in configs:
-                    try:
-                        out = _moe_gemv_triton.launch_linear_fp8(x, q, scale, config).float()
-                        error = ((out - want).norm() / want.norm()).item()
-                        us = time_us(lambda c=config, a=(x, q, scale): _moe_gemv_triton.launch_linear_fp8(*a, c))
-                    except Exception as exc:
-                        print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                        continue
-                    gb_s = n * k / us / 1e3
-                    rows.append(dict(case=label, kernel="triton fp8 linear", config=config, us=us, gb_s=gb_s,
-                                     of_copy=gb_s / copy, error=error, x_cublas_bf16=base / us))  # fmt: skip
-                    flag = "" if error < 1e-2 else "  WRONG"
-                    print(f"  {config}: {us:6.1f} us {gb_s:5.0f} GB/s, {base / us:.2f}x cuBLAS bf16{flag}", flush=True)
+                print(f"{label}: cuBLAS bf16 {base:.1f} us", flush=True)
+                for kind, (weight, scales, full) in weights.items():
+                    want = F.linear(x, full).float()
+                    for config in configs:
+                        call = (x, weight, scales, config)
+                        try:
+                            error = ((_moe_gemv_triton.launch_linear(*call).float() - want).norm() / want.norm()).item()
+                            us = time_us(lambda a=call: _moe_gemv_triton.launch_linear(*a))
+                        except Exception as exc:
+                            print(f"  {kind} {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                            continue
+                        gb_s = n * k * weight.element_size() / us / 1e3
+                        row = dict(case=f"{label} {kind}", kernel=f"triton {kind} linear", config=config, us=us)
+                        rows.append(row | dict(gb_s=gb_s, of_copy=gb_s / copy, error=error, x_cublas_bf16=base / us))
+                        flag = "" if error < 1e-2 else "  WRONG"
+                        print(f"  {kind} {config}: {us:6.1f} us {gb_s:5.0f} GB/s, {base / us:.2f}x cuBLAS bf16{flag}",
+                              flush=True)  # fmt: skip
     return rows
 
 
@@ -146,8 +149,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens at top-6 (default 1 4; quick: 1)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
-    parser.add_argument("--linear", action="store_true", help="FP8 linear layers (the bench's dense shapes) only")
-    parser.add_argument("--linear-tokens", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
+    parser.add_argument("--linear-tokens", type=int, nargs="*", default=[1])
     args = parser.parse_args()
     started = time.time()
     if args.linear:

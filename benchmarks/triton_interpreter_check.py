@@ -254,6 +254,9 @@ def weight_only_kernels() -> dict[str, float]:
         truncated = (sums.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
         exact = torch.equal(got, truncated)
         results[f"fp8 linear [{n}, {k}] stores its fp32 sums as bf16 (1: not)"] = 0.0 if exact else 1.0
+        dense = layer.dequantized(torch.bfloat16).weight.detach()  # the same kernel over a bf16 weight
+        got = _moe_gemv_triton.launch_linear(x, dense)
+        results[f"bf16 linear [{n}, {k}], {rows} rows"] = relative_error(got, x.double() @ dense.double().T)
     return results
 
 

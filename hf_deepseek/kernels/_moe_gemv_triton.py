@@ -163,13 +163,16 @@ def _check_scaled_block(block_n: int) -> None:
         raise ValueError(f"FP8 weights need BLOCK_N dividing the 128-row scale blocks, got {block_n}")
 
 
-def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
-    """x [T, K] @ dequantised(weight [N, K] FP8, scale [ceil(N/128), ceil(K/128)])^T -> [T, N] in x's dtype: the
-    down kernel over one matrix, each row a matrix-vector product. `config` as `launch`'s, by default
-    `moe_gemv_config.FP8_CONFIG`. Without split-K the kernel stores x's dtype itself (its fp32 sums rounded to
-    nearest even on the store, as `.to()` rounds them): no conversion kernel after it."""
-    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=True)
-    _check_scaled_block(block_n)
+def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
+    """x [T, K] @ W^T -> [T, N] in x's dtype: the down kernel over one matrix, each row a matrix-vector product. W
+    is `weight` [N, K] (bf16), or with `scale` [ceil(N/128), ceil(K/128)] the FP8 weight dequantised by its block
+    scales. `config` as `launch`'s, by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8). Without split-K the
+    kernel stores x's dtype itself (its fp32 sums rounded to nearest even on the store, as `.to()` rounds them): no
+    conversion kernel after it."""
+    scaled = scale is not None
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled)
+    if scaled:
+        _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
     launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
@@ -178,9 +181,15 @@ def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
         out = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    weight = weight.contiguous()
     _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
-        x, x, x, weight.contiguous(), scale.float().contiguous(), out, n, k, triton.cdiv(k, 128), triton.cdiv(n, 128),
-        chunk, 1, SCALED=True, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
-        **launch_opts,
+        x, x, x, weight, scale.float().contiguous() if scaled else weight, out, n, k, triton.cdiv(k, 128),
+        triton.cdiv(n, 128), chunk, 1, SCALED=scaled, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
     return out if split_k == 1 else out.to(x.dtype)
+
+
+def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
+    """`launch_linear` for an FP8 weight and its 128x128 block scales."""
+    return launch_linear(x, weight, scale, config)
