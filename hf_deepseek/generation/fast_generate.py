@@ -28,6 +28,8 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import logging
 
+from ..modeling.decode_linear import use_decode_linears
+
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
 PREFILL_TOKENS = 32768  # tokens one prefill forward takes: whole prompts in groups of rows; longer prompts in chunks
 logger = logging.get_logger(__name__)
@@ -209,6 +211,7 @@ def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache
     on_accelerator = model.device.type in ("cuda", "xpu")
     if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
         return step
+    use_decode_linears(model)  # a no-op unless HF_DEEPSEEK_LINEAR_GEMV=1
     cached = model.__dict__.get(cache_name)
     if cached is None or cached[0] != compile_config:
         cached = (compile_config, torch.compile(step, **compile_config.to_dict()))

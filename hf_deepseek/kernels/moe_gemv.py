@@ -11,16 +11,22 @@ down projection scaled by the routing weight (kernel 2); the k results per token
 CUDA, the same computation in torch elsewhere (`reference`), which is what the CPU tests run.
 `routed_experts_gemv_fp8` is the same for FP8 weights with DeepSeek's 128x128 block scales (a checkpoint kept in
 FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's;
-`linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`).
+`linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`);
+`linear_gemv` to a bf16 one's, where HF_DEEPSEEK_LINEAR_GEMV=1 asks for it (`modeling/decode_linear.py`: off by default
+until a run measures it faster than cuBLAS in the decode step; `benchmarks/moe_gemv_tune.py --linear` times both).
 """
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from .fp8_blocks import dequantize_blocks, dequantize_experts
 
 ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
 MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
 MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
+LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "0") == "1"  # bf16 dense layers' decode rows too (opt-in)
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -123,6 +129,35 @@ def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def usable_linear(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear_gemv` serves the rows x2 [T, K] of a bf16 linear layer (only with HF_DEEPSEEK_LINEAR_GEMV=1)."""
+    return (
+        ENABLED
+        and LINEAR_GEMV
+        and x2.is_cuda
+        and triton_available()
+        and x2.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+        and x2.shape[0] <= MAX_LINEAR_ROWS
+    )
+
+
+@torch.library.custom_op("hf_deepseek::linear_gemv", mutates_args=())
+def linear_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ weight [N, K]^T -> [T, N] (bf16 weight, fp32 accumulation): the matrix-vector kernel on CUDA."""
+    if not x.is_cuda:
+        return F.linear(x, weight)
+    from ._moe_gemv_triton import launch_linear
+
+    return launch_linear(x, weight)
+
+
+@linear_gemv.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -168,6 +203,8 @@ __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
     "linear_gemv_fp8",
+    "linear_gemv",
+    "usable_linear",
     "usable_linear_fp8",
     "reference",
     "usable",

@@ -18,6 +18,7 @@ from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
 from .checkpoint import add_mtp_shared_copies
 from .checkpoint_checks import atomic_save, verify_local_checkpoint
+from .decode_linear import use_decode_linears
 from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
 from .input_checks import check_model_inputs
@@ -185,6 +186,12 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
             if tokens is not None:
                 return tokens
         return super().generate(inputs, generation_config=generation_config, **kwargs)
+
+    def get_compiled_call(self, compile_config):
+        """transformers' compiled forward for the static-cache decode loop, after `use_decode_linears` (a no-op
+        unless HF_DEEPSEEK_LINEAR_GEMV=1)."""
+        use_decode_linears(self)
+        return super().get_compiled_call(compile_config)
 
     def routers(self) -> list[TopKRouter]:
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""

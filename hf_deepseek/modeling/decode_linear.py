@@ -1,0 +1,44 @@
+"""Dense layers whose few decode rows take the Triton matrix-vector kernel (`kernels.moe_gemv.linear_gemv`)
+instead of cuBLAS: opt-in with HF_DEEPSEEK_LINEAR_GEMV=1 until a decode run measures it faster.
+
+At batch 1 on an H200 a bf16 decode step spent about 0.41 ms of 1.37 in ~70 cuBLAS matrix-vector products of the
+attention projections, shared experts and dense MLP, 3-7 us each where their weights take 1-2 us to read
+(docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04d.txt). Before a decode step compiles (transformers'
+`get_compiled_call`, generate()'s device loop), `use_decode_linears` turns the model's plain nn.Linear layers (not
+the LM head, which cuBLAS reads at the memory floor) into `DecodeLinear`: the same parameters and state dict, the
+kernel for up to `MAX_LINEAR_ROWS` rows without gradients on CUDA, `F.linear` otherwise. FP8 layers are other
+classes and keep their own kernels."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import moe_gemv
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear whose decode rows (bf16, CUDA, no gradients, at most MAX_LINEAR_ROWS) take `linear_gemv`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if moe_gemv.usable_linear(rows, self.weight):
+            y = moe_gemv.linear_gemv(rows, self.weight).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(model: nn.Module) -> int:
+    """With HF_DEEPSEEK_LINEAR_GEMV=1: make `model`'s plain nn.Linear layers but its output head DecodeLinear, in
+    place (idempotent). Returns how many it changed (0 when the switch is off)."""
+    if not moe_gemv.LINEAR_GEMV:
+        return 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module is not head:
+            module.__class__ = DecodeLinear
+            changed += 1
+    return changed
+
+
+__all__ = ["DecodeLinear", "use_decode_linears"]

@@ -1,0 +1,92 @@
+"""Dense layers' decode rows through the matrix-vector kernel (`modeling/decode_linear.py`, opt-in with
+HF_DEEPSEEK_LINEAR_GEMV=1): which layers change, that nothing else does, the op's CPU path and its tracing; on a GPU
+the kernel's logits against cuBLAS's."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config
+from torch import nn
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import moe_gemv
+from hf_deepseek.modeling.decode_linear import DecodeLinear, use_decode_linears
+from hf_deepseek.modeling.fp8 import FP8InferenceLinear, convert_to_fp8_inference
+
+
+def test_switch_off_changes_nothing():
+    model = DeepSeekForCausalLM(tiny_config())
+    assert not moe_gemv.LINEAR_GEMV  # the default until a run measures the kernel faster
+    assert use_decode_linears(model) == 0
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
+
+
+def test_switch_on_turns_every_plain_linear_but_the_head(monkeypatch):
+    monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", True)
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    keys, want = list(model.state_dict()), model(ids).logits
+    linears = [name for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"]
+    assert use_decode_linears(model) == len(linears) > 0
+    assert type(model.lm_head) is nn.Linear
+    assert all(type(model.get_submodule(name)) is DecodeLinear for name in linears)
+    assert use_decode_linears(model) == 0  # idempotent
+    assert list(model.state_dict()) == keys
+    assert torch.equal(model(ids).logits, want)  # on the CPU every layer still takes F.linear
+
+
+def test_fp8_layers_keep_their_own_kernels(monkeypatch):
+    monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", True)
+    model = convert_to_fp8_inference(DeepSeekForCausalLM(tiny_config(hidden_size=128)).eval())
+    before = {name: type(m) for name, m in model.named_modules()}
+    assert FP8InferenceLinear in before.values()
+    use_decode_linears(model)
+    after = {name: type(m) for name, m in model.named_modules()}
+    assert {n for n in before if before[n] != after[n]} == {n for n in before if before[n] is nn.Linear} - {"lm_head"}
+
+
+def test_op_on_cpu_and_compiled_through_the_layer(monkeypatch):
+    """The op's CPU path is F.linear; a compiled DecodeLinear taking it is one graph with the op as a node."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 64), torch.randn(48, 64)
+    assert torch.equal(moe_gemv.linear_gemv(x, weight), F.linear(x, weight))
+    layer = nn.Linear(64, 48, bias=True)
+    layer.__class__ = DecodeLinear
+    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: rows.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+    calls = []
+    original = moe_gemv.linear_gemv
+    monkeypatch.setattr(moe_gemv, "linear_gemv", lambda *a: calls.append(a[0].shape) or original(*a))
+    with torch.no_grad():
+        x3 = torch.randn(1, 2, 64)
+        torch.testing.assert_close(layer(x3), F.linear(x3, layer.weight, layer.bias))
+        assert calls == [torch.Size([2, 64])]
+        many = torch.randn(1, 9, 64)  # more rows than MAX_LINEAR_ROWS: F.linear
+        torch.testing.assert_close(layer(many), F.linear(many, layer.weight, layer.bias))
+        assert len(calls) == 1
+    monkeypatch.setattr(moe_gemv, "linear_gemv", original)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(layer, backend=backend, fullgraph=True)(x3)
+    torch.testing.assert_close(out, F.linear(x3, layer.weight, layer.bias))
+    assert len(graphs) == 1 and "linear_gemv" in str(graphs[0].graph)
+
+
+@pytest.mark.gpu
+def test_decode_logits_through_the_kernel_match_cublas_on_gpu(monkeypatch):
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config(hidden_size=256, intermediate_size=512)).cuda().to(torch.bfloat16).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 1), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", True)
+        assert use_decode_linears(model) > 0
+        got = model(ids).logits.float()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
