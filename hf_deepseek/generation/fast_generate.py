@@ -28,6 +28,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import logging
 
+from ..modeling.compile_regions import decode_compile_config
 from ..modeling.decode_linear import use_decode_linears
 
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
@@ -214,7 +215,8 @@ def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache
     use_decode_linears(model)  # a no-op unless HF_DEEPSEEK_LINEAR_GEMV=1
     cached = model.__dict__.get(cache_name)
     if cached is None or cached[0] != compile_config:
-        cached = (compile_config, torch.compile(step, **compile_config.to_dict()))
+        settings = decode_compile_config(model, compile_config).to_dict()  # FP8 layers: cuBLAS GEMMs
+        cached = (compile_config, torch.compile(step, **settings))
         model.__dict__[cache_name] = cached
     return cached[1]
 

@@ -26,6 +26,7 @@ that model's own copy, so its cache holds that model's graphs alone and goes wit
 (`ForCausalLMLoss` is every model's, and each `torch.compile` call's backend a guard of its own).
 """
 
+import dataclasses
 import types
 from functools import partial
 
@@ -54,6 +55,23 @@ def _own_copy(fn: types.FunctionType) -> types.FunctionType:
 FP8_INDUCTOR_OPTIONS = {"max_autotune_gemm_backends": "ATEN"}
 
 
+def has_fp8_layers(model: nn.Module) -> bool:
+    return any(hasattr(module, "fp8_recipe") for module in model.modules())
+
+
+def decode_compile_config(model: nn.Module, compile_config):
+    """generate()'s compile settings (a transformers CompileConfig) for `model`'s decode step: unchanged, but that a
+    model with FP8 layers compiled by Inductor without options of its own gets `FP8_INDUCTOR_OPTIONS` too, beside
+    its mode's options spelled out (torch.compile takes a mode or options, not both). Past the matrix-vector
+    kernels' few rows its layers call `torch._scaled_mm`, which Inductor would otherwise autotune Triton templates
+    against at every shape: an FP8-weight decode step at batch 32 was still compiling after 160 s on the H200
+    (2026-12-04), where batch 1 (matrix-vector kernels only) compiled in 11 s."""
+    if compile_config.backend != "inductor" or compile_config.options is not None or not has_fp8_layers(model):
+        return compile_config
+    mode_options = torch._inductor.list_mode_options(compile_config.mode) if compile_config.mode else {}
+    return dataclasses.replace(compile_config, mode=None, options={**mode_options, **FP8_INDUCTOR_OPTIONS})
+
+
 def compile_for_training(model: nn.Module, loss: bool = True, **compile_options) -> nn.Module:
     """Compile, in place, every block of `model.model.layers` (decoder and MTP layers), in one region of this
     model's own (one graph per kind of block), and, with `loss`, the model's loss function. Returns the model.
@@ -64,8 +82,7 @@ def compile_for_training(model: nn.Module, loss: bool = True, **compile_options)
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"compile_for_training needs a model with `.model.layers`, got {type(model).__name__}")
     inductor = compile_options.get("backend", "inductor") == "inductor"
-    has_fp8 = any(hasattr(module, "fp8_recipe") for module in model.modules())
-    if inductor and has_fp8 and not {"mode", "options"} & compile_options.keys():
+    if inductor and has_fp8_layers(model) and not {"mode", "options"} & compile_options.keys():
         compile_options["options"] = dict(FP8_INDUCTOR_OPTIONS)
     region = torch.compile(_own_copy(_call_block), **compile_options)  # one region for the model's blocks
     for layer in layers:

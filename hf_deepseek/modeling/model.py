@@ -18,6 +18,7 @@ from ..configuration import DeepSeekConfig
 from .attention import RotaryEmbedding
 from .checkpoint import add_mtp_shared_copies
 from .checkpoint_checks import atomic_save, verify_local_checkpoint
+from .compile_regions import decode_compile_config
 from .decode_linear import use_decode_linears
 from .decoder_layer import DeepSeekDecoderLayer
 from .fp8_checkpoint import load_fp8_pretrained, wants_fp8_loader
@@ -189,9 +190,10 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
 
     def get_compiled_call(self, compile_config):
         """transformers' compiled forward for the static-cache decode loop, after `use_decode_linears` (a no-op
-        unless HF_DEEPSEEK_LINEAR_GEMV=1)."""
+        unless HF_DEEPSEEK_LINEAR_GEMV=1), with `decode_compile_config`'s settings (FP8 layers: cuBLAS GEMMs)."""
         use_decode_linears(self)
-        return super().get_compiled_call(compile_config)
+        compile_config = compile_config or self._default_compile_config()
+        return super().get_compiled_call(decode_compile_config(self, compile_config))
 
     def routers(self) -> list[TopKRouter]:
         """The MoE routers of the main decoder layers, in layer order (MTP layers excluded)."""
