@@ -33,7 +33,7 @@ from hf_deepseek.modeling.fp8 import (
     quantize_tiles,
 )
 from hf_deepseek.modeling.fp8_checkpoint import save_fp8_pretrained
-from hf_deepseek.modeling.fp8_numerics import quantize_rowwise
+from hf_deepseek.modeling.fp8_numerics import column_amax, quantize_rowwise
 from hf_deepseek.modeling.moe import RoutedExperts, TopKRouter
 
 EMULATED = FP8Recipe(backend="emulated")
@@ -252,6 +252,79 @@ def test_emulation_multiplies_exactly_the_quantised_operands():
     a, b = dequantize_tiles(x_q, x_s).double(), dequantize_blocks(w_q, w_s).double()
     fp32_accumulation = 256 * 2.0**-24 * (a.abs() @ b.abs().T)  # the only error left: FP32 sums of 256 products
     assert ((fp8_linear(x, w, EMULATED).double() - a @ b.T).abs() <= fp32_accumulation).all()
+
+
+class SeparatePasses(EmulatedBackend):
+    """The FP8 layers as they ran before the transposes' amaxes were passed on: x^T, dy^T and W^T each take their
+    own amax pass. Counts the transposed quantisations given amaxes (by the backend it wraps, on `given`)."""
+
+    def quantize_rows_and_amax_t(self, x, rows_multiple=1):
+        return (*self.quantize_rows(x, rows_multiple), None)
+
+    def quantize_weight_and_amax_t(self, w):
+        return (*self.quantize_weight(w), None)
+
+
+class CountingBackend(EmulatedBackend):
+    given = 0
+
+    def quantize_rows(self, x, rows_multiple=1, amax=None):
+        self.given += amax is not None
+        return super().quantize_rows(x, rows_multiple, amax)
+
+    def quantize_weight_t(self, w, q, scale, amax=None):
+        self.given += amax is not None
+        return super().quantize_weight_t(w, q, scale, amax)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_rowwise_quantisation_from_given_amaxes_is_bit_identical(pow2):
+    """The amax of each column, taken while quantising the rows, quantises the transpose exactly as its own pass
+    would (a max is exact): activations with padding columns, batched weights, bf16 and fp32."""
+    x = varied(70, 200, seed=30)
+    w = varied(3 * 40, 72, seed=31).view(3, 40, 72)
+    for t in (x, x.to(torch.bfloat16), w, w.to(torch.bfloat16)):
+        want = quantize_rowwise(t.transpose(-1, -2), pow2)
+        got = quantize_rowwise(t.transpose(-1, -2), pow2, amax=column_amax(t))
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("linear_wgrad", ["fp8", "bf16"])
+def test_rowwise_layers_passing_amaxes_on_equal_separate_passes(linear_wgrad):
+    """The rowwise FP8 linear layer and routed experts give the same outputs and gradients, bit for bit, whether
+    the transposed quantisations (x^T and dy^T of the weight gradient, W^T of the input gradient) take the amaxes of
+    the pass over the rows or take their own; and they do take them."""
+    recipe = FP8Recipe(scaling="rowwise", backend="emulated", linear_wgrad=linear_wgrad)
+    gen = torch.Generator().manual_seed(32)
+    x = (torch.randn(37, 200, generator=gen) * torch.logspace(-2, 2, 200)).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(72, 200, generator=gen) / 14).to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn(37, 72, generator=gen).to(torch.bfloat16)
+    counting, separate = CountingBackend(recipe), SeparatePasses(recipe)
+    results = []
+    for backend in (counting, separate):
+        y = FP8LinearFunction.apply(x, w, backend, torch.bfloat16)
+        results.append((y, *torch.autograd.grad(y, [x, w], dy)))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    assert counting.given == (3 if linear_wgrad == "fp8" else 1)  # W^T (and x^T, dy^T), from the rows' passes
+
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=48)
+    torch.manual_seed(33)
+    experts = RoutedExperts(cfg).to(torch.bfloat16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    convert_to_fp8_training(experts, recipe)
+    tokens = torch.randn(300, cfg.hidden_size).to(torch.bfloat16).requires_grad_(True)
+    indices = torch.stack([torch.randperm(4)[:2] for _ in range(300)])
+    weights = torch.rand(300, 2)
+    results, counting.given = [], 0
+    for backend in (counting, separate):
+        experts.fp8_backend = backend
+        out = experts(tokens, indices, weights)
+        results.append((out, *torch.autograd.grad(out, [tokens, experts.gate_up_proj, experts.down_proj], out)))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    assert counting.given == 2  # both projections' W^T
 
 
 def fp8_experts_loop(experts: RoutedExperts, x, indices, weights):

@@ -1,6 +1,7 @@
 """FP8 numerics the DeepSeek way, shared by every FP8 backend: the recipes, the reference quantisers (E4M3
 values, activations scaled per 1x128 tile along the reduction dimension, weights per 128x128 block; or one scale
-per row), the emulation backend that runs them on any device, and the 128-row-aligned layout of routed experts.
+per row), the emulation backend that runs them on any device, the 128-row-aligned layout of routed experts, and
+the kernel plans of the Hopper backend's rowwise quantiser (plain Python, readable without Triton).
 
 `fp8.py` builds the FP8 layers on these; `fp8_triton.py`, the Hopper backend, reproduces the reference
 quantisers bit for bit.
@@ -8,7 +9,9 @@ quantisers bit for bit.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -169,13 +172,23 @@ def quantize_blocks(w: torch.Tensor, pow2: bool = False, check: bool = True) -> 
     return q[..., :n, :k], scale
 
 
-def quantize_rowwise(x: torch.Tensor, pow2: bool = False, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale per row over the whole last dimension: x [..., K] -> (q [..., K] e4m3, scale [..., 1] fp32)."""
-    amax = x.float().abs().amax(dim=-1, keepdim=True)
+def quantize_rowwise(
+    x: torch.Tensor, pow2: bool = False, check: bool = True, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row over the whole last dimension: x [..., K] -> (q [..., K] e4m3, scale [..., 1] fp32).
+    `amax` [..., >= rows]: each row's max |x|, known already (`column_amax` of the tensor x is a transpose of); the
+    result is the same, since a max is exact."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True) if amax is None else amax.float()[..., : x.shape[-2], None]
     if check:
         check_finite(amax, "a row")
     scale = scales_from_amax(amax, pow2)
     return _encode(x.float(), scale), scale
+
+
+def column_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of each column of x [..., R, C] -> [..., C] fp32 (NaN propagates): the row amaxes of x^T, which
+    `quantize_rowwise(x^T, amax=...)` takes instead of reading x^T again."""
+    return x.float().abs().amax(dim=-2)
 
 
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -188,8 +201,13 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 #   quantize_rows(x [R, C]) -> q [Rp, Cp], scale [Rp, Cp/128] (blockwise: 1x128 tiles along C) or [Rp, 1]
 #       (rowwise), zero rows/cols as padding;
 #   quantize_weight(w [..., N, K]) -> q, scale [..., ceil(N/128), ceil(K/128)] (blockwise) or [..., N, 1];
-#   quantize_weight_t(w, q, scale) -> the operand of w^T (input gradient): blockwise, q^T with the transposed
-#       grid (the same blocks); rowwise, w^T quantised again with one scale per row of w^T;
+#   quantize_weight_t(w, q, scale, amax=None) -> the operand of w^T (input gradient): blockwise, q^T with the
+#       transposed grid (the same blocks); rowwise, w^T quantised again with one scale per row of w^T;
+#   quantize_rows_and_amax_t(x) / quantize_weight_and_amax_t(w) -> quantize_rows(x) / quantize_weight(w) and, from the
+#       same read, the `amax` that quantize_rows(x.t(), amax=...) / quantize_weight_t(w, q, scale, amax=...) take to
+#       quantise the transpose without an amax pass of their own (rowwise: each column's amax; None where a backend
+#       has nothing to pass on: the blockwise recipe, Inductor's fused quantisation). The result is the same either
+#       way, bit for bit: only which kernel reads what changes;
 #   gemm(a, a_scale, b, b_scale, b_blocks) -> a @ b^T [Ma, Nb]: both operands K-contiguous, b scaled as a weight
 #       (`b_blocks`) or as an activation; b may hold fewer K columns than a's zero padding;
 #   grouped_gemm / grouped_wgrad: the same per 128-row expert segment of an `ExpertLayout`.
@@ -211,21 +229,29 @@ class EmulatedBackend:
         """The finite check reads a device value on the host: skipped inside a compile, to keep one graph."""
         return self._check and not torch.compiler.is_compiling()
 
-    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_rows(
+        self, x: torch.Tensor, rows_multiple: int = 1, amax: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rowwise:
             padded = F.pad(x, (0, _ceil_to(x.shape[1], BLOCK) - x.shape[1]))
-            q, scale = quantize_rowwise(padded, self.pow2, self.check)
+            q, scale = quantize_rowwise(padded, self.pow2, self.check, amax)
         else:
             q, scale = quantize_tiles(x, self.pow2, self.check)
         pad = _ceil_to(x.shape[0], rows_multiple) - x.shape[0]
         return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8), F.pad(scale, (0, 0, 0, pad))
 
+    def quantize_rows_and_amax_t(self, x: torch.Tensor, rows_multiple: int = 1):
+        return (*self.quantize_rows(x, rows_multiple), column_amax(x) if self.rowwise else None)
+
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rowwise(w, self.pow2, self.check) if self.rowwise else quantize_blocks(w, self.pow2, self.check)
 
-    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
+    def quantize_weight_and_amax_t(self, w: torch.Tensor):
+        return (*self.quantize_weight(w), column_amax(w) if self.rowwise else None)
+
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax=None):
         if self.rowwise:
-            return quantize_rowwise(w.transpose(-1, -2), self.pow2, self.check)
+            return quantize_rowwise(w.transpose(-1, -2), self.pow2, self.check, amax)
         return q.transpose(-1, -2), scale.transpose(-1, -2)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, blocks: bool) -> torch.Tensor:
@@ -334,3 +360,91 @@ def expert_layout(indices: torch.Tensor, num_experts: int) -> ExpertLayout:
     block_expert = torch.searchsorted(seg_end, block_starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
     return ExpertLayout(pos, order // top_k, order, block_expert, seg_start.int(), seg_end.int(), rows)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel plans of the Hopper backend's rowwise quantiser (`fp8_triton.quantize_rowwise_triton`, whose comment
+# describes the kinds): plain Python on shapes and strides, kept here so that they can be read without Triton (the
+# quantisation census, `benchmarks/fp8_quant_census.py`, runs on the CPU install).
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+NUM_SMS = 132  # H100/H200 SXM; only decides how the work is split
+L2_STRIP_BYTES = 24 << 20  # bytes of strips in flight between their two passes ("cols"): about half of L2
+
+
+class RowwisePlan(NamedTuple):
+    """How `quantize_rowwise_triton` runs: `rowwise_plan` (or, for the pair of kernels that passes amaxes on,
+    `rowwise_amax_plan` / `rowwise_from_amax_plan`) picks one; `benchmarks/fp8_bench.py` and
+    `benchmarks/fp8_quant_census.py --time` time others."""
+
+    kind: str  # "rows", "rows_loop", "cols", "cols_split"; "rows_amax", "cols_amax"
+    block_r: int
+    block_c: int
+    num_warps: int
+    chunk: int = 0  # cols_split, cols_amax: columns of x per program (a multiple of block_c); rows_amax: rows
+    programs: int = 0  # cols: programs of the persistent grid (0: one per strip)
+    fast: bool = not _INTERPRET  # GPU arithmetic (see fp8_triton); False: the reference's, as in the interpreter
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    p = floor
+    while p < n:
+        p *= 2
+    return p
+
+
+def rowwise_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
+    """The kernel and block sizes for x [(E,) R, C] (either R or C contiguous) padded to [rows_out, cols_out]."""
+    x3 = x if x.dim() == 3 else x[None]
+    batch, rows, cols = x3.shape
+    if x3.stride(2) == 1 or cols == 1:  # reduced dimension contiguous
+        block_c = _pow2_at_least(cols_out)
+        if block_c == 2048:  # one row a program, 4 warps: 1.14-1.21x (4 rows, 8 warps) in the H200 sweep of
+            return RowwisePlan("rows", 1, 2048, 4)  # 2026-12-04 ([16384, 2048] activations, both expert weights)
+        if block_c <= 16384:  # whole rows in registers: about 8192 values a program, 32 a thread
+            block_r = max(1, min(64, 8192 // block_c))
+            return RowwisePlan("rows", block_r, block_c, max(4, min(16, block_r * block_c // 1024)))
+        return RowwisePlan("rows_loop", 4, 2048, 8)
+    # rows contiguous. "cols" when there are strips for every SM and two of them per SM (else one) fit the L2 budget
+    # between their two passes: the widest strips that do (32 rows: 64 bytes of bf16 a column; 16 rows: 32 bytes,
+    # one sector, its neighbour read by the next program at the same time), tiles of 8192 values
+    for per_sm, block_r in ((2, 32), (2, 16), (1, 32), (1, 16)):
+        strips = batch * _cdiv(rows_out, block_r)
+        if strips >= per_sm * NUM_SMS and per_sm * NUM_SMS * cols * block_r * x.element_size() <= L2_STRIP_BYTES:
+            return RowwisePlan("cols", block_r, 8192 // block_r, 8, programs=per_sm * NUM_SMS)
+    block_r, block_c = 64, 128  # 128 bytes of bf16 per column, tiles of [128, 64]
+    strips = batch * _cdiv(rows_out, block_r)
+    chunks = max(1, min(_cdiv(4 * NUM_SMS, strips), _cdiv(cols_out, 4 * block_c)))
+    if chunks == 1:  # enough strips, or too short a reduction to split: one launch, a program per strip
+        return RowwisePlan("cols", block_r, block_c, 8)
+    return RowwisePlan("cols_split", block_r, block_c, 8, chunk=_ceil_to(_cdiv(cols_out, chunks), block_c))
+
+
+def rowwise_amax_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan | None:
+    """The "rows_amax" plan of x [(E,) R, C] (C contiguous): the "rows" kernel looping over `chunk` rows a program,
+    which also folds each column's amax over them and merges it into the column amaxes with one atomic max per column
+    and program (so a program takes enough rows to keep the atomics few: about 8 programs an SM). None when whole
+    rows do not fit in registers (wider than 16384): the two passes then stay apart. Not yet tuned on a GPU."""
+    x3 = x if x.dim() == 3 else x[None]
+    batch = x3.shape[0]
+    block_c = _pow2_at_least(cols_out)
+    if block_c > 16384:
+        return None
+    block_r = max(1, 2048 // block_c)  # at least 2048 values a step, 16 a thread
+    rows = min(256, _pow2_at_least(_cdiv(batch * rows_out, 8 * NUM_SMS), block_r), _pow2_at_least(rows_out, block_r))
+    return RowwisePlan("rows_amax", block_r, block_c, max(4, min(16, block_r * block_c // 512)), chunk=rows)
+
+
+def rowwise_from_amax_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
+    """The "cols_amax" plan of x [(E,) R, C] with R contiguous (a transposed view) whose rows' amaxes are known: the
+    second launch of "cols_split" alone (tiles of [128, 64], the sweep's best for every transposed operand), with C
+    split into chunks only where there are too few strips of 64 rows to fill the GPU."""
+    x3 = x if x.dim() == 3 else x[None]
+    block_r, block_c = 64, 128
+    strips = x3.shape[0] * _cdiv(rows_out, block_r)
+    chunks = max(1, min(_cdiv(4 * NUM_SMS, strips), _cdiv(cols_out, 4 * block_c)))
+    return RowwisePlan("cols_amax", block_r, block_c, 8, chunk=_ceil_to(_cdiv(cols_out, chunks), block_c))

@@ -13,8 +13,6 @@ probed once, when the backend is built, outside any traced code.
 from __future__ import annotations
 
 import logging
-import os
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +25,15 @@ from .fp8_numerics import (
     EmulatedBackend,
     ExpertLayout,
     FP8Recipe,
+    RowwisePlan,
     _ceil_to,
     check_finite,
     quantize_blocks,
     quantize_rowwise,
     quantize_tiles,
+    rowwise_amax_plan,
+    rowwise_from_amax_plan,
+    rowwise_plan,
 )
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,14 @@ def _quant_rows_kernel(
 #                 weight gradient: reductions along the tokens): C split into chunks; launch 1 writes each chunk's
 #                 amax, launch 2 folds them and quantises its chunk, in reverse order (the chunks read last, still in
 #                 L2, first). Two launches, no memset, no atomics.
+#   "rows_amax"   "rows", looping over many rows a program, which also folds the amax of each column of x (of each row
+#                 of x^T) and merges it into a zeroed [(E,) C] buffer with atomic max (`quantize_rowwise_amax_triton`):
+#                 one read of x for its rows' quantisation and its transpose's amaxes.
+#   "cols_amax"   the second launch of "cols_split" alone, for a transposed view whose rows' amaxes "rows_amax" took
+#                 already (`quantize_rowwise_triton(..., amax=)`): one read of x, no amax pass. With "rows_amax", an
+#                 operand needed in both orientations (activations and output gradients of the linear layers, weights)
+#                 is read twice instead of three times (`cols_split`) or twice plus an L2 pass (`cols`).
+# Plans (`fp8_numerics.rowwise_plan` and neighbours) are plain Python, importable without Triton.
 # Values: x / scale rounded to float32 as `div_rn` would, then to E4M3 (ties to even). On the GPU (FAST) the division
 # is a multiplication by the row's correctly rounded reciprocal plus one fma correction, exact wherever the quotient
 # is at least 2^-11 (below, E4M3 is a signed zero either way, and the sign is copied from x), and the cast is the
@@ -107,22 +117,6 @@ def _quant_rows_kernel(
 # whose float8 cast does not round to nearest even, runs the reference arithmetic (`div_rn`, `_to_e4m3`) by default;
 # `benchmarks/triton_interpreter_check.py` checks both, the FAST one with the GPU's fma and cast emulated.
 # Amaxes fold |x| as integers of x's width (`_abs_bits`): exact, and two bf16 values an instruction.
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_NUM_SMS = 132  # H100/H200 SXM; only decides how the work is split
-_L2_STRIP_BYTES = 24 << 20  # bytes of strips in flight between their two passes ("cols"): about half of L2
-
-
-class RowwisePlan(NamedTuple):
-    """How `quantize_rowwise_triton` runs: `rowwise_plan` picks one; `benchmarks/fp8_bench.py` times others."""
-
-    kind: str  # "rows", "rows_loop", "cols", "cols_split"
-    block_r: int
-    block_c: int
-    num_warps: int
-    chunk: int = 0  # cols_split: columns of x per program, a multiple of block_c
-    programs: int = 0  # cols: programs of the persistent grid (0: one per strip)
-    fast: bool = not _INTERPRET  # GPU arithmetic (see above); False: the reference's, as in the interpreter
 
 
 @triton.jit
@@ -192,6 +186,40 @@ def _rowwise_rows_kernel(
 
 
 @triton.jit
+def _rowwise_rows_amax_kernel(
+    x_ptr, q_ptr, s_ptr, amax_ptr, R, C, R_OUT, C_OUT, s_xb, s_xr, s_qb, s_qr, s_sb, s_ab, ROW_BLOCKS,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """x [(E,) R, C] with C contiguous, whole rows (C_OUT <= BLOCK_C): ROWS rows of matrix pid // ROW_BLOCKS,
+    BLOCK_R at a time, quantised as `_rowwise_rows_kernel` does (rows R..R_OUT and columns C..C_OUT of q zero),
+    while |x| of each column is folded over them (as integers of x's width, `_abs_bits`) and merged into amax
+    [(E,) C_OUT] (int32 bits of float32, zeroed before) by one atomic max a column: for non-negative floats the
+    integer order is the float order, NaN above inf, so the result is exact and the same in any order."""
+    pid = tl.program_id(0)
+    batch = tl.cast(pid // ROW_BLOCKS, tl.int64)
+    first = (pid % ROW_BLOCKS) * ROWS
+    rows = tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    x_base = x_ptr + batch * s_xb + cols[None, :]
+    q_base = q_ptr + batch * s_qb + cols[None, :]
+    in_cols = (cols < C)[None, :]
+    out_cols = (cols < C_OUT)[None, :]
+    acc = _abs_bits(tl.zeros([BLOCK_R, BLOCK_C], dtype=x_ptr.dtype.element_ty))
+    for i in range(0, ROWS, BLOCK_R):
+        r = first + i + rows
+        r64 = tl.cast(r, tl.int64)[:, None]
+        x = tl.load(x_base + r64 * s_xr, mask=(r < R)[:, None] & in_cols, other=0.0)
+        bits = _abs_bits(x)
+        acc = tl.maximum(acc, bits)
+        scale, inv = _row_scales(_bits_to_float(tl.max(bits, axis=1), x_ptr.dtype.element_ty), POW2)
+        q = _encode_e4m3(x.to(tl.float32), scale[:, None], inv[:, None], POW2, FAST)
+        tl.store(q_base + r64 * s_qr, q, mask=(r < R_OUT)[:, None] & out_cols)
+        tl.store(s_ptr + batch * s_sb + r, scale, mask=r < R_OUT)
+    amax = _bits_to_float(tl.max(acc, axis=0), x_ptr.dtype.element_ty)
+    tl.atomic_max(amax_ptr + batch * s_ab + cols, amax.to(tl.int32, bitcast=True), mask=cols < C_OUT)
+
+
+@triton.jit
 def _abs_bits(x):
     """|x| as an integer of x's width: for non-negative floats the integer order is the float order, and NaN comes
     above inf, so an integer max over these keeps NaN (read back as NaN, hence an inf scale); exact, any width."""
@@ -245,12 +273,13 @@ def _cols_quantise(
 @triton.jit
 def _rowwise_cols_kernel(
     x_ptr, q_ptr, s_ptr, part_ptr, R, C, R_OUT, C_OUT, s_xb, s_xc, s_qb, s_qr, s_sb, ROW_BLOCKS, CHUNKS, CHUNK, ITEMS,
-    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr,
+    PARTS, POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PHASE: tl.constexpr,
 ):  # fmt: skip
     """x [(E,) R, C] with R contiguous (a transposed view). Items: (matrix, chunk of C, block of BLOCK_R rows), the
     row block fastest. PHASE 0 ("cols"): each program takes items pid, pid + programs, ... (one chunk: all of C):
-    amax pass, then quantising pass. PHASE 1: the amax of item pid's chunk into part [E, CHUNKS, R_OUT]. PHASE 2:
-    item ITEMS - 1 - pid folds its rows' partial amaxes and quantises its chunk (chunk 0 writes the scales)."""
+    amax pass, then quantising pass. PHASE 1: the amax of item pid's chunk into part [E, PARTS = CHUNKS, R_OUT].
+    PHASE 2: item ITEMS - 1 - pid folds its rows' PARTS partial amaxes and quantises its chunk (chunk 0 writes the
+    scales); "cols_amax" runs it alone, on the amaxes of "rows_amax" (PARTS = 1)."""
     pid = tl.program_id(0)
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_C)
@@ -282,13 +311,13 @@ def _rowwise_cols_kernel(
         x_base = x_ptr + batch * s_xb + r0
         r_in = (r0 + rr < R)[None, :]
         r_out = (r0 + rr < R_OUT)[None, :]
-        part = part_ptr + batch * CHUNKS * R_OUT + r0 + rr
+        part = part_ptr + batch * PARTS * R_OUT + r0 + rr
         if PHASE == 1:
             amax = _cols_amax(x_base, r_in, rr, cc, c_lo, tl.minimum(c_lo + CHUNK, C), s_xc, BLOCK_R, BLOCK_C)
             tl.store(part + chunk * R_OUT, amax, mask=r0 + rr < R_OUT)
         else:
             amax = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for k in range(0, CHUNKS):
+            for k in range(0, PARTS):
                 amax = _max_nan(amax, tl.load(part + k * R_OUT, mask=r0 + rr < R_OUT, other=0.0))
             scale, inv = _row_scales(amax, POW2)
             q_base = q_ptr + batch * s_qb + tl.cast(r0, tl.int64) * s_qr
@@ -300,51 +329,30 @@ def _rowwise_cols_kernel(
                 tl.store(s_ptr + batch * s_sb + r0 + rr, scale, mask=r0 + rr < R_OUT)
 
 
-def _pow2_at_least(n: int, floor: int = 16) -> int:
-    p = floor
-    while p < n:
-        p *= 2
-    return p
-
-
-def rowwise_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
-    """The kernel and block sizes for x [(E,) R, C] (either R or C contiguous) padded to [rows_out, cols_out]."""
-    x3 = x if x.dim() == 3 else x[None]
-    batch, rows, cols = x3.shape
-    if x3.stride(2) == 1 or cols == 1:  # reduced dimension contiguous
-        block_c = _pow2_at_least(cols_out)
-        if block_c <= 16384:  # whole rows in registers: about 8192 values a program, 32 a thread
-            block_r = max(1, min(64, 8192 // block_c))
-            return RowwisePlan("rows", block_r, block_c, max(4, min(16, block_r * block_c // 1024)))
-        return RowwisePlan("rows_loop", 4, 2048, 8)
-    # rows contiguous. "cols" when there are strips for every SM and two of them per SM (else one) fit the L2 budget
-    # between their two passes: the widest strips that do (32 rows: 64 bytes of bf16 a column; 16 rows: 32 bytes,
-    # one sector, its neighbour read by the next program at the same time), tiles of 8192 values
-    for per_sm, block_r in ((2, 32), (2, 16), (1, 32), (1, 16)):
-        strips = batch * triton.cdiv(rows_out, block_r)
-        if strips >= per_sm * _NUM_SMS and per_sm * _NUM_SMS * cols * block_r * x.element_size() <= _L2_STRIP_BYTES:
-            return RowwisePlan("cols", block_r, 8192 // block_r, 8, programs=per_sm * _NUM_SMS)
-    block_r, block_c = 64, 128  # 128 bytes of bf16 per column, tiles of [128, 64]
-    strips = batch * triton.cdiv(rows_out, block_r)
-    chunks = max(1, min(triton.cdiv(4 * _NUM_SMS, strips), triton.cdiv(cols_out, 4 * block_c)))
-    if chunks == 1:  # enough strips, or too short a reduction to split: one launch, a program per strip
-        return RowwisePlan("cols", block_r, block_c, 8)
-    return RowwisePlan("cols_split", block_r, block_c, 8, chunk=_ceil_to(triton.cdiv(cols_out, chunks), block_c))
-
-
 def quantize_rowwise_triton(
-    x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool, *, plan: RowwisePlan | None = None
+    x: torch.Tensor,
+    rows_out: int,
+    cols_out: int,
+    pow2: bool,
+    *,
+    plan: RowwisePlan | None = None,
+    amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fp8_numerics.quantize_rowwise` of x [(E,) R, C] (any strides) zero-padded to [(E,) rows_out, cols_out],
     bit for bit: q row-major [(E,) rows_out, cols_out], scales [(E,) rows_out, 1]. One launch, or two for a
-    transposed view with long reductions (see the comment above `RowwisePlan`); `plan` overrides `rowwise_plan`."""
+    transposed view with long reductions (see the comment above `_max_nan`); `plan` overrides `rowwise_plan`.
+    `amax` [(E,) >= R] fp32, each row's max |x| taken already (by `quantize_rowwise_amax_triton` of the tensor x is
+    a transposed view of; zero past R): a transposed view is then quantised in one launch without an amax pass
+    ("cols_amax"); row-contiguous operands, read once either way, ignore it."""
     x3 = x if x.dim() == 3 else x[None]
     batch, rows, cols = x3.shape
     if not (x3.stride(2) == 1 or cols == 1 or x3.stride(1) == 1 or rows == 1):
         x3 = x3.contiguous()  # neither dimension contiguous: no coalesced way to read it
     q = torch.empty(batch, rows_out, cols_out, dtype=FP8, device=x.device)
     scale = torch.empty(batch, rows_out, 1, dtype=torch.float32, device=x.device)
-    plan = plan if plan is not None else rowwise_plan(x3, rows_out, cols_out)
+    if plan is None:
+        transposed = not (x3.stride(2) == 1 or cols == 1)
+        plan = (rowwise_from_amax_plan if amax is not None and transposed else rowwise_plan)(x3, rows_out, cols_out)
     if q.numel() == 0:
         return (q, scale) if x.dim() == 3 else (q[0], scale[0])
     sizes = (rows, cols, rows_out, cols_out)
@@ -366,8 +374,19 @@ def quantize_rowwise_triton(
             items = batch * row_blocks
             grid = (min(items, plan.programs) if plan.programs else items,)
             _rowwise_cols_kernel[grid](
-                x3, q, scale, scale, *sizes, *x_strides, *out_strides, row_blocks, 1, cols_out, items, PHASE=0,
+                x3, q, scale, scale, *sizes, *x_strides, *out_strides, row_blocks, 1, cols_out, items, 1, PHASE=0,
                 **common,
+            )  # fmt: skip
+        elif plan.kind == "cols_amax":
+            if amax is None:
+                raise ValueError("a cols_amax plan quantises from given amaxes: pass amax")
+            part = amax.reshape(batch, -1)[:, :rows_out]  # [E, rows_out]: PARTS = 1 partial amax a row
+            part = F.pad(part, (0, rows_out - part.shape[1])).contiguous()  # amaxes of padding rows: zero
+            chunks = triton.cdiv(cols_out, plan.chunk)
+            items = batch * chunks * row_blocks
+            _rowwise_cols_kernel[(items,)](
+                x3, q, scale, part, *sizes, *x_strides, *out_strides, row_blocks, chunks, plan.chunk, items, 1,
+                PHASE=2, **common,
             )  # fmt: skip
         else:
             chunks = triton.cdiv(cols_out, plan.chunk)
@@ -376,9 +395,37 @@ def quantize_rowwise_triton(
             for phase in (1, 2):
                 _rowwise_cols_kernel[(items,)](
                     x3, q, scale, part, *sizes, *x_strides, *out_strides, row_blocks, chunks, plan.chunk, items,
-                    PHASE=phase, **common,
+                    chunks, PHASE=phase, **common,
                 )  # fmt: skip
     return (q, scale) if x.dim() == 3 else (q[0], scale[0])
+
+
+def quantize_rowwise_amax_triton(
+    x: torch.Tensor, rows_out: int, cols_out: int, pow2: bool, *, plan: RowwisePlan | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`quantize_rowwise_triton(x, rows_out, cols_out, pow2)` of x [(E,) R, C] and, from the same read, the amax of
+    each column of x: (q, scale, amax [(E,) cols_out] fp32, zero past C), what `quantize_rowwise_triton` of x^T takes
+    as `amax` ("rows_amax", one launch after zeroing the amaxes). amax is None where rows are too wide for
+    registers (`rowwise_amax_plan` gives no plan): x^T then takes its own amax pass."""
+    x3 = x if x.dim() == 3 else x[None]
+    batch, rows, cols = x3.shape
+    plan = plan if plan is not None else rowwise_amax_plan(x3, rows_out, cols_out)
+    if plan is None:
+        return (*quantize_rowwise_triton(x, rows_out, cols_out, pow2), None)
+    if not (x3.stride(2) == 1 or cols == 1):
+        x3 = x3.contiguous()
+    q = torch.empty(batch, rows_out, cols_out, dtype=FP8, device=x.device)
+    scale = torch.empty(batch, rows_out, 1, dtype=torch.float32, device=x.device)
+    amax = torch.zeros(batch, cols_out, dtype=torch.int32, device=x.device)  # float32 bits; 0 is +0.0
+    if q.numel():
+        row_blocks = triton.cdiv(rows_out, plan.chunk)
+        _rowwise_rows_amax_kernel[(batch * row_blocks,)](
+            x3, q, scale, amax, rows, cols, rows_out, cols_out, x3.stride(0), x3.stride(1), q.stride(0), q.stride(1),
+            scale.stride(0), amax.stride(0), row_blocks, POW2=pow2, FAST=plan.fast, BLOCK_R=plan.block_r,
+            BLOCK_C=plan.block_c, ROWS=plan.chunk, num_warps=plan.num_warps,
+        )  # fmt: skip
+    amax = amax.view(torch.float32)
+    return (q, scale, amax) if x.dim() == 3 else (q[0], scale[0], amax[0])
 
 
 @triton.jit
@@ -517,13 +564,17 @@ class HopperBackend:
         return self.recipe.fused_quantization and torch.compiler.is_compiling()
 
     # -- quantisation ------------------------------------------------------------------------------------------
-    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_rows(
+        self, x: torch.Tensor, rows_multiple: int = 1, amax: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, C] (any strides) -> q [Rp, Cp] (Rp a multiple of 16 and of rows_multiple), scales [Rp, Cp/128]
-        stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1])."""
+        stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1]).
+        `amax`: each row's amax from `quantize_rows_and_amax_t` of x^T (rowwise; saves a transposed view's amax
+        pass)."""
         rows, cols = x.shape
         rows_out = _ceil_to(rows, max(rows_multiple, 16))
         if self.rowwise:
-            return self._quantize_rowwise(x, rows_out, "a row")
+            return self._quantize_rowwise(x, rows_out, "a row", amax)
         if self._fused():
             padded = F.pad(x, (0, _ceil_to(cols, BLOCK) - cols, 0, rows_out - rows))
             q, scale = quantize_tiles(padded, self.pow2, check=False)
@@ -541,6 +592,28 @@ class HopperBackend:
             check_finite(scale, "a 1x128 activation tile")
         return q, scale
 
+    def quantize_rows_and_amax_t(self, x: torch.Tensor, rows_multiple: int = 1):
+        """`quantize_rows(x)` and, from the same read, each column's amax, for `quantize_rows(x.t(), amax=...)`
+        (rowwise with the Triton quantiser; None otherwise, and for rows too wide for one pass)."""
+        if not self.rowwise or self._fused():
+            return (*self.quantize_rows(x, rows_multiple), None)
+        rows, cols = x.shape
+        rows_out = _ceil_to(rows, max(rows_multiple, 16))
+        q, scale, amax = quantize_rowwise_amax_triton(x, rows_out, _ceil_to(cols, 16), self.pow2)
+        if self.check:
+            check_finite(scale, "a row")
+        return q, scale, amax
+
+    def quantize_weight_and_amax_t(self, w: torch.Tensor):
+        """`quantize_weight(w)` and, from the same read, what `quantize_weight_t(w, q, scale, amax)` takes (rowwise:
+        each column's amax; None otherwise)."""
+        if not self.rowwise or self._fused():
+            return (*self.quantize_weight(w), None)
+        q, scale, amax = quantize_rowwise_amax_triton(w, w.shape[-2], _ceil_to(w.shape[-1], 16), self.pow2)
+        if self.check:
+            check_finite(scale, "a weight row")
+        return q, scale, amax
+
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
         rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
@@ -557,26 +630,30 @@ class HopperBackend:
             check_finite(scale, "a 128x128 weight block")
         return (q[0], scale[0]) if w.dim() == 2 else (q, scale)
 
-    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor):
-        """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised."""
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax=None):
+        """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised
+        (from `amax`, the column amaxes of `quantize_weight_and_amax_t`, where given)."""
         if self.rowwise:
-            return self._quantize_rowwise(w.transpose(-1, -2), w.shape[-1], "a weight row")
+            return self._quantize_rowwise(w.transpose(-1, -2), w.shape[-1], "a weight row", amax)
         if self._fused():
             return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
         w3 = w if w.dim() == 3 else w[None]
         qt = self._quantize_blocks(w3.transpose(1, 2))[0]  # same blocks, same scales, K-contiguous
         return (qt[0] if w.dim() == 2 else qt), scale.transpose(-1, -2)
 
-    def _quantize_rowwise(self, x: torch.Tensor, rows_out: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantize_rowwise(
+        self, x: torch.Tensor, rows_out: int, what: str, amax: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One scale per row: x [(E,) R, C] (any strides, e.g. a transposed weight) zero-padded to rows_out rows and
         a multiple of 16 columns -> q row-major (cuBLAS wants row-major values; x^T comes transposed), scales
-        [(E,) rows_out, 1]. Inductor's fused torch operations inside a compile, else the Triton kernel."""
+        [(E,) rows_out, 1]. Inductor's fused torch operations inside a compile, else the Triton kernel (given the
+        rows' amaxes, a transposed view in one pass)."""
         rows, cols = x.shape[-2:]
         cols_out = _ceil_to(cols, 16)
         if self._fused():
             q, scale = quantize_rowwise(F.pad(x, (0, cols_out - cols, 0, rows_out - rows)), self.pow2, check=False)
             return q.contiguous(), scale.contiguous()
-        q, scale = quantize_rowwise_triton(x, rows_out, cols_out, self.pow2)
+        q, scale = quantize_rowwise_triton(x, rows_out, cols_out, self.pow2, amax=amax)
         if self.check:
             check_finite(scale, what)
         return q, scale
