@@ -14,7 +14,10 @@
 # after the R1-Zero bases; ZPRE_INIT gives a pretrained R1-Zero base instead of pretraining one. ANCESTOR=0.88: the
 # cold start saves checkpoints (SAVE_STEPS, default 30) and GRPO starts from the one nearest 88% on sub4
 # (benchmarks/pick_ancestor.py, options in ANCESTOR_ARGS; $OUT/anc.tgz), so that GRPO has room to show its gain.
-# Writes $OUT/sft.tgz and $OUT/grpo.tgz (the two models; with ANCESTOR also $OUT/anc.tgz), $OUT/zero_NAME.tgz (each R1-Zero attempt's models), $OUT/logs.tgz (logs, metrics.csv, evaluation JSON).
+# Writes $OUT/logs.tgz first (logs, metrics.csv, evaluation JSON), then one model an archive (each ~14 MB, under the
+# device tool's 16 MiB a file; 64 MiB in all): $OUT/sft.tgz, $OUT/anc.tgz (with ANCESTOR), $OUT/grpo.tgz and
+# $OUT/zero_NAME.tgz (an R1-Zero attempt's GRPO model; its base's evaluation and curves are in logs.tgz); ARCHIVES
+# names the model archives to write (default "sft anc grpo zero"; leave some out to stay under 64 MiB).
 START=$(date +%s)
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -65,7 +68,7 @@ else
 fi
 if [ -n "$ANCESTOR" ]; then  # GRPO from the checkpoint nearest ANCESTOR pass@1 on sub4, not from the final model
   ANC=$(python3 benchmarks/pick_ancestor.py $R/sft --target $ANCESTOR $ANCESTOR_ARGS --json $L/ancestor.json 2> $L/ancestor.log)
-  say "ancestor: $ANC ($(tr '\n' ' ' < $L/ancestor.log | grep -o 'checkpoint-[0-9]*: sub4 [0-9/]*' | tr '\n' ' '))"
+  say "ancestor: $ANC ($(tr '\n' ' ' < $L/ancestor.log | grep -o 'checkpoint-[0-9]*: [a-z]*[0-9] [0-9/]*' | tr '\n' ' '))"
   rm -rf $R/anc && cp -r ${ANC:-$R/sft} $R/anc && GRPO_INIT=$R/anc
   python3 benchmarks/add_sub_eval.py $R/anc $EVAL_ARGS --json $L/anc_eval.json > $L/anc_eval.log 2>&1 &
   AP=$!
@@ -83,12 +86,12 @@ cat $L/sft_eval.log $L/anc_eval.log $L/grpo_eval.log 2>/dev/null | grep -v -i -E
 wait $ZPIDS
 cp $R/sft/metrics.csv $L/sft_metrics.csv; cp $R/grpo/metrics.csv $L/grpo_metrics.csv
 for d in $Z/*/*; do cp $d/metrics.csv $L/$(basename $(dirname $d)).$(basename $d).metrics.csv 2>/dev/null; done
-tar czf $OUT/sft.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R sft
-[ -d $R/anc ] && tar czf $OUT/anc.tgz -C $R anc
-[ -d $R/grpo ] && tar czf $OUT/grpo.tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $R grpo
-for d in $Z/*; do  # one file per attempt: two models would pass the device tool's 16 MiB a file
-  [ -d $d ] && tar czf $OUT/zero_$(basename $d).tgz --exclude='checkpoint-*' --exclude=reference_model --exclude=plots -C $Z $(basename $d)
+tar czf $OUT/logs.tgz $L  # first: it comes back even if the call is cut while the models are archived
+archive() { [[ " ${ARCHIVES-sft anc grpo zero} " == *" $1 "* ]]; }
+SKIP=(--exclude='checkpoint-*' --exclude=reference_model --exclude=plots)  # anc may be a copy of sft, checkpoints and all
+for m in sft anc grpo; do archive $m && [ -d $R/$m ] && tar czf $OUT/$m.tgz "${SKIP[@]}" -C $R $m; done
+for d in $Z/*; do  # the GRPO model alone: with the base's, one file would pass the device tool's 16 MiB
+  archive zero && [ -d $d ] && tar czf $OUT/zero_$(basename $d).tgz "${SKIP[@]}" --exclude="$(basename $d)/pretrain" -C $Z $(basename $d)
 done
-tar czf $OUT/logs.tgz $L
 ls -la $OUT
 say "done"

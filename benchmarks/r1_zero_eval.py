@@ -20,6 +20,13 @@ from hf_deepseek.evals.task_data import load_rows
 from hf_deepseek.trainers.rewards import accuracy_reward, opened_format_reward
 
 
+def body_correct(text: str, row: dict) -> bool:
+    """Whether the thinking has the line `a + b = sum` with the right sum, ending the line or followed at once by
+    `</think>` (a completion that closes the block writes it on the same line: `7 + 7793 = 7800</think><answer>`)."""
+    sum_line = re.escape(row["question"][len("Calculate ") : -1]) + " = " + re.escape(str(row["answer"]))
+    return bool(re.search(rf"^{sum_line}(?:$|</think>)", text, re.M))
+
+
 @torch.inference_mode()
 def evaluate(path: str, device: str, limit: int = 500, temperature: float = 0.0) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
@@ -36,8 +43,7 @@ def evaluate(path: str, device: str, limit: int = 500, temperature: float = 0.0)
     formatted = opened_format_reward(None, texts)
     hits = int(sum(correct))
     n = len(rows)
-    body = sum(bool(re.search(rf"^{re.escape(r['question'][len('Calculate ') : -1])} = {r['answer']}$", t, re.M))
-               for t, r in zip(texts, rows, strict=True))  # fmt: skip
+    body = sum(body_correct(t, r) for t, r in zip(texts, rows, strict=True))
     result = {"correct": hits, "n": n, "pass@1": hits / n, "interval": wilson_interval(hits, n),
               "format": sum(formatted) / n, "body_correct": body / n,
               "worked": sum("column by column" in t for t in texts) / n,
