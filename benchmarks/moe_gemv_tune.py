@@ -7,6 +7,7 @@ batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
     python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
     python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
+    python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES".
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="FP8 weights with block scales (the SCALED kernels)")
     parser.add_argument("--pairs", type=int, nargs="*", default=[1, 4, 8, 32], help="P pairs: P tokens, top-1")
     parser.add_argument("--tokens", type=int, nargs="*", default=None, help="tokens at top-6 (default 1 4; quick: 1)")
+    parser.add_argument("--grouped", action="store_true", help="torch's grouped GEMM too with --quick (bf16)")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
@@ -203,7 +205,7 @@ def main() -> None:
             want = moe_gemv.reference(x, indices, weights, gate_up, down).float()
         inputs = (x, indices, weights, gate_up, down)
         with torch.no_grad():
-            if not args.quick and not args.fp8:
+            if (args.grouped or not args.quick) and not args.fp8:
                 base = time_us(lambda args=inputs: grouped(*args))
                 gb_s = nbytes / base / 1e3
                 results["rows"].append(dict(case=label, kernel="torch grouped_mm", us=base, gb_s=gb_s))
