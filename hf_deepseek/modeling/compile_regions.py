@@ -63,9 +63,9 @@ def decode_compile_config(model: nn.Module, compile_config):
     """generate()'s compile settings (a transformers CompileConfig) for `model`'s decode step: unchanged, but that a
     model with FP8 layers compiled by Inductor without options of its own gets `FP8_INDUCTOR_OPTIONS` too, beside
     its mode's options spelled out (torch.compile takes a mode or options, not both). Past the matrix-vector
-    kernels' few rows its layers call `torch._scaled_mm`, which Inductor would otherwise autotune Triton templates
-    against at every shape: an FP8-weight decode step at batch 32 was still compiling after 160 s on the H200
-    (2026-12-04), where batch 1 (matrix-vector kernels only) compiled in 11 s."""
+    kernels' few rows its layers call `torch._scaled_mm`, against which Inductor can autotune Triton templates at
+    every shape (see above): the suspected reason an FP8-weight decode step at batch 32 was still compiling after
+    160 s on the H200 (2026-12-04), where batch 1 (matrix-vector kernels only) compiled in 11 s."""
     if compile_config.backend != "inductor" or compile_config.options is not None or not has_fp8_layers(model):
         return compile_config
     mode_options = torch._inductor.list_mode_options(compile_config.mode) if compile_config.mode else {}
