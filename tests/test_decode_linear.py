@@ -11,7 +11,7 @@ from torch import nn
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.kernels import moe_gemv
 from hf_deepseek.modeling.decode_linear import DecodeLinear, use_decode_linears
-from hf_deepseek.modeling.fp8 import FP8InferenceLinear, convert_to_fp8_inference
+from hf_deepseek.modeling.fp8 import FP8InferenceLinear, FP8Linear, convert_to_fp8_inference, convert_to_fp8_training
 
 
 def test_switch_off_changes_nothing():
@@ -44,6 +44,18 @@ def test_fp8_layers_keep_their_own_kernels(monkeypatch):
     use_decode_linears(model)
     after = {name: type(m) for name, m in model.named_modules()}
     assert {n for n in before if before[n] != after[n]} == {n for n in before if before[n] is nn.Linear} - {"lm_head"}
+
+
+def test_fp8_conversions_after_the_swap_take_every_layer(monkeypatch):
+    """A model whose layers became DecodeLinear (a generate() under the switch) converts to FP8 as before."""
+    monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", True)
+    config = tiny_config(hidden_size=128)
+    plain = {n for n, m in DeepSeekForCausalLM(config).named_modules() if type(m) is nn.Linear and n != "lm_head"}
+    for convert, fp8_class in ((convert_to_fp8_training, FP8Linear), (convert_to_fp8_inference, FP8InferenceLinear)):
+        model = DeepSeekForCausalLM(config).eval()
+        use_decode_linears(model)
+        convert(model)
+        assert {n for n, m in model.named_modules() if type(m) is fp8_class} == plain
 
 
 def test_op_on_cpu_and_compiled_through_the_layer(monkeypatch):

@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 
 from ..kernels import moe_gemv
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
+from .decode_linear import DecodeLinear
 from .fp8_numerics import (
     FP8,
     OFFICIAL_QUANTIZATION_CONFIG,
@@ -441,7 +442,7 @@ def convert_to_fp8_training(model: nn.Module, recipe: FP8Recipe | None = None) -
     for name, module in model.named_modules():
         if recipe.skips(name):
             continue
-        if type(module) is nn.Linear:
+        if type(module) in (nn.Linear, DecodeLinear):  # DecodeLinear: a decode-only nn.Linear (decode_linear.py)
             module.__class__ = FP8Linear
         elif type(module) is RoutedExperts:
             module.__class__ = FP8RoutedExperts
@@ -477,7 +478,7 @@ def convert_to_fp8_inference(model: nn.Module, recipe: FP8Recipe | None = None, 
     for name, module in list(model.named_modules()):
         if recipe.skips(name) or not name:
             continue
-        if type(module) in (nn.Linear, FP8Linear):
+        if type(module) in (nn.Linear, DecodeLinear, FP8Linear):
             _replace(model, name, FP8InferenceLinear.from_linear(module, recipe, quantize))
         elif type(module) in (RoutedExperts, FP8RoutedExperts):
             _replace(model, name, FP8InferenceExperts.from_experts(module, config, recipe, quantize))
