@@ -1,8 +1,8 @@
-"""Time one layer's decode attention over the latent cache: FlashMLA's split-KV kernel (`kernels/flash_mla_decode.py`,
-with its schedule computed per call and, as the decode step shares it across layers, computed once) against the
-torch path the model takes without it (absorbed attention: scores against the cached latent and rope key, an fp32
-softmax under the static cache's padding mask, the probabilities against the latent), compiled with CUDA graphs.
-Each call's cache bytes over its time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
+"""Time one layer's decode attention over the latent cache, through the model's own two paths
+(`modeling/mla_decode.py`): FlashMLA's split-KV kernel (`flash_cache_attention`, its schedule computed per call as
+the first layer does, and shared as the later layers take it) against the absorbed torch attention the model takes
+without it (`absorbed_cache_attention`, compiled), W_UK and W_UV included in both. Each call's cache bytes over its
+time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
 
     python benchmarks/decode_attention_bench.py [--heads 16 128] [--json out.json]
 
@@ -13,44 +13,27 @@ kernel's fixed costs (a schedule, a split-KV pass and a combine pass) may exceed
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
-LATENT, ROPE = 512, 64
+from hf_deepseek import DeepSeekConfig
+from hf_deepseek.evals.cuda_graph_timing import graph_time_us
+from hf_deepseek.modeling.attention import MultiHeadLatentAttention
+from hf_deepseek.modeling.mla_decode import absorbed_cache_attention, flash_cache_attention
+
+LATENT, ROPE, NOPE, V = 512, 64, 128, 128  # DeepSeek-V3's latent attention dimensions
 CELLS = [(1, 2048), (8, 2048), (32, 2048), (1, 32768), (32, 32768)]
 
 
-def time_us(fn, calls: int = 20, replays: int = 10) -> float:
-    """GPU time per call, `calls` calls captured in one CUDA graph and replayed (as a decode step runs them)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
-
-
-def torch_attention(q_latent, q_rope, storage, keep, scale):
-    """The model's absorbed decode attention (`attention._absorbed_attention` after its projections)."""
-    bsz, heads = q_latent.shape[:2]
-    latent, k_rope = storage[..., :LATENT], storage[..., LATENT:]
-    scores = torch.bmm(q_latent.reshape(bsz, heads, -1), latent.transpose(1, 2))
-    scores = scores + torch.bmm(q_rope.reshape(bsz, heads, -1), k_rope.transpose(1, 2))
-    scores = (scores.float() * scale).masked_fill(~keep[:, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).to(storage.dtype)
-    return torch.bmm(probs, latent).view(bsz, heads, 1, LATENT)
+def attention_layers(heads: int) -> tuple[MultiHeadLatentAttention, MultiHeadLatentAttention]:
+    """Layer 0 (computes FlashMLA's schedule) and layer 1 (takes it from the cache), same weights."""
+    config = DeepSeekConfig(hidden_size=512, num_attention_heads=heads, kv_lora_rank=LATENT, qk_rope_head_dim=ROPE,
+                            qk_nope_head_dim=NOPE, v_head_dim=V, q_lora_rank=256)  # fmt: skip
+    first = MultiHeadLatentAttention(config, 0).to("cuda", torch.bfloat16).eval()
+    later = MultiHeadLatentAttention(config, 1).to("cuda", torch.bfloat16).eval()
+    later.load_state_dict(first.state_dict())
+    return first, later
 
 
 def measure(heads: int, batch: int, context: int, have_flash: bool) -> dict:
@@ -58,28 +41,30 @@ def measure(heads: int, batch: int, context: int, have_flash: bool) -> dict:
 
     torch.manual_seed(0)
     torch._dynamo.reset()  # one compiled graph per cell
-    compiled = torch.compile(torch_attention, dynamic=False)
+    first, later = attention_layers(heads)
+    compiled = torch.compile(absorbed_cache_attention, dynamic=False)
     slots = -(-(context + 1) // 64) * 64  # a static cache a little longer than what is written
     storage = torch.randn(batch, slots, LATENT + ROPE, device="cuda", dtype=torch.bfloat16)
-    q_latent = torch.randn(batch, heads, 1, LATENT, device="cuda", dtype=torch.bfloat16)
+    buffer = storage[:, : context + 1]
+    q_nope = torch.randn(batch, heads, 1, NOPE, device="cuda", dtype=torch.bfloat16)
     q_rope = torch.randn(batch, heads, 1, ROPE, device="cuda", dtype=torch.bfloat16)
-    keep = torch.zeros(batch, slots, dtype=torch.bool, device="cuda")
-    keep[:, :context] = True
-    length, scale = torch.tensor([context], device="cuda"), (128 + ROPE) ** -0.5
+    length = torch.tensor([context], device="cuda")
+    cache = SimpleNamespace(flash_schedule=None)  # what flash_cache_attention reads and writes of the cache
     row = dict(heads=heads, batch=batch, context=context, cache_mb=batch * context * (LATENT + ROPE) * 2 / 1e6)
     with torch.no_grad():
-        want = torch_attention(q_latent, q_rope, storage, keep, scale).float()
-        row["torch_us"] = time_us(lambda: compiled(q_latent, q_rope, storage, keep, scale))
+        want = absorbed_cache_attention(first, q_nope, q_rope, buffer, length, None).float()
+        row["torch_us"] = graph_time_us(lambda: compiled(first, q_nope, q_rope, buffer, length, None))
         if have_flash:
-            out = fmd.flash_latent_attention(q_latent, q_rope, storage, length, scale).float()
+            out = flash_cache_attention(first, q_nope, q_rope, storage, length, cache).float()
             row["flash_error"] = ((out - want).norm() / want.norm()).item()
-            row["flash_us"] = time_us(lambda: fmd.flash_latent_attention(q_latent, q_rope, storage, length, scale))
-            lengths = fmd.row_lengths(length, batch)
-            schedule = fmd.flash_mla_schedule(lengths, heads)
-            row["flash_shared_schedule_us"] = time_us(
-                lambda: fmd.flash_latent_attention(q_latent, q_rope, storage, length, scale, schedule)
+            row["flash_us"] = graph_time_us(
+                lambda: flash_cache_attention(first, q_nope, q_rope, storage, length, cache)
             )
-            row["schedule_us"] = time_us(lambda: fmd.flash_mla_schedule(lengths, heads))
+            row["flash_shared_schedule_us"] = graph_time_us(
+                lambda: flash_cache_attention(later, q_nope, q_rope, storage, length, cache)
+            )
+            lengths = fmd.row_lengths(length, batch)
+            row["schedule_us"] = graph_time_us(lambda: fmd.flash_mla_schedule(lengths, heads))
     for key in ("torch_us", "flash_shared_schedule_us"):
         if key in row:
             row[key.replace("_us", "_gb_s")] = row["cache_mb"] / row[key] * 1e3  # MB per us x 1000: GB/s

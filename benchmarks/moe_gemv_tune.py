@@ -21,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hf_deepseek.evals.bench import FULL_CONFIG
+from hf_deepseek.evals.cuda_graph_timing import graph_time_us
 from hf_deepseek.modeling.moe import count_per_expert
 
 FIRST_WRITTEN = (32, 256, 4, 1, None)  # the kernels as first written; the speed-ups are against it
@@ -46,20 +48,8 @@ QUICK = [
 
 
 def time_us(fn, repeats: int = 200) -> float:
-    for _ in range(10):
-        fn()
-    graph = torch.cuda.CUDAGraph()  # replayed, as the decode step runs it: no launch overhead in the figure
-    with torch.cuda.graph(graph):
-        for _ in range(20):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(repeats // 20):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / repeats
+    """Microseconds per call, graphs of 20 calls replayed (as the decode step runs them: no launch overhead)."""
+    return graph_time_us(fn, calls=20, replays=max(1, repeats // 20), warmup=10)
 
 
 def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> float:
@@ -91,12 +81,25 @@ def fp8_weights(gate_up, down):
     return gate_up.to(torch.float8_e4m3fn), down.to(torch.float8_e4m3fn), gate_up_scale, down_scale
 
 
-# The bench config's dense layers (hidden 2048, 16 heads, MLA ranks 1536 / 512, two shared experts of 1408, one dense
-# MLP of 10944) as (name, N, K): what `linear_gemv_fp8` serves at decode with FP8 weights, cuBLAS with bf16 weights.
-LINEAR_SHAPES = [
-    ("q_a", 1536, 2048), ("kv_a", 576, 2048), ("q_b", 3072, 1536), ("o_proj", 2048, 2048),
-    ("shared gate_up", 5632, 2048), ("shared down", 2048, 2816), ("dense up", 10944, 2048), ("dense down", 2048, 10944),
-]  # fmt: skip
+def linear_shapes(config: dict) -> list[tuple[str, int, int]]:
+    """The bench config's dense layers at decode as (name, N, K): what `linear_gemv_fp8` serves with FP8 weights
+    (the MLA projections but kv_b, which decode folds into the query and output; the shared experts' and the dense
+    MLP's gate / up and down)."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    q_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
+    shared = config["n_shared_experts"] * config["moe_intermediate_size"]
+    return [
+        ("q_a", config["q_lora_rank"], hidden),
+        ("kv_a", config["kv_lora_rank"] + config["qk_rope_head_dim"], hidden),
+        ("q_b", heads * q_head, config["q_lora_rank"]),
+        ("o_proj", hidden, heads * config["v_head_dim"]),
+        ("shared gate / up", shared, hidden),
+        ("shared down", hidden, shared),
+        ("dense gate / up", config["intermediate_size"], hidden),
+        ("dense down", hidden, config["intermediate_size"]),
+    ]
+
+
 # small-N shapes fill the GPU only with smaller row blocks or split-K programs
 LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1, 3), (16, 128, 4, 1, 4)]
 
@@ -109,7 +112,7 @@ def linear_rows(args, copy: float) -> list[dict]:
 
     rows = []
     configs = LINEAR_CONFIGS if args.quick else CONFIGS + LINEAR_CONFIGS[len(QUICK) :]
-    for name, n, k in LINEAR_SHAPES:
+    for name, n, k in linear_shapes(FULL_CONFIG):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q, scale = w.to(torch.float8_e4m3fn), torch.ones(-(-n // 128), -(-k // 128), device="cuda")
         weights = {"fp8": (q, scale, dequantize_blocks(q, scale).to(torch.bfloat16)), "bf16": (w, None, w)}

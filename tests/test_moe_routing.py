@@ -10,6 +10,7 @@ from conftest import tiny_config
 from torch._dynamo.utils import counters
 
 from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.evals.cuda_graph_timing import graph_time_us
 from hf_deepseek.kernels import moe_routing
 from hf_deepseek.modeling.moe import TopKRouter
 
@@ -283,26 +284,8 @@ def test_kernel_first_called_inside_cuda_graph_trees_on_gpu(monkeypatch):
     assert torch.equal(with_kernel, without)
 
 
-def graph_microseconds(fn, calls: int = 50, replays: int = 20) -> float:
-    """GPU time per call of `fn`, `calls` calls captured in one CUDA graph (as the decode step runs them)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1000 / (calls * replays)
+def graph_us(fn) -> float:
+    return graph_time_us(fn, calls=50, replays=20)
 
 
 @pytest.mark.gpu
@@ -319,16 +302,16 @@ def test_kernel_time_on_gpu(monkeypatch):
             x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16)
             monkeypatch.setattr(moe_routing, "ENABLED", False)
             torch_router = torch.compile(lambda x: router(x, 1))
-            torch_us = graph_microseconds(lambda x=x, f=torch_router: f(x))
+            torch_us = graph_us(lambda x=x, f=torch_router: f(x))
             monkeypatch.setattr(moe_routing, "ENABLED", True)
-            kernel_us = graph_microseconds(lambda x=x: moe_routing.route_tokens(x, *args))
+            kernel_us = graph_us(lambda x=x: moe_routing.route_tokens(x, *args))
             lines.append(f"{tokens} tokens: torch router (Inductor) {torch_us:.1f} us, kernel {kernel_us:.1f} us")
             if tokens == 1:
                 assert kernel_us < torch_us
                 for config in ((1, 1, 2048, 1), (1, 2, 1024, 1), (1, 1, 1024, 1), (1, 1, 2048, 2), (1, 4, 2048, 4)):
-                    us = graph_microseconds(lambda x=x, c=config: moe_routing.launch(x, *args, config=c))
+                    us = graph_us(lambda x=x, c=config: moe_routing.launch(x, *args, config=c))
                     lines.append(f"  config {config}: {us:.1f} us")
             if tokens == 32:
-                us = graph_microseconds(lambda x=x: moe_routing.launch(x, *args, fuse=True))
+                us = graph_us(lambda x=x: moe_routing.launch(x, *args, fuse=True))
                 lines.append(f"  fused logits: {us:.1f} us")
     print("\n".join(lines))
