@@ -29,7 +29,14 @@ def test_bench_decode_tiny_smoke(tmp_path):
     assert cells["ours-fast"]["floor_fraction"] > 0
     # generate() end to end, both models, prefill subtracted: a per-token time and the prefill in the note
     for row in ("ours-generate", "transformers-generate"):
-        assert cells[row]["note"].startswith("prefill "), cells[row]
+        cell = cells[row]
+        assert cell["note"] == f"prefill {cell['prefill_ms']:.1f} ms", cell
+        assert cell["prefill_tokens_per_s"] == cell["batch"] * cell["context"] * 1000 / cell["prefill_ms"]
+    # generate() rows against transformers' generate(), per new token and in prefill
+    ours, theirs = cells["ours-generate"], cells["transformers-generate"]
+    assert ours["speedup_vs_transformers_best"] == theirs["ms_per_step"] / ours["ms_per_step"]
+    assert ours["prefill_speedup_vs_transformers"] == theirs["prefill_ms"] / ours["prefill_ms"]
+    assert cells["ours-fast"].get("prefill_speedup_vs_transformers") is None
     # one floor per (batch, context): the same bytes to read whichever row (transformers' too) reads them
     floors = {(c["batch"], c["context"], c["floor_ms"]) for c in results["cells"] if c["row"] != "ours-mtp"}
     assert len(floors) == len({(c["batch"], c["context"]) for c in results["cells"] if c["row"] != "ours-mtp"})

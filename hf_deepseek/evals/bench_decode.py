@@ -104,6 +104,8 @@ class DecodeCell:
     tokens_per_step: float | None = None
     plain_ms_per_token: float | None = None  # ours-mtp: plain greedy generate() on the same prompts, same run
     speedup_vs_plain: float | None = None  # ours-mtp: plain_ms_per_token / ms_per_step
+    prefill_ms: float | None = None  # generate rows: a 1-token generate() call (the prompts into the cache)
+    prefill_tokens_per_s: float | None = None  # generate rows: batch x context / prefill_ms
     note: str = ""
 
 
@@ -366,7 +368,9 @@ def run_generate_row(
                 )
                 cell.floor_ms = 1000 * floor_bytes / bandwidth
                 cell.floor_fraction = cell.floor_ms / cell.ms_per_step
-                cell.note = f"prefill {1000 * prefill_s:.1f} ms"
+                cell.prefill_ms = 1000 * prefill_s
+                cell.prefill_tokens_per_s = batch * context / prefill_s
+                cell.note = f"prefill {cell.prefill_ms:.1f} ms"
                 if model.__dict__.get("fast_loop_error"):  # generate() fell back to transformers' loop
                     cell.note += f"; device loop failed, transformers' loop measured: {model.fast_loop_error[:150]}"
             except torch.OutOfMemoryError:
@@ -674,10 +678,17 @@ def add_ratios(results: dict[str, Any]) -> None:
         eager = (rows.get("transformers-eager") or {}).get("ms_per_step")
         peers = [rows[r]["ms_per_step"] for r in ("transformers-eager", "transformers-compile")
                  if r in rows and rows[r]["ms_per_step"]]  # fmt: skip
+        tf_generate = rows.get("transformers-generate") or {}
         for cell in rows.values():
             ms = cell["ms_per_step"]
             cell["speedup_vs_transformers_eager"] = eager / ms if eager and ms else None
-            cell["speedup_vs_transformers_best"] = min(peers) / ms if peers and ms else None
+            if "generate" in cell["row"]:  # generate() rows against transformers' generate(), per token and prefill
+                peer, prefill = tf_generate.get("ms_per_step"), tf_generate.get("prefill_ms")
+                cell["speedup_vs_transformers_best"] = peer / ms if peer and ms else None
+                own = cell.get("prefill_ms")
+                cell["prefill_speedup_vs_transformers"] = prefill / own if prefill and own else None
+            else:
+                cell["speedup_vs_transformers_best"] = min(peers) / ms if peers and ms else None
 
 
 def write_decode_report(results: dict[str, Any], output_dir: Path) -> None:
@@ -696,16 +707,20 @@ def markdown_table(results: dict[str, Any]) -> str:
         f"{results['copy_bandwidth_tb_s']:.2f} TB/s; floor = {results['floor']}",
         *(["", CPU_NOTE] if results["machine"]["device"].startswith("cpu") else []),
         "",
+        "x tf best: against transformers' fastest step row (eager, compile) in the same cell; for `generate()` rows "
+        "against transformers' `generate()` (prefill: prompt tokens a second of a 1-token call, and its ratio)",
+        "",
         "| row | batch | context | ms/step (median) | tokens/s | peak GiB | floor ms | floor/actual | "
-        "x tf eager | x tf best | accept | tok/step | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "x tf eager | x tf best | prefill tok/s | prefill x tf | accept | tok/step | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in sorted(results["cells"], key=lambda c: (c["batch"], c["context"], ROWS.index(c["row"]))):
         lines.append(
             f"| {c['row']} | {c['batch']} | {c['context']} | {fmt(c['ms_per_step'], '.2f')} | "
             f"{fmt(c['tokens_per_s'], ',.0f')} | {fmt(c['peak_memory_gib'], '.1f')} | {fmt(c['floor_ms'], '.2f')} | "
             f"{fmt(c['floor_fraction'], '.2f')} | {fmt(c.get('speedup_vs_transformers_eager'), '.1f')} | "
-            f"{fmt(c.get('speedup_vs_transformers_best'), '.1f')} | {fmt(c['acceptance_rate'], '.2f')} | "
+            f"{fmt(c.get('speedup_vs_transformers_best'), '.2f')} | {fmt(c.get('prefill_tokens_per_s'), ',.0f')} | "
+            f"{fmt(c.get('prefill_speedup_vs_transformers'), '.2f')} | {fmt(c['acceptance_rate'], '.2f')} | "
             f"{fmt(c['tokens_per_step'], '.2f')} | {c['note']} |"
         )
     return "\n".join(lines) + "\n"
