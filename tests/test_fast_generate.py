@@ -226,3 +226,90 @@ def test_compiled_device_loop_on_gpu():
     torch.manual_seed(0)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=0)
     assert sampled.shape == (ids.shape[0], ids.shape[1] + 12) and torch.equal(sampled[:, : ids.shape[1]], ids)
+
+
+class ReplayedSteps:
+    """A stand-in for a captured CUDA graph on the CPU: replay runs the captured step `STEPS` times."""
+
+    captures = 0
+
+    def __init__(self, run_step, key, keep_alive):
+        type(self).captures += 1
+        self.run_step, self.key, self.replays = run_step, key, 0
+
+    def replay(self):
+        self.replays += 1
+        for _ in range(fg.step_graph.STEPS):
+            self.run_step()
+
+
+def test_steps_replayed_in_blocks_give_transformers_tokens_and_reuse_the_capture(monkeypatch):
+    """Blocks of STEPS steps replayed as one graph, single steps before the first capture and at the end, the
+    end-of-sequence checks between blocks: transformers' tokens and lengths, rows ending at different steps; a
+    second call with the same settings replays the first call's capture from its first step on, new settings
+    capture again."""
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+    eos = frequent_token(model, ids, mask, 30)
+    singles = []
+
+    def step(model, buffers, choice):
+        singles.append(1)
+        fg.decode_step(model, buffers, choice)
+
+    monkeypatch.setattr(fg, "graphable_decode_step", lambda model, config: step)
+    monkeypatch.setattr(fg.step_graph, "capture", ReplayedSteps)
+    ReplayedSteps.captures = 0
+    # 30: 2 warm-up steps, 3 blocks, 3 single steps; then 29 over the same buffers (the cache never shrinks), the
+    # same capture
+    for new_tokens in (30, 29):
+        singles.clear()
+        buffers = model.__dict__.get("_fast_decode_buffers")
+        replays_before = buffers.graph.replays if buffers is not None and buffers.graph is not None else 0
+        eager, fast = both(model, ids, mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=eos)
+        assert torch.equal(fast, eager)
+        graph = model._fast_decode_buffers.graph
+        replays = graph.replays - replays_before
+        assert ReplayedSteps.captures == 1 and replays >= 1
+        one_by_one = len(singles) - replays * fg.step_graph.STEPS
+        # the first call warms up before it captures; the second replays from its first step
+        assert one_by_one >= fg.step_graph.WARMUP_STEPS if new_tokens == 30 else one_by_one < fg.step_graph.STEPS
+    eager, fast = both(model, ids, mask, max_new_tokens=20, do_sample=False, min_new_tokens=18, eos_token_id=eos)
+    assert torch.equal(fast, eager) and ReplayedSteps.captures == 2  # another token choice: another capture
+
+
+def test_a_failed_capture_is_remembered_and_the_loop_steps_on(monkeypatch, caplog):
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fg, "graphable_decode_step", lambda model, config: fg.decode_step)
+    monkeypatch.setattr(fg.step_graph, "capture", broken)
+    eager, fast = both(model, ids, mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(fast, eager)
+    assert "stream is capturing" in model.step_graph_error
+    assert "capturing 8 decode steps in one CUDA graph failed" in caplog.text
+    monkeypatch.undo()  # later calls do not try again: the model remembers
+    assert fg.graphable_decode_step(model, GenerationConfig()) is None
+
+
+@pytest.mark.gpu
+def test_decode_steps_captured_in_one_cuda_graph_on_gpu():
+    """On CUDA the device loop replays blocks of STEPS steps as one CUDA graph: in fp32 the greedy tokens equal
+    transformers' loop, with rows ending at different steps, across calls that reuse the capture; sampling too."""
+    model = tiny_model().cuda()
+    ids, mask = (t.cuda() for t in left_padded(model.config.vocab_size))
+    eos = frequent_token(model, ids, mask, 30)
+    for new_tokens in (30, 29):
+        kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=eos)
+        eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
+        fast = model.generate(ids, **kwargs)
+        assert model.__dict__.get("step_graph_error") is None, model.step_graph_error
+        assert model.__dict__.get("fast_loop_error") is None, model.fast_loop_error
+        assert model._fast_decode_buffers.graph is not None
+        assert torch.equal(fast, eager)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_p=0.9, pad_token_id=0)
+    assert sampled.shape == (ids.shape[0], ids.shape[1] + 20) and model.__dict__.get("step_graph_error") is None
