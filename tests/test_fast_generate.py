@@ -292,16 +292,22 @@ def test_a_failed_capture_is_remembered_and_the_loop_steps_on(monkeypatch, caplo
     assert "stream is capturing" in model.step_graph_error
     assert "capturing 8 decode steps in one CUDA graph failed" in caplog.text
     monkeypatch.undo()  # later calls do not try again: the model remembers
+    monkeypatch.setattr(fg.step_graph, "ENABLED", True)
     assert fg.graphable_decode_step(model, GenerationConfig()) is None
+    model.__dict__.pop("step_graph_error")
+    compile_everywhere = GenerationConfig(compile_config=CompileConfig())
+    compile_everywhere.compile_config._compile_all_devices = True
+    assert fg.graphable_decode_step(model, compile_everywhere) is None  # not CUDA: nothing to capture
 
 
 @pytest.mark.gpu
-def test_decode_steps_captured_in_one_cuda_graph_on_gpu():
+def test_decode_steps_captured_in_one_cuda_graph_on_gpu(monkeypatch):
     """On CUDA the device loop replays blocks of STEPS steps as one CUDA graph: in fp32 the greedy tokens equal
     transformers' loop, with rows ending at different steps, across calls that reuse the capture; sampling too."""
     model = tiny_model().cuda()
     ids, mask = (t.cuda() for t in left_padded(model.config.vocab_size))
     eos = frequent_token(model, ids, mask, 30)
+    monkeypatch.setattr(fg.step_graph, "ENABLED", True)
     for new_tokens in (30, 29):
         kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=eos)
         eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
