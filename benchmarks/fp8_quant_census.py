@@ -13,14 +13,15 @@ replaced by zeros of their shape and the quantisers' outputs by placeholders of 
 minutes on a CPU). Each call is then scaled to the bench: token dimensions to
 batch x sequence (16,384), routed-row buffers to the bench's 128-aligned layout (ceil128(16384 x 6) + 128 x 64 =
 106,496 rows), the dense layer's calls once and the MoE layer's seven times. For each call at that shape the script
-gives the Triton kernel plan the Hopper backend runs (`fp8_numerics.rowwise_plan` and neighbours) now ("after") and
-in the step the profile of 2026-12-04 measured ("before": each transposed operand with its own amax pass, 2048-wide
-rows 4 a program), its launches, the bytes of a single pass (bf16 read once, FP8 and scales written once: the
-convention of `fp8_bench.py --quantisers-only`), the bytes with each extra read of the input, and an estimated time
-at the GB/s the H200 sweep of 2026-12-04 measured for that operand kind and plan (`RATES`; "~" where the shape or
-plan was not in the sweep and the nearest measured kind stands in; the new pair of kernels, not yet timed, estimated
-from the kernels they replace). `--time` (CUDA) adds `triton.testing.do_bench` medians of each kernel at its bench
-shape, before and after; `--sweep` times plans of the new pair at the bench's largest operands.
+gives the Triton kernel plan the Hopper backend runs (`fp8_numerics.rowwise_plan` and neighbours) now ("after": the
+experts' weights quantised with their transposes' amaxes, "rows_amax" then "cols_amax", everything else with its own
+amax pass) and in the step the profile of 2026-12-04 measured ("before": each transposed operand with its own amax
+pass, 2048-wide rows 4 a program), its launches, the bytes of a single pass (bf16 read once, FP8 and scales written
+once: the convention of `fp8_bench.py --quantisers-only`), the bytes with each extra read of the input, and an
+estimated time at the GB/s the H200 sweeps of 2026-12-04 and 2026-12-04e measured for that operand kind and plan
+(`RATES`; "~" where the shape or plan was not in the sweep and the nearest measured kind stands in). `--time` (CUDA)
+adds `triton.testing.do_bench` medians of each kernel at its bench shape, before and after; `--sweep` times plans of
+the pair ("rows_amax", "cols_amax") at the bench's largest operands against the separate passes.
 
 The profile of that variant's step on the H200 (2026-12-04, `docs/PERF.md`) lists, per step, 234 launches of
 `_rowwise_rows_kernel` (17.09 ms) and 390 of `_rowwise_cols_kernel` (14.13 ms): 31.2 ms in 624 launches. (PERF.md's
@@ -48,6 +49,7 @@ from hf_deepseek.modeling.fp8_numerics import (
     BLOCK,
     FP8,
     _ceil_to,
+    _pow2_at_least,
     rowwise_amax_plan,
     rowwise_from_amax_plan,
     rowwise_plan,
@@ -74,10 +76,15 @@ RATES = {
     ("down weights", "rows", 1, 2048, 4): 2923,
     ("down weights^T", "cols", 16, 512, 8): 2152,
     ("down weights^T", "cols_split", 64, 128, 8): 2338,
+    # the pair, by the census's own convention (its bytes include the column amaxes), sweep of 2026-12-04e
+    ("gate_up weights", "rows_amax", 1, 2048, 4): 2996,
+    ("down weights", "rows_amax", 1, 2048, 4): 2710,
+    ("gate_up weights^T", "cols_amax", 64, 128, 8): 4043,  # chunks of 512 columns
+    ("down weights^T", "cols_amax", 64, 128, 8): 3834,
 }
-# the new pair of kernels, not yet timed: "rows_amax" at the rate of the "rows" kernel it extends (its atomics,
-# one a column and program, taken as free), "cols_amax" at the rate of the transposed kernel it comes from with its
-# amax pass removed: that pass reads 2 of the 5 bytes a value the two passes move, so 5/3 of its GB/s
+# where the pair was not timed: "rows_amax" at the rate of the "rows" kernel it extends, "cols_amax" at the rate of
+# the transposed kernel it comes from with its amax pass removed (that pass reads 2 of the 5 bytes a value the two
+# passes move, so 5/3 of its GB/s)
 AMAX_PASS_SHARE = 2 / 5
 
 
@@ -98,6 +105,7 @@ class Call:
     key: tuple = ()  # (storage pointer, offset, shape, strides, version) of the operand
     base_key: tuple = ()  # the same for the untransposed tensor (to pair orientations)
     bench_ms: float = 0.0  # est. ms a bench step (set by scale_calls)
+    bench_plan: str = ""  # the kind of its kernel plan at the bench shape (set by scale_calls)
 
 
 @dataclass
@@ -180,11 +188,10 @@ def placeholder(backend, name: str, x: torch.Tensor, args, kwargs):
     """What the emulated backend's quantiser returns, in shape and dtype only (uninitialised values): the census
     counts calls, and the emulated quantisation of 64 experts of the bench's width takes tens of seconds."""
     rowwise, f32 = backend.rowwise, torch.float32
-    if name in ("quantize_rows", "quantize_rows_and_amax_t"):
+    if name == "quantize_rows":
         rows_multiple = args[0] if args else kwargs.get("rows_multiple", 1)
         rows, cols = _ceil_to(x.shape[0], rows_multiple), _ceil_to(x.shape[1], BLOCK)
-        out = (x.new_empty(rows, cols, dtype=FP8), x.new_empty(rows, 1 if rowwise else cols // BLOCK, dtype=f32))
-        return (*out, x.new_empty(x.shape[1], dtype=f32) if rowwise else None) if name.endswith("amax_t") else out
+        return x.new_empty(rows, cols, dtype=FP8), x.new_empty(rows, 1 if rowwise else cols // BLOCK, dtype=f32)
     n, k = x.shape[-2:]
     grid = (n, 1) if rowwise else (_ceil_to(n, BLOCK) // BLOCK, _ceil_to(k, BLOCK) // BLOCK)
     if name == "quantize_weight_t":
@@ -214,8 +221,7 @@ def instrument(backend, rec: Recorder, exact: bool) -> None:
 
         setattr(backend, name, call)
 
-    for name in ("quantize_rows", "quantize_rows_and_amax_t", "quantize_weight", "quantize_weight_and_amax_t",
-                 "quantize_weight_t"):  # fmt: skip
+    for name in ("quantize_rows", "quantize_weight", "quantize_weight_and_amax_t", "quantize_weight_t"):
         if hasattr(backend, name):
             wrap(name)
 
@@ -368,8 +374,10 @@ def plan_for(call: Call, shape: tuple[int, ...], before: bool) -> tuple | None:
     plan = None
     if call.amax_out and not before:
         plan = rowwise_amax_plan(view, rows_out, cols_out)
-    elif call.amax_in and call.transposed and not before:
-        plan = rowwise_from_amax_plan(view, rows_out, cols_out)
+    elif call.amax_in and call.transposed and not before:  # given amaxes only where its untransposed pass takes them
+        base = view.transpose(-1, -2)
+        if rowwise_amax_plan(base, base.shape[-2], _ceil_to(base.shape[-1], 16)) is not None:
+            plan = rowwise_from_amax_plan(view, rows_out, cols_out)
     plan = tuple(plan or rowwise_plan(view, rows_out, cols_out))[:6]
     if before and plan[:4] == ("rows", 1, 2048, 4):
         plan = PREVIOUS_ROWS_PLAN
@@ -384,6 +392,9 @@ def rate_for(role: str, shape: tuple[int, ...], plan: tuple) -> tuple[float, str
     """(GB/s, source) for this call: measured in the sweep, its nearest measured kind ("~"), or the pair's estimate."""
     cls = operand_class(role, shape)
     kind, block_r, block_c, warps = plan[:4]
+    key = (cls, kind, block_r, block_c, warps)
+    if key in RATES:
+        return RATES[key], "sweep"
     if kind == "rows_amax":  # the "rows" kernel with the column amaxes folded in: the rate rows has at that width
         gbs, source = rate_for(role, shape, ("rows", 1, 2048, 4) if block_c == 2048 else ("rows", 0, block_c, 0))
         return gbs, f"est.: as rows ({source})"
@@ -391,9 +402,6 @@ def rate_for(role: str, shape: tuple[int, ...], plan: tuple) -> tuple[float, str
         base = {k: v for k, v in RATES.items() if k[0] == cls and k[1] in ("cols", "cols_split")}
         worst = min(base.values()) if base else RATES[("activations^T", "cols_split", 64, 128, 8)]
         return worst / (1 - AMAX_PASS_SHARE), "est.: its cols kernel less the amax pass"
-    key = (cls, kind, block_r, block_c, warps)
-    if key in RATES:
-        return RATES[key], "sweep"
     same_kind = [v for k, v in RATES.items() if k[0] == cls and k[1] == kind]
     if same_kind:
         return min(same_kind), "~ same operand, other plan"
@@ -426,7 +434,7 @@ def scale_calls(calls: list[Call], config: DeepSeekConfig, small_tokens: int, be
                             READS[plan[0]], 0, gbytes, gbs, source, gbytes / gbs * 1e3)  # fmt: skip
         rows[key].calls += per_step
         rows[key].modules.append(call.module)
-        call.bench_ms = rows[key].est_ms * per_step
+        call.bench_ms, call.bench_plan = rows[key].est_ms * per_step, plan[0]
     return list(rows.values())
 
 
@@ -444,7 +452,7 @@ def redundancy(calls: list[Call]) -> dict:
         "... est. ms a step": round(sum(c.bench_ms for c in again), 3),
         "examples": sorted(f"{v[0].role} of {v[0].module} again in {v[1].module}" for v in seen.values() if len(v) > 1),
         "operands quantised in both orientations": len(both),
-        "... whose transpose takes its own amax pass": sum(not c.amax_in for c in both),
+        "... whose transpose takes its own amax pass": sum(c.bench_plan != "cols_amax" for c in both),
     }
 
 
@@ -501,34 +509,40 @@ SWEEP_OPERANDS = {  # the bench's largest operands of each kind: (shape, transpo
 
 def sweep_pair() -> dict:
     """Plans of the pair at the bench's largest operands: rows_amax (rows a step, warps, rows a program) for
-    row-contiguous ones, cols_amax (tile, chunk) for transposed ones; the default first. Each against today's plan
-    for the same operand quantised alone (rows, or cols / cols_split with their own amax pass)."""
+    row-contiguous ones; for transposed ones cols_amax (tile, chunk) and, against it, cols_split (its amax launch
+    and the same quantising launch) at the same tiles and chunks. Each against the operand quantised alone with its
+    own amax pass (`rowwise_plan`); "default" is what the backend runs: the pair where `rowwise_amax_plan` gives one
+    (the experts' weights), else that own pass."""
     gen = torch.Generator(device="cuda").manual_seed(1)
     out = {}
     for name, (shape, transposed, weight) in SWEEP_OPERANDS.items():
-        view = torch.empty(shape, dtype=torch.bfloat16, device="meta")
         rows_out = shape[-2] if weight else _ceil_to(shape[-2], 16)
         cols_out = _ceil_to(shape[-1], 16)
+        base = torch.empty(shape[:-2] + shape[-2:][::-1] if transposed else shape, dtype=torch.bfloat16, device="meta")
+        paired = rowwise_amax_plan(base, base.shape[-2], _ceil_to(base.shape[-1], 16)) is not None
+        view = base.transpose(-1, -2) if transposed else base
+        alone = tuple(rowwise_plan(view, rows_out, cols_out))[:6]  # this orientation with its own amax pass
         if transposed:
-            view = torch.empty(shape[:-2] + shape[-2:][::-1], dtype=torch.bfloat16, device="meta").transpose(-1, -2)
-            default = tuple(rowwise_from_amax_plan(view, rows_out, cols_out))[:6]
             tiles = ((64, 128, 8), (32, 256, 8), (16, 512, 8), (64, 256, 16))
             chunks = [c for c in (512, 1024, 2048, 4096, cols_out) if c <= cols_out]
-            plans = [default] + [("cols_amax", r, c, w, ch, 0) for r, c, w in tiles for ch in chunks]
+            plans = [
+                (kind, r, c, w, ch, 0) for kind in ("cols_amax", "cols_split") for r, c, w in tiles for ch in chunks
+            ]
+            default = tuple(rowwise_from_amax_plan(view, rows_out, cols_out))[:6] if paired else alone
         else:
-            default = tuple(rowwise_amax_plan(view, rows_out, cols_out))[:6]
-            block_c = default[2]
-            plans = [default] + [("rows_amax", r, block_c, w, n, 0) for r in (1, 2, 4) for w in (4, 8, 16)
-                                 for n in (8, 16, 32, 64, 128, 256)
-                                 if r * block_c <= 16384 and 8 <= r * block_c // (32 * w) <= 64 and n >= r]  # fmt: skip
-        alone = tuple(rowwise_plan(view, rows_out, cols_out))[:6]  # this orientation with its own amax pass
+            block_c = _pow2_at_least(cols_out)
+            plans = [("rows_amax", r, block_c, w, n, 0) for r in (1, 2, 4) for w in (4, 8, 16)
+                     for n in (8, 16, 32, 64, 128, 256)
+                     if r * block_c <= 16384 and 8 <= r * block_c // (32 * w) <= 64 and n >= r]  # fmt: skip
+            default = tuple(rowwise_amax_plan(view, rows_out, cols_out))[:6] if paired else alone
         results = {"own amax pass " + str(alone): time_plan(shape, transposed, weight, alone, gen)}
-        for plan in dict.fromkeys(plans):
+        for plan in dict.fromkeys([default, *plans]):
             results[str(plan)] = time_plan(shape, transposed, weight, plan, gen)
         out[name] = results
         best = min((v, k) for k, v in results.items() if not k.startswith("own"))
         print(f"{name}: own amax pass {results['own amax pass ' + str(alone)]:.3f} ms; default "
-              f"{results[str(default)]:.3f} ms; best {best[0]:.3f} ms {best[1]}", flush=True)  # fmt: skip
+              f"{'(the pair) ' if paired else '(own pass) '}{results[str(default)]:.3f} ms; best {best[0]:.3f} ms "
+              f"{best[1]}", flush=True)  # fmt: skip
     return out
 
 

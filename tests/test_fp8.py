@@ -255,22 +255,16 @@ def test_emulation_multiplies_exactly_the_quantised_operands():
 
 
 class SeparatePasses(EmulatedBackend):
-    """The FP8 layers as they ran before the transposes' amaxes were passed on: x^T, dy^T and W^T each take their
-    own amax pass. Counts the transposed quantisations given amaxes (by the backend it wraps, on `given`)."""
-
-    def quantize_rows_and_amax_t(self, x, rows_multiple=1):
-        return (*self.quantize_rows(x, rows_multiple), None)
+    """The FP8 layers with W^T taking its own amax pass instead of the amaxes of the pass over W's rows."""
 
     def quantize_weight_and_amax_t(self, w):
         return (*self.quantize_weight(w), None)
 
 
 class CountingBackend(EmulatedBackend):
-    given = 0
+    """Counts the transposed quantisations given amaxes, on `given`."""
 
-    def quantize_rows(self, x, rows_multiple=1, amax=None):
-        self.given += amax is not None
-        return super().quantize_rows(x, rows_multiple, amax)
+    given = 0
 
     def quantize_weight_t(self, w, q, scale, amax=None):
         self.given += amax is not None
@@ -292,8 +286,7 @@ def test_rowwise_quantisation_from_given_amaxes_is_bit_identical(pow2):
 @pytest.mark.parametrize("linear_wgrad", ["fp8", "bf16"])
 def test_rowwise_layers_passing_amaxes_on_equal_separate_passes(linear_wgrad):
     """The rowwise FP8 linear layer and routed experts give the same outputs and gradients, bit for bit, whether
-    the transposed quantisations (x^T and dy^T of the weight gradient, W^T of the input gradient) take the amaxes of
-    the pass over the rows or take their own; and they do take them."""
+    W^T of the input gradient takes the amaxes of the pass over W's rows or takes its own; and it does take them."""
     recipe = FP8Recipe(scaling="rowwise", backend="emulated", linear_wgrad=linear_wgrad)
     gen = torch.Generator().manual_seed(32)
     x = (torch.randn(37, 200, generator=gen) * torch.logspace(-2, 2, 200)).to(torch.bfloat16).requires_grad_(True)
@@ -306,7 +299,7 @@ def test_rowwise_layers_passing_amaxes_on_equal_separate_passes(linear_wgrad):
         results.append((y, *torch.autograd.grad(y, [x, w], dy)))
     for got, want in zip(*results, strict=True):
         assert torch.equal(got, want)
-    assert counting.given == (3 if linear_wgrad == "fp8" else 1)  # W^T (and x^T, dy^T), from the rows' passes
+    assert counting.given == 1  # W^T, from the pass over W's rows
 
     cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=48)
     torch.manual_seed(33)

@@ -85,12 +85,6 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 # Autograd: a linear layer and a group of expert linears with their GEMMs in FP8
 
 
-def _quantize_rows_for_both(backend, x: torch.Tensor, transpose_too: bool):
-    """backend.quantize_rows(x) and, when x^T is quantised later too, the amaxes that spare x^T's quantisation its
-    own amax pass (rowwise: taken in the same read; None where the backend has none to give)."""
-    return backend.quantize_rows_and_amax_t(x) if transpose_too else (*backend.quantize_rows(x), None)
-
-
 def _quantize_weight_for_both(backend, weight: torch.Tensor, transpose_too: bool):
     """backend.quantize_weight(weight) and, when the input gradient needs W^T, the amaxes its quantisation takes."""
     return backend.quantize_weight_and_amax_t(weight) if transpose_too else (*backend.quantize_weight(weight), None)
@@ -99,43 +93,40 @@ def _quantize_weight_for_both(backend, weight: torch.Tensor, transpose_too: bool
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T. Forward: x per 1x128 tile, W per 128x128 block. Input gradient: dy per 1x128 tile along N,
     W^T reusing W's blocks. Weight gradient: dy^T and x^T per 1x128 tile along the tokens. (Rowwise: one scale
-    per row of each operand along its reduction dimension; x, dy and W are each quantised in both orientations, and
-    the pass over each one's rows also takes its columns' amaxes, so that the transposed quantisation reads it once,
-    not twice: `quantize_rows_and_amax_t`.)"""
+    per row of each operand along its reduction dimension: x, dy and W are each quantised in both orientations, each
+    orientation with its own amax pass; for W the backend may take W^T's amaxes in the pass over W's rows,
+    `quantize_weight_and_amax_t`, which the Triton quantiser does only for the experts' batched weights.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend, out_dtype: torch.dtype) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         m, n = x2.shape[0], weight.shape[0]
-        wgrad_fp8 = ctx.needs_input_grad[1] and backend.recipe.linear_wgrad == "fp8"
-        x_q, x_s, xt_amax = _quantize_rows_for_both(backend, x2, wgrad_fp8)
+        x_q, x_s = backend.quantize_rows(x2)
         w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
         y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype)[:m, :n].contiguous()  # a copy only if padded
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
             w_q = w_s = None
-        ctx.save_for_backward(x2, weight, w_q, w_s, xt_amax, wt_amax)
+        ctx.save_for_backward(x2, weight, w_q, w_s, wt_amax)
         ctx.backend, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = backend, x.shape, x.dtype, weight.dtype
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, w_q, w_s, xt_amax, wt_amax = ctx.saved_tensors
+        x2, weight, w_q, w_s, wt_amax = ctx.saved_tensors
         backend, (m, k), n = ctx.backend, x2.shape, dy.shape[-1]
         dy2 = dy.reshape(-1, n)
         dx = dw = None
         wgrad_fp8 = ctx.needs_input_grad[1] and backend.recipe.linear_wgrad == "fp8"
-        dyt_amax = None
         if ctx.needs_input_grad[0]:
-            # scaled along N, the reduction dimension of dx = dy W
-            dy_q, dy_s, dyt_amax = _quantize_rows_for_both(backend, dy2, wgrad_fp8)
+            dy_q, dy_s = backend.quantize_rows(dy2)  # scaled along N, the reduction dimension of dx = dy W
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
             dx = backend.gemm(dy_q, dy_s, wt_q, wt_s, True, ctx.x_dtype)[:m, :k]
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1] and not wgrad_fp8:
             dw = linear_wgrad_high_precision(dy2, x2).to(ctx.w_dtype)
         elif ctx.needs_input_grad[1]:
-            dyt_q, dyt_s = backend.quantize_rows(dy2.t(), amax=dyt_amax)  # [N, Mp]: scaled along the tokens
-            xt_q, xt_s = backend.quantize_rows(x2.t(), amax=xt_amax)  # [K, Mp]
+            dyt_q, dyt_s = backend.quantize_rows(dy2.t())  # [N, Mp]: scaled along the tokens
+            xt_q, xt_s = backend.quantize_rows(x2.t())  # [K, Mp]
             dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32)[:n, :k].to(ctx.w_dtype)
         return dx, dw, None, None
 

@@ -203,11 +203,11 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 #   quantize_weight(w [..., N, K]) -> q, scale [..., ceil(N/128), ceil(K/128)] (blockwise) or [..., N, 1];
 #   quantize_weight_t(w, q, scale, amax=None) -> the operand of w^T (input gradient): blockwise, q^T with the
 #       transposed grid (the same blocks); rowwise, w^T quantised again with one scale per row of w^T;
-#   quantize_rows_and_amax_t(x) / quantize_weight_and_amax_t(w) -> quantize_rows(x) / quantize_weight(w) and, from the
-#       same read, the `amax` that quantize_rows(x.t(), amax=...) / quantize_weight_t(w, q, scale, amax=...) take to
-#       quantise the transpose without an amax pass of their own (rowwise: each column's amax; None where a backend
-#       has nothing to pass on: the blockwise recipe, Inductor's fused quantisation). The result is the same either
-#       way, bit for bit: only which kernel reads what changes;
+#   quantize_weight_and_amax_t(w) -> quantize_weight(w) and, from the same read, the `amax` that
+#       quantize_weight_t(w, q, scale, amax=...) takes to quantise w^T without an amax pass of its own (rowwise: each
+#       column's amax; None where a backend has nothing to pass on: the blockwise recipe, Inductor's fused
+#       quantisation, a Triton plan that keeps the passes apart). The result is the same either way, bit for bit:
+#       only which kernel reads what changes;
 #   gemm(a, a_scale, b, b_scale, b_blocks) -> a @ b^T [Ma, Nb]: both operands K-contiguous, b scaled as a weight
 #       (`b_blocks`) or as an activation; b may hold fewer K columns than a's zero padding;
 #   grouped_gemm / grouped_wgrad: the same per 128-row expert segment of an `ExpertLayout`.
@@ -229,19 +229,14 @@ class EmulatedBackend:
         """The finite check reads a device value on the host: skipped inside a compile, to keep one graph."""
         return self._check and not torch.compiler.is_compiling()
 
-    def quantize_rows(
-        self, x: torch.Tensor, rows_multiple: int = 1, amax: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rowwise:
             padded = F.pad(x, (0, _ceil_to(x.shape[1], BLOCK) - x.shape[1]))
-            q, scale = quantize_rowwise(padded, self.pow2, self.check, amax)
+            q, scale = quantize_rowwise(padded, self.pow2, self.check)
         else:
             q, scale = quantize_tiles(x, self.pow2, self.check)
         pad = _ceil_to(x.shape[0], rows_multiple) - x.shape[0]
         return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8), F.pad(scale, (0, 0, 0, pad))
-
-    def quantize_rows_and_amax_t(self, x: torch.Tensor, rows_multiple: int = 1):
-        return (*self.quantize_rows(x, rows_multiple), column_amax(x) if self.rowwise else None)
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rowwise(w, self.pow2, self.check) if self.rowwise else quantize_blocks(w, self.pow2, self.check)
@@ -425,12 +420,18 @@ def rowwise_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
 
 
 def rowwise_amax_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan | None:
-    """The "rows_amax" plan of x [(E,) R, C] (C contiguous): the "rows" kernel looping over `chunk` rows a program,
+    """The "rows_amax" plan of x [E, R, C] (C contiguous): the "rows" kernel looping over `chunk` rows a program,
     which also folds each column's amax over them and merges it into the column amaxes with one atomic max per column
-    and program (so a program takes enough rows to keep the atomics few: about 8 programs an SM). None when whole
-    rows do not fit in registers (wider than 16384): the two passes then stay apart. Not yet tuned on a GPU."""
-    x3 = x if x.dim() == 3 else x[None]
-    batch = x3.shape[0]
+    and program (about 8 programs an SM). Only for a batch of matrices (the experts' weights), whose column amaxes
+    take the atomics of few programs each (11 and 16 at the bench): there the pair beat the rows pass plus the
+    transpose's own amax pass in the H200 sweep of 2026-12-04e (gate_up [64, 2816, 2048]: 0.370 + 0.274 ms against
+    0.285 + 0.538; down [64, 2048, 1408]: 0.205 + 0.145 against 0.187 + 0.259). None for a single matrix (where
+    hundreds of programs merge into each column: activations [16384, 2048] took 0.072 ms at best against the rows
+    pass's 0.031, and the step's 206 launches 27.8 ms) and for rows too wide for registers (wider than 16384): the
+    two passes then stay apart."""
+    if x.dim() == 2 or x.shape[0] == 1:
+        return None
+    batch = x.shape[0]
     block_c = _pow2_at_least(cols_out)
     if block_c > 16384:
         return None
@@ -441,10 +442,7 @@ def rowwise_amax_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwiseP
 
 def rowwise_from_amax_plan(x: torch.Tensor, rows_out: int, cols_out: int) -> RowwisePlan:
     """The "cols_amax" plan of x [(E,) R, C] with R contiguous (a transposed view) whose rows' amaxes are known: the
-    second launch of "cols_split" alone (tiles of [128, 64], the sweep's best for every transposed operand), with C
-    split into chunks only where there are too few strips of 64 rows to fill the GPU."""
-    x3 = x if x.dim() == 3 else x[None]
-    block_r, block_c = 64, 128
-    strips = x3.shape[0] * _cdiv(rows_out, block_r)
-    chunks = max(1, min(_cdiv(4 * NUM_SMS, strips), _cdiv(cols_out, 4 * block_c)))
-    return RowwisePlan("cols_amax", block_r, block_c, 8, chunk=_ceil_to(_cdiv(cols_out, chunks), block_c))
+    second launch of "cols_split" alone, tiles of [128, 64] and chunks of 512 columns, the best of the H200 sweep of
+    2026-12-04e for both transposed expert weights (0.274 and 0.145 ms, against 0.292 and 0.154 with one chunk a
+    strip; [256, 32] and [512, 16] tiles 6-27% slower)."""
+    return RowwisePlan("cols_amax", 64, 128, 8, chunk=min(512, _ceil_to(cols_out, 128)))

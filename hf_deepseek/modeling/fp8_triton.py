@@ -106,9 +106,11 @@ def _quant_rows_kernel(
 #                 of x^T) and merges it into a zeroed [(E,) C] buffer with atomic max (`quantize_rowwise_amax_triton`):
 #                 one read of x for its rows' quantisation and its transpose's amaxes.
 #   "cols_amax"   the second launch of "cols_split" alone, for a transposed view whose rows' amaxes "rows_amax" took
-#                 already (`quantize_rowwise_triton(..., amax=)`): one read of x, no amax pass. With "rows_amax", an
-#                 operand needed in both orientations (activations and output gradients of the linear layers, weights)
-#                 is read twice instead of three times (`cols_split`) or twice plus an L2 pass (`cols`).
+#                 already (`quantize_rowwise_triton(..., amax=)`): one read of x, no amax pass. The experts' weights,
+#                 needed in both orientations, are so read twice instead of twice plus an L2 pass (`cols`). For a
+#                 single matrix the atomics of hundreds of programs a column make "rows_amax" slower than "rows" plus
+#                 the transpose's own amax pass (`fp8_numerics.rowwise_amax_plan`), so activations, output gradients
+#                 and the dense weights keep the passes apart.
 # Plans (`fp8_numerics.rowwise_plan` and neighbours) are plain Python, importable without Triton.
 # Values: x / scale rounded to float32 as `div_rn` would, then to E4M3 (ties to even). On the GPU (FAST) the division
 # is a multiplication by the row's correctly rounded reciprocal plus one fma correction, exact wherever the quotient
@@ -405,8 +407,8 @@ def quantize_rowwise_amax_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`quantize_rowwise_triton(x, rows_out, cols_out, pow2)` of x [(E,) R, C] and, from the same read, the amax of
     each column of x: (q, scale, amax [(E,) cols_out] fp32, zero past C), what `quantize_rowwise_triton` of x^T takes
-    as `amax` ("rows_amax", one launch after zeroing the amaxes). amax is None where rows are too wide for
-    registers (`rowwise_amax_plan` gives no plan): x^T then takes its own amax pass."""
+    as `amax` ("rows_amax", one launch after zeroing the amaxes). amax is None where `rowwise_amax_plan` gives no
+    plan (a single matrix, or rows too wide for registers): x^T then takes its own amax pass."""
     x3 = x if x.dim() == 3 else x[None]
     batch, rows, cols = x3.shape
     plan = plan if plan is not None else rowwise_amax_plan(x3, rows_out, cols_out)
@@ -564,17 +566,13 @@ class HopperBackend:
         return self.recipe.fused_quantization and torch.compiler.is_compiling()
 
     # -- quantisation ------------------------------------------------------------------------------------------
-    def quantize_rows(
-        self, x: torch.Tensor, rows_multiple: int = 1, amax: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_rows(self, x: torch.Tensor, rows_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """x [R, C] (any strides) -> q [Rp, Cp] (Rp a multiple of 16 and of rows_multiple), scales [Rp, Cp/128]
-        stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1]).
-        `amax`: each row's amax from `quantize_rows_and_amax_t` of x^T (rowwise; saves a transposed view's amax
-        pass)."""
+        stored column-major, the layout `torch._scaled_mm` wants (rowwise: Cp a multiple of 16, scales [Rp, 1])."""
         rows, cols = x.shape
         rows_out = _ceil_to(rows, max(rows_multiple, 16))
         if self.rowwise:
-            return self._quantize_rowwise(x, rows_out, "a row", amax)
+            return self._quantize_rowwise(x, rows_out, "a row")
         if self._fused():
             padded = F.pad(x, (0, _ceil_to(cols, BLOCK) - cols, 0, rows_out - rows))
             q, scale = quantize_tiles(padded, self.pow2, check=False)
@@ -592,21 +590,9 @@ class HopperBackend:
             check_finite(scale, "a 1x128 activation tile")
         return q, scale
 
-    def quantize_rows_and_amax_t(self, x: torch.Tensor, rows_multiple: int = 1):
-        """`quantize_rows(x)` and, from the same read, each column's amax, for `quantize_rows(x.t(), amax=...)`
-        (rowwise with the Triton quantiser; None otherwise, and for rows too wide for one pass)."""
-        if not self.rowwise or self._fused():
-            return (*self.quantize_rows(x, rows_multiple), None)
-        rows, cols = x.shape
-        rows_out = _ceil_to(rows, max(rows_multiple, 16))
-        q, scale, amax = quantize_rowwise_amax_triton(x, rows_out, _ceil_to(cols, 16), self.pow2)
-        if self.check:
-            check_finite(scale, "a row")
-        return q, scale, amax
-
     def quantize_weight_and_amax_t(self, w: torch.Tensor):
         """`quantize_weight(w)` and, from the same read, what `quantize_weight_t(w, q, scale, amax)` takes (rowwise:
-        each column's amax; None otherwise)."""
+        each column's amax where `rowwise_amax_plan` gives a plan, the experts' batched weights; None otherwise)."""
         if not self.rowwise or self._fused():
             return (*self.quantize_weight(w), None)
         q, scale, amax = quantize_rowwise_amax_triton(w, w.shape[-2], _ceil_to(w.shape[-1], 16), self.pow2)
