@@ -8,13 +8,14 @@
 #      gap in the compiled step or in the kernels (hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager, and
 #      hf_deepseek-fp8-eager-fp8-wgrad, November's FP8 step, whose loss matched bf16's), with a kernel-time profile
 #      of one step after warm-up of both bf16 variants and FP8 rowwise (top 25 kernels, time per kind of kernel);
-#   2. torchtitan's DeepSeek-V3 at the same shapes and batches (titan_anchor.py, TITAN_VARIANTS, default titan-bf16 and
-#      titan-fp8), after ours
-#      in the same call, as the 2026-12-03 run (it then ran our bench itself with --project; here the bench runs
-#      first on its own so that it can profile, and the ratios are computed below);
-#   2b. with V3_VARIANTS set (e.g. hf_deepseek-bf16,hf_deepseek-fp8-rowwise): `bench train --shape v3-width` of those
-#      variants (DeepSeek-V3's layer width), to bench_train_v3_width.json;
-#   3. at the same time, as neither is timed: the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
+#   2. with V3_VARIANTS set (e.g. hf_deepseek-bf16,hf_deepseek-fp8-rowwise): `bench train --shape v3-width` of those
+#      variants (DeepSeek-V3's layer width), to bench_train_v3_width.json, given all but 75 s of what is left (about
+#      35 s for bf16, 60 s for an FP8 variant's compile and steps);
+#   3. torchtitan's DeepSeek-V3 at the same shapes and batches (titan_anchor.py, TITAN_VARIANTS, default titan-bf16 and
+#      titan-fp8; about 60 s for titan-bf16), after ours in the same call, as the 2026-12-03 run (it then ran our
+#      bench itself with --project; here the bench runs first on its own so that it can profile, and the ratios are
+#      computed below);
+#   4. at the same time, as neither is timed: the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
 #      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16), fastest
 #      first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
@@ -60,25 +61,26 @@ for f in $W/bt/profile_*.txt; do
 done > $OUT/profiles.txt
 grep -A 12 "time per step" $OUT/profiles.txt | head -60
 
-# 2. torchtitan (timed: alone on the GPU)
-PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} timeout -k 10 $(( $(left) - 60 )) $PY .whl/titan/titan_anchor.py \
-  $DEV $TITAN_SMOKE --variants ${TITAN_VARIANTS:-titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8)} --out $W/titan/anchor.json \
-  > $L/titan_anchor.log 2>&1
-say "torchtitan anchor: exit $?"
-grep -E "ms/step|failed|Error" $L/titan_anchor.log | grep -v TITAN_ANCHOR_JSON | cut -c1-300
-cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
-
-# 2b. the V3-width shape (timed: alone on the GPU)
+# 2. the V3-width shape (timed: alone on the GPU), before torchtitan: its FP8 variant compiles for about a minute,
+# and a run that left it last lost it to the budget (2026-12-04e)
 if [ -n "${V3_VARIANTS:-}" ]; then
   mkdir -p $W/v3
-  PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 120 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
+  PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 75 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
     --shape v3-width --variants $V3_VARIANTS --output-dir $W/v3 > $L/bench_train_v3_width.log 2>&1
   say "bench train --shape v3-width: exit $?"
   grep -E "ms/step|failed" $L/bench_train_v3_width.log | cut -c1-400
   cp $W/v3/bench_train.json $OUT/bench_train_v3_width.json 2>/dev/null
 fi
 
-# 3. GPU tests and the 200-step comparison side by side (neither is a timing)
+# 3. torchtitan (timed: alone on the GPU), about a minute for titan-bf16
+PYTHONPATH=$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH} timeout -k 10 $(( $(left) - 15 )) $PY .whl/titan/titan_anchor.py \
+  $DEV $TITAN_SMOKE --variants ${TITAN_VARIANTS:-titan-bf16$([ "${SMOKE:-0}" = 1 ] || echo ,titan-fp8)} --out $W/titan/anchor.json \
+  > $L/titan_anchor.log 2>&1
+say "torchtitan anchor: exit $?"
+grep -E "ms/step|failed|Error" $L/titan_anchor.log | grep -v TITAN_ANCHOR_JSON | cut -c1-300
+cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
+
+# 4. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
   "tests/test_fp8_compile.py::test_rowwise_fp8_linear_matches_a_float64_reference" \
