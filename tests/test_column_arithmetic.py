@@ -11,6 +11,7 @@ from hf_deepseek.data.column_arithmetic import (
     bucket_of,
     column_subtraction_lines,
     held_out,
+    problem_key,
     worked_lines,
 )
 from hf_deepseek.data.r1 import cold_start_completion, sft_turn_row, user_content
@@ -241,3 +242,43 @@ def test_r1_zero_recipe_lead_share_reaches_the_pretraining_dataset():
     assert not any(_lead_of(t, a, b) for t, (a, b) in zip(plain["text"], operands, strict=True))
     with_lead = sum(bool(_lead_of(t, a, b)) for t, (a, b) in zip(dataset["text"], operands, strict=True))
     assert 0.4 <= with_lead / len(dataset) <= 0.6
+
+
+def test_larger_hardest_bucket_sets_are_held_out_and_disjoint_from_training():
+    """`add4_2k` / `sub4_2k` (2,000 problems each, `benchmarks/add_sub_eval.py --large`, lm-eval
+    `hfds_add_sub_{add4,sub4}_2k`): the bucket's 500 first, then distinct held-out problems that no training stage
+    can draw (the recipes' problems come from `add_sub_examples`' train side, here at the recipes' own seeds)."""
+    from hf_deepseek.evals.task_data import add_sub_set
+    from hf_deepseek.evals.tasks.utils import add_sub_dataset
+    from hf_deepseek.trainers.recipes import _problems, load_recipe
+
+    splits = load_rows("add_sub")
+    large_keys = set()
+    for bucket in ("add4", "sub4"):
+        rows = add_sub_set(splits, f"{bucket}_2k")
+        assert len(rows) == 2000 and rows[:500] == add_sub_set(splits, bucket)
+        assert {r["bucket"] for r in rows} == {bucket} and len({r["id"] for r in rows}) == 2000
+        op = bucket[:3]
+        operands = [tuple(map(int, re.fullmatch(r"(\d+)[+-](\d+)", r["expression"]).groups())) for r in rows]
+        keys = {problem_key(op, a, b) for a, b in operands}
+        assert len(keys) == 2000 and all(held_out(op, a, b) for a, b in operands)
+        answers = [a + b if op == "add" else a - b for a, b in operands]
+        assert [int(r["answer"]) for r in rows] == answers
+        assert len(add_sub_dataset(rows=f"{bucket}_2k")["test"]) == 2000
+        large_keys |= keys
+    drawn = list(add_sub_examples(20000, seed=0, buckets=("add4", "sub4")))
+    for recipe, stage in (("r1_add_sub", "sft"), ("r1_add_sub", "grpo"), ("r1_zero_tiny", "grpo")):
+        data = {**load_recipe(recipe)[stage]["data"], "tasks": {"add_sub": 5000}}
+        drawn += [p for p in _problems(data) if "bucket" in p]
+    assert drawn
+    for p in drawn:
+        op = p["bucket"][:3]
+        a, b = map(int, re.fullmatch(r"(\d+)[+-](\d+)", p["expression"]).groups())
+        assert problem_key(op, a, b) not in large_keys
+
+
+def test_larger_sets_are_registered_with_lm_eval_under_their_own_tag():
+    from hf_deepseek.evals.harness import task_manager
+
+    manager = task_manager()
+    assert {"hfds_add_sub_add4_2k", "hfds_add_sub_sub4_2k"} <= set(manager.all_tasks)

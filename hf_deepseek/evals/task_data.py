@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_deepseek.data import addition_examples, split_of
-from hf_deepseek.data.column_arithmetic import BUCKETS, add_sub_examples, bucket_problems
+from hf_deepseek.data.column_arithmetic import BUCKETS, add_sub_examples, bucket_problems, problem_key
 from hf_deepseek.data.reasoning_tasks import GYM_DATASETS, GYM_OPTIONS, problem_keys
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -125,26 +125,37 @@ def addition_rows(split: str, size: int) -> Iterator[dict[str, Any]]:
 
 ADD_SUB_TEST_PER_BUCKET = 500
 ADD_SUB_TURNS = 500  # problems asked as the second turn of a two-turn conversation, and alone
+# the hardest buckets' larger sets (`add4_2k`, `sub4_2k`): at ~96% pass@1 a 500-problem Wilson interval is about
+# +-1.7 points, too wide to separate a GRPO model from its ancestor; 2,000 problems make it about +-0.9
+ADD_SUB_LARGE = {"add4": 2000, "sub4": 2000}
 
 
 def add_sub_rows() -> Iterator[dict[str, Any]]:
     """The `add_sub` evaluation set (`Calculate a + b.` / `Calculate a - b.`): per bucket (`add1` ... `sub4`) 500
     held-out problems (all 100 for the 1-digit buckets, which training covers whole); a `turns` split of 500 of them
-    (an equal share of each bucket) for the first-turn / second-turn comparison; and a `context` split of
-    training-side problems that serve as the earlier exchange of the two-turn conversations."""
+    (an equal share of each bucket) for the first-turn / second-turn comparison; a `context` split of training-side
+    problems that serve as the earlier exchange of the two-turn conversations; and a `test_more` split, the next
+    distinct held-out problems of the same draw for the buckets of `ADD_SUB_LARGE` (ids continue the bucket's
+    numbering), so that the bucket's 500 and these make its larger set (`add4_2k`: 2,000 problems)."""
     turns_per_bucket = -(-ADD_SUB_TURNS // len(BUCKETS))
-    turns = []
+    turns, more = [], []
     for bucket in BUCKETS:
         if bucket.endswith("1"):
             rows = bucket_problems(bucket)
         else:
             seed, seen, rows = EVAL_SEED + BUCKETS.index(bucket), set(), []
+            wanted = ADD_SUB_LARGE.get(bucket, ADD_SUB_TEST_PER_BUCKET)
+            keys = set()  # past the first 500, distinct by the split hash's name too (`a + b` and `b + a` are one)
             for row in add_sub_examples(10**6, seed, "test", (bucket,), varied=False):  # distinct problems
-                if row["expression"] not in seen:
+                key = problem_key(bucket[:3], *map(int, row["expression"].replace("+", "-").split("-")))
+                if row["expression"] not in seen and (len(rows) < ADD_SUB_TEST_PER_BUCKET or key not in keys):
                     seen.add(row["expression"])
+                    keys.add(key)
                     rows.append(row)
-                if len(rows) == ADD_SUB_TEST_PER_BUCKET:
+                if len(rows) == wanted:
                     break
+            more += [(bucket, i, row) for i, row in enumerate(rows) if i >= ADD_SUB_TEST_PER_BUCKET]
+            rows = rows[:ADD_SUB_TEST_PER_BUCKET]
         for i, row in enumerate(rows):
             yield {"id": f"add_sub-{bucket}-{i:04d}", "split": "test", **row}
         turns += random.Random(EVAL_SEED).sample(rows, turns_per_bucket)
@@ -152,6 +163,20 @@ def add_sub_rows() -> Iterator[dict[str, Any]]:
         yield {"id": f"add_sub-turns-{i:04d}", "split": "turns", **row}
     for i, row in enumerate(add_sub_examples(ADD_SUB_TURNS, FEWSHOT_SEED, "train", varied=False)):
         yield {"id": f"add_sub-context-{i:04d}", "split": "context", **row}
+    for bucket, i, row in more:
+        yield {"id": f"add_sub-{bucket}-{i:04d}", "split": "test_more", **row}
+
+
+def add_sub_set(splits: dict[str, list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
+    """One bucket's evaluation problems from `load_rows("add_sub")`: `add4` its 500 (100 for 1-digit buckets),
+    `add4_2k` those and the `test_more` ones after them (the buckets of `ADD_SUB_LARGE`)."""
+    bucket, large = name.removesuffix("_2k"), name.endswith("_2k")
+    rows = [r for r in splits["test"] if r["bucket"] == bucket]
+    if large:
+        if bucket not in ADD_SUB_LARGE:
+            raise ValueError(f"no larger set for {bucket}: {sorted(ADD_SUB_LARGE)}")
+        rows += [r for r in splits["test_more"] if r["bucket"] == bucket]
+    return rows
 
 
 def data_file(task: str) -> Path:

@@ -6,7 +6,7 @@ lm-eval imports this file by path (`!function utils.<name>`); the logic lives in
 from datasets import Dataset, DatasetDict
 
 from hf_deepseek.evals.scoring import score_greedy, score_samples
-from hf_deepseek.evals.task_data import load_rows, prompt_text
+from hf_deepseek.evals.task_data import add_sub_set, load_rows, prompt_text
 
 SAMPLED_KS = (1, 4, 8)
 
@@ -28,11 +28,11 @@ def addition_dataset(**kwargs) -> DatasetDict:
 
 
 def add_sub_dataset(rows: str = "turns", **kwargs) -> DatasetDict:
-    """`add_sub` as lm-eval reads it: `test` holds one bucket's problems (`rows: add3`) or the `turns` split;
-    `context` (also as `fewshot`, the template's few-shot split) the training-side problems that open the two-turn
-    conversations."""
+    """`add_sub` as lm-eval reads it: `test` holds one bucket's problems (`rows: add3`), a hardest bucket's larger
+    set (`rows: add4_2k`) or the `turns` split; `context` (also as `fewshot`, the template's few-shot split) the
+    training-side problems that open the two-turn conversations."""
     splits = load_rows("add_sub")
-    test = splits["turns"] if rows == "turns" else [r for r in splits["test"] if r["bucket"] == rows]
+    test = splits["turns"] if rows == "turns" else add_sub_set(splits, rows)
     context = Dataset.from_list(splits["context"])
     return DatasetDict({"test": Dataset.from_list(test), "context": context, "fewshot": context})
 
