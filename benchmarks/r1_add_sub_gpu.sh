@@ -119,7 +119,8 @@ grpo() {  # grpo INIT: GRPO from $R/INIT into $R/grpo_INIT, then its evaluation
 EPIDS=""; GPIDS=""
 [ "${GRPO_WALL:-150}" = 0 ] && for i in $INITS; do r1_over $i; done
 if [ "${SFT_WALL:-210}" = 0 ]; then  # no SFT: GRPO from the cold-start model at SFT_INIT
-  if [ -n "$SFT_INIT" ]; then mkdir -p $R; rm -rf $R/sft; cp -r $SFT_INIT $R/sft; fi
+  if [ -z "$SFT_INIT" ]; then rm -rf $R/sft $R/anc  # no R1 model this call (outputs/ may hold an older one)
+  elif [ "$(realpath $SFT_INIT)" != "$(realpath -m $R/sft)" ]; then rm -rf $R/sft; cp -r $SFT_INIT $R/sft; fi
   [ -z "$SFT_INIT" ] && [ "${GRPO_WALL:-150}" != 0 ] && say "SFT_WALL=0 needs SFT_INIT: no R1 GRPO"
 else
   SAVE=""  # with ANCESTOR, checkpoints to choose GRPO's starting point from
@@ -140,14 +141,14 @@ evaluate sft
 if [ "${GRPO_WALL:-150}" != 0 ] && [[ " $INITS " == *" anc "* ]]; then
   if [ "${GRPO_SERIAL:-0}" = 1 ]; then grpo anc; else grpo anc & GPIDS="$GPIDS $!"; fi
 fi
-wait $GPIDS
+[ -n "$GPIDS" ] && wait $GPIDS  # a bare `wait` would wait for the R1-Zero attempts too
 for i in $INITS; do r1_over $i; done
-wait $EPIDS
+[ -n "$EPIDS" ] && wait $EPIDS
 MODELS="sft $([ -n "$ANCESTOR" ] && echo anc) $([ "${GRPO_WALL:-150}" != 0 ] && for i in $INITS; do echo grpo_$i; done)"
 for m in $MODELS; do  # this call's R1 models (outputs/ may hold older ones)
   [ -f $L/${m}_eval.log ] && grep -h -v -i -E "warn|loading" $L/${m}_eval.log
 done
-wait $ZPIDS
+[ -n "$ZPIDS" ] && wait $ZPIDS
 for m in $MODELS; do [ -f $R/$m/metrics.csv ] && cp $R/$m/metrics.csv $L/${m}_metrics.csv; done
 for d in $ZNAMES; do for s in pretrain grpo; do
   [ -f $Z/$d/$s/metrics.csv ] && cp $Z/$d/$s/metrics.csv $L/$d.$s.metrics.csv
