@@ -278,9 +278,11 @@ def test_steps_replayed_in_blocks_give_transformers_tokens_and_reuse_the_capture
     assert torch.equal(fast, eager) and ReplayedSteps.captures == 2  # another token choice: another capture
 
 
-def test_a_failed_capture_is_remembered_and_the_loop_steps_on(monkeypatch, caplog):
+def test_a_failed_capture_is_remembered_and_the_loop_steps_on(monkeypatch):
     model = tiny_model()
     ids, mask = left_padded(model.config.vocab_size)
+    warnings = []  # transformers' logger: whether it propagates to pytest's capture depends on earlier tests
+    monkeypatch.setattr(fg.logger, "warning", warnings.append)
 
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -290,7 +292,7 @@ def test_a_failed_capture_is_remembered_and_the_loop_steps_on(monkeypatch, caplo
     eager, fast = both(model, ids, mask, max_new_tokens=20, do_sample=False)
     assert torch.equal(fast, eager)
     assert "stream is capturing" in model.step_graph_error
-    assert "capturing 8 decode steps in one CUDA graph failed" in caplog.text
+    assert len(warnings) == 1 and "capturing 8 decode steps in one CUDA graph failed" in warnings[0]
     monkeypatch.undo()  # later calls do not try again: the model remembers
     monkeypatch.setattr(fg.step_graph, "ENABLED", True)
     assert fg.graphable_decode_step(model, GenerationConfig()) is None
