@@ -10,7 +10,10 @@ batches at top-6 (`--tokens`). On a CUDA machine with Triton:
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
-the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES".
+the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
+for FP8 weights) and HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG (the dense layers: `--linear`
+ends with the one configuration per kind of weight that takes the least time over a decode step's dense layers,
+`per_step` in the JSON).
 """
 
 import argparse
@@ -81,23 +84,42 @@ def fp8_weights(gate_up, down):
     return gate_up.to(torch.float8_e4m3fn), down.to(torch.float8_e4m3fn), gate_up_scale, down_scale
 
 
-def linear_shapes(config: dict) -> list[tuple[str, int, int]]:
-    """The bench config's dense layers at decode as (name, N, K): what `linear_gemv_fp8` serves with FP8 weights
-    (the MLA projections but kv_b, which decode folds into the query and output; the shared experts' and the dense
-    MLP's gate / up and down)."""
+def linear_shapes(config: dict) -> list[tuple[str, int, int, int]]:
+    """The bench config's dense layers at decode as (name, N, K, launches a decode step): what `linear_gemv_fp8`
+    serves with FP8 weights and `HF_DEEPSEEK_LINEAR_GEMV=1` with bf16 (the MLA projections but kv_b, which decode
+    folds into the query and output; the shared experts' and the dense MLP's gate / up and down; not the LM head)."""
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     q_head = config["qk_nope_head_dim"] + config["qk_rope_head_dim"]
     shared = config["n_shared_experts"] * config["moe_intermediate_size"]
+    layers, dense = config["num_hidden_layers"], config["first_k_dense_replace"]
     return [
-        ("q_a", config["q_lora_rank"], hidden),
-        ("kv_a", config["kv_lora_rank"] + config["qk_rope_head_dim"], hidden),
-        ("q_b", heads * q_head, config["q_lora_rank"]),
-        ("o_proj", hidden, heads * config["v_head_dim"]),
-        ("shared gate / up", shared, hidden),
-        ("shared down", hidden, shared),
-        ("dense gate / up", config["intermediate_size"], hidden),
-        ("dense down", hidden, config["intermediate_size"]),
+        ("q_a", config["q_lora_rank"], hidden, layers),
+        ("kv_a", config["kv_lora_rank"] + config["qk_rope_head_dim"], hidden, layers),
+        ("q_b", heads * q_head, config["q_lora_rank"], layers),
+        ("o_proj", hidden, heads * config["v_head_dim"], layers),
+        ("shared gate / up", shared, hidden, 2 * (layers - dense)),
+        ("shared down", hidden, shared, layers - dense),
+        ("dense gate / up", config["intermediate_size"], hidden, 2 * dense),
+        ("dense down", hidden, config["intermediate_size"], dense),
     ]
+
+
+def per_step(rows: list[dict]) -> dict:
+    """The dense layers' matrix-vector time of one decode step (us, each shape's time x its launches a step): cuBLAS
+    bf16, and per kind of weight the one configuration with the least such time among those that ran (and were
+    right) at every shape, which is what `HF_DEEPSEEK_LINEAR_GEMV_CONFIG` / `..._FP8_CONFIG` can set."""
+    cublas = [r for r in rows if r["kernel"] == "cuBLAS bf16 F.linear"]
+    summary = {"cuBLAS bf16": sum(r["us"] * r["launches"] for r in cublas)}
+    for kind in ("bf16", "fp8"):
+        mine = [r for r in rows if r["kernel"] == f"triton {kind} linear" and r["error"] < 1e-2]
+        totals: dict[tuple, list[float]] = {}
+        for r in mine:
+            totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
+        complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cublas)}
+        if complete:
+            config = min(complete, key=complete.get)
+            summary[kind] = {"config": list(config), "us": complete[config]}
+    return summary
 
 
 # small-N shapes fill the GPU only with smaller row blocks or split-K programs
@@ -112,7 +134,7 @@ def linear_rows(args, copy: float) -> list[dict]:
 
     rows = []
     configs = LINEAR_CONFIGS if args.quick else CONFIGS + LINEAR_CONFIGS[len(QUICK) :]
-    for name, n, k in linear_shapes(FULL_CONFIG):
+    for name, n, k, launches in linear_shapes(FULL_CONFIG):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q, scale = w.to(torch.float8_e4m3fn), torch.ones(-(-n // 128), -(-k // 128), device="cuda")
         weights = {"fp8": (q, scale, dequantize_blocks(q, scale).to(torch.bfloat16)), "bf16": (w, None, w)}
@@ -121,7 +143,8 @@ def linear_rows(args, copy: float) -> list[dict]:
             label = f"{name} [{n}, {k}] x {tokens}"
             with torch.no_grad():
                 base = time_us(lambda x=x, w=w: F.linear(x, w))
-                rows.append(dict(case=label, kernel="cuBLAS bf16 F.linear", us=base, gb_s=n * k * 2 / base / 1e3))
+                rows.append(dict(case=label, kernel="cuBLAS bf16 F.linear", us=base, gb_s=n * k * 2 / base / 1e3,
+                                 launches=launches))  # fmt: skip
                 print(f"{label}: cuBLAS bf16 {base:.1f} us", flush=True)
                 for kind, (weight, scales, full) in weights.items():
                     want = F.linear(x, full).float()
@@ -134,7 +157,8 @@ def linear_rows(args, copy: float) -> list[dict]:
                             print(f"  {kind} {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                             continue
                         gb_s = n * k * weight.element_size() / us / 1e3
-                        row = dict(case=f"{label} {kind}", kernel=f"triton {kind} linear", config=config, us=us)
+                        row = dict(case=f"{label} {kind}", kernel=f"triton {kind} linear", config=config, us=us,
+                                   launches=launches)  # fmt: skip
                         rows.append(row | dict(gb_s=gb_s, of_copy=gb_s / copy, error=error, x_cublas_bf16=base / us))
                         flag = "" if error < 1e-2 else "  WRONG"
                         print(f"  {kind} {config}: {us:6.1f} us {gb_s:5.0f} GB/s, {base / us:.2f}x cuBLAS bf16{flag}",
@@ -169,6 +193,12 @@ def main() -> None:
                 than_first = f", {first['us'] / best['us']:.2f}x the first-written" if first else ""
                 print(f"best {label}: {best['config']} {best['us']:.1f} us, {best['x_cublas_bf16']:.2f}x cuBLAS bf16"
                       f"{than_first}")  # fmt: skip
+        results["per_step"] = summary = per_step(results["rows"])
+        line = f"a decode step's dense layers, tokens {args.linear_tokens}: cuBLAS bf16 {summary['cuBLAS bf16']:.0f} us"
+        for kind in ("bf16", "fp8"):
+            if kind in summary:
+                line += f"; {kind} {summary[kind]['config']} {summary[kind]['us']:.0f} us"
+        print(line)
         print(f"{time.time() - started:.0f} s")
         if args.json:
             with open(args.json, "w") as f:

@@ -253,6 +253,15 @@ def test_config_from_the_environment():
     assert moe_gemv_config.config_from_env({}, default=moe_gemv_config.KernelConfig()) == (32, 256, 4, 1, None)
     got = moe_gemv_config.config_from_env({"HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"})
     assert got == moe_gemv_config.KernelConfig(16, 256, 8, 2, 3)
+    # the first variable set wins (FP8's own, then the shared one); empty counts as unset
+    names = ("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
+    both = {"HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG": "8,512,4", "HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"}
+    assert moe_gemv_config.config_from_env(both, names=names) == (8, 512, 4, 1, None)
+    shared = {"HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG": " ", "HF_DEEPSEEK_MOE_GEMV_CONFIG": "16,256,8,2,3"}
+    assert moe_gemv_config.config_from_env(shared, names=names) == (16, 256, 8, 2, 3)
+    # the dense layers' defaults, apart from the experts'
+    assert moe_gemv_config.kernel_config(None, linear=True) == moe_gemv_config.LINEAR_CONFIG
+    assert moe_gemv_config.kernel_config(None, fp8=True, linear=True) == moe_gemv_config.LINEAR_FP8_CONFIG
 
 
 VARIANTS = [(32, 256, 4, 1, 3), (16, 256, 4, 2, None), (32, 128, 4, 4, 3), (16, 512, 8, 4, 2), (8, 64, 2, 3, None)]

@@ -166,11 +166,11 @@ def _check_scaled_block(block_n: int) -> None:
 def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype: the down kernel over one matrix, each row a matrix-vector product. W
     is `weight` [N, K] (bf16), or with `scale` [ceil(N/128), ceil(K/128)] the FP8 weight dequantised by its block
-    scales. `config` as `launch`'s, by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8). Without split-K the
-    kernel stores x's dtype itself (its fp32 sums rounded to nearest even on the store, as `.to()` rounds them): no
-    conversion kernel after it."""
+    scales. `config` as `launch`'s, by default `moe_gemv_config.LINEAR_CONFIG` (`LINEAR_FP8_CONFIG` for FP8).
+    Without split-K the kernel stores x's dtype itself (its fp32 sums rounded to nearest even on the store, as
+    `.to()` rounds them): no conversion kernel after it."""
     scaled = scale is not None
-    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled)
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled, linear=True)
     if scaled:
         _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape

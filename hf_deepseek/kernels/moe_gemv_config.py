@@ -31,11 +31,11 @@ def parse_config(text: str | None) -> KernelConfig | None:
     return kernel_config((block_n, block_k, warps, split_k, stages))
 
 
-def kernel_config(config=None, fp8: bool = False) -> KernelConfig:
-    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for the experts' default
-    (`CONFIG`, or `FP8_CONFIG` for FP8 weights), checked: powers of two for the blocks and warps, SPLIT_K >= 1,
-    STAGES None or >= 1."""
-    default = FP8_CONFIG if fp8 else CONFIG
+def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> KernelConfig:
+    """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for the default of the
+    experts (`CONFIG`, or `FP8_CONFIG` for FP8 weights) or, with `linear`, of the dense layers (`LINEAR_CONFIG`,
+    `LINEAR_FP8_CONFIG`), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
+    default = (LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG) if linear else (FP8_CONFIG if fp8 else CONFIG)
     cfg = KernelConfig(*(default if config is None else config))
     for name in ("block_n", "block_k", "warps"):
         value = getattr(cfg, name)
@@ -60,11 +60,21 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
 TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
 
 
-# The experts' kernel configurations (`launch`'s default), bf16 weights and FP8 weights: the measured ones, or
-# HF_DEEPSEEK_MOE_GEMV_CONFIG's "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" for both (read at import, for benches).
-def config_from_env(environ=os.environ, default: KernelConfig = TUNED_BF16) -> KernelConfig:
-    return parse_config(environ.get("HF_DEEPSEEK_MOE_GEMV_CONFIG")) or default
+# The kernels' launch configurations, read at import: the measured ones, or from the environment (for benches and
+# tuning runs) as "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]": HF_DEEPSEEK_MOE_GEMV_CONFIG for the experts, bf16 and
+# FP8 weights alike, unless HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG sets FP8's; the dense layers' matrix-vector products
+# (`launch_linear`) take the experts' unless HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG
+# set theirs (their shapes differ: `benchmarks/moe_gemv_tune.py --linear` measures them).
+def config_from_env(
+    environ=os.environ, default: KernelConfig = TUNED_BF16, names=("HF_DEEPSEEK_MOE_GEMV_CONFIG",)
+) -> KernelConfig:
+    """The first of the variables `names` that is set, parsed; else `default`."""
+    return next((parse_config(environ[n]) for n in names if environ.get(n, "").strip()), default)
 
 
 CONFIG: KernelConfig = config_from_env()
-FP8_CONFIG: KernelConfig = config_from_env(default=KernelConfig())
+FP8_CONFIG: KernelConfig = config_from_env(
+    default=KernelConfig(), names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
+)
+LINEAR_CONFIG: KernelConfig = config_from_env(default=CONFIG, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
+LINEAR_FP8_CONFIG: KernelConfig = config_from_env(default=FP8_CONFIG, names=("HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG",))

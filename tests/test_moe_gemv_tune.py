@@ -1,0 +1,41 @@
+"""benchmarks/moe_gemv_tune.py's choice for the dense layers (CPU): each shape's launches a decode step, and the one
+configuration per kind of weight with the least time over a step."""
+
+import importlib.util
+from pathlib import Path
+
+from hf_deepseek.evals.bench import FULL_CONFIG
+
+spec = importlib.util.spec_from_file_location(
+    "moe_gemv_tune", Path(__file__).parents[1] / "benchmarks/moe_gemv_tune.py"
+)
+tune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tune)
+
+
+def test_dense_shapes_count_every_launch_of_a_decode_step():
+    shapes = {name: (n, k, launches) for name, n, k, launches in tune.linear_shapes(FULL_CONFIG)}
+    assert shapes["q_a"] == (1536, 2048, 8) and shapes["kv_a"] == (576, 2048, 8) and shapes["q_b"] == (3072, 1536, 8)
+    assert shapes["shared gate / up"] == (2816, 2048, 14) and shapes["shared down"] == (2048, 2816, 7)
+    assert shapes["dense gate / up"] == (10944, 2048, 2) and shapes["dense down"] == (2048, 10944, 1)
+
+
+def test_per_step_picks_the_configuration_fastest_over_the_whole_step():
+    def row(case, kind, config, us, launches, error=0.0):
+        return dict(case=case, kernel=f"triton {kind} linear", config=config, us=us, launches=launches, error=error)
+
+    rows = [
+        dict(case="a", kernel="cuBLAS bf16 F.linear", us=10.0, launches=8),
+        dict(case="b", kernel="cuBLAS bf16 F.linear", us=30.0, launches=1),
+        # A is faster on the shape launched 8 times, B on the other: over a step A wins (8*4 + 40 < 8*6 + 30)
+        row("a bf16", "bf16", (16, 256, 4, 1, 3), 4.0, 8), row("b bf16", "bf16", (16, 256, 4, 1, 3), 40.0, 1),
+        row("a bf16", "bf16", (32, 256, 4, 1, None), 6.0, 8), row("b bf16", "bf16", (32, 256, 4, 1, None), 30.0, 1),
+        # C is fastest but wrong on one shape, D missing a shape: neither can be chosen
+        row("a bf16", "bf16", (8, 256, 4, 1, 3), 1.0, 8), row("b bf16", "bf16", (8, 256, 4, 1, 3), 1.0, 1, error=0.5),
+        row("a bf16", "bf16", (16, 128, 4, 1, 4), 0.5, 8),
+        row("a fp8", "fp8", (16, 256, 4, 1, 3), 2.0, 8), row("b fp8", "fp8", (16, 256, 4, 1, 3), 9.0, 1),
+    ]  # fmt: skip
+    summary = tune.per_step(rows)
+    assert summary["cuBLAS bf16"] == 110.0
+    assert summary["bf16"] == {"config": [16, 256, 4, 1, 3], "us": 72.0}
+    assert summary["fp8"] == {"config": [16, 256, 4, 1, 3], "us": 25.0}
