@@ -240,7 +240,7 @@ def compiled_decode_step(model, config: GenerationConfig) -> Callable:
 
 def graphable_decode_step(model, config: GenerationConfig) -> Callable | None:
     """The decode step for `step_graph` to capture (compiled without Inductor's CUDA graphs), or None: not on CUDA
-    with Inductor, turned off (HF_DEEPSEEK_STEP_GRAPHS=0), or a capture failed on this model before."""
+    with Inductor, not switched on (HF_DEEPSEEK_STEP_GRAPHS=1), or a capture failed on this model before."""
     if not step_graph.ENABLED or model.__dict__.get("step_graph_error"):
         return None
     return compiled_for_generate(model, decode_step, config, "_fast_decode_step", own_graphs=True)
