@@ -364,15 +364,21 @@ def moe_gemv_variants() -> dict[str, bool]:
             "fp8": _moe_gemv_triton.launch(x, indices, weights, fp8.gate_up_proj, fp8.down_proj, cfg, **scales),
             "linear": _moe_gemv_triton.launch_linear_fp8(rows, layer.weight, layer.weight_scale_inv, cfg),
             "fp32": _moe_gemv_triton.launch(*f32, cfg),
+            # the down kernel summing each token's top-k itself (without split-K; ignored with it)
+            "bf16 summed": _moe_gemv_triton.launch(x, indices, weights, gate_up, down, cfg, sum_top_k=True),
+            "fp8 summed": _moe_gemv_triton.launch(
+                x, indices, weights, fp8.gate_up_proj, fp8.down_proj, cfg, sum_top_k=True, **scales
+            ),
+            "fp32 summed": _moe_gemv_triton.launch(*f32, cfg, sum_top_k=True),
         }
         for name, out in got.items():
-            if name == "fp32":
+            if name.startswith("fp32"):
                 error = relative_error(out, want_f32)
-                print(f"  moe_gemv fp32 {cfg}: error {error:.2e}")
+                print(f"  moe_gemv {name} {cfg}: error {error:.2e}")
                 results[f"{name} {cfg}"] = error < 1e-5
                 continue
             error = relative_error(out, want_linear if name == "linear" else want)
-            drift = relative_error(out, base[name])
+            drift = relative_error(out, base[name.split()[0]])
             print(f"  moe_gemv {name} {cfg}: error {error:.2e}, vs default config {drift:.2e}")
             results[f"{name} {cfg}"] = error < 1e-2 and drift < 2e-2
     return results

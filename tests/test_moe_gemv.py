@@ -294,6 +294,28 @@ def test_triton_kernel_variants_match_float64(tokens, config):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("config", [None, (32, 256, 4, 1, 3), (8, 64, 2, 1, 3)])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_down_kernel_summing_the_top_k_itself_matches_float64(tokens, config):
+    """sum_top_k: one program a token sums its top-k products and stores bf16 (no torch sum and conversion after):
+    the float64 reference's result, and the per-pair path's to bf16 rounding."""
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    experts, x, indices, weights = experts_and_routing("cuda", torch.bfloat16, tokens=tokens, num_experts=64,
+                                                       hidden=2048, inter=1408)  # fmt: skip
+    args = x, indices, weights, experts.gate_up_proj, experts.down_proj
+    with torch.no_grad():
+        summed = _moe_gemv_triton.launch(*args, config, sum_top_k=True)
+        per_pair = _moe_gemv_triton.launch(*args, config, sum_top_k=False)
+        want = per_expert_float64(experts, x, indices, weights)
+    assert summed.dtype == x.dtype and summed.shape == x.shape
+    assert ((summed.double() - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(summed, per_pair, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", VARIANTS)
 def test_fp8_triton_kernel_variants_match_the_dequantised_weights(config):
     if not moe_gemv.triton_available() or not moe_gemv.fp8_kernels_available():

@@ -9,6 +9,8 @@ sum over the top-k too: one kernel fewer than the unsplit path's per-pair output
 Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
 before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -64,66 +66,95 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_kernel(
-    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
-    SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
-):  # fmt: skip
-    """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
-    [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
-    row of act a plain matrix-vector product (an FP8 linear layer). SPLIT_K > 1: this program's K_CHUNK of INTER,
-    added atomically into the zeroed out's row of the pair's token (pair // TOP_K: the sum over the top-k done
-    here). ACT_FROM_H (1: round to bf16, 2: to fp16, 3: keep fp32): act_ptr is the
-    split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) * h[:, I:] computed here."""
-    pair = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
-    n = n0 + tl.arange(0, BLOCK_N)
-    expert = 0
-    if ROUTED:
-        expert = tl.load(idx_ptr + pair).to(tl.int64)
-    w = w_ptr + expert * D * INTER
-    n_ok = n < D
-    k_lo = 0
-    k_hi = INTER
-    if SPLIT_K > 1:
-        k_lo = tl.program_id(2) * K_CHUNK
-        k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
+def _down_dot(act_ptr, row, w, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER, G_INTER, G_D,
+              SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+              ACT_FROM_H: tl.constexpr):  # fmt: skip
+    """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < INTER
         mask = n_ok[:, None] & k_ok[None, :]
         if ACT_FROM_H:
-            h_gate = tl.load(act_ptr + pair * (2 * INTER) + k, mask=k_ok, other=0.0)
-            h_up = tl.load(act_ptr + pair * (2 * INTER) + INTER + k, mask=k_ok, other=0.0)
+            h_gate = tl.load(act_ptr + row * (2 * INTER) + k, mask=k_ok, other=0.0)
+            h_up = tl.load(act_ptr + row * (2 * INTER) + INTER + k, mask=k_ok, other=0.0)
             a = h_gate * tl.sigmoid(h_gate) * h_up  # the unsplit gate/up kernel's expression, then its rounding
             if ACT_FROM_H == 1:
                 a = a.to(tl.bfloat16).to(tl.float32)
             elif ACT_FROM_H == 2:
                 a = a.to(tl.float16).to(tl.float32)
         else:
-            a = tl.load(act_ptr + pair * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
+            a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
         down = tl.load(w + n[:, None] * INTER + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:
             s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
             down *= tl.load(s, mask=k_ok, other=0.0)[None, :]
         acc += tl.sum(down * a[None, :], axis=1)
-    if ROUTED:
-        acc *= tl.load(weight_ptr + pair).to(tl.float32)
-    if SPLIT_K > 1:
-        tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
+    return acc
+
+
+@triton.jit
+def _down_kernel(
+    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
+    SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
+    SUM_TOP_K: tl.constexpr = False,
+):  # fmt: skip
+    """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
+    [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
+    row of act a plain matrix-vector product (an FP8 linear layer). SPLIT_K > 1: this program's K_CHUNK of INTER,
+    added atomically into the zeroed out's row of the pair's token (pair // TOP_K: the sum over the top-k done
+    here). SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
+    order and stores the token's row of out in out's dtype (no sum or conversion kernel after). ACT_FROM_H (1: round
+    to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) *
+    h[:, I:] computed here."""
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < D
+    if SUM_TOP_K:
+        token = tl.program_id(0)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for j in range(0, TOP_K):
+            pair = token * TOP_K + j
+            expert = tl.load(idx_ptr + pair).to(tl.int64)
+            acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, s_ptr, expert, n, n0, n_ok, 0, INTER, D, INTER,
+                            G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+            total += acc * tl.load(weight_ptr + pair).to(tl.float32)
+        tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        pair = tl.program_id(0)
+        expert = 0
+        if ROUTED:
+            expert = tl.load(idx_ptr + pair).to(tl.int64)
+        k_lo = 0
+        k_hi = INTER
+        if SPLIT_K > 1:
+            k_lo = tl.program_id(2) * K_CHUNK
+            k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
+        acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
+                        G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+        if ROUTED:
+            acc *= tl.load(weight_ptr + pair).to(tl.float32)
+        if SPLIT_K > 1:
+            tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
+        else:
+            tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+# opt-in until timed on the GPU (`benchmarks/moe_gemv_tune.py` times both at top-k > 1)
+SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
+def launch(
+    x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None, sum_top_k: bool | None = None
+) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
     weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
-    in x's dtype."""
+    in x's dtype. `sum_top_k` (default `SUM_TOP_K`): without split-K, the down kernel sums each token's top-k
+    products itself and stores x's dtype (one program a token and block of outputs), instead of one program a
+    token-expert pair followed by torch's sum over k and conversion (two more kernels a layer)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -137,22 +168,27 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
     launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+    sum_top_k = SUM_TOP_K if sum_top_k is None else sum_top_k
+    sum_top_k = sum_top_k and split_k == 1 and top_k > 1
     if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
         buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)
         act, out = buffer[: pairs * 2 * inter].view(pairs, 2 * inter), buffer[pairs * 2 * inter :].view(num_tokens, dim)
     else:
         act = torch.empty(pairs, inter, device=x.device, dtype=act_dtype)
-        out = torch.empty(pairs, dim, device=x.device, dtype=torch.float32)
+        out = torch.empty((num_tokens, dim) if sum_top_k else (pairs, dim), device=x.device,
+                          dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
     chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
         x, flat_idx, gate_up, gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter, g_dim, chunk_d,
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
-    _down_kernel[(pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
+    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
         SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
-        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, **launch_opts,
+        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, **launch_opts,
     )  # fmt: skip
+    if sum_top_k:
+        return out
     if split_k > 1:
         return out.to(x.dtype)
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
