@@ -267,21 +267,28 @@ def test_config_from_the_environment():
 VARIANTS = [(32, 256, 4, 1, 3), (16, 256, 4, 2, None), (32, 128, 4, 4, 3), (16, 512, 8, 4, 2), (8, 64, 2, 3, None)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("config", VARIANTS)
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_triton_kernel_variants_match_float64(tokens, config):
+def bench_shape_kernel_case(tokens: int):
+    """The Triton launcher, its arguments at the bench's expert shapes (bf16, `tokens` tokens at top-6 of 64) and
+    the float64 per-expert reference of their output; skips without Triton and CUDA."""
     if not moe_gemv.triton_available():
         pytest.skip("needs Triton and CUDA")
     from hf_deepseek.kernels import _moe_gemv_triton
 
     experts, x, indices, weights = experts_and_routing("cuda", torch.bfloat16, tokens=tokens, num_experts=64,
                                                        hidden=2048, inter=1408)  # fmt: skip
-    args = x, indices, weights, experts.gate_up_proj, experts.down_proj
+    with torch.no_grad():
+        want = per_expert_float64(experts, x, indices, weights)
+    return _moe_gemv_triton, (x, indices, weights, experts.gate_up_proj, experts.down_proj), want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", VARIANTS)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_triton_kernel_variants_match_float64(tokens, config):
+    _moe_gemv_triton, args, want = bench_shape_kernel_case(tokens)
     with torch.no_grad():
         out = _moe_gemv_triton.launch(*args, config)
         default = _moe_gemv_triton.launch(*args)
-        want = per_expert_float64(experts, x, indices, weights)
         graph = torch.cuda.CUDAGraph()  # as the compiled decode step replays it (the zeroed buffers included)
         with torch.cuda.graph(graph):
             replayed = _moe_gemv_triton.launch(*args, config)
@@ -299,17 +306,11 @@ def test_triton_kernel_variants_match_float64(tokens, config):
 def test_down_kernel_summing_the_top_k_itself_matches_float64(tokens, config):
     """sum_top_k: one program a token sums its top-k products and stores bf16 (no torch sum and conversion after):
     the float64 reference's result, and the per-pair path's to bf16 rounding."""
-    if not moe_gemv.triton_available():
-        pytest.skip("needs Triton and CUDA")
-    from hf_deepseek.kernels import _moe_gemv_triton
-
-    experts, x, indices, weights = experts_and_routing("cuda", torch.bfloat16, tokens=tokens, num_experts=64,
-                                                       hidden=2048, inter=1408)  # fmt: skip
-    args = x, indices, weights, experts.gate_up_proj, experts.down_proj
+    _moe_gemv_triton, args, want = bench_shape_kernel_case(tokens)
     with torch.no_grad():
         summed = _moe_gemv_triton.launch(*args, config, sum_top_k=True)
         per_pair = _moe_gemv_triton.launch(*args, config, sum_top_k=False)
-        want = per_expert_float64(experts, x, indices, weights)
+    x = args[0]
     assert summed.dtype == x.dtype and summed.shape == x.shape
     assert ((summed.double() - want).norm() / want.norm()).item() < 1e-2
     torch.testing.assert_close(summed, per_pair, rtol=2e-2, atol=2e-3)
