@@ -28,7 +28,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import logging
 
-from ..modeling.compile_regions import decode_compile_config
+from ..modeling.compile_regions import decode_compile_config, with_inductor_options
 from ..modeling.decode_linear import use_decode_linears
 from . import step_graph
 
@@ -226,10 +226,12 @@ def compiled_for_generate(
     name = cache_name + ("_own_graphs" if own_graphs else "")
     cached = model.__dict__.get(name)
     if cached is None or cached[0] != compile_config:
-        settings = decode_compile_config(model, compile_config).to_dict()  # FP8 layers: cuBLAS GEMMs
-        if own_graphs and (settings := step_graph.without_inductor_graphs(settings)) is None:
-            return None
-        cached = (compile_config, torch.compile(step, **settings))
+        settings = decode_compile_config(model, compile_config)  # FP8 layers: cuBLAS GEMMs
+        if own_graphs:  # the graphs are step_graph's to capture
+            if settings.backend != "inductor":
+                return None
+            settings = with_inductor_options(settings, {"triton.cudagraphs": False})
+        cached = (compile_config, torch.compile(step, **settings.to_dict()))
         model.__dict__[name] = cached
     return cached[1]
 

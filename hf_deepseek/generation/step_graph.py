@@ -23,16 +23,6 @@ STEPS = 8  # decode steps one replay runs: the device loop's check interval (fas
 WARMUP_STEPS = 2  # steps run one by one before the first capture (compilation, lazily allocated kernel state)
 
 
-def without_inductor_graphs(settings: dict) -> dict | None:
-    """torch.compile settings (a CompileConfig's dict) with Inductor's CUDA graphs off, the rest of the mode's
-    options kept; None for other backends (which this module does not capture)."""
-    if settings.get("backend", "inductor") != "inductor":
-        return None
-    mode = settings.get("mode")
-    options = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(settings.get("options") or {})}
-    return {**settings, "mode": None, "options": {**options, "triton.cudagraphs": False}}
-
-
 def weights_key(model: torch.nn.Module) -> tuple[int, ...]:
     """Where the model's weights live: a captured graph reads these addresses."""
     return tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
@@ -61,4 +51,4 @@ def capture(run_step: Callable[[], None], key: tuple, keep_alive: object) -> Ste
     return StepGraph(graph, key, keep_alive)
 
 
-__all__ = ["ENABLED", "STEPS", "WARMUP_STEPS", "StepGraph", "capture", "without_inductor_graphs", "weights_key"]
+__all__ = ["ENABLED", "STEPS", "WARMUP_STEPS", "StepGraph", "capture", "weights_key"]
