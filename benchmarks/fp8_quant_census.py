@@ -56,7 +56,9 @@ from hf_deepseek.modeling.fp8_numerics import (
 )
 
 BENCH_TOKENS = FULL_TRAIN_PLAN.batch_size * FULL_TRAIN_PLAN.seq_len  # 16384
-PROFILE = {  # one step of hf_deepseek-fp8-rowwise-triton-quant, H200, 2026-12-04 (/tmp/res/1/train/profiles.txt)
+# one step of hf_deepseek-fp8-rowwise-triton-quant, H200, 2026-12-04d
+# (docs/train-h200/profile_fp8_triton_quant_2026-12-04d.txt)
+PROFILE = {
     "rows": {"launches": 234, "ms": 17.09, "kernel": "_rowwise_rows_kernel"},
     "cols": {"launches": 390, "ms": 14.13, "kernel": "_rowwise_cols_kernel"},
 }
@@ -357,7 +359,7 @@ def operand_class(role: str, shape: tuple[int, ...]) -> str:
     return "activations"
 
 
-PREVIOUS_ROWS_PLAN = ("rows", 4, 2048, 8, 0, 0)  # what rowwise_plan gave 2048-wide rows until 2026-12-05
+PREVIOUS_ROWS_PLAN = ("rows", 4, 2048, 8, 0, 0)  # what rowwise_plan gave 2048-wide rows in that profiled step
 
 
 def plan_for(call: Call, shape: tuple[int, ...], before: bool) -> tuple | None:
