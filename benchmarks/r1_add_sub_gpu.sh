@@ -101,9 +101,12 @@ for attempt in ${ZERO_ATTEMPTS-zh_tagged035pct:0.0035}; do
   ZPIDS="$ZPIDS $!"; ZNAMES="$ZNAMES $name"
 done
 
-evaluate() {  # evaluate NAME: add_sub_eval.py on $R/NAME in the background, its pid appended to EPIDS
+eval_now() {  # eval_now NAME: add_sub_eval.py on $R/NAME
+  $PY benchmarks/add_sub_eval.py $R/$1 $EVAL_ARGS $R1_EVAL_ARGS --json $L/$1_eval.json > $L/$1_eval.log 2>&1
+}
+evaluate() {  # evaluate NAME: eval_now in the background, its pid appended to EPIDS
   trained $R/$1 || return
-  $PY benchmarks/add_sub_eval.py $R/$1 $EVAL_ARGS $R1_EVAL_ARGS --json $L/$1_eval.json > $L/$1_eval.log 2>&1 &
+  eval_now $1 &
   EPIDS="$EPIDS $!"
 }
 grpo() {  # grpo INIT: GRPO from $R/INIT into $R/grpo_INIT, then its evaluation
@@ -112,8 +115,7 @@ grpo() {  # grpo INIT: GRPO from $R/INIT into $R/grpo_INIT, then its evaluation
   train "grpo_$1" $L/grpo_$1.log ${GRPO_WALL:-150} r1_add_sub grpo grpo.init=$R/$1 output_dir=$R/grpo_$1 \
     max_steps=100000 per_device_train_batch_size=1024 $GRPO_ARGS
   local rc=$?; r1_over $1; [ $rc = 0 ] || return
-  $PY benchmarks/add_sub_eval.py $R/grpo_$1 $EVAL_ARGS $R1_EVAL_ARGS --json $L/grpo_$1_eval.json \
-    > $L/grpo_$1_eval.log 2>&1
+  eval_now grpo_$1
 }
 
 EPIDS=""; GPIDS=""
