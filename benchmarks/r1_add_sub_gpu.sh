@@ -3,7 +3,8 @@
 # addition and subtraction) and runs R1-Zero in miniature (recipe r1_zero_tiny: a base pretrained on plain text, then
 # GRPO with accuracy and format rewards only) on one GPU, each stage on a wall-clock budget (benchmarks/train_wall.py);
 # then greedy pass@1 of the cold-start, ancestor and GRPO models on every add_sub bucket and on first vs second turns
-# (benchmarks/add_sub_eval.py), and of the R1-Zero base and GRPO models on held-out 4-digit sums
+# (benchmarks/add_sub_eval.py; then the embedded default's chat-app conversation and hardest-bucket tests on each,
+# tests/test_checkpoint_add_sub.py, in NAME_app_tests.log), and of the R1-Zero base and GRPO models on held-out 4-digit sums
 # (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
 #   bash benchmarks/r1_add_sub_gpu.sh                          # both recipes
 #   SFT_WALL=0 GRPO_WALL=0 bash benchmarks/r1_add_sub_gpu.sh   # R1-Zero alone (attempt h of docs/r1_add_sub.md)
@@ -101,8 +102,11 @@ for attempt in ${ZERO_ATTEMPTS-zh_tagged035pct:0.0035}; do
   ZPIDS="$ZPIDS $!"; ZNAMES="$ZNAMES $name"
 done
 
-eval_now() {  # eval_now NAME: add_sub_eval.py on $R/NAME
+eval_now() {  # eval_now NAME: add_sub_eval.py on $R/NAME, then the embedded default's chat-app and hardest-bucket tests
   $PY benchmarks/add_sub_eval.py $R/$1 $EVAL_ARGS $R1_EVAL_ARGS --json $L/$1_eval.json > $L/$1_eval.log 2>&1
+  HF_DEEPSEEK_ADD_SUB_CHECKPOINT=$R/$1 $PY -m pytest -q -p no:cacheprovider tests/test_checkpoint_add_sub.py \
+    -k "conversation or hardest" > $L/$1_app_tests.log 2>&1
+  echo "$R/$1 chat-app tests: $(grep -E 'passed|failed' $L/$1_app_tests.log | tail -1)" >> $L/$1_eval.log
 }
 evaluate() {  # evaluate NAME: eval_now in the background, its pid appended to EPIDS
   trained $R/$1 || return

@@ -1,8 +1,11 @@
 """The chat's embedded default, checkpoints/hf-deepseek-r1-add-sub: it loads through the Auto classes, its model card
 states what the committed evaluation measured, the chat app answers its example questions correctly alone and as a
-later turn, and re-measured on the CPU it clears the 95% bar on the hardest bucket and on second turns."""
+later turn, and re-measured on the CPU it clears the 95% bar on the hardest bucket and on second turns.
+HF_DEEPSEEK_ADD_SUB_CHECKPOINT points the tests at another model (`benchmarks/r1_add_sub_gpu.sh` checks each
+candidate with the chat app's conversations and the hardest bucket before it is shipped)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from hf_deepseek.evals.greedy import greedy_correct
 from hf_deepseek.evals.task_data import load_rows
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINT = REPO / "checkpoints" / "hf-deepseek-r1-add-sub"
+CHECKPOINT = Path(os.environ.get("HF_DEEPSEEK_ADD_SUB_CHECKPOINT", REPO / "checkpoints" / "hf-deepseek-r1-add-sub"))
 EVALUATION = REPO / "docs" / "r1-add-sub-h200" / "sft_eval_2026-12-04.json"
 CARD_ROW = re.compile(r"^\| (\w[\w ]*?) \| (\d+)/(\d+) = ([\d.]+)% \[([\d.]+)%, ([\d.]+)%\] \|$", re.M)
 CARD_NAMES = {"first turn": "turn1", "second turn": "turn2"}
