@@ -4,8 +4,7 @@ Rows, in one process: transformers eager (DynamicCache), transformers static cac
 ours eager (DynamicCache, absorbed decode), ours fast path (static latent cache + the compiled step `generate()`
 uses) in bf16 and with FP8 weights, ours with MTP self-speculative decoding through `generate()`, and `generate()`
 end to end for both models (ms per new token, prefill subtracted; ours with its device loop and with transformers'
-token loop, `ours-generate-tf-loop`, and with blocks of steps in one CUDA graph, `ours-generate-step-graphs`). Each
-step-row cell
+token loop, `ours-generate-tf-loop`). Each step-row cell
 (batch, context) fills the cache with `context` random latent tokens (decode cost does not depend on their values,
 and no row pays a long prefill), then times `warmup + steps` single-token steps with CUDA events between steps and
 reports the median. The read floor of a step counts the weights a step must read (all but the embedding and the
@@ -43,7 +42,6 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.generation import step_graph
 from hf_deepseek.kernels import flash_mla_decode, moe_gemv
 from hf_deepseek.modeling import moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
@@ -59,7 +57,6 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-torch-attn",
     "ours-mtp",
     "ours-generate",
-    "ours-generate-step-graphs",
     "ours-generate-tf-loop",
     "ours-fast-fp8",
 )
@@ -350,8 +347,6 @@ def run_generate_row(
     kwargs["compile_config"] = CompileConfig(dynamic=False if fp8 else plan.compile_dynamic)
     floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     cells = []
-    step_graphs = step_graph.ENABLED  # ours-generate-step-graphs: blocks of steps in one CUDA graph (on CUDA)
-    step_graph.ENABLED = name == "ours-generate-step-graphs" or (step_graphs and name == "ours-generate")
     for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
         for context in plan.row_contexts.get(name, plan.contexts):
             cell = DecodeCell(name, batch, context)
@@ -378,8 +373,6 @@ def run_generate_row(
                 cell.note = f"prefill {cell.prefill_ms:.1f} ms"
                 if model.__dict__.get("fast_loop_error"):  # generate() fell back to transformers' loop
                     cell.note += f"; device loop failed, transformers' loop measured: {model.fast_loop_error[:150]}"
-                if step_graph.ENABLED and model.__dict__.get("step_graph_error"):  # Inductor's per-step graphs
-                    cell.note += f"; step graph capture failed: {model.step_graph_error[:150]}"
             except torch.OutOfMemoryError:
                 cell.note = "out of memory"
             except Exception as error:  # a row that fails is reported, the others still run
@@ -389,7 +382,6 @@ def run_generate_row(
             if emit is not None:  # each cell reported as it is measured
                 emit(cell)
     model.__dict__.pop("_fast_decode_buffers", None)  # the device loop's cache: free it for the next rows
-    step_graph.ENABLED = step_graphs
     return cells
 
 

@@ -28,11 +28,10 @@ from transformers.generation.logits_process import (
 )
 from transformers.utils import logging
 
-from ..modeling.compile_regions import decode_compile_config, with_inductor_options
+from ..modeling.compile_regions import decode_compile_config
 from ..modeling.decode_linear import use_decode_linears
-from . import step_graph
 
-CHECK_EVERY = step_graph.STEPS  # decode steps between the host's checks that some row still goes (a sync each)
+CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
 PREFILL_TOKENS = 32768  # tokens one prefill forward takes: whole prompts in groups of rows; longer prompts in chunks
 logger = logging.get_logger(__name__)
 
@@ -72,7 +71,6 @@ class TokenChoice:
     pad: int
     min_length: int  # eos suppressed while the sequence (prompt included) is shorter
     min_new_tokens: int  # eos suppressed while fewer new tokens were generated
-    key: tuple = ()  # the settings it was made from: equal keys choose alike (a captured step graph is reused)
 
     @classmethod
     def from_config(cls, config: GenerationConfig, device) -> "TokenChoice":
@@ -91,11 +89,9 @@ class TokenChoice:
                 warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
             if config.min_p is not None:
                 warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
-        settings = (config.do_sample, config.temperature, config.top_k, config.top_p, config.min_p, tuple(eos_ids),
-                    pad, config.min_length, config.min_new_tokens)  # fmt: skip
         return cls(
             do_sample=bool(config.do_sample), warpers=warpers, eos=eos, pad=0 if pad is None else int(pad),
-            min_length=config.min_length or 0, min_new_tokens=config.min_new_tokens or 0, key=(*settings, str(device)),
+            min_length=config.min_length or 0, min_new_tokens=config.min_new_tokens or 0,
         )  # fmt: skip
 
     def __call__(self, logits: torch.Tensor, prompt_len: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -164,7 +160,6 @@ class DecodeBuffers:
     step: torch.Tensor  # [] tokens generated so far
     unfinished: torch.Tensor  # [B] bool
     ended_at: torch.Tensor  # [B] the index of each row's end-of-sequence token (max_len while none)
-    graph: step_graph.StepGraph | None = None  # `step_graph.STEPS` steps captured over these buffers
 
     @classmethod
     def allocate(cls, model, batch: int, max_len: int, device) -> "DecodeBuffers":
@@ -209,65 +204,25 @@ def decode_step(model, buffers: DecodeBuffers, choice: TokenChoice) -> None:
     record_token(b, choice, choice(logits, b.prompt_len, b.step))
 
 
-def compiled_for_generate(
-    model, step: Callable, config: GenerationConfig, cache_name: str, own_graphs: bool = False
-) -> Callable | None:
+def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache_name: str) -> Callable:
     """`step` compiled with the model's generate compile settings (Inductor + CUDA graphs), once per model and
     compile config (kept in `model.<cache_name>`); uncompiled where transformers would not compile (CPU without
-    `_compile_all_devices`). With `own_graphs`, compiled without Inductor's CUDA graphs, for `step_graph` to
-    capture, on CUDA only: None where that does not apply (not CUDA, not compiled, not Inductor)."""
+    `_compile_all_devices`)."""
     compile_config = config.compile_config or model._default_compile_config()
     on_accelerator = model.device.type in ("cuda", "xpu")
     if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
-        return None if own_graphs else step
-    if own_graphs and model.device.type != "cuda":
-        return None
+        return step
     use_decode_linears(model)  # a no-op unless HF_DEEPSEEK_LINEAR_GEMV=1
-    name = cache_name + ("_own_graphs" if own_graphs else "")
-    cached = model.__dict__.get(name)
+    cached = model.__dict__.get(cache_name)
     if cached is None or cached[0] != compile_config:
-        settings = decode_compile_config(model, compile_config)  # FP8 layers: cuBLAS GEMMs
-        if own_graphs:  # the graphs are step_graph's to capture
-            if settings.backend != "inductor":
-                return None
-            settings = with_inductor_options(settings, {"triton.cudagraphs": False})
-        cached = (compile_config, torch.compile(step, **settings.to_dict()))
-        model.__dict__[name] = cached
+        settings = decode_compile_config(model, compile_config).to_dict()  # FP8 layers: cuBLAS GEMMs
+        cached = (compile_config, torch.compile(step, **settings))
+        model.__dict__[cache_name] = cached
     return cached[1]
 
 
 def compiled_decode_step(model, config: GenerationConfig) -> Callable:
     return compiled_for_generate(model, decode_step, config, "_fast_decode_step")
-
-
-def graphable_decode_step(model, config: GenerationConfig) -> Callable | None:
-    """The decode step for `step_graph` to capture (compiled without Inductor's CUDA graphs), or None: not on CUDA
-    with Inductor, not switched on (HF_DEEPSEEK_STEP_GRAPHS=1), or a capture failed on this model before."""
-    if not step_graph.ENABLED or model.__dict__.get("step_graph_error"):
-        return None
-    return compiled_for_generate(model, decode_step, config, "_fast_decode_step", own_graphs=True)
-
-
-def replay_steps(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable, key: tuple) -> bool:
-    """Run `step_graph.STEPS` decode steps as one CUDA graph replay: the buffers' graph where it was captured with
-    this `key` (the token choice, the compiled step, the model's mode and weights' addresses), else a new capture,
-    which replaces it. False where the capture failed: the failure is noted on the model (`step_graph_error`,
-    warned about once) and the caller steps on without."""
-    if buffers.graph is None or buffers.graph.key != key:
-        buffers.graph = None  # free the old graph's memory pool first
-        try:
-            buffers.graph = step_graph.capture(lambda: step(model, buffers, choice), key, keep_alive=choice)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:
-            model.__dict__["step_graph_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-            logger.warning(
-                f"generate(): capturing {step_graph.STEPS} decode steps in one CUDA graph failed "
-                f"({model.step_graph_error}); this model steps through Inductor's graphs from now on."
-            )
-            return False
-    buffers.graph.replay()
-    return True
 
 
 def end_of_sequence_ids(config: GenerationConfig) -> list[int]:
@@ -390,28 +345,16 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     last_logits = prefill(model, input_ids, mask, b.cache, config.prefill_chunk_size)
     record_token(b, choice, choice(last_logits, b.prompt_len, b.step))
     del last_logits
-    graphable = graphable_decode_step(model, config)
-    step = graphable or compiled_decode_step(model, config)
-    if graphable is not None:
-        graph_key = (choice.key, id(graphable), model.training, step_graph.weights_key(model))
-        warm = b.graph is not None and b.graph.key == graph_key  # captured by an earlier call: replay at once
+    step = compiled_decode_step(model, config)
     can_end_from = max(choice.min_new_tokens, choice.min_length - prompt_len, 0)  # no eos before: nothing to check
-    done, checked = 1, 0  # tokens chosen so far (the prefill chose the first); when the host last checked
-    while done < max_new:
+    checked = 0  # when the host last checked
+    for done in range(1, max_new):  # tokens chosen so far (the prefill chose the first)
         if choice.eos is not None and done > can_end_from and done - checked >= CHECK_EVERY:
             checked = done
             if not bool(b.unfinished.any()):
                 break
         try:
-            # STEPS steps as one graph replay once the step has compiled and warmed up; the rest one by one
-            block = graphable is not None and max_new - done >= step_graph.STEPS
-            if block and (warm or done > step_graph.WARMUP_STEPS):
-                if replay_steps(model, b, choice, step, graph_key):
-                    done += step_graph.STEPS
-                    continue
-                graphable, step = None, compiled_decode_step(model, config)
             step(model, b, choice)
-            done += 1
         except torch.OutOfMemoryError:
             raise
         except Exception as error:

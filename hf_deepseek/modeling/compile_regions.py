@@ -68,15 +68,8 @@ def decode_compile_config(model: nn.Module, compile_config):
     160 s on the H200 (2026-12-04), where batch 1 (matrix-vector kernels only) compiled in 11 s."""
     if compile_config.backend != "inductor" or compile_config.options is not None or not has_fp8_layers(model):
         return compile_config
-    return with_inductor_options(compile_config, FP8_INDUCTOR_OPTIONS)
-
-
-def with_inductor_options(compile_config, options: dict):
-    """An Inductor CompileConfig with its mode's options spelled out, its own options kept and `options` added
-    over them (torch.compile takes a mode or options, not both)."""
     mode_options = torch._inductor.list_mode_options(compile_config.mode) if compile_config.mode else {}
-    merged = {**mode_options, **(compile_config.options or {}), **options}
-    return dataclasses.replace(compile_config, mode=None, options=merged)
+    return dataclasses.replace(compile_config, mode=None, options={**mode_options, **FP8_INDUCTOR_OPTIONS})
 
 
 def compile_for_training(model: nn.Module, loss: bool = True, **compile_options) -> nn.Module:
