@@ -1,9 +1,14 @@
-"""Reasoning traces for the `distill` recipe: sample a stronger model's replies to training-split problems and keep
-the ones the rewards accept (well formatted and correct), as JSON lines for SFT.
+"""Reasoning traces for the `distill` recipe and R1's rejection sampling (`r1_add_sub`'s `sft_rejection`): sample a
+model's replies to training-split problems and keep the ones the rewards accept (well formatted and correct), as JSON
+lines for SFT.
+
+A problem with a `history` (earlier problems' `question` and `answer`) is asked as a later turn of a conversation:
+the earlier exchanges as the chat app sends them back (`hf_deepseek.data.r1.earlier_turns`), then its question; its
+trace keeps that `history`, so the SFT row is the same conversation with the kept reply as the last turn.
 """
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,12 @@ def generate_traces(
     max_new_tokens: int = 512,
     system_prompt: str | None = None,
     temperature: float = 0.7,
+    problems_per_batch: int = 1,
 ) -> int:
-    """Sample `samples_per_problem` replies per problem from the teacher; write the accepted ones (one per problem
-    at most) to `path`. Returns how many were written."""
+    """Sample `samples_per_problem` replies per problem from the teacher (on CUDA when there is one), on the chat
+    template's rendering of `prompt_messages` (after the problem's `history` exchanges, if any), `problems_per_batch`
+    problems a `generate` call (left-padded); write the accepted ones (one per problem at most) to `path`. Returns
+    how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_deepseek import register_auto_classes
@@ -40,31 +48,51 @@ def generate_traces(
     register_auto_classes()  # the teacher may be one of ours
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).to(device).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     with path.open("w") as out:
-        for problem in problems:
-            prompt = tokenizer.apply_chat_template(
-                prompt_messages(problem["question"], system_prompt), add_generation_prompt=True, return_tensors="pt"
-            )
-            prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+        for batch in _batches(problems, problems_per_batch):
+            prompts = []
+            for problem in batch:
+                messages = prompt_messages(problem["question"], system_prompt, problem.get("history", ()))
+                prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+                prompts.append((prompt["input_ids"] if hasattr(prompt, "keys") else prompt)[0])
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+                ids[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
             generated = model.generate(
-                prompt.repeat(samples_per_problem, 1),
-                attention_mask=torch.ones_like(prompt).repeat(samples_per_problem, 1),
+                ids.repeat_interleave(samples_per_problem, 0).to(device),
+                attention_mask=mask.repeat_interleave(samples_per_problem, 0).to(device),
                 do_sample=True,
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            for sample in generated[:, prompt.shape[1] :]:
-                row = {**problem, "completion": tokenizer.decode(sample, skip_special_tokens=True)}
-                if accepted(row):
-                    out.write(json.dumps(row) + "\n")
-                    written += 1
-                    break
+            samples = generated[:, width:].view(len(prompts), samples_per_problem, -1)
+            for problem, replies in zip(batch, samples, strict=True):
+                for sample in replies:
+                    row = {**problem, "completion": tokenizer.decode(sample, skip_special_tokens=True)}
+                    if accepted(row):
+                        out.write(json.dumps(row) + "\n")
+                        written += 1
+                        break
     return written
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def load_traces(path: str | Path) -> list[dict[str, Any]]:

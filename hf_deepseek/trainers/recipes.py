@@ -216,11 +216,22 @@ def with_history(data: dict[str, Any], problems: list[dict[str, Any]]) -> list[t
     return [(p, rng.sample(problems, rng.randint(1, most)) if share and rng.random() < share else []) for p in problems]
 
 
+def trace_turn_row(trace: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
+    """A kept trace as a conversational prompt-completion SFT row, like the cold start's `sft_turn_row`: the
+    conversation (the trace's `history` exchanges as the chat sends them, then its question) as `prompt`, the
+    teacher's reply as `completion`."""
+    return {
+        "prompt": prompt_messages(trace["question"], system_prompt, trace.get("history") or ()),
+        "completion": [{"role": "assistant", "content": trace["completion"]}],
+    }
+
+
 def build_dataset(recipe: dict[str, Any], stage: str):
     """The stage's dataset: `cold_start` (SFT rows with worked solutions), `problems` (GRPO prompts and reward
     columns), `traces` (SFT on checked teacher traces), or R1-Zero's `plain_text` (pretraining documents) and
     `zero_problems` (plain-text prompts that open `<think>`). With `data.multi_turn` some rows are later turns of a
-    conversation (`with_history`); such cold-start rows are prompt-completion rows (loss on the last reply only)."""
+    conversation (`with_history`); such cold-start and traces rows are prompt-completion rows (loss on the last reply
+    only). A traces `data.teacher` is a model directory or another stage of the recipe (its output)."""
     from datasets import Dataset
 
     data = recipe[stage]["data"]
@@ -252,17 +263,31 @@ def build_dataset(recipe: dict[str, Any], stage: str):
 
         path = Path(recipe.get("output_root", "outputs")) / data["path"]
         if not path.is_file():
-            if not data.get("teacher"):
+            teacher = data.get("teacher")
+            if not teacher:
                 raise ValueError(f"no traces at {path}: write them there or set {stage}.data.teacher=DIR")
-            options = {k: data[k] for k in ("samples_per_problem", "max_new_tokens") if k in data}
-            generate_traces(data["teacher"], _problems(data), path, system_prompt=system_prompt, **options)
+            if isinstance(recipe.get(teacher), dict):  # another stage of the recipe: its output
+                teacher = stage_output_dir(recipe, teacher)
+            options = {k: data[k] for k in ("samples_per_problem", "max_new_tokens", "problems_per_batch") if k in data}
+            problems = _problems(data)
+            if data.get("multi_turn"):  # some problems are asked after earlier exchanges, kept in their traces
+                problems = (
+                    {**p, "history": [{"question": e["question"], "answer": e["answer"]} for e in history]}
+                    if history
+                    else p
+                    for p, history in with_history(data, list(problems))
+                )
+            generate_traces(teacher, problems, path, system_prompt=system_prompt, **options)
+        traces = load_traces(path)
+        if not traces:
+            raise ValueError(f"no well-formatted, correct trace in {path}")
+        if data.get("multi_turn") or any(row.get("history") for row in traces):
+            return Dataset.from_list([trace_turn_row(row, system_prompt) for row in traces])
         rows = [
             {"messages": [*prompt_messages(row["question"], system_prompt), {"role": "assistant", "content": text}]}
-            for row in load_traces(path)
+            for row in traces
             for text in [row["completion"]]
         ]
-        if not rows:
-            raise ValueError(f"no well-formatted, correct trace in {path}")
         return Dataset.from_list(rows)
     raise ValueError(f"unknown data kind {kind!r}: cold_start, problems or traces")
 
