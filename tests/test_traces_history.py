@@ -204,3 +204,24 @@ def test_real_generate_samples_left_padded_batches_of_conversations(tmp_path, to
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [{k: v for k, v in r.items() if k != "completion"} for r in rows] == problems
     assert all(len(tok(r["completion"], add_special_tokens=False)["input_ids"]) <= 3 for r in rows)
+
+
+def test_interrupted_sampling_leaves_no_traces_file_to_reuse(tmp_path, tok, teacher, monkeypatch):
+    """The stage reuses a traces file that exists, so a run stopped while sampling must not leave a partial one: it
+    is written aside and renamed only when complete."""
+    recipe = recipe_for(tmp_path, teacher)
+    calls = []
+    scripted = DeepSeekForCausalLM.generate
+
+    def stopped_on_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return scripted(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeepSeekForCausalLM, "generate", stopped_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(recipe, STAGE)
+    assert not (tmp_path / "rejection_traces.jsonl").exists()
+    monkeypatch.setattr(DeepSeekForCausalLM, "generate", scripted)
+    assert len(build_dataset(recipe, STAGE)) > 0 and (tmp_path / "rejection_traces.jsonl").is_file()

@@ -53,7 +53,8 @@ def generate_traces(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
-    with path.open("w") as out:
+    partial = path.with_name(path.name + ".partial")  # renamed when complete: an interrupted run leaves no traces file
+    with partial.open("w") as out:
         for batch in _batches(problems, problems_per_batch):
             prompts = []
             for problem in batch:
@@ -81,6 +82,7 @@ def generate_traces(
                         out.write(json.dumps(row) + "\n")
                         written += 1
                         break
+    partial.replace(path)
     return written
 
 
