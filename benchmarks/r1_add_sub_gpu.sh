@@ -4,8 +4,8 @@
 # GRPO with accuracy and format rewards only) on one GPU, each stage on a wall-clock budget (benchmarks/train_wall.py);
 # then greedy pass@1 of the cold-start, ancestor and GRPO models on every add_sub bucket and on first vs second turns
 # (benchmarks/add_sub_eval.py; then the embedded default's chat-app conversation and hardest-bucket tests on each,
-# tests/test_checkpoint_add_sub.py, in NAME_app_tests.log), and of the R1-Zero base and GRPO models on held-out 4-digit sums
-# (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
+# tests/test_checkpoint_add_sub.py, in NAME_app_tests.log), and of the R1-Zero base and GRPO models on held-out
+# 4-digit sums (benchmarks/r1_zero_eval.py). On the GPU machine, from the repo root, with $OUT set:
 #   bash benchmarks/r1_add_sub_gpu.sh                          # both recipes
 #   SFT_WALL=0 GRPO_WALL=0 bash benchmarks/r1_add_sub_gpu.sh   # R1-Zero alone (attempt h of docs/r1_add_sub.md)
 # Env: SFT_WALL (s, default 210), GRPO_WALL (150), ZPRE_WALL (300), ZGRPO_WALL (140); ZERO_ATTEMPTS, the R1-Zero

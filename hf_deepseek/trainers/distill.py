@@ -8,7 +8,7 @@ trace keeps that `history`, so the SFT row is the same conversation with the kep
 """
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,27 +54,30 @@ def generate_traces(
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     partial = path.with_name(path.name + ".partial")  # renamed when complete: an interrupted run leaves no traces file
+    tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    problems = list(problems)
     with partial.open("w") as out:
-        for batch in _batches(problems, problems_per_batch):
-            prompts = []
-            for problem in batch:
-                messages = prompt_messages(problem["question"], system_prompt, problem.get("history", ()))
-                prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-                prompts.append((prompt["input_ids"] if hasattr(prompt, "keys") else prompt)[0])
-            width = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
-                ids[i, width - len(prompt) :], mask[i, width - len(prompt) :] = prompt, 1
+        for start in range(0, len(problems), problems_per_batch):
+            batch = problems[start : start + problems_per_batch]
+            texts = [
+                tokenizer.apply_chat_template(
+                    prompt_messages(p["question"], system_prompt, p.get("history", ())),
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
+                for p in batch
+            ]
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            width = inputs["input_ids"].shape[1]
             generated = model.generate(
-                ids.repeat_interleave(samples_per_problem, 0).to(device),
-                attention_mask=mask.repeat_interleave(samples_per_problem, 0).to(device),
+                inputs["input_ids"].repeat_interleave(samples_per_problem, 0).to(device),
+                attention_mask=inputs["attention_mask"].repeat_interleave(samples_per_problem, 0).to(device),
                 do_sample=True,
                 temperature=temperature,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
-            samples = generated[:, width:].view(len(prompts), samples_per_problem, -1)
+            samples = generated[:, width:].view(len(batch), samples_per_problem, -1)
             for problem, replies in zip(batch, samples, strict=True):
                 for sample in replies:
                     row = {**problem, "completion": tokenizer.decode(sample, skip_special_tokens=True)}
@@ -84,17 +87,6 @@ def generate_traces(
                         break
     partial.replace(path)
     return written
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def load_traces(path: str | Path) -> list[dict[str, Any]]:
