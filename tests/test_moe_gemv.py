@@ -2,6 +2,8 @@
 computation against the per-expert reference on the CPU, the model's decode path through the op, and on a GPU the
 Triton kernels against the same computation."""
 
+import os
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -262,9 +264,21 @@ def test_config_from_the_environment():
     # the dense layers' defaults, apart from the experts'
     assert moe_gemv_config.kernel_config(None, linear=True) == moe_gemv_config.LINEAR_CONFIG
     assert moe_gemv_config.kernel_config(None, fp8=True, linear=True) == moe_gemv_config.LINEAR_FP8_CONFIG
+    linear_names = ("HF_DEEPSEEK_LINEAR_GEMV_CONFIG", "HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG")
+    if not any(os.environ.get(name, "").strip() for name in linear_names):  # unset: the tuned ones
+        tuned = (moe_gemv_config.TUNED_LINEAR_BF16, moe_gemv_config.TUNED_LINEAR_FP8)
+        assert tuned == (moe_gemv_config.LINEAR_CONFIG, moe_gemv_config.LINEAR_FP8_CONFIG)
 
 
-VARIANTS = [(32, 256, 4, 1, 3), (16, 256, 4, 2, None), (32, 128, 4, 4, 3), (16, 512, 8, 4, 2), (8, 64, 2, 3, None)]
+VARIANTS = [
+    (32, 256, 4, 1, 3),
+    (16, 256, 4, 2, None),
+    (32, 128, 4, 4, 3),
+    (16, 512, 8, 4, 2),
+    (8, 64, 2, 3, None),
+    (8, 256, 4, 1, 3),
+    (16, 512, 4, 1, 2),
+]  # the last two: the dense layers' tuned defaults
 
 
 def bench_shape_kernel_case(tokens: int):
@@ -341,7 +355,7 @@ def test_fp8_triton_kernel_variants_match_the_dequantised_weights(config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(32, 256, 4, 1, None), (16, 256, 4, 1, 3)])
+@pytest.mark.parametrize("config", [(32, 256, 4, 1, None), (16, 256, 4, 1, 3), (16, 512, 4, 1, 2)])
 def test_fp8_linear_stores_bf16_rounded_to_nearest_even_on_gpu(config):
     """Without split-K the FP8 linear kernel writes bf16 itself: its fp32 sums (what it stores for fp32 rows)
     rounded to nearest even, bit for bit what `.to(torch.bfloat16)` after an fp32 output gave."""

@@ -58,13 +58,18 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
 # token-expert pairs and 1.93x at one token x top-6 (34 against 66 us); within 0.1 us of the best at 8 pairs and
 # above. FP8 experts keep the first-written configuration until a run measures theirs (`--fp8`).
 TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
+# The dense layers' decode rows (`moe_gemv_tune.py --linear --quick`, H200, 2026-12-04g): the configuration with the
+# least time over every dense matrix-vector product of a batch-1 step, 232 us for bf16 weights against cuBLAS's 330
+# (1.13-2.13x cuBLAS on each shape) and 358 us for FP8 weights (1.0-2.0x the first-written on each shape).
+TUNED_LINEAR_BF16 = KernelConfig(8, 256, 4, 1, 3)
+TUNED_LINEAR_FP8 = KernelConfig(16, 512, 4, 1, 2)
 
 
 # The kernels' launch configurations, read at import: the measured ones, or from the environment (for benches and
 # tuning runs) as "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]": HF_DEEPSEEK_MOE_GEMV_CONFIG for the experts, bf16 and
 # FP8 weights alike, unless HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG sets FP8's; the dense layers' matrix-vector products
-# (`launch_linear`) take the experts' unless HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG
-# set theirs (their shapes differ: `benchmarks/moe_gemv_tune.py --linear` measures them).
+# (`launch_linear`) take their own tuned ones unless HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG
+# set them (their shapes differ from the experts': `benchmarks/moe_gemv_tune.py --linear` measures them).
 def config_from_env(
     environ=os.environ, default: KernelConfig = TUNED_BF16, names=("HF_DEEPSEEK_MOE_GEMV_CONFIG",)
 ) -> KernelConfig:
@@ -76,5 +81,7 @@ CONFIG: KernelConfig = config_from_env()
 FP8_CONFIG: KernelConfig = config_from_env(
     default=KernelConfig(), names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
 )
-LINEAR_CONFIG: KernelConfig = config_from_env(default=CONFIG, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
-LINEAR_FP8_CONFIG: KernelConfig = config_from_env(default=FP8_CONFIG, names=("HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG",))
+LINEAR_CONFIG: KernelConfig = config_from_env(default=TUNED_LINEAR_BF16, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
+LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
+    default=TUNED_LINEAR_FP8, names=("HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG",)
+)
