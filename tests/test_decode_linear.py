@@ -1,6 +1,8 @@
-"""Dense layers' decode rows through the matrix-vector kernel (`modeling/decode_linear.py`, opt-in with
-HF_DEEPSEEK_LINEAR_GEMV=1): which layers change, that nothing else does, the op's CPU path and its tracing; on a GPU
-the kernel's logits against cuBLAS's."""
+"""Dense layers' decode rows through the matrix-vector kernel (`modeling/decode_linear.py`, the default;
+HF_DEEPSEEK_LINEAR_GEMV=0 turns it off): which layers change, that nothing else does, the op's CPU path and its
+tracing; on a GPU the kernel's logits against cuBLAS's, and a `generate()` through it."""
+
+import os
 
 import pytest
 import torch
@@ -14,9 +16,11 @@ from hf_deepseek.modeling.decode_linear import DecodeLinear, use_decode_linears
 from hf_deepseek.modeling.fp8 import FP8InferenceLinear, FP8Linear, convert_to_fp8_inference, convert_to_fp8_training
 
 
-def test_switch_off_changes_nothing():
+def test_switch_off_changes_nothing(monkeypatch):
+    if not os.environ.get("HF_DEEPSEEK_LINEAR_GEMV"):
+        assert moe_gemv.LINEAR_GEMV  # on by default: measured faster than cuBLAS in a batch-1 step's dense layers
+    monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", False)
     model = DeepSeekForCausalLM(tiny_config())
-    assert not moe_gemv.LINEAR_GEMV  # the default until a run measures the kernel faster
     assert use_decode_linears(model) == 0
     assert not any(isinstance(m, DecodeLinear) for m in model.modules())
 
@@ -102,3 +106,35 @@ def test_decode_logits_through_the_kernel_match_cublas_on_gpu(monkeypatch):
         assert use_decode_linears(model) > 0
         got = model(ids).logits.float()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert not moe_gemv.usable_linear(torch.randn(2, 256, device="cuda", dtype=torch.bfloat16), model.lm_head.weight)
+
+
+@pytest.mark.gpu
+def test_generate_through_the_kernel_on_gpu(monkeypatch):
+    """generate()'s compiled device loop with the dense layers through the kernel: it runs (no fallback to
+    transformers' loop) and its greedy tokens start as cuBLAS's do."""
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.generation import fast_generate
+
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, intermediate_size=512)
+    ids = torch.randint(3, config.vocab_size, (1, 12), device="cuda")
+    outputs, loop_tokens = {}, []
+    original = fast_generate.try_fast_generate
+
+    def recorded(*args):
+        loop_tokens.append(original(*args))
+        return loop_tokens[-1]
+
+    monkeypatch.setattr(fast_generate, "try_fast_generate", recorded)
+    for on in (False, True):
+        monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", on)
+        torch.manual_seed(1)
+        model = DeepSeekForCausalLM(config).cuda().to(torch.bfloat16).eval()
+        loop_tokens.clear()
+        outputs[on] = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+        assert loop_tokens and loop_tokens[0] is not None, "the device loop fell back to transformers' loop"
+        assert any(isinstance(m, DecodeLinear) for m in model.modules()) == on
+    assert outputs[True].shape == outputs[False].shape == (1, 20)
+    assert torch.equal(outputs[True][:, :13], outputs[False][:, :13])

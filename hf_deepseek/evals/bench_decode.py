@@ -55,6 +55,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast",
     "ours-fast-grouped",
     "ours-fast-torch-attn",
+    "ours-fast-cublas",
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
@@ -217,6 +218,7 @@ class Row:
     compiled: bool
     dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE and moe_gemv.ENABLED during the row
     flash_mla: bool = True  # flash_mla_decode.ENABLED during the row (FlashMLA where installed)
+    linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
 
 
 STEP_ROWS = {
@@ -226,6 +228,7 @@ STEP_ROWS = {
     "ours-fast": Row("ours-fast", "latent", True),
     "ours-fast-grouped": Row("ours-fast-grouped", "latent", True, dense_decode_experts=False),
     "ours-fast-torch-attn": Row("ours-fast-torch-attn", "latent", True, flash_mla=False),
+    "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -267,6 +270,8 @@ def run_step_row(
     moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: torch's grouped GEMM at every batch size
     flash_enabled = flash_mla_decode.ENABLED  # off for the whole run with HF_DEEPSEEK_FLASH_MLA=0
     flash_mla_decode.ENABLED = flash_enabled and row.flash_mla
+    linear_enabled = moe_gemv.LINEAR_GEMV  # off for the whole run with HF_DEEPSEEK_LINEAR_GEMV=0
+    moe_gemv.LINEAR_GEMV = linear_enabled and row.linear_gemv
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
@@ -318,6 +323,7 @@ def run_step_row(
         model.__dict__.pop("_compiled_call", None)
     moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
     flash_mla_decode.ENABLED = flash_enabled
+    moe_gemv.LINEAR_GEMV = linear_enabled
     return cells
 
 

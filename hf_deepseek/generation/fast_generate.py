@@ -212,7 +212,7 @@ def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache
     on_accelerator = model.device.type in ("cuda", "xpu")
     if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
         return step
-    use_decode_linears(model)  # a no-op unless HF_DEEPSEEK_LINEAR_GEMV=1
+    use_decode_linears(model)  # a no-op with HF_DEEPSEEK_LINEAR_GEMV=0
     cached = model.__dict__.get(cache_name)
     if cached is None or cached[0] != compile_config:
         settings = decode_compile_config(model, compile_config).to_dict()  # FP8 layers: cuBLAS GEMMs

@@ -12,8 +12,9 @@ CUDA, the same computation in torch elsewhere (`reference`), which is what the C
 `routed_experts_gemv_fp8` is the same for FP8 weights with DeepSeek's 128x128 block scales (a checkpoint kept in
 FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's;
 `linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`);
-`linear_gemv` to a bf16 one's, where HF_DEEPSEEK_LINEAR_GEMV=1 asks for it (`modeling/decode_linear.py`: off by default
-until a run measures it faster than cuBLAS in the decode step; `benchmarks/moe_gemv_tune.py --linear` times both).
+`linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense layers
+took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0 keeps
+cuBLAS).
 """
 
 import os
@@ -26,7 +27,8 @@ from .fp8_blocks import dequantize_blocks, dequantize_experts
 ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
 MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
 MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
-LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "0") == "1"  # bf16 dense layers' decode rows too (opt-in)
+MAX_BF16_LINEAR_ROWS = 1  # a bf16 one's: measured faster than cuBLAS at one row; cuBLAS above
+LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dense layers' decode rows too
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -130,7 +132,7 @@ def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def usable_linear(x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear_gemv` serves the rows x2 [T, K] of a bf16 linear layer (only with HF_DEEPSEEK_LINEAR_GEMV=1)."""
+    """Whether `linear_gemv` serves the rows x2 [T, K] of a bf16 linear layer (not with HF_DEEPSEEK_LINEAR_GEMV=0)."""
     return (
         ENABLED
         and LINEAR_GEMV
@@ -139,7 +141,7 @@ def usable_linear(x2: torch.Tensor, weight: torch.Tensor) -> bool:
         and x2.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
         and not torch.is_grad_enabled()
-        and x2.shape[0] <= MAX_LINEAR_ROWS
+        and x2.shape[0] <= MAX_BF16_LINEAR_ROWS
     )
 
 
@@ -213,5 +215,6 @@ __all__ = [
     "fp8_kernels_available",
     "ENABLED",
     "MAX_PAIRS",
+    "MAX_BF16_LINEAR_ROWS",
     "MAX_LINEAR_ROWS",
 ]

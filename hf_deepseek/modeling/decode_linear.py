@@ -1,12 +1,13 @@
-"""Dense layers whose few decode rows take the Triton matrix-vector kernel (`kernels.moe_gemv.linear_gemv`)
-instead of cuBLAS: opt-in with HF_DEEPSEEK_LINEAR_GEMV=1 until a decode run measures it faster.
+"""Dense layers whose single decode row takes the Triton matrix-vector kernel (`kernels.moe_gemv.linear_gemv`)
+instead of cuBLAS (HF_DEEPSEEK_LINEAR_GEMV=0 keeps cuBLAS).
 
 At batch 1 on an H200 a bf16 decode step spent about 0.41 ms of 1.37 in ~70 cuBLAS matrix-vector products of the
 attention projections, shared experts and dense MLP, 3-7 us each where their weights take 1-2 us to read
-(docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04d.txt). Before a decode step compiles (transformers'
+(docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04d.txt); through the tuned kernel they took 232 us against
+cuBLAS's 330 (docs/PERF.md, 2026-12-04g). Before a decode step compiles (transformers'
 `get_compiled_call`, generate()'s device loop), `use_decode_linears` turns the model's plain nn.Linear layers (not
 the LM head, which cuBLAS reads at the memory floor) into `DecodeLinear`: the same parameters and state dict, the
-kernel for up to `MAX_LINEAR_ROWS` rows without gradients on CUDA, `F.linear` otherwise. FP8 layers are other
+kernel for `MAX_BF16_LINEAR_ROWS` row without gradients on CUDA, `F.linear` otherwise. FP8 layers are other
 classes and keep their own kernels."""
 
 import torch
@@ -17,7 +18,7 @@ from ..kernels import moe_gemv
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear whose decode rows (bf16, CUDA, no gradients, at most MAX_LINEAR_ROWS) take `linear_gemv`."""
+    """nn.Linear whose decode rows (bf16, CUDA, no gradients, at most MAX_BF16_LINEAR_ROWS) take `linear_gemv`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -28,7 +29,7 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_linears(model: nn.Module) -> int:
-    """With HF_DEEPSEEK_LINEAR_GEMV=1: make `model`'s plain nn.Linear layers but its output head DecodeLinear, in
+    """Unless HF_DEEPSEEK_LINEAR_GEMV=0: make `model`'s plain nn.Linear layers but its output head DecodeLinear, in
     place (idempotent). Returns how many it changed (0 when the switch is off)."""
     if not moe_gemv.LINEAR_GEMV:
         return 0

@@ -190,7 +190,7 @@ class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, G
 
     def get_compiled_call(self, compile_config):
         """transformers' compiled forward for the static-cache decode loop, after `use_decode_linears` (a no-op
-        unless HF_DEEPSEEK_LINEAR_GEMV=1), with `decode_compile_config`'s settings (FP8 layers: cuBLAS GEMMs)."""
+        with HF_DEEPSEEK_LINEAR_GEMV=0), with `decode_compile_config`'s settings (FP8 layers: cuBLAS GEMMs)."""
         use_decode_linears(self)
         compile_config = compile_config or self._default_compile_config()
         return super().get_compiled_call(decode_compile_config(self, compile_config))
