@@ -20,15 +20,24 @@ class KernelConfig(NamedTuple):
 def parse_config(text: str | None) -> KernelConfig | None:
     """ "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]" (as HF_DEEPSEEK_MOE_GEMV_CONFIG gives it; STAGES "none" or left
     out: Triton's default loop) -> KernelConfig; None or "" -> None."""
+    fields = _fields(text, 3, 2, "BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]")
+    if fields is None:
+        return None
+    block_n, block_k, warps = fields[:3]
+    split_k = fields[3] if len(fields) > 3 else 1
+    return kernel_config((block_n, block_k, warps, split_k, fields[4] if len(fields) > 4 else None))
+
+
+def _fields(text: str | None, required: int, optional: int, form: str) -> list[int | None] | None:
+    """Comma-separated integers, `required` of them and up to `optional` more, the last of those (STAGES) possibly
+    "none"; None or "" -> None."""
     if not text or not text.strip():
         return None
     fields = [f.strip() for f in text.split(",")]
-    if not 3 <= len(fields) <= 5:
-        raise ValueError(f"expected BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]], got {text!r}")
-    block_n, block_k, warps = (int(f) for f in fields[:3])
-    split_k = int(fields[3]) if len(fields) > 3 else 1
-    stages = None if len(fields) < 5 or fields[4].lower() == "none" else int(fields[4])
-    return kernel_config((block_n, block_k, warps, split_k, stages))
+    if not required <= len(fields) <= required + optional:
+        raise ValueError(f"expected {form}, got {text!r}")
+    last = required + optional - 1
+    return [None if i == last and f.lower() == "none" else int(f) for i, f in enumerate(fields)]
 
 
 def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> KernelConfig:
@@ -37,13 +46,17 @@ def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> Kerne
     `LINEAR_FP8_CONFIG`), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
     default = (LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG) if linear else (FP8_CONFIG if fp8 else CONFIG)
     cfg = KernelConfig(*(default if config is None else config))
-    for name in ("block_n", "block_k", "warps"):
-        value = getattr(cfg, name)
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two, got {value}")
+    _powers_of_two(cfg, ("block_n", "block_k", "warps"))
     if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
         raise ValueError(f"split_k must be >= 1 and stages None or >= 1: {cfg}")
     return cfg
+
+
+def _powers_of_two(cfg: NamedTuple, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two, got {value}")
 
 
 def split_chunk(k: int, split_k: int, block_k: int) -> int:
@@ -71,10 +84,11 @@ TUNED_LINEAR_FP8 = KernelConfig(16, 512, 4, 1, 2)
 # (`launch_linear`) take their own tuned ones unless HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG
 # set them (their shapes differ from the experts': `benchmarks/moe_gemv_tune.py --linear` measures them).
 def config_from_env(
-    environ=os.environ, default: KernelConfig = TUNED_BF16, names=("HF_DEEPSEEK_MOE_GEMV_CONFIG",)
+    environ=os.environ, default: KernelConfig = TUNED_BF16, names=("HF_DEEPSEEK_MOE_GEMV_CONFIG",), parse=None
 ) -> KernelConfig:
-    """The first of the variables `names` that is set, parsed; else `default`."""
-    return next((parse_config(environ[n]) for n in names if environ.get(n, "").strip()), default)
+    """The first of the variables `names` that is set, parsed (by `parse`, default `parse_config`); else `default`."""
+    parse = parse or parse_config
+    return next((parse(environ[n]) for n in names if environ.get(n, "").strip()), default)
 
 
 CONFIG: KernelConfig = config_from_env()
@@ -84,4 +98,54 @@ FP8_CONFIG: KernelConfig = config_from_env(
 LINEAR_CONFIG: KernelConfig = config_from_env(default=TUNED_LINEAR_BF16, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
 LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
     default=TUNED_LINEAR_FP8, names=("HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG",)
+)
+
+
+class GroupedConfig(NamedTuple):
+    """The expert-grouped kernels' launch configuration (`_moe_grouped_gemv_triton.launch`): an expert's
+    token-expert pairs taken BLOCK_T at a time (16 or more: tensor-core `tl.dot`, which needs 16 in each dimension;
+    fewer: a broadcast multiply and sum on the CUDA cores), weight rows per program, K per loop step, warps and
+    software pipelining stages of the K loop (None: Triton's default loop). FP8 weights need BLOCK_N and BLOCK_K
+    dividing 128: each step's weight tile then lies in one 128x128 block, its scale one number."""
+
+    block_t: int = 16
+    block_n: int = 32
+    block_k: int = 128
+    warps: int = 4
+    stages: int | None = None
+
+
+def grouped_config(config=None, fp8: bool = False) -> GroupedConfig:
+    """A tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]) or GroupedConfig, or None for `GROUPED_CONFIG`
+    (`GROUPED_FP8_CONFIG` for FP8 weights), checked."""
+    cfg = GroupedConfig(*((GROUPED_FP8_CONFIG if fp8 else GROUPED_CONFIG) if config is None else config))
+    _powers_of_two(cfg, ("block_t", "block_n", "block_k", "warps"))
+    if cfg.stages is not None and cfg.stages < 1:
+        raise ValueError(f"stages must be None or >= 1: {cfg}")
+    if cfg.block_t >= 16 and min(cfg.block_n, cfg.block_k) < 16:
+        raise ValueError(f"tl.dot (BLOCK_T >= 16) needs BLOCK_N and BLOCK_K >= 16: {cfg}")
+    if fp8 and (128 % cfg.block_n or 128 % cfg.block_k):
+        raise ValueError(f"FP8 weights need BLOCK_N and BLOCK_K dividing the 128x128 scale blocks: {cfg}")
+    return cfg
+
+
+def parse_grouped_config(text: str | None) -> GroupedConfig | None:
+    """ "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]" -> GroupedConfig (STAGES "none" or left out: Triton's default
+    loop); None or "" -> None. Checked as for bf16 weights (the launcher checks FP8's constraints)."""
+    fields = _fields(text, 4, 1, "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]")
+    return None if fields is None else grouped_config(tuple(fields))
+
+
+# Not yet timed on a GPU (`benchmarks/moe_gemv_tune.py --grouped-kernels` measures them): 16 pairs a chunk (at batch
+# 32, top-6 of 64 experts, an expert gets 3 pairs on average), tl.dot, a 3-stage pipelined K loop.
+# HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG sets both kinds' as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless
+# HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG sets FP8's.
+UNTUNED_GROUPED = GroupedConfig(16, 32, 128, 4, 3)
+GROUPED_CONFIG: GroupedConfig = config_from_env(
+    default=UNTUNED_GROUPED, names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG",), parse=parse_grouped_config
+)
+GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
+    default=UNTUNED_GROUPED,
+    names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG"),
+    parse=parse_grouped_config,
 )

@@ -46,6 +46,16 @@ def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tens
     return counts.scatter_add_(0, flat_indices, torch.ones_like(flat_indices, dtype=torch.long))
 
 
+def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """indices [N, k] -> (order [N*k], offsets [E+1] int32): the flat (token, choice) index of each token-expert
+    pair in expert order (stable: by token within an expert), expert e's pairs at order[offsets[e]:offsets[e+1]].
+    On the device with static shapes and no host read, so a CUDA graph replays it (the grouped decode kernels,
+    `moe_grouped_gemv.py`)."""
+    flat = indices.flatten()
+    offsets = F.pad(count_per_expert(flat, num_experts).cumsum(0), (1, 0))
+    return flat.argsort(stable=True), offsets.to(torch.int32)
+
+
 def grouped(n_group: int, topk_group: int, topk_method: str) -> bool:
     """Whether groups limit the choice (see `configuration.TOPK_METHODS`)."""
     return topk_method != "greedy" and n_group > 1 and topk_group < n_group
@@ -410,5 +420,5 @@ if triton is not None:
 
 __all__ = [
     "route_tokens", "route_reference", "select_experts", "routing_args", "Routing", "count_per_expert", "grouped",
-    "supported", "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
+    "sort_pairs", "supported", "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
 ]  # fmt: skip

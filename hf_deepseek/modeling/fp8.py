@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..kernels import moe_gemv
+from ..kernels import moe_gemv, moe_grouped_gemv
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
 from .decode_linear import DecodeLinear
 from .fp8_numerics import (
@@ -363,6 +363,9 @@ class FP8InferenceExperts(RoutedExperts):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.fp8_recipe.weight_only_decode and moe_gemv.usable_fp8(self, x, indices.numel()):
             return moe_gemv.routed_experts_gemv_fp8(x, indices, weights, *self._fp8_tensors())
+        if self.fp8_recipe.weight_only_decode and moe_grouped_gemv.usable_fp8(self, x, indices.numel()):
+            # beyond MAX_PAIRS: each active expert's FP8 weights read once, not every expert's dequantised
+            return moe_grouped_gemv.routed_experts_grouped_gemv_fp8(x, indices, weights, *self._fp8_tensors())
         backend, dtype = get_backend(self.fp8_recipe, x.device), _output_dtype(x)
         layout = expert_layout(indices, self.num_experts)
         if self.intermediate_size % BLOCK:  # the gate and up grids do not tile [2I] evenly: exact dense weights

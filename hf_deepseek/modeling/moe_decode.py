@@ -9,6 +9,9 @@ Two ways, both combining the experts' outputs with the routing weights as the so
   extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
 - matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
   top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once.
+- expert-grouped kernels (`kernels/moe_grouped_gemv.py`), opt-in (HF_DEEPSEEK_MOE_GROUPED_GEMV=1) until a GPU run
+  measures them faster: beyond 32 pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton
+  kernels that read each chosen expert's weights once for all of its pairs.
 - gathered: for the few tokens of a small decode batch under torch.compile without the grouped GEMM (fp32, CPU),
   each token-choice pair's expert weights gathered and applied by batched vector-matrix products: only the chosen
   experts are computed (as vLLM's fused MoE reads only them), in the (token, choice) order of the eager path.
@@ -20,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..kernels import moe_gemv
+from ..kernels import moe_gemv, moe_grouped_gemv
 from .input_checks import tracing
 
 DENSE_DECODE = True  # the decode benchmark turns it off to measure the grouped GEMM in the same run
@@ -42,6 +45,8 @@ def use_dense_experts(experts, x: torch.Tensor, top_k: int) -> bool:
 def decode_experts(experts, x: torch.Tensor, top_k: int, grouped_gemm: bool) -> Callable | None:
     """`dense_experts`, `gathered_experts` or None (the sorted path) for x [N, d] routed to `top_k` experts each;
     `grouped_gemm`: whether the fast grouped GEMM serves these tokens (bf16 CUDA), which keeps shapes static too."""
+    if moe_grouped_gemv.usable(experts, x, x.shape[0] * top_k):  # opt-in: beyond MAX_PAIRS, in place of the others
+        return grouped_gemv_experts
     if use_dense_experts(experts, x, top_k):
         return dense_experts
     if moe_gemv.usable(experts, x, x.shape[0] * top_k):  # a few bf16 tokens on CUDA: only the chosen experts read
@@ -55,6 +60,11 @@ def decode_experts(experts, x: torch.Tensor, top_k: int, grouped_gemm: bool) -> 
 def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_gemv.py` (Triton on CUDA)."""
     return moe_gemv.routed_experts_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+
+
+def grouped_gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_grouped_gemv.py` (Triton on CUDA)."""
+    return moe_grouped_gemv.routed_experts_grouped_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
 
 
 def dense_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -80,6 +90,6 @@ def gathered_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: t
 
 
 __all__ = [
-    "use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "gemv_experts", "DENSE_DECODE",
-    "MAX_TOKENS",
+    "use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "gemv_experts", "grouped_gemv_experts",
+    "DENSE_DECODE", "MAX_TOKENS",
 ]  # fmt: skip
