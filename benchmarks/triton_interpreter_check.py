@@ -2,7 +2,9 @@
 quantiser (`fp8_triton.quantize_rowwise_triton`, every kernel plan, bit for bit against `quantize_rowwise` of the
 padded operand, with the reference's arithmetic and with the GPU's fma and E4M3 cast emulated: `gpu_arithmetic`) and
 the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.py`, relative error against the
-float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference).
+float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference), and the
+expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
+the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -384,6 +386,83 @@ def moe_gemv_variants() -> dict[str, bool]:
     return results
 
 
+# ---- the expert-grouped decode kernels (hf_deepseek/kernels/_moe_grouped_gemv_triton.py, `GroupedConfig`) ---------
+# A separate section: `moe_grouped_gemv_kernels()`, which the main block runs, prints, saves ("moe_grouped_gemv") and
+# counts in the exit status: bf16 and FP8 weights within 1e-2 of float64 and of the per-pair kernels' result to 2e-2,
+# fp32 throughout within 1e-5 of float64; tl.dot (BLOCK_T 16, 32) and the broadcast product (BLOCK_T 4).
+
+GROUPED_VARIANTS = [None, (32, 16, 64, 4, 2), (4, 16, 128, 4, None)]
+
+
+@contextlib.contextmanager
+def bf16_dot():
+    """The interpreter keeps bf16 tensors as their uint16 bits and its `tl.dot` multiplies those bits: convert bf16
+    operands to float32 first (exact, as the tensor cores read them; the products and sums in fp32)."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    tl = interpreter.tl
+
+    def as_float32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        data = interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+    original = interpreter.InterpreterBuilder.create_dot
+    interpreter.InterpreterBuilder.create_dot = create_dot
+    try:
+        yield
+    finally:
+        interpreter.InterpreterBuilder.create_dot = original
+
+
+def moe_grouped_gemv_kernels() -> dict[str, bool]:
+    """20 tokens at top-4 of 16 experts, every token choosing expert 1 (two chunks of 16 pairs), experts 8-15 none;
+    hidden 384 and width 320: partial K steps and a partial 128-block of scales."""
+    from hf_deepseek.kernels import _moe_grouped_gemv_triton
+
+    results = {}
+    torch.manual_seed(11)
+    hidden, inter, tokens = 384, 320, 20
+    fp8 = fp8_experts(hidden, inter)
+    gate_up, down = fp8.dequantized_weights()
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    others = torch.stack([torch.tensor([0, *range(2, 8)])[torch.randperm(7)[:3]] for _ in range(tokens)])
+    indices = torch.cat([torch.ones(tokens, 1, dtype=torch.long), others], dim=1)
+    weights = torch.rand(tokens, 4).softmax(dim=-1)
+    bf16 = (x, indices, weights, gate_up.to(torch.bfloat16), down.to(torch.bfloat16))
+    f32 = (x.float(), indices, weights, gate_up, down)
+    scales = dict(gate_up_scale=fp8.gate_up_proj_scale_inv, down_scale=fp8.down_proj_scale_inv)
+    fp8_args = (x, indices, weights, fp8.gate_up_proj, fp8.down_proj)
+    want = {  # float64 from the weights each kind holds; the per-pair kernels' results beside them
+        "bf16": moe_gemv.reference(*(t.double() if t.is_floating_point() else t for t in bf16)),
+        "fp8": moe_gemv.reference(*(t.double() if t.is_floating_point() else t for t in f32)),
+    }
+    want["fp32"] = want["fp8"]
+    with bf16_dot():
+        per_pair = {"bf16": _moe_gemv_triton.launch(*bf16), "fp8": _moe_gemv_triton.launch(*fp8_args, **scales)}
+        for cfg in GROUPED_VARIANTS:
+            got = {
+                "bf16": _moe_grouped_gemv_triton.launch(*bf16, cfg),
+                "fp8": _moe_grouped_gemv_triton.launch(*fp8_args, cfg, **scales),
+                "fp32": _moe_grouped_gemv_triton.launch(*f32, cfg),
+            }
+            for name, out in got.items():
+                error = relative_error(out, want[name])
+                if name == "fp32":
+                    print(f"  moe_grouped_gemv {name} {cfg}: error {error:.2e}")
+                    results[f"{name} {cfg}"] = error < 1e-5 and out.dtype == torch.float32
+                    continue
+                drift = relative_error(out, per_pair[name])
+                print(f"  moe_grouped_gemv {name} {cfg}: error {error:.2e}, vs the per-pair kernels {drift:.2e}")
+                results[f"{name} {cfg}"] = error < 1e-2 and drift < 2e-2 and out.dtype == torch.bfloat16
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -391,6 +470,7 @@ if __name__ == "__main__":
     quantiser, kernels = rowwise_quantiser(), weight_only_kernels()
     router = moe_router()  # the fused MoE router's section
     variants = moe_gemv_variants()  # the matrix-vector kernels' split-K / pipelined variants' section
+    grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -405,7 +485,17 @@ if __name__ == "__main__":
                       "rowwise_quantiser_bit_identical": quantiser, "relative_errors": kernels}  # fmt: skip
             record["moe_router_as_torch"] = router
             record["moe_gemv_variants"] = variants
+            record["moe_grouped_gemv"] = grouped
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
+    print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
-    sys.exit(0 if all(quantiser.values()) and all(router.values()) and all(variants.values()) and kernels_ok else 1)
+    sys.exit(
+        0
+        if all(quantiser.values())
+        and all(router.values())
+        and all(variants.values())
+        and all(grouped.values())
+        and kernels_ok
+        else 1
+    )
