@@ -8,6 +8,14 @@ batches at top-6 (`--tokens`). On a CUDA machine with Triton:
     python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
     python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
+    python benchmarks/moe_gemv_tune.py --grouped-kernels [--fp8] [--quick] [--json out.json]   # batch 32 and 5
+
+`--grouped-kernels` times the expert-grouped kernels (`kernels/moe_grouped_gemv.py`, `moe_gemv_config.GroupedConfig`:
+BLOCK_T, BLOCK_N, BLOCK_K, warps, stages) at 32 and 5 tokens x top-6 (192 and 30 pairs; `--tokens`), each with its
+bookkeeping (the sort by expert), against torch's bf16 paths (grouped GEMM; decode's dense path over every expert)
+or, with `--fp8`, against dequantising every expert then the grouped GEMM, and against the per-pair kernels; a
+configuration is chosen by HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG (..._FP8_CONFIG for FP8 weights) =
+"BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES".
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
@@ -166,6 +174,107 @@ def linear_rows(args, copy: float) -> list[dict]:
     return rows
 
 
+# the expert-grouped kernels: (BLOCK_T, BLOCK_N, BLOCK_K, warps, stages); BLOCK_T < 16 multiplies on the CUDA cores
+GROUPED_QUICK = [
+    (16, 32, 128, 4, 3),  # the untuned default
+    (16, 16, 128, 4, 3),
+    (16, 64, 128, 4, 3),
+    (16, 64, 64, 4, 4),
+    (16, 128, 64, 8, 3),
+    (32, 32, 128, 4, 3),
+    (16, 32, 128, 4, None),
+    (8, 16, 128, 4, 3),
+    (4, 32, 64, 4, 3),
+]
+GROUPED_CONFIGS = [
+    (t, n, k, w, st)
+    for t, n, k, w, st in itertools.product((4, 8, 16, 32), (16, 32, 64, 128), (64, 128, 256), (4, 8), (None, 3, 4))
+    if t >= 16 or t * n * k <= 16384  # the broadcast product's [T, N, K] tile in registers
+]
+
+
+def torch_paths(x, indices, weights, gate_up, down, scales: dict) -> dict:
+    """What the grouped kernels replace, as calls timed beside them: the per-pair kernels (default configuration);
+    bf16: torch's grouped GEMM and decode's dense path over every expert; FP8: every expert dequantised, then the
+    grouped GEMM (what FP8 experts did beyond MAX_PAIRS)."""
+    from types import SimpleNamespace
+
+    from hf_deepseek.kernels import _moe_gemv_triton
+    from hf_deepseek.kernels.fp8_blocks import dequantize_experts
+    from hf_deepseek.modeling.moe_decode import dense_experts
+
+    paths = {"per-pair kernels": lambda: _moe_gemv_triton.launch(x, indices, weights, gate_up, down, **scales)}
+    if scales:
+        fp8 = (gate_up, scales["gate_up_scale"], down, scales["down_scale"])
+        paths["dequantise + grouped_mm"] = lambda: grouped(
+            x, indices, weights, *(w.to(torch.bfloat16) for w in dequantize_experts(*fp8))
+        )
+    else:
+        dense = SimpleNamespace(gate_up_proj=gate_up, down_proj=down, act_fn=F.silu, num_experts=gate_up.shape[0])
+        paths["torch grouped_mm"] = lambda: grouped(x, indices, weights, gate_up, down)
+        paths["dense (every expert)"] = lambda: dense_experts(dense, x, indices, weights)
+    return paths
+
+
+def grouped_kernel_rows(args, copy: float) -> dict:
+    """The expert-grouped kernels per configuration at `args.tokens` tokens x top-6 of 64 experts (default 32, 5),
+    against `torch_paths` on the same weights and routing."""
+    from hf_deepseek.kernels import _moe_grouped_gemv_triton, moe_gemv
+    from hf_deepseek.kernels.fp8_blocks import dequantize_experts
+
+    experts, dim, inter, top_k = 64, args.dim, args.inter, 6
+    gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * dim**-0.5
+    down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * inter**-0.5
+    scales, full = {}, (gate_up, down)
+    if args.fp8:
+        gate_up, down, gate_up_scale, down_scale = fp8_weights(gate_up, down)
+        scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
+        full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
+    kind = "fp8" if args.fp8 else "bf16"
+    baseline = "dequantise + grouped_mm" if args.fp8 else "torch grouped_mm"
+    configs = [
+        c for c in (GROUPED_QUICK if args.quick else GROUPED_CONFIGS) if not args.fp8 or 128 % c[1] == 128 % c[2] == 0
+    ]
+    results = {"shape": dict(experts=experts, dim=dim, inter=inter, top_k=top_k, fp8=args.fp8), "copy_gb_s": copy,
+               "rows": [], "best": {}}  # fmt: skip
+    print(f"copy bandwidth {copy:.0f} GB/s (read + write); {len(configs)} configurations, {kind} weights", flush=True)
+    for tokens in args.tokens if args.tokens is not None else [32, 5]:
+        label = f"{tokens} tokens x top-{top_k} ({tokens * top_k} pairs)"
+        x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+        indices = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, device="cuda").softmax(-1)
+        nbytes = indices.unique().numel() * 3 * inter * dim * gate_up.element_size()
+        inputs = (x, indices, weights, gate_up, down)
+        print(f"{label}: {nbytes / 1e6:.1f} MB of weights", flush=True)
+        with torch.no_grad():
+            want = moe_gemv.reference(x, indices, weights, *full, act_dtype=x.dtype).float()
+            base = {name: time_us(fn) for name, fn in torch_paths(*inputs, scales).items()}
+            for name, us in base.items():
+                results["rows"].append(dict(case=label, kernel=name, us=us, gb_s=nbytes / us / 1e3))
+                print(f"  {name}: {us:6.1f} us {nbytes / us / 1e3:5.0f} GB/s", flush=True)
+            for config in configs:
+                try:
+                    out = _moe_grouped_gemv_triton.launch(*inputs, config, **scales).float()
+                    error = ((out - want).norm() / want.norm()).item()
+                    us = time_us(lambda c=config, a=inputs: _moe_grouped_gemv_triton.launch(*a, c, **scales))
+                except Exception as exc:  # a configuration Triton cannot compile (or FP8 refuses) is reported
+                    print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                gb_s = nbytes / us / 1e3
+                row = dict(case=label, kernel=f"triton grouped {kind}", config=config, us=us, gb_s=gb_s,
+                           of_copy=gb_s / copy, error=error, speedup=base[baseline] / us)  # fmt: skip
+                results["rows"].append(row)
+                flag = "" if error < 1e-2 else "  WRONG"
+                print(f"  {config}: {us:6.1f} us {gb_s:5.0f} GB/s ({gb_s / copy:4.0%} of copy), {row['speedup']:.2f}x "
+                      f"{baseline}, {base['per-pair kernels'] / us:.2f}x per-pair, err {error:.1e}{flag}",
+                      flush=True)  # fmt: skip
+        ok = [r for r in results["rows"] if r["case"] == label and "config" in r and r["error"] < 1e-2]
+        if ok:
+            results["best"][label] = best = min(ok, key=lambda r: r["us"])
+            print(f"best {label}: {best['config']} {best['us']:.1f} us, {best['speedup']:.2f}x {baseline}")
+    return results
+
+
 def main() -> None:
     from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
 
@@ -180,8 +289,16 @@ def main() -> None:
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
     parser.add_argument("--linear-tokens", type=int, nargs="*", default=[1])
+    parser.add_argument("--grouped-kernels", action="store_true", help="the expert-grouped kernels (batch 32, 5)")
     args = parser.parse_args()
     started = time.time()
+    if args.grouped_kernels:
+        results = grouped_kernel_rows(args, copy_bandwidth_gb_s())
+        print(f"{time.time() - started:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.linear:
         copy = copy_bandwidth_gb_s()
         results = {"copy_gb_s": copy, "rows": linear_rows(args, copy)}
