@@ -98,6 +98,19 @@ def test_fp8_op_computes_the_chosen_experts_from_the_dequantised_weights(tokens,
     assert not moe_grouped_gemv.usable_fp8(fp8, x, indices.numel())  # CUDA only
 
 
+def test_ops_trace_as_one_node_with_their_fake_kernels():
+    """Under torch.compile (fullgraph) each op is one node traced through its fake kernel: x's shape and dtype."""
+    fp8, x, _, weights = fp8_experts_and_routing("cpu", torch.float32, 256, tokens=33)
+    indices = skewed_indices(33, 6, 16)
+    dense = dense_experts_of(fp8)
+    ops = ((moe_grouped_gemv.routed_experts_grouped_gemv_fp8, fp8_args(fp8)),
+           (moe_grouped_gemv.routed_experts_grouped_gemv, (dense.gate_up_proj, dense.down_proj)))  # fmt: skip
+    with torch.no_grad():
+        for op, args in ops:
+            compiled = torch.compile(op, backend="aot_eager", fullgraph=True)
+            assert torch.equal(compiled(x, indices, weights, *args), op(x, indices, weights, *args))
+
+
 def test_the_grouped_ops_take_over_where_the_matrix_vector_kernels_stop(monkeypatch):
     """Beyond MAX_PAIRS, up to MAX_GROUPED_PAIRS, on the matrix-vector kernels' other conditions; bf16 experts only
     with HF_DEEPSEEK_MOE_GROUPED_GEMV=1 (GROUPED_GEMV)."""

@@ -103,7 +103,7 @@ LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
 
 class GroupedConfig(NamedTuple):
     """The expert-grouped kernels' launch configuration (`_moe_grouped_gemv_triton.launch`): an expert's
-    token-expert pairs taken BLOCK_T at a time (16 or more: tensor-core `tl.dot`, which needs 16 in each dimension;
+    token-expert pairs taken BLOCK_T at a time (16 or more: tensor-core `tl.dot`, whose smallest tile has 16 rows;
     fewer: a broadcast multiply and sum on the CUDA cores), weight rows per program, K per loop step, warps and
     software pipelining stages of the K loop (None: Triton's default loop). FP8 weights need BLOCK_N and BLOCK_K
     dividing 128: each step's weight tile then lies in one 128x128 block, its scale one number."""

@@ -54,8 +54,9 @@ class FP8Recipe:
     `weight_only_decode`: models with FP8 weights (`convert_to_fp8_inference`, an official FP8 checkpoint) run
     decode-sized batches on CUDA devices of compute capability 8.9+ (up to `kernels.moe_gemv.MAX_PAIRS`
     token-expert pairs, `MAX_LINEAR_ROWS` rows of a linear layer) as matrix-vector kernels that read the FP8
-    weights and dequantise them in registers (FP8 storage, bf16 compute); False keeps FP8 GEMMs on quantised
-    activations there too;
+    weights and dequantise them in registers (FP8 storage, bf16 compute), and the routed experts of larger decode
+    batches (up to `kernels.moe_grouped_gemv.MAX_GROUPED_PAIRS` pairs) as kernels grouped by expert that do the
+    same; False keeps FP8 GEMMs on quantised activations there too;
     `grouped_bf16`: the routed experts' projections ("gate_up_proj", "down_proj") whose forward and input-gradient
     GEMMs stay in high precision (torch's grouped GEMM in bf16 on CUDA), for expert shapes where the device's FP8
     grouped GEMM is slower than bf16's.
