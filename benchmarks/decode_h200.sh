@@ -10,7 +10,7 @@
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
 #    step; FlashMLA attention where installed), ours-generate (generate() with the device loop; at 32k its prompts
 #    are prefilled in chunks: peak memory and prefill time in the cell), transformers-generate,
-#    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, FP8 GEMMs at 32; the bench runs it last),
+#    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, expert-grouped kernels at 32; the bench runs it last),
 #    ours-fast-torch-attn (the step with torch attention, 32 / 32k only), transformers-compile (2k only),
 #    ours-generate-tf-loop (generate() through transformers' token loop, 1 / 2k only), until MTP_S before the deadline;
 # 3. MTP speculative decoding on the embedded checkpoint (hf-deepseek-r1-add-sub, its MTP module trained with the
