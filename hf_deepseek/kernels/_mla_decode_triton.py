@@ -1,0 +1,118 @@
+"""Triton split-KV decode attention over the latent cache, for small batches (the kernels behind
+`mla_decode_triton.py`).
+
+At batch 1 FlashMLA's decode is bound by its launches (schedule, split-KV, combine), not by the 2.4 MB it reads per
+layer. Here one program per (row, KV split, head block) loads a [BLOCK_T, 576] cache tile once and serves all its
+heads (every head shares the latent: MQA), with an online softmax over the split's tiles; it writes its unnormalised
+output [heads, 512] and (max, sum) per head to an fp32 workspace. A second small kernel combines a row's splits.
+Splits past a row's length exit at once, so a short row costs little; the split count is static (from L_max and B).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, kv_ptr, len_ptr, part_ptr, stat_ptr,
+    stride_qb, stride_qh, stride_kb, stride_kt,
+    heads, scale_log2,
+    SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    LATENT: tl.constexpr, ROPE: tl.constexpr,
+):  # fmt: skip
+    row, split, hblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    length = tl.load(len_ptr + row)
+    start = split * SPLIT_LEN
+    if start < length:
+        h = hblock * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = h < heads
+        d = tl.arange(0, LATENT)
+        r = tl.arange(0, ROPE)
+        q_row = q_ptr + row * stride_qb + h[:, None] * stride_qh
+        q_lat = tl.load(q_row + d[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, LATENT]
+        q_rope = tl.load(q_row + LATENT + r[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, ROPE]
+        m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, LATENT], tl.float32)
+        end = tl.minimum(start + SPLIT_LEN, length)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < end
+            kv_row = kv_ptr + row * stride_kb + t[:, None] * stride_kt
+            kv = tl.load(kv_row + d[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, LATENT]: key and value
+            k_rope = tl.load(kv_row + LATENT + r[None, :], mask=t_ok[:, None], other=0.0)  # [BLOCK_T, ROPE]
+            s = tl.dot(q_lat, tl.trans(kv)) + tl.dot(q_rope, tl.trans(k_rope))  # [BLOCK_H, BLOCK_T] fp32
+            s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
+            m_i = m_new
+        base = (row * SPLITS + split) * heads + h
+        tl.store(part_ptr + base[:, None] * LATENT + d[None, :], acc, mask=h_ok[:, None])
+        tl.store(stat_ptr + base * 2, m_i, mask=h_ok)
+        tl.store(stat_ptr + base * 2 + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, stat_ptr, len_ptr, out_ptr, stride_ob, stride_oh, heads,
+    SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, LATENT: tl.constexpr,
+):  # fmt: skip
+    row, head = tl.program_id(0), tl.program_id(1)
+    length = tl.load(len_ptr + row)
+    s = tl.arange(0, BLOCK_S)
+    live = (s < SPLITS) & (s * SPLIT_LEN < length)
+    base = (row * SPLITS + s) * heads + head
+    m = tl.load(stat_ptr + base * 2, mask=live, other=float("-inf"))
+    l_s = tl.load(stat_ptr + base * 2 + 1, mask=live, other=0.0)
+    m_max = tl.maximum(tl.max(m, axis=0), -1e30)  # a row of length 0 has no live split: output 0, not NaN
+    w = tl.where(live, tl.exp2(m - m_max), 0.0)
+    denom = tl.maximum(tl.sum(w * l_s, axis=0), 1e-30)
+    d = tl.arange(0, LATENT)
+    parts = tl.load(part_ptr + base[:, None] * LATENT + d[None, :], mask=live[:, None], other=0.0)
+    out = tl.sum(parts * w[:, None], axis=0) / denom
+    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
+
+
+def plan(batch: int, heads: int, max_len: int, block_t: int = 32) -> tuple[int, int, int]:
+    """(BLOCK_H, splits, split length): head blocks of up to 32 (tl.dot needs 16 rows), splits so that about
+    `TARGET_PROGRAMS` programs run, each split a whole number of `block_t` tiles."""
+    block_h = min(32, max(16, triton.next_power_of_2(heads)))
+    head_blocks = triton.cdiv(heads, block_h)
+    tiles = triton.cdiv(max_len, block_t)
+    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, batch * head_blocks)))
+    split_len = triton.cdiv(tiles, splits) * block_t
+    return block_h, triton.cdiv(max_len, split_len), split_len
+
+
+def launch(query, storage, lengths, scale: float, latent: int = 512, block_t: int = 32) -> torch.Tensor:
+    """query [B, H, latent + rope], storage [B, L, latent + rope] (last dim contiguous; both dims powers of two),
+    lengths [B] int32 -> [B, H, latent]."""
+    batch, heads, width = query.shape
+    rope = width - latent
+    max_len = storage.shape[1]
+    query = query.to(storage.dtype).contiguous()
+    block_h, splits, split_len = plan(batch, heads, max_len, block_t)
+    part = torch.empty(batch, splits, heads, latent, device=query.device, dtype=torch.float32)
+    stat = torch.empty(batch, splits, heads, 2, device=query.device, dtype=torch.float32)
+    out = torch.empty(batch, heads, latent, device=query.device, dtype=storage.dtype)
+    _split_kernel[(batch, splits, triton.cdiv(heads, block_h))](
+        query, storage, lengths, part, stat,
+        query.stride(0), query.stride(1), storage.stride(0), storage.stride(1),
+        heads, scale * LOG2E,
+        SPLITS=splits, SPLIT_LEN=split_len, BLOCK_T=block_t, BLOCK_H=block_h, LATENT=latent, ROPE=rope,
+        num_warps=4 if block_h <= 16 else 8, num_stages=2,
+    )  # fmt: skip
+    _combine_kernel[(batch, heads)](
+        part, stat, lengths, out, out.stride(0), out.stride(1), heads,
+        SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), LATENT=latent, num_warps=4,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,59 @@
+"""Decode attention over the latent cache through a Triton split-KV kernel (`_mla_decode_triton.py`), an optional
+backend of `modeling/mla_decode.py` for one query token per row over an unpadded cache (HF_DEEPSEEK_DECODE_ATTENTION
+=triton).
+
+FlashMLA's decode spends ~22 us per layer at batch 1 in three launches (schedule, split-KV, combine) to read 2.4 MB;
+this one launches two kernels, needs no schedule and reads each row only up to its length. `mla_decode_triton` is a
+custom op (one node under torch.compile, replayed by CUDA graphs): the kernels on CUDA, the same computation in torch
+elsewhere (`reference`), which is what the CPU tests run.
+"""
+
+import torch
+
+from .moe_gemv import triton_available
+
+
+def usable(latent_dim: int, rope_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernels serve a cache of these dimensions on `device` (set-up time, not traced code)."""
+    pow2 = latent_dim & (latent_dim - 1) == 0 and rope_dim & (rope_dim - 1) == 0 and rope_dim >= 16
+    return device.type == "cuda" and triton_available() and pow2 and dtype in (torch.bfloat16, torch.float16)
+
+
+def reference(query, storage, lengths, scale: float, latent_dim: int) -> torch.Tensor:
+    """The kernels' computation in torch (fp32): query [B, H, r + rope], storage [B, L, r + rope], lengths [B] ->
+    softmax(scale * q.k) v over each row's first `lengths` tokens, v the keys' first r values: [B, H, r]."""
+    scores = torch.bmm(query.float(), storage.float().transpose(1, 2)) * scale  # [B, H, L]
+    keep = torch.arange(storage.shape[1], device=storage.device)[None, :] < lengths[:, None].to(storage.device)
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of length 0 gives 0
+    return torch.bmm(probs, storage[..., :latent_dim].float()).to(storage.dtype)
+
+
+@torch.library.custom_op("hf_deepseek::mla_decode_triton", mutates_args=())
+def mla_decode_triton(
+    query: torch.Tensor, storage: torch.Tensor, lengths: torch.Tensor, scale: float, latent_dim: int
+) -> torch.Tensor:
+    """query [B, H, r + rope] (the absorbed query joined with its roped part), storage [B, L, r + rope], lengths [B]
+    int32 (device) -> [B, H, r] in storage's dtype: absorbed attention over each row's first `lengths` tokens."""
+    if not query.is_cuda:
+        return reference(query, storage, lengths, scale, latent_dim)
+    from ._mla_decode_triton import launch
+
+    return launch(query, storage, lengths.to(torch.int32), scale, latent_dim)
+
+
+@mla_decode_triton.register_fake
+def _(query, storage, lengths, scale, latent_dim):
+    return storage.new_empty(query.shape[0], query.shape[1], latent_dim)
+
+
+def triton_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: torch.Tensor, scale: float):
+    """q_latent [B, H, 1, r], q_rope [B, H, 1, rope], storage [B, L, r + rope] whose first `length` (device
+    tensor, one for all rows, or [B]) tokens are written -> the attention output in latent space [B, H, 1, r]."""
+    bsz = storage.shape[0]
+    query = torch.cat([q_latent, q_rope], dim=-1).squeeze(2).to(storage.dtype)  # [B, H, r + rope]
+    lengths = length.to(torch.int32).expand(bsz).contiguous()
+    return mla_decode_triton(query, storage, lengths, scale, q_latent.shape[-1]).unsqueeze(2)
+
+
+__all__ = ["mla_decode_triton", "reference", "triton_latent_attention", "usable"]
