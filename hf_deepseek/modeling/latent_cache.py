@@ -12,13 +12,27 @@ anywhere (CPU included, uncompiled there). Models with FP8 weights take the same
 shape (`_default_compile_config`).
 """
 
+import os
+
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.generation.configuration_utils import CompileConfig
 from transformers.utils import is_torchdynamo_compiling
 
-from ..kernels import flash_mla_decode
+from ..kernels import flash_mla_decode, mla_decode_triton
 from ..kernels.flash_mla_decode import PAGE
+
+DECODE_ATTENTION: str | None = None  # overrides HF_DEEPSEEK_DECODE_ATTENTION (the decode benchmark, per row)
+DECODE_ATTENTION_CHOICES = ("flash", "triton", "torch")
+
+
+def decode_attention() -> str:
+    """The decode attention backend for caches allocated now: "flash" (the default: FlashMLA where usable, else
+    torch), "triton" (`kernels/mla_decode_triton.py` where Triton and CUDA exist, else as "flash") or "torch"."""
+    choice = DECODE_ATTENTION or os.environ.get("HF_DEEPSEEK_DECODE_ATTENTION", "flash")
+    if choice not in DECODE_ATTENTION_CHOICES:
+        raise ValueError(f"HF_DEEPSEEK_DECODE_ATTENTION={choice!r}: expected one of {DECODE_ATTENTION_CHOICES}")
+    return choice
 
 
 class LatentCacheLayer(StaticLayer):
@@ -28,6 +42,7 @@ class LatentCacheLayer(StaticLayer):
     reads when `flash_mla` (decided once, here, outside traced code: `kernels/flash_mla_decode.py`)."""
 
     flash_mla: bool = False
+    triton_attention: bool = False  # one query token per row through `kernels/mla_decode_triton.py` instead
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -39,9 +54,10 @@ class LatentCacheLayer(StaticLayer):
         width = self.k_head_dim + self.v_head_dim
         self._use_storage(torch.zeros(self.batch_size, paged_len, width, dtype=self.dtype, device=self.device))
         compiling = is_torchdynamo_compiling()
-        self.flash_mla = not compiling and flash_mla_decode.usable(
-            self.k_head_dim, self.v_head_dim, self.dtype, self.device
-        )
+        choice, dims = decode_attention(), (self.k_head_dim, self.v_head_dim, self.dtype, self.device)
+        self.triton_attention = not compiling and choice == "triton" and mla_decode_triton.usable(*dims)
+        self.flash_mla = not compiling and choice != "torch" and not self.triton_attention
+        self.flash_mla = self.flash_mla and flash_mla_decode.usable(*dims)
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not is_torchdynamo_compiling():  # fixed addresses: CUDA graphs replay over these very tensors
             for tensor in (self.storage, self.latent_and_rope, self.keys, self.values, self.cumulative_length):
@@ -78,6 +94,7 @@ class LatentCacheLayer(StaticLayer):
         starting at 0: a group of rows prefilled on its own (`LatentStaticCache.row_view`)."""
         view = LatentCacheLayer(max_cache_len=self.max_cache_len)
         view.device, view.dtype, view.flash_mla = self.device, self.dtype, self.flash_mla
+        view.triton_attention = self.triton_attention
         view.batch_size, view.num_heads = end - start, self.num_heads
         view.k_head_dim, view.v_head_dim = self.k_head_dim, self.v_head_dim
         view._use_storage(self.storage[start:end])

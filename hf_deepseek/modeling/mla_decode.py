@@ -7,7 +7,8 @@ batched matmul against the [B, L, r + rope] buffer gives the scores and one agai
 output, which W_UV maps back to heads. Shapes are static (the whole buffer, masked past each row's length), the
 length is a device tensor, and nothing reads device values on the host: the step compiles into CUDA graphs.
 One query token per row over a cache without padding goes through FlashMLA's split-KV kernel where it is installed
-(`kernels/flash_mla_decode.py`), which reads each row only up to its length.
+(`kernels/flash_mla_decode.py`), which reads each row only up to its length, or, with
+HF_DEEPSEEK_DECODE_ATTENTION=triton, through a Triton split-KV kernel (`kernels/mla_decode_triton.py`).
 """
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
 from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
+from ..kernels.mla_decode_triton import triton_latent_attention
 from .latent_cache import LatentStaticCache
 
 
@@ -31,6 +33,8 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     length = layer.cumulative_length
     if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
         return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length, cache)
+    if layer.triton_attention and cache.unpadded and q_len == 1:  # the same through the Triton kernel
+        return triton_cache_attention(attn, q_nope, q_rope, layer.latent_and_rope, length)
     buffer = layer.buffer()
     if q_len > 1 and not is_torchdynamo_compiling():  # an eager prefill chunk: score only the tokens written so far
         buffer = buffer[:, : int(length)]
@@ -51,6 +55,14 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
     else:
         schedule = cache.flash_schedule
     out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling, schedule).to(q_nope.dtype)
+    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
+
+
+def triton_cache_attention(attn, q_nope, q_rope, buffer, length) -> torch.Tensor:
+    """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py`."""
+    w_uk, w_uv = attn.absorbed_weights()
+    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, 1, r]
+    out_latent = triton_latent_attention(q_latent, q_rope, buffer, length, attn.scaling).to(q_nope.dtype)
     return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
 
 

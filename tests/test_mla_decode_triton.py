@@ -1,0 +1,125 @@
+"""The Triton split-KV decode attention over the latent cache (`kernels/mla_decode_triton.py`): on the CPU its op's
+torch path against float64 and a model's decode through it (HF_DEEPSEEK_DECODE_ATTENTION=triton) against the default
+path; on a GPU the kernels against float64 and FlashMLA, eager and replayed in a CUDA graph."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import flash_mla_decode, mla_decode_triton
+from hf_deepseek.modeling import latent_cache
+from hf_deepseek.modeling.latent_cache import LatentStaticCache
+
+V3_LATENT = dict(hidden_size=256, num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
+                 v_head_dim=64, q_lora_rank=128, initializer_range=0.05)  # fmt: skip
+
+
+def float64_attention(query, storage, lengths, scale: float, latent: int) -> torch.Tensor:
+    out = []
+    for b in range(storage.shape[0]):
+        keys = storage[b, : int(lengths[b])].double()
+        probs = (query[b].double() @ keys.T * scale).softmax(dim=-1)  # [H, S]
+        out.append(probs @ keys[:, :latent])
+    return torch.stack(out)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def inputs(batch, heads, latent, rope, max_len, lengths, device="cpu", dtype=torch.float32):
+    storage = torch.randn(batch, max_len, latent + rope, device=device).to(dtype)
+    query = torch.randn(batch, heads, latent + rope, device=device).to(dtype)
+    return query, storage, torch.tensor(lengths, dtype=torch.int32, device=device), (latent + rope) ** -0.5
+
+
+@pytest.mark.parametrize(
+    "batch,heads,latent,rope,lengths",
+    [(1, 2, 32, 16, [40]), (3, 2, 32, 16, [1, 17, 40]), (3, 16, 32, 16, [40, 3, 29]), (3, 16, 512, 64, [5, 40, 22])],
+)
+def test_op_torch_path_matches_float64(batch, heads, latent, rope, lengths):
+    torch.manual_seed(0)
+    query, storage, lens, scale = inputs(batch, heads, latent, rope, 40, lengths)
+    out = mla_decode_triton.mla_decode_triton(query, storage, lens, scale, latent)
+    assert out.shape == (batch, heads, latent) and out.dtype == storage.dtype
+    assert relative_error(out, float64_attention(query, storage, lens, scale, latent)) < 1e-5
+
+
+def test_op_traces_as_one_node():
+    query, storage, lens, scale = inputs(2, 4, 32, 16, 24, [24, 7])
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mla_decode_triton.mla_decode_triton(*(mode.from_tensor(t) for t in (query, storage, lens)), scale, 32)
+    assert fake.shape == (2, 4, 32)
+    compiled = torch.compile(mla_decode_triton.mla_decode_triton, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(query, storage, lens, scale, 32), mla_decode_triton.reference(query, storage, lens, scale, 32)
+    )
+
+
+def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
+    """HF_DEEPSEEK_DECODE_ATTENTION=triton with the kernels declared usable (on the CPU the op runs its torch
+    path): three decode steps' logits equal those of the default path, and the cache layers record the choice."""
+    monkeypatch.setattr(mla_decode_triton, "usable", lambda *args: True)
+    calls, reference = [], mla_decode_triton.reference
+    monkeypatch.setattr(
+        mla_decode_triton, "reference", lambda *args: calls.append(args[2].tolist()) or reference(*args)
+    )
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 30))
+    steps = torch.randint(3, config.vocab_size, (2, 3))
+    logits = {}
+    for choice in ("triton", "flash"):
+        monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", choice)
+        cache = LatentStaticCache(config, max_cache_len=40)
+        cache.unpadded = True
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True)
+            assert all(layer.triton_attention is (choice == "triton") for layer in cache.layers[:3])
+            logits[choice] = torch.cat([model(steps[:, i : i + 1], cache=cache).logits for i in range(3)], dim=1)
+    torch.testing.assert_close(logits["triton"], logits["flash"], rtol=1e-4, atol=1e-5)
+    assert calls == [[31, 31]] * 3 + [[32, 32]] * 3 + [[33, 33]] * 3  # 3 layers a step, one token longer each
+
+
+def test_unknown_choice_is_refused(monkeypatch):
+    monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="HF_DEEPSEEK_DECODE_ATTENTION"):
+        latent_cache.decode_attention()
+
+
+@pytest.fixture
+def triton_cuda():
+    if not (torch.cuda.is_available() and mla_decode_triton.usable(512, 64, torch.bfloat16, torch.device("cuda"))):
+        pytest.skip("needs CUDA and Triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,heads", [(1, 16), (32, 16), (1, 128)])
+def test_kernel_matches_float64_and_flash_mla(triton_cuda, batch, heads):
+    torch.manual_seed(0)
+    lengths = [2048] if batch == 1 else torch.randint(1, 2049, (batch,)).tolist()
+    query, storage, lens, scale = inputs(batch, heads, 512, 64, 2048, lengths, "cuda", torch.bfloat16)
+    out = mla_decode_triton.mla_decode_triton(query, storage, lens, scale, 512)
+    assert relative_error(out, float64_attention(query, storage, lens, scale, 512)) < 1e-2
+    if flash_mla_decode.available() and batch == 1:  # FlashMLA's rows share one length
+        length = lens[:1].long()
+        flash = flash_mla_decode.flash_latent_attention(
+            query[:, :, None, :512], query[:, :, None, 512:], storage, length, scale
+        )
+        assert relative_error(out, flash[:, :, 0]) < 1e-2
+
+
+@pytest.mark.gpu
+def test_kernel_replays_in_a_cuda_graph(triton_cuda):
+    torch.manual_seed(0)
+    query, storage, lens, scale = inputs(2, 16, 512, 64, 2048, [2048, 2048], "cuda", torch.bfloat16)
+    mla_decode_triton.mla_decode_triton(query, storage, lens, scale, 512)  # compiles the kernels outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode_triton.mla_decode_triton(query, storage, lens, scale, 512)
+    for n in ([1, 2048], [100, 101], [1000, 7]):  # the lengths live on the device: one graph, replayed
+        lens.copy_(torch.tensor(n, dtype=torch.int32))
+        graph.replay()
+        assert relative_error(out, float64_attention(query, storage, lens, scale, 512)) < 1e-2
