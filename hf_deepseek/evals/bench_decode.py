@@ -43,7 +43,7 @@ from hf_deepseek.evals.bench import (
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.kernels import flash_mla_decode, moe_gemv
-from hf_deepseek.modeling import moe_decode
+from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
 
@@ -55,6 +55,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast",
     "ours-fast-grouped",
     "ours-fast-torch-attn",
+    "ours-fast-triton-attn",
     "ours-fast-cublas",
     "ours-mtp",
     "ours-generate",
@@ -218,6 +219,7 @@ class Row:
     compiled: bool
     dense_decode_experts: bool = True  # moe_decode.DENSE_DECODE and moe_gemv.ENABLED during the row
     flash_mla: bool = True  # flash_mla_decode.ENABLED during the row (FlashMLA where installed)
+    decode_attention: str | None = None  # latent_cache.DECODE_ATTENTION during the row (None: the environment's)
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
 
 
@@ -228,6 +230,7 @@ STEP_ROWS = {
     "ours-fast": Row("ours-fast", "latent", True),
     "ours-fast-grouped": Row("ours-fast-grouped", "latent", True, dense_decode_experts=False),
     "ours-fast-torch-attn": Row("ours-fast-torch-attn", "latent", True, flash_mla=False),
+    "ours-fast-triton-attn": Row("ours-fast-triton-attn", "latent", True, decode_attention="triton"),
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
@@ -270,6 +273,8 @@ def run_step_row(
     moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: torch's grouped GEMM at every batch size
     flash_enabled = flash_mla_decode.ENABLED  # off for the whole run with HF_DEEPSEEK_FLASH_MLA=0
     flash_mla_decode.ENABLED = flash_enabled and row.flash_mla
+    decode_attention = latent_cache.DECODE_ATTENTION
+    latent_cache.DECODE_ATTENTION = row.decode_attention or decode_attention
     linear_enabled = moe_gemv.LINEAR_GEMV  # off for the whole run with HF_DEEPSEEK_LINEAR_GEMV=0
     moe_gemv.LINEAR_GEMV = linear_enabled and row.linear_gemv
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
@@ -323,6 +328,7 @@ def run_step_row(
         model.__dict__.pop("_compiled_call", None)
     moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
     flash_mla_decode.ENABLED = flash_enabled
+    latent_cache.DECODE_ATTENTION = decode_attention
     moe_gemv.LINEAR_GEMV = linear_enabled
     return cells
 
