@@ -1,8 +1,9 @@
-"""Time one layer's decode attention over the latent cache, through the model's own two paths
+"""Time one layer's decode attention over the latent cache, through the model's own paths
 (`modeling/mla_decode.py`): FlashMLA's split-KV kernel (`flash_cache_attention`, its schedule computed per call as
-the first layer does, and shared as the later layers take it) against the absorbed torch attention the model takes
-without it (`absorbed_cache_attention`, compiled), W_UK and W_UV included in both. Each call's cache bytes over its
-time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
+the first layer does, and shared as the later layers take it) and the Triton split-KV kernel (`triton_cache_attention`,
+HF_DEEPSEEK_DECODE_ATTENTION=triton; its error and torch's against float64) against the absorbed torch attention the
+model takes without them (`absorbed_cache_attention`, compiled), W_UK and W_UV included in all. Each call's cache
+bytes over its time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
 
     python benchmarks/decode_attention_bench.py [--heads 16 128] [--json out.json]
 
@@ -19,8 +20,9 @@ import torch
 
 from hf_deepseek import DeepSeekConfig
 from hf_deepseek.evals.cuda_graph_timing import graph_time_us
+from hf_deepseek.kernels import mla_decode_triton
 from hf_deepseek.modeling.attention import MultiHeadLatentAttention
-from hf_deepseek.modeling.mla_decode import absorbed_cache_attention, flash_cache_attention
+from hf_deepseek.modeling.mla_decode import absorbed_cache_attention, flash_cache_attention, triton_cache_attention
 
 LATENT, ROPE, NOPE, V = 512, 64, 128, 128  # DeepSeek-V3's latent attention dimensions
 CELLS = [(1, 2048), (8, 2048), (32, 2048), (1, 32768), (32, 32768)]
@@ -36,7 +38,16 @@ def attention_layers(heads: int) -> tuple[MultiHeadLatentAttention, MultiHeadLat
     return first, later
 
 
-def measure(heads: int, batch: int, context: int, have_flash: bool) -> dict:
+def float64_attention(attn, q_nope, q_rope, buffer, context: int) -> torch.Tensor:
+    """The layer's absorbed attention over the first `context` cached tokens in float64: [B, 1, H, v]."""
+    w_uk, w_uv = (w.double() for w in attn.absorbed_weights())
+    query = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope.double(), w_uk), q_rope.double()], dim=-1)
+    keys = buffer[:, :context].double()
+    probs = (torch.einsum("bhtd,bsd->bhts", query, keys) * attn.scaling).softmax(dim=-1)
+    return torch.einsum("bhts,bsr,hvr->bthv", probs, keys[..., :LATENT], w_uv)
+
+
+def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton: bool) -> dict:
     from hf_deepseek.kernels import flash_mla_decode as fmd
 
     torch.manual_seed(0)
@@ -65,7 +76,13 @@ def measure(heads: int, batch: int, context: int, have_flash: bool) -> dict:
             )
             lengths = fmd.row_lengths(length, batch)
             row["schedule_us"] = graph_time_us(lambda: fmd.flash_mla_schedule(lengths, heads))
-    for key in ("torch_us", "flash_shared_schedule_us"):
+        if have_triton:
+            exact = float64_attention(first, q_nope, q_rope, buffer, context)
+            out = triton_cache_attention(first, q_nope, q_rope, buffer, length).double()
+            row["triton_error"] = ((out - exact).norm() / exact.norm()).item()
+            row["torch_error"] = ((want.double() - exact).norm() / exact.norm()).item()
+            row["triton_us"] = graph_time_us(lambda: triton_cache_attention(first, q_nope, q_rope, buffer, length))
+    for key in ("torch_us", "flash_shared_schedule_us", "triton_us"):
         if key in row:
             row[key.replace("_us", "_gb_s")] = row["cache_mb"] / row[key] * 1e3  # MB per us x 1000: GB/s
     return row
@@ -80,10 +97,11 @@ def main() -> None:
     args = parser.parse_args()
     started, rows = time.time(), []
     have_flash = fmd.available()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FlashMLA: {have_flash}", flush=True)
+    have_triton = mla_decode_triton.usable(LATENT, ROPE, torch.bfloat16, torch.device("cuda"))
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FlashMLA: {have_flash}; Triton: {have_triton}")
     for heads in args.heads:
         for batch, context in CELLS:
-            row = measure(heads, batch, context, have_flash)
+            row = measure(heads, batch, context, have_flash, have_triton)
             rows.append(row)
             print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     print(f"{time.time() - started:.0f} s")
