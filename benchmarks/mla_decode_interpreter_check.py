@@ -1,8 +1,9 @@
 """The Triton split-KV decode attention over the latent cache (`kernels/_mla_decode_triton.py`) run in Triton's
 interpreter on the CPU, against a float64 recomputation of absorbed attention: the only way to execute it without a
-GPU. Small latent dims and the V3 ones (512 + 64), 2 to 20 heads (one and two head blocks), batch 1 and 3 with
-different row lengths (1, partial tiles, the full buffer), one and several tiles per split; fp32 and bf16 (the
-interpreter's bf16 `tl.dot` patched as in `triton_interpreter_check.py`, whose docstring tells what Python it needs).
+GPU. Small latent dims and the V3 ones (512 + 64), 2 to 128 heads (one to four head blocks), batch 1 and 3 with
+different row lengths (1, partial tiles, the full buffer) over a strided view of a longer buffer (as the cache's
+storage), one and several tiles per split; fp32 and bf16 (the interpreter's bf16 `tl.dot` patched as in
+`triton_interpreter_check.py`, whose docstring tells what Python it needs).
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/mla_decode_interpreter_check.py [--json out.json]
 """
@@ -42,6 +43,7 @@ CASES = [  # (batch, heads, latent, rope, max_len, lengths, block_t, target prog
     (3, 20, 64, 16, 96, [96, 5, 33], 16, 4),
     (1, 16, 512, 64, 80, [80], 32, 128),
     (3, 16, 512, 64, 64, [64, 1, 40], 32, 2),
+    (1, 128, 512, 64, 48, [45], 16, 128),
 ]
 
 
@@ -49,7 +51,7 @@ def run(dtype: torch.dtype) -> dict[str, float]:
     results = {}
     torch.manual_seed(0)
     for batch, heads, latent, rope, max_len, lengths, block_t, target in CASES:
-        storage = torch.randn(batch, max_len, latent + rope).to(dtype)
+        storage = torch.randn(batch, max_len + 7, latent + rope).to(dtype)[:, :max_len]  # a view, as the cache's
         query = (torch.randn(batch, heads, latent + rope) * 2).to(dtype)
         lens = torch.tensor(lengths, dtype=torch.int32)
         scale = (latent + rope) ** -0.5
