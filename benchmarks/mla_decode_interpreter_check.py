@@ -44,6 +44,7 @@ CASES = [  # (batch, heads, latent, rope, max_len, lengths, block_t, target prog
     (1, 16, 512, 64, 80, [80], 32, 128),
     (3, 16, 512, 64, 64, [64, 1, 40], 32, 2),
     (1, 128, 512, 64, 48, [45], 16, 128),
+    (2, 2, 32, 16, 320, [320, 150], 16, 128),  # 20 splits: the combine in chunks of 8
 ]
 
 

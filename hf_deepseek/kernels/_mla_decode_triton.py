@@ -61,21 +61,25 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     part_ptr, stat_ptr, len_ptr, out_ptr, stride_ob, stride_oh, heads,
-    SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, LATENT: tl.constexpr,
+    SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, LATENT: tl.constexpr,
 ):  # fmt: skip
     row, head = tl.program_id(0), tl.program_id(1)
-    length = tl.load(len_ptr + row)
+    live_splits = tl.minimum(tl.cdiv(tl.load(len_ptr + row), SPLIT_LEN), SPLITS)
     s = tl.arange(0, BLOCK_S)
-    live = (s < SPLITS) & (s * SPLIT_LEN < length)
-    base = (row * SPLITS + s) * heads + head
-    m = tl.load(stat_ptr + base * 2, mask=live, other=float("-inf"))
-    l_s = tl.load(stat_ptr + base * 2 + 1, mask=live, other=0.0)
+    m = tl.load(stat_ptr + ((row * SPLITS + s) * heads + head) * 2, mask=s < live_splits, other=float("-inf"))
     m_max = tl.maximum(tl.max(m, axis=0), -1e30)  # a row of length 0 has no live split: output 0, not NaN
-    w = tl.where(live, tl.exp2(m - m_max), 0.0)
-    denom = tl.maximum(tl.sum(w * l_s, axis=0), 1e-30)
     d = tl.arange(0, LATENT)
-    parts = tl.load(part_ptr + base[:, None] * LATENT + d[None, :], mask=live[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / denom
+    acc = tl.zeros([LATENT], tl.float32)
+    weighted_sums = tl.zeros([CHUNK], tl.float32)
+    for c in range(0, live_splits, CHUNK):  # CHUNK splits' partial outputs at a time: registers stay few
+        sc = c + tl.arange(0, CHUNK)
+        live = sc < live_splits
+        base = (row * SPLITS + sc) * heads + head
+        w = tl.exp2(tl.load(stat_ptr + base * 2, mask=live, other=float("-inf")) - m_max)
+        weighted_sums += w * tl.load(stat_ptr + base * 2 + 1, mask=live, other=0.0)
+        parts = tl.load(part_ptr + base[:, None] * LATENT + d[None, :], mask=live[:, None], other=0.0)
+        acc += tl.sum(parts * w[:, None], axis=0)
+    out = acc / tl.maximum(tl.sum(weighted_sums, axis=0), 1e-30)
     tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -113,6 +117,7 @@ def launch(query, storage, lengths, scale: float, latent: int = 512, block_t: in
     )  # fmt: skip
     _combine_kernel[(batch, heads)](
         part, stat, lengths, out, out.stride(0), out.stride(1), heads,
-        SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), LATENT=latent, num_warps=4,
+        SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), CHUNK=8, LATENT=latent,
+        num_warps=4,
     )  # fmt: skip
     return out
