@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,22 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
         return DeepSeekForCausalLM._from_config(config, dtype=dtype)
 
 
+@contextmanager
+def row_switches(row: Row):
+    """The kernel switches `row` measures (each on a model-wide module flag), restored afterwards. A switch turned
+    off for the whole run by its environment variable (HF_DEEPSEEK_FLASH_MLA=0, HF_DEEPSEEK_LINEAR_GEMV=0) stays off."""
+    saved = (flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV)
+    moe_decode.DENSE_DECODE = moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: grouped GEMM always
+    flash_mla_decode.ENABLED = saved[0] and row.flash_mla
+    latent_cache.DECODE_ATTENTION = row.decode_attention or saved[1]
+    moe_gemv.LINEAR_GEMV = saved[2] and row.linear_gemv
+    try:
+        yield
+    finally:
+        moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
+        flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV = saved
+
+
 def run_step_row(
     row: Row,
     model,
@@ -268,15 +285,13 @@ def run_step_row(
     emit=None,
     output_dir: Path | None = None,
 ) -> list[DecodeCell]:
+    with row_switches(row):
+        return _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floor, emit, output_dir)
+
+
+def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floor, emit, output_dir):
+    """`run_step_row`'s cells, measured under the row's switches."""
     cells = []
-    moe_decode.DENSE_DECODE = row.dense_decode_experts
-    moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: torch's grouped GEMM at every batch size
-    flash_enabled = flash_mla_decode.ENABLED  # off for the whole run with HF_DEEPSEEK_FLASH_MLA=0
-    flash_mla_decode.ENABLED = flash_enabled and row.flash_mla
-    decode_attention = latent_cache.DECODE_ATTENTION
-    latent_cache.DECODE_ATTENTION = row.decode_attention or decode_attention
-    linear_enabled = moe_gemv.LINEAR_GEMV  # off for the whole run with HF_DEEPSEEK_LINEAR_GEMV=0
-    moe_gemv.LINEAR_GEMV = linear_enabled and row.linear_gemv
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
     step = compiled_step(model, plan) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
@@ -326,10 +341,6 @@ def run_step_row(
     if compile_here:
         torch.compiler.reset()
         model.__dict__.pop("_compiled_call", None)
-    moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
-    flash_mla_decode.ENABLED = flash_enabled
-    latent_cache.DECODE_ATTENTION = decode_attention
-    moe_gemv.LINEAR_GEMV = linear_enabled
     return cells
 
 

@@ -85,6 +85,13 @@ def reference(x, indices, weights, gate_up, down, act_dtype: torch.dtype | None 
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
+def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale) -> torch.Tensor:
+    """`reference` for FP8 weights with their 128x128 block scales, dequantised exactly; the activation kept in
+    x's dtype, as the FP8 kernels store it."""
+    full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
+    return reference(x, indices, weights, *full, act_dtype=x.dtype)
+
+
 def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_gemv_fp8` serves FP8 `experts` (an FP8InferenceExperts) for x [N, d]."""
     silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
@@ -189,8 +196,7 @@ def routed_experts_gemv_fp8(
     """`routed_experts_gemv` with FP8 weights: gate_up [E, 2I, d] and down [E, d, I] float8_e4m3fn, their block
     scales as `fp8_blocks.dequantize_experts` reads them; the activation kept in x's dtype."""
     if not x.is_cuda:
-        full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
-        return reference(x, indices, weights, *full, act_dtype=x.dtype)
+        return reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
     from ._moe_gemv_triton import launch
 
     return launch(x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale)
@@ -209,6 +215,7 @@ __all__ = [
     "usable_linear",
     "usable_linear_fp8",
     "reference",
+    "reference_fp8",
     "usable",
     "usable_fp8",
     "triton_available",

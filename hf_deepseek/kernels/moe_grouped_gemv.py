@@ -22,7 +22,6 @@ import os
 import torch
 
 from . import moe_gemv
-from .fp8_blocks import dequantize_experts
 
 MAX_GROUPED_PAIRS = 1024  # token-expert pairs up to which the grouped kernels serve (batch 170 at top-6)
 GROUPED_GEMV = os.environ.get("HF_DEEPSEEK_MOE_GROUPED_GEMV", "0") == "1"  # bf16 experts too (opt-in)
@@ -71,8 +70,7 @@ def routed_experts_grouped_gemv_fp8(
     """`moe_gemv.routed_experts_gemv_fp8`'s computation (FP8 weights and their 128x128 block scales, the activation
     kept in x's dtype) by the expert-grouped kernels on CUDA."""
     if not x.is_cuda:
-        full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
-        return moe_gemv.reference(x, indices, weights, *full, act_dtype=x.dtype)
+        return moe_gemv.reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
     from ._moe_grouped_gemv_triton import launch
 
     return launch(x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale)
