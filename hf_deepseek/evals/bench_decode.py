@@ -58,6 +58,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-torch-attn",
     "ours-fast-triton-attn",
     "ours-fast-cublas",
+    "ours-fast-sum-top-k",
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
@@ -222,6 +223,7 @@ class Row:
     flash_mla: bool = True  # flash_mla_decode.ENABLED during the row (FlashMLA where installed)
     decode_attention: str | None = None  # latent_cache.DECODE_ATTENTION during the row (None: the environment's)
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
+    sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
 
 
 STEP_ROWS = {
@@ -233,6 +235,7 @@ STEP_ROWS = {
     "ours-fast-torch-attn": Row("ours-fast-torch-attn", "latent", True, flash_mla=False),
     "ours-fast-triton-attn": Row("ours-fast-triton-attn", "latent", True, decode_attention="triton"),
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
+    "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -261,16 +264,17 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 def row_switches(row: Row):
     """The kernel switches `row` measures (each on a model-wide module flag), restored afterwards. A switch turned
     off for the whole run by its environment variable (HF_DEEPSEEK_FLASH_MLA=0, HF_DEEPSEEK_LINEAR_GEMV=0) stays off."""
-    saved = (flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV)
+    saved = (flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV, moe_gemv.SUM_TOP_K)
     moe_decode.DENSE_DECODE = moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: grouped GEMM always
     flash_mla_decode.ENABLED = saved[0] and row.flash_mla
     latent_cache.DECODE_ATTENTION = row.decode_attention or saved[1]
     moe_gemv.LINEAR_GEMV = saved[2] and row.linear_gemv
+    moe_gemv.SUM_TOP_K = saved[3] if row.sum_top_k is None else row.sum_top_k
     try:
         yield
     finally:
         moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
-        flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV = saved
+        flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV, moe_gemv.SUM_TOP_K = saved
 
 
 def run_step_row(

@@ -9,8 +9,6 @@ sum over the top-k too: one kernel fewer than the unsplit path's per-pair output
 Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
 before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -141,20 +139,18 @@ def _down_kernel(
             tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-# opt-in until timed on the GPU (`benchmarks/moe_gemv_tune.py` times both at top-k > 1)
-SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 def launch(
-    x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None, sum_top_k: bool | None = None
+    x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None, sum_top_k: bool = False
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
     weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
-    in x's dtype. `sum_top_k` (default `SUM_TOP_K`): without split-K, the down kernel sums each token's top-k
-    products itself and stores x's dtype (one program a token and block of outputs), instead of one program a
-    token-expert pair followed by torch's sum over k and conversion (two more kernels a layer)."""
+    in x's dtype. `sum_top_k` (`moe_gemv.SUM_TOP_K` in the model): without split-K, the down kernel sums each
+    token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
+    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -168,7 +164,6 @@ def launch(
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
     launch_opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
-    sum_top_k = SUM_TOP_K if sum_top_k is None else sum_top_k
     sum_top_k = sum_top_k and split_k == 1 and top_k > 1
     if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
         buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)

@@ -29,6 +29,9 @@ MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped
 MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
 MAX_BF16_LINEAR_ROWS = 1  # a bf16 one's: measured faster than cuBLAS at one row; cuBLAS above
 LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dense layers' decode rows too
+# the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in until timed in a
+# decode step (bench row `ours-fast-sum-top-k`)
+SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -117,7 +120,7 @@ def routed_experts_gemv(
         return reference(x, indices, weights, gate_up, down)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down)
+    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K)
 
 
 @routed_experts_gemv.register_fake
@@ -199,7 +202,9 @@ def routed_experts_gemv_fp8(
         return reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale)
+    return launch(
+        x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale, sum_top_k=SUM_TOP_K
+    )
 
 
 @routed_experts_gemv_fp8.register_fake
@@ -224,4 +229,5 @@ __all__ = [
     "MAX_PAIRS",
     "MAX_BF16_LINEAR_ROWS",
     "MAX_LINEAR_ROWS",
+    "SUM_TOP_K",
 ]
