@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
@@ -59,6 +60,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-triton-attn",
     "ours-fast-cublas",
     "ours-fast-sum-top-k",
+    "ours-fast-pdl",
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
@@ -224,6 +226,9 @@ class Row:
     decode_attention: str | None = None  # latent_cache.DECODE_ATTENTION during the row (None: the environment's)
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
+    # Inductor's kernels with programmatic dependent launch (Hopper: a kernel's launch and prologue overlap the one
+    # before it; torch._inductor.config.triton.enable_pdl, TORCHINDUCTOR_ENABLE_PDL=1)
+    inductor_pdl: bool = False
 
 
 STEP_ROWS = {
@@ -236,6 +241,7 @@ STEP_ROWS = {
     "ours-fast-triton-attn": Row("ours-fast-triton-attn", "latent", True, decode_attention="triton"),
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
+    "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, inductor_pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -270,9 +276,17 @@ def row_switches(row: Row):
     latent_cache.DECODE_ATTENTION = row.decode_attention or saved[1]
     moe_gemv.LINEAR_GEMV = saved[2] and row.linear_gemv
     moe_gemv.SUM_TOP_K = saved[3] if row.sum_top_k is None else row.sum_top_k
+    inductor = torch._inductor.config.triton
+    if row.inductor_pdl and not hasattr(inductor, "enable_pdl"):
+        raise RuntimeError(f"row {row.name}: this torch ({torch.__version__}) has no Inductor PDL option")
+    saved_pdl = getattr(inductor, "enable_pdl", False)
+    if row.inductor_pdl:
+        inductor.enable_pdl = True
     try:
         yield
     finally:
+        if row.inductor_pdl:
+            inductor.enable_pdl = saved_pdl
         moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
         flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV, moe_gemv.SUM_TOP_K = saved
 
