@@ -226,9 +226,9 @@ class Row:
     decode_attention: str | None = None  # latent_cache.DECODE_ATTENTION during the row (None: the environment's)
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
-    # Inductor's kernels with programmatic dependent launch (Hopper: a kernel's launch and prologue overlap the one
-    # before it; torch._inductor.config.triton.enable_pdl, TORCHINDUCTOR_ENABLE_PDL=1)
-    inductor_pdl: bool = False
+    # programmatic dependent launch (Hopper: a kernel's launch and prologue overlap the one before it) for our
+    # kernels (moe_gemv.PDL) and Inductor's (torch._inductor.config.triton.enable_pdl)
+    pdl: bool = False
 
 
 STEP_ROWS = {
@@ -241,7 +241,7 @@ STEP_ROWS = {
     "ours-fast-triton-attn": Row("ours-fast-triton-attn", "latent", True, decode_attention="triton"),
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
-    "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, inductor_pdl=True),
+    "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -270,25 +270,28 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 def row_switches(row: Row):
     """The kernel switches `row` measures (each on a model-wide module flag), restored afterwards. A switch turned
     off for the whole run by its environment variable (HF_DEEPSEEK_FLASH_MLA=0, HF_DEEPSEEK_LINEAR_GEMV=0) stays off."""
-    saved = (flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV, moe_gemv.SUM_TOP_K)
-    moe_decode.DENSE_DECODE = moe_gemv.ENABLED = row.dense_decode_experts  # ours-fast-grouped: grouped GEMM always
-    flash_mla_decode.ENABLED = saved[0] and row.flash_mla
-    latent_cache.DECODE_ATTENTION = row.decode_attention or saved[1]
-    moe_gemv.LINEAR_GEMV = saved[2] and row.linear_gemv
-    moe_gemv.SUM_TOP_K = saved[3] if row.sum_top_k is None else row.sum_top_k
     inductor = torch._inductor.config.triton
-    if row.inductor_pdl and not hasattr(inductor, "enable_pdl"):
+    if row.pdl and not hasattr(inductor, "enable_pdl"):
         raise RuntimeError(f"row {row.name}: this torch ({torch.__version__}) has no Inductor PDL option")
-    saved_pdl = getattr(inductor, "enable_pdl", False)
-    if row.inductor_pdl:
-        inductor.enable_pdl = True
+    switches = [  # (module, attribute, value during the row)
+        (moe_decode, "DENSE_DECODE", row.dense_decode_experts),  # ours-fast-grouped: grouped GEMM always
+        (moe_gemv, "ENABLED", row.dense_decode_experts),
+        (flash_mla_decode, "ENABLED", flash_mla_decode.ENABLED and row.flash_mla),
+        (latent_cache, "DECODE_ATTENTION", row.decode_attention or latent_cache.DECODE_ATTENTION),
+        (moe_gemv, "LINEAR_GEMV", moe_gemv.LINEAR_GEMV and row.linear_gemv),
+        (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
+        (moe_gemv, "PDL", moe_gemv.PDL or row.pdl),
+    ]
+    if row.pdl:
+        switches.append((inductor, "enable_pdl", True))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    for module, name, value in switches:
+        setattr(module, name, value)
     try:
         yield
     finally:
-        if row.inductor_pdl:
-            inductor.enable_pdl = saved_pdl
-        moe_decode.DENSE_DECODE = moe_gemv.ENABLED = True
-        flash_mla_decode.ENABLED, latent_cache.DECODE_ATTENTION, moe_gemv.LINEAR_GEMV, moe_gemv.SUM_TOP_K = saved
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def run_step_row(

@@ -32,6 +32,9 @@ LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dens
 # the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in until timed in a
 # decode step (bench row `ours-fast-sum-top-k`)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
+# the kernels launched with programmatic dependent launch (Hopper; `_moe_gemv_triton`): opt-in until timed in a decode
+# step (bench row `ours-fast-pdl`, with Inductor's kernels likewise)
+PDL = os.environ.get("HF_DEEPSEEK_PDL", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -120,7 +123,7 @@ def routed_experts_gemv(
         return reference(x, indices, weights, gate_up, down)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K)
+    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K, pdl=PDL)
 
 
 @routed_experts_gemv.register_fake
@@ -162,7 +165,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     from ._moe_gemv_triton import launch_linear
 
-    return launch_linear(x, weight)
+    return launch_linear(x, weight, pdl=PDL)
 
 
 @linear_gemv.register_fake
@@ -178,7 +181,7 @@ def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
         return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
     from ._moe_gemv_triton import launch_linear_fp8
 
-    return launch_linear_fp8(x, weight, scale)
+    return launch_linear_fp8(x, weight, scale, pdl=PDL)
 
 
 @linear_gemv_fp8.register_fake
@@ -203,7 +206,15 @@ def routed_experts_gemv_fp8(
     from ._moe_gemv_triton import launch
 
     return launch(
-        x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale, sum_top_k=SUM_TOP_K
+        x,
+        indices,
+        weights,
+        gate_up,
+        down,
+        gate_up_scale=gate_up_scale,
+        down_scale=down_scale,
+        sum_top_k=SUM_TOP_K,
+        pdl=PDL,
     )
 
 
@@ -230,4 +241,5 @@ __all__ = [
     "MAX_BF16_LINEAR_ROWS",
     "MAX_LINEAR_ROWS",
     "SUM_TOP_K",
+    "PDL",
 ]
