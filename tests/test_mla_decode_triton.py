@@ -83,6 +83,51 @@ def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
     assert calls == [[31, 31]] * 3 + [[32, 32]] * 3 + [[33, 33]] * 3  # 3 layers a step, one token longer each
 
 
+def test_compiled_decode_through_the_op_reads_the_cache_as_one_tensor(monkeypatch):
+    """The compiled decode step (as generate() and the bench compile it) through the op: one graph for every step,
+    no graph break, the eager path's logits, and no two graph inputs over the same memory. A view of the cache that
+    is a graph input of its own beside the storage the step writes makes Inductor skip CUDA graphs ("mutated
+    inputs"): on an H200 such a step took 14.1 ms against 1.16 (docs/PERF.md, 2026-12-04h)."""
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    monkeypatch.setattr(mla_decode_triton, "usable", lambda *args: True)
+    calls, reference = [], mla_decode_triton.reference
+    monkeypatch.setattr(mla_decode_triton, "reference", lambda *args: calls.append(1) or reference(*args))
+    monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "triton")
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).eval()
+    ids, steps = torch.randint(3, config.vocab_size, (2, 30)), torch.randint(3, config.vocab_size, (2, 4))
+    shared_storage = []
+
+    def backend(gm, example_inputs):  # records Dynamo's graph inputs, then runs the graph eagerly
+        pointers = [t.untyped_storage().data_ptr() for t in example_inputs if isinstance(t, torch.Tensor)]
+        shared_storage.append(len(pointers) - len(set(pointers)))
+        return gm.forward
+
+    logits = {}
+    torch.compiler.reset()
+    counters.clear()
+    for compiled in (False, True):
+        cache = LatentStaticCache(config, max_cache_len=40)
+        cache.unpadded = True
+        step = model.get_compiled_call(CompileConfig(backend=backend, mode=None)) if compiled else model.__call__
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True, recompile_limit=1):
+            model(ids, cache=cache, use_cache=True)
+            position = torch.arange(30, 34)[None].expand(2, -1)
+            outputs = [step(input_ids=steps[:, i : i + 1], position_ids=position[:, i : i + 1], cache=cache,
+                            use_cache=True).logits for i in range(4)]  # fmt: skip
+        logits[compiled] = torch.cat(outputs, dim=1)
+    torch.compiler.reset()
+    model.__dict__.pop("_compiled_call", None)
+    assert calls, "the op was not called"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert shared_storage == [0]
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_choice_is_refused(monkeypatch):
     monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "fast")
     with pytest.raises(ValueError, match="HF_DEEPSEEK_DECODE_ATTENTION"):

@@ -34,7 +34,8 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     if layer.flash_mla and cache.unpadded and q_len == 1:  # one token per row, no padding: FlashMLA's kernel
         return flash_cache_attention(attn, q_nope, q_rope, layer.storage, length, cache)
     if layer.triton_attention and cache.unpadded and q_len == 1:  # the same through the Triton kernel
-        return triton_cache_attention(attn, q_nope, q_rope, layer.latent_and_rope, length)
+        # through `buffer()`: a second graph input aliasing the written storage would cost the step its CUDA graphs
+        return triton_cache_attention(attn, q_nope, q_rope, layer.buffer(), length)
     buffer = layer.buffer()
     if q_len > 1 and not is_torchdynamo_compiling():  # an eager prefill chunk: score only the tokens written so far
         buffer = buffer[:, : int(length)]
