@@ -420,12 +420,31 @@ def bf16_dot():
         interpreter.InterpreterBuilder.create_dot = original
 
 
-def moe_grouped_gemv_kernels() -> dict[str, bool]:
-    """20 tokens at top-4 of 16 experts, every token choosing expert 1 (two chunks of 16 pairs), experts 8-15 none;
-    hidden 384 and width 320: partial K steps and a partial 128-block of scales."""
-    from hf_deepseek.kernels import _moe_grouped_gemv_triton
+def sort_pairs_kernel() -> dict[str, bool]:
+    """The grouped kernels' one-launch sort of the pairs by expert: the same order and offsets as
+    `moe_routing.sort_pairs` (torch's stable argsort), from one pair to 1,020 (batch 170 at top-6 of 256)."""
+    from hf_deepseek.kernels import _moe_grouped_gemv_triton, moe_routing
 
     results = {}
+    generator = torch.Generator().manual_seed(5)
+    for tokens, top_k, experts in [(1, 1, 4), (20, 4, 16), (32, 6, 64), (33, 8, 256), (170, 6, 256)]:
+        indices = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+        indices[: tokens // 2, 0] = 1  # a crowded expert
+        order, offsets = _moe_grouped_gemv_triton.sort_pairs(indices, experts)
+        want_order, want_offsets = moe_routing.sort_pairs(indices, experts)
+        results[f"sort_pairs {tokens}x{top_k} of {experts}"] = torch.equal(order.long(), want_order) and torch.equal(
+            offsets, want_offsets
+        )
+    return results
+
+
+def moe_grouped_gemv_kernels() -> dict[str, bool]:
+    """20 tokens at top-4 of 16 experts, every token choosing expert 1 (two chunks of 16 pairs), experts 8-15 none;
+    hidden 384 and width 320: partial K steps and a partial 128-block of scales; and the sort of the pairs."""
+    from hf_deepseek.kernels import _moe_grouped_gemv_triton
+
+    results = sort_pairs_kernel()
+    print("".join(f"  {name}: {'as torch' if same else 'DIFFERENT'}\n" for name, same in results.items()), end="")
     torch.manual_seed(11)
     hidden, inter, tokens = 384, 320, 20
     fp8 = fp8_experts(hidden, inter)

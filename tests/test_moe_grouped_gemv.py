@@ -211,6 +211,21 @@ def bench_case(tokens: int, routing: str, fp8: bool):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tokens,top_k,experts", [(1, 1, 4), (6, 6, 16), (32, 6, 64), (170, 6, 256)])
+def test_the_kernels_one_launch_sort_equals_torchs(tokens, top_k, experts):
+    """The grouped kernels sort the pairs in one launch: the order and offsets of `sort_pairs` (torch's stable
+    argsort), crowded experts and empty ones included."""
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_grouped_gemv_triton
+
+    indices = skewed_indices(tokens, top_k, experts, "cuda") if top_k > 1 else torch.tensor([[2]], device="cuda")
+    order, offsets = _moe_grouped_gemv_triton.sort_pairs(indices, experts)
+    want_order, want_offsets = sort_pairs(indices, experts)
+    assert torch.equal(order.long(), want_order) and torch.equal(offsets, want_offsets)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", GROUPED_VARIANTS)
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("tokens,routing", [(32, "uniform"), (32, "skewed"), (5, "uniform")])

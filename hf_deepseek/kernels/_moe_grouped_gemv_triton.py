@@ -1,7 +1,8 @@
 """The Triton kernels of `moe_grouped_gemv.py` (imported only where Triton and CUDA exist): the routed experts of a
 decode batch with every active expert's weights read once, for all of its token-expert pairs.
 
-The pairs are sorted by expert on the device (`moe_routing.sort_pairs`: no host read, static shapes). A program
+The pairs are sorted by expert on the device by one small kernel (`sort_pairs`: `moe_routing.sort_pairs`'s result,
+no host read, static shapes; torch's stable argsort alone took 27 us a layer at batch 32 on an H200). A program
 owns (expert e, block of BLOCK_N weight rows); the grid is (E, rows / BLOCK_N) whatever the routing, so a CUDA graph
 replays it, and the programs of an expert without pairs find an empty range and read nothing. A program takes its
 expert's pairs BLOCK_T at a time and, per K step, loads the weight tile once and applies it to the chunk's BLOCK_T
@@ -24,7 +25,47 @@ import triton
 import triton.language as tl
 
 from .moe_gemv_config import grouped_config
-from .moe_routing import sort_pairs
+
+
+@triton.jit
+def _sort_pairs_kernel(flat_ptr, order_ptr, offsets_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       BLOCK_E: tl.constexpr):  # fmt: skip
+    """A counting sort by comparison, for the few hundred pairs of a decode step: pair p (expert e_p) goes to
+    #{q: e_q < e_p} + #{q < p: e_q == e_p} (stable); program 0 also writes offsets[e] = #{q: e_q < e} for e <= E."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    e_p = tl.load(flat_ptr + p, mask=p_ok, other=0).to(tl.int32)
+    position = tl.zeros([BLOCK_P], dtype=tl.int32)
+    for q0 in range(0, P, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        q_ok = q < P
+        e_q = tl.load(flat_ptr + q, mask=q_ok, other=0).to(tl.int32)
+        before = (e_q[None, :] < e_p[:, None]) | ((e_q[None, :] == e_p[:, None]) & (q[None, :] < p[:, None]))
+        position += tl.sum((before & q_ok[None, :]).to(tl.int32), axis=1)
+    tl.store(order_ptr + position, p, mask=p_ok)
+    if tl.program_id(0) == 0:
+        for e0 in range(0, E + 1, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            below = tl.zeros([BLOCK_E], dtype=tl.int32)
+            for q0 in range(0, P, BLOCK_Q):
+                q = q0 + tl.arange(0, BLOCK_Q)
+                q_ok = q < P
+                e_q = tl.load(flat_ptr + q, mask=q_ok, other=0).to(tl.int32)
+                below += tl.sum(((e_q[None, :] < e[:, None]) & q_ok[None, :]).to(tl.int32), axis=1)
+            tl.store(offsets_ptr + e, below, mask=e <= E)
+
+
+def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_routing.sort_pairs` in one launch: indices [N, k] -> (order [N*k] int32, offsets [E+1] int32)."""
+    flat = indices.reshape(-1).contiguous()
+    pairs = flat.numel()
+    order = torch.empty(pairs, device=flat.device, dtype=torch.int32)
+    offsets = torch.empty(num_experts + 1, device=flat.device, dtype=torch.int32)
+    block_p = min(128, triton.next_power_of_2(max(pairs, 16)))
+    _sort_pairs_kernel[(triton.cdiv(pairs, block_p),)](
+        flat, order, offsets, pairs, num_experts, BLOCK_P=block_p, BLOCK_Q=64, BLOCK_E=64, num_warps=4
+    )
+    return order, offsets
 
 
 @triton.jit
