@@ -44,9 +44,9 @@ def test_per_step_picks_the_configuration_fastest_over_the_whole_step():
 def test_grouped_kernel_configurations_are_valid():
     """The quick list serves bf16 and FP8 weights alike (FP8: blocks dividing the 128x128 scale blocks); every one of
     the full list is a valid configuration for bf16 weights."""
-    from hf_deepseek.kernels.moe_gemv_config import UNTUNED_GROUPED, grouped_config
+    from hf_deepseek.kernels.moe_gemv_config import TUNED_GROUPED, grouped_config
 
-    assert UNTUNED_GROUPED in tune.GROUPED_QUICK
+    assert TUNED_GROUPED in tune.GROUPED_QUICK
     for config in tune.GROUPED_QUICK:
         assert grouped_config(config) == grouped_config(config, fp8=True)
     assert len({grouped_config(c) for c in tune.GROUPED_CONFIGS}) == len(tune.GROUPED_CONFIGS)

@@ -136,16 +136,17 @@ def parse_grouped_config(text: str | None) -> GroupedConfig | None:
     return None if fields is None else grouped_config(tuple(fields))
 
 
-# Not yet timed on a GPU (`benchmarks/moe_gemv_tune.py --grouped-kernels` measures them): 16 pairs a chunk (at batch
-# 32, top-6 of 64 experts, an expert gets 3 pairs on average), tl.dot, a 3-stage pipelined K loop.
+# The fastest of the quick sweep at batch 32 (top-6 of 64 experts at the bench's shapes) for both weight kinds on
+# an H200 (`benchmarks/moe_gemv_tune.py --grouped-kernels --quick [--fp8]`, docs/decode-h200/, 2026-12-04h):
+# 16 pairs a chunk, 64 weight rows a program, tl.dot, a 3-stage pipelined K loop; 280 us bf16 / 207 us FP8 a layer.
 # HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG sets both kinds' as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless
 # HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG sets FP8's.
-UNTUNED_GROUPED = GroupedConfig(16, 32, 128, 4, 3)
+TUNED_GROUPED = GroupedConfig(16, 64, 128, 4, 3)
 GROUPED_CONFIG: GroupedConfig = config_from_env(
-    default=UNTUNED_GROUPED, names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG",), parse=parse_grouped_config
+    default=TUNED_GROUPED, names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG",), parse=parse_grouped_config
 )
 GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
-    default=UNTUNED_GROUPED,
+    default=TUNED_GROUPED,
     names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG"),
     parse=parse_grouped_config,
 )
