@@ -44,7 +44,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode, moe_gemv
+from hf_deepseek.kernels import flash_mla_decode, moe_gemv, moe_grouped_gemv
 from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -56,6 +56,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-eager",
     "ours-fast",
     "ours-fast-grouped",
+    "ours-fast-expert-grouped",
     "ours-fast-torch-attn",
     "ours-fast-triton-attn",
     "ours-fast-cublas",
@@ -229,6 +230,9 @@ class Row:
     # programmatic dependent launch (Hopper: a kernel's launch and prologue overlap the one before it) for our
     # kernels (moe_gemv.PDL) and Inductor's (torch._inductor.config.triton.enable_pdl)
     pdl: bool = False
+    expert_grouped: bool | None = (
+        None  # moe_grouped_gemv.GROUPED_GEMV (bf16 experts through the expert-grouped kernels)
+    )
 
 
 STEP_ROWS = {
@@ -242,6 +246,7 @@ STEP_ROWS = {
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
+    "ours-fast-expert-grouped": Row("ours-fast-expert-grouped", "latent", True, expert_grouped=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -279,6 +284,11 @@ def row_switches(row: Row):
         (moe_gemv, "LINEAR_GEMV", moe_gemv.LINEAR_GEMV and row.linear_gemv),
         (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
         (moe_gemv, "PDL", moe_gemv.PDL or row.pdl),
+        (
+            moe_grouped_gemv,
+            "GROUPED_GEMV",
+            moe_grouped_gemv.GROUPED_GEMV if row.expert_grouped is None else row.expert_grouped,
+        ),
     ]
     if row.pdl and hasattr(inductor, "enable_pdl"):
         switches.append((inductor, "enable_pdl", True))
