@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated, from transformers-eager, transformers-compile, transformers-generate, ours-eager, "
         "ours-fast (FlashMLA decode attention where installed), ours-fast-grouped (MoE through the grouped GEMM), "
         "ours-fast-torch-attn (torch decode attention), ours-fast-triton-attn (Triton decode attention), "
+        "ours-fast-auto-attn (Triton up to batch 8, FlashMLA above), "
         "ours-fast-cublas (bf16 dense layers on cuBLAS), ours-fast-sum-top-k (the experts' down kernel sums "
         "the top-k), ours-fast-pdl (our and Inductor's kernels with programmatic dependent launch), "
         "ours-fast-expert-grouped (bf16 experts through the expert-grouped kernels), ours-mtp, "

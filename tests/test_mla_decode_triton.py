@@ -128,6 +128,22 @@ def test_compiled_decode_through_the_op_reads_the_cache_as_one_tensor(monkeypatc
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-5)
 
 
+def test_auto_takes_the_triton_kernel_for_small_batches_only(monkeypatch):
+    """HF_DEEPSEEK_DECODE_ATTENTION=auto: the Triton kernel up to AUTO_TRITON_MAX_BATCH rows, FlashMLA above; the
+    cache's layers record the batch's choice."""
+    monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "auto")
+    most = latent_cache.AUTO_TRITON_MAX_BATCH
+    assert [latent_cache.decode_attention(b) for b in (1, most, most + 1)] == ["triton", "triton", "flash"]
+    monkeypatch.setattr(mla_decode_triton, "usable", lambda *args: True)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).eval()
+    for batch, triton in ((2, True), (most + 1, False)):
+        cache = LatentStaticCache(config, max_cache_len=16)
+        with torch.no_grad():
+            model(torch.randint(3, config.vocab_size, (batch, 4)), cache=cache, use_cache=True)
+        assert all(layer.triton_attention is triton for layer in cache.layers[: config.num_hidden_layers])
+
+
 def test_unknown_choice_is_refused(monkeypatch):
     monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "fast")
     with pytest.raises(ValueError, match="HF_DEEPSEEK_DECODE_ATTENTION"):

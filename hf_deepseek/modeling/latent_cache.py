@@ -23,15 +23,21 @@ from ..kernels import flash_mla_decode, mla_decode_triton
 from ..kernels.flash_mla_decode import PAGE
 
 DECODE_ATTENTION: str | None = None  # overrides HF_DEEPSEEK_DECODE_ATTENTION (the decode benchmark, per row)
-DECODE_ATTENTION_CHOICES = ("flash", "triton", "torch")
+DECODE_ATTENTION_CHOICES = ("flash", "triton", "torch", "auto")
+# "auto": the Triton kernel up to this batch, FlashMLA above (one layer on an H200 at 2k context: Triton 20 / 28 us
+# at batch 1 / 8 against FlashMLA's 25 / 30, FlashMLA 43 us at 32 against 66; docs/PERF.md, 2026-12-04h)
+AUTO_TRITON_MAX_BATCH = 8
 
 
-def decode_attention() -> str:
-    """The decode attention backend for caches allocated now: "flash" (the default: FlashMLA where usable, else
-    torch), "triton" (`kernels/mla_decode_triton.py` where Triton and CUDA exist, else as "flash") or "torch"."""
+def decode_attention(batch_size: int | None = None) -> str:
+    """The decode attention backend for caches of `batch_size` rows allocated now: "flash" (the default: FlashMLA
+    where usable, else torch), "triton" (`kernels/mla_decode_triton.py` where Triton and CUDA exist, else as
+    "flash"), "torch", or "auto" (resolved here: "triton" up to `AUTO_TRITON_MAX_BATCH` rows, else "flash")."""
     choice = DECODE_ATTENTION or os.environ.get("HF_DEEPSEEK_DECODE_ATTENTION", "flash")
     if choice not in DECODE_ATTENTION_CHOICES:
         raise ValueError(f"HF_DEEPSEEK_DECODE_ATTENTION={choice!r}: expected one of {DECODE_ATTENTION_CHOICES}")
+    if choice == "auto":
+        return "triton" if batch_size is not None and batch_size <= AUTO_TRITON_MAX_BATCH else "flash"
     return choice
 
 
@@ -54,7 +60,7 @@ class LatentCacheLayer(StaticLayer):
         width = self.k_head_dim + self.v_head_dim
         self._use_storage(torch.zeros(self.batch_size, paged_len, width, dtype=self.dtype, device=self.device))
         compiling = is_torchdynamo_compiling()
-        choice, dims = decode_attention(), (self.k_head_dim, self.v_head_dim, self.dtype, self.device)
+        choice, dims = decode_attention(self.batch_size), (self.k_head_dim, self.v_head_dim, self.dtype, self.device)
         self.triton_attention = not compiling and choice == "triton" and mla_decode_triton.usable(*dims)
         self.flash_mla = not compiling and choice != "torch" and not self.triton_attention
         self.flash_mla = self.flash_mla and flash_mla_decode.usable(*dims)
