@@ -331,34 +331,6 @@ def test_down_kernel_summing_the_top_k_itself_matches_float64(tokens, config):
 
 
 @pytest.mark.gpu
-def test_kernels_launched_with_pdl_give_the_same_results_in_a_cuda_graph():
-    """Programmatic dependent launch (moe_gemv.PDL): each kernel prefetches its weights and may start while the one
-    before it runs, so it must still read that kernel's output: a chain of dependent launches, captured in a CUDA
-    graph as the decode step is, equals the same chain launched plainly (bf16 and FP8 linear layers, routed
-    experts)."""
-    _moe_gemv_triton, args, _ = bench_shape_kernel_case(1)
-    layer = fp8_linear_layer("cuda", 2048, 1536)
-    dense = torch.randn(2048, 1536, device="cuda", dtype=torch.bfloat16) / 40
-    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-
-    def chain(pdl: bool) -> torch.Tensor:
-        h = _moe_gemv_triton.launch_linear_fp8(x, layer.weight, layer.weight_scale_inv, pdl=pdl)  # [1, 1536]
-        h = _moe_gemv_triton.launch_linear(h, dense, pdl=pdl)  # [1, 2048], reads the kernel before's output
-        return _moe_gemv_triton.launch(h, *args[1:], pdl=pdl)
-
-    with torch.no_grad():
-        plain = chain(False)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = chain(True)
-        for _ in range(3):
-            graph.replay()
-        eager = chain(True)
-    torch.cuda.synchronize()
-    assert torch.equal(eager, plain) and torch.equal(replayed, plain)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("config", VARIANTS)
 def test_fp8_triton_kernel_variants_match_the_dequantised_weights(config):
     if not moe_gemv.triton_available() or not moe_gemv.fp8_kernels_available():

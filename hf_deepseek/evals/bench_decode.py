@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
@@ -62,7 +61,6 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-auto-attn",
     "ours-fast-cublas",
     "ours-fast-sum-top-k",
-    "ours-fast-pdl",
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
@@ -228,12 +226,7 @@ class Row:
     decode_attention: str | None = None  # latent_cache.DECODE_ATTENTION during the row (None: the environment's)
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
-    # programmatic dependent launch (Hopper: a kernel's launch and prologue overlap the one before it) for our
-    # kernels (moe_gemv.PDL) and Inductor's (torch._inductor.config.triton.enable_pdl)
-    pdl: bool = False
-    expert_grouped: bool | None = (
-        None  # moe_grouped_gemv.GROUPED_GEMV (bf16 experts through the expert-grouped kernels)
-    )
+    expert_grouped: bool = False  # moe_grouped_gemv.GROUPED_GEMV on (bf16 experts through the grouped kernels)
 
 
 STEP_ROWS = {
@@ -247,7 +240,6 @@ STEP_ROWS = {
     "ours-fast-auto-attn": Row("ours-fast-auto-attn", "latent", True, decode_attention="auto"),
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
-    "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-expert-grouped": Row("ours-fast-expert-grouped", "latent", True, expert_grouped=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
@@ -277,7 +269,6 @@ def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausal
 def row_switches(row: Row):
     """The kernel switches `row` measures (each on a model-wide module flag), restored afterwards. A switch turned
     off for the whole run by its environment variable (HF_DEEPSEEK_FLASH_MLA=0, HF_DEEPSEEK_LINEAR_GEMV=0) stays off."""
-    inductor = torch._inductor.config.triton
     switches = [  # (module, attribute, value during the row)
         (moe_decode, "DENSE_DECODE", row.dense_decode_experts),  # ours-fast-grouped: grouped GEMM always
         (moe_gemv, "ENABLED", row.dense_decode_experts),
@@ -285,17 +276,8 @@ def row_switches(row: Row):
         (latent_cache, "DECODE_ATTENTION", row.decode_attention or latent_cache.DECODE_ATTENTION),
         (moe_gemv, "LINEAR_GEMV", moe_gemv.LINEAR_GEMV and row.linear_gemv),
         (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
-        (moe_gemv, "PDL", moe_gemv.PDL or row.pdl),
-        (
-            moe_grouped_gemv,
-            "GROUPED_GEMV",
-            moe_grouped_gemv.GROUPED_GEMV if row.expert_grouped is None else row.expert_grouped,
-        ),
+        (moe_grouped_gemv, "GROUPED_GEMV", row.expert_grouped or moe_grouped_gemv.GROUPED_GEMV),
     ]
-    if row.pdl and hasattr(inductor, "enable_pdl"):
-        switches.append((inductor, "enable_pdl", True))
-    elif row.pdl:
-        print(f"{row.name}: this torch ({torch.__version__}) has no Inductor PDL option; only our kernels use it")
     saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
     for module, name, value in switches:
         setattr(module, name, value)

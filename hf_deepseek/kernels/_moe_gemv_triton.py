@@ -7,13 +7,7 @@ buffer h and the down kernel computes SiLU(gate) * up from h as it reads it (rou
 the unsplit kernel stores it), adding its partial sums atomically into the zeroed fp32 [tokens, d] output (the
 sum over the top-k too: one kernel fewer than the unsplit path's per-pair output summed in torch). STAGES asks
 Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
-before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were.
-
-PDL (programmatic dependent launch, Hopper; `moe_gemv.PDL`): launched with `launch_pdl`, a kernel may start while the
-one before it finishes. A linear layer's program first asks L2 for its block of weight rows (which no earlier
-kernel writes), then waits for the kernel before (`gdc_wait`) before it reads anything that kernel may write, and
-lets the next kernel launch (`gdc_launch_dependents`): at decode sizes a layer's weights then stream in while the
-previous kernel runs instead of after it."""
+before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
 import torch
 import triton
@@ -22,39 +16,18 @@ import triton.language as tl
 from .moe_gemv_config import KernelConfig, kernel_config, split_chunk
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
-PREFETCH_LINES = tl.constexpr(128)  # L2 prefetches a program issues per loop iteration (one per 128-byte line)
-
-
-@triton.jit
-def _prefetch_l2(ptr, count, LINE: tl.constexpr):
-    """Ask L2 for the `count` contiguous elements at ptr, one 128-byte line (LINE elements) per request."""
-    for start in range(0, count, LINE * PREFETCH_LINES):
-        offs = tl.minimum(start + tl.arange(0, PREFETCH_LINES) * LINE, count - 1)  # never past the block
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptr + offs], dtype=tl.int32, is_pure=False, pack=1
-        )
-
-
-@triton.jit
-def _pdl_wait():
-    """Wait for the kernel launched before this one (its writes visible after), then let the next one launch."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
 def _gate_up_kernel(
     x_ptr, idx_ptr, w_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    STAGES: tl.constexpr = None, USE_PDL: tl.constexpr = False,
+    STAGES: tl.constexpr = None,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
     this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
-    gate and up partial sums are added to (atomically). USE_PDL: launched with `launch_pdl` (the experts to read
-    come from the router before it, so it waits first)."""
-    if USE_PDL:
-        _pdl_wait()
+    gate and up partial sums are added to (atomically)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -123,7 +96,7 @@ def _down_kernel(
     act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
-    SUM_TOP_K: tl.constexpr = False, USE_PDL: tl.constexpr = False, LINE: tl.constexpr = 64,
+    SUM_TOP_K: tl.constexpr = False,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
@@ -132,13 +105,7 @@ def _down_kernel(
     here). SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
     order and stores the token's row of out in out's dtype (no sum or conversion kernel after). ACT_FROM_H (1: round
     to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) *
-    h[:, I:] computed here. USE_PDL: launched with `launch_pdl`; not ROUTED and SPLIT_K 1, the program's weight rows
-    (LINE elements to a 128-byte line) are asked of L2 before it waits for the kernel before."""
-    if USE_PDL:
-        if not ROUTED and SPLIT_K == 1:
-            n_rows = tl.minimum(BLOCK_N, D - tl.program_id(1) * BLOCK_N)
-            _prefetch_l2(w_ptr + tl.program_id(1) * BLOCK_N * INTER, n_rows * INTER, LINE)
-        _pdl_wait()
+    h[:, I:] computed here."""
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < D
@@ -185,15 +152,13 @@ def launch(
     gate_up_scale=None,
     down_scale=None,
     sum_top_k: bool = False,
-    pdl: bool = False,
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
     weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
     in x's dtype. `sum_top_k` (`moe_gemv.SUM_TOP_K` in the model): without split-K, the down kernel sums each
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
-    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer). `pdl`
-    (`moe_gemv.PDL`): both kernels launched with programmatic dependent launch."""
+    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -206,7 +171,7 @@ def launch(
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
-    launch_opts = _launch_options(warps, stages, pdl)
+    launch_opts = _launch_options(warps, stages)
     sum_top_k = sum_top_k and split_k == 1 and top_k > 1
     if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
         buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)
@@ -232,9 +197,8 @@ def launch(
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
-def _launch_options(warps: int, stages: int | None, pdl: bool) -> dict:
-    options = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
-    return dict(options, USE_PDL=True, launch_pdl=True) if pdl else options
+def _launch_options(warps: int, stages: int | None) -> dict:
+    return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
 
 
 def _check_scaled_block(block_n: int) -> None:
@@ -242,19 +206,19 @@ def _check_scaled_block(block_n: int) -> None:
         raise ValueError(f"FP8 weights need BLOCK_N dividing the 128-row scale blocks, got {block_n}")
 
 
-def launch_linear(x, weight, scale=None, config=None, pdl: bool = False) -> torch.Tensor:
+def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype: the down kernel over one matrix, each row a matrix-vector product. W
     is `weight` [N, K] (bf16), or with `scale` [ceil(N/128), ceil(K/128)] the FP8 weight dequantised by its block
     scales. `config` as `launch`'s, by default `moe_gemv_config.LINEAR_CONFIG` (`LINEAR_FP8_CONFIG` for FP8).
     Without split-K the kernel stores x's dtype itself (its fp32 sums rounded to nearest even on the store, as
-    `.to()` rounds them): no conversion kernel after it. `pdl` as `launch`'s (the weight rows prefetched first)."""
+    `.to()` rounds them): no conversion kernel after it."""
     scaled = scale is not None
     block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled, linear=True)
     if scaled:
         _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
-    launch_opts = _launch_options(warps, stages, pdl)
+    launch_opts = _launch_options(warps, stages)
     chunk = split_chunk(k, split_k, block_k)
     if split_k > 1:  # partial sums added atomically: fp32, zeroed
         out = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
@@ -264,11 +228,11 @@ def launch_linear(x, weight, scale=None, config=None, pdl: bool = False) -> torc
     _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
         x, x, x, weight, scale.float().contiguous() if scaled else weight, out, n, k, triton.cdiv(k, 128),
         triton.cdiv(n, 128), chunk, 1, SCALED=scaled, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT_K=split_k, STAGES=stages, LINE=128 // weight.element_size(), **launch_opts,
+        SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
     return out if split_k == 1 else out.to(x.dtype)
 
 
-def launch_linear_fp8(x, weight, scale, config=None, pdl: bool = False) -> torch.Tensor:
+def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:
     """`launch_linear` for an FP8 weight and its 128x128 block scales."""
-    return launch_linear(x, weight, scale, config, pdl)
+    return launch_linear(x, weight, scale, config)

@@ -29,12 +29,9 @@ MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped
 MAX_LINEAR_ROWS = 4  # rows up to which an FP8 linear layer runs as matrix-vector products (each row reads the weight)
 MAX_BF16_LINEAR_ROWS = 1  # a bf16 one's: measured faster than cuBLAS at one row; cuBLAS above
 LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dense layers' decode rows too
-# the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in until timed in a
-# decode step (bench row `ours-fast-sum-top-k`)
+# the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in, 3% slower than the
+# default in a batch-1 step on an H200 (bench row `ours-fast-sum-top-k`, docs/PERF.md 2026-12-04h)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
-# the kernels launched with programmatic dependent launch (Hopper; `_moe_gemv_triton`): opt-in until timed in a decode
-# step (bench row `ours-fast-pdl`, with Inductor's kernels likewise)
-PDL = os.environ.get("HF_DEEPSEEK_PDL", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -123,7 +120,7 @@ def routed_experts_gemv(
         return reference(x, indices, weights, gate_up, down)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K, pdl=PDL)
+    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K)
 
 
 @routed_experts_gemv.register_fake
@@ -165,7 +162,7 @@ def linear_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
     from ._moe_gemv_triton import launch_linear
 
-    return launch_linear(x, weight, pdl=PDL)
+    return launch_linear(x, weight)
 
 
 @linear_gemv.register_fake
@@ -181,7 +178,7 @@ def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
         return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
     from ._moe_gemv_triton import launch_linear_fp8
 
-    return launch_linear_fp8(x, weight, scale, pdl=PDL)
+    return launch_linear_fp8(x, weight, scale)
 
 
 @linear_gemv_fp8.register_fake
@@ -214,7 +211,6 @@ def routed_experts_gemv_fp8(
         gate_up_scale=gate_up_scale,
         down_scale=down_scale,
         sum_top_k=SUM_TOP_K,
-        pdl=PDL,
     )
 
 
@@ -241,5 +237,4 @@ __all__ = [
     "MAX_BF16_LINEAR_ROWS",
     "MAX_LINEAR_ROWS",
     "SUM_TOP_K",
-    "PDL",
 ]
