@@ -482,7 +482,7 @@ def moe_grouped_gemv_kernels() -> dict[str, bool]:
     return results
 
 
-# ---- the FP8 linear layers' decode rows (hf_deepseek/kernels/_fp8_rows_triton.py, `fp8_rows.RowsConfig`) ----------
+# ---- the FP8 linear layers' decode rows (hf_deepseek/kernels/_fp8_rows_triton.py, `moe_gemv_config.FP8_ROWS_CONFIG`)
 # A separate section: `fp8_rows_kernel()`, which the main block runs, prints, saves ("fp8_rows") and counts in the exit
 # status: bf16 and fp16 rows within 1e-2 of float64 and, stored with the GPU's rounding (`gpu_store_rounding`), within
 # 1e-3 of the op's torch path (fp32 sums rounded once); fp32 rows within 1e-5 of float64; tl.dot (BLOCK_T 16, 32) and

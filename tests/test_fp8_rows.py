@@ -10,9 +10,8 @@ import pytest
 import torch
 from test_moe_gemv import fp8_linear_layer
 
-from hf_deepseek.kernels import fp8_rows, moe_gemv
-from hf_deepseek.kernels.fp8_rows import RowsConfig
-from hf_deepseek.kernels.moe_gemv_config import config_from_env
+from hf_deepseek.kernels import fp8_rows, moe_gemv, moe_gemv_config
+from hf_deepseek.kernels.moe_gemv_config import GroupedConfig
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -124,33 +123,32 @@ def test_fp8_linear_takes_the_rows_op_between_the_matrix_vector_rows_and_max_row
 
 
 def test_config_parsing_and_checks():
-    assert fp8_rows.rows_config(None) == fp8_rows.CONFIG
-    assert RowsConfig(32, 16, 128, 4, 3) == fp8_rows.UNTUNED
-    assert fp8_rows.rows_config((4, 16, 128, 4)) == RowsConfig(4, 16, 128, 4, None)
-    assert fp8_rows.rows_config((4, 8, 32, 2)) == RowsConfig(4, 8, 32, 2, None)  # the broadcast product: any tile
-    assert fp8_rows.parse_config(" 16, 64, 64, 8, 2") == RowsConfig(16, 64, 64, 8, 2)
-    assert fp8_rows.parse_config("32,16,128,4,none").stages is None
-    assert fp8_rows.parse_config(" ") is None and fp8_rows.parse_config(None) is None
-    form = "HF_DEEPSEEK_FP8_ROWS_CONFIG: expected BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES] (integers, STAGES may be none)"
+    """The rows kernel's configuration: the grouped kernels' fields and FP8 checks, its own default and variable."""
+    assert moe_gemv_config.fp8_rows_config(None) == moe_gemv_config.FP8_ROWS_CONFIG
+    assert moe_gemv_config.fp8_rows_config((4, 16, 128, 4)) == GroupedConfig(4, 16, 128, 4, None)
+    assert moe_gemv_config.fp8_rows_config((4, 8, 32, 2)) == GroupedConfig(4, 8, 32, 2, None)  # broadcast: any tile
+    form = "expected BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES] (integers, the last may be none)"
     errors = {
         "32,16,128": f"{form}, got '32,16,128'",
         "32,16,128,4,3,1": f"{form}, got '32,16,128,4,3,1'",
         "32,16,128,four": f"{form}, got '32,16,128,four'",
         "32,16,none,4": f"{form}, got '32,16,none,4'",
-        "24,16,128,4": "fp8_rows config: block_t must be a power of two, got 24",
-        "32,16,128,0": "fp8_rows config: warps must be a power of two, got 0",
-        "32,16,256,4": "fp8_rows config: BLOCK_N and BLOCK_K must divide the 128x128 scale blocks, got 16 and 256",
-        "16,8,128,4": "fp8_rows config: tl.dot (BLOCK_T >= 16) needs BLOCK_N and BLOCK_K >= 16, got 8 and 128",
-        "32,16,128,4,0": "fp8_rows config: STAGES must be none or >= 1, got 0",
+        "24,16,128,4": "block_t must be a power of two, got 24",
+        "32,16,128,0": "warps must be a power of two, got 0",
     }
     for text, message in errors.items():
         with pytest.raises(ValueError) as raised:
-            fp8_rows.parse_config(text)
+            moe_gemv_config.parse_grouped_config(text)
         assert str(raised.value) == message
-    env = {fp8_rows.CONFIG_ENV: "16,32,64,4"}
-    got = config_from_env(env, default=fp8_rows.UNTUNED, names=tuple(env), parse=fp8_rows.parse_config)
-    assert got == RowsConfig(16, 32, 64, 4, None)
-    assert config_from_env({}, default=fp8_rows.UNTUNED, names=tuple(env)) == fp8_rows.UNTUNED
+    with pytest.raises(ValueError, match="FP8 weights need BLOCK_N and BLOCK_K dividing the 128x128 scale blocks"):
+        moe_gemv_config.fp8_rows_config((32, 16, 256, 4))
+    with pytest.raises(ValueError, match=r"tl.dot \(BLOCK_T >= 16\) needs BLOCK_N and BLOCK_K >= 16"):
+        moe_gemv_config.fp8_rows_config((16, 8, 128, 4))
+    env = {"HF_DEEPSEEK_FP8_ROWS_CONFIG": "16,32,64,4"}
+    got = moe_gemv_config.config_from_env(
+        env, default=moe_gemv_config.UNTUNED_FP8_ROWS, names=tuple(env), parse=moe_gemv_config.parse_grouped_config
+    )
+    assert got == GroupedConfig(16, 32, 64, 4, None)
 
 
 # GPU: the Triton kernel at the bench's dense-layer shapes (hidden 2048), decode rows 5 to 64

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._moe_grouped_gemv_triton import _tile_product
-from .fp8_rows import rows_config
+from .moe_gemv_config import fp8_rows_config
 
 
 @triton.jit
@@ -46,9 +46,9 @@ def _rows_kernel(
 
 def launch(x, weight, scale, config=None) -> torch.Tensor:
     """x [T, K] (bf16, fp16 or fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] -> [T, N] in
-    x's dtype. `config`: an `fp8_rows.RowsConfig` or tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]), by default
-    `fp8_rows.CONFIG`."""
-    block_t, block_n, block_k, warps, stages = rows_config(config)
+    x's dtype. `config`: a `moe_gemv_config.GroupedConfig` or tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]), by
+    default `moe_gemv_config.FP8_ROWS_CONFIG`."""
+    block_t, block_n, block_k, warps, stages = fp8_rows_config(config)
     (rows, k), n = x.shape, weight.shape[0]
     if weight.shape[1] != k or tuple(scale.shape) != (triton.cdiv(n, 128), triton.cdiv(k, 128)):
         raise ValueError(

@@ -14,80 +14,16 @@ stores in x's dtype itself (no conversion kernel after it). The activations stay
 the Triton kernel on CUDA, the product with the dequantised weight in torch elsewhere (fp32 sums rounded once to
 x's dtype, as the kernel stores them; what the CPU tests run). `FP8InferenceLinear.forward` takes it with
 `FP8Recipe.weight_only_decode` for more than `MAX_LINEAR_ROWS` and up to `MAX_ROWS` rows (`usable`). Not yet timed
-on a GPU; HF_DEEPSEEK_FP8_ROWS_CONFIG sets the launch configuration (`CONFIG`) for tuning runs.
+on a GPU; HF_DEEPSEEK_FP8_ROWS_CONFIG sets the launch configuration (`moe_gemv_config.FP8_ROWS_CONFIG`) for tuning
+runs.
 """
-
-import os
-from typing import NamedTuple
 
 import torch
 
 from . import moe_gemv
 from .fp8_blocks import dequantize_blocks
-from .moe_gemv_config import config_from_env
 
 MAX_ROWS = 64  # rows up to which the kernel serves (batch 64); the FP8 GEMM path above
-CONFIG_ENV = "HF_DEEPSEEK_FP8_ROWS_CONFIG"
-_FORM = "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]"
-
-
-class RowsConfig(NamedTuple):
-    """The kernel's launch configuration (`_fp8_rows_triton.launch`'s `config`): activation rows per program (16 or
-    more: tensor-core `tl.dot`, whose smallest tile has 16 rows; fewer: a broadcast multiply and sum on the CUDA
-    cores), weight rows per program, K per loop step, warps and software pipelining stages of the K loop (None:
-    Triton's default loop). BLOCK_N and BLOCK_K divide 128: each step's weight tile lies in one 128x128 block, its
-    scale one number."""
-
-    block_t: int
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int | None = None
-
-
-def rows_config(config=None) -> RowsConfig:
-    """A tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]) or RowsConfig, or None for `CONFIG`, checked: powers of
-    two, BLOCK_N and BLOCK_K dividing 128, both at least 16 for tl.dot (BLOCK_T >= 16), STAGES None or >= 1."""
-    cfg = RowsConfig(*(CONFIG if config is None else config))
-    for name in ("block_t", "block_n", "block_k", "warps"):
-        value = getattr(cfg, name)
-        if value < 1 or value & (value - 1):
-            raise ValueError(f"fp8_rows config: {name} must be a power of two, got {value}")
-    if 128 % cfg.block_n or 128 % cfg.block_k:
-        raise ValueError(
-            f"fp8_rows config: BLOCK_N and BLOCK_K must divide the 128x128 scale blocks, got {cfg.block_n} and "
-            f"{cfg.block_k}"
-        )
-    if cfg.block_t >= 16 and min(cfg.block_n, cfg.block_k) < 16:
-        raise ValueError(
-            f"fp8_rows config: tl.dot (BLOCK_T >= 16) needs BLOCK_N and BLOCK_K >= 16, got {cfg.block_n} and "
-            f"{cfg.block_k}"
-        )
-    if cfg.stages is not None and cfg.stages < 1:
-        raise ValueError(f"fp8_rows config: STAGES must be none or >= 1, got {cfg.stages}")
-    return cfg
-
-
-def parse_config(text: str | None) -> RowsConfig | None:
-    """ "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]" (as HF_DEEPSEEK_FP8_ROWS_CONFIG gives it; STAGES "none" or left
-    out: Triton's default loop) -> RowsConfig, checked; None or "" -> None."""
-    if not text or not text.strip():
-        return None
-    fields = [f.strip() for f in text.split(",")]
-    try:
-        if len(fields) not in (4, 5):
-            raise ValueError
-        values = [None if i == 4 and f.lower() == "none" else int(f) for i, f in enumerate(fields)]
-    except ValueError:
-        raise ValueError(f"{CONFIG_ENV}: expected {_FORM} (integers, STAGES may be none), got {text!r}") from None
-    return rows_config(tuple(values))
-
-
-# Not yet timed on a GPU: 32 rows a program (a decode batch of 32 in one tl.dot tile), 16 weight rows a program (96
-# to 192 programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K step (one scale block), a 3-stage
-# pipelined K loop. HF_DEEPSEEK_FP8_ROWS_CONFIG sets it as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]".
-UNTUNED = RowsConfig(32, 16, 128, 4, 3)
-CONFIG: RowsConfig = config_from_env(os.environ, default=UNTUNED, names=(CONFIG_ENV,), parse=parse_config)
 
 
 def usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -120,7 +56,4 @@ def _(x, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-__all__ = [
-    "linear_rows_fp8", "usable", "rows_config", "parse_config", "RowsConfig", "CONFIG", "UNTUNED", "MAX_ROWS",
-    "CONFIG_ENV",
-]  # fmt: skip
+__all__ = ["linear_rows_fp8", "usable", "MAX_ROWS"]

@@ -1,5 +1,6 @@
-"""The launch configuration of the routed experts' matrix-vector kernels (`moe_gemv.py`, `_moe_gemv_triton.py`):
-what both the op and the Triton launcher read, below both."""
+"""The launch configurations of the decode kernels (the matrix-vector kernels of `moe_gemv.py`, the expert-grouped
+ones of `moe_grouped_gemv.py`, the FP8 rows kernel of `fp8_rows.py`): what both the ops and the Triton launchers
+read, below both."""
 
 import os
 from typing import NamedTuple
@@ -34,10 +35,13 @@ def _fields(text: str | None, required: int, optional: int, form: str) -> list[i
     if not text or not text.strip():
         return None
     fields = [f.strip() for f in text.split(",")]
-    if not required <= len(fields) <= required + optional:
-        raise ValueError(f"expected {form}, got {text!r}")
     last = required + optional - 1
-    return [None if i == last and f.lower() == "none" else int(f) for i, f in enumerate(fields)]
+    try:
+        if not required <= len(fields) <= required + optional:
+            raise ValueError
+        return [None if i == last and f.lower() == "none" else int(f) for i, f in enumerate(fields)]
+    except ValueError:
+        raise ValueError(f"expected {form} (integers, the last may be none), got {text!r}") from None
 
 
 def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> KernelConfig:
@@ -150,3 +154,20 @@ GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
     names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG"),
     parse=parse_grouped_config,
 )
+
+
+# The FP8 rows kernel (`fp8_rows.py`: a linear layer's 5-64 decode rows against its FP8 weight) takes the grouped
+# kernels' fields (activation rows a program, weight rows, K step, warps, stages) and their FP8 constraints. Not yet
+# timed on a GPU: 32 rows a program (a decode batch of 32 in one tl.dot tile), 16 weight rows a program (96 to 192
+# programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K step (one scale block), a 3-stage K loop.
+# HF_DEEPSEEK_FP8_ROWS_CONFIG sets it as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]".
+UNTUNED_FP8_ROWS = GroupedConfig(32, 16, 128, 4, 3)
+FP8_ROWS_CONFIG: GroupedConfig = config_from_env(
+    default=UNTUNED_FP8_ROWS, names=("HF_DEEPSEEK_FP8_ROWS_CONFIG",), parse=parse_grouped_config
+)
+
+
+def fp8_rows_config(config=None) -> GroupedConfig:
+    """A tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]) or GroupedConfig, or None for `FP8_ROWS_CONFIG`, checked
+    as `grouped_config` checks FP8 weights' (BLOCK_N and BLOCK_K dividing the 128x128 scale blocks)."""
+    return grouped_config(FP8_ROWS_CONFIG if config is None else config, fp8=True)
