@@ -9,6 +9,7 @@ batches at top-6 (`--tokens`). On a CUDA machine with Triton:
     python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
     python benchmarks/moe_gemv_tune.py --grouped-kernels [--fp8] [--quick] [--json out.json]   # batch 32 and 5
+    python benchmarks/moe_gemv_tune.py --fp8-rows [--linear-tokens 32] [--json out.json]   # FP8 dense layers, 5-64 rows
 
 `--grouped-kernels` times the expert-grouped kernels (`kernels/moe_grouped_gemv.py`, `moe_gemv_config.GroupedConfig`:
 BLOCK_T, BLOCK_N, BLOCK_K, warps, stages) at 32 and 5 tokens x top-6 (192 and 30 pairs; `--tokens`), each with its
@@ -16,6 +17,12 @@ bookkeeping (the sort by expert), against torch's bf16 paths (grouped GEMM; deco
 or, with `--fp8`, against dequantising every expert then the grouped GEMM, and against the per-pair kernels; a
 configuration is chosen by HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG (..._FP8_CONFIG for FP8 weights) =
 "BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES".
+
+`--fp8-rows` times the FP8 rows kernel (`kernels/fp8_rows.py`: a dense layer's 5-64 decode rows against its FP8
+weight, weight-only) per configuration at the bench's dense shapes, against what an FP8 layer ran before (the
+activation quantised, then the FP8 GEMM: `FP8InferenceLinear` without `weight_only_decode`) and cuBLAS's bf16
+F.linear; it ends with the configuration that takes the least time over a decode step's dense layers, which
+HF_DEEPSEEK_FP8_ROWS_CONFIG="BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES" sets.
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
@@ -193,6 +200,78 @@ GROUPED_CONFIGS = [
 ]
 
 
+# the FP8 rows kernel: (BLOCK_T, BLOCK_N, BLOCK_K, warps, stages); fewer weight rows a program mean more programs
+# but more re-reads of the activation tile from L2
+FP8_ROWS_CONFIGS = [
+    (32, 16, 128, 4, 3),  # the untuned default
+    (32, 32, 128, 4, 3),
+    (32, 64, 128, 4, 3),
+    (32, 16, 64, 4, 4),
+    (16, 16, 128, 4, 3),
+    (64, 16, 128, 4, 3),
+    (64, 32, 128, 8, 3),
+    (32, 32, 64, 4, 4),
+    (32, 16, 128, 4, None),
+]
+
+
+def fp8_rows_rows(args) -> list[dict]:
+    """The FP8 rows kernel per configuration at the bench's dense shapes and `args.linear_tokens` rows (default 32),
+    against the FP8 GEMM path and cuBLAS bf16; each row's error against float64 from the dequantised weight."""
+    from hf_deepseek.kernels import _fp8_rows_triton
+    from hf_deepseek.modeling.fp8 import FP8InferenceLinear
+
+    rows = []
+    for name, n, k, launches in linear_shapes(FULL_CONFIG):
+        dense = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        layer = FP8InferenceLinear.from_linear(dense)
+        gemm = FP8InferenceLinear.from_linear(dense)
+        gemm.fp8_recipe = type(gemm.fp8_recipe)(weight_only_decode=False)
+        full = layer.dequantized(torch.float64).weight
+        for tokens in args.linear_tokens:
+            x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+            want = x.double() @ full.T
+            label = f"{name} [{n}, {k}] x {tokens}"
+            with torch.no_grad():
+                base = {"cuBLAS bf16 F.linear": time_us(lambda x=x, w=dense.weight: F.linear(x, w)),
+                        "FP8 GEMM path": time_us(lambda x=x, g=gemm: g(x))}  # fmt: skip
+                for kernel, us in base.items():
+                    rows.append(dict(case=label, kernel=kernel, us=us, launches=launches))
+                print(f"{label}: " + ", ".join(f"{kernel} {us:.1f} us" for kernel, us in base.items()), flush=True)
+                for config in FP8_ROWS_CONFIGS:
+                    call = (x, layer.weight, layer.weight_scale_inv, config)
+                    try:
+                        got = _fp8_rows_triton.launch(*call).double()
+                        us = time_us(lambda a=call: _fp8_rows_triton.launch(*a))
+                    except Exception as exc:
+                        print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                        continue
+                    error = ((got - want).norm() / want.norm()).item()
+                    rows.append(dict(case=label, kernel="triton fp8 rows", config=config, us=us, launches=launches,
+                                     error=error, gb_s=n * k / us / 1e3))  # fmt: skip
+                    flag = "" if error < 1e-2 else "  WRONG"
+                    print(f"  {config}: {us:6.1f} us, {base['FP8 GEMM path'] / us:.2f}x the FP8 GEMM path, "
+                          f"{base['cuBLAS bf16 F.linear'] / us:.2f}x cuBLAS bf16{flag}", flush=True)  # fmt: skip
+    return rows
+
+
+def rows_per_step(rows: list[dict]) -> dict:
+    """A decode step's dense layers (us, each shape's time x its launches a step) for the two baselines and the FP8
+    rows kernel's one configuration with the least such time among those right at every shape."""
+    cases = {r["case"] for r in rows}
+    summary = {k: sum(r["us"] * r["launches"] for r in rows if r["kernel"] == k)
+               for k in ("cuBLAS bf16 F.linear", "FP8 GEMM path")}  # fmt: skip
+    totals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kernel"] == "triton fp8 rows" and r["error"] < 1e-2:
+            totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
+    complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cases)}
+    if complete:
+        config = min(complete, key=complete.get)
+        summary["fp8 rows"] = {"config": list(config), "us": complete[config]}
+    return summary
+
+
 def torch_paths(x, indices, weights, gate_up, down, scales: dict) -> dict:
     """What the grouped kernels replace, as calls timed beside them: the per-pair kernels (default configuration);
     bf16: torch's grouped GEMM and decode's dense path over every expert; FP8: every expert dequantised, then the
@@ -276,8 +355,6 @@ def grouped_kernel_rows(args, copy: float) -> dict:
 
 
 def main() -> None:
-    from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--quick", action="store_true", help="the ~10 most promising configurations, no grouped_mm")
@@ -288,10 +365,23 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
-    parser.add_argument("--linear-tokens", type=int, nargs="*", default=[1])
+    parser.add_argument("--linear-tokens", type=int, nargs="*", default=None, help="rows (default 1; --fp8-rows 32)")
+    parser.add_argument("--fp8-rows", action="store_true", help="the FP8 rows kernel at the bench's dense shapes")
     parser.add_argument("--grouped-kernels", action="store_true", help="the expert-grouped kernels (batch 32, 5)")
     args = parser.parse_args()
+    args.linear_tokens = args.linear_tokens or ([32] if args.fp8_rows else [1])
     started = time.time()
+    if args.fp8_rows:
+        results = {"rows": fp8_rows_rows(args)}
+        results["per_step"] = summary = rows_per_step(results["rows"])
+        print(f"a decode step's dense layers, rows {args.linear_tokens}: " + "; ".join(
+            f"{k} {v['config']} {v['us']:.0f} us" if isinstance(v, dict) else f"{k} {v:.0f} us"
+            for k, v in summary.items()))  # fmt: skip
+        print(f"{time.time() - started:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.grouped_kernels:
         results = grouped_kernel_rows(args, copy_bandwidth_gb_s())
         print(f"{time.time() - started:.0f} s")
@@ -321,6 +411,8 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         return
+    from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
+
     tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
     configs = QUICK if args.quick else CONFIGS
     experts, dim, inter, top_k = 64, args.dim, args.inter, 6

@@ -50,3 +50,29 @@ def test_grouped_kernel_configurations_are_valid():
     for config in tune.GROUPED_QUICK:
         assert grouped_config(config) == grouped_config(config, fp8=True)
     assert len({grouped_config(c) for c in tune.GROUPED_CONFIGS}) == len(tune.GROUPED_CONFIGS)
+
+
+def test_fp8_rows_summary_picks_the_configuration_fastest_over_the_whole_step():
+    def row(case, config, us, launches, error=0.0):
+        return dict(case=case, kernel="triton fp8 rows", config=config, us=us, launches=launches, error=error)
+
+    rows = [
+        dict(case="a", kernel="cuBLAS bf16 F.linear", us=10.0, launches=8),
+        dict(case="a", kernel="FP8 GEMM path", us=20.0, launches=8),
+        dict(case="b", kernel="cuBLAS bf16 F.linear", us=30.0, launches=1),
+        dict(case="b", kernel="FP8 GEMM path", us=50.0, launches=1),
+        row("a", (32, 16, 128, 4, 3), 4.0, 8), row("b", (32, 16, 128, 4, 3), 40.0, 1),
+        row("a", (32, 32, 128, 4, 3), 6.0, 8), row("b", (32, 32, 128, 4, 3), 30.0, 1),
+        row("a", (64, 16, 128, 4, 3), 1.0, 8), row("b", (64, 16, 128, 4, 3), 1.0, 1, error=0.5),  # wrong on b
+        row("a", (16, 16, 128, 4, 3), 0.5, 8),  # b missing
+    ]  # fmt: skip
+    summary = tune.rows_per_step(rows)
+    assert summary["cuBLAS bf16 F.linear"] == 110.0 and summary["FP8 GEMM path"] == 210.0
+    assert summary["fp8 rows"] == {"config": [32, 16, 128, 4, 3], "us": 72.0}
+
+
+def test_fp8_rows_configurations_are_valid():
+    from hf_deepseek.kernels.moe_gemv_config import UNTUNED_FP8_ROWS, fp8_rows_config
+
+    assert UNTUNED_FP8_ROWS in tune.FP8_ROWS_CONFIGS
+    assert len({fp8_rows_config(c) for c in tune.FP8_ROWS_CONFIGS}) == len(tune.FP8_ROWS_CONFIGS)
