@@ -9,7 +9,7 @@ batches at top-6 (`--tokens`). On a CUDA machine with Triton:
     python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
     python benchmarks/moe_gemv_tune.py --grouped-kernels [--fp8] [--quick] [--json out.json]   # batch 32 and 5
-    python benchmarks/moe_gemv_tune.py --fp8-rows [--linear-tokens 32] [--json out.json]   # FP8 dense layers, 5-64 rows
+    python benchmarks/moe_gemv_tune.py --linear-rows [--linear-tokens 32] [--json out.json]   # dense layers, 2-64 rows
 
 `--grouped-kernels` times the expert-grouped kernels (`kernels/moe_grouped_gemv.py`, `moe_gemv_config.GroupedConfig`:
 BLOCK_T, BLOCK_N, BLOCK_K, warps, stages) at 32 and 5 tokens x top-6 (192 and 30 pairs; `--tokens`), each with its
@@ -18,11 +18,12 @@ or, with `--fp8`, against dequantising every expert then the grouped GEMM, and a
 configuration is chosen by HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG (..._FP8_CONFIG for FP8 weights) =
 "BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES".
 
-`--fp8-rows` times the FP8 rows kernel (`kernels/fp8_rows.py`: a dense layer's 5-64 decode rows against its FP8
-weight, weight-only) per configuration at the bench's dense shapes, against what an FP8 layer ran before (the
-activation quantised, then the FP8 GEMM: `FP8InferenceLinear` without `weight_only_decode`) and cuBLAS's bf16
-F.linear; it ends with the configuration that takes the least time over a decode step's dense layers, which
-HF_DEEPSEEK_FP8_ROWS_CONFIG="BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES" sets.
+`--linear-rows` times the rows kernel (`kernels/linear_rows.py`: a dense layer's few dozen decode rows against its
+weight, read once) per configuration at the bench's dense shapes, with bf16 weights against cuBLAS's F.linear and
+with FP8 weights against what an FP8 layer runs without it (the activation quantised, then the FP8 GEMM:
+`FP8InferenceLinear` without `weight_only_decode`); it ends with the configuration per kind of weight that takes
+the least time over a decode step's dense layers, which HF_DEEPSEEK_LINEAR_ROWS_CONFIG (bf16) and
+HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG = "BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES" set.
 
 `--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
@@ -200,9 +201,9 @@ GROUPED_CONFIGS = [
 ]
 
 
-# the FP8 rows kernel: (BLOCK_T, BLOCK_N, BLOCK_K, warps, stages); fewer weight rows a program mean more programs
-# but more re-reads of the activation tile from L2
-FP8_ROWS_CONFIGS = [
+# the rows kernel: (BLOCK_T, BLOCK_N, BLOCK_K, warps, stages); fewer weight rows a program mean more programs but
+# more re-reads of the activation tile from L2
+LINEAR_ROWS_CONFIGS = [
     (32, 16, 128, 4, 3),  # the untuned default
     (32, 32, 128, 4, 3),
     (32, 64, 128, 4, 3),
@@ -213,12 +214,13 @@ FP8_ROWS_CONFIGS = [
     (32, 32, 64, 4, 4),
     (32, 16, 128, 4, None),
 ]
+BASELINES = {"bf16": "cuBLAS bf16 F.linear", "fp8": "FP8 GEMM path"}
 
 
-def fp8_rows_rows(args) -> list[dict]:
-    """The FP8 rows kernel per configuration at the bench's dense shapes and `args.linear_tokens` rows (default 32),
-    against the FP8 GEMM path and cuBLAS bf16; each row's error against float64 from the dequantised weight."""
-    from hf_deepseek.kernels import _fp8_rows_triton
+def linear_rows_rows(args) -> list[dict]:
+    """The rows kernel per configuration and kind of weight at the bench's dense shapes and `args.linear_tokens` rows
+    (default 32), against each kind's baseline (`BASELINES`); each row's error against float64."""
+    from hf_deepseek.kernels import _linear_rows_triton
     from hf_deepseek.modeling.fp8 import FP8InferenceLinear
 
     rows = []
@@ -227,48 +229,50 @@ def fp8_rows_rows(args) -> list[dict]:
         layer = FP8InferenceLinear.from_linear(dense)
         gemm = FP8InferenceLinear.from_linear(dense)
         gemm.fp8_recipe = type(gemm.fp8_recipe)(weight_only_decode=False)
-        full = layer.dequantized(torch.float64).weight
+        kinds = {  # (the kernel's weight arguments, the baseline, the weight in float64)
+            "bf16": ((dense.weight, None), lambda x, w=dense.weight: F.linear(x, w), dense.weight.double()),
+            "fp8": ((layer.weight, layer.weight_scale_inv), gemm, layer.dequantized(torch.float64).weight),
+        }
         for tokens in args.linear_tokens:
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-            want = x.double() @ full.T
-            label = f"{name} [{n}, {k}] x {tokens}"
-            with torch.no_grad():
-                base = {"cuBLAS bf16 F.linear": time_us(lambda x=x, w=dense.weight: F.linear(x, w)),
-                        "FP8 GEMM path": time_us(lambda x=x, g=gemm: g(x))}  # fmt: skip
-                for kernel, us in base.items():
-                    rows.append(dict(case=label, kernel=kernel, us=us, launches=launches))
-                print(f"{label}: " + ", ".join(f"{kernel} {us:.1f} us" for kernel, us in base.items()), flush=True)
-                for config in FP8_ROWS_CONFIGS:
-                    call = (x, layer.weight, layer.weight_scale_inv, config)
-                    try:
-                        got = _fp8_rows_triton.launch(*call).double()
-                        us = time_us(lambda a=call: _fp8_rows_triton.launch(*a))
-                    except Exception as exc:
-                        print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                        continue
-                    error = ((got - want).norm() / want.norm()).item()
-                    rows.append(dict(case=label, kernel="triton fp8 rows", config=config, us=us, launches=launches,
-                                     error=error, gb_s=n * k / us / 1e3))  # fmt: skip
-                    flag = "" if error < 1e-2 else "  WRONG"
-                    print(f"  {config}: {us:6.1f} us, {base['FP8 GEMM path'] / us:.2f}x the FP8 GEMM path, "
-                          f"{base['cuBLAS bf16 F.linear'] / us:.2f}x cuBLAS bf16{flag}", flush=True)  # fmt: skip
+            for kind, (weights, baseline, full) in kinds.items():
+                label = f"{name} [{n}, {k}] x {tokens} {kind}"
+                want = x.double() @ full.T
+                with torch.no_grad():
+                    base = time_us(lambda x=x, f=baseline: f(x))
+                    rows.append(dict(case=label, kernel=BASELINES[kind], us=base, launches=launches))
+                    print(f"{label}: {BASELINES[kind]} {base:.1f} us", flush=True)
+                    for config in LINEAR_ROWS_CONFIGS:
+                        call = (x, *weights, config)
+                        try:
+                            got = _linear_rows_triton.launch(*call).double()
+                            us = time_us(lambda a=call: _linear_rows_triton.launch(*a))
+                        except Exception as exc:
+                            print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                            continue
+                        error = ((got - want).norm() / want.norm()).item()
+                        rows.append(dict(case=label, kernel=f"triton {kind} rows", config=config, us=us,
+                                         launches=launches, error=error))  # fmt: skip
+                        flag = "" if error < 1e-2 else "  WRONG"
+                        print(f"  {config}: {us:6.1f} us, {base / us:.2f}x {BASELINES[kind]}{flag}", flush=True)
     return rows
 
 
 def rows_per_step(rows: list[dict]) -> dict:
-    """A decode step's dense layers (us, each shape's time x its launches a step) for the two baselines and the FP8
-    rows kernel's one configuration with the least such time among those right at every shape."""
-    cases = {r["case"] for r in rows}
-    summary = {k: sum(r["us"] * r["launches"] for r in rows if r["kernel"] == k)
-               for k in ("cuBLAS bf16 F.linear", "FP8 GEMM path")}  # fmt: skip
-    totals: dict[tuple, list[float]] = {}
-    for r in rows:
-        if r["kernel"] == "triton fp8 rows" and r["error"] < 1e-2:
-            totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
-    complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cases)}
-    if complete:
-        config = min(complete, key=complete.get)
-        summary["fp8 rows"] = {"config": list(config), "us": complete[config]}
+    """A decode step's dense layers (us, each shape's time x its launches a step) per baseline and, per kind of
+    weight, the rows kernel's one configuration with the least such time among those right at every shape."""
+    summary = {}
+    for kind, baseline in BASELINES.items():
+        cases = {r["case"] for r in rows if r["kernel"] == baseline}
+        summary[baseline] = sum(r["us"] * r["launches"] for r in rows if r["kernel"] == baseline)
+        totals: dict[tuple, list[float]] = {}
+        for r in rows:
+            if r["kernel"] == f"triton {kind} rows" and r["error"] < 1e-2:
+                totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
+        complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cases)}
+        if complete:
+            config = min(complete, key=complete.get)
+            summary[f"{kind} rows"] = {"config": list(config), "us": complete[config]}
     return summary
 
 
@@ -365,14 +369,14 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
-    parser.add_argument("--linear-tokens", type=int, nargs="*", default=None, help="rows (default 1; --fp8-rows 32)")
-    parser.add_argument("--fp8-rows", action="store_true", help="the FP8 rows kernel at the bench's dense shapes")
+    parser.add_argument("--linear-tokens", type=int, nargs="*", default=None, help="rows (default 1; --linear-rows 32)")
+    parser.add_argument("--linear-rows", action="store_true", help="the rows kernel at the bench's dense shapes")
     parser.add_argument("--grouped-kernels", action="store_true", help="the expert-grouped kernels (batch 32, 5)")
     args = parser.parse_args()
-    args.linear_tokens = args.linear_tokens or ([32] if args.fp8_rows else [1])
+    args.linear_tokens = args.linear_tokens or ([32] if args.linear_rows else [1])
     started = time.time()
-    if args.fp8_rows:
-        results = {"rows": fp8_rows_rows(args)}
+    if args.linear_rows:
+        results = {"rows": linear_rows_rows(args)}
         results["per_step"] = summary = rows_per_step(results["rows"])
         print(f"a decode step's dense layers, rows {args.linear_tokens}: " + "; ".join(
             f"{k} {v['config']} {v['us']:.0f} us" if isinstance(v, dict) else f"{k} {v:.0f} us"

@@ -482,13 +482,14 @@ def moe_grouped_gemv_kernels() -> dict[str, bool]:
     return results
 
 
-# ---- the FP8 linear layers' decode rows (hf_deepseek/kernels/_fp8_rows_triton.py, `moe_gemv_config.FP8_ROWS_CONFIG`)
-# A separate section: `fp8_rows_kernel()`, which the main block runs, prints, saves ("fp8_rows") and counts in the exit
-# status: bf16 and fp16 rows within 1e-2 of float64 and, stored with the GPU's rounding (`gpu_store_rounding`), within
-# 1e-3 of the op's torch path (fp32 sums rounded once); fp32 rows within 1e-5 of float64; tl.dot (BLOCK_T 16, 32) and
-# the broadcast product (BLOCK_T 4); partial blocks of rows, weight rows and K (not a multiple of 128).
+# ---- the linear layers' decode rows (hf_deepseek/kernels/_linear_rows_triton.py, `moe_gemv_config.GroupedConfig`) ---
+# A separate section: `linear_rows_kernel()`, which the main block runs, prints, saves ("linear_rows") and counts in
+# the exit status: FP8 weights with bf16 and fp16 rows, and bf16 weights with bf16 rows, within 1e-2 of float64 and,
+# stored with the GPU's rounding (`gpu_store_rounding`), within 1e-3 of the ops' torch path (fp32 sums rounded once);
+# FP8 weights with fp32 rows within 1e-5 of float64; tl.dot (BLOCK_T 16, 32) and the broadcast product (BLOCK_T 4);
+# partial blocks of rows, weight rows and K (not a multiple of 128).
 
-FP8_ROWS_CASES = [  # (rows, N, K, config)
+LINEAR_ROWS_CASES = [  # (rows, N, K, config)
     (20, 200, 320, None), (20, 200, 320, (16, 32, 64, 4, 2)), (20, 200, 320, (4, 16, 128, 4, None)),
     (5, 200, 320, (4, 16, 128, 4, None)), (5, 200, 320, (16, 16, 128, 4, 3)), (33, 136, 1408, None),
 ]  # fmt: skip
@@ -514,30 +515,40 @@ def gpu_store_rounding():
         interpreter._convert_float = original
 
 
-def fp8_rows_kernel() -> dict[str, bool]:
-    """The weight-only FP8 kernel for a few dozen rows (`_fp8_rows_triton.launch`) against float64 from the
-    dequantised weight and against the op's torch path (`fp8_rows.linear_rows_fp8` on the CPU)."""
-    from hf_deepseek.kernels import _fp8_rows_triton, fp8_rows
+def linear_rows_kernel() -> dict[str, bool]:
+    """The rows kernel (`_linear_rows_triton.launch`) with FP8 and bf16 weights against float64 and against the ops'
+    torch path (`linear_rows.linear_rows_fp8`, `linear_rows.linear_rows` on the CPU)."""
+    from hf_deepseek.kernels import _linear_rows_triton, linear_rows
 
     results = {}
     with bf16_dot(), gpu_store_rounding():
-        for rows, n, k, cfg in FP8_ROWS_CASES:
+        for rows, n, k, cfg in LINEAR_ROWS_CASES:
             torch.manual_seed(rows * n + k)
             layer = FP8InferenceLinear.from_linear(torch.nn.Linear(k, n, bias=False))
-            weight = layer.dequantized(torch.float64).weight
+            bf16 = layer.dequantized(torch.float32).weight.to(torch.bfloat16)
+            weights = {  # (the kernel's weight and scale, the weight in float64)
+                "fp8": ((layer.weight, layer.weight_scale_inv), layer.dequantized(torch.float64).weight),
+                "bf16": ((bf16, None), bf16.double()),
+            }
             x = torch.randn(rows, k)
-            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            bf16_x, fp16_x = torch.bfloat16, torch.float16
+            for kind, dtype in [("fp8", bf16_x), ("fp8", fp16_x), ("fp8", torch.float32), ("bf16", bf16_x)]:
+                (weight, scale), full = weights[kind]
                 xd = x.to(dtype)
-                got = _fp8_rows_triton.launch(xd, layer.weight, layer.weight_scale_inv, cfg)
-                error = relative_error(got, xd.double() @ weight.T)
-                name = f"{str(dtype)[6:]} {rows}x{k} @ [{n}, {k}]^T {cfg}"
+                got = _linear_rows_triton.launch(xd, weight, scale, cfg)
+                error = relative_error(got, xd.double() @ full.T)
+                name = f"{kind} weight, {str(dtype)[6:]} {rows}x{k} @ [{n}, {k}]^T {cfg}"
                 if dtype == torch.float32:
-                    print(f"  fp8_rows {name}: error {error:.2e}")
+                    print(f"  linear_rows {name}: error {error:.2e}")
                     results[name] = error < 1e-5 and got.dtype == dtype
                     continue
-                torch_path = fp8_rows.linear_rows_fp8(xd, layer.weight, layer.weight_scale_inv)
+                torch_path = (
+                    linear_rows.linear_rows_fp8(xd, weight, scale)
+                    if scale is not None
+                    else linear_rows.linear_rows(xd, weight)
+                )
                 drift, differ = relative_error(got, torch_path), (got != torch_path).sum().item()
-                print(f"  fp8_rows {name}: error {error:.2e}, vs the op's torch path {drift:.2e} ({differ} differ)")
+                print(f"  linear_rows {name}: error {error:.2e}, vs the op's torch path {drift:.2e} ({differ} differ)")
                 results[name] = error < 1e-2 and drift < 1e-3 and got.dtype == dtype
     return results
 
@@ -550,7 +561,7 @@ if __name__ == "__main__":
     router = moe_router()  # the fused MoE router's section
     variants = moe_gemv_variants()  # the matrix-vector kernels' split-K / pipelined variants' section
     grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section
-    rows = fp8_rows_kernel()  # the FP8 linear layers' decode rows section
+    rows = linear_rows_kernel()  # the linear layers' decode rows section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -566,11 +577,11 @@ if __name__ == "__main__":
             record["moe_router_as_torch"] = router
             record["moe_gemv_variants"] = variants
             record["moe_grouped_gemv"] = grouped
-            record["fp8_rows"] = rows
+            record["linear_rows"] = rows
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
-    print(f"fp8_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
+    print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0

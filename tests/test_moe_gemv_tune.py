@@ -52,27 +52,30 @@ def test_grouped_kernel_configurations_are_valid():
     assert len({grouped_config(c) for c in tune.GROUPED_CONFIGS}) == len(tune.GROUPED_CONFIGS)
 
 
-def test_fp8_rows_summary_picks_the_configuration_fastest_over_the_whole_step():
-    def row(case, config, us, launches, error=0.0):
-        return dict(case=case, kernel="triton fp8 rows", config=config, us=us, launches=launches, error=error)
+def test_rows_summary_picks_the_configuration_fastest_over_the_whole_step():
+    def row(case, kind, config, us, launches, error=0.0):
+        return dict(case=case, kernel=f"triton {kind} rows", config=config, us=us, launches=launches, error=error)
 
     rows = [
-        dict(case="a", kernel="cuBLAS bf16 F.linear", us=10.0, launches=8),
-        dict(case="a", kernel="FP8 GEMM path", us=20.0, launches=8),
-        dict(case="b", kernel="cuBLAS bf16 F.linear", us=30.0, launches=1),
-        dict(case="b", kernel="FP8 GEMM path", us=50.0, launches=1),
-        row("a", (32, 16, 128, 4, 3), 4.0, 8), row("b", (32, 16, 128, 4, 3), 40.0, 1),
-        row("a", (32, 32, 128, 4, 3), 6.0, 8), row("b", (32, 32, 128, 4, 3), 30.0, 1),
-        row("a", (64, 16, 128, 4, 3), 1.0, 8), row("b", (64, 16, 128, 4, 3), 1.0, 1, error=0.5),  # wrong on b
-        row("a", (16, 16, 128, 4, 3), 0.5, 8),  # b missing
+        dict(case="a fp8", kernel="FP8 GEMM path", us=20.0, launches=8),
+        dict(case="b fp8", kernel="FP8 GEMM path", us=50.0, launches=1),
+        dict(case="a bf16", kernel="cuBLAS bf16 F.linear", us=10.0, launches=8),
+        dict(case="b bf16", kernel="cuBLAS bf16 F.linear", us=30.0, launches=1),
+        row("a fp8", "fp8", (32, 16, 128, 4, 3), 4.0, 8), row("b fp8", "fp8", (32, 16, 128, 4, 3), 40.0, 1),
+        row("a fp8", "fp8", (32, 32, 128, 4, 3), 6.0, 8), row("b fp8", "fp8", (32, 32, 128, 4, 3), 30.0, 1),
+        row("a fp8", "fp8", (64, 16, 128, 4, 3), 1.0, 8), row("b fp8", "fp8", (64, 16, 128, 4, 3), 1.0, 1, 0.5),
+        row("a fp8", "fp8", (16, 16, 128, 4, 3), 0.5, 8),  # (64, 16, ...) wrong on b, (16, 16, ...) missing b
+        row("a bf16", "bf16", (32, 64, 128, 4, 3), 5.0, 8), row("b bf16", "bf16", (32, 64, 128, 4, 3), 20.0, 1),
     ]  # fmt: skip
     summary = tune.rows_per_step(rows)
     assert summary["cuBLAS bf16 F.linear"] == 110.0 and summary["FP8 GEMM path"] == 210.0
     assert summary["fp8 rows"] == {"config": [32, 16, 128, 4, 3], "us": 72.0}
+    assert summary["bf16 rows"] == {"config": [32, 64, 128, 4, 3], "us": 60.0}
 
 
-def test_fp8_rows_configurations_are_valid():
-    from hf_deepseek.kernels.moe_gemv_config import UNTUNED_FP8_ROWS, fp8_rows_config
+def test_rows_kernel_configurations_are_valid():
+    from hf_deepseek.kernels.moe_gemv_config import UNTUNED_LINEAR_ROWS, linear_rows_config
 
-    assert UNTUNED_FP8_ROWS in tune.FP8_ROWS_CONFIGS
-    assert len({fp8_rows_config(c) for c in tune.FP8_ROWS_CONFIGS}) == len(tune.FP8_ROWS_CONFIGS)
+    assert UNTUNED_LINEAR_ROWS in tune.LINEAR_ROWS_CONFIGS
+    configs = {linear_rows_config(c, fp8=True) for c in tune.LINEAR_ROWS_CONFIGS}  # FP8's checks: both kinds serve
+    assert len(configs) == len(tune.LINEAR_ROWS_CONFIGS)

@@ -43,7 +43,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode, moe_gemv, moe_grouped_gemv
+from hf_deepseek.kernels import flash_mla_decode, linear_rows, moe_gemv, moe_grouped_gemv
 from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -60,6 +60,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-triton-attn",
     "ours-fast-auto-attn",
     "ours-fast-cublas",
+    "ours-fast-linear-rows",
     "ours-fast-sum-top-k",
     "ours-mtp",
     "ours-generate",
@@ -227,6 +228,7 @@ class Row:
     linear_gemv: bool = True  # moe_gemv.LINEAR_GEMV during the row (bf16 dense layers' decode row through the kernel)
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
     expert_grouped: bool = False  # moe_grouped_gemv.GROUPED_GEMV on (bf16 experts through the grouped kernels)
+    linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
 
 
 STEP_ROWS = {
@@ -241,6 +243,7 @@ STEP_ROWS = {
     "ours-fast-cublas": Row("ours-fast-cublas", "latent", True, linear_gemv=False),
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
     "ours-fast-expert-grouped": Row("ours-fast-expert-grouped", "latent", True, expert_grouped=True),
+    "ours-fast-linear-rows": Row("ours-fast-linear-rows", "latent", True, linear_rows=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -277,6 +280,7 @@ def row_switches(row: Row):
         (moe_gemv, "LINEAR_GEMV", moe_gemv.LINEAR_GEMV and row.linear_gemv),
         (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
         (moe_grouped_gemv, "GROUPED_GEMV", row.expert_grouped or moe_grouped_gemv.GROUPED_GEMV),
+        (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
     for module, name, value in switches:

@@ -1,5 +1,5 @@
 """The launch configurations of the decode kernels (the matrix-vector kernels of `moe_gemv.py`, the expert-grouped
-ones of `moe_grouped_gemv.py`, the FP8 rows kernel of `fp8_rows.py`): what both the ops and the Triton launchers
+ones of `moe_grouped_gemv.py`, the rows kernel of `linear_rows.py`): what both the ops and the Triton launchers
 read, below both."""
 
 import os
@@ -156,18 +156,26 @@ GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
 )
 
 
-# The FP8 rows kernel (`fp8_rows.py`: a linear layer's 5-64 decode rows against its FP8 weight) takes the grouped
-# kernels' fields (activation rows a program, weight rows, K step, warps, stages) and their FP8 constraints. Not yet
-# timed on a GPU: 32 rows a program (a decode batch of 32 in one tl.dot tile), 16 weight rows a program (96 to 192
-# programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K step (one scale block), a 3-stage K loop.
-# HF_DEEPSEEK_FP8_ROWS_CONFIG sets it as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]".
-UNTUNED_FP8_ROWS = GroupedConfig(32, 16, 128, 4, 3)
-FP8_ROWS_CONFIG: GroupedConfig = config_from_env(
-    default=UNTUNED_FP8_ROWS, names=("HF_DEEPSEEK_FP8_ROWS_CONFIG",), parse=parse_grouped_config
+# The rows kernel (`linear_rows.py`: a linear layer's few dozen decode rows against its bf16 or FP8 weight, read
+# once) takes the grouped kernels' fields (activation rows a program, weight rows, K step, warps, stages) and, for FP8
+# weights, their FP8 constraints. Not yet timed on a GPU: 32 rows a program (a decode batch of 32 in one tl.dot
+# tile), 16 weight rows a program (96 to 192 programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K step
+# (one scale block), a 3-stage K loop. HF_DEEPSEEK_LINEAR_ROWS_CONFIG sets both kinds' as
+# "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG sets FP8's.
+UNTUNED_LINEAR_ROWS = GroupedConfig(32, 16, 128, 4, 3)
+LINEAR_ROWS_CONFIG: GroupedConfig = config_from_env(
+    default=UNTUNED_LINEAR_ROWS, names=("HF_DEEPSEEK_LINEAR_ROWS_CONFIG",), parse=parse_grouped_config
+)
+LINEAR_ROWS_FP8_CONFIG: GroupedConfig = config_from_env(
+    default=UNTUNED_LINEAR_ROWS,
+    names=("HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG", "HF_DEEPSEEK_LINEAR_ROWS_CONFIG"),
+    parse=parse_grouped_config,
 )
 
 
-def fp8_rows_config(config=None) -> GroupedConfig:
-    """A tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]) or GroupedConfig, or None for `FP8_ROWS_CONFIG`, checked
-    as `grouped_config` checks FP8 weights' (BLOCK_N and BLOCK_K dividing the 128x128 scale blocks)."""
-    return grouped_config(FP8_ROWS_CONFIG if config is None else config, fp8=True)
+def linear_rows_config(config=None, fp8: bool = False) -> GroupedConfig:
+    """A tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]) or GroupedConfig, or None for `LINEAR_ROWS_CONFIG`
+    (`LINEAR_ROWS_FP8_CONFIG` for FP8 weights), checked as `grouped_config` checks it (FP8: BLOCK_N and BLOCK_K
+    dividing the 128x128 scale blocks)."""
+    default = LINEAR_ROWS_FP8_CONFIG if fp8 else LINEAR_ROWS_CONFIG
+    return grouped_config(default if config is None else config, fp8=fp8)

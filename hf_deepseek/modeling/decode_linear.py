@@ -7,23 +7,28 @@ attention projections, shared experts and dense MLP, 3-7 us each where their wei
 cuBLAS's 330 (docs/PERF.md, 2026-12-04g). Before a decode step compiles (transformers'
 `get_compiled_call`, generate()'s device loop), `use_decode_linears` turns the model's plain nn.Linear layers (not
 the LM head, which cuBLAS reads at the memory floor) into `DecodeLinear`: the same parameters and state dict, the
-kernel for `MAX_BF16_LINEAR_ROWS` row without gradients on CUDA, `F.linear` otherwise. FP8 layers are other
-classes and keep their own kernels."""
+kernel for `MAX_BF16_LINEAR_ROWS` row without gradients on CUDA, with HF_DEEPSEEK_LINEAR_ROWS=1 the rows kernel
+(`kernels/linear_rows.py`: the weight read once for up to 64 rows; opt-in until timed) for a few more, `F.linear`
+otherwise. FP8 layers are other classes and keep their own kernels."""
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import moe_gemv
+from ..kernels import linear_rows, moe_gemv
 
 
 class DecodeLinear(nn.Linear):
-    """nn.Linear whose decode rows (bf16, CUDA, no gradients, at most MAX_BF16_LINEAR_ROWS) take `linear_gemv`."""
+    """nn.Linear whose decode rows (bf16, CUDA, no gradients) take `linear_gemv` (MAX_BF16_LINEAR_ROWS) or, opted
+    in, `linear_rows` (up to its MAX_ROWS)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if moe_gemv.usable_linear(rows, self.weight):
             y = moe_gemv.linear_gemv(rows, self.weight).view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        if linear_rows.usable(rows, self.weight):
+            y = linear_rows.linear_rows(rows, self.weight).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 

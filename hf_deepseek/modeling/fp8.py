@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from ..kernels import fp8_rows, moe_gemv, moe_grouped_gemv
+from ..kernels import linear_rows, moe_gemv, moe_grouped_gemv
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
 from .decode_linear import DecodeLinear
 from .fp8_numerics import (
@@ -300,8 +300,8 @@ class FP8InferenceLinear(nn.Module):
         if self.fp8_recipe.weight_only_decode and moe_gemv.usable_linear_fp8(x2, self.weight):
             y = moe_gemv.linear_gemv_fp8(x2, self.weight, self.weight_scale_inv).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias.to(y.dtype)
-        if self.fp8_recipe.weight_only_decode and fp8_rows.usable(x2, self.weight):  # more rows: one read of W
-            y = fp8_rows.linear_rows_fp8(x2, self.weight, self.weight_scale_inv).reshape(*x.shape[:-1], -1)
+        if self.fp8_recipe.weight_only_decode and linear_rows.usable_fp8(x2, self.weight):  # more rows: one read of W
+            y = linear_rows.linear_rows_fp8(x2, self.weight, self.weight_scale_inv).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         backend = get_backend(self.fp8_recipe, x.device)
         x_q, x_s = backend.quantize_rows(x2)
