@@ -355,6 +355,8 @@ def moe_gemv_variants() -> dict[str, bool]:
     want_linear = rows.double() @ layer.dequantized(torch.float64).weight.T
     f32 = (x.float(), indices, weights, gate_up.float(), down.float())  # fp32 throughout: a sharp check of the sums
     want_f32 = moe_gemv.reference(*(t.double() if t.is_floating_point() else t for t in f32))
+    mlp = (x.float(), gate_up[0, :inter].float(), gate_up[0, inter:].float())  # a SwiGLU MLP's gate and up, fp32
+    want_mlp = torch.nn.functional.silu(mlp[0].double() @ mlp[1].double().T) * (mlp[0].double() @ mlp[2].double().T)
     base = {
         "bf16": _moe_gemv_triton.launch(x, indices, weights, gate_up, down),
         "fp8": _moe_gemv_triton.launch(x, indices, weights, fp8.gate_up_proj, fp8.down_proj, **scales),
@@ -372,10 +374,11 @@ def moe_gemv_variants() -> dict[str, bool]:
                 x, indices, weights, fp8.gate_up_proj, fp8.down_proj, cfg, sum_top_k=True, **scales
             ),
             "fp32 summed": _moe_gemv_triton.launch(*f32, cfg, sum_top_k=True),
+            "fp32 gate/up": _moe_gemv_triton.launch_gate_up(*mlp, cfg),  # two matrices, one launch
         }
         for name, out in got.items():
             if name.startswith("fp32"):
-                error = relative_error(out, want_f32)
+                error = relative_error(out, want_mlp if name == "fp32 gate/up" else want_f32)
                 print(f"  moe_gemv {name} {cfg}: error {error:.2e}")
                 results[f"{name} {cfg}"] = error < 1e-5
                 continue

@@ -138,3 +138,68 @@ def test_generate_through_the_kernel_on_gpu(monkeypatch):
         assert any(isinstance(m, DecodeLinear) for m in model.modules()) == on
     assert outputs[True].shape == outputs[False].shape == (1, 20)
     assert torch.equal(outputs[True][:, :13], outputs[False][:, :13])
+
+
+def test_fused_gate_up_op_and_the_mlp_taking_it(monkeypatch):
+    """`gate_up_gemv` on the CPU: SiLU(x gate^T) * (x up^T) from fp32 sums, rounded once; a SwiGLU MLP of DecodeLinear
+    layers takes it for its single decode row with HF_DEEPSEEK_FUSED_GATE_UP=1 (one op node under torch.compile),
+    keeps its three projections otherwise, and gives the unfused result within bf16 rounding."""
+    from hf_deepseek.modeling.layers import SwiGLUMLP
+
+    torch.manual_seed(0)
+    x, gate, up = (torch.randn(r, 64).to(torch.bfloat16) for r in (1, 48, 48))
+    want = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+    got = moe_gemv.gate_up_gemv(x, gate, up)
+    assert got.dtype == torch.bfloat16 and ((got.double() - want).norm() / want.norm()).item() < 4e-3
+    assert torch.equal(got, (F.silu(x.float() @ gate.float().T) * (x.float() @ up.float().T)).to(torch.bfloat16))
+
+    mlp = SwiGLUMLP(64, 48).to(torch.bfloat16)
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        layer.__class__ = DecodeLinear
+    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
+    calls, original = [], moe_gemv.gate_up_gemv
+    monkeypatch.setattr(moe_gemv, "gate_up_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    monkeypatch.setattr(moe_gemv, "FUSED_GATE_UP", False)
+    x3 = torch.randn(1, 1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        unfused = mlp(x3)
+        assert calls == []  # switched off
+        monkeypatch.setattr(moe_gemv, "FUSED_GATE_UP", True)
+        fused = mlp(x3)
+        assert calls == [1] and fused.shape == (1, 1, 64)
+        torch.testing.assert_close(fused, unfused, rtol=2e-2, atol=2e-2)
+        mlp(torch.randn(1, 3, 64).to(torch.bfloat16))  # three rows: the projections
+        assert calls == [1]
+    monkeypatch.setattr(moe_gemv, "gate_up_gemv", original)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(mlp, backend=backend, fullgraph=True)(x3), fused)
+    assert len(graphs) == 1 and "gate_up_gemv" in str(graphs[0].graph)
+
+
+@pytest.mark.gpu
+def test_fused_gate_up_kernel_matches_float64_on_gpu():
+    """The gate/up kernel over a SwiGLU MLP's two matrices (one decode row) at the bench's shared-expert and dense
+    MLP shapes, against float64; and replayed in a CUDA graph."""
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    torch.manual_seed(0)
+    for inter, dim in ((2816, 2048), (10944, 2048), (200, 320)):
+        x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+        gate, up = ((torch.randn(inter, dim, device="cuda") / dim**0.5).to(torch.bfloat16) for _ in range(2))
+        with torch.no_grad():
+            got = moe_gemv.gate_up_gemv(x, gate, up)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = _moe_gemv_triton.launch_gate_up(x, gate, up)
+            graph.replay()
+        want = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+        torch.testing.assert_close(replayed, got)

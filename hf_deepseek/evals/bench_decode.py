@@ -61,6 +61,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-auto-attn",
     "ours-fast-cublas",
     "ours-fast-linear-rows",
+    "ours-fast-gate-up",
     "ours-fast-sum-top-k",
     "ours-mtp",
     "ours-generate",
@@ -229,6 +230,7 @@ class Row:
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
     expert_grouped: bool = False  # moe_grouped_gemv.GROUPED_GEMV on (bf16 experts through the grouped kernels)
     linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
+    fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
 
 
 STEP_ROWS = {
@@ -244,6 +246,7 @@ STEP_ROWS = {
     "ours-fast-sum-top-k": Row("ours-fast-sum-top-k", "latent", True, sum_top_k=True),
     "ours-fast-expert-grouped": Row("ours-fast-expert-grouped", "latent", True, expert_grouped=True),
     "ours-fast-linear-rows": Row("ours-fast-linear-rows", "latent", True, linear_rows=True),
+    "ours-fast-gate-up": Row("ours-fast-gate-up", "latent", True, fused_gate_up=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -281,6 +284,7 @@ def row_switches(row: Row):
         (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
         (moe_grouped_gemv, "GROUPED_GEMV", row.expert_grouped or moe_grouped_gemv.GROUPED_GEMV),
         (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
+        (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
     for module, name, value in switches:

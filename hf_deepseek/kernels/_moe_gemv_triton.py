@@ -20,20 +20,25 @@ BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, Kernel
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, idx_ptr, w_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
+    x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    STAGES: tl.constexpr = None,
+    STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
     this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
-    gate and up partial sums are added to (atomically)."""
+    gate and up partial sums are added to (atomically). The up rows are read at u_ptr (the expert's row I for
+    routed experts; a second matrix otherwise). Not ROUTED: one gate [I, d] and one up matrix [I, d] (a SwiGLU
+    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     token = pair // TOP_K
-    expert = tl.load(idx_ptr + pair).to(tl.int64)
+    expert = 0
+    if ROUTED:
+        expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * (2 * INTER) * D
+    u = u_ptr + expert * (2 * INTER) * D
     n_ok = n < INTER
     k_lo = 0
     k_hi = D
@@ -48,7 +53,7 @@ def _gate_up_kernel(
         xk = tl.load(x_ptr + token * D + k, mask=k_ok, other=0.0).to(tl.float32)
         mask = n_ok[:, None] & k_ok[None, :]
         gate = tl.load(w + n[:, None] * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(w + (n[:, None] + INTER) * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(u + n[:, None] * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # the block's rows lie in one 128-row block of scales (launch checks 128 % BLOCK_N == 0)
             s = s_ptr + expert * (2 * G_INTER) * G_D + (n0 // 128) * G_D + k // 128
             gate *= tl.load(s, mask=k_ok, other=0.0)[None, :]
@@ -182,7 +187,8 @@ def launch(
                           dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
     chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
     _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
-        x, flat_idx, gate_up, gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter, g_dim, chunk_d,
+        x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
+        g_dim, chunk_d,
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
     _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
@@ -231,6 +237,21 @@ def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
         SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
     return out if split_k == 1 else out.to(x.dtype)
+
+
+def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
+    """x [T, K] -> SiLU(x @ gate^T) * (x @ up^T) [T, I] in x's dtype, gate and up [I, K] bf16 (a SwiGLU MLP's two
+    input projections in one launch, the activation applied in registers): the gate/up kernel over one pair of
+    matrices, each row of x a matrix-vector product. `config` as `launch_linear`'s (its split-K is not used)."""
+    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+    rows, (inter, dim) = x.shape[0], gate.shape
+    x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
+    act = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
+    _gate_up_kernel[(rows, triton.cdiv(inter, block_n), 1)](
+        x, x, gate, up, gate, act, dim, inter, 1, 1, 1, dim, SCALED=False, BLOCK_N=block_n, BLOCK_K=block_k,
+        STAGES=stages, ROUTED=False, **_launch_options(warps, stages),
+    )  # fmt: skip
+    return act
 
 
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:

@@ -12,9 +12,10 @@ CUDA, the same computation in torch elsewhere (`reference`), which is what the C
 `routed_experts_gemv_fp8` is the same for FP8 weights with DeepSeek's 128x128 block scales (a checkpoint kept in
 FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step reads half the bytes of bf16's;
 `linear_gemv_fp8` applies the same kernel to an FP8 linear layer's few decode rows (`FP8InferenceLinear`);
-`linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense layers
-took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0 keeps
-cuBLAS).
+`linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense
+layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
+keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
+applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1).
 """
 
 import os
@@ -32,6 +33,9 @@ LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dens
 # the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in, 3% slower than the
 # default in a batch-1 step on an H200 (bench row `ours-fast-sum-top-k`, docs/PERF.md 2026-12-04h)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
+# a SwiGLU MLP's gate and up projections of one decode row in one launch, SiLU(gate) * up applied in it (two
+# launches fewer a layer: the up projection and the activation): opt-in until timed (bench row ours-fast-gate-up)
+FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -170,6 +174,22 @@ def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("hf_deepseek::gate_up_gemv", mutates_args=())
+def gate_up_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """x [T, K], gate and up [I, K] (bf16) -> SiLU(x @ gate^T) * (x @ up^T) [T, I] in x's dtype, both products
+    accumulated in fp32 and the activation rounded once: the gate/up kernel on CUDA."""
+    if not x.is_cuda:
+        return (F.silu(F.linear(x.float(), gate.float())) * F.linear(x.float(), up.float())).to(x.dtype)
+    from ._moe_gemv_triton import launch_gate_up
+
+    return launch_gate_up(x, gate, up)
+
+
+@gate_up_gemv.register_fake
+def _(x, gate, up):
+    return x.new_empty(x.shape[0], gate.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -224,6 +244,7 @@ __all__ = [
     "routed_experts_gemv_fp8",
     "linear_gemv_fp8",
     "linear_gemv",
+    "gate_up_gemv",
     "usable_linear",
     "usable_linear_fp8",
     "reference",
@@ -237,4 +258,5 @@ __all__ = [
     "MAX_BF16_LINEAR_ROWS",
     "MAX_LINEAR_ROWS",
     "SUM_TOP_K",
+    "FUSED_GATE_UP",
 ]

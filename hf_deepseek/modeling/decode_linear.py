@@ -47,4 +47,18 @@ def use_decode_linears(model: nn.Module) -> int:
     return changed
 
 
-__all__ = ["DecodeLinear", "use_decode_linears"]
+def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """act(gate(x)) * up(x) of a SwiGLU MLP (`layers.SwiGLUMLP`) through `moe_gemv.gate_up_gemv` when both
+    projections are DecodeLinear without bias, the activation SiLU, HF_DEEPSEEK_FUSED_GATE_UP=1 and the single decode
+    row the matrix-vector kernel serves; None otherwise (the caller computes it as before)."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if not (moe_gemv.FUSED_GATE_UP and type(gate) is DecodeLinear and type(up) is DecodeLinear):
+        return None
+    silu = getattr(mlp.act_fn, "__name__", type(mlp.act_fn).__name__).lower() in ("silu", "siluactivation")
+    rows = x.reshape(-1, gate.in_features)
+    if not silu or gate.bias is not None or up.bias is not None or not moe_gemv.usable_linear(rows, gate.weight):
+        return None
+    return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
+
+
+__all__ = ["DecodeLinear", "fused_gate_up", "use_decode_linears"]

@@ -4,6 +4,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .decode_linear import fused_gate_up
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, as DeepSeek does, then cast back."""
@@ -34,4 +36,7 @@ class SwiGLUMLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        act = fused_gate_up(self, x)  # a decode row in one launch (opt-in), else None
+        if act is None:
+            act = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(act)
