@@ -120,6 +120,20 @@ def linear_shapes(config: dict) -> list[tuple[str, int, int, int]]:
     ]
 
 
+def fastest_over_step(rows: list[dict], kernel: str, shapes: int) -> dict | None:
+    """The configuration of `kernel`'s rows with the least time over a decode step (each shape's time x its launches
+    a step) among those right (error < 1e-2) at all `shapes` shapes: {"config", "us"}, or None."""
+    totals: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["kernel"] == kernel and r["error"] < 1e-2:
+            totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
+    complete = {c: sum(t) for c, t in totals.items() if len(t) == shapes}
+    if not complete:
+        return None
+    config = min(complete, key=complete.get)
+    return {"config": list(config), "us": complete[config]}
+
+
 def per_step(rows: list[dict]) -> dict:
     """The dense layers' matrix-vector time of one decode step (us, each shape's time x its launches a step): cuBLAS
     bf16, and per kind of weight the one configuration with the least such time among those that ran (and were
@@ -127,14 +141,8 @@ def per_step(rows: list[dict]) -> dict:
     cublas = [r for r in rows if r["kernel"] == "cuBLAS bf16 F.linear"]
     summary = {"cuBLAS bf16": sum(r["us"] * r["launches"] for r in cublas)}
     for kind in ("bf16", "fp8"):
-        mine = [r for r in rows if r["kernel"] == f"triton {kind} linear" and r["error"] < 1e-2]
-        totals: dict[tuple, list[float]] = {}
-        for r in mine:
-            totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
-        complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cublas)}
-        if complete:
-            config = min(complete, key=complete.get)
-            summary[kind] = {"config": list(config), "us": complete[config]}
+        if best := fastest_over_step(rows, f"triton {kind} linear", len(cublas)):
+            summary[kind] = best
     return summary
 
 
@@ -263,16 +271,10 @@ def rows_per_step(rows: list[dict]) -> dict:
     weight, the rows kernel's one configuration with the least such time among those right at every shape."""
     summary = {}
     for kind, baseline in BASELINES.items():
-        cases = {r["case"] for r in rows if r["kernel"] == baseline}
-        summary[baseline] = sum(r["us"] * r["launches"] for r in rows if r["kernel"] == baseline)
-        totals: dict[tuple, list[float]] = {}
-        for r in rows:
-            if r["kernel"] == f"triton {kind} rows" and r["error"] < 1e-2:
-                totals.setdefault(tuple(r["config"]), []).append(r["us"] * r["launches"])
-        complete = {c: sum(t) for c, t in totals.items() if len(t) == len(cases)}
-        if complete:
-            config = min(complete, key=complete.get)
-            summary[f"{kind} rows"] = {"config": list(config), "us": complete[config]}
+        base = [r for r in rows if r["kernel"] == baseline]
+        summary[baseline] = sum(r["us"] * r["launches"] for r in base)
+        if best := fastest_over_step(rows, f"triton {kind} rows", len(base)):
+            summary[f"{kind} rows"] = best
     return summary
 
 

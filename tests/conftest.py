@@ -46,6 +46,18 @@ def tiny_config(**overrides):
     return DeepSeekConfig(**{**TINY_CONFIG_DEFAULTS, **overrides})
 
 
+def graph_recorder():
+    """(backend, graphs): a torch.compile backend that appends each FX graph Dynamo hands it to `graphs` and runs it
+    eagerly, for tests that look at what a compiled call traced."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend, graphs
+
+
 @pytest.fixture(name="tiny_config")
 def _tiny_config_fixture():
     return tiny_config

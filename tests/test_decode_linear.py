@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import graph_recorder, tiny_config
 from torch import nn
 
 from hf_deepseek import DeepSeekForCausalLM
@@ -81,11 +81,7 @@ def test_op_on_cpu_and_compiled_through_the_layer(monkeypatch):
         torch.testing.assert_close(layer(many), F.linear(many, layer.weight, layer.bias))
         assert len(calls) == 1
     monkeypatch.setattr(moe_gemv, "linear_gemv", original)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    backend, graphs = graph_recorder()
 
     with torch.no_grad():
         out = torch.compile(layer, backend=backend, fullgraph=True)(x3)
@@ -171,11 +167,7 @@ def test_fused_gate_up_op_and_the_mlp_taking_it(monkeypatch):
         mlp(torch.randn(1, 3, 64).to(torch.bfloat16))  # three rows: the projections
         assert calls == [1]
     monkeypatch.setattr(moe_gemv, "gate_up_gemv", original)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    backend, graphs = graph_recorder()
 
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(mlp, backend=backend, fullgraph=True)(x3), fused)

@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from conftest import graph_recorder
 from test_moe_gemv import fp8_linear_layer
 
 from hf_deepseek.kernels import linear_rows, moe_gemv, moe_gemv_config
@@ -48,11 +49,7 @@ def test_op_traces_as_one_node_with_its_fake_kernel():
 
     layer = fp8_linear_layer("cpu", 320, 200)
     x = torch.randn(33, 320).to(torch.bfloat16)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    backend, graphs = graph_recorder()
 
     with torch.no_grad():
         eager = linear_rows.linear_rows_fp8(x, layer.weight, layer.weight_scale_inv)

@@ -6,7 +6,7 @@ The Triton kernel also runs in Triton's interpreter on the CPU: `benchmarks/trit
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import graph_recorder, tiny_config
 from torch._dynamo.utils import counters
 
 from hf_deepseek import DeepSeekForCausalLM
@@ -153,11 +153,7 @@ def test_compiled_decode_through_the_op_is_one_graph(monkeypatch):
 
 def test_op_in_an_fx_graph_is_one_node():
     router, x = router_and_tokens("v3", 3)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    backend, graphs = graph_recorder()
 
     with torch.no_grad():
         args = moe_routing.routing_args(router.config)

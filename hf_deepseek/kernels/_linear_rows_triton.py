@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._moe_grouped_gemv_triton import _tile_product
-from .moe_gemv_config import linear_rows_config
+from .moe_gemv_config import launch_options, linear_rows_config
 
 
 @triton.jit
@@ -61,9 +61,9 @@ def launch(x, weight, scale=None, config=None) -> torch.Tensor:
         return out
     x, weight = x.contiguous(), weight.contiguous()
     scale = scale.float().contiguous() if scaled else weight  # unread without SCALED
-    opts = dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
     _rows_kernel[(triton.cdiv(n, block_n), triton.cdiv(rows, block_t))](
         x, weight, scale, out, rows, n, k, triton.cdiv(k, 128), SCALED=scaled, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, PRECISION="ieee" if x.dtype == torch.float32 else None, **opts,
+        BLOCK_K=block_k, STAGES=stages, PRECISION="ieee" if x.dtype == torch.float32 else None,
+        **launch_options(warps, stages),
     )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemv_config import KernelConfig, kernel_config, split_chunk
+from .moe_gemv_config import KernelConfig, kernel_config, launch_options, split_chunk
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
 
@@ -176,7 +176,7 @@ def launch(
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
-    launch_opts = _launch_options(warps, stages)
+    launch_opts = launch_options(warps, stages)
     sum_top_k = sum_top_k and split_k == 1 and top_k > 1
     if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
         buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)
@@ -203,10 +203,6 @@ def launch(
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
 
 
-def _launch_options(warps: int, stages: int | None) -> dict:
-    return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
-
-
 def _check_scaled_block(block_n: int) -> None:
     if 128 % block_n:
         raise ValueError(f"FP8 weights need BLOCK_N dividing the 128-row scale blocks, got {block_n}")
@@ -224,7 +220,7 @@ def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
         _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
-    launch_opts = _launch_options(warps, stages)
+    launch_opts = launch_options(warps, stages)
     chunk = split_chunk(k, split_k, block_k)
     if split_k > 1:  # partial sums added atomically: fp32, zeroed
         out = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
@@ -249,7 +245,7 @@ def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
     act = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
     _gate_up_kernel[(rows, triton.cdiv(inter, block_n), 1)](
         x, x, gate, up, gate, act, dim, inter, 1, 1, 1, dim, SCALED=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, ROUTED=False, **_launch_options(warps, stages),
+        STAGES=stages, ROUTED=False, **launch_options(warps, stages),
     )  # fmt: skip
     return act
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemv_config import grouped_config
+from .moe_gemv_config import grouped_config, launch_options
 
 
 @triton.jit
@@ -174,9 +174,7 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     out = torch.empty(order.numel(), dim, device=x.device, dtype=torch.float32)
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     opts = dict(SCALED=scaled, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-                PRECISION="ieee" if x.dtype == torch.float32 else None, num_warps=warps)  # fmt: skip
-    if stages is not None:
-        opts["num_stages"] = stages
+                PRECISION="ieee" if x.dtype == torch.float32 else None, **launch_options(warps, stages))  # fmt: skip
     _grouped_gate_up_kernel[(num_experts, triton.cdiv(inter, block_n))](
         x, order, offsets, gate_up, gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter, g_dim,
         **opts,

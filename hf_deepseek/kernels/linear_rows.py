@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from . import moe_gemv
-from .fp8_blocks import dequantize_blocks
 
 MAX_ROWS = 64  # rows up to which the kernel serves (batch 64); cuBLAS or the FP8 GEMM path above
 BF16 = os.environ.get("HF_DEEPSEEK_LINEAR_ROWS", "0") == "1"  # bf16 weights too (opt-in until timed)
@@ -35,30 +34,15 @@ BF16 = os.environ.get("HF_DEEPSEEK_LINEAR_ROWS", "0") == "1"  # bf16 weights too
 def usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_rows` serves the rows x2 [T, K] of a bf16 linear layer (with HF_DEEPSEEK_LINEAR_ROWS=1):
     beyond the matrix-vector kernel's rows (`moe_gemv.MAX_BF16_LINEAR_ROWS`), up to `MAX_ROWS`."""
-    return (
-        BF16
-        and moe_gemv.ENABLED
-        and x2.is_cuda
-        and moe_gemv.triton_available()
-        and x2.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and not torch.is_grad_enabled()
-        and moe_gemv.MAX_BF16_LINEAR_ROWS < x2.shape[0] <= MAX_ROWS
-    )
+    bf16, most = torch.bfloat16, moe_gemv.MAX_BF16_LINEAR_ROWS
+    return BF16 and moe_gemv.decode_rows(x2, weight, (bf16,), bf16, False, most, MAX_ROWS)
 
 
 def usable_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_rows_fp8` serves the rows x2 [T, K] of an FP8 linear layer: beyond the matrix-vector kernels'
     rows (`moe_gemv.MAX_LINEAR_ROWS`), up to `MAX_ROWS`, on their other conditions (set-up time checks only)."""
-    return (
-        moe_gemv.ENABLED
-        and x2.is_cuda
-        and moe_gemv.fp8_kernels_available()
-        and x2.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == torch.float8_e4m3fn
-        and not torch.is_grad_enabled()
-        and moe_gemv.MAX_LINEAR_ROWS < x2.shape[0] <= MAX_ROWS
-    )
+    half = (torch.bfloat16, torch.float16)
+    return moe_gemv.decode_rows(x2, weight, half, torch.float8_e4m3fn, True, moe_gemv.MAX_LINEAR_ROWS, MAX_ROWS)
 
 
 @torch.library.custom_op("hf_deepseek::linear_rows", mutates_args=())
@@ -81,7 +65,7 @@ def linear_rows_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
     [ceil(N/128), ceil(K/128)] (fp32 sums, rounded once to x's dtype)."""
     if not x.is_cuda:
-        return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
+        return moe_gemv.fp8_product(x, weight, scale)
     from ._linear_rows_triton import launch
 
     return launch(x, weight, scale)

@@ -63,9 +63,35 @@ def fp8_kernels_available() -> bool:
     return _FP8
 
 
+def is_silu(act_fn) -> bool:
+    """Whether an activation module or function is SiLU (what the kernels apply in registers)."""
+    return getattr(act_fn, "__name__", type(act_fn).__name__).lower() in ("silu", "siluactivation")
+
+
+def decode_rows(x2, weight, x_dtypes: tuple, weight_dtype: torch.dtype, fp8: bool, lo: int, hi: int) -> bool:
+    """The decode kernels' common conditions on the rows x2 [T, K] of a linear layer (set-up time checks): kernels
+    enabled, CUDA with Triton (and FP8 conversions with `fp8`), the dtypes, no grad mode, lo < T <= hi."""
+    available = fp8_kernels_available if fp8 else triton_available
+    return (
+        ENABLED
+        and x2.is_cuda
+        and available()
+        and x2.dtype in x_dtypes
+        and weight.dtype == weight_dtype
+        and not torch.is_grad_enabled()
+        and lo < x2.shape[0] <= hi
+    )
+
+
+def fp8_product(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] @ W^T in fp32, rounded once to x's dtype, W the FP8 weight [N, K] dequantised exactly by its 128x128
+    block scales: the FP8 linear kernels' computation in torch (their CPU path)."""
+    return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
+
+
 def usable(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_gemv` serves x [N, d] with `pairs` token-expert pairs (set-up time checks only)."""
-    silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
+    silu = is_silu(experts.act_fn)
     return (
         ENABLED
         and x.is_cuda
@@ -101,7 +127,7 @@ def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
 
 def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_gemv_fp8` serves FP8 `experts` (an FP8InferenceExperts) for x [N, d]."""
-    silu = getattr(experts.act_fn, "__name__", type(experts.act_fn).__name__).lower() in ("silu", "siluactivation")
+    silu = is_silu(experts.act_fn)
     return (
         ENABLED
         and x.is_cuda
@@ -134,29 +160,13 @@ def _(x, indices, weights, gate_up, down):
 
 def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_gemv_fp8` serves the rows x2 [T, K] of an FP8 linear layer."""
-    return (
-        ENABLED
-        and x2.is_cuda
-        and fp8_kernels_available()
-        and x2.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == torch.float8_e4m3fn
-        and not torch.is_grad_enabled()
-        and x2.shape[0] <= MAX_LINEAR_ROWS
-    )
+    half = (torch.bfloat16, torch.float16)
+    return decode_rows(x2, weight, half, torch.float8_e4m3fn, True, 0, MAX_LINEAR_ROWS)
 
 
 def usable_linear(x2: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear_gemv` serves the rows x2 [T, K] of a bf16 linear layer (not with HF_DEEPSEEK_LINEAR_GEMV=0)."""
-    return (
-        ENABLED
-        and LINEAR_GEMV
-        and x2.is_cuda
-        and triton_available()
-        and x2.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and not torch.is_grad_enabled()
-        and x2.shape[0] <= MAX_BF16_LINEAR_ROWS
-    )
+    return LINEAR_GEMV and decode_rows(x2, weight, (torch.bfloat16,), torch.bfloat16, False, 0, MAX_BF16_LINEAR_ROWS)
 
 
 @torch.library.custom_op("hf_deepseek::linear_gemv", mutates_args=())
@@ -195,7 +205,7 @@ def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) 
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
     [ceil(N/128), ceil(K/128)] (fp32 accumulation)."""
     if not x.is_cuda:
-        return (x.float() @ dequantize_blocks(weight, scale).T).to(x.dtype)
+        return fp8_product(x, weight, scale)
     from ._moe_gemv_triton import launch_linear_fp8
 
     return launch_linear_fp8(x, weight, scale)
@@ -246,6 +256,9 @@ __all__ = [
     "linear_gemv",
     "gate_up_gemv",
     "usable_linear",
+    "decode_rows",
+    "is_silu",
+    "fp8_product",
     "usable_linear_fp8",
     "reference",
     "reference_fp8",

@@ -56,6 +56,11 @@ def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> Kerne
     return cfg
 
 
+def launch_options(warps: int, stages: int | None) -> dict:
+    """Triton launch options of a configuration: its warps and, unless None (Triton's default), its stages."""
+    return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
+
+
 def _powers_of_two(cfg: NamedTuple, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(cfg, name)

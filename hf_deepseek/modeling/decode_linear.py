@@ -54,9 +54,13 @@ def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     gate, up = mlp.gate_proj, mlp.up_proj
     if not (moe_gemv.FUSED_GATE_UP and type(gate) is DecodeLinear and type(up) is DecodeLinear):
         return None
-    silu = getattr(mlp.act_fn, "__name__", type(mlp.act_fn).__name__).lower() in ("silu", "siluactivation")
     rows = x.reshape(-1, gate.in_features)
-    if not silu or gate.bias is not None or up.bias is not None or not moe_gemv.usable_linear(rows, gate.weight):
+    if (
+        not moe_gemv.is_silu(mlp.act_fn)
+        or gate.bias is not None
+        or up.bias is not None
+        or not moe_gemv.usable_linear(rows, gate.weight)
+    ):
         return None
     return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
 
