@@ -5,9 +5,10 @@ At batch 32 a DeepSeek MoE layer with top-6 of 64 experts computes 192 pairs. Th
 would read an expert's weights once per pair; torch's grouped GEMM pads every expert to a 64- or 128-row tile; the
 dense path computes all 64 experts for every token; and FP8 experts (`FP8InferenceExperts`) went through the FP8
 GEMM path, dequantising every expert's weights each step (an FP8 step at batch 32 took 4.24 ms on an H200 against
-bf16's 3.32). Here the pairs are sorted by expert on the device (`moe_routing.sort_pairs`) and each program streams a
-block of one expert's rows against all of that expert's token rows (`_moe_grouped_gemv_triton.py`): one read of
-the weights a step, half the bytes with FP8 weights, dequantised in registers.
+bf16's 3.32). Here the pairs are sorted by expert on the device (one launch, in `moe_routing.sort_pairs`'s order)
+and each program streams a block of one expert's rows against all of that expert's token rows
+(`_moe_grouped_gemv_triton.py`): one read of the weights a step, half the bytes with FP8 weights, dequantised in
+registers.
 
 `routed_experts_grouped_gemv` (bf16) and `routed_experts_grouped_gemv_fp8` are custom ops (one node under
 torch.compile, captured by CUDA graphs: no host read, static shapes): the Triton kernels on CUDA, `moe_gemv.reference`

@@ -49,8 +49,8 @@ def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tens
 def sort_pairs(indices: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """indices [N, k] -> (order [N*k], offsets [E+1] int32): the flat (token, choice) index of each token-expert
     pair in expert order (stable: by token within an expert), expert e's pairs at order[offsets[e]:offsets[e+1]].
-    On the device with static shapes and no host read, so a CUDA graph replays it (the grouped decode kernels,
-    `moe_grouped_gemv.py`)."""
+    On the device with static shapes and no host read; the order the grouped decode kernels' one-launch sort
+    (`_moe_grouped_gemv_triton.sort_pairs`) must produce, which the tests and the interpreter check hold it to."""
     flat = indices.flatten()
     offsets = F.pad(count_per_expert(flat, num_experts).cumsum(0), (1, 0))
     return flat.argsort(stable=True), offsets.to(torch.int32)
