@@ -4,7 +4,9 @@ padded operand, with the reference's arithmetic and with the GPU's fma and E4M3 
 the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.py`, relative error against the
 float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference), and the
 expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
-the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`).
+the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), the rows kernel of the dense
+layers' decode rows (`kernels/_linear_rows_triton.py`) and decode attention's per-head absorbed products
+(`kernels/_head_matmul_triton.py`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -556,6 +558,45 @@ def linear_rows_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- decode attention's absorbed products (hf_deepseek/kernels/_head_matmul_triton.py) -------------------------------
+# A separate section: `head_matmul_kernel()`, which the main block runs, prints, saves ("head_matmul") and counts in
+# the exit status: W_UK [H, nope, r] and W_UV [H, v, r] (transposed) as strided views of one weight, bf16 rows within
+# 1e-2 of float64 and, stored with the GPU's rounding, within 1e-3 of the op's torch path; fp32 rows within 1e-5 of
+# float64; the broadcast product (1-8 rows) and tl.dot (9 rows and more), partial blocks of rows and outputs.
+
+HEAD_MATMUL_CASES = [(1, 16, 128, 512), (5, 16, 128, 512), (9, 4, 64, 40), (20, 3, 128, 96)]  # (rows, H, nope, r)
+
+
+def head_matmul_kernel() -> dict[str, bool]:
+    """The per-head kernel (`_head_matmul_triton.launch`, its default plan) against float64 and the op's torch path
+    (`head_matmul.head_matmul` on the CPU)."""
+    from hf_deepseek.kernels import _head_matmul_triton, head_matmul
+
+    results = {}
+    with bf16_dot(), gpu_store_rounding():
+        for rows, heads, nope, rank in HEAD_MATMUL_CASES:
+            torch.manual_seed(rows * heads + rank)
+            weight = torch.randn(heads, 2 * nope, rank) * rank**-0.5
+            for dtype in (torch.bfloat16, torch.float32):
+                w = weight.to(dtype)
+                products = {  # name: (x, w as the attention passes it)
+                    "W_UK": (torch.randn(rows, heads, nope).to(dtype), w[:, :nope]),
+                    "W_UV": (torch.randn(rows, heads, rank).to(dtype), w[:, nope:].transpose(1, 2)),
+                }
+                for kind, (x, wk) in products.items():
+                    got = _head_matmul_triton.launch(x, wk)
+                    error = relative_error(got, torch.einsum("thk,hkn->thn", x.double(), wk.double()))
+                    name = f"{kind} {str(dtype)[6:]} {rows} rows x {heads} heads, {list(wk.shape)}"
+                    if dtype == torch.float32:
+                        print(f"  head_matmul {name}: error {error:.2e}")
+                        results[name] = error < 1e-5 and got.dtype == dtype
+                        continue
+                    drift = relative_error(got, head_matmul.head_matmul(x, wk))
+                    print(f"  head_matmul {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+                    results[name] = error < 1e-2 and drift < 1e-3 and got.dtype == dtype
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -565,6 +606,7 @@ if __name__ == "__main__":
     variants = moe_gemv_variants()  # the matrix-vector kernels' split-K / pipelined variants' section
     grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section
     rows = linear_rows_kernel()  # the linear layers' decode rows section
+    heads = head_matmul_kernel()  # decode attention's absorbed products section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -581,10 +623,12 @@ if __name__ == "__main__":
             record["moe_gemv_variants"] = variants
             record["moe_grouped_gemv"] = grouped
             record["linear_rows"] = rows
+            record["head_matmul"] = heads
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
     print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
+    print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -593,6 +637,7 @@ if __name__ == "__main__":
         and all(variants.values())
         and all(grouped.values())
         and all(rows.values())
+        and all(heads.values())
         and kernels_ok
         else 1
     )

@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fast-cublas (bf16 dense layers on cuBLAS), ours-fast-sum-top-k (the experts' down kernel sums "
         "the top-k), ours-fast-expert-grouped (bf16 experts through the expert-grouped kernels), "
         "ours-fast-linear-rows (bf16 dense layers' 2-64 rows through the rows kernel), ours-fast-gate-up (an MLP's "
-        "gate and up projections of one row in one launch), ours-mtp, "
+        "gate and up projections of one row in one launch), ours-fast-head-matmul (W_UK and W_UV of the decode rows "
+        "through the Triton kernel), ours-fast-all-kernels (every opt-in decode kernel at once), ours-mtp, "
         "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8 (*-generate: generate() end to "
         "end, ms per new token; default: all); they run in the order given (ours-fast-fp8 last: it converts the model)",
     )

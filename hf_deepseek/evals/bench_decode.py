@@ -43,7 +43,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode, linear_rows, moe_gemv, moe_grouped_gemv
+from hf_deepseek.kernels import flash_mla_decode, head_matmul, linear_rows, moe_gemv, moe_grouped_gemv
 from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -62,6 +62,8 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-cublas",
     "ours-fast-linear-rows",
     "ours-fast-gate-up",
+    "ours-fast-head-matmul",
+    "ours-fast-all-kernels",
     "ours-fast-sum-top-k",
     "ours-mtp",
     "ours-generate",
@@ -231,6 +233,7 @@ class Row:
     expert_grouped: bool = False  # moe_grouped_gemv.GROUPED_GEMV on (bf16 experts through the grouped kernels)
     linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
     fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
+    head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
 
 
 STEP_ROWS = {
@@ -247,6 +250,17 @@ STEP_ROWS = {
     "ours-fast-expert-grouped": Row("ours-fast-expert-grouped", "latent", True, expert_grouped=True),
     "ours-fast-linear-rows": Row("ours-fast-linear-rows", "latent", True, linear_rows=True),
     "ours-fast-gate-up": Row("ours-fast-gate-up", "latent", True, fused_gate_up=True),
+    "ours-fast-head-matmul": Row("ours-fast-head-matmul", "latent", True, head_matmul=True),
+    "ours-fast-all-kernels": Row(  # every opt-in decode kernel at once
+        "ours-fast-all-kernels",
+        "latent",
+        True,
+        decode_attention="auto",
+        expert_grouped=True,
+        linear_rows=True,
+        fused_gate_up=True,
+        head_matmul=True,
+    ),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
 
@@ -285,6 +299,7 @@ def row_switches(row: Row):
         (moe_grouped_gemv, "GROUPED_GEMV", row.expert_grouped or moe_grouped_gemv.GROUPED_GEMV),
         (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
         (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
+        (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
     for module, name, value in switches:

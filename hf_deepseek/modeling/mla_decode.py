@@ -8,7 +8,9 @@ output, which W_UV maps back to heads. Shapes are static (the whole buffer, mask
 length is a device tensor, and nothing reads device values on the host: the step compiles into CUDA graphs.
 One query token per row over a cache without padding goes through FlashMLA's split-KV kernel where it is installed
 (`kernels/flash_mla_decode.py`), which reads each row only up to its length, or, with
-HF_DEEPSEEK_DECODE_ATTENTION=triton, through a Triton split-KV kernel (`kernels/mla_decode_triton.py`).
+HF_DEEPSEEK_DECODE_ATTENTION=triton, through a Triton split-KV kernel (`kernels/mla_decode_triton.py`). With
+HF_DEEPSEEK_HEAD_MATMUL=1 the W_UK and W_UV products of up to 64 query rows take a per-head Triton kernel
+(`kernels/head_matmul.py`) instead of cuBLAS's batched matmul.
 """
 
 import torch
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
 from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
+from ..kernels.head_matmul import absorb_query, values_from_latent
 from ..kernels.mla_decode_triton import triton_latent_attention
 from .latent_cache import LatentStaticCache
 
@@ -47,7 +50,7 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
     layer of a forward computes FlashMLA's split-KV schedule and leaves it on the cache for the other main layers,
     whose caches hold as many tokens (the MTP layers', which may hold fewer, compute their own)."""
     w_uk, w_uv = attn.absorbed_weights()
-    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, 1, r]
+    q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
     main_layers = attn.config.num_hidden_layers
     if attn.layer_idx == 0 or attn.layer_idx >= main_layers or cache.flash_schedule is None:
         schedule = flash_mla_schedule(row_lengths(length, storage.shape[0]), q_nope.shape[1])
@@ -56,15 +59,15 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
     else:
         schedule = cache.flash_schedule
     out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling, schedule).to(q_nope.dtype)
-    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
+    return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
 def triton_cache_attention(attn, q_nope, q_rope, buffer, length) -> torch.Tensor:
     """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py`."""
     w_uk, w_uv = attn.absorbed_weights()
-    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, 1, r]
+    q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
     out_latent = triton_latent_attention(q_latent, q_rope, buffer, length, attn.scaling).to(q_nope.dtype)
-    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, 1, H, v]
+    return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
 MAX_SCORES = 2**28  # score elements (fp32: 1 GiB) a chunk of queries may hold; more queries are taken in pieces
@@ -78,7 +81,7 @@ def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mas
     w_uk, w_uv = attn.absorbed_weights()
     bsz, heads, q_len, _ = q_nope.shape
     max_len, rank = buffer.shape[1], attn.kv_lora_rank
-    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk.to(q_nope.dtype))  # [B, H, T, r]
+    q_latent = absorb_query(q_nope, w_uk)  # [B, H, T, r]
     query = torch.cat([q_latent, q_rope], dim=-1).to(buffer.dtype)  # [B, H, T, r + rope]
     piece = max(1, MAX_SCORES // (bsz * heads * max_len))
     outputs = []
@@ -91,7 +94,7 @@ def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mas
         out = torch.bmm(probs.view(bsz, heads * (end - start), max_len), buffer[..., :rank])  # [B, H*t, r]
         outputs.append(out.view(bsz, heads, end - start, rank))
     out_latent = (outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)).to(q_nope.dtype)
-    return torch.einsum("bhtr,hvr->bthv", out_latent, w_uv.to(q_nope.dtype))  # [B, T, H, v]
+    return values_from_latent(out_latent, w_uv)  # [B, T, H, v]
 
 
 def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor, start: int, q_len: int):
