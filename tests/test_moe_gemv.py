@@ -44,6 +44,24 @@ def test_op_computes_the_chosen_experts_on_the_cpu():
     assert not moe_gemv.usable(experts, x, 18)  # the kernels serve bf16 on CUDA only
 
 
+def test_per_pair_products_summed_in_the_callers_graph_equal_the_ops_sum():
+    """`summed_over_top_k` takes the op's fp32 per-pair products [N, k, d] and sums them itself (where Inductor fuses
+    the sum into the next kernel): the same result as the op's own sum, bf16 and FP8 weights."""
+    experts, x, indices, weights = experts_and_routing("cpu", torch.float32)
+    args = (weights, experts.gate_up_proj, experts.down_proj)
+    fp8, x8, indices8, weights8 = fp8_experts_and_routing("cpu", torch.float32, 256)
+    cases = [
+        (moe_gemv.routed_experts_gemv, x, indices, args),
+        (moe_gemv.routed_experts_gemv_fp8, x8, indices8, (weights8, *fp8_args(fp8))),
+    ]
+    with torch.no_grad():
+        for op, xs, idx, rest in cases:
+            pairs = op(xs, idx, *rest, per_pair=True)
+            assert pairs.shape == (*idx.shape, xs.shape[1]) and pairs.dtype == torch.float32
+            summed = moe_gemv.summed_over_top_k(op, xs, idx, *rest)
+            torch.testing.assert_close(summed, op(xs, idx, *rest), rtol=0, atol=0)
+
+
 def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
     torch.manual_seed(0)
     config = tiny_config(n_routed_experts=16, num_experts_per_tok=4)
@@ -53,9 +71,9 @@ def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
     calls = []
     original = moe_gemv.routed_experts_gemv
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args[1].shape)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
     monkeypatch.setattr(moe_gemv, "routed_experts_gemv", counted)
@@ -120,7 +138,7 @@ def test_fp8_experts_take_the_weight_only_op_when_it_serves(monkeypatch):
         calls = []
         original = moe_gemv.routed_experts_gemv_fp8
         monkeypatch.setattr(moe_gemv, "usable_fp8", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
-        monkeypatch.setattr(moe_gemv, "routed_experts_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+        monkeypatch.setattr(moe_gemv, "routed_experts_gemv_fp8", lambda *a, **k: calls.append(1) or original(*a, **k))
         weight_only = fp8(x, indices, weights)
         assert calls == [1]
         fp8.fp8_recipe = type(fp8.fp8_recipe)(weight_only_decode=False)
@@ -169,7 +187,7 @@ def test_fp8_linear_op_is_the_product_with_the_dequantised_weight(monkeypatch):
         calls = []
         original = moe_gemv.linear_gemv_fp8
         monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
-        monkeypatch.setattr(moe_gemv, "linear_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+        monkeypatch.setattr(moe_gemv, "linear_gemv_fp8", lambda *a, **k: calls.append(1) or original(*a, **k))
         weight_only = layer(x[None])  # [1, 3, 320]: leading dimensions kept, bias added
     assert calls == [1] and weight_only.shape == (1, 3, 200)
     torch.testing.assert_close(weight_only[0], out + layer.bias)

@@ -157,13 +157,16 @@ def launch(
     gate_up_scale=None,
     down_scale=None,
     sum_top_k: bool = False,
+    per_pair: bool = False,
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
     weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
     in x's dtype. `sum_top_k` (`moe_gemv.SUM_TOP_K` in the model): without split-K, the down kernel sums each
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
-    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer)."""
+    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
+    `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
+    split-K, whose kernel sums them already: [N, 1, d])."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -198,6 +201,8 @@ def launch(
     )  # fmt: skip
     if sum_top_k:
         return out
+    if per_pair:
+        return out.view(num_tokens, 1 if split_k > 1 else top_k, dim)
     if split_k > 1:
         return out.to(x.dtype)
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)

@@ -104,10 +104,12 @@ def usable(experts, x: torch.Tensor, pairs: int) -> bool:
     )
 
 
-def reference(x, indices, weights, gate_up, down, act_dtype: torch.dtype | None = None) -> torch.Tensor:
+def reference(
+    x, indices, weights, gate_up, down, act_dtype: torch.dtype | None = None, per_pair: bool = False
+) -> torch.Tensor:
     """x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] -> [N, d]: the kernels' computation in
     torch (fp32 accumulation, the activation rounded to `act_dtype`, by default the weights' dtype, as the kernel
-    stores it)."""
+    stores it). `per_pair`: each pair's weighted product, fp32 [N, k, d], unsummed."""
     num_tokens, top_k = indices.shape
     inter = down.shape[-1]
     chosen = indices.flatten()
@@ -115,14 +117,15 @@ def reference(x, indices, weights, gate_up, down, act_dtype: torch.dtype | None 
     h = torch.einsum("pd,pnd->pn", rows, gate_up[chosen].float())  # [P, 2I]
     act = (torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]).to(act_dtype or gate_up.dtype).float()
     out = torch.einsum("pi,pdi->pd", act, down[chosen].float()) * weights.flatten()[:, None].float()
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    out = out.view(num_tokens, top_k, -1)
+    return out if per_pair else out.sum(dim=1).to(x.dtype)
 
 
-def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale) -> torch.Tensor:
+def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False) -> torch.Tensor:
     """`reference` for FP8 weights with their 128x128 block scales, dequantised exactly; the activation kept in
     x's dtype, as the FP8 kernels store it."""
     full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
-    return reference(x, indices, weights, *full, act_dtype=x.dtype)
+    return reference(x, indices, weights, *full, act_dtype=x.dtype, per_pair=per_pair)
 
 
 def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
@@ -142,20 +145,43 @@ def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
 
 @torch.library.custom_op("hf_deepseek::routed_experts_gemv", mutates_args=())
 def routed_experts_gemv(
-    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    per_pair: bool = False,
 ) -> torch.Tensor:
     """x [N, d] bf16, indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] (bf16, contiguous) -> [N, d]:
-    sum_k weights[:, k] * down[e_k] @ (SiLU(gate[e_k] @ x) * (up[e_k] @ x))."""
+    sum_k weights[:, k] * down[e_k] @ (SiLU(gate[e_k] @ x) * (up[e_k] @ x)). `per_pair`: the k weighted products
+    unsummed, fp32 [N, k, d] (`summed_over_top_k` sums them in the caller's graph)."""
     if not x.is_cuda:
-        return reference(x, indices, weights, gate_up, down)
+        return reference(x, indices, weights, gate_up, down, per_pair=per_pair)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K)
+    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K and not per_pair, per_pair=per_pair)
+
+
+def _fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torch.Tensor:
+    if per_pair:
+        return x.new_empty(*indices.shape, x.shape[-1], dtype=torch.float32)
+    return torch.empty_like(x)
 
 
 @routed_experts_gemv.register_fake
-def _(x, indices, weights, gate_up, down):
-    return torch.empty_like(x)
+def _(x, indices, weights, gate_up, down, per_pair=False):
+    return _fake_output(x, indices, per_pair)
+
+
+def summed_over_top_k(op, x: torch.Tensor, indices: torch.Tensor, *args) -> torch.Tensor:
+    """`op` (`routed_experts_gemv` or `routed_experts_gemv_fp8`) on x [N, d] and its routing: each token's sum over
+    its top-k, in x's dtype. The op returns the per-pair products and the sum is taken here, in the caller's graph,
+    where Inductor unrolls a sum over k <= 8 and fuses it, with its rounding, into the kernel that reads the MoE
+    output next (the residual add and the next norm): two launches fewer a MoE layer than a sum and a conversion
+    after the kernels. With SUM_TOP_K the down kernel sums instead."""
+    if SUM_TOP_K:
+        return op(x, indices, *args)
+    return op(x, indices, *args, per_pair=True).sum(dim=1).to(x.dtype)
 
 
 def usable_linear_fp8(x2: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -225,11 +251,12 @@ def routed_experts_gemv_fp8(
     gate_up_scale: torch.Tensor,
     down: torch.Tensor,
     down_scale: torch.Tensor,
+    per_pair: bool = False,
 ) -> torch.Tensor:
     """`routed_experts_gemv` with FP8 weights: gate_up [E, 2I, d] and down [E, d, I] float8_e4m3fn, their block
     scales as `fp8_blocks.dequantize_experts` reads them; the activation kept in x's dtype."""
     if not x.is_cuda:
-        return reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
+        return reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair)
     from ._moe_gemv_triton import launch
 
     return launch(
@@ -240,18 +267,20 @@ def routed_experts_gemv_fp8(
         down,
         gate_up_scale=gate_up_scale,
         down_scale=down_scale,
-        sum_top_k=SUM_TOP_K,
+        sum_top_k=SUM_TOP_K and not per_pair,
+        per_pair=per_pair,
     )
 
 
 @routed_experts_gemv_fp8.register_fake
-def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale):
-    return torch.empty_like(x)
+def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False):
+    return _fake_output(x, indices, per_pair)
 
 
 __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
+    "summed_over_top_k",
     "linear_gemv_fp8",
     "linear_gemv",
     "gate_up_gemv",

@@ -365,7 +365,8 @@ class FP8InferenceExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.fp8_recipe.weight_only_decode and moe_gemv.usable_fp8(self, x, indices.numel()):
-            return moe_gemv.routed_experts_gemv_fp8(x, indices, weights, *self._fp8_tensors())
+            op = moe_gemv.routed_experts_gemv_fp8
+            return moe_gemv.summed_over_top_k(op, x, indices, weights, *self._fp8_tensors())
         if self.fp8_recipe.weight_only_decode and moe_grouped_gemv.usable_fp8(self, x, indices.numel()):
             # beyond MAX_PAIRS: each active expert's FP8 weights read once, not every expert's dequantised
             return moe_grouped_gemv.routed_experts_grouped_gemv_fp8(x, indices, weights, *self._fp8_tensors())

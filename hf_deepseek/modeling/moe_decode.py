@@ -59,7 +59,9 @@ def decode_experts(experts, x: torch.Tensor, top_k: int, grouped_gemm: bool) -> 
 
 def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_gemv.py` (Triton on CUDA)."""
-    return moe_gemv.routed_experts_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+    return moe_gemv.summed_over_top_k(
+        moe_gemv.routed_experts_gemv, x, indices, weights, experts.gate_up_proj, experts.down_proj
+    )
 
 
 def grouped_gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
