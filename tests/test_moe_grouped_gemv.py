@@ -135,7 +135,8 @@ def test_fp8_experts_take_the_grouped_op_beyond_the_matrix_vector_kernels(monkey
     calls = []
     original = moe_grouped_gemv.routed_experts_grouped_gemv_fp8
     monkeypatch.setattr(moe_grouped_gemv, "usable_fp8", lambda experts, x, pairs: pairs > moe_gemv.MAX_PAIRS)
-    monkeypatch.setattr(moe_grouped_gemv, "routed_experts_grouped_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+    counted = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
+    monkeypatch.setattr(moe_grouped_gemv, "routed_experts_grouped_gemv_fp8", counted)
     with torch.no_grad():
         grouped = fp8(x, indices, weights)
         assert calls == [1]
@@ -160,7 +161,7 @@ def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
 
     monkeypatch.setattr(moe_grouped_gemv, "usable", switched_on)
     monkeypatch.setattr(
-        moe_grouped_gemv, "routed_experts_grouped_gemv", lambda *a: calls.append(a[1].shape) or original(*a)
+        moe_grouped_gemv, "routed_experts_grouped_gemv", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k)
     )
     through_op = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(through_op, default)

@@ -166,7 +166,7 @@ def launch(
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
     program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
     `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
-    split-K, whose kernel sums them already: [N, 1, d])."""
+    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -201,8 +201,10 @@ def launch(
     )  # fmt: skip
     if sum_top_k:
         return out
+    if per_pair and split_k > 1:  # the kernel summed the top-k already: the sum in slot 0, zeros after it
+        return torch.nn.functional.pad(out[:, None], (0, 0, 0, top_k - 1))
     if per_pair:
-        return out.view(num_tokens, 1 if split_k > 1 else top_k, dim)
+        return out.view(num_tokens, top_k, dim)
     if split_k > 1:
         return out.to(x.dtype)
     return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)

@@ -155,11 +155,14 @@ def _grouped_down_kernel(
         tl.store(out_ptr + pair[:, None] * D + n[None, :], acc, mask=r_ok[:, None] & n_ok[None, :])
 
 
-def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None) -> torch.Tensor:
-    """x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] -> [N, d] in x's dtype. `config`: a
-    `moe_gemv_config.GroupedConfig` or tuple (BLOCK_T, BLOCK_N, BLOCK_K, WARPS[, STAGES]), by default
-    `GROUPED_CONFIG` (`GROUPED_FP8_CONFIG` for FP8). With the two scales, gate_up and down are FP8 weights with their
-    128x128 block scales and the activation is kept in x's dtype (else in the weights')."""
+def launch(
+    x, indices, weights, gate_up, down, config=None, gate_up_scale=None, down_scale=None, per_pair: bool = False
+) -> torch.Tensor:
+    """x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] -> [N, d] in x's dtype (`per_pair`: the
+    pairs' fp32 products [N, k, d], unsummed). `config`: a `moe_gemv_config.GroupedConfig` or tuple (BLOCK_T,
+    BLOCK_N, BLOCK_K, WARPS[, STAGES]), by default `GROUPED_CONFIG` (`GROUPED_FP8_CONFIG` for FP8). With the two
+    scales, gate_up and down are FP8 weights with their 128x128 block scales and the activation is kept in x's dtype
+    (else in the weights')."""
     scaled = gate_up_scale is not None
     block_t, block_n, block_k, warps, stages = grouped_config(config, fp8=scaled)
     num_tokens, top_k = indices.shape
@@ -182,4 +185,5 @@ def launch(x, indices, weights, gate_up, down, config=None, gate_up_scale=None, 
     _grouped_down_kernel[(num_experts, triton.cdiv(dim, block_n))](
         act, order, offsets, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, **opts
     )
-    return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+    out = out.view(num_tokens, top_k, dim)
+    return out if per_pair else out.sum(dim=1).to(x.dtype)

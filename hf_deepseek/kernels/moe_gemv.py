@@ -162,7 +162,8 @@ def routed_experts_gemv(
     return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K and not per_pair, per_pair=per_pair)
 
 
-def _fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torch.Tensor:
+def fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torch.Tensor:
+    """The routed-expert ops' output under tracing: [N, d] like x, or with `per_pair` fp32 [N, k, d]."""
     if per_pair:
         return x.new_empty(*indices.shape, x.shape[-1], dtype=torch.float32)
     return torch.empty_like(x)
@@ -170,15 +171,16 @@ def _fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torc
 
 @routed_experts_gemv.register_fake
 def _(x, indices, weights, gate_up, down, per_pair=False):
-    return _fake_output(x, indices, per_pair)
+    return fake_output(x, indices, per_pair)
 
 
 def summed_over_top_k(op, x: torch.Tensor, indices: torch.Tensor, *args) -> torch.Tensor:
-    """`op` (`routed_experts_gemv` or `routed_experts_gemv_fp8`) on x [N, d] and its routing: each token's sum over
+    """`op` (a routed-expert op of this module or `moe_grouped_gemv`) on x [N, d] and its routing: each token's sum over
     its top-k, in x's dtype. The op returns the per-pair products and the sum is taken here, in the caller's graph,
     where Inductor unrolls a sum over k <= 8 and fuses it, with its rounding, into the kernel that reads the MoE
     output next (the residual add and the next norm): two launches fewer a MoE layer than a sum and a conversion
-    after the kernels. With SUM_TOP_K the down kernel sums instead."""
+    after the kernels. With SUM_TOP_K the matrix-vector down kernel sums instead (the grouped ops then sum in the op).
+    """
     if SUM_TOP_K:
         return op(x, indices, *args)
     return op(x, indices, *args, per_pair=True).sum(dim=1).to(x.dtype)
@@ -274,13 +276,14 @@ def routed_experts_gemv_fp8(
 
 @routed_experts_gemv_fp8.register_fake
 def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False):
-    return _fake_output(x, indices, per_pair)
+    return fake_output(x, indices, per_pair)
 
 
 __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
     "summed_over_top_k",
+    "fake_output",
     "linear_gemv_fp8",
     "linear_gemv",
     "gate_up_gemv",

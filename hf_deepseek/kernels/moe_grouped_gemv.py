@@ -42,20 +42,25 @@ def usable_fp8(experts, x: torch.Tensor, pairs: int) -> bool:
 
 @torch.library.custom_op("hf_deepseek::routed_experts_grouped_gemv", mutates_args=())
 def routed_experts_grouped_gemv(
-    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    per_pair: bool = False,
 ) -> torch.Tensor:
     """`moe_gemv.routed_experts_gemv`'s computation (x [N, d], indices/weights [N, k], gate_up [E, 2I, d], down
-    [E, d, I] -> [N, d]) by the expert-grouped kernels on CUDA."""
+    [E, d, I] -> [N, d]; `per_pair`: fp32 [N, k, d] unsummed) by the expert-grouped kernels on CUDA."""
     if not x.is_cuda:
-        return moe_gemv.reference(x, indices, weights, gate_up, down)
+        return moe_gemv.reference(x, indices, weights, gate_up, down, per_pair=per_pair)
     from ._moe_grouped_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down)
+    return launch(x, indices, weights, gate_up, down, per_pair=per_pair)
 
 
 @routed_experts_grouped_gemv.register_fake
-def _(x, indices, weights, gate_up, down):
-    return torch.empty_like(x)
+def _(x, indices, weights, gate_up, down, per_pair=False):
+    return moe_gemv.fake_output(x, indices, per_pair)
 
 
 @torch.library.custom_op("hf_deepseek::routed_experts_grouped_gemv_fp8", mutates_args=())
@@ -67,19 +72,21 @@ def routed_experts_grouped_gemv_fp8(
     gate_up_scale: torch.Tensor,
     down: torch.Tensor,
     down_scale: torch.Tensor,
+    per_pair: bool = False,
 ) -> torch.Tensor:
     """`moe_gemv.routed_experts_gemv_fp8`'s computation (FP8 weights and their 128x128 block scales, the activation
     kept in x's dtype) by the expert-grouped kernels on CUDA."""
     if not x.is_cuda:
-        return moe_gemv.reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale)
+        return moe_gemv.reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair)
     from ._moe_grouped_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale)
+    scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
+    return launch(x, indices, weights, gate_up, down, **scales, per_pair=per_pair)
 
 
 @routed_experts_grouped_gemv_fp8.register_fake
-def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale):
-    return torch.empty_like(x)
+def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False):
+    return moe_gemv.fake_output(x, indices, per_pair)
 
 
 __all__ = [

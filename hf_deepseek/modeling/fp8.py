@@ -369,7 +369,8 @@ class FP8InferenceExperts(RoutedExperts):
             return moe_gemv.summed_over_top_k(op, x, indices, weights, *self._fp8_tensors())
         if self.fp8_recipe.weight_only_decode and moe_grouped_gemv.usable_fp8(self, x, indices.numel()):
             # beyond MAX_PAIRS: each active expert's FP8 weights read once, not every expert's dequantised
-            return moe_grouped_gemv.routed_experts_grouped_gemv_fp8(x, indices, weights, *self._fp8_tensors())
+            op = moe_grouped_gemv.routed_experts_grouped_gemv_fp8
+            return moe_gemv.summed_over_top_k(op, x, indices, weights, *self._fp8_tensors())
         backend, dtype = get_backend(self.fp8_recipe, x.device), _output_dtype(x)
         layout = expert_layout(indices, self.num_experts)
         if self.intermediate_size % BLOCK:  # the gate and up grids do not tile [2I] evenly: exact dense weights

@@ -66,7 +66,8 @@ def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch
 
 def grouped_gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_grouped_gemv.py` (Triton on CUDA)."""
-    return moe_grouped_gemv.routed_experts_grouped_gemv(x, indices, weights, experts.gate_up_proj, experts.down_proj)
+    op = moe_grouped_gemv.routed_experts_grouped_gemv
+    return moe_gemv.summed_over_top_k(op, x, indices, weights, experts.gate_up_proj, experts.down_proj)
 
 
 def dense_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
