@@ -5,8 +5,8 @@ the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.p
 float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference), and the
 expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
 the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), the rows kernel of the dense
-layers' decode rows (`kernels/_linear_rows_triton.py`) and decode attention's per-head absorbed products
-(`kernels/_head_matmul_triton.py`).
+layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-head absorbed products
+(`kernels/_head_matmul_triton.py`) and the kernel of two linear layers of one input (`_moe_gemv_triton._pair_kernel`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -597,6 +597,30 @@ def head_matmul_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- two linear layers of one input in one launch (`_moe_gemv_triton._pair_kernel`, MLA's q_a and kv_a) -------------
+# A separate section: `linear_pair_kernel()`, which the main block runs, prints, saves ("linear_pair") and counts in
+# the exit status: bf16, stored with the GPU's rounding, within 1e-2 of float64 and 1e-3 of the op's torch path;
+# partial blocks of either matrix's rows.
+
+LINEAR_PAIR_CASES = [(1536, 576, 256), (100, 36, 320), (8, 8, 64)]  # (N1, N2, K)
+
+
+def linear_pair_kernel() -> dict[str, bool]:
+    """The pair kernel (`_moe_gemv_triton.launch_linear_pair`, the default linear configuration) against float64
+    and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU)."""
+    results = {}
+    with gpu_store_rounding():
+        for n1, n2, k in LINEAR_PAIR_CASES:
+            torch.manual_seed(n1 + n2 + k)
+            x, first, second = (torch.randn(r, k).to(torch.bfloat16) for r in (1, n1, n2))
+            got = _moe_gemv_triton.launch_linear_pair(x, first, second)
+            want = torch.cat([x.double() @ first.double().T, x.double() @ second.double().T], dim=-1)
+            error, drift = relative_error(got, want), relative_error(got, moe_gemv.linear_gemv_pair(x, first, second))
+            print(f"  linear_pair [{n1}, {k}] + [{n2}, {k}]: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[f"[{n1}, {k}] + [{n2}, {k}]"] = error < 1e-2 and drift < 1e-3 and got.shape == (1, n1 + n2)
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -607,6 +631,7 @@ if __name__ == "__main__":
     grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section
     rows = linear_rows_kernel()  # the linear layers' decode rows section
     heads = head_matmul_kernel()  # decode attention's absorbed products section
+    pair = linear_pair_kernel()  # two linear layers of one input section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -624,11 +649,13 @@ if __name__ == "__main__":
             record["moe_grouped_gemv"] = grouped
             record["linear_rows"] = rows
             record["head_matmul"] = heads
+            record["linear_pair"] = pair
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
     print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
     print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
+    print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -638,6 +665,7 @@ if __name__ == "__main__":
         and all(grouped.values())
         and all(rows.values())
         and all(heads.values())
+        and all(pair.values())
         and kernels_ok
         else 1
     )

@@ -195,3 +195,65 @@ def test_fused_gate_up_kernel_matches_float64_on_gpu():
         want = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
         torch.testing.assert_close(replayed, got)
+
+
+def test_q_kv_a_pair_op_and_the_attention_taking_it(monkeypatch):
+    """`linear_gemv_pair` on the CPU: both products joined; an attention whose q_a and kv_a projections are
+    DecodeLinear takes it for its single decode row with HF_DEEPSEEK_FUSED_Q_KV_A=1 (one op node under torch.compile)
+    and gives the unfused result; switched off, or for several rows, the two projections."""
+    from hf_deepseek.modeling.attention import MultiHeadLatentAttention
+
+    torch.manual_seed(0)
+    x, first, second = (torch.randn(r, 64).to(torch.bfloat16) for r in (1, 48, 40))
+    got = moe_gemv.linear_gemv_pair(x, first, second)
+    assert got.shape == (1, 88) and torch.equal(got, torch.cat([F.linear(x, first), F.linear(x, second)], -1))
+
+    config = tiny_config(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32)
+    attention = MultiHeadLatentAttention(config, 0).to(torch.bfloat16).eval()
+    for layer in (attention.q_a_proj, attention.kv_a_proj_with_mqa):
+        layer.__class__ = DecodeLinear
+    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
+    calls, original = [], moe_gemv.linear_gemv_pair
+    monkeypatch.setattr(moe_gemv, "linear_gemv_pair", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    monkeypatch.setattr(moe_gemv, "FUSED_Q_KV_A", False)
+    hidden = torch.randn(1, 1, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        unfused = attention._input_projections(hidden)
+        assert calls == []  # switched off
+        monkeypatch.setattr(moe_gemv, "FUSED_Q_KV_A", True)
+        fused = attention._input_projections(hidden)
+        assert calls == [1] and [t.shape for t in fused] == [(1, 1, 32), (1, 1, 32 + config.qk_rope_head_dim)]
+        for a, b in zip(fused, unfused, strict=True):
+            assert torch.equal(a, b)
+        attention._input_projections(torch.randn(1, 3, 64).to(torch.bfloat16))  # three rows: the projections
+        assert calls == [1]
+    monkeypatch.setattr(moe_gemv, "linear_gemv_pair", original)
+    backend, graphs = graph_recorder()
+    with torch.no_grad():
+        compiled = torch.compile(attention._input_projections, backend=backend, fullgraph=True)(hidden)
+    for a, b in zip(compiled, fused, strict=True):
+        assert torch.equal(a, b)
+    assert len(graphs) == 1 and "linear_gemv_pair" in str(graphs[0].graph)
+
+
+@pytest.mark.gpu
+def test_q_kv_a_pair_kernel_matches_float64_on_gpu():
+    """The pair kernel at the bench's q_a and kv_a shapes (and partial blocks), against float64; replayed in a CUDA
+    graph."""
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    torch.manual_seed(0)
+    for n1, n2, dim in ((1536, 576, 2048), (1536, 576, 7168), (100, 36, 320)):
+        x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+        first, second = ((torch.randn(n, dim, device="cuda") / dim**0.5).to(torch.bfloat16) for n in (n1, n2))
+        with torch.no_grad():
+            got = moe_gemv.linear_gemv_pair(x, first, second)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                replayed = _moe_gemv_triton.launch_linear_pair(x, first, second)
+            graph.replay()
+        want = torch.cat([x.double() @ first.double().T, x.double() @ second.double().T], dim=-1)
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+        torch.testing.assert_close(replayed, got)

@@ -63,6 +63,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-linear-rows",
     "ours-fast-gate-up",
     "ours-fast-head-matmul",
+    "ours-fast-q-kv-a",
     "ours-fast-all-kernels",
     "ours-fast-sum-top-k",
     "ours-mtp",
@@ -234,6 +235,7 @@ class Row:
     linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
     fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
     head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
+    fused_q_kv_a: bool = False  # moe_gemv.FUSED_Q_KV_A on (MLA's q_a and kv_a projections of one row in one launch)
 
 
 STEP_ROWS = {
@@ -251,6 +253,7 @@ STEP_ROWS = {
     "ours-fast-linear-rows": Row("ours-fast-linear-rows", "latent", True, linear_rows=True),
     "ours-fast-gate-up": Row("ours-fast-gate-up", "latent", True, fused_gate_up=True),
     "ours-fast-head-matmul": Row("ours-fast-head-matmul", "latent", True, head_matmul=True),
+    "ours-fast-q-kv-a": Row("ours-fast-q-kv-a", "latent", True, fused_q_kv_a=True),
     "ours-fast-all-kernels": Row(  # every opt-in decode kernel at once
         "ours-fast-all-kernels",
         "latent",
@@ -260,6 +263,7 @@ STEP_ROWS = {
         linear_rows=True,
         fused_gate_up=True,
         head_matmul=True,
+        fused_q_kv_a=True,
     ),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
@@ -300,6 +304,7 @@ def row_switches(row: Row):
         (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
         (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
+        (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
     ]
     saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
     for module, name, value in switches:

@@ -144,6 +144,27 @@ def _down_kernel(
             tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """out[t, :N1] = w1 . x[t] and out[t, N1:] = w2 . x[t] (two linear layers of one input, [N1, K] and [N2, K])
+    for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's)."""
+    row = tl.program_id(0)
+    first_blocks = tl.cdiv(N1, BLOCK_N)
+    second = (tl.program_id(1) >= first_blocks).to(tl.int32)
+    n0 = (tl.program_id(1) - second * first_blocks) * BLOCK_N
+    rows = N1 + second * (N2 - N1)
+    if second == 1:  # noqa: SIM108 (a branch Triton compiles to a select of the two pointers)
+        w = w2_ptr
+    else:
+        w = w1_ptr
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < rows
+    acc = _down_dot(x_ptr, row, w, w, 0, n, n0, n_ok, 0, K, rows, K, 1, 1,
+                    False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
+    tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
@@ -255,6 +276,21 @@ def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
         STAGES=stages, ROUTED=False, **launch_options(warps, stages),
     )  # fmt: skip
     return act
+
+
+def launch_linear_pair(x, first, second, config=None) -> torch.Tensor:
+    """x [T, K] -> [x @ first^T, x @ second^T] joined [T, N1 + N2] in x's dtype, first [N1, K] and second [N2, K]
+    bf16 (two linear layers of one input, such as MLA's q_a and kv_a projections, in one launch). `config` as
+    `launch_linear`'s (its split-K is not used)."""
+    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+    rows, (n1, k), n2 = x.shape[0], first.shape, second.shape[0]
+    x, first, second = x.contiguous(), first.contiguous(), second.contiguous()
+    out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
+    _pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
+        x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        **launch_options(warps, stages),
+    )  # fmt: skip
+    return out
 
 
 def launch_linear_fp8(x, weight, scale, config=None) -> torch.Tensor:

@@ -3,8 +3,9 @@ through W_UK into latent space, the latent output through W_UV back to each head
 of a decode step (HF_DEEPSEEK_HEAD_MATMUL=1; opt-in until a decode step measures it faster, bench row
 `ours-fast-head-matmul`).
 
-At batch 1 on an H200 cuBLAS's batched products for these took 7.6 and 5.7 us a layer to read 2 MB of weights each
-(docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04e.txt), about 0.1 ms of a 1.15 ms step over 8 layers. Here
+At batch 1 on an H200 cuBLAS's batched products for these took 3.4 and 3.2 us a layer to read 2 MB of weights each
+(`nvjet_sm90_tst_64x8_64x16_2x1` TNT and NNT in docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04e.txt), 53 us of
+a 1.15 ms step over 8 layers, where reading the bytes takes under 1 us. Here
 (`_head_matmul_triton.py`) a program owns one head's block of outputs, so about one program per multiprocessor
 reads each weight once. `head_matmul` is a custom op (one node under torch.compile, captured by CUDA graphs): the
 kernel on CUDA, the product in torch elsewhere (fp32 sums rounded once to x's dtype, as the kernel stores them;

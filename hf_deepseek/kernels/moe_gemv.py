@@ -15,7 +15,8 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 `linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
-applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1).
+applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
+q_a and kv_a projections (opt-in, HF_DEEPSEEK_FUSED_Q_KV_A=1).
 """
 
 import os
@@ -36,6 +37,9 @@ SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 # a SwiGLU MLP's gate and up projections of one decode row in one launch, SiLU(gate) * up applied in it (two
 # launches fewer a layer: the up projection and the activation): opt-in until timed (bench row ours-fast-gate-up)
 FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
+# MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: opt-in until
+# timed (bench row ours-fast-q-kv-a)
+FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -228,6 +232,22 @@ def _(x, gate, up):
     return x.new_empty(x.shape[0], gate.shape[0])
 
 
+@torch.library.custom_op("hf_deepseek::linear_gemv_pair", mutates_args=())
+def linear_gemv_pair(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """x [T, K], first [N1, K] and second [N2, K] (bf16) -> [x @ first^T, x @ second^T] joined [T, N1 + N2] in x's
+    dtype (fp32 accumulation): one launch of the pair kernel on CUDA."""
+    if not x.is_cuda:
+        return torch.cat([F.linear(x, first), F.linear(x, second)], dim=-1)
+    from ._moe_gemv_triton import launch_linear_pair
+
+    return launch_linear_pair(x, first, second)
+
+
+@linear_gemv_pair.register_fake
+def _(x, first, second):
+    return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -287,6 +307,7 @@ __all__ = [
     "linear_gemv_fp8",
     "linear_gemv",
     "gate_up_gemv",
+    "linear_gemv_pair",
     "usable_linear",
     "decode_rows",
     "is_silu",
@@ -304,4 +325,5 @@ __all__ = [
     "MAX_LINEAR_ROWS",
     "SUM_TOP_K",
     "FUSED_GATE_UP",
+    "FUSED_Q_KV_A",
 ]

@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
+from .decode_linear import fused_pair
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
 from .mla_decode import latent_cache_attention
@@ -138,14 +139,13 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None)."""
         bsz, q_len, _ = hidden_states.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(hidden_states)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q, kv_a = self._input_projections(hidden_states)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(bsz, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent).view(bsz, 1, q_len, self.kv_lora_rank)  # one shared "head"
         k_rope = k_rope.view(bsz, 1, q_len, self.rope_dim)
         cos, sin = position_embeddings
@@ -167,6 +167,15 @@ class MultiHeadLatentAttention(nn.Module):
             )
         out = self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
         return out, weights if output_attentions else None
+
+    def _input_projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_a_proj's output, or q_proj's without a q rank; kv_a_proj_with_mqa's) of hidden_states: both projections
+        read the same input, so a decode row takes them in one launch where `decode_linear.fused_pair` serves."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        pair = fused_pair(first, self.kv_a_proj_with_mqa, hidden_states)
+        if pair is not None:
+            return pair
+        return first(hidden_states), self.kv_a_proj_with_mqa(hidden_states)
 
     def _expanded_attention(
         self, q_nope, q_rope, latent, k_rope, attention_mask, output_attentions: bool = False, **kwargs

@@ -65,4 +65,24 @@ def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
 
 
-__all__ = ["DecodeLinear", "fused_gate_up", "use_decode_linears"]
+def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when both are DecodeLinear without
+    bias over the same input width, HF_DEEPSEEK_FUSED_Q_KV_A=1 and the single decode row the matrix-vector kernel
+    serves; None otherwise (the caller applies them as before)."""
+    if not (moe_gemv.FUSED_Q_KV_A and type(first) is DecodeLinear and type(second) is DecodeLinear):
+        return None
+    rows = x.reshape(-1, first.in_features)
+    if (
+        first.bias is not None
+        or second.bias is not None
+        or second.in_features != first.in_features
+        or second.weight.dtype != first.weight.dtype
+        or not moe_gemv.usable_linear(rows, first.weight)
+    ):
+        return None
+    out = moe_gemv.linear_gemv_pair(rows, first.weight, second.weight)
+    one, two = out.split([first.out_features, second.out_features], dim=-1)
+    return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
+
+
+__all__ = ["DecodeLinear", "fused_gate_up", "fused_pair", "use_decode_linears"]
