@@ -5,22 +5,26 @@ HF_DEEPSEEK_DECODE_ATTENTION=triton; its error and torch's against float64) agai
 model takes without them (`absorbed_cache_attention`, compiled), W_UK and W_UV included in all. Each call's cache
 bytes over its time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
 
-    python benchmarks/decode_attention_bench.py [--heads 16 128] [--json out.json]
+    python benchmarks/decode_attention_bench.py [--heads 16 128] [--sweep] [--json out.json]
 
 Which path a step should take at each (batch, context) is what this decides: at batch 1 and short contexts the
-kernel's fixed costs (a schedule, a split-KV pass and a combine pass) may exceed the torch path's.
+kernel's fixed costs (a schedule, a split-KV pass and a combine pass) may exceed the torch path's. Also: both kernels'
+paths with W_UK and W_UV through the per-head kernel (`*_head_matmul_us`, HF_DEEPSEEK_HEAD_MATMUL=1), and the Triton
+kernels alone (`triton_core_us`) with the fastest of a sweep of their plans (`triton_core_best_plan`, the
+HF_DEEPSEEK_MLA_TRITON_PLAN to set).
 """
 
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
 
 from hf_deepseek import DeepSeekConfig
 from hf_deepseek.evals.cuda_graph_timing import graph_time_us
-from hf_deepseek.kernels import mla_decode_triton
+from hf_deepseek.kernels import head_matmul, mla_decode_triton
 from hf_deepseek.modeling.attention import MultiHeadLatentAttention
 from hf_deepseek.modeling.mla_decode import absorbed_cache_attention, flash_cache_attention, triton_cache_attention
 
@@ -47,7 +51,7 @@ def float64_attention(attn, q_nope, q_rope, buffer, context: int) -> torch.Tenso
     return torch.einsum("bhts,bsr,hvr->bthv", probs, keys[..., :LATENT], w_uv)
 
 
-def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton: bool) -> dict:
+def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton: bool, sweep: bool = False) -> dict:
     from hf_deepseek.kernels import flash_mla_decode as fmd
 
     torch.manual_seed(0)
@@ -82,10 +86,49 @@ def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton:
             row["triton_error"] = ((out - exact).norm() / exact.norm()).item()
             row["torch_error"] = ((want.double() - exact).norm() / exact.norm()).item()
             row["triton_us"] = graph_time_us(lambda: triton_cache_attention(first, q_nope, q_rope, buffer, length))
+            with head_matmul_on():
+                row["triton_head_matmul_us"] = graph_time_us(
+                    lambda: triton_cache_attention(first, q_nope, q_rope, buffer, length)
+                )
+                if have_flash:
+                    row["flash_head_matmul_us"] = graph_time_us(
+                        lambda: flash_cache_attention(later, q_nope, q_rope, storage, length, cache)
+                    )
+            if sweep:
+                row.update(triton_core_sweep(heads, buffer, length))
     for key in ("torch_us", "flash_shared_schedule_us", "triton_us"):
         if key in row:
             row[key.replace("_us", "_gb_s")] = row["cache_mb"] / row[key] * 1e3  # MB per us x 1000: GB/s
     return row
+
+
+@contextmanager
+def head_matmul_on():
+    """W_UK and W_UV through the per-head kernel (`kernels/head_matmul.py`), as HF_DEEPSEEK_HEAD_MATMUL=1 does."""
+    saved, head_matmul.ENABLED = head_matmul.ENABLED, True
+    try:
+        yield
+    finally:
+        head_matmul.ENABLED = saved
+
+
+PLANS = [(block_t, target) for block_t in (16, 32, 64) for target in (64, 128, 256)]  # each a compile per cell
+
+
+def triton_core_sweep(heads: int, buffer: torch.Tensor, length: torch.Tensor) -> dict:
+    """The Triton kernels alone (a prepared query, no W_UK / W_UV) at each (BLOCK_T, TARGET_PROGRAMS) of `PLANS`:
+    triton_core_us at the default plan, and the fastest plan (HF_DEEPSEEK_MLA_TRITON_PLAN takes it)."""
+    from hf_deepseek.kernels._mla_decode_triton import launch
+
+    batch = buffer.shape[0]
+    query = torch.randn(batch, heads, LATENT + ROPE, device="cuda", dtype=torch.bfloat16)
+    lengths = length.to(torch.int32).expand(batch).contiguous()
+    scale = (NOPE + ROPE) ** -0.5
+    plans = PLANS + [mla_decode_triton.PLAN] * (mla_decode_triton.PLAN not in PLANS)
+    times = {plan: graph_time_us(lambda p=plan: launch(query, buffer, lengths, scale, LATENT, *p)) for plan in plans}
+    best = min(times, key=times.get)
+    return {"triton_core_us": times[mla_decode_triton.PLAN], "triton_core_best_us": times[best],
+            "triton_core_best_plan": ",".join(map(str, best))}  # fmt: skip
 
 
 def main() -> None:
@@ -94,6 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, nargs="*", default=[16, 128])
     parser.add_argument("--json")
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels' plans (a compile each)")
     args = parser.parse_args()
     started, rows = time.time(), []
     have_flash = fmd.available()
@@ -101,7 +145,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FlashMLA: {have_flash}; Triton: {have_triton}")
     for heads in args.heads:
         for batch, context in CELLS:
-            row = measure(heads, batch, context, have_flash, have_triton)
+            row = measure(heads, batch, context, have_flash, have_triton, args.sweep)
             rows.append(row)
             print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     print(f"{time.time() - started:.0f} s")

@@ -86,25 +86,30 @@ def _combine_kernel(
 TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
 
 
-def plan(batch: int, heads: int, max_len: int, block_t: int = 32) -> tuple[int, int, int]:
+def plan(
+    batch: int, heads: int, max_len: int, block_t: int = 32, target_programs: int = TARGET_PROGRAMS
+) -> tuple[int, int, int]:
     """(BLOCK_H, splits, split length): head blocks of up to 32 (tl.dot needs 16 rows), splits so that about
-    `TARGET_PROGRAMS` programs run, each split a whole number of `block_t` tiles."""
+    `target_programs` programs run, each split a whole number of `block_t` tiles."""
     block_h = min(32, max(16, triton.next_power_of_2(heads)))
     head_blocks = triton.cdiv(heads, block_h)
     tiles = triton.cdiv(max_len, block_t)
-    splits = max(1, min(tiles, triton.cdiv(TARGET_PROGRAMS, batch * head_blocks)))
+    splits = max(1, min(tiles, triton.cdiv(target_programs, batch * head_blocks)))
     split_len = triton.cdiv(tiles, splits) * block_t
     return block_h, triton.cdiv(max_len, split_len), split_len
 
 
-def launch(query, storage, lengths, scale: float, latent: int = 512, block_t: int = 32) -> torch.Tensor:
+def launch(
+    query, storage, lengths, scale: float, latent: int = 512, block_t: int = 32, target_programs: int = TARGET_PROGRAMS
+) -> torch.Tensor:
     """query [B, H, latent + rope], storage [B, L, latent + rope] (last dim contiguous; both dims powers of two),
-    lengths [B] int32 -> [B, H, latent]."""
+    lengths [B] int32 -> [B, H, latent]. `block_t` (cache tokens a tile) and `target_programs` as `plan` takes them
+    (`mla_decode_triton.PLAN` in the model)."""
     batch, heads, width = query.shape
     rope = width - latent
     max_len = storage.shape[1]
     query = query.to(storage.dtype).contiguous()
-    block_h, splits, split_len = plan(batch, heads, max_len, block_t)
+    block_h, splits, split_len = plan(batch, heads, max_len, block_t, target_programs)
     part = torch.empty(batch, splits, heads, latent, device=query.device, dtype=torch.float32)
     stat = torch.empty(batch, splits, heads, 2, device=query.device, dtype=torch.float32)
     out = torch.empty(batch, heads, latent, device=query.device, dtype=storage.dtype)

@@ -8,9 +8,29 @@ custom op (one node under torch.compile, replayed by CUDA graphs): the kernels o
 elsewhere (`reference`), which is what the CPU tests run.
 """
 
+import os
+
 import torch
 
 from .moe_gemv import triton_available
+
+
+def parse_plan(text: str | None) -> tuple[int, int]:
+    """ "BLOCK_T,TARGET_PROGRAMS" (HF_DEEPSEEK_MLA_TRITON_PLAN: cache tokens a tile, a power of two >= 16, and about
+    how many split programs to run) -> the kernels' plan; None or "" -> the defaults (32, 128)."""
+    if not text or not text.strip():
+        return 32, 128
+    form = "BLOCK_T,TARGET_PROGRAMS (BLOCK_T a power of two >= 16, TARGET_PROGRAMS >= 1)"
+    try:
+        block_t, target = (int(f) for f in text.split(","))
+    except ValueError:
+        raise ValueError(f"HF_DEEPSEEK_MLA_TRITON_PLAN: expected {form}, got {text!r}") from None
+    if block_t < 16 or block_t & (block_t - 1) or target < 1:
+        raise ValueError(f"HF_DEEPSEEK_MLA_TRITON_PLAN: expected {form}, got {text!r}")
+    return block_t, target
+
+
+PLAN = parse_plan(os.environ.get("HF_DEEPSEEK_MLA_TRITON_PLAN"))  # (BLOCK_T, TARGET_PROGRAMS) of the kernels
 
 
 def usable(latent_dim: int, rope_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -39,7 +59,7 @@ def mla_decode_triton(
         return reference(query, storage, lengths, scale, latent_dim)
     from ._mla_decode_triton import launch
 
-    return launch(query, storage, lengths.to(torch.int32), scale, latent_dim)
+    return launch(query, storage, lengths.to(torch.int32), scale, latent_dim, *PLAN)
 
 
 @mla_decode_triton.register_fake
@@ -56,4 +76,4 @@ def triton_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: tor
     return mla_decode_triton(query, storage, lengths, scale, q_latent.shape[-1]).unsqueeze(2)
 
 
-__all__ = ["mla_decode_triton", "reference", "triton_latent_attention", "usable"]
+__all__ = ["PLAN", "mla_decode_triton", "parse_plan", "reference", "triton_latent_attention", "usable"]
