@@ -5,7 +5,7 @@ HF_DEEPSEEK_DECODE_ATTENTION=triton; its error and torch's against float64) agai
 model takes without them (`absorbed_cache_attention`, compiled), W_UK and W_UV included in all. Each call's cache
 bytes over its time give the bandwidth it reaches. On an SM90 GPU with `sgl-flash-mla`:
 
-    python benchmarks/decode_attention_bench.py [--heads 16 128] [--sweep] [--json out.json]
+    python benchmarks/decode_attention_bench.py [--heads 16 128] [--cells 1x2048,8x2048] [--sweep] [--json out.json]
 
 Which path a step should take at each (batch, context) is what this decides: at batch 1 and short contexts the
 kernel's fixed costs (a schedule, a split-KV pass and a combine pass) may exceed the torch path's. Also: both kernels'
@@ -138,13 +138,16 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs="*", default=[16, 128])
     parser.add_argument("--json")
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernels' plans (a compile each)")
+    default_cells = ",".join(f"{b}x{c}" for b, c in CELLS)
+    parser.add_argument("--cells", default=default_cells, help=f"comma-separated BATCHxCONTEXT ({default_cells})")
     args = parser.parse_args()
+    cells = [tuple(int(v) for v in cell.split("x")) for cell in args.cells.split(",")]
     started, rows = time.time(), []
     have_flash = fmd.available()
     have_triton = mla_decode_triton.usable(LATENT, ROPE, torch.bfloat16, torch.device("cuda"))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; FlashMLA: {have_flash}; Triton: {have_triton}")
     for heads in args.heads:
-        for batch, context in CELLS:
+        for batch, context in cells:
             row = measure(heads, batch, context, have_flash, have_triton, args.sweep)
             rows.append(row)
             print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
