@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_decode.add_argument(
         "--profile",
-        help="cells of step rows to profile, e.g. 'ours-fast:1:2048' (profile_<row>_b<batch>_c<context>.txt)",
+        help="cells of step or generate rows to profile, e.g. 'ours-fast:1:2048,ours-generate:1:2048' "
+        "(kernel tables in profile_<row>_b<batch>_c<context>.txt)",
     )
     bench_decode.add_argument("--merge", help="comma-separated bench_decode.json files of one plan: merge into one")
     bench_decode.add_argument("--output-dir", default="outputs/bench-decode", help="bench_decode.json/.md go here")

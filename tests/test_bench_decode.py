@@ -11,10 +11,13 @@ from hf_deepseek.evals.bench_decode import ROWS, cache_bytes, step_weight_bytes
 
 
 def test_bench_decode_tiny_smoke(tmp_path):
-    main(["bench", "decode", "--device", "cpu", "--tiny", "--output-dir", str(tmp_path), "--profile", "ours-fast:2:16"])
+    cells_profiled = "ours-fast:2:16,ours-generate:2:16"
+    main(["bench", "decode", "--device", "cpu", "--tiny", "--output-dir", str(tmp_path), "--profile", cells_profiled])
     results = json.loads((tmp_path / "bench_decode.json").read_text())
     profile = (tmp_path / "profile_ours-fast_b2_c16.txt").read_text()  # the asked cell's steps, operator by operator
     assert profile.startswith("2 decode steps, batch 2, context 19") and "aten::bmm" in profile
+    profile = (tmp_path / "profile_ours-generate_b2_c16.txt").read_text()  # one generate() call of the asked cell
+    assert profile.startswith("one generate() of 6 new tokens, batch 2, context 16") and "aten::" in profile
     assert results["command"].startswith("hf-deepseek bench decode --device cpu --tiny")
     cells = {cell["row"]: cell for cell in results["cells"]}
     assert set(cells) == set(ROWS)

@@ -91,7 +91,7 @@ class DecodePlan:
     compile_dynamic: bool | None = True  # one shape-generic graph per compiled row, CUDA graphs per shape
     row_batch_sizes: dict[str, list[int]] = field(default_factory=dict)  # per-row override of batch_sizes
     row_contexts: dict[str, list[int]] = field(default_factory=dict)  # per-row override of contexts
-    profile: list[str] = field(default_factory=list)  # "row:batch:context" cells whose steps get a kernel table
+    profile: list[str] = field(default_factory=list)  # "row:batch:context" cells (step or generate rows) to profile
 
 
 FULL_DECODE_PLAN = DecodePlan(FULL_CONFIG, batch_sizes=[1, 32], contexts=[2048, 8192, 32768])
@@ -207,9 +207,14 @@ def profile_steps(step: Callable, model, cache, batch: int, context: int, plan: 
     timing = replace(plan, warmup_steps=0)
     with profile(activities=activities) as prof:
         time_steps(step, model, cache, batch, context, timing, device)
+    write_profile(prof, device, path, f"{plan.steps} decode steps, batch {batch}, context {context}")
+
+
+def write_profile(prof, device, path: Path, header: str) -> None:
+    """torch profiler's table of `prof` by device time (CPU time on the CPU), its 40 first rows, under `header`."""
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=100)
-    path.write_text(f"{plan.steps} decode steps, batch {batch}, context {context}\n{table}")
+    path.write_text(f"{header}\n{table}")
 
 
 def _mark(device):
@@ -399,12 +404,38 @@ def time_generate(model, ids: torch.Tensor, new_tokens: int, device, **kwargs) -
     return time.perf_counter() - start
 
 
+GENERATE_REPEATS = 3  # timed generate() calls per measurement (the median), unless one call takes over REPEAT_BELOW_S
+REPEAT_BELOW_S = 5.0
+
+
+def median_generate_s(model, ids: torch.Tensor, new_tokens: int, device, **kwargs) -> float:
+    """The median seconds of `GENERATE_REPEATS` `time_generate` calls (one where a call takes over REPEAT_BELOW_S)."""
+    times = [time_generate(model, ids, new_tokens, device, **kwargs)]
+    while times[0] < REPEAT_BELOW_S and len(times) < GENERATE_REPEATS:
+        times.append(time_generate(model, ids, new_tokens, device, **kwargs))
+    return statistics.median(times)
+
+
+def profile_generate(model, ids: torch.Tensor, new_tokens: int, device, kwargs: dict, path: Path) -> None:
+    """Where a generate() call's time goes: one call of `new_tokens` tokens (prefill included) under torch's
+    profiler, kernels launched from CUDA graphs included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_generate(model, ids, new_tokens, device, **kwargs)
+    batch, context = ids.shape
+    write_profile(prof, device, path, f"one generate() of {new_tokens} new tokens, batch {batch}, context {context}")
+
+
 def run_generate_row(
-    name: str, model, plan: DecodePlan, device, floor, bandwidth, progress, emit=None
+    name: str, model, plan: DecodePlan, device, floor, bandwidth, progress, emit=None, output_dir: Path | None = None
 ) -> list[DecodeCell]:
     """`generate()` end to end as users call it (greedy; ours: its default fast path; transformers': its static
     cache, which it compiles on accelerators), with the step rows' compile settings (`plan.compile_dynamic`): ms per
-    new token with the prefill subtracted, after a warm-up call that compiles. The same read floor as the step rows."""
+    new token with the prefill subtracted (medians of `GENERATE_REPEATS` calls each), after a warm-up call that
+    compiles. The same read floor as the step rows. A cell named in `plan.profile` also gets a kernel table of one
+    call (`profile_generate`)."""
     kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
     if name == "ours-generate-tf-loop":
         kwargs = {"fast_loop": False}  # the static latent cache and compiled step, transformers' token loop
@@ -423,8 +454,8 @@ def run_generate_row(
                     torch.cuda.reset_peak_memory_stats(device)
                 ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
                 time_generate(model, ids, n, device, **kwargs)  # warm-up: compilation, CUDA graphs
-                prefill_s = time_generate(model, ids, 1, device, **kwargs)
-                total_s = time_generate(model, ids, n, device, **kwargs)
+                prefill_s = median_generate_s(model, ids, 1, device, **kwargs)
+                total_s = median_generate_s(model, ids, n, device, **kwargs)
                 cell.ms_per_step = 1000 * (total_s - prefill_s) / (n - 1)
                 cell.tokens_per_s = batch * 1000 / cell.ms_per_step
                 if device.type == "cuda":
@@ -439,6 +470,9 @@ def run_generate_row(
                 cell.note = f"prefill {cell.prefill_ms:.1f} ms"
                 if model.__dict__.get("fast_loop_error"):  # generate() fell back to transformers' loop
                     cell.note += f"; device loop failed, transformers' loop measured: {model.fast_loop_error[:150]}"
+                if output_dir is not None and f"{name}:{batch}:{context}" in plan.profile:
+                    path = output_dir / f"profile_{name}_b{batch}_c{context}.txt"
+                    profile_generate(model, ids, n, device, kwargs, path)
             except torch.OutOfMemoryError:
                 cell.note = "out of memory"
             except Exception as error:  # a row that fails is reported, the others still run
@@ -715,7 +749,7 @@ def run_decode_bench(
             if name == "ours-mtp":
                 run_mtp_row(model, plan, device, progress, emit)
             elif "generate" in name:
-                run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit)
+                run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir)
             else:
                 if name == "ours-fast-fp8":
                     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
