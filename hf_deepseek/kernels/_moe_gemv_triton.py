@@ -54,12 +54,15 @@ def _gate_up_kernel(
         mask = n_ok[:, None] & k_ok[None, :]
         gate = tl.load(w + n[:, None] * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
         up = tl.load(u + n[:, None] * D + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        if SCALED:  # the block's rows lie in one 128-row block of scales (launch checks 128 % BLOCK_N == 0)
+        x_gate = xk
+        x_up = xk
+        if SCALED:  # the block's rows lie in one 128-row block of scales (launch checks 128 % BLOCK_N == 0): the
+            # scale depends on k only, so it multiplies the vector (BLOCK_K products), not the tile (BLOCK_N x more)
             s = s_ptr + expert * (2 * G_INTER) * G_D + (n0 // 128) * G_D + k // 128
-            gate *= tl.load(s, mask=k_ok, other=0.0)[None, :]
-            up *= tl.load(s + G_INTER * G_D, mask=k_ok, other=0.0)[None, :]
-        acc_gate += tl.sum(gate * xk[None, :], axis=1)
-        acc_up += tl.sum(up * xk[None, :], axis=1)
+            x_gate = xk * tl.load(s, mask=k_ok, other=0.0)
+            x_up = xk * tl.load(s + G_INTER * G_D, mask=k_ok, other=0.0)
+        acc_gate += tl.sum(gate * x_gate[None, :], axis=1)
+        acc_up += tl.sum(up * x_up[None, :], axis=1)
     if SPLIT_K > 1:
         tl.atomic_add(act_ptr + pair * (2 * INTER) + n, acc_gate, mask=n_ok, sem="relaxed")
         tl.atomic_add(act_ptr + pair * (2 * INTER) + INTER + n, acc_up, mask=n_ok, sem="relaxed")
@@ -89,9 +92,9 @@ def _down_dot(act_ptr, row, w, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
         else:
             a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
         down = tl.load(w + n[:, None] * INTER + k[None, :], mask=mask, other=0.0).to(tl.float32)
-        if SCALED:
+        if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
             s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
-            down *= tl.load(s, mask=k_ok, other=0.0)[None, :]
+            a *= tl.load(s, mask=k_ok, other=0.0)
         acc += tl.sum(down * a[None, :], axis=1)
     return acc
 
