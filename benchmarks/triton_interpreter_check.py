@@ -562,7 +562,8 @@ def linear_rows_kernel() -> dict[str, bool]:
 # A separate section: `head_matmul_kernel()`, which the main block runs, prints, saves ("head_matmul") and counts in
 # the exit status: W_UK [H, nope, r] and W_UV [H, v, r] (transposed) as strided views of one weight, bf16 rows within
 # 1e-2 of float64 and, stored with the GPU's rounding, within 1e-3 of the op's torch path; fp32 rows within 1e-5 of
-# float64; the broadcast product (1-8 rows) and tl.dot (9 rows and more), partial blocks of rows and outputs.
+# float64; the broadcast product (1-8 rows) and tl.dot (9 rows and more), partial blocks of rows and outputs; a
+# strided tail (the query's roped part) joined on by the same launch, exactly.
 
 HEAD_MATMUL_CASES = [(1, 16, 128, 512), (5, 16, 128, 512), (9, 4, 64, 40), (20, 3, 128, 96)]  # (rows, H, nope, r)
 
@@ -594,6 +595,11 @@ def head_matmul_kernel() -> dict[str, bool]:
                     drift = relative_error(got, head_matmul.head_matmul(x, wk))
                     print(f"  head_matmul {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
                     results[name] = error < 1e-2 and drift < 1e-3 and got.dtype == dtype
+                    tail = torch.randn(rows, 1, heads, 16).to(dtype)[:, 0]  # a roped part joined on, strided
+                    joined = _head_matmul_triton.launch(x, wk, tail)
+                    results[f"{name} + a [{rows}, {heads}, 16] tail"] = torch.equal(
+                        joined, torch.cat([got, tail], dim=-1)
+                    )
     return results
 
 

@@ -37,21 +37,28 @@ def test_op_torch_path_matches_float64(rows, heads, k, n):
 
 
 def test_strided_weights_give_the_einsums_results(monkeypatch):
-    """absorb_query and values_from_latent through the op (declared usable; its torch path on the CPU) equal the
-    einsums they replace, with W_UK and W_UV as the strided views the attention passes (W_UV transposed)."""
+    """absorb_query (with and without the roped part joined on) and values_from_latent through the op (declared
+    usable; its torch path on the CPU) equal the einsums they replace, with W_UK and W_UV as the strided views the
+    attention passes (W_UV transposed) and q_rope as the strided view the attention holds."""
     torch.manual_seed(0)
     w_uk, w_uv = absorbed(heads=6, nope=32, v=24, rank=64)
-    q_nope, latent = torch.randn(3, 6, 1, 32), torch.randn(3, 6, 1, 64)
+    q = torch.randn(3, 1, 6, 48).transpose(1, 2)  # [B, H, 1, nope + rope], as the attention splits it
+    q_nope, q_rope = q.split([32, 16], dim=-1)
+    latent = torch.randn(3, 6, 1, 64)
     want_q = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
     want_v = torch.einsum("bhtr,hvr->bthv", latent, w_uv)
     calls = []
     monkeypatch.setattr(head_matmul, "ENABLED", True)
     monkeypatch.setattr(head_matmul, "usable", lambda x, w: calls.append((tuple(x.shape), tuple(w.shape))) or True)
     got_q, got_v = head_matmul.absorb_query(q_nope, w_uk), head_matmul.values_from_latent(latent, w_uv)
-    assert calls == [((3, 6, 32), (6, 32, 64)), ((3, 6, 64), (6, 64, 24))]
-    assert got_q.shape == want_q.shape and got_v.shape == want_v.shape
+    joined = head_matmul.absorb_query(q_nope, w_uk, q_rope)
+    assert calls == [((3, 6, 32), (6, 32, 64)), ((3, 6, 64), (6, 64, 24)), ((3, 6, 32), (6, 32, 64))]
+    assert got_q.shape == want_q.shape and got_v.shape == want_v.shape and joined.shape == (3, 6, 1, 80)
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_v, want_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(joined, torch.cat([want_q, q_rope], dim=-1), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(head_matmul, "ENABLED", False)  # torch's einsum and concatenation: the same
+    torch.testing.assert_close(head_matmul.absorb_query(q_nope, w_uk, q_rope), joined, rtol=1e-5, atol=1e-6)
 
 
 def test_the_torch_path_serves_cpu_tensors_even_when_switched_on(monkeypatch):
@@ -85,7 +92,7 @@ def test_model_decode_and_compiled_step_through_the_op_equal_the_default_path(mo
                                    use_cache=True).logits for i in range(3)], dim=1)  # fmt: skip
 
     monkeypatch.setattr(head_matmul, "usable", lambda x, w: True)
-    monkeypatch.setattr(head_matmul, "head_matmul", lambda x, w: calls.append(1) or torch_path(x, w))
+    monkeypatch.setattr(head_matmul, "head_matmul", lambda x, w, tail=None: calls.append(1) or torch_path(x, w, tail))
     default = run(False, False)
     assert not calls
     eager = run(True, False)
@@ -124,6 +131,10 @@ def test_kernel_matches_float64(triton_cuda, rows, heads):
         out = launch(x, w)
         want = torch.einsum("thk,hkn->thn", x.double(), w.double())
         assert out.dtype == torch.bfloat16 and relative_error(out, want) < 4e-3
+    rope = torch.randn(rows, heads, 64, device="cuda").bfloat16()
+    joined = launch(q, w_uk, rope)  # the roped part copied in by the same launch
+    assert joined.shape == (rows, heads, 576) and torch.equal(joined[..., 512:], rope)
+    torch.testing.assert_close(joined[..., :512], launch(q, w_uk), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,10 @@ A program owns (block of BLOCK_N outputs, one head, block of BLOCK_T rows); the 
 is fixed by the shapes, so a CUDA graph replays it. Per K step it loads the head's weight tile once as [BLOCK_N,
 BLOCK_K] through its strides and `_moe_grouped_gemv_triton._tile_product` applies it to the rows (16 or more: a
 tensor-core `tl.dot`, rows past T masked to zero; fewer: a broadcast multiply and sum). fp32 sums, stored in x's
-dtype by the kernel itself (rounded once). BLOCK_N is sized so that about one program runs per multiprocessor."""
+dtype by the kernel itself (rounded once). BLOCK_N is sized so that about one program runs per multiprocessor. An
+optional tail (the query's roped part) is copied into the output's last columns by the first block of outputs, so
+the absorbed query comes out joined with it, in the layout the decode attention kernels read: no concatenation
+kernel after it."""
 
 import torch
 import triton
@@ -19,16 +22,26 @@ BROADCAST_ELEMENTS = 8192  # BLOCK_T * BLOCK_N * BLOCK_K of a broadcast product:
 
 @triton.jit
 def _head_kernel(
-    x_ptr, w_ptr, out_ptr, T, N, K, stride_xt, stride_xh, stride_wh, stride_wk, stride_wn,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, w_ptr, tail_ptr, out_ptr, T, N, K, R, stride_xt, stride_xh, stride_wh, stride_wk, stride_wn, stride_rt,
+    stride_rh, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[t, h, n] = sum_k x[t, h, k] * w[h, k, n] for a block of n (program_id(0)), head h (program_id(1)) and a
-    block of t (program_id(2)); x's last dimension contiguous, out contiguous [T, H, N]."""
+    block of t (program_id(2)); x's last dimension contiguous, out contiguous [T, H, N + R], whose last R columns
+    the programs of the first block of n copy from tail [T, H, R] (R = 0: no tail; tail's last dimension
+    contiguous)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     head = tl.program_id(1)
     heads = tl.num_programs(1)
     t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
     n_ok, t_ok = n < N, t < T
+    width = N + R
+    if R > 0:  # noqa: SIM102 (Triton: a runtime condition under a constant one)
+        if tl.program_id(0) == 0:
+            r = tl.arange(0, BLOCK_R)
+            keep = t_ok[:, None] & (r < R)[None, :]
+            part = tl.load(tail_ptr + t[:, None] * stride_rt + head * stride_rh + r[None, :], mask=keep, other=0.0)
+            tl.store(out_ptr + (t[:, None] * heads + head) * width + N + r[None, :], part, mask=keep)
     x_rows = x_ptr + t[:, None] * stride_xt + head * stride_xh
     w_cols = w_ptr + head * stride_wh + n[:, None] * stride_wn
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
@@ -38,7 +51,7 @@ def _head_kernel(
         a = tl.load(x_rows + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_cols + k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += _tile_product(a, w, w_ptr, False, BLOCK_T >= 16, PRECISION)
-    out = out_ptr + (t[:, None] * heads + head) * N + n[None, :]
+    out = out_ptr + (t[:, None] * heads + head) * width + n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
 
 
@@ -57,21 +70,33 @@ def plan(rows: int, heads: int, n: int, k: int) -> tuple[int, int, int]:
     return block_t, block_n, block_k
 
 
-def launch(x: torch.Tensor, w: torch.Tensor, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [T, H, K] (bf16, fp16 or fp32), w [H, K, N] in x's dtype (any strides) -> [T, H, N] in x's dtype.
-    `blocks`: (BLOCK_T, BLOCK_N, BLOCK_K), by default `plan`'s."""
+def launch(
+    x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None
+) -> torch.Tensor:
+    """x [T, H, K] (bf16, fp16 or fp32), w [H, K, N] in x's dtype (any strides) -> [T, H, N] in x's dtype, or with
+    `tail` [T, H, R] (x's dtype) [T, H, N + R], tail in the last R columns. `blocks`: (BLOCK_T, BLOCK_N, BLOCK_K),
+    by default `plan`'s."""
     (rows, heads, k), n = x.shape, w.shape[2]
     if tuple(w.shape[:2]) != (heads, k):
         raise ValueError(f"x {list(x.shape)} needs a [{heads}, {k}, N] weight, got {list(w.shape)}")
-    out = torch.empty(rows, heads, n, device=x.device, dtype=x.dtype)
+    if tail is not None and tuple(tail.shape[:2]) != (rows, heads):
+        raise ValueError(f"x {list(x.shape)} needs a [{rows}, {heads}, R] tail, got {list(tail.shape)}")
+    width = tail.shape[2] if tail is not None else 0
+    out = torch.empty(rows, heads, n + width, device=x.device, dtype=x.dtype)
     if rows == 0 or n == 0 or heads == 0:
+        if width:
+            out[..., n:] = tail
         return out
     if x.stride(2) != 1:
         x = x.contiguous()
+    if tail is not None and tail.stride(2) != 1:
+        tail = tail.contiguous()
+    tail_strides = (tail.stride(0), tail.stride(1)) if tail is not None else (0, 0)
     block_t, block_n, block_k = blocks or plan(rows, heads, n, k)
     _head_kernel[(triton.cdiv(n, block_n), heads, triton.cdiv(rows, block_t))](
-        x, w, out, rows, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else None,
+        x, w, x if tail is None else tail, out, rows, n, k, width, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        w.stride(2), *tail_strides, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_R=triton.next_power_of_2(max(width, 1)), PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=4,
     )  # fmt: skip
     return out

@@ -92,12 +92,12 @@ def row_lengths(length: torch.Tensor, batch: int) -> torch.Tensor:
     return length.to(torch.int32).expand(batch).contiguous()
 
 
-def flash_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: torch.Tensor, scale: float, schedule=None):
-    """q_latent [B, H, 1, 512], q_rope [B, H, 1, 64], storage [B, L64, 576] (L64 a multiple of 64) whose first
-    `length` (device tensor) tokens are written -> the attention output in latent space [B, H, 1, 512]. `schedule`:
-    `flash_mla_schedule`'s for these lengths and heads, computed here if not given."""
-    bsz, heads, pages_per_row = storage.shape[0], q_latent.shape[1], storage.shape[1] // PAGE
-    query = torch.cat([q_latent, q_rope], dim=-1).transpose(1, 2).to(storage.dtype)  # [B, 1, H, 576]
+def flash_latent_attention(query, storage: torch.Tensor, length: torch.Tensor, scale: float, schedule=None):
+    """query [B, H, 1, 576] (the absorbed query joined with its roped part), storage [B, L64, 576] (L64 a multiple
+    of 64) whose first `length` (device tensor) tokens are written -> the attention output in latent space
+    [B, H, 1, 512]. `schedule`: `flash_mla_schedule`'s for these lengths and heads, computed here if not given."""
+    bsz, heads, pages_per_row = storage.shape[0], query.shape[1], storage.shape[1] // PAGE
+    query = query.transpose(1, 2).to(storage.dtype)  # [B, 1, H, 576]
     pages = storage.view(bsz * pages_per_row, PAGE, 1, storage.shape[-1])
     block_table = torch.arange(bsz * pages_per_row, device=storage.device, dtype=torch.int32).view(bsz, -1)
     lengths = row_lengths(length, bsz)

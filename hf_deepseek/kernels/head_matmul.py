@@ -37,30 +37,35 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("hf_deepseek::head_matmul", mutates_args=())
-def head_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, H, K] @ w [H, K, N] per head -> [T, H, N] in x's dtype (fp32 sums rounded once)."""
+def head_matmul(x: torch.Tensor, w: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, H, K] @ w [H, K, N] per head -> [T, H, N] in x's dtype (fp32 sums rounded once); with `tail`
+    [T, H, R] the product joined with it, [T, H, N + R]."""
     if not x.is_cuda:
-        return torch.einsum("thk,hkn->thn", x.float(), w.float()).to(x.dtype)
+        out = torch.einsum("thk,hkn->thn", x.float(), w.float()).to(x.dtype)
+        return out if tail is None else torch.cat([out, tail.to(x.dtype)], dim=-1)
     from ._head_matmul_triton import launch
 
-    return launch(x, w)
+    return launch(x, w, tail)
 
 
 @head_matmul.register_fake
-def _(x, w):
-    return x.new_empty(x.shape[0], x.shape[1], w.shape[2])
+def _(x, w, tail=None):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[2] + (0 if tail is None else tail.shape[2]))
 
 
-def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
-    """q_nope [B, H, T, nope] through W_UK [H, nope, r] -> [B, H, T, r] in q_nope's dtype: the kernel for few
-    rows (`usable`), torch's einsum otherwise."""
+def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor, q_rope: torch.Tensor | None = None) -> torch.Tensor:
+    """q_nope [B, H, T, nope] through W_UK [H, nope, r] -> [B, H, T, r] in q_nope's dtype, joined with q_rope
+    [B, H, T, rope] when given ([B, H, T, r + rope], the query of absorbed attention): the kernel for few rows
+    (`usable`; the rope part copied in by the same launch), torch's einsum and concatenation otherwise."""
     w_uk = w_uk.to(q_nope.dtype)
     bsz, heads, q_len, nope = q_nope.shape
     if ENABLED and bsz * q_len <= MAX_ROWS:
         rows = q_nope.transpose(1, 2).reshape(bsz * q_len, heads, nope)
         if usable(rows, w_uk):
-            return head_matmul(rows, w_uk).view(bsz, q_len, heads, -1).transpose(1, 2)
-    return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+            tail = None if q_rope is None else q_rope.to(q_nope.dtype).transpose(1, 2).reshape(bsz * q_len, heads, -1)
+            return head_matmul(rows, w_uk, tail).view(bsz, q_len, heads, -1).transpose(1, 2)
+    q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+    return q_latent if q_rope is None else torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)
 
 
 def values_from_latent(out_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:

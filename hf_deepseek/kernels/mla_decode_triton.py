@@ -67,13 +67,14 @@ def _(query, storage, lengths, scale, latent_dim):
     return storage.new_empty(query.shape[0], query.shape[1], latent_dim)
 
 
-def triton_latent_attention(q_latent, q_rope, storage: torch.Tensor, length: torch.Tensor, scale: float):
-    """q_latent [B, H, 1, r], q_rope [B, H, 1, rope], storage [B, L, r + rope] whose first `length` (device
-    tensor, one for all rows, or [B]) tokens are written -> the attention output in latent space [B, H, 1, r]."""
+def triton_latent_attention(query: torch.Tensor, storage: torch.Tensor, length: torch.Tensor, scale: float,
+                            latent_dim: int) -> torch.Tensor:  # fmt: skip
+    """query [B, H, 1, r + rope] (the absorbed query joined with its roped part), storage [B, L, r + rope] whose
+    first `length` (device tensor, one for all rows, or [B]) tokens are written -> the attention output in latent
+    space [B, H, 1, r], r = `latent_dim`."""
     bsz = storage.shape[0]
-    query = torch.cat([q_latent, q_rope], dim=-1).squeeze(2).to(storage.dtype)  # [B, H, r + rope]
     lengths = length.to(torch.int32).expand(bsz).contiguous()
-    return mla_decode_triton(query, storage, lengths, scale, q_latent.shape[-1]).unsqueeze(2)
+    return mla_decode_triton(query.squeeze(2).to(storage.dtype), storage, lengths, scale, latent_dim).unsqueeze(2)
 
 
 __all__ = ["PLAN", "mla_decode_triton", "parse_plan", "reference", "triton_latent_attention", "usable"]

@@ -50,7 +50,7 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
     layer of a forward computes FlashMLA's split-KV schedule and leaves it on the cache for the other main layers,
     whose caches hold as many tokens (the MTP layers', which may hold fewer, compute their own)."""
     w_uk, w_uv = attn.absorbed_weights()
-    q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
+    query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
     main_layers = attn.config.num_hidden_layers
     if attn.layer_idx == 0 or attn.layer_idx >= main_layers or cache.flash_schedule is None:
         schedule = flash_mla_schedule(row_lengths(length, storage.shape[0]), q_nope.shape[1])
@@ -58,15 +58,15 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
             cache.flash_schedule = schedule
     else:
         schedule = cache.flash_schedule
-    out_latent = flash_latent_attention(q_latent, q_rope, storage, length, attn.scaling, schedule).to(q_nope.dtype)
+    out_latent = flash_latent_attention(query, storage, length, attn.scaling, schedule).to(q_nope.dtype)
     return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
 def triton_cache_attention(attn, q_nope, q_rope, buffer, length) -> torch.Tensor:
     """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py`."""
     w_uk, w_uv = attn.absorbed_weights()
-    q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
-    out_latent = triton_latent_attention(q_latent, q_rope, buffer, length, attn.scaling).to(q_nope.dtype)
+    query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
+    out_latent = triton_latent_attention(query, buffer, length, attn.scaling, attn.kv_lora_rank).to(q_nope.dtype)
     return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
@@ -81,8 +81,7 @@ def absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mas
     w_uk, w_uv = attn.absorbed_weights()
     bsz, heads, q_len, _ = q_nope.shape
     max_len, rank = buffer.shape[1], attn.kv_lora_rank
-    q_latent = absorb_query(q_nope, w_uk)  # [B, H, T, r]
-    query = torch.cat([q_latent, q_rope], dim=-1).to(buffer.dtype)  # [B, H, T, r + rope]
+    query = absorb_query(q_nope, w_uk, q_rope).to(buffer.dtype)  # [B, H, T, r + rope]
     piece = max(1, MAX_SCORES // (bsz * heads * max_len))
     outputs = []
     for start in range(0, q_len, piece):
