@@ -20,6 +20,7 @@ from collections import Counter
 import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+from hf_deepseek.evals.bench_decode import patched_attributes
 from hf_deepseek.kernels import head_matmul, mla_decode_triton, moe_gemv, moe_routing
 from hf_deepseek.modeling import latent_cache
 from hf_deepseek.modeling.decode_linear import use_decode_linears
@@ -77,14 +78,8 @@ def gpu_choices(switches: list[str]):
         (latent_cache, "DECODE_ATTENTION", "triton"),
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
     ] + [(module, name, True) for switch in switches for module, name in SWITCHES[switch]]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
-    for module, name, value in patches:
-        setattr(module, name, value)
-    try:
+    with patched_attributes(patches):
         yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 def census(switches: list[str], config: dict | None = None) -> dict:

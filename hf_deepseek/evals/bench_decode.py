@@ -311,13 +311,20 @@ def row_switches(row: Row):
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
         (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
     ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in switches]
-    for module, name, value in switches:
+    with patched_attributes(switches):
+        yield
+
+
+@contextmanager
+def patched_attributes(settings: list[tuple]):
+    """Each (module, attribute, value) of `settings` set for the block, the previous values restored after it."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    for module, name, value in settings:
         setattr(module, name, value)
     try:
         yield
     finally:
-        for module, name, value in saved:
+        for module, name, value in reversed(saved):
             setattr(module, name, value)
 
 
