@@ -3,10 +3,10 @@ elementwise work Inductor fuses between them, without a GPU.
 
 The GPU path's custom ops (the dense layers' matrix-vector kernel, the fused router, the experts' kernels, the
 Triton decode attention, and with the switches below the per-head W_UK / W_UV kernel, MLP gate+up and q_a+kv_a in
-one launch) are forced on and run their torch paths, so the traced graph holds the same op nodes as on an H200 and
-Inductor's CPU backend decides the fusions between them (its scheduler fuses as the GPU backend does, not
-necessarily identically). Prints, per variant, the Inductor kernels and the op calls of one step of a small
-DeepSeek-V3 (3 layers: one dense, two MoE):
+one launch, the q_a norm in q_b's launch) are forced on and run their torch paths, so the traced graph holds the
+same op nodes as on an H200 and Inductor's CPU backend decides the fusions between them (its scheduler fuses as
+the GPU backend does, not necessarily identically). Prints, per variant, the Inductor kernels and the op calls of
+one step of a small DeepSeek-V3 (3 layers: one dense, two MoE):
 
     python benchmarks/decode_kernel_census.py [--json census.json]
 """
@@ -34,6 +34,7 @@ SWITCHES = {  # variant: the module flags it turns on
     "head-matmul": [(head_matmul, "ENABLED")],
     "gate-up": [(moe_gemv, "FUSED_GATE_UP")],
     "q-kv-a": [(moe_gemv, "FUSED_Q_KV_A")],
+    "norm-linear": [(moe_gemv, "FUSED_NORM_LINEAR")],
 }
 VARIANTS = {"default": [], **{name: [name] for name in SWITCHES}, "all": list(SWITCHES)}
 

@@ -6,7 +6,8 @@ float64 product with the dequantised weights, next to the bf16 kernel's own erro
 expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
 the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), the rows kernel of the dense
 layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-head absorbed products
-(`kernels/_head_matmul_triton.py`) and the kernel of two linear layers of one input (`_moe_gemv_triton._pair_kernel`).
+(`kernels/_head_matmul_triton.py`), the kernel of two linear layers of one input (`_moe_gemv_triton._pair_kernel`)
+and the one of an RMSNorm in the launch of the linear layer after it (`_moe_gemv_triton._norm_gemv_kernel`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -627,6 +628,33 @@ def linear_pair_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- an RMSNorm in the launch of the linear layer after it (`_moe_gemv_triton._norm_gemv_kernel`, MLA's q_a norm) ----
+# A separate section: `norm_linear_kernel()`, which the main block runs, prints, saves ("norm_linear") and counts in
+# the exit status: bf16 rows (a strided slice, as the q_a / kv_a pair's output), stored with the GPU's rounding,
+# within 1e-2 of float64 and 1e-3 of the op's torch path (RMSNorm's roundings, then the product).
+
+NORM_LINEAR_CASES = [(1536, 3072, 576), (320, 200, 0), (64, 48, 8)]  # (K, N, columns after the row's K)
+
+
+def norm_linear_kernel() -> dict[str, bool]:
+    """The norm-prologue kernel (`_moe_gemv_triton.launch_norm_linear`) against float64 and `moe_gemv.norm_linear_gemv`
+    on the CPU."""
+    results = {}
+    with gpu_store_rounding():
+        for k, n, extra in NORM_LINEAR_CASES:
+            torch.manual_seed(k + n)
+            x = torch.randn(1, k + extra).to(torch.bfloat16)[:, :k]
+            g = (torch.rand(k) + 0.5).to(torch.bfloat16)
+            weight = (torch.randn(n, k) / k**0.5).to(torch.bfloat16)
+            got = _moe_gemv_triton.launch_norm_linear(x, g, 1e-6, weight)
+            want = moe_gemv.rms_norm(x, g, 1e-6).double() @ weight.double().T
+            error, drift = relative_error(got, want), relative_error(got, moe_gemv.norm_linear_gemv(x, g, 1e-6, weight))
+            name = f"[{n}, {k}], row stride {k + extra}"
+            print(f"  norm_linear {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[name] = error < 1e-2 and drift < 1e-3
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -638,6 +666,7 @@ if __name__ == "__main__":
     rows = linear_rows_kernel()  # the linear layers' decode rows section
     heads = head_matmul_kernel()  # decode attention's absorbed products section
     pair = linear_pair_kernel()  # two linear layers of one input section
+    norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -656,12 +685,14 @@ if __name__ == "__main__":
             record["linear_rows"] = rows
             record["head_matmul"] = heads
             record["linear_pair"] = pair
+            record["norm_linear"] = norm
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
     print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
     print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
     print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
+    print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -672,6 +703,7 @@ if __name__ == "__main__":
         and all(rows.values())
         and all(heads.values())
         and all(pair.values())
+        and all(norm.values())
         and kernels_ok
         else 1
     )

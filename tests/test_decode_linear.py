@@ -12,7 +12,7 @@ from torch import nn
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.kernels import moe_gemv
-from hf_deepseek.modeling.decode_linear import DecodeLinear, use_decode_linears
+from hf_deepseek.modeling.decode_linear import DecodeLinear, fused_norm_linear, use_decode_linears
 from hf_deepseek.modeling.fp8 import FP8InferenceLinear, FP8Linear, convert_to_fp8_inference, convert_to_fp8_training
 
 
@@ -257,3 +257,62 @@ def test_q_kv_a_pair_kernel_matches_float64_on_gpu():
         want = torch.cat([x.double() @ first.double().T, x.double() @ second.double().T], dim=-1)
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
         torch.testing.assert_close(replayed, got)
+
+
+def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
+    """`norm_linear_gemv` on the CPU: RMSNorm's computation (fp32, rounded to x's dtype, times the weight) then the
+    product, equal to the two modules; the attention's q_a norm and q_b projection take it for a single decode row
+    with HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and give the unfused q; one op node under torch.compile."""
+    from hf_deepseek.modeling.attention import MultiHeadLatentAttention
+    from hf_deepseek.modeling.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.rand(64).to(torch.bfloat16) + 0.5
+    x, weight = torch.randn(1, 64).to(torch.bfloat16), torch.randn(48, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(moe_gemv.norm_linear_gemv(x, norm.weight, norm.eps, weight), F.linear(norm(x), weight))
+
+    config = tiny_config(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32)
+    attention = MultiHeadLatentAttention(config, 0).to(torch.bfloat16).eval()
+    attention.q_b_proj.__class__ = DecodeLinear
+    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
+    calls, original = [], moe_gemv.norm_linear_gemv
+    monkeypatch.setattr(moe_gemv, "norm_linear_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    q_a = torch.randn(1, 1, 32).to(torch.bfloat16)
+    unfused = attention.q_b_proj(attention.q_a_layernorm(q_a))
+    monkeypatch.setattr(moe_gemv, "FUSED_NORM_LINEAR", True)
+    with torch.no_grad():
+        fused = fused_norm_linear(attention.q_a_layernorm, attention.q_b_proj, q_a)
+        assert calls == [1] and torch.equal(fused, unfused)
+        assert fused_norm_linear(attention.q_a_layernorm, attention.q_b_proj, torch.randn(1, 3, 32)) is None
+    monkeypatch.setattr(moe_gemv, "norm_linear_gemv", original)
+    backend, graphs = graph_recorder()
+    with torch.no_grad():
+        compiled = torch.compile(fused_norm_linear, backend=backend, fullgraph=True)
+        assert torch.equal(compiled(attention.q_a_layernorm, attention.q_b_proj, q_a), unfused)
+    assert len(graphs) == 1 and "norm_linear_gemv" in str(graphs[0].graph)
+
+
+@pytest.mark.gpu
+def test_norm_linear_kernel_matches_the_unfused_path_on_gpu():
+    """The norm-prologue kernel at the bench's q_b shape (the q_a output a strided slice of the q_a/kv_a pair's
+    output), against RMSNorm then the product in float64, and replayed in a CUDA graph."""
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    torch.manual_seed(0)
+    joined = torch.randn(1, 1536 + 576, device="cuda", dtype=torch.bfloat16)
+    x = joined[:, :1536]  # row stride 2112
+    g = (torch.rand(1536, device="cuda") + 0.5).to(torch.bfloat16)
+    weight = (torch.randn(3072, 1536, device="cuda") / 1536**0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        got = moe_gemv.norm_linear_gemv(x, g, 1e-6, weight)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = _moe_gemv_triton.launch_norm_linear(x, g, 1e-6, weight)
+        graph.replay()
+    want = moe_gemv.rms_norm(x, g, 1e-6).double() @ weight.double().T
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(replayed, got)

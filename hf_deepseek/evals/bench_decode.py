@@ -64,6 +64,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-gate-up",
     "ours-fast-head-matmul",
     "ours-fast-q-kv-a",
+    "ours-fast-norm-linear",
     "ours-fast-all-kernels",
     "ours-fast-sum-top-k",
     "ours-mtp",
@@ -241,6 +242,7 @@ class Row:
     fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
     head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
     fused_q_kv_a: bool = False  # moe_gemv.FUSED_Q_KV_A on (MLA's q_a and kv_a projections of one row in one launch)
+    fused_norm_linear: bool = False  # moe_gemv.FUSED_NORM_LINEAR on (MLA's q_a norm in the q_b projection's launch)
 
 
 STEP_ROWS = {
@@ -259,6 +261,7 @@ STEP_ROWS = {
     "ours-fast-gate-up": Row("ours-fast-gate-up", "latent", True, fused_gate_up=True),
     "ours-fast-head-matmul": Row("ours-fast-head-matmul", "latent", True, head_matmul=True),
     "ours-fast-q-kv-a": Row("ours-fast-q-kv-a", "latent", True, fused_q_kv_a=True),
+    "ours-fast-norm-linear": Row("ours-fast-norm-linear", "latent", True, fused_norm_linear=True),
     "ours-fast-all-kernels": Row(  # every opt-in decode kernel at once
         "ours-fast-all-kernels",
         "latent",
@@ -269,6 +272,7 @@ STEP_ROWS = {
         fused_gate_up=True,
         head_matmul=True,
         fused_q_kv_a=True,
+        fused_norm_linear=True,
     ),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
 }
@@ -310,6 +314,7 @@ def row_switches(row: Row):
         (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
         (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
+        (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
     ]
     with patched_attributes(switches):
         yield

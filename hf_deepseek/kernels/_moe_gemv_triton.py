@@ -168,6 +168,35 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """out[t, n] = w[n] . RMSNorm(x[t]) for row t (program_id(0)) and a block of n (program_id(1)), the norm as
+    `layers.RMSNorm` computes it: x * rsqrt(mean(x^2) + eps) in fp32 rounded to out's dtype, times g, rounded again.
+    Every program recomputes the row's mean square (K values, from cache) before its product loop."""
+    row = tl.program_id(0)
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    x_row = x_ptr + row * stride_x
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        squares += xk * xk
+    rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        dtype = out_ptr.dtype.element_ty  # the norm's two roundings, as RMSNorm's eager ops make them
+        normed = (tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32) * rstd).to(dtype).to(tl.float32)
+        a = (tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32) * normed).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
@@ -292,6 +321,22 @@ def launch_linear_pair(x, first, second, config=None) -> torch.Tensor:
     _pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
         x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
         **launch_options(warps, stages),
+    )  # fmt: skip
+    return out
+
+
+def launch_norm_linear(x, norm_weight, eps: float, weight, config=None) -> torch.Tensor:
+    """x [T, K] (rows with unit stride, any row stride) -> weight @ RMSNorm(x) [T, N] in x's dtype, the norm
+    `layers.RMSNorm`'s with `norm_weight` [K] and `eps`, in the same launch as the matrix-vector product (bf16
+    weight [N, K]). `config` as `launch_linear`'s (its split-K is not used)."""
+    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+    rows, (n, k) = x.shape[0], weight.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    _norm_gemv_kernel[(rows, triton.cdiv(n, block_n))](
+        x, norm_weight.contiguous(), weight.contiguous(), out, n, k, x.stride(0), eps, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, **launch_options(warps, stages),
     )  # fmt: skip
     return out
 

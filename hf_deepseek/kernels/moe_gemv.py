@@ -16,7 +16,8 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
 applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
-q_a and kv_a projections (opt-in, HF_DEEPSEEK_FUSED_Q_KV_A=1).
+q_a and kv_a projections (opt-in, HF_DEEPSEEK_FUSED_Q_KV_A=1); `norm_linear_gemv` an RMSNorm and the linear layer
+after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1).
 """
 
 import os
@@ -40,6 +41,9 @@ FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
 # MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: opt-in until
 # timed (bench row ours-fast-q-kv-a)
 FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "0") == "1"
+# MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in until timed
+# (bench row ours-fast-norm-linear)
+FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -248,6 +252,28 @@ def _(x, first, second):
     return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`layers.RMSNorm`'s computation: fp32 normalisation rounded to x's dtype, times the weight."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@torch.library.custom_op("hf_deepseek::norm_linear_gemv", mutates_args=())
+def norm_linear_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, K] -> RMSNorm(x) @ weight^T [T, N] in x's dtype (bf16 weight [N, K], the norm's weight [K]): one
+    launch of the norm-prologue kernel on CUDA."""
+    if not x.is_cuda:
+        return F.linear(rms_norm(x, norm_weight, eps), weight)
+    from ._moe_gemv_triton import launch_norm_linear
+
+    return launch_norm_linear(x, norm_weight, eps, weight)
+
+
+@norm_linear_gemv.register_fake
+def _(x, norm_weight, eps, weight):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -308,6 +334,8 @@ __all__ = [
     "linear_gemv",
     "gate_up_gemv",
     "linear_gemv_pair",
+    "norm_linear_gemv",
+    "rms_norm",
     "usable_linear",
     "decode_rows",
     "is_silu",
@@ -326,4 +354,5 @@ __all__ = [
     "SUM_TOP_K",
     "FUSED_GATE_UP",
     "FUSED_Q_KV_A",
+    "FUSED_NORM_LINEAR",
 ]

@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
-from .decode_linear import fused_pair
+from .decode_linear import fused_norm_linear, fused_pair
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
 from .mla_decode import latent_cache_attention
@@ -140,8 +140,9 @@ class MultiHeadLatentAttention(nn.Module):
         """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None)."""
         bsz, q_len, _ = hidden_states.shape
         q, kv_a = self._input_projections(hidden_states)
-        if self.q_lora_rank is not None:
-            q = self.q_b_proj(self.q_a_layernorm(q))
+        if self.q_lora_rank is not None:  # the norm in q_b's launch at decode where `fused_norm_linear` serves
+            fused = fused_norm_linear(self.q_a_layernorm, self.q_b_proj, q)
+            q = fused if fused is not None else self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(bsz, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
 

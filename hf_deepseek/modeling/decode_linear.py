@@ -85,4 +85,16 @@ def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[to
     return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
 
 
-__all__ = ["DecodeLinear", "fused_gate_up", "fused_pair", "use_decode_linears"]
+def fused_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """linear(norm(x)) through one launch of `moe_gemv.norm_linear_gemv` when `norm` is an RMSNorm (its `weight`
+    and `eps`) of x's dtype, `linear` a DecodeLinear without bias, HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and the single
+    decode row the matrix-vector kernel serves; None otherwise (the caller applies them as before)."""
+    if not (moe_gemv.FUSED_NORM_LINEAR and type(linear) is DecodeLinear and linear.bias is None):
+        return None
+    rows = x.reshape(-1, linear.in_features)
+    if norm.weight.dtype != x.dtype or not moe_gemv.usable_linear(rows, linear.weight):
+        return None
+    return moe_gemv.norm_linear_gemv(rows, norm.weight, norm.eps, linear.weight).view(*x.shape[:-1], -1)
+
+
+__all__ = ["DecodeLinear", "fused_gate_up", "fused_norm_linear", "fused_pair", "use_decode_linears"]
