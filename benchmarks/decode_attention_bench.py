@@ -17,12 +17,12 @@ HF_DEEPSEEK_MLA_TRITON_PLAN to set).
 import argparse
 import json
 import time
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
 
 from hf_deepseek import DeepSeekConfig
+from hf_deepseek.evals.bench_decode import patched_attributes
 from hf_deepseek.evals.cuda_graph_timing import graph_time_us
 from hf_deepseek.kernels import head_matmul, mla_decode_triton
 from hf_deepseek.modeling.attention import MultiHeadLatentAttention
@@ -86,7 +86,7 @@ def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton:
             row["triton_error"] = ((out - exact).norm() / exact.norm()).item()
             row["torch_error"] = ((want.double() - exact).norm() / exact.norm()).item()
             row["triton_us"] = graph_time_us(lambda: triton_cache_attention(first, q_nope, q_rope, buffer, length))
-            with head_matmul_on():
+            with patched_attributes([(head_matmul, "ENABLED", True)]):  # as HF_DEEPSEEK_HEAD_MATMUL=1
                 row["triton_head_matmul_us"] = graph_time_us(
                     lambda: triton_cache_attention(first, q_nope, q_rope, buffer, length)
                 )
@@ -100,16 +100,6 @@ def measure(heads: int, batch: int, context: int, have_flash: bool, have_triton:
         if key in row:
             row[key.replace("_us", "_gb_s")] = row["cache_mb"] / row[key] * 1e3  # MB per us x 1000: GB/s
     return row
-
-
-@contextmanager
-def head_matmul_on():
-    """W_UK and W_UV through the per-head kernel (`kernels/head_matmul.py`), as HF_DEEPSEEK_HEAD_MATMUL=1 does."""
-    saved, head_matmul.ENABLED = head_matmul.ENABLED, True
-    try:
-        yield
-    finally:
-        head_matmul.ENABLED = saved
 
 
 PLANS = [(block_t, target) for block_t in (16, 32, 64) for target in (64, 128, 256)]  # each a compile per cell

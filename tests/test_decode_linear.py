@@ -16,6 +16,15 @@ from hf_deepseek.modeling.decode_linear import DecodeLinear, fused_norm_linear, 
 from hf_deepseek.modeling.fp8 import FP8InferenceLinear, FP8Linear, convert_to_fp8_inference, convert_to_fp8_training
 
 
+def counted_single_row_op(monkeypatch, name: str) -> tuple[list, object]:
+    """The matrix-vector kernels declared usable for one row without gradients, and `moe_gemv.<name>` wrapped to
+    record each call's row count: (the calls, the op itself)."""
+    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
+    calls, original = [], getattr(moe_gemv, name)
+    monkeypatch.setattr(moe_gemv, name, lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    return calls, original
+
+
 def test_switch_off_changes_nothing(monkeypatch):
     if not os.environ.get("HF_DEEPSEEK_LINEAR_GEMV"):
         assert moe_gemv.LINEAR_GEMV  # on by default: measured faster than cuBLAS in a batch-1 step's dense layers
@@ -152,9 +161,7 @@ def test_fused_gate_up_op_and_the_mlp_taking_it(monkeypatch):
     mlp = SwiGLUMLP(64, 48).to(torch.bfloat16)
     for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
         layer.__class__ = DecodeLinear
-    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
-    calls, original = [], moe_gemv.gate_up_gemv
-    monkeypatch.setattr(moe_gemv, "gate_up_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    calls, original = counted_single_row_op(monkeypatch, "gate_up_gemv")
     monkeypatch.setattr(moe_gemv, "FUSED_GATE_UP", False)
     x3 = torch.randn(1, 1, 64).to(torch.bfloat16)
     with torch.no_grad():
@@ -212,9 +219,7 @@ def test_q_kv_a_pair_op_and_the_attention_taking_it(monkeypatch):
     attention = MultiHeadLatentAttention(config, 0).to(torch.bfloat16).eval()
     for layer in (attention.q_a_proj, attention.kv_a_proj_with_mqa):
         layer.__class__ = DecodeLinear
-    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
-    calls, original = [], moe_gemv.linear_gemv_pair
-    monkeypatch.setattr(moe_gemv, "linear_gemv_pair", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    calls, original = counted_single_row_op(monkeypatch, "linear_gemv_pair")
     monkeypatch.setattr(moe_gemv, "FUSED_Q_KV_A", False)
     hidden = torch.randn(1, 1, 64).to(torch.bfloat16)
     with torch.no_grad():
@@ -276,9 +281,7 @@ def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
     config = tiny_config(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32)
     attention = MultiHeadLatentAttention(config, 0).to(torch.bfloat16).eval()
     attention.q_b_proj.__class__ = DecodeLinear
-    monkeypatch.setattr(moe_gemv, "usable_linear", lambda rows, w: not torch.is_grad_enabled() and rows.shape[0] == 1)
-    calls, original = [], moe_gemv.norm_linear_gemv
-    monkeypatch.setattr(moe_gemv, "norm_linear_gemv", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    calls, original = counted_single_row_op(monkeypatch, "norm_linear_gemv")
     q_a = torch.randn(1, 1, 32).to(torch.bfloat16)
     unfused = attention.q_b_proj(attention.q_a_layernorm(q_a))
     monkeypatch.setattr(moe_gemv, "FUSED_NORM_LINEAR", True)

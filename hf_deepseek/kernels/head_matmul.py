@@ -4,12 +4,12 @@ of a decode step (HF_DEEPSEEK_HEAD_MATMUL=1; opt-in until a decode step measures
 `ours-fast-head-matmul`).
 
 At batch 1 on an H200 cuBLAS's batched products for these took 3.4 and 3.2 us a layer to read 2 MB of weights each
-(`nvjet_sm90_tst_64x8_64x16_2x1` TNT and NNT in docs/decode-h200/profile_ours-fast_b1_c2048_2026-12-04e.txt), 53 us of
-a 1.15 ms step over 8 layers, where reading the bytes takes under 1 us. Here
-(`_head_matmul_triton.py`) a program owns one head's block of outputs, so about one program per multiprocessor
-reads each weight once. `head_matmul` is a custom op (one node under torch.compile, captured by CUDA graphs): the
-kernel on CUDA, the product in torch elsewhere (fp32 sums rounded once to x's dtype, as the kernel stores them;
-what the CPU tests run). Not yet timed on a GPU."""
+(`nvjet_sm90_tst_64x8_64x16_2x1` TNT and NNT in
+docs/decode-h200/profile_ours-fast-linear-gemv_b1_c2048_2026-12-04g.txt), 53 us of a 1.11 ms step over 8 layers,
+where reading the bytes takes under 1 us. Here (`_head_matmul_triton.py`) a program owns one head's block of
+outputs, so about one program per multiprocessor reads each weight once. `head_matmul` is a custom op (one node
+under torch.compile, captured by CUDA graphs): the kernel on CUDA, the product in torch elsewhere (fp32 sums
+rounded once to x's dtype, as the kernel stores them; what the CPU tests run). Not yet timed on a GPU."""
 
 import os
 

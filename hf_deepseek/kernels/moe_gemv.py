@@ -253,9 +253,10 @@ def _(x, first, second):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`layers.RMSNorm`'s computation: fp32 normalisation rounded to x's dtype, times the weight."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    """Root-mean-square norm computed in fp32, as DeepSeek does, rounded to x's dtype, times the weight:
+    `layers.RMSNorm`'s forward and the norm-prologue kernel's reference."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @torch.library.custom_op("hf_deepseek::norm_linear_gemv", mutates_args=())

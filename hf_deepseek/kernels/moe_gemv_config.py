@@ -151,14 +151,17 @@ def parse_grouped_config(text: str | None) -> GroupedConfig | None:
 # HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG sets both kinds' as "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless
 # HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG sets FP8's.
 TUNED_GROUPED = GroupedConfig(16, 64, 128, 4, 3)
-GROUPED_CONFIG: GroupedConfig = config_from_env(
-    default=TUNED_GROUPED, names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG",), parse=parse_grouped_config
-)
-GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
-    default=TUNED_GROUPED,
-    names=("HF_DEEPSEEK_MOE_GROUPED_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG"),
-    parse=parse_grouped_config,
-)
+
+
+def grouped_configs_from_env(default: GroupedConfig, name: str) -> tuple[GroupedConfig, GroupedConfig]:
+    """(bf16, FP8) configurations: `default`, unless the variable `name` sets both or `name` with _FP8 before
+    _CONFIG sets FP8's."""
+    fp8_name = name.removesuffix("_CONFIG") + "_FP8_CONFIG"
+    bf16 = config_from_env(default=default, names=(name,), parse=parse_grouped_config)
+    return bf16, config_from_env(default=default, names=(fp8_name, name), parse=parse_grouped_config)
+
+
+GROUPED_CONFIG, GROUPED_FP8_CONFIG = grouped_configs_from_env(TUNED_GROUPED, "HF_DEEPSEEK_MOE_GROUPED_GEMV_CONFIG")
 
 
 # The rows kernel (`linear_rows.py`: a linear layer's few dozen decode rows against its bf16 or FP8 weight, read
@@ -168,13 +171,8 @@ GROUPED_FP8_CONFIG: GroupedConfig = config_from_env(
 # (one scale block), a 3-stage K loop. HF_DEEPSEEK_LINEAR_ROWS_CONFIG sets both kinds' as
 # "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG sets FP8's.
 UNTUNED_LINEAR_ROWS = GroupedConfig(32, 16, 128, 4, 3)
-LINEAR_ROWS_CONFIG: GroupedConfig = config_from_env(
-    default=UNTUNED_LINEAR_ROWS, names=("HF_DEEPSEEK_LINEAR_ROWS_CONFIG",), parse=parse_grouped_config
-)
-LINEAR_ROWS_FP8_CONFIG: GroupedConfig = config_from_env(
-    default=UNTUNED_LINEAR_ROWS,
-    names=("HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG", "HF_DEEPSEEK_LINEAR_ROWS_CONFIG"),
-    parse=parse_grouped_config,
+LINEAR_ROWS_CONFIG, LINEAR_ROWS_FP8_CONFIG = grouped_configs_from_env(
+    UNTUNED_LINEAR_ROWS, "HF_DEEPSEEK_LINEAR_ROWS_CONFIG"
 )
 
 

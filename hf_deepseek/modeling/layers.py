@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..kernels.moe_gemv import rms_norm
 from .decode_linear import fused_gate_up
 
 
@@ -16,10 +17,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
