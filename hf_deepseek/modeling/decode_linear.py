@@ -47,38 +47,36 @@ def use_decode_linears(model: nn.Module) -> int:
     return changed
 
 
-def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """act(gate(x)) * up(x) of a SwiGLU MLP (`layers.SwiGLUMLP`) through `moe_gemv.gate_up_gemv` when both
-    projections are DecodeLinear without bias, the activation SiLU, HF_DEEPSEEK_FUSED_GATE_UP=1 and the single decode
-    row the matrix-vector kernel serves; None otherwise (the caller computes it as before)."""
-    gate, up = mlp.gate_proj, mlp.up_proj
-    if not (moe_gemv.FUSED_GATE_UP and type(gate) is DecodeLinear and type(up) is DecodeLinear):
+def single_decode_row(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+    """x as rows [T, K] when `linears` can take a fused launch for it: each a DecodeLinear without bias over x's
+    width and the first's weight dtype, and x the single decode row the matrix-vector kernel serves; else None."""
+    first = linears[0]
+    if not all(type(m) is DecodeLinear and m.bias is None and m.in_features == first.in_features for m in linears):
         return None
-    rows = x.reshape(-1, gate.in_features)
-    if (
-        not moe_gemv.is_silu(mlp.act_fn)
-        or gate.bias is not None
-        or up.bias is not None
-        or not moe_gemv.usable_linear(rows, gate.weight)
-    ):
+    if any(m.weight.dtype != first.weight.dtype for m in linears):
+        return None
+    rows = x.reshape(-1, first.in_features)
+    return rows if moe_gemv.usable_linear(rows, first.weight) else None
+
+
+def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """act(gate(x)) * up(x) of a SwiGLU MLP (`layers.SwiGLUMLP`) through `moe_gemv.gate_up_gemv` when the activation
+    is SiLU, HF_DEEPSEEK_FUSED_GATE_UP=1 and `single_decode_row` serves both projections; None otherwise (the caller
+    computes it as before)."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    if not (moe_gemv.FUSED_GATE_UP and moe_gemv.is_silu(mlp.act_fn)):
+        return None
+    rows = single_decode_row(x, gate, up)
+    if rows is None:
         return None
     return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
 
 
 def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when both are DecodeLinear without
-    bias over the same input width, HF_DEEPSEEK_FUSED_Q_KV_A=1 and the single decode row the matrix-vector kernel
-    serves; None otherwise (the caller applies them as before)."""
-    if not (moe_gemv.FUSED_Q_KV_A and type(first) is DecodeLinear and type(second) is DecodeLinear):
-        return None
-    rows = x.reshape(-1, first.in_features)
-    if (
-        first.bias is not None
-        or second.bias is not None
-        or second.in_features != first.in_features
-        or second.weight.dtype != first.weight.dtype
-        or not moe_gemv.usable_linear(rows, first.weight)
-    ):
+    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when HF_DEEPSEEK_FUSED_Q_KV_A=1 and
+    `single_decode_row` serves both; None otherwise (the caller applies them as before)."""
+    rows = single_decode_row(x, first, second) if moe_gemv.FUSED_Q_KV_A else None
+    if rows is None:
         return None
     out = moe_gemv.linear_gemv_pair(rows, first.weight, second.weight)
     one, two = out.split([first.out_features, second.out_features], dim=-1)
@@ -87,14 +85,21 @@ def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[to
 
 def fused_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """linear(norm(x)) through one launch of `moe_gemv.norm_linear_gemv` when `norm` is an RMSNorm (its `weight`
-    and `eps`) of x's dtype, `linear` a DecodeLinear without bias, HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and the single
-    decode row the matrix-vector kernel serves; None otherwise (the caller applies them as before)."""
-    if not (moe_gemv.FUSED_NORM_LINEAR and type(linear) is DecodeLinear and linear.bias is None):
+    and `eps`) of x's dtype, HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and `single_decode_row` serves `linear`; None otherwise
+    (the caller applies them as before)."""
+    if not moe_gemv.FUSED_NORM_LINEAR or norm.weight.dtype != x.dtype:
         return None
-    rows = x.reshape(-1, linear.in_features)
-    if norm.weight.dtype != x.dtype or not moe_gemv.usable_linear(rows, linear.weight):
+    rows = single_decode_row(x, linear)
+    if rows is None:
         return None
     return moe_gemv.norm_linear_gemv(rows, norm.weight, norm.eps, linear.weight).view(*x.shape[:-1], -1)
 
 
-__all__ = ["DecodeLinear", "fused_gate_up", "fused_norm_linear", "fused_pair", "use_decode_linears"]
+__all__ = [
+    "DecodeLinear",
+    "fused_gate_up",
+    "fused_norm_linear",
+    "fused_pair",
+    "single_decode_row",
+    "use_decode_linears",
+]
