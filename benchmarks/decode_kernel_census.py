@@ -2,11 +2,11 @@
 elementwise work Inductor fuses between them, without a GPU.
 
 The GPU path's custom ops (the dense layers' matrix-vector kernel, the fused router, the experts' kernels, the
-Triton decode attention, and with the switches below the per-head W_UK / W_UV kernel, MLP gate+up and q_a+kv_a in
-one launch, the q_a norm in q_b's launch) are forced on and run their torch paths, so the traced graph holds the
-same op nodes as on an H200 and Inductor's CPU backend decides the fusions between them (its scheduler fuses as
-the GPU backend does, not necessarily identically). Prints, per variant, the Inductor kernels and the op calls of
-one step of a small DeepSeek-V3 (3 layers: one dense, two MoE):
+Triton decode attention, and with the kernel switches of the `bench decode` rows in `VARIANTS` the per-head
+W_UK / W_UV kernel, MLP gate+up and q_a+kv_a in one launch, the q_a norm in q_b's launch) are forced on and run
+their torch paths, so the traced graph holds the same op nodes as on an H200 and Inductor's CPU backend decides
+the fusions between them (its scheduler fuses as the GPU backend does, not necessarily identically). Prints, per
+variant, the Inductor kernels and the op calls of one step of a small DeepSeek-V3 (3 layers: one dense, two MoE):
 
     python benchmarks/decode_kernel_census.py [--json census.json]
 """
@@ -20,7 +20,7 @@ from collections import Counter
 import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
-from hf_deepseek.evals.bench_decode import patched_attributes
+from hf_deepseek.evals.bench_decode import STEP_ROWS, patched_attributes, row_switches
 from hf_deepseek.kernels import head_matmul, mla_decode_triton, moe_gemv, moe_routing
 from hf_deepseek.modeling import latent_cache
 from hf_deepseek.modeling.decode_linear import use_decode_linears
@@ -30,13 +30,14 @@ CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_interm
               num_attention_heads=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=6, n_group=4,
               topk_group=2, first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64,
               qk_nope_head_dim=128, v_head_dim=128, num_nextn_predict_layers=0)  # fmt: skip
-SWITCHES = {  # variant: the module flags it turns on
-    "head-matmul": [(head_matmul, "ENABLED")],
-    "gate-up": [(moe_gemv, "FUSED_GATE_UP")],
-    "q-kv-a": [(moe_gemv, "FUSED_Q_KV_A")],
-    "norm-linear": [(moe_gemv, "FUSED_NORM_LINEAR")],
+VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
+    "default": "ours-fast",
+    "head-matmul": "ours-fast-head-matmul",
+    "gate-up": "ours-fast-gate-up",
+    "q-kv-a": "ours-fast-q-kv-a",
+    "norm-linear": "ours-fast-norm-linear",
+    "all": "ours-fast-all-kernels",
 }
-VARIANTS = {"default": [], **{name: [name] for name in SWITCHES}, "all": list(SWITCHES)}
 
 
 @contextlib.contextmanager
@@ -67,9 +68,9 @@ def library_batched_matmuls():
 
 
 @contextlib.contextmanager
-def gpu_choices(switches: list[str]):
+def gpu_choices(row: str):
     """The decode step's CUDA choices on the CPU: every kernel declared usable (their ops run their torch paths),
-    Triton decode attention, and the named switches on; all restored afterwards."""
+    Triton decode attention, and the kernel switches of the `bench decode` row named; all restored afterwards."""
     patches = [
         (moe_gemv, "triton_available", lambda: True),
         (moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS and not torch.is_grad_enabled()),
@@ -78,20 +79,21 @@ def gpu_choices(switches: list[str]):
         (mla_decode_triton, "usable", lambda *args: True),
         (latent_cache, "DECODE_ATTENTION", "triton"),
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
-    ] + [(module, name, True) for switch in switches for module, name in SWITCHES[switch]]
-    with patched_attributes(patches):
+    ]
+    with patched_attributes(patches), row_switches(STEP_ROWS[row]):
         yield
 
 
-def census(switches: list[str], config: dict | None = None) -> dict:
-    """{"kernels": Inductor's kernels of one compiled decode step in launch order, "ops": op calls by name}."""
+def census(row: str, config: dict | None = None) -> dict:
+    """{"kernels": Inductor's kernels of one compiled decode step with `row`'s kernel switches (`gpu_choices`) in
+    launch order, "ops": op calls by name}."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     cfg = DeepSeekConfig(**(config or CONFIG))
     model = DeepSeekForCausalLM(cfg).eval()  # fp32: Inductor keeps its batched matmuls as library calls, as on a GPU
     no_cache = torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False)  # lowered afresh
-    with gpu_choices(switches), library_batched_matmuls(), no_cache, torch.no_grad():
+    with gpu_choices(row), library_batched_matmuls(), no_cache, torch.no_grad():
         use_decode_linears(model)
         cache = LatentStaticCache(cfg, max_cache_len=64)
         cache.unpadded = True
@@ -112,8 +114,8 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     results = {}
-    for variant, switches in VARIANTS.items():
-        result = census(switches)
+    for variant, row in VARIANTS.items():
+        result = census(row)
         results[variant] = result
         launches = len(result["kernels"]) + sum(result["ops"].values())
         print(f"{variant}: {launches} launches ({len(result['kernels'])} Inductor kernels, op calls {result['ops']})")

@@ -22,7 +22,7 @@ def launches(result: dict) -> int:
 
 @pytest.fixture(scope="module")
 def default_and_all():
-    return census_script.census([]), census_script.census(census_script.VARIANTS["all"])
+    return census_script.census(census_script.VARIANTS["default"]), census_script.census(census_script.VARIANTS["all"])
 
 
 def test_the_experts_top_k_sum_fuses_into_the_next_norm(default_and_all):
