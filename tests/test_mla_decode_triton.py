@@ -145,7 +145,7 @@ def test_auto_takes_the_triton_kernel_for_small_batches_only(monkeypatch):
 
 
 def test_plan_from_the_environment_is_parsed_and_checked():
-    assert mla_decode_triton.parse_plan(None) == mla_decode_triton.parse_plan(" ") == (32, 128)
+    assert mla_decode_triton.parse_plan(None) == mla_decode_triton.parse_plan(" ") == (64, 256)
     assert mla_decode_triton.parse_plan("64, 256") == (64, 256)
     for bad in ("64", "48,128", "8,128", "32,0", "a,b"):
         with pytest.raises(ValueError, match=r"HF_DEEPSEEK_MLA_TRITON_PLAN: expected BLOCK_T,TARGET_PROGRAMS"):

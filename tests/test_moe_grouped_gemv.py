@@ -112,8 +112,8 @@ def test_ops_trace_as_one_node_with_their_fake_kernels():
 
 
 def test_the_grouped_ops_take_over_where_the_matrix_vector_kernels_stop(monkeypatch):
-    """Beyond MAX_PAIRS, up to MAX_GROUPED_PAIRS, on the matrix-vector kernels' other conditions; bf16 experts only
-    with HF_DEEPSEEK_MOE_GROUPED_GEMV=1 (GROUPED_GEMV)."""
+    """Beyond MAX_PAIRS, up to MAX_GROUPED_PAIRS, on the matrix-vector kernels' other conditions; bf16 experts unless
+    HF_DEEPSEEK_MOE_GROUPED_GEMV=0 (GROUPED_GEMV)."""
     monkeypatch.setattr(moe_gemv, "usable_fp8", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
     monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
     limits = (moe_gemv.MAX_PAIRS, moe_gemv.MAX_PAIRS + 1, 192, moe_grouped_gemv.MAX_GROUPED_PAIRS,

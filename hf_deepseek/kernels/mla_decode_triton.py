@@ -1,6 +1,6 @@
 """Decode attention over the latent cache through a Triton split-KV kernel (`_mla_decode_triton.py`), an optional
-backend of `modeling/mla_decode.py` for one query token per row over an unpadded cache (HF_DEEPSEEK_DECODE_ATTENTION
-=triton).
+backend of `modeling/mla_decode.py` for one query token per row over an unpadded cache (the default for up to 8 rows;
+HF_DEEPSEEK_DECODE_ATTENTION=triton for any batch).
 
 FlashMLA's decode spends ~22 us per layer at batch 1 in three launches (schedule, split-KV, combine) to read 2.4 MB;
 this one launches two kernels, needs no schedule and reads each row only up to its length. `mla_decode_triton` is a
@@ -17,9 +17,11 @@ from .moe_gemv import triton_available
 
 def parse_plan(text: str | None) -> tuple[int, int]:
     """ "BLOCK_T,TARGET_PROGRAMS" (HF_DEEPSEEK_MLA_TRITON_PLAN: cache tokens a tile, a power of two >= 16, and about
-    how many split programs to run) -> the kernels' plan; None or "" -> the defaults (32, 128)."""
+    how many split programs to run) -> the kernels' plan; None or "" -> the defaults (64, 256), the fastest of
+    `benchmarks/decode_attention_bench.py --sweep` at batch 1 and 8 x 2k on an H200 (9.8 / 12.2 us a layer against
+    11.6 / 16.9 at (32, 128); docs/PERF.md, 2026-12-05)."""
     if not text or not text.strip():
-        return 32, 128
+        return 64, 256
     form = "BLOCK_T,TARGET_PROGRAMS (BLOCK_T a power of two >= 16, TARGET_PROGRAMS >= 1)"
     try:
         block_t, target = (int(f) for f in text.split(","))

@@ -13,9 +13,10 @@ registers.
 `routed_experts_grouped_gemv` (bf16) and `routed_experts_grouped_gemv_fp8` are custom ops (one node under
 torch.compile, captured by CUDA graphs: no host read, static shapes): the Triton kernels on CUDA, `moe_gemv.reference`
 elsewhere, the same computation (what the CPU tests run). FP8 experts take them by default between `MAX_PAIRS` and
-`MAX_GROUPED_PAIRS` pairs (`usable_fp8`); bf16 experts only with HF_DEEPSEEK_MOE_GROUPED_GEMV=1 (`usable`, read at
-import), until a GPU run measures them faster than the dense and grouped-GEMM paths of `modeling/moe_decode.py`
-(`benchmarks/moe_gemv_tune.py --grouped-kernels` times them against torch's grouped GEMM).
+`MAX_GROUPED_PAIRS` pairs (`usable_fp8`), and so do bf16 experts (`usable`) unless HF_DEEPSEEK_MOE_GROUPED_GEMV=0
+(read at import): at batch 32 / 2k the bench's step took 3.07 ms through them against 3.25 through the grouped GEMM
+of `modeling/moe_decode.py` (H200, docs/PERF.md, 2026-12-05). `benchmarks/moe_gemv_tune.py --grouped-kernels` times
+them against torch's grouped GEMM.
 """
 
 import os
@@ -25,12 +26,12 @@ import torch
 from . import moe_gemv
 
 MAX_GROUPED_PAIRS = 1024  # token-expert pairs up to which the grouped kernels serve (batch 170 at top-6)
-GROUPED_GEMV = os.environ.get("HF_DEEPSEEK_MOE_GROUPED_GEMV", "0") == "1"  # bf16 experts too (opt-in)
+GROUPED_GEMV = os.environ.get("HF_DEEPSEEK_MOE_GROUPED_GEMV", "1") != "0"  # bf16 experts too (default on)
 
 
 def usable(experts, x: torch.Tensor, pairs: int) -> bool:
     """Whether `routed_experts_grouped_gemv` serves bf16 `experts` (a RoutedExperts) for x [N, d] with `pairs`
-    pairs: with HF_DEEPSEEK_MOE_GROUPED_GEMV=1, beyond the matrix-vector kernels' pairs, on their other conditions."""
+    pairs: unless HF_DEEPSEEK_MOE_GROUPED_GEMV=0, beyond the matrix-vector kernels' pairs, on their other conditions."""
     return GROUPED_GEMV and moe_gemv.MAX_PAIRS < pairs <= MAX_GROUPED_PAIRS and moe_gemv.usable(experts, x, 1)
 
 

@@ -6,9 +6,9 @@ cache buffer: the query is folded through W_UK into latent space and concatenate
 batched matmul against the [B, L, r + rope] buffer gives the scores and one against its latent part gives the
 output, which W_UV maps back to heads. Shapes are static (the whole buffer, masked past each row's length), the
 length is a device tensor, and nothing reads device values on the host: the step compiles into CUDA graphs.
-One query token per row over a cache without padding goes through FlashMLA's split-KV kernel where it is installed
-(`kernels/flash_mla_decode.py`), which reads each row only up to its length, or, with
-HF_DEEPSEEK_DECODE_ATTENTION=triton, through a Triton split-KV kernel (`kernels/mla_decode_triton.py`). With
+One query token per row over a cache without padding goes through a split-KV kernel that reads each row only up to
+its length: by default (HF_DEEPSEEK_DECODE_ATTENTION=auto) a Triton one (`kernels/mla_decode_triton.py`) for up to 8
+rows and FlashMLA's (`kernels/flash_mla_decode.py`, where it is installed) for more. With
 HF_DEEPSEEK_HEAD_MATMUL=1 the W_UK and W_UV products of up to 64 query rows take a per-head Triton kernel
 (`kernels/head_matmul.py`) instead of cuBLAS's batched matmul.
 """

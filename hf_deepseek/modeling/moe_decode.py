@@ -9,9 +9,9 @@ Two ways, both combining the experts' outputs with the routing weights as the so
   extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
 - matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
   top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once.
-- expert-grouped kernels (`kernels/moe_grouped_gemv.py`), opt-in (HF_DEEPSEEK_MOE_GROUPED_GEMV=1) until a GPU run
-  measures them faster: beyond 32 pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton
-  kernels that read each chosen expert's weights once for all of its pairs.
+- expert-grouped kernels (`kernels/moe_grouped_gemv.py`; HF_DEEPSEEK_MOE_GROUPED_GEMV=0 turns them off): beyond 32
+  pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton kernels that read each chosen
+  expert's weights once for all of its pairs.
 - gathered: for the few tokens of a small decode batch under torch.compile without the grouped GEMM (fp32, CPU),
   each token-choice pair's expert weights gathered and applied by batched vector-matrix products: only the chosen
   experts are computed (as vLLM's fused MoE reads only them), in the (token, choice) order of the eager path.
