@@ -34,7 +34,7 @@ _ARITHMETIC_NOTE = (
 )
 EMBEDDED_NOTES = {  # the shipped checkpoints' scope, by directory name: the chat's default, then the demo's model
     "hf-deepseek-r1-add-sub": _ARITHMETIC_NOTE.format(
-        how="the DeepSeek-R1 recipe's cold start", scope="addition and subtraction up to 4 digits"
+        how="the DeepSeek-R1 recipe (cold start, then GRPO)", scope="addition and subtraction up to 4 digits"
     ),
     "hf-deepseek-r1-tiny": _ARITHMETIC_NOTE.format(how="the DeepSeek-R1 recipe", scope="addition up to 3 digits"),
 }
