@@ -655,6 +655,48 @@ def norm_linear_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- a MoE layer's shared MLP as more pairs of the routed experts' launches (`launch(..., shared=...)`) -------------
+# A separate section: `shared_pairs_kernels()`, which the main block runs, prints, saves ("shared_pairs") and counts
+# in the exit status: per-pair outputs within 1e-2 of float64 (bf16 weights, fp32 within 1e-5) and the sum within
+# 1e-3 of the op's torch path (`moe_gemv.routed_and_shared_experts_gemv` on the CPU); 2 shared slices, 1-3 tokens.
+
+SHARED_PAIR_CASES = [(2, 1, None), (2, 3, None), (1, 2, (16, 128, 4, 4, 2))]  # (slices, tokens, config)
+
+
+def shared_pairs_kernels() -> dict[str, bool]:
+    """Routed experts at top-4 of 16 plus a shared MLP of `slices` x the experts' width in the same two launches."""
+    results = {}
+    hidden, inter = 384, 320
+    with gpu_store_rounding():
+        for slices, tokens, cfg in SHARED_PAIR_CASES:
+            torch.manual_seed(slices * 10 + tokens)
+            gate_up = (torch.randn(16, 2 * inter, hidden) / hidden**0.5).to(torch.bfloat16)
+            down = (torch.randn(16, hidden, inter) / inter**0.5).to(torch.bfloat16)
+            shapes = ((slices * inter, hidden), (slices * inter, hidden), (hidden, slices * inter))
+            shared = [(torch.randn(*shape) / shape[1] ** 0.5).to(torch.bfloat16) for shape in shapes]
+            x = torch.randn(tokens, hidden).to(torch.bfloat16)
+            indices = torch.stack([torch.randperm(16)[:4] for _ in range(tokens)])
+            weights = torch.rand(tokens, 4).softmax(dim=-1)
+            for dtype in (torch.bfloat16, torch.float32):
+                args = (x.to(dtype), indices, weights, gate_up.to(dtype), down.to(dtype))
+                extra = tuple(t.to(dtype) for t in shared)
+                got = _moe_gemv_triton.launch(*args, cfg, per_pair=True, shared=extra)
+                want = moe_gemv.reference_with_shared(*(t.double() if t.is_floating_point() else t
+                                                        for t in (*args, *extra)))  # fmt: skip
+                op = moe_gemv.routed_and_shared_experts_gemv(*args, *extra).sum(dim=1)
+                # split-K sums every pair in its kernel (the sum in slot 0): compare the sums, and unsplit the pairs
+                error = relative_error(got.sum(dim=1), want.sum(dim=1))
+                if cfg is None:
+                    error = max(error, relative_error(got, want))
+                drift = relative_error(got.sum(dim=1), op)
+                name = f"{slices} slices, {tokens} tokens, {str(dtype)[6:]}, config {cfg}"
+                print(f"  shared pairs {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+                tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+                shape_ok = got.shape == (tokens, 4 + slices, hidden)
+                results[name] = error < tolerance and drift < max(tolerance, 1e-3) and shape_ok
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -667,6 +709,7 @@ if __name__ == "__main__":
     heads = head_matmul_kernel()  # decode attention's absorbed products section
     pair = linear_pair_kernel()  # two linear layers of one input section
     norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
+    shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -686,6 +729,7 @@ if __name__ == "__main__":
             record["head_matmul"] = heads
             record["linear_pair"] = pair
             record["norm_linear"] = norm
+            record["shared_pairs"] = shared_pairs
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
@@ -693,6 +737,7 @@ if __name__ == "__main__":
     print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
     print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
+    print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -704,6 +749,7 @@ if __name__ == "__main__":
         and all(heads.values())
         and all(pair.values())
         and all(norm.values())
+        and all(shared_pairs.values())
         and kernels_ok
         else 1
     )

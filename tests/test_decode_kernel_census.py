@@ -28,22 +28,32 @@ def default_and_all():
 def test_the_experts_top_k_sum_fuses_into_the_next_norm(default_and_all):
     """Each MoE layer's per-pair products are summed in a kernel that also computes the next RMSNorm: no kernel of
     its own for the sum (the two MoE layers of the census model, in both variants)."""
-    for result in default_and_all:
+    for result, op in zip(default_and_all, ("routed_experts_gemv", "routed_and_shared_experts_gemv"), strict=True):
         with_sum = [name for name in result["kernels"] if "sum" in name]
         assert len(with_sum) == 2 and all("rsqrt" in name for name in with_sum), result["kernels"]
-        assert result["ops"]["torch.ops.hf_deepseek.routed_experts_gemv"] == 2
+        assert result["ops"][f"torch.ops.hf_deepseek.{op}"] == 2
 
 
 def test_every_opt_in_kernel_together_launches_fewer_kernels(default_and_all):
     """Per layer: W_UK and W_UV as library matmuls, the query's concatenation, the MLPs' separate gate and up and
-    activation, q_a and kv_a apart in the default; the fused ops instead with every switch on."""
+    activation, q_a and kv_a apart in the default; the fused ops instead with every switch on (the shared MLPs in
+    the routed experts' launches, so only the dense layer's MLP takes the gate/up launch)."""
     default, every = default_and_all
     assert default["ops"]["torch.ops.aten.bmm"] == 6  # W_UK and W_UV of three layers, as cuBLAS calls on a GPU
     assert "torch.ops.aten.bmm" not in every["ops"] and every["ops"]["torch.ops.hf_deepseek.head_matmul"] == 6
     assert every["ops"]["torch.ops.hf_deepseek.linear_gemv_pair"] == 3
-    assert every["ops"]["torch.ops.hf_deepseek.gate_up_gemv"] == 3
+    assert every["ops"]["torch.ops.hf_deepseek.gate_up_gemv"] == 1
     assert every["ops"]["torch.ops.hf_deepseek.norm_linear_gemv"] == 3
     assert launches(every) <= launches(default) - 4 * 3, (launches(every), launches(default))
+
+
+def test_the_shared_mlp_folded_into_the_routed_launches_saves_four_launches_a_moe_layer():
+    """Its gate, up and down matrix-vector launches and the activation's Inductor kernel, in both MoE layers."""
+    default, folded = (census_script.census(census_script.VARIANTS[v]) for v in ("default", "fold-shared"))
+    assert folded["ops"]["torch.ops.hf_deepseek.routed_and_shared_experts_gemv"] == 2
+    assert "torch.ops.hf_deepseek.routed_experts_gemv" not in folded["ops"]
+    assert folded["ops"]["torch.ops.hf_deepseek.linear_gemv"] == default["ops"]["torch.ops.hf_deepseek.linear_gemv"] - 6
+    assert launches(folded) == launches(default) - 4 * 2, (launches(folded), launches(default))
 
 
 def test_every_opt_in_kernel_together_gives_the_default_paths_logits():

@@ -22,23 +22,35 @@ BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, Kernel
 def _gate_up_kernel(
     x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
-    STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True,
+    STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True, sg_ptr=None, su_ptr=None, N_SHARED: tl.constexpr = 0,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
     this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
     gate and up partial sums are added to (atomically). The up rows are read at u_ptr (the expert's row I for
     routed experts; a second matrix otherwise). Not ROUTED: one gate [I, d] and one up matrix [I, d] (a SwiGLU
-    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread)."""
+    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0 (bf16): the last N_SHARED of each
+    token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up matrices at sg_ptr and
+    su_ptr, and idx holds only the TOP_K - N_SHARED routed experts of each token."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     token = pair // TOP_K
     expert = 0
-    if ROUTED:
+    if ROUTED and N_SHARED == 0:
         expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * (2 * INTER) * D
     u = u_ptr + expert * (2 * INTER) * D
+    if N_SHARED > 0:
+        slot = pair % TOP_K
+        routed_k = TOP_K - N_SHARED
+        if slot < routed_k:
+            chosen = tl.load(idx_ptr + token * routed_k + slot).to(tl.int64)
+            w = w_ptr + chosen * (2 * INTER) * D
+            u = u_ptr + chosen * (2 * INTER) * D
+        else:
+            w = sg_ptr + (slot - routed_k).to(tl.int64) * INTER * D
+            u = su_ptr + (slot - routed_k).to(tl.int64) * INTER * D
     n_ok = n < INTER
     k_lo = 0
     k_hi = D
@@ -72,10 +84,11 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_dot(act_ptr, row, w, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER, G_INTER, G_D,
+def _down_dot(act_ptr, row, w, w_row, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER, G_INTER, G_D,
               SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
               ACT_FROM_H: tl.constexpr):  # fmt: skip
-    """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`)."""
+    """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`); the matrix's rows
+    `w_row` apart (INTER, or a shared MLP's whole width for one of its slices)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -91,7 +104,7 @@ def _down_dot(act_ptr, row, w, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
                 a = a.to(tl.float16).to(tl.float32)
         else:
             a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
-        down = tl.load(w + n[:, None] * INTER + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        down = tl.load(w + n[:, None] * w_row + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
             s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
             a *= tl.load(s, mask=k_ok, other=0.0)
@@ -104,7 +117,7 @@ def _down_kernel(
     act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
-    SUM_TOP_K: tl.constexpr = False,
+    SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
@@ -113,7 +126,9 @@ def _down_kernel(
     here). SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
     order and stores the token's row of out in out's dtype (no sum or conversion kernel after). ACT_FROM_H (1: round
     to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) *
-    h[:, I:] computed here."""
+    h[:, I:] computed here. N_SHARED > 0 (ROUTED, bf16, not SUM_TOP_K): as in `_gate_up_kernel`, the last N_SHARED
+    pairs of each token are a shared MLP's slices, columns [j I, (j + 1) I) of its down matrix at sd_ptr (rows SD_ROW
+    apart), weighted 1; idx and the routing weights hold the routed pairs only."""
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < D
@@ -123,23 +138,36 @@ def _down_kernel(
         for j in range(0, TOP_K):
             pair = token * TOP_K + j
             expert = tl.load(idx_ptr + pair).to(tl.int64)
-            acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, s_ptr, expert, n, n0, n_ok, 0, INTER, D, INTER,
-                            G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+            acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, INTER, s_ptr, expert, n, n0, n_ok, 0, INTER, D,
+                            INTER, G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
             total += acc * tl.load(weight_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         pair = tl.program_id(0)
         expert = 0
-        if ROUTED:
+        if ROUTED and N_SHARED == 0:
             expert = tl.load(idx_ptr + pair).to(tl.int64)
         k_lo = 0
         k_hi = INTER
         if SPLIT_K > 1:
             k_lo = tl.program_id(2) * K_CHUNK
             k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
-        acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
+        w = w_ptr + expert * D * INTER
+        w_row = INTER
+        if N_SHARED > 0:
+            slot = pair % TOP_K
+            routed_k = TOP_K - N_SHARED
+            routed_pair = (pair // TOP_K) * routed_k + slot
+            if slot < routed_k:
+                w = w_ptr + tl.load(idx_ptr + routed_pair).to(tl.int64) * D * INTER
+            else:
+                w = sd_ptr + (slot - routed_k).to(tl.int64) * INTER
+                w_row = SD_ROW
+        acc = _down_dot(act_ptr, pair, w, w_row, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
                         G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
-        if ROUTED:
+        if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
+            acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
+        elif ROUTED:
             acc *= tl.load(weight_ptr + pair).to(tl.float32)
         if SPLIT_K > 1:
             tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
@@ -163,7 +191,7 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
         w = w1_ptr
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
-    acc = _down_dot(x_ptr, row, w, w, 0, n, n0, n_ok, 0, K, rows, K, 1, 1,
+    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K, 1, 1,
                     False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -211,6 +239,7 @@ def launch(
     down_scale=None,
     sum_top_k: bool = False,
     per_pair: bool = False,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
@@ -219,10 +248,19 @@ def launch(
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
     program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
     `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
-    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1)."""
+    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1). `shared` (bf16 only,
+    not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more pairs of
+    each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
+    n_shared = 0
+    if shared is not None:
+        if gate_up_scale is not None or sum_top_k:
+            raise ValueError("shared experts go with bf16 experts and per-pair or summed outputs only")
+        n_shared = shared[0].shape[0] // down.shape[-1]
+        shared = tuple(t.contiguous() for t in shared)
+        top_k += n_shared
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
@@ -242,15 +280,17 @@ def launch(
         out = torch.empty((num_tokens, dim) if sum_top_k else (pairs, dim), device=x.device,
                           dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
     chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
+    extra = dict(sg_ptr=shared[0], su_ptr=shared[1], N_SHARED=n_shared) if shared else {}
     _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
         x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
         g_dim, chunk_d,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **launch_opts,
+        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra, **launch_opts,
     )  # fmt: skip
+    extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1], N_SHARED=n_shared) if shared else {}
     _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
         SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
-        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, **launch_opts,
+        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, **extra, **launch_opts,
     )  # fmt: skip
     if sum_top_k:
         return out

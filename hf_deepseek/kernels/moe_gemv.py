@@ -17,7 +17,9 @@ layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
 applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
 q_a and kv_a projections (opt-in, HF_DEEPSEEK_FUSED_Q_KV_A=1); `norm_linear_gemv` an RMSNorm and the linear layer
-after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1).
+after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1);
+`routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
+(opt-in, HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1).
 """
 
 import os
@@ -44,6 +46,9 @@ FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "0") == "1"
 # MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in until timed
 # (bench row ours-fast-norm-linear)
 FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "0") == "1"
+# a MoE layer's shared experts as more pairs of the routed experts' two launches (`routed_and_shared_experts_gemv`:
+# their own gate, up, activation and down launches gone): opt-in until timed (bench row ours-fast-fold-shared)
+FOLD_SHARED = os.environ.get("HF_DEEPSEEK_FOLD_SHARED_EXPERTS", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -129,6 +134,26 @@ def reference(
     return out if per_pair else out.sum(dim=1).to(x.dtype)
 
 
+def shared_as_experts(gate, up, down, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shared SwiGLU MLP (gate and up [S I, d], down [d, S I]) as S experts of width I in the routed layout
+    (gate_up [S, 2I, d], down [S, d, I]): the MLP's output is the sum of theirs, each intermediate unit belonging to
+    one slice."""
+    slices, dim = gate.shape[0] // inter, gate.shape[1]
+    gate_up = torch.cat([gate.view(slices, inter, dim), up.view(slices, inter, dim)], dim=1)
+    return gate_up, down.view(dim, slices, inter).transpose(0, 1)
+
+
+def reference_with_shared(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down) -> torch.Tensor:
+    """`routed_and_shared_experts_gemv`'s computation in torch: the routed pairs' weighted products, then the shared
+    MLP's slices' (weight 1), fp32 [N, k + S, d]."""
+    routed = reference(x, indices, weights, gate_up, down, per_pair=True)
+    shared_gate_up, shared_down = shared_as_experts(shared_gate, shared_up, shared_down, down.shape[-1])
+    slices = shared_gate_up.shape[0]
+    every = torch.arange(slices, device=x.device).expand(x.shape[0], slices)
+    ones = torch.ones(x.shape[0], slices, device=x.device)
+    return torch.cat([routed, reference(x, every, ones, shared_gate_up, shared_down, per_pair=True)], dim=1)
+
+
 def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False) -> torch.Tensor:
     """`reference` for FP8 weights with their 128x128 block scales, dequantised exactly; the activation kept in
     x's dtype, as the FP8 kernels store it."""
@@ -180,6 +205,33 @@ def fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torch
 @routed_experts_gemv.register_fake
 def _(x, indices, weights, gate_up, down, per_pair=False):
     return fake_output(x, indices, per_pair)
+
+
+@torch.library.custom_op("hf_deepseek::routed_and_shared_experts_gemv", mutates_args=())
+def routed_and_shared_experts_gemv(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    shared_gate: torch.Tensor,
+    shared_up: torch.Tensor,
+    shared_down: torch.Tensor,
+) -> torch.Tensor:
+    """`routed_experts_gemv` with per-pair output and a MoE layer's shared MLP (gate and up [S I, d], down [d, S I],
+    bf16) as S more pairs of each token after its k routed ones, its slices of width I weighted 1: fp32 [N, k + S, d],
+    whose sum over dim 1 is the routed experts' sum plus the shared MLP's output, in the same two launches."""
+    if not x.is_cuda:
+        return reference_with_shared(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down)
+    from ._moe_gemv_triton import launch
+
+    return launch(x, indices, weights, gate_up, down, per_pair=True, shared=(shared_gate, shared_up, shared_down))
+
+
+@routed_and_shared_experts_gemv.register_fake
+def _(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down):
+    slices = shared_gate.shape[0] // down.shape[-1]
+    return x.new_empty(x.shape[0], indices.shape[1] + slices, x.shape[-1], dtype=torch.float32)
 
 
 def summed_over_top_k(op, x: torch.Tensor, indices: torch.Tensor, *args) -> torch.Tensor:
@@ -329,6 +381,9 @@ def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=Fa
 __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
+    "routed_and_shared_experts_gemv",
+    "shared_as_experts",
+    "reference_with_shared",
     "summed_over_top_k",
     "fake_output",
     "linear_gemv_fp8",
@@ -356,4 +411,5 @@ __all__ = [
     "FUSED_GATE_UP",
     "FUSED_Q_KV_A",
     "FUSED_NORM_LINEAR",
+    "FOLD_SHARED",
 ]

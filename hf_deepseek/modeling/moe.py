@@ -16,7 +16,7 @@ from ..configuration import DeepSeekConfig
 from ..kernels import moe_routing
 from ..kernels.moe_routing import count_per_expert
 from .layers import SwiGLUMLP
-from .moe_decode import decode_experts
+from .moe_decode import decode_experts, routed_and_shared_experts
 
 
 class TopKRouter(nn.Module):
@@ -164,6 +164,9 @@ class DeepSeekMoE(nn.Module):
         bsz, seq_len, dim = hidden_states.shape
         flat = hidden_states.reshape(-1, dim)
         indices, weights = self.gate(flat, bsz)
+        both = routed_and_shared_experts(self, flat, indices, weights)  # decode, opt-in: one pair of launches for all
+        if both is not None:
+            return both.view(bsz, seq_len, dim)
         out = self.experts(flat, indices, weights).view(bsz, seq_len, dim)
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)

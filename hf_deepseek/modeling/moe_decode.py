@@ -8,7 +8,9 @@ Two ways, both combining the experts' outputs with the routing weights as the so
   weights once, at the bandwidth plain GEMMs reach. Used on CUDA for at most `MAX_TOKENS` tokens (beyond that the
   extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
 - matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
-  top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once.
+  top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once; with
+  HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1 the shared MLP's slices go in the same two launches as more pairs
+  (`routed_and_shared_experts`, up to 32 pairs with them).
 - expert-grouped kernels (`kernels/moe_grouped_gemv.py`; HF_DEEPSEEK_MOE_GROUPED_GEMV=0 turns them off): beyond 32
   pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton kernels that read each chosen
   expert's weights once for all of its pairs.
@@ -22,6 +24,7 @@ and recompiles whenever another set of experts gets no rows: these keep the comp
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
 
 from ..kernels import moe_gemv, moe_grouped_gemv
 from .input_checks import tracing
@@ -64,6 +67,29 @@ def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch
     )
 
 
+def routed_and_shared_experts(moe, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> Tensor | None:
+    """A DeepSeekMoE layer's routed experts' sum plus its shared MLP's output for x [N, d], both in the two launches
+    of `moe_gemv.routed_and_shared_experts_gemv`, where HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1 and the matrix-vector
+    kernels would serve the routed experts and the shared MLP's slices too (a SwiGLU without biases in the
+    experts' dtype, its width a multiple of the experts'); None otherwise (the caller computes them apart)."""
+    experts, shared = moe.experts, moe.shared_experts
+    if not moe_gemv.FOLD_SHARED or moe_gemv.SUM_TOP_K or shared is None or not moe_gemv.is_silu(shared.act_fn):
+        return None
+    layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    inter = experts.down_proj.shape[-1]
+    if any(getattr(m, "bias", None) is not None or m.weight.dtype != experts.gate_up_proj.dtype for m in layers):
+        return None
+    slices, remainder = divmod(shared.gate_proj.out_features, inter)
+    top_k = indices.shape[1]
+    if remainder or decode_experts(experts, x, top_k, False) is not gemv_experts:
+        return None
+    if not moe_gemv.usable(experts, x, x.shape[0] * (top_k + slices)):
+        return None
+    weights_of = (m.weight for m in layers)
+    op = moe_gemv.routed_and_shared_experts_gemv
+    return op(x, indices, weights, experts.gate_up_proj, experts.down_proj, *weights_of).sum(dim=1).to(x.dtype)
+
+
 def grouped_gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """x [N, d], indices/weights [N, k] -> [N, d] through `kernels/moe_grouped_gemv.py` (Triton on CUDA)."""
     op = moe_grouped_gemv.routed_experts_grouped_gemv
@@ -94,5 +120,6 @@ def gathered_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: t
 
 __all__ = [
     "use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "gemv_experts", "grouped_gemv_experts",
+    "routed_and_shared_experts",
     "DENSE_DECODE", "MAX_TOKENS",
 ]  # fmt: skip

@@ -1,0 +1,112 @@
+"""A MoE layer's shared MLP folded into the routed experts' two matrix-vector launches as more pairs
+(`moe_gemv.routed_and_shared_experts_gemv`, HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1): its torch path against a float64
+recomputation of the layer (routed experts plus the shared MLP), and a model's decode through it against the
+default path. The Triton kernels themselves: `benchmarks/triton_interpreter_check.py` (section shared_pairs) and
+the GPU test below."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import moe_gemv
+from hf_deepseek.modeling import moe_decode
+from hf_deepseek.modeling.moe import DeepSeekMoE
+
+
+def moe_layer(device: str, dtype: torch.dtype, n_shared: int = 2) -> DeepSeekMoE:
+    torch.manual_seed(0)
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=n_shared)
+    layer = DeepSeekMoE(config).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5)
+    return layer
+
+
+def float64_layer(layer: DeepSeekMoE, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k expert_k(x) + shared(x), every product in float64."""
+    gate_up, down = layer.experts.gate_up_proj.double(), layer.experts.down_proj.double()
+    inter = down.shape[-1]
+    xd = x.double()
+    out = torch.zeros_like(xd)
+    for t in range(x.shape[0]):
+        for e, w in zip(indices[t].tolist(), weights[t].double(), strict=True):
+            h = gate_up[e] @ xd[t]
+            out[t] += w * (down[e] @ (torch.nn.functional.silu(h[:inter]) * h[inter:]))
+    shared = layer.shared_experts
+    act = torch.nn.functional.silu(xd @ shared.gate_proj.weight.double().T) * (xd @ shared.up_proj.weight.double().T)
+    return out + act @ shared.down_proj.weight.double().T
+
+
+@pytest.mark.parametrize("n_shared", [1, 2])
+def test_the_ops_torch_path_is_the_routed_experts_plus_the_shared_mlp(n_shared):
+    layer = moe_layer("cpu", torch.float32, n_shared)
+    x = torch.randn(3, layer.experts.gate_up_proj.shape[-1])
+    with torch.no_grad():
+        indices, weights = layer.gate(x, 3)
+        shared = layer.shared_experts
+        pairs = moe_gemv.routed_and_shared_experts_gemv(
+            x, indices, weights, layer.experts.gate_up_proj, layer.experts.down_proj,
+            shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
+        )  # fmt: skip
+    assert pairs.shape == (3, 4 + n_shared, x.shape[1]) and pairs.dtype == torch.float32
+    torch.testing.assert_close(pairs.sum(dim=1).double(), float64_layer(layer, x, indices, weights),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # the shared slices' products alone are the shared MLP's output
+    torch.testing.assert_close(pairs[:, 4:].sum(dim=1), layer.shared_experts(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fold_serves_only_where_the_matrix_vector_kernels_would(monkeypatch):
+    """Off by default; on, at most MAX_PAIRS pairs counting the shared slices; never in grad mode or on other
+    shared-expert dtypes."""
+    layer = moe_layer("cpu", torch.float32)
+    x = torch.randn(1, layer.experts.gate_up_proj.shape[-1])
+    indices, weights = layer.gate(x, 1)
+    monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: not torch.is_grad_enabled() and pairs <= 32)
+    with torch.no_grad():
+        assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is None  # opt-in
+        monkeypatch.setattr(moe_gemv, "FOLD_SHARED", True)
+        assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is not None
+        many = torch.randn(6, x.shape[1])  # 6 x (4 + 2) = 36 pairs: beyond the kernels
+        assert moe_decode.routed_and_shared_experts(layer, many, *layer.gate(many, 6)) is None
+        layer.shared_experts.down_proj.to(torch.float64)
+        assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is None
+    assert moe_decode.routed_and_shared_experts(moe_layer("cpu", torch.float32), x, indices, weights) is None
+
+
+def test_model_decode_with_the_shared_mlp_folded_equals_the_default_path(monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2)
+    model = DeepSeekForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (1, 12))
+    monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
+    default = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    calls, original = [], moe_gemv.routed_and_shared_experts_gemv
+    monkeypatch.setattr(moe_gemv, "FOLD_SHARED", True)
+    monkeypatch.setattr(moe_gemv, "routed_and_shared_experts_gemv", lambda *a: calls.append(a[1].shape) or original(*a))
+    folded = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                            output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(folded.sequences, default.sequences)
+    torch.testing.assert_close(torch.stack(folded.logits), torch.stack(default.logits), rtol=1e-4, atol=1e-5)
+    assert (1, 4) in calls  # the decode steps' single token went through the op
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_triton_kernels_with_the_shared_mlp_match_float64(tokens):
+    if not moe_gemv.triton_available():
+        pytest.skip("needs Triton and CUDA")
+    layer = moe_layer("cuda", torch.bfloat16)
+    x = torch.randn(tokens, layer.experts.gate_up_proj.shape[-1], device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        indices, weights = layer.gate(x, tokens)
+        want = float64_layer(layer, x, indices, weights)
+        shared = layer.shared_experts
+        out = moe_gemv.routed_and_shared_experts_gemv(
+            x, indices, weights, layer.experts.gate_up_proj, layer.experts.down_proj,
+            shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight,
+        ).sum(dim=1)  # fmt: skip
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert error < 1e-2, error
