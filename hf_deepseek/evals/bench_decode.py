@@ -337,6 +337,13 @@ def patched_attributes(settings: list[tuple]):
             setattr(module, name, value)
 
 
+def cudagraph_skips() -> int:
+    """How many compiled graphs Inductor has run without CUDA graphs so far in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def run_step_row(
     row: Row,
     model,
@@ -372,6 +379,7 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                     torch.cuda.reset_peak_memory_stats(device)
                 profiled = f"{row.name}:{batch}:{context}" in plan.profile
                 max_len = context + (2 if profiled else 1) * (plan.warmup_steps + plan.steps)
+                skips_before = cudagraph_skips()
                 with torch.no_grad():
                     cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
                     times = time_steps(step, model, cache, batch, context, plan, device)
@@ -379,6 +387,8 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                         path = output_dir / f"profile_{row.name}_b{batch}_c{context}.txt"
                         offset = plan.warmup_steps + plan.steps
                         profile_steps(step, model, cache, batch, context + offset, plan, device, path)
+                if compile_here and cudagraph_skips() > skips_before:  # the step ran launch by launch
+                    cell.note = "CUDA graphs skipped (TORCH_LOGS=perf_hints prints why)"
                 cell.ms_per_step = statistics.median(times)
                 cell.tokens_per_s = batch * 1000 / cell.ms_per_step
                 if device.type == "cuda":
