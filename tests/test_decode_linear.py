@@ -25,6 +25,19 @@ def counted_single_row_op(monkeypatch, name: str) -> tuple[list, object]:
     return calls, original
 
 
+def assert_kernel_matches(op, launch, args: tuple, want: torch.Tensor) -> None:
+    """On the GPU: `op(*args)` within 1e-2 of `want` (float64), and its kernel launch `launch(*args)` captured in a
+    CUDA graph and replayed gives the op's result."""
+    with torch.no_grad():
+        got = op(*args)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = launch(*args)
+        graph.replay()
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(replayed, got)
+
+
 def test_switch_off_changes_nothing(monkeypatch):
     if not os.environ.get("HF_DEEPSEEK_LINEAR_GEMV"):
         assert moe_gemv.LINEAR_GEMV  # on by default: measured faster than cuBLAS in a batch-1 step's dense layers
@@ -193,15 +206,8 @@ def test_fused_gate_up_kernel_matches_float64_on_gpu():
     for inter, dim in ((2816, 2048), (10944, 2048), (200, 320)):
         x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
         gate, up = ((torch.randn(inter, dim, device="cuda") / dim**0.5).to(torch.bfloat16) for _ in range(2))
-        with torch.no_grad():
-            got = moe_gemv.gate_up_gemv(x, gate, up)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                replayed = _moe_gemv_triton.launch_gate_up(x, gate, up)
-            graph.replay()
         want = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
-        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
-        torch.testing.assert_close(replayed, got)
+        assert_kernel_matches(moe_gemv.gate_up_gemv, _moe_gemv_triton.launch_gate_up, (x, gate, up), want)
 
 
 def test_q_kv_a_pair_op_and_the_attention_taking_it(monkeypatch):
@@ -253,15 +259,9 @@ def test_q_kv_a_pair_kernel_matches_float64_on_gpu():
     for n1, n2, dim in ((1536, 576, 2048), (1536, 576, 7168), (100, 36, 320)):
         x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
         first, second = ((torch.randn(n, dim, device="cuda") / dim**0.5).to(torch.bfloat16) for n in (n1, n2))
-        with torch.no_grad():
-            got = moe_gemv.linear_gemv_pair(x, first, second)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                replayed = _moe_gemv_triton.launch_linear_pair(x, first, second)
-            graph.replay()
         want = torch.cat([x.double() @ first.double().T, x.double() @ second.double().T], dim=-1)
-        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
-        torch.testing.assert_close(replayed, got)
+        op, launch = moe_gemv.linear_gemv_pair, _moe_gemv_triton.launch_linear_pair
+        assert_kernel_matches(op, launch, (x, first, second), want)
 
 
 def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
@@ -310,12 +310,6 @@ def test_norm_linear_kernel_matches_the_unfused_path_on_gpu():
     x = joined[:, :1536]  # row stride 2112
     g = (torch.rand(1536, device="cuda") + 0.5).to(torch.bfloat16)
     weight = (torch.randn(3072, 1536, device="cuda") / 1536**0.5).to(torch.bfloat16)
-    with torch.no_grad():
-        got = moe_gemv.norm_linear_gemv(x, g, 1e-6, weight)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = _moe_gemv_triton.launch_norm_linear(x, g, 1e-6, weight)
-        graph.replay()
     want = moe_gemv.rms_norm(x, g, 1e-6).double() @ weight.double().T
-    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
-    torch.testing.assert_close(replayed, got)
+    op, launch = moe_gemv.norm_linear_gemv, _moe_gemv_triton.launch_norm_linear
+    assert_kernel_matches(op, launch, (x, g, 1e-6, weight), want)

@@ -24,7 +24,6 @@ and recompiles whenever another set of experts gets no rows: these keep the comp
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
 
 from ..kernels import moe_gemv, moe_grouped_gemv
 from .input_checks import tracing
@@ -67,7 +66,9 @@ def gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch
     )
 
 
-def routed_and_shared_experts(moe, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> Tensor | None:
+def routed_and_shared_experts(
+    moe, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor | None:
     """A DeepSeekMoE layer's routed experts' sum plus its shared MLP's output for x [N, d], both in the two launches
     of `moe_gemv.routed_and_shared_experts_gemv`, where HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1 and the matrix-vector
     kernels would serve the routed experts and the shared MLP's slices too (a SwiGLU without biases in the
