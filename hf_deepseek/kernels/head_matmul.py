@@ -1,7 +1,7 @@
 """Per-head products of decode attention's absorbed weights through one Triton kernel each: the query's nope part
 through W_UK into latent space, the latent output through W_UV back to each head's values, for the few query rows
-of a decode step (HF_DEEPSEEK_HEAD_MATMUL=1; opt-in until a decode step measures it faster, bench row
-`ours-fast-head-matmul`).
+of a decode step (HF_DEEPSEEK_HEAD_MATMUL=1; opt-in: level with cuBLAS in the bench's step, 1.14 against 1.13 ms at
+batch 1 / 2k and 3.25 against 3.25 at 32 / 2k, bench row `ours-fast-head-matmul`, H200, docs/PERF.md 2026-12-05).
 
 At batch 1 on an H200 cuBLAS's batched products for these took 3.4 and 3.2 us a layer to read 2 MB of weights each
 (`nvjet_sm90_tst_64x8_64x16_2x1` TNT and NNT in
@@ -9,7 +9,7 @@ docs/decode-h200/profile_ours-fast-linear-gemv_b1_c2048_2026-12-04g.txt), 53 us 
 where reading the bytes takes under 1 us. Here (`_head_matmul_triton.py`) a program owns one head's block of
 outputs, so about one program per multiprocessor reads each weight once. `head_matmul` is a custom op (one node
 under torch.compile, captured by CUDA graphs): the kernel on CUDA, the product in torch elsewhere (fp32 sums
-rounded once to x's dtype, as the kernel stores them; what the CPU tests run). Not yet timed on a GPU."""
+rounded once to x's dtype, as the kernel stores them; what the CPU tests run)."""
 
 import os
 

@@ -15,8 +15,9 @@ kernel after it). The activations stay as they are: no quantisation.
 graphs: static grid, no host read): the Triton kernel on CUDA, the product in torch elsewhere (fp32 sums rounded once
 to x's dtype, as the kernel stores them; what the CPU tests run). `FP8InferenceLinear.forward` takes the FP8 one with
 `FP8Recipe.weight_only_decode` (`usable_fp8`); `DecodeLinear` the bf16 one with HF_DEEPSEEK_LINEAR_ROWS=1 (`usable`),
-opt-in until a decode step measures it faster than cuBLAS (bench row `ours-fast-linear-rows`). Not yet timed on a
-GPU; HF_DEEPSEEK_LINEAR_ROWS_CONFIG (and ..._FP8_CONFIG) set the launch configuration for tuning runs
+opt-in: slower than cuBLAS for bf16 at 32 rows on an H200 (a step's dense layers 401 us against 309, the batch-32
+step 3.42 ms against 3.25; FP8 weights 412 us against the FP8 GEMM path's 813; docs/PERF.md 2026-12-05).
+HF_DEEPSEEK_LINEAR_ROWS_CONFIG (and ..._FP8_CONFIG) set the launch configuration for tuning runs
 (`benchmarks/moe_gemv_tune.py --linear-rows`).
 """
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from . import moe_gemv
 
 MAX_ROWS = 64  # rows up to which the kernel serves (batch 64); cuBLAS or the FP8 GEMM path above
-BF16 = os.environ.get("HF_DEEPSEEK_LINEAR_ROWS", "0") == "1"  # bf16 weights too (opt-in until timed)
+BF16 = os.environ.get("HF_DEEPSEEK_LINEAR_ROWS", "0") == "1"  # bf16 weights too (opt-in: slower than cuBLAS)
 
 
 def usable(x2: torch.Tensor, weight: torch.Tensor) -> bool:

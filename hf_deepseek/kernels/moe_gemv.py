@@ -38,13 +38,15 @@ LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dens
 # default in a batch-1 step on an H200 (bench row `ours-fast-sum-top-k`, docs/PERF.md 2026-12-04h)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 # a SwiGLU MLP's gate and up projections of one decode row in one launch, SiLU(gate) * up applied in it (two
-# launches fewer a layer: the up projection and the activation): opt-in until timed (bench row ours-fast-gate-up)
+# launches fewer a layer: the up projection and the activation): opt-in, its batch-1 step 1.22 ms against the
+# default's 1.13 (bench row ours-fast-gate-up, H200, docs/PERF.md 2026-12-05)
 FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
-# MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: opt-in until
-# timed (bench row ours-fast-q-kv-a)
+# MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: opt-in, 1.15 ms
+# against 1.13 at batch 1 (bench row ours-fast-q-kv-a, H200, docs/PERF.md 2026-12-05)
 FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "0") == "1"
-# MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in until timed
-# (bench row ours-fast-norm-linear)
+# MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in, 1.77 ms
+# against 1.13 at batch 1, far more than its kernel's 5.6 us a layer (bench row ours-fast-norm-linear, H200,
+# docs/PERF.md 2026-12-05; the cause not yet found)
 FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "0") == "1"
 # a MoE layer's shared experts as more pairs of the routed experts' two launches (`routed_and_shared_experts_gemv`:
 # their own gate, up, activation and down launches gone): opt-in until timed (bench row ours-fast-fold-shared)

@@ -166,9 +166,10 @@ GROUPED_CONFIG, GROUPED_FP8_CONFIG = grouped_configs_from_env(TUNED_GROUPED, "HF
 
 # The rows kernel (`linear_rows.py`: a linear layer's few dozen decode rows against its bf16 or FP8 weight, read
 # once) takes the grouped kernels' fields (activation rows a program, weight rows, K step, warps, stages) and, for FP8
-# weights, their FP8 constraints. Not yet timed on a GPU: 32 rows a program (a decode batch of 32 in one tl.dot
-# tile), 16 weight rows a program (96 to 192 programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K step
-# (one scale block), a 3-stage K loop. HF_DEEPSEEK_LINEAR_ROWS_CONFIG sets both kinds' as
+# weights, their FP8 constraints. The untuned default, also the fastest of `moe_gemv_tune.py --linear-rows` over a
+# batch-32 step's dense layers on an H200 (docs/PERF.md 2026-12-05): 32 rows a program (a decode batch of 32 in one
+# tl.dot tile), 16 weight rows a program (96 to 192 programs for N = 1536..3072 on the H200's 132 SMs), a 128-wide K
+# step (one scale block), a 3-stage K loop. HF_DEEPSEEK_LINEAR_ROWS_CONFIG sets both kinds' as
 # "BLOCK_T,BLOCK_N,BLOCK_K,WARPS[,STAGES]", unless HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG sets FP8's.
 UNTUNED_LINEAR_ROWS = GroupedConfig(32, 16, 128, 4, 3)
 LINEAR_ROWS_CONFIG, LINEAR_ROWS_FP8_CONFIG = grouped_configs_from_env(

@@ -8,8 +8,8 @@ cuBLAS's 330 (docs/PERF.md, 2026-12-04g). Before a decode step compiles (transfo
 `get_compiled_call`, generate()'s device loop), `use_decode_linears` turns the model's plain nn.Linear layers (not
 the LM head, which cuBLAS reads at the memory floor) into `DecodeLinear`: the same parameters and state dict, the
 kernel for `MAX_BF16_LINEAR_ROWS` row without gradients on CUDA, with HF_DEEPSEEK_LINEAR_ROWS=1 the rows kernel
-(`kernels/linear_rows.py`: the weight read once for up to 64 rows; opt-in until timed) for a few more, `F.linear`
-otherwise. FP8 layers are other classes and keep their own kernels."""
+(`kernels/linear_rows.py`: the weight read once for up to 64 rows; opt-in, slower than cuBLAS for bf16) for a few
+more, `F.linear` otherwise. FP8 layers are other classes and keep their own kernels."""
 
 import torch
 import torch.nn.functional as F
