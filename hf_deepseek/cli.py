@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_decode.add_argument(
         "--rows",
         help="comma-separated, from transformers-eager, transformers-compile, transformers-generate, ours-eager, "
-        "ours-fast (FlashMLA decode attention where installed), ours-fast-grouped (MoE through the grouped GEMM), "
+        "ours-fast (the default fast decode path), ours-fast-grouped (MoE through the grouped GEMM), "
         "ours-fast-torch-attn (torch decode attention), ours-fast-triton-attn (Triton decode attention), "
         "ours-fast-auto-attn (Triton up to batch 8, FlashMLA above), "
         "ours-fast-cublas (bf16 dense layers on cuBLAS), ours-fast-sum-top-k (the experts' down kernel sums "
@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fast-linear-rows (bf16 dense layers' 2-64 rows through the rows kernel), ours-fast-gate-up (an MLP's "
         "gate and up projections of one row in one launch), ours-fast-head-matmul (W_UK and W_UV of the decode rows "
         "through the Triton kernel), ours-fast-q-kv-a (MLA's q_a and kv_a projections of one row in one launch), "
-        "ours-fast-norm-linear (MLA's q_a norm in the q_b projection's launch), "
+        "ours-fast-norm-linear (MLA's q_a norm in the q_b projection's launch), ours-fast-fold-shared (the shared "
+        "MLP in the routed experts' launches), "
         "ours-fast-all-kernels (every opt-in decode kernel at once), ours-mtp, "
         "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8 (*-generate: generate() end to "
         "end, ms per new token; default: all); they run in the order given (ours-fast-fp8 last: it converts the model)",

@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
-from hf_deepseek.cli import main
-from hf_deepseek.evals.bench_decode import ROWS, cache_bytes, step_weight_bytes
+from hf_deepseek.cli import build_parser, main
+from hf_deepseek.evals.bench_decode import ROWS, STEP_ROWS, cache_bytes, step_weight_bytes
 
 
 def test_bench_decode_tiny_smoke(tmp_path):
@@ -49,6 +49,15 @@ def test_bench_decode_tiny_smoke(tmp_path):
     main(["bench", "decode", "--merge", f"{run},{run}", "--output-dir", str(tmp_path / "merged")])
     merged = json.loads((tmp_path / "merged" / "bench_decode.json").read_text())
     assert len(merged["cells"]) == 2 * len(results["cells"]) and merged["command"].count(" ; ") == 1
+
+
+def test_every_step_row_can_be_asked_for_and_is_listed_in_the_help():
+    """`--rows` accepts the names in ROWS: each step row of STEP_ROWS is one, and `--help` names every row."""
+    assert set(STEP_ROWS) <= set(ROWS)
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    decode = bench._subparsers._group_actions[0].choices["decode"]
+    rows_help = next(a.help for a in decode._actions if "--rows" in a.option_strings)
+    assert [row for row in ROWS if row not in rows_help] == []
 
 
 def test_read_floor_counts_active_experts_and_the_latent_cache():

@@ -65,6 +65,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-head-matmul",
     "ours-fast-q-kv-a",
     "ours-fast-norm-linear",
+    "ours-fast-fold-shared",
     "ours-fast-all-kernels",
     "ours-fast-sum-top-k",
     "ours-mtp",
