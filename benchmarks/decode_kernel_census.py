@@ -36,7 +36,7 @@ VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
     "gate-up": "ours-fast-gate-up",
     "q-kv-a": "ours-fast-q-kv-a",
     "norm-linear": "ours-fast-norm-linear",
-    "fold-shared": "ours-fast-fold-shared",
+    "unfolded": "ours-fast-unfolded",
     "all": "ours-fast-all-kernels",
 }
 

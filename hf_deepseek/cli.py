@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "gate and up projections of one row in one launch), ours-fast-head-matmul (W_UK and W_UV of the decode rows "
         "through the Triton kernel), ours-fast-q-kv-a (MLA's q_a and kv_a projections of one row in one launch), "
         "ours-fast-norm-linear (MLA's q_a norm in the q_b projection's launch), ours-fast-fold-shared (the shared "
-        "MLP in the routed experts' launches), "
+        "MLP in the routed experts' launches, the default), ours-fast-unfolded (the shared MLP in launches of its "
+        "own), "
         "ours-fast-all-kernels (every opt-in decode kernel at once), ours-mtp, "
         "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8 (*-generate: generate() end to "
         "end, ms per new token; default: all); they run in the order given (ours-fast-fp8 last: it converts the model)",

@@ -27,11 +27,12 @@ def default_and_all():
 
 def test_the_experts_top_k_sum_fuses_into_the_next_norm(default_and_all):
     """Each MoE layer's per-pair products are summed in a kernel that also computes the next RMSNorm: no kernel of
-    its own for the sum (the two MoE layers of the census model, in both variants)."""
-    for result, op in zip(default_and_all, ("routed_experts_gemv", "routed_and_shared_experts_gemv"), strict=True):
+    its own for the sum (the two MoE layers of the census model, in both variants; the shared MLPs folded into the
+    routed experts' launches in both)."""
+    for result in default_and_all:
         with_sum = [name for name in result["kernels"] if "sum" in name]
         assert len(with_sum) == 2 and all("rsqrt" in name for name in with_sum), result["kernels"]
-        assert result["ops"][f"torch.ops.hf_deepseek.{op}"] == 2
+        assert result["ops"]["torch.ops.hf_deepseek.routed_and_shared_experts_gemv"] == 2
 
 
 def test_every_opt_in_kernel_together_launches_fewer_kernels(default_and_all):
@@ -44,16 +45,16 @@ def test_every_opt_in_kernel_together_launches_fewer_kernels(default_and_all):
     assert every["ops"]["torch.ops.hf_deepseek.linear_gemv_pair"] == 3
     assert every["ops"]["torch.ops.hf_deepseek.gate_up_gemv"] == 1
     assert every["ops"]["torch.ops.hf_deepseek.norm_linear_gemv"] == 3
-    assert launches(every) <= launches(default) - 4 * 3, (launches(every), launches(default))
+    assert launches(every) <= launches(default) - 3 * 3, (launches(every), launches(default))  # 3 a layer at least
 
 
 def test_the_shared_mlp_folded_into_the_routed_launches_saves_four_launches_a_moe_layer():
     """Its gate, up and down matrix-vector launches and the activation's Inductor kernel, in both MoE layers."""
-    default, folded = (census_script.census(census_script.VARIANTS[v]) for v in ("default", "fold-shared"))
+    apart, folded = (census_script.census(census_script.VARIANTS[v]) for v in ("unfolded", "default"))
     assert folded["ops"]["torch.ops.hf_deepseek.routed_and_shared_experts_gemv"] == 2
     assert "torch.ops.hf_deepseek.routed_experts_gemv" not in folded["ops"]
-    assert folded["ops"]["torch.ops.hf_deepseek.linear_gemv"] == default["ops"]["torch.ops.hf_deepseek.linear_gemv"] - 6
-    assert launches(folded) == launches(default) - 4 * 2, (launches(folded), launches(default))
+    assert folded["ops"]["torch.ops.hf_deepseek.linear_gemv"] == apart["ops"]["torch.ops.hf_deepseek.linear_gemv"] - 6
+    assert launches(folded) == launches(apart) - 4 * 2, (launches(folded), launches(apart))
 
 
 def test_every_opt_in_kernel_together_gives_the_default_paths_logits():

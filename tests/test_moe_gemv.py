@@ -76,6 +76,7 @@ def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
+    monkeypatch.setattr(moe_gemv, "FOLD_SHARED", False)  # the routed experts' op alone (the fold: test_moe_shared_fold)
     monkeypatch.setattr(moe_gemv, "routed_experts_gemv", counted)
     through_op = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(through_op, default)

@@ -58,14 +58,15 @@ def test_the_ops_torch_path_is_the_routed_experts_plus_the_shared_mlp(n_shared):
 
 
 def test_the_fold_serves_only_where_the_matrix_vector_kernels_would(monkeypatch):
-    """Off by default; on, at most MAX_PAIRS pairs counting the shared slices; never in grad mode or on other
-    shared-expert dtypes."""
+    """On by default (off with the switch); at most MAX_PAIRS pairs counting the shared slices; never in grad mode
+    or on other shared-expert dtypes."""
     layer = moe_layer("cpu", torch.float32)
     x = torch.randn(1, layer.experts.gate_up_proj.shape[-1])
     indices, weights = layer.gate(x, 1)
     monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: not torch.is_grad_enabled() and pairs <= 32)
     with torch.no_grad():
-        assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is None  # opt-in
+        monkeypatch.setattr(moe_gemv, "FOLD_SHARED", False)
+        assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is None
         monkeypatch.setattr(moe_gemv, "FOLD_SHARED", True)
         assert moe_decode.routed_and_shared_experts(layer, x, indices, weights) is not None
         many = torch.randn(6, x.shape[1])  # 6 x (4 + 2) = 36 pairs: beyond the kernels
@@ -75,21 +76,22 @@ def test_the_fold_serves_only_where_the_matrix_vector_kernels_would(monkeypatch)
     assert moe_decode.routed_and_shared_experts(moe_layer("cpu", torch.float32), x, indices, weights) is None
 
 
-def test_model_decode_with_the_shared_mlp_folded_equals_the_default_path(monkeypatch):
+def test_model_decode_with_the_shared_mlp_folded_equals_it_in_launches_of_its_own(monkeypatch):
     torch.manual_seed(0)
     config = tiny_config(n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2)
     model = DeepSeekForCausalLM(config).eval()
     ids = torch.randint(3, config.vocab_size, (1, 12))
     monkeypatch.setattr(moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
-    default = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
-                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    monkeypatch.setattr(moe_gemv, "FOLD_SHARED", False)
+    apart = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                           output_logits=True, return_dict_in_generate=True)  # fmt: skip
     calls, original = [], moe_gemv.routed_and_shared_experts_gemv
     monkeypatch.setattr(moe_gemv, "FOLD_SHARED", True)
     monkeypatch.setattr(moe_gemv, "routed_and_shared_experts_gemv", lambda *a: calls.append(a[1].shape) or original(*a))
     folded = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
-    assert torch.equal(folded.sequences, default.sequences)
-    torch.testing.assert_close(torch.stack(folded.logits), torch.stack(default.logits), rtol=1e-4, atol=1e-5)
+    assert torch.equal(folded.sequences, apart.sequences)
+    torch.testing.assert_close(torch.stack(folded.logits), torch.stack(apart.logits), rtol=1e-4, atol=1e-5)
     assert (1, 4) in calls  # the decode steps' single token went through the op
 
 

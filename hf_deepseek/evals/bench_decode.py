@@ -66,6 +66,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-q-kv-a",
     "ours-fast-norm-linear",
     "ours-fast-fold-shared",
+    "ours-fast-unfolded",
     "ours-fast-all-kernels",
     "ours-fast-sum-top-k",
     "ours-mtp",
@@ -244,7 +245,8 @@ class Row:
     head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
     fused_q_kv_a: bool = False  # moe_gemv.FUSED_Q_KV_A on (MLA's q_a and kv_a projections of one row in one launch)
     fused_norm_linear: bool = False  # moe_gemv.FUSED_NORM_LINEAR on (MLA's q_a norm in the q_b projection's launch)
-    fold_shared: bool = False  # moe_gemv.FOLD_SHARED on (the shared MLP as more pairs of the routed experts' launches)
+    fold_shared: bool | None = None  # moe_gemv.FOLD_SHARED (the shared MLP as more pairs of the routed experts'
+    # launches) during the row (None: the environment's)
 
 
 STEP_ROWS = {
@@ -265,6 +267,7 @@ STEP_ROWS = {
     "ours-fast-q-kv-a": Row("ours-fast-q-kv-a", "latent", True, fused_q_kv_a=True),
     "ours-fast-norm-linear": Row("ours-fast-norm-linear", "latent", True, fused_norm_linear=True),
     "ours-fast-fold-shared": Row("ours-fast-fold-shared", "latent", True, fold_shared=True),
+    "ours-fast-unfolded": Row("ours-fast-unfolded", "latent", True, fold_shared=False),
     "ours-fast-all-kernels": Row(  # every opt-in decode kernel at once
         "ours-fast-all-kernels",
         "latent",
@@ -319,7 +322,7 @@ def row_switches(row: Row):
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
         (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
         (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
-        (moe_gemv, "FOLD_SHARED", row.fold_shared or moe_gemv.FOLD_SHARED),
+        (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
     ]
     with patched_attributes(switches):
         yield

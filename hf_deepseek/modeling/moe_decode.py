@@ -8,9 +8,9 @@ Two ways, both combining the experts' outputs with the routing weights as the so
   weights once, at the bandwidth plain GEMMs reach. Used on CUDA for at most `MAX_TOKENS` tokens (beyond that the
   extra FLOPs of computing unchosen experts stop being free), and under torch.compile without the grouped GEMM.
 - matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
-  top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once; with
-  HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1 the shared MLP's slices go in the same two launches as more pairs
-  (`routed_and_shared_experts`, up to 32 pairs with them).
+  top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once; the shared
+  MLP's slices go in the same two launches as more pairs (`routed_and_shared_experts`, up to 32 pairs with them;
+  HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 gives the shared MLP launches of its own).
 - expert-grouped kernels (`kernels/moe_grouped_gemv.py`; HF_DEEPSEEK_MOE_GROUPED_GEMV=0 turns them off): beyond 32
   pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton kernels that read each chosen
   expert's weights once for all of its pairs.
@@ -70,7 +70,7 @@ def routed_and_shared_experts(
     moe, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor | None:
     """A DeepSeekMoE layer's routed experts' sum plus its shared MLP's output for x [N, d], both in the two launches
-    of `moe_gemv.routed_and_shared_experts_gemv`, where HF_DEEPSEEK_FOLD_SHARED_EXPERTS=1 and the matrix-vector
+    of `moe_gemv.routed_and_shared_experts_gemv`, where `moe_gemv.FOLD_SHARED` (default) and the matrix-vector
     kernels would serve the routed experts and the shared MLP's slices too (a SwiGLU without biases in the
     experts' dtype, its width a multiple of the experts'); None otherwise (the caller computes them apart)."""
     experts, shared = moe.experts, moe.shared_experts
