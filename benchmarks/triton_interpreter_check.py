@@ -30,8 +30,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv  # noqa: E402
+from hf_deepseek.kernels.fp8_blocks import dequantize_blocks, dequantize_experts  # noqa: E402
 from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear  # noqa: E402
-from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_rowwise  # noqa: E402
+from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_blocks, quantize_rowwise  # noqa: E402
 from hf_deepseek.modeling.fp8_triton import RowwisePlan, quantize_rowwise_triton, rowwise_plan  # noqa: E402
 from hf_deepseek.modeling.moe import RoutedExperts  # noqa: E402
 
@@ -697,6 +698,42 @@ def shared_pairs_kernels() -> dict[str, bool]:
     return results
 
 
+def fp8_shared_pairs_kernels() -> dict[str, bool]:
+    """`shared_pairs_kernels` with FP8 routed experts and an FP8 shared MLP (128x128 block scales, the experts' width
+    a multiple of 128), against float64 with the dequantised weights."""
+    results = {}
+    hidden, inter = 384, 256
+    with gpu_store_rounding():
+        for slices, tokens, cfg in SHARED_PAIR_CASES:
+            torch.manual_seed(slices * 10 + tokens)
+            experts = fp8_experts(hidden, inter)
+            shapes = ((slices * inter, hidden), (slices * inter, hidden), (hidden, slices * inter))
+            shared = [quantize_blocks(varied(*shape) / shape[1] ** 0.5) for shape in shapes]  # blocks' scales apart
+            x = torch.randn(tokens, hidden).to(torch.bfloat16)
+            indices = torch.stack([torch.randperm(16)[:4] for _ in range(tokens)])
+            weights = torch.rand(tokens, 4).softmax(dim=-1)
+            gate_up, gate_up_scale, down, down_scale = experts._fp8_tensors()
+            scales = dict(gate_up_scale=gate_up_scale, down_scale=down_scale)
+            weights_q, scales_q = tuple(q for q, _ in shared), tuple(sc for _, sc in shared)
+            got = _moe_gemv_triton.launch(x, indices, weights, gate_up, down, cfg, per_pair=True, shared=weights_q,
+                                          shared_scales=scales_q, **scales)  # fmt: skip
+            full = [t.double() for t in dequantize_experts(gate_up, gate_up_scale, down, down_scale)]
+            shared_full = [dequantize_blocks(q, sc).double() for q, sc in shared]
+            want = moe_gemv.reference_with_shared(x.double(), indices, weights.double(), *full, *shared_full,
+                                                  act_dtype=torch.bfloat16)  # fmt: skip
+            flat = [t for pair in shared for t in pair]
+            op = moe_gemv.routed_and_shared_experts_gemv_fp8(x, indices, weights, *experts._fp8_tensors(), *flat)
+            error = relative_error(got.sum(dim=1), want.sum(dim=1))
+            if cfg is None:
+                error = max(error, relative_error(got, want))
+            drift = relative_error(got.sum(dim=1), op.sum(dim=1))
+            name = f"fp8, {slices} slices, {tokens} tokens, config {cfg}"
+            print(f"  shared pairs {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            shape_ok = got.shape == (tokens, 4 + slices, hidden)
+            results[name] = error < 1e-2 and drift < 1e-2 and shape_ok
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -710,6 +747,7 @@ if __name__ == "__main__":
     pair = linear_pair_kernel()  # two linear layers of one input section
     norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
+    shared_pairs |= fp8_shared_pairs_kernels()  # and with FP8 weights
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:

@@ -4,6 +4,9 @@ recomputation of the layer (routed experts plus the shared MLP), and a model's d
 default path. The Triton kernels themselves: `benchmarks/triton_interpreter_check.py` (section shared_pairs) and
 the GPU test below."""
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -11,6 +14,7 @@ from conftest import tiny_config
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.kernels import moe_gemv
 from hf_deepseek.modeling import moe_decode
+from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear
 from hf_deepseek.modeling.moe import DeepSeekMoE
 
 
@@ -112,3 +116,92 @@ def test_triton_kernels_with_the_shared_mlp_match_float64(tokens):
         ).sum(dim=1)  # fmt: skip
     error = ((out.double() - want).norm() / want.norm()).item()
     assert error < 1e-2, error
+
+
+def fp8_moe_layer(device: str, n_shared: int = 2) -> DeepSeekMoE:
+    """`moe_layer` with FP8 routed experts and an FP8 shared MLP (128x128 block scales; the experts' width 128),
+    each weight's rows and columns spread over decades so that every block has a scale of its own."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4,
+                         n_shared_experts=n_shared)  # fmt: skip
+    layer = DeepSeekMoE(config).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            spread = torch.logspace(-1, 1, p.shape[-2]).view(-1, 1) * torch.logspace(-1, 1, p.shape[-1])
+            p.copy_(torch.randn_like(p) * spread[torch.randperm(p.shape[-2])] * p.shape[-1] ** -0.5)
+    layer.experts = FP8InferenceExperts.from_experts(layer.experts, config)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(layer.shared_experts, name, FP8InferenceLinear.from_linear(getattr(layer.shared_experts, name)))
+    return layer.to(device)
+
+
+def fp8_op_args(layer: DeepSeekMoE) -> list[torch.Tensor]:
+    shared = layer.shared_experts
+    layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    return [*layer.experts._fp8_tensors(), *(t for m in layers for t in (m.weight, m.weight_scale_inv))]
+
+
+def float64_fp8_layer(layer: DeepSeekMoE, x, indices, weights) -> torch.Tensor:
+    """The FP8 layer's output in float64 from its exactly dequantised weights (the activation not rounded)."""
+    gate_up, down = layer.experts.dequantized_weights()
+    names = ("gate_proj", "up_proj", "down_proj")
+    shared = {n: getattr(layer.shared_experts, n).dequantized(torch.float32) for n in names}
+    plain = SimpleNamespace(experts=SimpleNamespace(gate_up_proj=gate_up, down_proj=down),
+                            shared_experts=SimpleNamespace(**shared))  # fmt: skip
+    return float64_layer(plain, x.cpu(), indices.cpu(), weights.cpu()).to(x.device)
+
+
+def test_the_fp8_ops_torch_path_is_the_routed_experts_plus_the_shared_mlp():
+    layer = fp8_moe_layer("cpu")
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        indices, weights = layer.gate(x, 3)
+        got = moe_gemv.routed_and_shared_experts_gemv_fp8(x, indices, weights, *fp8_op_args(layer))
+    assert got.shape == (3, 4 + 2, 256) and got.dtype == torch.float32
+    want = float64_fp8_layer(layer, x, indices, weights)
+    error = ((got.sum(dim=1).double() - want).norm() / want.norm()).item()
+    assert error < 1e-2, error  # the activation rounded to bf16, as the kernels store it
+
+
+def test_the_fp8_fold_serves_fp8_experts_with_an_fp8_shared_mlp_and_equals_the_layer_unfolded(monkeypatch):
+    layer = fp8_moe_layer("cpu")
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    monkeypatch.setattr(moe_gemv, "usable_fp8", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS)
+    monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, weight: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+    calls, original = [], moe_gemv.routed_and_shared_experts_gemv_fp8
+    monkeypatch.setattr(moe_gemv, "routed_and_shared_experts_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        monkeypatch.setattr(moe_gemv, "FOLD_SHARED", False)
+        apart = layer(x)
+        assert not calls
+        monkeypatch.setattr(moe_gemv, "FOLD_SHARED", True)
+        folded = layer(x)
+        assert calls == [1]
+        many = torch.randn(6, 1, 256, dtype=torch.bfloat16)  # 6 x (4 + 2) = 36 pairs: beyond the kernels
+        layer(many)
+        assert calls == [1]
+        recipe = layer.experts.fp8_recipe  # without weight-only decoding: the recipe's FP8 GEMMs, not folded
+        layer.experts.fp8_recipe = dataclasses.replace(recipe, weight_only_decode=False)
+        layer(x)
+        assert calls == [1]
+    error = ((folded.double() - apart.double()).norm() / apart.double().norm()).item()
+    assert error < 1e-2, error  # the shared MLP's activation rounded once instead of its gate and up each
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_fp8_triton_kernels_with_the_shared_mlp_match_float64(tokens):
+    if not moe_gemv.fp8_kernels_available():
+        pytest.skip("needs Triton and a GPU with FP8 conversions")
+    layer = fp8_moe_layer("cuda")
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        indices, weights = layer.gate(x, tokens)
+        out = moe_gemv.routed_and_shared_experts_gemv_fp8(x, indices, weights, *fp8_op_args(layer)).sum(dim=1)
+        torch_path = moe_gemv.routed_and_shared_experts_gemv_fp8(
+            x.cpu(), indices.cpu(), weights.cpu(), *(t.cpu() for t in fp8_op_args(layer))
+        ).sum(dim=1)
+    want = float64_fp8_layer(layer, x, indices, weights)
+    error = ((out.double() - want).norm() / want.norm()).item()
+    assert error < 1e-2, error
+    torch.testing.assert_close(out.cpu(), torch_path, rtol=1e-3, atol=1e-3 * torch_path.abs().max().item())

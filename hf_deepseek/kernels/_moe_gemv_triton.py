@@ -23,15 +23,17 @@ def _gate_up_kernel(
     x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True, sg_ptr=None, su_ptr=None, N_SHARED: tl.constexpr = 0,
+    sgs_ptr=None, sus_ptr=None,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
     this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
     gate and up partial sums are added to (atomically). The up rows are read at u_ptr (the expert's row I for
     routed experts; a second matrix otherwise). Not ROUTED: one gate [I, d] and one up matrix [I, d] (a SwiGLU
-    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0 (bf16): the last N_SHARED of each
+    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0: the last N_SHARED of each
     token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up matrices at sg_ptr and
-    su_ptr, and idx holds only the TOP_K - N_SHARED routed experts of each token."""
+    su_ptr (SCALED: their block scales at sgs_ptr and sus_ptr, I a multiple of 128), and idx holds only the
+    TOP_K - N_SHARED routed experts of each token."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -41,6 +43,8 @@ def _gate_up_kernel(
         expert = tl.load(idx_ptr + pair).to(tl.int64)
     w = w_ptr + expert * (2 * INTER) * D
     u = u_ptr + expert * (2 * INTER) * D
+    sg = s_ptr + expert * (2 * G_INTER) * G_D  # SCALED: the gate's scales, [G_INTER, G_D]; the up's after them
+    su = sg + G_INTER * G_D
     if N_SHARED > 0:
         slot = pair % TOP_K
         routed_k = TOP_K - N_SHARED
@@ -48,9 +52,15 @@ def _gate_up_kernel(
             chosen = tl.load(idx_ptr + token * routed_k + slot).to(tl.int64)
             w = w_ptr + chosen * (2 * INTER) * D
             u = u_ptr + chosen * (2 * INTER) * D
+            if SCALED:
+                sg = s_ptr + chosen * (2 * G_INTER) * G_D
+                su = sg + G_INTER * G_D
         else:
             w = sg_ptr + (slot - routed_k).to(tl.int64) * INTER * D
             u = su_ptr + (slot - routed_k).to(tl.int64) * INTER * D
+            if SCALED:  # slice j's rows start at block row j G_INTER of the shared matrices' scales
+                sg = sgs_ptr + (slot - routed_k) * G_INTER * G_D
+                su = sus_ptr + (slot - routed_k) * G_INTER * G_D
     n_ok = n < INTER
     k_lo = 0
     k_hi = D
@@ -70,9 +80,9 @@ def _gate_up_kernel(
         x_up = xk
         if SCALED:  # the block's rows lie in one 128-row block of scales (launch checks 128 % BLOCK_N == 0): the
             # scale depends on k only, so it multiplies the vector (BLOCK_K products), not the tile (BLOCK_N x more)
-            s = s_ptr + expert * (2 * G_INTER) * G_D + (n0 // 128) * G_D + k // 128
-            x_gate = xk * tl.load(s, mask=k_ok, other=0.0)
-            x_up = xk * tl.load(s + G_INTER * G_D, mask=k_ok, other=0.0)
+            block = (n0 // 128) * G_D + k // 128
+            x_gate = xk * tl.load(sg + block, mask=k_ok, other=0.0)
+            x_up = xk * tl.load(su + block, mask=k_ok, other=0.0)
         acc_gate += tl.sum(gate * x_gate[None, :], axis=1)
         acc_up += tl.sum(up * x_up[None, :], axis=1)
     if SPLIT_K > 1:
@@ -84,11 +94,12 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _down_dot(act_ptr, row, w, w_row, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER, G_INTER, G_D,
+def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER,
               SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
               ACT_FROM_H: tl.constexpr):  # fmt: skip
     """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`); the matrix's rows
-    `w_row` apart (INTER, or a shared MLP's whole width for one of its slices)."""
+    `w_row` apart (INTER, or a shared MLP's whole width for one of its slices); SCALED: its block scales from `s`,
+    rows `s_row` apart."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -106,8 +117,7 @@ def _down_dot(act_ptr, row, w, w_row, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D,
             a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
         down = tl.load(w + n[:, None] * w_row + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
-            s = s_ptr + expert * G_D * G_INTER + (n0 // 128) * G_INTER + k // 128
-            a *= tl.load(s, mask=k_ok, other=0.0)
+            a *= tl.load(s + (n0 // 128) * s_row + k // 128, mask=k_ok, other=0.0)
         acc += tl.sum(down * a[None, :], axis=1)
     return acc
 
@@ -117,7 +127,7 @@ def _down_kernel(
     act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
-    SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0,
+    SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0, sds_ptr=None,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
@@ -126,9 +136,9 @@ def _down_kernel(
     here). SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
     order and stores the token's row of out in out's dtype (no sum or conversion kernel after). ACT_FROM_H (1: round
     to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) *
-    h[:, I:] computed here. N_SHARED > 0 (ROUTED, bf16, not SUM_TOP_K): as in `_gate_up_kernel`, the last N_SHARED
+    h[:, I:] computed here. N_SHARED > 0 (ROUTED, not SUM_TOP_K): as in `_gate_up_kernel`, the last N_SHARED
     pairs of each token are a shared MLP's slices, columns [j I, (j + 1) I) of its down matrix at sd_ptr (rows SD_ROW
-    apart), weighted 1; idx and the routing weights hold the routed pairs only."""
+    apart; SCALED: its block scales at sds_ptr), weighted 1; idx and the routing weights hold the routed pairs only."""
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < D
@@ -138,8 +148,8 @@ def _down_kernel(
         for j in range(0, TOP_K):
             pair = token * TOP_K + j
             expert = tl.load(idx_ptr + pair).to(tl.int64)
-            acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, INTER, s_ptr, expert, n, n0, n_ok, 0, INTER, D,
-                            INTER, G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+            acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, INTER, s_ptr + expert * G_D * G_INTER, G_INTER,
+                            n, n0, n_ok, 0, INTER, D, INTER, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
             total += acc * tl.load(weight_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -154,17 +164,25 @@ def _down_kernel(
             k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
         w = w_ptr + expert * D * INTER
         w_row = INTER
+        s = s_ptr + expert * G_D * G_INTER  # SCALED: the matrix's block scales, rows s_row apart
+        s_row = G_INTER
         if N_SHARED > 0:
             slot = pair % TOP_K
             routed_k = TOP_K - N_SHARED
             routed_pair = (pair // TOP_K) * routed_k + slot
             if slot < routed_k:
-                w = w_ptr + tl.load(idx_ptr + routed_pair).to(tl.int64) * D * INTER
+                chosen = tl.load(idx_ptr + routed_pair).to(tl.int64)
+                w = w_ptr + chosen * D * INTER
+                if SCALED:
+                    s = s_ptr + chosen * G_D * G_INTER
             else:
                 w = sd_ptr + (slot - routed_k).to(tl.int64) * INTER
                 w_row = SD_ROW
-        acc = _down_dot(act_ptr, pair, w, w_row, s_ptr, expert, n, n0, n_ok, k_lo, k_hi, D, INTER,
-                        G_INTER, G_D, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+                if SCALED:  # slice j's columns start at block column j G_INTER of the shared down's scales
+                    s = sds_ptr + (slot - routed_k) * G_INTER
+                    s_row = N_SHARED * G_INTER
+        acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER,
+                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
         if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
             acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
         elif ROUTED:
@@ -191,7 +209,7 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
         w = w1_ptr
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
-    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K, 1, 1,
+    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K,
                     False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -240,6 +258,7 @@ def launch(
     sum_top_k: bool = False,
     per_pair: bool = False,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
     both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
@@ -248,18 +267,23 @@ def launch(
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
     program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
     `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
-    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1). `shared` (bf16 only,
-    not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more pairs of
-    each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token)."""
+    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1). `shared` (not with
+    `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more pairs of
+    each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token); with FP8 experts the
+    MLP's weights are FP8 too and `shared_scales` holds their three block-scale grids (I a multiple of 128)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
     n_shared = 0
     if shared is not None:
-        if gate_up_scale is not None or sum_top_k:
-            raise ValueError("shared experts go with bf16 experts and per-pair or summed outputs only")
+        if sum_top_k or (gate_up_scale is None) != (shared_scales is None):
+            raise ValueError("shared experts go with per-pair outputs, FP8 ones with FP8 experts (scales for both)")
+        if shared_scales is not None and down.shape[-1] % 128:
+            raise ValueError(f"FP8 shared slices need the experts' width a multiple of 128, got {down.shape[-1]}")
         n_shared = shared[0].shape[0] // down.shape[-1]
         shared = tuple(t.contiguous() for t in shared)
+        if shared_scales is not None:
+            shared_scales = tuple(t.float().contiguous() for t in shared_scales)
         top_k += n_shared
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
@@ -281,12 +305,16 @@ def launch(
                           dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
     chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
     extra = dict(sg_ptr=shared[0], su_ptr=shared[1], N_SHARED=n_shared) if shared else {}
+    if shared_scales:
+        extra.update(sgs_ptr=shared_scales[0], sus_ptr=shared_scales[1])
     _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
         x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
         g_dim, chunk_d,
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra, **launch_opts,
     )  # fmt: skip
     extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1], N_SHARED=n_shared) if shared else {}
+    if shared_scales:
+        extra.update(sds_ptr=shared_scales[2])
     _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
         SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,

@@ -147,15 +147,18 @@ def shared_as_experts(gate, up, down, inter: int) -> tuple[torch.Tensor, torch.T
     return gate_up, down.view(dim, slices, inter).transpose(0, 1)
 
 
-def reference_with_shared(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down) -> torch.Tensor:
+def reference_with_shared(
+    x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down, act_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """`routed_and_shared_experts_gemv`'s computation in torch: the routed pairs' weighted products, then the shared
-    MLP's slices' (weight 1), fp32 [N, k + S, d]."""
-    routed = reference(x, indices, weights, gate_up, down, per_pair=True)
+    MLP's slices' (weight 1), fp32 [N, k + S, d]; the activation rounded to `act_dtype` (default: the weights')."""
+    routed = reference(x, indices, weights, gate_up, down, act_dtype=act_dtype, per_pair=True)
     shared_gate_up, shared_down = shared_as_experts(shared_gate, shared_up, shared_down, down.shape[-1])
     slices = shared_gate_up.shape[0]
     every = torch.arange(slices, device=x.device).expand(x.shape[0], slices)
     ones = torch.ones(x.shape[0], slices, device=x.device)
-    return torch.cat([routed, reference(x, every, ones, shared_gate_up, shared_down, per_pair=True)], dim=1)
+    shared = reference(x, every, ones, shared_gate_up, shared_down, act_dtype=act_dtype, per_pair=True)
+    return torch.cat([routed, shared], dim=1)
 
 
 def reference_fp8(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False) -> torch.Tensor:
@@ -382,10 +385,56 @@ def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=Fa
     return fake_output(x, indices, per_pair)
 
 
+@torch.library.custom_op("hf_deepseek::routed_and_shared_experts_gemv_fp8", mutates_args=())
+def routed_and_shared_experts_gemv_fp8(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down: torch.Tensor,
+    down_scale: torch.Tensor,
+    shared_gate: torch.Tensor,
+    shared_gate_scale: torch.Tensor,
+    shared_up: torch.Tensor,
+    shared_up_scale: torch.Tensor,
+    shared_down: torch.Tensor,
+    shared_down_scale: torch.Tensor,
+) -> torch.Tensor:
+    """`routed_and_shared_experts_gemv` with FP8 weights, the routed experts' as `routed_experts_gemv_fp8` takes
+    them and the shared MLP's three FP8 matrices with their 128x128 block scales (the experts' width I a multiple of
+    128, so each slice's rows or columns start on a block): fp32 [N, k + S, d], the activation kept in x's dtype."""
+    if not x.is_cuda:
+        pairs = ((shared_gate, shared_gate_scale), (shared_up, shared_up_scale), (shared_down, shared_down_scale))
+        shared = [dequantize_blocks(w, s) for w, s in pairs]
+        full = dequantize_experts(gate_up, gate_up_scale, down, down_scale)
+        return reference_with_shared(x, indices, weights, *full, *shared, act_dtype=x.dtype)
+    from ._moe_gemv_triton import launch
+
+    return launch(
+        x,
+        indices,
+        weights,
+        gate_up,
+        down,
+        gate_up_scale=gate_up_scale,
+        down_scale=down_scale,
+        per_pair=True,
+        shared=(shared_gate, shared_up, shared_down),
+        shared_scales=(shared_gate_scale, shared_up_scale, shared_down_scale),
+    )
+
+
+@routed_and_shared_experts_gemv_fp8.register_fake
+def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, sg, sg_scale, su, su_scale, sd, sd_scale):
+    return x.new_empty(x.shape[0], indices.shape[1] + sg.shape[0] // down.shape[-1], x.shape[-1], dtype=torch.float32)
+
+
 __all__ = [
     "routed_experts_gemv",
     "routed_experts_gemv_fp8",
     "routed_and_shared_experts_gemv",
+    "routed_and_shared_experts_gemv_fp8",
     "shared_as_experts",
     "reference_with_shared",
     "summed_over_top_k",

@@ -77,6 +77,8 @@ def routed_and_shared_experts(
     if not moe_gemv.FOLD_SHARED or moe_gemv.SUM_TOP_K or shared is None or not moe_gemv.is_silu(shared.act_fn):
         return None
     layers = (shared.gate_proj, shared.up_proj, shared.down_proj)
+    if experts.gate_up_proj.dtype == torch.float8_e4m3fn:
+        return fp8_routed_and_shared_experts(experts, layers, x, indices, weights)
     inter = experts.down_proj.shape[-1]
     if any(getattr(m, "bias", None) is not None or m.weight.dtype != experts.gate_up_proj.dtype for m in layers):
         return None
@@ -89,6 +91,26 @@ def routed_and_shared_experts(
     weights_of = (m.weight for m in layers)
     op = moe_gemv.routed_and_shared_experts_gemv
     return op(x, indices, weights, experts.gate_up_proj, experts.down_proj, *weights_of).sum(dim=1).to(x.dtype)
+
+
+def fp8_routed_and_shared_experts(experts, layers, x, indices, weights) -> torch.Tensor | None:
+    """`routed_and_shared_experts` for FP8 experts (an FP8InferenceExperts) whose shared MLP's gate, up and down
+    layers (`layers`) are FP8 too (FP8InferenceLinear, no bias): `moe_gemv.routed_and_shared_experts_gemv_fp8`
+    where weight-only decoding and the FP8 matrix-vector kernels would serve the routed experts and the shared
+    slices, the experts' width a multiple of 128 (each slice on whole scale blocks); None otherwise."""
+    inter = experts.down_proj.shape[-1]
+    fp8 = all(
+        getattr(m, "weight_scale_inv", None) is not None and m.weight.dtype == torch.float8_e4m3fn and m.bias is None
+        for m in layers
+    )
+    if not fp8 or not experts.fp8_recipe.weight_only_decode or inter % 128:
+        return None
+    slices, remainder = divmod(layers[0].out_features, inter)
+    if remainder or not moe_gemv.usable_fp8(experts, x, x.shape[0] * (indices.shape[1] + slices)):
+        return None
+    shared = [t for m in layers for t in (m.weight, m.weight_scale_inv)]
+    op = moe_gemv.routed_and_shared_experts_gemv_fp8
+    return op(x, indices, weights, *experts._fp8_tensors(), *shared).sum(dim=1).to(x.dtype)
 
 
 def grouped_gemv_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -121,6 +143,6 @@ def gathered_experts(experts, x: torch.Tensor, indices: torch.Tensor, weights: t
 
 __all__ = [
     "use_dense_experts", "decode_experts", "dense_experts", "gathered_experts", "gemv_experts", "grouped_gemv_experts",
-    "routed_and_shared_experts",
+    "routed_and_shared_experts", "fp8_routed_and_shared_experts",
     "DENSE_DECODE", "MAX_TOKENS",
 ]  # fmt: skip
