@@ -10,7 +10,8 @@ Two ways, both combining the experts' outputs with the routing weights as the so
 - matrix-vector kernels (`kernels/moe_gemv.py`): for up to 32 token-expert pairs in bf16 on CUDA (batch 1-5 at
   top-6), eager or compiled, two Triton kernels that read only the chosen experts' weights, once; the shared
   MLP's slices go in the same two launches as more pairs (`routed_and_shared_experts`, up to 32 pairs with them;
-  HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 gives the shared MLP launches of its own).
+  FP8 experts with an FP8 shared MLP likewise; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 gives the shared MLP launches of
+  its own).
 - expert-grouped kernels (`kernels/moe_grouped_gemv.py`; HF_DEEPSEEK_MOE_GROUPED_GEMV=0 turns them off): beyond 32
   pairs in bf16 on CUDA, in place of the dense and grouped-GEMM paths, two Triton kernels that read each chosen
   expert's weights once for all of its pairs.
