@@ -4,12 +4,16 @@
 #   bash benchmarks/decode_h200.sh
 # 1. the GPU tests of this work: the device token loop of generate() (tests/test_fast_generate.py), FlashMLA's
 #    decode kernel against float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels
-#    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py), the fused router kernel against the
-#    torch router (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails);
+#    of decode-sized batches, bf16 and FP8 weights (tests/test_moe_gemv.py), with the shared MLP folded in
+#    (tests/test_moe_shared_fold.py), the fused router kernel against the torch router (tests/test_moe_routing.py;
+#    HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts'
+#    matrix-vector configurations (`moe_gemv_tune.py --quick --fp8`: $OUT/fp8_tune.{txt,json}), the fastest at one
+#    token x top-6 set for the benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
-#    step; FlashMLA attention where installed), ours-generate (generate() with the device loop; at 32k its prompts
-#    are prefilled in chunks: peak memory and prefill time in the cell), transformers-generate,
+#    step), ours-fast-unfolded (the shared MLP in launches of its own, 1 / 2k only), ours-generate (generate()
+#    with the device loop; at 32k its prompts are prefilled in chunks: peak memory and prefill time in the cell),
+#    transformers-generate,
 #    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, expert-grouped kernels at 32; the bench runs it last),
 #    ours-fast-torch-attn (the step with torch attention, 32 / 32k only), transformers-compile (2k only),
 #    ours-generate-tf-loop (generate() through transformers' token loop, 1 / 2k only), until MTP_S before the deadline;
@@ -27,7 +31,8 @@ mkdir -p $OUT/decode $OUT/mtp outputs/decode-logs
 exec > >(tee $OUT/run.log) 2>&1
 say() { echo "[$(( $(date +%s) - START ))s] $*"; }
 left() { echo $(( ${DEADLINE:-390} - ($(date +%s) - START) )); }  # seconds to the deadline
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+# Inductor compiles in the main process: its worker pool once hung a call for 7 minutes; a hang dumps the stacks
+export TORCHINDUCTOR_COMPILE_THREADS=1 PYTHONFAULTHANDLER=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 L=outputs/decode-logs
 if ls ${WHEELS:-.whl/decode}/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -40,7 +45,8 @@ say "$(python3 -c 'import torch, transformers; print(torch.__version__, transfor
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
 timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 90 \
-  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_routing.py \
+  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py \
+  tests/test_moe_routing.py \
   > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
 if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
@@ -52,12 +58,22 @@ if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
   say "FlashMLA failed its tests: turned off for the benches"
 fi
 
-ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
-ROW_CONTEXTS=${ROW_CONTEXTS:-ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
-ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-torch-attn=32;ours-generate-tf-loop=1}
-PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast:32:32768}
+if [ "${FP8_TUNE:-1}" = 1 ]; then
+  timeout 90 python3 benchmarks/moe_gemv_tune.py --quick --fp8 --json $OUT/fp8_tune.json > $OUT/fp8_tune.txt 2>&1
+  BEST=$(python3 -c "
+import json; rows = json.load(open('$OUT/fp8_tune.json'))['rows']
+rows = [r for r in rows if r['case'].startswith('1 tokens') and r.get('kernel') == 'triton gemv' and r.get('error', 1) < 0.05]
+print(','.join('none' if v is None else str(v) for v in min(rows, key=lambda r: r['us'])['config']))" 2>/dev/null)
+  [ -n "$BEST" ] && export HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG=$BEST
+  say "FP8 experts' configuration: ${BEST:-the default (tune failed)}"
+fi
+
+ROWS=${ROWS:-ours-fast,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
+ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-unfolded=2048;ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
+ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-unfolded=1;ours-fast-torch-attn=32;ours-generate-tf-loop=1}
+PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast-unfolded:1:2048,ours-fast:32:32768}
 MAIN_S=$(( $(left) - ${MTP_S:-80} ))
-timeout $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \
+timeout -s ABRT $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \
   --contexts 2048,32768 --rows "$ROWS" --row-contexts "$ROW_CONTEXTS" --row-batch-sizes "$ROW_BATCH_SIZES" \
   --profile "$PROFILE" --output-dir $OUT/decode > $L/decode.log 2>&1
 say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept):"
