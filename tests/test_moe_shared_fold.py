@@ -148,7 +148,7 @@ def float64_fp8_layer(layer: DeepSeekMoE, x, indices, weights) -> torch.Tensor:
     shared = {n: getattr(layer.shared_experts, n).dequantized(torch.float32) for n in names}
     plain = SimpleNamespace(experts=SimpleNamespace(gate_up_proj=gate_up, down_proj=down),
                             shared_experts=SimpleNamespace(**shared))  # fmt: skip
-    return float64_layer(plain, x.cpu(), indices.cpu(), weights.cpu()).to(x.device)
+    return float64_layer(plain, x, indices, weights)
 
 
 def test_the_fp8_ops_torch_path_is_the_routed_experts_plus_the_shared_mlp():
