@@ -31,6 +31,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv  # noqa: E402
 from hf_deepseek.kernels.fp8_blocks import dequantize_blocks, dequantize_experts  # noqa: E402
+from hf_deepseek.kernels.moe_gemv_config import split_chunk  # noqa: E402
 from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear  # noqa: E402
 from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_blocks, quantize_rowwise  # noqa: E402
 from hf_deepseek.modeling.fp8_triton import RowwisePlan, quantize_rowwise_triton, rowwise_plan  # noqa: E402
@@ -664,6 +665,14 @@ def norm_linear_kernel() -> dict[str, bool]:
 SHARED_PAIR_CASES = [(2, 1, None), (2, 3, None), (1, 2, (16, 128, 4, 4, 2))]  # (slices, tokens, config)
 
 
+def split_slots(inter: int, cfg) -> int:
+    """Slots a pair takes in a per-pair output under launch configuration `cfg`: its partial sums over the down
+    kernel's chunks of I with split-K, else one."""
+    if cfg is None or len(cfg) < 4 or cfg[3] == 1:
+        return 1
+    return -(-inter // split_chunk(inter, cfg[3], cfg[1]))
+
+
 def shared_pairs_kernels() -> dict[str, bool]:
     """Routed experts at top-4 of 16 plus a shared MLP of `slices` x the experts' width in the same two launches."""
     results = {}
@@ -685,7 +694,7 @@ def shared_pairs_kernels() -> dict[str, bool]:
                 want = moe_gemv.reference_with_shared(*(t.double() if t.is_floating_point() else t
                                                         for t in (*args, *extra)))  # fmt: skip
                 op = moe_gemv.routed_and_shared_experts_gemv(*args, *extra).sum(dim=1)
-                # split-K sums every pair in its kernel (the sum in slot 0): compare the sums, and unsplit the pairs
+                # split-K gives each pair's partial sums over chunks of I: compare the sums, and unsplit the pairs
                 error = relative_error(got.sum(dim=1), want.sum(dim=1))
                 if cfg is None:
                     error = max(error, relative_error(got, want))
@@ -693,7 +702,7 @@ def shared_pairs_kernels() -> dict[str, bool]:
                 name = f"{slices} slices, {tokens} tokens, {str(dtype)[6:]}, config {cfg}"
                 print(f"  shared pairs {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
                 tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-                shape_ok = got.shape == (tokens, 4 + slices, hidden)
+                shape_ok = got.shape == (tokens, (4 + slices) * split_slots(inter, cfg), hidden)
                 results[name] = error < tolerance and drift < max(tolerance, 1e-3) and shape_ok
     return results
 
@@ -729,7 +738,7 @@ def fp8_shared_pairs_kernels() -> dict[str, bool]:
             drift = relative_error(got.sum(dim=1), op.sum(dim=1))
             name = f"fp8, {slices} slices, {tokens} tokens, config {cfg}"
             print(f"  shared pairs {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
-            shape_ok = got.shape == (tokens, 4 + slices, hidden)
+            shape_ok = got.shape == (tokens, (4 + slices) * split_slots(inter, cfg), hidden)
             results[name] = error < 1e-2 and drift < 1e-2 and shape_ok
     return results
 

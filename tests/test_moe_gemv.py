@@ -3,6 +3,7 @@ computation against the per-expert reference on the CPU, the model's decode path
 Triton kernels against the same computation."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -331,6 +332,33 @@ def test_triton_kernel_variants_match_float64(tokens, config):
     assert error < 1e-2, error
     torch.testing.assert_close(out, default, rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(replayed, out, rtol=2e-2, atol=2e-3)
+
+
+def test_per_pair_output_slots_count_split_k_chunks_on_cuda_only(monkeypatch):
+    """Under a split-K configuration the kernels' per-pair output holds each pair's partial sums over the down
+    kernel's chunks of I (no atomics: the caller sums them in a fixed order); the ops' fakes give that shape."""
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    monkeypatch.setattr(moe_gemv_config, "CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 2, None))
+    assert moe_gemv.output_slots(cuda, 8, 1408, fp8=False) == 8 * 2  # 1408 in chunks of 768: two
+    assert moe_gemv.output_slots(cpu, 8, 1408, fp8=False) == 8  # the torch path: one slot a pair
+    monkeypatch.setattr(moe_gemv_config, "FP8_CONFIG", moe_gemv_config.KernelConfig(16, 256, 8, 4, None))
+    assert moe_gemv.output_slots(cuda, 6, 1408, fp8=True) == 6 * 3  # chunks of 512: three
+    monkeypatch.setattr(moe_gemv_config, "FP8_CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 1, None))
+    assert moe_gemv.output_slots(cuda, 6, 1408, fp8=True) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(32, 256, 4, 2, None), (16, 256, 8, 4, None)])
+def test_split_k_launches_repeat_bit_for_bit_and_give_each_pairs_partial_sums(config):
+    _moe_gemv_triton, args, want = bench_shape_kernel_case(1)
+    with torch.no_grad():
+        runs = [_moe_gemv_triton.launch(*args, config) for _ in range(5)]
+        pairs = _moe_gemv_triton.launch(*args, config, per_pair=True)
+    assert all(torch.equal(run, runs[0]) for run in runs)
+    chunks = -(-1408 // moe_gemv_config.split_chunk(1408, config[3], config[1]))
+    assert pairs.shape == (1, 6 * chunks, 2048)
+    assert torch.equal(pairs.sum(dim=1).to(torch.bfloat16), runs[0])
+    assert ((runs[0].double() - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.gpu

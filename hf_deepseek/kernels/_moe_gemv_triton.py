@@ -2,10 +2,11 @@
 FP8 with DeepSeek's 128x128 block scales (`weight_scale_inv`), dequantised in registers: half the bytes read.
 
 Variants for more bytes in flight (`moe_gemv_config.KernelConfig`, the `config` argument): SPLIT_K > 1 adds a third grid
-axis over chunks of K; the gate/up kernel then adds its fp32 partial sums atomically into a zeroed [pairs, 2I]
-buffer h and the down kernel computes SiLU(gate) * up from h as it reads it (rounded to the activation's dtype as
-the unsplit kernel stores it), adding its partial sums atomically into the zeroed fp32 [tokens, d] output (the
-sum over the top-k too: one kernel fewer than the unsplit path's per-pair output summed in torch). STAGES asks
+axis over C chunks of K; the gate/up kernel then stores its fp32 partial sums in h [pairs, C, 2I], the down kernel
+sums a pair's C chunks of h in order as it reads them and computes SiLU(gate) * up (rounded to the activation's
+dtype as the unsplit kernel stores it), and stores its own partial sums per chunk of I in the fp32 output
+[pairs, C', d], which the caller sums (in the step's graph, with the sum over the top-k). No atomics: every sum is
+taken in a fixed order, so a split launch gives the same bits on every run. STAGES asks
 Triton's software pipeliner for that many stages on the K loop (`tl.range(num_stages=)`); None leaves the loop as
 before. The defaults (SPLIT_K 1, STAGES None) compile to the kernels as they were."""
 
@@ -27,13 +28,13 @@ def _gate_up_kernel(
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
-    this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the zeroed fp32 h [P, 2I] that the
-    gate and up partial sums are added to (atomically). The up rows are read at u_ptr (the expert's row I for
-    routed experts; a second matrix otherwise). Not ROUTED: one gate [I, d] and one up matrix [I, d] (a SwiGLU
-    MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0: the last N_SHARED of each
-    token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up matrices at sg_ptr and
-    su_ptr (SCALED: their block scales at sgs_ptr and sus_ptr, I a multiple of 128), and idx holds only the
-    TOP_K - N_SHARED routed experts of each token."""
+    this program's K_CHUNK of d only (a multiple of BLOCK_K), and act_ptr is the fp32 h [P, C, 2I] whose chunk
+    c = program_id(2) of C = num_programs(2) takes this program's gate and up partial sums. The up rows are read at
+    u_ptr (the expert's row I for routed experts; a second matrix otherwise). Not ROUTED: one gate [I, d] and one up
+    matrix [I, d] (a SwiGLU MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0: the last
+    N_SHARED of each token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up
+    matrices at sg_ptr and su_ptr (SCALED: their block scales at sgs_ptr and sus_ptr, I a multiple of 128), and idx
+    holds only the TOP_K - N_SHARED routed experts of each token."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -86,28 +87,33 @@ def _gate_up_kernel(
         acc_gate += tl.sum(gate * x_gate[None, :], axis=1)
         acc_up += tl.sum(up * x_up[None, :], axis=1)
     if SPLIT_K > 1:
-        tl.atomic_add(act_ptr + pair * (2 * INTER) + n, acc_gate, mask=n_ok, sem="relaxed")
-        tl.atomic_add(act_ptr + pair * (2 * INTER) + INTER + n, acc_up, mask=n_ok, sem="relaxed")
+        h = act_ptr + (pair * tl.num_programs(2) + tl.program_id(2)) * (2 * INTER)
+        tl.store(h + n, acc_gate, mask=n_ok)
+        tl.store(h + INTER + n, acc_up, mask=n_ok)
     else:
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up
         tl.store(act_ptr + pair * INTER + n, act.to(act_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
-def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER,
+def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
               SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
               ACT_FROM_H: tl.constexpr):  # fmt: skip
     """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`); the matrix's rows
     `w_row` apart (INTER, or a shared MLP's whole width for one of its slices); SCALED: its block scales from `s`,
-    rows `s_row` apart."""
+    rows `s_row` apart. ACT_FROM_H: act_ptr is h [rows, H_CHUNKS, 2I], its chunks summed in order."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < INTER
         mask = n_ok[:, None] & k_ok[None, :]
         if ACT_FROM_H:
-            h_gate = tl.load(act_ptr + row * (2 * INTER) + k, mask=k_ok, other=0.0)
-            h_up = tl.load(act_ptr + row * (2 * INTER) + INTER + k, mask=k_ok, other=0.0)
+            h_gate = tl.zeros([BLOCK_K], dtype=tl.float32)
+            h_up = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for c in range(H_CHUNKS):  # in chunk order: the same sums on every run
+                h = act_ptr + (row * H_CHUNKS + c) * (2 * INTER)
+                h_gate += tl.load(h + k, mask=k_ok, other=0.0)
+                h_up += tl.load(h + INTER + k, mask=k_ok, other=0.0)
             a = h_gate * tl.sigmoid(h_gate) * h_up  # the unsplit gate/up kernel's expression, then its rounding
             if ACT_FROM_H == 1:
                 a = a.to(tl.bfloat16).to(tl.float32)
@@ -127,18 +133,19 @@ def _down_kernel(
     act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
-    SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0, sds_ptr=None,
+    SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0, sds_ptr=None, H_CHUNKS=1,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
     row of act a plain matrix-vector product (an FP8 linear layer). SPLIT_K > 1: this program's K_CHUNK of INTER,
-    added atomically into the zeroed out's row of the pair's token (pair // TOP_K: the sum over the top-k done
-    here). SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
+    its partial sums stored at chunk c = program_id(2) of out [P, C, d] (C = num_programs(2)), for the caller to
+    sum. SUM_TOP_K (ROUTED, SPLIT_K 1): program 0's axis is the token, which sums its TOP_K pairs' products in
     order and stores the token's row of out in out's dtype (no sum or conversion kernel after). ACT_FROM_H (1: round
-    to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, 2I], act = SiLU(h[:, :I]) *
-    h[:, I:] computed here. N_SHARED > 0 (ROUTED, not SUM_TOP_K): as in `_gate_up_kernel`, the last N_SHARED
-    pairs of each token are a shared MLP's slices, columns [j I, (j + 1) I) of its down matrix at sd_ptr (rows SD_ROW
-    apart; SCALED: its block scales at sds_ptr), weighted 1; idx and the routing weights hold the routed pairs only."""
+    to bf16, 2: to fp16, 3: keep fp32): act_ptr is the split gate/up kernel's fp32 h [P, H_CHUNKS, 2I], its chunks
+    summed in order, and act = SiLU(h[:, :I]) * h[:, I:] computed here. N_SHARED > 0 (ROUTED, not SUM_TOP_K): as in
+    `_gate_up_kernel`, the last N_SHARED pairs of each token are a shared MLP's slices, columns [j I, (j + 1) I) of
+    its down matrix at sd_ptr (rows SD_ROW apart; SCALED: its block scales at sds_ptr), weighted 1; idx and the
+    routing weights hold the routed pairs only."""
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < D
@@ -149,7 +156,8 @@ def _down_kernel(
             pair = token * TOP_K + j
             expert = tl.load(idx_ptr + pair).to(tl.int64)
             acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, INTER, s_ptr + expert * G_D * G_INTER, G_INTER,
-                            n, n0, n_ok, 0, INTER, D, INTER, SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+                            n, n0, n_ok, 0, INTER, D, INTER, 1,
+                            SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
             total += acc * tl.load(weight_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -181,14 +189,14 @@ def _down_kernel(
                 if SCALED:  # slice j's columns start at block column j G_INTER of the shared down's scales
                     s = sds_ptr + (slot - routed_k) * G_INTER
                     s_row = N_SHARED * G_INTER
-        acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER,
+        acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
                         SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
         if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
             acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
         elif ROUTED:
             acc *= tl.load(weight_ptr + pair).to(tl.float32)
         if SPLIT_K > 1:
-            tl.atomic_add(out_ptr + (pair // TOP_K) * D + n, acc, mask=n_ok, sem="relaxed")
+            tl.store(out_ptr + (pair * tl.num_programs(2) + tl.program_id(2)) * D + n, acc, mask=n_ok)
         else:
             tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -209,7 +217,7 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
         w = w1_ptr
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
-    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K,
+    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K, 1,
                     False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -267,10 +275,11 @@ def launch(
     token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
     program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
     `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
-    split-K, whose kernel sums them already, the sum in [:, 0] and zeros in the other k - 1). `shared` (not with
-    `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more pairs of
-    each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token); with FP8 experts the
-    MLP's weights are FP8 too and `shared_scales` holds their three block-scale grids (I a multiple of 128)."""
+    split-K [N, k C, d]: each pair's partial sums over the C chunks of I, consecutive; `moe_gemv.output_slots`).
+    `shared` (not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more
+    pairs of each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token); with FP8
+    experts the MLP's weights are FP8 too and `shared_scales` holds their three block-scale grids (I a multiple of
+    128)."""
     cfg = kernel_config(config, fp8=gate_up_scale is not None)
     block_n, block_k, warps, split_k, stages = cfg
     num_tokens, top_k = indices.shape
@@ -296,18 +305,19 @@ def launch(
     act_dtype = x.dtype if scaled else gate_up.dtype
     launch_opts = launch_options(warps, stages)
     sum_top_k = sum_top_k and split_k == 1 and top_k > 1
-    if split_k > 1:  # one zeroed buffer (one memset): h, gate and up's fp32 sums, then the tokens' fp32 outputs
-        buffer = torch.zeros(pairs * 2 * inter + num_tokens * dim, device=x.device, dtype=torch.float32)
-        act, out = buffer[: pairs * 2 * inter].view(pairs, 2 * inter), buffer[pairs * 2 * inter :].view(num_tokens, dim)
+    chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
+    chunks_d, chunks_i = triton.cdiv(dim, chunk_d), triton.cdiv(inter, chunk_i)
+    if split_k > 1:  # one buffer: h, the gate and up partial sums per chunk of d, then the pairs' per chunk of I
+        buffer = torch.empty(pairs * (chunks_d * 2 * inter + chunks_i * dim), device=x.device, dtype=torch.float32)
+        act, out = buffer[: pairs * chunks_d * 2 * inter], buffer[pairs * chunks_d * 2 * inter :]
     else:
         act = torch.empty(pairs, inter, device=x.device, dtype=act_dtype)
         out = torch.empty((num_tokens, dim) if sum_top_k else (pairs, dim), device=x.device,
                           dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
-    chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
     extra = dict(sg_ptr=shared[0], su_ptr=shared[1], N_SHARED=n_shared) if shared else {}
     if shared_scales:
         extra.update(sgs_ptr=shared_scales[0], sus_ptr=shared_scales[1])
-    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), triton.cdiv(dim, chunk_d))](
+    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](
         x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
         g_dim, chunk_d,
         SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra, **launch_opts,
@@ -315,20 +325,18 @@ def launch(
     extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1], N_SHARED=n_shared) if shared else {}
     if shared_scales:
         extra.update(sds_ptr=shared_scales[2])
-    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), triton.cdiv(inter, chunk_i))](
+    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), chunks_i)](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
         SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
-        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, **extra, **launch_opts,
+        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, H_CHUNKS=chunks_d, **extra,
+        **launch_opts,
     )  # fmt: skip
     if sum_top_k:
         return out
-    if per_pair and split_k > 1:  # the kernel summed the top-k already: the sum in slot 0, zeros after it
-        return torch.nn.functional.pad(out[:, None], (0, 0, 0, top_k - 1))
+    slots = top_k * (chunks_i if split_k > 1 else 1)  # split-K: each pair's partial sums, consecutive
     if per_pair:
-        return out.view(num_tokens, top_k, dim)
-    if split_k > 1:
-        return out.to(x.dtype)
-    return out.view(num_tokens, top_k, dim).sum(dim=1).to(x.dtype)
+        return out.view(num_tokens, slots, dim)
+    return out.view(num_tokens, slots, dim).sum(dim=1).to(x.dtype)
 
 
 def _check_scaled_block(block_n: int) -> None:
@@ -350,17 +358,18 @@ def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
     x = x.contiguous()
     launch_opts = launch_options(warps, stages)
     chunk = split_chunk(k, split_k, block_k)
-    if split_k > 1:  # partial sums added atomically: fp32, zeroed
-        out = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
+    chunks = triton.cdiv(k, chunk)
+    if split_k > 1:  # the rows' fp32 partial sums per chunk of K, summed in order after the kernel
+        out = torch.empty(rows, chunks, n, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     weight = weight.contiguous()
-    _down_kernel[(rows, triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
+    _down_kernel[(rows, triton.cdiv(n, block_n), chunks)](
         x, x, x, weight, scale.float().contiguous() if scaled else weight, out, n, k, triton.cdiv(k, 128),
         triton.cdiv(n, 128), chunk, 1, SCALED=scaled, ROUTED=False, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, STAGES=stages, **launch_opts,
     )  # fmt: skip
-    return out if split_k == 1 else out.to(x.dtype)
+    return out if split_k == 1 else out.sum(dim=1).to(x.dtype)
 
 
 def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_blocks import dequantize_blocks, dequantize_experts
+from .moe_gemv_config import kernel_config, split_chunk
 
 ENABLED = True  # the decode benchmark turns it off to measure torch's grouped GEMM in the same run
 MAX_PAIRS = 32  # token-expert pairs up to which the kernels replace the grouped GEMM (batch 1-5 at top-6)
@@ -194,7 +195,8 @@ def routed_experts_gemv(
 ) -> torch.Tensor:
     """x [N, d] bf16, indices/weights [N, k], gate_up [E, 2I, d], down [E, d, I] (bf16, contiguous) -> [N, d]:
     sum_k weights[:, k] * down[e_k] @ (SiLU(gate[e_k] @ x) * (up[e_k] @ x)). `per_pair`: the k weighted products
-    unsummed, fp32 [N, k, d] (`summed_over_top_k` sums them in the caller's graph)."""
+    unsummed, fp32 [N, k, d] (`summed_over_top_k` sums them in the caller's graph; under a split-K configuration on
+    CUDA each product as its partial sums, [N, `output_slots`, d])."""
     if not x.is_cuda:
         return reference(x, indices, weights, gate_up, down, per_pair=per_pair)
     from ._moe_gemv_triton import launch
@@ -202,16 +204,26 @@ def routed_experts_gemv(
     return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K and not per_pair, per_pair=per_pair)
 
 
-def fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool) -> torch.Tensor:
-    """The routed-expert ops' output under tracing: [N, d] like x, or with `per_pair` fp32 [N, k, d]."""
+def output_slots(x: torch.Tensor, pairs_per_token: int, inter: int, fp8: bool) -> int:
+    """Slots per token of the matrix-vector ops' per-pair output for x: its pairs, on CUDA under a split-K
+    configuration each pair's partial sums over the down kernel's chunks of I (`_moe_gemv_triton.launch`)."""
+    cfg = kernel_config(None, fp8=fp8)
+    if x.device.type != "cuda" or cfg.split_k == 1:
+        return pairs_per_token
+    return pairs_per_token * -(-inter // split_chunk(inter, cfg.split_k, cfg.block_k))
+
+
+def fake_output(x: torch.Tensor, indices: torch.Tensor, per_pair: bool, slots: int | None = None) -> torch.Tensor:
+    """The routed-expert ops' output under tracing: [N, d] like x, or with `per_pair` fp32 [N, slots, d] (by
+    default the k pairs)."""
     if per_pair:
-        return x.new_empty(*indices.shape, x.shape[-1], dtype=torch.float32)
+        return x.new_empty(indices.shape[0], slots or indices.shape[1], x.shape[-1], dtype=torch.float32)
     return torch.empty_like(x)
 
 
 @routed_experts_gemv.register_fake
 def _(x, indices, weights, gate_up, down, per_pair=False):
-    return fake_output(x, indices, per_pair)
+    return fake_output(x, indices, per_pair, output_slots(x, indices.shape[1], down.shape[-1], False))
 
 
 @torch.library.custom_op("hf_deepseek::routed_and_shared_experts_gemv", mutates_args=())
@@ -237,8 +249,8 @@ def routed_and_shared_experts_gemv(
 
 @routed_and_shared_experts_gemv.register_fake
 def _(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down):
-    slices = shared_gate.shape[0] // down.shape[-1]
-    return x.new_empty(x.shape[0], indices.shape[1] + slices, x.shape[-1], dtype=torch.float32)
+    slots = output_slots(x, indices.shape[1] + shared_gate.shape[0] // down.shape[-1], down.shape[-1], False)
+    return x.new_empty(x.shape[0], slots, x.shape[-1], dtype=torch.float32)
 
 
 def summed_over_top_k(op, x: torch.Tensor, indices: torch.Tensor, *args) -> torch.Tensor:
@@ -382,7 +394,7 @@ def routed_experts_gemv_fp8(
 
 @routed_experts_gemv_fp8.register_fake
 def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, per_pair=False):
-    return fake_output(x, indices, per_pair)
+    return fake_output(x, indices, per_pair, output_slots(x, indices.shape[1], down.shape[-1], True))
 
 
 @torch.library.custom_op("hf_deepseek::routed_and_shared_experts_gemv_fp8", mutates_args=())
@@ -427,7 +439,8 @@ def routed_and_shared_experts_gemv_fp8(
 
 @routed_and_shared_experts_gemv_fp8.register_fake
 def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, sg, sg_scale, su, su_scale, sd, sd_scale):
-    return x.new_empty(x.shape[0], indices.shape[1] + sg.shape[0] // down.shape[-1], x.shape[-1], dtype=torch.float32)
+    slots = output_slots(x, indices.shape[1] + sg.shape[0] // down.shape[-1], down.shape[-1], True)
+    return x.new_empty(x.shape[0], slots, x.shape[-1], dtype=torch.float32)
 
 
 __all__ = [
@@ -439,6 +452,7 @@ __all__ = [
     "reference_with_shared",
     "summed_over_top_k",
     "fake_output",
+    "output_slots",
     "linear_gemv_fp8",
     "linear_gemv",
     "gate_up_gemv",
