@@ -8,8 +8,9 @@ from typing import NamedTuple
 
 class KernelConfig(NamedTuple):
     """The Triton kernels' launch configuration (`_moe_gemv_triton.launch`'s `config`): rows per program, K per
-    loop step, warps, K chunks (split-K: a third grid axis, partial sums added atomically in fp32) and software
-    pipelining stages of the K loop (None: Triton's default loop, the kernels as first written)."""
+    loop step, warps, K chunks (split-K: a third grid axis, each chunk's fp32 partial sums stored and summed in a
+    fixed order, so a launch repeats bit for bit) and software pipelining stages of the K loop
+    (None: Triton's default loop, the kernels as first written)."""
 
     block_n: int = 32
     block_k: int = 256
