@@ -22,7 +22,9 @@
 #    tokens per row in every timed call, eos off), ours-mtp: acceptance, ms per token against plain generate(),
 #    eager and by default, then plain generate() and the step on it, until the deadline.
 # Env: WHEELS (default .whl/decode: sgl-flash-mla 1.0.0, installed with --no-deps), DEADLINE (s, default 390),
-# TEST_S (100), MTP_S (80); ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE
+# TEST_S (100), TESTS (the GPU test files or ids of 1.), MTP_S (80); LINEAR_TUNE=1: before the bench, the dense
+# layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick`: $OUT/linear_tune.{txt,json}), the one
+# with the least time over a step's dense layers set for the *-alt-linear rows, bf16 and FP8 weights; ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE
 # (cells whose steps get a kernel table, default ours-fast at 1 / 2k and 32 / 32k: $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md}, $OUT/mtp/bench_decode.{json,md},
 # $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
 START=$(date +%s)
@@ -44,10 +46,8 @@ fi
 say "$(python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())')"
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
-timeout ${TEST_S:-100} python3 -m pytest -q -p no:cacheprovider -m gpu --timeout 90 \
-  tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py \
-  tests/test_moe_routing.py \
-  > $OUT/gpu_tests.txt 2>&1
+TESTS=${TESTS:-tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
+timeout ${TEST_S:-100} python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $TESTS > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
 if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
   export HF_DEEPSEEK_FUSED_ROUTER=0  # the benches then measure the torch router
@@ -66,6 +66,17 @@ rows = [r for r in rows if r['case'].startswith('1 tokens') and r.get('kernel') 
 print(','.join('none' if v is None else str(v) for v in min(rows, key=lambda r: r['us'])['config']))" 2>/dev/null)
   [ -n "$BEST" ] && export HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG=$BEST
   say "FP8 experts' configuration: ${BEST:-the default (tune failed)}"
+fi
+
+if [ "${LINEAR_TUNE:-0}" = 1 ]; then  # the dense layers' configurations: the tune's choice for the *-alt-linear rows
+  timeout 150 python3 benchmarks/moe_gemv_tune.py --linear --quick --json $OUT/linear_tune.json > $OUT/linear_tune.txt 2>&1
+  for KIND in bf16 fp8; do
+    ALT=$(python3 -c "
+import json; best = json.load(open('$OUT/linear_tune.json'))['per_step'].get('$KIND')
+print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev/null)
+    [ $KIND = bf16 ] && export HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG=$ALT || export HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG=$ALT
+    say "dense layers' $KIND configuration for the alt-linear rows: ${ALT:-none (tune failed)}"
+  done
 fi
 
 ROWS=${ROWS:-ours-fast,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}

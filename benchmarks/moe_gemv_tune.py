@@ -146,8 +146,11 @@ def per_step(rows: list[dict]) -> dict:
     return summary
 
 
-# small-N shapes fill the GPU only with smaller row blocks or split-K programs
+# small-N shapes fill the GPU only with smaller row blocks or split-K programs; a dense layer's few MB are read in
+# a few us, so the K loop's serial steps show: whole-K blocks (one or two steps, every load in flight at once)
 LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1, 3), (16, 128, 4, 1, 4)]
+LINEAR_CONFIGS += [(4, 2048, 4, 1, None), (8, 2048, 8, 1, None), (8, 1024, 4, 1, None), (4, 1024, 4, 1, 2),
+                   (16, 1024, 8, 1, None), (2, 2048, 4, 1, None)]  # fmt: skip
 
 
 def linear_rows(args, copy: float) -> list[dict]:

@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fast-norm-linear (MLA's q_a norm in the q_b projection's launch), ours-fast-fold-shared (the shared "
         "MLP in the routed experts' launches, the default), ours-fast-unfolded (the shared MLP in launches of its "
         "own), "
-        "ours-fast-all-kernels (every opt-in decode kernel at once), ours-mtp, "
-        "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8 (*-generate: generate() end to "
-        "end, ms per new token; default: all); they run in the order given (ours-fast-fp8 last: it converts the model)",
+        "ours-fast-all-kernels (every opt-in decode kernel at once), ours-fast-alt-linear (the dense layers' "
+        "matrix-vector kernels at HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG, FP8 ones at ..._FP8_CONFIG), ours-mtp, "
+        "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8, ours-fast-fp8-alt-linear "
+        "(*-generate: generate() end to end, ms per new token; default: all); they run in the order given (the FP8 "
+        "rows last: they convert the model)",
     )
     bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")

@@ -107,3 +107,29 @@ def test_per_row_batch_sizes_and_contexts_parse():
     assert plan.row_batch_sizes == {"ours-generate": [1]}
     assert plan.row_contexts == {"ours-generate": [2048], "transformers-generate": [2048, 4096]}
     assert plan.contexts == [2048, 32768]
+
+
+def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(monkeypatch):
+    """`ours-fast-alt-linear` runs the dense layers' kernels at HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG (FP8 weights at
+    ..._FP8_CONFIG), the defaults before and after; FP8 rows run last, after every bf16 row asked."""
+    from hf_deepseek.evals.bench_decode import row_switches, run_order
+    from hf_deepseek.kernels import moe_gemv_config
+    from hf_deepseek.kernels.moe_gemv_config import KernelConfig
+
+    def linear_configs():
+        return moe_gemv_config.LINEAR_CONFIG, moe_gemv_config.LINEAR_FP8_CONFIG
+
+    before = linear_configs()
+    monkeypatch.setenv("HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG", "4,2048,4")
+    monkeypatch.setenv("HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG", "8,1024,8,1,2")
+    with row_switches(STEP_ROWS["ours-fast-alt-linear"]):
+        assert linear_configs() == (KernelConfig(4, 2048, 4, 1, None), KernelConfig(8, 1024, 8, 1, 2))
+        assert moe_gemv_config.kernel_config(None, fp8=True, linear=True) == KernelConfig(8, 1024, 8, 1, 2)
+    assert linear_configs() == before
+    with row_switches(STEP_ROWS["ours-fast"]):
+        assert linear_configs() == before
+    monkeypatch.delenv("HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG")
+    with row_switches(STEP_ROWS["ours-fast-fp8-alt-linear"]):  # unset: the default
+        assert linear_configs()[1] == before[1]
+    rows = ["ours-fast-fp8-alt-linear", "ours-fast", "ours-fast-fp8", "ours-fast-alt-linear"]
+    assert run_order(rows) == ["ours-fast", "ours-fast-alt-linear", "ours-fast-fp8-alt-linear", "ours-fast-fp8"]

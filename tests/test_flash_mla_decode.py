@@ -8,6 +8,7 @@ from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.kernels import flash_mla_decode
+from hf_deepseek.modeling import latent_cache
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 
 V3_LATENT = dict(hidden_size=256, num_attention_heads=16, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=64,
@@ -18,8 +19,10 @@ V3_LATENT = dict(hidden_size=256, num_attention_heads=16, kv_lora_rank=512, qk_r
 def flash_mla():
     if not flash_mla_decode.available():
         pytest.skip("sgl-flash-mla is not installed, or this GPU is not SM90")
+    latent_cache.DECODE_ATTENTION = "flash"  # the default ("auto") gives small batches the Triton kernel
     yield
     flash_mla_decode.ENABLED = True
+    latent_cache.DECODE_ATTENTION = None
 
 
 def reference(q_latent, q_rope, storage, length: int, scale: float) -> torch.Tensor:

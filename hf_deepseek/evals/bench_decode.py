@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -43,7 +44,8 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode, head_matmul, linear_rows, moe_gemv, moe_grouped_gemv
+from hf_deepseek.kernels import flash_mla_decode, head_matmul, linear_rows, moe_gemv, moe_gemv_config, moe_grouped_gemv
+from hf_deepseek.kernels.moe_gemv_config import parse_config
 from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
 from hf_deepseek.modeling.moe import RoutedExperts
@@ -72,7 +74,9 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-mtp",
     "ours-generate",
     "ours-generate-tf-loop",
+    "ours-fast-alt-linear",
     "ours-fast-fp8",
+    "ours-fast-fp8-alt-linear",
 )
 DATASHEET_TB_S = 4.8
 
@@ -247,6 +251,7 @@ class Row:
     fused_norm_linear: bool = False  # moe_gemv.FUSED_NORM_LINEAR on (MLA's q_a norm in the q_b projection's launch)
     fold_shared: bool | None = None  # moe_gemv.FOLD_SHARED (the shared MLP as more pairs of the routed experts'
     # launches) during the row (None: the environment's)
+    alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
 
 
 STEP_ROWS = {
@@ -281,8 +286,15 @@ STEP_ROWS = {
         fused_norm_linear=True,
         fold_shared=True,
     ),
+    "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
+    "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
 }
+FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear")  # run last: the first converts our model in place
+# the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
+# ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
+# in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
+ALT_LINEAR_ENV = ("HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG", "HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG")
 
 
 def compiled_step(model, plan: DecodePlan) -> Callable:
@@ -324,6 +336,12 @@ def row_switches(row: Row):
         (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
     ]
+    if row.alt_linear:
+        bf16, fp8 = (parse_config(os.environ.get(name)) for name in ALT_LINEAR_ENV)
+        switches += [
+            (moe_gemv_config, "LINEAR_CONFIG", bf16 or moe_gemv_config.LINEAR_CONFIG),
+            (moe_gemv_config, "LINEAR_FP8_CONFIG", fp8 or moe_gemv_config.LINEAR_FP8_CONFIG),
+        ]
     with patched_attributes(switches):
         yield
 
@@ -781,7 +799,7 @@ def run_decode_bench(
             elif "generate" in name:
                 run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir)
             else:
-                if name == "ours-fast-fp8":
+                if name in FP8_ROWS and not model.has_fp8_weights():
                     from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
 
                     convert_to_fp8_inference(model)
@@ -794,9 +812,9 @@ def run_decode_bench(
 
 
 def run_order(rows: list[str]) -> list[str]:
-    """The rows in the order asked (the most wanted first survive a run cut short), `ours-fast-fp8` last: it
+    """The rows in the order asked (the most wanted first survive a run cut short), the FP8 rows last: the first
     converts our loaded model in place."""
-    return [r for r in rows if r != "ours-fast-fp8"] + [r for r in rows if r == "ours-fast-fp8"]
+    return [r for r in rows if r not in FP8_ROWS] + [r for r in rows if r in FP8_ROWS]
 
 
 def add_ratios(results: dict[str, Any]) -> None:
