@@ -38,6 +38,7 @@ VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
     "norm-linear": "ours-fast-norm-linear",
     "unfolded": "ours-fast-unfolded",
     "all": "ours-fast-all-kernels",
+    "fused-attn": "ours-fast-fused-attn",
 }
 
 

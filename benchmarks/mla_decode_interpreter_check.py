@@ -2,7 +2,8 @@
 interpreter on the CPU, against a float64 recomputation of absorbed attention: the only way to execute it without a
 GPU. Small latent dims and the V3 ones (512 + 64), 2 to 128 heads (one to four head blocks), batch 1 and 3 with
 different row lengths (1, partial tiles, the full buffer) over a strided view of a longer buffer (as the cache's
-storage), one and several tiles per split; fp32 and bf16 (the interpreter's bf16 `tl.dot` patched as in
+storage), one and several tiles per split, and the fused form (the roped query read from a tensor of its own, W_UV
+applied in the combine kernel); fp32 and bf16 (the interpreter's bf16 `tl.dot` patched as in
 `triton_interpreter_check.py`, whose docstring tells what Python it needs).
 
     TRITON_INTERPRET=1 PYTHONPATH=. python benchmarks/mla_decode_interpreter_check.py [--json out.json]
@@ -62,6 +63,14 @@ def run(dtype: torch.dtype) -> dict[str, float]:
         name = f"{str(dtype)[6:]} B{batch} H{heads} {latent}+{rope} L{max_len} {lengths} T{block_t} P{target}"
         results[name] = relative_error(got, want)
         results[name + " (torch reference)"] = relative_error(reference(query, storage, lens, scale, latent), want)
+        # the fused form: the roped query a strided tensor of its own, W_UV [H, v, latent] a view of kv_b's weight
+        v = 128 if latent == 512 else 48  # 48: the last of two BLOCK_V chunks masked
+        w_uv = (torch.randn(heads, 64 + v, latent) * latent**-0.5).to(dtype)[:, 64:]
+        q_rope = query[..., latent:].transpose(0, 1).contiguous().transpose(0, 1)  # strides (H*rope... apart)
+        fused = _mla_decode_triton.launch(query[..., :latent], storage, lens, scale, latent, block_t,
+                                          query_rope=q_rope, w_uv=w_uv)  # fmt: skip
+        latent_out = want.to(dtype).double()  # rounded to the storage dtype, as the kernel and the model round it
+        results[name + " fused W_UV"] = relative_error(fused, torch.einsum("bhr,hvr->bhv", latent_out, w_uv.double()))
     _mla_decode_triton.TARGET_PROGRAMS = 128
     return results
 
@@ -81,7 +90,7 @@ def main() -> None:
     for name, err in results.items():
         bound = 1e-5 if name.startswith("float32") else 2e-2
         ok &= err < bound
-        print(f"{name:70s} rel err {err:.2e} {'ok' if err < bound else 'FAIL'}")
+        print(f"{name:82s} rel err {err:.2e} {'ok' if err < bound else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

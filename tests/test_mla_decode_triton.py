@@ -46,6 +46,35 @@ def test_op_torch_path_matches_float64(batch, heads, latent, rope, lengths):
     assert relative_error(out, float64_attention(query, storage, lens, scale, latent)) < 1e-5
 
 
+def fused_inputs(query, latent: int, v: int):
+    """The fused form's inputs: the query's latent part, its roped part as a strided tensor of its own, and a W_UV
+    [H, v, latent] that is a view of a kv_b-like weight [H, 64 + v, latent] (as `absorbed_weights` gives it)."""
+    heads = query.shape[1]
+    w_uv = (torch.randn(heads, 64 + v, latent) * latent**-0.5).to(query.dtype)[:, 64:]
+    q_rope = query[..., latent:].transpose(0, 1).contiguous().transpose(0, 1)
+    return query[..., :latent], q_rope, w_uv
+
+
+@pytest.mark.parametrize("batch,heads,latent,rope,lengths", [(3, 2, 32, 16, [1, 17, 40]), (2, 16, 512, 64, [5, 40])])
+def test_op_fused_form_matches_float64(batch, heads, latent, rope, lengths):
+    """The roped query passed apart gives the joined query's output; with W_UV, each head's output through it."""
+    torch.manual_seed(0)
+    query, storage, lens, scale = inputs(batch, heads, latent, rope, 40, lengths)
+    q_latent, q_rope, w_uv = fused_inputs(query, latent, 48)
+    want = float64_attention(query, storage, lens, scale, latent)
+    apart = mla_decode_triton.mla_decode_triton(q_latent, storage, lens, scale, latent, q_rope)
+    assert relative_error(apart, want) < 1e-5
+    out = mla_decode_triton.mla_decode_triton(q_latent, storage, lens, scale, latent, q_rope, w_uv)
+    assert out.shape == (batch, heads, 48) and out.dtype == storage.dtype
+    assert relative_error(out, torch.einsum("bhr,hvr->bhv", want, w_uv.double())) < 1e-5
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mla_decode_triton.mla_decode_triton(
+            *(mode.from_tensor(t) for t in (q_latent, storage, lens)), scale, latent,
+            *(mode.from_tensor(t) for t in (q_rope, w_uv)),
+        )  # fmt: skip
+    assert fake.shape == (batch, heads, 48)
+
+
 def test_op_traces_as_one_node():
     query, storage, lens, scale = inputs(2, 4, 32, 16, 24, [24, 7])
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
@@ -71,20 +100,24 @@ def test_model_decode_through_the_op_equals_the_default_path(monkeypatch):
     ids = torch.randint(3, config.vocab_size, (2, 30))
     steps = torch.randint(3, config.vocab_size, (2, 3))
     logits = {}
-    for choice in ("triton", "flash"):
-        monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", choice)
+    for choice in ("triton", "flash", "triton-fused"):
+        monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", choice.removesuffix("-fused"))
+        monkeypatch.setattr(mla_decode_triton, "FUSED", choice == "triton-fused")
         cache = LatentStaticCache(config, max_cache_len=40)
         cache.unpadded = True
         with torch.no_grad():
             model(ids, cache=cache, use_cache=True)
-            assert all(layer.triton_attention is (choice == "triton") for layer in cache.layers[:3])
+            assert all(layer.triton_attention is choice.startswith("triton") for layer in cache.layers[:3])
             logits[choice] = torch.cat([model(steps[:, i : i + 1], cache=cache).logits for i in range(3)], dim=1)
     torch.testing.assert_close(logits["triton"], logits["flash"], rtol=1e-4, atol=1e-5)
-    assert calls == [[31, 31]] * 3 + [[32, 32]] * 3 + [[33, 33]] * 3  # 3 layers a step, one token longer each
+    torch.testing.assert_close(logits["triton-fused"], logits["flash"], rtol=1e-4, atol=1e-5)
+    assert calls == 2 * ([[31, 31]] * 3 + [[32, 32]] * 3 + [[33, 33]] * 3)  # 3 layers a step, one token longer each
 
 
-def test_compiled_decode_through_the_op_reads_the_cache_as_one_tensor(monkeypatch):
-    """The compiled decode step (as generate() and the bench compile it) through the op: one graph for every step,
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_decode_through_the_op_reads_the_cache_as_one_tensor(monkeypatch, fused):
+    """The compiled decode step (as generate() and the bench compile it) through the op (and its fused form, W_UV a
+    view of kv_b's weight): one graph for every step,
     no graph break, the eager path's logits, and no two graph inputs over the same memory. A view of the cache that
     is a graph input of its own beside the storage the step writes makes Inductor skip CUDA graphs ("mutated
     inputs"): on an H200 such a step took 14.1 ms against 1.16 (docs/PERF.md, 2026-12-04h)."""
@@ -95,6 +128,7 @@ def test_compiled_decode_through_the_op_reads_the_cache_as_one_tensor(monkeypatc
     calls, reference = [], mla_decode_triton.reference
     monkeypatch.setattr(mla_decode_triton, "reference", lambda *args: calls.append(1) or reference(*args))
     monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "triton")
+    monkeypatch.setattr(mla_decode_triton, "FUSED", fused)
     torch.manual_seed(0)
     config = tiny_config(**V3_LATENT)
     model = DeepSeekForCausalLM(config).eval()
@@ -176,6 +210,19 @@ def test_kernel_matches_float64_and_flash_mla(triton_cuda, batch, heads):
         length = lens[:1].long()
         flash = flash_mla_decode.flash_latent_attention(query[:, :, None], storage, length, scale)
         assert relative_error(out, flash[:, :, 0]) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 8])
+def test_fused_kernels_match_float64(triton_cuda, batch):
+    """The roped query read apart and W_UV [H, 128, 512] applied in the combine kernel, bf16, V3's dimensions."""
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 2049, (batch,)).tolist()
+    query, storage, lens, scale = inputs(batch, 16, 512, 64, 2048, lengths, "cuda", torch.bfloat16)
+    q_latent, q_rope, w_uv = (t.cuda() for t in fused_inputs(query.cpu(), 512, 128))
+    want = float64_attention(query, storage, lens, scale, 512)
+    out = mla_decode_triton.mla_decode_triton(q_latent, storage, lens, scale, 512, q_rope, w_uv)
+    assert relative_error(out, torch.einsum("bhr,hvr->bhv", want, w_uv.double())) < 2e-2
 
 
 @pytest.mark.gpu

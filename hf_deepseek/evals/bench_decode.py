@@ -44,7 +44,15 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import flash_mla_decode, head_matmul, linear_rows, moe_gemv, moe_gemv_config, moe_grouped_gemv
+from hf_deepseek.kernels import (
+    flash_mla_decode,
+    head_matmul,
+    linear_rows,
+    mla_decode_triton,
+    moe_gemv,
+    moe_gemv_config,
+    moe_grouped_gemv,
+)
 from hf_deepseek.kernels.moe_gemv_config import parse_config
 from hf_deepseek.modeling import latent_cache, moe_decode
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
@@ -75,6 +83,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate",
     "ours-generate-tf-loop",
     "ours-fast-alt-linear",
+    "ours-fast-fused-attn",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
 )
@@ -252,6 +261,7 @@ class Row:
     fold_shared: bool | None = None  # moe_gemv.FOLD_SHARED (the shared MLP as more pairs of the routed experts'
     # launches) during the row (None: the environment's)
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
+    fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
 
 
 STEP_ROWS = {
@@ -287,6 +297,7 @@ STEP_ROWS = {
         fold_shared=True,
     ),
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
+    "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
 }
@@ -335,6 +346,7 @@ def row_switches(row: Row):
         (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
         (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
+        (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),
     ]
     if row.alt_linear:
         bf16, fp8 = (parse_config(os.environ.get(name)) for name in ALT_LINEAR_ENV)

@@ -17,8 +17,8 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(
-    q_ptr, kv_ptr, len_ptr, part_ptr, stat_ptr,
-    stride_qb, stride_qh, stride_kb, stride_kt,
+    q_ptr, qr_ptr, kv_ptr, len_ptr, part_ptr, stat_ptr,
+    stride_qb, stride_qh, stride_rb, stride_rh, stride_kb, stride_kt,
     heads, scale_log2,
     SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
     LATENT: tl.constexpr, ROPE: tl.constexpr,
@@ -33,7 +33,8 @@ def _split_kernel(
         r = tl.arange(0, ROPE)
         q_row = q_ptr + row * stride_qb + h[:, None] * stride_qh
         q_lat = tl.load(q_row + d[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, LATENT]
-        q_rope = tl.load(q_row + LATENT + r[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, ROPE]
+        qr_row = qr_ptr + row * stride_rb + h[:, None] * stride_rh  # the roped part: its own tensor or q's tail
+        q_rope = tl.load(qr_row + r[None, :], mask=h_ok[:, None], other=0.0)  # [BLOCK_H, ROPE]
         m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, LATENT], tl.float32)
@@ -62,7 +63,11 @@ def _split_kernel(
 def _combine_kernel(
     part_ptr, stat_ptr, len_ptr, out_ptr, stride_ob, stride_oh, heads,
     SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, LATENT: tl.constexpr,
+    wuv_ptr=None, stride_wh=0, stride_wv=0, V: tl.constexpr = 0, BLOCK_V: tl.constexpr = 32,
 ):  # fmt: skip
+    """A row's splits combined for one head: the latent output [LATENT], or with V > 0 that output rounded to
+    out's dtype (as the unfused path stores it) and taken through the head's W_UV [V, LATENT] (rows stride_wv
+    apart, heads stride_wh): [V]."""
     row, head = tl.program_id(0), tl.program_id(1)
     live_splits = tl.minimum(tl.cdiv(tl.load(len_ptr + row), SPLIT_LEN), SPLITS)
     s = tl.arange(0, BLOCK_S)
@@ -80,7 +85,16 @@ def _combine_kernel(
         parts = tl.load(part_ptr + base[:, None] * LATENT + d[None, :], mask=live[:, None], other=0.0)
         acc += tl.sum(parts * w[:, None], axis=0)
     out = acc / tl.maximum(tl.sum(weighted_sums, axis=0), 1e-30)
-    tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    if V == 0:
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    else:
+        latent = out.to(out_ptr.dtype.element_ty).to(tl.float32)
+        for v0 in tl.static_range(0, V, BLOCK_V):  # BLOCK_V rows of W_UV at a time: registers stay few
+            v = v0 + tl.arange(0, BLOCK_V)
+            v_ok = v < V
+            w = tl.load(wuv_ptr + head * stride_wh + v[:, None] * stride_wv + d[None, :], mask=v_ok[:, None], other=0.0)
+            o = tl.sum(w.to(tl.float32) * latent[None, :], axis=1)
+            tl.store(out_ptr + row * stride_ob + head * stride_oh + v, o.to(out_ptr.dtype.element_ty), mask=v_ok)
 
 
 TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
@@ -100,29 +114,54 @@ def plan(
 
 
 def launch(
-    query, storage, lengths, scale: float, latent: int = 512, block_t: int = 32, target_programs: int = TARGET_PROGRAMS
+    query,
+    storage,
+    lengths,
+    scale: float,
+    latent: int = 512,
+    block_t: int = 32,
+    target_programs: int = TARGET_PROGRAMS,
+    query_rope=None,
+    w_uv=None,
 ) -> torch.Tensor:
-    """query [B, H, latent + rope], storage [B, L, latent + rope] (last dim contiguous; both dims powers of two),
-    lengths [B] int32 -> [B, H, latent]. `block_t` (cache tokens a tile) and `target_programs` as `plan` takes them
-    (`mla_decode_triton.PLAN` in the model)."""
+    """query [B, H, latent + rope], or [B, H, latent] with its roped part `query_rope` [B, H, rope] apart (no join
+    before the launch); storage [B, L, latent + rope] (last dim contiguous; both dims powers of two), lengths [B]
+    int32 -> [B, H, latent], or with `w_uv` [H, v, latent] (any strides but the last) the output through each
+    head's W_UV in the combine kernel: [B, H, v]. `block_t` (cache tokens a tile) and `target_programs` as `plan`
+    takes them (`mla_decode_triton.PLAN` in the model)."""
     batch, heads, width = query.shape
-    rope = width - latent
+    query = query.to(storage.dtype)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if query_rope is None:
+        rope, query_rope = width - latent, query[..., latent:]
+    else:
+        rope, query_rope = query_rope.shape[-1], query_rope.to(storage.dtype)
+        if query_rope.stride(-1) != 1:
+            query_rope = query_rope.contiguous()
     max_len = storage.shape[1]
-    query = query.to(storage.dtype).contiguous()
     block_h, splits, split_len = plan(batch, heads, max_len, block_t, target_programs)
     part = torch.empty(batch, splits, heads, latent, device=query.device, dtype=torch.float32)
     stat = torch.empty(batch, splits, heads, 2, device=query.device, dtype=torch.float32)
-    out = torch.empty(batch, heads, latent, device=query.device, dtype=storage.dtype)
+    v = 0 if w_uv is None else w_uv.shape[1]
+    out = torch.empty(batch, heads, v or latent, device=query.device, dtype=storage.dtype)
     _split_kernel[(batch, splits, triton.cdiv(heads, block_h))](
-        query, storage, lengths, part, stat,
-        query.stride(0), query.stride(1), storage.stride(0), storage.stride(1),
-        heads, scale * LOG2E,
+        query, query_rope, storage, lengths, part, stat,
+        query.stride(0), query.stride(1), query_rope.stride(0), query_rope.stride(1), storage.stride(0),
+        storage.stride(1), heads, scale * LOG2E,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_T=block_t, BLOCK_H=block_h, LATENT=latent, ROPE=rope,
         num_warps=4 if block_h <= 16 else 8, num_stages=2,
     )  # fmt: skip
+    epilogue = {}
+    if w_uv is not None:
+        w_uv = w_uv.to(storage.dtype)
+        if w_uv.stride(-1) != 1:
+            w_uv = w_uv.contiguous()
+        epilogue = dict(wuv_ptr=w_uv, stride_wh=w_uv.stride(0), stride_wv=w_uv.stride(1), V=v,
+                        BLOCK_V=min(32, triton.next_power_of_2(v)))  # fmt: skip
     _combine_kernel[(batch, heads)](
         part, stat, lengths, out, out.stride(0), out.stride(1), heads,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), CHUNK=8, LATENT=latent,
-        num_warps=4,
+        num_warps=4, **epilogue,
     )  # fmt: skip
     return out

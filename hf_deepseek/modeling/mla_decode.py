@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
+from ..kernels import mla_decode_triton
 from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
 from ..kernels.head_matmul import absorb_query, values_from_latent
 from ..kernels.mla_decode_triton import triton_latent_attention
@@ -63,8 +64,13 @@ def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentSt
 
 
 def triton_cache_attention(attn, q_nope, q_rope, buffer, length) -> torch.Tensor:
-    """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py`."""
+    """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py` (with
+    `mla_decode_triton.FUSED`: the roped query read apart and W_UV applied by the kernels themselves)."""
     w_uk, w_uv = attn.absorbed_weights()
+    if mla_decode_triton.FUSED:
+        q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
+        out = triton_latent_attention(q_latent, buffer, length, attn.scaling, attn.kv_lora_rank, q_rope, w_uv)
+        return out.to(q_nope.dtype).transpose(1, 2)  # [B, 1, H, v]
     query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
     out_latent = triton_latent_attention(query, buffer, length, attn.scaling, attn.kv_lora_rank).to(q_nope.dtype)
     return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
