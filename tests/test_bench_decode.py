@@ -30,6 +30,10 @@ def test_bench_decode_tiny_smoke(tmp_path):
     # the MTP device loop against plain greedy generate() in the same run, the same tokens
     assert cells["ours-mtp"]["speedup_vs_plain"] > 0 and "equal to plain greedy: True" in cells["ours-mtp"]["note"]
     assert cells["ours-fast"]["floor_fraction"] > 0
+    # the host's time a step beside the step's: on the CPU the host's clock is the step's (the note is for CUDA)
+    fast = cells["ours-fast"]
+    assert abs(fast["host_ms_per_step"] - fast["ms_per_step"]) < 0.05 * fast["ms_per_step"], fast
+    assert "host-bound" not in fast["note"]
     # generate() end to end, both models, prefill subtracted: a per-token time and the prefill in the note
     for row in ("ours-generate", "transformers-generate"):
         cell = cells[row]

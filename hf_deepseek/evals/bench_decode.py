@@ -88,6 +88,9 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-alt-linear",
 )
 DATASHEET_TB_S = 4.8
+# a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
+# GPU waited for the host's launches (Dynamo's guards, the CUDA-graph tree), so the figure is not its kernels'
+HOST_BOUND = 0.9
 
 
 @dataclass
@@ -133,6 +136,7 @@ class DecodeCell:
     speedup_vs_plain: float | None = None  # ours-mtp: plain_ms_per_token / ms_per_step
     prefill_ms: float | None = None  # generate rows: a 1-token generate() call (the prompts into the cache)
     prefill_tokens_per_s: float | None = None  # generate rows: batch x context / prefill_ms
+    host_ms_per_step: float | None = None  # step rows: the host's time a step (no sync between steps), median
     note: str = ""
 
 
@@ -196,18 +200,26 @@ def filled_cache(kind: str, model, batch: int, context: int, max_len: int, devic
     return cache
 
 
-def time_steps(step: Callable, model, cache, batch: int, context: int, plan: DecodePlan, device) -> list[float]:
-    """Feed `warmup + steps` single tokens through `step`; ms between consecutive steps (CUDA events on CUDA)."""
+def time_steps(
+    step: Callable, model, cache, batch: int, context: int, plan: DecodePlan, device, host_ms: list | None = None
+) -> list[float]:
+    """Feed `warmup + steps` single tokens through `step`; ms between consecutive steps (CUDA events on CUDA).
+    `host_ms`, if given, receives the host's ms between the same marks (no synchronisation in between): where it
+    matches the events' figure the GPU was waiting for the host, not the other way round."""
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (plan.warmup_steps + plan.steps, batch, 1), device=device)
     kwargs = cache_kwargs(model, cache)
-    marks = []
+    marks, host = [], []
     for i in range(plan.warmup_steps + plan.steps):
         if i >= plan.warmup_steps:
             marks.append(_mark(device))
+            host.append(time.perf_counter())
         position = torch.full((batch, 1), context + i, device=device, dtype=torch.long)
         step(input_ids=tokens[i], position_ids=position, use_cache=True, logits_to_keep=1, **kwargs)
     marks.append(_mark(device))
+    host.append(time.perf_counter())
+    if host_ms is not None:
+        host_ms.extend(1000 * (b - a) for a, b in zip(host, host[1:], strict=False))
     synchronize(device)
     if device.type == "cuda":
         return [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
@@ -416,7 +428,8 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                 skips_before = cudagraph_skips()
                 with torch.no_grad():
                     cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
-                    times = time_steps(step, model, cache, batch, context, plan, device)
+                    host_ms: list[float] = []
+                    times = time_steps(step, model, cache, batch, context, plan, device, host_ms)
                     if profiled and output_dir is not None:
                         path = output_dir / f"profile_{row.name}_b{batch}_c{context}.txt"
                         offset = plan.warmup_steps + plan.steps
@@ -424,6 +437,10 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                 if compile_here and cudagraph_skips() > skips_before:  # the step ran launch by launch
                     cell.note = "CUDA graphs skipped (TORCH_LOGS=perf_hints prints why)"
                 cell.ms_per_step = statistics.median(times)
+                cell.host_ms_per_step = statistics.median(host_ms)
+                if device.type == "cuda" and cell.host_ms_per_step >= HOST_BOUND * cell.ms_per_step:
+                    bound = f"host-bound: the host took {cell.host_ms_per_step:.2f} ms a step"
+                    cell.note = f"{cell.note}; {bound}" if cell.note else bound
                 cell.tokens_per_s = batch * 1000 / cell.ms_per_step
                 if device.type == "cuda":
                     cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
