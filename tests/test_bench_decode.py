@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -137,3 +138,33 @@ def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(mo
         assert linear_configs()[1] == before[1]
     rows = ["ours-fast-fp8-alt-linear", "ours-fast", "ours-fast-fp8", "ours-fast-alt-linear"]
     assert run_order(rows) == ["ours-fast", "ours-fast-alt-linear", "ours-fast-fp8-alt-linear", "ours-fast-fp8"]
+
+
+@pytest.mark.gpu
+def test_replayed_step_gives_the_compiled_steps_logits():
+    """`ours-fast-replay`'s step: the compiled step (no Inductor CUDA graphs) captured once and replayed with new
+    tokens and positions gives the logits of the same compiled step called each time, step after step."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from hf_deepseek.evals.bench_decode import DecodePlan, compiled_step, filled_cache
+    from hf_deepseek.evals.cuda_graph_timing import ReplayedStep
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config()).cuda().bfloat16().eval()
+    plan = DecodePlan(model.config.to_dict(), batch_sizes=[2], contexts=[16], compile_dynamic=False)
+    step = compiled_step(model, plan, "default")
+    tokens = torch.randint(3, model.config.vocab_size, (4, 2, 1), device="cuda")
+    logits = {}
+    for replay in (False, True):
+        cache = filled_cache("latent", model, 2, 16, 32, "cuda", torch.bfloat16)
+        run = ReplayedStep(step, rewind=lambda c=cache: c.set_length(16)) if replay else step
+        with torch.no_grad():
+            outs = []
+            for i in range(4):
+                position = torch.full((2, 1), 16 + i, device="cuda", dtype=torch.long)
+                out = run(input_ids=tokens[i], position_ids=position, cache=cache, use_cache=True, logits_to_keep=1)
+                outs.append(out.logits.float().clone())
+        logits[replay] = outs
+    for replayed, called in zip(logits[True], logits[False], strict=True):
+        torch.testing.assert_close(replayed, called, rtol=1e-2, atol=1e-2)
+    assert int(cache.layer_length(0)) == 20  # four tokens written, the warm-up's taken back

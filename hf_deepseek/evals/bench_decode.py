@@ -44,6 +44,7 @@ from hf_deepseek.evals.bench import (
     synchronize,
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
+from hf_deepseek.evals.cuda_graph_timing import ReplayedStep
 from hf_deepseek.kernels import (
     flash_mla_decode,
     head_matmul,
@@ -84,6 +85,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate-tf-loop",
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
+    "ours-fast-replay",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
 )
@@ -274,6 +276,7 @@ class Row:
     # launches) during the row (None: the environment's)
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
     fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
+    replay_graph: bool = False  # CUDA: compiled without Inductor's CUDA graphs, captured and replayed by hand
 
 
 STEP_ROWS = {
@@ -310,6 +313,7 @@ STEP_ROWS = {
     ),
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
+    "ours-fast-replay": Row("ours-fast-replay", "latent", True, replay_graph=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
 }
@@ -320,9 +324,10 @@ FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear")  # run last: the first 
 ALT_LINEAR_ENV = ("HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG", "HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG")
 
 
-def compiled_step(model, plan: DecodePlan) -> Callable:
+def compiled_step(model, plan: DecodePlan, mode: str | None = None) -> Callable:
     """The compiled forward `generate()` uses for a compileable cache (`get_compiled_call`), fresh per model, after
-    one eager forward (generate's prefill), which lets one-time probes (FP8 GEMM dispatch) run outside the graph."""
+    one eager forward (generate's prefill), which lets one-time probes (FP8 GEMM dispatch) run outside the graph.
+    `mode`: torch.compile's, instead of generate's ("reduce-overhead": Inductor's CUDA graphs)."""
     torch.compiler.reset()
     model.__dict__.pop("_compiled_call", None)
     with torch.no_grad():
@@ -330,7 +335,7 @@ def compiled_step(model, plan: DecodePlan) -> Callable:
     # our FP8 weights compile one graph per shape, as generate compiles them (transformers' peer has none)
     fp8 = isinstance(model, DeepSeekForCausalLM) and model.has_fp8_weights()
     dynamic = False if fp8 else plan.compile_dynamic
-    return model.get_compiled_call(CompileConfig(dynamic=dynamic))
+    return model.get_compiled_call(CompileConfig(dynamic=dynamic, **({} if mode is None else {"mode": mode})))
 
 
 def floor_model(config: DeepSeekConfig, dtype: torch.dtype) -> DeepSeekForCausalLM:
@@ -410,7 +415,8 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
     """`run_step_row`'s cells, measured under the row's switches."""
     cells = []
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
-    step = compiled_step(model, plan) if compile_here else model.__call__
+    # the replay row compiles without Inductor's CUDA graphs and captures its own, one a cell
+    step = compiled_step(model, plan, "default" if row.replay_graph else None) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
     for batch in plan.row_batch_sizes.get(row.name, plan.batch_sizes):
         weights = step_weight_bytes(floor, batch)
@@ -429,11 +435,14 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                 with torch.no_grad():
                     cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
                     host_ms: list[float] = []
-                    times = time_steps(step, model, cache, batch, context, plan, device, host_ms)
+                    cell_step = step
+                    if row.replay_graph and compile_here:  # the capture's warm-up token taken back out
+                        cell_step = ReplayedStep(step, rewind=lambda c=cache, n=context: c.set_length(n))
+                    times = time_steps(cell_step, model, cache, batch, context, plan, device, host_ms)
                     if profiled and output_dir is not None:
                         path = output_dir / f"profile_{row.name}_b{batch}_c{context}.txt"
                         offset = plan.warmup_steps + plan.steps
-                        profile_steps(step, model, cache, batch, context + offset, plan, device, path)
+                        profile_steps(cell_step, model, cache, batch, context + offset, plan, device, path)
                 if compile_here and cudagraph_skips() > skips_before:  # the step ran launch by launch
                     cell.note = "CUDA graphs skipped (TORCH_LOGS=perf_hints prints why)"
                 cell.ms_per_step = statistics.median(times)

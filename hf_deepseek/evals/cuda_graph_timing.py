@@ -30,3 +30,32 @@ def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10, 
 
 
 __all__ = ["graph_time_us"]
+
+
+class ReplayedStep:
+    """A compiled decode step (compiled without Inductor's CUDA graphs) captured into one CUDA graph at its first
+    call and replayed at every later one, the host only copying the new token and position into the graph's input
+    buffers: what a step costs once Dynamo's guards and the CUDA-graph tree's bookkeeping leave the per-step path.
+    The other arguments (the cache) must be the same objects on every call; `rewind` (called after the capture's
+    warm-up call) undoes what that call wrote, such as a cache's length."""
+
+    def __init__(self, step: Callable, rewind: Callable[[], object] | None = None):
+        self.step, self.rewind, self.graph = step, rewind, None
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+        if self.graph is None:
+            self.ids, self.positions = input_ids.clone(), position_ids.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+                self.step(input_ids=self.ids, position_ids=self.positions, **kwargs)
+            torch.cuda.current_stream().wait_stream(stream)
+            if self.rewind is not None:
+                self.rewind()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.step(input_ids=self.ids, position_ids=self.positions, **kwargs)
+        self.ids.copy_(input_ids)
+        self.positions.copy_(position_ids)
+        self.graph.replay()
+        return self.out
