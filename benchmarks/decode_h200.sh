@@ -11,7 +11,8 @@
 #    token x top-6 set for the benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
-#    step), ours-fast-unfolded (the shared MLP in launches of its own, 1 / 2k only), ours-generate (generate()
+#    step), ours-fast-replay (its CUDA graph replayed by hand: the step without per-step host work, 2k only),
+#    ours-fast-unfolded (the shared MLP in launches of its own, 1 / 2k only), ours-generate (generate()
 #    with the device loop; at 32k its prompts are prefilled in chunks: peak memory and prefill time in the cell),
 #    transformers-generate,
 #    ours-fast-fp8 (FP8 weights: matrix-vector kernels at batch 1, expert-grouped kernels at 32; the bench runs it last),
@@ -46,7 +47,7 @@ fi
 say "$(python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())')"
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
-TESTS=${TESTS:-tests/test_fast_generate.py tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
+TESTS=${TESTS:-tests/test_bench_decode.py::test_replayed_step_gives_the_compiled_steps_logits tests/test_flash_mla_decode.py tests/test_fast_generate.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
 timeout ${TEST_S:-100} python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $TESTS > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
 if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
@@ -79,8 +80,8 @@ print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev
   done
 fi
 
-ROWS=${ROWS:-ours-fast,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
-ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-unfolded=2048;ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
+ROWS=${ROWS:-ours-fast,ours-fast-replay,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
+ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-replay=2048;ours-fast-unfolded=2048;ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
 ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-unfolded=1;ours-fast-torch-attn=32;ours-generate-tf-loop=1}
 PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast-unfolded:1:2048,ours-fast:32:32768}
 MAIN_S=$(( $(left) - ${MTP_S:-80} ))
