@@ -29,9 +29,6 @@ def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10, 
     return start.elapsed_time(end) * 1000 / (calls * replays)
 
 
-__all__ = ["graph_time_us"]
-
-
 class ReplayedStep:
     """A compiled decode step (compiled without Inductor's CUDA graphs) captured into one CUDA graph at its first
     call and replayed at every later one, the host only copying the new token and position into the graph's input
@@ -59,3 +56,6 @@ class ReplayedStep:
         self.positions.copy_(position_ids)
         self.graph.replay()
         return self.out
+
+
+__all__ = ["ReplayedStep", "graph_time_us"]
