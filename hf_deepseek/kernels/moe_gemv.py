@@ -247,10 +247,16 @@ def routed_and_shared_experts_gemv(
     return launch(x, indices, weights, gate_up, down, per_pair=True, shared=(shared_gate, shared_up, shared_down))
 
 
+def fake_folded_output(x, indices, shared_gate, down, fp8: bool) -> torch.Tensor:
+    """The fold ops' output under tracing: fp32 [N, slots, d], the slots those of the k routed pairs and the shared
+    MLP's slices (`output_slots`)."""
+    pairs = indices.shape[1] + shared_gate.shape[0] // down.shape[-1]
+    return fake_output(x, indices, True, output_slots(x, pairs, down.shape[-1], fp8))
+
+
 @routed_and_shared_experts_gemv.register_fake
 def _(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down):
-    slots = output_slots(x, indices.shape[1] + shared_gate.shape[0] // down.shape[-1], down.shape[-1], False)
-    return x.new_empty(x.shape[0], slots, x.shape[-1], dtype=torch.float32)
+    return fake_folded_output(x, indices, shared_gate, down, False)
 
 
 def summed_over_top_k(op, x: torch.Tensor, indices: torch.Tensor, *args) -> torch.Tensor:
@@ -439,8 +445,7 @@ def routed_and_shared_experts_gemv_fp8(
 
 @routed_and_shared_experts_gemv_fp8.register_fake
 def _(x, indices, weights, gate_up, gate_up_scale, down, down_scale, sg, sg_scale, su, su_scale, sd, sd_scale):
-    slots = output_slots(x, indices.shape[1] + sg.shape[0] // down.shape[-1], down.shape[-1], True)
-    return x.new_empty(x.shape[0], slots, x.shape[-1], dtype=torch.float32)
+    return fake_folded_output(x, indices, sg, down, True)
 
 
 __all__ = [
