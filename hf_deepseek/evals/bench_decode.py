@@ -88,6 +88,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-replay",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
+    "ours-fast-fp8-replay",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -316,8 +317,10 @@ STEP_ROWS = {
     "ours-fast-replay": Row("ours-fast-replay", "latent", True, replay_graph=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
+    "ours-fast-fp8-replay": Row("ours-fast-fp8-replay", "latent", True, replay_graph=True),
 }
-FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear")  # run last: the first converts our model in place
+# run last: the first converts our model in place
+FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-replay")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
