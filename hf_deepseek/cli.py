@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
         "matrix-vector kernels at HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG, FP8 ones at ..._FP8_CONFIG), "
         "ours-fast-fused-attn (the Triton attention reads the roped query apart and applies W_UV itself), "
         "ours-fast-replay (the step's CUDA graph captured and replayed by hand: no per-step guards), ours-mtp, "
-        "ours-generate, ours-generate-tf-loop (transformers' token loop), ours-fast-fp8, ours-fast-fp8-alt-linear, "
-        "ours-fast-fp8-replay (*-generate: generate() end to end, ms per new token; default: all); they run in the order given (the FP8 "
-        "rows last: they convert the model)",
+        "ours-generate, ours-generate-trees (its device loop with Inductor's CUDA graphs, a step a call), "
+        "ours-generate-tf-loop (transformers' token loop), ours-fast-fp8, ours-fast-fp8-alt-linear, "
+        "ours-fast-fp8-replay, ours-generate-fp8 (*-generate*: generate() end to end, ms per new token; default: "
+        "all); they run in the order given (the FP8 rows last: they convert the model)",
     )
     bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")
     bench_decode.add_argument("--warmup-steps", type=int, help="untimed first steps: compile, CUDA-graph capture (3)")

@@ -1,6 +1,7 @@
 """generate()'s device loop (`generation/fast_generate.py`) against transformers' own loop on the CPU: the same greedy
 tokens (left padding, rows ending at different steps, min_new_tokens), the same lengths, sampling from the warped
-distribution, one compiled graph across calls, and the host's end-of-sequence check only every few steps."""
+distribution, one compiled graph across calls, the host's end-of-sequence check only every few steps; and the loop of
+hand-captured graphs as it runs on CUDA (graphs of several steps, kept and captured again when they would be stale)."""
 
 import copy
 
@@ -210,19 +211,115 @@ def test_a_failing_device_loop_falls_back_to_transformers_loop_once_and_for_all(
         fg.try_fast_generate(model, ids, None, dict(max_new_tokens=2), True)
 
 
+class ReplayedCalls:
+    """`StepGraphs` on the CPU: a "graph" of n steps replays as n calls of the step; every capture is recorded."""
+
+    captures: list = []
+
+    def __init__(self, step, sizes, key, keep=()):
+        self.step, self.key, self.keep, self.replays = step, key, keep, []
+        self.sizes = sorted(set(sizes), reverse=True)
+        ReplayedCalls.captures.append(self)
+
+    def replay(self, n):
+        self.replays.append(n)
+        for _ in range(n):
+            self.step()
+
+
+@pytest.fixture
+def hand_graphs(monkeypatch):
+    """The loop as on CUDA with hand-captured graphs, on the CPU: the uncompiled step, graphs as `ReplayedCalls`."""
+    ReplayedCalls.captures = []
+    monkeypatch.setattr(fg, "hand_graphed_config", lambda model, config: CompileConfig(mode="default"))
+    monkeypatch.setattr(fg, "compiled_decode_step", lambda model, config, compile_config: fg.decode_step)
+    monkeypatch.setattr(fg, "StepGraphs", ReplayedCalls)
+    monkeypatch.setattr(fg, "warm_up", lambda run: run())
+    return ReplayedCalls.captures
+
+
+def test_hand_graphed_loop_replays_several_steps_a_graph_and_keeps_its_graphs(hand_graphs):
+    model = tiny_model()
+    one, one_mask = left_padded(model.config.vocab_size, pads=(0,))
+    eos = frequent_token(model, one, one_mask, 40)
+    eager, fast = both(model, one, one_mask, max_new_tokens=40, do_sample=False, eos_token_id=eos)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 1
+    generated = fast.shape[1] - one.shape[1]
+    steps = 1 + sum(hand_graphs[0].replays)  # the warm-up step, then the replays
+    assert generated < 40 and generated - 1 <= steps < generated - 1 + fg.CHECK_EVERY
+    ids, mask = left_padded(model.config.vocab_size)
+    # no eos: 30 tokens = the prefill's, the warm-up's, then graphs of CHECK_EVERY steps while they fit, then ones
+    eager, fast = both(model, ids, mask, max_new_tokens=30, do_sample=False, eos_token_id=None)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 2  # another batch, another token choice: captured again
+    assert hand_graphs[1].replays == [8, 8, 8, 1, 1, 1, 1]
+    eager, fast = both(model, ids[:, 1:], mask[:, 1:], max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 2  # the same graphs, from the first step on
+    assert hand_graphs[1].replays[7:] == [8, 1, 1, 1]
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # weights elsewhere
+    eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 3
+    eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=True, top_k=1, eos_token_id=None)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 4  # the same buffers, another token choice
+
+
+def test_a_failing_capture_finishes_the_call_a_step_at_a_time_then_leaves_graphs_to_inductor(hand_graphs, monkeypatch):
+    model = tiny_model()
+    ids, mask = left_padded(model.config.vocab_size)
+
+    def no_capture(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(fg, "StepGraphs", no_capture)
+    eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(fast, eager)
+    assert "not permitted when stream is capturing" in model.hand_graphs_error and not model.__dict__.get(
+        "fast_loop_error"
+    )
+
+
+def test_hand_graphs_replace_inductors_only_for_generates_default_compile_on_cuda(monkeypatch):
+    model = tiny_model()
+    config = copy.deepcopy(model.generation_config)
+    assert fg.hand_graphed_config(model, config) is None  # CPU
+    monkeypatch.setattr(DeepSeekForCausalLM, "device", property(lambda self: torch.device("cuda")))
+    chosen = fg.hand_graphed_config(model, config)
+    assert chosen.mode == "default" and chosen.backend == "inductor"
+    for own in (
+        CompileConfig(mode="max-autotune"),
+        CompileConfig(backend="aot_eager"),
+        CompileConfig(options={"max_autotune": True}),
+    ):
+        assert fg.hand_graphed_config(model, GenerationConfig(compile_config=own)) is None, own
+    assert fg.hand_graphed_config(model, GenerationConfig(disable_compile=True)) is None
+    monkeypatch.setattr(fg, "HAND_GRAPHS", False)
+    assert fg.hand_graphed_config(model, config) is None
+    monkeypatch.setattr(fg, "HAND_GRAPHS", True)
+    model.__dict__["hand_graphs_error"] = "RuntimeError: capture failed"
+    assert fg.hand_graphed_config(model, config) is None
+
+
 @pytest.mark.gpu
-def test_compiled_device_loop_on_gpu():
-    """On CUDA generate() takes the device loop by default: one CUDA graph per step (Inductor), fp32 so that the
-    greedy tokens can be compared exactly with transformers' eager loop; sampling runs inside the graph too."""
+def test_hand_graphed_loop_on_gpu_matches_eager_reuses_its_graphs_and_repeats_seeded_samples(monkeypatch):
+    """On CUDA generate() takes the device loop by default, its step captured by hand in graphs of 1 and CHECK_EVERY
+    steps; fp32, so that the greedy tokens can be compared exactly with transformers' eager loop's and with Inductor's
+    CUDA graphs'. A second call reuses the graphs; sampling inside them repeats under a seed."""
     model = tiny_model().cuda()
     ids, mask = (t.cuda() for t in left_padded(model.config.vocab_size))
-    eos = frequent_token(model, ids, mask, 24)
-    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    eos = frequent_token(model, ids, mask, 40)
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=eos)
     eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
     fast = model.generate(ids, **kwargs)
-    assert model.__dict__.get("_fast_decode_buffers") is not None  # the device loop ran
-    assert model.__dict__.get("fast_loop_error") is None, model.fast_loop_error  # and did not fall back
+    assert model.__dict__.get("fast_loop_error") is None, model.fast_loop_error  # the device loop ran
+    assert model.__dict__.get("hand_graphs_error") is None, model.hand_graphs_error  # with its own graphs
+    graphs = model._fast_decode_buffers.graphs
+    assert graphs is not None and graphs.sizes == [fg.CHECK_EVERY, 1]
     assert torch.equal(fast, eager)
-    torch.manual_seed(0)
-    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=5, pad_token_id=0)
-    assert sampled.shape == (ids.shape[0], ids.shape[1] + 12) and torch.equal(sampled[:, : ids.shape[1]], ids)
+    assert torch.equal(model.generate(ids, **kwargs), eager) and model._fast_decode_buffers.graphs is graphs
+    samples = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        samples.append(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, temperature=1.3,
+                                      pad_token_id=0))  # fmt: skip
+    assert torch.equal(*samples)
+    monkeypatch.setattr(fg, "HAND_GRAPHS", False)  # Inductor's CUDA graphs, a step a call
+    assert torch.equal(model.generate(ids, **kwargs), eager) and model._fast_decode_buffers.graphs is None

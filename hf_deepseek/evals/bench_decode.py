@@ -45,6 +45,7 @@ from hf_deepseek.evals.bench import (
 )
 from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.evals.cuda_graph_timing import ReplayedStep
+from hf_deepseek.generation import fast_generate
 from hf_deepseek.kernels import (
     flash_mla_decode,
     head_matmul,
@@ -82,6 +83,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-sum-top-k",
     "ours-mtp",
     "ours-generate",
+    "ours-generate-trees",
     "ours-generate-tf-loop",
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
@@ -89,6 +91,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
     "ours-fast-fp8-replay",
+    "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -320,7 +323,7 @@ STEP_ROWS = {
     "ours-fast-fp8-replay": Row("ours-fast-fp8-replay", "latent", True, replay_graph=True),
 }
 # run last: the first converts our model in place
-FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-replay")
+FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-replay", "ours-generate-fp8")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
@@ -531,6 +534,14 @@ def run_generate_row(
     fp8 = isinstance(model, DeepSeekForCausalLM) and model.has_fp8_weights()
     # compiled as the step rows are (one shape-generic graph: one compile for every cell, CUDA graphs per shape)
     kwargs["compile_config"] = CompileConfig(dynamic=False if fp8 else plan.compile_dynamic)
+    # ours-generate-trees: the device loop with Inductor's CUDA graphs, a step a call, instead of its own graphs
+    hand_graphs = fast_generate.HAND_GRAPHS and name != "ours-generate-trees"
+    with patched_attributes([(fast_generate, "HAND_GRAPHS", hand_graphs)]):
+        return _measure_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir, kwargs)
+
+
+def _measure_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir, kwargs):
+    """`run_generate_row`'s cells, with its generate() arguments `kwargs`."""
     floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     cells = []
     for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
@@ -835,15 +846,15 @@ def run_decode_bench(
             if key not in models:
                 models[key] = load(DeepSeekForCausalLM if ours else DeepseekV3ForCausalLM, source, device, dtype)
             model = models[key]
+            if name in FP8_ROWS and not model.has_fp8_weights():
+                from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+
+                convert_to_fp8_inference(model)
             if name == "ours-mtp":
                 run_mtp_row(model, plan, device, progress, emit)
             elif "generate" in name:
                 run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir)
             else:
-                if name in FP8_ROWS and not model.has_fp8_weights():
-                    from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
-
-                    convert_to_fp8_inference(model)
                 run_step_row(STEP_ROWS[name], model, plan, device, dtype, bandwidth, progress, floor, emit, output_dir)
         models.clear()
         gc.collect()

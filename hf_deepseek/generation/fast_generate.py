@@ -1,6 +1,7 @@
 """`generate()`'s token loop on the device: the decode step, the logits processing, the token choice and the
-end-of-sequence bookkeeping in one compiled function (one CUDA graph on a GPU), the host asking whether every row
-has ended only once every `CHECK_EVERY` tokens.
+end-of-sequence bookkeeping in one compiled function, the host asking whether every row has ended only once every
+`CHECK_EVERY` tokens. On a GPU that function is captured by hand in CUDA graphs of one and of `CHECK_EVERY` steps
+(`step_graphs`), so the host calls one replay per `CHECK_EVERY` tokens.
 
 transformers' own loop spends host time on every token (growing input and mask tensors, the processors, a
 stopping check that reads a device value); at batch 1 that cost about 1.1 ms a token on an H200 (issue 17). Here
@@ -15,11 +16,14 @@ vLLM use inside CUDA graphs), not with `torch.multinomial`'s draws. Anything els
 scores, streamers, other processors, stopping strings) goes to transformers' loop.
 """
 
+import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     TemperatureLogitsWarper,
@@ -30,8 +34,12 @@ from transformers.utils import logging
 
 from ..modeling.compile_regions import decode_compile_config
 from ..modeling.decode_linear import use_decode_linears
+from .step_graphs import StepGraphs, chunks, tensors_key, warm_up
 
 CHECK_EVERY = 8  # decode steps between the host's checks that some row is still going (one sync each)
+# CUDA with generate()'s default compile mode: the step compiled without Inductor's CUDA graphs and captured by hand,
+# CHECK_EVERY steps a graph (`step_graphs`); HF_DEEPSEEK_HAND_GRAPHS=0: Inductor's CUDA graphs, a step a call
+HAND_GRAPHS = os.environ.get("HF_DEEPSEEK_HAND_GRAPHS", "1") != "0"
 PREFILL_TOKENS = 32768  # tokens one prefill forward takes: whole prompts in groups of rows; longer prompts in chunks
 logger = logging.get_logger(__name__)
 
@@ -93,6 +101,12 @@ class TokenChoice:
             do_sample=bool(config.do_sample), warpers=warpers, eos=eos, pad=0 if pad is None else int(pad),
             min_length=config.min_length or 0, min_new_tokens=config.min_new_tokens or 0,
         )  # fmt: skip
+
+    def signature(self) -> tuple:
+        """What a graph that captured this choice baked in (the warpers' settings, the eos ids' values)."""
+        warpers = tuple((type(w).__name__, repr(sorted(vars(w).items()))) for w in self.warpers)
+        eos = None if self.eos is None else tuple(self.eos.tolist())
+        return (self.do_sample, warpers, eos, self.pad, self.min_length, self.min_new_tokens)
 
     def __call__(self, logits: torch.Tensor, prompt_len: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
         """logits [B, V] (fp32) -> tokens [B]; `prompt_len` and `new_tokens` (tokens generated so far) are device
@@ -160,6 +174,7 @@ class DecodeBuffers:
     step: torch.Tensor  # [] tokens generated so far
     unfinished: torch.Tensor  # [B] bool
     ended_at: torch.Tensor  # [B] the index of each row's end-of-sequence token (max_len while none)
+    graphs: StepGraphs | None = None  # the step captured over these buffers (CUDA, `HAND_GRAPHS`)
 
     @classmethod
     def allocate(cls, model, batch: int, max_len: int, device) -> "DecodeBuffers":
@@ -204,11 +219,13 @@ def decode_step(model, buffers: DecodeBuffers, choice: TokenChoice) -> None:
     record_token(b, choice, choice(logits, b.prompt_len, b.step))
 
 
-def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache_name: str) -> Callable:
-    """`step` compiled with the model's generate compile settings (Inductor + CUDA graphs), once per model and
-    compile config (kept in `model.<cache_name>`); uncompiled where transformers would not compile (CPU without
-    `_compile_all_devices`)."""
-    compile_config = config.compile_config or model._default_compile_config()
+def compiled_for_generate(
+    model, step: Callable, config: GenerationConfig, cache_name: str, compile_config: CompileConfig | None = None
+) -> Callable:
+    """`step` compiled with the model's generate compile settings (Inductor + CUDA graphs) or `compile_config`, once
+    per model and compile config (kept in `model.<cache_name>`); uncompiled where transformers would not compile
+    (CPU without `_compile_all_devices`)."""
+    compile_config = compile_config or config.compile_config or model._default_compile_config()
     on_accelerator = model.device.type in ("cuda", "xpu")
     if config.disable_compile or not (on_accelerator or getattr(compile_config, "_compile_all_devices", False)):
         return step
@@ -221,8 +238,55 @@ def compiled_for_generate(model, step: Callable, config: GenerationConfig, cache
     return cached[1]
 
 
-def compiled_decode_step(model, config: GenerationConfig) -> Callable:
-    return compiled_for_generate(model, decode_step, config, "_fast_decode_step")
+def compiled_decode_step(model, config: GenerationConfig, compile_config: CompileConfig | None = None) -> Callable:
+    return compiled_for_generate(model, decode_step, config, "_fast_decode_step", compile_config)
+
+
+def hand_graphed_config(model, config: GenerationConfig) -> CompileConfig | None:
+    """generate()'s compile config without Inductor's CUDA graphs where the loop captures its own: on CUDA, with
+    `HAND_GRAPHS` on and transformers' default mode ("reduce-overhead" with Inductor and no options of the
+    caller's); None otherwise (the caller's settings, as they are)."""
+    compile_config = config.compile_config or model._default_compile_config()
+    if (
+        not HAND_GRAPHS
+        or model.device.type != "cuda"
+        or config.disable_compile
+        or "hand_graphs_error" in model.__dict__
+    ):
+        return None
+    if compile_config.backend != "inductor" or compile_config.mode != "reduce-overhead" or compile_config.options:
+        return None
+    return dataclasses.replace(compile_config, mode="default")
+
+
+def usable_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
+    """The buffers' graphs of `step`, if they captured what this call would (token choice, padding, compiled step,
+    weights' addresses)."""
+    graphs = buffers.graphs
+    return graphs if graphs is not None and graphs.key == graph_key(model, buffers, choice, step) else None
+
+
+def graph_key(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> tuple:
+    return (choice.signature(), buffers.cache.unpadded, id(step), tensors_key(model))
+
+
+def capture_step_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
+    """Graphs of 1 and CHECK_EVERY calls of `step` over the buffers, kept with them; `step` must have run once since
+    it was compiled. Where capture fails the cause is kept in `model.hand_graphs_error` and warned about, and None
+    returned: this call goes on a step at a time, later ones with Inductor's CUDA graphs."""
+    buffers.graphs = None  # the old graphs' memory first
+    try:
+        key = graph_key(model, buffers, choice, step)
+        graphs = StepGraphs(lambda: step(model, buffers, choice), (1, CHECK_EVERY), key, keep=(step, choice))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:
+        model.__dict__["hand_graphs_error"] = f"{type(error).__name__}: {str(error)[:500]}"
+        logger.warning(f"generate(): capturing the decode step in CUDA graphs failed ({model.hand_graphs_error}); "
+                       "this model's device loop uses Inductor's CUDA graphs from now on.")  # fmt: skip
+        return None
+    buffers.graphs = graphs
+    return graphs
 
 
 def end_of_sequence_ids(config: GenerationConfig) -> list[int]:
@@ -345,16 +409,34 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
     last_logits = prefill(model, input_ids, mask, b.cache, config.prefill_chunk_size)
     record_token(b, choice, choice(last_logits, b.prompt_len, b.step))
     del last_logits
-    step = compiled_decode_step(model, config)
+    hand = hand_graphed_config(model, config)  # None: Inductor's CUDA graphs, or none (CPU)
+    step = compiled_decode_step(model, config, hand)
+    graphs = None
+    if hand is None:
+        b.graphs = None  # an earlier call's, unused: their memory back
     can_end_from = max(choice.min_new_tokens, choice.min_length - prompt_len, 0)  # no eos before: nothing to check
-    checked = 0  # when the host last checked
-    for done in range(1, max_new):  # tokens chosen so far (the prefill chose the first)
+    checked, done = 0, 1  # when the host last checked; tokens chosen so far (the prefill chose the first)
+    while done < max_new:
         if choice.eos is not None and done > can_end_from and done - checked >= CHECK_EVERY:
             checked = done
             if not bool(b.unfinished.any()):
                 break
         try:
-            step(model, b, choice)
+            if hand is not None and graphs is None:
+                graphs = usable_graphs(model, b, choice, step)
+                if graphs is None:  # the step's first run (compilation) is the next token, then it is captured
+                    warm_up(lambda: step(model, b, choice))
+                    done += 1
+                    graphs = capture_step_graphs(model, b, choice, step)
+                    hand = hand if graphs is not None else None
+                    continue
+            if graphs is not None:
+                n = chunks(max_new - done, graphs.sizes)
+                graphs.replay(n)
+                done += n
+            else:
+                step(model, b, choice)
+                done += 1
         except torch.OutOfMemoryError:
             raise
         except Exception as error:

@@ -1,0 +1,62 @@
+"""The device loop's decode step in CUDA graphs captured by hand: one graph of a single step and one of several steps
+in a row, over the loop's fixed buffers, so the host does nothing per token but call `replay()`, and that only once
+every few tokens.
+
+Inductor's own CUDA graphs (torch.compile's "reduce-overhead") replay one step per call behind Dynamo's guards and
+the CUDA-graph tree's bookkeeping; at batch 1 that host work outlasted the step's kernels on an H100 (a step of
+2.31 ms whose kernels took 1.08 ms, docs/PERF.md). Here the step is compiled without them and captured as it is.
+The graphs hold the addresses of everything the step touches (buffers, cache, weights, the token choice's
+tensors), so they are kept with the loop's buffers and captured again when any of those may have moved.
+"""
+
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class StepGraphs:
+    """For each n in `sizes`, a CUDA graph of `n` consecutive calls of `step` (which must read and write only
+    tensors at fixed addresses), all in one memory pool. Capture launches nothing: the step must have run once
+    before (compilation, lazy allocations), outside any capture. `key` says what the capture assumed (see
+    `graph_key`); `keep` holds objects the graphs read from, alive as long as they are."""
+
+    def __init__(self, step: Callable[[], object], sizes: tuple[int, ...], key: Hashable, keep: tuple = ()):
+        self.key, self.keep, self.graphs = key, keep, {}
+        pool = torch.cuda.graph_pool_handle()
+        for n in sorted(set(sizes), reverse=True):  # the largest first: the pool is sized by it
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: another thread's CUDA work (a chat server's) does not invalidate this capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                for _ in range(n):
+                    step()
+            self.graphs[n] = graph
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.graphs, reverse=True)
+
+    def replay(self, n: int) -> None:
+        self.graphs[n].replay()
+
+
+def tensors_key(module: torch.nn.Module) -> tuple:
+    """Where `module`'s parameters and buffers live: a captured graph reads them at these addresses, so a model whose
+    weights were replaced (not updated in place) needs new graphs."""
+    return tuple(t.data_ptr() for t in (*module.parameters(), *module.buffers()))
+
+
+def chunks(remaining: int, sizes: list[int]) -> int:
+    """The largest graph (in steps) that fits in `remaining` steps; `sizes` in decreasing order, ending with 1."""
+    return next(n for n in sizes if n <= remaining)
+
+
+def warm_up(step: Callable[[], object]) -> None:
+    """One call of `step` on a side stream, as capture asks of a first run (compilation, lazy allocations)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+__all__ = ["StepGraphs", "tensors_key", "chunks", "warm_up"]
