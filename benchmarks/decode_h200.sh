@@ -23,7 +23,7 @@
 #    tokens per row in every timed call, eos off), ours-mtp: acceptance, ms per token against plain generate(),
 #    eager and by default, then plain generate() and the step on it, until the deadline.
 # Env: WHEELS (default .whl/decode: sgl-flash-mla 1.0.0, installed with --no-deps), DEADLINE (s, default 390),
-# TEST_S (100), TESTS (the GPU test files or ids of 1.), MTP_S (80); LINEAR_TUNE=1: before the bench, the dense
+# TEST_S (100), TESTS (the GPU test files or ids of 1.), MTP_S (80), MTP (0: no MTP bench, 3.); LINEAR_TUNE=1: before the bench, the dense
 # layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick`: $OUT/linear_tune.{txt,json}), the one
 # with the least time over a step's dense layers set for the *-alt-linear rows, bf16 and FP8 weights; ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE
 # (cells whose steps get a kernel table, default ours-fast at 1 / 2k and 32 / 32k: $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md}, $OUT/mtp/bench_decode.{json,md},
@@ -92,7 +92,7 @@ say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept)
 grep -E "ms/(step|token)|failed|Error" $L/decode.log | tail -20
 
 REST=$(left)
-[ $REST -gt 10 ] && timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-add-sub \
+[ "${MTP:-1}" = 1 ] && [ $REST -gt 10 ] && timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-add-sub \
   --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-prompts task --mtp-new-tokens 128 \
   --generate-new-tokens 128 --output-dir $OUT/mtp > $L/mtp.log 2>&1
 say "mtp bench (rc $?):"; grep -E "ms/(step|token)|failed|Error" $L/mtp.log | tail -8
