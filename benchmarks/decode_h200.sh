@@ -11,7 +11,8 @@
 #    token x top-6 set for the benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
-#    step), ours-fast-replay (its CUDA graph replayed by hand: the step without per-step host work, 2k only),
+#    step, captured in a CUDA graph by hand and replayed, as generate() runs it), ours-fast-trees (the step in
+#    Inductor's CUDA graphs, a step a call behind Dynamo's guards, 1 / 2k only),
 #    ours-fast-unfolded (the shared MLP in launches of its own, 1 / 2k only), ours-generate (generate()
 #    with the device loop; at 32k its prompts are prefilled in chunks: peak memory and prefill time in the cell),
 #    transformers-generate,
@@ -80,9 +81,9 @@ print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev
   done
 fi
 
-ROWS=${ROWS:-ours-fast,ours-fast-replay,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
-ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-replay=2048;ours-fast-unfolded=2048;ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
-ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-unfolded=1;ours-fast-torch-attn=32;ours-generate-tf-loop=1}
+ROWS=${ROWS:-ours-fast,ours-fast-trees,ours-fast-unfolded,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-torch-attn,transformers-compile,ours-generate-tf-loop}
+ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-trees=2048;ours-fast-unfolded=2048;ours-generate=2048,32768;transformers-generate=2048;ours-generate-tf-loop=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
+ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-trees=1;ours-fast-unfolded=1;ours-fast-torch-attn=32;ours-generate-tf-loop=1}
 PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast-unfolded:1:2048,ours-fast:32:32768}
 MAIN_S=$(( $(left) - ${MTP_S:-80} ))
 timeout -s ABRT $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \

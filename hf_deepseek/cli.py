@@ -161,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fast-all-kernels (every opt-in decode kernel at once), ours-fast-alt-linear (the dense layers' "
         "matrix-vector kernels at HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG, FP8 ones at ..._FP8_CONFIG), "
         "ours-fast-fused-attn (the Triton attention reads the roped query apart and applies W_UV itself), "
-        "ours-fast-replay (the step's CUDA graph captured and replayed by hand: no per-step guards), ours-mtp, "
+        "ours-fast-trees (the step in Inductor's CUDA graphs, a step a call, instead of captured by hand), ours-mtp, "
         "ours-generate, ours-generate-trees (its device loop with Inductor's CUDA graphs, a step a call), "
         "ours-generate-tf-loop (transformers' token loop), ours-fast-fp8, ours-fast-fp8-alt-linear, "
-        "ours-fast-fp8-replay, ours-generate-fp8 (*-generate*: generate() end to end, ms per new token; default: "
+        "ours-generate-fp8 (*-generate*: generate() end to end, ms per new token; default: "
         "all); they run in the order given (the FP8 rows last: they convert the model)",
     )
     bench_decode.add_argument("--steps", type=positive_int, help="timed decode steps per cell (default 10)")

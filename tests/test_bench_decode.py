@@ -144,8 +144,8 @@ def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(mo
 
 @pytest.mark.gpu
 def test_replayed_step_gives_the_compiled_steps_logits():
-    """`ours-fast-replay`'s step: the compiled step (no Inductor CUDA graphs) captured once and replayed with new
-    tokens and positions gives the logits of the same compiled step called each time, step after step."""
+    """Our compiled step rows' step on CUDA: the compiled step (no Inductor CUDA graphs) captured once and replayed
+    with new tokens and positions gives the logits of the same compiled step called each time, step after step."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from hf_deepseek.evals.bench_decode import DecodePlan, compiled_step, filled_cache

@@ -2,9 +2,10 @@
 
 Rows, in one process: transformers eager (DynamicCache), transformers static cache + torch.compile (CUDA graphs),
 ours eager (DynamicCache, absorbed decode), ours fast path (static latent cache + the compiled step `generate()`
-uses) in bf16 and with FP8 weights, ours with MTP self-speculative decoding through `generate()`, and `generate()`
-end to end for both models (ms per new token, prefill subtracted; ours with its device loop and with transformers'
-token loop, `ours-generate-tf-loop`). Each step-row cell
+uses, on CUDA captured in a CUDA graph by hand and replayed as `generate()`'s device loop replays it;
+`ours-fast-trees`: in Inductor's CUDA graphs instead) in bf16 and with FP8 weights, ours with MTP self-speculative
+decoding through `generate()`, and `generate()` end to end for both models (ms per new token, prefill subtracted;
+ours with its device loop and with transformers' token loop, `ours-generate-tf-loop`). Each step-row cell
 (batch, context) fills the cache with `context` random latent tokens (decode cost does not depend on their values,
 and no row pays a long prefill), then times `warmup + steps` single-token steps with CUDA events between steps and
 reports the median. The read floor of a step counts the weights a step must read (all but the embedding and the
@@ -87,10 +88,9 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate-tf-loop",
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
-    "ours-fast-replay",
+    "ours-fast-trees",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
-    "ours-fast-fp8-replay",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -280,7 +280,9 @@ class Row:
     # launches) during the row (None: the environment's)
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
     fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
-    replay_graph: bool = False  # CUDA: compiled without Inductor's CUDA graphs, captured and replayed by hand
+    # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
+    # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
+    inductor_graphs: bool = False
 
 
 STEP_ROWS = {
@@ -317,13 +319,12 @@ STEP_ROWS = {
     ),
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
-    "ours-fast-replay": Row("ours-fast-replay", "latent", True, replay_graph=True),
+    "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
-    "ours-fast-fp8-replay": Row("ours-fast-fp8-replay", "latent", True, replay_graph=True),
 }
 # run last: the first converts our model in place
-FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-replay", "ours-generate-fp8")
+FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-generate-fp8")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
@@ -421,8 +422,9 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
     """`run_step_row`'s cells, measured under the row's switches."""
     cells = []
     compile_here = row.compiled and device.type == "cuda"  # generate compiles only on accelerators
-    # the replay row compiles without Inductor's CUDA graphs and captures its own, one a cell
-    step = compiled_step(model, plan, "default" if row.replay_graph else None) if compile_here else model.__call__
+    # our compiled rows: without Inductor's CUDA graphs, the step captured by hand once a cell and replayed
+    replay = compile_here and row.cache_kind == "latent" and not row.inductor_graphs
+    step = compiled_step(model, plan, "default" if replay else None) if compile_here else model.__call__
     floor_cache_size = torch.empty((), dtype=dtype).element_size()
     for batch in plan.row_batch_sizes.get(row.name, plan.batch_sizes):
         weights = step_weight_bytes(floor, batch)
@@ -442,7 +444,7 @@ def _measure_step_row(row, model, plan, device, dtype, bandwidth, progress, floo
                     cache = filled_cache(row.cache_kind, model, batch, context, max_len, device, dtype)
                     host_ms: list[float] = []
                     cell_step = step
-                    if row.replay_graph and compile_here:  # the capture's warm-up token taken back out
+                    if replay:  # the capture's warm-up token taken back out
                         cell_step = ReplayedStep(step, rewind=lambda c=cache, n=context: c.set_length(n))
                     times = time_steps(cell_step, model, cache, batch, context, plan, device, host_ms)
                     if profiled and output_dir is not None:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from hf_deepseek.generation.step_graphs import warm_up
+
 
 def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10, warmup: int = 3) -> float:
     """Microseconds per call of `fn` (CUDA), over `replays` replays of a graph of `calls` calls."""
@@ -42,11 +44,7 @@ class ReplayedStep:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
         if self.graph is None:
             self.ids, self.positions = input_ids.clone(), position_ids.clone()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-                self.step(input_ids=self.ids, position_ids=self.positions, **kwargs)
-            torch.cuda.current_stream().wait_stream(stream)
+            warm_up(lambda: self.step(input_ids=self.ids, position_ids=self.positions, **kwargs))
             if self.rewind is not None:
                 self.rewind()
             self.graph = torch.cuda.CUDAGraph()
