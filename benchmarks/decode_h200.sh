@@ -93,10 +93,12 @@ say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept)
 grep -E "ms/(step|token)|failed|Error" $L/decode.log | tail -20
 
 REST=$(left)
-[ "${MTP:-1}" = 1 ] && [ $REST -gt 10 ] && timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-add-sub \
-  --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-prompts task --mtp-new-tokens 128 \
-  --generate-new-tokens 128 --output-dir $OUT/mtp > $L/mtp.log 2>&1
-say "mtp bench (rc $?):"; grep -E "ms/(step|token)|failed|Error" $L/mtp.log | tail -8
+if [ "${MTP:-1}" = 1 ] && [ $REST -gt 10 ]; then
+  timeout $REST python3 -m hf_deepseek.cli bench decode --device cuda --checkpoint checkpoints/hf-deepseek-r1-add-sub \
+    --rows ours-mtp,ours-generate,ours-fast --batch-sizes 1,8 --contexts 128 --mtp-prompts task --mtp-new-tokens 128 \
+    --generate-new-tokens 128 --output-dir $OUT/mtp > $L/mtp.log 2>&1
+  say "mtp bench (rc $?):"; grep -E "ms/(step|token)|failed|Error" $L/mtp.log | tail -8
+fi
 tar czf $OUT/logs.tgz $L
 cat $OUT/decode/bench_decode.md 2>/dev/null | tail -22
 say "done"
