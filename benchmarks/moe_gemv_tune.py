@@ -29,7 +29,9 @@ HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG = "BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES" set.
 the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
 for FP8 weights) and HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG (the dense layers: `--linear`
 ends with the one configuration per kind of weight that takes the least time over a decode step's dense layers,
-`per_step` in the JSON).
+`per_step` in the JSON). `--linear` times each kernel over copies of its weight read in turn (`time_cold_us`), so
+that a 1-10 MB matrix is read from HBM as in a decode step, not from L2 as when one copy is called again and again
+(which is how runs before 2026-12-05 timed it).
 """
 
 import argparse
@@ -69,6 +71,27 @@ QUICK = [
 def time_us(fn, repeats: int = 200) -> float:
     """Microseconds per call, graphs of 20 calls replayed (as the decode step runs them: no launch overhead)."""
     return graph_time_us(fn, calls=20, replays=max(1, repeats // 20), warmup=10)
+
+
+# what a timed graph's calls read in turn, through copies of their weights: 5x the 50 MB L2 of an H100 or H200, so
+# each call reads its weights from HBM, as in a decode step (which reads ~2 GB), not the previous call's from L2
+L2_FLUSH_BYTES = 1 << 28
+
+
+def cold_variants(args: tuple, nbytes: int) -> list[tuple]:
+    """`args` and copies of it (its tensors cloned), as many as make one pass over them read `L2_FLUSH_BYTES` when a
+    call reads `nbytes`: 20 to 512 in all."""
+    count = max(20, min(512, -(-L2_FLUSH_BYTES // max(1, nbytes))))
+    return [args] + [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args) for _ in range(count - 1)]
+
+
+def time_cold_us(fn, args: tuple, nbytes: int, repeats: int = 200) -> float:
+    """Microseconds per call of fn(*args) with its weights read from HBM: a graph of one call per `cold_variants`
+    copy, replayed. A dense layer's 1-10 MB would otherwise stay in L2 across the graph's calls of one weight."""
+    variants = cold_variants(args, nbytes)
+    turn = itertools.cycle(variants)
+    calls = len(variants)  # warm-up and capture each go round the copies once
+    return graph_time_us(lambda: fn(*next(turn)), calls=calls, replays=max(1, repeats // calls), warmup=calls)
 
 
 def copy_bandwidth_gb_s(nbytes: int = 1 << 30) -> float:
@@ -169,7 +192,7 @@ def linear_rows(args, copy: float) -> list[dict]:
             x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
             label = f"{name} [{n}, {k}] x {tokens}"
             with torch.no_grad():
-                base = time_us(lambda x=x, w=w: F.linear(x, w))
+                base = time_cold_us(F.linear, (x, w), w.nbytes)
                 rows.append(dict(case=label, kernel="cuBLAS bf16 F.linear", us=base, gb_s=n * k * 2 / base / 1e3,
                                  launches=launches))  # fmt: skip
                 print(f"{label}: cuBLAS bf16 {base:.1f} us", flush=True)
@@ -179,7 +202,7 @@ def linear_rows(args, copy: float) -> list[dict]:
                         call = (x, weight, scales, config)
                         try:
                             error = ((_moe_gemv_triton.launch_linear(*call).float() - want).norm() / want.norm()).item()
-                            us = time_us(lambda a=call: _moe_gemv_triton.launch_linear(*a))
+                            us = time_cold_us(_moe_gemv_triton.launch_linear, call, weight.nbytes)
                         except Exception as exc:
                             print(f"  {kind} {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                             continue

@@ -79,3 +79,15 @@ def test_rows_kernel_configurations_are_valid():
     assert UNTUNED_LINEAR_ROWS in tune.LINEAR_ROWS_CONFIGS
     configs = {linear_rows_config(c, fp8=True) for c in tune.LINEAR_ROWS_CONFIGS}  # FP8's checks: both kinds serve
     assert len(configs) == len(tune.LINEAR_ROWS_CONFIGS)
+
+
+def test_cold_timing_goes_round_enough_weight_copies_to_read_past_l2():
+    import torch
+
+    x, w = torch.ones(1, 8), torch.zeros(4, 8)
+    variants = tune.cold_variants((x, w, None, (8, 256, 4)), nbytes=2 << 20)  # a 2 MB weight
+    assert len(variants) == tune.L2_FLUSH_BYTES // (2 << 20)  # one pass reads L2_FLUSH_BYTES
+    assert len({v[1].data_ptr() for v in variants}) == len(variants)  # every call reads weights of its own
+    assert all(v[2] is None and v[3] == (8, 256, 4) and torch.equal(v[1], w) for v in variants)
+    assert len(tune.cold_variants((x, w), nbytes=1 << 30)) == 20  # a large weight: the graph's 20 calls
+    assert len(tune.cold_variants((x, w), nbytes=1)) == 512  # a tiny one: capped
