@@ -212,8 +212,8 @@ def test_fused_gate_up_kernel_matches_float64_on_gpu():
 
 def test_q_kv_a_pair_op_and_the_attention_taking_it(monkeypatch):
     """`linear_gemv_pair` on the CPU: both products joined; an attention whose q_a and kv_a projections are
-    DecodeLinear takes it for its single decode row with HF_DEEPSEEK_FUSED_Q_KV_A=1 (one op node under torch.compile)
-    and gives the unfused result; switched off, or for several rows, the two projections."""
+    DecodeLinear takes it for its single decode row (the default; one op node under torch.compile) and gives the
+    unfused result; switched off (HF_DEEPSEEK_FUSED_Q_KV_A=0), or for several rows, the two projections."""
     from hf_deepseek.modeling.attention import MultiHeadLatentAttention
 
     torch.manual_seed(0)

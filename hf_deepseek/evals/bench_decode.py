@@ -77,6 +77,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-gate-up",
     "ours-fast-head-matmul",
     "ours-fast-q-kv-a",
+    "ours-fast-separate-q-kv-a",
     "ours-fast-norm-linear",
     "ours-fast-fold-shared",
     "ours-fast-unfolded",
@@ -274,7 +275,9 @@ class Row:
     linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
     fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
     head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
-    fused_q_kv_a: bool = False  # moe_gemv.FUSED_Q_KV_A on (MLA's q_a and kv_a projections of one row in one launch)
+    # moe_gemv.FUSED_Q_KV_A (MLA's q_a and kv_a projections of one row in one launch) during the row (None: the
+    # environment's)
+    fused_q_kv_a: bool | None = None
     fused_norm_linear: bool = False  # moe_gemv.FUSED_NORM_LINEAR on (MLA's q_a norm in the q_b projection's launch)
     fold_shared: bool | None = None  # moe_gemv.FOLD_SHARED (the shared MLP as more pairs of the routed experts'
     # launches) during the row (None: the environment's)
@@ -301,6 +304,7 @@ STEP_ROWS = {
     "ours-fast-gate-up": Row("ours-fast-gate-up", "latent", True, fused_gate_up=True),
     "ours-fast-head-matmul": Row("ours-fast-head-matmul", "latent", True, head_matmul=True),
     "ours-fast-q-kv-a": Row("ours-fast-q-kv-a", "latent", True, fused_q_kv_a=True),
+    "ours-fast-separate-q-kv-a": Row("ours-fast-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
     "ours-fast-norm-linear": Row("ours-fast-norm-linear", "latent", True, fused_norm_linear=True),
     "ours-fast-fold-shared": Row("ours-fast-fold-shared", "latent", True, fold_shared=True),
     "ours-fast-unfolded": Row("ours-fast-unfolded", "latent", True, fold_shared=False),
@@ -367,7 +371,7 @@ def row_switches(row: Row):
         (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
         (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
-        (moe_gemv, "FUSED_Q_KV_A", row.fused_q_kv_a or moe_gemv.FUSED_Q_KV_A),
+        (moe_gemv, "FUSED_Q_KV_A", moe_gemv.FUSED_Q_KV_A if row.fused_q_kv_a is None else row.fused_q_kv_a),
         (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
         (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),

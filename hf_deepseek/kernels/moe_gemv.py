@@ -16,8 +16,8 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
 applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
-q_a and kv_a projections (opt-in, HF_DEEPSEEK_FUSED_Q_KV_A=1); `norm_linear_gemv` an RMSNorm and the linear layer
-after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1);
+q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off); `norm_linear_gemv` an RMSNorm and the
+linear layer after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
 """
@@ -42,9 +42,11 @@ SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 # launches fewer a layer: the up projection and the activation): opt-in, its batch-1 step 1.22 ms against the
 # default's 1.13 (bench row ours-fast-gate-up, H200, docs/PERF.md 2026-12-05)
 FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
-# MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: opt-in, 1.15 ms
-# against 1.13 at batch 1 (bench row ours-fast-q-kv-a, H200, docs/PERF.md 2026-12-05)
-FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "0") == "1"
+# MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: on by default,
+# its batch-1 step 1.12 ms against 1.16 with the steps replayed from hand-captured graphs (bench row
+# ours-fast-q-kv-a, H100, docs/PERF.md 2026-12-05f; the earlier 1.15 against 1.13 on an H200 was timed through
+# Inductor's graphs, host time included); HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off
+FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "1") != "0"
 # MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in, 1.77 ms
 # against 1.13 at batch 1, far more than its kernel's 5.6 us a layer (bench row ours-fast-norm-linear, H200,
 # docs/PERF.md 2026-12-05; the cause not yet found)

@@ -73,8 +73,9 @@ def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when HF_DEEPSEEK_FUSED_Q_KV_A=1 and
-    `single_decode_row` serves both; None otherwise (the caller applies them as before)."""
+    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when `moe_gemv.FUSED_Q_KV_A` (the
+    default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off) and `single_decode_row` serves both; None otherwise (the caller
+    applies them as before)."""
     rows = single_decode_row(x, first, second) if moe_gemv.FUSED_Q_KV_A else None
     if rows is None:
         return None
