@@ -260,6 +260,9 @@ def test_hand_graphed_loop_replays_several_steps_a_graph_and_keeps_its_graphs(ha
     assert torch.equal(fast, eager) and len(hand_graphs) == 3
     eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=True, top_k=1, eos_token_id=None)
     assert torch.equal(fast, eager) and len(hand_graphs) == 4  # the same buffers, another token choice
+    model.train()  # as a GRPO rollout may call it: another compiled graph, so graphs of their own
+    eager, fast = both(model, ids, mask, max_new_tokens=12, do_sample=True, top_k=1, eos_token_id=None)
+    assert torch.equal(fast, eager) and len(hand_graphs) == 5
 
 
 def test_a_failing_capture_finishes_the_call_a_step_at_a_time_then_leaves_graphs_to_inductor(hand_graphs, monkeypatch):

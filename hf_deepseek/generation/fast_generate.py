@@ -260,14 +260,14 @@ def hand_graphed_config(model, config: GenerationConfig) -> CompileConfig | None
 
 
 def usable_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
-    """The buffers' graphs of `step`, if they captured what this call would (token choice, padding, compiled step,
-    weights' addresses)."""
+    """The buffers' graphs of `step`, if they captured what this call would (token choice, padding, training mode,
+    compiled step, weights' addresses)."""
     graphs = buffers.graphs
     return graphs if graphs is not None and graphs.key == graph_key(model, buffers, choice, step) else None
 
 
 def graph_key(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> tuple:
-    return (choice.signature(), buffers.cache.unpadded, id(step), tensors_key(model))
+    return (choice.signature(), buffers.cache.unpadded, model.training, id(step), tensors_key(model))
 
 
 def capture_step_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
