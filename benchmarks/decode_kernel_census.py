@@ -35,6 +35,7 @@ VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
     "head-matmul": "ours-fast-head-matmul",
     "gate-up": "ours-fast-gate-up",
     "q-kv-a": "ours-fast-q-kv-a",
+    "separate-q-kv-a": "ours-fast-separate-q-kv-a",
     "norm-linear": "ours-fast-norm-linear",
     "unfolded": "ours-fast-unfolded",
     "all": "ours-fast-all-kernels",

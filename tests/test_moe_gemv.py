@@ -316,6 +316,46 @@ def bench_shape_kernel_case(tokens: int):
 
 
 @pytest.mark.gpu
+def test_kernels_launched_with_pdl_give_the_same_results_in_a_cuda_graph(monkeypatch):
+    """Programmatic dependent launch (moe_gemv_config.PDL): each kernel may start while the one before it runs and
+    prefetches its weights, so it must still wait for that kernel's output: a chain of dependent launches (FP8 and
+    bf16 linear layers, q_a / kv_a's pair, the routed experts, the Triton attention's split and combine), captured
+    in a CUDA graph as the decode step is and replayed, equals the same chain launched without PDL."""
+    _moe_gemv_triton, args, _ = bench_shape_kernel_case(1)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs SM90 or later")
+    from hf_deepseek.kernels import _mla_decode_triton
+
+    layer = fp8_linear_layer("cuda", 2048, 1536)
+    dense = torch.randn(2048, 1536, device="cuda", dtype=torch.bfloat16) / 40
+    first, second = (torch.randn(n, 2048, device="cuda", dtype=torch.bfloat16) / 45 for n in (1536, 576))
+    cache = torch.randn(1, 256, 576, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([200], device="cuda", dtype=torch.int32)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+
+    def chain() -> torch.Tensor:
+        h = _moe_gemv_triton.launch_linear_fp8(x, layer.weight, layer.weight_scale_inv)  # [1, 1536]
+        h = _moe_gemv_triton.launch_linear(h, dense)  # [1, 2048], reads the kernel before's output
+        pair = _moe_gemv_triton.launch_linear_pair(h, first, second)  # [1, 2112]
+        experts = _moe_gemv_triton.launch(pair[:, :2048].contiguous(), *args[1:])  # [1, 2048]
+        query = experts.view(1, 4, 512).repeat(1, 4, 1)  # 16 heads of a 512-wide latent query
+        query = torch.cat([query, pair[:, -64:].view(1, 1, 64).expand(1, 16, 64)], dim=-1)
+        return _mla_decode_triton.launch(query, cache, lengths, 0.1)
+
+    with torch.no_grad():
+        plain = chain()
+        monkeypatch.setattr(moe_gemv_config, "PDL", True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = chain()
+        for _ in range(3):
+            graph.replay()
+        eager = chain()
+    torch.cuda.synchronize()
+    assert torch.equal(eager, plain) and torch.equal(replayed, plain)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("config", VARIANTS)
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_triton_kernel_variants_match_float64(tokens, config):
@@ -417,3 +457,22 @@ def test_fp8_linear_stores_bf16_rounded_to_nearest_even_on_gpu(config):
         sums = _moe_gemv_triton.launch_linear_fp8(rows.float(), layer.weight, layer.weight_scale_inv, config)
     assert got.dtype == torch.bfloat16 and sums.dtype == torch.float32
     assert torch.equal(got, sums.to(torch.bfloat16))
+
+
+def test_pdl_launch_arguments_only_where_asked_for_and_on_hopper(monkeypatch):
+    """`moe_gemv_config.pdl_arguments`: nothing unless PDL is on and the device is CUDA of capability 9+ (the kernels
+    then compile as without it); with it, the launch flag, the kernels' constexpr and the weight lines to prefetch:
+    128-byte lines, a power of two of them within K, at most 64."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(moe_gemv_config, "PDL", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert moe_gemv_config.pdl_arguments(cuda, 2048) == {}
+    monkeypatch.setattr(moe_gemv_config, "PDL", True)
+    assert moe_gemv_config.pdl_arguments(cpu, 2048) == {}
+    assert moe_gemv_config.pdl_arguments(cuda) == dict(PDL=True, launch_pdl=True)  # nothing to prefetch
+    assert moe_gemv_config.pdl_arguments(cuda, 2048) == dict(PDL=True, launch_pdl=True, LINES=32, LINE=64)  # bf16
+    assert moe_gemv_config.prefetch_lines(1536, 1) == (8, 128)  # FP8: 12 lines of 128 elements, the power of 2 below
+    assert moe_gemv_config.prefetch_lines(10944, 2) == (64, 64)  # capped
+    assert moe_gemv_config.prefetch_lines(40, 2) == (1, 64)  # K under a line: one
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert moe_gemv_config.pdl_arguments(cuda, 2048) == {}  # before Hopper

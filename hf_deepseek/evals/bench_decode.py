@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 from transformers import DeepseekV3ForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.configuration_utils import CompileConfig
@@ -90,8 +91,10 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
     "ours-fast-trees",
+    "ours-fast-pdl",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
+    "ours-fast-fp8-pdl",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -286,6 +289,9 @@ class Row:
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
+    # programmatic dependent launch (Hopper: a kernel's launch, and its weight reads into L2, overlap the kernel
+    # before it) for our decode kernels (moe_gemv_config.PDL) and Inductor's (its config.triton.enable_pdl)
+    pdl: bool = False
 
 
 STEP_ROWS = {
@@ -324,11 +330,13 @@ STEP_ROWS = {
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
+    "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
+    "ours-fast-fp8-pdl": Row("ours-fast-fp8-pdl", "latent", True, pdl=True),
 }
 # run last: the first converts our model in place
-FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-generate-fp8")
+FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-generate-fp8")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
@@ -376,6 +384,11 @@ def row_switches(row: Row):
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
         (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),
     ]
+    if row.pdl:
+        switches.append((moe_gemv_config, "PDL", True))
+        inductor = torch._inductor.config.triton
+        if hasattr(inductor, "enable_pdl"):  # read when the row compiles its step, under these switches
+            switches.append((inductor, "enable_pdl", True))
     if row.alt_linear:
         bf16, fp8 = (parse_config(os.environ.get(name)) for name in ALT_LINEAR_ENV)
         switches += [

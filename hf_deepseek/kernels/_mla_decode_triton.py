@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pdl_triton import pdl_wait
+from .moe_gemv_config import pdl_arguments
+
 LOG2E = 1.4426950408889634
 
 
@@ -21,8 +24,9 @@ def _split_kernel(
     stride_qb, stride_qh, stride_rb, stride_rh, stride_kb, stride_kt,
     heads, scale_log2,
     SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    LATENT: tl.constexpr, ROPE: tl.constexpr,
+    LATENT: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_wait(PDL)  # every input (the query, the cache and its lengths) an earlier kernel writes
     row, split, hblock = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(len_ptr + row)
     start = split * SPLIT_LEN
@@ -63,11 +67,12 @@ def _split_kernel(
 def _combine_kernel(
     part_ptr, stat_ptr, len_ptr, out_ptr, stride_ob, stride_oh, heads,
     SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, LATENT: tl.constexpr,
-    wuv_ptr=None, stride_wh=0, stride_wv=0, V: tl.constexpr = 0, BLOCK_V: tl.constexpr = 32,
+    wuv_ptr=None, stride_wh=0, stride_wv=0, V: tl.constexpr = 0, BLOCK_V: tl.constexpr = 32, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """A row's splits combined for one head: the latent output [LATENT], or with V > 0 that output rounded to
     out's dtype (as the unfused path stores it) and taken through the head's W_UV [V, LATENT] (rows stride_wv
-    apart, heads stride_wh): [V]."""
+    apart, heads stride_wh): [V]. PDL: `_pdl_triton.pdl_wait`'s."""
+    pdl_wait(PDL)
     row, head = tl.program_id(0), tl.program_id(1)
     live_splits = tl.minimum(tl.cdiv(tl.load(len_ptr + row), SPLIT_LEN), SPLITS)
     s = tl.arange(0, BLOCK_S)
@@ -150,7 +155,7 @@ def launch(
         query.stride(0), query.stride(1), query_rope.stride(0), query_rope.stride(1), storage.stride(0),
         storage.stride(1), heads, scale * LOG2E,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_T=block_t, BLOCK_H=block_h, LATENT=latent, ROPE=rope,
-        num_warps=4 if block_h <= 16 else 8, num_stages=2,
+        num_warps=4 if block_h <= 16 else 8, num_stages=2, **pdl_arguments(query.device),
     )  # fmt: skip
     epilogue = {}
     if w_uv is not None:
@@ -162,6 +167,6 @@ def launch(
     _combine_kernel[(batch, heads)](
         part, stat, lengths, out, out.stride(0), out.stride(1), heads,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), CHUNK=8, LATENT=latent,
-        num_warps=4, **epilogue,
+        num_warps=4, **epilogue, **pdl_arguments(query.device),
     )  # fmt: skip
     return out

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_gemv_config import KernelConfig, kernel_config, launch_options, split_chunk
+from ._pdl_triton import pdl_start
+from .moe_gemv_config import KernelConfig, kernel_config, launch_options, pdl_arguments, split_chunk
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
 
@@ -24,7 +25,7 @@ def _gate_up_kernel(
     x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True, sg_ptr=None, su_ptr=None, N_SHARED: tl.constexpr = 0,
-    sgs_ptr=None, sus_ptr=None,
+    sgs_ptr=None, sus_ptr=None, PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
@@ -34,10 +35,12 @@ def _gate_up_kernel(
     matrix [I, d] (a SwiGLU MLP's), each program of axis 0 a row of x (TOP_K 1; idx unread). N_SHARED > 0: the last
     N_SHARED of each token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up
     matrices at sg_ptr and su_ptr (SCALED: their block scales at sgs_ptr and sus_ptr, I a multiple of 128), and idx
-    holds only the TOP_K - N_SHARED routed experts of each token."""
+    holds only the TOP_K - N_SHARED routed experts of each token. PDL, LINES, LINE: `_pdl_triton.pdl_start`'s (the
+    gate matrix's lines prefetched: LINES 0 where routing picks the matrix)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
+    pdl_start(w_ptr, D, n, n < INTER, 0, D, PDL, LINES, LINE)
     token = pair // TOP_K
     expert = 0
     if ROUTED and N_SHARED == 0:
@@ -134,6 +137,7 @@ def _down_kernel(
     SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, STAGES: tl.constexpr = None, ACT_FROM_H: tl.constexpr = 0,
     SUM_TOP_K: tl.constexpr = False, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0, sds_ptr=None, H_CHUNKS=1,
+    PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
 ):  # fmt: skip
     """out[p, n] = routing_weight[p] * (down[e_p, n] . act[p]) in fp32, for a block of n. SCALED: scales
     [G_D, G_INTER] per expert. Not ROUTED: one matrix and no routing weights (idx and weight pointers unread), each
@@ -145,10 +149,15 @@ def _down_kernel(
     summed in order, and act = SiLU(h[:, :I]) * h[:, I:] computed here. N_SHARED > 0 (ROUTED, not SUM_TOP_K): as in
     `_gate_up_kernel`, the last N_SHARED pairs of each token are a shared MLP's slices, columns [j I, (j + 1) I) of
     its down matrix at sd_ptr (rows SD_ROW apart; SCALED: its block scales at sds_ptr), weighted 1; idx and the
-    routing weights hold the routed pairs only."""
+    routing weights hold the routed pairs only. PDL, LINES, LINE: `_pdl_triton.pdl_start`'s (the matrix's lines
+    prefetched from this program's chunk of K on: LINES 0 where routing picks the matrix)."""
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < D
+    prefetch_from = 0
+    if SPLIT_K > 1:
+        prefetch_from = tl.program_id(2) * K_CHUNK
+    pdl_start(w_ptr, INTER, n, n_ok, prefetch_from, INTER, PDL, LINES, LINE)
     if SUM_TOP_K:
         token = tl.program_id(0)
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -203,9 +212,11 @@ def _down_kernel(
 
 @triton.jit
 def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                 PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):  # fmt: skip
     """out[t, :N1] = w1 . x[t] and out[t, N1:] = w2 . x[t] (two linear layers of one input, [N1, K] and [N2, K])
-    for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's)."""
+    for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's). PDL, LINES, LINE:
+    `_pdl_triton.pdl_start`'s."""
     row = tl.program_id(0)
     first_blocks = tl.cdiv(N1, BLOCK_N)
     second = (tl.program_id(1) >= first_blocks).to(tl.int32)
@@ -217,6 +228,7 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
         w = w1_ptr
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
+    pdl_start(w, K, n, n_ok, 0, K, PDL, LINES, LINE)
     acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K, 1,
                     False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -303,7 +315,7 @@ def launch(
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
-    launch_opts = launch_options(warps, stages)
+    launch_opts = {**launch_options(warps, stages), **pdl_arguments(x.device)}  # routing picks the weights
     sum_top_k = sum_top_k and split_k == 1 and top_k > 1
     chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
     chunks_d, chunks_i = triton.cdiv(dim, chunk_d), triton.cdiv(inter, chunk_i)
@@ -356,9 +368,9 @@ def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
         _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape
     x = x.contiguous()
-    launch_opts = launch_options(warps, stages)
     chunk = split_chunk(k, split_k, block_k)
     chunks = triton.cdiv(k, chunk)
+    launch_opts = {**launch_options(warps, stages), **pdl_arguments(x.device, chunk, weight.element_size())}
     if split_k > 1:  # the rows' fp32 partial sums per chunk of K, summed in order after the kernel
         out = torch.empty(rows, chunks, n, device=x.device, dtype=torch.float32)
     else:
@@ -383,6 +395,7 @@ def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
     _gate_up_kernel[(rows, triton.cdiv(inter, block_n), 1)](
         x, x, gate, up, gate, act, dim, inter, 1, 1, 1, dim, SCALED=False, BLOCK_N=block_n, BLOCK_K=block_k,
         STAGES=stages, ROUTED=False, **launch_options(warps, stages),
+        **pdl_arguments(x.device, dim, gate.element_size()),
     )  # fmt: skip
     return act
 
@@ -397,7 +410,7 @@ def launch_linear_pair(x, first, second, config=None) -> torch.Tensor:
     out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
     _pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
         x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
-        **launch_options(warps, stages),
+        **launch_options(warps, stages), **pdl_arguments(x.device, k, first.element_size()),
     )  # fmt: skip
     return out
 

@@ -62,6 +62,19 @@ def launch_options(warps: int, stages: int | None) -> dict:
     return dict(num_warps=warps) if stages is None else dict(num_warps=warps, num_stages=stages)
 
 
+# Programmatic dependent launch of the batch-1 decode kernels (`_pdl_triton`: the next kernel launches while this one
+# runs, and prefetches its weights while it waits): opt-in with HF_DEEPSEEK_PDL=1 until a run measures it (bench
+# row `ours-fast-pdl`); SM90 and later only
+PDL = os.environ.get("HF_DEEPSEEK_PDL", "0") == "1"
+
+
+def pdl_on(device) -> bool:
+    """Whether the decode kernels launch with PDL on `device`: `PDL`, on a CUDA device of compute capability 9+."""
+    import torch
+
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _powers_of_two(cfg: NamedTuple, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -184,3 +197,23 @@ def linear_rows_config(config=None, fp8: bool = False) -> GroupedConfig:
     dividing the 128x128 scale blocks)."""
     default = LINEAR_ROWS_FP8_CONFIG if fp8 else LINEAR_ROWS_CONFIG
     return grouped_config(default if config is None else config, fp8=fp8)
+
+
+def prefetch_lines(k: int, element_size: int, cap: int = 64) -> tuple[int, int]:
+    """(LINES, LINE) for `_pdl_triton.pdl_start` over a K of `k` elements of `element_size` bytes: LINE elements a
+    128-byte line, LINES the largest power of two of lines within K, at most `cap`."""
+    line = max(1, 128 // element_size)
+    lines = max(1, min(cap, k // line))
+    return 1 << (lines.bit_length() - 1), line
+
+
+def pdl_arguments(device, k: int = 0, element_size: int = 2) -> dict:
+    """A launch's arguments for a kernel that calls `_pdl_triton.pdl_start` or `pdl_wait`: with PDL on for `device`
+    (`pdl_on`), PDL, `launch_pdl` and, given a K of `k` elements of `element_size` bytes to
+    prefetch, LINES and LINE; nothing otherwise (the kernels compile as without PDL)."""
+    if not pdl_on(device):
+        return {}
+    if not k:
+        return dict(PDL=True, launch_pdl=True)
+    lines, line = prefetch_lines(k, element_size)
+    return dict(PDL=True, launch_pdl=True, LINES=lines, LINE=line)

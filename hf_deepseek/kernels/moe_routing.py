@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe_gemv import triton_available
+from .moe_gemv_config import pdl_arguments
 
 # False (or HF_DEEPSEEK_FUSED_ROUTER=0 in the environment): the torch router everywhere (to measure it in the same run)
 ENABLED = os.environ.get("HF_DEEPSEEK_FUSED_ROUTER", "1") != "0"
@@ -265,7 +266,7 @@ def launch(
         NORM=norm_topk_prob and top_k > 1, FUSED=fuse, ONE_BLOCK=token_blocks == 1,
         SUM_ROWS=min(_next_pow2(token_blocks), max(1, 512 // _next_pow2(num_experts))), E_PAD=_next_pow2(num_experts),
         ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",  # libdevice's exp does not run in the interpreter
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps,
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps, **pdl_arguments(device),
     )  # fmt: skip
     return indices, weights, counts, logits
 
@@ -290,6 +291,8 @@ try:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+
+    from ._pdl_triton import pdl_wait
 except ImportError:  # CPU-only installs: the op's torch computation serves
     triton = None
 
@@ -311,10 +314,12 @@ if triton is not None:
         TOP_K: tl.constexpr, K_PAD: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUPED: tl.constexpr,
         GROUP_MAX: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr, FUSED: tl.constexpr,
         ONE_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr, E_PAD: tl.constexpr, ACCURATE: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
     ):  # fmt: skip
         """Program (b, j): with FUSED, logits[tokens of b, experts of j] = x @ W^T (fp32), then the last of token
-        block b's programs routes its tokens; without, one program per token block routes the given logits."""
+        block b's programs routes its tokens; without, one program per token block routes the given logits. PDL:
+        `_pdl_triton.pdl_wait`'s."""
+        pdl_wait(PDL)
         MIN_KEY: tl.constexpr = -9223372036854775807  # below every value's key: taken or absent
         C: tl.constexpr = G_PAD * EG_PAD  # the routing tile's columns: groups side by side, each padded
         tb = tl.program_id(0)
