@@ -428,7 +428,8 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
                     warm_up(lambda: step(model, b, choice))
                     done += 1
                     graphs = capture_step_graphs(model, b, choice, step)
-                    hand = hand if graphs is not None else None
+                    if graphs is None:  # capture failed: this call goes on a step at a time
+                        hand = None
                     continue
             if graphs is not None:
                 n = chunks(max_new - done, graphs.sizes)
