@@ -16,6 +16,7 @@ vLLM use inside CUDA graphs), not with `torch.multinomial`'s draws. Anything els
 scores, streamers, other processors, stopping strings) goes to transformers' loop.
 """
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -416,32 +417,34 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
         b.graphs = None  # an earlier call's, unused: their memory back
     can_end_from = max(choice.min_new_tokens, choice.min_length - prompt_len, 0)  # no eos before: nothing to check
     checked, done = 0, 1  # when the host last checked; tokens chosen so far (the prefill chose the first)
-    while done < max_new:
-        if choice.eos is not None and done > can_end_from and done - checked >= CHECK_EVERY:
-            checked = done
-            if not bool(b.unfinished.any()):
-                break
-        try:
-            if hand is not None and graphs is None:
-                graphs = usable_graphs(model, b, choice, step)
-                if graphs is None:  # the step's first run (compilation) is the next token, then it is captured
-                    warm_up(lambda: step(model, b, choice))
+    # the graphs' side stream, captures and replays on the inputs' GPU, whichever device is current
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        while done < max_new:
+            if choice.eos is not None and done > can_end_from and done - checked >= CHECK_EVERY:
+                checked = done
+                if not bool(b.unfinished.any()):
+                    break
+            try:
+                if hand is not None and graphs is None:
+                    graphs = usable_graphs(model, b, choice, step)
+                    if graphs is None:  # the step's first run (compilation) is the next token, then it is captured
+                        warm_up(lambda: step(model, b, choice))
+                        done += 1
+                        graphs = capture_step_graphs(model, b, choice, step)
+                        if graphs is None:  # capture failed: this call goes on a step at a time
+                            hand = None
+                        continue
+                if graphs is not None:
+                    n = chunks(max_new - done, graphs.sizes)
+                    graphs.replay(n)
+                    done += n
+                else:
+                    step(model, b, choice)
                     done += 1
-                    graphs = capture_step_graphs(model, b, choice, step)
-                    if graphs is None:  # capture failed: this call goes on a step at a time
-                        hand = None
-                    continue
-            if graphs is not None:
-                n = chunks(max_new - done, graphs.sizes)
-                graphs.replay(n)
-                done += n
-            else:
-                step(model, b, choice)
-                done += 1
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as error:
-            raise DecodeStepError(str(error)) from error
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as error:
+                raise DecodeStepError(str(error)) from error
     generated = max_new
     if choice.eos is not None:  # transformers stops once every row has ended: same length
         generated = min(max_new, int(b.ended_at.max()) + 1)
