@@ -6,17 +6,12 @@ from collections.abc import Callable
 
 import torch
 
-from hf_deepseek.generation.step_graphs import warm_up
+from hf_deepseek.generation.step_graphs import StepGraphs, warm_up
 
 
 def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10, warmup: int = 3) -> float:
     """Microseconds per call of `fn` (CUDA), over `replays` replays of a graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    warm_up(lambda: [fn() for _ in range(warmup)])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for _ in range(calls):
@@ -39,20 +34,22 @@ class ReplayedStep:
     warm-up call) undoes what that call wrote, such as a cache's length."""
 
     def __init__(self, step: Callable, rewind: Callable[[], object] | None = None):
-        self.step, self.rewind, self.graph = step, rewind, None
+        self.step, self.rewind, self.graphs = step, rewind, None
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, **kwargs):
-        if self.graph is None:
+        if self.graphs is None:
             self.ids, self.positions = input_ids.clone(), position_ids.clone()
-            warm_up(lambda: self.step(input_ids=self.ids, position_ids=self.positions, **kwargs))
+
+            def run():  # the capture's output stays in `out`, rewritten by every replay
+                self.out = self.step(input_ids=self.ids, position_ids=self.positions, **kwargs)
+
+            warm_up(run)
             if self.rewind is not None:
                 self.rewind()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.step(input_ids=self.ids, position_ids=self.positions, **kwargs)
+            self.graphs = StepGraphs(run, (1,), key=None)
         self.ids.copy_(input_ids)
         self.positions.copy_(position_ids)
-        self.graph.replay()
+        self.graphs.replay(1)
         return self.out
 
 

@@ -260,24 +260,19 @@ def hand_graphed_config(model, config: GenerationConfig) -> CompileConfig | None
     return dataclasses.replace(compile_config, mode="default")
 
 
-def usable_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
-    """The buffers' graphs of `step`, if they captured what this call would (token choice, padding, training mode,
-    compiled step, weights' addresses)."""
-    graphs = buffers.graphs
-    return graphs if graphs is not None and graphs.key == graph_key(model, buffers, choice, step) else None
-
-
 def graph_key(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> tuple:
+    """What graphs of `step` over the buffers capture: the token choice, the padding, the training mode, the
+    compiled step and the weights' addresses; the buffers' graphs serve a call whose key is theirs."""
     return (choice.signature(), buffers.cache.unpadded, model.training, id(step), tensors_key(model))
 
 
-def capture_step_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable) -> StepGraphs | None:
-    """Graphs of 1 and CHECK_EVERY calls of `step` over the buffers, kept with them; `step` must have run once since
-    it was compiled. Where capture fails the cause is kept in `model.hand_graphs_error` and warned about, and None
-    returned: this call goes on a step at a time, later ones with Inductor's CUDA graphs."""
+def capture_step_graphs(model, buffers: DecodeBuffers, choice: TokenChoice, step: Callable, key) -> StepGraphs | None:
+    """Graphs of 1 and CHECK_EVERY calls of `step` over the buffers, kept with them under `key` (`graph_key`);
+    `step` must have run once since it was compiled. Where capture fails the cause is kept in
+    `model.hand_graphs_error` and warned about, and None returned: this call goes on a step at a time, later ones
+    with Inductor's CUDA graphs."""
     buffers.graphs = None  # the old graphs' memory first
     try:
-        key = graph_key(model, buffers, choice, step)
         graphs = StepGraphs(lambda: step(model, buffers, choice), (1, CHECK_EVERY), key, keep=(step, choice))
     except torch.OutOfMemoryError:
         raise
@@ -426,11 +421,12 @@ def fast_generate(model, input_ids: torch.Tensor, config: GenerationConfig, mode
                     break
             try:
                 if hand is not None and graphs is None:
-                    graphs = usable_graphs(model, b, choice, step)
+                    key = graph_key(model, b, choice, step)
+                    graphs = b.graphs if b.graphs is not None and b.graphs.key == key else None
                     if graphs is None:  # the step's first run (compilation) is the next token, then it is captured
                         warm_up(lambda: step(model, b, choice))
                         done += 1
-                        graphs = capture_step_graphs(model, b, choice, step)
+                        graphs = capture_step_graphs(model, b, choice, step, key)
                         if graphs is None:  # capture failed: this call goes on a step at a time
                             hand = None
                         continue

@@ -148,6 +148,7 @@ def launch(
     block_h, splits, split_len = plan(batch, heads, max_len, block_t, target_programs)
     part = torch.empty(batch, splits, heads, latent, device=query.device, dtype=torch.float32)
     stat = torch.empty(batch, splits, heads, 2, device=query.device, dtype=torch.float32)
+    pdl = pdl_arguments(query.device)  # both kernels' launch arguments for programmatic dependent launch
     v = 0 if w_uv is None else w_uv.shape[1]
     out = torch.empty(batch, heads, v or latent, device=query.device, dtype=storage.dtype)
     _split_kernel[(batch, splits, triton.cdiv(heads, block_h))](
@@ -155,7 +156,7 @@ def launch(
         query.stride(0), query.stride(1), query_rope.stride(0), query_rope.stride(1), storage.stride(0),
         storage.stride(1), heads, scale * LOG2E,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_T=block_t, BLOCK_H=block_h, LATENT=latent, ROPE=rope,
-        num_warps=4 if block_h <= 16 else 8, num_stages=2, **pdl_arguments(query.device),
+        num_warps=4 if block_h <= 16 else 8, num_stages=2, **pdl,
     )  # fmt: skip
     epilogue = {}
     if w_uv is not None:
@@ -167,6 +168,6 @@ def launch(
     _combine_kernel[(batch, heads)](
         part, stat, lengths, out, out.stride(0), out.stride(1), heads,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), CHUNK=8, LATENT=latent,
-        num_warps=4, **epilogue, **pdl_arguments(query.device),
+        num_warps=4, **epilogue, **pdl,
     )  # fmt: skip
     return out
