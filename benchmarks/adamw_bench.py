@@ -1,10 +1,11 @@
 """AdamW's step alone at the training bench's parameter shapes, in the ways torch can run it: the fused kernel (what
 `hf-deepseek bench train` and the trainers use on CUDA), the foreach kernels, the foreach step compiled by Inductor,
-and the fused kernel over one flat buffer (every parameter and gradient a view into one tensor each, so the step is
-one long tensor instead of ~400). Bytes moved a step: parameters, gradients and both moments read, parameters and
-both moments written; GB/s against a device-to-device copy's in the same run. The profiled FP8 and bf16 bench
-steps spend ~26 ms in AdamW's fused kernel (2026-12-04g), about 2.5 TB/s for the bf16 weights and moments of 4.72B
-parameters: this measures what the other ways reach.
+the fused kernel over one flat buffer (every parameter and gradient a view into one tensor each, so the step is
+one long tensor instead of ~400); and the project's `kernels.adamw.TritonAdamW` (one Triton kernel per parameter).
+Bytes moved a step: parameters, gradients and both moments read, parameters and both moments written; GB/s against
+a device-to-device copy's in the same run. The profiled FP8 and bf16 bench steps spend ~26 ms in AdamW's fused
+kernel (2026-12-04g), about 2.5 TB/s for the bf16 weights and moments of 4.72B parameters: this measures what the
+other ways reach.
 
     python benchmarks/adamw_bench.py [--device cuda] [--shape bench|v3-width] [--steps 10] [--json out.json]
     python benchmarks/adamw_bench.py --device cpu --tiny          # CPU smoke test
@@ -22,8 +23,9 @@ from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import synchronize
 from hf_deepseek.evals.bench_decode import copy_bandwidth
 from hf_deepseek.evals.bench_train import SHAPES, TINY_TRAIN_PLAN
+from hf_deepseek.kernels.adamw import TritonAdamW
 
-VARIANTS = ("fused", "foreach", "foreach-compiled", "fused-flat")
+VARIANTS = ("fused", "triton", "foreach", "foreach-compiled", "fused-flat")
 
 
 def parameter_shapes(config: dict) -> list[torch.Size]:
@@ -63,6 +65,8 @@ def step_function(variant: str, params, buffers, device):
         return torch.optim.AdamW([flat], lr=1e-4, fused=cuda).step
     if variant == "fused":
         return torch.optim.AdamW(params, lr=1e-4, fused=cuda).step
+    if variant == "triton":
+        return TritonAdamW(params, lr=1e-4).step
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
     return torch.compile(optimizer.step) if variant == "foreach-compiled" else optimizer.step
 

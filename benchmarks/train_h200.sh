@@ -16,8 +16,8 @@
 #      bench itself with --project; here the bench runs first on its own so that it can profile, and the ratios are
 #      computed below);
 #   4. at the same time, as neither is timed: the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
-#      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16), fastest
-#      first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
+#      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16) and the
+#      Triton AdamW's against torch's fused AdamW, fastest first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
 # Writes to $OUT (at most 8 files): bench_train.json, titan_anchor.json, bench_train_v3_width.json, profiles.txt,
 # fp8_train_compare.json, fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log, pytest.log and bench_train.md).
@@ -92,6 +92,7 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise]" \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[deepseek]" \
   tests/test_bench_train.py::test_compiled_fp8_variants_track_bf16_on_the_gpu \
+  tests/test_adamw.py::test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu \
   > $L/pytest.log 2>&1 &
 TESTS=$!
 RUN_S=$(( ($(left) - 35) / 3 ))

@@ -743,6 +743,38 @@ def fp8_shared_pairs_kernels() -> dict[str, bool]:
     return results
 
 
+# ---- AdamW's update (`kernels/_adamw_triton.py`, `kernels.adamw.TritonAdamW`'s CUDA step) ---------------------------
+# A separate section: `adamw_kernel()`, which the main block runs, prints, saves ("adamw") and counts in the exit
+# status: fp32 tensors as `adamw.torch_update` computes them (up to float32 rounding), bf16 ones with the GPU's
+# rounding within one bf16 rounding of it (elements past a multiple of the block masked).
+
+ADAMW_CASES = [(torch.float32, 5000), (torch.bfloat16, 9000), (torch.float16, 17)]
+
+
+def adamw_kernel() -> dict[str, bool]:
+    """The kernel against the module's torch-op update on the CPU, three steps of moments and parameters."""
+    from hf_deepseek.kernels import _adamw_triton
+    from hf_deepseek.kernels.adamw import torch_update
+
+    results = {}
+    with gpu_store_rounding():
+        for dtype, n in ADAMW_CASES:
+            torch.manual_seed(n)
+            ours = [torch.randn(n).to(dtype), None, torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)]
+            want = [t.clone() if t is not None else None for t in ours]
+            for step in (1, 2, 3):
+                ours[1] = want[1] = torch.randn(n).to(dtype)
+                args = (1e-3, 0.9, 0.95, 1e-8, 1e-2 / (1 - 0.9**step), (1 - 0.95**step) ** 0.5)
+                _adamw_triton.adamw_update(*ours, *args)
+                torch_update(*want, *args)
+            tolerance = 1e-6 if dtype == torch.float32 else 2**-7
+            errors = [relative_error(got, ref) for got, ref in zip(ours, want, strict=True)]
+            name = f"{str(dtype)[6:]}, {n} elements"
+            print(f"  adamw {name}: parameter {errors[0]:.2e}, moments {errors[2]:.2e} {errors[3]:.2e}")
+            results[name] = max(errors) < tolerance and not torch.equal(ours[0], ours[0].new_zeros(n))
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -757,6 +789,7 @@ if __name__ == "__main__":
     norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
     shared_pairs |= fp8_shared_pairs_kernels()  # and with FP8 weights
+    adamw = adamw_kernel()  # AdamW's update section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -777,6 +810,7 @@ if __name__ == "__main__":
             record["linear_pair"] = pair
             record["norm_linear"] = norm
             record["shared_pairs"] = shared_pairs
+            record["adamw"] = adamw
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
@@ -785,6 +819,7 @@ if __name__ == "__main__":
     print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
+    print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -797,6 +832,7 @@ if __name__ == "__main__":
         and all(pair.values())
         and all(norm.values())
         and all(shared_pairs.values())
+        and all(adamw.values())
         and kernels_ok
         else 1
     )

@@ -2,8 +2,9 @@
 and of this project in FP8, on the same config and the same batches, one after the other in one run.
 
 Each variant builds its model from the same seed at the same shapes (no MTP layer, so every model computes the
-same next-token loss), trains `warmup_steps + steps` AdamW steps (fused on CUDA; bf16 weights, as the peer figure
-in REFERENCE.md) and reports the median step time, tokens/s, model FLOPs utilisation, peak memory and the losses.
+same next-token loss), trains `warmup_steps + steps` AdamW steps (torch's fused AdamW on CUDA; the `-triton-adamw`
+variants `kernels.adamw.TritonAdamW`; bf16 weights, as the peer figure in REFERENCE.md) and reports the median step
+time, tokens/s, model FLOPs utilisation, peak memory and the losses.
 The batches alternate between two, whose rows repeat short random token patterns, so the loss falls within a few
 steps and the FP8 run can be compared with the bf16 run at matched data (`mean_loss`: mean over all steps; the
 per-step `losses` are kept too).
@@ -55,7 +56,10 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
-VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS)
+# a variant name + TRITON_ADAMW: the same step with `kernels.adamw.TritonAdamW` in place of torch's fused AdamW
+TRITON_ADAMW = "-triton-adamw"
+OURS_TRITON_ADAMW, OURS_FP8_TRITON_ADAMW = OURS + TRITON_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT + TRITON_ADAMW
+VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TRITON_ADAMW, OURS_FP8_TRITON_ADAMW)
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
 
@@ -167,14 +171,21 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
     return [distinct[i % 2] for i in range(count)]
 
 
+def base_variant(name: str) -> str:
+    """The variant's model and step without its choice of optimizer."""
+    return name.removesuffix(TRITON_ADAMW)
+
+
 def compiled(name: str) -> bool:
     """Whether the variant compiles its layers (on CUDA; CPU runs stay eager)."""
+    name = base_variant(name)
     return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False, {}))[1]
 
 
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The variant's model, initialised from seed 0 on `device` (our variants share their initial weights)."""
     torch.manual_seed(0)
+    name = base_variant(name)
     if name == PEER:
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -227,7 +238,12 @@ def bench_variant(
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
         elif compiled(name) and device.type != "cuda":
             result.note = "not compiled off CUDA"
-        optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
+        if name.endswith(TRITON_ADAMW):
+            from hf_deepseek.kernels.adamw import TritonAdamW
+
+            optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
         if device.type == "cuda":
@@ -311,18 +327,19 @@ def kernel_kind(name: str) -> str:
 
 
 def ratios(results: list[TrainResult]) -> dict[str, float]:
+    """Each of our variants' speed against transformers', and each FP8 variant's speed and mean loss against the bf16
+    step with the same optimizer."""
     by_name = {r.name: r for r in results if r.tokens_per_s}
     out = {}
-    for name in (OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS):
-        if name in by_name and PEER in by_name:
+    for name in [n for n in by_name if n != PEER]:
+        if PEER in by_name:
             out[f"{name} / {PEER}"] = by_name[name].tokens_per_s / by_name[PEER].tokens_per_s
-    if OURS in by_name:
-        for fp8 in FP8_VARIANTS:
-            if fp8 in by_name:
-                out[f"{fp8} / {OURS}"] = by_name[fp8].tokens_per_s / by_name[OURS].tokens_per_s
-                if by_name[OURS].mean_loss:
-                    rel = by_name[fp8].mean_loss / by_name[OURS].mean_loss - 1
-                    out[f"{fp8} mean loss relative to {OURS}"] = rel
+    for fp8 in by_name:
+        bf16 = OURS + fp8.removeprefix(base_variant(fp8))  # our bf16 step with the FP8 variant's optimizer
+        if base_variant(fp8) in FP8_VARIANTS and bf16 in by_name:
+            out[f"{fp8} / {bf16}"] = by_name[fp8].tokens_per_s / by_name[bf16].tokens_per_s
+            if by_name[bf16].mean_loss:
+                out[f"{fp8} mean loss relative to {bf16}"] = by_name[fp8].mean_loss / by_name[bf16].mean_loss - 1
     return out
 
 

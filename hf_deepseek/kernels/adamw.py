@@ -1,0 +1,95 @@
+"""AdamW whose CUDA step runs at copy bandwidth: `TritonAdamW`, a `torch.optim.AdamW` whose update is one Triton
+kernel per parameter (`_adamw_triton.py`) reading the parameter, its gradient and both moments once and writing the
+parameter and moments once, in fp32 arithmetic between loads and stores in the tensors' own dtypes, as torch's fused
+AdamW computes it.
+
+At the training bench's shapes (4.72B bf16 parameters, bf16 moments: 66 GB moved a step) torch's fused AdamW took
+26.6 ms of an H200's step (about 2.5 TB/s, docs/PERF.md 2026-12-04g), where the bytes need about 14 ms at copy
+bandwidth; `benchmarks/adamw_bench.py` times both. The state keeps torch's layout (`step`, `exp_avg`, `exp_avg_sq`),
+so a state_dict loads into torch's AdamW and back. Off CUDA the same update runs in torch ops (`torch_update`, what
+the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, capturable, differentiable,
+a sparse gradient, a complex or non-contiguous parameter) take torch's own step for the whole optimizer.
+"""
+
+import math
+
+import torch
+
+from .moe_gemv import triton_available
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def torch_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt) -> None:
+    """The kernel's update in torch ops, in place: fp32 arithmetic, results stored in each tensor's dtype."""
+    p32, g32, m32, v32 = (t.float() for t in (p, g, m, v))
+    p32 = p32 - lr_decay * p32
+    m32 = beta1 * m32 + (1 - beta1) * g32
+    v32 = beta2 * v32 + (1 - beta2) * g32 * g32
+    p32 = p32 - step_size * m32 / (v32.sqrt() / bias_correction2_sqrt + eps)
+    p.copy_(p32), m.copy_(m32), v.copy_(v32)
+
+
+def _update_function(device: torch.device):
+    if device.type == "cuda" and triton_available():
+        from ._adamw_triton import adamw_update
+
+        return adamw_update
+    return torch_update
+
+
+class TritonAdamW(torch.optim.AdamW):
+    """`torch.optim.AdamW` (same arguments, decoupled weight decay) with the update in one Triton kernel per
+    parameter on CUDA. Options the kernel lacks fall back to torch's step (see the module's docstring)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False):  # fmt: skip
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize)  # fmt: skip
+
+    def _own_step_serves(self) -> bool:
+        """Whether every parameter with a gradient can take this class's update."""
+        for group in self.param_groups:
+            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable", "fused")):
+                return False
+            if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "cpu":
+                return False
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or p.dtype not in KERNEL_DTYPES or g.dtype != p.dtype or g.shape != p.shape:
+                    return False
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    return False
+                state = self.state.get(p)
+                if state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")):
+                    return False  # moments loaded from a state_dict in another layout
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self._own_step_serves():
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                step = float(state["step"].add_(1))
+                update = _update_function(p.device)
+                update(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                    lr * group["weight_decay"], beta1, beta2, group["eps"],
+                    lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
+                )  # fmt: skip
+        return loss

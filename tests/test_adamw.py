@@ -1,0 +1,121 @@
+"""`kernels.adamw.TritonAdamW` against torch's AdamW: the update in float64 (CPU, its torch-op path), bf16 rounding,
+a state_dict moved between the two, the fallback for options the kernel lacks, and on a GPU the Triton kernel
+against torch's fused AdamW. The kernel's own arithmetic on the CPU: benchmarks/triton_interpreter_check.py."""
+
+import copy
+
+import pytest
+import torch
+
+from hf_deepseek.kernels.adamw import TritonAdamW, torch_update
+
+SHAPES = ((7, 5), (3, 4, 6), (13,))
+
+
+def parameters(dtype, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype)) for s in SHAPES]
+
+
+def set_gradients(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1).to(p.device, p.dtype)
+
+
+def groups(params):
+    """Two groups with their own learning rate and weight decay."""
+    return [{"params": params[:2], "lr": 1e-2, "weight_decay": 0.1}, {"params": params[2:], "lr": 3e-3}]
+
+
+def run(optimizer_class, params, steps, **kwargs):
+    optimizer = optimizer_class(groups(params), betas=(0.8, 0.95), eps=1e-6, **kwargs)
+    for step in range(steps):
+        set_gradients(params, step)
+        optimizer.step()
+    return optimizer
+
+
+def test_updates_match_torch_adamw_in_float64():
+    ours, ref = parameters(torch.float32), parameters(torch.float64)
+    run(TritonAdamW, ours, 6)
+    optimizer = run(torch.optim.AdamW, ref, 6, foreach=False)
+    start = parameters(torch.float64)
+    for p, q, p0 in zip(ours, ref, start, strict=True):
+        assert p.data.double().sub(q.data).abs().max() < 1e-5 * q.data.abs().max()
+        assert q.data.sub(p0.data).abs().max() > 1e-3  # the parameters moved
+    state = optimizer.state[ref[0]]
+    assert float(state["step"]) == 6
+
+
+def test_bf16_update_is_the_float64_update_rounded_once():
+    p, g, m, v = (torch.randn(4096, dtype=torch.float64) for _ in range(4))
+    v = v.abs()
+    args = (1e-3, 0.9, 0.999, 1e-8, 1e-2, 0.3)
+    ref = [t.clone() for t in (p, g, m, v)]
+    torch_update(*ref, *args)  # float64 throughout
+    bf16 = [t.to(torch.bfloat16) for t in (p, g, m, v)]
+    exact = [t.double() for t in bf16]
+    torch_update(*exact, *args)
+    torch_update(*bf16, *args)
+    # the bf16 inputs' exact result, rounded once to bf16 (up to fp32 error)
+    for ours, want in zip(bf16, exact, strict=True):
+        assert (ours.double() - want).abs().le(want.abs() * 2**-8 + 1e-30).all()
+    assert not torch.equal(exact[0], ref[0].to(torch.bfloat16).double())  # bf16 inputs differ from float64 ones
+
+
+def test_state_dict_moves_between_triton_adamw_and_torch_adamw():
+    a, b = parameters(torch.float32), parameters(torch.float32)
+    ours = run(TritonAdamW, a, 3)
+    theirs = torch.optim.AdamW(groups(b), betas=(0.8, 0.95), eps=1e-6, foreach=False)
+    for p, q in zip(a, b, strict=True):
+        q.data.copy_(p.data)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))  # a loaded state keeps the very tensors given
+    back = TritonAdamW(groups(a), betas=(0.8, 0.95), eps=1e-6)
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    for step in (3, 4):
+        set_gradients(a, step), set_gradients(b, step)
+        back.step(), theirs.step()
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p.data, q.data, rtol=1e-6, atol=1e-7)
+    assert float(back.state[a[0]]["step"]) == 5
+
+
+@pytest.mark.parametrize("option", ["amsgrad", "maximize"])
+def test_options_the_kernel_lacks_take_torchs_step(option):
+    ours, ref = parameters(torch.float32), parameters(torch.float32)
+    run(TritonAdamW, ours, 3, **{option: True})
+    run(torch.optim.AdamW, ref, 3, foreach=False, **{option: True})
+    for p, q in zip(ours, ref, strict=True):
+        torch.testing.assert_close(p.data, q.data, rtol=0, atol=0)
+
+
+def test_parameters_without_gradients_are_left_alone():
+    params = parameters(torch.float32)
+    optimizer = TritonAdamW(params, lr=0.1)
+    set_gradients(params, 0)
+    params[1].grad = None
+    before = params[1].data.clone()
+    optimizer.step()
+    assert torch.equal(params[1].data, before) and params[1] not in optimizer.state
+    assert float(optimizer.state[params[0]]["step"]) == 1
+
+
+@pytest.mark.gpu
+def test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu():
+    shapes = ((2048, 1408), (3, 64, 4099), (1,), (129280, 16))
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda().bfloat16()) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = TritonAdamW(ours, lr=1e-2, weight_decay=0.1)
+    b = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
+    for _ in range(4):
+        for p, q in zip(ours, ref, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen).cuda().bfloat16()
+            q.grad = p.grad.clone()
+        a.step(), b.step()
+    for p, q in zip(ours, ref, strict=True):
+        for x, y in ((p, q), (a.state[p]["exp_avg"], b.state[q]["exp_avg"])):
+            diff = (x.float() - y.float()).abs()
+            assert (diff <= y.float().abs() * 2**-7 + 1e-6).all()  # one bf16 rounding apart at most
+            assert (diff == 0).float().mean() > 0.99  # the same arithmetic: nearly every element equal
