@@ -87,7 +87,8 @@ ROWS=${ROWS:-ours-fast,ours-fast-pdl,ours-generate,transformers-generate,ours-fa
 ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-pdl=2048;ours-generate=2048,32768;transformers-generate=2048;ours-fast-fp8-pdl=2048;ours-generate-fp8=2048;ours-fast-trees=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
 ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-trees=1;ours-fast-torch-attn=32}
 PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast-pdl:1:2048}
-MAIN_S=$(( $(left) - ${MTP_S:-80} ))
+MTP_RESERVE=$([ "${MTP:-1}" = 1 ] && echo ${MTP_S:-80} || echo 0)  # nothing kept back when the MTP bench is off
+MAIN_S=$(( $(left) - MTP_RESERVE ))
 timeout -s ABRT $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \
   --contexts 2048,32768 --rows "$ROWS" --row-contexts "$ROW_CONTEXTS" --row-batch-sizes "$ROW_BATCH_SIZES" \
   --profile "$PROFILE" --output-dir $OUT/decode > $L/decode.log 2>&1
