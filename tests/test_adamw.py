@@ -103,19 +103,34 @@ def test_parameters_without_gradients_are_left_alone():
 
 @pytest.mark.gpu
 def test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu():
+    """Each step from the same state: parameters and moments one bf16 rounding apart at most (torch's fused kernel
+    takes some products in double, so a few roundings differ). Free-running, those differences in the bf16 moments
+    move later updates by a fraction of the learning rate: bounded, not compounding."""
     shapes = ((2048, 1408), (3, 64, 4099), (1,), (129280, 16))
     gen = torch.Generator().manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda().bfloat16()) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    free = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     a = TritonAdamW(ours, lr=1e-2, weight_decay=0.1)
     b = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True)
-    for _ in range(4):
-        for p, q in zip(ours, ref, strict=True):
+    c = TritonAdamW(free, lr=1e-2, weight_decay=0.1)
+    for step in range(4):
+        if step:  # our optimizer starts the step from torch's parameters and moments
+            for p, q in zip(ours, ref, strict=True):
+                p.data.copy_(q.data)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    a.state[p][key].copy_(b.state[q][key])
+        for p, q, r in zip(ours, ref, free, strict=True):
             p.grad = torch.randn(p.shape, generator=gen).cuda().bfloat16()
-            q.grad = p.grad.clone()
-        a.step(), b.step()
-    for p, q in zip(ours, ref, strict=True):
-        for x, y in ((p, q), (a.state[p]["exp_avg"], b.state[q]["exp_avg"])):
-            diff = (x.float() - y.float()).abs()
-            assert (diff <= y.float().abs() * 2**-7 + 1e-6).all()  # one bf16 rounding apart at most
-            assert (diff == 0).float().mean() > 0.99  # the same arithmetic: nearly every element equal
+            q.grad, r.grad = p.grad.clone(), p.grad.clone()
+        a.step(), b.step(), c.step()
+        for p, q in zip(ours, ref, strict=True):
+            pairs = [(p, q)] + [(a.state[p][k], b.state[q][k]) for k in ("exp_avg", "exp_avg_sq")]
+            for x, y in pairs:
+                diff = (x.float() - y.float()).abs()
+                assert (diff <= y.float().abs() * 2**-7 + 1e-6).all(), step  # one bf16 rounding apart at most
+                assert (diff == 0).float().mean() > 0.99, step  # the same arithmetic: nearly every element equal
+    for r, q in zip(free, ref, strict=True):
+        diff = (r.float() - q.float()).abs()
+        # a few bf16 roundings of the parameter, plus 4 updates moved by a fraction of lr each
+        assert (diff <= q.float().abs() * 2**-5 + 4 * 1e-2 * 2**-4).all() and diff.mean() < 1e-4

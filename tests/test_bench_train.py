@@ -15,8 +15,8 @@ from hf_deepseek.evals.bench_train import (
     OURS,
     OURS_EAGER,
     OURS_FP8_ROWWISE_TRITON_QUANT,
-    OURS_FP8_TRITON_ADAMW,
-    OURS_TRITON_ADAMW,
+    OURS_FP8_TORCH_ADAMW,
+    OURS_TORCH_ADAMW,
     PEER,
     VARIANTS,
     active_matmul_parameters,
@@ -45,11 +45,12 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
         assert variants[name]["losses"][0] == pytest.approx(variants[OURS]["losses"][0], rel=0.002), name
         assert variants[name]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01), name
     # our AdamW computes torch's update: the same losses up to float32 rounding, for bf16 and FP8 steps
-    for name, same_step in ((OURS_TRITON_ADAMW, OURS), (OURS_FP8_TRITON_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT)):
+    for name, same_step in ((OURS_TORCH_ADAMW, OURS), (OURS_FP8_TORCH_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT)):
         assert variants[name]["losses"] == pytest.approx(variants[same_step]["losses"], rel=1e-4), name
         assert variants[name]["losses"][-1] < variants[name]["losses"][0]
     assert f"{OURS} / {PEER}" in results["ratios"]
-    assert f"{OURS_FP8_TRITON_ADAMW} / {OURS_TRITON_ADAMW}" in results["ratios"]
+    assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
+    assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]
     assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
 
 

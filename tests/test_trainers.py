@@ -406,3 +406,31 @@ def test_own_losses_run_inside_the_forward_that_ddp_wraps(tok, tmp_path):
     assert all(
         p.grad is not None and p.grad.norm() > 0 for n, p in model.named_parameters() if n in mtp_parameter_names(model)
     )
+
+
+def test_trainers_update_with_triton_adamw_where_torchs_adamw_would_run_on_cuda(tok, tmp_path, monkeypatch):
+    from hf_deepseek.kernels.adamw import TritonAdamW
+    from hf_deepseek.trainers import deepseek_losses
+
+    def optimizer_of(**args):
+        torch.manual_seed(0)
+        model = tiny_model(tok)
+        config = DeepSeekSFTConfig(output_dir=str(tmp_path), **{**FAST_ARGS, "max_steps": 2, **args})
+        trainer = DeepSeekSFTTrainer(model=model, args=config, train_dataset=addition_chats(16), processing_class=tok)
+        before = [p.detach().clone() for p in model.parameters()]
+        trainer.train()
+        moved = sum(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+        return trainer.optimizer.optimizer, moved  # inside accelerate's wrapper
+
+    torchs, moved = optimizer_of()  # on the CPU: torch's AdamW
+    assert type(torchs) is torch.optim.AdamW and moved > 0
+    # as on CUDA: transformers' AdamW arguments and parameter groups, our class, a working update
+    monkeypatch.setattr(deepseek_losses, "use_triton_adamw", lambda optim, device: optim == "adamw_torch_fused")
+    ours, moved = optimizer_of()
+    assert type(ours) is TritonAdamW and moved > 0
+    assert [(g["lr"], g["weight_decay"], g["betas"], g["eps"], len(g["params"])) for g in ours.param_groups] == [
+        (g["lr"], g["weight_decay"], g["betas"], g["eps"], len(g["params"])) for g in torchs.param_groups
+    ]
+    assert all(float(s["step"]) == 2 for s in ours.state.values())
+    kept, _ = optimizer_of(triton_adamw=False)  # turned off
+    assert type(kept) is torch.optim.AdamW

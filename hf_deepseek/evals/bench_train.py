@@ -2,8 +2,9 @@
 and of this project in FP8, on the same config and the same batches, one after the other in one run.
 
 Each variant builds its model from the same seed at the same shapes (no MTP layer, so every model computes the
-same next-token loss), trains `warmup_steps + steps` AdamW steps (torch's fused AdamW on CUDA; the `-triton-adamw`
-variants `kernels.adamw.TritonAdamW`; bf16 weights, as the peer figure in REFERENCE.md) and reports the median step
+same next-token loss), trains `warmup_steps + steps` AdamW steps (ours `kernels.adamw.TritonAdamW`, as the trainers on
+CUDA; transformers' and the `-torch-adamw` variants torch's fused AdamW; bf16 weights, as the peer figure in
+REFERENCE.md) and reports the median step
 time, tokens/s, model FLOPs utilisation, peak memory and the losses.
 The batches alternate between two, whose rows repeat short random token patterns, so the loss falls within a few
 steps and the FP8 run can be compared with the bf16 run at matched data (`mean_loss`: mean over all steps; the
@@ -56,10 +57,11 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
-# a variant name + TRITON_ADAMW: the same step with `kernels.adamw.TritonAdamW` in place of torch's fused AdamW
-TRITON_ADAMW = "-triton-adamw"
-OURS_TRITON_ADAMW, OURS_FP8_TRITON_ADAMW = OURS + TRITON_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT + TRITON_ADAMW
-VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TRITON_ADAMW, OURS_FP8_TRITON_ADAMW)
+# our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
+# same step with torch's fused AdamW (what transformers' variant uses)
+TORCH_ADAMW = "-torch-adamw"
+OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW = OURS + TORCH_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT + TORCH_ADAMW
+VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW)
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
 
@@ -173,7 +175,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choice of optimizer."""
-    return name.removesuffix(TRITON_ADAMW)
+    return name.removesuffix(TORCH_ADAMW)
 
 
 def compiled(name: str) -> bool:
@@ -238,12 +240,12 @@ def bench_variant(
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
         elif compiled(name) and device.type != "cuda":
             result.note = "not compiled off CUDA"
-        if name.endswith(TRITON_ADAMW):
+        if name == PEER or name.endswith(TORCH_ADAMW):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
+        else:
             from hf_deepseek.kernels.adamw import TritonAdamW
 
             optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
-        else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
         if device.type == "cuda":

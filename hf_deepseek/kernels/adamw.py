@@ -8,7 +8,10 @@ At the training bench's shapes (4.72B bf16 parameters, bf16 moments: 66 GB moved
 bandwidth; `benchmarks/adamw_bench.py` times both. The state keeps torch's layout (`step`, `exp_avg`, `exp_avg_sq`),
 so a state_dict loads into torch's AdamW and back. Off CUDA the same update runs in torch ops (`torch_update`, what
 the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, capturable, differentiable,
-a sparse gradient, a complex or non-contiguous parameter) take torch's own step for the whole optimizer.
+a sparse gradient, a complex, non-contiguous or DTensor parameter) take torch's own step for the whole optimizer.
+
+The trainers (`DeepSeekSFTTrainer`, `DeepSeekGRPOTrainer`) use it in place of torch's AdamW for a model on CUDA
+(`triton_adamw`, on by default; `use_triton_adamw`).
 """
 
 import math
@@ -30,6 +33,12 @@ def torch_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correc
     p.copy_(p32), m.copy_(m32), v.copy_(v32)
 
 
+def use_triton_adamw(optim: str, device: torch.device) -> bool:
+    """Whether a trainer asked for torch's AdamW (`optim` "adamw_torch" or "adamw_torch_fused", transformers'
+    default) takes `TritonAdamW` instead: for parameters on CUDA where Triton imports."""
+    return optim in ("adamw_torch", "adamw_torch_fused") and device.type == "cuda" and triton_available()
+
+
 def _update_function(device: torch.device):
     if device.type == "cuda" and triton_available():
         from ._adamw_triton import adamw_update
@@ -43,7 +52,8 @@ class TritonAdamW(torch.optim.AdamW):
     parameter on CUDA. Options the kernel lacks fall back to torch's step (see the module's docstring)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False):  # fmt: skip
+                 maximize=False, fused=None, foreach=None):  # fmt: skip
+        # fused / foreach: torch's choices of its own kernels (as transformers passes them), ignored here
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize)  # fmt: skip
 
@@ -58,6 +68,8 @@ class TritonAdamW(torch.optim.AdamW):
                 g = p.grad
                 if g is None:
                     continue
+                if type(p.data) is not torch.Tensor or type(g) is not torch.Tensor:
+                    return False  # DTensor (FSDP2) and other subclasses: torch's step knows them
                 if g.is_sparse or p.dtype not in KERNEL_DTYPES or g.dtype != p.dtype or g.shape != p.shape:
                     return False
                 if not (p.is_contiguous() and g.is_contiguous()):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from trl.trainer.utils import FusedCausalLMOutput
 
+from hf_deepseek.kernels.adamw import TritonAdamW, use_triton_adamw
 from hf_deepseek.modeling import DeepSeekForCausalLM
 from hf_deepseek.modeling.compile_regions import compile_for_training
 from hf_deepseek.trainers.balancing import RouterBiasBalancer
@@ -74,6 +75,14 @@ class DeepSeekTrainingFields:
             "fused norms, RoPE, router and SwiGLU; 1.3x on the H200 benchmark step (docs/PERF.md)."
         },
     )
+    triton_adamw: bool = field(
+        default=True,
+        metadata={
+            "help": "Where `optim` is torch's AdamW (the default) and the model is on CUDA, update with "
+            "`kernels.adamw.TritonAdamW`: the same AdamW in one Triton kernel per parameter, 1.29x torch's fused "
+            "AdamW at the training bench's 4.7B parameters (docs/PERF.md). False keeps torch's."
+        },
+    )
 
 
 @dataclass
@@ -116,6 +125,19 @@ class DeepSeekLossesMixin:
         self.add_callback(self.balancer)
         if self.args.nonfinite_action != "none":
             self.add_callback(NonFiniteGuard(self.args.nonfinite_action))
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None) -> tuple[Any, dict[str, Any]]:
+        """transformers' choice of optimizer, with `TritonAdamW` for torch's AdamW on CUDA (`triton_adamw`)."""
+        from transformers import Trainer
+
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        parameter = next(model.parameters(), None) if model is not None else None
+        optim = getattr(args.optim, "value", args.optim)
+        asked = getattr(args, "triton_adamw", False) and optimizer_cls is torch.optim.AdamW
+        if asked and parameter is not None and use_triton_adamw(optim, parameter.device):
+            return TritonAdamW, kwargs
+        return optimizer_cls, kwargs
 
     @property
     def deepseek_model(self) -> DeepSeekForCausalLM:
