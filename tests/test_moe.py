@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from hf_deepseek.modeling import moe
 from hf_deepseek.modeling.moe import DeepSeekMoE, RoutedExperts
 
 
@@ -91,6 +92,62 @@ def test_grouped_gemm_matches_the_loop_on_gpu():
 
     assert relative_error(grouped, loop) < 1e-2
     assert relative_error(grad_grouped, experts.gate_up_proj.grad) < 1e-2
+
+
+@pytest.mark.gpu
+def test_fp32_experts_under_cuda_autocast_take_the_grouped_gemm():
+    experts = RoutedExperts(tiny_config(hidden_size=128, moe_intermediate_size=64, n_routed_experts=16)).cuda()
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    x = torch.randn(256, 128, device="cuda")
+    indices = torch.randint(0, 16, (256, 2), device="cuda")
+    weights = torch.rand(256, 2, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert experts._grouped_gemm_ok(x)
+        grouped = experts(x, indices, weights)
+    experts._grouped_gemm_ok = lambda _: False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loop = experts(x, indices, weights)
+    assert grouped.dtype == torch.float32
+    assert ((grouped - loop).norm() / loop.norm()).item() < 1e-2
+
+
+def test_fp32_experts_under_bf16_autocast_take_the_grouped_gemm_in_bf16(monkeypatch):
+    """Mixed precision over fp32 weights (the Trainer's `bf16=True`): the grouped GEMM in bf16, as autocast runs the
+    per-expert loop's linear layers, instead of the loop with its host sync. Checked on the CPU (torch's grouped GEMM
+    runs there too) against the loop under the same autocast and against float64."""
+    monkeypatch.setattr(moe, "GROUPED_GEMM_DEVICES", ("cuda", "cpu"))
+    cfg = tiny_config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2)
+    experts = RoutedExperts(cfg)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(40, 64, requires_grad=True)
+    indices = torch.stack([torch.randperm(8)[:2] for _ in range(40)])
+    weights = torch.rand(40, 2)
+    assert not experts._grouped_gemm_ok(x)  # fp32 without autocast: the exact loop
+    runs = {}
+    for name in ("grouped", "loop"):
+        if name == "loop":
+            monkeypatch.setattr(experts, "_grouped_gemm_ok", lambda _: False)
+        experts.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert experts._grouped_gemm_ok(x) == (name == "grouped")
+            out = experts(x, indices, weights)
+        out.float().square().sum().backward()
+        runs[name] = (out.float(), x.grad.clone(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone())
+    assert out.dtype == torch.float32 and experts.gate_up_proj.grad.dtype == torch.float32
+    with torch.no_grad():
+        want = RoutedExperts(cfg).double()
+        want.load_state_dict(experts.state_dict())
+        reference = want(x.double(), indices, weights.double())
+
+    def relative_error(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert relative_error(runs["grouped"][0], reference) < 2e-2  # bf16 operands, fp32 sums
+    for got, loop in zip(runs["grouped"], runs["loop"], strict=True):
+        assert relative_error(got, loop) < 2e-2
 
 
 def test_routed_experts_gradients_match_a_float64_reference():

@@ -18,6 +18,14 @@ from ..kernels.moe_routing import count_per_expert
 from .layers import SwiGLUMLP
 from .moe_decode import decode_experts, routed_and_shared_experts
 
+GROUPED_GEMM_DEVICES = ("cuda",)  # where torch's grouped GEMM is fast (the CPU tests add "cpu" to check its numerics)
+
+
+def autocast_bf16(x: torch.Tensor) -> bool:
+    """Whether bf16 autocast is on for x's device (mixed precision over fp32 weights, as the Trainer's `bf16=True`)."""
+    kind = x.device.type
+    return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16
+
 
 class TopKRouter(nn.Module):
     """Scores experts in fp32 (sigmoid: V3; softmax: V2); the bias only picks experts, the gate weights come from
@@ -125,15 +133,23 @@ class RoutedExperts(nn.Module):
     def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
         """torch's grouped GEMM dispatches for bf16 on CUDA with 16-byte aligned rows; else the exact loop."""
         dims_ok = all(s % 8 == 0 for s in (*self.gate_up_proj.shape[1:], self.down_proj.shape[2]))
-        return hasattr(F, "grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and dims_ok
+        return (
+            hasattr(F, "grouped_mm")
+            and x.device.type in GROUPED_GEMM_DEVICES
+            and dims_ok
+            and (x.dtype == torch.bfloat16 or autocast_bf16(x))
+        )
 
     def _sorted_experts(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows [R, d] sorted by expert, `counts` [E] rows each -> each row through its expert [R, d]: the grouped
-        GEMM where it is fast (bf16 CUDA), else the per-expert loop."""
+        GEMM where it is fast (bf16 CUDA, or fp32 weights under bf16 autocast: in bf16, as autocast runs a linear
+        layer), else the per-expert loop."""
         if self._grouped_gemm_ok(x_sorted):
+            bf16 = torch.bfloat16  # autocast leaves grouped_mm alone: cast as it casts a linear layer's operands
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(x_sorted, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            return F.grouped_mm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2), offs=offs)
+            gate_up, down = self.gate_up_proj.to(bf16).transpose(1, 2), self.down_proj.to(bf16).transpose(1, 2)
+            gate, up = F.grouped_mm(x_sorted.to(bf16), gate_up, offs=offs).chunk(2, dim=-1)
+            return F.grouped_mm(self.act_fn(gate) * up, down, offs=offs)
         return self._loop_experts(x_sorted, counts)
 
     @torch.compiler.disable  # under torch.compile it runs eagerly: a graph break, but no graph specialised on counts
