@@ -2,23 +2,22 @@
 # Issue 17's device call: decode on one H200 in about 400 s of wall time. On the GPU machine, from the repo root,
 # with $OUT set and the FlashMLA wheel carried (carry [".whl/decode"]):
 #   bash benchmarks/decode_h200.sh
-# 1. the GPU tests of this work: the decode kernels launched with programmatic dependent launch in a CUDA graph
-#    (tests/test_moe_gemv.py), the device token loop of generate() with its hand-captured graphs
+# 1. the GPU tests of this work: the device token loop of generate() with its hand-captured graphs
 #    (tests/test_fast_generate.py), the replayed step (tests/test_bench_decode.py), FlashMLA's decode kernel against
 #    float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels of decode-sized batches,
-#    bf16 and FP8 weights (tests/test_moe_gemv.py), with the shared MLP folded in (tests/test_moe_shared_fold.py),
+#    bf16 and FP8 weights, also launched with programmatic dependent launch (tests/test_moe_gemv.py), with the shared MLP folded in (tests/test_moe_shared_fold.py),
 #    the fused router kernel against the torch router (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the
 #    benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations
 #    (`moe_gemv_tune.py --quick --fp8`: $OUT/fp8_tune.{txt,json}), the fastest at one token x top-6 set for the
 #    benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
-#    step, captured in a CUDA graph by hand and replayed, as generate() runs it), ours-fast-pdl (with programmatic
-#    dependent launch, 2k only), ours-generate (generate() with the device loop; at 32k its prompts are prefilled in
-#    chunks: peak memory and prefill time in the cell), transformers-generate (2k), then the FP8 rows (the bench
-#    runs them after every other row: they convert the model): ours-fast-fp8 (matrix-vector kernels at batch 1,
-#    expert-grouped kernels at 32), ours-fast-fp8-pdl and ours-generate-fp8 (2k); until MTP_S before the deadline
-#    (other rows, such as ours-fast-trees, the step in Inductor's CUDA graphs, through ROWS);
+#    step, captured in a CUDA graph by hand and replayed, as generate() runs it), ours-generate (generate() with the
+#    device loop; at 32k its prompts are prefilled in chunks: peak memory and prefill time in the cell),
+#    transformers-generate (2k), then the FP8 rows (the bench runs them after every other row: they convert the
+#    model): ours-fast-fp8 (matrix-vector kernels at batch 1, expert-grouped kernels at 32) and ours-generate-fp8
+#    (2k); until MTP_S before the deadline when the MTP bench runs (other rows through ROWS: ours-fast-pdl and
+#    ours-fast-fp8-pdl with programmatic dependent launch, ours-fast-trees, the step in Inductor's CUDA graphs);
 # 3. MTP speculative decoding on the embedded checkpoint (hf-deepseek-r1-add-sub, its MTP module trained with the
 #    final main model) and its own task's prompts (held-out sums: acceptance on what it was trained for; 128 new
 #    tokens per row in every timed call, eos off), ours-mtp: acceptance, ms per token against plain generate(),
@@ -28,7 +27,7 @@
 # before the bench, the dense layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick`, weights read
 # from HBM: $OUT/linear_tune.{txt,json}), the one with the least time over a step's dense layers set for the
 # *-alt-linear rows, bf16 and FP8 weights; ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in
-# 2.), PROFILE (cells whose steps get a kernel table, default ours-fast and ours-fast-pdl at 1 / 2k:
+# 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k:
 # $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md},
 # $OUT/mtp/bench_decode.{json,md}, $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
 START=$(date +%s)
@@ -50,7 +49,7 @@ fi
 say "$(python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())')"
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
-TESTS=${TESTS:-tests/test_moe_gemv.py::test_kernels_launched_with_pdl_give_the_same_results_in_a_cuda_graph tests/test_fast_generate.py tests/test_bench_decode.py::test_replayed_step_gives_the_compiled_steps_logits tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
+TESTS=${TESTS:-tests/test_fast_generate.py tests/test_bench_decode.py::test_replayed_step_gives_the_compiled_steps_logits tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
 timeout ${TEST_S:-100} python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $TESTS > $OUT/gpu_tests.txt 2>&1
 say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
 if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
@@ -83,10 +82,10 @@ print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev
   done
 fi
 
-ROWS=${ROWS:-ours-fast,ours-fast-pdl,ours-generate,transformers-generate,ours-fast-fp8,ours-fast-fp8-pdl,ours-generate-fp8}
+ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-fp8,ours-generate-fp8}
 ROW_CONTEXTS=${ROW_CONTEXTS:-ours-fast-pdl=2048;ours-generate=2048,32768;transformers-generate=2048;ours-fast-fp8-pdl=2048;ours-generate-fp8=2048;ours-fast-trees=2048;ours-fast-torch-attn=32768;transformers-compile=2048}
 ROW_BATCH_SIZES=${ROW_BATCH_SIZES:-ours-fast-trees=1;ours-fast-torch-attn=32}
-PROFILE=${PROFILE:-ours-fast:1:2048,ours-fast-pdl:1:2048}
+PROFILE=${PROFILE:-ours-fast:1:2048}
 MTP_RESERVE=$([ "${MTP:-1}" = 1 ] && echo ${MTP_S:-80} || echo 0)  # nothing kept back when the MTP bench is off
 MAIN_S=$(( $(left) - MTP_RESERVE ))
 timeout -s ABRT $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli bench decode --device cuda --batch-sizes 1,32 \

@@ -95,7 +95,9 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   tests/test_adamw.py::test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu \
   > $L/pytest.log 2>&1 &
 TESTS=$!
-RUN_S=$(( ($(left) - 35) / 3 ))
+RECIPES=$(echo "${COMPARE_ARGS:-}" | sed -n 's/.*--recipes[ =]\([^ ]*\).*/\1/p')
+RUNS=$(( 1 + $(echo "${RECIPES:-deepseek,rowwise}" | tr ',' '\n' | wc -l) ))  # bf16, then each FP8 recipe
+RUN_S=$(( ($(left) - 35) / RUNS ))
 if [ $RUN_S -ge 15 ]; then
   PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 15 )) $PY benchmarks/fp8_train_compare.py --shape bench \
     --steps 200 --max-seconds $RUN_S --json $OUT/fp8_train_compare.json --plot $OUT/fp8_vs_bf16_loss.png $DEV \
