@@ -61,3 +61,22 @@ def test_chunked_loss_scales_with_the_incoming_gradient():
     want_hidden_grad, want_weight_grad = torch.autograd.grad(3.0 * plain, [want_hidden, head.weight])
     torch.testing.assert_close(hidden.grad, want_hidden_grad)
     torch.testing.assert_close(head.weight.grad, want_weight_grad)
+
+
+def test_bf16_head_and_hidden_gradients_match_float64():
+    """bf16 operands over 8 chunks: each chunk's products rounded to bf16, the head's gradient summed over the chunks
+    in fp32 and returned in bf16, within bf16 rounding of the float64 gradients."""
+    torch.manual_seed(3)
+    head = torch.nn.Linear(64, 300, bias=False).bfloat16()
+    hidden = torch.randn(4, 64, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 300, (4, 64))
+    causal_lm_loss(hidden, head, labels, chunks=8).backward()
+    want_hidden = hidden.detach().double().requires_grad_(True)
+    weight = head.weight.detach().double().requires_grad_(True)
+    logits = want_hidden[:, :-1] @ weight.t()
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), labels[:, 1:].reshape(-1))
+    for got, want in zip(
+        (hidden.grad, head.weight.grad), torch.autograd.grad(plain, [want_hidden, weight]), strict=True
+    ):
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
