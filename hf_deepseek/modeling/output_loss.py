@@ -32,16 +32,21 @@ def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tenso
     return loss, grad.to(out_dtype)
 
 
-_compiled_chunk_terms = None
+def _scaled_to(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad * scale in the parameter's dtype (compiled: one pass over the head's 1 GiB fp32 gradient)."""
+    return (grad * scale).to(dtype)
 
 
-def _terms(logits, targets, scale):
-    global _compiled_chunk_terms
-    if logits.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_chunk_terms is None:
-            _compiled_chunk_terms = torch.compile(_chunk_terms, dynamic=False)
-        return _compiled_chunk_terms(logits, targets, scale)
-    return _chunk_terms(logits, targets, scale)
+_COMPILED: dict = {}
+
+
+def _on_cuda_compiled(fn, *args):
+    """fn(*args), through its own torch.compile on CUDA when not already inside a compiled region."""
+    if args[0].is_cuda and not torch.compiler.is_compiling():
+        if fn not in _COMPILED:
+            _COMPILED[fn] = torch.compile(fn, dynamic=False)
+        return _COMPILED[fn](*args)
+    return fn(*args)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -57,7 +62,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, size):
             h = hidden[start : start + size]
-            loss, grad_logits = _terms(h @ weight.t(), targets[start : start + size], scale)
+            loss, grad_logits = _on_cuda_compiled(_chunk_terms, h @ weight.t(), targets[start : start + size], scale)
             total = total + loss
             grad_hidden[start : start + size] = grad_logits @ weight
             partial = grad_logits.t() @ h
@@ -72,7 +77,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        grad_weight = _on_cuda_compiled(_scaled_to, grad_weight, grad_loss, ctx.weight_dtype)
         return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
