@@ -135,7 +135,8 @@ class DeepSeekLossesMixin:
         parameter = next(model.parameters(), None) if model is not None else None
         optim = getattr(args.optim, "value", args.optim)
         asked = getattr(args, "triton_adamw", False) and optimizer_cls is torch.optim.AdamW
-        if asked and parameter is not None and use_triton_adamw(optim, parameter.device):
+        plain = parameter is not None and type(parameter.data) is torch.Tensor  # not FSDP2's DTensor: torch's fused
+        if asked and plain and use_triton_adamw(optim, parameter.device):
             return TritonAdamW, kwargs
         return optimizer_cls, kwargs
 
