@@ -65,7 +65,7 @@ def test_chunked_loss_scales_with_the_incoming_gradient():
 
 def test_bf16_head_and_hidden_gradients_match_float64():
     """bf16 operands over 8 chunks: each chunk's products rounded to bf16, the head's gradient summed over the chunks
-    in fp32 and returned in bf16, within bf16 rounding of the float64 gradients."""
+    by the GEMMs in bf16 (fp32 sums inside each), within bf16 rounding of the float64 gradients."""
     torch.manual_seed(3)
     head = torch.nn.Linear(64, 300, bias=False).bfloat16()
     hidden = torch.randn(4, 64, 64, dtype=torch.bfloat16, requires_grad=True)

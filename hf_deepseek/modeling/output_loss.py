@@ -6,7 +6,9 @@ computes the logits, the loss terms and, since the loss is the last operation of
 hidden states and of the head's weight right away (softmax minus one-hot, times the head), then drops the
 logits. Backward only scales those saved gradients. The FLOPs are those of the unfused head; the memory is one
 chunk's logits. This is the fused linear cross-entropy of Liger-Kernel and torchtitan's chunked loss, in plain
-torch (Inductor fuses each chunk's elementwise work under `torch.compile`).
+torch (Inductor fuses each chunk's elementwise work under `torch.compile`). As in both, the head's gradient is summed
+over the chunks in the weight's dtype, here by the GEMMs themselves (addmm into the sum: fp32 sums inside each,
+rounded once a chunk), with no [vocabulary, hidden] product or fp32 copy per chunk.
 
 Used by `DeepSeekForCausalLM` in training mode when `model.fused_output_loss` is set
 (`enable_fused_output_loss(model)`); the output's `logits` is then None.
@@ -33,7 +35,7 @@ def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tenso
 
 
 def _scaled_to(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """grad * scale in the parameter's dtype (compiled: one pass over the head's 1 GiB fp32 gradient)."""
+    """grad * scale in the parameter's dtype, computed in fp32 (compiled on CUDA: one pass over the head's gradient)."""
     return (grad * scale).to(dtype)
 
 
@@ -58,18 +60,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         size = -(-rows // chunks)
         scale = 1.0 / denominator.float()
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = None  # fp32 sum of the chunks' products (each a [vocabulary, hidden] GEMM in the weight's dtype)
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, rows, size):
             h = hidden[start : start + size]
             loss, grad_logits = _on_cuda_compiled(_chunk_terms, h @ weight.t(), targets[start : start + size], scale)
             total = total + loss
             grad_hidden[start : start + size] = grad_logits @ weight
-            partial = grad_logits.t() @ h
             if grad_weight is None:
-                grad_weight = partial.float()
-            else:  # one pass (fp32 += bf16), no fp32 copy of the product first: 1 GiB less at 129k x 2048
-                grad_weight += partial
+                grad_weight = grad_logits.t() @ h
+            else:  # the GEMM adds into the sum itself (beta = 1): no product or fp32 copy of 129k x 2048 per chunk
+                grad_weight.addmm_(grad_logits.t(), h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total * scale
