@@ -81,6 +81,23 @@ def test_state_dict_moves_between_triton_adamw_and_torch_adamw():
     assert float(back.state[a[0]]["step"]) == 5
 
 
+def test_a_state_dict_of_torchs_fused_adamw_keeps_our_update(monkeypatch):
+    """A checkpoint of torch's fused AdamW (its groups say fused=True) loads, and steps go on through our update."""
+    from hf_deepseek.kernels import adamw
+
+    a = parameters(torch.float32)
+    saved = run(torch.optim.AdamW, a, 2, foreach=False).state_dict()
+    for group in saved["param_groups"]:
+        group["fused"] = True  # as torch's fused AdamW saves them (it runs on CUDA only)
+    ours = TritonAdamW(groups(a), betas=(0.8, 0.95), eps=1e-6)
+    ours.load_state_dict(copy.deepcopy(saved))
+    calls = []
+    monkeypatch.setattr(adamw, "torch_update", lambda *args: calls.append(args[0].shape))
+    set_gradients(a, 2)
+    ours.step()
+    assert calls == [p.shape for p in a]
+
+
 @pytest.mark.parametrize("option", ["amsgrad", "maximize"])
 def test_options_the_kernel_lacks_take_torchs_step(option):
     ours, ref = parameters(torch.float32), parameters(torch.float32)

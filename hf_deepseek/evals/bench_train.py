@@ -4,8 +4,7 @@ and of this project in FP8, on the same config and the same batches, one after t
 Each variant builds its model from the same seed at the same shapes (no MTP layer, so every model computes the
 same next-token loss), trains `warmup_steps + steps` AdamW steps (ours `kernels.adamw.TritonAdamW`, as the trainers on
 CUDA; transformers' and the `-torch-adamw` variants torch's fused AdamW; bf16 weights, as the peer figure in
-REFERENCE.md) and reports the median step
-time, tokens/s, model FLOPs utilisation, peak memory and the losses.
+REFERENCE.md) and reports the median step time, tokens/s, model FLOPs utilisation, peak memory and the losses.
 The batches alternate between two, whose rows repeat short random token patterns, so the loss falls within a few
 steps and the FP8 run can be compared with the bf16 run at matched data (`mean_loss`: mean over all steps; the
 per-step `losses` are kept too).

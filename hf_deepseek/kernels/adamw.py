@@ -52,15 +52,16 @@ class TritonAdamW(torch.optim.AdamW):
     parameter on CUDA. Options the kernel lacks fall back to torch's step (see the module's docstring)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, fused=None, foreach=None):  # fmt: skip
+                 maximize=False, capturable=False, differentiable=False, fused=None, foreach=None):  # fmt: skip
         # fused / foreach: torch's choices of its own kernels (as transformers passes them), ignored here
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         maximize=maximize)  # fmt: skip
+                         maximize=maximize, capturable=capturable, differentiable=differentiable)  # fmt: skip
 
     def _own_step_serves(self) -> bool:
         """Whether every parameter with a gradient can take this class's update."""
         for group in self.param_groups:
-            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable", "fused")):
+            # ("fused" / "foreach" from a loaded torch state_dict name torch's kernels: the same update here)
+            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
                 return False
             if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "cpu":
                 return False
