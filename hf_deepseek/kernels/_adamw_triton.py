@@ -2,6 +2,9 @@
 parameter, its gradient and both moments, each element read and written once, in fp32 arithmetic between loads and
 stores in the tensors' own dtypes, as torch's fused AdamW computes it."""
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -32,8 +35,10 @@ def _adamw_kernel(
 
 
 def adamw_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt) -> None:
-    """Launch the update of one parameter (every tensor contiguous, of p's shape)."""
+    """Launch the update of one parameter (every tensor contiguous, of p's shape), on p's GPU whichever is current
+    (a model spread over several GPUs by `device_map`)."""
     n = p.numel()
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-        p, g, m, v, n, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, BLOCK=BLOCK, num_warps=WARPS
-    )
+    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():  # CPU: Triton's interpreter
+        _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+            p, g, m, v, n, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, BLOCK=BLOCK, num_warps=WARPS
+        )
