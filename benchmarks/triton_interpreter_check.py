@@ -616,7 +616,7 @@ LINEAR_PAIR_CASES = [(1536, 576, 256), (100, 36, 320), (8, 8, 64)]  # (N1, N2, K
 
 def linear_pair_kernel() -> dict[str, bool]:
     """The pair kernel (`_moe_gemv_triton.launch_linear_pair`, the default linear configuration) against float64
-    and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU)."""
+    and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU), bf16 and FP8 weights."""
     results = {}
     with gpu_store_rounding():
         for n1, n2, k in LINEAR_PAIR_CASES:
@@ -627,6 +627,16 @@ def linear_pair_kernel() -> dict[str, bool]:
             error, drift = relative_error(got, want), relative_error(got, moe_gemv.linear_gemv_pair(x, first, second))
             print(f"  linear_pair [{n1}, {k}] + [{n2}, {k}]: error {error:.2e}, vs the op's torch path {drift:.2e}")
             results[f"[{n1}, {k}] + [{n2}, {k}]"] = error < 1e-2 and drift < 1e-3 and got.shape == (1, n1 + n2)
+            # FP8 layers (128x128 block scales, `linear_gemv_pair_fp8`): each half the FP8 layer's own kernel's
+            # result bit for bit, within FP8's tolerance of float64 with the dequantised weights
+            fp8 = [quantize_blocks(varied(n, k) / k**0.5) for n in (n1, n2)]
+            got = _moe_gemv_triton.launch_linear_pair(x, fp8[0][0], fp8[1][0], first_scale=fp8[0][1],
+                                                      second_scale=fp8[1][1])  # fmt: skip
+            own = torch.cat([_moe_gemv_triton.launch_linear_fp8(x, q, sc) for q, sc in fp8], dim=-1)
+            want = torch.cat([x.double() @ dequantize_blocks(q, sc).double().T for q, sc in fp8], dim=-1)
+            error, same = relative_error(got, want), torch.equal(got, own)
+            print(f"  linear_pair fp8 [{n1}, {k}] + [{n2}, {k}]: error {error:.2e}, its layers' own kernels' {same}")
+            results[f"fp8 [{n1}, {k}] + [{n2}, {k}]"] = error < 1e-2 and same
     return results
 
 

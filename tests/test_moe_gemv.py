@@ -211,6 +211,45 @@ def test_fp8_linear_kernel_matches_the_dequantised_weight():
     assert out.dtype == torch.bfloat16 and error < 1e-2, error
 
 
+def test_two_fp8_layers_of_one_input_take_one_pair_launch_with_each_layers_result(monkeypatch):
+    """MLA's q_a and kv_a as FP8 layers: `decode_linear.fused_pair` sends a decode row through
+    `linear_gemv_pair_fp8` (one launch on CUDA), each half what the layer's own weight-only launch gives."""
+    from hf_deepseek.modeling.decode_linear import fp8_decode_rows, fused_pair
+
+    first, second = fp8_linear_layer("cpu", 320, 200, seed=1), fp8_linear_layer("cpu", 320, 72, seed=2)
+    first.bias = second.bias = None
+    x = torch.randn(1, 1, 320).to(torch.bfloat16)
+    with torch.no_grad():
+        assert fused_pair(first, second, x) is None  # CUDA only
+        monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+        calls = []
+        original = moe_gemv.linear_gemv_pair_fp8
+        monkeypatch.setattr(moe_gemv, "linear_gemv_pair_fp8", lambda *a: calls.append(1) or original(*a))
+        one, two = fused_pair(first, second, x)
+        assert calls == [1] and one.shape == (1, 1, 200) and two.shape == (1, 1, 72)
+        assert torch.equal(one, first(x)) and torch.equal(two, second(x))
+        want = x.double() @ first.dequantized(torch.float64).weight.T
+        assert ((one.double() - want).norm() / want.norm()).item() < 1e-2
+        second.bias = torch.nn.Parameter(torch.zeros(72), False)
+        assert fp8_decode_rows(x, first, second) is None  # a bias: each layer its own launch
+        monkeypatch.setattr(moe_gemv, "FUSED_Q_KV_A", False)
+        second.bias = None
+        assert fused_pair(first, second, x) is None
+
+
+@pytest.mark.gpu
+def test_fp8_pair_kernel_gives_each_fp8_layers_own_kernel_result():
+    if not moe_gemv.fp8_kernels_available():
+        pytest.skip("needs FP8 conversions in Triton")
+    first, second = fp8_linear_layer("cuda", 2048, 1536, seed=1), fp8_linear_layer("cuda", 2048, 576, seed=2)
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        pair = moe_gemv.linear_gemv_pair_fp8(x, first.weight, first.weight_scale_inv, second.weight,
+                                             second.weight_scale_inv)  # fmt: skip
+        own = [moe_gemv.linear_gemv_fp8(x, m.weight, m.weight_scale_inv) for m in (first, second)]
+    assert torch.equal(pair, torch.cat(own, dim=-1))  # the same kernel code and configuration: the same sums
+
+
 def test_compiled_fp8_decode_through_the_weight_only_ops_is_the_dequantised_model(monkeypatch):
     """A model with FP8 weights decoding through the weight-only ops, compiled as one graph (the custom ops' fake
     kernels), gives the logits of the same model with its weights dequantised to float32, where its FP8 GEMMs

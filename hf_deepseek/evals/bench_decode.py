@@ -95,6 +95,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
     "ours-fast-fp8-pdl",
+    "ours-fast-fp8-separate-q-kv-a",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -334,9 +335,13 @@ STEP_ROWS = {
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fp8-pdl": Row("ours-fast-fp8-pdl", "latent", True, pdl=True),
+    "ours-fast-fp8-separate-q-kv-a": Row("ours-fast-fp8-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
 }
 # run last: the first converts our model in place
-FP8_ROWS = ("ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-generate-fp8")
+FP8_ROWS = (
+    "ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-fast-fp8-separate-q-kv-a",
+    "ours-generate-fp8",
+)  # fmt: skip
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)

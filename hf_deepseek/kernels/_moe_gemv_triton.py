@@ -213,10 +213,12 @@ def _down_kernel(
 @triton.jit
 def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                 PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):  # fmt: skip
+                 PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                 SCALED: tl.constexpr = False, s1_ptr=None, s2_ptr=None, G_K=1):  # fmt: skip
     """out[t, :N1] = w1 . x[t] and out[t, N1:] = w2 . x[t] (two linear layers of one input, [N1, K] and [N2, K])
-    for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's). PDL, LINES, LINE:
-    `_pdl_triton.pdl_start`'s."""
+    for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's). SCALED: FP8 weights with
+    their 128x128 block scales [ceil(N/128), G_K] (`_down_dot`'s, as an FP8 layer's own launch applies them). PDL,
+    LINES, LINE: `_pdl_triton.pdl_start`'s."""
     row = tl.program_id(0)
     first_blocks = tl.cdiv(N1, BLOCK_N)
     second = (tl.program_id(1) >= first_blocks).to(tl.int32)
@@ -226,11 +228,18 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
         w = w2_ptr
     else:
         w = w1_ptr
+    if SCALED:
+        if second == 1:  # noqa: SIM108
+            s = s2_ptr
+        else:
+            s = s1_ptr
+    else:
+        s = w
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
     pdl_start(w, K, n, n_ok, 0, K, PDL, LINES, LINE)
-    acc = _down_dot(x_ptr, row, w, K, w, 0, n, n0, n_ok, 0, K, rows, K, 1,
-                    False, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
+    acc = _down_dot(x_ptr, row, w, K, s, G_K, n, n0, n_ok, 0, K, rows, K, 1,
+                    SCALED, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -400,16 +409,23 @@ def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
     return act
 
 
-def launch_linear_pair(x, first, second, config=None) -> torch.Tensor:
+def launch_linear_pair(x, first, second, config=None, first_scale=None, second_scale=None) -> torch.Tensor:
     """x [T, K] -> [x @ first^T, x @ second^T] joined [T, N1 + N2] in x's dtype, first [N1, K] and second [N2, K]
-    bf16 (two linear layers of one input, such as MLA's q_a and kv_a projections, in one launch). `config` as
-    `launch_linear`'s (its split-K is not used)."""
-    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+    bf16, or FP8 with their 128x128 block scales `first_scale` and `second_scale` (two linear layers of one input,
+    such as MLA's q_a and kv_a projections, in one launch). `config` as `launch_linear`'s (its split-K is not
+    used; FP8: `LINEAR_FP8_CONFIG` by default, as each layer's own launch)."""
+    scaled = first_scale is not None
+    block_n, block_k, warps, _, stages = kernel_config(config, fp8=scaled, linear=True)
     rows, (n1, k), n2 = x.shape[0], first.shape, second.shape[0]
     x, first, second = x.contiguous(), first.contiguous(), second.contiguous()
     out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
+    scales = {}
+    if scaled:
+        _check_scaled_block(block_n)
+        scales = dict(SCALED=True, s1_ptr=first_scale.float().contiguous(), s2_ptr=second_scale.float().contiguous(),
+                      G_K=triton.cdiv(k, 128))  # fmt: skip
     _pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
-        x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+        x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, **scales,
         **launch_options(warps, stages), **pdl_arguments(x.device, k, first.element_size()),
     )  # fmt: skip
     return out

@@ -16,7 +16,8 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
 applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
-q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off); `norm_linear_gemv` an RMSNorm and the
+q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8` for FP8 ones);
+`norm_linear_gemv` an RMSNorm and the
 linear layer after it, MLA's q_a norm and q_b projection (opt-in, HF_DEEPSEEK_FUSED_NORM_LINEAR=1);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
@@ -331,6 +332,24 @@ def _(x, first, second):
     return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
 
 
+@torch.library.custom_op("hf_deepseek::linear_gemv_pair_fp8", mutates_args=())
+def linear_gemv_pair_fp8(
+    x: torch.Tensor, first: torch.Tensor, first_scale: torch.Tensor, second: torch.Tensor, second_scale: torch.Tensor
+) -> torch.Tensor:
+    """`linear_gemv_pair` for two FP8 linear layers [N1, K] and [N2, K] with their 128x128 block scales: each half
+    as `linear_gemv_fp8` computes it, in one launch of the pair kernel on CUDA."""
+    if not x.is_cuda:
+        return torch.cat([fp8_product(x, first, first_scale), fp8_product(x, second, second_scale)], dim=-1)
+    from ._moe_gemv_triton import launch_linear_pair
+
+    return launch_linear_pair(x, first, second, first_scale=first_scale, second_scale=second_scale)
+
+
+@linear_gemv_pair_fp8.register_fake
+def _(x, first, first_scale, second, second_scale):
+    return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm computed in fp32, as DeepSeek does, rounded to x's dtype, times the weight:
     `layers.RMSNorm`'s forward and the norm-prologue kernel's reference."""
@@ -464,6 +483,7 @@ __all__ = [
     "linear_gemv",
     "gate_up_gemv",
     "linear_gemv_pair",
+    "linear_gemv_pair_fp8",
     "norm_linear_gemv",
     "rms_norm",
     "usable_linear",

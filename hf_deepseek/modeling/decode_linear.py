@@ -72,14 +72,36 @@ def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
 
 
+def fp8_decode_rows(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
+    """x as rows [T, K] when `linears` are FP8 layers (`fp8.FP8InferenceLinear`: FP8 weight, its block scales,
+    weight-only decode) without bias over x's width whose few decode rows `moe_gemv.linear_gemv_fp8` serves; else
+    None."""
+    first = linears[0]
+    for m in linears:
+        recipe = getattr(m, "fp8_recipe", None)
+        if getattr(m, "weight_scale_inv", None) is None or recipe is None or not recipe.weight_only_decode:
+            return None
+        if m.bias is not None or m.in_features != first.in_features or m.weight.dtype != torch.float8_e4m3fn:
+            return None
+    rows = x.reshape(-1, first.in_features)
+    return rows if moe_gemv.usable_linear_fp8(rows, first.weight) else None
+
+
 def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` when `moe_gemv.FUSED_Q_KV_A` (the
-    default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off) and `single_decode_row` serves both; None otherwise (the caller
-    applies them as before)."""
-    rows = single_decode_row(x, first, second) if moe_gemv.FUSED_Q_KV_A else None
-    if rows is None:
+    """(first(x), second(x)) through one launch of `moe_gemv.linear_gemv_pair` (bf16 layers, `single_decode_row`)
+    or `moe_gemv.linear_gemv_pair_fp8` (FP8 layers, `fp8_decode_rows`) when `moe_gemv.FUSED_Q_KV_A` (the default;
+    HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off); None otherwise (the caller applies them as before)."""
+    if not moe_gemv.FUSED_Q_KV_A:
         return None
-    out = moe_gemv.linear_gemv_pair(rows, first.weight, second.weight)
+    rows = single_decode_row(x, first, second)
+    if rows is not None:
+        out = moe_gemv.linear_gemv_pair(rows, first.weight, second.weight)
+    elif (rows := fp8_decode_rows(x, first, second)) is not None:
+        out = moe_gemv.linear_gemv_pair_fp8(
+            rows, first.weight, first.weight_scale_inv, second.weight, second.weight_scale_inv
+        )
+    else:
+        return None
     one, two = out.split([first.out_features, second.out_features], dim=-1)
     return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
 
@@ -100,6 +122,7 @@ __all__ = [
     "DecodeLinear",
     "fused_gate_up",
     "fused_norm_linear",
+    "fp8_decode_rows",
     "fused_pair",
     "single_decode_row",
     "use_decode_linears",
