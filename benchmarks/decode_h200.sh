@@ -5,9 +5,9 @@
 # 1. the GPU tests of this work: the device token loop of generate() with its hand-captured graphs
 #    (tests/test_fast_generate.py), the replayed step (tests/test_bench_decode.py), FlashMLA's decode kernel against
 #    float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels of decode-sized batches,
-#    bf16 and FP8 weights, also launched with programmatic dependent launch (tests/test_moe_gemv.py), with the shared MLP folded in (tests/test_moe_shared_fold.py),
-#    the fused router kernel against the torch router (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the
-#    benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations
+#    bf16 and FP8 weights, also launched with programmatic dependent launch (tests/test_moe_gemv.py), with the shared
+#    MLP folded in (tests/test_moe_shared_fold.py), the fused router kernel against the torch router
+#    (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations
 #    (`moe_gemv_tune.py --quick --fp8`: $OUT/fp8_tune.{txt,json}), the fastest at one token x top-6 set for the
 #    benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut

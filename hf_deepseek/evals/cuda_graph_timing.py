@@ -12,15 +12,12 @@ from hf_deepseek.generation.step_graphs import StepGraphs, warm_up
 def graph_time_us(fn: Callable[[], object], calls: int = 20, replays: int = 10, warmup: int = 3) -> float:
     """Microseconds per call of `fn` (CUDA), over `replays` replays of a graph of `calls` calls."""
     warm_up(lambda: [fn() for _ in range(warmup)])
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
+    graphs = StepGraphs(fn, (calls,), key=None)
+    graphs.replay(calls)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(replays):
-        graph.replay()
+        graphs.replay(calls)
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1000 / (calls * replays)
