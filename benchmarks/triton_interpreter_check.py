@@ -6,8 +6,9 @@ float64 product with the dequantised weights, next to the bf16 kernel's own erro
 expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
 the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), the rows kernel of the dense
 layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-head absorbed products
-(`kernels/_head_matmul_triton.py`), the kernel of two linear layers of one input (`_moe_gemv_triton._pair_kernel`)
-and the one of an RMSNorm in the launch of the linear layer after it (`_moe_gemv_triton._norm_gemv_kernel`).
+(`kernels/_head_matmul_triton.py`), a decode step's MLA front (`kernels/_mla_front_triton.py`), the kernel of two
+linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
+layer after it (`_moe_gemv_triton._norm_gemv_kernel`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -606,6 +607,70 @@ def head_matmul_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- a decode step's MLA front in one launch (`_mla_front_triton._front_kernel`) -----------------------------------
+# A separate section: `mla_front_kernel()`, which the main block runs, prints, saves ("mla_front") and counts in the
+# exit status: the joined query within 1e-2 of float64 (bf16; 1e-5 in fp32) and 1e-3 of the op's torch path, the
+# cache entry likewise at the length and nowhere else, the length counted; both RoPE layouts, the broadcast product
+# (up to 8 rows) and tl.dot (16 rows a program, a partial block), a kv_a that is a strided slice of a wider output.
+
+MLA_FRONT_CASES = [(1, 16, 128, 512, 64, True), (3, 4, 64, 40, 16, False), (20, 3, 128, 96, 32, True)]
+# (rows, H, nope, r, rope, interleaved)
+
+
+def float64_front(q, kv_a, cos, sin, norm_weight, eps, w_uk, interleaved):
+    """The joined query and the cache entry in float64, as the eager model computes them (`apply_rope`, RMSNorm)."""
+    from hf_deepseek.modeling.attention import apply_rope
+
+    nope, rank = w_uk.shape[1], w_uk.shape[2]
+    q, kv_a, cos, sin = q.double(), kv_a.double(), cos.double(), sin.double()
+    q_latent = torch.einsum("bhk,hkr->bhr", q[..., :nope], w_uk.double())
+    q_rope = apply_rope(q[:, :, None, nope:], cos[:, None], sin[:, None], interleaved)[:, :, 0]
+    latent = kv_a[:, :rank]
+    normed = latent * torch.rsqrt(latent.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    k_rope = apply_rope(kv_a[:, None, None, rank:], cos[:, None], sin[:, None], interleaved)[:, 0, 0]
+    return torch.cat([q_latent, q_rope], -1), torch.cat([normed, k_rope], -1)
+
+
+def mla_front_kernel() -> dict[str, bool]:
+    """The front kernel (`_mla_front_triton.launch`) against float64 and the op's torch path (`mla_front.reference`)."""
+    from hf_deepseek.kernels import _mla_front_triton, mla_front
+
+    results = {}
+    with bf16_dot(), gpu_store_rounding():
+        for rows, heads, nope, rank, rope, interleaved in MLA_FRONT_CASES:
+            for dtype in (torch.bfloat16, torch.float32):
+                torch.manual_seed(rows * heads + rank)
+                q = torch.randn(rows, heads, nope + rope).to(dtype)
+                kv_a = torch.randn(rows, 7 + rank + rope).to(dtype)[:, 7:]  # a slice of a wider output
+                angles = torch.rand(rows, rope // 2) * 6
+                cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+                norm_weight = (1 + torch.randn(rank) / 4).to(dtype)
+                w_uk = (torch.randn(heads, nope + 48, rank) * nope**-0.5).to(dtype)[:, :nope]  # kv_b's view
+                length = 5
+                caches = [torch.zeros(rows, 12, rank + rope, dtype=dtype) for _ in range(2)]
+                lengths = [torch.tensor(length) for _ in range(2)]
+                got = _mla_front_triton.launch(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[0], lengths[0],
+                                               interleaved)  # fmt: skip
+                ref = mla_front.reference(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[1], lengths[1],
+                                          interleaved)  # fmt: skip
+                want_q, want_entry = float64_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, interleaved)
+                entry = caches[0][:, length]
+                others = torch.cat([caches[0][:, :length], caches[0][:, length + 1 :]], 1)
+                q_error, entry_error = relative_error(got, want_q), relative_error(entry, want_entry)
+                drift = max(relative_error(got, ref), relative_error(entry, caches[1][:, length]))
+                name = f"{str(dtype)[6:]} {rows} rows x {heads} heads, nope {nope}, r {rank}, rope {rope}" + (
+                    " interleaved" if interleaved else " halves"
+                )
+                errors = f"query error {q_error:.2e}, entry {entry_error:.2e}, vs torch path {drift:.2e}"
+                print(f"  mla_front {name}: {errors}")
+                bound = 1e-5 if dtype == torch.float32 else 1e-2
+                results[name] = (
+                    q_error < bound and entry_error < bound and drift < (1e-6 if dtype == torch.float32 else 1e-3)
+                    and got.dtype == dtype and not others.any() and int(lengths[0]) == length + 1
+                )  # fmt: skip
+    return results
+
+
 # ---- two linear layers of one input in one launch (`_moe_gemv_triton._pair_kernel`, MLA's q_a and kv_a) -------------
 # A separate section: `linear_pair_kernel()`, which the main block runs, prints, saves ("linear_pair") and counts in
 # the exit status: bf16, stored with the GPU's rounding, within 1e-2 of float64 and 1e-3 of the op's torch path;
@@ -795,6 +860,7 @@ if __name__ == "__main__":
     grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section
     rows = linear_rows_kernel()  # the linear layers' decode rows section
     heads = head_matmul_kernel()  # decode attention's absorbed products section
+    front = mla_front_kernel()  # a decode step's MLA front section
     pair = linear_pair_kernel()  # two linear layers of one input section
     norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
@@ -817,6 +883,7 @@ if __name__ == "__main__":
             record["moe_grouped_gemv"] = grouped
             record["linear_rows"] = rows
             record["head_matmul"] = heads
+            record["mla_front"] = front
             record["linear_pair"] = pair
             record["norm_linear"] = norm
             record["shared_pairs"] = shared_pairs
@@ -826,6 +893,7 @@ if __name__ == "__main__":
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
     print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
     print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
+    print(f"mla_front kernel: {sum(front.values())}/{len(front)} within tolerance")
     print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
@@ -839,6 +907,7 @@ if __name__ == "__main__":
         and all(grouped.values())
         and all(rows.values())
         and all(heads.values())
+        and all(front.values())
         and all(pair.values())
         and all(norm.values())
         and all(shared_pairs.values())

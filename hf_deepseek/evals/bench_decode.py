@@ -53,6 +53,7 @@ from hf_deepseek.kernels import (
     head_matmul,
     linear_rows,
     mla_decode_triton,
+    mla_front,
     moe_gemv,
     moe_gemv_config,
     moe_grouped_gemv,
@@ -90,12 +91,14 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate-tf-loop",
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
+    "ours-fast-mla-front",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
     "ours-fast-fp8-alt-linear",
     "ours-fast-fp8-pdl",
     "ours-fast-fp8-separate-q-kv-a",
+    "ours-fast-fp8-mla-front",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -287,6 +290,7 @@ class Row:
     # launches) during the row (None: the environment's)
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
     fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
+    mla_front: bool = False  # mla_front.ENABLED on (kv norm, RoPE, cache write and W_UK of a step in one launch)
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -330,17 +334,19 @@ STEP_ROWS = {
     ),
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
+    "ours-fast-mla-front": Row("ours-fast-mla-front", "latent", True, mla_front=True),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fp8-pdl": Row("ours-fast-fp8-pdl", "latent", True, pdl=True),
     "ours-fast-fp8-separate-q-kv-a": Row("ours-fast-fp8-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
+    "ours-fast-fp8-mla-front": Row("ours-fast-fp8-mla-front", "latent", True, mla_front=True),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
     "ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-fast-fp8-separate-q-kv-a",
-    "ours-generate-fp8",
+    "ours-fast-fp8-mla-front", "ours-generate-fp8",
 )  # fmt: skip
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
@@ -388,6 +394,7 @@ def row_switches(row: Row):
         (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
         (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),
+        (mla_front, "ENABLED", row.mla_front or mla_front.ENABLED),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

@@ -21,7 +21,7 @@ from ..configuration import DeepSeekConfig
 from .decode_linear import fused_norm_linear, fused_pair
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
-from .mla_decode import latent_cache_attention
+from .mla_decode import front_cache_attention, latent_cache_attention
 
 
 class RotaryEmbedding(nn.Module):
@@ -143,6 +143,10 @@ class MultiHeadLatentAttention(nn.Module):
         if self.q_lora_rank is not None:  # the norm in q_b's launch at decode where `fused_norm_linear` serves
             fused = fused_norm_linear(self.q_a_layernorm, self.q_b_proj, q)
             q = fused if fused is not None else self.q_b_proj(self.q_a_layernorm(q))
+        if isinstance(cache, LatentStaticCache):  # a decode step's kv norm, RoPE and cache write in one launch
+            out = front_cache_attention(self, q, kv_a, position_embeddings, cache)
+            if out is not None:
+                return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim)), None
         q = q.view(bsz, q_len, self.num_heads, self.qk_head_dim).transpose(1, 2)  # [B, H, T, nope+rope]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
 

@@ -10,14 +10,15 @@ One query token per row over a cache without padding goes through a split-KV ker
 its length: by default (HF_DEEPSEEK_DECODE_ATTENTION=auto) a Triton one (`kernels/mla_decode_triton.py`) for up to 8
 rows and FlashMLA's (`kernels/flash_mla_decode.py`, where it is installed) for more. With
 HF_DEEPSEEK_HEAD_MATMUL=1 the W_UK and W_UV products of up to 64 query rows take a per-head Triton kernel
-(`kernels/head_matmul.py`) instead of cuBLAS's batched matmul.
+(`kernels/head_matmul.py`) instead of cuBLAS's batched matmul; with HF_DEEPSEEK_MLA_FRONT=1 a decode step's kv norm,
+RoPE, cache write and W_UK product take one launch before either kernel (`front_cache_attention`).
 """
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
-from ..kernels import mla_decode_triton
+from ..kernels import mla_decode_triton, mla_front
 from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
 from ..kernels.head_matmul import absorb_query, values_from_latent
 from ..kernels.mla_decode_triton import triton_latent_attention
@@ -46,33 +47,64 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
 
 
-def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache) -> torch.Tensor:
-    """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py`. The first
+def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStaticCache) -> torch.Tensor | None:
+    """A decode step's attention from q_b's output q [B, 1, H * (nope + rope)] and kv_a's [B, 1, r + rope] where
+    `kernels/mla_front.py` serves (one token per row over an unpadded cache that FlashMLA's or the Triton kernel
+    reads): the new token written to `cache` and the joined query made in one launch -> [B, 1, H, v]; else None."""
+    layer = cache.layers[attn.layer_idx]
+    bsz, q_len = q.shape[:2]
+    if q_len != 1 or not cache.unpadded or not layer.is_initialized or not (layer.flash_mla or layer.triton_attention):
+        return None
+    if not mla_front.usable(q, kv_a, layer.storage):
+        return None
+    cos, sin = position_embeddings  # [B, 1, rope / 2]
+    w_uk, _ = attn.absorbed_weights()
+    norm = attn.kv_a_layernorm
+    query = mla_front.mla_decode_front(
+        q.view(bsz, attn.num_heads, attn.qk_head_dim), kv_a.view(bsz, -1), cos[:, 0], sin[:, 0], norm.weight,
+        norm.eps, w_uk, layer.storage, layer.cumulative_length, attn.config.rope_interleave,
+    ).unsqueeze(2)  # fmt: skip
+    if layer.flash_mla:
+        return flash_cache_attention(attn, None, None, layer.storage, layer.cumulative_length, cache, query)
+    return triton_cache_attention(attn, None, None, layer.buffer(), layer.cumulative_length, query)
+
+
+def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache, query=None) -> torch.Tensor:
+    """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py` (`query`: the
+    joined query [B, H, 1, r + rope] already made, q_nope and q_rope unused). The first
     layer of a forward computes FlashMLA's split-KV schedule and leaves it on the cache for the other main layers,
     whose caches hold as many tokens (the MTP layers', which may hold fewer, compute their own)."""
     w_uk, w_uv = attn.absorbed_weights()
-    query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
+    if query is None:
+        query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
+    heads = query.shape[1]
     main_layers = attn.config.num_hidden_layers
     if attn.layer_idx == 0 or attn.layer_idx >= main_layers or cache.flash_schedule is None:
-        schedule = flash_mla_schedule(row_lengths(length, storage.shape[0]), q_nope.shape[1])
+        schedule = flash_mla_schedule(row_lengths(length, storage.shape[0]), heads)
         if attn.layer_idx < main_layers:
             cache.flash_schedule = schedule
     else:
         schedule = cache.flash_schedule
-    out_latent = flash_latent_attention(query, storage, length, attn.scaling, schedule).to(q_nope.dtype)
+    out_latent = flash_latent_attention(query, storage, length, attn.scaling, schedule).to(query.dtype)
     return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
-def triton_cache_attention(attn, q_nope, q_rope, buffer, length) -> torch.Tensor:
+def triton_cache_attention(attn, q_nope, q_rope, buffer, length, query=None) -> torch.Tensor:
     """`absorbed_cache_attention` for one query token per row through `kernels/mla_decode_triton.py` (with
-    `mla_decode_triton.FUSED`: the roped query read apart and W_UV applied by the kernels themselves)."""
+    `mla_decode_triton.FUSED`: the roped query read apart and W_UV applied by the kernels themselves; `query`: the
+    joined query [B, H, 1, r + rope] already made, q_nope and q_rope unused)."""
     w_uk, w_uv = attn.absorbed_weights()
+    rank = attn.kv_lora_rank
     if mla_decode_triton.FUSED:
-        q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
-        out = triton_latent_attention(q_latent, buffer, length, attn.scaling, attn.kv_lora_rank, q_rope, w_uv)
-        return out.to(q_nope.dtype).transpose(1, 2)  # [B, 1, H, v]
-    query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
-    out_latent = triton_latent_attention(query, buffer, length, attn.scaling, attn.kv_lora_rank).to(q_nope.dtype)
+        if query is None:
+            q_latent, q_rope = absorb_query(q_nope, w_uk), q_rope  # [B, H, 1, r]
+        else:
+            q_latent, q_rope = query[..., :rank], query[..., rank:]
+        out = triton_latent_attention(q_latent, buffer, length, attn.scaling, rank, q_rope, w_uv)
+        return out.to(q_latent.dtype).transpose(1, 2)  # [B, 1, H, v]
+    if query is None:
+        query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
+    out_latent = triton_latent_attention(query, buffer, length, attn.scaling, rank).to(query.dtype)
     return values_from_latent(out_latent, w_uv)  # [B, 1, H, v]
 
 
@@ -127,4 +159,4 @@ def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor, sta
     return scores.masked_fill(~keep, lowest)
 
 
-__all__ = ["latent_cache_attention", "absorbed_cache_attention"]
+__all__ = ["absorbed_cache_attention", "front_cache_attention", "latent_cache_attention"]

@@ -1,0 +1,134 @@
+"""The Triton kernel of `mla_front.py` (imported only where Triton and CUDA exist): everything a decode step's MLA
+does between its projections and the attention over the latent cache, in one launch.
+
+Programs (block of BLOCK_N latent outputs, head, block of BLOCK_T rows) fold the query's nope part through the
+head's W_UK (`_moe_grouped_gemv_triton._tile_product`, fp32 sums rounded once) and the first block of outputs also
+writes the head's roped query after them: the joined query [B, H, r + rope] the attention kernels read. One more
+program (one block past the outputs, head 0, first rows; the rest of that column exits) writes every row's new cache
+entry, the kv latent through its RMSNorm followed by the roped key, at the cache's length, and then counts the token
+(length + 1): the only program that reads or writes the length, so no other program can see it change. The
+attention kernels launch after this one and read the entry from the cache.
+
+RoPE takes each rotated pair (x1, x2) at (2i, 2i+1) when INTERLEAVED (DeepSeek's weights) or (i, i + rope/2), and
+writes [x1 cos - x2 sin | x2 cos + x1 sin], as `attention.apply_rope`; the norm rounds to kv_a's dtype before the
+weight multiplies it, as `moe_gemv.rms_norm`. Arithmetic in fp32, each result rounded once to its output's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._moe_grouped_gemv_triton import _tile_product
+
+TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
+BROADCAST_ELEMENTS = 8192  # BLOCK_T * BLOCK_N * BLOCK_K of a broadcast product: ~64 fp32 registers a thread at 4 warps
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, HALF, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """The rotated halves (fp32, [BLOCK_HALF] each, zero past HALF) of the rope values at x_ptr, one row's cos/sin
+    at cos_ptr / sin_ptr."""
+    i = tl.arange(0, BLOCK_HALF)
+    ok = i < HALF
+    first = 2 * i if INTERLEAVED else i
+    second = 2 * i + 1 if INTERLEAVED else i + HALF
+    x1 = tl.load(x_ptr + first, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + second, mask=ok, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _front_kernel(
+    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, out_ptr,
+    B, H, NOPE, R, HALF, eps,
+    stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
+    stride_cacheb, stride_cachet,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_n, head, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if pid_n == tl.num_programs(0) - 1:  # the cache writer
+        if head == 0 and pid_t == 0:
+            pos = tl.load(len_ptr)
+            d = tl.arange(0, BLOCK_R)
+            d_ok = d < R
+            w = tl.load(norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+            i = tl.arange(0, BLOCK_HALF)
+            for b in range(B):
+                kv_row = kv_ptr + b * stride_kvb
+                x_in = tl.load(kv_row + d, mask=d_ok, other=0.0)
+                x = x_in.to(tl.float32)
+                normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / R + eps)).to(x_in.dtype).to(tl.float32)
+                entry = cache_ptr + b * stride_cacheb + pos * stride_cachet
+                tl.store(entry + d, (w * normed).to(cache_ptr.dtype.element_ty), mask=d_ok)
+                k1, k2 = _rope(kv_row + R, cos_ptr + b * stride_cb, sin_ptr + b * stride_sb, HALF, BLOCK_HALF,
+                               INTERLEAVED)  # fmt: skip
+                tl.store(entry + R + i, k1.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+                tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+            tl.store(len_ptr, pos + 1)
+    else:
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        t_ok, n_ok = t < B, n < R
+        q_rows = q_ptr + t[:, None] * stride_qb + head * stride_qh
+        w_cols = wuk_ptr + head * stride_wh + n[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, NOPE, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < NOPE
+            a = tl.load(q_rows + k[None, :], mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_cols + k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += _tile_product(a, w, wuk_ptr, False, BLOCK_T >= 16, PRECISION)
+        out_rows = out_ptr + t[:, None] * stride_ob + head * stride_oh
+        tl.store(out_rows + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=t_ok[:, None] & n_ok[None, :])
+        if pid_n == 0:  # the roped query after the latent part
+            i = tl.arange(0, BLOCK_HALF)
+            for j in range(BLOCK_T):
+                b = pid_t * BLOCK_T + j
+                if b < B:
+                    q1, q2 = _rope(q_ptr + b * stride_qb + head * stride_qh + NOPE, cos_ptr + b * stride_cb,
+                                   sin_ptr + b * stride_sb, HALF, BLOCK_HALF, INTERLEAVED)  # fmt: skip
+                    row = out_ptr + b * stride_ob + head * stride_oh + R
+                    tl.store(row + i, q1.to(out_ptr.dtype.element_ty), mask=i < HALF)
+                    tl.store(row + HALF + i, q2.to(out_ptr.dtype.element_ty), mask=i < HALF)
+
+
+def plan(rows: int, heads: int, latent: int, nope: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_N, BLOCK_K) of the W_UK programs: 16 rows a program (tensor cores) from 9 rows on, else the
+    rows rounded up to a power of two; BLOCK_N between 16 and 128 for about `TARGET_PROGRAMS` programs; BLOCK_K up to
+    128 (a broadcast product within `BROADCAST_ELEMENTS`), as `_head_matmul_triton.plan`."""
+    block_t = 16 if rows > 8 else triton.next_power_of_2(rows)
+    blocks = heads * triton.cdiv(rows, block_t)
+    block_n = min(128, max(16, triton.next_power_of_2(triton.cdiv(latent * blocks, TARGET_PROGRAMS))))
+    if triton.cdiv(latent, block_n) * blocks < TARGET_PROGRAMS // 2:  # too few programs: split the outputs finer
+        block_n = max(16, block_n // 2)
+    block_k = min(128, max(16, triton.next_power_of_2(nope)))
+    if block_t < 16:
+        block_k = min(block_k, max(16, BROADCAST_ELEMENTS // (block_t * block_n)))
+    return block_t, block_n, block_k
+
+
+def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool) -> torch.Tensor:
+    """q [B, H, nope + rope] and kv_a [B, r + rope] (last dimensions contiguous), cos / sin [B, rope / 2], the kv
+    norm's weight [r], W_UK [H, nope, r] (any strides), storage [B, L, r + rope] (last dimension contiguous), length
+    (one element, int32 or int64) -> the joined query [B, H, r + rope] in q's dtype; storage and length are written
+    as `mla_front.reference` writes them."""
+    batch, heads, width = q.shape
+    nope, latent = w_uk.shape[1], w_uk.shape[2]
+    rope = width - nope
+    out = torch.empty(batch, heads, latent + rope, device=q.device, dtype=q.dtype)
+    block_t, block_n, block_k = plan(batch, heads, latent, nope)
+    w_uk = w_uk.to(q.dtype)
+    grid = (triton.cdiv(latent, block_n) + 1, heads, triton.cdiv(batch, block_t))
+    _front_kernel[grid](
+        q, kv_a, cos, sin, norm_weight, w_uk, storage, length, out,
+        batch, heads, nope, latent, rope // 2, eps,
+        q.stride(0), q.stride(1), kv_a.stride(0), cos.stride(0), sin.stride(0), w_uk.stride(0), w_uk.stride(1),
+        w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=triton.next_power_of_2(latent),
+        BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
+        PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4,
+    )  # fmt: skip
+    return out

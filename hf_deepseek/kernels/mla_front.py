@@ -1,0 +1,78 @@
+"""A decode step's MLA front in one launch (HF_DEEPSEEK_MLA_FRONT=1; bench row `ours-fast-mla-front`): from the
+query projection's and kv_a's outputs to the joined query the latent-cache attention kernels read, with the new
+token's cache entry written on the way.
+
+Without it, the eager ops between kv_a / q_b and the attention kernel compile to seven launches a layer on an H100
+at batch 1 (the roped query, W_UK's batched matmul, the join, the kv norm, the roped key, the cache write and the
+length's increment: 11.6 us of kernels a layer plus their gaps, `docs/decode-h100/profile_ours-fast_b1_c2048_*`),
+each reading a few KB. `mla_decode_front` is a custom op that writes the cache storage and its length (one node
+under torch.compile, captured by CUDA graphs): the kernel (`_mla_front_triton.py`) on CUDA, the same computation in
+torch elsewhere (`reference`, what the CPU tests run).
+"""
+
+import os
+
+import torch
+
+from .moe_gemv import rms_norm, triton_available
+
+ENABLED = os.environ.get("HF_DEEPSEEK_MLA_FRONT", "0") == "1"
+
+
+def usable(q: torch.Tensor, kv_a: torch.Tensor, storage: torch.Tensor) -> bool:
+    """Whether the kernel serves these tensors (set-up time checks): switched on, CUDA with Triton, bf16 or fp16."""
+    half = (torch.bfloat16, torch.float16)
+    dtypes_ok = q.dtype in half and kv_a.dtype in half and storage.dtype in half
+    return ENABLED and q.is_cuda and triton_available() and dtypes_ok
+
+
+def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x [..., rope] rotated by cos / sin [..., rope / 2] (broadcast over x's middle dimensions) in fp32, laid out
+    [x1 cos - x2 sin | x2 cos + x1 sin]: `attention.apply_rope` with one rounding, in x's dtype."""
+    x32, cos, sin = x.float(), cos.float(), sin.float()
+    x1, x2 = (x32[..., 0::2], x32[..., 1::2]) if interleaved else x32.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def reference(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool) -> torch.Tensor:
+    """The kernel's computation in torch: q [B, H, nope + rope], kv_a [B, r + rope], cos / sin [B, rope / 2], the kv
+    norm's weight [r], W_UK [H, nope, r], storage [B, L, r + rope], length (one element) -> the joined query
+    [B, H, r + rope] (q's nope part through W_UK, fp32 sums rounded once; its roped part after it). Writes
+    [RMSNorm(latent) | roped key] at position `length` of every row of storage, then adds 1 to length."""
+    nope, latent = w_uk.shape[1], w_uk.shape[2]
+    q_latent = torch.einsum("bhk,hkr->bhr", q[..., :nope].float(), w_uk.float()).to(q.dtype)
+    q_rope = rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleaved)
+    k_rope = rope_pairs(kv_a[:, latent:], cos, sin, interleaved)
+    entry = torch.cat([rms_norm(kv_a[:, :latent], norm_weight, eps), k_rope], dim=-1)
+    storage.index_copy_(1, length.reshape(1).long(), entry[:, None].to(storage.dtype))
+    length.add_(1)
+    return torch.cat([q_latent, q_rope], dim=-1)
+
+
+@torch.library.custom_op("hf_deepseek::mla_decode_front", mutates_args=("storage", "length"))
+def mla_decode_front(
+    q: torch.Tensor,
+    kv_a: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w_uk: torch.Tensor,
+    storage: torch.Tensor,
+    length: torch.Tensor,
+    interleaved: bool,
+) -> torch.Tensor:
+    """`reference`'s result and writes, in one launch of `_mla_front_triton._front_kernel` on CUDA."""
+    if not q.is_cuda:
+        return reference(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved)
+    from ._mla_front_triton import launch
+
+    return launch(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved)
+
+
+@mla_decode_front.register_fake
+def _(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved):
+    return q.new_empty(q.shape[0], q.shape[1], w_uk.shape[2] + q.shape[2] - w_uk.shape[1])
+
+
+__all__ = ["ENABLED", "mla_decode_front", "reference", "rope_pairs", "usable"]
