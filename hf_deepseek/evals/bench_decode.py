@@ -92,6 +92,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-alt-linear",
     "ours-fast-fused-attn",
     "ours-fast-mla-front",
+    "ours-fast-front-fused-attn",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -335,6 +336,9 @@ STEP_ROWS = {
     "ours-fast-alt-linear": Row("ours-fast-alt-linear", "latent", True, alt_linear=True),
     "ours-fast-fused-attn": Row("ours-fast-fused-attn", "latent", True, fused_attention=True),
     "ours-fast-mla-front": Row("ours-fast-mla-front", "latent", True, mla_front=True),
+    "ours-fast-front-fused-attn": Row(
+        "ours-fast-front-fused-attn", "latent", True, mla_front=True, fused_attention=True
+    ),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),

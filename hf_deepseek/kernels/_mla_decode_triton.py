@@ -67,11 +67,13 @@ def _split_kernel(
 def _combine_kernel(
     part_ptr, stat_ptr, len_ptr, out_ptr, stride_ob, stride_oh, heads,
     SPLITS: tl.constexpr, SPLIT_LEN: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr, LATENT: tl.constexpr,
-    wuv_ptr=None, stride_wh=0, stride_wv=0, V: tl.constexpr = 0, BLOCK_V: tl.constexpr = 32, PDL: tl.constexpr = False,
+    wuv_ptr=None, stride_wh=0, stride_wv=0, V: tl.constexpr = 0, BLOCK_V: tl.constexpr = 32,
+    V_PROGRAM: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """A row's splits combined for one head: the latent output [LATENT], or with V > 0 that output rounded to
     out's dtype (as the unfused path stores it) and taken through the head's W_UV [V, LATENT] (rows stride_wv
-    apart, heads stride_wh): [V]. PDL: `_pdl_triton.pdl_wait`'s."""
+    apart, heads stride_wh): [V], V_PROGRAM of its values a program (program_id(2); each combines the splits
+    itself, from L2, so that W_UV's reads spread over more multiprocessors). PDL: `_pdl_triton.pdl_wait`'s."""
     pdl_wait(PDL)
     row, head = tl.program_id(0), tl.program_id(1)
     live_splits = tl.minimum(tl.cdiv(tl.load(len_ptr + row), SPLIT_LEN), SPLITS)
@@ -94,8 +96,8 @@ def _combine_kernel(
         tl.store(out_ptr + row * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
     else:
         latent = out.to(out_ptr.dtype.element_ty).to(tl.float32)
-        for v0 in tl.static_range(0, V, BLOCK_V):  # BLOCK_V rows of W_UV at a time: registers stay few
-            v = v0 + tl.arange(0, BLOCK_V)
+        for v0 in tl.static_range(0, V_PROGRAM, BLOCK_V):  # BLOCK_V rows of W_UV at a time: registers stay few
+            v = tl.program_id(2) * V_PROGRAM + v0 + tl.arange(0, BLOCK_V)
             v_ok = v < V
             w = tl.load(wuv_ptr + head * stride_wh + v[:, None] * stride_wv + d[None, :], mask=v_ok[:, None], other=0.0)
             o = tl.sum(w.to(tl.float32) * latent[None, :], axis=1)
@@ -163,9 +165,14 @@ def launch(
         w_uv = w_uv.to(storage.dtype)
         if w_uv.stride(-1) != 1:
             w_uv = w_uv.contiguous()
-        epilogue = dict(wuv_ptr=w_uv, stride_wh=w_uv.stride(0), stride_wv=w_uv.stride(1), V=v,
-                        BLOCK_V=min(32, triton.next_power_of_2(v)))  # fmt: skip
-    _combine_kernel[(batch, heads)](
+        block_v = min(32, triton.next_power_of_2(v))
+        # W_UV's rows over about TARGET_PROGRAMS programs (a head's 128 KB read by one program took 75 us a step on
+        # an H100, 2026-12-05c), whole BLOCK_V chunks each
+        v_splits = max(1, min(triton.cdiv(v, block_v), TARGET_PROGRAMS // (batch * heads)))
+        v_program = triton.cdiv(triton.cdiv(v, v_splits), block_v) * block_v
+        epilogue = dict(wuv_ptr=w_uv, stride_wh=w_uv.stride(0), stride_wv=w_uv.stride(1), V=v, BLOCK_V=block_v,
+                        V_PROGRAM=v_program)  # fmt: skip
+    _combine_kernel[(batch, heads, triton.cdiv(v, epilogue["V_PROGRAM"]) if v else 1)](
         part, stat, lengths, out, out.stride(0), out.stride(1), heads,
         SPLITS=splits, SPLIT_LEN=split_len, BLOCK_S=triton.next_power_of_2(splits), CHUNK=8, LATENT=latent,
         num_warps=4, **epilogue, **pdl,
