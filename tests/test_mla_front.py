@@ -182,6 +182,7 @@ def triton_cuda():
         pytest.skip("needs CUDA and Triton")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", [1, 4, 20])
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_kernel_matches_the_torch_path(triton_cuda, rows, interleaved):
@@ -201,6 +202,7 @@ def test_kernel_matches_the_torch_path(triton_cuda, rows, interleaved):
     assert int(lengths[0]) == 10
 
 
+@pytest.mark.gpu
 def test_kernel_replays_in_a_cuda_graph(triton_cuda):
     """Captured once, each replay writes the next position and counts it."""
     from hf_deepseek.kernels._mla_front_triton import launch
@@ -219,3 +221,22 @@ def test_kernel_replays_in_a_cuda_graph(triton_cuda):
     torch.cuda.synchronize()
     assert int(length) == 3  # capturing runs nothing
     assert storage[:, :3].any(-1).all() and not storage[:, 3:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 4])
+def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, batch):
+    """A bf16 model's decode steps on CUDA with the front's kernel and the Triton attention give the default path's
+    logits and cache (within bf16 rounding)."""
+    monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "triton")
+    torch.manual_seed(0)
+    config = tiny_config(**V3_LATENT)
+    model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(3, config.vocab_size, (batch, 30), device="cuda")
+    steps = torch.randint(3, config.vocab_size, (batch, 3), device="cuda")
+    logits = {}
+    for front in (False, True):
+        monkeypatch.setattr(mla_front, "ENABLED", front)
+        logits[front] = decode_logits(model, config, ids, steps)
+    assert relative_error(logits[True][0].float(), logits[False][0].float()) < 2e-2
+    assert relative_error(logits[True][1].float(), logits[False][1].float()) < 1e-2
