@@ -93,6 +93,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fused-attn",
     "ours-fast-mla-front",
     "ours-fast-front-fused-attn",
+    "ours-fast-fewest-launches",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -100,6 +101,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-pdl",
     "ours-fast-fp8-separate-q-kv-a",
     "ours-fast-fp8-mla-front",
+    "ours-fast-fp8-fewest-launches",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -339,6 +341,15 @@ STEP_ROWS = {
     "ours-fast-front-fused-attn": Row(
         "ours-fast-front-fused-attn", "latent", True, mla_front=True, fused_attention=True
     ),
+    "ours-fast-fewest-launches": Row(  # every kernel that takes launches out of a batch-1 layer
+        "ours-fast-fewest-launches",
+        "latent",
+        True,
+        mla_front=True,
+        fused_attention=True,
+        fused_norm_linear=True,
+        fused_gate_up=True,
+    ),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
@@ -346,11 +357,20 @@ STEP_ROWS = {
     "ours-fast-fp8-pdl": Row("ours-fast-fp8-pdl", "latent", True, pdl=True),
     "ours-fast-fp8-separate-q-kv-a": Row("ours-fast-fp8-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
     "ours-fast-fp8-mla-front": Row("ours-fast-fp8-mla-front", "latent", True, mla_front=True),
+    "ours-fast-fp8-fewest-launches": Row(
+        "ours-fast-fp8-fewest-launches",
+        "latent",
+        True,
+        mla_front=True,
+        fused_attention=True,
+        fused_norm_linear=True,
+        fused_gate_up=True,
+    ),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
     "ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-fast-fp8-separate-q-kv-a",
-    "ours-fast-fp8-mla-front", "ours-generate-fp8",
+    "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-generate-fp8",
 )  # fmt: skip
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
