@@ -4,6 +4,7 @@ format written by an independent writer (partial 128x128 blocks included). GPU t
 against the CPU emulation and exercise bitsandbytes."""
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -356,6 +357,37 @@ def test_grouped_fp8_experts_equal_one_fp8_linear_per_expert():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     for g, w in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        FP8Recipe(backend="emulated"),
+        FP8Recipe(backend="emulated", grouped_wgrad="fp8"),
+        FP8Recipe(scaling="rowwise", backend="emulated"),
+    ],
+    ids=["deepseek", "deepseek-fp8-wgrad", "rowwise"],
+)
+def test_tokens_quantised_once_equal_the_laid_out_rows_quantised(recipe):
+    """`quantize_tokens_once` (the default: each token's row quantised once, its FP8 row laid out per chosen expert)
+    computes exactly what laying the bf16 rows out and quantising them does: output and every gradient, bit for bit,
+    with an idle expert and tokens choosing the same expert twice over the layout's padding rows."""
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=48)
+    torch.manual_seed(9)
+    experts = RoutedExperts(cfg).to(torch.bfloat16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(300, cfg.hidden_size).to(torch.bfloat16).requires_grad_(True)
+    indices = torch.stack([torch.randperm(3)[:2] for _ in range(300)])  # expert 3 idle
+    weights, dy = torch.rand(300, 2), torch.randn(300, cfg.hidden_size).to(torch.bfloat16)
+    results = {}
+    for once in (False, True):
+        module = convert_to_fp8_training(copy.deepcopy(experts), dataclasses.replace(recipe, quantize_tokens_once=once))
+        out = module(x, indices, weights)
+        results[once] = (out, *torch.autograd.grad(out, [x, module.gate_up_proj, module.down_proj], dy))
+    for got, want in zip(results[True], results[False], strict=True):
+        assert torch.equal(got, want)
+    assert results[True][1].abs().sum() > 0 and not results[True][2][3].any()
 
 
 @pytest.mark.parametrize("kept", [("gate_up_proj", "down_proj"), ("down_proj",)])

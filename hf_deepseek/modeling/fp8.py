@@ -176,6 +176,50 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
+class FP8TokenGroupedLinearFunction(torch.autograd.Function):
+    """`FP8GroupedLinearFunction` of the routed experts' first projection, from the token rows x [N, d] themselves
+    (`FP8Recipe.quantize_tokens_once`): x is quantised once, a token a row, and its FP8 rows and scales are gathered
+    into the 128-aligned layout (row `token_pad[r]` of x, N for a padding row, which is zero), where the bf16 rows
+    were gathered k times, laid out and quantised there: the same FP8 operands, a quarter of the bytes moved. Backward
+    takes each (token, choice) pair's input gradient from its laid-out row (`pair_rows` [N*k], in token order) and sums
+    a token's k of them; the weight gradient lays x out (in its own dtype) only then."""
+
+    @staticmethod
+    def forward(ctx, x, weight, token_pad, pair_rows, block_expert, seg_start, seg_end, backend, out_dtype):
+        n = weight.shape[-2]
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
+        x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
+        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
+        y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype)[:, :n]
+        if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
+            w_q = w_s = None
+        ctx.save_for_backward(x, weight, w_q, w_s, wt_amax, token_pad, pair_rows, block_expert, seg_start, seg_end)
+        ctx.backend, ctx.w_dtype = backend, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, w_q, w_s, wt_amax, token_pad, pair_rows, block_expert, seg_start, seg_end = ctx.saved_tensors
+        backend = ctx.backend
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
+        (tokens, k), n = x.shape, dy.shape[1]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = backend.quantize_rows(dy)
+            wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
+            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype)[:, :k]
+            dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, k).sum(dim=1)
+        if ctx.needs_input_grad[1]:
+            x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
+            if backend.recipe.grouped_wgrad == "bf16":
+                dw = grouped_wgrad_high_precision(dy, x_pad, layout).to(ctx.w_dtype)
+            else:
+                dyt_q, dyt_s = backend.quantize_rows(dy.t())
+                xt_q, xt_s = backend.quantize_rows(x_pad.t())
+                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :k].to(ctx.w_dtype)
+        return dx, dw, None, None, None, None, None, None, None
+
+
 class ScatterUniqueRows(torch.autograd.Function):
     """rows [R, C] -> a zero [total, C] buffer with row i at `pos[i]` (positions unique); its backward, and
     `gather`'s, are the opposite copy: no accumulation, so no atomics.
@@ -241,9 +285,16 @@ class FP8RoutedExperts(RoutedExperts):
         inverse = torch.empty_like(layout.order).scatter_(
             0, layout.order, torch.arange(layout.order.numel(), device=layout.order.device)
         )
-        x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
-        x_pad = ScatterUniqueRows.apply(x_sorted, layout.pos, layout.rows)  # [rows, d], 128-aligned segments
-        gate, up = self._project(x_pad, "gate_up_proj", layout, backend, dtype).chunk(2, dim=-1)
+        if self.fp8_recipe.quantize_tokens_once and "gate_up_proj" not in self.fp8_recipe.grouped_bf16:
+            token_pad = layout.pos.new_full((layout.rows,), num_tokens)  # row N of x: a padding row (zeros)
+            token_pad = token_pad.index_copy(0, layout.pos, layout.token_idx)  # the token of each laid-out row
+            tensors = (token_pad, layout.pos[inverse], layout.block_expert, layout.seg_start, layout.seg_end)
+            gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype)
+        else:
+            x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
+            x_pad = ScatterUniqueRows.apply(x_sorted, layout.pos, layout.rows)  # [rows, d], 128-aligned segments
+            gate_up = self._project(x_pad, "gate_up_proj", layout, backend, dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
         out = self._project(self.act_fn(gate) * up, "down_proj", layout, backend, dtype)
         out = ScatterUniqueRows.gather(out, layout.pos)  # [N*k, d] in expert order
         out = PermuteRows.apply(out, inverse, layout.order).view(num_tokens, top_k, -1)  # (token, choice) order

@@ -59,7 +59,11 @@ class FP8Recipe:
     same; False keeps FP8 GEMMs on quantised activations there too;
     `grouped_bf16`: the routed experts' projections ("gate_up_proj", "down_proj") whose forward and input-gradient
     GEMMs stay in high precision (torch's grouped GEMM in bf16 on CUDA), for expert shapes where the device's FP8
-    grouped GEMM is slower than bf16's.
+    grouped GEMM is slower than bf16's;
+    `quantize_tokens_once`: the routed experts' first projection quantises each token's row once and lays the FP8
+    rows out by expert (the FP8 values and scales of laying out the bf16 rows, once per chosen expert, and quantising
+    that: a row's scales depend on that row only), which moves about a quarter of the bytes; False lays the bf16 rows
+    out first.
     """
 
     scaling: str = "blockwise"
@@ -73,6 +77,7 @@ class FP8Recipe:
     skip: tuple[str, ...] = field(default=("lm_head",))
     grouped_bf16: tuple[str, ...] = ()
     weight_only_decode: bool = True
+    quantize_tokens_once: bool = True
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -238,6 +243,10 @@ class EmulatedBackend:
             q, scale = quantize_tiles(x, self.pow2, self.check)
         pad = _ceil_to(x.shape[0], rows_multiple) - x.shape[0]
         return F.pad(q.view(torch.uint8), (0, 0, 0, pad)).view(FP8), F.pad(scale, (0, 0, 0, pad))
+
+    def gather_rows(self, q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor):
+        """Rows `index` of `quantize_rows`' result (q, scale): the quantisation of those rows of its input."""
+        return q.view(torch.uint8).index_select(0, index).view(FP8), scale.index_select(0, index)
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rowwise(w, self.pow2, self.check) if self.rowwise else quantize_blocks(w, self.pow2, self.check)

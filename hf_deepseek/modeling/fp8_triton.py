@@ -600,6 +600,12 @@ class HopperBackend:
             check_finite(scale, "a weight row")
         return q, scale, amax
 
+    def gather_rows(self, q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor):
+        """Rows `index` of `quantize_rows`' result (q, scale), scales in the layout it returns them in."""
+        q = q.view(torch.uint8).index_select(0, index).view(FP8)
+        scale = scale.index_select(0, index)
+        return q, scale if self.rowwise else _col_major(scale)
+
     def quantize_weight(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [(E,) N, K] -> blockwise: q [(E,) Np, Kp] zero-padded, scales [(E,) ceil(N/128), ceil(K/128)];
         rowwise: q [(E,) N, Kp16], scales [(E,) N, 1]."""
