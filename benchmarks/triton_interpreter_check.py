@@ -299,7 +299,8 @@ def moe_router() -> dict[str, bool]:
     counts identical, weights identical where the scores are the same computation (sigmoid: the interpreter's
     kernel uses numpy's exp, so the reference scores with numpy too) and unnormalised, else within 4e-7 relative
     (normalisation and softmax sum in another order); logits within 1e-5 of F.linear's fp32 product; the kernel's
-    counters back to zero; exact ties (all scores equal) broken towards the lower index."""
+    counters back to zero; exact ties (all scores equal) broken towards the lower index; and given logits of 300
+    tokens (training's routing, no counts) routed to torch's choice."""
     import numpy as np
 
     from hf_deepseek.kernels import moe_routing
@@ -329,6 +330,21 @@ def moe_router() -> dict[str, bool]:
             and weights_ok
             and torch.allclose(logits, F.linear(x.float(), weight), rtol=1e-5, atol=1e-5)
             and not moe_routing._semaphores(x.device).any()
+        )
+    for name, (_, overrides, _) in ROUTER_CASES.items():  # training's routing of given logits: 300 tokens, no counts
+        torch.manual_seed(300)
+        config = DeepSeekConfig(hidden_size=256, **overrides)
+        logits, bias = torch.randn(300, config.n_routed_experts), torch.randn(config.n_routed_experts) / 10
+        args = moe_routing.routing_args(config)
+        indices = moe_routing.launch(None, None, bias, *args, logits=logits)[0]
+        if config.scoring_func == "sigmoid":
+            one = np.float32(1)
+            scores = torch.from_numpy(one / (one + np.exp(-logits.numpy())))
+        else:
+            scores = moe_routing.score(logits, args)
+        results[f"{name}, 300 tokens' given logits"] = (
+            torch.equal(indices, moe_routing.choose_experts(scores, bias, args))
+            and not moe_routing._semaphores(logits.device).any()
         )
     config = DeepSeekConfig(hidden_size=256, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
     zeros = torch.zeros(64, 256), torch.zeros(64)  # every score 0.5: every group and expert tied

@@ -114,8 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, "
         "hf_deepseek-bf16-unfused-loss, hf_deepseek-fp8 (the deepseek recipe), hf_deepseek-fp8-rowwise, "
-        "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager-fp8-wgrad (default: "
-        "transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; v3-width: ours only)",
+        "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager-fp8-wgrad, "
+        "hf_deepseek-fp8-rowwise-triton-quant (Triton quantisers), hf_deepseek-fp8-rowwise-triton-quant-laid-out "
+        "(the experts' inputs laid out before they are quantised), hf_deepseek-fp8-rowwise-hp-wgrad, "
+        "hf_deepseek-fp8-rowwise-bf16-down, hf_deepseek-fp8-rowwise-dense, hf_deepseek-bf16-torch-adamw and "
+        "hf_deepseek-fp8-rowwise-triton-quant-torch-adamw (torch's fused AdamW), hf_deepseek-bf16-torch-router "
+        "(torch's top-k routing) (default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
+        "v3-width: ours only)",
     )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")

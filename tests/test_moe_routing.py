@@ -101,6 +101,32 @@ def test_training_router_keeps_its_gradients_and_balance_loss():
     assert not moe_routing.usable(router, x.cuda() if torch.cuda.is_available() else x)  # grad mode on
 
 
+@pytest.mark.parametrize("name", ["v3", "v2-group-limited-softmax", "groups-of-20"])
+def test_training_router_chooses_through_the_indices_op(monkeypatch, name):
+    """Where `route_indices` serves (CUDA; here its CPU computation), a training router takes its experts from the
+    op and its gate weights from torch's scores of the same logits: the routing of the router before the kernel,
+    gradients into the router's weight and the balance loss as on the torch path."""
+    router, x = router_and_tokens(name, 300, seed=3)
+    router.config.aux_loss_alpha = 0.01
+    router.train()
+    results = {}
+    calls, original = [], moe_routing.route_indices
+    monkeypatch.setattr(moe_routing, "route_indices", lambda *a: calls.append(a[0].shape) or original(*a))
+    for through_op in (False, True):
+        monkeypatch.setattr(moe_routing, "routes_indices", lambda router, logits, serves=through_op: serves)
+        calls.clear()
+        router.weight.grad = None
+        indices, weights = router(x, batch_size=2)
+        (weights.square().sum() + router.last_aux_loss).backward()
+        results[through_op] = (indices, weights.detach(), router.weight.grad.clone(), router.last_aux_loss.detach())
+        assert calls == ([(300, router.num_experts)] if through_op else [])
+    want = frozen_gate(router, x)
+    assert torch.equal(results[True][0], want[0]) and torch.equal(results[True][1], want[1])
+    for got, expected in zip(results[True], results[False], strict=True):
+        assert torch.equal(got, expected)
+    assert results[True][2].abs().sum() > 0
+
+
 def test_gate_takes_the_op_when_it_serves(monkeypatch):
     router, x = router_and_tokens("v3", 5)
     with torch.no_grad():
@@ -199,6 +225,22 @@ def test_kernel_matches_the_torch_routing_on_gpu(name, tokens, fuse):
         assert torch.equal(weights, want_weights), (weights - want_weights).abs().max()
     assert torch.equal(counts, torch.bincount(want_indices.flatten(), minlength=router.num_experts))
     assert not moe_routing._semaphores(x.device).any()  # every counter back to zero
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_indices_op_matches_the_torch_choice_at_training_sizes_on_gpu(name):
+    """`route_indices` (the kernel routing given logits, no counts) at a training step's 16k tokens: the experts
+    torch's routing chooses from the same logits, in the same order."""
+    gpu_ready()
+    router, x = router_and_tokens(name, 16384, "cuda", torch.bfloat16, seed=5, hidden=2048)
+    args = moe_routing.routing_args(router.config)
+    with torch.no_grad():
+        logits = F.linear(x.float(), router.weight.float())
+        got = moe_routing.route_indices(logits, router.e_score_correction_bias, *args)
+        want = moe_routing.choose_experts(moe_routing.score(logits, args), router.e_score_correction_bias, args)
+    assert torch.equal(got, want)
+    assert moe_routing.routes_indices(router, logits)
 
 
 @pytest.mark.gpu

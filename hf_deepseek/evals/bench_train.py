@@ -32,6 +32,7 @@ import torch
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
+from hf_deepseek.kernels import moe_routing
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -55,12 +56,24 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_TRITON_QUANT: ("rowwise", True, {"fused_quantization": False}),
     OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
 }
+OURS_FP8_ROWWISE_LAID_OUT = "hf_deepseek-fp8-rowwise-triton-quant-laid-out"  # experts' inputs laid out, then quantised
+FP8_VARIANTS[OURS_FP8_ROWWISE_LAID_OUT] = (
+    "rowwise",
+    True,
+    {"fused_quantization": False, "quantize_tokens_once": False},
+)
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
 # same step with torch's fused AdamW (what transformers' variant uses)
 TORCH_ADAMW = "-torch-adamw"
 OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW = OURS + TORCH_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT + TORCH_ADAMW
-VARIANTS = (PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW)
+# a variant name + TORCH_ROUTER: the same step with torch's routing (three top-k a MoE layer) where the router kernel
+# chooses the experts (`kernels.moe_routing.route_indices`)
+TORCH_ROUTER = "-torch-router"
+OURS_TORCH_ROUTER = OURS + TORCH_ROUTER
+VARIANTS = (
+    PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
+)  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
 
@@ -173,8 +186,8 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 
 def base_variant(name: str) -> str:
-    """The variant's model and step without its choice of optimizer."""
-    return name.removesuffix(TORCH_ADAMW)
+    """The variant's model and step without its choice of optimizer or router."""
+    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER)
 
 
 def compiled(name: str) -> bool:
@@ -232,6 +245,8 @@ def bench_variant(
 ) -> TrainResult:
     result = TrainResult(name)
     model = optimizer = None
+    router_kernel = moe_routing.ENABLED
+    moe_routing.ENABLED = router_kernel and not name.endswith(TORCH_ROUTER)  # read when the step compiles
     try:
         model = build_model(name, config, device, dtype)
         result.parameters = sum(p.numel() for p in model.parameters())
@@ -267,6 +282,7 @@ def bench_variant(
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
+        moe_routing.ENABLED = router_kernel
         del model, optimizer
         gc.collect()
         if device.type == "cuda":

@@ -78,12 +78,23 @@ def route_reference(logits: torch.Tensor, bias: torch.Tensor, *routing) -> tuple
     """logits [N, E] (fp32), `Routing` fields -> expert indices [N, k] (int64), gate weights [N, k] (fp32), scores
     [N, E]: the router's computation in torch (differentiable through the weights and scores)."""
     r = Routing(*routing)
-    scores = logits.sigmoid() if r.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    scores = score(logits, r)
     return *select_experts(scores, bias, r), scores
 
 
 def select_experts(scores: torch.Tensor, bias: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
     """scores [N, E] -> expert indices [N, k], gate weights [N, k]: `route_reference` after the scoring."""
+    indices = choose_experts(scores, bias, r)
+    return indices, gate_weights(scores, indices, r)
+
+
+def score(logits: torch.Tensor, r: Routing) -> torch.Tensor:
+    """The router's scores of its logits [N, E] (fp32): sigmoid (DeepSeek-V3) or softmax (V2)."""
+    return logits.sigmoid() if r.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+
+def choose_experts(scores: torch.Tensor, bias: torch.Tensor, r: Routing) -> torch.Tensor:
+    """scores [N, E] -> the chosen experts [N, k]: the biased scores' group-limited top-k (not differentiable)."""
     num_experts = scores.shape[-1]
     choice = scores.detach() + bias  # [N, E]: the bias only picks experts
     if grouped(r.n_group, r.topk_group, r.topk_method):
@@ -95,11 +106,16 @@ def select_experts(scores: torch.Tensor, bias: torch.Tensor, r: Routing) -> tupl
         kept = group_scores.topk(r.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         choice = groups.masked_fill(~group_mask[..., None], float("-inf")).view(-1, num_experts)
-    indices = choice.topk(r.top_k, dim=-1).indices  # [N, k]
+    return choice.topk(r.top_k, dim=-1).indices  # [N, k]
+
+
+def gate_weights(scores: torch.Tensor, indices: torch.Tensor, r: Routing) -> torch.Tensor:
+    """The gate weights [N, k] of the chosen experts from the unbiased scores [N, E] (differentiable through them):
+    normalised over the k where the config says, times the routed scaling factor."""
     weights = scores.gather(1, indices)
     if r.norm_topk_prob and r.top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return indices, weights * r.routed_scaling_factor
+    return weights * r.routed_scaling_factor
 
 
 def routing_args(config) -> Routing:
@@ -180,6 +196,38 @@ def _(x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, no
     )
 
 
+def routes_indices(router, logits: torch.Tensor) -> bool:
+    """Whether `route_indices` chooses a TopKRouter's experts from its logits [N, E] (set-up time checks): any number
+    of tokens on CUDA with Triton, training included (the gate weights stay torch's, differentiable)."""
+    return ENABLED and _kernel_device(logits) and logits.dim() == 2 and logits.shape[0] > 0 and supported(router.config)
+
+
+@torch.library.custom_op("hf_deepseek::route_indices", mutates_args=())
+def route_indices(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    scoring_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> torch.Tensor:
+    """logits [N, E] (fp32), correction bias [E] -> the chosen experts [N, k] (int64): `choose_experts` of the
+    logits' scores, in one launch of the kernel (routing only, no counts) on CUDA, where torch's routing takes three
+    top-k (about 0.43 ms a layer at 16k tokens on an H200, docs/train-h200/profiles_2026-12-04g.txt)."""
+    args = Routing(top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor)
+    if logits.is_cuda and triton_available():
+        return launch(None, None, bias, *args, logits=logits)[0]
+    return choose_experts(score(logits.float(), args), bias, args)
+
+
+@route_indices.register_fake
+def _(logits, bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor):
+    return logits.new_empty(logits.shape[0], top_k, dtype=torch.long)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -225,34 +273,43 @@ def _zeros_outside_graph_pools(size: int, device: torch.device) -> torch.Tensor:
 
 def launch(
     x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor,
-    fuse: bool | None = None, config: tuple[int, int, int, int] | None = None,
+    fuse: bool | None = None, config: tuple[int, int, int, int] | None = None, logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The kernel: -> indices [N, k], weights [N, k], counts [E], and the logits [N, E] it routed (fp32).
     `fuse`: whether the kernel computes the logits (default: up to `FUSE_MAX_TOKENS` tokens), else cuBLAS does.
-    `config`: (BLOCK_T, BLOCK_E, BLOCK_D, warps), tokens and experts per program and the reduction chunk."""
+    `config`: (BLOCK_T, BLOCK_E, BLOCK_D, warps), tokens and experts per program and the reduction chunk.
+    `logits` [N, E] given (x and weight None): route them, any number of tokens, and leave counts unwritten."""
     if triton is None:
         raise RuntimeError("the router kernel needs Triton")
-    num_tokens, dim = x.shape
-    num_experts = weight.shape[0]
-    if num_tokens > MAX_TOKENS:
+    given = logits is not None
+    num_tokens, num_experts = logits.shape if given else (x.shape[0], weight.shape[0])
+    dim = 0 if given else x.shape[1]
+    if num_tokens > MAX_TOKENS and not given:
         raise ValueError(f"the router kernel takes at most MAX_TOKENS={MAX_TOKENS} tokens, got {num_tokens}")
     is_grouped = grouped(n_group, topk_group, topk_method)
     groups = n_group if is_grouped else 1
     per_group = num_experts // groups
-    fuse = num_tokens <= FUSE_MAX_TOKENS if fuse is None else fuse
+    fuse = not given and (num_tokens <= FUSE_MAX_TOKENS if fuse is None else fuse)
     columns = _next_pow2(groups) * _next_pow2(per_group)
     block_t, block_e, block_d, warps = config or _default_config(num_tokens, dim, fuse, columns)
     token_blocks = triton.cdiv(num_tokens, block_t)
-    device = x.device
+    device = logits.device if given else x.device
     indices = torch.empty(num_tokens, top_k, dtype=torch.long, device=device)
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
     counts = torch.empty(num_experts, dtype=torch.long, device=device)
-    partial = torch.empty(token_blocks, num_experts, dtype=torch.int32, device=device) if token_blocks > 1 else counts
-    x, weight, bias = x.contiguous(), weight.contiguous(), bias.float().contiguous()
-    if fuse:
+    several = token_blocks > 1 and not given
+    partial = torch.empty(token_blocks, num_experts, dtype=torch.int32, device=device) if several else counts
+    bias = bias.float().contiguous()
+    if given:
+        logits = logits.float().contiguous()
+        x = weight = logits  # unread
+        expert_blocks = 1
+    elif fuse:
+        x, weight = x.contiguous(), weight.contiguous()
         logits = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
         expert_blocks = triton.cdiv(num_experts, block_e)
     else:
+        x, weight = x.contiguous(), weight.contiguous()
         logits = F.linear(x.float(), weight.float()).contiguous()
         expert_blocks = 1
     if num_tokens == 0:
@@ -263,7 +320,7 @@ def launch(
         E=num_experts, G=groups, EG=per_group, G_PAD=_next_pow2(groups), EG_PAD=_next_pow2(per_group),
         TOP_K=top_k, K_PAD=_next_pow2(top_k), TOPK_GROUP=topk_group if is_grouped else 1,
         GROUPED=is_grouped, GROUP_MAX=topk_method == "group_limited_greedy", SOFTMAX=scoring_func == "softmax",
-        NORM=norm_topk_prob and top_k > 1, FUSED=fuse, ONE_BLOCK=token_blocks == 1,
+        NORM=norm_topk_prob and top_k > 1, FUSED=fuse, ONE_BLOCK=token_blocks == 1, COUNT=not given,
         SUM_ROWS=min(_next_pow2(token_blocks), max(1, 512 // _next_pow2(num_experts))), E_PAD=_next_pow2(num_experts),
         ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",  # libdevice's exp does not run in the interpreter
         BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps, **pdl_arguments(device),
@@ -315,10 +372,11 @@ if triton is not None:
         GROUP_MAX: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr, FUSED: tl.constexpr,
         ONE_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr, E_PAD: tl.constexpr, ACCURATE: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+        COUNT: tl.constexpr = True,
     ):  # fmt: skip
         """Program (b, j): with FUSED, logits[tokens of b, experts of j] = x @ W^T (fp32), then the last of token
-        block b's programs routes its tokens; without, one program per token block routes the given logits. PDL:
-        `_pdl_triton.pdl_wait`'s."""
+        block b's programs routes its tokens; without, one program per token block routes the given logits. COUNT:
+        the tokens per expert too. PDL: `_pdl_triton.pdl_wait`'s."""
         pdl_wait(PDL)
         MIN_KEY: tl.constexpr = -9223372036854775807  # below every value's key: taken or absent
         C: tl.constexpr = G_PAD * EG_PAD  # the routing tile's columns: groups side by side, each padded
@@ -402,28 +460,30 @@ if triton is not None:
             tl.store(wt_ptr + t[:, None] * TOP_K + k[None, :], out_w, mask=out_mask)
             chosen = (key == MIN_KEY) & valid[None, :] & t_ok[:, None]
             block_counts = tl.sum(chosen.to(tl.int32), axis=0)  # [C]
-            if ONE_BLOCK:
-                tl.store(counts_ptr + expert, block_counts.to(tl.int64), mask=valid)
-            else:
-                tl.store(partial_ptr + tb * E + expert, block_counts, mask=valid)
-                tl.debug_barrier()
-                blocks_done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
-                if blocks_done == tl.num_programs(0) - 1:  # the last token block: sum every block's counts
-                    tl.store(sem_ptr, 0)
-                    cols = tl.arange(0, E_PAD)
-                    total_counts = tl.zeros([E_PAD], dtype=tl.int32)
-                    for r0 in range(0, tl.num_programs(0), SUM_ROWS):
-                        rows = r0 + tl.arange(0, SUM_ROWS)
-                        part = tl.load(
-                            partial_ptr + rows[:, None] * E + cols[None, :],
-                            mask=(rows < tl.num_programs(0))[:, None] & (cols < E)[None, :], other=0,
-                            cache_modifier=".cg",
-                        )  # fmt: skip
-                        total_counts += tl.sum(part, axis=0)
-                    tl.store(counts_ptr + cols, total_counts.to(tl.int64), mask=cols < E)
+            if COUNT:  # not for given logits (training), whose caller counts the tokens itself
+                if ONE_BLOCK:
+                    tl.store(counts_ptr + expert, block_counts.to(tl.int64), mask=valid)
+                else:
+                    tl.store(partial_ptr + tb * E + expert, block_counts, mask=valid)
+                    tl.debug_barrier()
+                    blocks_done = tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu")
+                    if blocks_done == tl.num_programs(0) - 1:  # the last token block: sum every block's counts
+                        tl.store(sem_ptr, 0)
+                        cols = tl.arange(0, E_PAD)
+                        total_counts = tl.zeros([E_PAD], dtype=tl.int32)
+                        for r0 in range(0, tl.num_programs(0), SUM_ROWS):
+                            rows = r0 + tl.arange(0, SUM_ROWS)
+                            part = tl.load(
+                                partial_ptr + rows[:, None] * E + cols[None, :],
+                                mask=(rows < tl.num_programs(0))[:, None] & (cols < E)[None, :], other=0,
+                                cache_modifier=".cg",
+                            )  # fmt: skip
+                            total_counts += tl.sum(part, axis=0)
+                        tl.store(counts_ptr + cols, total_counts.to(tl.int64), mask=cols < E)
 
 
 __all__ = [
-    "route_tokens", "route_reference", "select_experts", "routing_args", "Routing", "count_per_expert", "grouped",
+    "route_tokens", "route_indices", "routes_indices", "route_reference", "select_experts", "choose_experts",
+    "gate_weights", "score", "routing_args", "Routing", "count_per_expert", "grouped",
     "sort_pairs", "supported", "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
 ]  # fmt: skip

@@ -50,9 +50,13 @@ class TopKRouter(nn.Module):
             self.last_aux_loss = None
             return indices, weights
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
-        indices, weights, scores = moe_routing.route_reference(
-            logits, self.e_score_correction_bias, *moe_routing.routing_args(cfg)
-        )
+        routing = moe_routing.routing_args(cfg)
+        if moe_routing.routes_indices(self, logits):  # CUDA, training included: the kernel chooses the experts
+            scores = moe_routing.score(logits, routing)
+            indices = moe_routing.route_indices(logits.detach(), self.e_score_correction_bias, *routing)
+            weights = moe_routing.gate_weights(scores, indices, routing)
+        else:
+            indices, weights, scores = moe_routing.route_reference(logits, self.e_score_correction_bias, *routing)
 
         self.last_expert_load = count_per_expert(indices.flatten().detach(), self.num_experts)
         self.last_aux_loss = None
