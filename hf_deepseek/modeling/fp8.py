@@ -202,13 +202,13 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         x, weight, w_q, w_s, wt_amax, token_pad, pair_rows, block_expert, seg_start, seg_end = ctx.saved_tensors
         backend = ctx.backend
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
-        (tokens, k), n = x.shape, dy.shape[1]
+        (tokens, hidden), n = x.shape, dy.shape[1]
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = backend.quantize_rows(dy)
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype)[:, :k]
-            dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, k).sum(dim=1)
+            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype)[:, :hidden]
+            dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, hidden).sum(dim=1)
         if ctx.needs_input_grad[1]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
             if backend.recipe.grouped_wgrad == "bf16":
@@ -216,7 +216,7 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
             else:
                 dyt_q, dyt_s = backend.quantize_rows(dy.t())
                 xt_q, xt_s = backend.quantize_rows(x_pad.t())
-                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :k].to(ctx.w_dtype)
+                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :hidden].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None, None
 
 

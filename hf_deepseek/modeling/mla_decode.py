@@ -71,9 +71,9 @@ def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStati
 
 def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache, query=None) -> torch.Tensor:
     """`absorbed_cache_attention` for one query token per row through `kernels/flash_mla_decode.py` (`query`: the
-    joined query [B, H, 1, r + rope] already made, q_nope and q_rope unused). The first
-    layer of a forward computes FlashMLA's split-KV schedule and leaves it on the cache for the other main layers,
-    whose caches hold as many tokens (the MTP layers', which may hold fewer, compute their own)."""
+    joined query [B, H, 1, r + rope] already made, q_nope and q_rope unused). The first layer of a forward computes
+    FlashMLA's split-KV schedule and leaves it on the cache for the other main layers, whose caches hold as many
+    tokens (the MTP layers', which may hold fewer, compute their own)."""
     w_uk, w_uv = attn.absorbed_weights()
     if query is None:
         query = absorb_query(q_nope, w_uk, q_rope)  # [B, H, 1, r + rope]
@@ -97,7 +97,7 @@ def triton_cache_attention(attn, q_nope, q_rope, buffer, length, query=None) -> 
     rank = attn.kv_lora_rank
     if mla_decode_triton.FUSED:
         if query is None:
-            q_latent, q_rope = absorb_query(q_nope, w_uk), q_rope  # [B, H, 1, r]
+            q_latent = absorb_query(q_nope, w_uk)  # [B, H, 1, r]
         else:
             q_latent, q_rope = query[..., :rank], query[..., rank:]
         out = triton_latent_attention(q_latent, buffer, length, attn.scaling, rank, q_rope, w_uv)
