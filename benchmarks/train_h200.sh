@@ -15,9 +15,10 @@
 #      titan-fp8; about 60 s for titan-bf16), after ours in the same call, as the 2026-12-03 run (it then ran our
 #      bench itself with --project; here the bench runs first on its own so that it can profile, and the ratios are
 #      computed below);
-#   4. at the same time, as neither is timed: the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
-#      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16) and the
-#      Triton AdamW's against torch's fused AdamW, fastest first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
+#   4. at the same time, as neither is timed: the Triton AdamW's GPU test against torch's fused AdamW, the training
+#      router kernel's against torch's choice, the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
+#      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16), fastest
+#      first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
 # Writes to $OUT (at most 8 files): bench_train.json, titan_anchor.json, bench_train_v3_width.json, profiles.txt,
 # fp8_train_compare.json, fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log, pytest.log and bench_train.md).
@@ -83,6 +84,8 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 # 4. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
+  tests/test_adamw.py::test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu \
+  "tests/test_moe_routing.py::test_indices_op_matches_the_torch_choice_at_training_sizes_on_gpu[v3]" \
   "tests/test_fp8_compile.py::test_rowwise_fp8_linear_matches_a_float64_reference" \
   tests/test_fp8.py::test_hopper_quantisers_are_bit_identical_to_the_reference \
   tests/test_fp8.py::test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference \
@@ -92,7 +95,7 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise]" \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[deepseek]" \
   tests/test_bench_train.py::test_compiled_fp8_variants_track_bf16_on_the_gpu \
-  tests/test_adamw.py::test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu \
+  tests/test_moe_routing.py::test_indices_op_matches_the_torch_choice_at_training_sizes_on_gpu \
   > $L/pytest.log 2>&1 &
 TESTS=$!
 RECIPES=$(echo "${COMPARE_ARGS:-}" | sed -n 's/.*--recipes[ =]\([^ ]*\).*/\1/p')
