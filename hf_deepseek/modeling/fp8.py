@@ -42,7 +42,7 @@ from .fp8_numerics import (
     quantize_blocks,
     quantize_tiles,
 )
-from .moe import GatherTokenRows, PermuteRows, RoutedExperts
+from .moe import GatherTokenRows, RoutedExperts
 
 _BACKENDS: dict[tuple, object] = {}
 
@@ -285,10 +285,11 @@ class FP8RoutedExperts(RoutedExperts):
         inverse = torch.empty_like(layout.order).scatter_(
             0, layout.order, torch.arange(layout.order.numel(), device=layout.order.device)
         )
+        pair_rows = layout.pos[inverse]  # the laid-out row of each (token, choice) pair, in token order
         if self.fp8_recipe.quantize_tokens_once and "gate_up_proj" not in self.fp8_recipe.grouped_bf16:
             token_pad = layout.pos.new_full((layout.rows,), num_tokens)  # row N of x: a padding row (zeros)
             token_pad = token_pad.index_copy(0, layout.pos, layout.token_idx)  # the token of each laid-out row
-            tensors = (token_pad, layout.pos[inverse], layout.block_expert, layout.seg_start, layout.seg_end)
+            tensors = (token_pad, pair_rows, layout.block_expert, layout.seg_start, layout.seg_end)
             gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype)
         else:
             x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
@@ -296,8 +297,7 @@ class FP8RoutedExperts(RoutedExperts):
             gate_up = self._project(x_pad, "gate_up_proj", layout, backend, dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         out = self._project(self.act_fn(gate) * up, "down_proj", layout, backend, dtype)
-        out = ScatterUniqueRows.gather(out, layout.pos)  # [N*k, d] in expert order
-        out = PermuteRows.apply(out, inverse, layout.order).view(num_tokens, top_k, -1)  # (token, choice) order
+        out = ScatterUniqueRows.gather(out, pair_rows).view(num_tokens, top_k, -1)  # (token, choice) order
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
     def _project(self, rows: torch.Tensor, name: str, layout: ExpertLayout, backend, dtype) -> torch.Tensor:
