@@ -80,10 +80,20 @@ def torch_flash_attention(query, storage, length, scale, schedule=None):
     return mla_decode_triton.reference(query.squeeze(2), storage, lengths, scale, 512).unsqueeze(2)
 
 
-@pytest.mark.parametrize("attention", ["triton", "triton-fused", "flash"])
-def test_model_decode_through_the_front_equals_the_default_path(monkeypatch, attention):
+@pytest.mark.parametrize(
+    "attention,overrides",
+    [
+        ("triton", {}),
+        ("triton-fused", {}),
+        ("flash", {}),
+        ("triton", {"rope_interleave": False, "q_lora_rank": None, "num_nextn_predict_layers": 1}),
+    ],
+    ids=["triton", "triton-fused", "flash", "triton-halves-q-proj-mtp"],
+)
+def test_model_decode_through_the_front_equals_the_default_path(monkeypatch, attention, overrides):
     """HF_DEEPSEEK_MLA_FRONT's path (the op's torch path on the CPU) before the Triton attention op, its fused form, or
-    FlashMLA (its place taken by torch attention here) gives the default path's logits and cache."""
+    FlashMLA (its place taken by torch attention here) gives the default path's logits and cache; also with RoPE on
+    halves, no query compression and an MTP layer."""
     from hf_deepseek.kernels import flash_mla_decode
     from hf_deepseek.modeling import mla_decode
 
@@ -96,7 +106,7 @@ def test_model_decode_through_the_front_equals_the_default_path(monkeypatch, att
     calls, reference = [], mla_front.reference
     monkeypatch.setattr(mla_front, "reference", lambda *args: calls.append(1) or reference(*args))
     torch.manual_seed(0)
-    config = tiny_config(**V3_LATENT)
+    config = tiny_config(**(V3_LATENT | overrides))
     model = DeepSeekForCausalLM(config).eval()
     ids, steps = torch.randint(3, config.vocab_size, (2, 30)), torch.randint(3, config.vocab_size, (2, 3))
     default = decode_logits(model, config, ids, steps)
