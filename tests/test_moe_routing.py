@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.evals.cuda_graph_timing import graph_time_us
+from hf_deepseek.kernels import counters as kernel_counters
 from hf_deepseek.kernels import moe_routing
 from hf_deepseek.modeling.moe import TopKRouter
 
@@ -309,13 +310,13 @@ def test_kernel_first_called_inside_cuda_graph_trees_on_gpu(monkeypatch):
     the kernel (so the compiled step's warm-up makes the counters) runs, with the torch router's tokens. Before, it
     failed with "tensor(s) in the cudagraph pool not tracked as outputs" and fell back to transformers' loop."""
     gpu_ready()
-    monkeypatch.setattr(moe_routing, "_SEMAPHORES", {})
+    monkeypatch.setattr(kernel_counters, "_BUFFERS", {})
     torch.manual_seed(0)
     config = tiny_config(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4, num_hidden_layers=3)
     model = DeepSeekForCausalLM(config).cuda().eval()
     ids = torch.randint(3, config.vocab_size, (2, moe_routing.MAX_TOKENS), device="cuda")  # prefill: torch router
     with_kernel = model.generate(ids, max_new_tokens=12, do_sample=False, fast_loop=True)
-    assert moe_routing._SEMAPHORES and not any(t.any() for t in moe_routing._SEMAPHORES.values())
+    assert kernel_counters._BUFFERS and not any(t.any() for t in kernel_counters._BUFFERS.values())
     monkeypatch.setattr(moe_routing, "ENABLED", False)
     model.__dict__.pop("_fast_decode_step", None)
     without = model.generate(ids, max_new_tokens=12, do_sample=False, fast_loop=True)

@@ -4,10 +4,11 @@ does between its projections and the attention over the latent cache, in one lau
 Programs (block of BLOCK_N latent outputs, head, block of BLOCK_T rows) fold the query's nope part through the
 head's W_UK (`_moe_grouped_gemv_triton._tile_product`, fp32 sums rounded once) and the first block of outputs also
 writes the head's roped query after them: the joined query [B, H, r + rope] the attention kernels read. One more
-program (one block past the outputs, head 0, first rows; the rest of that column exits) writes every row's new cache
-entry, the kv latent through its RMSNorm followed by the roped key, at the cache's length, and then counts the token
-(length + 1): the only program that reads or writes the length, so no other program can see it change. The
-attention kernels launch after this one and read the entry from the cache.
+column of programs (one block past the outputs: a program per head and row block) writes the rows' new cache entries,
+the kv latent through its RMSNorm followed by the roped key, at the cache's length, a row a program (rows head,
+head + H, ... of its block); the last of them to finish (a counter, `counters.counters`, which it sets back to zero)
+counts the token (length + 1), after every writer has read the length. The attention kernels launch after this one
+and read the entries from the cache.
 
 RoPE takes each rotated pair (x1, x2) at (2i, 2i+1) when INTERLEAVED (DeepSeek's weights) or (i, i + rope/2), and
 writes [x1 cos - x2 sin | x2 cos + x1 sin], as `attention.apply_rope`; the norm rounds to kv_a's dtype before the
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._moe_grouped_gemv_triton import _tile_product
+from .counters import counters
 
 TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
 BROADCAST_ELEMENTS = 8192  # BLOCK_T * BLOCK_N * BLOCK_K of a broadcast product: ~64 fp32 registers a thread at 4 warps
@@ -41,7 +43,7 @@ def _rope(x_ptr, cos_ptr, sin_ptr, HALF, BLOCK_HALF: tl.constexpr, INTERLEAVED: 
 
 @triton.jit
 def _front_kernel(
-    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, out_ptr,
+    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr,
     B, H, NOPE, R, HALF, eps,
     stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
     stride_cacheb, stride_cachet,
@@ -49,14 +51,15 @@ def _front_kernel(
     BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_n, head, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_n == tl.num_programs(0) - 1:  # the cache writer
-        if head == 0 and pid_t == 0:
-            pos = tl.load(len_ptr)
-            d = tl.arange(0, BLOCK_R)
-            d_ok = d < R
-            w = tl.load(norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-            i = tl.arange(0, BLOCK_HALF)
-            for b in range(B):
+    if pid_n == tl.num_programs(0) - 1:  # the cache writers: rows head, head + H, ... of the row block
+        pos = tl.load(len_ptr)
+        d = tl.arange(0, BLOCK_R)
+        d_ok = d < R
+        w = tl.load(norm_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        i = tl.arange(0, BLOCK_HALF)
+        for j in range(head, BLOCK_T, H):
+            b = pid_t * BLOCK_T + j
+            if b < B:
                 kv_row = kv_ptr + b * stride_kvb
                 x_in = tl.load(kv_row + d, mask=d_ok, other=0.0)
                 x = x_in.to(tl.float32)
@@ -67,6 +70,10 @@ def _front_kernel(
                                INTERLEAVED)  # fmt: skip
                 tl.store(entry + R + i, k1.to(cache_ptr.dtype.element_ty), mask=i < HALF)
                 tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+        tl.debug_barrier()  # every thread's length read done before thread 0's release below
+        writers = tl.num_programs(1) * tl.num_programs(2)
+        if tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == writers - 1:  # the last writer: all have read
+            tl.store(sem_ptr, 0)  # ready for the next launch
             tl.store(len_ptr, pos + 1)
     else:
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -123,7 +130,7 @@ def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, in
     w_uk = w_uk.to(q.dtype)
     grid = (triton.cdiv(latent, block_n) + 1, heads, triton.cdiv(batch, block_t))
     _front_kernel[grid](
-        q, kv_a, cos, sin, norm_weight, w_uk, storage, length, out,
+        q, kv_a, cos, sin, norm_weight, w_uk, storage, length, counters("mla_front", 1, q.device), out,
         batch, heads, nope, latent, rope // 2, eps,
         q.stride(0), q.stride(1), kv_a.stride(0), cos.stride(0), sin.stride(0), w_uk.stride(0), w_uk.stride(1),
         w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),

@@ -24,12 +24,12 @@ CPU's can be any). The logits agree with cuBLAS's to fp32 rounding, not bit for 
 """
 
 import os
-import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .counters import counters
 from .moe_gemv import triton_available
 from .moe_gemv_config import pdl_arguments
 
@@ -232,43 +232,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}  # per device: [1 + MAX_TOKENS] int32 counters, 0 between launches
-
-
 def _semaphores(device: torch.device) -> torch.Tensor:
-    """The kernel's counters on `device`: slot 0 counts finished token blocks, slot 1 + b the finished expert
-    blocks of token block b; each last program sets its slot back to 0, so one zeroed buffer serves every launch
-    on a stream. A call captured into a CUDA graph before any other gets a fresh zeroed buffer (a memset in the
-    graph)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    buffer = _SEMAPHORES.get(device)
-    if buffer is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(1 + MAX_TOKENS, dtype=torch.int32, device=device)
-        buffer = _SEMAPHORES[device] = _zeros_outside_graph_pools(1 + MAX_TOKENS, device)
-    return buffer
-
-
-def _zeros_outside_graph_pools(size: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 [size] from the ordinary allocator. While Inductor's CUDA-graph trees warm a function up, every
-    allocation of the warming thread goes to the graph pool, and a tensor kept there beyond the call fails their
-    check ("tensor(s) in the cudagraph pool not tracked as outputs"): generate()'s device loop fell back to
-    transformers' loop. So a CUDA buffer is made on a thread of its own, outside any pool."""
-    if device.type != "cuda":
-        return torch.zeros(size, dtype=torch.int32, device=device)
-    made = []
-
-    def make():
-        made.append(torch.zeros(size, dtype=torch.int32, device=device))
-        torch.cuda.synchronize(device)  # the memset done before any stream of the caller reads it
-
-    thread = threading.Thread(target=make, name="hf_deepseek-router-semaphores")
-    thread.start()
-    thread.join()
-    if not made:
-        raise RuntimeError(f"could not allocate the router kernel's counters on {device}")
-    return made[0]
+    """The kernel's counters on `device` (`counters.counters`): slot 0 counts finished token blocks, slot 1 + b the
+    finished expert blocks of token block b; each last program sets its slot back to 0."""
+    return counters("router", 1 + MAX_TOKENS, device)
 
 
 def launch(
