@@ -128,6 +128,42 @@ def test_training_router_chooses_through_the_indices_op(monkeypatch, name):
     assert results[True][2].abs().sum() > 0
 
 
+def test_compiled_training_router_through_the_indices_op_is_one_graph(monkeypatch):
+    """A training router compiled with the indices op choosing the experts (its CPU computation, traced as on a GPU,
+    as the compiled decoder layers trace it): one graph, no graph break, and the eager router's choice, weights,
+    balance loss and gradients."""
+    router, x = router_and_tokens("v3", 48, seed=4)
+    router.config.aux_loss_alpha = 0.01
+    router.train()
+    monkeypatch.setattr(moe_routing, "_kernel_device", lambda x: True)  # `routes_indices` as on a GPU
+    calls, original = [], moe_routing.route_indices
+    monkeypatch.setattr(moe_routing, "route_indices", lambda *a: calls.append(1) or original(*a))
+
+    def route(x):
+        indices, weights = router(x, batch_size=2)
+        return indices, weights, router.last_aux_loss
+
+    def run(fn):
+        indices, weights, aux = fn(x)
+        grad = torch.autograd.grad(weights.square().sum() + aux, router.weight)[0]
+        return indices, weights.detach(), aux.detach(), grad
+
+    eager = run(route)
+    torch.compiler.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True, recompile_limit=1):
+            compiled = run(torch.compile(route, backend="aot_eager", fullgraph=True))
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch.compiler.reset()
+    assert len(calls) == 2  # the eager run and the traced one
+    assert torch.equal(compiled[0], eager[0])
+    for got, want in zip(compiled[1:], eager[1:], strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_gate_takes_the_op_when_it_serves(monkeypatch):
     router, x = router_and_tokens("v3", 5)
     with torch.no_grad():
