@@ -43,6 +43,8 @@ OURS_FP8_ROWWISE_BF16_DOWN = "hf_deepseek-fp8-rowwise-bf16-down"  # experts' dow
 OURS_FP8_ROWWISE_DENSE = "hf_deepseek-fp8-rowwise-dense"  # FP8 in the dense linears only: what they gain on their own
 OURS_FP8_ROWWISE_TRITON_QUANT = "hf_deepseek-fp8-rowwise-triton-quant"  # Triton quantisers, not Inductor's reductions
 OURS_FP8_ROWWISE_HP_WGRAD = "hf_deepseek-fp8-rowwise-hp-wgrad"  # linears: weight gradient in bf16 (torchao gw_hp)
+# the experts' token rows laid out by expert in bf16, then quantised (before `FP8Recipe.quantize_tokens_once`)
+OURS_FP8_ROWWISE_LAID_OUT = "hf_deepseek-fp8-rowwise-triton-quant-laid-out"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -55,13 +57,8 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_DENSE: ("rowwise", True, {"grouped_bf16": ("gate_up_proj", "down_proj")}),
     OURS_FP8_ROWWISE_TRITON_QUANT: ("rowwise", True, {"fused_quantization": False}),
     OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
+    OURS_FP8_ROWWISE_LAID_OUT: ("rowwise", True, {"fused_quantization": False, "quantize_tokens_once": False}),
 }
-OURS_FP8_ROWWISE_LAID_OUT = "hf_deepseek-fp8-rowwise-triton-quant-laid-out"  # experts' inputs laid out, then quantised
-FP8_VARIANTS[OURS_FP8_ROWWISE_LAID_OUT] = (
-    "rowwise",
-    True,
-    {"fused_quantization": False, "quantize_tokens_once": False},
-)
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
 # same step with torch's fused AdamW (what transformers' variant uses)
