@@ -626,8 +626,9 @@ def head_matmul_kernel() -> dict[str, bool]:
 # ---- a decode step's MLA front in one launch (`_mla_front_triton._front_kernel`) -----------------------------------
 # A separate section: `mla_front_kernel()`, which the main block runs, prints, saves ("mla_front") and counts in the
 # exit status: the joined query within 1e-2 of float64 (bf16; 1e-5 in fp32) and 1e-3 of the op's torch path, the
-# cache entry likewise at the length and nowhere else, the length counted; both RoPE layouts, the broadcast product
-# (up to 8 rows) and tl.dot (16 rows a program, a partial block), a kv_a that is a strided slice of a wider output.
+# cache entry likewise at the length and nowhere else, the length counted and returned per row as int32; both RoPE
+# layouts, the broadcast product (up to 8 rows) and tl.dot (16 rows a program, a partial block), a kv_a that is a
+# strided slice of a wider output.
 
 MLA_FRONT_CASES = [(1, 16, 128, 512, 64, True), (3, 4, 64, 40, 16, False), (20, 3, 128, 96, 32, True)]
 # (rows, H, nope, r, rope, interleaved)
@@ -665,10 +666,10 @@ def mla_front_kernel() -> dict[str, bool]:
                 length = 5
                 caches = [torch.zeros(rows, 12, rank + rope, dtype=dtype) for _ in range(2)]
                 lengths = [torch.tensor(length) for _ in range(2)]
-                got = _mla_front_triton.launch(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[0], lengths[0],
-                                               interleaved)  # fmt: skip
-                ref = mla_front.reference(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[1], lengths[1],
-                                          interleaved)  # fmt: skip
+                got, got_lengths = _mla_front_triton.launch(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[0],
+                                                            lengths[0], interleaved)  # fmt: skip
+                ref, ref_lengths = mla_front.reference(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, caches[1],
+                                                       lengths[1], interleaved)  # fmt: skip
                 want_q, want_entry = float64_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, interleaved)
                 entry = caches[0][:, length]
                 others = torch.cat([caches[0][:, :length], caches[0][:, length + 1 :]], 1)
@@ -683,6 +684,7 @@ def mla_front_kernel() -> dict[str, bool]:
                 results[name] = (
                     q_error < bound and entry_error < bound and drift < (1e-6 if dtype == torch.float32 else 1e-3)
                     and got.dtype == dtype and not others.any() and int(lengths[0]) == length + 1
+                    and torch.equal(got_lengths, ref_lengths) and got_lengths.tolist() == [length + 1] * rows
                 )  # fmt: skip
     return results
 

@@ -48,19 +48,20 @@ def test_op_torch_path_matches_float64(rows, heads, nope, rank, rope, interleave
     torch.manual_seed(rows + rank)
     q, kv_a, cos, sin, norm_weight, w_uk = front_inputs(rows, heads, nope, rank, rope)
     storage, length = torch.zeros(rows, 12, rank + rope), torch.tensor(5)
-    query = mla_front.mla_decode_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, storage, length, interleaved)
+    args = (q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, storage, length, interleaved)
+    query, lengths = mla_front.mla_decode_front(*args)
     want_query, want_entry = float64_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, interleaved)
     assert query.shape == (rows, heads, rank + rope) and query.dtype == q.dtype
     assert relative_error(query, want_query) < 1e-6
     assert relative_error(storage[:, 5], want_entry) < 1e-6
     assert not storage[:, :5].any() and not storage[:, 6:].any()
-    assert int(length) == 6
+    assert int(length) == 6 and lengths.dtype == torch.int32 and lengths.tolist() == [6] * rows
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = mla_front.mla_decode_front(
             *(mode.from_tensor(t) for t in (q, kv_a, cos, sin, norm_weight)), 1e-6, mode.from_tensor(w_uk),
             mode.from_tensor(storage), mode.from_tensor(length), interleaved,
         )  # fmt: skip
-    assert fake.shape == query.shape
+    assert fake[0].shape == query.shape and fake[1].shape == lengths.shape and fake[1].dtype == torch.int32
 
 
 def decode_logits(model, config, ids, steps) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,7 +174,7 @@ def test_inductor_compiles_the_front_in_place():
     storage, length = torch.zeros(2, 12, 56), torch.tensor(3)
 
     def step(q, kv_a, storage, length):
-        return mla_front.mla_decode_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, storage, length, True) * 2
+        return mla_front.mla_decode_front(q, kv_a, cos, sin, norm_weight, 1e-6, w_uk, storage, length, True)[0] * 2
 
     compiled = torch.compile(step, fullgraph=True)
     first = compiled(q, kv_a, storage, length)
@@ -204,8 +205,9 @@ def test_kernel_matches_the_torch_path(triton_cuda, rows, interleaved):
     inputs = front_inputs(rows, 16, 128, 512, 64, torch.bfloat16, "cuda")
     storages = [torch.zeros(rows, 64, 576, dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     lengths = [torch.tensor(9, device="cuda") for _ in range(2)]
-    got = launch(*inputs[:5], 1e-6, inputs[5], storages[0], lengths[0], interleaved)
-    want = mla_front.reference(*inputs[:5], 1e-6, inputs[5], storages[1], lengths[1], interleaved)
+    got, got_lengths = launch(*inputs[:5], 1e-6, inputs[5], storages[0], lengths[0], interleaved)
+    want, want_lengths = mla_front.reference(*inputs[:5], 1e-6, inputs[5], storages[1], lengths[1], interleaved)
+    assert torch.equal(got_lengths, want_lengths) and got_lengths.tolist() == [10] * rows
     assert relative_error(got, want) < 2e-3
     assert relative_error(storages[0][:, 9], storages[1][:, 9]) < 2e-3
     assert not storages[0][:, :9].any() and not storages[0][:, 10:].any()

@@ -7,8 +7,9 @@ writes the head's roped query after them: the joined query [B, H, r + rope] the 
 column of programs (one block past the outputs: a program per head and row block) writes the rows' new cache entries,
 the kv latent through its RMSNorm followed by the roped key, at the cache's length, a row a program (rows head,
 head + H, ... of its block); the last of them to finish (a counter, `counters.counters`, which it sets back to zero)
-counts the token (length + 1), after every writer has read the length. The attention kernels launch after this one
-and read the entries from the cache.
+counts the token (length + 1), after every writer has read the length; each writer also stores its rows' new
+lengths as int32 [B], as the attention kernels take them. The attention kernels launch after this one and read the
+entries from the cache.
 
 RoPE takes each rotated pair (x1, x2) at (2i, 2i+1) when INTERLEAVED (DeepSeek's weights) or (i, i + rope/2), and
 writes [x1 cos - x2 sin | x2 cos + x1 sin], as `attention.apply_rope`; the norm rounds to kv_a's dtype before the
@@ -43,7 +44,7 @@ def _rope(x_ptr, cos_ptr, sin_ptr, HALF, BLOCK_HALF: tl.constexpr, INTERLEAVED: 
 
 @triton.jit
 def _front_kernel(
-    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr,
+    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr, lens_ptr,
     B, H, NOPE, R, HALF, eps,
     stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
     stride_cacheb, stride_cachet,
@@ -70,6 +71,7 @@ def _front_kernel(
                                INTERLEAVED)  # fmt: skip
                 tl.store(entry + R + i, k1.to(cache_ptr.dtype.element_ty), mask=i < HALF)
                 tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+                tl.store(lens_ptr + b, (pos + 1).to(tl.int32))  # the row's length, as the attention kernels read it
         tl.debug_barrier()  # every thread's length read done before thread 0's release below
         writers = tl.num_programs(1) * tl.num_programs(2)
         if tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == writers - 1:  # the last writer: all have read
@@ -117,20 +119,21 @@ def plan(rows: int, heads: int, latent: int, nope: int) -> tuple[int, int, int]:
     return block_t, block_n, block_k
 
 
-def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool) -> torch.Tensor:
+def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool):
     """q [B, H, nope + rope] and kv_a [B, r + rope] (last dimensions contiguous), cos / sin [B, rope / 2], the kv
     norm's weight [r], W_UK [H, nope, r] (any strides), storage [B, L, r + rope] (last dimension contiguous), length
-    (one element, int32 or int64) -> the joined query [B, H, r + rope] in q's dtype; storage and length are written
-    as `mla_front.reference` writes them."""
+    (one element, int32 or int64) -> (the joined query [B, H, r + rope] in q's dtype, the rows' new lengths [B]
+    int32); storage and length are written as `mla_front.reference` writes them."""
     batch, heads, width = q.shape
     nope, latent = w_uk.shape[1], w_uk.shape[2]
     rope = width - nope
     out = torch.empty(batch, heads, latent + rope, device=q.device, dtype=q.dtype)
+    lengths = torch.empty(batch, device=q.device, dtype=torch.int32)
     block_t, block_n, block_k = plan(batch, heads, latent, nope)
     w_uk = w_uk.to(q.dtype)
     grid = (triton.cdiv(latent, block_n) + 1, heads, triton.cdiv(batch, block_t))
     _front_kernel[grid](
-        q, kv_a, cos, sin, norm_weight, w_uk, storage, length, counters("mla_front", 1, q.device), out,
+        q, kv_a, cos, sin, norm_weight, w_uk, storage, length, counters("mla_front", 1, q.device), out, lengths,
         batch, heads, nope, latent, rope // 2, eps,
         q.stride(0), q.stride(1), kv_a.stride(0), cos.stride(0), sin.stride(0), w_uk.stride(0), w_uk.stride(1),
         w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),
@@ -138,4 +141,4 @@ def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, in
         BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
         PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4,
     )  # fmt: skip
-    return out
+    return out, lengths

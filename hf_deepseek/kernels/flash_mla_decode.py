@@ -88,7 +88,8 @@ def _(query, pages, block_table, lengths, schedule, splits, scale):
 
 
 def row_lengths(length: torch.Tensor, batch: int) -> torch.Tensor:
-    """The cache's written length (a device scalar) as FlashMLA's per-row lengths [B] int32."""
+    """The cache's written length (a device scalar, or the rows' lengths [B]) as FlashMLA's per-row lengths [B]
+    int32 (no copy when given so already)."""
     return length.to(torch.int32).expand(batch).contiguous()
 
 

@@ -5,8 +5,9 @@ token's cache entry written on the way.
 Without it, the eager ops between kv_a / q_b and the attention kernel compile to seven launches a layer on an H100
 at batch 1 (the roped query, W_UK's batched matmul, the join, the kv norm, the roped key, the cache write and the
 length's increment: 11.6 us of kernels a layer plus their gaps, `docs/decode-h100/profile_ours-fast_b1_c2048_*`),
-each reading a few KB. `mla_decode_front` is a custom op that writes the cache storage and its length (one node
-under torch.compile, captured by CUDA graphs): the kernel (`_mla_front_triton.py`) on CUDA, the same computation in
+each reading a few KB. `mla_decode_front` is a custom op that writes the cache storage and its length and returns
+the rows' lengths as the attention kernels take them (no conversion launch after it; one node under torch.compile,
+captured by CUDA graphs): the kernel (`_mla_front_triton.py`) on CUDA, the same computation in
 torch elsewhere (`reference`, what the CPU tests run).
 """
 
@@ -34,11 +35,12 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def reference(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool) -> torch.Tensor:
+def reference(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool):
     """The kernel's computation in torch: q [B, H, nope + rope], kv_a [B, r + rope], cos / sin [B, rope / 2], the kv
-    norm's weight [r], W_UK [H, nope, r], storage [B, L, r + rope], length (one element) -> the joined query
-    [B, H, r + rope] (q's nope part through W_UK, fp32 sums rounded once; its roped part after it). Writes
-    [RMSNorm(latent) | roped key] at position `length` of every row of storage, then adds 1 to length."""
+    norm's weight [r], W_UK [H, nope, r], storage [B, L, r + rope], length (one element) -> (the joined query
+    [B, H, r + rope]: q's nope part through W_UK, fp32 sums rounded once, its roped part after it; the rows' new
+    lengths [B] int32, as the attention kernels take them). Writes [RMSNorm(latent) | roped key] at position
+    `length` of every row of storage, then adds 1 to length."""
     nope, latent = w_uk.shape[1], w_uk.shape[2]
     q_latent = torch.einsum("bhk,hkr->bhr", q[..., :nope].float(), w_uk.float()).to(q.dtype)
     q_rope = rope_pairs(q[..., nope:], cos[:, None], sin[:, None], interleaved)
@@ -46,7 +48,8 @@ def reference(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length,
     entry = torch.cat([rms_norm(kv_a[:, :latent], norm_weight, eps), k_rope], dim=-1)
     storage.index_copy_(1, length.reshape(1).long(), entry[:, None].to(storage.dtype))
     length.add_(1)
-    return torch.cat([q_latent, q_rope], dim=-1)
+    lengths = length.reshape(1).to(torch.int32).expand(q.shape[0]).contiguous()
+    return torch.cat([q_latent, q_rope], dim=-1), lengths
 
 
 @torch.library.custom_op("hf_deepseek::mla_decode_front", mutates_args=("storage", "length"))
@@ -61,8 +64,8 @@ def mla_decode_front(
     storage: torch.Tensor,
     length: torch.Tensor,
     interleaved: bool,
-) -> torch.Tensor:
-    """`reference`'s result and writes, in one launch of `_mla_front_triton._front_kernel` on CUDA."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference`'s results and writes, in one launch of `_mla_front_triton._front_kernel` on CUDA."""
     if not q.is_cuda:
         return reference(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved)
     from ._mla_front_triton import launch
@@ -72,7 +75,8 @@ def mla_decode_front(
 
 @mla_decode_front.register_fake
 def _(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved):
-    return q.new_empty(q.shape[0], q.shape[1], w_uk.shape[2] + q.shape[2] - w_uk.shape[1])
+    query = q.new_empty(q.shape[0], q.shape[1], w_uk.shape[2] + q.shape[2] - w_uk.shape[1])
+    return query, q.new_empty(q.shape[0], dtype=torch.int32)
 
 
 __all__ = ["ENABLED", "mla_decode_front", "reference", "rope_pairs", "usable"]

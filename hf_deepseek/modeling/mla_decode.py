@@ -60,13 +60,14 @@ def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStati
     cos, sin = position_embeddings  # [B, 1, rope / 2]
     w_uk, _ = attn.absorbed_weights()
     norm = attn.kv_a_layernorm
-    query = mla_front.mla_decode_front(
+    query, lengths = mla_front.mla_decode_front(
         q.view(bsz, attn.num_heads, attn.qk_head_dim), kv_a.view(bsz, -1), cos[:, 0], sin[:, 0], norm.weight,
         norm.eps, w_uk, layer.storage, layer.cumulative_length, attn.config.rope_interleave,
-    ).unsqueeze(2)  # fmt: skip
+    )  # fmt: skip
+    query = query.unsqueeze(2)  # [B, H, 1, r + rope]; lengths [B] int32, as both attention kernels take them
     if layer.flash_mla:
-        return flash_cache_attention(attn, None, None, layer.storage, layer.cumulative_length, cache, query)
-    return triton_cache_attention(attn, None, None, layer.buffer(), layer.cumulative_length, query)
+        return flash_cache_attention(attn, None, None, layer.storage, lengths, cache, query)
+    return triton_cache_attention(attn, None, None, layer.buffer(), lengths, query)
 
 
 def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache, query=None) -> torch.Tensor:
