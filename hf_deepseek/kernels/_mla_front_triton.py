@@ -45,7 +45,7 @@ def _rope(x_ptr, cos_ptr, sin_ptr, HALF, BLOCK_HALF: tl.constexpr, INTERLEAVED: 
 @triton.jit
 def _front_kernel(
     q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr, lens_ptr,
-    B, H, NOPE, R, HALF, eps,
+    B, H, NOPE, R, HALF, CACHE_LEN, eps,
     stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
     stride_cacheb, stride_cachet,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -61,16 +61,17 @@ def _front_kernel(
         for j in range(head, BLOCK_T, H):
             b = pid_t * BLOCK_T + j
             if b < B:
-                kv_row = kv_ptr + b * stride_kvb
-                x_in = tl.load(kv_row + d, mask=d_ok, other=0.0)
-                x = x_in.to(tl.float32)
-                normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / R + eps)).to(x_in.dtype).to(tl.float32)
-                entry = cache_ptr + b * stride_cacheb + pos * stride_cachet
-                tl.store(entry + d, (w * normed).to(cache_ptr.dtype.element_ty), mask=d_ok)
-                k1, k2 = _rope(kv_row + R, cos_ptr + b * stride_cb, sin_ptr + b * stride_sb, HALF, BLOCK_HALF,
-                               INTERLEAVED)  # fmt: skip
-                tl.store(entry + R + i, k1.to(cache_ptr.dtype.element_ty), mask=i < HALF)
-                tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+                if pos < CACHE_LEN:  # a full cache is never written past its end
+                    kv_row = kv_ptr + b * stride_kvb
+                    x_in = tl.load(kv_row + d, mask=d_ok, other=0.0)
+                    x = x_in.to(tl.float32)
+                    normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / R + eps)).to(x_in.dtype).to(tl.float32)
+                    entry = cache_ptr + b * stride_cacheb + pos * stride_cachet
+                    tl.store(entry + d, (w * normed).to(cache_ptr.dtype.element_ty), mask=d_ok)
+                    k1, k2 = _rope(kv_row + R, cos_ptr + b * stride_cb, sin_ptr + b * stride_sb, HALF, BLOCK_HALF,
+                                   INTERLEAVED)  # fmt: skip
+                    tl.store(entry + R + i, k1.to(cache_ptr.dtype.element_ty), mask=i < HALF)
+                    tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
                 tl.store(lens_ptr + b, (pos + 1).to(tl.int32))  # the row's length, as the attention kernels read it
         tl.debug_barrier()  # every thread's length read done before thread 0's release below
         writers = tl.num_programs(1) * tl.num_programs(2)
@@ -134,7 +135,7 @@ def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, in
     grid = (triton.cdiv(latent, block_n) + 1, heads, triton.cdiv(batch, block_t))
     _front_kernel[grid](
         q, kv_a, cos, sin, norm_weight, w_uk, storage, length, counters("mla_front", 1, q.device), out, lengths,
-        batch, heads, nope, latent, rope // 2, eps,
+        batch, heads, nope, latent, rope // 2, storage.shape[1], eps,
         q.stride(0), q.stride(1), kv_a.stride(0), cos.stride(0), sin.stride(0), w_uk.stride(0), w_uk.stride(1),
         w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=triton.next_power_of_2(latent),
