@@ -390,6 +390,36 @@ def test_tokens_quantised_once_equal_the_laid_out_rows_quantised(recipe):
     assert results[True][1].abs().sum() > 0 and not results[True][2][3].any()
 
 
+@pytest.mark.parametrize("fast", [("output", "grad_input", "grad_weight"), ("output",), ()])
+def test_fast_accumulation_reaches_the_gemms_the_recipe_names(monkeypatch, fast):
+    """`FP8Recipe.fast_accum`: each GEMM of an FP8 linear layer (forward, input and weight gradient) and of the routed
+    experts (forward and input gradient) asks the backend for fast accumulation exactly where the recipe names it;
+    the emulation's results do not depend on it. Unknown names are refused."""
+    calls = []
+    gemm, grouped = EmulatedBackend.gemm, EmulatedBackend.grouped_gemm
+    monkeypatch.setattr(
+        EmulatedBackend, "gemm", lambda self, *a: calls.append(("gemm", a[6] if len(a) > 6 else True)) or gemm(self, *a)
+    )
+    monkeypatch.setattr(
+        EmulatedBackend, "grouped_gemm",
+        lambda self, *a: calls.append(("grouped", a[6] if len(a) > 6 else True)) or grouped(self, *a),
+    )  # fmt: skip
+    recipe = FP8Recipe(scaling="rowwise", backend="emulated", fast_accum=fast)
+    x, w = torch.randn(32, 256, requires_grad=True), torch.randn(64, 256, requires_grad=True)
+    fp8_linear(x, w, recipe).sum().backward()
+    cfg = tiny_config(n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=48)
+    experts = convert_to_fp8_training(RoutedExperts(cfg), recipe)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    tokens = torch.randn(40, cfg.hidden_size, requires_grad=True)
+    experts(tokens, torch.stack([torch.randperm(4)[:2] for _ in range(40)]), torch.rand(40, 2)).sum().backward()
+    want = [("gemm", "output" in fast), ("gemm", "grad_input" in fast), ("gemm", "grad_weight" in fast)]
+    want += [("grouped", "output" in fast)] * 2 + [("grouped", "grad_input" in fast)] * 2  # gate_up, down each
+    assert sorted(calls) == sorted(want)
+    with pytest.raises(ValueError, match="fast_accum names output, grad_input and grad_weight only"):
+        FP8Recipe(fast_accum=("weights",))
+
+
 @pytest.mark.parametrize("kept", [("gate_up_proj", "down_proj"), ("down_proj",)])
 def test_expert_projections_kept_in_high_precision(kept):
     """`grouped_bf16` names projections that skip FP8: with both kept the FP8 experts compute exactly what the plain

@@ -103,7 +103,8 @@ class FP8LinearFunction(torch.autograd.Function):
         m, n = x2.shape[0], weight.shape[0]
         x_q, x_s = backend.quantize_rows(x2)
         w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
-        y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype)[:m, :n].contiguous()  # a copy only if padded
+        fast = "output" in backend.recipe.fast_accum
+        y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype, fast)[:m, :n].contiguous()  # a copy only if padded
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
             w_q = w_s = None
         ctx.save_for_backward(x2, weight, w_q, w_s, wt_amax)
@@ -120,14 +121,15 @@ class FP8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = backend.quantize_rows(dy2)  # scaled along N, the reduction dimension of dx = dy W
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            dx = backend.gemm(dy_q, dy_s, wt_q, wt_s, True, ctx.x_dtype)[:m, :k]
-            dx = dx.reshape(ctx.x_shape)
+            fast = "grad_input" in backend.recipe.fast_accum
+            dx = backend.gemm(dy_q, dy_s, wt_q, wt_s, True, ctx.x_dtype, fast)[:m, :k].reshape(ctx.x_shape)
         if ctx.needs_input_grad[1] and not wgrad_fp8:
             dw = linear_wgrad_high_precision(dy2, x2).to(ctx.w_dtype)
         elif ctx.needs_input_grad[1]:
             dyt_q, dyt_s = backend.quantize_rows(dy2.t())  # [N, Mp]: scaled along the tokens
             xt_q, xt_s = backend.quantize_rows(x2.t())  # [K, Mp]
-            dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32)[:n, :k].to(ctx.w_dtype)
+            fast = "grad_weight" in backend.recipe.fast_accum
+            dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32, fast)[:n, :k].to(ctx.w_dtype)
         return dx, dw, None, None
 
 
@@ -148,7 +150,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, x_pad.shape[0])
         x_q, x_s = backend.quantize_rows(x_pad)
         w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
-        y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype)[:, :n]
+        fast = "output" in backend.recipe.fast_accum
+        y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
             w_q = w_s = None
         ctx.save_for_backward(x_pad, weight, w_q, w_s, wt_amax, block_expert, seg_start, seg_end)
@@ -165,7 +168,8 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = backend.quantize_rows(dy)
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            dx = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, ctx.x_dtype)[:, :k]
+            fast = "grad_input" in backend.recipe.fast_accum
+            dx = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, ctx.x_dtype, fast)[:, :k]
         if ctx.needs_input_grad[1]:
             if backend.recipe.grouped_wgrad == "bf16":
                 dw = grouped_wgrad_high_precision(dy, x_pad, layout).to(ctx.w_dtype)
@@ -190,7 +194,8 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
         w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
-        y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype)[:, :n]
+        fast = "output" in backend.recipe.fast_accum
+        y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
             w_q = w_s = None
         ctx.save_for_backward(x, weight, w_q, w_s, wt_amax, token_pad, pair_rows, block_expert, seg_start, seg_end)
@@ -207,7 +212,8 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy_q, dy_s = backend.quantize_rows(dy)
             wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype)[:, :hidden]
+            fast = "grad_input" in backend.recipe.fast_accum
+            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype, fast)[:, :hidden]
             dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, hidden).sum(dim=1)
         if ctx.needs_input_grad[1]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)

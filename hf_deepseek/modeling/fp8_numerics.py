@@ -63,7 +63,11 @@ class FP8Recipe:
     `quantize_tokens_once`: the routed experts' first projection quantises each token's row once and lays the FP8
     rows out by expert (the FP8 values and scales of laying out the bf16 rows, once per chosen expert, and quantising
     that: a row's scales depend on that row only), which moves about a quarter of the bytes; False lays the bf16 rows
-    out first.
+    out first;
+    `fast_accum`: the GEMMs of the rowwise recipe ("output": the forward's, "grad_input", "grad_weight") whose FP8
+    products Hopper's tensor cores sum without promotion to FP32 (cuBLAS's fast accumulation): all three by default,
+    as torchao's rowwise recipe; DeepSeek-V3 (section 3.3.2) finds such sums lose precision over long K, and the
+    weight gradient's K is the step's tokens. The blockwise recipe promotes every 128 of K whatever this says.
     """
 
     scaling: str = "blockwise"
@@ -78,6 +82,7 @@ class FP8Recipe:
     grouped_bf16: tuple[str, ...] = ()
     weight_only_decode: bool = True
     quantize_tokens_once: bool = True
+    fast_accum: tuple[str, ...] = ("output", "grad_input", "grad_weight")
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -89,6 +94,11 @@ class FP8Recipe:
         unknown = set(self.grouped_bf16) - {"gate_up_proj", "down_proj"}
         if unknown:
             raise ValueError(f"FP8Recipe.grouped_bf16 names gate_up_proj and down_proj only, got {sorted(unknown)}")
+        unknown = set(self.fast_accum) - {"output", "grad_input", "grad_weight"}
+        if unknown:
+            raise ValueError(
+                f"FP8Recipe.fast_accum names output, grad_input and grad_weight only, got {sorted(unknown)}"
+            )
         if self.rowwise and self.grouped_wgrad == "fp8":
             raise ValueError(
                 "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"
@@ -264,14 +274,15 @@ class EmulatedBackend:
             return q.float() * scale.float()
         return dequantize_blocks(q, scale) if blocks else dequantize_tiles(q, scale)
 
-    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype, fast_accum: bool = True):
+        """a [M, K] @ b [N, K']^T of the dequantised operands in FP32 (`fast_accum`: a GPU's choice, exact here)."""
         k = b.shape[-1]
         a_f, b_f = self.dequantize(a, a_scale, False)[:, :k], self.dequantize(b, b_scale, b_blocks)
         return (a_f @ b_f.T).to(out_dtype)
 
-    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype, fast_accum=True):
         """Rows of expert e (128-aligned segments of `layout`) times expert e's weight b[e] [N, K]: each 128-row
-        block times the weight of the expert that owns it, zeros for unused blocks."""
+        block times the weight of the expert that owns it, zeros for unused blocks (`fast_accum`: as `gemm`)."""
         k = b.shape[-1]
         blocks = layout.block_expert.long()  # [nb]
         a_f = self.dequantize(a, a_scale, False)[:, :k].view(blocks.shape[0], BLOCK, k)

@@ -684,14 +684,15 @@ class HopperBackend:
         scale_b = b_scale.contiguous().t() if b_blocks else _col_major(b_scale).t()
         return torch._scaled_mm(a, b.t(), scale_a=_col_major(a_scale), scale_b=scale_b, out_dtype=out_dtype)
 
-    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype) -> torch.Tensor:
-        """a [M, K] @ b[N, K']^T (K' <= K, a zero beyond K'); cuBLAS when shapes and recipe allow, else Triton."""
+    def gemm(self, a, a_scale, b, b_scale, b_blocks: bool, out_dtype: torch.dtype, fast_accum: bool = True):
+        """a [M, K] @ b[N, K']^T (K' <= K, a zero beyond K'); cuBLAS when shapes and recipe allow, else Triton.
+        `fast_accum`: cuBLAS's rowwise products summed without promotion to FP32 (`FP8Recipe.fast_accum`)."""
         (m, k), (n, kb) = a.shape, b.shape
         if self.rowwise:
             if k == kb and k % 16 == 0 and n % 16 == 0 and self.recipe.gemm != "triton":
                 out = torch._scaled_mm(
                     a, b.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1), out_dtype=torch.bfloat16,
-                    use_fast_accum=True,
+                    use_fast_accum=fast_accum,
                 )  # fmt: skip
                 return out.to(out_dtype)
             kt = triton.cdiv(kb, BLOCK)  # one scale per row: the same scale for every 128-wide K tile
@@ -718,11 +719,11 @@ class HopperBackend:
         )  # fmt: skip
         return out
 
-    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+    def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype, fast_accum=True):
         if self.rowwise:  # cuBLAS grouped GEMM; rows past the last segment are never read downstream
             out = torch._scaled_grouped_mm(
                 a, b.transpose(-2, -1), a_scale.reshape(-1), b_scale.reshape(b.shape[0], -1), offs=layout.seg_end,
-                out_dtype=torch.bfloat16, use_fast_accum=True,
+                out_dtype=torch.bfloat16, use_fast_accum=fast_accum,
             )  # fmt: skip
             return out.to(out_dtype)
         return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
