@@ -2,14 +2,14 @@
 does between its projections and the attention over the latent cache, in one launch.
 
 Programs (block of BLOCK_N latent outputs, head, block of BLOCK_T rows) fold the query's nope part through the
-head's W_UK (`_moe_grouped_gemv_triton._tile_product`, fp32 sums rounded once) and the first block of outputs also
-writes the head's roped query after them: the joined query [B, H, r + rope] the attention kernels read. One more
-column of programs (one block past the outputs: a program per head and row block) writes the rows' new cache entries,
-the kv latent through its RMSNorm followed by the roped key, at the cache's length, a row a program (rows head,
-head + H, ... of its block); the last of them to finish (a counter, `counters.counters`, which it sets back to zero)
-counts the token (length + 1), after every writer has read the length; each writer also stores its rows' new
-lengths as int32 [B], as the attention kernels take them. The attention kernels launch after this one and read the
-entries from the cache.
+head's W_UK as `_head_matmul_triton`'s kernel does, with its plan (fp32 sums rounded once), and the first block of
+outputs also writes the head's roped query after them: the joined query [B, H, r + rope] the attention kernels read.
+One more column of programs (one block past the outputs: a program per head and row block) writes the rows' new
+cache entries, the kv latent through its RMSNorm followed by the roped key, at the cache's length, a row a program
+(rows head, head + H, ... of its block); the last of them to finish (a counter, `counters.counters`, which it sets
+back to zero) counts the token (length + 1), after every writer has read the length; each writer also stores its
+rows' new lengths as int32 [B], as the attention kernels take them. The attention kernels launch after this one and
+read the entries from the cache.
 
 RoPE takes each rotated pair (x1, x2) at (2i, 2i+1) when INTERLEAVED (DeepSeek's weights) or (i, i + rope/2), and
 writes [x1 cos - x2 sin | x2 cos + x1 sin], as `attention.apply_rope`; the norm rounds to kv_a's dtype before the
@@ -20,11 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._head_matmul_triton import plan
 from ._moe_grouped_gemv_triton import _tile_product
 from .counters import counters
-
-TARGET_PROGRAMS = 128  # about one per H200 multiprocessor (132)
-BROADCAST_ELEMENTS = 8192  # BLOCK_T * BLOCK_N * BLOCK_K of a broadcast product: ~64 fp32 registers a thread at 4 warps
 
 
 @triton.jit
@@ -103,21 +101,6 @@ def _front_kernel(
                     row = out_ptr + b * stride_ob + head * stride_oh + R
                     tl.store(row + i, q1.to(out_ptr.dtype.element_ty), mask=i < HALF)
                     tl.store(row + HALF + i, q2.to(out_ptr.dtype.element_ty), mask=i < HALF)
-
-
-def plan(rows: int, heads: int, latent: int, nope: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_N, BLOCK_K) of the W_UK programs: 16 rows a program (tensor cores) from 9 rows on, else the
-    rows rounded up to a power of two; BLOCK_N between 16 and 128 for about `TARGET_PROGRAMS` programs; BLOCK_K up to
-    128 (a broadcast product within `BROADCAST_ELEMENTS`), as `_head_matmul_triton.plan`."""
-    block_t = 16 if rows > 8 else triton.next_power_of_2(rows)
-    blocks = heads * triton.cdiv(rows, block_t)
-    block_n = min(128, max(16, triton.next_power_of_2(triton.cdiv(latent * blocks, TARGET_PROGRAMS))))
-    if triton.cdiv(latent, block_n) * blocks < TARGET_PROGRAMS // 2:  # too few programs: split the outputs finer
-        block_n = max(16, block_n // 2)
-    block_k = min(128, max(16, triton.next_power_of_2(nope)))
-    if block_t < 16:
-        block_k = min(block_k, max(16, BROADCAST_ELEMENTS // (block_t * block_n)))
-    return block_t, block_n, block_k
 
 
 def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool):
