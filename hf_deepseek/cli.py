@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-fast-mla-front and ours-fast-fp8-mla-front (a step's kv norm, RoPE, cache write and W_UK product in "
         "one launch before the attention kernel), ours-fast-front-fused-attn (that and ours-fast-fused-attn), "
         "ours-fast-fewest-launches and ours-fast-fp8-fewest-launches (those, the q_a norm in q_b's launch and the "
-        "dense MLP's gate and up in one), "
+        "dense MLP's gate and up in one; ours-fast-fewest-launches-pdl: with programmatic dependent launch), "
         "ours-fast-trees (the step in Inductor's CUDA graphs, a step a call, instead of captured by hand), "
         "ours-fast-pdl and ours-fast-fp8-pdl (programmatic dependent launch: our kernels' and Inductor's), ours-mtp, "
         "ours-generate, ours-generate-trees (its device loop with Inductor's CUDA graphs, a step a call), "

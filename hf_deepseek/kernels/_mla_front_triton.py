@@ -22,7 +22,9 @@ import triton.language as tl
 
 from ._head_matmul_triton import plan
 from ._moe_grouped_gemv_triton import _tile_product
+from ._pdl_triton import pdl_wait
 from .counters import counters
+from .moe_gemv_config import pdl_arguments
 
 
 @triton.jit
@@ -47,8 +49,9 @@ def _front_kernel(
     stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
     stride_cacheb, stride_cachet,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    pdl_wait(PDL)  # q, kv_a, the cache and its length: an earlier kernel writes each
     pid_n, head, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if pid_n == tl.num_programs(0) - 1:  # the cache writers: rows head, head + H, ... of the row block
         pos = tl.load(len_ptr)
@@ -123,6 +126,6 @@ def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, in
         w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=triton.next_power_of_2(latent),
         BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
-        PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4,
+        PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, **pdl_arguments(q.device),
     )  # fmt: skip
     return out, lengths
