@@ -1,0 +1,78 @@
+"""Compile decode and routing kernels for Hopper (sm_90) on a machine without a GPU: Triton's front end and ptxas
+run here, so a kernel that would not compile on the device machine fails here, before a device call is spent on it.
+Triton's interpreter (`triton_interpreter_check.py`) checks what the kernels compute; this checks that they build,
+at the launch configurations the model uses, and prints each one's shared memory.
+
+    PYTHONPATH=. python benchmarks/sm90_compile_check.py      # a Python with triton (a CUDA build of torch brings it)
+"""
+
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from hf_deepseek.kernels import _mla_decode_triton, _mla_front_triton, moe_routing
+
+TARGET = GPUTarget("cuda", 90, 32)
+# pointer arguments by name (the rest of a kernel's non-constexpr arguments are int32, `eps`-like ones fp32)
+POINTERS = {"len_ptr": "*i64", "sem_ptr": "*i32", "lens_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
+            "idx_ptr": "*i64", "wt_ptr": "*fp32", "counts_ptr": "*i64", "partial_ptr": "*i32", "logits_ptr": "*fp32",
+            "bias_ptr": "*fp32", "norm_ptr": "*bf16"}  # fmt: skip
+FLOATS = {"eps", "scale", "scale_log2"}
+
+
+def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict | None = None):
+    """`fn` (a triton.jit function) compiled for sm_90 with these constexpr values; pointers bf16 unless named in
+    POINTERS or `pointers`."""
+    names = fn.arg_names
+    kinds = {**POINTERS, **(pointers or {})}
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = kinds.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = ASTSource(
+        fn, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if signature[n].startswith("*")},
+    )  # fmt: skip
+    return triton.compile(source, target=TARGET, options=dict(num_warps=num_warps))
+
+
+def cases():
+    """(name, kernel, constexprs, warps, pointer dtypes) at the model's launch configurations."""
+    for rows in (1, 4, 32):  # the MLA front at batch 1, a few rows and a FlashMLA batch (16 heads, V3's ranks)
+        block_t, block_n, block_k = _mla_front_triton.plan(rows, 16, 512, 128)
+        front = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=512, BLOCK_HALF=32, INTERLEAVED=True,
+                     PRECISION=None)  # fmt: skip
+        yield f"mla front, {rows} rows", _mla_front_triton._front_kernel, front, 4, None
+    yield "mla front with PDL", _mla_front_triton._front_kernel, {**front, "PDL": True}, 4, None
+    for v_program in (32, 128):  # the combine kernel with W_UV, its rows over more programs or one
+        combine = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_S=32, CHUNK=8, LATENT=512, V=128, BLOCK_V=32, V_PROGRAM=v_program)
+        name = f"attention combine + W_UV, {v_program} values a program"
+        yield name, _mla_decode_triton._combine_kernel, combine, 4, {"len_ptr": "*i32"}
+    for count in (True, False):  # the router: decode's (counts) and training's given logits (none)
+        router = dict(E=64, G=8, EG=8, G_PAD=8, EG_PAD=8, TOP_K=6, K_PAD=8, TOPK_GROUP=4, GROUPED=True,
+                      GROUP_MAX=False, SOFTMAX=False, NORM=True, FUSED=False, ONE_BLOCK=False, SUM_ROWS=8, E_PAD=64,
+                      ACCURATE=True, BLOCK_T=8, BLOCK_E=1, BLOCK_D=16, COUNT=count)  # fmt: skip
+        yield f"router, counts {count}", moe_routing._router_kernel, router, 1, {"x_ptr": "*fp32", "w_ptr": "*fp32"}
+
+
+def main() -> int:
+    failed = 0
+    for name, fn, constexprs, warps, pointers in cases():
+        try:
+            kernel = compile_sm90(fn, constexprs, warps, pointers)
+            print(f"{name:55s} ok: {kernel.metadata.shared} B shared")
+        except Exception as error:  # every case reported, then the exit status
+            failed += 1
+            print(f"{name:55s} FAILED: {type(error).__name__}: {str(error)[:300]}")
+    print("all compiled" if not failed else f"{failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
