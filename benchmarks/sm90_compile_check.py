@@ -1,7 +1,7 @@
-"""Compile decode and routing kernels for Hopper (sm_90) on a machine without a GPU: Triton's front end and ptxas
-run here, so a kernel that would not compile on the device machine fails here, before a device call is spent on it.
-Triton's interpreter (`triton_interpreter_check.py`) checks what the kernels compute; this checks that they build,
-at the launch configurations the model uses, and prints each one's shared memory.
+"""Compile decode, routing and optimizer kernels for Hopper (sm_90) on a machine without a GPU: Triton's front end
+and ptxas run here, so a kernel that would not compile on the device machine fails here, before a device call is
+spent on it. Triton's interpreter (`triton_interpreter_check.py`) checks what the kernels compute; this checks that
+they build, at the launch configurations the model uses, and prints each one's shared memory.
 
     PYTHONPATH=. python benchmarks/sm90_compile_check.py      # a Python with triton (a CUDA build of torch brings it)
 """
@@ -12,14 +12,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_deepseek.kernels import _mla_decode_triton, _mla_front_triton, moe_routing
+from hf_deepseek.kernels import _adamw_triton, _head_matmul_triton, _mla_decode_triton, _mla_front_triton, moe_routing
 
 TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments by name (the rest of a kernel's non-constexpr arguments are int32, `eps`-like ones fp32)
 POINTERS = {"len_ptr": "*i64", "sem_ptr": "*i32", "lens_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
             "idx_ptr": "*i64", "wt_ptr": "*fp32", "counts_ptr": "*i64", "partial_ptr": "*i32", "logits_ptr": "*fp32",
             "bias_ptr": "*fp32", "norm_ptr": "*bf16"}  # fmt: skip
-FLOATS = {"eps", "scale", "scale_log2"}
+FLOATS = {"eps", "scale", "scale_log2", "lr_decay", "beta1", "beta2", "step_size", "bias_correction2_sqrt"}
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict | None = None):
@@ -50,10 +50,16 @@ def cases():
                      PRECISION=None)  # fmt: skip
         yield f"mla front, {rows} rows", _mla_front_triton._front_kernel, front, 4, None
     yield "mla front with PDL", _mla_front_triton._front_kernel, {**front, "PDL": True}, 4, None
+    split = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_T=64, BLOCK_H=16, LATENT=512, ROPE=64)  # the default plan at 1 / 2k
+    yield "attention split", _mla_decode_triton._split_kernel, split, 4, {"len_ptr": "*i32"}
+    head = dict(BLOCK_T=1, BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, PRECISION=None)
+    yield "W_UK per head with the roped tail", _head_matmul_triton._head_kernel, head, 4, None
     for v_program in (32, 128):  # the combine kernel with W_UV, its rows over more programs or one
         combine = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_S=32, CHUNK=8, LATENT=512, V=128, BLOCK_V=32, V_PROGRAM=v_program)
         name = f"attention combine + W_UV, {v_program} values a program"
         yield name, _mla_decode_triton._combine_kernel, combine, 4, {"len_ptr": "*i32"}
+    adamw = {"BLOCK": _adamw_triton.BLOCK}  # bf16 parameters with bf16 moments, as the bench trains them
+    yield "AdamW", _adamw_triton._adamw_kernel, adamw, _adamw_triton.WARPS, None
     for count in (True, False):  # the router: decode's (counts) and training's given logits (none)
         router = dict(E=64, G=8, EG=8, G_PAD=8, EG_PAD=8, TOP_K=6, K_PAD=8, TOPK_GROUP=4, GROUPED=True,
                       GROUP_MAX=False, SOFTMAX=False, NORM=True, FUSED=False, ONE_BLOCK=False, SUM_ROWS=8, E_PAD=64,
