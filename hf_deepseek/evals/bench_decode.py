@@ -303,6 +303,8 @@ class Row:
     pdl: bool = False
 
 
+# the switches of every kernel that takes launches out of a batch-1 layer (the `*-fewest-launches` rows)
+FEWEST_LAUNCHES = dict(mla_front=True, fused_attention=True, fused_norm_linear=True, fused_gate_up=True)
 STEP_ROWS = {
     "transformers-eager": Row("transformers-eager", "dynamic", False),
     "transformers-compile": Row("transformers-compile", "static", True),
@@ -343,23 +345,10 @@ STEP_ROWS = {
         "ours-fast-front-fused-attn", "latent", True, mla_front=True, fused_attention=True
     ),
     "ours-fast-fewest-launches": Row(  # every kernel that takes launches out of a batch-1 layer
-        "ours-fast-fewest-launches",
-        "latent",
-        True,
-        mla_front=True,
-        fused_attention=True,
-        fused_norm_linear=True,
-        fused_gate_up=True,
+        "ours-fast-fewest-launches", "latent", True, **FEWEST_LAUNCHES
     ),
     "ours-fast-fewest-launches-pdl": Row(  # and programmatic dependent launch, now that the chain is mostly ours
-        "ours-fast-fewest-launches-pdl",
-        "latent",
-        True,
-        mla_front=True,
-        fused_attention=True,
-        fused_norm_linear=True,
-        fused_gate_up=True,
-        pdl=True,
+        "ours-fast-fewest-launches-pdl", "latent", True, **FEWEST_LAUNCHES, pdl=True
     ),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
@@ -368,15 +357,7 @@ STEP_ROWS = {
     "ours-fast-fp8-pdl": Row("ours-fast-fp8-pdl", "latent", True, pdl=True),
     "ours-fast-fp8-separate-q-kv-a": Row("ours-fast-fp8-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
     "ours-fast-fp8-mla-front": Row("ours-fast-fp8-mla-front", "latent", True, mla_front=True),
-    "ours-fast-fp8-fewest-launches": Row(
-        "ours-fast-fp8-fewest-launches",
-        "latent",
-        True,
-        mla_front=True,
-        fused_attention=True,
-        fused_norm_linear=True,
-        fused_gate_up=True,
-    ),
+    "ours-fast-fp8-fewest-launches": Row("ours-fast-fp8-fewest-launches", "latent", True, **FEWEST_LAUNCHES),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (

@@ -166,18 +166,27 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         n, k = dy.shape[1], x_pad.shape[1]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = backend.quantize_rows(dy)
-            wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            fast = "grad_input" in backend.recipe.fast_accum
-            dx = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, ctx.x_dtype, fast)[:, :k]
+            dx = _grouped_input_grad(backend, dy, weight, (w_q, w_s, wt_amax), layout, ctx.x_dtype)[:, :k]
         if ctx.needs_input_grad[1]:
-            if backend.recipe.grouped_wgrad == "bf16":
-                dw = grouped_wgrad_high_precision(dy, x_pad, layout).to(ctx.w_dtype)
-            else:
-                dyt_q, dyt_s = backend.quantize_rows(dy.t())
-                xt_q, xt_s = backend.quantize_rows(x_pad.t())
-                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :k].to(ctx.w_dtype)
+            dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :k].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None
+
+
+def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, dtype) -> torch.Tensor:
+    """The experts' input gradient dy W (laid-out rows) in FP8; `w_quantised`: (W's FP8 copy, its scales, W^T's
+    amaxes) as the forward kept them."""
+    dy_q, dy_s = backend.quantize_rows(dy)
+    wt_q, wt_s = backend.quantize_weight_t(weight, *w_quantised)
+    return backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, dtype, "grad_input" in backend.recipe.fast_accum)
+
+
+def _grouped_weight_grad(backend, dy, x_pad, layout: ExpertLayout) -> torch.Tensor:
+    """The experts' weight gradients dy^T x over each expert's rows, in the recipe's `grouped_wgrad` precision."""
+    if backend.recipe.grouped_wgrad == "bf16":
+        return grouped_wgrad_high_precision(dy, x_pad, layout)
+    dyt_q, dyt_s = backend.quantize_rows(dy.t())
+    xt_q, xt_s = backend.quantize_rows(x_pad.t())
+    return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)
 
 
 class FP8TokenGroupedLinearFunction(torch.autograd.Function):
@@ -210,19 +219,11 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         (tokens, hidden), n = x.shape, dy.shape[1]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dy_q, dy_s = backend.quantize_rows(dy)
-            wt_q, wt_s = backend.quantize_weight_t(weight, w_q, w_s, wt_amax)
-            fast = "grad_input" in backend.recipe.fast_accum
-            dx_pad = backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, x.dtype, fast)[:, :hidden]
+            dx_pad = _grouped_input_grad(backend, dy, weight, (w_q, w_s, wt_amax), layout, x.dtype)[:, :hidden]
             dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, hidden).sum(dim=1)
         if ctx.needs_input_grad[1]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            if backend.recipe.grouped_wgrad == "bf16":
-                dw = grouped_wgrad_high_precision(dy, x_pad, layout).to(ctx.w_dtype)
-            else:
-                dyt_q, dyt_s = backend.quantize_rows(dy.t())
-                xt_q, xt_s = backend.quantize_rows(x_pad.t())
-                dw = backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)[:, :n, :hidden].to(ctx.w_dtype)
+            dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :hidden].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None, None
 
 
