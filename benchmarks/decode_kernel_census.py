@@ -21,7 +21,7 @@ import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench_decode import STEP_ROWS, patched_attributes, row_switches
-from hf_deepseek.kernels import head_matmul, mla_decode_triton, moe_gemv, moe_routing
+from hf_deepseek.kernels import head_matmul, mla_decode_triton, mla_front, moe_gemv, moe_routing
 from hf_deepseek.modeling import latent_cache
 from hf_deepseek.modeling.decode_linear import use_decode_linears
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
@@ -40,6 +40,8 @@ VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
     "unfolded": "ours-fast-unfolded",
     "all": "ours-fast-all-kernels",
     "fused-attn": "ours-fast-fused-attn",
+    "mla-front": "ours-fast-mla-front",
+    "fewest-launches": "ours-fast-fewest-launches",
 }
 
 
@@ -82,6 +84,7 @@ def gpu_choices(row: str):
         (mla_decode_triton, "usable", lambda *args: True),
         (latent_cache, "DECODE_ATTENTION", "triton"),
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
+        (mla_front, "usable", lambda q, kv_a, storage: mla_front.ENABLED and not torch.is_grad_enabled()),
     ]
     with patched_attributes(patches), row_switches(STEP_ROWS[row]):
         yield
@@ -115,9 +118,11 @@ def census(row: str, config: dict | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     args = parser.parse_args()
     results = {}
-    for variant, row in VARIANTS.items():
+    for variant in args.variants.split(","):
+        row = VARIANTS[variant]
         result = census(row)
         results[variant] = result
         launches = len(result["kernels"]) + sum(result["ops"].values())
