@@ -42,6 +42,7 @@ VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
     "fused-attn": "ours-fast-fused-attn",
     "mla-front": "ours-fast-mla-front",
     "fewest-launches": "ours-fast-fewest-launches",
+    "fewest-launches-router-norm": "ours-fast-fewest-launches-router-norm",
 }
 
 

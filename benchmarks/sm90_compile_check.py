@@ -65,6 +65,10 @@ def cases():
                       GROUP_MAX=False, SOFTMAX=False, NORM=True, FUSED=False, ONE_BLOCK=False, SUM_ROWS=8, E_PAD=64,
                       ACCURATE=True, BLOCK_T=8, BLOCK_E=1, BLOCK_D=16, COUNT=count)  # fmt: skip
         yield f"router, counts {count}", moe_routing._router_kernel, router, 1, {"x_ptr": "*fp32", "w_ptr": "*fp32"}
+    for add_norm in (False, True):  # decode at batch 1: the logits in the launch, the residual sum and norm too
+        fused = {**router, "FUSED": True, "ONE_BLOCK": True, "BLOCK_T": 1, "BLOCK_D": 2048, "COUNT": True,
+                 "ADD_NORM": add_norm}  # fmt: skip
+        yield f"router at batch 1, sum and norm {add_norm}", moe_routing._router_kernel, fused, 1, {"w_ptr": "*fp32"}
 
 
 def main() -> int:

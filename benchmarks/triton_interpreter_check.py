@@ -346,6 +346,35 @@ def moe_router() -> dict[str, bool]:
             torch.equal(indices, moe_routing.choose_experts(scores, bias, args))
             and not moe_routing._semaphores(logits.device).any()
         )
+    for tokens, dim, dtype in ((1, 256, torch.float32), (5, 320, torch.float32), (3, 256, torch.bfloat16)):
+        # the residual sum and RMSNorm in the launch (`add_norm`): in fp32 the sums equal the eager op's and the
+        # normalised rows agree to 1e-6 (numpy's rsqrt). In bf16 only to bf16's precision: the interpreter keeps
+        # bf16 values in fp32 and truncates them when it stores them, where the GPU and torch round to nearest even
+        # (tests/test_router_add_norm.py checks the GPU's bits). The routing is that of the rows the kernel
+        # normalised.
+        torch.manual_seed(dim + tokens)
+        config = DeepSeekConfig(hidden_size=dim, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
+        weight, bias = torch.randn(64, dim) / 16, torch.randn(64) / 10
+        residual, delta = (torch.randn(tokens, dim).to(dtype) for _ in range(2))
+        norm_weight = (1 + torch.randn(dim) / 4).to(dtype)
+        args = moe_routing.routing_args(config)
+        indices, weights, counts, logits, hidden, normed = moe_routing.launch(
+            residual, weight, bias, *args, fuse=True, add_norm=(delta, norm_weight, 1e-6)
+        )
+        want_hidden, want_normed = moe_routing.add_norm_reference(residual, delta, norm_weight, 1e-6)
+        fp32 = dtype == torch.float32
+        sums_ok = torch.equal(hidden, want_hidden) if fp32 else torch.allclose(hidden, want_hidden, rtol=2**-7, atol=0)
+        one = np.float32(1)
+        scores = torch.from_numpy(one / (one + np.exp(-logits.numpy())))
+        want_indices = moe_routing.select_experts(scores, bias, args)[0]
+        results[f"residual sum and norm in the launch, {tokens} x {dim} {str(dtype)[6:]}"] = (
+            sums_ok
+            and torch.allclose(normed.float(), want_normed.float(), rtol=1e-6 if fp32 else 2**-5, atol=1e-6)
+            and torch.allclose(logits, F.linear(normed.float(), weight), rtol=1e-5, atol=1e-5)
+            and torch.equal(indices, want_indices)
+            and torch.equal(counts, torch.bincount(want_indices.flatten(), minlength=64))
+            and not moe_routing._semaphores(residual.device).any()
+        )
     config = DeepSeekConfig(hidden_size=256, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
     zeros = torch.zeros(64, 256), torch.zeros(64)  # every score 0.5: every group and expert tied
     tied = moe_routing.launch(torch.randn(2, 256), *zeros, *moe_routing.routing_args(config))

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
         "one launch before the attention kernel), ours-fast-front-fused-attn (that and ours-fast-fused-attn), "
         "ours-fast-fewest-launches and ours-fast-fp8-fewest-launches (those, the q_a norm in q_b's launch and the "
         "dense MLP's gate and up in one; ours-fast-fewest-launches-pdl: with programmatic dependent launch), "
+        "ours-fast-router-norm (the post-attention residual sum and norm in the router's launch; "
+        "ours-fast-fewest-launches-router-norm: and the fewest-launches kernels), "
         "ours-fast-trees (the step in Inductor's CUDA graphs, a step a call, instead of captured by hand), "
         "ours-fast-pdl and ours-fast-fp8-pdl (programmatic dependent launch: our kernels' and Inductor's), ours-mtp, "
         "ours-generate, ours-generate-trees (its device loop with Inductor's CUDA graphs, a step a call), "

@@ -57,6 +57,7 @@ from hf_deepseek.kernels import (
     moe_gemv,
     moe_gemv_config,
     moe_grouped_gemv,
+    moe_routing,
 )
 from hf_deepseek.kernels.moe_gemv_config import parse_config
 from hf_deepseek.modeling import latent_cache, moe_decode
@@ -95,6 +96,8 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-front-fused-attn",
     "ours-fast-fewest-launches",
     "ours-fast-fewest-launches-pdl",
+    "ours-fast-router-norm",
+    "ours-fast-fewest-launches-router-norm",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -295,6 +298,7 @@ class Row:
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
     fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
     mla_front: bool = False  # mla_front.ENABLED on (kv norm, RoPE, cache write and W_UK of a step in one launch)
+    router_add_norm: bool = False  # moe_routing.ADD_NORM on (the residual sum and post-attention norm in the router)
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -349,6 +353,10 @@ STEP_ROWS = {
     ),
     "ours-fast-fewest-launches-pdl": Row(  # and programmatic dependent launch, now that the chain is mostly ours
         "ours-fast-fewest-launches-pdl", "latent", True, **FEWEST_LAUNCHES, pdl=True
+    ),
+    "ours-fast-router-norm": Row("ours-fast-router-norm", "latent", True, router_add_norm=True),
+    "ours-fast-fewest-launches-router-norm": Row(  # and the post-attention residual sum and norm in the router's launch
+        "ours-fast-fewest-launches-router-norm", "latent", True, **FEWEST_LAUNCHES, router_add_norm=True
     ),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
@@ -411,6 +419,7 @@ def row_switches(row: Row):
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
         (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),
         (mla_front, "ENABLED", row.mla_front or mla_front.ENABLED),
+        (moe_routing, "ADD_NORM", row.router_add_norm or moe_routing.ADD_NORM),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

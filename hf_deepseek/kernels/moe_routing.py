@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .counters import counters
-from .moe_gemv import triton_available
+from .moe_gemv import rms_norm, triton_available
 from .moe_gemv_config import pdl_arguments
 
 # False (or HF_DEEPSEEK_FUSED_ROUTER=0 in the environment): the torch router everywhere (to measure it in the same run)
@@ -38,6 +38,9 @@ ENABLED = os.environ.get("HF_DEEPSEEK_FUSED_ROUTER", "1") != "0"
 MAX_TOKENS = 256  # tokens up to which the router runs as the kernel (decode, speculative verification)
 FUSE_MAX_TOKENS = 16  # tokens up to which the kernel computes the logits too (beyond, cuBLAS does, then the kernel)
 MAX_EXPERTS, MAX_TOP_K = 512, 16  # what one program holds in registers (padded to powers of 2)
+# HF_DEEPSEEK_ROUTER_ADD_NORM=1: a decode step's residual sum and post-attention RMSNorm in the router's launch
+# (`add_norm_route_tokens`; bench row `ours-fast-router-norm`), one Inductor kernel fewer a MoE layer
+ADD_NORM = os.environ.get("HF_DEEPSEEK_ROUTER_ADD_NORM", "0") == "1"
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -196,6 +199,70 @@ def _(x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, no
     )
 
 
+def add_norm_usable(router, norm_weight: torch.Tensor, residual: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether `add_norm_route_tokens` serves a TopKRouter after a residual [N, d] and its update delta [N, d]: where
+    `route_tokens` would, `ADD_NORM` on, at most `FUSE_MAX_TOKENS` tokens (the kernel computes the logits), the
+    norm's weight, the residual and delta all of one floating dtype."""
+    return (
+        ADD_NORM
+        and usable(router, residual)
+        and residual.shape[0] <= FUSE_MAX_TOKENS
+        and residual.dtype == delta.dtype == norm_weight.dtype
+        and residual.shape == delta.shape
+    )
+
+
+def add_norm_reference(
+    residual: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta, RMSNorm(residual + delta)): the decoder layer's residual sum and `layers.RMSNorm`."""
+    hidden = residual + delta
+    return hidden, rms_norm(hidden, norm_weight, eps)
+
+
+@torch.library.custom_op("hf_deepseek::add_norm_route_tokens", mutates_args=())
+def add_norm_route_tokens(
+    residual: torch.Tensor,
+    delta: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    scoring_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """residual, delta [N, d], the post-attention norm's weight [d] and eps, then `route_tokens`'s arguments ->
+    `route_tokens` of RMSNorm(residual + delta), then that sum and the normalised rows [N, d]: in the router
+    kernel's one launch on CUDA (at most `FUSE_MAX_TOKENS` tokens), `add_norm_reference` then the router's torch
+    computation elsewhere."""
+    args = Routing(top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor)
+    if residual.is_cuda and triton_available():
+        indices, weights, counts, _, hidden, normed = launch(
+            residual, weight, bias, *args, fuse=True, add_norm=(delta, norm_weight, eps)
+        )
+        return indices, weights, counts, hidden, normed
+    hidden, normed = add_norm_reference(residual, delta, norm_weight, eps)
+    indices, weights, _ = route_reference(F.linear(normed.float(), weight.float()), bias, *args)
+    return indices, weights, count_per_expert(indices.flatten(), weight.shape[0]), hidden, normed
+
+
+@add_norm_route_tokens.register_fake
+def _(residual, delta, norm_weight, eps, weight, bias, top_k, *routing):
+    num_tokens = residual.shape[0]
+    return (
+        residual.new_empty(num_tokens, top_k, dtype=torch.long),
+        residual.new_empty(num_tokens, top_k, dtype=torch.float32),
+        residual.new_empty(weight.shape[0], dtype=torch.long),
+        torch.empty_like(residual),
+        torch.empty_like(residual),
+    )
+
+
 def routes_indices(router, logits: torch.Tensor) -> bool:
     """Whether `route_indices` chooses a TopKRouter's experts from its logits [N, E] (set-up time checks): any number
     of tokens on CUDA with Triton, training included (the gate weights stay torch's, differentiable)."""
@@ -241,11 +308,16 @@ def _semaphores(device: torch.device) -> torch.Tensor:
 def launch(
     x, weight, bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor,
     fuse: bool | None = None, config: tuple[int, int, int, int] | None = None, logits: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    add_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """The kernel: -> indices [N, k], weights [N, k], counts [E], and the logits [N, E] it routed (fp32).
     `fuse`: whether the kernel computes the logits (default: up to `FUSE_MAX_TOKENS` tokens), else cuBLAS does.
     `config`: (BLOCK_T, BLOCK_E, BLOCK_D, warps), tokens and experts per program and the reduction chunk.
-    `logits` [N, E] given (x and weight None): route them, any number of tokens, and leave counts unwritten."""
+    `logits` [N, E] given (x and weight None): route them, any number of tokens, and leave counts unwritten.
+    `add_norm` (delta [N, d], the norm's weight [d], eps; computing the logits): x is a residual, the routed rows
+    RMSNorm(x + delta) (`add_norm_reference`); also returns the sums and the normalised rows, [N, d] each."""
+    if add_norm is not None and (logits is not None or fuse is False or x.shape[0] > FUSE_MAX_TOKENS):
+        raise ValueError(f"add_norm needs the kernel's own logits: at most FUSE_MAX_TOKENS={FUSE_MAX_TOKENS} tokens")
     if triton is None:
         raise RuntimeError("the router kernel needs Triton")
     given = logits is not None
@@ -279,8 +351,15 @@ def launch(
         x, weight = x.contiguous(), weight.contiguous()
         logits = F.linear(x.float(), weight.float()).contiguous()
         expert_blocks = 1
+    extra, normed_rows = {}, ()
+    if add_norm is not None:
+        delta, norm_weight, eps = add_norm
+        hidden, normed = torch.empty_like(x), torch.empty_like(x)
+        extra = dict(delta_ptr=delta.contiguous(), g_ptr=norm_weight.contiguous(), hidden_ptr=hidden,
+                     normed_ptr=normed, eps=float(eps), ADD_NORM=True)  # fmt: skip
+        normed_rows = (hidden, normed)
     if num_tokens == 0:
-        return indices, weights, counts.zero_(), logits
+        return indices, weights, counts.zero_(), logits, *normed_rows
     _router_kernel[(token_blocks, expert_blocks)](
         x, weight, logits, bias, indices, weights, counts, partial, _semaphores(device),
         num_tokens, dim, routed_scaling_factor,
@@ -290,9 +369,9 @@ def launch(
         NORM=norm_topk_prob and top_k > 1, FUSED=fuse, ONE_BLOCK=token_blocks == 1, COUNT=not given,
         SUM_ROWS=min(_next_pow2(token_blocks), max(1, 512 // _next_pow2(num_experts))), E_PAD=_next_pow2(num_experts),
         ACCURATE=os.environ.get("TRITON_INTERPRET") != "1",  # libdevice's exp does not run in the interpreter
-        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps, **pdl_arguments(device),
+        BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_D=block_d, num_warps=warps, **extra, **pdl_arguments(device),
     )  # fmt: skip
-    return indices, weights, counts, logits
+    return indices, weights, counts, logits, *normed_rows
 
 
 def _default_config(num_tokens: int, dim: int, fuse: bool, columns: int) -> tuple[int, int, int, int]:
@@ -339,11 +418,15 @@ if triton is not None:
         GROUP_MAX: tl.constexpr, SOFTMAX: tl.constexpr, NORM: tl.constexpr, FUSED: tl.constexpr,
         ONE_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr, E_PAD: tl.constexpr, ACCURATE: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-        COUNT: tl.constexpr = True,
+        COUNT: tl.constexpr = True, delta_ptr=None, g_ptr=None, hidden_ptr=None, normed_ptr=None, eps=0.0,
+        ADD_NORM: tl.constexpr = False,
     ):  # fmt: skip
         """Program (b, j): with FUSED, logits[tokens of b, experts of j] = x @ W^T (fp32), then the last of token
         block b's programs routes its tokens; without, one program per token block routes the given logits. COUNT:
-        the tokens per expert too. PDL: `_pdl_triton.pdl_wait`'s."""
+        the tokens per expert too. PDL: `_pdl_triton.pdl_wait`'s. ADD_NORM (with FUSED): x is the residual; the
+        routed rows are RMSNorm(x + delta) with weight g, rounded as the eager ops round them (the sum to x's dtype,
+        the normalised rows to it, their product with g again); programs (b, 0) store the sums (hidden) and the
+        normalised rows (normed), which every program of the block recomputes from cache."""
         pdl_wait(PDL)
         MIN_KEY: tl.constexpr = -9223372036854775807  # below every value's key: taken or absent
         C: tl.constexpr = G_PAD * EG_PAD  # the routing tile's columns: groups side by side, each padded
@@ -355,10 +438,33 @@ if triton is not None:
             e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
             e_ok = e < E
             acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+            if ADD_NORM:
+                dtype = x_ptr.dtype.element_ty
+                squares = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+                for d0 in range(0, D, BLOCK_D):
+                    d = d0 + tl.arange(0, BLOCK_D)
+                    at = t[:, None] * D + d[None, :]
+                    ok = t_ok[:, None] & (d < D)[None, :]
+                    h = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                    h = (h + tl.load(delta_ptr + at, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+                    squares += h * h
+                rstd = tl.rsqrt(tl.sum(squares, axis=1) / D + eps)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + tl.arange(0, BLOCK_D)
                 d_ok = d < D
-                xs = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+                if ADD_NORM:
+                    at = t[:, None] * D + d[None, :]
+                    ok = t_ok[:, None] & d_ok[None, :]
+                    h = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+                    h = (h + tl.load(delta_ptr + at, mask=ok, other=0.0).to(tl.float32)).to(dtype)
+                    normed = (h.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
+                    g = tl.load(g_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+                    xs = (g[None, :] * normed).to(dtype)
+                    if tl.program_id(1) == 0:
+                        tl.store(hidden_ptr + at, h, mask=ok)
+                        tl.store(normed_ptr + at, xs, mask=ok)
+                else:
+                    xs = tl.load(x_ptr + t[:, None] * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
                 ws = tl.load(w_ptr + e[:, None] * D + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0)
                 acc += tl.sum(xs.to(tl.float32)[:, None, :] * ws.to(tl.float32)[None, :, :], axis=2)
             tl.store(logits_ptr + t[:, None] * E + e[None, :], acc, mask=t_ok[:, None] & e_ok[None, :])
@@ -451,6 +557,7 @@ if triton is not None:
 
 __all__ = [
     "route_tokens", "route_indices", "routes_indices", "route_reference", "select_experts", "choose_experts",
+    "add_norm_route_tokens", "add_norm_reference", "add_norm_usable", "ADD_NORM",
     "gate_weights", "score", "routing_args", "Routing", "count_per_expert", "grouped",
     "sort_pairs", "supported", "usable", "launch", "ENABLED", "MAX_TOKENS", "FUSE_MAX_TOKENS",
 ]  # fmt: skip

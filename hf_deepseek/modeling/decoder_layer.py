@@ -38,6 +38,13 @@ class DeepSeekDecoderLayer(GradientCheckpointingLayer):
             output_attentions=output_attentions,
             **kwargs,
         )
-        hidden_states = hidden_states + attn_out
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        routed = None
+        if isinstance(self.mlp, DeepSeekMoE):  # decode on CUDA, opt-in: the sum, norm and routing in one launch
+            routed = self.mlp.route_after_attention(self.post_attention_layernorm, hidden_states, attn_out)
+        if routed is None:
+            hidden_states = hidden_states + attn_out
+            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        else:
+            hidden_states, normed, routes = routed
+            hidden_states = hidden_states + self.mlp(normed, routes=routes)
         return (hidden_states, attn_weights) if output_attentions else hidden_states

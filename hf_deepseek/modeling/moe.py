@@ -180,10 +180,13 @@ class DeepSeekMoE(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, routes: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """`routes`: (indices, weights) the router already chose for these tokens (`route_after_attention`)."""
         bsz, seq_len, dim = hidden_states.shape
         flat = hidden_states.reshape(-1, dim)
-        indices, weights = self.gate(flat, bsz)
+        indices, weights = self.gate(flat, bsz) if routes is None else routes
         both = routed_and_shared_experts(self, flat, indices, weights)  # decode, opt-in: one pair of launches for all
         if both is not None:
             return both.view(bsz, seq_len, dim)
@@ -191,3 +194,19 @@ class DeepSeekMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden_states)
         return out
+
+    def route_after_attention(self, norm, residual: torch.Tensor, attn_out: torch.Tensor) -> tuple | None:
+        """A decode step's residual sum, the post-attention RMSNorm `norm` and this layer's routing in the router
+        kernel's one launch (`moe_routing.ADD_NORM`) -> (hidden, normed [B, T, d], routes for `forward`); None
+        where that launch does not serve (the caller then adds, normalises and calls `forward` itself)."""
+        dim = residual.shape[-1]
+        flat, delta = residual.reshape(-1, dim), attn_out.reshape(-1, dim)
+        if not moe_routing.add_norm_usable(self.gate, norm.weight, flat, delta):
+            return None
+        gate = self.gate
+        indices, weights, gate.last_expert_load, hidden, normed = moe_routing.add_norm_route_tokens(
+            flat, delta, norm.weight, norm.eps, gate.weight, gate.e_score_correction_bias,
+            *moe_routing.routing_args(gate.config),
+        )  # fmt: skip
+        gate.last_aux_loss = None
+        return hidden.view_as(residual), normed.view_as(residual), (indices, weights)
