@@ -12,7 +12,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from hf_deepseek.kernels import _adamw_triton, _head_matmul_triton, _mla_decode_triton, _mla_front_triton, moe_routing
+from hf_deepseek.kernels import (
+    _adamw_triton,
+    _head_matmul_triton,
+    _mla_decode_triton,
+    _mla_front_triton,
+    _moe_gemv_triton,
+    moe_routing,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 # pointer arguments by name (the rest of a kernel's non-constexpr arguments are int32, `eps`-like ones fp32)
@@ -58,6 +65,10 @@ def cases():
         combine = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_S=32, CHUNK=8, LATENT=512, V=128, BLOCK_V=32, V_PROGRAM=v_program)
         name = f"attention combine + W_UV, {v_program} values a program"
         yield name, _mla_decode_triton._combine_kernel, combine, 4, {"len_ptr": "*i32"}
+    for scaled in (False, True):  # the q_a norm in q_b's launch, bf16 and FP8 weights (32-row tiles, K chunks of 256)
+        norm = dict(BLOCK_N=32, BLOCK_K=256, STAGES=None, SCALED=scaled)
+        weight = {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32"} if scaled else {}
+        yield f"norm + linear, FP8 {scaled}", _moe_gemv_triton._norm_gemv_kernel, norm, 4, weight
     adamw = {"BLOCK": _adamw_triton.BLOCK}  # bf16 parameters with bf16 moments, as the bench trains them
     yield "AdamW", _adamw_triton._adamw_kernel, adamw, _adamw_triton.WARPS, None
     for count in (True, False):  # the router: decode's (counts) and training's given logits (none)

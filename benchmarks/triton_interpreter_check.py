@@ -346,30 +346,31 @@ def moe_router() -> dict[str, bool]:
             torch.equal(indices, moe_routing.choose_experts(scores, bias, args))
             and not moe_routing._semaphores(logits.device).any()
         )
-    for tokens, dim, dtype in ((1, 256, torch.float32), (5, 320, torch.float32), (3, 256, torch.bfloat16)):
-        # the residual sum and RMSNorm in the launch (`add_norm`): in fp32 the sums equal the eager op's and the
-        # normalised rows agree to 1e-6 (numpy's rsqrt). In bf16 only to bf16's precision: the interpreter keeps
-        # bf16 values in fp32 and truncates them when it stores them, where the GPU and torch round to nearest even
-        # (tests/test_router_add_norm.py checks the GPU's bits). The routing is that of the rows the kernel
-        # normalised.
+    for tokens, dim, dtype in ((1, 256, torch.bfloat16), (5, 320, torch.bfloat16), (3, 256, torch.float32)):
+        # the residual sum and RMSNorm in the launch (`add_norm`), bf16 stored with the GPU's rounding: the sums
+        # equal the eager op's, the normalised rows RMSNorm's output but for rsqrt (numpy's here: in bf16 at most 1%
+        # of the values one rounding apart, in fp32 within 1e-6), the routing that of the rows the kernel normalised
         torch.manual_seed(dim + tokens)
         config = DeepSeekConfig(hidden_size=dim, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4)
         weight, bias = torch.randn(64, dim) / 16, torch.randn(64) / 10
         residual, delta = (torch.randn(tokens, dim).to(dtype) for _ in range(2))
         norm_weight = (1 + torch.randn(dim) / 4).to(dtype)
         args = moe_routing.routing_args(config)
-        indices, weights, counts, logits, hidden, normed = moe_routing.launch(
-            residual, weight, bias, *args, fuse=True, add_norm=(delta, norm_weight, 1e-6)
-        )
+        with gpu_store_rounding():
+            indices, weights, counts, logits, hidden, normed = moe_routing.launch(
+                residual, weight, bias, *args, fuse=True, add_norm=(delta, norm_weight, 1e-6)
+            )
         want_hidden, want_normed = moe_routing.add_norm_reference(residual, delta, norm_weight, 1e-6)
-        fp32 = dtype == torch.float32
-        sums_ok = torch.equal(hidden, want_hidden) if fp32 else torch.allclose(hidden, want_hidden, rtol=2**-7, atol=0)
+        if dtype == torch.bfloat16:
+            normed_ok = (normed != want_normed).float().mean().item() <= 0.01
+        else:
+            normed_ok = torch.allclose(normed, want_normed, rtol=1e-6, atol=1e-6)
         one = np.float32(1)
         scores = torch.from_numpy(one / (one + np.exp(-logits.numpy())))
         want_indices = moe_routing.select_experts(scores, bias, args)[0]
         results[f"residual sum and norm in the launch, {tokens} x {dim} {str(dtype)[6:]}"] = (
-            sums_ok
-            and torch.allclose(normed.float(), want_normed.float(), rtol=1e-6 if fp32 else 2**-5, atol=1e-6)
+            torch.equal(hidden, want_hidden)
+            and normed_ok
             and torch.allclose(logits, F.linear(normed.float(), weight), rtol=1e-5, atol=1e-5)
             and torch.equal(indices, want_indices)
             and torch.equal(counts, torch.bincount(want_indices.flatten(), minlength=64))
@@ -776,6 +777,15 @@ def norm_linear_kernel() -> dict[str, bool]:
             name = f"[{n}, {k}], row stride {k + extra}"
             print(f"  norm_linear {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
             results[name] = error < 1e-2 and drift < 1e-3
+            # an FP8 weight with 128x128 block scales (`norm_linear_gemv_fp8`), against float64 with the
+            # dequantised weight and the op's torch path
+            q, scale = quantize_blocks(varied(n, k) / k**0.5)
+            got = _moe_gemv_triton.launch_norm_linear(x, g, 1e-6, q, scale=scale)
+            want = moe_gemv.rms_norm(x, g, 1e-6).double() @ dequantize_blocks(q, scale).double().T
+            op = moe_gemv.norm_linear_gemv_fp8(x, g, 1e-6, q, scale)
+            error, drift = relative_error(got, want), relative_error(got, op)
+            print(f"  norm_linear fp8 {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[f"fp8 {name}"] = error < 1e-2 and drift < 1e-3
     return results
 
 

@@ -515,3 +515,48 @@ def test_pdl_launch_arguments_only_where_asked_for_and_on_hopper(monkeypatch):
     assert moe_gemv_config.prefetch_lines(40, 2) == (1, 64)  # K under a line: one
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert moe_gemv_config.pdl_arguments(cuda, 2048) == {}  # before Hopper
+
+
+def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
+    """With HF_DEEPSEEK_FUSED_NORM_LINEAR=1, `decode_linear.fused_norm_linear` sends a decode row of an RMSNorm
+    followed by an FP8 layer through `norm_linear_gemv_fp8`: on the CPU the norm's output times the dequantised
+    weight, rounded once, which is what the FP8 layer's own weight-only launch gives for the norm's output."""
+    from hf_deepseek.modeling.decode_linear import fused_norm_linear
+    from hf_deepseek.modeling.layers import RMSNorm
+
+    layer = fp8_linear_layer("cpu", 320, 200)
+    layer.bias = None
+    norm = RMSNorm(320, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = (torch.rand(320) + 0.5).to(torch.bfloat16)
+    x = torch.randn(1, 1, 320).to(torch.bfloat16)
+    monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+    with torch.no_grad():
+        assert fused_norm_linear(norm, layer, x) is None  # HF_DEEPSEEK_FUSED_NORM_LINEAR off
+        monkeypatch.setattr(moe_gemv, "FUSED_NORM_LINEAR", True)
+        calls = []
+        original = moe_gemv.norm_linear_gemv_fp8
+        monkeypatch.setattr(moe_gemv, "norm_linear_gemv_fp8", lambda *a: calls.append(1) or original(*a))
+        fused = fused_norm_linear(norm, layer, x)
+        assert calls == [1] and fused.shape == (1, 1, 200)
+        assert torch.equal(fused, layer(norm(x)))
+        want = norm(x).double() @ layer.dequantized(torch.float64).weight.T
+        assert ((fused.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_fp8_norm_linear_kernel_matches_the_norm_then_the_fp8_layer():
+    """At the bench's q_b shape: the FP8 norm-prologue kernel against RMSNorm then the dequantised weight in float64,
+    and within a rounding of the norm's output through the FP8 layer's own launch."""
+    if not moe_gemv.fp8_kernels_available():
+        pytest.skip("needs FP8 conversions in Triton")
+    layer = fp8_linear_layer("cuda", 1536, 3072)
+    joined = torch.randn(1, 1536 + 576, device="cuda", dtype=torch.bfloat16)
+    x = joined[:, :1536]  # the q_a / kv_a pair's output: row stride 2112
+    g = (torch.rand(1536, device="cuda") + 0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        got = moe_gemv.norm_linear_gemv_fp8(x, g, 1e-6, layer.weight, layer.weight_scale_inv)
+        normed = moe_gemv.rms_norm(x, g, 1e-6)
+        want = normed.double() @ layer.dequantized(torch.float64).weight.T
+        own = moe_gemv.linear_gemv_fp8(normed, layer.weight, layer.weight_scale_inv)
+    assert got.dtype == torch.bfloat16 and ((got.double() - want).norm() / want.norm()).item() < 1e-2
+    torch.testing.assert_close(got, own, rtol=2**-7, atol=1e-3)

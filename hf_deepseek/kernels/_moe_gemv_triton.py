@@ -245,10 +245,12 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
 
 @triton.jit
 def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                      s_ptr=None, G_K=1, SCALED: tl.constexpr = False):  # fmt: skip
     """out[t, n] = w[n] . RMSNorm(x[t]) for row t (program_id(0)) and a block of n (program_id(1)), the norm as
     `layers.RMSNorm` computes it: x * rsqrt(mean(x^2) + eps) in fp32 rounded to out's dtype, times g, rounded again.
-    Every program recomputes the row's mean square (K values, from cache) before its product loop."""
+    Every program recomputes the row's mean square (K values, from cache) before its product loop. SCALED: w is an
+    FP8 weight with 128x128 block scales [ceil(N/128), G_K] at s (the tile's rows within one block row)."""
     row = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -267,6 +269,8 @@ def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps,
         dtype = out_ptr.dtype.element_ty  # the norm's two roundings, as RMSNorm's eager ops make them
         normed = (tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32) * rstd).to(dtype).to(tl.float32)
         a = (tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32) * normed).to(dtype).to(tl.float32)
+        if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
+            a *= tl.load(s_ptr + (n0 // 128) * G_K + k // 128, mask=k_ok, other=0.0)
         w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -431,18 +435,24 @@ def launch_linear_pair(x, first, second, config=None, first_scale=None, second_s
     return out
 
 
-def launch_norm_linear(x, norm_weight, eps: float, weight, config=None) -> torch.Tensor:
+def launch_norm_linear(x, norm_weight, eps: float, weight, config=None, scale=None) -> torch.Tensor:
     """x [T, K] (rows with unit stride, any row stride) -> weight @ RMSNorm(x) [T, N] in x's dtype, the norm
     `layers.RMSNorm`'s with `norm_weight` [K] and `eps`, in the same launch as the matrix-vector product (bf16
-    weight [N, K]). `config` as `launch_linear`'s (its split-K is not used)."""
-    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+    weight [N, K], or with `scale` [ceil(N/128), ceil(K/128)] an FP8 weight dequantised by its block scales).
+    `config` as `launch_linear`'s (its split-K is not used)."""
+    scaled = scale is not None
+    block_n, block_k, warps, _, stages = kernel_config(config, fp8=scaled, linear=True)
     rows, (n, k) = x.shape[0], weight.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    scales = {}
+    if scaled:
+        _check_scaled_block(block_n)
+        scales = dict(s_ptr=scale.float().contiguous(), G_K=triton.cdiv(k, 128), SCALED=True)
     _norm_gemv_kernel[(rows, triton.cdiv(n, block_n))](
         x, norm_weight.contiguous(), weight.contiguous(), out, n, k, x.stride(0), eps, BLOCK_N=block_n,
-        BLOCK_K=block_k, STAGES=stages, **launch_options(warps, stages),
+        BLOCK_K=block_k, STAGES=stages, **scales, **launch_options(warps, stages),
     )  # fmt: skip
     return out
 

@@ -18,7 +18,7 @@ keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of tha
 applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
 q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8` for FP8 ones);
 `norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection (opt-in,
-HF_DEEPSEEK_FUSED_NORM_LINEAR=1);
+HF_DEEPSEEK_FUSED_NORM_LINEAR=1; `norm_linear_gemv_fp8` for an FP8 q_b);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
 """
@@ -373,6 +373,24 @@ def _(x, norm_weight, eps, weight):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("hf_deepseek::norm_linear_gemv_fp8", mutates_args=())
+def norm_linear_gemv_fp8(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """`norm_linear_gemv` for an FP8 weight [N, K] and its 128x128 block scales [ceil(N/128), ceil(K/128)]: RMSNorm(x)
+    times the dequantised weight in fp32, rounded once to x's dtype (`fp8_product`), in one launch on CUDA."""
+    if not x.is_cuda:
+        return fp8_product(rms_norm(x, norm_weight, eps), weight, scale)
+    from ._moe_gemv_triton import launch_norm_linear
+
+    return launch_norm_linear(x, norm_weight, eps, weight, scale=scale)
+
+
+@norm_linear_gemv_fp8.register_fake
+def _(x, norm_weight, eps, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -485,6 +503,7 @@ __all__ = [
     "linear_gemv_pair",
     "linear_gemv_pair_fp8",
     "norm_linear_gemv",
+    "norm_linear_gemv_fp8",
     "rms_norm",
     "usable_linear",
     "decode_rows",

@@ -107,15 +107,18 @@ def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[to
 
 
 def fused_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """linear(norm(x)) through one launch of `moe_gemv.norm_linear_gemv` when `norm` is an RMSNorm (its `weight`
-    and `eps`) of x's dtype, HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and `single_decode_row` serves `linear`; None otherwise
-    (the caller applies them as before)."""
+    """linear(norm(x)) through one launch of `moe_gemv.norm_linear_gemv` (bf16 `linear`, `single_decode_row`) or
+    `moe_gemv.norm_linear_gemv_fp8` (an FP8 layer, `fp8_decode_rows`) when `norm` is an RMSNorm (its `weight` and
+    `eps`) of x's dtype and HF_DEEPSEEK_FUSED_NORM_LINEAR=1; None otherwise (the caller applies them as before)."""
     if not moe_gemv.FUSED_NORM_LINEAR or norm.weight.dtype != x.dtype:
         return None
-    rows = single_decode_row(x, linear)
-    if rows is None:
+    if (rows := single_decode_row(x, linear)) is not None:
+        out = moe_gemv.norm_linear_gemv(rows, norm.weight, norm.eps, linear.weight)
+    elif (rows := fp8_decode_rows(x, linear)) is not None:
+        out = moe_gemv.norm_linear_gemv_fp8(rows, norm.weight, norm.eps, linear.weight, linear.weight_scale_inv)
+    else:
         return None
-    return moe_gemv.norm_linear_gemv(rows, norm.weight, norm.eps, linear.weight).view(*x.shape[:-1], -1)
+    return out.view(*x.shape[:-1], -1)
 
 
 __all__ = [
