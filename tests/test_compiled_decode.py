@@ -53,6 +53,22 @@ def greedy(model, ids, new_tokens: int, **kwargs) -> torch.Tensor:
     )  # fmt: skip
 
 
+def compiled_greedy_in_one_graph(model, ids, new_tokens: int) -> torch.Tensor:
+    """`greedy` with a static cache and generate's compiled step (CPU backend), asserting that the step compiled
+    once as one graph without a break or a recompilation; the compiled state is cleared afterwards."""
+    torch.compiler.reset()
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True, recompile_limit=1):
+            tokens = greedy(model, ids, new_tokens, cache_implementation="static", compile_config=cpu_compile_config())
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+    finally:
+        torch.compiler.reset()
+        model.__dict__.pop("_compiled_call", None)
+    return tokens
+
+
 @pytest.mark.parametrize("batch", [1, 3], ids=["gathered-experts", "dense-experts"])
 def test_compiled_decode_is_one_graph_whatever_the_routing(batch):
     model = four_moe_layer_model()

@@ -188,7 +188,7 @@ def test_compiled_decode_through_the_op_is_one_graph(monkeypatch):
     """With the op standing in for the router (its CPU computation), generate's compiled decode step is still one
     graph with no graph break (the op is one node: its fake implementation gives the shapes) and gives eager
     greedy's tokens."""
-    from test_compiled_decode import cpu_compile_config, four_moe_layer_model, greedy
+    from test_compiled_decode import compiled_greedy_in_one_graph, four_moe_layer_model, greedy
 
     model = four_moe_layer_model()
     ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
@@ -199,16 +199,7 @@ def test_compiled_decode_through_the_op_is_one_graph(monkeypatch):
     monkeypatch.setattr(
         moe_routing, "count_per_expert", lambda flat, n: calls.append(flat.numel()) or original(flat, n)
     )
-    torch.compiler.reset()
-    counters.clear()
-    try:
-        with torch._dynamo.config.patch(error_on_recompile=True, recompile_limit=1):
-            fast = greedy(model, ids, 8, cache_implementation="static", compile_config=cpu_compile_config())
-        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-        assert not counters["graph_break"], dict(counters["graph_break"])
-    finally:
-        torch.compiler.reset()
-        model.__dict__.pop("_compiled_call", None)
+    fast = compiled_greedy_in_one_graph(model, ids, 8)
     assert torch.equal(fast, eager)
     top_k = model.config.num_experts_per_tok
     assert calls.count(2 * top_k) >= 4 * 6  # 4 MoE layers x the compiled decode steps, 2 tokens each

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_config
 from test_moe_routing import CONFIGS, assert_same_routing, frozen_gate, gpu_ready, router_and_tokens
-from torch._dynamo.utils import counters
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.kernels import moe_routing
@@ -66,7 +65,7 @@ def test_decode_through_the_op_gives_the_default_tokens_in_one_graph(monkeypatch
     """A four-MoE-layer model's greedy decode with the op standing in for each MoE layer's sum, norm and router (its
     CPU computation) gives the default eager path's tokens, eager and compiled (one graph, no break), and every MoE
     layer of every step takes the op."""
-    from test_compiled_decode import cpu_compile_config, four_moe_layer_model, greedy
+    from test_compiled_decode import compiled_greedy_in_one_graph, four_moe_layer_model, greedy
 
     model = four_moe_layer_model()
     ids = torch.randint(3, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
@@ -78,16 +77,7 @@ def test_decode_through_the_op_gives_the_default_tokens_in_one_graph(monkeypatch
     monkeypatch.setattr(moe_routing, "add_norm_reference", lambda *a: calls.append(a[0].shape[0]) or original(*a))
     assert torch.equal(greedy(model, ids, 8, cache_implementation="dynamic"), default)
     assert calls.count(2) == 4 * 7 and calls.count(10) == 4  # 7 decode steps and the prefill, 4 MoE layers each
-    torch.compiler.reset()
-    counters.clear()
-    try:
-        with torch._dynamo.config.patch(error_on_recompile=True, recompile_limit=1):
-            fast = greedy(model, ids, 8, cache_implementation="static", compile_config=cpu_compile_config())
-        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-        assert not counters["graph_break"], dict(counters["graph_break"])
-    finally:
-        torch.compiler.reset()
-        model.__dict__.pop("_compiled_call", None)
+    fast = compiled_greedy_in_one_graph(model, ids, 8)
     assert torch.equal(fast, default)
 
 
