@@ -126,7 +126,8 @@ def test_model_decode_through_the_kernel_gives_the_default_tokens_on_gpu(monkeyp
     calls = []
     original = moe_routing.add_norm_route_tokens
     monkeypatch.setattr(moe_routing, "add_norm_route_tokens", lambda *a: calls.append(1) or original(*a))
-    model.__dict__.pop("_compiled_call", None)
+    for compiled in ("_compiled_call", "_fast_decode_step", "_fast_decode_buffers"):  # generate() compiles anew
+        model.__dict__.pop(compiled, None)
     torch.compiler.reset()
     fused = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert calls  # the eager prefill's 24 tokens do not take it; the decode steps' 2 tokens do (traced once)

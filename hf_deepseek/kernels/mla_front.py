@@ -66,6 +66,8 @@ def mla_decode_front(
     interleaved: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`reference`'s results and writes, in one launch of `_mla_front_triton._front_kernel` on CUDA."""
+    if cos.shape[0] != q.shape[0] or sin.shape[0] != q.shape[0]:  # the kernel reads row b's at b * stride
+        raise ValueError(f"mla_decode_front needs cos and sin for each of the {q.shape[0]} rows, got {list(cos.shape)}")
     if not q.is_cuda:
         return reference(q, kv_a, cos, sin, norm_weight, eps, w_uk, storage, length, interleaved)
     from ._mla_front_triton import launch

@@ -57,12 +57,13 @@ def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStati
         return None
     if not mla_front.usable(q, kv_a, layer.storage):
         return None
-    cos, sin = position_embeddings  # [B, 1, rope / 2]
+    cos, sin = position_embeddings  # [B or 1, 1, rope / 2]: one row where every row shares its positions
     w_uk, _ = attn.absorbed_weights()
     norm = attn.kv_a_layernorm
     query, lengths = mla_front.mla_decode_front(
-        q.view(bsz, attn.num_heads, attn.qk_head_dim), kv_a.view(bsz, -1), cos[:, 0], sin[:, 0], norm.weight,
-        norm.eps, w_uk, layer.storage, layer.cumulative_length, attn.config.rope_interleave,
+        q.view(bsz, attn.num_heads, attn.qk_head_dim), kv_a.view(bsz, -1), cos[:, 0].expand(bsz, -1),
+        sin[:, 0].expand(bsz, -1), norm.weight, norm.eps, w_uk, layer.storage, layer.cumulative_length,
+        attn.config.rope_interleave,
     )  # fmt: skip
     query = query.unsqueeze(2)  # [B, H, 1, r + rope]; lengths [B] int32, as both attention kernels take them
     if layer.flash_mla:
