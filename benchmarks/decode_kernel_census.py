@@ -30,8 +30,11 @@ CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_interm
               num_attention_heads=16, n_routed_experts=16, n_shared_experts=2, num_experts_per_tok=6, n_group=4,
               topk_group=2, first_k_dense_replace=1, q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64,
               qk_nope_head_dim=128, v_head_dim=128, num_nextn_predict_layers=0)  # fmt: skip
-VARIANTS = {  # variant: the `bench decode` row whose kernel switches it takes
-    "default": "ours-fast",
+# variant: the `bench decode` row whose kernel switches it takes, over the launches-apart step (the default before
+# 2026-12-06: every launch-saving kernel off), so that each variant counts what its own switches change
+VARIANTS = {
+    "launches-apart": "ours-fast",
+    "default": "ours-fast-fewest-launches-router-norm",
     "head-matmul": "ours-fast-head-matmul",
     "gate-up": "ours-fast-gate-up",
     "q-kv-a": "ours-fast-q-kv-a",
@@ -74,9 +77,10 @@ def library_batched_matmuls():
 
 
 @contextlib.contextmanager
-def gpu_choices(row: str):
+def gpu_choices(row: str, baseline: bool = True):
     """The decode step's CUDA choices on the CPU: every kernel declared usable (their ops run their torch paths),
-    Triton decode attention, and the kernel switches of the `bench decode` row named; all restored afterwards."""
+    Triton decode attention, and the kernel switches of the `bench decode` row named, over the launches-apart
+    step's (`baseline`; else over the defaults); all restored afterwards."""
     patches = [
         (moe_gemv, "triton_available", lambda: True),
         (moe_gemv, "usable", lambda experts, x, pairs: pairs <= moe_gemv.MAX_PAIRS and not torch.is_grad_enabled()),
@@ -87,20 +91,21 @@ def gpu_choices(row: str):
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
         (mla_front, "usable", lambda q, kv_a, storage: mla_front.ENABLED and not torch.is_grad_enabled()),
     ]
-    with patched_attributes(patches), row_switches(STEP_ROWS[row]):
+    apart = STEP_ROWS["ours-fast-launches-apart" if baseline else "ours-fast"]
+    with patched_attributes(patches), row_switches(apart), row_switches(STEP_ROWS[row]):
         yield
 
 
-def census(row: str, config: dict | None = None) -> dict:
-    """{"kernels": Inductor's kernels of one compiled decode step with `row`'s kernel switches (`gpu_choices`) in
-    launch order, "ops": op calls by name}."""
+def census(row: str, config: dict | None = None, baseline: bool = True) -> dict:
+    """{"kernels": Inductor's kernels of one compiled decode step with `row`'s kernel switches (`gpu_choices`, over
+    the launches-apart step's where `baseline`) in launch order, "ops": op calls by name}."""
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     cfg = DeepSeekConfig(**(config or CONFIG))
     model = DeepSeekForCausalLM(cfg).eval()  # fp32: Inductor keeps its batched matmuls as library calls, as on a GPU
     no_cache = torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False)  # lowered afresh
-    with gpu_choices(row), library_batched_matmuls(), no_cache, torch.no_grad():
+    with gpu_choices(row, baseline), library_batched_matmuls(), no_cache, torch.no_grad():
         use_decode_linears(model)
         cache = LatentStaticCache(cfg, max_cache_len=64)
         cache.unpadded = True

@@ -160,8 +160,8 @@ def test_generate_through_the_kernel_on_gpu(monkeypatch):
 
 def test_fused_gate_up_op_and_the_mlp_taking_it(monkeypatch):
     """`gate_up_gemv` on the CPU: SiLU(x gate^T) * (x up^T) from fp32 sums, rounded once; a SwiGLU MLP of DecodeLinear
-    layers takes it for its single decode row with HF_DEEPSEEK_FUSED_GATE_UP=1 (one op node under torch.compile),
-    keeps its three projections otherwise, and gives the unfused result within bf16 rounding."""
+    layers takes it for its single decode row with HF_DEEPSEEK_FUSED_GATE_UP on (the default) (one op node under
+    torch.compile), keeps its three projections otherwise, and gives the unfused result within bf16 rounding."""
     from hf_deepseek.modeling.layers import SwiGLUMLP
 
     torch.manual_seed(0)
@@ -267,7 +267,7 @@ def test_q_kv_a_pair_kernel_matches_float64_on_gpu():
 def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
     """`norm_linear_gemv` on the CPU: RMSNorm's computation (fp32, rounded to x's dtype, times the weight) then the
     product, equal to the two modules; the attention's q_a norm and q_b projection take it for a single decode row
-    with HF_DEEPSEEK_FUSED_NORM_LINEAR=1 and give the unfused q; one op node under torch.compile."""
+    with HF_DEEPSEEK_FUSED_NORM_LINEAR on (the default) and give the unfused q; one op node under torch.compile."""
     from hf_deepseek.modeling.attention import MultiHeadLatentAttention
     from hf_deepseek.modeling.layers import RMSNorm
 

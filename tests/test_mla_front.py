@@ -1,6 +1,6 @@
-"""A decode step's MLA front in one launch (`kernels/mla_front.py`): on the CPU the op's torch path against float64,
-a model's decode through it (HF_DEEPSEEK_MLA_FRONT=1) against the default path, eager and compiled; on a GPU the
-kernel against the torch path, eager and replayed in a CUDA graph."""
+"""A decode step's MLA front in one launch (`kernels/mla_front.py`): on the CPU the op's torch path against float64, a
+model's decode through it (HF_DEEPSEEK_MLA_FRONT, on by default) against the default path, eager and compiled; on a GPU
+the kernel against the torch path, eager and replayed in a CUDA graph."""
 
 import pytest
 import torch

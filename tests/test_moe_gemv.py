@@ -518,8 +518,8 @@ def test_pdl_launch_arguments_only_where_asked_for_and_on_hopper(monkeypatch):
 
 
 def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
-    """With HF_DEEPSEEK_FUSED_NORM_LINEAR=1, `decode_linear.fused_norm_linear` sends a decode row of an RMSNorm
-    followed by an FP8 layer through `norm_linear_gemv_fp8`: on the CPU the norm's output times the dequantised
+    """With HF_DEEPSEEK_FUSED_NORM_LINEAR on (the default), `decode_linear.fused_norm_linear` sends a decode row of an
+    RMSNorm followed by an FP8 layer through `norm_linear_gemv_fp8`: on the CPU the norm's output times the dequantised
     weight, rounded once, which is what the FP8 layer's own weight-only launch gives for the norm's output."""
     from hf_deepseek.modeling.decode_linear import fused_norm_linear
     from hf_deepseek.modeling.layers import RMSNorm
@@ -531,7 +531,8 @@ def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
     x = torch.randn(1, 1, 320).to(torch.bfloat16)
     monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
     with torch.no_grad():
-        assert fused_norm_linear(norm, layer, x) is None  # HF_DEEPSEEK_FUSED_NORM_LINEAR off
+        monkeypatch.setattr(moe_gemv, "FUSED_NORM_LINEAR", False)  # HF_DEEPSEEK_FUSED_NORM_LINEAR=0
+        assert fused_norm_linear(norm, layer, x) is None
         monkeypatch.setattr(moe_gemv, "FUSED_NORM_LINEAR", True)
         calls = []
         original = moe_gemv.norm_linear_gemv_fp8

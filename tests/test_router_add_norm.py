@@ -1,7 +1,7 @@
-"""The post-attention residual sum and RMSNorm in the router's launch (`moe_routing.add_norm_route_tokens`,
-HF_DEEPSEEK_ROUTER_ADD_NORM=1): the op's CPU computation against the decoder layer's own ops and the router, when it
-serves, a model's decode through it (eager and compiled, one graph) against the default path; on a GPU the Triton
-kernel against the eager ops bit for bit. The kernel also runs in Triton's interpreter on the CPU:
+"""The post-attention residual sum and RMSNorm in the router's launch (`moe_routing.add_norm_route_tokens`, on by
+default, HF_DEEPSEEK_ROUTER_ADD_NORM=0 turns it off): the op's CPU computation against the decoder layer's own ops and
+the router, when it serves, a model's decode through it (eager and compiled, one graph) against the default path; on a
+GPU the Triton kernel against the eager ops bit for bit. The kernel also runs in Triton's interpreter on the CPU:
 `benchmarks/triton_interpreter_check.py` (section `moe_router`)."""
 
 import pytest
@@ -40,15 +40,16 @@ def test_op_equals_the_layers_sum_norm_and_router(name):
 
 
 def test_serves_only_where_the_kernel_computes_the_logits(monkeypatch):
-    """Off unless switched on; then for inference on the kernel's device, at most FUSE_MAX_TOKENS tokens, the norm's
-    weight, the residual and its update of one dtype."""
+    """On by default, off when switched off; for inference on the kernel's device, at most FUSE_MAX_TOKENS tokens, the
+    norm's weight, the residual and its update of one dtype."""
     router, _ = router_and_tokens("v3", 1, hidden=64)
     norm, residual, delta = norm_and_rows(64, moe_routing.FUSE_MAX_TOKENS)
     monkeypatch.setattr(moe_routing, "_kernel_device", lambda x: True)
     with torch.no_grad():
-        assert not moe_routing.add_norm_usable(router, norm.weight, residual, delta)  # ADD_NORM off by default
+        assert moe_routing.add_norm_usable(router, norm.weight, residual, delta)  # ADD_NORM on by default
+        monkeypatch.setattr(moe_routing, "ADD_NORM", False)  # HF_DEEPSEEK_ROUTER_ADD_NORM=0
+        assert not moe_routing.add_norm_usable(router, norm.weight, residual, delta)
         monkeypatch.setattr(moe_routing, "ADD_NORM", True)
-        assert moe_routing.add_norm_usable(router, norm.weight, residual, delta)
         more = torch.cat([residual, residual[:1]])
         assert not moe_routing.add_norm_usable(router, norm.weight, more, more)
         assert not moe_routing.add_norm_usable(router, norm.weight.bfloat16(), residual, delta)
@@ -121,6 +122,7 @@ def test_model_decode_through_the_kernel_gives_the_default_tokens_on_gpu(monkeyp
     config = tiny_config(num_hidden_layers=3, **CONFIGS["v3"])
     model = DeepSeekForCausalLM(config).cuda().to(torch.bfloat16).eval()
     ids = torch.randint(3, config.vocab_size, (2, 12), device="cuda")
+    monkeypatch.setattr(moe_routing, "ADD_NORM", False)  # the path apart (HF_DEEPSEEK_ROUTER_ADD_NORM=0)
     default = model.generate(ids, max_new_tokens=8, do_sample=False)
     monkeypatch.setattr(moe_routing, "ADD_NORM", True)
     calls = []

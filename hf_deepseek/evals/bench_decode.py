@@ -94,6 +94,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fused-attn",
     "ours-fast-mla-front",
     "ours-fast-front-fused-attn",
+    "ours-fast-launches-apart",
     "ours-fast-fewest-launches",
     "ours-fast-fewest-launches-pdl",
     "ours-fast-router-norm",
@@ -106,6 +107,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-separate-q-kv-a",
     "ours-fast-fp8-mla-front",
     "ours-fast-fp8-fewest-launches",
+    "ours-fast-fp8-launches-apart",
     "ours-generate-fp8",
 )
 DATASHEET_TB_S = 4.8
@@ -287,18 +289,28 @@ class Row:
     sum_top_k: bool | None = None  # moe_gemv.SUM_TOP_K during the row (None: the environment's)
     expert_grouped: bool = False  # moe_grouped_gemv.GROUPED_GEMV on (bf16 experts through the grouped kernels)
     linear_rows: bool = False  # linear_rows.BF16 on (bf16 dense layers' 2-64 decode rows through the rows kernel)
-    fused_gate_up: bool = False  # moe_gemv.FUSED_GATE_UP on (a SwiGLU MLP's gate and up of one row in one launch)
+    # moe_gemv.FUSED_GATE_UP during the row (a SwiGLU MLP's gate and up of one row in one launch);
+    # None: the environment's (on by default)
+    fused_gate_up: bool | None = None
     head_matmul: bool = False  # head_matmul.ENABLED on (W_UK and W_UV of the decode rows through the Triton kernel)
     # moe_gemv.FUSED_Q_KV_A (MLA's q_a and kv_a projections of one row in one launch) during the row (None: the
     # environment's)
     fused_q_kv_a: bool | None = None
-    fused_norm_linear: bool = False  # moe_gemv.FUSED_NORM_LINEAR on (MLA's q_a norm in the q_b projection's launch)
+    # moe_gemv.FUSED_NORM_LINEAR during the row (MLA's q_a norm in the q_b projection's launch);
+    # None: the environment's (on by default)
+    fused_norm_linear: bool | None = None
     fold_shared: bool | None = None  # moe_gemv.FOLD_SHARED (the shared MLP as more pairs of the routed experts'
     # launches) during the row (None: the environment's)
     alt_linear: bool = False  # the dense layers' matrix-vector kernels at the ALT_LINEAR_ENV configurations
-    fused_attention: bool = False  # mla_decode_triton.FUSED on (the roped query apart, W_UV in the combine kernel)
-    mla_front: bool = False  # mla_front.ENABLED on (kv norm, RoPE, cache write and W_UK of a step in one launch)
-    router_add_norm: bool = False  # moe_routing.ADD_NORM on (the residual sum and post-attention norm in the router)
+    # mla_decode_triton.FUSED during the row (the roped query apart, W_UV in the combine kernel);
+    # None: the environment's (on by default)
+    fused_attention: bool | None = None
+    # mla_front.ENABLED during the row (kv norm, RoPE, cache write and W_UK of a step in one launch);
+    # None: the environment's (on by default)
+    mla_front: bool | None = None
+    # moe_routing.ADD_NORM during the row (the residual sum and post-attention norm in the router);
+    # None: the environment's (on by default)
+    router_add_norm: bool | None = None
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -307,8 +319,10 @@ class Row:
     pdl: bool = False
 
 
-# the switches of every kernel that takes launches out of a batch-1 layer (the `*-fewest-launches` rows)
+# the switches of every kernel that takes launches out of a batch-1 layer (the `*-fewest-launches` rows; on by
+# default since 2026-12-06, off in the `*-launches-apart` rows)
 FEWEST_LAUNCHES = dict(mla_front=True, fused_attention=True, fused_norm_linear=True, fused_gate_up=True)
+LAUNCHES_APART = {switch: False for switch in FEWEST_LAUNCHES} | dict(router_add_norm=False)
 STEP_ROWS = {
     "transformers-eager": Row("transformers-eager", "dynamic", False),
     "transformers-compile": Row("transformers-compile", "static", True),
@@ -348,8 +362,11 @@ STEP_ROWS = {
     "ours-fast-front-fused-attn": Row(
         "ours-fast-front-fused-attn", "latent", True, mla_front=True, fused_attention=True
     ),
-    "ours-fast-fewest-launches": Row(  # every kernel that takes launches out of a batch-1 layer
-        "ours-fast-fewest-launches", "latent", True, **FEWEST_LAUNCHES
+    "ours-fast-launches-apart": Row(  # the default before 2026-12-06: none of the launch-saving kernels
+        "ours-fast-launches-apart", "latent", True, **LAUNCHES_APART
+    ),
+    "ours-fast-fewest-launches": Row(  # every kernel that takes launches out of a batch-1 layer but the router's
+        "ours-fast-fewest-launches", "latent", True, **FEWEST_LAUNCHES, router_add_norm=False
     ),
     "ours-fast-fewest-launches-pdl": Row(  # and programmatic dependent launch, now that the chain is mostly ours
         "ours-fast-fewest-launches-pdl", "latent", True, **FEWEST_LAUNCHES, pdl=True
@@ -366,11 +383,12 @@ STEP_ROWS = {
     "ours-fast-fp8-separate-q-kv-a": Row("ours-fast-fp8-separate-q-kv-a", "latent", True, fused_q_kv_a=False),
     "ours-fast-fp8-mla-front": Row("ours-fast-fp8-mla-front", "latent", True, mla_front=True),
     "ours-fast-fp8-fewest-launches": Row("ours-fast-fp8-fewest-launches", "latent", True, **FEWEST_LAUNCHES),
+    "ours-fast-fp8-launches-apart": Row("ours-fast-fp8-launches-apart", "latent", True, **LAUNCHES_APART),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
     "ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-fast-fp8-separate-q-kv-a",
-    "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-generate-fp8",
+    "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-fast-fp8-launches-apart", "ours-generate-fp8",
 )  # fmt: skip
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
@@ -412,14 +430,18 @@ def row_switches(row: Row):
         (moe_gemv, "SUM_TOP_K", moe_gemv.SUM_TOP_K if row.sum_top_k is None else row.sum_top_k),
         (moe_grouped_gemv, "GROUPED_GEMV", row.expert_grouped or moe_grouped_gemv.GROUPED_GEMV),
         (linear_rows, "BF16", row.linear_rows or linear_rows.BF16),
-        (moe_gemv, "FUSED_GATE_UP", row.fused_gate_up or moe_gemv.FUSED_GATE_UP),
+        (moe_gemv, "FUSED_GATE_UP", moe_gemv.FUSED_GATE_UP if row.fused_gate_up is None else row.fused_gate_up),
         (head_matmul, "ENABLED", row.head_matmul or head_matmul.ENABLED),
         (moe_gemv, "FUSED_Q_KV_A", moe_gemv.FUSED_Q_KV_A if row.fused_q_kv_a is None else row.fused_q_kv_a),
-        (moe_gemv, "FUSED_NORM_LINEAR", row.fused_norm_linear or moe_gemv.FUSED_NORM_LINEAR),
+        (
+            moe_gemv,
+            "FUSED_NORM_LINEAR",
+            moe_gemv.FUSED_NORM_LINEAR if row.fused_norm_linear is None else row.fused_norm_linear,
+        ),
         (moe_gemv, "FOLD_SHARED", moe_gemv.FOLD_SHARED if row.fold_shared is None else row.fold_shared),
-        (mla_decode_triton, "FUSED", row.fused_attention or mla_decode_triton.FUSED),
-        (mla_front, "ENABLED", row.mla_front or mla_front.ENABLED),
-        (moe_routing, "ADD_NORM", row.router_add_norm or moe_routing.ADD_NORM),
+        (mla_decode_triton, "FUSED", mla_decode_triton.FUSED if row.fused_attention is None else row.fused_attention),
+        (mla_front, "ENABLED", mla_front.ENABLED if row.mla_front is None else row.mla_front),
+        (moe_routing, "ADD_NORM", moe_routing.ADD_NORM if row.router_add_norm is None else row.router_add_norm),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

@@ -33,10 +33,10 @@ def parse_plan(text: str | None) -> tuple[int, int]:
 
 
 PLAN = parse_plan(os.environ.get("HF_DEEPSEEK_MLA_TRITON_PLAN"))  # (BLOCK_T, TARGET_PROGRAMS) of the kernels
-# HF_DEEPSEEK_MLA_TRITON_FUSED=1: the model passes the roped query apart (no join kernel before the split kernel) and
-# W_UV to the combine kernel (no batched matmul after it): two launches fewer a layer (bench row
-# `ours-fast-fused-attn`); off until a run measures it
-FUSED = os.environ.get("HF_DEEPSEEK_MLA_TRITON_FUSED", "0") == "1"
+# the model passes the roped query apart (no join kernel before the split kernel) and W_UV to the combine kernel (no
+# batched matmul after it): two launches fewer a layer, on by default with the other launch-saving kernels
+# (`moe_gemv.FUSED_NORM_LINEAR`'s note); HF_DEEPSEEK_MLA_TRITON_FUSED=0 turns it off
+FUSED = os.environ.get("HF_DEEPSEEK_MLA_TRITON_FUSED", "1") != "0"
 
 
 def usable(latent_dim: int, rope_dim: int, dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,4 +1,4 @@
-"""A decode step's MLA front in one launch (HF_DEEPSEEK_MLA_FRONT=1; bench row `ours-fast-mla-front`): from the
+"""A decode step's MLA front in one launch (on by default, HF_DEEPSEEK_MLA_FRONT=0 turns it off): from the
 query projection's and kv_a's outputs to the joined query the latent-cache attention kernels read, with the new
 token's cache entry written on the way.
 
@@ -17,7 +17,7 @@ import torch
 
 from .moe_gemv import rms_norm, triton_available
 
-ENABLED = os.environ.get("HF_DEEPSEEK_MLA_FRONT", "0") == "1"
+ENABLED = os.environ.get("HF_DEEPSEEK_MLA_FRONT", "1") != "0"
 
 
 def usable(q: torch.Tensor, kv_a: torch.Tensor, storage: torch.Tensor) -> bool:

@@ -15,10 +15,11 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 `linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
-applied in it (opt-in, HF_DEEPSEEK_FUSED_GATE_UP=1), and `linear_gemv_pair` two linear layers of one input, MLA's
-q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8` for FP8 ones);
-`norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection (opt-in,
-HF_DEEPSEEK_FUSED_NORM_LINEAR=1; `norm_linear_gemv_fp8` for an FP8 q_b);
+applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off), and `linear_gemv_pair` two linear layers of one
+input, MLA's q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8`
+for FP8 ones);
+`norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection (default,
+HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off; `norm_linear_gemv_fp8` for an FP8 q_b);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
 """
@@ -40,18 +41,20 @@ LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dens
 # default in a batch-1 step on an H200 (bench row `ours-fast-sum-top-k`, docs/PERF.md 2026-12-04h)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
 # a SwiGLU MLP's gate and up projections of one decode row in one launch, SiLU(gate) * up applied in it (two
-# launches fewer a layer: the up projection and the activation): opt-in, its batch-1 step 1.22 ms against the
-# default's 1.13 (bench row ours-fast-gate-up, H200, docs/PERF.md 2026-12-05)
-FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "0") == "1"
+# launches fewer a layer: the up projection and the activation): on by default with the other launch-saving kernels
+# (FUSED_NORM_LINEAR's note below); HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off
+FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "1") != "0"
 # MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: on by default,
 # its batch-1 step 1.12 ms against 1.16 with the steps replayed from hand-captured graphs (bench row
 # ours-fast-q-kv-a, H100, docs/PERF.md 2026-12-05f; the earlier 1.15 against 1.13 on an H200 was timed through
 # Inductor's graphs, host time included); HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off
 FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "1") != "0"
-# MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): opt-in, 1.77 ms
-# against 1.13 at batch 1, far more than its kernel's 5.6 us a layer (bench row ours-fast-norm-linear, H200,
-# docs/PERF.md 2026-12-05; the cause not yet found)
-FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "0") == "1"
+# MLA's q_a norm computed by the q_b projection's launch (each program recomputes the row's norm): on by default;
+# HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off. With the MLA front, the fused attention epilogue, the fused gate/up
+# and the router's add+norm (the launch-saving kernels, all on by default) a batch-1 / 2k step took 1.01 ms against
+# 1.12 with all of them off, FP8 0.89 against 0.98, batch 32 / 2k 3.96 against 4.01 (bench rows
+# ours-fast-fewest-launches-router-norm, ours-fast-fp8-fewest-launches, ours-fast, H100, docs/PERF.md 2026-12-06)
+FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "1") != "0"
 # a MoE layer's shared experts as more pairs of the routed experts' two launches (`routed_and_shared_experts_gemv`:
 # their own gate, up, activation and down launches gone): on by default, its batch-1 step 1.16 ms against 1.63
 # without it (bench rows ours-fast-fold-shared and ours-fast, H100, docs/PERF.md 2026-12-05);

@@ -38,9 +38,10 @@ ENABLED = os.environ.get("HF_DEEPSEEK_FUSED_ROUTER", "1") != "0"
 MAX_TOKENS = 256  # tokens up to which the router runs as the kernel (decode, speculative verification)
 FUSE_MAX_TOKENS = 16  # tokens up to which the kernel computes the logits too (beyond, cuBLAS does, then the kernel)
 MAX_EXPERTS, MAX_TOP_K = 512, 16  # what one program holds in registers (padded to powers of 2)
-# HF_DEEPSEEK_ROUTER_ADD_NORM=1: a decode step's residual sum and post-attention RMSNorm in the router's launch
-# (`add_norm_route_tokens`; bench row `ours-fast-router-norm`), one Inductor kernel fewer a MoE layer
-ADD_NORM = os.environ.get("HF_DEEPSEEK_ROUTER_ADD_NORM", "0") == "1"
+# a decode step's residual sum and post-attention RMSNorm in the router's launch (`add_norm_route_tokens`), one
+# Inductor kernel fewer a MoE layer: on by default with the other launch-saving kernels (`moe_gemv.FUSED_NORM_LINEAR`'s
+# note); HF_DEEPSEEK_ROUTER_ADD_NORM=0 turns it off
+ADD_NORM = os.environ.get("HF_DEEPSEEK_ROUTER_ADD_NORM", "1") != "0"
 
 
 def count_per_expert(flat_indices: torch.Tensor, num_experts: int) -> torch.Tensor:
