@@ -71,8 +71,13 @@ OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW = OURS + TORCH_ADAMW, OURS_FP8_ROWWISE_TR
 # chooses the experts (`kernels.moe_routing.route_indices`)
 TORCH_ROUTER = "-torch-router"
 OURS_TORCH_ROUTER = OURS + TORCH_ROUTER
+# a variant name + LOSS_CHUNKS_16: the head and its loss in 16 chunks of tokens rather than 8 (half the logits and
+# their gradient alive at once, at the end of the forward where the activations are all kept)
+LOSS_CHUNKS_16 = "-loss-chunks-16"
+OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_ROWWISE_TRITON_QUANT + LOSS_CHUNKS_16
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -186,8 +191,8 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 
 def base_variant(name: str) -> str:
-    """The variant's model and step without its choice of optimizer or router."""
-    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER)
+    """The variant's model and step without its choice of optimizer, router or loss chunks."""
+    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER).removesuffix(LOSS_CHUNKS_16)
 
 
 def compiled(name: str) -> bool:
@@ -199,6 +204,7 @@ def compiled(name: str) -> bool:
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The variant's model, initialised from seed 0 on `device` (our variants share their initial weights)."""
     torch.manual_seed(0)
+    loss_chunks = 16 if name.endswith(LOSS_CHUNKS_16) else 8
     name = base_variant(name)
     if name == PEER:
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
@@ -211,7 +217,7 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
     if name != OURS_UNFUSED_LOSS:
         from hf_deepseek.modeling.output_loss import enable_fused_output_loss
 
-        enable_fused_output_loss(model)  # the head + cross-entropy in 8 chunks, no [tokens, vocab] logits kept
+        enable_fused_output_loss(model, loss_chunks)  # the head + cross-entropy in chunks: no [tokens, vocab] logits
     if name in FP8_VARIANTS:
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
