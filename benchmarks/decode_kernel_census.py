@@ -91,8 +91,8 @@ def gpu_choices(row: str, baseline: bool = True):
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
         (mla_front, "usable", lambda q, kv_a, storage: mla_front.ENABLED and not torch.is_grad_enabled()),
     ]
-    apart = STEP_ROWS["ours-fast-launches-apart" if baseline else "ours-fast"]
-    with patched_attributes(patches), row_switches(apart), row_switches(STEP_ROWS[row]):
+    base = STEP_ROWS["ours-fast-launches-apart" if baseline else "ours-fast"]
+    with patched_attributes(patches), row_switches(base), row_switches(STEP_ROWS[row]):
         yield
 
 
