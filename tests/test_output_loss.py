@@ -80,3 +80,19 @@ def test_bf16_head_and_hidden_gradients_match_float64():
     ):
         assert got.dtype == torch.bfloat16
         assert ((got.double() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_bf16_gradients_scaled_in_place_equal_the_scaled_copies():
+    """The backward scales the saved bf16 gradients in place: the same bits as scaling copies of them (fp32
+    products rounded once to bf16, the incoming gradient cast to bf16 for the hidden rows)."""
+    torch.manual_seed(4)
+    head = torch.nn.Linear(32, 70, bias=False).bfloat16()
+    hidden = torch.randn(2, 16, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 70, (2, 16))
+    causal_lm_loss(hidden, head, labels, chunks=4).backward()
+    unit_hidden, unit_weight = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    scale = torch.tensor(2.7)
+    (causal_lm_loss(hidden, head, labels, chunks=4) * scale).backward()
+    assert torch.equal(head.weight.grad, (unit_weight.float() * scale).to(torch.bfloat16))
+    assert torch.equal(hidden.grad, unit_hidden * scale.to(torch.bfloat16))

@@ -36,7 +36,13 @@ def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tenso
 
 def _scaled_to(grad: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """grad * scale in the parameter's dtype, computed in fp32 (compiled on CUDA: one pass over the head's gradient)."""
-    return (grad * scale).to(dtype)
+    return (grad.float() * scale).to(dtype)
+
+
+def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_scaled_to` for a gradient already in the parameter's dtype, written over it: no second [V, d] buffer alive
+    next to the saved one at the start of the backward pass, where the activations are all still kept."""
+    return grad.copy_((grad.float() * scale).to(grad.dtype))
 
 
 _COMPILED: dict = {}
@@ -77,9 +83,14 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # the saved gradients are scaled in place (they serve this backward only; a second backward through the
+        # same graph, retain_graph=True, finds them changed and autograd raises)
         grad_hidden, grad_weight = ctx.saved_tensors
-        grad_weight = _on_cuda_compiled(_scaled_to, grad_weight, grad_loss, ctx.weight_dtype)
-        return grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight, None, None, None
+        if grad_weight.dtype == ctx.weight_dtype:
+            grad_weight = _on_cuda_compiled(_scale_in_place, grad_weight, grad_loss)
+        else:  # fp32 weights under autocast: the bf16 sums become the weight's dtype
+            grad_weight = _on_cuda_compiled(_scaled_to, grad_weight, grad_loss, ctx.weight_dtype)
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None, None, None
 
 
 def causal_lm_loss(
