@@ -21,7 +21,7 @@ import torch
 
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench_decode import STEP_ROWS, patched_attributes, row_switches
-from hf_deepseek.kernels import head_matmul, mla_decode_triton, mla_front, moe_gemv, moe_routing
+from hf_deepseek.kernels import head_matmul, mla_chain, mla_decode_triton, mla_front, moe_gemv, moe_routing
 from hf_deepseek.modeling import latent_cache
 from hf_deepseek.modeling.decode_linear import use_decode_linears
 from hf_deepseek.modeling.latent_cache import LatentStaticCache
@@ -46,6 +46,7 @@ VARIANTS = {
     "mla-front": "ours-fast-mla-front",
     "fewest-launches": "ours-fast-fewest-launches",
     "fewest-launches-router-norm": "ours-fast-fewest-launches-router-norm",
+    "mla-chain": "ours-fast-mla-chain",
 }
 
 
@@ -90,6 +91,7 @@ def gpu_choices(row: str, baseline: bool = True):
         (latent_cache, "DECODE_ATTENTION", "triton"),
         (head_matmul, "usable", lambda x, w: not torch.is_grad_enabled()),
         (mla_front, "usable", lambda q, kv_a, storage: mla_front.ENABLED and not torch.is_grad_enabled()),
+        (mla_chain, "usable", lambda x, *args: mla_chain.ENABLED and x.shape[0] == 1 and not torch.is_grad_enabled()),
     ]
     base = STEP_ROWS["ours-fast-launches-apart" if baseline else "ours-fast"]
     with patched_attributes(patches), row_switches(base), row_switches(STEP_ROWS[row]):

@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 from hf_deepseek.kernels import (
     _adamw_triton,
     _head_matmul_triton,
+    _mla_chain_triton,
     _mla_decode_triton,
     _mla_front_triton,
     _moe_gemv_triton,
@@ -26,7 +27,18 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTERS = {"len_ptr": "*i64", "sem_ptr": "*i32", "lens_ptr": "*i32", "part_ptr": "*fp32", "stat_ptr": "*fp32",
             "idx_ptr": "*i64", "wt_ptr": "*fp32", "counts_ptr": "*i64", "partial_ptr": "*i32", "logits_ptr": "*fp32",
             "bias_ptr": "*fp32", "norm_ptr": "*bf16"}  # fmt: skip
-FLOATS = {"eps", "scale", "scale_log2", "lr_decay", "beta1", "beta2", "step_size", "bias_correction2_sqrt"}
+FLOATS = {
+    "eps",
+    "eps_q",
+    "eps_kv",
+    "scale",
+    "scale_log2",
+    "lr_decay",
+    "beta1",
+    "beta2",
+    "step_size",
+    "bias_correction2_sqrt",
+}
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict | None = None):
@@ -57,6 +69,11 @@ def cases():
                      PRECISION=None)  # fmt: skip
         yield f"mla front, {rows} rows", _mla_front_triton._front_kernel, front, 4, None
     yield "mla front with PDL", _mla_front_triton._front_kernel, {**front, "PDL": True}, 4, None
+    _, front_n, front_k = _mla_front_triton.plan(1, 16, 512, 128)
+    for phase in (0, 1):  # the batch-1 chain, persistent with its grid barriers, and a phase alone
+        chain = dict(BLOCK_N=8, BLOCK_K=256, STAGES=3, FRONT_N=front_n, FRONT_K=front_k, BLOCK_R=512, BLOCK_HALF=32,
+                     INTERLEAVED=True, PHASE=phase)  # fmt: skip
+        yield f"mla chain, phase {phase}", _mla_chain_triton._chain_kernel, chain, 4, {"sync_ptr": "*i32"}
     split = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_T=64, BLOCK_H=16, LATENT=512, ROPE=64)  # the default plan at 1 / 2k
     yield "attention split", _mla_decode_triton._split_kernel, split, 4, {"len_ptr": "*i32"}
     head = dict(BLOCK_T=1, BLOCK_N=64, BLOCK_K=128, BLOCK_R=64, PRECISION=None)

@@ -727,6 +727,52 @@ def mla_front_kernel() -> dict[str, bool]:
 LINEAR_PAIR_CASES = [(1536, 576, 256), (100, 36, 320), (8, 8, 64)]  # (N1, N2, K)
 
 
+MLA_CHAIN_CASES = [(128, 64, 4, 32, 128, 32, True), (96, 40, 3, 64, 64, 16, False)]  # (d, q rank, H, nope, r, rope,
+# interleaved)
+
+
+def mla_chain_kernel() -> dict[str, bool]:
+    """The chain kernel (`_mla_chain_triton.launch`, its phases as three launches: the interpreter runs programs one
+    after another, so the grid barrier never opens here) against the three kernels it joins, launched apart: the
+    same bits, the same cache entry and length; and against the op's torch path within bf16 rounding."""
+    from hf_deepseek.kernels import _mla_chain_triton, _mla_front_triton, _moe_gemv_triton, mla_chain
+
+    results = {}
+    with bf16_dot(), gpu_store_rounding():
+        for dim, rank_q, heads, nope, rank, rope, interleaved in MLA_CHAIN_CASES:
+            torch.manual_seed(dim + rank)
+            bf16 = torch.bfloat16
+            x = torch.randn(1, dim).to(bf16)
+            w_qa, w_kva = (
+                (torch.randn(rank_q, dim) * dim**-0.5).to(bf16),
+                (torch.randn(rank + rope, dim) * dim**-0.5).to(bf16),
+            )
+            w_qb = (torch.randn(heads * (nope + rope), rank_q) * rank_q**-0.5).to(bf16)
+            g_q, g_kv = (1 + torch.randn(rank_q) / 4).to(bf16), (1 + torch.randn(rank) / 4).to(bf16)
+            angles = torch.rand(1, rope // 2) * 6
+            cos, sin = angles.cos().to(bf16), angles.sin().to(bf16)
+            w_uk = (torch.randn(heads, nope + 16, rank) * nope**-0.5).to(bf16)[:, :nope]
+            caches = [torch.zeros(1, 9, rank + rope, dtype=bf16) for _ in range(3)]
+            lengths = [torch.tensor(4) for _ in range(3)]
+            got, got_len = _mla_chain_triton.launch(x, w_qa, w_kva, g_q, 1e-6, w_qb, cos, sin, g_kv, 1e-6, w_uk,
+                                                    caches[0], lengths[0], interleaved, phased=True,
+                                                    programs=3)  # fmt: skip
+            qkv = _moe_gemv_triton.launch_linear_pair(x, w_qa, w_kva)
+            q = _moe_gemv_triton.launch_norm_linear(qkv[:, :rank_q], g_q, 1e-6, w_qb).view(1, heads, nope + rope)
+            apart, apart_len = _mla_front_triton.launch(q, qkv[:, rank_q:], cos, sin, g_kv, 1e-6, w_uk, caches[1],
+                                                        lengths[1], interleaved)  # fmt: skip
+            ref, _ = mla_chain.reference(x, w_qa, w_kva, g_q, 1e-6, w_qb, cos, sin, g_kv, 1e-6, w_uk, caches[2],
+                                         lengths[2], interleaved)  # fmt: skip
+            drift = relative_error(got, ref)
+            name = f"d {dim}, q rank {rank_q}, {heads} heads, nope {nope}, r {rank}, rope {rope}"
+            print(f"  mla_chain {name}: same as the kernels apart {torch.equal(got, apart)}, vs torch path {drift:.2e}")
+            results[name] = bool(
+                torch.equal(got, apart) and torch.equal(caches[0], caches[1]) and torch.equal(got_len, apart_len)
+                and int(lengths[0]) == int(lengths[1]) == 5 and drift < 1e-2 and caches[0][:, 4].any()
+            )  # fmt: skip
+    return results
+
+
 def linear_pair_kernel() -> dict[str, bool]:
     """The pair kernel (`_moe_gemv_triton.launch_linear_pair`, the default linear configuration) against float64
     and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU), bf16 and FP8 weights."""
@@ -918,6 +964,7 @@ if __name__ == "__main__":
     rows = linear_rows_kernel()  # the linear layers' decode rows section
     heads = head_matmul_kernel()  # decode attention's absorbed products section
     front = mla_front_kernel()  # a decode step's MLA front section
+    chain = mla_chain_kernel()  # a batch-1 step's MLA input chain section
     pair = linear_pair_kernel()  # two linear layers of one input section
     norm = norm_linear_kernel()  # an RMSNorm in the linear layer's launch section
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
@@ -941,6 +988,7 @@ if __name__ == "__main__":
             record["linear_rows"] = rows
             record["head_matmul"] = heads
             record["mla_front"] = front
+            record["mla_chain"] = chain
             record["linear_pair"] = pair
             record["norm_linear"] = norm
             record["shared_pairs"] = shared_pairs
@@ -951,6 +999,7 @@ if __name__ == "__main__":
     print(f"linear_rows kernel: {sum(rows.values())}/{len(rows)} within tolerance")
     print(f"head_matmul kernel: {sum(heads.values())}/{len(heads)} within tolerance")
     print(f"mla_front kernel: {sum(front.values())}/{len(front)} within tolerance")
+    print(f"mla_chain kernel: {sum(chain.values())}/{len(chain)} as the kernels apart")
     print(f"linear_pair kernel: {sum(pair.values())}/{len(pair)} within tolerance")
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
@@ -965,6 +1014,7 @@ if __name__ == "__main__":
         and all(rows.values())
         and all(heads.values())
         and all(front.values())
+        and all(chain.values())
         and all(pair.values())
         and all(norm.values())
         and all(shared_pairs.values())

@@ -52,6 +52,7 @@ from hf_deepseek.kernels import (
     flash_mla_decode,
     head_matmul,
     linear_rows,
+    mla_chain,
     mla_decode_triton,
     mla_front,
     moe_gemv,
@@ -99,6 +100,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fewest-launches-pdl",
     "ours-fast-router-norm",
     "ours-fast-fewest-launches-router-norm",
+    "ours-fast-mla-chain",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -311,6 +313,7 @@ class Row:
     # moe_routing.ADD_NORM during the row (the residual sum and post-attention norm in the router);
     # None: the environment's (on by default)
     router_add_norm: bool | None = None
+    mla_chain: bool = False  # mla_chain.ENABLED on (a batch-1 row's q_a, kv_a, q_b and MLA front in one launch)
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -375,6 +378,7 @@ STEP_ROWS = {
     "ours-fast-fewest-launches-router-norm": Row(  # and the post-attention residual sum and norm in the router's launch
         "ours-fast-fewest-launches-router-norm", "latent", True, **FEWEST_LAUNCHES, router_add_norm=True
     ),
+    "ours-fast-mla-chain": Row("ours-fast-mla-chain", "latent", True, mla_chain=True),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
@@ -442,6 +446,7 @@ def row_switches(row: Row):
         (mla_decode_triton, "FUSED", mla_decode_triton.FUSED if row.fused_attention is None else row.fused_attention),
         (mla_front, "ENABLED", mla_front.ENABLED if row.mla_front is None else row.mla_front),
         (moe_routing, "ADD_NORM", moe_routing.ADD_NORM if row.router_add_norm is None else row.router_add_norm),
+        (mla_chain, "ENABLED", row.mla_chain or mla_chain.ENABLED),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

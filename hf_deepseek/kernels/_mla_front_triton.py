@@ -52,8 +52,29 @@ def _front_kernel(
     BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     pdl_wait(PDL)  # q, kv_a, the cache and its length: an earlier kernel writes each
-    pid_n, head, pid_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if pid_n == tl.num_programs(0) - 1:  # the cache writers: rows head, head + H, ... of the row block
+    _front_program(
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0),
+        tl.num_programs(1) * tl.num_programs(2),
+        q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr, lens_ptr,
+        B, H, NOPE, R, HALF, CACHE_LEN, eps,
+        stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
+        stride_cacheb, stride_cachet, BLOCK_T, BLOCK_N, BLOCK_K, BLOCK_R, BLOCK_HALF, INTERLEAVED, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
+def _front_program(
+    pid_n, head, pid_t, n_blocks, writers,
+    q_ptr, kv_ptr, cos_ptr, sin_ptr, norm_ptr, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr, lens_ptr,
+    B, H, NOPE, R, HALF, CACHE_LEN, eps,
+    stride_qb, stride_qh, stride_kvb, stride_cb, stride_sb, stride_wh, stride_wk, stride_wn, stride_ob, stride_oh,
+    stride_cacheb, stride_cachet,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The front's work item (block `pid_n` of `n_blocks`, the last being the cache writers', head, row block
+    `pid_t`); `writers`: how many writer items the launch has (each counts itself on the semaphore)."""
+    if pid_n == n_blocks - 1:  # the cache writers: rows head, head + H, ... of the row block
         pos = tl.load(len_ptr)
         d = tl.arange(0, BLOCK_R)
         d_ok = d < R
@@ -75,7 +96,6 @@ def _front_kernel(
                     tl.store(entry + R + HALF + i, k2.to(cache_ptr.dtype.element_ty), mask=i < HALF)
                 tl.store(lens_ptr + b, (pos + 1).to(tl.int32))  # the row's length, as the attention kernels read it
         tl.debug_barrier()  # every thread's length read done before thread 0's release below
-        writers = tl.num_programs(1) * tl.num_programs(2)
         if tl.atomic_add(sem_ptr, 1, sem="acq_rel", scope="gpu") == writers - 1:  # the last writer: all have read
             tl.store(sem_ptr, 0)  # ready for the next launch
             tl.store(len_ptr, pos + 1)

@@ -219,10 +219,18 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
     for row t (program_id(0)) and a block of n (program_id(1): w1's blocks, then w2's). SCALED: FP8 weights with
     their 128x128 block scales [ceil(N/128), G_K] (`_down_dot`'s, as an FP8 layer's own launch applies them). PDL,
     LINES, LINE: `_pdl_triton.pdl_start`'s."""
-    row = tl.program_id(0)
+    _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, tl.program_id(0), tl.program_id(1), BLOCK_N, BLOCK_K,
+                STAGES, PDL, LINES, LINE, SCALED, s1_ptr, s2_ptr, G_K)  # fmt: skip
+
+
+@triton.jit
+def _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, row, block,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+                LINES: tl.constexpr, LINE: tl.constexpr, SCALED: tl.constexpr, s1_ptr, s2_ptr, G_K):  # fmt: skip
+    """`_pair_kernel`'s work for row `row` and output block `block` (w1's blocks, then w2's)."""
     first_blocks = tl.cdiv(N1, BLOCK_N)
-    second = (tl.program_id(1) >= first_blocks).to(tl.int32)
-    n0 = (tl.program_id(1) - second * first_blocks) * BLOCK_N
+    second = (block >= first_blocks).to(tl.int32)
+    n0 = (block - second * first_blocks) * BLOCK_N
     rows = N1 + second * (N2 - N1)
     if second == 1:  # noqa: SIM108 (a branch Triton compiles to a select of the two pointers)
         w = w2_ptr
@@ -251,8 +259,16 @@ def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps,
     `layers.RMSNorm` computes it: x * rsqrt(mean(x^2) + eps) in fp32 rounded to out's dtype, times g, rounded again.
     Every program recomputes the row's mean square (K values, from cache) before its product loop. SCALED: w is an
     FP8 weight with 128x128 block scales [ceil(N/128), G_K] at s (the tile's rows within one block row)."""
-    row = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
+    _norm_gemv_block(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps, tl.program_id(0), tl.program_id(1),
+                     BLOCK_N, BLOCK_K, STAGES, s_ptr, G_K, SCALED)  # fmt: skip
+
+
+@triton.jit
+def _norm_gemv_block(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps, row, block,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, s_ptr, G_K,
+                     SCALED: tl.constexpr):  # fmt: skip
+    """`_norm_gemv_kernel`'s work for row `row` and output block `block`."""
+    n0 = block * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < N
     x_row = x_ptr + row * stride_x

@@ -21,7 +21,7 @@ from ..configuration import DeepSeekConfig
 from .decode_linear import fused_norm_linear, fused_pair
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
-from .mla_decode import front_cache_attention, latent_cache_attention
+from .mla_decode import chain_cache_attention, front_cache_attention, latent_cache_attention
 
 
 class RotaryEmbedding(nn.Module):
@@ -139,6 +139,9 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None)."""
         bsz, q_len, _ = hidden_states.shape
+        out = chain_cache_attention(self, hidden_states, position_embeddings, cache)  # opt-in: one launch to attention
+        if out is not None:
+            return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim)), None
         q, kv_a = self._input_projections(hidden_states)
         if self.q_lora_rank is not None:  # the norm in q_b's launch at decode where `fused_norm_linear` serves
             fused = fused_norm_linear(self.q_a_layernorm, self.q_b_proj, q)

@@ -10,18 +10,21 @@ One query token per row over a cache without padding goes through a split-KV ker
 its length: by default (HF_DEEPSEEK_DECODE_ATTENTION=auto) a Triton one (`kernels/mla_decode_triton.py`) for up to 8
 rows and FlashMLA's (`kernels/flash_mla_decode.py`, where it is installed) for more. With
 HF_DEEPSEEK_HEAD_MATMUL=1 the W_UK and W_UV products of up to 64 query rows take a per-head Triton kernel
-(`kernels/head_matmul.py`) instead of cuBLAS's batched matmul; with HF_DEEPSEEK_MLA_FRONT=1 a decode step's kv norm,
-RoPE, cache write and W_UK product take one launch before either kernel (`front_cache_attention`).
+(`kernels/head_matmul.py`) instead of cuBLAS's batched matmul; by default (HF_DEEPSEEK_MLA_FRONT=0 turns it off) a
+decode step's kv norm, RoPE, cache write and W_UK product take one launch before either kernel
+(`front_cache_attention`), and with HF_DEEPSEEK_MLA_CHAIN=1 a batch-1 step's q_a, kv_a and q_b projections take
+that launch too (`chain_cache_attention`).
 """
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import is_torchdynamo_compiling
 
-from ..kernels import mla_decode_triton, mla_front
+from ..kernels import mla_chain, mla_decode_triton, mla_front
 from ..kernels.flash_mla_decode import flash_latent_attention, flash_mla_schedule, row_lengths
 from ..kernels.head_matmul import absorb_query, values_from_latent
 from ..kernels.mla_decode_triton import triton_latent_attention
+from .decode_linear import DecodeLinear, single_decode_row
 from .latent_cache import LatentStaticCache
 
 
@@ -65,10 +68,43 @@ def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStati
         sin[:, 0].expand(bsz, -1), norm.weight, norm.eps, w_uk, layer.storage, layer.cumulative_length,
         attn.config.rope_interleave,
     )  # fmt: skip
+    return joined_query_attention(attn, layer, cache, query, lengths)
+
+
+def joined_query_attention(attn, layer, cache: LatentStaticCache, query, lengths) -> torch.Tensor:
+    """The attention over `layer`'s latent cache of the joined query [B, H, r + rope] a front launch made (with the
+    rows' lengths [B] int32): FlashMLA's or the Triton kernel -> [B, 1, H, v]."""
     query = query.unsqueeze(2)  # [B, H, 1, r + rope]; lengths [B] int32, as both attention kernels take them
     if layer.flash_mla:
         return flash_cache_attention(attn, None, None, layer.storage, lengths, cache, query)
     return triton_cache_attention(attn, None, None, layer.buffer(), lengths, query)
+
+
+def chain_cache_attention(attn, hidden_states, position_embeddings, cache) -> torch.Tensor | None:
+    """A batch-1 decode step's attention from the layer's normed input [1, 1, d] where `kernels/mla_chain.py`
+    serves (bf16 q_a, kv_a and q_b without biases, the q_a norm in their dtype, one token over an unpadded cache
+    that FlashMLA's or the Triton kernel reads): q_a, kv_a, q_b, the front and the cache write in one launch, then
+    the attention -> [1, 1, H, v]; else None."""
+    if not isinstance(cache, LatentStaticCache) or attn.q_lora_rank is None or hidden_states.shape[:2] != (1, 1):
+        return None
+    layer = cache.layers[attn.layer_idx]
+    if not cache.unpadded or not layer.is_initialized or not (layer.flash_mla or layer.triton_attention):
+        return None
+    x = single_decode_row(hidden_states, attn.q_a_proj, attn.kv_a_proj_with_mqa)  # DecodeLinears without bias
+    q_b = attn.q_b_proj
+    if x is None or type(q_b) is not DecodeLinear or q_b.bias is not None:
+        return None
+    norms = (attn.q_a_layernorm.weight, attn.kv_a_layernorm.weight)
+    weights = (attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight, q_b.weight)
+    if not mla_chain.usable(x, layer.storage, *weights, *norms):
+        return None
+    cos, sin = position_embeddings  # [1, 1, rope / 2]
+    w_uk, _ = attn.absorbed_weights()
+    query, lengths = mla_chain.mla_decode_chain(
+        x, weights[0], weights[1], norms[0], attn.q_a_layernorm.eps, weights[2], cos[:, 0], sin[:, 0], norms[1],
+        attn.kv_a_layernorm.eps, w_uk, layer.storage, layer.cumulative_length, attn.config.rope_interleave,
+    )  # fmt: skip
+    return joined_query_attention(attn, layer, cache, query, lengths)
 
 
 def flash_cache_attention(attn, q_nope, q_rope, storage, length, cache: LatentStaticCache, query=None) -> torch.Tensor:
@@ -161,4 +197,10 @@ def _mask_scores(scores: torch.Tensor, attention_mask, length: torch.Tensor, sta
     return scores.masked_fill(~keep, lowest)
 
 
-__all__ = ["absorbed_cache_attention", "front_cache_attention", "latent_cache_attention"]
+__all__ = [
+    "absorbed_cache_attention",
+    "chain_cache_attention",
+    "front_cache_attention",
+    "joined_query_attention",
+    "latent_cache_attention",
+]
