@@ -236,11 +236,14 @@ def test_kernel_replays_in_a_cuda_graph(triton_cuda):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["attention-apart", "fused-attention"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, batch):
-    """A bf16 model's decode steps on CUDA with the front's kernel and the Triton attention give the default path's
-    logits and cache (within bf16 rounding)."""
+def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, batch, fused):
+    """A bf16 model's decode steps on CUDA with the front's kernel and the Triton attention (its epilogue apart or
+    fused) give the path's logits and cache without the front (within bf16 rounding)."""
     monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "triton")
+    monkeypatch.setattr(mla_decode_triton, "FUSED", fused)
+    monkeypatch.setattr(mla_front, "MAX_ROWS", batch)
     torch.manual_seed(0)
     config = tiny_config(**V3_LATENT)
     model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
@@ -250,5 +253,5 @@ def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, bat
     for front in (False, True):
         monkeypatch.setattr(mla_front, "ENABLED", front)
         logits[front] = decode_logits(model, config, ids, steps)
-    assert relative_error(logits[True][0].float(), logits[False][0].float()) < 2e-2
-    assert relative_error(logits[True][1].float(), logits[False][1].float()) < 1e-2
+    errors = [relative_error(logits[True][i].float(), logits[False][i].float()) for i in range(2)]
+    assert errors[0] < 2e-2 and errors[1] < 1e-2, errors  # logits, then the first layer's cache
