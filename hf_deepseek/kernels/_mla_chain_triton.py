@@ -8,9 +8,14 @@ with the same block sizes and sums, as the three kernels' programs (`_pair_block
 `_front_program`), so the results are theirs bit for bit; between phases a grid barrier (`_grid_sync`) makes one
 phase's stores visible to the next phase's loads.
 
-`PHASE` 0 runs the three phases with the barriers; 1, 2 or 3 runs that phase alone, without a barrier: Triton's
-interpreter runs a grid's programs one after another, so a spinning barrier would never open there, and the checks
-run the phases as three launches (`launch(..., phased=True)`).
+The weights of phases 2 and 3 (q_b's 9.4 MB and W_UK's 2 MB at the bench's shapes) do not depend on the phases
+before them: each program first asks L2 for its later items' weight lines (`_prefetch_l2`), so that those reads
+overlap phase 1's and the later phases find their weights in L2 after the barriers. q_b's rows go in blocks of
+Q_BLOCK_N (16: 192 blocks, one round of the grid) rather than the dense layers' 8.
+
+`PHASE` 0 runs the three phases with the barriers; 1, 2 or 3 runs that phase alone, without a barrier or prefetch:
+Triton's interpreter runs a grid's programs one after another, so a spinning barrier would never open there, and the
+checks run the phases as three launches (`launch(..., phased=True)`).
 """
 
 import torch
@@ -19,7 +24,10 @@ import triton.language as tl
 
 from ._mla_front_triton import _front_program
 from ._moe_gemv_triton import _norm_gemv_block, _pair_block
+from ._pdl_triton import _prefetch_l2
 from .counters import counters
+
+LINE = tl.constexpr(64)  # bf16 values a 128-byte cache line holds
 
 
 @triton.jit
@@ -45,13 +53,28 @@ def _chain_kernel(
     gq_ptr, eps_q, wqb_ptr, q_ptr, NQ,
     cos_ptr, sin_ptr, gkv_ptr, eps_kv, wuk_ptr, cache_ptr, len_ptr, sem_ptr, out_ptr, lens_ptr, sync_ptr,
     H, NOPE, R, HALF, CACHE_LEN, stride_wh, stride_wk, stride_wn, stride_cachet,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, Q_BLOCK_N: tl.constexpr,
     FRONT_N: tl.constexpr, FRONT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    INTERLEAVED: tl.constexpr, PHASE: tl.constexpr,
+    INTERLEAVED: tl.constexpr, PHASE: tl.constexpr, Q_LINES: tl.constexpr = 32, FRONT_LINES: tl.constexpr = 1,
+    NOPE_PAD: tl.constexpr = 128,
 ):  # fmt: skip
     """One row: qkv = [W_qa x | W_kva x] (N1 + N2 values), q = W_qb RMSNorm_q(qkv[:N1]) (NQ = H (NOPE + 2 HALF)),
-    then the front over q and qkv[N1:] (the joined query at out [H, R + 2 HALF], the cache entry at the length)."""
+    then the front over q and qkv[N1:] (the joined query at out [H, R + 2 HALF], the cache entry at the length).
+    Q_LINES: lines of a q_b row (N1 / LINE, padded); FRONT_LINES: lines of a W_UK block row (FRONT_N / LINE);
+    NOPE_PAD: NOPE padded to a power of two."""
     pid, programs = tl.program_id(0), tl.num_programs(0)
+    n_blocks = tl.cdiv(R, FRONT_N) + 1  # the front's blocks of the latent a head, the last the cache writer's
+    if PHASE == 0:  # the later phases' weights into L2 while phase 1 reads its own
+        q_cols = tl.minimum(tl.arange(0, Q_LINES) * LINE, N1 - 1)
+        for block in range(pid, tl.cdiv(NQ, Q_BLOCK_N), programs):
+            rows = tl.minimum(block * Q_BLOCK_N + tl.arange(0, Q_BLOCK_N), NQ - 1)
+            _prefetch_l2(wqb_ptr + rows[:, None] * N1 + q_cols[None, :])
+        k = tl.minimum(tl.arange(0, NOPE_PAD), NOPE - 1)
+        for item in range(pid, n_blocks * H, programs):
+            if item % n_blocks < n_blocks - 1:
+                n = tl.minimum((item % n_blocks) * FRONT_N + tl.arange(0, FRONT_LINES) * LINE, R - 1)
+                head = item // n_blocks
+                _prefetch_l2(wuk_ptr + head * stride_wh + k[:, None] * stride_wk + n[None, :] * stride_wn)
     if PHASE == 0 or PHASE == 1:
         for block in range(pid, tl.cdiv(N1, BLOCK_N) + tl.cdiv(N2, BLOCK_N), programs):
             _pair_block(x_ptr, wqa_ptr, wkva_ptr, qkv_ptr, N1, N2, D, 0, block, BLOCK_N, BLOCK_K, STAGES,
@@ -59,13 +82,12 @@ def _chain_kernel(
     if PHASE == 0:
         _grid_sync(sync_ptr, programs)
     if PHASE == 0 or PHASE == 2:
-        for block in range(pid, tl.cdiv(NQ, BLOCK_N), programs):
-            _norm_gemv_block(qkv_ptr, gq_ptr, wqb_ptr, q_ptr, NQ, N1, N1 + N2, eps_q, 0, block, BLOCK_N, BLOCK_K,
+        for block in range(pid, tl.cdiv(NQ, Q_BLOCK_N), programs):
+            _norm_gemv_block(qkv_ptr, gq_ptr, wqb_ptr, q_ptr, NQ, N1, N1 + N2, eps_q, 0, block, Q_BLOCK_N, BLOCK_K,
                              STAGES, wqb_ptr, 1, False)  # fmt: skip
     if PHASE == 0:
         _grid_sync(sync_ptr, programs)
     if PHASE == 0 or PHASE == 3:
-        n_blocks = tl.cdiv(R, FRONT_N) + 1  # the last: the cache writer's
         width = NOPE + 2 * HALF
         for item in range(pid, n_blocks * H, programs):
             _front_program(
@@ -78,6 +100,7 @@ def _chain_kernel(
 
 
 PROGRAMS_PER_SM = 2  # resident together: each program holds one item's registers, a few KB of shared memory
+Q_BLOCK_N = 16  # q_b's rows a block: 192 blocks at the bench's 3072 rows, within one round of the grid
 
 
 def grid_programs(device: torch.device) -> int:
@@ -115,9 +138,12 @@ def launch(x, w_qa, w_kva, g_q, eps_q, w_qb, cos, sin, g_kv, eps_kv, w_uk, stora
         sync, heads, nope, latent, rope // 2, storage.shape[1], w_uk.stride(0), w_uk.stride(1), w_uk.stride(2),
         storage.stride(1),
     )  # fmt: skip
-    constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, FRONT_N=front_n, FRONT_K=front_k,
-                     BLOCK_R=triton.next_power_of_2(latent), BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)),
-                     INTERLEAVED=interleaved, **launch_options(warps, stages))  # fmt: skip
+    constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, Q_BLOCK_N=Q_BLOCK_N, FRONT_N=front_n,
+                     FRONT_K=front_k, BLOCK_R=triton.next_power_of_2(latent),
+                     BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
+                     Q_LINES=triton.next_power_of_2(triton.cdiv(n1, LINE.value)),
+                     FRONT_LINES=triton.next_power_of_2(triton.cdiv(front_n, LINE.value)),
+                     NOPE_PAD=triton.next_power_of_2(nope), **launch_options(warps, stages))  # fmt: skip
     if phased:
         for phase in (1, 2, 3):
             _chain_kernel[(programs or 4,)](*args, PHASE=phase, **constants)
