@@ -2,6 +2,7 @@
 path's ops forced on, Inductor deciding the fusions between them): the experts' top-k sum fuses into the norm after
 the MoE layer, and the opt-in kernels together launch fewer kernels a step than the default path."""
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,16 +17,19 @@ sys.modules[spec.name] = census_script  # Dynamo looks up the module of the func
 spec.loader.exec_module(census_script)
 
 
+@functools.cache
+def census_of(variant: str, baseline: bool = True) -> dict:
+    """`census_script.census` of a variant, once per test session (each takes ~20 s on the 2-core CPU)."""
+    return census_script.census(census_script.VARIANTS[variant], baseline=baseline)
+
+
 def launches(result: dict) -> int:
     return len(result["kernels"]) + sum(result["ops"].values())
 
 
 @pytest.fixture(scope="module")
 def default_and_all():
-    return (
-        census_script.census(census_script.VARIANTS["launches-apart"]),
-        census_script.census(census_script.VARIANTS["all"]),
-    )
+    return census_of("launches-apart"), census_of("all")
 
 
 def test_the_experts_top_k_sum_fuses_into_the_next_norm(default_and_all):
@@ -59,7 +63,7 @@ def test_every_opt_in_kernel_together_launches_fewer_kernels(default_and_all):
 def test_q_a_and_kv_a_in_one_launch_save_a_launch_a_layer(default_and_all):
     """The default's pair op against the two projections' matrix-vector launches (`ours-fast-separate-q-kv-a`); on
     the CPU Inductor also fuses one kernel fewer a layer around it (43 against 49 launches), hence "at least"."""
-    default, separate = default_and_all[0], census_script.census(census_script.VARIANTS["separate-q-kv-a"])
+    default, separate = default_and_all[0], census_of("separate-q-kv-a")
     assert "torch.ops.hf_deepseek.linear_gemv_pair" not in separate["ops"]
     gemv = "torch.ops.hf_deepseek.linear_gemv"
     assert separate["ops"][gemv] == default["ops"][gemv] + 2 * 3
@@ -68,7 +72,7 @@ def test_q_a_and_kv_a_in_one_launch_save_a_launch_a_layer(default_and_all):
 
 def test_the_shared_mlp_folded_into_the_routed_launches_saves_four_launches_a_moe_layer():
     """Its gate, up and down matrix-vector launches and the activation's Inductor kernel, in both MoE layers."""
-    apart, folded = (census_script.census(census_script.VARIANTS[v]) for v in ("unfolded", "launches-apart"))
+    apart, folded = (census_of(v) for v in ("unfolded", "launches-apart"))
     assert folded["ops"]["torch.ops.hf_deepseek.routed_and_shared_experts_gemv"] == 2
     assert "torch.ops.hf_deepseek.routed_experts_gemv" not in folded["ops"]
     assert folded["ops"]["torch.ops.hf_deepseek.linear_gemv"] == apart["ops"]["torch.ops.hf_deepseek.linear_gemv"] - 6
@@ -107,7 +111,7 @@ def test_the_fewest_launches_row_saves_three_launches_a_layer(default_and_all):
     with W_UV in the attention's combine launch leaves no batched matmul and no RoPE or cache-write kernel of
     Inductor's in a layer; with the q_a norm in q_b's launch, at least three launches fewer a layer than the
     default (30 against 43 on the CPU, torch 2.13)."""
-    default, fewest = default_and_all[0], census_script.census(census_script.VARIANTS["fewest-launches"])
+    default, fewest = default_and_all[0], census_of("fewest-launches")
     assert fewest["ops"]["torch.ops.hf_deepseek.mla_decode_front"] == 3
     assert "torch.ops.aten.bmm" not in fewest["ops"] and "torch.ops.hf_deepseek.head_matmul" not in fewest["ops"]
     assert not [name for name in fewest["kernels"] if "index_copy" in name or "cat" in name], fewest["kernels"]
@@ -117,9 +121,7 @@ def test_the_fewest_launches_row_saves_three_launches_a_layer(default_and_all):
 def test_the_residual_sum_and_norm_in_the_routers_launch_save_a_kernel_a_moe_layer():
     """`ours-fast-fewest-launches-router-norm`: each MoE layer's post-attention residual sum and RMSNorm go into
     the router's launch (`add_norm_route_tokens`), one Inductor kernel fewer in each of the two MoE layers."""
-    fewest, fused = (
-        census_script.census(census_script.VARIANTS[v]) for v in ("fewest-launches", "fewest-launches-router-norm")
-    )
+    fewest, fused = (census_of(v) for v in ("fewest-launches", "fewest-launches-router-norm"))
     assert fused["ops"]["torch.ops.hf_deepseek.add_norm_route_tokens"] == 2
     assert "torch.ops.hf_deepseek.route_tokens" not in fused["ops"]
     assert len(fused["kernels"]) == len(fewest["kernels"]) - 2, (fused["kernels"], fewest["kernels"])
@@ -129,8 +131,8 @@ def test_the_residual_sum_and_norm_in_the_routers_launch_save_a_kernel_a_moe_lay
 def test_the_default_step_is_the_fewest_launches_one(default_and_all):
     """The launch-saving kernels are on by default: the default step's census is the fewest-launches one with the
     router's add+norm, 11 launches fewer than with every one of them off (28 against 43 on the CPU, torch 2.13)."""
-    apart, default = default_and_all[0], census_script.census(census_script.VARIANTS["default"], baseline=False)
-    fewest = census_script.census(census_script.VARIANTS["default"])
+    apart, default = default_and_all[0], census_of("default", baseline=False)
+    fewest = census_of("default")
     assert default == fewest
     assert launches(default) <= launches(apart) - 3 * 3 - 2, (launches(default), launches(apart))
 
@@ -139,9 +141,7 @@ def test_the_mla_chain_takes_three_launches_a_layer_into_one():
     """`ours-fast-mla-chain`: each layer's q_a / kv_a pair, q_b with its norm and MLA front become one chain op, two
     launches fewer a layer than the default step at least (three layers: 21 against 28 on the CPU, torch 2.13, where
     Inductor also folds the first layer's cos / sin slices into its kernel before the op)."""
-    default, chained = (
-        census_script.census(census_script.VARIANTS[v], baseline=False) for v in ("default", "mla-chain")
-    )
+    default, chained = (census_of(v, baseline=False) for v in ("default", "mla-chain"))
     assert chained["ops"]["torch.ops.hf_deepseek.mla_decode_chain"] == 3
     for joined in ("linear_gemv_pair", "norm_linear_gemv", "mla_decode_front"):
         assert f"torch.ops.hf_deepseek.{joined}" not in chained["ops"], chained["ops"]
