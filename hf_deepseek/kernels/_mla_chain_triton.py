@@ -3,10 +3,11 @@ q_a and kv_a, then q_b with the q_a norm, then the front (`_mla_front_triton`), 
 
 At batch 1 each of those three launches takes 5.7-6.6 us whatever it reads (docs/PERF.md 2026-12-06: 2-9 MB each,
 1-3 us of it at copy bandwidth), so a layer's chain pays three launch ramps for work one could do. Here a grid of
-`programs` (all resident at once: a few per multiprocessor) walks each phase's work items in turn, the same items,
-with the same block sizes and sums, as the three kernels' programs (`_pair_block`, `_norm_gemv_block`,
-`_front_program`), so the results are theirs bit for bit; between phases a grid barrier (`_grid_sync`) makes one
-phase's stores visible to the next phase's loads.
+`programs` (all resident at once: a few per multiprocessor) walks each phase's work items in turn, the three
+kernels' own programs (`_pair_block`, `_norm_gemv_block`, `_front_program`) with their sums, so the results are
+theirs (bit for bit in Triton's interpreter; q_b's wider blocks below may order a row's sum differently on a GPU,
+within one rounding); between phases a grid barrier (`_grid_sync`) makes one phase's stores visible to the next
+phase's loads.
 
 The weights of phases 2 and 3 (q_b's 9.4 MB and W_UK's 2 MB at the bench's shapes) do not depend on the phases
 before them: each program first asks L2 for its later items' weight lines (`_prefetch_l2`), so that those reads

@@ -4,7 +4,7 @@ q_a and kv_a (`moe_gemv.linear_gemv_pair`), q_b with the q_a norm (`moe_gemv.nor
 grid barriers between them (`_mla_chain_triton.py`), where at batch 1 they are three launches of 5.7-6.6 us each
 for 2-9 MB apiece. `mla_decode_chain` is a custom op (one node under torch.compile, captured by CUDA graphs): the
 kernel on CUDA, the three ops' own computations elsewhere (`reference`, what the CPU tests run); the kernel's phases
-are those ops' programs, so it gives their results bit for bit.
+are those ops' programs, so it gives their results (`_mla_chain_triton.py` says where a rounding may differ).
 """
 
 import os
