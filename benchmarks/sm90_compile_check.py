@@ -64,15 +64,14 @@ def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict | None = N
 def cases():
     """(name, kernel, constexprs, warps, pointer dtypes) at the model's launch configurations."""
     for rows in (1, 4, 32):  # the MLA front at batch 1, a few rows and a FlashMLA batch (16 heads, V3's ranks)
-        block_t, block_n, block_k = _mla_front_triton.plan(rows, 16, 512, 128)
-        front = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=512, BLOCK_HALF=32, INTERLEAVED=True,
-                     PRECISION=None)  # fmt: skip
+        front = {**_mla_front_triton.block_sizes(rows, 16, 512, 128, 64), "INTERLEAVED": True, "PRECISION": None}
         yield f"mla front, {rows} rows", _mla_front_triton._front_kernel, front, 4, None
     yield "mla front with PDL", _mla_front_triton._front_kernel, {**front, "PDL": True}, 4, None
-    _, front_n, front_k = _mla_front_triton.plan(1, 16, 512, 128)
+    one_row = _mla_front_triton.block_sizes(1, 16, 512, 128, 64)
     for phase in (0, 1):  # the batch-1 chain, persistent with its grid barriers, and a phase alone
-        chain = dict(BLOCK_N=8, BLOCK_K=256, STAGES=3, Q_BLOCK_N=16, FRONT_N=front_n, FRONT_K=front_k, BLOCK_R=512,
-                     BLOCK_HALF=32, INTERLEAVED=True, PHASE=phase, Q_LINES=32, FRONT_LINES=1, NOPE_PAD=128)  # fmt: skip
+        chain = dict(BLOCK_N=8, BLOCK_K=256, STAGES=3, Q_BLOCK_N=16, FRONT_N=one_row["BLOCK_N"],
+                     FRONT_K=one_row["BLOCK_K"], BLOCK_R=512, BLOCK_HALF=32, INTERLEAVED=True, PHASE=phase, Q_LINES=32,
+                     FRONT_LINES=1, NOPE_PAD=128)  # fmt: skip
         yield f"mla chain, phase {phase}", _mla_chain_triton._chain_kernel, chain, 4, {"sync_ptr": "*i32"}
     split = dict(SPLITS=32, SPLIT_LEN=64, BLOCK_T=64, BLOCK_H=16, LATENT=512, ROPE=64)  # the default plan at 1 / 2k
     yield "attention split", _mla_decode_triton._split_kernel, split, 4, {"len_ptr": "*i32"}

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._mla_front_triton import _front_program
+from ._mla_front_triton import _front_program, block_sizes
 from ._moe_gemv_triton import _norm_gemv_block, _pair_block
 from ._pdl_triton import _prefetch_l2
 from .counters import counters
@@ -72,9 +72,9 @@ def _chain_kernel(
             _prefetch_l2(wqb_ptr + rows[:, None] * N1 + q_cols[None, :])
         k = tl.minimum(tl.arange(0, NOPE_PAD), NOPE - 1)
         for item in range(pid, n_blocks * H, programs):
-            if item % n_blocks < n_blocks - 1:
-                n = tl.minimum((item % n_blocks) * FRONT_N + tl.arange(0, FRONT_LINES) * LINE, R - 1)
-                head = item // n_blocks
+            block, head = item % n_blocks, item // n_blocks
+            if block < n_blocks - 1:  # the writer's item reads no W_UK
+                n = tl.minimum(block * FRONT_N + tl.arange(0, FRONT_LINES) * LINE, R - 1)
                 _prefetch_l2(wuk_ptr + head * stride_wh + k[:, None] * stride_wk + n[None, :] * stride_wn)
     if PHASE == 0 or PHASE == 1:
         for block in range(pid, tl.cdiv(N1, BLOCK_N) + tl.cdiv(N2, BLOCK_N), programs):
@@ -117,7 +117,6 @@ def launch(x, w_qa, w_kva, g_q, eps_q, w_qb, cos, sin, g_kv, eps_kv, w_uk, stora
     element) -> (the joined query [1, H, r + rope], the row's new length [1] int32); storage and length written as
     `mla_front.reference` writes them. `config`: the dense layers' (BLOCK_N, BLOCK_K, warps, _, stages), by default
     `moe_gemv_config.LINEAR_CONFIG`. `phased`: three launches, one a phase, no barrier (the interpreter's way)."""
-    from ._head_matmul_triton import plan
     from .moe_gemv_config import kernel_config, launch_options
 
     block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
@@ -129,7 +128,7 @@ def launch(x, w_qa, w_kva, g_q, eps_q, w_qb, cos, sin, g_kv, eps_kv, w_uk, stora
     q = torch.empty(1, nq, device=device, dtype=x.dtype)
     out = torch.empty(1, heads, latent + rope, device=device, dtype=x.dtype)
     lengths = torch.empty(1, device=device, dtype=torch.int32)
-    _, front_n, front_k = plan(1, heads, latent, nope)
+    front = block_sizes(1, heads, latent, nope, rope)
     w_uk = w_uk.to(x.dtype)
     sync = counters("mla_chain", 3, device)  # [arrivals, generation, the front's writers]
     args = (
@@ -139,11 +138,10 @@ def launch(x, w_qa, w_kva, g_q, eps_q, w_qb, cos, sin, g_kv, eps_kv, w_uk, stora
         sync, heads, nope, latent, rope // 2, storage.shape[1], w_uk.stride(0), w_uk.stride(1), w_uk.stride(2),
         storage.stride(1),
     )  # fmt: skip
-    constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, Q_BLOCK_N=Q_BLOCK_N, FRONT_N=front_n,
-                     FRONT_K=front_k, BLOCK_R=triton.next_power_of_2(latent),
-                     BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
-                     Q_LINES=triton.next_power_of_2(triton.cdiv(n1, LINE.value)),
-                     FRONT_LINES=triton.next_power_of_2(triton.cdiv(front_n, LINE.value)),
+    constants = dict(BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, Q_BLOCK_N=Q_BLOCK_N, FRONT_N=front["BLOCK_N"],
+                     FRONT_K=front["BLOCK_K"], BLOCK_R=front["BLOCK_R"], BLOCK_HALF=front["BLOCK_HALF"],
+                     INTERLEAVED=interleaved, Q_LINES=triton.next_power_of_2(triton.cdiv(n1, LINE.value)),
+                     FRONT_LINES=triton.next_power_of_2(triton.cdiv(front["BLOCK_N"], LINE.value)),
                      NOPE_PAD=triton.next_power_of_2(nope), **launch_options(warps, stages))  # fmt: skip
     if phased:
         for phase in (1, 2, 3):

@@ -126,6 +126,14 @@ def _front_program(
                     tl.store(row + HALF + i, q2.to(out_ptr.dtype.element_ty), mask=i < HALF)
 
 
+def block_sizes(rows: int, heads: int, latent: int, nope: int, rope: int) -> dict:
+    """The front's block constexprs for `rows` rows (`_head_matmul_triton.plan`'s tiles for W_UK, the latent and
+    half the rope padded to powers of two): what `launch` and the MLA chain's front phase both take."""
+    block_t, block_n, block_k = plan(rows, heads, latent, nope)
+    return dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=triton.next_power_of_2(latent),
+                BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)))  # fmt: skip
+
+
 def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, interleaved: bool):
     """q [B, H, nope + rope] and kv_a [B, r + rope] (last dimensions contiguous), cos / sin [B, rope / 2], the kv
     norm's weight [r], W_UK [H, nope, r] (any strides), storage [B, L, r + rope] (last dimension contiguous), length
@@ -136,16 +144,15 @@ def launch(q, kv_a, cos, sin, norm_weight, eps: float, w_uk, storage, length, in
     rope = width - nope
     out = torch.empty(batch, heads, latent + rope, device=q.device, dtype=q.dtype)
     lengths = torch.empty(batch, device=q.device, dtype=torch.int32)
-    block_t, block_n, block_k = plan(batch, heads, latent, nope)
+    blocks = block_sizes(batch, heads, latent, nope, rope)
     w_uk = w_uk.to(q.dtype)
-    grid = (triton.cdiv(latent, block_n) + 1, heads, triton.cdiv(batch, block_t))
+    grid = (triton.cdiv(latent, blocks["BLOCK_N"]) + 1, heads, triton.cdiv(batch, blocks["BLOCK_T"]))
     _front_kernel[grid](
         q, kv_a, cos, sin, norm_weight, w_uk, storage, length, counters("mla_front", 1, q.device), out, lengths,
         batch, heads, nope, latent, rope // 2, storage.shape[1], eps,
         q.stride(0), q.stride(1), kv_a.stride(0), cos.stride(0), sin.stride(0), w_uk.stride(0), w_uk.stride(1),
         w_uk.stride(2), out.stride(0), out.stride(1), storage.stride(0), storage.stride(1),
-        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=triton.next_power_of_2(latent),
-        BLOCK_HALF=triton.next_power_of_2(max(rope // 2, 1)), INTERLEAVED=interleaved,
-        PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4, **pdl_arguments(q.device),
+        **blocks, INTERLEAVED=interleaved, PRECISION="ieee" if q.dtype == torch.float32 else None, num_warps=4,
+        **pdl_arguments(q.device),
     )  # fmt: skip
     return out, lengths

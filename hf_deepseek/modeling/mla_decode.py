@@ -50,15 +50,22 @@ def latent_cache_attention(attn, q_nope, q_rope, latent, k_rope, cache: LatentSt
     return absorbed_cache_attention(attn, q_nope, q_rope, buffer, length, attention_mask)
 
 
+def front_layer(attn, cache, q_len: int):
+    """`attn`'s layer of `cache` where a front launch can write its new token and a split-KV kernel read it: one
+    token per row over an unpadded latent cache that FlashMLA's or the Triton kernel reads; else None."""
+    if not isinstance(cache, LatentStaticCache) or q_len != 1 or not cache.unpadded:
+        return None
+    layer = cache.layers[attn.layer_idx]
+    return layer if layer.is_initialized and (layer.flash_mla or layer.triton_attention) else None
+
+
 def front_cache_attention(attn, q, kv_a, position_embeddings, cache: LatentStaticCache) -> torch.Tensor | None:
     """A decode step's attention from q_b's output q [B, 1, H * (nope + rope)] and kv_a's [B, 1, r + rope] where
-    `kernels/mla_front.py` serves (one token per row over an unpadded cache that FlashMLA's or the Triton kernel
-    reads): the new token written to `cache` and the joined query made in one launch -> [B, 1, H, v]; else None."""
-    layer = cache.layers[attn.layer_idx]
+    `kernels/mla_front.py` serves (`front_layer`): the new token written to `cache` and the joined query made in one
+    launch -> [B, 1, H, v]; else None."""
     bsz, q_len = q.shape[:2]
-    if q_len != 1 or not cache.unpadded or not layer.is_initialized or not (layer.flash_mla or layer.triton_attention):
-        return None
-    if not mla_front.usable(q, kv_a, layer.storage):
+    layer = front_layer(attn, cache, q_len)
+    if layer is None or not mla_front.usable(q, kv_a, layer.storage):
         return None
     cos, sin = position_embeddings  # [B or 1, 1, rope / 2]: one row where every row shares its positions
     w_uk, _ = attn.absorbed_weights()
@@ -82,13 +89,10 @@ def joined_query_attention(attn, layer, cache: LatentStaticCache, query, lengths
 
 def chain_cache_attention(attn, hidden_states, position_embeddings, cache) -> torch.Tensor | None:
     """A batch-1 decode step's attention from the layer's normed input [1, 1, d] where `kernels/mla_chain.py`
-    serves (bf16 q_a, kv_a and q_b without biases, the q_a norm in their dtype, one token over an unpadded cache
-    that FlashMLA's or the Triton kernel reads): q_a, kv_a, q_b, the front and the cache write in one launch, then
-    the attention -> [1, 1, H, v]; else None."""
-    if not isinstance(cache, LatentStaticCache) or attn.q_lora_rank is None or hidden_states.shape[:2] != (1, 1):
-        return None
-    layer = cache.layers[attn.layer_idx]
-    if not cache.unpadded or not layer.is_initialized or not (layer.flash_mla or layer.triton_attention):
+    serves (bf16 q_a, kv_a and q_b without biases, the q_a norm in their dtype, `front_layer`): q_a, kv_a, q_b, the
+    front and the cache write in one launch, then the attention -> [1, 1, H, v]; else None."""
+    layer = front_layer(attn, cache, hidden_states.shape[1])
+    if layer is None or attn.q_lora_rank is None or hidden_states.shape[0] != 1:
         return None
     x = single_decode_row(hidden_states, attn.q_a_proj, attn.kv_a_proj_with_mqa)  # DecodeLinears without bias
     q_b = attn.q_b_proj
