@@ -19,7 +19,7 @@ spec.loader.exec_module(census_script)
 
 @functools.cache
 def census_of(variant: str, baseline: bool = True) -> dict:
-    """`census_script.census` of a variant, once per test session (each takes ~20 s on the 2-core CPU)."""
+    """`census_script.census` of a variant, once per test session (each compiles a decode step afresh)."""
     return census_script.census(census_script.VARIANTS[variant], baseline=baseline)
 
 
