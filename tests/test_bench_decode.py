@@ -136,9 +136,11 @@ def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(mo
     monkeypatch.delenv("HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG")
     with row_switches(STEP_ROWS["ours-fast-fp8-alt-linear"]):  # unset: the default
         assert linear_configs()[1] == before[1]
-    rows = ["ours-fast-fp8-alt-linear", "ours-generate-fp8", "ours-fast", "ours-fast-fp8", "ours-generate-trees"]
+    rows = ["ours-fast-fp8-head", "ours-fast-fp8-alt-linear", "ours-generate-fp8", "ours-fast", "ours-fast-fp8",
+            "ours-generate-trees"]  # fmt: skip
     assert run_order(rows) == [
-        "ours-fast", "ours-generate-trees", "ours-fast-fp8-alt-linear", "ours-generate-fp8", "ours-fast-fp8"
+        "ours-fast", "ours-generate-trees", "ours-fast-fp8-alt-linear", "ours-generate-fp8", "ours-fast-fp8",
+        "ours-fast-fp8-head",
     ]  # fmt: skip
 
 

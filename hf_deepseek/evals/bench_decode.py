@@ -111,6 +111,8 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-fewest-launches",
     "ours-fast-fp8-launches-apart",
     "ours-generate-fp8",
+    "ours-fast-fp8-head",
+    "ours-generate-fp8-head",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -388,12 +390,15 @@ STEP_ROWS = {
     "ours-fast-fp8-mla-front": Row("ours-fast-fp8-mla-front", "latent", True, mla_front=True),
     "ours-fast-fp8-fewest-launches": Row("ours-fast-fp8-fewest-launches", "latent", True, **FEWEST_LAUNCHES),
     "ours-fast-fp8-launches-apart": Row("ours-fast-fp8-launches-apart", "latent", True, **LAUNCHES_APART),
+    "ours-fast-fp8-head": Row("ours-fast-fp8-head", "latent", True),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
     "ours-fast-fp8", "ours-fast-fp8-alt-linear", "ours-fast-fp8-pdl", "ours-fast-fp8-separate-q-kv-a",
     "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-fast-fp8-launches-apart", "ours-generate-fp8",
 )  # fmt: skip
+# run after those: they also quantise the LM head (which DeepSeek's FP8 checkpoints and `FP8Recipe` keep in bf16)
+FP8_HEAD_ROWS = ("ours-fast-fp8-head", "ours-generate-fp8-head")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
@@ -929,10 +934,12 @@ def run_decode_bench(
             if key not in models:
                 models[key] = load(DeepSeekForCausalLM if ours else DeepseekV3ForCausalLM, source, device, dtype)
             model = models[key]
-            if name in FP8_ROWS and not model.has_fp8_weights():
-                from hf_deepseek.modeling.fp8 import convert_to_fp8_inference
+            if name in FP8_ROWS + FP8_HEAD_ROWS and not model.has_fp8_weights():
+                from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_inference
 
                 convert_to_fp8_inference(model)
+            if name in FP8_HEAD_ROWS:  # converts what is left in bf16: the head alone
+                convert_to_fp8_inference(model, FP8Recipe(skip=()))
             if name == "ours-mtp":
                 run_mtp_row(model, plan, device, progress, emit)
             elif "generate" in name:
@@ -948,8 +955,10 @@ def run_decode_bench(
 
 def run_order(rows: list[str]) -> list[str]:
     """The rows in the order asked (the most wanted first survive a run cut short), the FP8 rows last: the first
-    converts our loaded model in place."""
-    return [r for r in rows if r not in FP8_ROWS] + [r for r in rows if r in FP8_ROWS]
+    converts our loaded model in place (and the FP8-head rows after them: they quantise its head as well)."""
+    stages = (FP8_ROWS, FP8_HEAD_ROWS)
+    bf16 = [r for r in rows if not any(r in stage for stage in stages)]
+    return bf16 + [r for stage in stages for r in rows if r in stage]
 
 
 def add_ratios(results: dict[str, Any]) -> None:
