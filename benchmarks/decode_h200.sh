@@ -50,8 +50,20 @@ say "$(python3 -c 'import torch, transformers; print(torch.__version__, transfor
 say "FlashMLA: $(python3 -c 'from hf_deepseek.kernels.flash_mla_decode import available; print(available())' 2>&1 | tail -1)"
 
 TESTS=${TESTS:-tests/test_fast_generate.py tests/test_bench_decode.py::test_replayed_step_gives_the_compiled_steps_logits tests/test_flash_mla_decode.py tests/test_moe_gemv.py tests/test_moe_shared_fold.py tests/test_moe_routing.py}
-timeout ${TEST_S:-100} python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $TESTS > $OUT/gpu_tests.txt 2>&1
-say "gpu tests (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
+# the tests that decide the benches' switches (below) in a process of their own, first: a CUDA-graph capture that
+# fails in another test leaves the process's CUDA generator unusable ("Offset increment outside graph capture"),
+# which failed every later test of the process on 2026-12-06 and turned FlashMLA off for a healthy kernel
+GATE=$(for T in $TESTS; do case $T in tests/test_flash_mla_decode*|tests/test_moe_routing*) echo $T;; esac; done)
+REST=$(for T in $TESTS; do case $T in tests/test_flash_mla_decode*|tests/test_moe_routing*) ;; *) echo $T;; esac; done)
+TEST_END=$(( $(date +%s) + ${TEST_S:-100} ))
+: > $OUT/gpu_tests.txt
+for GROUP in "$GATE" "$REST"; do
+  LEFT=$(( TEST_END - $(date +%s) ))
+  [ -z "$GROUP" ] || [ $LEFT -lt 10 ] && continue  # (timeout 0 would mean no limit)
+  timeout $LEFT python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $GROUP \
+    >> $OUT/gpu_tests.txt 2>&1
+  say "gpu tests of $(echo $GROUP | wc -w) files (rc $?): $(grep -E 'passed|failed|error' $OUT/gpu_tests.txt | tail -1)"
+done
 if grep -q "FAILED tests/test_moe_routing" $OUT/gpu_tests.txt; then
   export HF_DEEPSEEK_FUSED_ROUTER=0  # the benches then measure the torch router
   say "the fused router kernel failed its tests: turned off for the benches"

@@ -240,12 +240,14 @@ def test_kernel_replays_in_a_cuda_graph(triton_cuda):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, batch, fused):
     """A bf16 model's decode steps on CUDA with the front's kernel and the Triton attention (its epilogue apart or
-    fused) give the path's logits and cache without the front (within bf16 rounding)."""
+    fused) give the path's logits and cache without the front (within bf16 rounding), row by row. Every token takes
+    both experts: a near-tied routing choice flipped by one rounding would move a row's logits far more than the
+    kernel's rounding does (3.9% at batch 4 with top-2 of 8 experts, 2026-12-06)."""
     monkeypatch.setenv("HF_DEEPSEEK_DECODE_ATTENTION", "triton")
     monkeypatch.setattr(mla_decode_triton, "FUSED", fused)
     monkeypatch.setattr(mla_front, "MAX_ROWS", batch)
     torch.manual_seed(0)
-    config = tiny_config(**V3_LATENT)
+    config = tiny_config(**V3_LATENT, n_routed_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1)
     model = DeepSeekForCausalLM(config).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(3, config.vocab_size, (batch, 30), device="cuda")
     steps = torch.randint(3, config.vocab_size, (batch, 3), device="cuda")
@@ -253,5 +255,6 @@ def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, bat
     for front in (False, True):
         monkeypatch.setattr(mla_front, "ENABLED", front)
         logits[front] = decode_logits(model, config, ids, steps)
-    errors = [relative_error(logits[True][i].float(), logits[False][i].float()) for i in range(2)]
-    assert errors[0] < 2e-2 and errors[1] < 1e-2, errors  # logits, then the first layer's cache
+    rows = [relative_error(logits[True][0][b].float(), logits[False][0][b].float()) for b in range(batch)]
+    cache = relative_error(logits[True][1].float(), logits[False][1].float())  # the first layer's
+    assert max(rows) < 2e-2 and cache < 1e-2, (rows, cache)
