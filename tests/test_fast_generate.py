@@ -15,6 +15,7 @@ from transformers.generation.logits_process import LogitsProcessorList, TopKLogi
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.generation import fast_generate as fg
+from hf_deepseek.generation.step_graphs import StepGraphs
 
 
 def tiny_model(seed: int = 1) -> DeepSeekForCausalLM:
@@ -326,3 +327,31 @@ def test_hand_graphed_loop_on_gpu_matches_eager_reuses_its_graphs_and_repeats_se
     assert torch.equal(*samples)
     monkeypatch.setattr(fg, "HAND_GRAPHS", False)  # Inductor's CUDA graphs, a step a call
     assert torch.equal(model.generate(ids, **kwargs), eager) and model._fast_decode_buffers.graphs is None
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_random_draws_working_and_generate_going():
+    """A step that CUDA graphs cannot capture (here one that synchronises the device) fails its capture; random
+    draws afterwards still work (the generators' capture state is released: `release_generators`), and generate()
+    goes on without its own graphs, with the eager loop's tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.zeros(4, device="cuda")
+
+    def step():
+        x.add_(1)
+        torch.cuda.synchronize()  # forbidden while capturing: invalidates the capture
+
+    step()
+    with pytest.raises(RuntimeError):  # torch's AcceleratorError is one
+        StepGraphs(step, (2, 1), key=None)
+    assert torch.randn(3, device="cuda").isfinite().all()  # raised "Offset increment outside graph capture" before
+
+    model = tiny_model().cuda()
+    ids, mask = (t.cuda() for t in left_padded(model.config.vocab_size))
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
+    assert torch.equal(model.generate(ids, **kwargs), eager)
+    torch.manual_seed(5)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
+    assert sampled.shape == (ids.shape[0], ids.shape[1] + 8)

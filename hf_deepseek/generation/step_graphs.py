@@ -24,13 +24,18 @@ class StepGraphs:
     def __init__(self, step: Callable[[], object], sizes: tuple[int, ...], key: Hashable, keep: tuple = ()):
         self.key, self.keep, self.graphs = key, keep, {}
         pool = torch.cuda.graph_pool_handle()
-        for n in sorted(set(sizes), reverse=True):  # the largest first: the pool is sized by it
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another thread's CUDA work (a chat server's) does not invalidate this capture
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                for _ in range(n):
-                    step()
-            self.graphs[n] = graph
+        try:
+            for n in sorted(set(sizes), reverse=True):  # the largest first: the pool is sized by it
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another thread's CUDA work (a chat server's) does not invalidate this capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    for _ in range(n):
+                        step()
+                self.graphs[n] = graph
+        except Exception:
+            self.graphs.clear()
+            release_generators()
+            raise
 
     @property
     def sizes(self) -> list[int]:
@@ -38,6 +43,17 @@ class StepGraphs:
 
     def replay(self, n: int) -> None:
         self.graphs[n].replay()
+
+
+def release_generators() -> None:
+    """After a capture that failed: capture an empty graph. A capture whose end fails (invalidated by an operation
+    CUDA graphs forbid) never runs the CUDA generators' capture epilogue, so every later random draw of the process
+    raises "Offset increment outside graph capture encountered unexpectedly"; a capture that ends runs it."""
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), capture_error_mode="thread_local"):
+            pass
+    except Exception:  # nothing more to do here: the caller reports the first failure
+        pass
 
 
 def tensors_key(module: torch.nn.Module) -> tuple:
@@ -60,4 +76,4 @@ def warm_up(step: Callable[[], object]) -> None:
     torch.cuda.current_stream().wait_stream(stream)
 
 
-__all__ = ["StepGraphs", "tensors_key", "chunks", "warm_up"]
+__all__ = ["StepGraphs", "release_generators", "tensors_key", "chunks", "warm_up"]
