@@ -6,6 +6,7 @@
     python benchmarks/fp8_train_compare.py --recipes rowwise,rowwise+linear_wgrad=bf16 ...    # a recipe's field
     python benchmarks/fp8_train_compare.py --shape bench --steps 200 --max-seconds 40 ...  # the bench's layers
     python benchmarks/fp8_train_compare.py --shape tiny --device cpu --steps 8                # CPU smoke test
+    python benchmarks/fp8_train_compare.py --shape bench --seeds 0,1,2 ...   # pooled over three seeds
 
 Shapes (`--shape`): "small" (135M parameters: 6 layers, hidden 768, 16 experts top-4, 1 MTP layer; 16 x 512 tokens
 a step), "bench" (`hf-deepseek bench train`'s layers: hidden 2048, MLA 1536 / 512, 16 heads, 64 experts of width 1408
@@ -15,12 +16,19 @@ top-6 in 8 groups + 2 shared, the first layer dense; 4 layers rather than 8 and 
 any download. Each step's loss is the main next-token cross-entropy; the runs are compared by the mean over all
 steps (`mean_loss_difference_percent`, the issue's criterion) and over the last `--tail` steps. `--max-seconds`
 caps each run; all runs are then cut to the steps every one of them completed.
+
+One run per precision is a noisy measure: routing is discrete, so a perturbation of one rounding sends two runs
+down different paths, and on an H100 two bf16 runs of the same seed, whose code differed only in how the LM head's
+gradient was rounded, differed by 1.5% in mean loss over 200 steps (docs/PERF.md, 2026-12-06). `--seeds` repeats
+the comparison from several initialisations and batch orders: the difference is pooled over them
+(`mean_loss_difference_percent`), each seed's kept (`..._per_seed`) with their spread.
 """
 
 import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import sysconfig
 import time
@@ -88,10 +96,10 @@ def recipe_from_spec(spec: str) -> FP8Recipe:
     return FP8Recipe.named(name, **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def train(recipe: str | None, data: list[torch.Tensor], args, max_seconds: float = float("inf")) -> dict:
+def train(recipe: str | None, data: list[torch.Tensor], args, seed: int, max_seconds: float = float("inf")) -> dict:
     """Stops early, once `max_seconds` have passed (the caller cuts every run to the steps all of them made)."""
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     config = DeepSeekConfig(**SHAPES[args.shape][0], attn_implementation="sdpa")
     with torch.device(device):  # initialised where it trains (the same weights for every run: same seed)
         model = DeepSeekForCausalLM(config).train()
@@ -152,7 +160,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--bias-rate", type=float, default=1e-3)
     parser.add_argument("--tail", type=int, default=50, help="steps averaged for the final loss")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds (initial weights and batches): each seed trains bf16 and every recipe; the "
+        "difference is pooled over them, and its spread across seeds says how much of it is run-to-run chaos",
+    )
     parser.add_argument("--compile", action="store_true", help="compile each layer (compile_for_training)")
     parser.add_argument("--max-seconds", type=float, default=float("inf"), help="time budget of each run")
     parser.add_argument("--json", default=None)
@@ -161,17 +174,29 @@ def main() -> None:
     _, batch, seq, lr = SHAPES[args.shape]
     args.batch, args.seq, args.lr = args.batch or batch, args.seq or seq, args.lr or lr
 
-    data = batches(stdlib_bytes(32 << 20), args.steps, args.batch, args.seq, seed=args.seed)
-    runs = {"bf16": train(None, data, args, args.max_seconds)}
-    for recipe in args.recipes.split(","):
-        runs[f"fp8-{recipe}"] = train(recipe, data[: runs["bf16"]["steps"]], args, args.max_seconds)
-    steps = min(r["steps"] for r in runs.values())
-    for run in runs.values():
-        run["loss"] = run["loss"][:steps]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    text = stdlib_bytes(32 << 20)
+    by_seed = []  # {run name: run} a seed
+    for seed in seeds:
+        data = batches(text, args.steps, args.batch, args.seq, seed=seed)
+        runs = {"bf16": train(None, data, args, seed, args.max_seconds)}
+        for recipe in args.recipes.split(","):
+            runs[f"fp8-{recipe}"] = train(recipe, data[: runs["bf16"]["steps"]], args, seed, args.max_seconds)
+        by_seed.append(runs)
+    steps = min(r["steps"] for runs in by_seed for r in runs.values())
+    for runs in by_seed:
+        for run in runs.values():
+            run["loss"] = run["loss"][:steps]
+    runs = by_seed[0]  # the curves plotted and kept under "curves"
     tail = min(args.tail, steps)
-    final = {name: sum(r["loss"][-tail:]) / tail for name, r in runs.items()}
-    mean = {name: sum(r["loss"]) / steps for name, r in runs.items()}
+    # pooled over the seeds: the mean of every seed's mean (tail) loss
+    final = {n: statistics.fmean(sum(s[n]["loss"][-tail:]) / tail for s in by_seed) for n in runs}
+    mean = {n: statistics.fmean(sum(s[n]["loss"]) / steps for s in by_seed) for n in runs}
     percent = {n: 100 * (mean[n] - mean["bf16"]) / mean["bf16"] for n in runs if n != "bf16"}
+    per_seed = {
+        n: [100 * (sum(s[n]["loss"]) - sum(s["bf16"]["loss"])) / sum(s["bf16"]["loss"]) for s in by_seed]
+        for n in percent
+    }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.device} ({platform.machine()})"
     summary = {
         "command": " ".join(["python", *sys.argv]), "device": device, "torch": torch.__version__,
@@ -180,21 +205,29 @@ def main() -> None:
         "final_mean_loss": final, "mean_loss": mean, "mean_loss_difference_percent": percent,
         "relative_difference_final": {n: (final[n] - final["bf16"]) / final["bf16"] for n in runs if n != "bf16"},
         "relative_difference_mean": {n: (mean[n] - mean["bf16"]) / mean["bf16"] for n in runs if n != "bf16"},
-        "seconds": {n: r["seconds"] for n, r in runs.items()},
-        "steps_done": {n: r["steps"] for n, r in runs.items()},
+        "seeds": seeds, "mean_loss_difference_percent_per_seed": per_seed,
+        "spread_across_seeds_percent": {n: statistics.stdev(v) if len(v) > 1 else None for n, v in per_seed.items()},
+        "seconds": {n: sum(s[n]["seconds"] for s in by_seed) for n in runs},
+        "steps_done": {n: min(s[n]["steps"] for s in by_seed) for n in runs},
     }  # fmt: skip
     print(json.dumps(summary, indent=1))
     for name, value in percent.items():
+        seeds_note = f"; per seed {', '.join(f'{v:+.3f}%' for v in per_seed[name])}" if len(seeds) > 1 else ""
         print(
             f"{name}: mean loss over {steps} steps {value:+.3f}% against bf16 ({mean[name]:.4f} vs {mean['bf16']:.4f})"
+            + seeds_note
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({**summary, "curves": {n: r["loss"] for n, r in runs.items()}}))
+        curves = {n: r["loss"] for n, r in runs.items()}
+        curves_by_seed = {str(seed): {n: r["loss"] for n, r in runs_of_seed.items()}
+                          for seed, runs_of_seed in zip(seeds, by_seed, strict=True)}  # fmt: skip
+        Path(args.json).write_text(json.dumps({**summary, "curves": curves, "curves_by_seed": curves_by_seed}))
     if args.plot:
-        plot(runs, summary, args)
+        plot(by_seed, summary, args)
 
 
-def plot(runs: dict, summary: dict, args) -> None:
+def plot(by_seed: list[dict], summary: dict, args) -> None:
+    """The first seed's curves on top; below, each recipe's step-by-step difference to bf16, every seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,19 +235,24 @@ def plot(runs: dict, summary: dict, args) -> None:
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colors = {}
+    runs, seeds = by_seed[0], summary["seeds"]
+    pooled = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
     for name, run in runs.items():
-        label = f"{name} (last {min(args.tail, summary['steps'])}: {summary['final_mean_loss'][name]:.4f})"
+        label = f"{name} (last {min(args.tail, summary['steps'])}{pooled}: {summary['final_mean_loss'][name]:.4f})"
         colors[name] = top.plot(run["loss"], label=label, lw=1)[0].get_color()
     for name, value in summary["mean_loss_difference_percent"].items():
-        top.plot([], [], " ", label=f"{name}: mean over {summary['steps']} steps {value:+.2f}%")
+        top.plot([], [], " ", label=f"{name}: mean over {summary['steps']} steps{pooled} {value:+.2f}%")
     top.set_ylabel("next-byte cross-entropy")
     top.set_yscale("log")
     top.legend(loc="upper right", framealpha=0.9)
-    top.set_title(f"{summary['params'] / 1e6:.3g}M-parameter DeepSeek MoE, {summary['device']}: FP8 vs BF16")
-    for name, run in runs.items():
-        if name != "bf16":
-            diff = [(f - b) / b * 100 for f, b in zip(run["loss"], runs["bf16"]["loss"], strict=True)]
-            bottom.plot(diff, lw=0.8, label=name, color=colors[name])
+    top.set_title(f"{summary['params'] / 1e6:.3g}M-parameter DeepSeek MoE, {summary['device']}: FP8 vs BF16"
+                  + (f", seed {seeds[0]} shown" if len(seeds) > 1 else ""))  # fmt: skip
+    for i, (seed, runs) in enumerate(zip(seeds, by_seed, strict=True)):
+        for name, run in runs.items():
+            if name != "bf16":
+                diff = [(f - b) / b * 100 for f, b in zip(run["loss"], runs["bf16"]["loss"], strict=True)]
+                label = name + (f", seed {seed}" if len(seeds) > 1 else "")
+                bottom.plot(diff, lw=0.8, label=label, color=colors[name], alpha=1.0 if i == 0 else 0.45)
     bottom.axhline(0, color="black", lw=0.5)
     bottom.legend(loc="lower right", fontsize="small")
     bottom.set_ylabel("(fp8 - bf16) / bf16, %")

@@ -99,7 +99,9 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   > $L/pytest.log 2>&1 &
 TESTS=$!
 RECIPES=$(echo "${COMPARE_ARGS:-}" | sed -n 's/.*--recipes[ =]\([^ ]*\).*/\1/p')
-RUNS=$(( 1 + $(echo "${RECIPES:-deepseek,rowwise}" | tr ',' '\n' | wc -l) ))  # bf16, then each FP8 recipe
+SEEDS=$(echo "${COMPARE_ARGS:-}" | sed -n 's/.*--seeds[ =]\([^ ]*\).*/\1/p')
+# bf16, then each FP8 recipe, for each seed
+RUNS=$(( (1 + $(echo "${RECIPES:-deepseek,rowwise}" | tr ',' '\n' | wc -l)) * $(echo "${SEEDS:-0}" | tr ',' '\n' | wc -l) ))
 RUN_S=$(( ($(left) - 35) / RUNS ))
 if [ $RUN_S -ge 15 ]; then
   PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 15 )) $PY benchmarks/fp8_train_compare.py --shape bench \
