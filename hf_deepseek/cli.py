@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(the gradients' FP8 GEMMs without fast accumulation), hf_deepseek-fp8-rowwise-hp-wgrad, "
         "hf_deepseek-fp8-rowwise-bf16-down, hf_deepseek-fp8-rowwise-dense, hf_deepseek-bf16-torch-adamw and "
         "hf_deepseek-fp8-rowwise-triton-quant-torch-adamw (torch's fused AdamW), hf_deepseek-bf16-torch-router "
-        "(torch's top-k routing) (default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
+        "(torch's top-k routing), hf_deepseek-bf16-loss-chunks-16 and hf_deepseek-fp8-rowwise-triton-quant-loss-"
+        "chunks-16 (the head's loss in 16 chunks), hf_deepseek-bf16-joined-projections and "
+        "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each) "
+        "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")

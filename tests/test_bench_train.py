@@ -14,8 +14,10 @@ from hf_deepseek.evals.bench_train import (
     FP8_VARIANTS,
     OURS,
     OURS_EAGER,
+    OURS_FP8_JOINED,
     OURS_FP8_ROWWISE_TRITON_QUANT,
     OURS_FP8_TORCH_ADAMW,
+    OURS_JOINED,
     OURS_TORCH_ADAMW,
     PEER,
     VARIANTS,
@@ -48,6 +50,9 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     for name, same_step in ((OURS_TORCH_ADAMW, OURS), (OURS_FP8_TORCH_ADAMW, OURS_FP8_ROWWISE_TRITON_QUANT)):
         assert variants[name]["losses"] == pytest.approx(variants[same_step]["losses"], rel=1e-4), name
         assert variants[name]["losses"][-1] < variants[name]["losses"][0]
+    # q_a/kv_a and gate/up as one GEMM each: bf16's losses up to float32 rounding, FP8's within its tolerance
+    assert variants[OURS_JOINED]["losses"] == pytest.approx(variants[OURS]["losses"], rel=1e-5)
+    assert variants[OURS_FP8_JOINED]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
     assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]

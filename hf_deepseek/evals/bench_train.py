@@ -33,6 +33,7 @@ from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.kernels import moe_routing
+from hf_deepseek.modeling import joined_projections
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -75,9 +76,13 @@ OURS_TORCH_ROUTER = OURS + TORCH_ROUTER
 # their gradient alive at once, at the end of the forward where the activations are all kept)
 LOSS_CHUNKS_16 = "-loss-chunks-16"
 OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_ROWWISE_TRITON_QUANT + LOSS_CHUNKS_16
+# a variant name + JOINED: the same step with q_a/kv_a and gate/up each as one GEMM over their joined weights
+# (`modeling.joined_projections`, opt-in)
+JOINED = "-joined-projections"
+OURS_JOINED, OURS_FP8_JOINED = OURS + JOINED, OURS_FP8_ROWWISE_TRITON_QUANT + JOINED
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
-    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -192,7 +197,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choice of optimizer, router or loss chunks."""
-    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER).removesuffix(LOSS_CHUNKS_16)
+    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER).removesuffix(LOSS_CHUNKS_16).removesuffix(JOINED)
 
 
 def compiled(name: str) -> bool:
@@ -251,8 +256,9 @@ def bench_variant(
 ) -> TrainResult:
     result = TrainResult(name)
     model = optimizer = None
-    router_kernel = moe_routing.ENABLED
+    router_kernel, joined = moe_routing.ENABLED, joined_projections.ENABLED
     moe_routing.ENABLED = router_kernel and not name.endswith(TORCH_ROUTER)  # read when the step compiles
+    joined_projections.ENABLED = joined or name.endswith(JOINED)
     try:
         model = build_model(name, config, device, dtype)
         result.parameters = sum(p.numel() for p in model.parameters())
@@ -288,7 +294,7 @@ def bench_variant(
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
-        moe_routing.ENABLED = router_kernel
+        moe_routing.ENABLED, joined_projections.ENABLED = router_kernel, joined
         del model, optimizer
         gc.collect()
         if device.type == "cuda":

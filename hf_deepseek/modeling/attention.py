@@ -19,6 +19,7 @@ from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
 from .decode_linear import fused_norm_linear, fused_pair
+from .joined_projections import joined_projections
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
 from .mla_decode import chain_cache_attention, front_cache_attention, latent_cache_attention
@@ -178,9 +179,12 @@ class MultiHeadLatentAttention(nn.Module):
 
     def _input_projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q_a_proj's output, or q_proj's without a q rank; kv_a_proj_with_mqa's) of hidden_states: both projections
-        read the same input, so a decode row takes them in one launch where `decode_linear.fused_pair` serves."""
+        read the same input, so a decode row takes them in one launch where `decode_linear.fused_pair` serves, and a
+        training step one GEMM where `joined_projections` does."""
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         pair = fused_pair(first, self.kv_a_proj_with_mqa, hidden_states)
+        if pair is None:  # training, opt-in: one GEMM over both weights
+            pair = joined_projections(first, self.kv_a_proj_with_mqa, hidden_states)
         if pair is not None:
             return pair
         return first(hidden_states), self.kv_a_proj_with_mqa(hidden_states)

@@ -274,8 +274,13 @@ class FP8Linear(nn.Linear):
     fp8_recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(x, self.weight, _module_backend(self, x), _output_dtype(x))
+        y = self.linear_with_weight(x, self.weight)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def linear_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x W^T in FP8 by this layer's recipe for another weight W (`joined_projections`: this one's and a
+        sibling's, joined)."""
+        return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x))
 
 
 class FP8RoutedExperts(RoutedExperts):

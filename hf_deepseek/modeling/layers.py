@@ -6,6 +6,7 @@ from transformers.activations import ACT2FN
 
 from ..kernels.moe_gemv import rms_norm
 from .decode_linear import fused_gate_up
+from .joined_projections import joined_projections
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +35,9 @@ class SwiGLUMLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = fused_gate_up(self, x)  # a decode row in one launch (opt-in), else None
+        act = fused_gate_up(self, x)  # a decode row in one launch, else None
         if act is None:
-            act = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            joined = joined_projections(self.gate_proj, self.up_proj, x)  # training, opt-in: one GEMM for both
+            gate, up = joined if joined is not None else (self.gate_proj(x), self.up_proj(x))
+            act = self.act_fn(gate) * up
         return self.down_proj(act)
