@@ -24,9 +24,10 @@
 #    eager and by default, then plain generate() and the step on it, until the deadline.
 # Env: WHEELS (default .whl/decode: sgl-flash-mla 1.0.0, installed with --no-deps), DEADLINE (s, default 390),
 # TEST_S (100), TESTS (the GPU test files or ids of 1.), MTP_S (80), MTP (0: no MTP bench, 3.); LINEAR_TUNE=1:
-# before the bench, the dense layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick`, weights read
-# from HBM: $OUT/linear_tune.{txt,json}), the one with the least time over a step's dense layers set for the
-# *-alt-linear rows, bf16 and FP8 weights; ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in
+# before the bench, the dense layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick --head`,
+# weights read from HBM: $OUT/linear_tune.{txt,json}), the one with the least time over a step's dense layers set for
+# the *-alt-linear rows, bf16 and FP8 weights, and the FP8 LM head's fastest for every row
+# (HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG: only the *-fp8-head rows quantise the head); ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in
 # 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k:
 # $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md},
 # $OUT/mtp/bench_decode.{json,md}, $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
@@ -85,7 +86,7 @@ print(','.join('none' if v is None else str(v) for v in min(rows, key=lambda r: 
 fi
 
 if [ "${LINEAR_TUNE:-0}" = 1 ]; then  # the dense layers' configurations: the tune's choice for the *-alt-linear rows
-  timeout 150 python3 benchmarks/moe_gemv_tune.py --linear --quick --json $OUT/linear_tune.json > $OUT/linear_tune.txt 2>&1
+  timeout 200 python3 benchmarks/moe_gemv_tune.py --linear --quick --head --json $OUT/linear_tune.json > $OUT/linear_tune.txt 2>&1
   for KIND in bf16 fp8; do
     ALT=$(python3 -c "
 import json; best = json.load(open('$OUT/linear_tune.json'))['per_step'].get('$KIND')
@@ -93,6 +94,11 @@ print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev
     [ $KIND = bf16 ] && export HF_DEEPSEEK_ALT_LINEAR_GEMV_CONFIG=$ALT || export HF_DEEPSEEK_ALT_LINEAR_GEMV_FP8_CONFIG=$ALT
     say "dense layers' $KIND configuration for the alt-linear rows: ${ALT:-none (tune failed)}"
   done
+  HEAD_CFG=$(python3 -c "
+import json; best = json.load(open('$OUT/linear_tune.json'))['per_step']['head_fp8']
+print(','.join('none' if v is None else str(v) for v in best['config']))" 2>/dev/null)
+  [ -n "$HEAD_CFG" ] && export HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG=$HEAD_CFG  # the *-fp8-head rows' LM head
+  say "the FP8 LM head's configuration: ${HEAD_CFG:-as the dense layers (tune failed)}"
 fi
 
 ROWS=${ROWS:-ours-fast,ours-generate,transformers-generate,ours-fast-fp8,ours-generate-fp8}

@@ -6,7 +6,7 @@ first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the
 batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
     python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
-    python benchmarks/moe_gemv_tune.py --linear [--quick] [--json out.json]   # dense layers at decode
+    python benchmarks/moe_gemv_tune.py --linear [--quick] [--head] [--json out.json]   # dense layers (and LM head)
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
     python benchmarks/moe_gemv_tune.py --grouped-kernels [--fp8] [--quick] [--json out.json]   # batch 32 and 5
     python benchmarks/moe_gemv_tune.py --linear-rows [--linear-tokens 32] [--json out.json]   # dense layers, 2-64 rows
@@ -143,6 +143,14 @@ def linear_shapes(config: dict) -> list[tuple[str, int, int, int]]:
     ]
 
 
+HEAD = "lm head"  # `--head`: the LM head's shape too, with a configuration of its own (HEAD_FP8_CONFIG)
+
+
+def head_shape(config: dict) -> tuple[str, int, int, int]:
+    """The LM head at decode as `linear_shapes` gives a dense layer: (name, vocab, hidden, one launch a step)."""
+    return (HEAD, config["vocab_size"], config["hidden_size"], 1)
+
+
 def fastest_over_step(rows: list[dict], kernel: str, shapes: int) -> dict | None:
     """The configuration of `kernel`'s rows with the least time over a decode step (each shape's time x its launches
     a step) among those right (error < 1e-2) at all `shapes` shapes: {"config", "us"}, or None."""
@@ -160,12 +168,19 @@ def fastest_over_step(rows: list[dict], kernel: str, shapes: int) -> dict | None
 def per_step(rows: list[dict]) -> dict:
     """The dense layers' matrix-vector time of one decode step (us, each shape's time x its launches a step): cuBLAS
     bf16, and per kind of weight the one configuration with the least such time among those that ran (and were
-    right) at every shape, which is what `HF_DEEPSEEK_LINEAR_GEMV_CONFIG` / `..._FP8_CONFIG` can set."""
+    right) at every shape, which is what `HF_DEEPSEEK_LINEAR_GEMV_CONFIG` / `..._FP8_CONFIG` can set. The LM head
+    (`--head`) is left out of that sum: its own fastest FP8 configuration is `head_fp8`, what
+    `HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG` sets, with cuBLAS's bf16 head beside it (`head_cublas_bf16`)."""
+    head = [r for r in rows if r["case"].startswith(HEAD)]
+    rows = [r for r in rows if not r["case"].startswith(HEAD)]
     cublas = [r for r in rows if r["kernel"] == "cuBLAS bf16 F.linear"]
     summary = {"cuBLAS bf16": sum(r["us"] * r["launches"] for r in cublas)}
     for kind in ("bf16", "fp8"):
         if best := fastest_over_step(rows, f"triton {kind} linear", len(cublas)):
             summary[kind] = best
+    if best := fastest_over_step(head, "triton fp8 linear", 1):
+        summary["head_fp8"] = best
+        summary["head_cublas_bf16"] = next(r["us"] for r in head if r["kernel"] == "cuBLAS bf16 F.linear")
     return summary
 
 
@@ -184,7 +199,7 @@ def linear_rows(args, copy: float) -> list[dict]:
 
     rows = []
     configs = LINEAR_CONFIGS if args.quick else CONFIGS + LINEAR_CONFIGS[len(QUICK) :]
-    for name, n, k, launches in linear_shapes(FULL_CONFIG):
+    for name, n, k, launches in linear_shapes(FULL_CONFIG) + ([head_shape(FULL_CONFIG)] if args.head else []):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
         q, scale = w.to(torch.float8_e4m3fn), torch.ones(-(-n // 128), -(-k // 128), device="cuda")
         weights = {"fp8": (q, scale, dequantize_blocks(q, scale).to(torch.bfloat16)), "bf16": (w, None, w)}
@@ -397,6 +412,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
+    parser.add_argument("--head", action="store_true", help="with --linear: the LM head's shape too (its own best)")
     parser.add_argument("--linear-tokens", type=int, nargs="*", default=None, help="rows (default 1; --linear-rows 32)")
     parser.add_argument("--linear-rows", action="store_true", help="the rows kernel at the bench's dense shapes")
     parser.add_argument("--grouped-kernels", action="store_true", help="the expert-grouped kernels (batch 32, 5)")
@@ -437,6 +453,10 @@ def main() -> None:
         for kind in ("bf16", "fp8"):
             if kind in summary:
                 line += f"; {kind} {summary[kind]['config']} {summary[kind]['us']:.0f} us"
+        if "head_fp8" in summary:
+            best = summary["head_fp8"]
+            line += f"; the FP8 LM head {best['config']} {best['us']:.0f} us (cuBLAS bf16 "
+            line += f"{summary['head_cublas_bf16']:.0f} us)"
         print(line)
         print(f"{time.time() - started:.0f} s")
         if args.json:

@@ -327,6 +327,12 @@ def test_config_from_the_environment():
     if not any(os.environ.get(name, "").strip() for name in linear_names):  # unset: the tuned ones
         tuned = (moe_gemv_config.TUNED_LINEAR_BF16, moe_gemv_config.TUNED_LINEAR_FP8)
         assert tuned == (moe_gemv_config.LINEAR_CONFIG, moe_gemv_config.LINEAR_FP8_CONFIG)
+    # an FP8 LM head's own configuration (the dense layers' FP8 one unless HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it)
+    assert moe_gemv_config.kernel_config(None, fp8=True, linear=True, head=True) == moe_gemv_config.HEAD_FP8_CONFIG
+    assert moe_gemv_config.kernel_config(None, linear=True, head=True) == moe_gemv_config.LINEAR_CONFIG  # bf16
+    assert moe_gemv_config.kernel_config((64, 256, 8), fp8=True, linear=True, head=True) == (64, 256, 8, 1, None)
+    if not os.environ.get("HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG", "").strip():
+        assert moe_gemv_config.HEAD_FP8_CONFIG == moe_gemv_config.LINEAR_FP8_CONFIG
 
 
 VARIANTS = [

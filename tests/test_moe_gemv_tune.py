@@ -39,6 +39,19 @@ def test_per_step_picks_the_configuration_fastest_over_the_whole_step():
     assert summary["cuBLAS bf16"] == 110.0
     assert summary["bf16"] == {"config": [16, 256, 4, 1, 3], "us": 72.0}
     assert summary["fp8"] == {"config": [16, 256, 4, 1, 3], "us": 25.0}
+    assert "head_fp8" not in summary
+    # the LM head (`--head`): left out of the step's sum, its own fastest FP8 configuration beside cuBLAS's bf16 head
+    head = "lm head [129280, 2048] x 1"
+    rows += [
+        dict(case=head, kernel="cuBLAS bf16 F.linear", us=180.0, launches=1),
+        row(f"{head} fp8", "fp8", (16, 256, 4, 1, 3), 150.0, 1), row(f"{head} fp8", "fp8", (64, 256, 8, 1, 3), 95.0, 1),
+        row(f"{head} bf16", "bf16", (16, 256, 4, 1, 3), 170.0, 1),
+    ]  # fmt: skip
+    with_head = tune.per_step(rows)
+    assert {k: with_head[k] for k in summary} == summary
+    assert with_head["head_fp8"] == {"config": [64, 256, 8, 1, 3], "us": 95.0}
+    assert with_head["head_cublas_bf16"] == 180.0
+    assert tune.head_shape(FULL_CONFIG) == (tune.HEAD, FULL_CONFIG["vocab_size"], FULL_CONFIG["hidden_size"], 1)
 
 
 def test_grouped_kernel_configurations_are_valid():

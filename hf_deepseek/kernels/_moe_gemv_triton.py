@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._pdl_triton import pdl_start
-from .moe_gemv_config import KernelConfig, kernel_config, launch_options, pdl_arguments, split_chunk
+from .moe_gemv_config import HEAD_MIN_ROWS, KernelConfig, kernel_config, launch_options, pdl_arguments, split_chunk
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
 
@@ -388,11 +388,13 @@ def _check_scaled_block(block_n: int) -> None:
 def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype: the down kernel over one matrix, each row a matrix-vector product. W
     is `weight` [N, K] (bf16), or with `scale` [ceil(N/128), ceil(K/128)] the FP8 weight dequantised by its block
-    scales. `config` as `launch`'s, by default `moe_gemv_config.LINEAR_CONFIG` (`LINEAR_FP8_CONFIG` for FP8).
+    scales. `config` as `launch`'s, by default `moe_gemv_config.LINEAR_CONFIG` (`LINEAR_FP8_CONFIG` for FP8;
+    `HEAD_FP8_CONFIG` for an FP8 weight of at least `HEAD_MIN_ROWS` rows, an LM head).
     Without split-K the kernel stores x's dtype itself (its fp32 sums rounded to nearest even on the store, as
     `.to()` rounds them): no conversion kernel after it."""
     scaled = scale is not None
-    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled, linear=True)
+    head = scaled and weight.shape[0] >= HEAD_MIN_ROWS
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled, linear=True, head=head)
     if scaled:
         _check_scaled_block(block_n)
     rows, (n, k) = x.shape[0], weight.shape

@@ -45,11 +45,14 @@ def _fields(text: str | None, required: int, optional: int, form: str) -> list[i
         raise ValueError(f"expected {form} (integers, the last may be none), got {text!r}") from None
 
 
-def kernel_config(config=None, fp8: bool = False, linear: bool = False) -> KernelConfig:
+def kernel_config(config=None, fp8: bool = False, linear: bool = False, head: bool = False) -> KernelConfig:
     """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for the default of the
     experts (`CONFIG`, or `FP8_CONFIG` for FP8 weights) or, with `linear`, of the dense layers (`LINEAR_CONFIG`,
-    `LINEAR_FP8_CONFIG`), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None or >= 1."""
+    `LINEAR_FP8_CONFIG`; with `head` too, an FP8 LM head's `HEAD_FP8_CONFIG`), checked: powers of two for the blocks
+    and warps, SPLIT_K >= 1, STAGES None or >= 1."""
     default = (LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG) if linear else (FP8_CONFIG if fp8 else CONFIG)
+    if linear and fp8 and head:
+        default = HEAD_FP8_CONFIG
     cfg = KernelConfig(*(default if config is None else config))
     _powers_of_two(cfg, ("block_n", "block_k", "warps"))
     if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
@@ -123,6 +126,13 @@ LINEAR_CONFIG: KernelConfig = config_from_env(default=TUNED_LINEAR_BF16, names=(
 LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
     default=TUNED_LINEAR_FP8, names=("HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG",)
 )
+# An LM head quantised to FP8 (`convert_to_fp8_inference` with `FP8Recipe(skip=())`): a [vocab, hidden] matrix 30-90x
+# the dense layers' in bytes, whose decode rows took 152 us for 265 MB (1.75 TB/s, H100, docs/PERF.md 2026-12-06) at
+# the dense layers' configuration. Linear layers of at least HEAD_MIN_ROWS output rows take a configuration of their
+# own: the dense layers' until `moe_gemv_tune.py --linear --head` measures one; HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG
+# sets it.
+HEAD_MIN_ROWS = 32768
+HEAD_FP8_CONFIG: KernelConfig = config_from_env(default=LINEAR_FP8_CONFIG, names=("HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG",))
 
 
 class GroupedConfig(NamedTuple):
