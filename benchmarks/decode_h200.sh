@@ -27,8 +27,8 @@
 # before the bench, the dense layers' matrix-vector configurations (`moe_gemv_tune.py --linear --quick --head`,
 # weights read from HBM: $OUT/linear_tune.{txt,json}), the one with the least time over a step's dense layers set for
 # the *-alt-linear rows, bf16 and FP8 weights, and the FP8 LM head's fastest for every row
-# (HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG: only the *-fp8-head rows quantise the head); ROWS, ROW_CONTEXTS, ROW_BATCH_SIZES (the bench's options; defaults as in
-# 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k:
+# (HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG: only the *-fp8-head rows quantise the head); ROWS, ROW_CONTEXTS,
+# ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k:
 # $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md},
 # $OUT/mtp/bench_decode.{json,md}, $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
 START=$(date +%s)

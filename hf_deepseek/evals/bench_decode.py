@@ -934,12 +934,13 @@ def run_decode_bench(
             if key not in models:
                 models[key] = load(DeepSeekForCausalLM if ours else DeepseekV3ForCausalLM, source, device, dtype)
             model = models[key]
-            if name in FP8_ROWS + FP8_HEAD_ROWS and not model.has_fp8_weights():
+            if name in FP8_ROWS + FP8_HEAD_ROWS:
                 from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_inference
 
-                convert_to_fp8_inference(model)
-            if name in FP8_HEAD_ROWS:  # converts what is left in bf16: the head alone
-                convert_to_fp8_inference(model, FP8Recipe(skip=()))
+                if not model.has_fp8_weights():
+                    convert_to_fp8_inference(model)
+                if name in FP8_HEAD_ROWS:  # converts what is left in bf16: the head alone
+                    convert_to_fp8_inference(model, FP8Recipe(skip=()))
             if name == "ours-mtp":
                 run_mtp_row(model, plan, device, progress, emit)
             elif "generate" in name:
