@@ -96,3 +96,31 @@ def test_bf16_gradients_scaled_in_place_equal_the_scaled_copies():
     (causal_lm_loss(hidden, head, labels, chunks=4) * scale).backward()
     assert torch.equal(head.weight.grad, (unit_weight.float() * scale).to(torch.bfloat16))
     assert torch.equal(hidden.grad, unit_hidden * scale.to(torch.bfloat16))
+
+
+def test_chunk_gradient_written_over_the_logits_equals_the_separate_one():
+    """Each chunk's gradient is written over its logits (one [c, V] buffer, not two): the same loss and the same
+    bits as the gradient in a buffer of its own, eager and traced whole by torch.compile (the mutation of an input
+    inside the loss's autograd function)."""
+    from hf_deepseek.modeling.output_loss import _chunk_terms, _chunk_terms_over_logits
+
+    torch.manual_seed(6)
+    logits = torch.randn(12, 50, dtype=torch.bfloat16) * 3
+    targets = torch.randint(0, 50, (12,))
+    targets[3] = -100
+    scale = torch.tensor(0.125)
+    want_loss, want_grad = _chunk_terms(logits, targets, scale)
+    for fn in (_chunk_terms_over_logits, torch.compile(_chunk_terms_over_logits, backend="aot_eager", fullgraph=True)):
+        buffer = logits.clone()
+        loss = fn(buffer, targets, scale)
+        assert torch.equal(loss, want_loss) and torch.equal(buffer, want_grad)
+
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 8, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 8))
+    causal_lm_loss(hidden, head, labels, chunks=3).backward()
+    want = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+    compiled = torch.compile(causal_lm_loss, backend="aot_eager", fullgraph=True)
+    compiled(hidden, head, labels, chunks=3).backward()
+    torch.testing.assert_close((hidden.grad, head.weight.grad), want, rtol=1e-6, atol=1e-7)
