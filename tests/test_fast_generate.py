@@ -333,7 +333,7 @@ def test_hand_graphed_loop_on_gpu_matches_eager_reuses_its_graphs_and_repeats_se
 def test_a_failed_capture_leaves_random_draws_working_and_generate_going():
     """A step that CUDA graphs cannot capture (here one that synchronises the device) fails its capture; random
     draws afterwards still work (the generators' capture state is released: `release_generators`), and generate()
-    goes on without its own graphs, with the eager loop's tokens."""
+    then captures its own graphs and gives the eager loop's tokens."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     x = torch.zeros(4, device="cuda")
@@ -352,6 +352,7 @@ def test_a_failed_capture_leaves_random_draws_working_and_generate_going():
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     eager = model.generate(ids, cache_implementation="dynamic", **kwargs)
     assert torch.equal(model.generate(ids, **kwargs), eager)
+    assert model.__dict__.get("hand_graphs_error") is None, model.hand_graphs_error
     torch.manual_seed(5)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, pad_token_id=0)
     assert sampled.shape == (ids.shape[0], ids.shape[1] + 8)

@@ -18,9 +18,10 @@ import torch
 from .moe_gemv import rms_norm, triton_available
 
 ENABLED = os.environ.get("HF_DEEPSEEK_MLA_FRONT", "1") != "0"
-# rows up to which the kernel serves: one by default, the case the GPU tests verify through a model (its batch-4 model
-# test failed on an H100 on 2026-12-06 with the fused attention epilogue on, cause not yet found; the kernel alone
-# matches the torch path at 1, 4 and 20 rows); HF_DEEPSEEK_MLA_FRONT_ROWS raises it
+# rows up to which the kernel serves: one by default, the case measured faster (batch 1 / 2k, H100). A model's decode
+# through it at 4 rows gives the path's logits row by row on an H100 (2026-12-06: its earlier failure there was a
+# routing choice flipped by rounding, not the kernel), but batch > 1 is not yet timed; HF_DEEPSEEK_MLA_FRONT_ROWS
+# raises it
 MAX_ROWS = int(os.environ.get("HF_DEEPSEEK_MLA_FRONT_ROWS", "1"))
 
 
