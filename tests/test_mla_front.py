@@ -237,7 +237,7 @@ def test_kernel_replays_in_a_cuda_graph(triton_cuda):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True], ids=["attention-apart", "fused-attention"])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 4, 32])
 def test_model_decode_on_the_gpu_through_the_front(triton_cuda, monkeypatch, batch, fused):
     """A bf16 model's decode steps on CUDA with the front's kernel and the Triton attention (its epilogue apart or
     fused) give the path's logits and cache without the front (within bf16 rounding), row by row. Every token takes

@@ -101,6 +101,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-router-norm",
     "ours-fast-fewest-launches-router-norm",
     "ours-fast-mla-chain",
+    "ours-fast-front-all-rows",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -316,6 +317,8 @@ class Row:
     # None: the environment's (on by default)
     router_add_norm: bool | None = None
     mla_chain: bool = False  # mla_chain.ENABLED on (a batch-1 row's q_a, kv_a, q_b and MLA front in one launch)
+    # mla_front.MAX_ROWS during the row (None: the environment's, one row by default)
+    mla_front_rows: int | None = None
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -381,6 +384,8 @@ STEP_ROWS = {
         "ours-fast-fewest-launches-router-norm", "latent", True, **FEWEST_LAUNCHES, router_add_norm=True
     ),
     "ours-fast-mla-chain": Row("ours-fast-mla-chain", "latent", True, mla_chain=True),
+    # the MLA front at every decode batch, not one row only (batch 32's candidate default)
+    "ours-fast-front-all-rows": Row("ours-fast-front-all-rows", "latent", True, mla_front_rows=256),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
@@ -452,6 +457,7 @@ def row_switches(row: Row):
         (mla_front, "ENABLED", mla_front.ENABLED if row.mla_front is None else row.mla_front),
         (moe_routing, "ADD_NORM", moe_routing.ADD_NORM if row.router_add_norm is None else row.router_add_norm),
         (mla_chain, "ENABLED", row.mla_chain or mla_chain.ENABLED),
+        (mla_front, "MAX_ROWS", mla_front.MAX_ROWS if row.mla_front_rows is None else row.mla_front_rows),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))
