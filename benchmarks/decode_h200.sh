@@ -8,8 +8,8 @@
 #    bf16 and FP8 weights, also launched with programmatic dependent launch (tests/test_moe_gemv.py), with the shared
 #    MLP folded in (tests/test_moe_shared_fold.py), the fused router kernel against the torch router
 #    (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations
-#    (`moe_gemv_tune.py --quick --fp8`: $OUT/fp8_tune.{txt,json}), the fastest at one token x top-6 set for the
-#    benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG);
+#    (`moe_gemv_tune.py --quick --fp8 --down`: $OUT/fp8_tune.{txt,json}), the fastest at one token x top-6 set for
+#    the benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG, and the down kernel's HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
 #    short by the deadline keeps the most wanted (each cell is written as it is measured): ours-fast (the compiled
 #    step, captured in a CUDA graph by hand and replayed, as generate() runs it), ours-generate (generate() with the
@@ -76,13 +76,17 @@ if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
 fi
 
 if [ "${FP8_TUNE:-1}" = 1 ]; then
-  timeout 90 python3 benchmarks/moe_gemv_tune.py --quick --fp8 --json $OUT/fp8_tune.json > $OUT/fp8_tune.txt 2>&1
-  BEST=$(python3 -c "
+  timeout 150 python3 benchmarks/moe_gemv_tune.py --quick --fp8 --down --json $OUT/fp8_tune.json > $OUT/fp8_tune.txt 2>&1
+  # the fastest at one token x top-6: one configuration for both kernels, or gate/up's and the down kernel's apart
+  read BEST BEST_DOWN <<< "$(python3 -c "
 import json; rows = json.load(open('$OUT/fp8_tune.json'))['rows']
-rows = [r for r in rows if r['case'].startswith('1 tokens') and r.get('kernel') == 'triton gemv' and r.get('error', 1) < 0.05]
-print(','.join('none' if v is None else str(v) for v in min(rows, key=lambda r: r['us'])['config']))" 2>/dev/null)
-  [ -n "$BEST" ] && export HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG=$BEST
-  say "FP8 experts' configuration: ${BEST:-the default (tune failed)}"
+kinds = ('triton gemv', 'triton gemv, down kernel apart')
+rows = [r for r in rows if r['case'].startswith('1 tokens') and r.get('kernel') in kinds and r.get('error', 1) < 0.05]
+best = min(rows, key=lambda r: r['us'])
+text = lambda c: ','.join('none' if v is None else str(v) for v in c)
+print(text(best['config']), text(best.get('down_config') or best['config']))" 2>/dev/null)"
+  [ -n "$BEST" ] && export HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG=$BEST HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG=$BEST_DOWN
+  say "FP8 experts' configuration: ${BEST:-the default (tune failed)}, down kernel ${BEST_DOWN:-the same}"
 fi
 
 if [ "${LINEAR_TUNE:-0}" = 1 ]; then  # the dense layers' configurations: the tune's choice for the *-alt-linear rows

@@ -5,7 +5,7 @@ bandwidth each reaches, also as a fraction of a device-to-device copy's (read + 
 first. Rows: P token-expert pairs as P tokens of one expert each (`--pairs`, the kernels' M), and the decode bench's
 batches at top-6 (`--tokens`). On a CUDA machine with Triton:
 
-    python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--json out.json]
+    python benchmarks/moe_gemv_tune.py [--quick] [--fp8] [--down] [--json out.json]   # --down: its own down config
     python benchmarks/moe_gemv_tune.py --linear [--quick] [--head] [--json out.json]   # dense layers (and LM head)
     python benchmarks/moe_gemv_tune.py --quick --grouped --pairs --tokens 8 32   # larger batches against grouped_mm
     python benchmarks/moe_gemv_tune.py --grouped-kernels [--fp8] [--quick] [--json out.json]   # batch 32 and 5
@@ -112,6 +112,36 @@ def grouped(x, indices, weights, gate_up, down):
     gate, up = F.grouped_mm(rows, gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
     out = F.grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offs=offs)
     return out
+
+
+DOWN_APART = "triton gemv, down kernel apart"
+
+
+def down_apart_rows(rows, label, inputs, scales, configs, want, nbytes, copy) -> list[dict]:
+    """`--down`: the case's fastest one-configuration launch (gate/up and down alike, unsummed) with each of
+    `configs` for the down kernel alone (`launch(..., down_config=)`), which `HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG` /
+    `..._DOWN_CONFIG` set: rows of kernel DOWN_APART with `config` (gate/up's) and `down_config`."""
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    ok = [r for r in rows if r["case"] == label and r.get("kernel") == "triton gemv" and r["error"] < 1e-2]
+    if not ok:
+        return []
+    gate = tuple(min(ok, key=lambda r: r["us"])["config"])
+    found = []
+    for down_config in configs:
+        options = dict(scales, down_config=down_config)
+        try:
+            out = _moe_gemv_triton.launch(*inputs, gate, **options).float()
+            error = ((out - want).norm() / want.norm()).item()
+            us = time_us(lambda o=options: _moe_gemv_triton.launch(*inputs, gate, **o))
+        except Exception as exc:  # a configuration Triton cannot compile is reported and skipped
+            print(f"  gate/up {gate}, down {down_config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        gb_s = nbytes / us / 1e3
+        found.append(dict(case=label, kernel=DOWN_APART, config=gate, down_config=down_config, us=us, gb_s=gb_s,
+                          of_copy=gb_s / copy, error=error))  # fmt: skip
+        print(f"  gate/up {gate}, down {down_config}: {us:6.1f} us {gb_s:5.0f} GB/s err {error:.1e}", flush=True)
+    return found
 
 
 def fp8_weights(gate_up, down):
@@ -412,6 +442,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=1408)
     parser.add_argument("--linear", action="store_true", help="linear layers (the bench's dense shapes) only")
+    parser.add_argument("--down", action="store_true", help="experts: the down kernel's configuration apart too")
     parser.add_argument("--head", action="store_true", help="with --linear: the LM head's shape too (its own best)")
     parser.add_argument("--linear-tokens", type=int, nargs="*", default=None, help="rows (default 1; --linear-rows 32)")
     parser.add_argument("--linear-rows", action="store_true", help="the rows kernel at the bench's dense shapes")
@@ -524,6 +555,8 @@ def main() -> None:
                 flag = "" if error < 1e-2 else "  WRONG"
                 print(f"  {config}{' summed' if summed else ''}: {us:6.1f} us {gb_s:5.0f} GB/s ({gb_s / copy:4.0%} of "
                       f"copy) err {error:.1e}{flag}", flush=True)  # fmt: skip
+            if args.down:
+                results["rows"] += down_apart_rows(results["rows"], label, inputs, scales, configs, want, nbytes, copy)
     best = {}
     for label, *_ in cases:
         rows = [r for r in results["rows"] if r["case"] == label and "config" in r and r["error"] < 1e-2]
@@ -532,6 +565,8 @@ def main() -> None:
             default = next((r for r in rows if tuple(r["config"]) == FIRST_WRITTEN), None)
             speedup = f", {default['us'] / best[label]['us']:.2f}x the first-written" if default else ""
             summed = " (top-k summed in kernel)" if "summed" in best[label]["kernel"] else ""
+            if "down_config" in best[label]:
+                summed += f", down kernel {best[label]['down_config']}"
             print(f"best {label}: {best[label]['config']}{summed} {best[label]['us']:.1f} us{speedup}")
     results["best"] = best
     print(f"{time.time() - started:.0f} s")

@@ -389,6 +389,13 @@ def moe_router() -> dict[str, bool]:
 # throughout, within 1e-5 of float64).
 
 MOE_GEMV_VARIANTS = [(16, 128, 4, 3, None), (32, 128, 4, 4, 2), (16, 256, 8, 2, None), (8, 64, 2, 1, 3)]
+# (gate/up kernel's, down kernel's) configurations apart (`launch(..., down_config=)`): h split over d into a down
+# kernel without split-K, the reverse, and both split differently
+MOE_GEMV_DOWN_VARIANTS = [
+    ((16, 128, 4, 3, None), (32, 64, 4, 1, 3)),
+    ((8, 64, 2, 1, 3), (16, 128, 4, 2, None)),
+    ((32, 128, 4, 4, 2), (16, 256, 8, 2, None)),
+]
 
 
 def moe_gemv_variants() -> dict[str, bool]:
@@ -438,6 +445,22 @@ def moe_gemv_variants() -> dict[str, bool]:
             drift = relative_error(out, base[name.split()[0]])
             print(f"  moe_gemv {name} {cfg}: error {error:.2e}, vs default config {drift:.2e}")
             results[f"{name} {cfg}"] = error < 1e-2 and drift < 2e-2
+    for cfg, down_cfg in MOE_GEMV_DOWN_VARIANTS:
+        apart = dict(down_config=down_cfg)
+        fp8_args = (x, indices, weights, fp8.gate_up_proj, fp8.down_proj, cfg)
+        got = {
+            "fp32": _moe_gemv_triton.launch(*f32, cfg, **apart),
+            "fp32 summed": _moe_gemv_triton.launch(*f32, cfg, sum_top_k=True, **apart),
+            "fp8": _moe_gemv_triton.launch(*fp8_args, **scales, **apart),
+            "bf16 per pair": _moe_gemv_triton.launch(x, indices, weights, gate_up, down, cfg, per_pair=True, **apart),
+        }
+        for name, out in got.items():
+            if name == "bf16 per pair":  # [N, slots, d]: the down kernel's own split gives the slots
+                out = out.sum(dim=1).to(torch.bfloat16)
+            error = relative_error(out, want_f32 if name.startswith("fp32") else want)
+            bound = 1e-5 if name.startswith("fp32") else 1e-2
+            print(f"  moe_gemv {name} gate/up {cfg}, down {down_cfg}: error {error:.2e}")
+            results[f"{name} gate/up {cfg} down {down_cfg}"] = error < bound
     return results
 
 

@@ -327,6 +327,19 @@ def test_config_from_the_environment():
     if not any(os.environ.get(name, "").strip() for name in linear_names):  # unset: the tuned ones
         tuned = (moe_gemv_config.TUNED_LINEAR_BF16, moe_gemv_config.TUNED_LINEAR_FP8)
         assert tuned == (moe_gemv_config.LINEAR_CONFIG, moe_gemv_config.LINEAR_FP8_CONFIG)
+    # the experts' down kernel: its own configuration, the experts' unless HF_DEEPSEEK_MOE_GEMV_(FP8_)DOWN_CONFIG set it
+    assert moe_gemv_config.kernel_config(None, down=True) == moe_gemv_config.DOWN_CONFIG
+    assert moe_gemv_config.kernel_config(None, fp8=True, down=True) == moe_gemv_config.FP8_DOWN_CONFIG
+    assert moe_gemv_config.kernel_config(None, linear=True, down=True) == moe_gemv_config.LINEAR_CONFIG
+    down_names = ("HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG")
+    if not any(os.environ.get(name, "").strip() for name in down_names):
+        assert (moe_gemv_config.DOWN_CONFIG, moe_gemv_config.FP8_DOWN_CONFIG) == (
+            moe_gemv_config.CONFIG,
+            moe_gemv_config.FP8_CONFIG,
+        )
+    fp8_down = {"HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG": "16,512,4,2,2", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG": "8,64,2"}
+    names = ("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
+    assert moe_gemv_config.config_from_env(fp8_down, names=names) == (16, 512, 4, 2, 2)
     # an FP8 LM head's own configuration (the dense layers' FP8 one unless HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it)
     assert moe_gemv_config.kernel_config(None, fp8=True, linear=True, head=True) == moe_gemv_config.HEAD_FP8_CONFIG
     assert moe_gemv_config.kernel_config(None, linear=True, head=True) == moe_gemv_config.LINEAR_CONFIG  # bf16
@@ -420,15 +433,17 @@ def test_triton_kernel_variants_match_float64(tokens, config):
 
 
 def test_per_pair_output_slots_count_split_k_chunks_on_cuda_only(monkeypatch):
-    """Under a split-K configuration the kernels' per-pair output holds each pair's partial sums over the down
-    kernel's chunks of I (no atomics: the caller sums them in a fixed order); the ops' fakes give that shape."""
+    """Under a split-K configuration of the down kernel the kernels' per-pair output holds each pair's partial sums
+    over its chunks of I (no atomics: the caller sums them in a fixed order); the ops' fakes give that shape. The
+    gate/up kernel's split (over d) does not change it."""
     cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
-    monkeypatch.setattr(moe_gemv_config, "CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 2, None))
+    monkeypatch.setattr(moe_gemv_config, "DOWN_CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 2, None))
     assert moe_gemv.output_slots(cuda, 8, 1408, fp8=False) == 8 * 2  # 1408 in chunks of 768: two
     assert moe_gemv.output_slots(cpu, 8, 1408, fp8=False) == 8  # the torch path: one slot a pair
-    monkeypatch.setattr(moe_gemv_config, "FP8_CONFIG", moe_gemv_config.KernelConfig(16, 256, 8, 4, None))
+    monkeypatch.setattr(moe_gemv_config, "FP8_DOWN_CONFIG", moe_gemv_config.KernelConfig(16, 256, 8, 4, None))
     assert moe_gemv.output_slots(cuda, 6, 1408, fp8=True) == 6 * 3  # chunks of 512: three
-    monkeypatch.setattr(moe_gemv_config, "FP8_CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 1, None))
+    monkeypatch.setattr(moe_gemv_config, "FP8_DOWN_CONFIG", moe_gemv_config.KernelConfig(32, 256, 4, 1, None))
+    monkeypatch.setattr(moe_gemv_config, "FP8_CONFIG", moe_gemv_config.KernelConfig(16, 256, 8, 4, None))
     assert moe_gemv.output_slots(cuda, 6, 1408, fp8=True) == 6
 
 

@@ -308,21 +308,27 @@ def launch(
     per_pair: bool = False,
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    down_config=None,
 ) -> torch.Tensor:
-    """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for
-    both kernels (the tuning script tries several); by default `moe_gemv_config.CONFIG` (`FP8_CONFIG` for FP8
-    weights). With the two scales, gate_up and down are FP8 weights with their block scales; the activation is kept
-    in x's dtype. `sum_top_k` (`moe_gemv.SUM_TOP_K` in the model): without split-K, the down kernel sums each
-    token's top-k products itself and stores x's dtype (one program a token and block of outputs), instead of one
-    program a token-expert pair followed by torch's sum over k and conversion (two more kernels a layer).
-    `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d] unsummed, for the caller to sum (with
-    split-K [N, k C, d]: each pair's partial sums over the C chunks of I, consecutive; `moe_gemv.output_slots`).
-    `shared` (not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d], down [d, S I]) computed as S more
-    pairs of each token, its slices of width I weighted 1, after the routed ones (k + S pairs a token); with FP8
-    experts the MLP's weights are FP8 too and `shared_scales` holds their three block-scale grids (I a multiple of
-    128)."""
-    cfg = kernel_config(config, fp8=gate_up_scale is not None)
-    block_n, block_k, warps, split_k, stages = cfg
+    """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for both
+    kernels (the tuning script tries several), unless `down_config` gives the down kernel's; by default
+    `moe_gemv_config.CONFIG` and `DOWN_CONFIG` (`FP8_CONFIG` and `FP8_DOWN_CONFIG` for FP8 weights). Each kernel's
+    split-K is its own: the gate/up kernel's splits d (the down kernel then sums its partial h and applies SiLU), the
+    down kernel's splits I (the output holds each pair's partial sums). With the two scales, gate_up and down are FP8
+    weights with their block scales; the activation is kept in x's dtype. `sum_top_k` (`moe_gemv.SUM_TOP_K` in the
+    model): without split-K, the down kernel sums each token's top-k products itself and stores x's dtype (one program a
+    token and block of outputs), instead of one program a token-expert pair followed by torch's sum over k and
+    conversion (two more kernels a layer). `per_pair` (not with `sum_top_k`): the pairs' fp32 products [N, k, d]
+    unsummed, for the caller to sum (with split-K [N, k C, d]: each pair's partial sums over the C chunks of I,
+    consecutive; `moe_gemv.output_slots`). `shared` (not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d],
+    down [d, S I]) computed as S more pairs of each token, its slices of width I weighted 1, after the routed ones (k +
+    S pairs a token); with FP8 experts the MLP's weights are FP8 too and `shared_scales` holds their three block-scale
+    grids (I a multiple of 128)."""
+    fp8 = gate_up_scale is not None
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=fp8)
+    if down_config is None and config is not None:  # one configuration given: both kernels' (as before)
+        down_config = config
+    d_block_n, d_block_k, d_warps, d_split_k, d_stages = kernel_config(down_config, fp8=fp8, down=True)
     num_tokens, top_k = indices.shape
     n_shared = 0
     if shared is not None:
@@ -338,43 +344,47 @@ def launch(
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
-    scaled = gate_up_scale is not None
+    scaled = fp8
     if scaled:
         _check_scaled_block(block_n)
+        _check_scaled_block(d_block_n)
         gate_up_scale, down_scale = gate_up_scale.float().contiguous(), down_scale.float().contiguous()
     g_inter, g_dim = triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     act_dtype = x.dtype if scaled else gate_up.dtype
-    launch_opts = {**launch_options(warps, stages), **pdl_arguments(x.device)}  # routing picks the weights
-    sum_top_k = sum_top_k and split_k == 1 and top_k > 1
-    chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, split_k, block_k)
+    sum_top_k = sum_top_k and split_k == 1 and d_split_k == 1 and top_k > 1
+    chunk_d, chunk_i = split_chunk(dim, split_k, block_k), split_chunk(inter, d_split_k, d_block_k)
     chunks_d, chunks_i = triton.cdiv(dim, chunk_d), triton.cdiv(inter, chunk_i)
-    if split_k > 1:  # one buffer: h, the gate and up partial sums per chunk of d, then the pairs' per chunk of I
-        buffer = torch.empty(pairs * (chunks_d * 2 * inter + chunks_i * dim), device=x.device, dtype=torch.float32)
-        act, out = buffer[: pairs * chunks_d * 2 * inter], buffer[pairs * chunks_d * 2 * inter :]
+    if split_k > 1:  # h, the gate and up partial sums per chunk of d
+        act = torch.empty(pairs * chunks_d * 2 * inter, device=x.device, dtype=torch.float32)
     else:
         act = torch.empty(pairs, inter, device=x.device, dtype=act_dtype)
+    if d_split_k > 1:  # the pairs' partial sums per chunk of I
+        out = torch.empty(pairs * chunks_i * dim, device=x.device, dtype=torch.float32)
+    else:
         out = torch.empty((num_tokens, dim) if sum_top_k else (pairs, dim), device=x.device,
                           dtype=x.dtype if sum_top_k else torch.float32)  # fmt: skip
+    pdl = pdl_arguments(x.device)  # routing picks the weights
     extra = dict(sg_ptr=shared[0], su_ptr=shared[1], N_SHARED=n_shared) if shared else {}
     if shared_scales:
         extra.update(sgs_ptr=shared_scales[0], sus_ptr=shared_scales[1])
     _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](
         x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
         g_dim, chunk_d,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra, **launch_opts,
+        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra,
+        **launch_options(warps, stages), **pdl,
     )  # fmt: skip
     extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1], N_SHARED=n_shared) if shared else {}
     if shared_scales:
         extra.update(sds_ptr=shared_scales[2])
-    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, block_n), chunks_i)](
+    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, d_block_n), chunks_i)](
         act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
-        SCALED=scaled, ROUTED=True, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages,
+        SCALED=scaled, ROUTED=True, BLOCK_N=d_block_n, BLOCK_K=d_block_k, SPLIT_K=d_split_k, STAGES=d_stages,
         ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, H_CHUNKS=chunks_d, **extra,
-        **launch_opts,
+        **launch_options(d_warps, d_stages), **pdl,
     )  # fmt: skip
     if sum_top_k:
         return out
-    slots = top_k * (chunks_i if split_k > 1 else 1)  # split-K: each pair's partial sums, consecutive
+    slots = top_k * (chunks_i if d_split_k > 1 else 1)  # split-K: each pair's partial sums, consecutive
     if per_pair:
         return out.view(num_tokens, slots, dim)
     return out.view(num_tokens, slots, dim).sum(dim=1).to(x.dtype)

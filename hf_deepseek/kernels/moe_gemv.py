@@ -211,8 +211,8 @@ def routed_experts_gemv(
 
 def output_slots(x: torch.Tensor, pairs_per_token: int, inter: int, fp8: bool) -> int:
     """Slots per token of the matrix-vector ops' per-pair output for x: its pairs, on CUDA under a split-K
-    configuration each pair's partial sums over the down kernel's chunks of I (`_moe_gemv_triton.launch`)."""
-    cfg = kernel_config(None, fp8=fp8)
+    configuration of the down kernel each pair's partial sums over its chunks of I (`_moe_gemv_triton.launch`)."""
+    cfg = kernel_config(None, fp8=fp8, down=True)
     if x.device.type != "cuda" or cfg.split_k == 1:
         return pairs_per_token
     return pairs_per_token * -(-inter // split_chunk(inter, cfg.split_k, cfg.block_k))

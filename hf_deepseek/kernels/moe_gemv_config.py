@@ -45,14 +45,19 @@ def _fields(text: str | None, required: int, optional: int, form: str) -> list[i
         raise ValueError(f"expected {form} (integers, the last may be none), got {text!r}") from None
 
 
-def kernel_config(config=None, fp8: bool = False, linear: bool = False, head: bool = False) -> KernelConfig:
+def kernel_config(
+    config=None, fp8: bool = False, linear: bool = False, head: bool = False, down: bool = False
+) -> KernelConfig:
     """A tuple (BLOCK_N, BLOCK_K, WARPS[, SPLIT_K[, STAGES]]) or KernelConfig, or None for the default of the
-    experts (`CONFIG`, or `FP8_CONFIG` for FP8 weights) or, with `linear`, of the dense layers (`LINEAR_CONFIG`,
-    `LINEAR_FP8_CONFIG`; with `head` too, an FP8 LM head's `HEAD_FP8_CONFIG`), checked: powers of two for the blocks
-    and warps, SPLIT_K >= 1, STAGES None or >= 1."""
+    experts (`CONFIG`, or `FP8_CONFIG` for FP8 weights; with `down`, their down kernel's `DOWN_CONFIG`,
+    `FP8_DOWN_CONFIG`) or, with `linear`, of the dense layers (`LINEAR_CONFIG`, `LINEAR_FP8_CONFIG`; with `head` too,
+    an FP8 LM head's `HEAD_FP8_CONFIG`), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None
+    or >= 1."""
     default = (LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG) if linear else (FP8_CONFIG if fp8 else CONFIG)
     if linear and fp8 and head:
         default = HEAD_FP8_CONFIG
+    elif down and not linear:
+        default = FP8_DOWN_CONFIG if fp8 else DOWN_CONFIG
     cfg = KernelConfig(*(default if config is None else config))
     _powers_of_two(cfg, ("block_n", "block_k", "warps"))
     if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
@@ -121,6 +126,15 @@ def config_from_env(
 CONFIG: KernelConfig = config_from_env()
 FP8_CONFIG: KernelConfig = config_from_env(
     default=KernelConfig(), names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
+)
+# The experts' down kernel apart from their gate/up kernel (its K is the experts' width, 1408 at the bench's shapes,
+# against gate/up's 2048, and its rows the hidden size): the same configuration until `moe_gemv_tune.py --down`
+# measures its own; HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG sets both kinds', unless HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG sets
+# FP8's. (An FP8 batch-1 step's down launches read at 1.2 TB/s where its gate/up reads at 2.7, H100, docs/PERF.md
+# 2026-12-06, both at FP8_CONFIG.)
+DOWN_CONFIG: KernelConfig = config_from_env(default=CONFIG, names=("HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG",))
+FP8_DOWN_CONFIG: KernelConfig = config_from_env(
+    default=FP8_CONFIG, names=("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
 )
 LINEAR_CONFIG: KernelConfig = config_from_env(default=TUNED_LINEAR_BF16, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
 LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
