@@ -48,6 +48,9 @@ OURS_FP8_ROWWISE_HP_WGRAD = "hf_deepseek-fp8-rowwise-hp-wgrad"  # linears: weigh
 OURS_FP8_ROWWISE_LAID_OUT = "hf_deepseek-fp8-rowwise-triton-quant-laid-out"
 # the gradients' FP8 GEMMs promoted to FP32 as they sum (only the forward's with fast accumulation)
 OURS_FP8_ROWWISE_PRECISE_GRADS = "hf_deepseek-fp8-rowwise-triton-quant-precise-grads"
+# the Triton quantisers and the linear layers' weight gradient in bf16: x^T and dy^T, the two costliest quantisations
+# a linear layer has (reductions along the tokens), not made at all, for bf16 weight-gradient GEMMs
+OURS_FP8_ROWWISE_TRITON_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-hp-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -62,6 +65,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
     OURS_FP8_ROWWISE_LAID_OUT: ("rowwise", True, {"fused_quantization": False, "quantize_tokens_once": False}),
     OURS_FP8_ROWWISE_PRECISE_GRADS: ("rowwise", True, {"fused_quantization": False, "fast_accum": ("output",)}),
+    OURS_FP8_ROWWISE_TRITON_HP_WGRAD: ("rowwise", True, {"fused_quantization": False, "linear_wgrad": "bf16"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
