@@ -1,8 +1,9 @@
 """Two projections of the same input in one GEMM while training: MLA's q_a and kv_a (both read the layer's normed
 hidden state), an MLP's gate and up (dense MLP and shared experts). Their weights are joined for the step (a copy of
 a few MB a layer) and the output split, so a training step runs one larger GEMM instead of two in the forward, the
-input gradient and the weight gradient, and an FP8 step quantises the shared input, its transpose and the output
-gradient once instead of twice (docs/train-h200/fp8_quant_census_2026-12-04g.txt: "x of ... again in ...").
+input gradient and the weight gradient, and an FP8 step quantises the shared input and its transpose once instead of
+twice (docs/train-h200/fp8_quant_census_2026-12-04g.txt: "x of ... again in ...") and both output gradients in one
+launch per orientation.
 
 Opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`; bench variants `*-joined-projections`) until a training bench measures
 it. The parameters stay the two modules' own (checkpoints, optimizers and PEFT see no change); only training-mode
