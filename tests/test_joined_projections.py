@@ -9,7 +9,9 @@ from conftest import tiny_config
 from test_fp8_compile import layer_kinds, recipe_of, train_compiled
 
 from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels import moe_gemv
 from hf_deepseek.modeling import joined_projections
+from hf_deepseek.modeling.decode_linear import DecodeLinear, use_decode_linears
 from hf_deepseek.modeling.fp8 import FP8Linear, FP8Recipe, convert_to_fp8_training
 
 
@@ -60,6 +62,24 @@ def test_joined_step_gives_the_separate_projections_loss_and_gradients(monkeypat
     with torch.no_grad():  # inference: the separate projections, as before
         model(ids)
     assert calls == []
+
+
+def test_joined_step_still_serves_after_generate_made_the_linears_decode_linears(monkeypatch):
+    """generate() turns the model's linears into `DecodeLinear`s (GRPO trains between rollouts): a training step
+    then still joins the pairs, with the same loss and gradients."""
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_config(hidden_size=64, moe_intermediate_size=40, intermediate_size=96)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = loss_and_grads(model, ids)
+    monkeypatch.setattr(moe_gemv, "LINEAR_GEMV", True)
+    assert use_decode_linears(model) > 0
+    attn = model.model.layers[0].self_attn
+    assert type(attn.q_a_proj) is DecodeLinear and type(attn.kv_a_proj_with_mqa) is DecodeLinear
+    monkeypatch.setattr(joined_projections, "ENABLED", True)
+    assert joined_projections.joined_projections(attn.q_a_proj, attn.kv_a_proj_with_mqa, torch.randn(3, 64))
+    got = loss_and_grads(model, ids)
+    assert abs(got[0] - want[0]) < 1e-6 * abs(want[0])
+    assert max(relative(got[1][n], want[1][n]) for n in want[1]) < 1e-5
 
 
 def test_fp8_joined_step_halves_the_pairs_gemms_with_the_separate_error(monkeypatch):

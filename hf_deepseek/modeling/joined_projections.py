@@ -7,8 +7,9 @@ launch per orientation.
 
 Opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`; bench variants `*-joined-projections`) until a training bench measures
 it. The parameters stay the two modules' own (checkpoints, optimizers and PEFT see no change); only training-mode
-forwards with gradients take the joined GEMM, of two modules of the same kind: plain `nn.Linear`s without bias, or
-two FP8 linears of one recipe (`linear_with_weight`). Decode keeps its own fused launch (`decode_linear.fused_pair`).
+forwards with gradients take the joined GEMM, of two modules of the same kind: plain `nn.Linear`s without bias (also
+once generate() has made them `DecodeLinear`s, as in GRPO between rollouts), or two FP8 linears of one recipe
+(`linear_with_weight`). Decode keeps its own fused launch (`decode_linear.fused_pair`).
 """
 
 import os
@@ -16,6 +17,8 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .decode_linear import DecodeLinear
 
 ENABLED = os.environ.get("HF_DEEPSEEK_JOINED_PROJECTIONS", "0") == "1"
 
@@ -27,7 +30,7 @@ def joined_projections(first: nn.Module, second: nn.Module, x: torch.Tensor) -> 
         return None
     if type(first) is not type(second) or first.bias is not None or second.bias is not None:
         return None
-    if type(first) is nn.Linear:
+    if type(first) in (nn.Linear, DecodeLinear):  # DecodeLinear: an nn.Linear generate() gave its decode kernels
         linear = F.linear
     else:
         linear = getattr(first, "linear_with_weight", None)
