@@ -54,13 +54,15 @@ TESTS=${TESTS:-tests/test_fast_generate.py tests/test_bench_decode.py::test_repl
 # the tests that decide the benches' switches (below) in a process of their own, first: a CUDA-graph capture that
 # fails in another test leaves the process's CUDA generator unusable ("Offset increment outside graph capture"),
 # which failed every later test of the process on 2026-12-06 and turned FlashMLA off for a healthy kernel
-GATE=$(for T in $TESTS; do case $T in tests/test_flash_mla_decode*|tests/test_moe_routing*) echo $T;; esac; done)
-REST=$(for T in $TESTS; do case $T in tests/test_flash_mla_decode*|tests/test_moe_routing*) ;; *) echo $T;; esac; done)
+GATE=""; REST=""
+for T in $TESTS; do
+  case $T in tests/test_flash_mla_decode*|tests/test_moe_routing*) GATE="$GATE $T";; *) REST="$REST $T";; esac
+done
 TEST_END=$(( $(date +%s) + ${TEST_S:-100} ))
 : > $OUT/gpu_tests.txt
 for GROUP in "$GATE" "$REST"; do
   LEFT=$(( TEST_END - $(date +%s) ))
-  [ -z "$GROUP" ] || [ $LEFT -lt 10 ] && continue  # (timeout 0 would mean no limit)
+  [ -z "${GROUP// }" ] || [ $LEFT -lt 10 ] && continue  # (timeout 0 would mean no limit)
   timeout $LEFT python3 -m pytest -q -rf -p no:cacheprovider -m gpu --timeout 90 $GROUP \
     >> $OUT/gpu_tests.txt 2>&1
   RC=$?  # (before any command substitution below resets it)

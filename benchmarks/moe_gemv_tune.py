@@ -117,26 +117,36 @@ def grouped(x, indices, weights, gate_up, down):
 DOWN_APART = "triton gemv, down kernel apart"
 
 
+def timed_launch(inputs, config, options: dict, want, label: str) -> tuple[float, float] | None:
+    """(relative error against `want`, microseconds) of `_moe_gemv_triton.launch(*inputs, config, **options)`, or
+    None for a configuration Triton cannot compile (reported and skipped)."""
+    from hf_deepseek.kernels import _moe_gemv_triton
+
+    try:
+        out = _moe_gemv_triton.launch(*inputs, config, **options).float()
+        error = ((out - want).norm() / want.norm()).item()
+        return error, time_us(lambda: _moe_gemv_triton.launch(*inputs, config, **options))
+    except Exception as exc:
+        print(f"  {label}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        return None
+
+
 def down_apart_rows(rows, label, inputs, scales, configs, want, nbytes, copy) -> list[dict]:
     """`--down`: the case's fastest one-configuration launch (gate/up and down alike, unsummed) with each of
     `configs` for the down kernel alone (`launch(..., down_config=)`), which `HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG` /
     `..._DOWN_CONFIG` set: rows of kernel DOWN_APART with `config` (gate/up's) and `down_config`."""
-    from hf_deepseek.kernels import _moe_gemv_triton
-
     ok = [r for r in rows if r["case"] == label and r.get("kernel") == "triton gemv" and r["error"] < 1e-2]
     if not ok:
         return []
     gate = tuple(min(ok, key=lambda r: r["us"])["config"])
     found = []
     for down_config in configs:
-        options = dict(scales, down_config=down_config)
-        try:
-            out = _moe_gemv_triton.launch(*inputs, gate, **options).float()
-            error = ((out - want).norm() / want.norm()).item()
-            us = time_us(lambda o=options: _moe_gemv_triton.launch(*inputs, gate, **o))
-        except Exception as exc:  # a configuration Triton cannot compile is reported and skipped
-            print(f"  gate/up {gate}, down {down_config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        timed = timed_launch(
+            inputs, gate, dict(scales, down_config=down_config), want, f"gate/up {gate}, down {down_config}"
+        )
+        if timed is None:
             continue
+        error, us = timed
         gb_s = nbytes / us / 1e3
         found.append(dict(case=label, kernel=DOWN_APART, config=gate, down_config=down_config, us=us, gb_s=gb_s,
                           of_copy=gb_s / copy, error=error))  # fmt: skip
@@ -494,7 +504,7 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
         return
-    from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv
+    from hf_deepseek.kernels import moe_gemv
 
     tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
     configs = QUICK if args.quick else CONFIGS
@@ -540,14 +550,10 @@ def main() -> None:
             unsplit = [c for c in configs if len(c) < 4 or c[3] == 1]
             variants = [(c, False) for c in configs] + ([(c, True) for c in unsplit] if k > 1 else [])
             for config, summed in variants:
-                options = dict(scales, sum_top_k=summed)
-                try:
-                    out = _moe_gemv_triton.launch(*inputs, config, **options).float()
-                    error = ((out - want).norm() / want.norm()).item()
-                    us = time_us(lambda c=config, a=inputs, o=options: _moe_gemv_triton.launch(*a, c, **o))
-                except Exception as exc:  # a configuration Triton cannot compile is reported and skipped
-                    print(f"  {config}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                timed = timed_launch(inputs, config, dict(scales, sum_top_k=summed), want, str(config))
+                if timed is None:
                     continue
+                error, us = timed
                 gb_s = nbytes / us / 1e3
                 kernel = "triton gemv, top-k summed in kernel" if summed else "triton gemv"
                 row = dict(case=label, kernel=kernel, config=config, us=us, gb_s=gb_s, of_copy=gb_s / copy)

@@ -324,11 +324,11 @@ def launch(
     down [d, S I]) computed as S more pairs of each token, its slices of width I weighted 1, after the routed ones (k +
     S pairs a token); with FP8 experts the MLP's weights are FP8 too and `shared_scales` holds their three block-scale
     grids (I a multiple of 128)."""
-    fp8 = gate_up_scale is not None
-    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=fp8)
+    scaled = gate_up_scale is not None
+    block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled)
     if down_config is None and config is not None:  # one configuration given: both kernels' (as before)
         down_config = config
-    d_block_n, d_block_k, d_warps, d_split_k, d_stages = kernel_config(down_config, fp8=fp8, down=True)
+    d_block_n, d_block_k, d_warps, d_split_k, d_stages = kernel_config(down_config, fp8=scaled, down=True)
     num_tokens, top_k = indices.shape
     n_shared = 0
     if shared is not None:
@@ -344,7 +344,6 @@ def launch(
     pairs, dim, inter = num_tokens * top_k, x.shape[-1], down.shape[-1]
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     flat_idx, flat_w = indices.reshape(-1).contiguous(), weights.reshape(-1).contiguous()
-    scaled = fp8
     if scaled:
         _check_scaled_block(block_n)
         _check_scaled_block(d_block_n)
