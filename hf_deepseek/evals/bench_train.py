@@ -200,8 +200,10 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 
 def base_variant(name: str) -> str:
-    """The variant's model and step without its choice of optimizer, router or loss chunks."""
-    return name.removesuffix(TORCH_ADAMW).removesuffix(TORCH_ROUTER).removesuffix(LOSS_CHUNKS_16).removesuffix(JOINED)
+    """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def compiled(name: str) -> bool:
