@@ -151,3 +151,68 @@ def test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu():
         diff = (r.float() - q.float()).abs()
         # a few bf16 roundings of the parameter, plus 4 updates moved by a fraction of lr each
         assert (diff <= q.float().abs() * 2**-5 + 4 * 1e-2 * 2**-4).all() and diff.mean() < 1e-4
+
+
+class TwoUses(torch.nn.Module):
+    """A weight used twice in one forward: its hook must fire once, after both gradients are summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+def train(model, optimizer, steps, check_grads_freed=False):
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        loss = model(torch.randn(5, 6, generator=gen)).square().mean()
+        loss.backward()
+        if check_grads_freed:
+            assert all(p.grad is None for p in model.parameters())  # each updated and freed during backward
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_step_in_backward_gives_the_step_afterwards_bit_for_bit():
+    torch.manual_seed(0)
+    model = TwoUses()
+    twin = copy.deepcopy(model)
+    train(model, TritonAdamW(model.parameters(), lr=1e-2, weight_decay=0.1), 4)
+    in_backward = TritonAdamW(twin.parameters(), lr=1e-2, weight_decay=0.1).step_in_backward()
+    train(twin, in_backward, 4, check_grads_freed=True)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert float(in_backward.state[twin.shared.weight]["step"]) == 4  # one update a backward, not one a use
+
+
+def test_step_in_backward_refuses_options_the_kernel_lacks():
+    with pytest.raises(
+        ValueError,
+        match="step_in_backward: the options amsgrad, maximize, capturable, differentiable are not supported",
+    ):
+        TritonAdamW(parameters(torch.float32), amsgrad=True).step_in_backward()
+
+
+@pytest.mark.gpu
+def test_step_in_backward_on_a_side_stream_gives_the_step_afterwards_on_the_gpu():
+    """The side stream's updates ordered after the kernels that made each gradient and before the next forward:
+    the same parameters bit for bit as stepping after backward, for bf16 weights big enough to take a while."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)]).cuda().bfloat16()
+    twin = copy.deepcopy(model)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    batches = [torch.randn(4096, 2048, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    a = TritonAdamW(model.parameters(), lr=1e-3)
+    b = TritonAdamW(twin.parameters(), lr=1e-3).step_in_backward()
+    for net, optimizer in ((model, a), (twin, b)):
+        for x in batches:
+            net(x).float().square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert b._streams  # the updates ran on the side stream
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
