@@ -340,12 +340,12 @@ def test_config_from_the_environment():
     fp8_down = {"HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG": "16,512,4,2,2", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG": "8,64,2"}
     names = ("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
     assert moe_gemv_config.config_from_env(fp8_down, names=names) == (16, 512, 4, 2, 2)
-    # an FP8 LM head's own configuration (the dense layers' FP8 one unless HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it)
+    # an FP8 LM head's own configuration (its tuned one unless HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it)
     assert moe_gemv_config.kernel_config(None, fp8=True, linear=True, head=True) == moe_gemv_config.HEAD_FP8_CONFIG
     assert moe_gemv_config.kernel_config(None, linear=True, head=True) == moe_gemv_config.LINEAR_CONFIG  # bf16
     assert moe_gemv_config.kernel_config((64, 256, 8), fp8=True, linear=True, head=True) == (64, 256, 8, 1, None)
     if not os.environ.get("HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG", "").strip():
-        assert moe_gemv_config.HEAD_FP8_CONFIG == moe_gemv_config.LINEAR_FP8_CONFIG
+        assert moe_gemv_config.HEAD_FP8_CONFIG == moe_gemv_config.TUNED_HEAD_FP8
 
 
 VARIANTS = [
@@ -356,7 +356,9 @@ VARIANTS = [
     (8, 64, 2, 3, None),
     (8, 256, 4, 1, 3),
     (16, 512, 4, 1, 2),
-]  # the last two: the dense layers' tuned defaults
+    (4, 2048, 4, 1, None),
+    (8, 1024, 4, 1, None),
+]  # the last four: the dense layers' bf16 default, FP8's earlier and current one, an FP8 LM head's
 
 
 def bench_shape_kernel_case(tokens: int):

@@ -101,7 +101,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-router-norm",
     "ours-fast-fewest-launches-router-norm",
     "ours-fast-mla-chain",
-    "ours-fast-front-all-rows",
+    "ours-fast-front-one-row",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -384,8 +384,8 @@ STEP_ROWS = {
         "ours-fast-fewest-launches-router-norm", "latent", True, **FEWEST_LAUNCHES, router_add_norm=True
     ),
     "ours-fast-mla-chain": Row("ours-fast-mla-chain", "latent", True, mla_chain=True),
-    # the MLA front at every decode batch, not one row only (batch 32's candidate default)
-    "ours-fast-front-all-rows": Row("ours-fast-front-all-rows", "latent", True, mla_front_rows=256),
+    # the MLA front at one decode row only (the default until 2026-12-06; at every batch since)
+    "ours-fast-front-one-row": Row("ours-fast-front-one-row", "latent", True, mla_front_rows=1),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),

@@ -18,12 +18,10 @@ import torch
 from .moe_gemv import rms_norm, triton_available
 
 ENABLED = os.environ.get("HF_DEEPSEEK_MLA_FRONT", "1") != "0"
-# rows up to which the kernel serves: one by default. A model's decode through it at 4 rows gives the path's logits
-# row by row on an H100 (2026-12-06; its earlier failure there was a routing choice flipped by rounding, not the
-# kernel); at batch 32 / 2k it measured 3.96 against 4.01 ms a step (H100, 2026-12-06, before the rows shared one
-# cos/sin table correctly): a candidate default once a model test at 32 rows and a timing agree;
-# HF_DEEPSEEK_MLA_FRONT_ROWS raises it
-MAX_ROWS = int(os.environ.get("HF_DEEPSEEK_MLA_FRONT_ROWS", "1"))
+# rows up to which the kernel serves: every decode batch. A model's decode through it gives the path's logits row by
+# row at 1, 4 and 32 rows on an H100, and batch 32 / 2k took 3.87 against 3.93 ms a step with it at one row only
+# (H100, 2026-12-06e); HF_DEEPSEEK_MLA_FRONT_ROWS lowers it
+MAX_ROWS = int(os.environ.get("HF_DEEPSEEK_MLA_FRONT_ROWS", "256"))
 
 
 def usable(q: torch.Tensor, kv_a: torch.Tensor, storage: torch.Tensor) -> bool:

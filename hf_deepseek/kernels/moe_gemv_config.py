@@ -101,13 +101,19 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
 # Measured on one H200 (`benchmarks/moe_gemv_tune.py --quick`, 2026-12-04, docs/PERF.md): 16 rows a program with a
 # 3-stage pipelined K loop reads bf16 experts 1.4-2.5x faster than the first-written (32, 256, 4) from 4 to 32
 # token-expert pairs and 1.93x at one token x top-6 (34 against 66 us); within 0.1 us of the best at 8 pairs and
-# above. FP8 experts keep the first-written configuration until a run measures theirs (`--fp8`).
+# above.
 TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
+# FP8 experts (`moe_gemv_tune.py --quick --fp8 --down`, H100, 2026-12-06e): at one token x top-6 with the shared MLP
+# folded in (4 pairs' weights, 34.6 MB) gate/up and down each in two K chunks read at 2.1 TB/s, 86% of copy, against
+# 1.6 TB/s for the first-written (32, 256, 4); the down kernel's own sweep chose the same.
+TUNED_FP8 = KernelConfig(32, 256, 4, 2, None)
 # The dense layers' decode rows (`moe_gemv_tune.py --linear --quick`, H200, 2026-12-04g): the configuration with the
 # least time over every dense matrix-vector product of a batch-1 step, 232 us for bf16 weights against cuBLAS's 330
 # (1.13-2.13x cuBLAS on each shape) and 358 us for FP8 weights (1.0-2.0x the first-written on each shape).
+# FP8 weights re-measured on an H100 (2026-12-06e, `--linear --quick --head`): 4 rows a program over K in 2048-wide
+# steps, 251 us over a step's dense layers (1.5-2.2x cuBLAS bf16 on each shape) against 1.0-2.0x before.
 TUNED_LINEAR_BF16 = KernelConfig(8, 256, 4, 1, 3)
-TUNED_LINEAR_FP8 = KernelConfig(16, 512, 4, 1, 2)
+TUNED_LINEAR_FP8 = KernelConfig(4, 2048, 4, 1, None)
 
 
 # The kernels' launch configurations, read at import: the measured ones, or from the environment (for benches and
@@ -125,7 +131,7 @@ def config_from_env(
 
 CONFIG: KernelConfig = config_from_env()
 FP8_CONFIG: KernelConfig = config_from_env(
-    default=KernelConfig(), names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
+    default=TUNED_FP8, names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
 )
 # The experts' down kernel apart from their gate/up kernel (its K is the experts' width, 1408 at the bench's shapes,
 # against gate/up's 2048, and its rows the hidden size): the same configuration until `moe_gemv_tune.py --down`
@@ -142,11 +148,12 @@ LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
 )
 # An LM head quantised to FP8 (`convert_to_fp8_inference` with `FP8Recipe(skip=())`): a [vocab, hidden] matrix 30-90x
 # the dense layers' in bytes, whose decode rows took 152 us for 265 MB (1.75 TB/s, H100, docs/PERF.md 2026-12-06) at
-# the dense layers' configuration. Linear layers of at least HEAD_MIN_ROWS output rows take a configuration of their
-# own: the dense layers' until `moe_gemv_tune.py --linear --head` measures one; HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG
-# sets it.
+# the dense layers' configuration then. Linear layers of at least HEAD_MIN_ROWS output rows take a configuration of
+# their own, measured by `moe_gemv_tune.py --linear --head` (H100, 2026-12-06e: 85.6 us at one token, 3.1 TB/s, against
+# cuBLAS bf16's 178 us for twice the bytes); HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it.
 HEAD_MIN_ROWS = 32768
-HEAD_FP8_CONFIG: KernelConfig = config_from_env(default=LINEAR_FP8_CONFIG, names=("HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG",))
+TUNED_HEAD_FP8 = KernelConfig(8, 1024, 4, 1, None)
+HEAD_FP8_CONFIG: KernelConfig = config_from_env(default=TUNED_HEAD_FP8, names=("HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG",))
 
 
 class GroupedConfig(NamedTuple):
