@@ -14,11 +14,9 @@ from hf_deepseek.evals.bench_train import (
     FP8_VARIANTS,
     OURS,
     OURS_EAGER,
-    OURS_FP8_IN_BACKWARD,
     OURS_FP8_JOINED,
     OURS_FP8_ROWWISE_TRITON_QUANT,
     OURS_FP8_TORCH_ADAMW,
-    OURS_IN_BACKWARD,
     OURS_JOINED,
     OURS_TORCH_ADAMW,
     PEER,
@@ -55,9 +53,6 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     # q_a/kv_a and gate/up as one GEMM each: bf16's losses up to float32 rounding, FP8's within its tolerance
     assert variants[OURS_JOINED]["losses"] == pytest.approx(variants[OURS]["losses"], rel=1e-5)
     assert variants[OURS_FP8_JOINED]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
-    # AdamW in backward (no side stream off CUDA): the same update of each parameter, the same losses bit for bit
-    assert variants[OURS_IN_BACKWARD]["losses"] == variants[OURS]["losses"]
-    assert variants[OURS_FP8_IN_BACKWARD]["losses"] == variants[OURS_FP8_ROWWISE_TRITON_QUANT]["losses"]
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
     assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]

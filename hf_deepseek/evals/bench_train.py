@@ -84,13 +84,9 @@ OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_R
 # (`modeling.joined_projections`, opt-in)
 JOINED = "-joined-projections"
 OURS_JOINED, OURS_FP8_JOINED = OURS + JOINED, OURS_FP8_ROWWISE_TRITON_QUANT + JOINED
-# a variant name + IN_BACKWARD: AdamW updates each parameter as soon as backward has its gradient, on a side stream
-# (`TritonAdamW.step_in_backward`): the optimizer's memory-bound kernels overlap the backward's GEMMs
-IN_BACKWARD = "-adamw-in-backward"
-OURS_IN_BACKWARD, OURS_FP8_IN_BACKWARD = OURS + IN_BACKWARD, OURS_FP8_ROWWISE_TRITON_QUANT + IN_BACKWARD
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
-    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_IN_BACKWARD, OURS_FP8_IN_BACKWARD,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -205,7 +201,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
-    for suffix in (TORCH_ADAMW, IN_BACKWARD, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
         name = name.removesuffix(suffix)
     return name
 
@@ -282,8 +278,6 @@ def bench_variant(
             from hf_deepseek.kernels.adamw import TritonAdamW
 
             optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
-            if name.endswith(IN_BACKWARD):
-                optimizer.step_in_backward()
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
         if device.type == "cuda":

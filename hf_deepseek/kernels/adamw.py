@@ -10,10 +10,6 @@ so a state_dict loads into torch's AdamW and back. Off CUDA the same update runs
 the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, capturable, differentiable,
 a sparse gradient, a complex, non-contiguous or DTensor parameter) take torch's own step for the whole optimizer.
 
-`TritonAdamW.step_in_backward()` updates each parameter as soon as backward has its gradient, on a side stream that
-overlaps the backward's GEMMs (bench variants `*-adamw-in-backward`), for loops without gradient clipping or
-accumulation.
-
 The trainers (`DeepSeekSFTTrainer`, `DeepSeekGRPOTrainer`) use it in place of torch's AdamW for a model on CUDA
 (`triton_adamw`, on by default; `use_triton_adamw`).
 """
@@ -25,7 +21,6 @@ import torch
 from .moe_gemv import triton_available
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")  # options torch's step serves
 
 
 def torch_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt) -> None:
@@ -61,95 +56,32 @@ class TritonAdamW(torch.optim.AdamW):
         # fused / foreach: torch's choices of its own kernels (as transformers passes them), ignored here
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, capturable=capturable, differentiable=differentiable)  # fmt: skip
-        self._in_backward_hooks, self._side_stream = [], False  # `step_in_backward`'s
-        self._streams, self._pending = {}, set()  # its side stream per device, those with updates not waited for
 
     def _own_step_serves(self) -> bool:
         """Whether every parameter with a gradient can take this class's update."""
         for group in self.param_groups:
             # ("fused" / "foreach" from a loaded torch state_dict name torch's kernels: the same update here)
-            if any(group.get(k) for k in UNSUPPORTED):
+            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
                 return False
-            if any(p.grad is not None and not self._serves(p, group) for p in group["params"]):
+            if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "cpu":
                 return False
-        return True
-
-    def _serves(self, p: torch.Tensor, group: dict) -> bool:
-        """Whether this parameter, with its gradient, can take this class's update."""
-        g = p.grad
-        if type(p.data) is not torch.Tensor or type(g) is not torch.Tensor:
-            return False  # DTensor (FSDP2) and other subclasses: torch's step knows them
-        if g.is_sparse or p.dtype not in KERNEL_DTYPES or g.dtype != p.dtype or g.shape != p.shape:
-            return False
-        if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "cpu":
-            return False
-        if not (p.is_contiguous() and g.is_contiguous()):
-            return False
-        state = self.state.get(p)  # moments loaded from a state_dict in another layout:
-        return not (state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")))
-
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        """Update one parameter from its gradient (state created at its first update)."""
-        state = self.state[p]
-        if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
-        step = float(state["step"].add_(1))
-        update = _update_function(p.device)
-        update(
-            p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-            lr * group["weight_decay"], beta1, beta2, group["eps"],
-            lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
-        )  # fmt: skip
-
-    def step_in_backward(self, side_stream: bool = True) -> "TritonAdamW":
-        """From now on update each parameter as soon as backward has accumulated its gradient, and free that
-        gradient (torchtitan's optimizer in backward): `step()` then only waits for the updates and takes any
-        gradient left. On CUDA with `side_stream` the updates run on a stream of their own, so that these
-        memory-bound kernels fill the gaps of the backward's compute-bound GEMMs. For loops that step after every
-        backward with the gradients as backward leaves them: no gradient clipping, scaling or accumulation over
-        micro-batches (the update has run before any of these could see the gradient). Returns self."""
-        if any(group.get(k) for group in self.param_groups for k in UNSUPPORTED):
-            raise ValueError(f"step_in_backward: the options {', '.join(UNSUPPORTED)} are not supported")
-        if self._in_backward_hooks:
-            return self
-        for group in self.param_groups:
             for p in group["params"]:
-                if p.requires_grad:
-                    self._in_backward_hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
-        self._side_stream = side_stream
-        return self
-
-    def _make_hook(self, group: dict):
-        @torch.no_grad()
-        def hook(p: torch.Tensor) -> None:
-            if p.grad is None or not self._serves(p, group):
-                return  # left for step(), torch's update
-            if not (p.is_cuda and self._side_stream):
-                self._update(p, group)
-            else:
-                stream = self._streams.get(p.device)
-                if stream is None:
-                    stream = self._streams[p.device] = torch.cuda.Stream(p.device)
-                stream.wait_stream(torch.cuda.current_stream(p.device))  # after the kernels that made the gradient
-                with torch.cuda.stream(stream):
-                    self._update(p, group)
-                p.grad.record_stream(stream)  # its memory not reused before the update has read it
-                self._pending.add(p.device)
-            p.grad = None
-
-        return hook
-
-    def _wait_for_backward_updates(self) -> None:
-        for device in self._pending:  # the next forward reads the updated parameters
-            torch.cuda.current_stream(device).wait_stream(self._streams[device])
-        self._pending.clear()
+                g = p.grad
+                if g is None:
+                    continue
+                if type(p.data) is not torch.Tensor or type(g) is not torch.Tensor:
+                    return False  # DTensor (FSDP2) and other subclasses: torch's step knows them
+                if g.is_sparse or p.dtype not in KERNEL_DTYPES or g.dtype != p.dtype or g.shape != p.shape:
+                    return False
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    return False
+                state = self.state.get(p)
+                if state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")):
+                    return False  # moments loaded from a state_dict in another layout
+        return True
 
     @torch.no_grad()
     def step(self, closure=None):
-        self._wait_for_backward_updates()
         if not self._own_step_serves():
             return super().step(closure)
         loss = None
@@ -157,7 +89,20 @@ class TritonAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                step = float(state["step"].add_(1))
+                update = _update_function(p.device)
+                update(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                    lr * group["weight_decay"], beta1, beta2, group["eps"],
+                    lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
+                )  # fmt: skip
         return loss
