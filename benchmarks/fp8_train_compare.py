@@ -245,8 +245,9 @@ def plot(by_seed: list[dict], summary: dict, args) -> None:
     top.set_ylabel("next-byte cross-entropy")
     top.set_yscale("log")
     top.legend(loc="upper right", framealpha=0.9)
-    top.set_title(f"{summary['params'] / 1e6:.3g}M-parameter DeepSeek MoE, {summary['device']}: FP8 vs BF16"
-                  + (f", seed {seeds[0]} shown" if len(seeds) > 1 else ""))  # fmt: skip
+    seeds_note = f"\n(curves: seed {seeds[0]}; differences: every seed)" if len(seeds) > 1 else ""
+    title = f"FP8 vs BF16, {summary['params'] / 1e9:.2f}B-parameter DeepSeek MoE, {summary['device']}{seeds_note}"
+    top.set_title(title, fontsize=10)
     for i, (seed, runs) in enumerate(zip(seeds, by_seed, strict=True)):
         for name, run in runs.items():
             if name != "bf16":
