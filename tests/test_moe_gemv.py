@@ -358,7 +358,8 @@ VARIANTS = [
     (16, 512, 4, 1, 2),
     (4, 2048, 4, 1, None),
     (8, 1024, 4, 1, None),
-]  # the last four: the dense layers' bf16 default, FP8's earlier and current one, an FP8 LM head's
+    (2, 2048, 4, 1, None),
+]  # the last five: the dense layers' earlier bf16 default, FP8's earlier and current one, an FP8 LM head's, bf16's
 
 
 def bench_shape_kernel_case(tokens: int):

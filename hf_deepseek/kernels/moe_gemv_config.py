@@ -110,9 +110,11 @@ TUNED_FP8 = KernelConfig(32, 256, 4, 2, None)
 # The dense layers' decode rows (`moe_gemv_tune.py --linear --quick`, H200, 2026-12-04g): the configuration with the
 # least time over every dense matrix-vector product of a batch-1 step, 232 us for bf16 weights against cuBLAS's 330
 # (1.13-2.13x cuBLAS on each shape) and 358 us for FP8 weights (1.0-2.0x the first-written on each shape).
-# FP8 weights re-measured on an H100 (2026-12-06e, `--linear --quick --head`): 4 rows a program over K in 2048-wide
-# steps, 251 us over a step's dense layers (1.5-2.2x cuBLAS bf16 on each shape) against 1.0-2.0x before.
-TUNED_LINEAR_BF16 = KernelConfig(8, 256, 4, 1, 3)
+# Re-measured on an H100 (2026-12-06e, `--linear --quick --head`), whole rows of K in 2048-wide steps: FP8 weights 4
+# rows a program, 251 us over a step's dense layers (1.5-2.2x cuBLAS bf16 on each shape, 1.0-2.0x before), bf16 2
+# rows, 320 us against cuBLAS's 414 (a batch-1 / 2k step 0.98 against 1.01 ms with (8, 256, 4, 1, 3), H100
+# 2026-12-06g).
+TUNED_LINEAR_BF16 = KernelConfig(2, 2048, 4, 1, None)
 TUNED_LINEAR_FP8 = KernelConfig(4, 2048, 4, 1, None)
 
 
