@@ -332,14 +332,20 @@ def test_config_from_the_environment():
     assert moe_gemv_config.kernel_config(None, fp8=True, down=True) == moe_gemv_config.FP8_DOWN_CONFIG
     assert moe_gemv_config.kernel_config(None, linear=True, down=True) == moe_gemv_config.LINEAR_CONFIG
     down_names = ("HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG")
-    if not any(os.environ.get(name, "").strip() for name in down_names):
+    expert_names = ("HF_DEEPSEEK_MOE_GEMV_CONFIG", "HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG")
+    if not any(os.environ.get(name, "").strip() for name in down_names + expert_names):
         assert (moe_gemv_config.DOWN_CONFIG, moe_gemv_config.FP8_DOWN_CONFIG) == (
             moe_gemv_config.CONFIG,
-            moe_gemv_config.FP8_CONFIG,
+            moe_gemv_config.TUNED_FP8_DOWN,
         )
+        assert moe_gemv_config.FP8_CONFIG == moe_gemv_config.TUNED_FP8 != moe_gemv_config.TUNED_FP8_DOWN
     fp8_down = {"HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG": "16,512,4,2,2", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG": "8,64,2"}
     names = ("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
     assert moe_gemv_config.config_from_env(fp8_down, names=names) == (16, 512, 4, 2, 2)
+    # the experts' FP8 configuration alone set: the down kernel follows it
+    names += ("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
+    only_experts = {"HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG": "16,256,4"}
+    assert moe_gemv_config.config_from_env(only_experts, names=names) == (16, 256, 4, 1, None)
     # an FP8 LM head's own configuration (its tuned one unless HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG sets it)
     assert moe_gemv_config.kernel_config(None, fp8=True, linear=True, head=True) == moe_gemv_config.HEAD_FP8_CONFIG
     assert moe_gemv_config.kernel_config(None, linear=True, head=True) == moe_gemv_config.LINEAR_CONFIG  # bf16

@@ -104,16 +104,19 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
 # above.
 TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
 # FP8 experts (`moe_gemv_tune.py --quick --fp8 --down`, H100, 2026-12-06e): at one token x top-6 with the shared MLP
-# folded in (4 pairs' weights, 34.6 MB) gate/up and down each in two K chunks read at 2.1 TB/s, 86% of copy, against
-# 1.6 TB/s for the first-written (32, 256, 4); the down kernel's own sweep chose the same.
-TUNED_FP8 = KernelConfig(32, 256, 4, 2, None)
+# folded in, gate/up and down each in two K chunks read at 2.1 TB/s, 86% of copy, against 1.6 TB/s for the
+# first-written (32, 256, 4) in both. In a batch-1 step, though, gate/up's two chunks cost more (21.3 against 19.3 us
+# a launch, their fp32 partial sums then read by the down kernel): gate/up whole, down in two chunks took 0.69 ms a
+# step against 0.72 with both in two (FP8 LM head, H100, 2026-12-06g, one call).
+TUNED_FP8 = KernelConfig(32, 256, 4, 1, None)
+TUNED_FP8_DOWN = KernelConfig(32, 256, 4, 2, None)
 # The dense layers' decode rows (`moe_gemv_tune.py --linear --quick`, H200, 2026-12-04g): the configuration with the
 # least time over every dense matrix-vector product of a batch-1 step, 232 us for bf16 weights against cuBLAS's 330
 # (1.13-2.13x cuBLAS on each shape) and 358 us for FP8 weights (1.0-2.0x the first-written on each shape).
 # Re-measured on an H100 (2026-12-06e, `--linear --quick --head`), whole rows of K in 2048-wide steps: FP8 weights 4
 # rows a program, 251 us over a step's dense layers (1.5-2.2x cuBLAS bf16 on each shape, 1.0-2.0x before), bf16 2
 # rows, 320 us against cuBLAS's 414 (a batch-1 / 2k step 0.98 against 1.01 ms with (8, 256, 4, 1, 3), H100
-# 2026-12-06g).
+# 2026-12-06f).
 TUNED_LINEAR_BF16 = KernelConfig(2, 2048, 4, 1, None)
 TUNED_LINEAR_FP8 = KernelConfig(4, 2048, 4, 1, None)
 
@@ -136,13 +139,13 @@ FP8_CONFIG: KernelConfig = config_from_env(
     default=TUNED_FP8, names=("HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
 )
 # The experts' down kernel apart from their gate/up kernel (its K is the experts' width, 1408 at the bench's shapes,
-# against gate/up's 2048, and its rows the hidden size): the same configuration until `moe_gemv_tune.py --down`
-# measures its own; HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG sets both kinds', unless HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG sets
-# FP8's. (An FP8 batch-1 step's down launches read at 1.2 TB/s where its gate/up reads at 2.7, H100, docs/PERF.md
-# 2026-12-06, both at FP8_CONFIG.)
+# against gate/up's 2048, and its rows the hidden size): bf16 the experts' configuration, FP8 its own (TUNED_FP8_DOWN).
+# HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG sets both kinds', unless HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG sets FP8's; a variable
+# that sets the experts' configuration and no down one sets the down kernel's too.
 DOWN_CONFIG: KernelConfig = config_from_env(default=CONFIG, names=("HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG",))
+FP8_DOWN_NAMES = ("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
 FP8_DOWN_CONFIG: KernelConfig = config_from_env(
-    default=FP8_CONFIG, names=("HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG", "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG")
+    default=TUNED_FP8_DOWN, names=(*FP8_DOWN_NAMES, "HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG", "HF_DEEPSEEK_MOE_GEMV_CONFIG")
 )
 LINEAR_CONFIG: KernelConfig = config_from_env(default=TUNED_LINEAR_BF16, names=("HF_DEEPSEEK_LINEAR_GEMV_CONFIG",))
 LINEAR_FP8_CONFIG: KernelConfig = config_from_env(
