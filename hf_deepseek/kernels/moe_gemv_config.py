@@ -103,11 +103,10 @@ def split_chunk(k: int, split_k: int, block_k: int) -> int:
 # token-expert pairs and 1.93x at one token x top-6 (34 against 66 us); within 0.1 us of the best at 8 pairs and
 # above.
 TUNED_BF16 = KernelConfig(16, 256, 4, 1, 3)
-# FP8 experts (`moe_gemv_tune.py --quick --fp8 --down`, H100, 2026-12-06e): at one token x top-6 with the shared MLP
-# folded in, gate/up and down each in two K chunks read at 2.1 TB/s, 86% of copy, against 1.6 TB/s for the
-# first-written (32, 256, 4) in both. In a batch-1 step, though, gate/up's two chunks cost more (21.3 against 19.3 us
-# a launch, their fp32 partial sums then read by the down kernel): gate/up whole, down in two chunks took 0.69 ms a
-# step against 0.72 with both in two (FP8 LM head, H100, 2026-12-06g, one call).
+# FP8 experts (`moe_gemv_tune.py --quick --fp8 --down`, H100, 2026-12-06e): at 8 pairs (a batch-1 step's: one
+# token's top-6 and the two shared experts folded in, 69.2 MB) gate/up whole and the down kernel in two K chunks read
+# at 2.07 TB/s, 84% of copy; in the step 0.69 ms against 0.72 with both kernels in two chunks, the tune's choice for
+# top-6 without the shared experts (FP8 LM head, H100, 2026-12-06g, one call).
 TUNED_FP8 = KernelConfig(32, 256, 4, 1, None)
 TUNED_FP8_DOWN = KernelConfig(32, 256, 4, 2, None)
 # The dense layers' decode rows (`moe_gemv_tune.py --linear --quick`, H200, 2026-12-04g): the configuration with the
