@@ -7,7 +7,7 @@
 #    float64 and the torch path (tests/test_flash_mla_decode.py), the matrix-vector kernels of decode-sized batches,
 #    bf16 and FP8 weights, also launched with programmatic dependent launch (tests/test_moe_gemv.py), with the shared
 #    MLP folded in (tests/test_moe_shared_fold.py), the fused router kernel against the torch router
-#    (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations
+#    (tests/test_moe_routing.py; HF_DEEPSEEK_FUSED_ROUTER=0 for the benches if it fails); then, with FP8_TUNE=1 (default), the FP8 experts' matrix-vector configurations (BF16_TUNE=1: bf16's too, $OUT/bf16_tune.*)
 #    (`moe_gemv_tune.py --quick --fp8 --down`: $OUT/fp8_tune.{txt,json}), the fastest at 8 pairs (batch 1) set for
 #    the benches (HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG, and the down kernel's HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG);
 # 2. `bench decode` at the issue's cells (batch 1 / 2k, 32 / 2k, 32 / 32k), rows in priority order so that a run cut
@@ -77,20 +77,34 @@ if grep -q "FAILED tests/test_flash_mla_decode" $OUT/gpu_tests.txt; then
   say "FlashMLA failed its tests: turned off for the benches"
 fi
 
-if [ "${FP8_TUNE:-1}" = 1 ]; then
-  timeout 150 python3 benchmarks/moe_gemv_tune.py --quick --fp8 --down --json $OUT/fp8_tune.json > $OUT/fp8_tune.txt 2>&1
+for KIND in bf16 fp8; do  # the experts' configurations: BF16_TUNE=1, FP8_TUNE=1 (default)
+  if [ $KIND = bf16 ]; then
+    [ "${BF16_TUNE:-0}" = 1 ] || continue
+    FLAG=""; VARS="HF_DEEPSEEK_MOE_GEMV_CONFIG HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG"
+  else
+    [ "${FP8_TUNE:-1}" = 1 ] || continue
+    FLAG=--fp8; VARS="HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG"
+  fi
+  timeout 150 python3 benchmarks/moe_gemv_tune.py --quick $FLAG --down --json $OUT/${KIND}_tune.json > $OUT/${KIND}_tune.txt 2>&1
   # the fastest at 8 pairs, what a batch-1 step launches (one token's top-6 and the two shared experts folded in;
-  # the tune's "1 tokens x top-6" case leaves the shared out, and its choice lost in the step, 2026-12-06g): one
+  # the tune's "1 tokens x top-6" case leaves the shared out, and its FP8 choice lost in the step, 2026-12-06g): one
   # configuration for both kernels, or gate/up's and the down kernel's apart
   read BEST BEST_DOWN <<< "$(python3 -c "
-import json; rows = json.load(open('$OUT/fp8_tune.json'))['rows']
+import json; rows = json.load(open('$OUT/${KIND}_tune.json'))['rows']
 kinds = ('triton gemv', 'triton gemv, down kernel apart')
 rows = [r for r in rows if r['case'] == '8 pairs' and r.get('kernel') in kinds and r.get('error', 1) < 0.05]
 best = min(rows, key=lambda r: r['us'])
 text = lambda c: ','.join('none' if v is None else str(v) for v in c)
 print(text(best['config']), text(best.get('down_config') or best['config']))" 2>/dev/null)"
-  [ -n "$BEST" ] && export HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG=$BEST HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG=$BEST_DOWN
-  say "FP8 experts' configuration: ${BEST:-the default (tune failed)}, down kernel ${BEST_DOWN:-the same}"
+  if [ -n "$BEST" ]; then set -- $VARS; export $1=$BEST $2=$BEST_DOWN; fi
+  say "$KIND experts' configuration: ${BEST:-the default (tune failed)}, down kernel ${BEST_DOWN:-the same}"
+done
+if [ "${BF16_TUNE:-0}" = 1 ] && [ -z "${HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG:-}" ]; then
+  # FP8 weights read bf16's variables unless their own are set: keep FP8's defaults
+  export $(python3 -c "
+from hf_deepseek.kernels import moe_gemv_config as c
+text = lambda k: ','.join('none' if v is None else str(v) for v in k)
+print(f'HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG={text(c.TUNED_FP8)} HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG={text(c.TUNED_FP8_DOWN)}')")
 fi
 
 if [ "${LINEAR_TUNE:-0}" = 1 ]; then  # the dense layers' configurations: the tune's choice for the *-alt-linear rows

@@ -25,13 +25,13 @@ with FP8 weights against what an FP8 layer runs without it (the activation quant
 the least time over a decode step's dense layers, which HF_DEEPSEEK_LINEAR_ROWS_CONFIG (bf16) and
 HF_DEEPSEEK_LINEAR_ROWS_FP8_CONFIG = "BLOCK_T,BLOCK_N,BLOCK_K,WARPS,STAGES" set.
 
-`--quick` times the ~10 most promising configurations only (under 40 s on an H200); a configuration is chosen for
-the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,STAGES" (the experts; ..._FP8_CONFIG
-for FP8 weights) and HF_DEEPSEEK_LINEAR_GEMV_CONFIG / HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG (the dense layers: `--linear`
-ends with the one configuration per kind of weight that takes the least time over a decode step's dense layers,
-`per_step` in the JSON). `--linear` times each kernel over copies of its weight read in turn (`time_cold_us`), so
-that a 1-10 MB matrix is read from HBM as in a decode step, not from L2 as when one copy is called again and again
-(which is how runs before 2026-12-05 timed it).
+`--quick` times the ~10 most promising configurations only, and the whole-K ones (`WHOLE_K`; about a minute on an
+H100); a configuration is chosen for the decode step by HF_DEEPSEEK_MOE_GEMV_CONFIG="BLOCK_N,BLOCK_K,WARPS,SPLIT_K,
+STAGES" (the experts; ..._FP8_CONFIG for FP8 weights) and HF_DEEPSEEK_LINEAR_GEMV_CONFIG /
+HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG (the dense layers: `--linear` ends with the one configuration per kind of weight
+that takes the least time over a decode step's dense layers, `per_step` in the JSON). `--linear` times each kernel
+over copies of its weight read in turn (`time_cold_us`), so that a 1-10 MB matrix is read from HBM as in a decode
+step, not from L2 as when one copy is called again and again (which is how runs before 2026-12-05 timed it).
 """
 
 import argparse
@@ -66,6 +66,10 @@ QUICK = [
     (64, 128, 8, 1, 3),
     (8, 512, 4, 1, 2),
 ]
+# small row blocks over the whole of K (one or two steps, every load in flight at once): 1.5-2.2x the first-written
+# for the dense layers' FP8 rows on an H100 (2026-12-06e), where a layer's few MB are read in a few us
+WHOLE_K = [(4, 2048, 4, 1, None), (8, 2048, 8, 1, None), (8, 1024, 4, 1, None), (4, 1024, 4, 1, 2),
+           (16, 1024, 8, 1, None), (2, 2048, 4, 1, None)]  # fmt: skip
 
 
 def time_us(fn, repeats: int = 200) -> float:
@@ -226,9 +230,7 @@ def per_step(rows: list[dict]) -> dict:
 
 # small-N shapes fill the GPU only with smaller row blocks or split-K programs; a dense layer's few MB are read in
 # a few us, so the K loop's serial steps show: whole-K blocks (one or two steps, every load in flight at once)
-LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1, 3), (16, 128, 4, 1, 4)]
-LINEAR_CONFIGS += [(4, 2048, 4, 1, None), (8, 2048, 8, 1, None), (8, 1024, 4, 1, None), (4, 1024, 4, 1, 2),
-                   (16, 1024, 8, 1, None), (2, 2048, 4, 1, None)]  # fmt: skip
+LINEAR_CONFIGS = QUICK + [(16, 256, 4, 2, 3), (16, 256, 4, 4, 3), (8, 256, 4, 1, 3), (16, 128, 4, 1, 4)] + WHOLE_K
 
 
 def linear_rows(args, copy: float) -> list[dict]:
@@ -507,7 +509,7 @@ def main() -> None:
     from hf_deepseek.kernels import moe_gemv
 
     tokens_list = args.tokens if args.tokens is not None else ([1] if args.quick else [1, 4])
-    configs = QUICK if args.quick else CONFIGS
+    configs = (QUICK if args.quick else CONFIGS) + WHOLE_K
     experts, dim, inter, top_k = 64, args.dim, args.inter, 6
     gate_up = torch.randn(experts, 2 * inter, dim, device="cuda", dtype=torch.bfloat16) * dim**-0.5
     down = torch.randn(experts, dim, inter, device="cuda", dtype=torch.bfloat16) * inter**-0.5

@@ -389,12 +389,14 @@ def moe_router() -> dict[str, bool]:
 # throughout, within 1e-5 of float64).
 
 MOE_GEMV_VARIANTS = [(16, 128, 4, 3, None), (32, 128, 4, 4, 2), (16, 256, 8, 2, None), (8, 64, 2, 1, 3)]
+MOE_GEMV_VARIANTS += [(4, 512, 4, 1, None), (2, 1024, 4, 1, None)]  # whole-K: one masked step over K
 # (gate/up kernel's, down kernel's) configurations apart (`launch(..., down_config=)`): h split over d into a down
 # kernel without split-K, the reverse, and both split differently
 MOE_GEMV_DOWN_VARIANTS = [
     ((16, 128, 4, 3, None), (32, 64, 4, 1, 3)),
     ((8, 64, 2, 1, 3), (16, 128, 4, 2, None)),
     ((32, 128, 4, 4, 2), (16, 256, 8, 2, None)),
+    ((32, 256, 4, 1, None), (32, 256, 4, 2, None)),  # the FP8 defaults (TUNED_FP8, TUNED_FP8_DOWN)
 ]
 
 
