@@ -47,6 +47,7 @@ VARIANTS = {
     "fewest-launches": "ours-fast-fewest-launches",
     "fewest-launches-router-norm": "ours-fast-fewest-launches-router-norm",
     "mla-chain": "ours-fast-mla-chain",
+    "input-norm": "ours-fast-input-norm",
 }
 
 

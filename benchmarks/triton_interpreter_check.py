@@ -857,6 +857,26 @@ def norm_linear_kernel() -> dict[str, bool]:
             error, drift = relative_error(got, want), relative_error(got, op)
             print(f"  norm_linear fp8 {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
             results[f"fp8 {name}"] = error < 1e-2 and drift < 1e-3
+            # the pair kernel of the norm's output (`norm_linear_gemv_pair`: a layer's input norm with q_a and kv_a),
+            # the weight's rows split in two layers, bf16 and FP8
+            n1 = n // 3
+            got = _moe_gemv_triton.launch_norm_linear_pair(x, g, 1e-6, weight[:n1], weight[n1:])
+            want = moe_gemv.rms_norm(x, g, 1e-6).double() @ weight.double().T
+            op = moe_gemv.norm_linear_gemv_pair(x, g, 1e-6, weight[:n1], weight[n1:])
+            error, drift = relative_error(got, want), relative_error(got, op)
+            print(f"  norm_linear pair {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[f"pair {name}"] = error < 1e-2 and drift < 1e-3 and got.shape == (1, n)
+            halves = [quantize_blocks(varied(rows, k) / k**0.5) for rows in (n1, n - n1)]
+            (q1, s1), (q2, s2) = halves
+            got = _moe_gemv_triton.launch_norm_linear_pair(x, g, 1e-6, q1, q2, first_scale=s1, second_scale=s2)
+            want = (
+                moe_gemv.rms_norm(x, g, 1e-6).double()
+                @ torch.cat([dequantize_blocks(q, sc) for q, sc in halves]).double().T
+            )
+            op = moe_gemv.norm_linear_gemv_pair_fp8(x, g, 1e-6, q1, s1, q2, s2)
+            error, drift = relative_error(got, want), relative_error(got, op)
+            print(f"  norm_linear pair fp8 {name}: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[f"pair fp8 {name}"] = error < 1e-2 and drift < 1e-3
     return results
 
 

@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2026-12-06), ours-fast-launches-apart and ours-fast-fp8-launches-apart (none of them: the earlier default), "
         "ours-fast-mla-chain (a batch-1 row's q_a, kv_a, q_b and MLA front in one persistent launch), "
         "ours-fast-front-one-row (the MLA front at one decode row only, the default until 2026-12-06), "
+        "ours-fast-input-norm and ours-fast-fp8-head-input-norm (a layer's input norm in its q_a/kv_a launch), "
         "ours-fast-trees (the step in Inductor's CUDA graphs, a step a call, instead of captured by hand), "
         "ours-fast-pdl and ours-fast-fp8-pdl (programmatic dependent launch: our kernels' and Inductor's), ours-mtp, "
         "ours-generate, ours-generate-trees (its device loop with Inductor's CUDA graphs, a step a call), "

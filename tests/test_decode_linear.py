@@ -297,6 +297,75 @@ def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
     assert len(graphs) == 1 and "norm_linear_gemv" in str(graphs[0].graph)
 
 
+def test_input_norm_pair_op_and_the_model_taking_it(monkeypatch):
+    """`norm_linear_gemv_pair` on the CPU: RMSNorm's computation, then both products joined, equal to the modules;
+    with HF_DEEPSEEK_FUSED_INPUT_NORM=1 each decoder layer hands its input norm to the attention, whose decode row
+    takes the op once a layer, and the model's logits are the unfused path's bit for bit; one op node a layer
+    under torch.compile."""
+    from hf_deepseek.modeling.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = torch.rand(64).to(torch.bfloat16) + 0.5
+    x, first, second = (torch.randn(r, 64).to(torch.bfloat16) for r in (1, 48, 40))
+    with torch.no_grad():
+        got = moe_gemv.norm_linear_gemv_pair(x, norm.weight, norm.eps, first, second)
+        assert torch.equal(got, torch.cat([F.linear(norm(x), first), F.linear(norm(x), second)], -1))
+
+    config = tiny_config(hidden_size=64, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32)
+    model = DeepSeekForCausalLM(config).to(torch.bfloat16).eval()
+    use_decode_linears(model)
+    calls, original = counted_single_row_op(monkeypatch, "norm_linear_gemv_pair")
+    token = torch.tensor([[5]])
+    with torch.no_grad():
+        unfused = model(token).logits
+        assert calls == []  # opt-in
+        monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", True)
+        fused = model(token).logits
+        assert calls == [1] * config.num_hidden_layers and torch.equal(fused, unfused)
+        model(torch.tensor([[5, 6, 7]]))  # three rows: the norm, then the projections, as before
+        assert calls == [1] * config.num_hidden_layers
+    monkeypatch.setattr(moe_gemv, "norm_linear_gemv_pair", original)
+    backend, graphs = graph_recorder()
+    with torch.no_grad():
+        compiled = torch.compile(model.model.layers[0].self_attn._input_projections, backend=backend, fullgraph=True)
+        hidden = torch.randn(1, 1, 64).to(torch.bfloat16)
+        projected = compiled(hidden, model.model.layers[0].input_layernorm)
+        want = model.model.layers[0].self_attn._input_projections(model.model.layers[0].input_layernorm(hidden))
+    for a, b in zip(projected, want, strict=True):
+        assert torch.equal(a, b)
+    assert len(graphs) == 1 and "norm_linear_gemv_pair" in str(graphs[0].graph)
+
+
+@pytest.mark.gpu
+def test_input_norm_pair_kernel_matches_float64_on_gpu():
+    """The norm-prologue pair kernel at the bench's q_a and kv_a shapes (and partial blocks), bf16 and FP8 weights,
+    against RMSNorm then the products in float64; replayed in a CUDA graph."""
+    if not (torch.cuda.is_available() and moe_gemv.triton_available()):
+        pytest.skip("needs Triton and CUDA")
+    from hf_deepseek.kernels import _moe_gemv_triton
+    from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
+    from hf_deepseek.modeling.fp8_numerics import quantize_blocks
+
+    torch.manual_seed(0)
+    launch = _moe_gemv_triton.launch_norm_linear_pair
+    for n1, n2, dim in ((1536, 576, 2048), (100, 36, 320)):
+        x = torch.randn(1, dim, device="cuda", dtype=torch.bfloat16)
+        g = (torch.rand(dim, device="cuda") + 0.5).to(torch.bfloat16)
+        first, second = ((torch.randn(n, dim, device="cuda") / dim**0.5).to(torch.bfloat16) for n in (n1, n2))
+        normed = moe_gemv.rms_norm(x, g, 1e-6).double()
+        want = torch.cat([normed @ first.double().T, normed @ second.double().T], dim=-1)
+        assert_kernel_matches(moe_gemv.norm_linear_gemv_pair, launch, (x, g, 1e-6, first, second), want)
+        (q1, s1), (q2, s2) = quantize_blocks(first), quantize_blocks(second)
+        want = torch.cat([normed @ dequantize_blocks(q, sc).double().T for q, sc in ((q1, s1), (q2, s2))], dim=-1)
+        op = moe_gemv.norm_linear_gemv_pair_fp8
+
+        def launch_fp8(x, g, eps, q1, s1, q2, s2):
+            return launch(x, g, eps, q1, q2, first_scale=s1, second_scale=s2)
+
+        assert_kernel_matches(op, launch_fp8, (x, g, 1e-6, q1, s1, q2, s2), want)
+
+
 @pytest.mark.gpu
 def test_norm_linear_kernel_matches_the_unfused_path_on_gpu():
     """The norm-prologue kernel at the bench's q_b shape (the q_a output a strided slice of the q_a/kv_a pair's

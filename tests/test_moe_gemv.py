@@ -574,6 +574,32 @@ def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
         assert ((fused.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+def test_the_input_norm_and_fp8_q_a_kv_a_take_one_launch(monkeypatch):
+    """With HF_DEEPSEEK_FUSED_INPUT_NORM=1, `decode_linear.fused_norm_pair` sends a decode row of an RMSNorm followed
+    by two FP8 layers of its output through `norm_linear_gemv_pair_fp8`: on the CPU each half is what the FP8 layer's
+    own weight-only launch gives for the norm's output; off (the default), None."""
+    from hf_deepseek.modeling.decode_linear import fused_norm_pair
+    from hf_deepseek.modeling.layers import RMSNorm
+
+    first, second = fp8_linear_layer("cpu", 320, 200), fp8_linear_layer("cpu", 320, 72, seed=2)
+    first.bias = second.bias = None
+    norm = RMSNorm(320, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = (torch.rand(320) + 0.5).to(torch.bfloat16)
+    x = torch.randn(1, 1, 320).to(torch.bfloat16)
+    monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+    with torch.no_grad():
+        assert fused_norm_pair(norm, first, second, x) is None  # opt-in
+        monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", True)
+        calls = []
+        original = moe_gemv.norm_linear_gemv_pair_fp8
+        monkeypatch.setattr(moe_gemv, "norm_linear_gemv_pair_fp8", lambda *a: calls.append(1) or original(*a))
+        one, two = fused_norm_pair(norm, first, second, x)
+        assert calls == [1] and one.shape == (1, 1, 200) and two.shape == (1, 1, 72)
+        assert torch.equal(one, first(norm(x))) and torch.equal(two, second(norm(x)))
+        monkeypatch.setattr(moe_gemv, "FUSED_Q_KV_A", False)  # the pair's own switch off: no pair launch either
+        assert fused_norm_pair(norm, first, second, x) is None
+
+
 @pytest.mark.gpu
 def test_fp8_norm_linear_kernel_matches_the_norm_then_the_fp8_layer():
     """At the bench's q_b shape: the FP8 norm-prologue kernel against RMSNorm then the dequantised weight in float64,

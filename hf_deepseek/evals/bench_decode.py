@@ -102,6 +102,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fewest-launches-router-norm",
     "ours-fast-mla-chain",
     "ours-fast-front-one-row",
+    "ours-fast-input-norm",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -114,6 +115,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate-fp8",
     "ours-fast-fp8-head",
     "ours-generate-fp8-head",
+    "ours-fast-fp8-head-input-norm",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -317,8 +319,10 @@ class Row:
     # None: the environment's (on by default)
     router_add_norm: bool | None = None
     mla_chain: bool = False  # mla_chain.ENABLED on (a batch-1 row's q_a, kv_a, q_b and MLA front in one launch)
-    # mla_front.MAX_ROWS during the row (None: the environment's, one row by default)
+    # mla_front.MAX_ROWS during the row (None: the environment's, every decode batch by default)
     mla_front_rows: int | None = None
+    # moe_gemv.FUSED_INPUT_NORM during the row (a layer's input norm in its q_a/kv_a launch); None: the environment's
+    fused_input_norm: bool | None = None
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -387,6 +391,8 @@ STEP_ROWS = {
     # the MLA front at one decode row only (the default until 2026-12-06; at every batch since)
     "ours-fast-front-one-row": Row("ours-fast-front-one-row", "latent", True, mla_front_rows=1),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
+    # a layer's input norm in its q_a/kv_a launch (opt-in: HF_DEEPSEEK_FUSED_INPUT_NORM=1)
+    "ours-fast-input-norm": Row("ours-fast-input-norm", "latent", True, fused_input_norm=True),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),
@@ -396,6 +402,7 @@ STEP_ROWS = {
     "ours-fast-fp8-fewest-launches": Row("ours-fast-fp8-fewest-launches", "latent", True, **FEWEST_LAUNCHES),
     "ours-fast-fp8-launches-apart": Row("ours-fast-fp8-launches-apart", "latent", True, **LAUNCHES_APART),
     "ours-fast-fp8-head": Row("ours-fast-fp8-head", "latent", True),
+    "ours-fast-fp8-head-input-norm": Row("ours-fast-fp8-head-input-norm", "latent", True, fused_input_norm=True),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
@@ -403,7 +410,7 @@ FP8_ROWS = (
     "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-fast-fp8-launches-apart", "ours-generate-fp8",
 )  # fmt: skip
 # run after those: they also quantise the LM head (which DeepSeek's FP8 checkpoints and `FP8Recipe` keep in bf16)
-FP8_HEAD_ROWS = ("ours-fast-fp8-head", "ours-generate-fp8-head")
+FP8_HEAD_ROWS = ("ours-fast-fp8-head", "ours-generate-fp8-head", "ours-fast-fp8-head-input-norm")
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)
@@ -458,6 +465,11 @@ def row_switches(row: Row):
         (moe_routing, "ADD_NORM", moe_routing.ADD_NORM if row.router_add_norm is None else row.router_add_norm),
         (mla_chain, "ENABLED", row.mla_chain or mla_chain.ENABLED),
         (mla_front, "MAX_ROWS", mla_front.MAX_ROWS if row.mla_front_rows is None else row.mla_front_rows),
+        (
+            moe_gemv,
+            "FUSED_INPUT_NORM",
+            moe_gemv.FUSED_INPUT_NORM if row.fused_input_norm is None else row.fused_input_norm,
+        ),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

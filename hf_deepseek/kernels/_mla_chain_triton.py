@@ -85,7 +85,7 @@ def _chain_kernel(
     if PHASE == 0 or PHASE == 2:
         for block in range(pid, tl.cdiv(NQ, Q_BLOCK_N), programs):
             _norm_gemv_block(qkv_ptr, gq_ptr, wqb_ptr, q_ptr, NQ, N1, N1 + N2, eps_q, 0, block, Q_BLOCK_N, BLOCK_K,
-                             STAGES, wqb_ptr, 1, False)  # fmt: skip
+                             STAGES, wqb_ptr, 1, False, NQ)  # fmt: skip
     if PHASE == 0:
         _grid_sync(sync_ptr, programs)
     if PHASE == 0 or PHASE == 3:

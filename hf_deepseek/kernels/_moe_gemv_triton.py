@@ -260,14 +260,40 @@ def _norm_gemv_kernel(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps,
     Every program recomputes the row's mean square (K values, from cache) before its product loop. SCALED: w is an
     FP8 weight with 128x128 block scales [ceil(N/128), G_K] at s (the tile's rows within one block row)."""
     _norm_gemv_block(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps, tl.program_id(0), tl.program_id(1),
-                     BLOCK_N, BLOCK_K, STAGES, s_ptr, G_K, SCALED)  # fmt: skip
+                     BLOCK_N, BLOCK_K, STAGES, s_ptr, G_K, SCALED, N)  # fmt: skip
+
+
+@triton.jit
+def _norm_pair_kernel(x_ptr, g_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, stride_x, eps,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                      SCALED: tl.constexpr = False, s1_ptr=None, s2_ptr=None, G_K=1):  # fmt: skip
+    """`_pair_kernel` of RMSNorm(x) (weight g, eps), the norm in each program's prologue as `_norm_gemv_kernel`
+    takes it: out[t, :N1] = w1 . RMSNorm(x[t]) and out[t, N1:] = w2 . RMSNorm(x[t]) (a decoder layer's input norm
+    with MLA's q_a and kv_a projections in one launch)."""
+    block = tl.program_id(1)
+    first_blocks = tl.cdiv(N1, BLOCK_N)
+    second = (block >= first_blocks).to(tl.int32)
+    if second == 1:  # noqa: SIM108 (a branch Triton compiles to a select of the two pointers)
+        w = w2_ptr
+    else:
+        w = w1_ptr
+    if SCALED:
+        if second == 1:  # noqa: SIM108
+            s = s2_ptr
+        else:
+            s = s1_ptr
+    else:
+        s = w
+    _norm_gemv_block(x_ptr, g_ptr, w, out_ptr + second * N1, N1 + second * (N2 - N1), K, stride_x, eps,
+                     tl.program_id(0), block - second * first_blocks, BLOCK_N, BLOCK_K, STAGES, s, G_K, SCALED,
+                     N1 + N2)  # fmt: skip
 
 
 @triton.jit
 def _norm_gemv_block(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps, row, block,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, s_ptr, G_K,
-                     SCALED: tl.constexpr):  # fmt: skip
-    """`_norm_gemv_kernel`'s work for row `row` and output block `block`."""
+                     SCALED: tl.constexpr, stride_out):  # fmt: skip
+    """`_norm_gemv_kernel`'s work for row `row` and output block `block` (output rows `stride_out` apart)."""
     n0 = block * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -289,7 +315,7 @@ def _norm_gemv_block(x_ptr, g_ptr, w_ptr, out_ptr, N, K, stride_x, eps, row, blo
             a *= tl.load(s_ptr + (n0 // 128) * G_K + k // 128, mask=k_ok, other=0.0)
         w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-    tl.store(out_ptr + row * N + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(out_ptr + row * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 _ACT_ROUNDING = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -479,6 +505,29 @@ def launch_norm_linear(x, norm_weight, eps: float, weight, config=None, scale=No
         scales = dict(s_ptr=scale.float().contiguous(), G_K=triton.cdiv(k, 128), SCALED=True)
     _norm_gemv_kernel[(rows, triton.cdiv(n, block_n))](
         x, norm_weight.contiguous(), weight.contiguous(), out, n, k, x.stride(0), eps, BLOCK_N=block_n,
+        BLOCK_K=block_k, STAGES=stages, **scales, **launch_options(warps, stages),
+    )  # fmt: skip
+    return out
+
+
+def launch_norm_linear_pair(x, norm_weight, eps: float, first, second, config=None, first_scale=None,
+                            second_scale=None) -> torch.Tensor:  # fmt: skip
+    """`launch_linear_pair` of RMSNorm(x) (`launch_norm_linear`'s norm, `norm_weight` [K] and `eps`) in the same
+    launch: x [T, K] (rows with unit stride) -> [T, N1 + N2] in x's dtype."""
+    scaled = first_scale is not None
+    block_n, block_k, warps, _, stages = kernel_config(config, fp8=scaled, linear=True)
+    rows, (n1, k), n2 = x.shape[0], first.shape, second.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    first, second = first.contiguous(), second.contiguous()
+    out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
+    scales = {}
+    if scaled:
+        _check_scaled_block(block_n)
+        scales = dict(SCALED=True, s1_ptr=first_scale.float().contiguous(), s2_ptr=second_scale.float().contiguous(),
+                      G_K=triton.cdiv(k, 128))  # fmt: skip
+    _norm_pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
+        x, norm_weight.contiguous(), first, second, out, n1, n2, k, x.stride(0), eps, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, **scales, **launch_options(warps, stages),
     )  # fmt: skip
     return out

@@ -19,6 +19,7 @@ applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off), and `linear_g
 input, MLA's q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8`
 for FP8 ones); `norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection
 (default, HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off; `norm_linear_gemv_fp8` for an FP8 q_b);
+`norm_linear_gemv_pair` a decoder layer's input norm with q_a and kv_a (opt-in, HF_DEEPSEEK_FUSED_INPUT_NORM=1);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
 """
@@ -54,6 +55,11 @@ FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "1") != "0"
 # 1.12 with all of them off, FP8 0.89 against 0.98, batch 32 / 2k 3.96 against 4.01 (bench rows
 # ours-fast-fewest-launches-router-norm, ours-fast-fp8-fewest-launches, ours-fast, H100, docs/PERF.md 2026-12-06)
 FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "1") != "0"
+# a decoder layer's input RMSNorm computed by its q_a/kv_a pair launch (`norm_linear_gemv_pair`; each program
+# recomputes the row's norm), so that the residual sum before it joins the MoE layer's top-k sum in one Inductor
+# kernel: a launch fewer a layer. Opt-in (HF_DEEPSEEK_FUSED_INPUT_NORM=1) until a GPU bench times it (rows
+# ours-fast-input-norm, ours-fast-fp8-head-input-norm)
+FUSED_INPUT_NORM = os.environ.get("HF_DEEPSEEK_FUSED_INPUT_NORM", "0") == "1"
 # a MoE layer's shared experts as more pairs of the routed experts' two launches (`routed_and_shared_experts_gemv`:
 # their own gate, up, activation and down launches gone): on by default, its batch-1 step 1.16 ms against 1.63
 # without it (bench rows ours-fast-fold-shared and ours-fast, H100, docs/PERF.md 2026-12-05);
@@ -393,6 +399,52 @@ def _(x, norm_weight, eps, weight, scale):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("hf_deepseek::norm_linear_gemv_pair", mutates_args=())
+def norm_linear_gemv_pair(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, first: torch.Tensor, second: torch.Tensor
+) -> torch.Tensor:
+    """`linear_gemv_pair` of RMSNorm(x) (`norm_linear_gemv`'s norm): [T, N1 + N2] in x's dtype, the norm and both
+    products in one launch on CUDA."""
+    if not x.is_cuda:
+        normed = rms_norm(x, norm_weight, eps)
+        return torch.cat([F.linear(normed, first), F.linear(normed, second)], dim=-1)
+    from ._moe_gemv_triton import launch_norm_linear_pair
+
+    return launch_norm_linear_pair(x, norm_weight, eps, first, second)
+
+
+@norm_linear_gemv_pair.register_fake
+def _(x, norm_weight, eps, first, second):
+    return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
+
+
+@torch.library.custom_op("hf_deepseek::norm_linear_gemv_pair_fp8", mutates_args=())
+def norm_linear_gemv_pair_fp8(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    first: torch.Tensor,
+    first_scale: torch.Tensor,
+    second: torch.Tensor,
+    second_scale: torch.Tensor,
+) -> torch.Tensor:
+    """`norm_linear_gemv_pair` for two FP8 layers with their 128x128 block scales (each half as
+    `norm_linear_gemv_fp8` computes it)."""
+    if not x.is_cuda:
+        normed = rms_norm(x, norm_weight, eps)
+        return torch.cat([fp8_product(normed, first, first_scale), fp8_product(normed, second, second_scale)], -1)
+    from ._moe_gemv_triton import launch_norm_linear_pair
+
+    return launch_norm_linear_pair(
+        x, norm_weight, eps, first, second, first_scale=first_scale, second_scale=second_scale
+    )
+
+
+@norm_linear_gemv_pair_fp8.register_fake
+def _(x, norm_weight, eps, first, first_scale, second, second_scale):
+    return x.new_empty(x.shape[0], first.shape[0] + second.shape[0])
+
+
 @torch.library.custom_op("hf_deepseek::linear_gemv_fp8", mutates_args=())
 def linear_gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [T, K] @ W^T -> [T, N] in x's dtype, W the FP8 weight [N, K] dequantised by its 128x128 block scales
@@ -506,6 +558,8 @@ __all__ = [
     "linear_gemv_pair_fp8",
     "norm_linear_gemv",
     "norm_linear_gemv_fp8",
+    "norm_linear_gemv_pair",
+    "norm_linear_gemv_pair_fp8",
     "rms_norm",
     "usable_linear",
     "decode_rows",
@@ -526,5 +580,6 @@ __all__ = [
     "FUSED_GATE_UP",
     "FUSED_Q_KV_A",
     "FUSED_NORM_LINEAR",
+    "FUSED_INPUT_NORM",
     "FOLD_SHARED",
 ]

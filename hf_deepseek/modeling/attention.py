@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
-from .decode_linear import fused_norm_linear, fused_pair
+from .decode_linear import fused_norm_linear, fused_norm_pair, fused_pair
 from .joined_projections import joined_projections
 from .latent_cache import LatentStaticCache
 from .layers import RMSNorm
@@ -136,14 +136,24 @@ class MultiHeadLatentAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         output_attentions: bool = False,
+        input_norm: nn.Module | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None)."""
+        """(output [B, T, hidden], attention weights [B, H, T, S] with `output_attentions`, else None). With
+        `input_norm` (the layer's input RMSNorm) hidden_states are the layer's input, normed here: in q_a/kv_a's
+        launch at decode where `decode_linear.fused_norm_pair` serves."""
         bsz, q_len, _ = hidden_states.shape
-        out = chain_cache_attention(self, hidden_states, position_embeddings, cache)  # opt-in: one launch to attention
-        if out is not None:
-            return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim)), None
-        q, kv_a = self._input_projections(hidden_states)
+        projected = None
+        if input_norm is not None:
+            projected = self._input_projections(hidden_states, input_norm)
+            if projected is None:
+                hidden_states = input_norm(hidden_states)
+        if projected is None:
+            out = chain_cache_attention(self, hidden_states, position_embeddings, cache)  # opt-in: one launch
+            if out is not None:
+                return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim)), None
+            projected = self._input_projections(hidden_states)
+        q, kv_a = projected
         if self.q_lora_rank is not None:  # the norm in q_b's launch at decode where `fused_norm_linear` serves
             fused = fused_norm_linear(self.q_a_layernorm, self.q_b_proj, q)
             q = fused if fused is not None else self.q_b_proj(self.q_a_layernorm(q))
@@ -177,11 +187,16 @@ class MultiHeadLatentAttention(nn.Module):
         out = self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_dim))
         return out, weights if output_attentions else None
 
-    def _input_projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _input_projections(
+        self, hidden_states: torch.Tensor, input_norm: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(q_a_proj's output, or q_proj's without a q rank; kv_a_proj_with_mqa's) of hidden_states: both projections
         read the same input, so a decode row takes them in one launch where `decode_linear.fused_pair` serves, and a
-        training step one GEMM where `joined_projections` does."""
+        training step one GEMM where `joined_projections` does. With `input_norm`, of input_norm(hidden_states) in
+        that launch where `decode_linear.fused_norm_pair` serves, else None."""
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        if input_norm is not None:
+            return fused_norm_pair(input_norm, first, self.kv_a_proj_with_mqa, hidden_states)
         pair = fused_pair(first, self.kv_a_proj_with_mqa, hidden_states)
         if pair is None:  # training, opt-in: one GEMM over both weights
             pair = joined_projections(first, self.kv_a_proj_with_mqa, hidden_states)

@@ -106,6 +106,27 @@ def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[to
     return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
 
 
+def fused_norm_pair(
+    norm: nn.Module, first: nn.Module, second: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first(norm(x)), second(norm(x))) through one launch of `moe_gemv.norm_linear_gemv_pair` (bf16 layers,
+    `single_decode_row`) or `moe_gemv.norm_linear_gemv_pair_fp8` (FP8 layers, `fp8_decode_rows`) when `norm` is an
+    RMSNorm of x's dtype and HF_DEEPSEEK_FUSED_INPUT_NORM=1 (with the pair's HF_DEEPSEEK_FUSED_Q_KV_A on); None
+    otherwise (the caller applies them as before)."""
+    if not (moe_gemv.FUSED_INPUT_NORM and moe_gemv.FUSED_Q_KV_A) or norm.weight.dtype != x.dtype:
+        return None
+    if (rows := single_decode_row(x, first, second)) is not None:
+        out = moe_gemv.norm_linear_gemv_pair(rows, norm.weight, norm.eps, first.weight, second.weight)
+    elif (rows := fp8_decode_rows(x, first, second)) is not None:
+        out = moe_gemv.norm_linear_gemv_pair_fp8(
+            rows, norm.weight, norm.eps, first.weight, first.weight_scale_inv, second.weight, second.weight_scale_inv
+        )
+    else:
+        return None
+    one, two = out.split([first.out_features, second.out_features], dim=-1)
+    return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
+
+
 def fused_norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """linear(norm(x)) through one launch of `moe_gemv.norm_linear_gemv` (bf16 `linear`, `single_decode_row`) or
     `moe_gemv.norm_linear_gemv_fp8` (an FP8 layer, `fp8_decode_rows`) when `norm` is an RMSNorm (its `weight` and
@@ -125,6 +146,7 @@ __all__ = [
     "DecodeLinear",
     "fused_gate_up",
     "fused_norm_linear",
+    "fused_norm_pair",
     "fp8_decode_rows",
     "fused_pair",
     "single_decode_row",

@@ -4,6 +4,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..configuration import DeepSeekConfig
+from ..kernels import moe_gemv
 from .attention import MultiHeadLatentAttention
 from .layers import RMSNorm, SwiGLUMLP
 from .moe import DeepSeekMoE
@@ -30,12 +31,17 @@ class DeepSeekDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The new hidden states; with `output_attentions`, (hidden states, attention weights [B, H, T, S])."""
+        if moe_gemv.FUSED_INPUT_NORM and not self.training:  # opt-in: the norm in q_a/kv_a's launch at decode
+            attn_input, norm = hidden_states, {"input_norm": self.input_layernorm}
+        else:
+            attn_input, norm = self.input_layernorm(hidden_states), {}
         attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states),
+            attn_input,
             position_embeddings,
             attention_mask,
             cache=cache,
             output_attentions=output_attentions,
+            **norm,
             **kwargs,
         )
         routed = None
