@@ -28,9 +28,10 @@
 # weights read from HBM: $OUT/linear_tune.{txt,json}), the one with the least time over a step's dense layers set for
 # the *-alt-linear rows, bf16 and FP8 weights, and the FP8 LM head's fastest for every row
 # (HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG: only the *-fp8-head rows quantise the head); ROWS, ROW_CONTEXTS,
-# ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k:
-# $OUT/decode/profile_*.txt). Writes $OUT/gpu_tests.txt, $OUT/decode/bench_decode.{json,md},
-# $OUT/mtp/bench_decode.{json,md}, $OUT/logs.tgz (the two bench logs, pip's), $OUT/run.log.
+# ROW_BATCH_SIZES (the bench's options; defaults as in 2.), PROFILE (cells whose steps get a kernel table, default ours-fast at 1 / 2k).
+# Writes $OUT/gpu_tests.txt, $OUT/run.log, the JSONs ($OUT/decode/bench_decode.json, $OUT/mtp/bench_decode.json,
+# $OUT/{bf16,fp8,linear}_tune.json) and $OUT/logs.tgz: the bench logs, pip's, and under reports/ every text report
+# (the benches' tables, the kernel tables, the tunes' text), so that a call returns at most 8 files.
 START=$(date +%s)
 OUT=${OUT:?set OUT}
 mkdir -p $OUT/decode $OUT/mtp outputs/decode-logs
@@ -146,6 +147,11 @@ if [ "${MTP:-1}" = 1 ] && [ $REST -gt 10 ]; then
     --generate-new-tokens 128 --output-dir $OUT/mtp > $L/mtp.log 2>&1
   say "mtp bench (rc $?):"; grep -E "ms/(step|token)|failed|Error" $L/mtp.log | tail -8
 fi
-tar czf $OUT/logs.tgz $L
 cat $OUT/decode/bench_decode.md 2>/dev/null | tail -22
+# a call returns at most 8 files: the JSONs, run.log and gpu_tests.txt as they are, every text report in logs.tgz
+mkdir -p $L/reports
+for f in $OUT/*_tune.txt $OUT/decode/*.md $OUT/decode/profile_*.txt $OUT/mtp/*.md; do
+  R=${f#$OUT/}; [ -f "$f" ] && mv "$f" $L/reports/${R//\//_}
+done
+tar czf $OUT/logs.tgz $L
 say "done"
