@@ -240,11 +240,11 @@ def instrument(backend, rec: Recorder, exact: bool) -> None:
         wrap_gemm(name)
 
 
-def _zero_gemm(a, a_scale, b, b_scale, b_blocks, out_dtype):
+def _zero_gemm(a, a_scale, b, b_scale, b_blocks, out_dtype, fast_accum=True):
     return a.new_zeros(a.shape[0], b.shape[-2], dtype=out_dtype)
 
 
-def _zero_grouped_gemm(a, a_scale, b, b_scale, layout, out_dtype):
+def _zero_grouped_gemm(a, a_scale, b, b_scale, layout, out_dtype, fast_accum=True):
     return a.new_zeros(a.shape[0], b.shape[-2], dtype=out_dtype)
 
 
