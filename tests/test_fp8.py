@@ -724,6 +724,30 @@ def test_save_fp8_pretrained_writes_the_official_layout_from_a_trained_model(tmp
         assert torch.equal(loaded(ids).logits, in_memory(ids).logits)
 
 
+def test_the_output_head_in_fp8_too_saves_and_loads_in_fp8(tmp_path):
+    """`FP8Recipe(skip=())` quantises the output head as well (the fastest decode, where DeepSeek's checkpoints keep
+    it bf16): logits within one more E4M3 rounding of the model with the head in bf16; saved, the head's weight and
+    scale load back into an FP8 head, not read as a plain weight, and give the same logits bit for bit."""
+    torch.manual_seed(9)
+    model = DeepSeekForCausalLM(tiny_config(n_routed_experts=2, num_experts_per_tok=2, n_group=1, topk_group=1))
+    randomize(model, seed=10)
+    model.eval()
+    head_bf16 = convert_to_fp8_inference(copy.deepcopy(model), EMULATED)
+    head_fp8 = convert_to_fp8_inference(copy.deepcopy(model), dataclasses.replace(EMULATED, skip=()))
+    assert isinstance(head_fp8.lm_head, FP8InferenceLinear) and not isinstance(head_bf16.lm_head, FP8InferenceLinear)
+    ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        want, got = head_bf16(ids).logits, head_fp8(ids).logits
+        assert 0 < ((got - want).norm() / want.norm()).item() < 0.1  # one E4M3 GEMM more (~4%)
+    head_fp8.save_pretrained(tmp_path / "fp8")
+    saved = load_file(tmp_path / "fp8" / "model.safetensors")
+    assert saved["lm_head.weight"].dtype == torch.float8_e4m3fn and "lm_head.weight_scale_inv" in saved
+    loaded = DeepSeekForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=FineGrainedFP8Config())
+    assert isinstance(loaded.lm_head, FP8InferenceLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, got)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU: the Hopper backend against the emulation, FP8 checkpoints on the GPU, bitsandbytes
 

@@ -126,9 +126,10 @@ def uses_pow2_scales(quant: dict | None) -> bool:
 
 
 def _fp8_recipe_for(model: nn.Module, keys: set[str]) -> FP8Recipe:
-    """Modules the checkpoint ships in FP8 get converted; those without scales (and the output head) stay. With
-    `scale_fmt: ue8m0` the layers quantise activations to power-of-two scales too, as DeepSeek-V3.1 does."""
-    skip = ["lm_head"]
+    """Modules the checkpoint ships in FP8 get converted (the output head too where it has scales, as
+    `convert_to_fp8_inference(model, FP8Recipe(skip=()))` saves it); those without scales stay. With `scale_fmt:
+    ue8m0` the layers quantise activations to power-of-two scales too, as DeepSeek-V3.1 does."""
+    skip = []
     for name, module in model.named_modules():
         scale_key = {nn.Linear: f"{name}.weight_scale_inv", RoutedExperts: f"{name}.0.gate_proj.weight_scale_inv"}
         if type(module) in scale_key and scale_key[type(module)] not in keys:
