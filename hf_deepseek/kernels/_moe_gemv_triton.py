@@ -224,14 +224,12 @@ def _pair_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K,
 
 
 @triton.jit
-def _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, row, block,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
-                LINES: tl.constexpr, LINE: tl.constexpr, SCALED: tl.constexpr, s1_ptr, s2_ptr, G_K):  # fmt: skip
-    """`_pair_kernel`'s work for row `row` and output block `block` (w1's blocks, then w2's)."""
+def _pair_half(block, N1, N2, w1_ptr, w2_ptr, s1_ptr, s2_ptr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr):
+    """Where output block `block` of two layers [N1, K] and [N2, K] of one input falls (w1's blocks, then w2's):
+    (1 in the second layer, else 0; the block's index in its layer; that layer's rows; its weight; its block scales,
+    the weight again where not SCALED)."""
     first_blocks = tl.cdiv(N1, BLOCK_N)
     second = (block >= first_blocks).to(tl.int32)
-    n0 = (block - second * first_blocks) * BLOCK_N
-    rows = N1 + second * (N2 - N1)
     if second == 1:  # noqa: SIM108 (a branch Triton compiles to a select of the two pointers)
         w = w2_ptr
     else:
@@ -243,6 +241,16 @@ def _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, row, block,
             s = s1_ptr
     else:
         s = w
+    return second, block - second * first_blocks, N1 + second * (N2 - N1), w, s
+
+
+@triton.jit
+def _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, row, block,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+                LINES: tl.constexpr, LINE: tl.constexpr, SCALED: tl.constexpr, s1_ptr, s2_ptr, G_K):  # fmt: skip
+    """`_pair_kernel`'s work for row `row` and output block `block` (w1's blocks, then w2's)."""
+    second, local, rows, w, s = _pair_half(block, N1, N2, w1_ptr, w2_ptr, s1_ptr, s2_ptr, BLOCK_N, SCALED)
+    n0 = local * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     n_ok = n < rows
     pdl_start(w, K, n, n_ok, 0, K, PDL, LINES, LINE)
@@ -270,23 +278,9 @@ def _norm_pair_kernel(x_ptr, g_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, stride_x
     """`_pair_kernel` of RMSNorm(x) (weight g, eps), the norm in each program's prologue as `_norm_gemv_kernel`
     takes it: out[t, :N1] = w1 . RMSNorm(x[t]) and out[t, N1:] = w2 . RMSNorm(x[t]) (a decoder layer's input norm
     with MLA's q_a and kv_a projections in one launch)."""
-    block = tl.program_id(1)
-    first_blocks = tl.cdiv(N1, BLOCK_N)
-    second = (block >= first_blocks).to(tl.int32)
-    if second == 1:  # noqa: SIM108 (a branch Triton compiles to a select of the two pointers)
-        w = w2_ptr
-    else:
-        w = w1_ptr
-    if SCALED:
-        if second == 1:  # noqa: SIM108
-            s = s2_ptr
-        else:
-            s = s1_ptr
-    else:
-        s = w
-    _norm_gemv_block(x_ptr, g_ptr, w, out_ptr + second * N1, N1 + second * (N2 - N1), K, stride_x, eps,
-                     tl.program_id(0), block - second * first_blocks, BLOCK_N, BLOCK_K, STAGES, s, G_K, SCALED,
-                     N1 + N2)  # fmt: skip
+    second, local, rows, w, s = _pair_half(tl.program_id(1), N1, N2, w1_ptr, w2_ptr, s1_ptr, s2_ptr, BLOCK_N, SCALED)
+    _norm_gemv_block(x_ptr, g_ptr, w, out_ptr + second * N1, rows, K, stride_x, eps, tl.program_id(0), local,
+                     BLOCK_N, BLOCK_K, STAGES, s, G_K, SCALED, N1 + N2)  # fmt: skip
 
 
 @triton.jit
