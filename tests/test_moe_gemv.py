@@ -2,6 +2,7 @@
 computation against the per-expert reference on the CPU, the model's decode path through the op, and on a GPU the
 Triton kernels against the same computation."""
 
+import importlib.util
 import os
 from types import SimpleNamespace
 
@@ -307,6 +308,29 @@ def test_kernel_config_parsing_and_split_chunks():
         programs = -(-k // chunk)
         assert chunk % block == 0 and programs <= split and (programs - 1) * chunk < k <= programs * chunk
     assert moe_gemv_config.split_chunk(2048, 1, 256) >= 2048
+
+
+def test_module_reads_every_configuration_variable_at_import(monkeypatch):
+    """A fresh import of moe_gemv_config with every variable set (as the tunes export them) takes each: the variables
+    are parsed before the module's defaults exist, which once raised NameError at import."""
+    env = {
+        "HF_DEEPSEEK_MOE_GEMV_CONFIG": "4,2048,4,1,none",
+        "HF_DEEPSEEK_MOE_GEMV_DOWN_CONFIG": "64,128,8,1,3",
+        "HF_DEEPSEEK_MOE_GEMV_FP8_CONFIG": "8,1024,4",
+        "HF_DEEPSEEK_MOE_GEMV_FP8_DOWN_CONFIG": "16,256,4,2",
+        "HF_DEEPSEEK_LINEAR_GEMV_CONFIG": "2,2048,4",
+        "HF_DEEPSEEK_LINEAR_GEMV_FP8_CONFIG": "4,1024,4,1,2",
+        "HF_DEEPSEEK_HEAD_GEMV_FP8_CONFIG": "16,512,8",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("fresh_moe_gemv_config", moe_gemv_config.__file__)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    got = (fresh.CONFIG, fresh.DOWN_CONFIG, fresh.FP8_CONFIG, fresh.FP8_DOWN_CONFIG)
+    assert got == ((4, 2048, 4, 1, None), (64, 128, 8, 1, 3), (8, 1024, 4, 1, None), (16, 256, 4, 2, None))
+    assert (fresh.LINEAR_CONFIG, fresh.LINEAR_FP8_CONFIG) == ((2, 2048, 4, 1, None), (4, 1024, 4, 1, 2))
+    assert fresh.kernel_config(None, fp8=True, linear=True, head=True) == (16, 512, 8, 1, None)
 
 
 def test_config_from_the_environment():

@@ -53,16 +53,23 @@ def kernel_config(
     `FP8_DOWN_CONFIG`) or, with `linear`, of the dense layers (`LINEAR_CONFIG`, `LINEAR_FP8_CONFIG`; with `head` too,
     an FP8 LM head's `HEAD_FP8_CONFIG`), checked: powers of two for the blocks and warps, SPLIT_K >= 1, STAGES None
     or >= 1."""
-    default = (LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG) if linear else (FP8_CONFIG if fp8 else CONFIG)
-    if linear and fp8 and head:
-        default = HEAD_FP8_CONFIG
-    elif down and not linear:
-        default = FP8_DOWN_CONFIG if fp8 else DOWN_CONFIG
-    cfg = KernelConfig(*(default if config is None else config))
+    cfg = KernelConfig(*(_default_config(fp8, linear, head, down) if config is None else config))
     _powers_of_two(cfg, ("block_n", "block_k", "warps"))
     if cfg.split_k < 1 or (cfg.stages is not None and cfg.stages < 1):
         raise ValueError(f"split_k must be >= 1 and stages None or >= 1: {cfg}")
     return cfg
+
+
+def _default_config(fp8: bool, linear: bool, head: bool, down: bool) -> KernelConfig:
+    """The module's configuration for a kernel kind; read only when asked for, since parsing the environment's
+    configurations at import (`config_from_env`) checks them here before these names exist."""
+    if linear and fp8 and head:
+        return HEAD_FP8_CONFIG
+    if linear:
+        return LINEAR_FP8_CONFIG if fp8 else LINEAR_CONFIG
+    if down:
+        return FP8_DOWN_CONFIG if fp8 else DOWN_CONFIG
+    return FP8_CONFIG if fp8 else CONFIG
 
 
 def launch_options(warps: int, stages: int | None) -> dict:
