@@ -48,6 +48,7 @@ VARIANTS = {
     "fewest-launches-router-norm": "ours-fast-fewest-launches-router-norm",
     "mla-chain": "ours-fast-mla-chain",
     "input-norm": "ours-fast-input-norm",
+    "separate-input-norm": "ours-fast-separate-input-norm",
 }
 
 

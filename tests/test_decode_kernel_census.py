@@ -149,10 +149,11 @@ def test_the_mla_chain_takes_three_launches_a_layer_into_one():
 
 
 def test_the_input_norm_in_the_q_a_kv_a_launch_leaves_the_residual_sum_alone():
-    """HF_DEEPSEEK_FUSED_INPUT_NORM=1 over the defaults: the pair op with the norm in every layer, and no Inductor
-    kernel computes a norm before it (the residual sum after a MoE layer is left to join the experts' top-k sum, a
-    launch fewer on a GPU, where that sum and the norm took two kernels; on the CPU they were already one)."""
-    default, fused = census_of("launches-apart", baseline=False), census_of("input-norm", baseline=False)
+    """The default step (HF_DEEPSEEK_FUSED_INPUT_NORM on) against the input norm apart: the pair op with the norm in
+    every layer, and no Inductor kernel computes a norm before it (the residual sum after a MoE layer is left to join
+    the experts' top-k sum, a launch fewer on a GPU, where that sum and the norm took two kernels; on the CPU they
+    were already one)."""
+    default, fused = census_of("separate-input-norm", baseline=False), census_of("launches-apart", baseline=False)
     layers = census_script.CONFIG["num_hidden_layers"]
     assert fused["ops"]["torch.ops.hf_deepseek.norm_linear_gemv_pair"] == layers
     assert "torch.ops.hf_deepseek.linear_gemv_pair" not in fused["ops"]

@@ -299,9 +299,9 @@ def test_norm_linear_op_and_the_attention_taking_it(monkeypatch):
 
 def test_input_norm_pair_op_and_the_model_taking_it(monkeypatch):
     """`norm_linear_gemv_pair` on the CPU: RMSNorm's computation, then both products joined, equal to the modules;
-    with HF_DEEPSEEK_FUSED_INPUT_NORM=1 each decoder layer hands its input norm to the attention, whose decode row
-    takes the op once a layer, and the model's logits are the unfused path's bit for bit; one op node a layer
-    under torch.compile."""
+    with HF_DEEPSEEK_FUSED_INPUT_NORM on (the default) each decoder layer hands its input norm to the attention, whose
+    decode row takes the op once a layer, and the model's logits are the unfused path's (=0) bit for bit; one op node
+    a layer under torch.compile."""
     from hf_deepseek.modeling.layers import RMSNorm
 
     torch.manual_seed(0)
@@ -318,8 +318,9 @@ def test_input_norm_pair_op_and_the_model_taking_it(monkeypatch):
     calls, original = counted_single_row_op(monkeypatch, "norm_linear_gemv_pair")
     token = torch.tensor([[5]])
     with torch.no_grad():
+        monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", False)
         unfused = model(token).logits
-        assert calls == []  # opt-in
+        assert calls == []
         monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", True)
         fused = model(token).logits
         assert calls == [1] * config.num_hidden_layers and torch.equal(fused, unfused)

@@ -599,9 +599,9 @@ def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
 
 
 def test_the_input_norm_and_fp8_q_a_kv_a_take_one_launch(monkeypatch):
-    """With HF_DEEPSEEK_FUSED_INPUT_NORM=1, `decode_linear.fused_norm_pair` sends a decode row of an RMSNorm followed
-    by two FP8 layers of its output through `norm_linear_gemv_pair_fp8`: on the CPU each half is what the FP8 layer's
-    own weight-only launch gives for the norm's output; off (the default), None."""
+    """With HF_DEEPSEEK_FUSED_INPUT_NORM on (the default), `decode_linear.fused_norm_pair` sends a decode row of an
+    RMSNorm followed by two FP8 layers of its output through `norm_linear_gemv_pair_fp8`: on the CPU each half is what
+    the FP8 layer's own weight-only launch gives for the norm's output; off, None."""
     from hf_deepseek.modeling.decode_linear import fused_norm_pair
     from hf_deepseek.modeling.layers import RMSNorm
 
@@ -612,7 +612,8 @@ def test_the_input_norm_and_fp8_q_a_kv_a_take_one_launch(monkeypatch):
     x = torch.randn(1, 1, 320).to(torch.bfloat16)
     monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
     with torch.no_grad():
-        assert fused_norm_pair(norm, first, second, x) is None  # opt-in
+        monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", False)
+        assert fused_norm_pair(norm, first, second, x) is None
         monkeypatch.setattr(moe_gemv, "FUSED_INPUT_NORM", True)
         calls = []
         original = moe_gemv.norm_linear_gemv_pair_fp8

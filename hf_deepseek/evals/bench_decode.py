@@ -103,6 +103,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-mla-chain",
     "ours-fast-front-one-row",
     "ours-fast-input-norm",
+    "ours-fast-separate-input-norm",
     "ours-fast-trees",
     "ours-fast-pdl",
     "ours-fast-fp8",
@@ -333,7 +334,9 @@ class Row:
 
 # the switches of every kernel that takes launches out of a batch-1 layer (the `*-fewest-launches` rows; on by
 # default since 2026-12-06, off in the `*-launches-apart` rows)
-FEWEST_LAUNCHES = dict(mla_front=True, fused_attention=True, fused_norm_linear=True, fused_gate_up=True)
+FEWEST_LAUNCHES = dict(
+    mla_front=True, fused_attention=True, fused_norm_linear=True, fused_gate_up=True, fused_input_norm=True
+)
 LAUNCHES_APART = {switch: False for switch in FEWEST_LAUNCHES} | dict(router_add_norm=False)
 STEP_ROWS = {
     "transformers-eager": Row("transformers-eager", "dynamic", False),
@@ -391,8 +394,9 @@ STEP_ROWS = {
     # the MLA front at one decode row only (the default until 2026-12-06; at every batch since)
     "ours-fast-front-one-row": Row("ours-fast-front-one-row", "latent", True, mla_front_rows=1),
     "ours-fast-trees": Row("ours-fast-trees", "latent", True, inductor_graphs=True),
-    # a layer's input norm in its q_a/kv_a launch (opt-in: HF_DEEPSEEK_FUSED_INPUT_NORM=1)
+    # a layer's input norm in its q_a/kv_a launch (the default since 2026-12-06), and apart, as before
     "ours-fast-input-norm": Row("ours-fast-input-norm", "latent", True, fused_input_norm=True),
+    "ours-fast-separate-input-norm": Row("ours-fast-separate-input-norm", "latent", True, fused_input_norm=False),
     "ours-fast-pdl": Row("ours-fast-pdl", "latent", True, pdl=True),
     "ours-fast-fp8": Row("ours-fast-fp8", "latent", True),
     "ours-fast-fp8-alt-linear": Row("ours-fast-fp8-alt-linear", "latent", True, alt_linear=True),

@@ -19,7 +19,7 @@ applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off), and `linear_g
 input, MLA's q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8`
 for FP8 ones); `norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection
 (default, HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off; `norm_linear_gemv_fp8` for an FP8 q_b);
-`norm_linear_gemv_pair` a decoder layer's input norm with q_a and kv_a (opt-in, HF_DEEPSEEK_FUSED_INPUT_NORM=1);
+`norm_linear_gemv_pair` a decoder layer's input norm with q_a and kv_a (HF_DEEPSEEK_FUSED_INPUT_NORM=0 turns it off);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
 """
@@ -57,9 +57,10 @@ FUSED_Q_KV_A = os.environ.get("HF_DEEPSEEK_FUSED_Q_KV_A", "1") != "0"
 FUSED_NORM_LINEAR = os.environ.get("HF_DEEPSEEK_FUSED_NORM_LINEAR", "1") != "0"
 # a decoder layer's input RMSNorm computed by its q_a/kv_a pair launch (`norm_linear_gemv_pair`; each program
 # recomputes the row's norm), so that the residual sum before it joins the MoE layer's top-k sum in one Inductor
-# kernel: a launch fewer a layer. Opt-in (HF_DEEPSEEK_FUSED_INPUT_NORM=1) until a GPU bench times it (rows
-# ours-fast-input-norm, ours-fast-fp8-head-input-norm)
-FUSED_INPUT_NORM = os.environ.get("HF_DEEPSEEK_FUSED_INPUT_NORM", "0") == "1"
+# kernel: a launch fewer a layer. On by default: a batch-1 / 2k step 0.979 against 0.988 ms, FP8 with its head in
+# FP8 0.686 against 0.696 (rows ours-fast-input-norm and ours-fast, H100, docs/PERF.md 2026-12-06);
+# HF_DEEPSEEK_FUSED_INPUT_NORM=0 turns it off
+FUSED_INPUT_NORM = os.environ.get("HF_DEEPSEEK_FUSED_INPUT_NORM", "1") != "0"
 # a MoE layer's shared experts as more pairs of the routed experts' two launches (`routed_and_shared_experts_gemv`:
 # their own gate, up, activation and down launches gone): on by default, its batch-1 step 1.16 ms against 1.63
 # without it (bench rows ours-fast-fold-shared and ours-fast, H100, docs/PERF.md 2026-12-05);

@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torchdynamo_compiling
 
 from ..configuration import DeepSeekConfig
+from ..kernels import mla_chain
 from .decode_linear import fused_norm_linear, fused_norm_pair, fused_pair
 from .joined_projections import joined_projections
 from .latent_cache import LatentStaticCache
@@ -145,7 +146,8 @@ class MultiHeadLatentAttention(nn.Module):
         bsz, q_len, _ = hidden_states.shape
         projected = None
         if input_norm is not None:
-            projected = self._input_projections(hidden_states, input_norm)
+            # the opt-in MLA chain takes the normed input in its own launch: the norm is then applied here
+            projected = None if mla_chain.ENABLED else self._input_projections(hidden_states, input_norm)
             if projected is None:
                 hidden_states = input_norm(hidden_states)
         if projected is None:

@@ -111,8 +111,8 @@ def fused_norm_pair(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(first(norm(x)), second(norm(x))) through one launch of `moe_gemv.norm_linear_gemv_pair` (bf16 layers,
     `single_decode_row`) or `moe_gemv.norm_linear_gemv_pair_fp8` (FP8 layers, `fp8_decode_rows`) when `norm` is an
-    RMSNorm of x's dtype and HF_DEEPSEEK_FUSED_INPUT_NORM=1 (with the pair's HF_DEEPSEEK_FUSED_Q_KV_A on); None
-    otherwise (the caller applies them as before)."""
+    RMSNorm of x's dtype, with HF_DEEPSEEK_FUSED_INPUT_NORM and the pair's HF_DEEPSEEK_FUSED_Q_KV_A on (both are by
+    default); None otherwise (the caller applies them as before)."""
     if not (moe_gemv.FUSED_INPUT_NORM and moe_gemv.FUSED_Q_KV_A) or norm.weight.dtype != x.dtype:
         return None
     if (rows := single_decode_row(x, first, second)) is not None:

@@ -31,7 +31,7 @@ class DeepSeekDecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """The new hidden states; with `output_attentions`, (hidden states, attention weights [B, H, T, S])."""
-        if moe_gemv.FUSED_INPUT_NORM and not self.training:  # opt-in: the norm in q_a/kv_a's launch at decode
+        if moe_gemv.FUSED_INPUT_NORM and not self.training:  # the norm in q_a/kv_a's launch at decode
             attn_input, norm = hidden_states, {"input_norm": self.input_layernorm}
         else:
             attn_input, norm = self.input_layernorm(hidden_states), {}
