@@ -1,0 +1,192 @@
+"""The routed experts' training GEMMs at the training bench's shapes (16,384 tokens, top-6 of 64 experts, hidden 2048,
+expert width 1408), each candidate kernel timed alone on the same operands, for issue 16's choice of the FP8 grouped
+GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3x torch's bf16 `_grouped_mm`):
+
+- every product x [M, K] W[e]^T over the experts' 128-aligned row segments (gate/up and down forward, their input
+  gradients through W^T): torch's bf16 `_grouped_mm` (the bf16 step's kernel), torch's FP8 rowwise
+  `_scaled_grouped_mm` (the FP8 step's), and, where the optional `fbgemm-gpu-genai` wheel imports, FBGEMM's CUTLASS
+  kernels: FP8 rowwise `f8f8bf16_rowwise_grouped_stacked`, FP8 DeepSeek-style groupwise (1x128 activation tiles,
+  128x128 weight blocks) `f8f8bf16_groupwise_grouped` and bf16 `bf16bf16bf16_grouped_stacked`;
+- the weight gradients dW[e] = dy[rows of e]^T x[rows of e]: torch's bf16 `_grouped_mm` over the token dimension
+  (with the transposed copy of dy the step makes) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`.
+
+Each row: median ms (`triton.testing.do_bench`), TFLOP/s and the relative error (Frobenius) against the float32
+product of the bf16 operands (FP8's rounding included). Quantisation is not timed (the step's quantisers are
+measured by `fp8_quant_census.py`).
+
+    python benchmarks/grouped_gemm_candidates.py --json grouped_gemm_candidates.json
+
+Needs a CUDA GPU of compute capability 9.0. On the device image install the FBGEMM wheel without its dependencies
+(`pip install --no-deps --target /tmp/site fbgemm_gpu_genai-1.6.0-*.whl`, the release built for torch 2.11 and CUDA
+13; PYTHONPATH=/tmp/site:$PWD).
+"""
+
+import argparse
+import json
+
+import torch
+
+TOKENS, TOP_K, EXPERTS, HIDDEN, INTER = 16384, 6, 64, 2048, 1408
+ALIGN = 128  # the FP8 step's segment alignment (`fp8_numerics.expert_layout`)
+# y[M, N] = x[M, K] W[e][N, K]^T per expert: (K, N)
+PRODUCTS = {
+    "gate_up forward": (HIDDEN, 2 * INTER),
+    "down forward": (INTER, HIDDEN),
+    "gate_up input grad": (2 * INTER, HIDDEN),
+    "down input grad": (HIDDEN, INTER),
+}
+# dW[e][N, K] = dy[rows of e]^T x[rows of e]: (N, K)
+WEIGHT_GRADS = {"gate_up weight grad": (2 * INTER, HIDDEN), "down weight grad": (HIDDEN, INTER)}
+
+
+def segment_sizes(tokens: int, top_k: int, experts: int, align: int = ALIGN, seed: int = 0) -> list[int]:
+    """Rows per expert of a uniform random top-k routing, each rounded up to `align` (the FP8 step's layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(tokens, experts, generator=gen).topk(top_k, dim=-1).indices.flatten()
+    counts = torch.bincount(chosen, minlength=experts)
+    return [-(-int(c) // align) * align for c in counts]
+
+
+def product_flops(sizes: list[int], k: int, n: int) -> int:
+    return 2 * sum(sizes) * k * n
+
+
+def reference_products(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """x [M, K] (rows by segment) @ w[e]^T per segment, in float32."""
+    return torch.cat([xs.float() @ we.float().t() for xs, we in zip(x.split(sizes), w, strict=True)])
+
+
+def reference_weight_grads(dy: torch.Tensor, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """dy[rows of e]^T x[rows of e] per segment, float32 [E, N, K]."""
+    parts = zip(dy.split(sizes), x.split(sizes), strict=True)
+    return torch.stack([d.float().t() @ xs.float() for d, xs in parts])
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm()).item()
+
+
+def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One float32 scale per row of the last dimension (amax / 448), E4M3 values."""
+    amax = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    scale = amax / torch.finfo(torch.float8_e4m3fn).max
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
+def fbgemm_ops():
+    """torch.ops.fbgemm with FBGEMM's gen_ai kernels and its quantisers, or (None, reason)."""
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers the kernels)
+        from fbgemm_gpu.experimental.gemm.triton_gemm import fp8_gemm
+
+        return (torch.ops.fbgemm, fp8_gemm), None
+    except Exception as exc:  # an optional wheel: any failure to import is a row saying why
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def product_candidates(x, w, sizes, fbgemm) -> dict:
+    """name -> a function computing x W[e]^T over the segments (operands prepared outside the timed call)."""
+    offs = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
+    m_sizes = torch.tensor(sizes, device=x.device, dtype=torch.int64)
+    w_t = w.transpose(-2, -1)
+    xq, xs = rowwise_fp8(x)
+    wq, ws = rowwise_fp8(w)  # [E, N, K], scales [E, N]
+    wq_t = wq.transpose(-2, -1)
+    found = {
+        "torch bf16 _grouped_mm": lambda: torch._grouped_mm(x, w_t, offs=offs),
+        "torch FP8 rowwise _scaled_grouped_mm": lambda: torch._scaled_grouped_mm(
+            xq, wq_t, xs, ws, offs=offs, out_dtype=torch.bfloat16, use_fast_accum=True
+        ),
+    }
+    if fbgemm is not None:
+        ops, quant = fbgemm
+        found["fbgemm FP8 rowwise grouped_stacked"] = lambda: ops.f8f8bf16_rowwise_grouped_stacked(
+            xq, wq, xs, ws, m_sizes
+        )
+        found["fbgemm bf16 grouped_stacked"] = lambda: ops.bf16bf16bf16_grouped_stacked(x, w, m_sizes)
+        try:
+            xg, xgs = quant.quantize_fp8_group(x, m_sizes=m_sizes)
+            blocks = [quant.quantize_fp8_block(we, block_m=128, block_k=128, k_major=False) for we in w]
+            wb, wbs = (torch.stack(t).contiguous() for t in zip(*blocks, strict=True))
+            found["fbgemm FP8 groupwise (1x128, 128x128) grouped"] = lambda: ops.f8f8bf16_groupwise_grouped(
+                xg, wb, xgs, wbs, m_sizes
+            )
+        except Exception as exc:
+            found["fbgemm FP8 groupwise (1x128, 128x128) grouped"] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
+def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
+    offs = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
+    found = {"torch bf16 _grouped_mm (with dy^T copied)": lambda: torch._grouped_mm(dy.t().contiguous(), x, offs=offs)}
+    if fbgemm is not None:
+        ops, _ = fbgemm
+        k_sizes = torch.tensor(sizes, device=x.device, dtype=torch.int64)
+        found["fbgemm bf16 grouped_wgrad"] = lambda: ops.bf16bf16bf16_grouped_wgrad(dy, x, k_sizes)
+    return found
+
+
+def measure(candidates: dict, want: torch.Tensor, flops: int) -> dict:
+    from triton.testing import do_bench
+
+    rows = {}
+    for name, fn in candidates.items():
+        if isinstance(fn, str):
+            rows[name] = {"error": fn}
+            continue
+        try:
+            err = relative_error(fn(), want)
+            ms = do_bench(fn, warmup=10, rep=100, return_mode="median")
+        except Exception as exc:  # a kernel that does not take these shapes: its row says why
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            continue
+        rows[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err": err}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tokens", type=int, default=TOKENS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    torch.manual_seed(0)
+    sizes = segment_sizes(args.tokens, TOP_K, EXPERTS)
+    rows_total, dev = sum(sizes), "cuda"
+    fbgemm, why = fbgemm_ops()
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "rows": rows_total,
+        "experts": EXPERTS,
+        "fbgemm": why or "imported",
+        "gemms": {},
+    }
+    print(f"{results['device']}, torch {torch.__version__}, {rows_total} rows over {EXPERTS} experts, fbgemm: "
+          f"{results['fbgemm']}")  # fmt: skip
+    for name, (k, n) in PRODUCTS.items():
+        x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(EXPERTS, n, k, device=dev, dtype=torch.bfloat16) * k**-0.5
+        want = reference_products(x, w, sizes)
+        results["gemms"][name] = measure(product_candidates(x, w, sizes, fbgemm), want, product_flops(sizes, k, n))
+    for name, (n, k) in WEIGHT_GRADS.items():
+        dy = torch.randn(rows_total, n, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
+        want = reference_weight_grads(dy, x, sizes)
+        found = weight_grad_candidates(dy, x, sizes, fbgemm)
+        results["gemms"][name] = measure(found, want, product_flops(sizes, k, n))
+    for gemm, rows in results["gemms"].items():
+        print(f"\n{gemm}")
+        for name, row in rows.items():
+            if "error" in row:
+                print(f"  {name:50s} unavailable: {row['error']}")
+            else:
+                print(f"  {name:50s} {row['ms']:8.3f} ms  {row['tflops']:7.1f} TFLOP/s  rel err {row['rel_err']:.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
