@@ -259,7 +259,7 @@ def shapes_only(backends):
     products of 64 experts of the bench's width take minutes on a CPU."""
     patched = [(fp8_module, "grouped_wgrad_high_precision"), (fp8_module, "linear_wgrad_high_precision")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in patched]
-    fp8_module.grouped_wgrad_high_precision = lambda dy, x, layout: dy.new_zeros(
+    fp8_module.grouped_wgrad_high_precision = lambda dy, x, layout, fbgemm=False: dy.new_zeros(
         layout.num_experts, dy.shape[1], x.shape[1], dtype=torch.promote_types(dy.dtype, x.dtype)
     )
     fp8_module.linear_wgrad_high_precision = lambda dy, x: dy.new_zeros(

@@ -1,6 +1,7 @@
 #!/bin/bash
 # Issue 16's device call on one H200, from the repo root with $OUT set, `.whl/titan` carried (torchtitan's wheels and
-# titan_anchor.py: ../shared/anchors/torchtitan/README.md):
+# titan_anchor.py: ../shared/anchors/torchtitan/README.md), and `.whl/fbgemm` (fbgemm-gpu-genai 1.6.0) for the *-fbgemm
+# variants:
 #   bash benchmarks/train_h200.sh
 # In order, within BUDGET seconds of wall time (default 520):
 #   1. `hf-deepseek bench train --device cuda` (through `python -m hf_deepseek.cli`): hf_deepseek-bf16-unfused-loss,
@@ -47,6 +48,13 @@ say "$($PY -c 'import torch, transformers; print("torch", torch.__version__, "tr
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/titan/*.whl \
   > $L/pip.log 2>&1 && rm -rf $SITE/test
 say "torchtitan wheels: $(tail -1 $L/pip.log) $(ls $SITE 2>/dev/null | tr '\n' ' ' | cut -c1-120)"
+# FBGEMM's grouped GEMMs (the *-fbgemm variants), where `.whl/fbgemm` is carried too: on the bench's and the tests'
+# path only (torchtitan's site has its own torchao)
+if ls .whl/fbgemm/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $W/fbgemm_site .whl/fbgemm/*.whl \
+    >> $L/pip.log 2>&1 && PROJECT_PATH=$PROJECT_PATH:$W/fbgemm_site
+  say "fbgemm: $(PYTHONPATH=$PROJECT_PATH $PY -c 'from hf_deepseek.kernels import fbgemm_grouped as f; print("found" if f.available() else "not found")' 2>&1 | tail -1)"
+fi
 
 # 1. the bench (timed: alone on the GPU)
 EAGER_FP8=hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad
@@ -84,6 +92,10 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 # 4. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
+  tests/test_fp8.py::test_fbgemm_rowwise_grouped_gemm_matches_torchs_over_the_segments \
+  "tests/test_fp8_compile.py::test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products" \
+  "tests/test_fp8.py::test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts[rowwise-fbgemm]" \
+  "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise-fbgemm]" \
   tests/test_adamw.py::test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu \
   "tests/test_moe_routing.py::test_indices_op_matches_the_torch_choice_at_training_sizes_on_gpu[v3]" \
   "tests/test_fp8_compile.py::test_rowwise_fp8_linear_matches_a_float64_reference" \
@@ -91,7 +103,6 @@ PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:
   tests/test_fp8.py::test_hopper_rowwise_quantiser_is_bit_identical_to_the_reference \
   tests/test_fp8.py::test_hopper_linear_and_experts_agree_with_the_emulation \
   tests/test_fp8.py::test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts \
-  tests/test_fp8_compile.py::test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise]" \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[deepseek]" \
   tests/test_bench_train.py::test_compiled_fp8_variants_track_bf16_on_the_gpu \

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_deepseek-fp8-rowwise-triton-quant-torch-adamw (torch's fused AdamW), hf_deepseek-bf16-torch-router "
         "(torch's top-k routing), hf_deepseek-bf16-loss-chunks-16 and hf_deepseek-fp8-rowwise-triton-quant-loss-"
         "chunks-16 (the head's loss in 16 chunks), hf_deepseek-bf16-joined-projections and "
-        "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each) "
+        "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each), "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

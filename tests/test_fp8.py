@@ -246,6 +246,20 @@ def test_high_precision_linear_weight_gradient_keeps_the_fp8_forward_and_input_g
         FP8Recipe(linear_wgrad="fp16")
 
 
+def test_fbgemms_grouped_gemms_are_asked_for_by_name_and_found_only_on_a_hopper_gpu():
+    """`FP8Recipe(grouped_gemm=)` names torch or fbgemm; without a CUDA device FBGEMM's kernels are not found, and the
+    emulated backend never takes them."""
+    from hf_deepseek.kernels import fbgemm_grouped
+    from hf_deepseek.modeling.fp8 import get_backend
+
+    with pytest.raises(ValueError, match="FP8Recipe.grouped_gemm must be one of torch, fbgemm, got 'cutlass'"):
+        FP8Recipe(grouped_gemm="cutlass")
+    recipe = FP8Recipe.named("rowwise", grouped_gemm="fbgemm")
+    assert FP8Recipe().grouped_gemm == "torch" and get_backend(recipe, torch.device("cpu")).fbgemm is False
+    if not torch.cuda.is_available():
+        assert fbgemm_grouped.available() is False
+
+
 def test_emulation_multiplies_exactly_the_quantised_operands():
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(40, 256, generator=gen), torch.randn(136, 256, generator=gen)
@@ -855,12 +869,20 @@ def test_hopper_linear_and_experts_agree_with_the_emulation(gemm):
 
 
 @gpu
-@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+@pytest.mark.parametrize("name", ["deepseek", "rowwise", "rowwise-fbgemm"])
 def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts(name):
     """The routed experts as the bench trains them (bf16 weights and tokens), with two of eight experts given no
     token, on the GPU against the emulation on the CPU (whose weight gradient is a plain per-block product, not
     torch's grouped GEMM): outputs and every gradient, and an idle expert's weight gradient exactly zero (torch's
-    grouped GEMMs write no output for an empty group)."""
+    grouped GEMMs write no output for an empty group). rowwise-fbgemm: the rowwise recipe with FBGEMM's grouped
+    GEMMs (`FP8Recipe(grouped_gemm="fbgemm")`, the optional wheel)."""
+    from hf_deepseek.kernels import fbgemm_grouped
+
+    overrides = {}
+    if name == "rowwise-fbgemm":
+        if not fbgemm_grouped.available():
+            pytest.skip("needs the fbgemm-gpu-genai wheel on a Hopper GPU")
+        name, overrides = "rowwise", {"grouped_gemm": "fbgemm"}
     gen = torch.Generator().manual_seed(23)
     cfg = tiny_config(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2)
     experts = RoutedExperts(cfg).to(torch.bfloat16)
@@ -870,7 +892,8 @@ def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_exper
     indices = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(1000)])  # experts 6 and 7 idle
     weights = torch.rand(1000, 2, generator=gen)
     results = []
-    for device, recipe in (("cuda", FP8Recipe.named(name)), ("cpu", FP8Recipe.named(name, backend="emulated"))):
+    cases = (("cuda", FP8Recipe.named(name, **overrides)), ("cpu", FP8Recipe.named(name, backend="emulated")))
+    for device, recipe in cases:
         torch.cuda.empty_cache()  # fresh blocks: stale values would show in an unwritten output
         module = convert_to_fp8_training(copy.deepcopy(experts).to(device), recipe)
         x = tokens.to(device).requires_grad_(True)
@@ -882,6 +905,31 @@ def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_exper
         assert (got - want).norm() / want.norm() < 2e-2, what
     for grad in results[0][2:]:
         assert not grad[6:].any(), "an idle expert got a weight gradient"
+
+
+@gpu
+def test_fbgemm_rowwise_grouped_gemm_matches_torchs_over_the_segments():
+    """FBGEMM's FP8 rowwise grouped GEMM against torch's `_scaled_grouped_mm` on the same quantised operands, over
+    128-aligned segments with two idle experts and rows past the last segment (not read by either)."""
+    from hf_deepseek.kernels import fbgemm_grouped
+    from hf_deepseek.modeling.fp8_numerics import expert_layout
+
+    if not fbgemm_grouped.available():
+        pytest.skip("needs the fbgemm-gpu-genai wheel on a Hopper GPU")
+    gen = torch.Generator().manual_seed(4)
+    indices = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(700)]).cuda()
+    layout = expert_layout(indices, 8)
+    a = torch.randn(layout.rows, 256, generator=gen).cuda()
+    b = torch.randn(8, 384, 256, generator=gen).cuda() / 16
+    (a_q, a_s), (b_q, b_s) = quantize_rowwise(a), quantize_rowwise(b)
+    rows = fbgemm_grouped.segment_rows(layout.seg_start, layout.seg_end)
+    got = fbgemm_grouped.rowwise_grouped(a_q, a_s.reshape(-1), b_q, b_s.reshape(8, -1), rows).float()
+    want = torch._scaled_grouped_mm(
+        a_q, b_q.transpose(-2, -1), a_s.reshape(-1), b_s.reshape(8, -1), offs=layout.seg_end, out_dtype=torch.bfloat16
+    ).float()
+    end = int(layout.seg_end[-1])
+    assert got.shape == (layout.rows, 384)
+    assert (got[:end] - want[:end]).norm() / want[:end].norm() < 1e-2
 
 
 @gpu

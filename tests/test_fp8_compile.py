@@ -92,12 +92,23 @@ def test_models_compiled_one_after_another_each_compile_once_per_layer_kind():
     torch._dynamo.reset()
 
 
+def needs_fbgemm():
+    from hf_deepseek.kernels import fbgemm_grouped
+
+    if not fbgemm_grouped.available():
+        pytest.skip("needs the fbgemm-gpu-genai wheel on a Hopper GPU")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [*RECIPES, "rowwise-triton-quant"])
+@pytest.mark.parametrize("name", [*RECIPES, "rowwise-triton-quant", "rowwise-fbgemm"])
 def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
     """Also the rowwise recipe with the Triton quantisers inside the compiled step (the training bench's
-    hf_deepseek-fp8-rowwise-triton-quant): its kernels, the column amaxes' zero-fill and atomics included."""
-    recipe = recipe_of("rowwise", fused_quantization=False) if name == "rowwise-triton-quant" else recipe_of(name)
+    hf_deepseek-fp8-rowwise-triton-quant): its kernels, the column amaxes' zero-fill and atomics included; and with
+    FBGEMM's grouped GEMMs for the experts (hf_deepseek-fp8-rowwise-triton-quant-fbgemm): its ops traced whole."""
+    if name == "rowwise-fbgemm":
+        needs_fbgemm()
+    recipe = recipe_of("rowwise", fused_quantization=False) if name == "rowwise-triton-quant" else None
+    recipe = recipe or (recipe_of("rowwise", grouped_gemm="fbgemm") if name == "rowwise-fbgemm" else recipe_of(name))
     model, frames, losses = train_compiled(recipe, "cuda", "inductor")
     assert frames[0] == layer_kinds(model) and frames[-1] == frames[0], frames
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -180,18 +191,48 @@ def test_fp8_gradients_of_every_parameter_follow_the_full_precision_ones(name):
 
 
 @pytest.mark.gpu
-def test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products():
+@pytest.mark.parametrize("fbgemm", [False, True], ids=["torch", "fbgemm"])
+def test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products(fbgemm):
+    """torch's grouped GEMM and FBGEMM's weight-gradient kernel, each expert's segment only: the rows past the last
+    segment (random here) are not read."""
     from hf_deepseek.modeling.fp8_numerics import expert_layout, grouped_wgrad_high_precision
 
+    if fbgemm:
+        needs_fbgemm()
     torch.manual_seed(0)
     indices = torch.stack([torch.randperm(8)[:2] for _ in range(1000)]).cuda()
     layout = expert_layout(indices, 8)
     dy = torch.randn(layout.rows, 256, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(layout.rows, 128, device="cuda", dtype=torch.bfloat16)
-    got = grouped_wgrad_high_precision(dy, x, layout).float()
+    got = grouped_wgrad_high_precision(dy, x, layout, fbgemm).float()
     for e, (start, end) in enumerate(layout.segments()):
         want = dy[start:end].float().t() @ x[start:end].float()
         assert (got[e] - want).norm() / want.norm() < 4e-3  # bf16 output rounding: 0.17% measured on an H200
+
+
+def test_grouped_weight_gradient_takes_fbgemms_kernel_with_each_experts_rows(monkeypatch):
+    """With `fbgemm` (the Hopper backend found the wheel) the weight gradient is FBGEMM's kernel given bf16 operands
+    and each expert's segment length; its result is what the per-block product gives (here a stand-in computes the
+    kernel's contract on the CPU), idle experts included."""
+    from hf_deepseek.kernels import fbgemm_grouped
+    from hf_deepseek.modeling.fp8_numerics import expert_layout, grouped_wgrad_high_precision
+
+    calls = []
+
+    def stand_in(dy, x, rows):  # the kernel's contract: dy[segment e]^T x[segment e], segments consecutive from 0
+        calls.append((dy.dtype, x.dtype, rows.dtype))
+        ends = rows.cumsum(0)
+        return torch.stack([dy[e - n : e].t().float() @ x[e - n : e].float() for n, e in zip(rows, ends, strict=True)])
+
+    monkeypatch.setattr(fbgemm_grouped, "weight_grads", stand_in)
+    torch.manual_seed(0)
+    indices = torch.stack([torch.randperm(6)[:2] for _ in range(300)])  # experts 6 and 7 idle
+    layout = expert_layout(indices, 8)
+    dy, x = torch.randn(layout.rows, 40), torch.randn(layout.rows, 24)
+    got = grouped_wgrad_high_precision(dy, x, layout, fbgemm=True)
+    want = grouped_wgrad_high_precision(dy.bfloat16().float(), x.bfloat16().float(), layout)
+    assert calls == [(torch.bfloat16, torch.bfloat16, torch.int64)]
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4) and not got[6:].any()
 
 
 def test_compiled_fp8_experts_give_the_gradients_of_eager_fp8_on_the_cpu():

@@ -51,6 +51,9 @@ OURS_FP8_ROWWISE_PRECISE_GRADS = "hf_deepseek-fp8-rowwise-triton-quant-precise-g
 # the Triton quantisers and the linear layers' weight gradient in bf16: x^T and dy^T, the two costliest quantisations
 # a linear layer has (reductions along the tokens), not made at all, for bf16 weight-gradient GEMMs
 OURS_FP8_ROWWISE_TRITON_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-hp-wgrad"
+# the Triton quantisers and FBGEMM's grouped GEMMs for the routed experts (FP8 rowwise products, bf16 weight
+# gradient; the optional fbgemm-gpu-genai wheel)
+OURS_FP8_ROWWISE_FBGEMM = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -66,6 +69,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_LAID_OUT: ("rowwise", True, {"fused_quantization": False, "quantize_tokens_once": False}),
     OURS_FP8_ROWWISE_PRECISE_GRADS: ("rowwise", True, {"fused_quantization": False, "fast_accum": ("output",)}),
     OURS_FP8_ROWWISE_TRITON_HP_WGRAD: ("rowwise", True, {"fused_quantization": False, "linear_wgrad": "bf16"}),
+    OURS_FP8_ROWWISE_FBGEMM: ("rowwise", True, {"fused_quantization": False, "grouped_gemm": "fbgemm"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
@@ -233,6 +237,11 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
         from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
 
         recipe, _, overrides = FP8_VARIANTS[name]
+        if overrides.get("grouped_gemm") == "fbgemm" and device.type == "cuda":
+            from hf_deepseek.kernels import fbgemm_grouped
+
+            if not fbgemm_grouped.available():
+                raise RuntimeError(f"{name} needs the fbgemm-gpu-genai wheel on a Hopper GPU (pip install '.[fbgemm]')")
         convert_to_fp8_training(model, FP8Recipe.named(recipe, **overrides))
     if compiled(name) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training

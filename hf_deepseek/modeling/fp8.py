@@ -183,7 +183,7 @@ def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, 
 def _grouped_weight_grad(backend, dy, x_pad, layout: ExpertLayout) -> torch.Tensor:
     """The experts' weight gradients dy^T x over each expert's rows, in the recipe's `grouped_wgrad` precision."""
     if backend.recipe.grouped_wgrad == "bf16":
-        return grouped_wgrad_high_precision(dy, x_pad, layout)
+        return grouped_wgrad_high_precision(dy, x_pad, layout, backend.fbgemm)
     dyt_q, dyt_s = backend.quantize_rows(dy.t())
     xt_q, xt_s = backend.quantize_rows(x_pad.t())
     return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)

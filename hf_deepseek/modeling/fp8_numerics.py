@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..kernels import fbgemm_grouped
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks
 from ..kernels.moe_routing import count_per_expert
 
@@ -67,7 +68,11 @@ class FP8Recipe:
     `fast_accum`: the GEMMs of the rowwise recipe ("output": the forward's, "grad_input", "grad_weight") whose FP8
     products Hopper's tensor cores sum without promotion to FP32 (cuBLAS's fast accumulation): all three by default,
     as torchao's rowwise recipe; DeepSeek-V3 (section 3.3.2) finds such sums lose precision over long K, and the
-    weight gradient's K is the step's tokens. The blockwise recipe promotes every 128 of K whatever this says.
+    weight gradient's K is the step's tokens. The blockwise recipe promotes every 128 of K whatever this says;
+    `grouped_gemm`: the routed experts' grouped GEMMs on a Hopper GPU, the rowwise recipe's FP8 products and the
+    bf16 weight gradient of either recipe: "torch" (`torch._scaled_grouped_mm`, `torch._grouped_mm`) or "fbgemm"
+    (FBGEMM's CUTLASS kernels, `kernels/fbgemm_grouped.py`, where the optional `fbgemm-gpu-genai` wheel imports;
+    torch's elsewhere).
     """
 
     scaling: str = "blockwise"
@@ -83,11 +88,12 @@ class FP8Recipe:
     weight_only_decode: bool = True
     quantize_tokens_once: bool = True
     fast_accum: tuple[str, ...] = ("output", "grad_input", "grad_weight")
+    grouped_gemm: str = "torch"
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
                    "linear_wgrad": ("fp8", "bf16"), "backend": ("auto", "emulated"),
-                   "gemm": ("auto", "cublas", "triton")}  # fmt: skip
+                   "gemm": ("auto", "cublas", "triton"), "grouped_gemm": ("torch", "fbgemm")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FP8Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -235,6 +241,7 @@ class EmulatedBackend:
 
     name = "emulated"
     device_type = None  # any
+    fbgemm = False  # FBGEMM's grouped kernels: the Hopper backend's only
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe
@@ -307,9 +314,15 @@ def linear_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor) -> torch.Tens
     return dy.t().to(dtype) @ x.to(dtype)
 
 
-def grouped_wgrad_high_precision(dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+def grouped_wgrad_high_precision(
+    dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout, fbgemm: bool = False
+) -> torch.Tensor:
     """Per expert e: dy[rows of e]^T @ x[rows of e] -> [E, N, K] in high precision (FP32 accumulation): torch's
-    grouped GEMM in bf16 on CUDA (rows past the last segment are not read), else per 128-row block."""
+    grouped GEMM in bf16 on CUDA (rows past the last segment are not read), or with `fbgemm` (the backend found
+    FBGEMM's kernels) FBGEMM's bf16 weight-gradient kernel; else per 128-row block."""
+    if fbgemm:
+        rows = fbgemm_grouped.segment_rows(layout.seg_start, layout.seg_end)
+        return fbgemm_grouped.weight_grads(dy.to(torch.bfloat16), x.to(torch.bfloat16), rows)
     if dy.is_cuda:
         return torch._grouped_mm(dy.t().to(torch.bfloat16).contiguous(), x.to(torch.bfloat16), offs=layout.seg_end)
     blocks = layout.block_expert.long()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..kernels import fbgemm_grouped
 from .fp8_numerics import (
     BLOCK,
     FP8,
@@ -560,6 +561,8 @@ class HopperBackend:
         if recipe.gemm != "triton" and not self.rowwise:
             device = torch.device(device if device is not None else "cuda")
             self.cublas = {key: self._probe_cublas(*key, device) for key in self.cublas}
+        # FBGEMM's grouped kernels where the recipe asks and the wheel imports (found now, not in traced code)
+        self.fbgemm = recipe.grouped_gemm == "fbgemm" and fbgemm_grouped.available()
 
     def _fused(self) -> bool:
         """Quantise with torch operations that Inductor fuses into their producers (only inside a compile)."""
@@ -720,6 +723,11 @@ class HopperBackend:
         return out
 
     def grouped_gemm(self, a, a_scale, b, b_scale, layout: ExpertLayout, out_dtype: torch.dtype, fast_accum=True):
+        if self.rowwise and self.fbgemm:  # rows past the last segment: left undefined, as torch's leaves them
+            rows = fbgemm_grouped.segment_rows(layout.seg_start, layout.seg_end)
+            return fbgemm_grouped.rowwise_grouped(a, a_scale.reshape(-1), b, b_scale.reshape(b.shape[0], -1), rows).to(
+                out_dtype
+            )
         if self.rowwise:  # cuBLAS grouped GEMM; rows past the last segment are never read downstream
             out = torch._scaled_grouped_mm(
                 a, b.transpose(-2, -1), a_scale.reshape(-1), b_scale.reshape(b.shape[0], -1), offs=layout.seg_end,

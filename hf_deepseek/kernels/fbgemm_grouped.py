@@ -1,0 +1,48 @@
+"""FBGEMM's CUTLASS grouped GEMMs for the routed experts' training GEMMs, from the optional `fbgemm-gpu-genai`
+wheel (extra `fbgemm`; 1.6.0 is the release built for torch 2.11 and CUDA 13): FP8 rowwise products over the
+experts' row segments (`f8f8bf16_rowwise_grouped_stacked`) and bf16 weight gradients over them
+(`bf16bf16bf16_grouped_wgrad`). `FP8Recipe(grouped_gemm="fbgemm")` takes them where the wheel imports on a Hopper
+GPU; elsewhere the recipe keeps torch's kernels.
+
+Timed alone at the training bench's expert shapes on an H100 (`benchmarks/grouped_gemm_candidates.py`, docs/PERF.md
+2026-12-06): the FP8 rowwise products 1.07-1.15x torch's `_scaled_grouped_mm` (925-1142 TFLOP/s), the bf16 weight
+gradients 2.0-2.2x torch's `_grouped_mm` over the token dimension (480-567 TFLOP/s against 219-287).
+"""
+
+import functools
+import logging
+
+import torch
+
+
+@functools.cache
+def available() -> bool:
+    """Whether FBGEMM's grouped kernels serve here: a Hopper GPU (compute capability 9.x) and the wheel importing."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    logging.disable(logging.WARNING)  # its import warns that its torch-compatibility table lacks its own version
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401  (registers torch.ops.fbgemm's gen_ai kernels)
+    except Exception:  # not installed, or built for another torch / CUDA: torch's kernels then
+        return False
+    finally:
+        logging.disable(logging.NOTSET)
+    ops = torch.ops.fbgemm
+    return hasattr(ops, "f8f8bf16_rowwise_grouped_stacked") and hasattr(ops, "bf16bf16bf16_grouped_wgrad")
+
+
+def segment_rows(seg_start: torch.Tensor, seg_end: torch.Tensor) -> torch.Tensor:
+    """Rows of each expert's segment, int64 [E], as FBGEMM's kernels take them (segments consecutive from row 0;
+    rows past the last one are not read)."""
+    return (seg_end - seg_start).to(torch.int64)
+
+
+def rowwise_grouped(a, a_scale, b, b_scale, rows: torch.Tensor) -> torch.Tensor:
+    """a [R, K] FP8 with one scale a row ([R]), b [E, N, K] FP8 with one scale per expert row ([E, N]) ->
+    bf16 [R, N]: segment e of a's rows (`rows` [E] of them, in order) times b[e]^T."""
+    return torch.ops.fbgemm.f8f8bf16_rowwise_grouped_stacked(a, b, a_scale, b_scale, rows)
+
+
+def weight_grads(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """dy [R, N], x [R, K] (bf16) -> [E, N, K]: dy[segment e]^T x[segment e] for each expert's `rows`."""
+    return torch.ops.fbgemm.bf16bf16bf16_grouped_wgrad(dy, x, rows)
