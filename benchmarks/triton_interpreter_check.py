@@ -800,7 +800,8 @@ def mla_chain_kernel() -> dict[str, bool]:
 
 def linear_pair_kernel() -> dict[str, bool]:
     """The pair kernel (`_moe_gemv_triton.launch_linear_pair`, the default linear configuration) against float64
-    and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU), bf16 and FP8 weights."""
+    and the op's torch path (`moe_gemv.linear_gemv_pair` on the CPU), bf16 and FP8 weights; and the gate/up kernel
+    over two FP8 layers (`launch_gate_up` with their scales, `moe_gemv.gate_up_gemv_fp8`)."""
     results = {}
     with gpu_store_rounding():
         for n1, n2, k in LINEAR_PAIR_CASES:
@@ -821,6 +822,15 @@ def linear_pair_kernel() -> dict[str, bool]:
             error, same = relative_error(got, want), torch.equal(got, own)
             print(f"  linear_pair fp8 [{n1}, {k}] + [{n2}, {k}]: error {error:.2e}, its layers' own kernels' {same}")
             results[f"fp8 [{n1}, {k}] + [{n2}, {k}]"] = error < 1e-2 and same
+            # a SwiGLU MLP's two FP8 layers [N1, K] in the gate/up kernel (`gate_up_gemv_fp8`), each with its own
+            # scales: SiLU(gate) * up within FP8's tolerance of float64, and of the op's torch path
+            gate, up = (quantize_blocks(varied(n1, k) / k**0.5) for _ in range(2))
+            got = _moe_gemv_triton.launch_gate_up(x, gate[0], up[0], gate_scale=gate[1], up_scale=up[1])
+            g, u = (x.double() @ dequantize_blocks(q, sc).double().T for q, sc in (gate, up))
+            error = relative_error(got, torch.nn.functional.silu(g) * u)
+            drift = relative_error(got, moe_gemv.gate_up_gemv_fp8(x, gate[0], gate[1], up[0], up[1]))
+            print(f"  gate_up fp8 2 x [{n1}, {k}]: error {error:.2e}, vs the op's torch path {drift:.2e}")
+            results[f"fp8 gate/up 2 x [{n1}, {k}]"] = error < 1e-2 and drift < 1e-2 and got.shape == (1, n1)
     return results
 
 

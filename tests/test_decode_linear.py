@@ -210,6 +210,30 @@ def test_fused_gate_up_kernel_matches_float64_on_gpu():
         assert_kernel_matches(moe_gemv.gate_up_gemv, _moe_gemv_triton.launch_gate_up, (x, gate, up), want)
 
 
+@pytest.mark.gpu
+def test_fp8_gate_up_kernel_matches_float64_on_gpu():
+    """The gate/up kernel over a SwiGLU MLP's two FP8 layers (each with its own 128x128 block scales; 1 and 4
+    decode rows) at the bench's dense MLP shape and a partial-block one, against float64 with the dequantised
+    weights; and replayed in a CUDA graph."""
+    if not (torch.cuda.is_available() and moe_gemv.fp8_kernels_available()):
+        pytest.skip("needs Triton, CUDA and FP8 conversions")
+    from hf_deepseek.kernels import _moe_gemv_triton
+    from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
+    from hf_deepseek.modeling.fp8_numerics import quantize_blocks
+
+    torch.manual_seed(0)
+    for rows, inter, dim in ((1, 10944, 2048), (4, 200, 320)):
+        x = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
+        gate, up = (quantize_blocks(torch.randn(inter, dim, device="cuda") / dim**0.5) for _ in range(2))
+        g, u = (x.double() @ dequantize_blocks(q, s).double().T for q, s in (gate, up))
+        args = (x, gate[0], gate[1], up[0], up[1])
+
+        def launch(x, gq, gs, uq, us):
+            return _moe_gemv_triton.launch_gate_up(x, gq, uq, gate_scale=gs, up_scale=us)
+
+        assert_kernel_matches(moe_gemv.gate_up_gemv_fp8, launch, args, F.silu(g) * u)
+
+
 def test_q_kv_a_pair_op_and_the_attention_taking_it(monkeypatch):
     """`linear_gemv_pair` on the CPU: both products joined; an attention whose q_a and kv_a projections are
     DecodeLinear takes it for its single decode row (the default; one op node under torch.compile) and gives the

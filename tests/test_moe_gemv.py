@@ -598,6 +598,40 @@ def test_the_q_a_norm_and_an_fp8_q_b_take_one_norm_linear_launch(monkeypatch):
         assert ((fused.double() - want).norm() / want.norm()).item() < 1e-2
 
 
+def test_an_fp8_swiglu_mlp_takes_one_gate_up_launch(monkeypatch):
+    """A SwiGLU MLP of FP8 layers: its decode rows (up to MAX_LINEAR_ROWS) take `gate_up_gemv_fp8` once, whose
+    CPU path is SiLU(gate) * up from fp32 products of the dequantised weights rounded once, within bf16 rounding of
+    float64 and of the unfused path (gate and up rounded apart); more rows, or HF_DEEPSEEK_FUSED_GATE_UP=0, keep the
+    three projections."""
+    from hf_deepseek.modeling.decode_linear import fused_gate_up
+    from hf_deepseek.modeling.layers import SwiGLUMLP
+
+    mlp = SwiGLUMLP(320, 200)
+    mlp.gate_proj, mlp.up_proj = fp8_linear_layer("cpu", 320, 200), fp8_linear_layer("cpu", 320, 200, seed=2)
+    mlp.down_proj = fp8_linear_layer("cpu", 200, 320, seed=3)
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        layer.bias = None
+    monkeypatch.setattr(moe_gemv, "usable_linear_fp8", lambda x2, w: x2.shape[0] <= moe_gemv.MAX_LINEAR_ROWS)
+    calls, original = [], moe_gemv.gate_up_gemv_fp8
+    monkeypatch.setattr(moe_gemv, "gate_up_gemv_fp8", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 320).to(torch.bfloat16)
+    gate, up = (m.dequantized(torch.float64).weight for m in (mlp.gate_proj, mlp.up_proj))
+    want = torch.nn.functional.silu(x.double() @ gate.T) * (x.double() @ up.T)
+    with torch.no_grad():
+        act = fused_gate_up(mlp, x)
+        assert calls == [2] and act.shape == (1, 2, 200) and act.dtype == torch.bfloat16
+        assert ((act.double() - want).norm() / want.norm()).item() < 4e-3
+        fused = mlp(x)
+        monkeypatch.setattr(moe_gemv, "FUSED_GATE_UP", False)
+        unfused = mlp(x)
+        assert calls == [2, 2]  # switched off: the three projections
+        torch.testing.assert_close(fused, unfused, rtol=2e-2, atol=2e-2)
+        monkeypatch.setattr(moe_gemv, "FUSED_GATE_UP", True)
+        assert fused_gate_up(mlp, torch.randn(1, 5, 320).to(torch.bfloat16)) is None  # 5 rows: past the kernel's
+        assert calls == [2, 2]
+
+
 def test_the_input_norm_and_fp8_q_a_kv_a_take_one_launch(monkeypatch):
     """With HF_DEEPSEEK_FUSED_INPUT_NORM on (the default), `decode_linear.fused_norm_pair` sends a decode row of an
     RMSNorm followed by two FP8 layers of its output through `norm_linear_gemv_pair_fp8`: on the CPU each half is what

@@ -117,6 +117,7 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-head",
     "ours-generate-fp8-head",
     "ours-fast-fp8-head-input-norm",
+    "ours-fast-fp8-head-separate-gate-up",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -407,6 +408,10 @@ STEP_ROWS = {
     "ours-fast-fp8-launches-apart": Row("ours-fast-fp8-launches-apart", "latent", True, **LAUNCHES_APART),
     "ours-fast-fp8-head": Row("ours-fast-fp8-head", "latent", True),
     "ours-fast-fp8-head-input-norm": Row("ours-fast-fp8-head-input-norm", "latent", True, fused_input_norm=True),
+    # the dense MLP's FP8 gate and up as two launches and an activation kernel (the default until 2026-12-06)
+    "ours-fast-fp8-head-separate-gate-up": Row(
+        "ours-fast-fp8-head-separate-gate-up", "latent", True, fused_gate_up=False
+    ),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
@@ -414,7 +419,12 @@ FP8_ROWS = (
     "ours-fast-fp8-mla-front", "ours-fast-fp8-fewest-launches", "ours-fast-fp8-launches-apart", "ours-generate-fp8",
 )  # fmt: skip
 # run after those: they also quantise the LM head (which DeepSeek's FP8 checkpoints and `FP8Recipe` keep in bf16)
-FP8_HEAD_ROWS = ("ours-fast-fp8-head", "ours-generate-fp8-head", "ours-fast-fp8-head-input-norm")
+FP8_HEAD_ROWS = (
+    "ours-fast-fp8-head",
+    "ours-generate-fp8-head",
+    "ours-fast-fp8-head-input-norm",
+    "ours-fast-fp8-head-separate-gate-up",
+)
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
 # in one run (benchmarks/decode_h200.sh sets them to `moe_gemv_tune.py --linear`'s choice)

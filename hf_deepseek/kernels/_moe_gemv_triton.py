@@ -26,6 +26,7 @@ def _gate_up_kernel(
     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr = 1,
     STAGES: tl.constexpr = None, ROUTED: tl.constexpr = True, sg_ptr=None, su_ptr=None, N_SHARED: tl.constexpr = 0,
     sgs_ptr=None, sus_ptr=None, PDL: tl.constexpr = False, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
+    us_ptr=None, UP_SCALES_APART: tl.constexpr = False,
 ):  # fmt: skip
     """act[p, n] = SiLU(gate[e_p, n] . x[t_p]) * (up[e_p, n] . x[t_p]) for a block of n; gate rows [0, I), up rows
     [I, 2I) of the expert's [2I, d] matrix. SCALED: gate scales [G_INTER, G_D], then up's, per expert. SPLIT_K > 1:
@@ -36,7 +37,8 @@ def _gate_up_kernel(
     N_SHARED of each token's TOP_K pairs are a shared MLP's slices, rows [j I, (j + 1) I) of its gate and up
     matrices at sg_ptr and su_ptr (SCALED: their block scales at sgs_ptr and sus_ptr, I a multiple of 128), and idx
     holds only the TOP_K - N_SHARED routed experts of each token. PDL, LINES, LINE: `_pdl_triton.pdl_start`'s (the
-    gate matrix's lines prefetched: LINES 0 where routing picks the matrix)."""
+    gate matrix's lines prefetched: LINES 0 where routing picks the matrix). UP_SCALES_APART (not ROUTED, SCALED):
+    the up matrix's block scales at us_ptr, not after the gate's (a SwiGLU MLP's two FP8 layers)."""
     pair = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
@@ -49,6 +51,8 @@ def _gate_up_kernel(
     u = u_ptr + expert * (2 * INTER) * D
     sg = s_ptr + expert * (2 * G_INTER) * G_D  # SCALED: the gate's scales, [G_INTER, G_D]; the up's after them
     su = sg + G_INTER * G_D
+    if UP_SCALES_APART:
+        su = us_ptr
     if N_SHARED > 0:
         slot = pair % TOP_K
         routed_k = TOP_K - N_SHARED
@@ -444,18 +448,25 @@ def launch_linear(x, weight, scale=None, config=None) -> torch.Tensor:
     return out if split_k == 1 else out.sum(dim=1).to(x.dtype)
 
 
-def launch_gate_up(x, gate, up, config=None) -> torch.Tensor:
-    """x [T, K] -> SiLU(x @ gate^T) * (x @ up^T) [T, I] in x's dtype, gate and up [I, K] bf16 (a SwiGLU MLP's two
-    input projections in one launch, the activation applied in registers): the gate/up kernel over one pair of
-    matrices, each row of x a matrix-vector product. `config` as `launch_linear`'s (its split-K is not used)."""
-    block_n, block_k, warps, _, stages = kernel_config(config, linear=True)
+def launch_gate_up(x, gate, up, config=None, gate_scale=None, up_scale=None) -> torch.Tensor:
+    """x [T, K] -> SiLU(x @ gate^T) * (x @ up^T) [T, I] in x's dtype, gate and up [I, K] bf16, or FP8 with their
+    128x128 block scales `gate_scale` and `up_scale` (a SwiGLU MLP's two input projections in one launch, the
+    activation applied in registers): the gate/up kernel over one pair of matrices, each row of x a matrix-vector
+    product. `config` as `launch_linear`'s (its split-K is not used; FP8: `LINEAR_FP8_CONFIG` by default)."""
+    scaled = gate_scale is not None
+    block_n, block_k, warps, _, stages = kernel_config(config, fp8=scaled, linear=True)
     rows, (inter, dim) = x.shape[0], gate.shape
     x, gate, up = x.contiguous(), gate.contiguous(), up.contiguous()
     act = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
+    s_ptr, g_inter, g_dim = gate, 1, 1  # the scales' arguments, unread without them
+    if scaled:
+        _check_scaled_block(block_n)
+        s_ptr, g_inter, g_dim = gate_scale.float().contiguous(), triton.cdiv(inter, 128), triton.cdiv(dim, 128)
     _gate_up_kernel[(rows, triton.cdiv(inter, block_n), 1)](
-        x, x, gate, up, gate, act, dim, inter, 1, 1, 1, dim, SCALED=False, BLOCK_N=block_n, BLOCK_K=block_k,
-        STAGES=stages, ROUTED=False, **launch_options(warps, stages),
-        **pdl_arguments(x.device, dim, gate.element_size()),
+        x, x, gate, up, s_ptr, act, dim, inter, 1, g_inter, g_dim, dim,
+        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, ROUTED=False,
+        us_ptr=up_scale.float().contiguous() if scaled else None, UP_SCALES_APART=scaled,
+        **launch_options(warps, stages), **pdl_arguments(x.device, dim, gate.element_size()),
     )  # fmt: skip
     return act
 

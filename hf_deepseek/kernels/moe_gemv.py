@@ -15,7 +15,8 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 `linear_gemv` to a bf16 one's single decode row (`modeling/decode_linear.py`; on an H200 a batch-1 step's dense
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
-applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off), and `linear_gemv_pair` two linear layers of one
+applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off; `gate_up_gemv_fp8` for FP8 ones), and
+`linear_gemv_pair` two linear layers of one
 input, MLA's q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8`
 for FP8 ones); `norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection
 (default, HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off; `norm_linear_gemv_fp8` for an FP8 q_b);
@@ -40,9 +41,10 @@ LINEAR_GEMV = os.environ.get("HF_DEEPSEEK_LINEAR_GEMV", "1") != "0"  # bf16 dens
 # the down kernel sums each token's top-k itself (no torch sum and conversion after it): opt-in, 3% slower than the
 # default in a batch-1 step on an H200 (bench row `ours-fast-sum-top-k`, docs/PERF.md 2026-12-04h)
 SUM_TOP_K = os.environ.get("HF_DEEPSEEK_MOE_GEMV_SUM_TOP_K", "0") == "1"
-# a SwiGLU MLP's gate and up projections of one decode row in one launch, SiLU(gate) * up applied in it (two
-# launches fewer a layer: the up projection and the activation): on by default with the other launch-saving kernels
-# (FUSED_NORM_LINEAR's note below); HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off
+# a SwiGLU MLP's gate and up projections of one decode row (FP8 layers: up to MAX_LINEAR_ROWS rows) in one launch,
+# SiLU(gate) * up applied in it (two launches fewer a layer: the up projection and the activation): on by default
+# with the other launch-saving kernels (FUSED_NORM_LINEAR's note below; FP8 layers since 2026-12-06, not yet timed:
+# bench row ours-fast-fp8-head-separate-gate-up keeps them apart); HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off
 FUSED_GATE_UP = os.environ.get("HF_DEEPSEEK_FUSED_GATE_UP", "1") != "0"
 # MLA's q_a and kv_a projections of one decode row (two linear layers of one input) in one launch: on by default,
 # its batch-1 step 1.12 ms against 1.16 with the steps replayed from hand-captured graphs (bench row
@@ -322,6 +324,26 @@ def gate_up_gemv(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch
 
 @gate_up_gemv.register_fake
 def _(x, gate, up):
+    return x.new_empty(x.shape[0], gate.shape[0])
+
+
+@torch.library.custom_op("hf_deepseek::gate_up_gemv_fp8", mutates_args=())
+def gate_up_gemv_fp8(
+    x: torch.Tensor, gate: torch.Tensor, gate_scale: torch.Tensor, up: torch.Tensor, up_scale: torch.Tensor
+) -> torch.Tensor:
+    """`gate_up_gemv` for a SwiGLU MLP's two FP8 layers [I, K] with their 128x128 block scales: both products of
+    the weights dequantised exactly, accumulated in fp32, the activation rounded once to x's dtype; one launch of
+    the gate/up kernel on CUDA."""
+    if not x.is_cuda:
+        gate_out = x.float() @ dequantize_blocks(gate, gate_scale).T
+        return (F.silu(gate_out) * (x.float() @ dequantize_blocks(up, up_scale).T)).to(x.dtype)
+    from ._moe_gemv_triton import launch_gate_up
+
+    return launch_gate_up(x, gate, up, gate_scale=gate_scale, up_scale=up_scale)
+
+
+@gate_up_gemv_fp8.register_fake
+def _(x, gate, gate_scale, up, up_scale):
     return x.new_empty(x.shape[0], gate.shape[0])
 
 

@@ -60,16 +60,20 @@ def single_decode_row(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | No
 
 
 def fused_gate_up(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """act(gate(x)) * up(x) of a SwiGLU MLP (`layers.SwiGLUMLP`) through `moe_gemv.gate_up_gemv` when the activation
-    is SiLU, HF_DEEPSEEK_FUSED_GATE_UP=1 and `single_decode_row` serves both projections; None otherwise (the caller
+    """act(gate(x)) * up(x) of a SwiGLU MLP (`layers.SwiGLUMLP`) in one launch when the activation is SiLU and
+    HF_DEEPSEEK_FUSED_GATE_UP is on (the default): `moe_gemv.gate_up_gemv` for bf16 layers where `single_decode_row`
+    serves both, `moe_gemv.gate_up_gemv_fp8` for FP8 ones where `fp8_decode_rows` does; None otherwise (the caller
     computes it as before)."""
     gate, up = mlp.gate_proj, mlp.up_proj
     if not (moe_gemv.FUSED_GATE_UP and moe_gemv.is_silu(mlp.act_fn)):
         return None
-    rows = single_decode_row(x, gate, up)
-    if rows is None:
+    if (rows := single_decode_row(x, gate, up)) is not None:
+        act = moe_gemv.gate_up_gemv(rows, gate.weight, up.weight)
+    elif (rows := fp8_decode_rows(x, gate, up)) is not None:
+        act = moe_gemv.gate_up_gemv_fp8(rows, gate.weight, gate.weight_scale_inv, up.weight, up.weight_scale_inv)
+    else:
         return None
-    return moe_gemv.gate_up_gemv(rows, gate.weight, up.weight).view(*x.shape[:-1], gate.out_features)
+    return act.view(*x.shape[:-1], gate.out_features)
 
 
 def fp8_decode_rows(x: torch.Tensor, *linears: nn.Module) -> torch.Tensor | None:
