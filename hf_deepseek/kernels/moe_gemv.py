@@ -16,10 +16,10 @@ FP8, `FP8InferenceExperts`): each weight dequantised in registers, so a step rea
 layers took 232 us through it against cuBLAS's 330, `benchmarks/moe_gemv_tune.py --linear`; HF_DEEPSEEK_LINEAR_GEMV=0
 keeps cuBLAS); `gate_up_gemv` runs a SwiGLU MLP's gate and up projections of that row in one launch, the activation
 applied in it (default; HF_DEEPSEEK_FUSED_GATE_UP=0 turns it off; `gate_up_gemv_fp8` for FP8 ones), and
-`linear_gemv_pair` two linear layers of one
-input, MLA's q_a and kv_a projections (default; HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8`
-for FP8 ones); `norm_linear_gemv` an RMSNorm and the linear layer after it, MLA's q_a norm and q_b projection
-(default, HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off; `norm_linear_gemv_fp8` for an FP8 q_b);
+`linear_gemv_pair` two linear layers of one input, MLA's q_a and kv_a projections (default;
+HF_DEEPSEEK_FUSED_Q_KV_A=0 turns it off; `linear_gemv_pair_fp8` for FP8 ones); `norm_linear_gemv` an RMSNorm and
+the linear layer after it, MLA's q_a norm and q_b projection (default, HF_DEEPSEEK_FUSED_NORM_LINEAR=0 turns it off;
+`norm_linear_gemv_fp8` for an FP8 q_b);
 `norm_linear_gemv_pair` a decoder layer's input norm with q_a and kv_a (HF_DEEPSEEK_FUSED_INPUT_NORM=0 turns it off);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
 (default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
