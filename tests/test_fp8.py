@@ -909,8 +909,9 @@ def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_exper
 
 @gpu
 def test_fbgemm_rowwise_grouped_gemm_matches_torchs_over_the_segments():
-    """FBGEMM's FP8 rowwise grouped GEMM against torch's `_scaled_grouped_mm` on the same quantised operands, over
-    128-aligned segments with two idle experts and rows past the last segment (not read by either)."""
+    """FBGEMM's FP8 rowwise grouped GEMM against float64 products of the dequantised operands and against torch's
+    `_scaled_grouped_mm` on the same quantised operands, over 128-aligned segments with two idle experts and rows
+    past the last segment (not read by either)."""
     from hf_deepseek.kernels import fbgemm_grouped
     from hf_deepseek.modeling.fp8_numerics import expert_layout
 
@@ -928,7 +929,10 @@ def test_fbgemm_rowwise_grouped_gemm_matches_torchs_over_the_segments():
         a_q, b_q.transpose(-2, -1), a_s.reshape(-1), b_s.reshape(8, -1), offs=layout.seg_end, out_dtype=torch.bfloat16
     ).float()
     end = int(layout.seg_end[-1])
+    a64, b64 = a_q.double() * a_s.double(), b_q.double() * b_s.double()
+    exact = torch.cat([a64[s:e] @ b64[i].T for i, (s, e) in enumerate(layout.segments())])
     assert got.shape == (layout.rows, 384)
+    assert (got[:end] - exact).norm() / exact.norm() < 4e-3  # bf16 output rounding
     assert (got[:end] - want[:end]).norm() / want[:end].norm() < 1e-2
 
 
