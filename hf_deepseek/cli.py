@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(torch's top-k routing), hf_deepseek-bf16-loss-chunks-16 and hf_deepseek-fp8-rowwise-triton-quant-loss-"
         "chunks-16 (the head's loss in 16 chunks), hf_deepseek-bf16-joined-projections and "
         "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each), "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra) "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra), "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad and "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections (with those choices too) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -59,6 +59,16 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
 
 
+def test_every_variant_is_named_in_the_help():
+    """`bench train --help` names every variant `--variants` accepts."""
+    from hf_deepseek.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    train = bench._subparsers._group_actions[0].choices["train"]
+    variants_help = next(a.help for a in train._actions if "--variants" in a.option_strings)
+    assert [v for v in VARIANTS if v not in variants_help] == []
+
+
 def test_profile_writes_a_kernel_table_of_one_step_for_the_variants_asked(tmp_path, capsys):
     from hf_deepseek.evals.bench_train import kernel_kind
 

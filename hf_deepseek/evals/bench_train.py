@@ -54,6 +54,8 @@ OURS_FP8_ROWWISE_TRITON_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-hp-wgra
 # the Triton quantisers and FBGEMM's grouped GEMMs for the routed experts (FP8 rowwise products, bf16 weight
 # gradient; the optional fbgemm-gpu-genai wheel)
 OURS_FP8_ROWWISE_FBGEMM = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm"
+# and the linear layers' weight gradient in bf16 too: the two levers of the FP8 step's GEMM and quantiser time at once
+OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -70,6 +72,11 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_PRECISE_GRADS: ("rowwise", True, {"fused_quantization": False, "fast_accum": ("output",)}),
     OURS_FP8_ROWWISE_TRITON_HP_WGRAD: ("rowwise", True, {"fused_quantization": False, "linear_wgrad": "bf16"}),
     OURS_FP8_ROWWISE_FBGEMM: ("rowwise", True, {"fused_quantization": False, "grouped_gemm": "fbgemm"}),
+    OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD: (
+        "rowwise",
+        True,
+        {"fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
+    ),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
@@ -88,9 +95,10 @@ OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_R
 # (`modeling.joined_projections`, opt-in)
 JOINED = "-joined-projections"
 OURS_JOINED, OURS_FP8_JOINED = OURS + JOINED, OURS_FP8_ROWWISE_TRITON_QUANT + JOINED
+OURS_FP8_FBGEMM_JOINED = OURS_FP8_ROWWISE_FBGEMM + JOINED
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
-    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
