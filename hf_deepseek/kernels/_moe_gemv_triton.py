@@ -471,6 +471,15 @@ def launch_gate_up(x, gate, up, config=None, gate_scale=None, up_scale=None) -> 
     return act
 
 
+def _pair_scales(block_n: int, k: int, first_scale, second_scale) -> dict:
+    """The pair kernels' FP8 arguments (both layers' 128x128 block scales, K's blocks), checked; {} for bf16."""
+    if first_scale is None:
+        return {}
+    _check_scaled_block(block_n)
+    return dict(SCALED=True, s1_ptr=first_scale.float().contiguous(), s2_ptr=second_scale.float().contiguous(),
+                G_K=triton.cdiv(k, 128))  # fmt: skip
+
+
 def launch_linear_pair(x, first, second, config=None, first_scale=None, second_scale=None) -> torch.Tensor:
     """x [T, K] -> [x @ first^T, x @ second^T] joined [T, N1 + N2] in x's dtype, first [N1, K] and second [N2, K]
     bf16, or FP8 with their 128x128 block scales `first_scale` and `second_scale` (two linear layers of one input,
@@ -481,11 +490,7 @@ def launch_linear_pair(x, first, second, config=None, first_scale=None, second_s
     rows, (n1, k), n2 = x.shape[0], first.shape, second.shape[0]
     x, first, second = x.contiguous(), first.contiguous(), second.contiguous()
     out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
-    scales = {}
-    if scaled:
-        _check_scaled_block(block_n)
-        scales = dict(SCALED=True, s1_ptr=first_scale.float().contiguous(), s2_ptr=second_scale.float().contiguous(),
-                      G_K=triton.cdiv(k, 128))  # fmt: skip
+    scales = _pair_scales(block_n, k, first_scale, second_scale)
     _pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
         x, first, second, out, n1, n2, k, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, **scales,
         **launch_options(warps, stages), **pdl_arguments(x.device, k, first.element_size()),
@@ -526,11 +531,7 @@ def launch_norm_linear_pair(x, norm_weight, eps: float, first, second, config=No
         x = x.contiguous()
     first, second = first.contiguous(), second.contiguous()
     out = torch.empty(rows, n1 + n2, device=x.device, dtype=x.dtype)
-    scales = {}
-    if scaled:
-        _check_scaled_block(block_n)
-        scales = dict(SCALED=True, s1_ptr=first_scale.float().contiguous(), s2_ptr=second_scale.float().contiguous(),
-                      G_K=triton.cdiv(k, 128))  # fmt: skip
+    scales = _pair_scales(block_n, k, first_scale, second_scale)
     _norm_pair_kernel[(rows, triton.cdiv(n1, block_n) + triton.cdiv(n2, block_n))](
         x, norm_weight.contiguous(), first, second, out, n1, n2, k, x.stride(0), eps, BLOCK_N=block_n,
         BLOCK_K=block_k, STAGES=stages, **scales, **launch_options(warps, stages),

@@ -106,8 +106,7 @@ def fused_pair(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[to
         )
     else:
         return None
-    one, two = out.split([first.out_features, second.out_features], dim=-1)
-    return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
+    return _split_pair(out, first, second, x)
 
 
 def fused_norm_pair(
@@ -127,6 +126,11 @@ def fused_norm_pair(
         )
     else:
         return None
+    return _split_pair(out, first, second, x)
+
+
+def _split_pair(out: torch.Tensor, first: nn.Module, second: nn.Module, x: torch.Tensor):
+    """A pair launch's joined rows [T, N1 + N2] -> (first's, second's) in x's leading shape."""
     one, two = out.split([first.out_features, second.out_features], dim=-1)
     return one.view(*x.shape[:-1], -1), two.view(*x.shape[:-1], -1)
 
