@@ -976,6 +976,63 @@ def fp8_shared_pairs_kernels() -> dict[str, bool]:
     return results
 
 
+# ---- a MoE layer's two matrix-vector kernels in one launch (`_moe_gemv_triton._experts_kernel`) -------------------
+# A separate section: `fused_experts_kernel()`, which the main block runs, prints, saves ("fused_experts") and counts
+# in the exit status: the fused launch bit for bit the two launches' result (bf16 and FP8 weights, with and without a
+# shared MLP folded in, the down kernel split or not), its counters back at zero after it. One persistent program:
+# the interpreter runs a grid's programs one after another, so a down block of program 0 waiting on program 1's
+# gate/up blocks would never see them; one program takes every gate/up block before any down block.
+
+FUSED_EXPERTS_CONFIGS = [
+    None,
+    ((16, 128, 4, 1, 2), (32, 64, 4, 1, None)),
+    ((32, 256, 4, 1, None), (16, 128, 4, 3, None)),
+]
+
+
+def fused_experts_kernel() -> dict[str, bool]:
+    from hf_deepseek.kernels.counters import counters
+
+    results = {}
+    hidden, inter, tokens = 384, 256, 2
+    experts = fp8_experts(hidden, inter)
+    fp8 = experts._fp8_tensors()
+    gate_up, down = (w.to(torch.bfloat16) for w in experts.dequantized_weights())
+    shared_fp8 = [
+        quantize_blocks(varied(*shape) / shape[1] ** 0.5) for shape in ((inter, hidden),) * 2 + ((hidden, inter),)
+    ]
+    shared_bf16 = tuple(dequantize_blocks(q, sc).to(torch.bfloat16) for q, sc in shared_fp8)
+    torch.manual_seed(11)
+    x = torch.randn(tokens, hidden).to(torch.bfloat16)
+    indices = torch.stack([torch.randperm(16)[:4] for _ in range(tokens)])
+    weights = torch.rand(tokens, 4).softmax(dim=-1)
+    with gpu_store_rounding():
+        for cfg in FUSED_EXPERTS_CONFIGS:
+            configs = dict(config=cfg[0], down_config=cfg[1]) if cfg else {}
+            for kind in ("bf16", "fp8"):
+                for folded in (False, True):
+                    if kind == "bf16":
+                        args, extra = (x, indices, weights, gate_up, down), {}
+                        shared = dict(shared=shared_bf16) if folded else {}
+                    else:
+                        args = (x, indices, weights, fp8[0], fp8[2])
+                        extra = dict(gate_up_scale=fp8[1], down_scale=fp8[3])
+                        shared = {}
+                        if folded:
+                            shared = dict(shared=tuple(q for q, _ in shared_fp8),
+                                          shared_scales=tuple(sc for _, sc in shared_fp8))  # fmt: skip
+                    apart = _moe_gemv_triton.launch(*args, **configs, **extra, **shared, per_pair=True)
+                    fused = _moe_gemv_triton.launch(*args, **configs, **extra, **shared, per_pair=True, fused=True,
+                                                    programs=1)  # fmt: skip
+                    zeroed = not counters("moe_experts", 2 * _moe_gemv_triton.FUSED_MAX_PAIRS, x.device).any()
+                    name = f"{kind}{', shared folded' if folded else ''}, configs {cfg}"
+                    same = torch.equal(fused, apart)
+                    print(f"  fused experts {name}: {'bit-equal' if same else 'DIFFERENT'} to the two launches, "
+                          f"counters {'zero' if zeroed else 'NOT ZERO'} after")  # fmt: skip
+                    results[name] = same and zeroed and bool(apart.abs().sum() > 0)
+    return results
+
+
 # ---- AdamW's update (`kernels/_adamw_triton.py`, `kernels.adamw.TritonAdamW`'s CUDA step) ---------------------------
 # A separate section: `adamw_kernel()`, which the main block runs, prints, saves ("adamw") and counts in the exit
 # status: fp32 tensors as `adamw.torch_update` computes them (up to float32 rounding), bf16 ones with the GPU's
@@ -1025,6 +1082,7 @@ if __name__ == "__main__":
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
     shared_pairs |= fp8_shared_pairs_kernels()  # and with FP8 weights
     adamw = adamw_kernel()  # AdamW's update section
+    fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -1048,6 +1106,7 @@ if __name__ == "__main__":
             record["norm_linear"] = norm
             record["shared_pairs"] = shared_pairs
             record["adamw"] = adamw
+            record["fused_experts"] = fused_experts
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
@@ -1059,6 +1118,7 @@ if __name__ == "__main__":
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
+    print(f"fused experts kernel: {sum(fused_experts.values())}/{len(fused_experts)} as the two launches")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
         0
@@ -1074,6 +1134,7 @@ if __name__ == "__main__":
         and all(norm.values())
         and all(shared_pairs.values())
         and all(adamw.values())
+        and all(fused_experts.values())
         and kernels_ok
         else 1
     )

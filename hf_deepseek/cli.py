@@ -192,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-generate-tf-loop (transformers' token loop), ours-fast-fp8, ours-fast-fp8-alt-linear, "
         "ours-fast-fp8-separate-q-kv-a (FP8 q_a and kv_a in two launches), "
         "ours-generate-fp8, ours-fast-fp8-head and ours-generate-fp8-head (the LM head in FP8 too; "
-        "ours-fast-fp8-head-separate-gate-up: the dense MLP's FP8 gate and up in two launches, as before) "
+        "ours-fast-fp8-head-separate-gate-up: the dense MLP's FP8 gate and up in two launches, as before), "
+        "ours-fast-fused-experts and ours-fast-fp8-head-fused-experts (a MoE layer's gate/up and down kernels in "
+        "one launch) "
         "(*-generate*: generate() end to end, ms per new token; default: "
         "all); they run in the order given (the FP8 rows last: they convert the model)",
     )

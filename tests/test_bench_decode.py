@@ -144,6 +144,21 @@ def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(mo
     ]  # fmt: skip
 
 
+def test_fused_experts_rows_turn_the_switch_on_for_the_row_only():
+    """`ours-fast-fused-experts` and `ours-fast-fp8-head-fused-experts` run a MoE layer's two kernels as one launch
+    (moe_gemv.FUSED_EXPERTS), off by default before and after; the FP8 one runs with the rows that quantise the head."""
+    from hf_deepseek.evals.bench_decode import FP8_HEAD_ROWS, ROWS, row_switches
+    from hf_deepseek.kernels import moe_gemv
+
+    assert not moe_gemv.FUSED_EXPERTS
+    for name in ("ours-fast-fused-experts", "ours-fast-fp8-head-fused-experts"):
+        assert name in ROWS
+        with row_switches(STEP_ROWS[name]):
+            assert moe_gemv.FUSED_EXPERTS
+        assert not moe_gemv.FUSED_EXPERTS
+    assert "ours-fast-fp8-head-fused-experts" in FP8_HEAD_ROWS
+
+
 @pytest.mark.gpu
 def test_replayed_step_gives_the_compiled_steps_logits():
     """Our compiled step rows' step on CUDA: the compiled step (no Inductor CUDA graphs) captured once and replayed

@@ -676,3 +676,44 @@ def test_fp8_norm_linear_kernel_matches_the_norm_then_the_fp8_layer():
         own = moe_gemv.linear_gemv_fp8(normed, layer.weight, layer.weight_scale_inv)
     assert got.dtype == torch.bfloat16 and ((got.double() - want).norm() / want.norm()).item() < 1e-2
     torch.testing.assert_close(got, own, rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bf16", "fp8-shared"])
+def test_fused_experts_launch_equals_the_two_launches_in_a_cuda_graph(kind):
+    """`launch(..., fused=True)`: the gate/up and down kernels' work in one launch of persistent programs, each down
+    block waiting on its pair's counter. At the bench's shapes (batch 1, top-6 of 64; FP8 with two shared slices
+    folded in and the down kernel in two chunks of I), eagerly and captured in a CUDA graph replayed several times
+    (the counters set back to zero by each launch), it equals the two launches; float64 bounds the bf16 case."""
+    _moe_gemv_triton, args, want = bench_shape_kernel_case(1)
+    from hf_deepseek.kernels.counters import counters
+    from hf_deepseek.modeling.fp8_numerics import quantize_blocks
+
+    options = {}
+    if kind == "fp8-shared":
+        fp8, x, indices, weights = fp8_experts_and_routing("cuda", torch.bfloat16, 1408, tokens=1, num_experts=64,
+                                                           hidden=2048)  # fmt: skip
+        torch.manual_seed(3)
+        shapes = ((2 * 1408, 2048), (2 * 1408, 2048), (2048, 2 * 1408))
+        shared = [quantize_blocks(torch.randn(*s, device="cuda") / s[1] ** 0.5) for s in shapes]
+        gate_up, gate_up_scale, down, down_scale = fp8_args(fp8)
+        args = (x, indices, weights, gate_up, down)
+        options = dict(gate_up_scale=gate_up_scale, down_scale=down_scale, shared=tuple(q for q, _ in shared),
+                       shared_scales=tuple(s for _, s in shared))  # fmt: skip
+    with torch.no_grad():
+        apart = _moe_gemv_triton.launch(*args, per_pair=True, **options)
+        fused = _moe_gemv_triton.launch(*args, per_pair=True, fused=True, **options)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            first = _moe_gemv_triton.launch(*args, per_pair=True, fused=True, **options)
+            second = _moe_gemv_triton.launch(*args, per_pair=True, fused=True, **options)  # the counters reused
+        for _ in range(3):
+            graph.replay()
+    torch.cuda.synchronize()
+    assert not counters("moe_experts", 2 * _moe_gemv_triton.FUSED_MAX_PAIRS, args[0].device).any()
+    torch.testing.assert_close(fused, apart, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(first, apart, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(second, apart, rtol=1e-6, atol=1e-7)
+    if kind == "bf16":
+        error = ((fused.sum(dim=1).double() - want).norm() / want.norm()).item()
+        assert error < 1e-2, error

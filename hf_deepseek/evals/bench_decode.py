@@ -118,6 +118,8 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-generate-fp8-head",
     "ours-fast-fp8-head-input-norm",
     "ours-fast-fp8-head-separate-gate-up",
+    "ours-fast-fused-experts",
+    "ours-fast-fp8-head-fused-experts",
 )
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
@@ -325,6 +327,8 @@ class Row:
     mla_front_rows: int | None = None
     # moe_gemv.FUSED_INPUT_NORM during the row (a layer's input norm in its q_a/kv_a launch); None: the environment's
     fused_input_norm: bool | None = None
+    # moe_gemv.FUSED_EXPERTS during the row (a MoE layer's two matrix-vector launches as one); None: the environment's
+    fused_experts: bool | None = None
     # CUDA: the compiled step in Inductor's CUDA graphs (mode "reduce-overhead", a step a call behind Dynamo's guards)
     # instead of compiled without them, captured by hand and replayed, as generate()'s device loop runs it
     inductor_graphs: bool = False
@@ -412,6 +416,9 @@ STEP_ROWS = {
     "ours-fast-fp8-head-separate-gate-up": Row(
         "ours-fast-fp8-head-separate-gate-up", "latent", True, fused_gate_up=False
     ),
+    # a MoE layer's gate/up and down kernels in one launch of persistent programs (opt-in)
+    "ours-fast-fused-experts": Row("ours-fast-fused-experts", "latent", True, fused_experts=True),
+    "ours-fast-fp8-head-fused-experts": Row("ours-fast-fp8-head-fused-experts", "latent", True, fused_experts=True),
 }
 # run last: the first converts our model in place
 FP8_ROWS = (
@@ -424,6 +431,7 @@ FP8_HEAD_ROWS = (
     "ours-generate-fp8-head",
     "ours-fast-fp8-head-input-norm",
     "ours-fast-fp8-head-separate-gate-up",
+    "ours-fast-fp8-head-fused-experts",
 )
 # the `*-alt-linear` rows' launch configurations of the dense layers' matrix-vector kernels, bf16 and FP8 weights
 # ("BLOCK_N,BLOCK_K,WARPS[,SPLIT_K[,STAGES]]"; unset: the row takes the default), to time one against the default
@@ -484,6 +492,7 @@ def row_switches(row: Row):
             "FUSED_INPUT_NORM",
             moe_gemv.FUSED_INPUT_NORM if row.fused_input_norm is None else row.fused_input_norm,
         ),
+        (moe_gemv, "FUSED_EXPERTS", moe_gemv.FUSED_EXPERTS if row.fused_experts is None else row.fused_experts),
     ]
     if row.pdl:
         switches.append((moe_gemv_config, "PDL", True))

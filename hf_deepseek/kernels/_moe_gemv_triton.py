@@ -14,10 +14,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl_triton import pdl_start
-from .moe_gemv_config import HEAD_MIN_ROWS, KernelConfig, kernel_config, launch_options, pdl_arguments, split_chunk
+from ._pdl_triton import _prefetch_l2, pdl_start
+from .counters import counters
+from .moe_gemv_config import (
+    HEAD_MIN_ROWS,
+    KernelConfig,
+    kernel_config,
+    launch_options,
+    pdl_arguments,
+    prefetch_lines,
+    split_chunk,
+)
 
 BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, KernelConfig().warps
+# `launch(..., fused=True)`: the token-expert pairs its counters hold, and its persistent programs a multiprocessor
+# (all resident at once: a down block spins until other programs' gate/up blocks are done)
+FUSED_MAX_PAIRS = 64
+FUSED_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -39,10 +52,25 @@ def _gate_up_kernel(
     holds only the TOP_K - N_SHARED routed experts of each token. PDL, LINES, LINE: `_pdl_triton.pdl_start`'s (the
     gate matrix's lines prefetched: LINES 0 where routing picks the matrix). UP_SCALES_APART (not ROUTED, SCALED):
     the up matrix's block scales at us_ptr, not after the gate's (a SwiGLU MLP's two FP8 layers)."""
-    pair = tl.program_id(0)
-    n0 = tl.program_id(1) * BLOCK_N
-    n = n0 + tl.arange(0, BLOCK_N)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     pdl_start(w_ptr, D, n, n < INTER, 0, D, PDL, LINES, LINE)
+    _gate_up_block(x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK,
+                   tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+                   SCALED, BLOCK_N, BLOCK_K, SPLIT_K, STAGES, ROUTED, sg_ptr, su_ptr, N_SHARED, sgs_ptr, sus_ptr,
+                   us_ptr, UP_SCALES_APART)  # fmt: skip
+
+
+@triton.jit
+def _gate_up_block(
+    x_ptr, idx_ptr, w_ptr, u_ptr, s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D, K_CHUNK, pair, block, chunk, chunks,
+    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
+    ROUTED: tl.constexpr, sg_ptr, su_ptr, N_SHARED: tl.constexpr, sgs_ptr, sus_ptr, us_ptr,
+    UP_SCALES_APART: tl.constexpr,
+):  # fmt: skip
+    """`_gate_up_kernel`'s work for token-expert pair `pair`, block `block` of I and (SPLIT_K > 1) chunk `chunk` of
+    the `chunks` of d."""
+    n0 = block * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     token = pair // TOP_K
     expert = 0
     if ROUTED and N_SHARED == 0:
@@ -73,7 +101,7 @@ def _gate_up_kernel(
     k_lo = 0
     k_hi = D
     if SPLIT_K > 1:
-        k_lo = tl.program_id(2) * K_CHUNK
+        k_lo = chunk * K_CHUNK
         k_hi = tl.minimum(k_lo + K_CHUNK, D)
     acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -94,7 +122,7 @@ def _gate_up_kernel(
         acc_gate += tl.sum(gate * x_gate[None, :], axis=1)
         acc_up += tl.sum(up * x_up[None, :], axis=1)
     if SPLIT_K > 1:
-        h = act_ptr + (pair * tl.num_programs(2) + tl.program_id(2)) * (2 * INTER)
+        h = act_ptr + (pair * chunks + chunk) * (2 * INTER)
         tl.store(h + n, acc_gate, mask=n_ok)
         tl.store(h + INTER + n, acc_up, mask=n_ok)
     else:
@@ -105,10 +133,11 @@ def _gate_up_kernel(
 @triton.jit
 def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
               SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-              ACT_FROM_H: tl.constexpr):  # fmt: skip
+              ACT_FROM_H: tl.constexpr, ACT_CACHE: tl.constexpr = ""):  # fmt: skip
     """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`); the matrix's rows
     `w_row` apart (INTER, or a shared MLP's whole width for one of its slices); SCALED: its block scales from `s`,
-    rows `s_row` apart. ACT_FROM_H: act_ptr is h [rows, H_CHUNKS, 2I], its chunks summed in order."""
+    rows `s_row` apart. ACT_FROM_H: act_ptr is h [rows, H_CHUNKS, 2I], its chunks summed in order. ACT_CACHE: the
+    activation loads' cache modifier (".cg" past L1, for an activation written by the same launch)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -119,15 +148,15 @@ def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTE
             h_up = tl.zeros([BLOCK_K], dtype=tl.float32)
             for c in range(H_CHUNKS):  # in chunk order: the same sums on every run
                 h = act_ptr + (row * H_CHUNKS + c) * (2 * INTER)
-                h_gate += tl.load(h + k, mask=k_ok, other=0.0)
-                h_up += tl.load(h + INTER + k, mask=k_ok, other=0.0)
+                h_gate += tl.load(h + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE)
+                h_up += tl.load(h + INTER + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE)
             a = h_gate * tl.sigmoid(h_gate) * h_up  # the unsplit gate/up kernel's expression, then its rounding
             if ACT_FROM_H == 1:
                 a = a.to(tl.bfloat16).to(tl.float32)
             elif ACT_FROM_H == 2:
                 a = a.to(tl.float16).to(tl.float32)
         else:
-            a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
+            a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE).to(tl.float32)
         down = tl.load(w + n[:, None] * w_row + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
             a *= tl.load(s + (n0 // 128) * s_row + k // 128, mask=k_ok, other=0.0)
@@ -174,44 +203,124 @@ def _down_kernel(
             total += acc * tl.load(weight_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        pair = tl.program_id(0)
-        expert = 0
-        if ROUTED and N_SHARED == 0:
-            expert = tl.load(idx_ptr + pair).to(tl.int64)
-        k_lo = 0
-        k_hi = INTER
-        if SPLIT_K > 1:
-            k_lo = tl.program_id(2) * K_CHUNK
-            k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
-        w = w_ptr + expert * D * INTER
-        w_row = INTER
-        s = s_ptr + expert * G_D * G_INTER  # SCALED: the matrix's block scales, rows s_row apart
-        s_row = G_INTER
-        if N_SHARED > 0:
-            slot = pair % TOP_K
-            routed_k = TOP_K - N_SHARED
-            routed_pair = (pair // TOP_K) * routed_k + slot
-            if slot < routed_k:
-                chosen = tl.load(idx_ptr + routed_pair).to(tl.int64)
-                w = w_ptr + chosen * D * INTER
-                if SCALED:
-                    s = s_ptr + chosen * G_D * G_INTER
-            else:
-                w = sd_ptr + (slot - routed_k).to(tl.int64) * INTER
-                w_row = SD_ROW
-                if SCALED:  # slice j's columns start at block column j G_INTER of the shared down's scales
-                    s = sds_ptr + (slot - routed_k) * G_INTER
-                    s_row = N_SHARED * G_INTER
+        _down_block(act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K,
+                    tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2),
+                    SCALED, ROUTED, BLOCK_N, BLOCK_K, SPLIT_K, STAGES, ACT_FROM_H, sd_ptr, SD_ROW, N_SHARED, sds_ptr,
+                    H_CHUNKS)  # fmt: skip
+
+
+@triton.jit
+def _down_block(
+    act_ptr, idx_ptr, weight_ptr, w_ptr, s_ptr, out_ptr, D, INTER, G_INTER, G_D, K_CHUNK, TOP_K, pair, block, chunk,
+    chunks, SCALED: tl.constexpr, ROUTED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, ACT_FROM_H: tl.constexpr, sd_ptr, SD_ROW, N_SHARED: tl.constexpr,
+    sds_ptr, H_CHUNKS, FUSED: tl.constexpr = False, ready_ptr=None, READY=0, LINES: tl.constexpr = 0,
+    LINE: tl.constexpr = 64,
+):  # fmt: skip
+    """`_down_kernel`'s work (not SUM_TOP_K) for token-expert pair `pair`, block `block` of d and (SPLIT_K > 1)
+    chunk `chunk` of the `chunks` of I. FUSED (`_experts_kernel`): the pair's activation is written by other
+    programs of the same launch, which count its READY blocks at ready_ptr[pair]; this block asks L2 for the first
+    LINES lines (LINE elements apart) of its weight rows, waits for the count, then reads the activation past L1."""
+    n0 = block * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = n < D
+    expert = 0
+    if ROUTED and N_SHARED == 0:
+        expert = tl.load(idx_ptr + pair).to(tl.int64)
+    k_lo = 0
+    k_hi = INTER
+    if SPLIT_K > 1:
+        k_lo = chunk * K_CHUNK
+        k_hi = tl.minimum(k_lo + K_CHUNK, INTER)
+    w = w_ptr + expert * D * INTER
+    w_row = INTER
+    s = s_ptr + expert * G_D * G_INTER  # SCALED: the matrix's block scales, rows s_row apart
+    s_row = G_INTER
+    if N_SHARED > 0:
+        slot = pair % TOP_K
+        routed_k = TOP_K - N_SHARED
+        routed_pair = (pair // TOP_K) * routed_k + slot
+        if slot < routed_k:
+            chosen = tl.load(idx_ptr + routed_pair).to(tl.int64)
+            w = w_ptr + chosen * D * INTER
+            if SCALED:
+                s = s_ptr + chosen * G_D * G_INTER
+        else:
+            w = sd_ptr + (slot - routed_k).to(tl.int64) * INTER
+            w_row = SD_ROW
+            if SCALED:  # slice j's columns start at block column j G_INTER of the shared down's scales
+                s = sds_ptr + (slot - routed_k) * G_INTER
+                s_row = N_SHARED * G_INTER
+    if FUSED:
+        if LINES > 0:
+            cols = tl.minimum(k_lo + tl.arange(0, LINES) * LINE, k_hi - 1)
+            _prefetch_l2(w + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * w_row + cols[None, :])
+        _wait_count(ready_ptr + pair, READY)
+        acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
+                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, ".cg")  # fmt: skip
+    else:
         acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
                         SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
-        if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
-            acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
-        elif ROUTED:
-            acc *= tl.load(weight_ptr + pair).to(tl.float32)
-        if SPLIT_K > 1:
-            tl.store(out_ptr + (pair * tl.num_programs(2) + tl.program_id(2)) * D + n, acc, mask=n_ok)
+    if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
+        acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
+    elif ROUTED:
+        acc *= tl.load(weight_ptr + pair).to(tl.float32)
+    if SPLIT_K > 1:
+        tl.store(out_ptr + (pair * chunks + chunk) * D + n, acc, mask=n_ok)
+    else:
+        tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _wait_count(count_ptr, want):
+    """Spin until the int32 at count_ptr reaches `want`; the stores counted before it are then visible to this
+    program's loads after it (acquire, and a block barrier after)."""
+    seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    while seen < want:
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _experts_kernel(
+    x_ptr, idx_ptr, weight_ptr, gate_up_ptr, up_ptr, gate_up_s_ptr, act_ptr, down_ptr, down_s_ptr, out_ptr,
+    ready_ptr, done_ptr, D, INTER, TOP_K, G_INTER, G_D, PAIRS, D_CHUNK,
+    SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+    D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr, D_SPLIT_K: tl.constexpr, D_STAGES: tl.constexpr,
+    sg_ptr=None, su_ptr=None, sd_ptr=None, SD_ROW=0, N_SHARED: tl.constexpr = 0, sgs_ptr=None, sus_ptr=None,
+    sds_ptr=None, LINES: tl.constexpr = 0, LINE: tl.constexpr = 64,
+):  # fmt: skip
+    """`_gate_up_kernel` (without split-K) and then `_down_kernel` (per pair, not SUM_TOP_K) in one launch of
+    persistent programs: the PAIRS x cdiv(I, BLOCK_N) gate/up blocks come first in the work list, then the down
+    blocks (pair, block of d, chunk of I), each program taking every num_programs-th item in order. A pair's down
+    blocks wait on ready_ptr[pair], which its gate/up blocks count up as they store its activation; the last of a
+    pair's down blocks to finish (counted at done_ptr[pair]) sets both counters back to zero for the next launch.
+    Every program takes its gate/up items before its down items and never waits in them, so with all programs
+    resident every wait ends. The sums are the two kernels' own (the same bits as their two launches)."""
+    pid, programs = tl.program_id(0), tl.num_programs(0)
+    up_blocks = tl.cdiv(INTER, BLOCK_N)
+    gate_up_items = PAIRS * up_blocks
+    chunks = tl.cdiv(INTER, D_CHUNK)
+    down_per_pair = tl.cdiv(D, D_BLOCK_N) * chunks
+    for item in range(pid, gate_up_items + PAIRS * down_per_pair, programs):
+        if item < gate_up_items:
+            pair = item // up_blocks
+            _gate_up_block(x_ptr, idx_ptr, gate_up_ptr, up_ptr, gate_up_s_ptr, act_ptr, D, INTER, TOP_K, G_INTER, G_D,
+                           D, pair, item % up_blocks, 0, 1, SCALED, BLOCK_N, BLOCK_K, 1, STAGES, True, sg_ptr, su_ptr,
+                           N_SHARED, sgs_ptr, sus_ptr, None, False)  # fmt: skip
+            tl.debug_barrier()  # every thread's stores of the block issued before they are counted
+            tl.atomic_add(ready_ptr + pair, 1, sem="release", scope="gpu")
         else:
-            tl.store(out_ptr + pair * D + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            pair = (item - gate_up_items) // down_per_pair
+            rest = (item - gate_up_items) % down_per_pair
+            _down_block(act_ptr, idx_ptr, weight_ptr, down_ptr, down_s_ptr, out_ptr, D, INTER, G_INTER, G_D, D_CHUNK,
+                        TOP_K, pair, rest // chunks, rest % chunks, chunks, SCALED, True, D_BLOCK_N, D_BLOCK_K,
+                        D_SPLIT_K, D_STAGES, 0, sd_ptr, SD_ROW, N_SHARED, sds_ptr, 1, True, ready_ptr, up_blocks,
+                        LINES, LINE)  # fmt: skip
+            tl.debug_barrier()
+            if tl.atomic_add(done_ptr + pair, 1, sem="acq_rel", scope="gpu") == down_per_pair - 1:
+                tl.atomic_xchg(ready_ptr + pair, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(done_ptr + pair, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -333,6 +442,8 @@ def launch(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     shared_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     down_config=None,
+    fused: bool = False,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """`config`: a `moe_gemv_config.KernelConfig` or a tuple (BLOCK_N, BLOCK_K, warps[, split_k[, stages]]) for both
     kernels (the tuning script tries several), unless `down_config` gives the down kernel's; by default
@@ -347,7 +458,9 @@ def launch(
     consecutive; `moe_gemv.output_slots`). `shared` (not with `sum_top_k`): a shared MLP's (gate [S I, d], up [S I, d],
     down [d, S I]) computed as S more pairs of each token, its slices of width I weighted 1, after the routed ones (k +
     S pairs a token); with FP8 experts the MLP's weights are FP8 too and `shared_scales` holds their three block-scale
-    grids (I a multiple of 128)."""
+    grids (I a multiple of 128). `fused` (not with `sum_top_k`, nor a split gate/up kernel, nor more than
+    `FUSED_MAX_PAIRS` pairs; otherwise ignored): both kernels' work in one launch of `programs` persistent programs
+    (`_experts_kernel`; by default `FUSED_PROGRAMS_PER_SM` a multiprocessor), the same result."""
     scaled = gate_up_scale is not None
     block_n, block_k, warps, split_k, stages = kernel_config(config, fp8=scaled)
     if down_config is None and config is not None:  # one configuration given: both kernels' (as before)
@@ -390,21 +503,36 @@ def launch(
     extra = dict(sg_ptr=shared[0], su_ptr=shared[1], N_SHARED=n_shared) if shared else {}
     if shared_scales:
         extra.update(sgs_ptr=shared_scales[0], sus_ptr=shared_scales[1])
-    _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](
-        x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k, g_inter,
-        g_dim, chunk_d,
-        SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra,
-        **launch_options(warps, stages), **pdl,
-    )  # fmt: skip
-    extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1], N_SHARED=n_shared) if shared else {}
+    down_extra = dict(sd_ptr=shared[2], SD_ROW=shared[2].shape[1]) if shared else {}
     if shared_scales:
-        extra.update(sds_ptr=shared_scales[2])
-    _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, d_block_n), chunks_i)](
-        act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i, top_k,
-        SCALED=scaled, ROUTED=True, BLOCK_N=d_block_n, BLOCK_K=d_block_k, SPLIT_K=d_split_k, STAGES=d_stages,
-        ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k, H_CHUNKS=chunks_d, **extra,
-        **launch_options(d_warps, d_stages), **pdl,
-    )  # fmt: skip
+        down_extra.update(sds_ptr=shared_scales[2])
+    if fused and not sum_top_k and split_k == 1 and pairs <= FUSED_MAX_PAIRS:
+        count = counters("moe_experts", 2 * FUSED_MAX_PAIRS, x.device)  # [ready a pair, done a pair]
+        lines, line = prefetch_lines(chunk_i, down.element_size()) if x.is_cuda else (0, 64)  # no PTX: interpreter
+        items = pairs * (triton.cdiv(inter, block_n) + triton.cdiv(dim, d_block_n) * chunks_i)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if programs is None else 0
+        _experts_kernel[(min(items, programs or FUSED_PROGRAMS_PER_SM * sms),)](
+            x, flat_idx, flat_w, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, down,
+            down_scale if scaled else down, out, count, count[FUSED_MAX_PAIRS:], dim, inter, top_k, g_inter, g_dim,
+            pairs, chunk_i,
+            SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, D_BLOCK_N=d_block_n, D_BLOCK_K=d_block_k,
+            D_SPLIT_K=d_split_k, D_STAGES=d_stages, LINES=lines, LINE=line, **extra, **down_extra,
+            **launch_options(max(warps, d_warps), stages),
+        )  # fmt: skip
+    else:
+        _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](
+            x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k,
+            g_inter, g_dim, chunk_d,
+            SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, STAGES=stages, **extra,
+            **launch_options(warps, stages), **pdl,
+        )  # fmt: skip
+        _down_kernel[(num_tokens if sum_top_k else pairs, triton.cdiv(dim, d_block_n), chunks_i)](
+            act, flat_idx, flat_w, down, down_scale if scaled else down, out, dim, inter, g_inter, g_dim, chunk_i,
+            top_k, SCALED=scaled, ROUTED=True, BLOCK_N=d_block_n, BLOCK_K=d_block_k, SPLIT_K=d_split_k,
+            STAGES=d_stages, ACT_FROM_H=_ACT_ROUNDING[act_dtype] if split_k > 1 else 0, SUM_TOP_K=sum_top_k,
+            H_CHUNKS=chunks_d, N_SHARED=n_shared, **down_extra,
+            **launch_options(d_warps, d_stages), **pdl,
+        )  # fmt: skip
     if sum_top_k:
         return out
     slots = top_k * (chunks_i if d_split_k > 1 else 1)  # split-K: each pair's partial sums, consecutive

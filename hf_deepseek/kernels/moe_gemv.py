@@ -22,7 +22,8 @@ the linear layer after it, MLA's q_a norm and q_b projection (default, HF_DEEPSE
 `norm_linear_gemv_fp8` for an FP8 q_b);
 `norm_linear_gemv_pair` a decoder layer's input norm with q_a and kv_a (HF_DEEPSEEK_FUSED_INPUT_NORM=0 turns it off);
 `routed_and_shared_experts_gemv` adds a MoE layer's shared MLP to the routed experts' two launches as more pairs
-(default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off).
+(default; HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off); HF_DEEPSEEK_FUSED_EXPERTS=1 runs a MoE layer's two
+launches as one.
 """
 
 import os
@@ -68,6 +69,11 @@ FUSED_INPUT_NORM = os.environ.get("HF_DEEPSEEK_FUSED_INPUT_NORM", "1") != "0"
 # without it (bench rows ours-fast-fold-shared and ours-fast, H100, docs/PERF.md 2026-12-05);
 # HF_DEEPSEEK_FOLD_SHARED_EXPERTS=0 turns it off
 FOLD_SHARED = os.environ.get("HF_DEEPSEEK_FOLD_SHARED_EXPERTS", "1") != "0"
+# a MoE layer's gate/up and down matrix-vector kernels as one launch of persistent programs, each pair's down blocks
+# waiting on counters for its activation (`_moe_gemv_triton._experts_kernel`: one launch ramp a layer fewer, and the
+# down blocks' weight lines asked of L2 before they wait): opt-in until timed, bench rows ours-fast-fused-experts and
+# ours-fast-fp8-head-fused-experts; HF_DEEPSEEK_FUSED_EXPERTS=1 turns it on
+FUSED_EXPERTS = os.environ.get("HF_DEEPSEEK_FUSED_EXPERTS", "0") == "1"
 
 
 _TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
@@ -215,7 +221,9 @@ def routed_experts_gemv(
         return reference(x, indices, weights, gate_up, down, per_pair=per_pair)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K and not per_pair, per_pair=per_pair)
+    return launch(
+        x, indices, weights, gate_up, down, sum_top_k=SUM_TOP_K and not per_pair, per_pair=per_pair, fused=FUSED_EXPERTS
+    )
 
 
 def output_slots(x: torch.Tensor, pairs_per_token: int, inter: int, fp8: bool) -> int:
@@ -258,7 +266,8 @@ def routed_and_shared_experts_gemv(
         return reference_with_shared(x, indices, weights, gate_up, down, shared_gate, shared_up, shared_down)
     from ._moe_gemv_triton import launch
 
-    return launch(x, indices, weights, gate_up, down, per_pair=True, shared=(shared_gate, shared_up, shared_down))
+    shared = (shared_gate, shared_up, shared_down)
+    return launch(x, indices, weights, gate_up, down, per_pair=True, shared=shared, fused=FUSED_EXPERTS)
 
 
 def fake_folded_output(x, indices, shared_gate, down, fp8: bool) -> torch.Tensor:
@@ -511,6 +520,7 @@ def routed_experts_gemv_fp8(
         down_scale=down_scale,
         sum_top_k=SUM_TOP_K and not per_pair,
         per_pair=per_pair,
+        fused=FUSED_EXPERTS,
     )
 
 
@@ -556,6 +566,7 @@ def routed_and_shared_experts_gemv_fp8(
         per_pair=True,
         shared=(shared_gate, shared_up, shared_down),
         shared_scales=(shared_gate_scale, shared_up_scale, shared_down_scale),
+        fused=FUSED_EXPERTS,
     )
 
 
@@ -605,4 +616,5 @@ __all__ = [
     "FUSED_NORM_LINEAR",
     "FUSED_INPUT_NORM",
     "FOLD_SHARED",
+    "FUSED_EXPERTS",
 ]
