@@ -42,9 +42,11 @@ FLOATS = {
 
 
 def compile_sm90(fn, constexprs: dict, num_warps: int, pointers: dict | None = None):
-    """`fn` (a triton.jit function) compiled for sm_90 with these constexpr values; pointers bf16 unless named in
-    POINTERS or `pointers`."""
+    """`fn` (a triton.jit function) compiled for sm_90 with these constexpr values (the rest at their defaults);
+    pointers bf16 unless named in POINTERS or `pointers`."""
     names = fn.arg_names
+    # constexprs left out take their defaults, as a launch that does not name them does
+    constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | constexprs
     kinds = {**POINTERS, **(pointers or {})}
     signature = {}
     for name in names:
@@ -85,6 +87,29 @@ def cases():
         norm = dict(BLOCK_N=32, BLOCK_K=256, STAGES=None, SCALED=scaled)
         weight = {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32"} if scaled else {}
         yield f"norm + linear, FP8 {scaled}", _moe_gemv_triton._norm_gemv_kernel, norm, 4, weight
+    for scaled in (False, True):  # a MoE layer's two kernels in one launch, at the bf16 and FP8 defaults, shared folded
+        fp8 = dict(BLOCK_N=32, BLOCK_K=256, STAGES=None, D_BLOCK_N=32, D_BLOCK_K=256, D_SPLIT_K=2, D_STAGES=None,
+                   LINES=8, LINE=128)  # fmt: skip
+        bf16 = dict(BLOCK_N=16, BLOCK_K=256, STAGES=3, D_BLOCK_N=16, D_BLOCK_K=256, D_SPLIT_K=1, D_STAGES=3,
+                    LINES=32, LINE=64)  # fmt: skip
+        experts = {**(fp8 if scaled else bf16), "SCALED": scaled, "N_SHARED": 2}
+        weight = "*fp8e4nv" if scaled else "*bf16"
+        types = {"weight_ptr": "*fp32", "out_ptr": "*fp32", "ready_ptr": "*i32", "done_ptr": "*i32"}
+        for name in ("gate_up_ptr", "up_ptr", "down_ptr", "sg_ptr", "su_ptr", "sd_ptr"):
+            types[name] = weight
+        for name in ("gate_up_s_ptr", "down_s_ptr", "sgs_ptr", "sus_ptr", "sds_ptr"):
+            types[name] = "*fp32"
+        name = f"experts' gate/up and down in one launch, FP8 {scaled}"
+        yield name, _moe_gemv_triton._experts_kernel, experts, 4, types
+        gate_up = dict(SCALED=scaled, BLOCK_N=experts["BLOCK_N"], BLOCK_K=256, STAGES=experts["STAGES"], N_SHARED=2)
+        types |= {"w_ptr": weight, "u_ptr": weight, "s_ptr": "*fp32"}
+        yield f"experts' gate/up, FP8 {scaled}", _moe_gemv_triton._gate_up_kernel, gate_up, 4, types
+        down = dict(SCALED=scaled, ROUTED=True, BLOCK_N=experts["D_BLOCK_N"], BLOCK_K=256, SPLIT_K=experts["D_SPLIT_K"],
+                    STAGES=experts["D_STAGES"], N_SHARED=2)  # fmt: skip
+        yield f"experts' down, FP8 {scaled}", _moe_gemv_triton._down_kernel, down, 4, types
+        pair = dict(BLOCK_N=4, BLOCK_K=2048, STAGES=None, SCALED=scaled)  # q_a and kv_a of one row
+        pair_types = {"w1_ptr": weight, "w2_ptr": weight, "s1_ptr": "*fp32", "s2_ptr": "*fp32"}
+        yield f"two linear layers of one input, FP8 {scaled}", _moe_gemv_triton._pair_kernel, pair, 4, pair_types
     adamw = {"BLOCK": _adamw_triton.BLOCK}  # bf16 parameters with bf16 moments, as the bench trains them
     yield "AdamW", _adamw_triton._adamw_kernel, adamw, _adamw_triton.WARPS, None
     for count in (True, False):  # the router: decode's (counts) and training's given logits (none)

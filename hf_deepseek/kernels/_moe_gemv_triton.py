@@ -30,7 +30,7 @@ BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, Kernel
 # `launch(..., fused=True)`: the token-expert pairs its counters hold, and its persistent programs a multiprocessor
 # (all resident at once: a down block spins until other programs' gate/up blocks are done)
 FUSED_MAX_PAIRS = 64
-FUSED_PROGRAMS_PER_SM = 2
+FUSED_PROGRAMS_PER_SM = 2  # at most: fewer where registers or shared memory would not hold two (`resident_programs`)
 
 
 @triton.jit
@@ -116,9 +116,9 @@ def _gate_up_block(
         x_up = xk
         if SCALED:  # the block's rows lie in one 128-row block of scales (launch checks 128 % BLOCK_N == 0): the
             # scale depends on k only, so it multiplies the vector (BLOCK_K products), not the tile (BLOCK_N x more)
-            block = (n0 // 128) * G_D + k // 128
-            x_gate = xk * tl.load(sg + block, mask=k_ok, other=0.0)
-            x_up = xk * tl.load(su + block, mask=k_ok, other=0.0)
+            scale_at = (n0 // 128) * G_D + k // 128
+            x_gate = xk * tl.load(sg + scale_at, mask=k_ok, other=0.0)
+            x_up = xk * tl.load(su + scale_at, mask=k_ok, other=0.0)
         acc_gate += tl.sum(gate * x_gate[None, :], axis=1)
         acc_up += tl.sum(up * x_up[None, :], axis=1)
     if SPLIT_K > 1:
@@ -133,11 +133,11 @@ def _gate_up_block(
 @triton.jit
 def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
               SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-              ACT_FROM_H: tl.constexpr, ACT_CACHE: tl.constexpr = ""):  # fmt: skip
+              ACT_FROM_H: tl.constexpr, ACT_PAST_L1: tl.constexpr):  # fmt: skip
     """down[expert, n] . act[row] over INTER[k_lo:k_hi], fp32 [BLOCK_N] (see `_down_kernel`); the matrix's rows
     `w_row` apart (INTER, or a shared MLP's whole width for one of its slices); SCALED: its block scales from `s`,
-    rows `s_row` apart. ACT_FROM_H: act_ptr is h [rows, H_CHUNKS, 2I], its chunks summed in order. ACT_CACHE: the
-    activation loads' cache modifier (".cg" past L1, for an activation written by the same launch)."""
+    rows `s_row` apart. ACT_FROM_H: act_ptr is h [rows, H_CHUNKS, 2I], its chunks summed in order. ACT_PAST_L1: the
+    activation read past L1 (".cg": an activation written by other programs of the same launch)."""
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -148,15 +148,18 @@ def _down_dot(act_ptr, row, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTE
             h_up = tl.zeros([BLOCK_K], dtype=tl.float32)
             for c in range(H_CHUNKS):  # in chunk order: the same sums on every run
                 h = act_ptr + (row * H_CHUNKS + c) * (2 * INTER)
-                h_gate += tl.load(h + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE)
-                h_up += tl.load(h + INTER + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE)
+                h_gate += tl.load(h + k, mask=k_ok, other=0.0)
+                h_up += tl.load(h + INTER + k, mask=k_ok, other=0.0)
             a = h_gate * tl.sigmoid(h_gate) * h_up  # the unsplit gate/up kernel's expression, then its rounding
             if ACT_FROM_H == 1:
                 a = a.to(tl.bfloat16).to(tl.float32)
             elif ACT_FROM_H == 2:
                 a = a.to(tl.float16).to(tl.float32)
         else:
-            a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0, cache_modifier=ACT_CACHE).to(tl.float32)
+            if ACT_PAST_L1:
+                a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            else:
+                a = tl.load(act_ptr + row * INTER + k, mask=k_ok, other=0.0).to(tl.float32)
         down = tl.load(w + n[:, None] * w_row + k[None, :], mask=mask, other=0.0).to(tl.float32)
         if SCALED:  # the block scale depends on k only within the tile's rows: scale the vector, not the tile
             a *= tl.load(s + (n0 // 128) * s_row + k // 128, mask=k_ok, other=0.0)
@@ -199,7 +202,7 @@ def _down_kernel(
             expert = tl.load(idx_ptr + pair).to(tl.int64)
             acc = _down_dot(act_ptr, pair, w_ptr + expert * D * INTER, INTER, s_ptr + expert * G_D * G_INTER, G_INTER,
                             n, n0, n_ok, 0, INTER, D, INTER, 1,
-                            SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+                            SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, False)  # fmt: skip
             total += acc * tl.load(weight_ptr + pair).to(tl.float32)
         tl.store(out_ptr + token * D + n, total.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -257,10 +260,10 @@ def _down_block(
             _prefetch_l2(w + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * w_row + cols[None, :])
         _wait_count(ready_ptr + pair, READY)
         acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
-                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, ".cg")  # fmt: skip
+                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, True)  # fmt: skip
     else:
         acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
-                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H)  # fmt: skip
+                        SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, False)  # fmt: skip
     if ROUTED and N_SHARED > 0:  # the shared slices' weight is 1
         acc *= tl.load(weight_ptr + routed_pair, mask=slot < routed_k, other=1.0).to(tl.float32)
     elif ROUTED:
@@ -368,7 +371,7 @@ def _pair_block(x_ptr, w1_ptr, w2_ptr, out_ptr, N1, N2, K, row, block,
     n_ok = n < rows
     pdl_start(w, K, n, n_ok, 0, K, PDL, LINES, LINE)
     acc = _down_dot(x_ptr, row, w, K, s, G_K, n, n0, n_ok, 0, K, rows, K, 1,
-                    SCALED, BLOCK_N, BLOCK_K, STAGES, 0)  # fmt: skip
+                    SCALED, BLOCK_N, BLOCK_K, STAGES, 0, False)  # fmt: skip
     tl.store(out_ptr + row * (N1 + N2) + second * N1 + n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -510,15 +513,19 @@ def launch(
         count = counters("moe_experts", 2 * FUSED_MAX_PAIRS, x.device)  # [ready a pair, done a pair]
         lines, line = prefetch_lines(chunk_i, down.element_size()) if x.is_cuda else (0, 64)  # no PTX: interpreter
         items = pairs * (triton.cdiv(inter, block_n) + triton.cdiv(dim, d_block_n) * chunks_i)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if programs is None else 0
-        _experts_kernel[(min(items, programs or FUSED_PROGRAMS_PER_SM * sms),)](
+        args = (
             x, flat_idx, flat_w, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, down,
             down_scale if scaled else down, out, count, count[FUSED_MAX_PAIRS:], dim, inter, top_k, g_inter, g_dim,
             pairs, chunk_i,
-            SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, D_BLOCK_N=d_block_n, D_BLOCK_K=d_block_k,
-            D_SPLIT_K=d_split_k, D_STAGES=d_stages, LINES=lines, LINE=line, **extra, **down_extra,
-            **launch_options(max(warps, d_warps), stages),
         )  # fmt: skip
+        options = dict(SCALED=scaled, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, D_BLOCK_N=d_block_n,
+                       D_BLOCK_K=d_block_k, D_SPLIT_K=d_split_k, D_STAGES=d_stages, LINES=lines, LINE=line, **extra,
+                       **down_extra, **launch_options(max(warps, d_warps), stages))  # fmt: skip
+        if programs is None:  # every program resident: as many a multiprocessor as its registers and memory allow
+            compiled = _experts_kernel.warmup(*args, grid=(1,), **options)
+            per_sm = min(FUSED_PROGRAMS_PER_SM, resident_programs(compiled, max(warps, d_warps), x.device))
+            programs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+        _experts_kernel[(min(items, programs),)](*args, **options)
     else:
         _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](
             x, flat_idx, gate_up, gate_up[:, inter:], gate_up_scale if scaled else gate_up, act, dim, inter, top_k,
@@ -539,6 +546,18 @@ def launch(
     if per_pair:
         return out.view(num_tokens, slots, dim)
     return out.view(num_tokens, slots, dim).sum(dim=1).to(x.dtype)
+
+
+def resident_programs(compiled, warps: int, device: torch.device) -> int:
+    """How many programs of a compiled kernel of `warps` warps one multiprocessor of `device` holds at once: its
+    registers (allocated 256 a warp at a time), shared memory (1 KB of it reserved a program) and threads."""
+    compiled._init_handles()  # loads the binary: its register count
+    props = torch.cuda.get_device_properties(device)
+    per_warp = -(-compiled.n_regs * 32 // 256) * 256
+    by_registers = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * warps)
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    by_shared = props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024)
+    return max(1, min(by_registers, by_threads, by_shared))
 
 
 def _check_scaled_block(block_n: int) -> None:
