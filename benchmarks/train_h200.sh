@@ -1,7 +1,9 @@
 #!/bin/bash
 # Issue 16's device call on one H200, from the repo root with $OUT set, `.whl/titan` carried (torchtitan's wheels and
 # titan_anchor.py: ../shared/anchors/torchtitan/README.md), and `.whl/fbgemm` (fbgemm-gpu-genai 1.6.0) for the *-fbgemm
-# variants:
+# variants (its 34 MB wheel with the repo exceeds the device call's 64 MiB; the same wheel with its files recompressed
+# by LZMA, 9.9 MB, installs as well: `python3 -c "import zipfile as z; a = z.ZipFile(W); b = z.ZipFile(NEW, 'w');
+# [b.writestr(i, a.read(i.filename), compress_type=z.ZIP_LZMA) for i in a.infolist()]; b.close()"`):
 #   bash benchmarks/train_h200.sh
 # In order, within BUDGET seconds of wall time (default 520):
 #   1. `hf-deepseek bench train --device cuda` (through `python -m hf_deepseek.cli`): hf_deepseek-bf16-unfused-loss,
