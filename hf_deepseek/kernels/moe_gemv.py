@@ -71,8 +71,9 @@ FUSED_INPUT_NORM = os.environ.get("HF_DEEPSEEK_FUSED_INPUT_NORM", "1") != "0"
 FOLD_SHARED = os.environ.get("HF_DEEPSEEK_FOLD_SHARED_EXPERTS", "1") != "0"
 # a MoE layer's gate/up and down matrix-vector kernels as one launch of persistent programs, each pair's down blocks
 # waiting on counters for its activation (`_moe_gemv_triton._experts_kernel`: one launch ramp a layer fewer, and the
-# down blocks' weight lines asked of L2 before they wait): opt-in until timed, bench rows ours-fast-fused-experts and
-# ours-fast-fp8-head-fused-experts; HF_DEEPSEEK_FUSED_EXPERTS=1 turns it on
+# down blocks' weight lines asked of L2 before they wait): opt-in, measured slower (a batch-1 / 2k step 0.767 against
+# 0.686 ms with FP8 weights, 1.007 against 0.989 bf16; bench rows ours-fast-fp8-head-fused-experts and
+# ours-fast-fused-experts, H100, docs/PERF.md 2026-12-06); HF_DEEPSEEK_FUSED_EXPERTS=1 turns it on
 FUSED_EXPERTS = os.environ.get("HF_DEEPSEEK_FUSED_EXPERTS", "0") == "1"
 
 
