@@ -146,16 +146,19 @@ def test_alt_linear_rows_take_the_environment_configurations_for_the_row_only(mo
 
 def test_fused_experts_rows_turn_the_switch_on_for_the_row_only():
     """`ours-fast-fused-experts` and `ours-fast-fp8-head-fused-experts` run a MoE layer's two kernels as one launch
-    (moe_gemv.FUSED_EXPERTS), off by default before and after; the FP8 one runs with the rows that quantise the head."""
+    (moe_gemv.FUSED_EXPERTS), the environment's setting (off by default) before and after; the FP8 one runs with the
+    rows that quantise the head."""
     from hf_deepseek.evals.bench_decode import FP8_HEAD_ROWS, ROWS, row_switches
     from hf_deepseek.kernels import moe_gemv
 
-    assert not moe_gemv.FUSED_EXPERTS
+    before = moe_gemv.FUSED_EXPERTS
     for name in ("ours-fast-fused-experts", "ours-fast-fp8-head-fused-experts"):
         assert name in ROWS
         with row_switches(STEP_ROWS[name]):
             assert moe_gemv.FUSED_EXPERTS
-        assert not moe_gemv.FUSED_EXPERTS
+        assert moe_gemv.FUSED_EXPERTS == before
+    with row_switches(STEP_ROWS["ours-fast"]):
+        assert moe_gemv.FUSED_EXPERTS == before
     assert "ours-fast-fp8-head-fused-experts" in FP8_HEAD_ROWS
 
 
