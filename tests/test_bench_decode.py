@@ -156,9 +156,9 @@ def test_fused_experts_rows_turn_the_switch_on_for_the_row_only():
         assert name in ROWS
         with row_switches(STEP_ROWS[name]):
             assert moe_gemv.FUSED_EXPERTS
-        assert moe_gemv.FUSED_EXPERTS == before
+        assert before == moe_gemv.FUSED_EXPERTS
     with row_switches(STEP_ROWS["ours-fast"]):
-        assert moe_gemv.FUSED_EXPERTS == before
+        assert before == moe_gemv.FUSED_EXPERTS
     assert "ours-fast-fp8-head-fused-experts" in FP8_HEAD_ROWS
 
 
