@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._pdl_triton import _prefetch_l2, pdl_start
+from ._pdl_triton import pdl_start, prefetch_rows
 from .counters import counters
 from .moe_gemv_config import (
     HEAD_MIN_ROWS,
@@ -31,6 +31,7 @@ BLOCK_N, BLOCK_K, WARPS = KernelConfig().block_n, KernelConfig().block_k, Kernel
 # (all resident at once: a down block spins until other programs' gate/up blocks are done)
 FUSED_MAX_PAIRS = 64
 FUSED_PROGRAMS_PER_SM = 2  # at most: fewer where registers or shared memory would not hold two (`resident_programs`)
+_FUSED_PROGRAMS: dict[tuple, int] = {}  # a launch's programs by what its compiled kernel depends on, found once
 
 
 @triton.jit
@@ -255,9 +256,7 @@ def _down_block(
                 s = sds_ptr + (slot - routed_k) * G_INTER
                 s_row = N_SHARED * G_INTER
     if FUSED:
-        if LINES > 0:
-            cols = tl.minimum(k_lo + tl.arange(0, LINES) * LINE, k_hi - 1)
-            _prefetch_l2(w + tl.where(n_ok, n, 0).to(tl.int64)[:, None] * w_row + cols[None, :])
+        prefetch_rows(w, w_row, n, n_ok, k_lo, k_hi, LINES, LINE)
         _wait_count(ready_ptr + pair, READY)
         acc = _down_dot(act_ptr, pair, w, w_row, s, s_row, n, n0, n_ok, k_lo, k_hi, D, INTER, H_CHUNKS,
                         SCALED, BLOCK_N, BLOCK_K, STAGES, ACT_FROM_H, True)  # fmt: skip
@@ -522,9 +521,13 @@ def launch(
                        D_BLOCK_K=d_block_k, D_SPLIT_K=d_split_k, D_STAGES=d_stages, LINES=lines, LINE=line, **extra,
                        **down_extra, **launch_options(max(warps, d_warps), stages))  # fmt: skip
         if programs is None:  # every program resident: as many a multiprocessor as its registers and memory allow
-            compiled = _experts_kernel.warmup(*args, grid=(1,), **options)
-            per_sm = min(FUSED_PROGRAMS_PER_SM, resident_programs(compiled, max(warps, d_warps), x.device))
-            programs = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+            key = (x.device, x.dtype, gate_up.dtype, n_shared, block_n, block_k, stages, d_block_n, d_block_k,
+                   d_split_k, d_stages, lines, max(warps, d_warps))  # fmt: skip
+            if key not in _FUSED_PROGRAMS:
+                compiled = _experts_kernel.warmup(*args, grid=(1,), **options)
+                per_sm = min(FUSED_PROGRAMS_PER_SM, resident_programs(compiled, max(warps, d_warps), x.device))
+                _FUSED_PROGRAMS[key] = per_sm * torch.cuda.get_device_properties(x.device).multi_processor_count
+            programs = _FUSED_PROGRAMS[key]
         _experts_kernel[(min(items, programs),)](*args, **options)
     else:
         _gate_up_kernel[(pairs, triton.cdiv(inter, block_n), chunks_d)](

@@ -27,11 +27,18 @@ def pdl_start(w, w_row, n, n_ok, k_lo, k_hi, PDL: tl.constexpr, LINES: tl.conste
     Without: nothing. Call it before any load of an earlier kernel's output and before any store."""
     if PDL:
         gdc_launch_dependents()
-        if LINES > 0:
-            cols = tl.minimum(k_lo + tl.arange(0, LINES) * LINE, k_hi - 1)
-            rows = tl.where(n_ok, n, 0).to(tl.int64)
-            _prefetch_l2(w + rows[:, None] * w_row + cols[None, :])
+        prefetch_rows(w, w_row, n, n_ok, k_lo, k_hi, LINES, LINE)
         gdc_wait()
+
+
+@triton.jit
+def prefetch_rows(w, w_row, n, n_ok, k_lo, k_hi, LINES: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the first LINES lines (LINE elements apart, from column `k_lo`, within `k_hi`) of weight rows `n`
+    (`w_row` elements apart; rows not `n_ok` read row 0). LINES 0: nothing."""
+    if LINES > 0:
+        cols = tl.minimum(k_lo + tl.arange(0, LINES) * LINE, k_hi - 1)
+        rows = tl.where(n_ok, n, 0).to(tl.int64)
+        _prefetch_l2(w + rows[:, None] * w_row + cols[None, :])
 
 
 @triton.jit
@@ -42,4 +49,4 @@ def pdl_wait(PDL: tl.constexpr):
         gdc_wait()
 
 
-__all__ = ["pdl_start", "pdl_wait"]
+__all__ = ["pdl_start", "pdl_wait", "prefetch_rows"]
