@@ -151,3 +151,55 @@ def test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu():
         diff = (r.float() - q.float()).abs()
         # a few bf16 roundings of the parameter, plus 4 updates moved by a fraction of lr each
         assert (diff <= q.float().abs() * 2**-5 + 4 * 1e-2 * 2**-4).all() and diff.mean() < 1e-4
+
+
+def train_tiny_model(device, steps, in_backward, fused_loss=True, mtp=0):
+    """(parameters after `steps` AdamW steps of a tiny DeepSeek model, the losses, gradients left after backward)."""
+    from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
+    from hf_deepseek.evals.bench import TINY_CONFIG
+    from hf_deepseek.modeling.output_loss import enable_fused_output_loss
+
+    torch.manual_seed(0)
+    config = DeepSeekConfig(**{**TINY_CONFIG, "num_nextn_predict_layers": mtp, "tie_word_embeddings": bool(mtp)})
+    model = DeepSeekForCausalLM(config).to(device).train()
+    if fused_loss:
+        enable_fused_output_loss(model, 2)
+    optimizer = TritonAdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if in_backward:
+        optimizer.update_in_backward()
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    losses, grads_left = [], 0
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads_left += sum(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return [p.detach().clone() for p in model.parameters()], losses, grads_left
+
+
+@pytest.mark.parametrize("fused_loss, mtp", [(True, 0), (False, 1)])
+def test_updates_made_during_backward_equal_the_step(fused_loss, mtp):
+    """Each parameter updated by its gradient hook, as soon as backward has accumulated it, lands on the very values
+    `step()` gives: every use of the weight in backward (the fused head and loss, MTP's shared embedding and head)
+    is done before its hook runs, and the gradients are freed there."""
+    want, want_losses, _ = train_tiny_model("cpu", 3, in_backward=False, fused_loss=fused_loss, mtp=mtp)
+    got, losses, grads_left = train_tiny_model("cpu", 3, in_backward=True, fused_loss=fused_loss, mtp=mtp)
+    assert grads_left == 0 and losses == want_losses and want_losses[-1] < want_losses[0]
+    for p, q in zip(got, want, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_update_in_backward_refuses_options_it_lacks():
+    with pytest.raises(ValueError, match="update_in_backward: amsgrad, maximize, capturable and differentiable"):
+        TritonAdamW(parameters(torch.float32), amsgrad=True).update_in_backward()
+
+
+@pytest.mark.gpu
+def test_updates_made_during_backward_on_a_side_stream_equal_the_step():
+    want, want_losses, _ = train_tiny_model("cuda", 4, in_backward=False)
+    got, losses, grads_left = train_tiny_model("cuda", 4, in_backward=True)
+    assert grads_left == 0 and losses == want_losses
+    for p, q in zip(got, want, strict=True):
+        assert torch.equal(p, q)
