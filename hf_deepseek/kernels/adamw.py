@@ -108,9 +108,9 @@ class TritonAdamW(torch.optim.AdamW):
         g, state = p.grad, self._state_of(p)
         if p.is_cuda:
             main = torch.cuda.current_stream(p.device)
-            side = self._side_streams.get(p.device) or self._side_streams.setdefault(
-                p.device, torch.cuda.Stream(p.device)
-            )
+            if p.device not in self._side_streams:  # (priority 0, the lowest: the backward's own kernels go first)
+                self._side_streams[p.device] = torch.cuda.Stream(p.device)
+            side = self._side_streams[p.device]
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 self._update(p, g, state, group)
