@@ -126,10 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each), "
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra), "
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad and "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections (with those choices too), "
-        "hf_deepseek-bf16-adamw-in-backward, hf_deepseek-fp8-rowwise-triton-quant-adamw-in-backward and "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-adamw-in-backward (each parameter's AdamW update made during "
-        "backward, on a side stream) "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections (with those choices too) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

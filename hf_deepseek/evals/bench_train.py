@@ -96,16 +96,9 @@ OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_R
 JOINED = "-joined-projections"
 OURS_JOINED, OURS_FP8_JOINED = OURS + JOINED, OURS_FP8_ROWWISE_TRITON_QUANT + JOINED
 OURS_FP8_FBGEMM_JOINED = OURS_FP8_ROWWISE_FBGEMM + JOINED
-# a variant name + ADAMW_IN_BACKWARD: each parameter's AdamW update made as soon as backward has its gradient, on a
-# side stream beside the rest of the backward (`TritonAdamW.update_in_backward`), rather than all in `step()`
-ADAMW_IN_BACKWARD = "-adamw-in-backward"
-OURS_ADAMW_IN_BACKWARD = OURS + ADAMW_IN_BACKWARD
-OURS_FP8_ADAMW_IN_BACKWARD = OURS_FP8_ROWWISE_TRITON_QUANT + ADAMW_IN_BACKWARD
-OURS_FP8_FBGEMM_ADAMW_IN_BACKWARD = OURS_FP8_ROWWISE_FBGEMM + ADAMW_IN_BACKWARD
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
     OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED,
-    OURS_ADAMW_IN_BACKWARD, OURS_FP8_ADAMW_IN_BACKWARD, OURS_FP8_FBGEMM_ADAMW_IN_BACKWARD,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -220,7 +213,7 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
-    for suffix in (ADAMW_IN_BACKWARD, TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
         name = name.removesuffix(suffix)
     return name
 
@@ -302,8 +295,6 @@ def bench_variant(
             from hf_deepseek.kernels.adamw import TritonAdamW
 
             optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
-            if name.endswith(ADAMW_IN_BACKWARD):
-                optimizer.update_in_backward()
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
         if device.type == "cuda":

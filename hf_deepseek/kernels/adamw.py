@@ -80,69 +80,8 @@ class TritonAdamW(torch.optim.AdamW):
                     return False  # moments loaded from a state_dict in another layout
         return True
 
-    def update_in_backward(self) -> list:
-        """From now on, update each parameter as soon as backward has accumulated its gradient, and free that
-        gradient: on CUDA the update runs on a side stream beside the rest of the backward (a memory-bound update next
-        to compute-bound matrix products), and `step()` only makes the next forward wait for it. For a loop of one
-        backward per `step()` with nothing reading the gradients in between (no accumulation over micro-batches, no
-        clipping: each parameter's `.grad` is None once its backward is done). Returns the hooks' handles
-        (`.remove()` each to go back to updating in `step()`)."""
-        for group in self.param_groups:
-            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
-                raise ValueError(
-                    "update_in_backward: amsgrad, maximize, capturable and differentiable are not supported"
-                )
-            if any(type(p.data) is not torch.Tensor for p in group["params"]):
-                raise ValueError("update_in_backward: every parameter must be a plain tensor (not a DTensor)")
-        self._side_streams = getattr(self, "_side_streams", {})
-        return [
-            p.register_post_accumulate_grad_hook(lambda p, group=group: self._update_now(p, group))
-            for group in self.param_groups
-            for p in group["params"]
-            if p.requires_grad
-        ]
-
-    @torch.no_grad()
-    def _update_now(self, p: torch.Tensor, group: dict) -> None:
-        """`update_in_backward`'s hook: p's update from its just-accumulated gradient, which it then frees."""
-        g, state = p.grad, self._state_of(p)
-        if p.is_cuda:
-            main = torch.cuda.current_stream(p.device)
-            if p.device not in self._side_streams:  # (priority 0, the lowest: the backward's own kernels go first)
-                self._side_streams[p.device] = torch.cuda.Stream(p.device)
-            side = self._side_streams[p.device]
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                self._update(p, g, state, group)
-            g.record_stream(side)  # the gradient's memory is not reused before the side stream has read it
-        else:
-            self._update(p, g, state, group)
-        p.grad = None
-
-    def _state_of(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-        return state
-
-    @staticmethod
-    def _update(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-        lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
-        step = float(state["step"].add_(1))
-        kernel_serves = g.dtype == p.dtype and not g.is_sparse and p.is_contiguous() and g.is_contiguous()
-        update = _update_function(p.device) if kernel_serves and p.dtype in KERNEL_DTYPES else torch_update
-        update(
-            p, g, state["exp_avg"], state["exp_avg_sq"],
-            lr * group["weight_decay"], beta1, beta2, group["eps"],
-            lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
-        )  # fmt: skip
-
     @torch.no_grad()
     def step(self, closure=None):
-        for device, side in getattr(self, "_side_streams", {}).items():
-            torch.cuda.current_stream(device).wait_stream(side)  # updates made during backward, before what follows
         if not self._own_step_serves():
             return super().step(closure)
         loss = None
@@ -150,7 +89,20 @@ class TritonAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
             for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, p.grad, self._state_of(p), group)
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                step = float(state["step"].add_(1))
+                update = _update_function(p.device)
+                update(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                    lr * group["weight_decay"], beta1, beta2, group["eps"],
+                    lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
+                )  # fmt: skip
         return loss
