@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         "chunks-16 (the head's loss in 16 chunks), hf_deepseek-bf16-joined-projections and "
         "hf_deepseek-fp8-rowwise-triton-quant-joined-projections (q_a/kv_a and gate/up as one GEMM each), "
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra), "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad and "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections (with those choices too) "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad, "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections and "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad-joined-projections (with those choices too) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )
