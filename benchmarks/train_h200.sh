@@ -33,6 +33,10 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET - $(elapsed) )); }
 say() { echo "[$(elapsed)s] $*"; }
 OUT=${OUT:?set OUT}
+if [ "${SMOKE:-0}" != 1 ] && [ $BUDGET -lt 300 ]; then  # (a call with 230 gave the bench no time at all, 2026-12-06)
+  echo "BUDGET=$BUDGET is too small: the bench gets what is left after 200 s kept for torchtitan and the tests; give 300 or more"
+  exit 2
+fi
 PY=${PY:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 W=${WORK:-/tmp/train_h200}; L=$W/logs; rm -rf $W; mkdir -p $L $W/bt $W/titan $OUT
