@@ -59,3 +59,27 @@ def test_fp8_models_keep_their_scaled_gemms_on_aten_under_inductor(monkeypatch):
     calls.clear()
     compile_for_training(fp8, backend="aot_eager")
     assert all("options" not in kwargs for kwargs in calls)
+
+
+@pytest.mark.parametrize("probe", ["triton_available", "fp8_kernels_available"])
+def test_capability_probes_first_called_inside_compiled_code_do_not_recompile(monkeypatch, probe):
+    """The kernels' capability probes set a module global on their first call. Called first inside compiled code (a
+    compiled training step's first MoE block, whose routing asks whether its kernel runs), Dynamo must not guard on
+    that global, or the block's next call recompiles."""
+    from torch._dynamo.testing import CompileCounter
+
+    from hf_deepseek.kernels import moe_gemv
+
+    monkeypatch.setattr(moe_gemv, "_TRITON", None)
+    monkeypatch.setattr(moe_gemv, "_FP8", None)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    available = getattr(moe_gemv, probe)
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def block(x):
+        return x * 2 if available() else x + 1
+
+    x = torch.ones(3)
+    assert torch.equal(block(x), block(x)) and counter.frame_count == 1
+    torch._dynamo.reset()

@@ -13,6 +13,7 @@ from conftest import tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.evals.bench_train import ROWWISE_BEFORE
 from hf_deepseek.modeling.compile_regions import FP8_INDUCTOR_OPTIONS, compile_for_training
 from hf_deepseek.modeling.fp8 import FP8Linear, FP8Recipe, FP8RoutedExperts, convert_to_fp8_training, fp8_linear
 
@@ -27,8 +28,9 @@ def layer_kinds(model) -> int:
 # (named recipe, overrides): the recipes the training bench compiles (hf_deepseek.evals.bench_train.FP8_VARIANTS)
 RECIPES = {
     "deepseek": ("deepseek", {}),
-    "rowwise": ("rowwise", {}),
-    "rowwise-hp-wgrad": ("rowwise", {"linear_wgrad": "bf16"}),  # torchao's rowwise_with_gw_hp
+    "rowwise": ("rowwise", {}),  # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad
+    "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
+    "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),  # the rowwise recipe until 2026-12-06
 }
 
 
@@ -86,7 +88,7 @@ def test_models_compiled_one_after_another_each_compile_once_per_layer_kind():
     compile in a region of their own: every model gets one graph per kind of block, whatever was compiled before."""
     torch._dynamo.reset()
     with torch._dynamo.config.patch(recompile_limit=3):  # dense, MoE and MTP blocks: one graph each, no more
-        for name in ("rowwise", "rowwise-hp-wgrad"):
+        for name in ("rowwise", "rowwise-fp8-wgrad"):
             model, frames, _ = train_compiled(recipe_of(name, backend="emulated"), "cpu", "aot_eager", 2, False)
             assert frames == [layer_kinds(model)] * 2, (name, frames)  # none fell back to eager, none recompiled
     torch._dynamo.reset()
@@ -100,15 +102,15 @@ def needs_fbgemm():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [*RECIPES, "rowwise-triton-quant", "rowwise-fbgemm"])
+@pytest.mark.parametrize("name", [*RECIPES, "rowwise-fbgemm", "rowwise-torch-grouped"])
 def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
-    """Also the rowwise recipe with the Triton quantisers inside the compiled step (the training bench's
-    hf_deepseek-fp8-rowwise-triton-quant): its kernels, the column amaxes' zero-fill and atomics included; and with
-    FBGEMM's grouped GEMMs for the experts (hf_deepseek-fp8-rowwise-triton-quant-fbgemm): its ops traced whole."""
+    """The rowwise recipe's Triton quantisers inside the compiled step: their kernels, the column amaxes' zero-fill
+    and atomics included; FBGEMM's grouped GEMMs for the experts (where the wheel imports: "rowwise-fbgemm"
+    insists on them): their ops traced whole; and torch's grouped GEMMs in their place."""
     if name == "rowwise-fbgemm":
         needs_fbgemm()
-    recipe = recipe_of("rowwise", fused_quantization=False) if name == "rowwise-triton-quant" else None
-    recipe = recipe or (recipe_of("rowwise", grouped_gemm="fbgemm") if name == "rowwise-fbgemm" else recipe_of(name))
+    grouped = {"rowwise-fbgemm": "fbgemm", "rowwise-torch-grouped": "torch"}
+    recipe = recipe_of("rowwise", grouped_gemm=grouped[name]) if name in grouped else recipe_of(name)
     model, frames, losses = train_compiled(recipe, "cuda", "inductor")
     assert frames[0] == layer_kinds(model) and frames[-1] == frames[0], frames
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -123,13 +125,15 @@ def rowwise_reference(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(v / step) * step, scale
 
 
+@pytest.mark.parametrize("linear_wgrad", ["fp8", "bf16"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_rowwise_fp8_linear_matches_a_float64_reference(device):
+def test_rowwise_fp8_linear_matches_a_float64_reference(device, linear_wgrad):
+    """The weight gradient in FP8 (both operands quantised along the tokens) or in the inputs' precision (exact)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 256, generator=gen).to(device).requires_grad_(True)
     w = (torch.randn(96, 256, generator=gen) / 16).to(device).requires_grad_(True)
     dy = torch.randn(64, 96, generator=gen).to(device)
-    recipe = FP8Recipe.named("rowwise", backend="emulated" if device == "cpu" else "auto")
+    recipe = FP8Recipe.named("rowwise", backend="emulated" if device == "cpu" else "auto", linear_wgrad=linear_wgrad)
     y = fp8_linear(x, w, recipe)
     y.backward(dy)
 
@@ -142,7 +146,7 @@ def test_rowwise_fp8_linear_matches_a_float64_reference(device):
     for got, want in [
         (y, product(x64, w64)),
         (x.grad, product(dy64, w64.T)),
-        (w.grad, product(dy64.T, x64.T)),
+        (w.grad, product(dy64.T, x64.T) if linear_wgrad == "fp8" else dy64.T @ x64),
     ]:
         rel = (got.double().cpu() - want).norm() / want.norm()
         assert rel < tol, rel

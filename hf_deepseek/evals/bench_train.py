@@ -56,22 +56,43 @@ OURS_FP8_ROWWISE_TRITON_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-hp-wgra
 OURS_FP8_ROWWISE_FBGEMM = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm"
 # and the linear layers' weight gradient in bf16 too: the two levers of the FP8 step's GEMM and quantiser time at once
 OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad"
+# the rowwise recipe's choices until 2026-12-06 (Inductor-fused quantisation, torch's grouped GEMMs, the linears'
+# weight gradient in FP8), which the variants below that name the rowwise recipe's other choices keep, so that each
+# measures what it measured before the recipe took FBGEMM and the bf16 weight gradient
+ROWWISE_BEFORE = {"fused_quantization": True, "grouped_gemm": "torch", "linear_wgrad": "fp8"}
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
     OURS_FP8: ("deepseek", True, {}),
     OURS_FP8_ROWWISE: ("rowwise", True, {}),
     OURS_FP8_EAGER: ("deepseek", False, {}),
-    OURS_FP8_ROWWISE_EAGER: ("rowwise", False, {}),
+    OURS_FP8_ROWWISE_EAGER: ("rowwise", False, ROWWISE_BEFORE),
     OURS_FP8_EAGER_FP8_WGRAD: ("deepseek", False, {"grouped_wgrad": "fp8"}),
-    OURS_FP8_ROWWISE_BF16_DOWN: ("rowwise", True, {"grouped_bf16": ("down_proj",)}),
-    OURS_FP8_ROWWISE_DENSE: ("rowwise", True, {"grouped_bf16": ("gate_up_proj", "down_proj")}),
-    OURS_FP8_ROWWISE_TRITON_QUANT: ("rowwise", True, {"fused_quantization": False}),
-    OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {"linear_wgrad": "bf16"}),
-    OURS_FP8_ROWWISE_LAID_OUT: ("rowwise", True, {"fused_quantization": False, "quantize_tokens_once": False}),
-    OURS_FP8_ROWWISE_PRECISE_GRADS: ("rowwise", True, {"fused_quantization": False, "fast_accum": ("output",)}),
-    OURS_FP8_ROWWISE_TRITON_HP_WGRAD: ("rowwise", True, {"fused_quantization": False, "linear_wgrad": "bf16"}),
-    OURS_FP8_ROWWISE_FBGEMM: ("rowwise", True, {"fused_quantization": False, "grouped_gemm": "fbgemm"}),
+    OURS_FP8_ROWWISE_BF16_DOWN: ("rowwise", True, {**ROWWISE_BEFORE, "grouped_bf16": ("down_proj",)}),
+    OURS_FP8_ROWWISE_DENSE: ("rowwise", True, {**ROWWISE_BEFORE, "grouped_bf16": ("gate_up_proj", "down_proj")}),
+    OURS_FP8_ROWWISE_TRITON_QUANT: ("rowwise", True, {**ROWWISE_BEFORE, "fused_quantization": False}),
+    OURS_FP8_ROWWISE_HP_WGRAD: ("rowwise", True, {**ROWWISE_BEFORE, "linear_wgrad": "bf16"}),
+    OURS_FP8_ROWWISE_LAID_OUT: (
+        "rowwise",
+        True,
+        {**ROWWISE_BEFORE, "fused_quantization": False, "quantize_tokens_once": False},
+    ),
+    OURS_FP8_ROWWISE_PRECISE_GRADS: (
+        "rowwise",
+        True,
+        {**ROWWISE_BEFORE, "fused_quantization": False, "fast_accum": ("output",)},
+    ),
+    OURS_FP8_ROWWISE_TRITON_HP_WGRAD: (
+        "rowwise",
+        True,
+        {**ROWWISE_BEFORE, "fused_quantization": False, "linear_wgrad": "bf16"},
+    ),
+    OURS_FP8_ROWWISE_FBGEMM: (
+        "rowwise",
+        True,
+        {**ROWWISE_BEFORE, "fused_quantization": False, "grouped_gemm": "fbgemm"},
+    ),
+    # the rowwise recipe's own choices since 2026-12-06, spelt out
     OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD: (
         "rowwise",
         True,

@@ -77,9 +77,13 @@ FOLD_SHARED = os.environ.get("HF_DEEPSEEK_FOLD_SHARED_EXPERTS", "1") != "0"
 FUSED_EXPERTS = os.environ.get("HF_DEEPSEEK_FUSED_EXPERTS", "0") == "1"
 
 
-_TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first eager CUDA forward
+_TRITON: bool | None = None  # whether Triton imports and CUDA exists: found once, by the first call
 
 
+# Both probes run as plain Python calls whose result Dynamo takes as a constant: traced, their first call (a compiled
+# training step's first MoE block) would guard on the global being None, which the call itself changes, and the
+# block's next call would recompile (H100, 2026-12-06)
+@torch._dynamo.assume_constant_result
 def triton_available() -> bool:
     global _TRITON
     if _TRITON is None:
@@ -95,6 +99,7 @@ def triton_available() -> bool:
 _FP8: bool | None = None  # whether the GPU converts FP8 in Triton (compute capability 8.9+): found once, eagerly
 
 
+@torch._dynamo.assume_constant_result
 def fp8_kernels_available() -> bool:
     global _FP8
     if _FP8 is None:

@@ -126,7 +126,13 @@ class FP8Recipe:
         return any(name == s or name.endswith("." + s) for s in self.skip)
 
 
-FP8_RECIPES = {"deepseek": FP8Recipe(), "rowwise": FP8Recipe(scaling="rowwise")}
+# "rowwise" takes the choices of its fastest measured training step (1.01-1.02x bf16 on an H100, docs/PERF.md's
+# Training): the standalone Triton quantisers, FBGEMM's grouped GEMMs where the wheel imports, and the linear layers'
+# weight gradient in bf16 (no operand quantised along the tokens, as torchao's rowwise_with_gw_hp)
+FP8_RECIPES = {
+    "deepseek": FP8Recipe(),
+    "rowwise": FP8Recipe(scaling="rowwise", fused_quantization=False, grouped_gemm="fbgemm", linear_wgrad="bf16"),
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
