@@ -14,7 +14,10 @@ from hf_deepseek.evals.bench_train import (
     FP8_VARIANTS,
     OURS,
     OURS_EAGER,
+    OURS_FP8,
+    OURS_FP8_FBGEMM_JOINED,
     OURS_FP8_JOINED,
+    OURS_FP8_ROWWISE,
     OURS_FP8_ROWWISE_TRITON_QUANT,
     OURS_FP8_TORCH_ADAMW,
     OURS_JOINED,
@@ -22,6 +25,7 @@ from hf_deepseek.evals.bench_train import (
     PEER,
     VARIANTS,
     active_matmul_parameters,
+    grouped_kernels_note,
 )
 from hf_deepseek.modeling.moe import RoutedExperts, TopKRouter
 
@@ -57,6 +61,23 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
     assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]
     assert "| transformers |" in (tmp_path / "bench_train.md").read_text()
+
+
+def test_fp8_variants_say_whether_their_experts_got_fbgemms_kernels(monkeypatch):
+    """The rowwise recipe asks for FBGEMM's grouped GEMMs and falls back to torch's where the wheel does not import:
+    its bench rows say which ran. Variants pinned to the recipe's former choices, and the deepseek recipe, ask for
+    torch's and say nothing; nor does a CPU run."""
+    from hf_deepseek.kernels import fbgemm_grouped
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fbgemm_grouped, "available", lambda: True)
+    assert grouped_kernels_note(OURS_FP8_ROWWISE, cuda) == "experts: FBGEMM's grouped GEMMs"
+    assert grouped_kernels_note(OURS_FP8_FBGEMM_JOINED, cuda) == "experts: FBGEMM's grouped GEMMs"
+    for name in (OURS_FP8_ROWWISE_TRITON_QUANT, OURS_FP8_TORCH_ADAMW, OURS_FP8, OURS):
+        assert grouped_kernels_note(name, cuda) == "", name
+    assert grouped_kernels_note(OURS_FP8_ROWWISE, torch.device("cpu")) == ""
+    monkeypatch.setattr(fbgemm_grouped, "available", lambda: False)
+    assert grouped_kernels_note(OURS_FP8_ROWWISE, cuda) == "experts: torch's grouped GEMMs (fbgemm-gpu-genai not found)"
 
 
 def test_every_variant_is_named_in_the_help():

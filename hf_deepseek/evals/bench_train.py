@@ -247,6 +247,22 @@ def compiled(name: str) -> bool:
     return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False, {}))[1]
 
 
+def grouped_kernels_note(name: str, device: torch.device) -> str:
+    """For an FP8 variant whose recipe asks for FBGEMM's grouped GEMMs, on a GPU: whether its routed experts got them
+    (the rowwise recipe's defaults fall back to torch's kernels where the fbgemm-gpu-genai wheel does not import)."""
+    recipe, _, overrides = FP8_VARIANTS.get(base_variant(name), ("", False, {}))
+    if not recipe or device.type != "cuda":
+        return ""
+    from hf_deepseek.kernels import fbgemm_grouped
+    from hf_deepseek.modeling.fp8 import FP8Recipe
+
+    if FP8Recipe.named(recipe, **overrides).grouped_gemm != "fbgemm":
+        return ""
+    if fbgemm_grouped.available():
+        return "experts: FBGEMM's grouped GEMMs"
+    return "experts: torch's grouped GEMMs (fbgemm-gpu-genai not found)"
+
+
 def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The variant's model, initialised from seed 0 on `device` (our variants share their initial weights)."""
     torch.manual_seed(0)
@@ -312,6 +328,8 @@ def bench_variant(
             result.note = f"experts: {getattr(model.config, '_experts_implementation', None)}"
         elif compiled(name) and device.type != "cuda":
             result.note = "not compiled off CUDA"
+        else:
+            result.note = grouped_kernels_note(name, device)
         if name == PEER or name.endswith(TORCH_ADAMW):
             optimizer = torch.optim.AdamW(model.parameters(), lr=plan.learning_rate, fused=device.type == "cuda")
         else:
