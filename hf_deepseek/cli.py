@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument(
         "--variants",
         help="comma-separated, from transformers, hf_deepseek-bf16-eager, hf_deepseek-bf16, "
-        "hf_deepseek-bf16-unfused-loss, hf_deepseek-fp8 (the deepseek recipe), hf_deepseek-fp8-rowwise, "
+        "hf_deepseek-bf16-unfused-loss, hf_deepseek-fp8 (the deepseek recipe), hf_deepseek-fp8-rowwise (the rowwise "
+        "recipe's defaults; the other rowwise variants start from its former choices: Inductor's quantisation, "
+        "torch's grouped GEMMs, the FP8 weight gradient, and change what they name), "
         "hf_deepseek-fp8-eager, hf_deepseek-fp8-rowwise-eager, hf_deepseek-fp8-eager-fp8-wgrad, "
         "hf_deepseek-fp8-rowwise-triton-quant (Triton quantisers), hf_deepseek-fp8-rowwise-triton-quant-laid-out "
         "(the experts' inputs laid out before they are quantised), hf_deepseek-fp8-rowwise-triton-quant-precise-grads "
