@@ -198,18 +198,24 @@ def test_fp8_gradients_of_every_parameter_follow_the_full_precision_ones(name):
 @pytest.mark.parametrize("fbgemm", [False, True], ids=["torch", "fbgemm"])
 def test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products(fbgemm):
     """torch's grouped GEMM and FBGEMM's weight-gradient kernel, each expert's segment only: the rows past the last
-    segment (random here) are not read."""
+    segment (random here) are not read; experts without rows get zeros, in memory that held NaNs before (FBGEMM
+    writes only the experts that have rows into the output it is given)."""
     from hf_deepseek.modeling.fp8_numerics import expert_layout, grouped_wgrad_high_precision
 
     if fbgemm:
         needs_fbgemm()
     torch.manual_seed(0)
-    indices = torch.stack([torch.randperm(8)[:2] for _ in range(1000)]).cuda()
+    indices = torch.stack([torch.randperm(6)[:2] for _ in range(1000)]).cuda()  # experts 6 and 7 idle
     layout = expert_layout(indices, 8)
     dy = torch.randn(layout.rows, 256, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(layout.rows, 128, device="cuda", dtype=torch.bfloat16)
+    garbage = [torch.full((8, 256, 128), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    del garbage  # the caching allocator hands these NaN-filled blocks to the next allocations
     got = grouped_wgrad_high_precision(dy, x, layout, fbgemm).float()
     for e, (start, end) in enumerate(layout.segments()):
+        if end == start:
+            assert e >= 6 and (got[e] == 0).all(), e
+            continue
         want = dy[start:end].float().t() @ x[start:end].float()
         assert (got[e] - want).norm() / want.norm() < 4e-3  # bf16 output rounding: 0.17% measured on an H200
 
