@@ -188,12 +188,12 @@ def candidate_plans(t: torch.Tensor):
                 if block_r * default.block_c <= 16384 and 16 <= block_r * default.block_c // (32 * warps) <= 64:
                     plans.append(RowwisePlan("rows", block_r, default.block_c, warps))
         plans.append(RowwisePlan("rows_loop", 4, 1024, 8))
-    else:
-        for block_r, block_c, warps in ((32, 256, 8), (64, 128, 8), (16, 512, 8), (64, 256, 16)):
+    else:  # small tiles and short chunks too: a dense weight's transpose has only 32-128 strips of rows
+        for block_r, block_c, warps in ((32, 256, 8), (64, 128, 8), (16, 512, 8), (64, 256, 16), (16, 128, 4)):
             for programs in (132, 264, 528, 0):
                 plans.append(RowwisePlan("cols", block_r, block_c, warps, programs=programs))
-            for chunk in (1024, 2048, 4096):
-                if chunk < cols:
+            for chunk in (256, 512, 1024, 2048, 4096):
+                if chunk < cols and chunk % block_c == 0:
                     plans.append(RowwisePlan("cols_split", block_r, block_c, warps, chunk=chunk))
     return list(dict.fromkeys(plans))  # the default first, once
 
