@@ -247,17 +247,24 @@ def compiled(name: str) -> bool:
     return name in (OURS, OURS_UNFUSED_LOSS) or FP8_VARIANTS.get(name, ("", False, {}))[1]
 
 
+def variant_recipe(name: str):
+    """The FP8Recipe of an FP8 variant (its named recipe with its overrides), None for the others."""
+    if base_variant(name) not in FP8_VARIANTS:
+        return None
+    from hf_deepseek.modeling.fp8 import FP8Recipe
+
+    recipe, _, overrides = FP8_VARIANTS[base_variant(name)]
+    return FP8Recipe.named(recipe, **overrides)
+
+
 def grouped_kernels_note(name: str, device: torch.device) -> str:
     """For an FP8 variant whose recipe asks for FBGEMM's grouped GEMMs, on a GPU: whether its routed experts got them
     (the rowwise recipe's defaults fall back to torch's kernels where the fbgemm-gpu-genai wheel does not import)."""
-    recipe, _, overrides = FP8_VARIANTS.get(base_variant(name), ("", False, {}))
-    if not recipe or device.type != "cuda":
+    recipe = variant_recipe(name)
+    if recipe is None or recipe.grouped_gemm != "fbgemm" or device.type != "cuda":
         return ""
     from hf_deepseek.kernels import fbgemm_grouped
-    from hf_deepseek.modeling.fp8 import FP8Recipe
 
-    if FP8Recipe.named(recipe, **overrides).grouped_gemm != "fbgemm":
-        return ""
     if fbgemm_grouped.available():
         return "experts: FBGEMM's grouped GEMMs"
     return "experts: torch's grouped GEMMs (fbgemm-gpu-genai not found)"
@@ -281,15 +288,15 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
 
         enable_fused_output_loss(model, loss_chunks)  # the head + cross-entropy in chunks: no [tokens, vocab] logits
     if name in FP8_VARIANTS:
-        from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
+        from hf_deepseek.modeling.fp8 import convert_to_fp8_training
 
-        recipe, _, overrides = FP8_VARIANTS[name]
-        if overrides.get("grouped_gemm") == "fbgemm" and device.type == "cuda":
+        # a variant that names FBGEMM fails without it; the rowwise recipe's defaults fall back (grouped_kernels_note)
+        if FP8_VARIANTS[name][2].get("grouped_gemm") == "fbgemm" and device.type == "cuda":
             from hf_deepseek.kernels import fbgemm_grouped
 
             if not fbgemm_grouped.available():
                 raise RuntimeError(f"{name} needs the fbgemm-gpu-genai wheel on a Hopper GPU (pip install '.[fbgemm]')")
-        convert_to_fp8_training(model, FP8Recipe.named(recipe, **overrides))
+        convert_to_fp8_training(model, variant_recipe(name))
     if compiled(name) and device.type == "cuda":
         from hf_deepseek.modeling.compile_regions import compile_for_training
 
