@@ -8,7 +8,8 @@ the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), t
 layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-head absorbed products
 (`kernels/_head_matmul_triton.py`), a decode step's MLA front (`kernels/_mla_front_triton.py`), the kernel of two
 linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
-layer after it (`_moe_gemv_triton._norm_gemv_kernel`).
+layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's routed-expert kernels that write FP8
+rows beside their bf16 results (`modeling/fp8_moe_triton.py`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -1065,6 +1066,56 @@ def adamw_kernel() -> dict[str, bool]:
     return results
 
 
+def _close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within one bf16 rounding step of each other (exp and sigmoid differ in their last float32 bits)."""
+    return bool(((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-30).all())
+
+
+def fused_moe_kernels() -> dict[str, bool]:
+    """The routed experts' SwiGLU, its gradient and the combine's gradient (`modeling/fp8_moe_triton.py`) against
+    `fp8_moe`'s torch references: the bf16 results within a rounding step (the combine's exactly), each FP8 operand
+    bit for bit the rowwise quantisation of the bf16 result written beside it, odd widths with padded columns too."""
+    from hf_deepseek.modeling import fp8_moe
+    from hf_deepseek.modeling import fp8_moe_triton as kernels
+
+    def quantised_as_reference(v, q, scale, pow2):
+        rows, cols = v.shape
+        want = quantize_rowwise(F.pad(v, (0, _ceil_to(cols, 16) - cols, 0, _ceil_to(rows, 16) - rows)), pow2, False)
+        return _same((q, scale), want)
+
+    results = {}
+    with gpu_store_rounding():
+        for pow2 in (False, True):
+            for rows, inter in ((37, 24), (20, 9), (33, 40)):
+                torch.manual_seed(rows)
+                gate_up = (torch.randn(rows, 2 * inter) * torch.logspace(-2, 2, rows)[:, None]).bfloat16()
+                h, q, scale = kernels.swiglu_rows_triton(gate_up, pow2)
+                results[f"swiglu {rows}x{inter} pow2={pow2}"] = _close_bf16(
+                    h, fp8_moe.swiglu_reference(gate_up)
+                ) and quantised_as_reference(h, q, scale, pow2)
+                d_h = torch.randn(rows, inter).bfloat16()
+                d_gate_up, q, scale = kernels.swiglu_backward_rows_triton(d_h, gate_up, pow2)
+                results[f"swiglu backward {rows}x{inter} pow2={pow2}"] = _close_bf16(
+                    d_gate_up, fp8_moe.swiglu_backward_reference(d_h, gate_up)
+                ) and quantised_as_reference(d_gate_up, q, scale, pow2)
+            tokens, hidden, laid_out = 19, 40, 64
+            token_pad = torch.randint(0, tokens + 1, (laid_out,))  # `tokens`: a padding row
+            row_weight = torch.rand(laid_out) * (token_pad < tokens)
+            d_out, y = torch.randn(tokens, hidden).bfloat16(), torch.randn(laid_out, hidden).bfloat16()
+            y[token_pad == tokens] = float("nan")  # what a padding row of the grouped GEMM's output may hold
+            d_y, q, scale, d_w = kernels.combine_backward_rows_triton(d_out, token_pad, row_weight, y, pow2)
+            want_d_y, want_d_w = fp8_moe.combine_backward_reference(d_out, token_pad, row_weight, y)
+            results[f"combine backward pow2={pow2}"] = (
+                torch.equal(d_y, want_d_y)
+                and quantised_as_reference(d_y, q, scale, pow2)
+                and bool(torch.isfinite(d_w).all())
+                and torch.allclose(d_w, want_d_w, rtol=1e-5, atol=1e-5)
+            )
+    for name, ok in results.items():
+        print(f"  fused MoE {name}: {'as the reference' if ok else 'DIFFERENT'}")
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -1083,6 +1134,7 @@ if __name__ == "__main__":
     shared_pairs |= fp8_shared_pairs_kernels()  # and with FP8 weights
     adamw = adamw_kernel()  # AdamW's update section
     fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
+    fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -1107,6 +1159,7 @@ if __name__ == "__main__":
             record["shared_pairs"] = shared_pairs
             record["adamw"] = adamw
             record["fused_experts"] = fused_experts
+            record["fused_moe_quantisation"] = fused_moe
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
@@ -1118,6 +1171,7 @@ if __name__ == "__main__":
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
+    print(f"fused MoE quantisation kernels: {sum(fused_moe.values())}/{len(fused_moe)} as the references")
     print(f"fused experts kernel: {sum(fused_experts.values())}/{len(fused_experts)} as the two launches")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
@@ -1135,6 +1189,7 @@ if __name__ == "__main__":
         and all(shared_pairs.values())
         and all(adamw.values())
         and all(fused_experts.values())
+        and all(fused_moe.values())
         and kernels_ok
         else 1
     )

@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm (FBGEMM's grouped GEMMs for the experts: the fbgemm extra), "
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad, "
         "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-joined-projections and "
-        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad-joined-projections (with those choices too) "
+        "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-hp-wgrad-joined-projections (with those choices too), "
+        "hf_deepseek-fp8-rowwise-fused-moe (the rowwise recipe, the routed experts' SwiGLU and combine gradient "
+        "writing their FP8 operands) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -60,6 +60,9 @@ OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-
 # weight gradient in FP8), which the variants below that name the rowwise recipe's other choices keep, so that each
 # measures what it measured before the recipe took FBGEMM and the bf16 weight gradient
 ROWWISE_BEFORE = {"fused_quantization": True, "grouped_gemm": "torch", "linear_wgrad": "fp8"}
+# the rowwise recipe with the routed experts' SwiGLU and combine gradient writing their FP8 operands themselves
+# (`FP8Recipe.fused_moe_quantization`, `modeling/fp8_moe.py`)
+OURS_FP8_ROWWISE_FUSED_MOE = "hf_deepseek-fp8-rowwise-fused-moe"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -98,6 +101,7 @@ FP8_VARIANTS = {
         True,
         {"fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
     ),
+    OURS_FP8_ROWWISE_FUSED_MOE: ("rowwise", True, {"fused_moe_quantization": True}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

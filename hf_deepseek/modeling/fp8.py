@@ -28,6 +28,7 @@ from transformers.activations import ACT2FN
 from ..kernels import linear_rows, moe_gemv, moe_grouped_gemv
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
 from .decode_linear import DecodeLinear
+from .fp8_moe import FP8RoutedMLPFunction
 from .fp8_numerics import (
     FP8,
     OFFICIAL_QUANTIZATION_CONFIG,
@@ -45,6 +46,7 @@ from .fp8_numerics import (
 from .moe import GatherTokenRows, RoutedExperts
 
 _BACKENDS: dict[tuple, object] = {}
+_SILU = type(ACT2FN["silu"])  # the activation class of hidden_act "silu" in the installed transformers
 
 
 def get_backend(recipe: FP8Recipe, device: torch.device):
@@ -302,6 +304,10 @@ class FP8RoutedExperts(RoutedExperts):
             token_pad = layout.pos.new_full((layout.rows,), num_tokens)  # row N of x: a padding row (zeros)
             token_pad = token_pad.index_copy(0, layout.pos, layout.token_idx)  # the token of each laid-out row
             tensors = (token_pad, pair_rows, layout.block_expert, layout.seg_start, layout.seg_end)
+            if self._whole_mlp_fused():
+                return FP8RoutedMLPFunction.apply(
+                    x, weights, self.gate_up_proj, self.down_proj, *tensors, backend, dtype
+                ).to(x.dtype)
             gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype)
         else:
             x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
@@ -311,6 +317,12 @@ class FP8RoutedExperts(RoutedExperts):
         out = self._project(self.act_fn(gate) * up, "down_proj", layout, backend, dtype)
         out = ScatterUniqueRows.gather(out, pair_rows).view(num_tokens, top_k, -1)  # (token, choice) order
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
+
+    def _whole_mlp_fused(self) -> bool:
+        """Whether the recipe's `fused_moe_quantization` takes the whole MLP (`fp8_moe.FP8RoutedMLPFunction`): both
+        projections in FP8 and a SwiGLU activation."""
+        recipe = self.fp8_recipe
+        return recipe.fused_moe_quantization and not recipe.grouped_bf16 and type(self.act_fn) is _SILU
 
     def _project(self, rows: torch.Tensor, name: str, layout: ExpertLayout, backend, dtype) -> torch.Tensor:
         """One projection of every expert over its segment: FP8, or high precision where the recipe keeps it."""

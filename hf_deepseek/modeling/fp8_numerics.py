@@ -72,7 +72,11 @@ class FP8Recipe:
     `grouped_gemm`: the routed experts' grouped GEMMs on a Hopper GPU, the rowwise recipe's FP8 products and the
     bf16 weight gradient of either recipe: "torch" (`torch._scaled_grouped_mm`, `torch._grouped_mm`) or "fbgemm"
     (FBGEMM's CUTLASS kernels, `kernels/fbgemm_grouped.py`, where the optional `fbgemm-gpu-genai` wheel imports;
-    torch's elsewhere).
+    torch's elsewhere);
+    `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
+    experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
+    standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, with `quantize_tokens_once`, both
+    projections in FP8 and a SwiGLU activation; other experts keep the layer-by-layer path).
     """
 
     scaling: str = "blockwise"
@@ -89,6 +93,7 @@ class FP8Recipe:
     quantize_tokens_once: bool = True
     fast_accum: tuple[str, ...] = ("output", "grad_input", "grad_weight")
     grouped_gemm: str = "torch"
+    fused_moe_quantization: bool = False
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -105,6 +110,8 @@ class FP8Recipe:
             raise ValueError(
                 f"FP8Recipe.fast_accum names output, grad_input and grad_weight only, got {sorted(unknown)}"
             )
+        if self.fused_moe_quantization and not (self.rowwise and self.quantize_tokens_once):
+            raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise' and quantize_tokens_once=True")
         if self.rowwise and self.grouped_wgrad == "fp8":
             raise ValueError(
                 "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"

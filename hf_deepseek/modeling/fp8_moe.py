@@ -1,0 +1,150 @@
+"""The routed experts' whole FP8 MLP in one autograd function (`FP8Recipe.fused_moe_quantization`, rowwise recipe):
+token rows gathered by expert -> gate/up GEMM -> SwiGLU -> down GEMM -> weighted sum over each token's experts, and
+back. Owning the chain lets the kernels that produce the FP8 GEMMs' row-scaled operands write them too, instead of
+each operand being written in bf16 and read again by a standalone quantiser:
+- forward, the SwiGLU writes h in bf16 (kept for the down projection's bf16 weight gradient) and its FP8 rows;
+- backward, the combine's gradient writes each laid-out row's output gradient d_out[token] * weight in bf16 and in
+  FP8, and its routing weight's gradient, in one pass over d_out (where autograd wrote the [N, k, d] products, laid
+  them out into a zeroed buffer and quantised that);
+- backward, the SwiGLU's gradient writes d(gate, up) in bf16 (for the gate/up weight gradient) and its FP8 rows.
+The values are those of the layer-by-layer path (`fp8.FP8TokenGroupedLinearFunction`, `FP8GroupedLinearFunction`)
+up to the activation's rounding: the SwiGLU and its gradient are computed in float32 from the bf16 inputs and
+rounded once, as Inductor's fused kernels do, and each FP8 operand is the rowwise quantisation of the bf16 tensor
+written beside it, bit for bit.
+
+On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
+recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fp8_numerics import ExpertLayout, grouped_wgrad_high_precision
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 if it is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gate_up [R, 2I] = (gate | up), in float32 from its values, rounded once to its dtype."""
+    gate, up = _wide(gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def swiglu_backward_reference(d_h: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """d(gate | up) [R, 2I] of `swiglu_reference` given d_h [R, I], in float32, rounded once to gate_up's dtype."""
+    gate, up = _wide(gate_up).chunk(2, dim=-1)
+    d_h = _wide(d_h)
+    sig = torch.sigmoid(gate)
+    d_gate = d_h * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, d_h * gate * sig], dim=-1).to(gate_up.dtype)
+
+
+def combine_backward_reference(
+    d_out: torch.Tensor, token_pad: torch.Tensor, row_weight: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of out[t] = sum over t's laid-out rows r of row_weight[r] * y[r]: d_y [R, d] = d_out[token_pad[r]] *
+    row_weight[r] in d_out's dtype (zero where token_pad is N, a padding row), and d_row_weight [R] = <d_out[t], y[r]>
+    in float32 or wider (zero for padding rows, whatever y holds there)."""
+    d_pad = _wide(F.pad(d_out, (0, 0, 0, 1)).index_select(0, token_pad))  # row N: zeros
+    valid = token_pad < d_out.shape[0]
+    d_y = (d_pad * _wide(row_weight)[:, None]).to(d_out.dtype)
+    y_rows = _wide(y[: token_pad.shape[0]])
+    d_row_weight = torch.where(valid, (d_pad * torch.where(valid[:, None], y_rows, 0.0)).sum(dim=-1), 0.0)
+    return d_y, d_row_weight
+
+
+def _triton_serves(backend, t: torch.Tensor) -> bool:
+    """Whether the Triton kernels run: the Hopper backend's rowwise recipe, outside Inductor's fused quantisation."""
+    return backend.name == "hopper" and backend.rowwise and t.is_cuda and not backend._fused()
+
+
+def swiglu_quantised(backend, gate_up: torch.Tensor):
+    """h = SwiGLU(gate_up) [R, I] and its FP8 rows (q, scales) as `backend.quantize_rows(h)` gives them."""
+    if _triton_serves(backend, gate_up):
+        from .fp8_moe_triton import swiglu_rows_triton
+
+        return swiglu_rows_triton(gate_up, backend.pow2)
+    h = swiglu_reference(gate_up)
+    return (h, *backend.quantize_rows(h))
+
+
+def swiglu_backward_quantised(backend, d_h: torch.Tensor, gate_up: torch.Tensor):
+    """d(gate | up) [R, 2I] and its FP8 rows, as `backend.quantize_rows` gives them."""
+    if _triton_serves(backend, gate_up):
+        from .fp8_moe_triton import swiglu_backward_rows_triton
+
+        return swiglu_backward_rows_triton(d_h, gate_up, backend.pow2)
+    d_gate_up = swiglu_backward_reference(d_h, gate_up)
+    return (d_gate_up, *backend.quantize_rows(d_gate_up))
+
+
+def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
+    """`combine_backward_reference`'s d_y with its FP8 rows, and d_row_weight: (d_y, q, scales, d_row_weight)."""
+    if _triton_serves(backend, d_out):
+        from .fp8_moe_triton import combine_backward_rows_triton
+
+        return combine_backward_rows_triton(d_out, token_pad, row_weight, y, backend.pow2)
+    d_y, d_row_weight = combine_backward_reference(d_out, token_pad, row_weight, y)
+    return (d_y, *backend.quantize_rows(d_y), d_row_weight)
+
+
+class FP8RoutedMLPFunction(torch.autograd.Function):
+    """out [N, d] = sum over k of weights[:, k] * down(SwiGLU(gate_up(x)))[laid-out row of (token, k)], both expert
+    GEMMs and their input gradients in FP8 (rowwise), the weight gradients in bf16. `token_pad` [rows]: the token of
+    each laid-out row (N for padding rows); `pair_rows` [N*k]: the laid-out row of each (token, choice) pair, in token
+    order. The layout's tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
+                out_dtype):  # fmt: skip
+        (tokens, hidden), top_k = x.shape, weights.shape[1]
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
+        fast = "output" in backend.recipe.fast_accum
+        x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
+        # W's FP8 rows and, from the same read, the amaxes of W^T's rows that the input gradient quantises it with
+        wgu_q, wgu_s, wgu_t_amax = backend.quantize_weight_and_amax_t(w_gate_up)
+        gate_up = backend.grouped_gemm(x_q, x_s, wgu_q, wgu_s, layout, out_dtype, fast)[:, : w_gate_up.shape[-2]]
+        h, h_q, h_s = swiglu_quantised(backend, gate_up)
+        wd_q, wd_s, wd_t_amax = backend.quantize_weight_and_amax_t(w_down)
+        y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
+        out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
+        ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
+                              pair_rows, block_expert, seg_start, seg_end)  # fmt: skip
+        ctx.backend = backend
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        (x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad, pair_rows, block_expert,
+         seg_start, seg_end) = ctx.saved_tensors  # fmt: skip
+        backend = ctx.backend
+        (tokens, hidden), top_k, inter = x.shape, weights.shape[1], h.shape[1]
+        layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
+        fast = "grad_input" in backend.recipe.fast_accum
+        row_weight = weights.new_zeros(token_pad.shape[0]).index_copy(0, pair_rows, weights.flatten())
+        d_y, d_y_q, d_y_s, d_row_weight = combine_backward_quantised(
+            backend, d_out.contiguous(), token_pad, row_weight.float(), y
+        )
+        wd_t_q, wd_t_s = backend.quantize_weight_t(w_down, None, None, wd_t_amax)
+        d_h = backend.grouped_gemm(d_y_q, d_y_s, wd_t_q, wd_t_s, layout, h.dtype, fast)[:, :inter]
+        d_w_down = None
+        if ctx.needs_input_grad[3]:
+            d_w_down = grouped_wgrad_high_precision(d_y, h, layout, backend.fbgemm)[:, :hidden, :inter]
+            d_w_down = d_w_down.to(w_down.dtype)
+        d_gate_up, dgu_q, dgu_s = swiglu_backward_quantised(backend, d_h, gate_up)
+        d_x = d_w_gate_up = None
+        if ctx.needs_input_grad[0]:
+            wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, None, None, wgu_t_amax)
+            d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
+            d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
+        if ctx.needs_input_grad[2]:
+            x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
+            d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm)
+            d_w_gate_up = d_w_gate_up[:, : w_gate_up.shape[-2], :hidden].to(w_gate_up.dtype)
+        d_weights = d_row_weight.index_select(0, pair_rows).view(tokens, top_k).to(weights.dtype)
+        return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None
