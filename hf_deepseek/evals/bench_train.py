@@ -63,6 +63,10 @@ ROWWISE_BEFORE = {"fused_quantization": True, "grouped_gemm": "torch", "linear_w
 # the rowwise recipe with the routed experts' SwiGLU and combine gradient writing their FP8 operands themselves
 # (`FP8Recipe.fused_moe_quantization`, `modeling/fp8_moe.py`)
 OURS_FP8_ROWWISE_FUSED_MOE = "hf_deepseek-fp8-rowwise-fused-moe"
+# the rowwise recipe with its weights quantised once per optimizer step, by TritonAdamW's update
+# (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`); and with the fused experts' MLP too
+OURS_FP8_ROWWISE_CACHED = "hf_deepseek-fp8-rowwise-cached-weights"
+OURS_FP8_ROWWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-rowwise-cached-weights-fused-moe"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -102,6 +106,8 @@ FP8_VARIANTS = {
         {"fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
     ),
     OURS_FP8_ROWWISE_FUSED_MOE: ("rowwise", True, {"fused_moe_quantization": True}),
+    OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True}),
+    OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

@@ -7,9 +7,21 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.graph import increment_version
 
 BLOCK = 4096  # elements a program: 16 per thread at 8 warps, 32-byte loads of bf16
 WARPS = 8
+
+
+@triton.jit
+def adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt):
+    """p -= lr_decay * p; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
+    p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), in float32: the new (p, m, v)."""
+    p = p - lr_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    p = p - step_size * m / (tl.sqrt_rn(v) / bias_correction2_sqrt + eps)
+    return p, m, v
 
 
 @triton.jit
@@ -17,18 +29,14 @@ def _adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, n, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """p -= lr_decay * p; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;
-    p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), for the program's BLOCK elements of n."""
+    """`adamw_values` for the program's BLOCK elements of n."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
     ok = offsets < n
     p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
     g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=ok).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=ok).to(tl.float32)
-    p = p - lr_decay * p
-    m = beta1 * m + (1 - beta1) * g
-    v = beta2 * v + (1 - beta2) * g * g
-    p = p - step_size * m / (tl.sqrt_rn(v) / bias_correction2_sqrt + eps)
+    p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=ok)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=ok)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=ok)
@@ -42,3 +50,4 @@ def adamw_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correc
         _adamw_kernel[(triton.cdiv(n, BLOCK),)](
             p, g, m, v, n, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, BLOCK=BLOCK, num_warps=WARPS
         )
+    increment_version(p)  # as torch's in-place update would: what was made from the old p sees it changed

@@ -10,6 +10,9 @@ so a state_dict loads into torch's AdamW and back. Off CUDA the same update runs
 the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, capturable, differentiable,
 a sparse gradient, a complex, non-contiguous or DTensor parameter) take torch's own step for the whole optimizer.
 
+The weight of an FP8 layer that keeps an FP8 copy of it (`FP8Recipe.cache_weights`) is updated by a kernel that
+writes the copy too (`modeling/fp8_adamw_triton.py`), where it serves.
+
 The trainers (`DeepSeekSFTTrainer`, `DeepSeekGRPOTrainer`) use it in place of torch's AdamW for a model on CUDA
 (`triton_adamw`, on by default; `use_triton_adamw`).
 """
@@ -100,9 +103,11 @@ class TritonAdamW(torch.optim.AdamW):
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 step = float(state["step"].add_(1))
                 update = _update_function(p.device)
-                update(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                    lr * group["weight_decay"], beta1, beta2, group["eps"],
-                    lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
-                )  # fmt: skip
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+                hyper = (lr * group["weight_decay"], beta1, beta2, group["eps"], lr / (1 - beta1**step),
+                         math.sqrt(1 - beta2**step))  # fmt: skip
+                # an FP8 layer's weight with a copy to keep (`modeling/fp8_weight_cache.py`): one kernel for both
+                copy = getattr(p, "fp8_copy", None)
+                if not (update is not torch_update and copy is not None and copy.adamw_update(*tensors, *hyper)):
+                    update(*tensors, *hyper)
         return loss

@@ -43,6 +43,13 @@ from .fp8_numerics import (
     quantize_blocks,
     quantize_tiles,
 )
+from .fp8_weight_cache import (
+    FP8WeightCopy,
+    attach_weight_copies,
+    detach_weight_copies,
+    refresh_weight_copies,
+    weight_copy,
+)
 from .moe import GatherTokenRows, RoutedExperts
 
 _BACKENDS: dict[tuple, object] = {}
@@ -87,8 +94,11 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 # Autograd: a linear layer and a group of expert linears with their GEMMs in FP8
 
 
-def _quantize_weight_for_both(backend, weight: torch.Tensor, transpose_too: bool):
-    """backend.quantize_weight(weight) and, when the input gradient needs W^T, the amaxes its quantisation takes."""
+def _quantize_weight_for_both(backend, weight: torch.Tensor, transpose_too: bool, copy: FP8WeightCopy | None):
+    """backend.quantize_weight(weight) and, when the input gradient needs W^T, the amaxes its quantisation takes; or
+    the layer's copy of them, made once per optimizer step (`FP8Recipe.cache_weights`)."""
+    if copy is not None:
+        return copy.q, copy.scale, copy.amax_t
     return backend.quantize_weight_and_amax_t(weight) if transpose_too else (*backend.quantize_weight(weight), None)
 
 
@@ -100,11 +110,11 @@ class FP8LinearFunction(torch.autograd.Function):
     `quantize_weight_and_amax_t`, which the Triton quantiser does only for the experts' batched weights.)"""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend, out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend, out_dtype: torch.dtype, copy=None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         m, n = x2.shape[0], weight.shape[0]
         x_q, x_s = backend.quantize_rows(x2)
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
+        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype, fast)[:m, :n].contiguous()  # a copy only if padded
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
@@ -132,13 +142,13 @@ class FP8LinearFunction(torch.autograd.Function):
             xt_q, xt_s = backend.quantize_rows(x2.t())  # [K, Mp]
             fast = "grad_weight" in backend.recipe.fast_accum
             dw = backend.gemm(dyt_q, dyt_s, xt_q, xt_s, False, torch.float32, fast)[:n, :k].to(ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, recipe: FP8Recipe | None = None) -> torch.Tensor:
     """F.linear(x, weight) with the forward and both backward GEMMs in FP8."""
     recipe = recipe or FP8Recipe()
-    return FP8LinearFunction.apply(x, weight, get_backend(recipe, x.device), _output_dtype(x))
+    return FP8LinearFunction.apply(x, weight, get_backend(recipe, x.device), _output_dtype(x), None)
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -147,11 +157,11 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     `grouped_wgrad`). The layout's tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
 
     @staticmethod
-    def forward(ctx, x_pad, weight, block_expert, seg_start, seg_end, backend, out_dtype):
+    def forward(ctx, x_pad, weight, block_expert, seg_start, seg_end, backend, out_dtype, copy=None):
         n = weight.shape[-2]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, x_pad.shape[0])
         x_q, x_s = backend.quantize_rows(x_pad)
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
+        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
@@ -171,7 +181,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dx = _grouped_input_grad(backend, dy, weight, (w_q, w_s, wt_amax), layout, ctx.x_dtype)[:, :k]
         if ctx.needs_input_grad[1]:
             dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :k].to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None
 
 
 def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, dtype) -> torch.Tensor:
@@ -200,11 +210,11 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
     a token's k of them; the weight gradient lays x out (in its own dtype) only then."""
 
     @staticmethod
-    def forward(ctx, x, weight, token_pad, pair_rows, block_expert, seg_start, seg_end, backend, out_dtype):
+    def forward(ctx, x, weight, token_pad, pair_rows, block_expert, seg_start, seg_end, backend, out_dtype, copy=None):
         n = weight.shape[-2]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0])
+        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
@@ -226,7 +236,7 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
             dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :hidden].to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 class ScatterUniqueRows(torch.autograd.Function):
@@ -276,13 +286,15 @@ class FP8Linear(nn.Linear):
     fp8_recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_with_weight(x, self.weight)
+        backend = _module_backend(self, x)
+        copy = weight_copy(self, "weight", backend)
+        y = FP8LinearFunction.apply(x, self.weight, backend, _output_dtype(x), copy)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def linear_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x W^T in FP8 by this layer's recipe for another weight W (`joined_projections`: this one's and a
         sibling's, joined)."""
-        return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x))
+        return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x), None)
 
 
 class FP8RoutedExperts(RoutedExperts):
@@ -304,11 +316,13 @@ class FP8RoutedExperts(RoutedExperts):
             token_pad = layout.pos.new_full((layout.rows,), num_tokens)  # row N of x: a padding row (zeros)
             token_pad = token_pad.index_copy(0, layout.pos, layout.token_idx)  # the token of each laid-out row
             tensors = (token_pad, pair_rows, layout.block_expert, layout.seg_start, layout.seg_end)
+            copy = weight_copy(self, "gate_up_proj", backend)
             if self._whole_mlp_fused():
+                copies = (copy, weight_copy(self, "down_proj", backend))
                 return FP8RoutedMLPFunction.apply(
-                    x, weights, self.gate_up_proj, self.down_proj, *tensors, backend, dtype
+                    x, weights, self.gate_up_proj, self.down_proj, *tensors, backend, dtype, *copies
                 ).to(x.dtype)
-            gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype)
+            gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype, copy)
         else:
             x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order
             x_pad = ScatterUniqueRows.apply(x_sorted, layout.pos, layout.rows)  # [rows, d], 128-aligned segments
@@ -330,7 +344,8 @@ class FP8RoutedExperts(RoutedExperts):
         if name in self.fp8_recipe.grouped_bf16:
             return grouped_linear_high_precision(rows, weight, layout).to(dtype)
         tensors = (layout.block_expert, layout.seg_start, layout.seg_end)
-        return FP8GroupedLinearFunction.apply(rows, weight, *tensors, backend, dtype)
+        copy = weight_copy(self, name, backend)
+        return FP8GroupedLinearFunction.apply(rows, weight, *tensors, backend, dtype, copy)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -524,7 +539,17 @@ def convert_to_fp8_training(model: nn.Module, recipe: FP8Recipe | None = None) -
             continue
         module.fp8_recipe = recipe
         module.fp8_backend = get_backend(recipe, next(module.parameters()).device)
+        if recipe.cache_weights:
+            attach_weight_copies(module, ("weight",) if type(module) is FP8Linear else ("gate_up_proj", "down_proj"))
+    if recipe.cache_weights and not hasattr(model, "_fp8_copies_hook"):
+        model._fp8_copies_hook = model.register_forward_pre_hook(_refresh_weight_copies)
     return model
+
+
+def _refresh_weight_copies(model: nn.Module, args) -> None:
+    """Forward pre-hook of a model converted with `cache_weights`: its layers' stale FP8 weight copies made afresh
+    before they run, compiled or not."""
+    refresh_weight_copies(model, lambda module, w: get_backend(module.fp8_recipe, w.device))
 
 
 def convert_from_fp8_training(model: nn.Module) -> nn.Module:
@@ -538,6 +563,10 @@ def convert_from_fp8_training(model: nn.Module) -> nn.Module:
             continue
         del module.fp8_recipe
         module.__dict__.pop("fp8_backend", None)
+        detach_weight_copies(module)
+    hook = model.__dict__.pop("_fp8_copies_hook", None)
+    if hook is not None:
+        hook.remove()
     return model
 
 

@@ -93,24 +93,30 @@ def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
     return (d_y, *backend.quantize_rows(d_y), d_row_weight)
 
 
+def _weight_operands(backend, w: torch.Tensor, copy):
+    return (copy.q, copy.scale, copy.amax_t) if copy is not None else backend.quantize_weight_and_amax_t(w)
+
+
 class FP8RoutedMLPFunction(torch.autograd.Function):
     """out [N, d] = sum over k of weights[:, k] * down(SwiGLU(gate_up(x)))[laid-out row of (token, k)], both expert
     GEMMs and their input gradients in FP8 (rowwise), the weight gradients in bf16. `token_pad` [rows]: the token of
     each laid-out row (N for padding rows); `pair_rows` [N*k]: the laid-out row of each (token, choice) pair, in token
-    order. The layout's tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
+    order; `gate_up_copy`, `down_copy`: the layer's `FP8WeightCopy`s, or None. The layout's tensors are passed one by
+    one, so that Dynamo sees plain tensor inputs."""
 
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
-                out_dtype):  # fmt: skip
+                out_dtype, gate_up_copy, down_copy):  # fmt: skip
         (tokens, hidden), top_k = x.shape, weights.shape[1]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         fast = "output" in backend.recipe.fast_accum
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
         # W's FP8 rows and, from the same read, the amaxes of W^T's rows that the input gradient quantises it with
-        wgu_q, wgu_s, wgu_t_amax = backend.quantize_weight_and_amax_t(w_gate_up)
+        # (or the layer's copy of them, made once per optimizer step: `FP8Recipe.cache_weights`)
+        wgu_q, wgu_s, wgu_t_amax = _weight_operands(backend, w_gate_up, gate_up_copy)
         gate_up = backend.grouped_gemm(x_q, x_s, wgu_q, wgu_s, layout, out_dtype, fast)[:, : w_gate_up.shape[-2]]
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
-        wd_q, wd_s, wd_t_amax = backend.quantize_weight_and_amax_t(w_down)
+        wd_q, wd_s, wd_t_amax = _weight_operands(backend, w_down, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
         out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
@@ -147,4 +153,4 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
             d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm)
             d_w_gate_up = d_w_gate_up[:, : w_gate_up.shape[-2], :hidden].to(w_gate_up.dtype)
         d_weights = d_row_weight.index_select(0, pair_rows).view(tokens, top_k).to(weights.dtype)
-        return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None
+        return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None, None, None

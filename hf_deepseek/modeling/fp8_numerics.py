@@ -76,7 +76,10 @@ class FP8Recipe:
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
     experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
     standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, with `quantize_tokens_once`, both
-    projections in FP8 and a SwiGLU activation; other experts keep the layer-by-layer path).
+    projections in FP8 and a SwiGLU activation; other experts keep the layer-by-layer path);
+    `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
+    layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
+    other changes to a weight make its copy afresh before the next forward): rowwise scaling.
     """
 
     scaling: str = "blockwise"
@@ -94,6 +97,7 @@ class FP8Recipe:
     fast_accum: tuple[str, ...] = ("output", "grad_input", "grad_weight")
     grouped_gemm: str = "torch"
     fused_moe_quantization: bool = False
+    cache_weights: bool = False
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -112,6 +116,8 @@ class FP8Recipe:
             )
         if self.fused_moe_quantization and not (self.rowwise and self.quantize_tokens_once):
             raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise' and quantize_tokens_once=True")
+        if self.cache_weights and not self.rowwise:
+            raise ValueError("FP8Recipe.cache_weights needs scaling='rowwise'")
         if self.rowwise and self.grouped_wgrad == "fp8":
             raise ValueError(
                 "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"

@@ -1,0 +1,161 @@
+"""FP8 weights quantised once per optimizer step (`FP8Recipe.cache_weights`, `fp8_weight_cache.py`): training with
+the layers' copies computes what quantising in every forward does; a weight changed by anything (an optimizer, a
+state_dict, an in-place edit) gets a fresh copy before the next forward, eager or compiled; gradient accumulation
+reuses one; the copies stay out of the state_dict and go with `convert_from_fp8_training`. On the GPU, TritonAdamW's
+update that writes the copy gives the plain update's weight and moments and the quantiser's copy, bit for bit."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.kernels.adamw import TritonAdamW
+from hf_deepseek.modeling.compile_regions import compile_for_training
+from hf_deepseek.modeling.fp8 import FP8Recipe, convert_from_fp8_training, convert_to_fp8_training
+from hf_deepseek.modeling.fp8_weight_cache import FP8WeightCopy
+
+ROWWISE = FP8Recipe.named("rowwise", backend="emulated")
+CACHED = dataclasses.replace(ROWWISE, cache_weights=True)
+
+
+def small_model(recipe: FP8Recipe) -> DeepSeekForCausalLM:
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=64, moe_intermediate_size=48, intermediate_size=96)
+    return convert_to_fp8_training(DeepSeekForCausalLM(cfg), recipe)
+
+
+def train(model, optimizer_class, steps: int = 3, compiled: bool = False, accumulate: int = 1) -> list[float]:
+    if compiled:
+        torch._dynamo.reset()
+        compile_for_training(model, backend="aot_eager", fullgraph=True)
+    optimizer = optimizer_class(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        for _ in range(accumulate):
+            ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=gen)
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def copies_of(model) -> list[FP8WeightCopy]:
+    return [c for m in model.modules() for c in getattr(m, "fp8_weight_copies", {}).values()]
+
+
+@pytest.mark.parametrize(
+    "optimizer_class,compiled",
+    [(torch.optim.AdamW, False), (TritonAdamW, False), (TritonAdamW, True)],
+    ids=["torch-adamw", "triton-adamw", "triton-adamw-compiled"],
+)
+def test_training_with_weight_copies_computes_what_quantising_every_forward_does(optimizer_class, compiled):
+    """Three steps, two micro-batches each: the losses and the final weights equal, bit for bit, those of the layers
+    quantising their weights in every forward; every copy is of the weight as it now is."""
+    cached, plain = small_model(CACHED), small_model(ROWWISE)
+    assert len(copies_of(cached)) > 10 and not copies_of(plain)
+    got = train(cached, optimizer_class, compiled=compiled, accumulate=2)
+    want = train(plain, optimizer_class, compiled=compiled, accumulate=2)
+    assert got == want
+    for (name, a), b in zip(cached.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    cached(torch.zeros(1, 4, dtype=torch.long))  # a forward makes every copy fresh
+    for module in cached.modules():
+        for name, weight_copy in getattr(module, "fp8_weight_copies", {}).items():
+            assert weight_copy.is_fresh_for(getattr(module, name))
+            q, scale, _ = module.fp8_backend.quantize_weight_and_amax_t(getattr(module, name).detach())
+            assert torch.equal(weight_copy.q.view(torch.uint8), q.view(torch.uint8))
+            assert torch.equal(weight_copy.scale, scale)
+
+
+def test_a_weight_changed_outside_the_optimizer_gets_a_fresh_copy():
+    """An in-place edit and a loaded state_dict change the weights the next forward sees, as without copies; the
+    copies are not in the state_dict, and converting back removes them with the hook."""
+    cached, plain = small_model(CACHED), small_model(ROWWISE)
+    ids = torch.randint(0, cached.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    cached(ids)  # copies made
+    for model in (cached, plain):
+        with torch.no_grad():
+            model.model.layers[1].mlp.experts.gate_up_proj.mul_(1.5)
+            model.model.layers[0].self_attn.o_proj.weight.add_(0.01)
+    assert torch.equal(cached(ids).logits, plain(ids).logits)
+    state = {k: v * 0.9 if v.is_floating_point() else v for k, v in plain.state_dict().items()}
+    assert set(state) == set(cached.state_dict())  # no copy among the saved tensors
+    cached.load_state_dict(state)
+    plain.load_state_dict(state)
+    assert torch.equal(cached(ids).logits, plain(ids).logits)
+    convert_from_fp8_training(cached)
+    assert not copies_of(cached) and not cached._forward_pre_hooks
+    assert not any(hasattr(p, "fp8_copy") for p in cached.parameters())
+
+
+def test_weight_copies_need_the_rowwise_recipe():
+    with pytest.raises(ValueError, match=r"^FP8Recipe.cache_weights needs scaling='rowwise'$"):
+        FP8Recipe(cache_weights=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 704, 2048), (1536, 2048), (96, 1408), (4, 40, 72)])
+def test_triton_adamw_writing_the_copy_matches_the_update_then_the_quantiser_on_the_gpu(shape):
+    """The fused update of an experts' batched weight (with its columns' amaxes) and of dense weights: weight and
+    moments as the plain kernel's, the copy as the Hopper quantiser's of the new weight, bit for bit, over steps."""
+    from hf_deepseek.modeling.fp8 import get_backend
+
+    backend = get_backend(FP8Recipe.named("rowwise"), torch.device("cuda"))
+    gen = torch.Generator().manual_seed(len(shape))
+    start = (torch.randn(shape, generator=gen) * torch.logspace(-2, 1, shape[-2])[:, None]).bfloat16().cuda()
+    fused, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    weight_copy = FP8WeightCopy()
+    weight_copy.fill(backend, fused)
+    fused.fp8_copy = weight_copy
+    optimizers = [TritonAdamW([p], lr=1e-2, weight_decay=0.1) for p in (fused, plain)]
+    for _ in range(3):
+        grad = torch.randn(shape, generator=gen).bfloat16().cuda()
+        for p, optimizer in zip((fused, plain), optimizers, strict=True):
+            p.grad = grad.clone()
+            optimizer.step()
+        assert weight_copy.is_fresh_for(fused)  # written by the update itself
+        assert torch.equal(fused, plain)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizers[0].state[fused][key], optimizers[1].state[plain][key])
+        want = FP8WeightCopy()
+        want.fill(backend, plain)
+        assert torch.equal(weight_copy.q.view(torch.uint8), want.q.view(torch.uint8))
+        assert torch.equal(weight_copy.scale, want.scale)
+        assert (weight_copy.amax_t is None) == (want.amax_t is None) == (len(shape) == 2)
+        if want.amax_t is not None:
+            assert torch.equal(weight_copy.amax_t, want.amax_t)
+
+
+@pytest.mark.gpu
+def test_compiled_step_with_weight_copies_on_the_gpu_matches_quantising_every_forward():
+    """The bench's way: layers compiled with Inductor, TritonAdamW writing the copies; losses as without copies."""
+    recipe = FP8Recipe.named("rowwise")
+    results = []
+    for cached in (True, False):
+        torch.manual_seed(0)
+        cfg = tiny_config(hidden_size=128, moe_intermediate_size=64, intermediate_size=192)
+        model = convert_to_fp8_training(
+            DeepSeekForCausalLM(cfg).cuda().bfloat16(), dataclasses.replace(recipe, cache_weights=cached)
+        )
+        torch._dynamo.reset()
+        compile_for_training(model)
+        optimizer = TritonAdamW(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(3):
+            ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=gen).cuda()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        results.append((losses, copy.deepcopy([p.detach().float().cpu() for p in model.parameters()])))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        assert torch.equal(a, b)
