@@ -9,7 +9,8 @@ layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-h
 (`kernels/_head_matmul_triton.py`), a decode step's MLA front (`kernels/_mla_front_triton.py`), the kernel of two
 linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
 layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's routed-expert kernels that write FP8
-rows beside their bf16 results (`modeling/fp8_moe_triton.py`).
+rows beside their bf16 results (`modeling/fp8_moe_triton.py`), and AdamW's update writing the FP8 copy of the new
+weight (`modeling/fp8_adamw_triton.py`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -1116,6 +1117,47 @@ def fused_moe_kernels() -> dict[str, bool]:
     return results
 
 
+def adamw_fp8_kernel() -> dict[str, bool]:
+    """AdamW's update writing the FP8 copy of the new weight (`modeling/fp8_adamw_triton.py`) against the plain
+    kernel's update followed by the Hopper rowwise quantiser (with the columns' amaxes for batched weights): weight,
+    moments and copy bit for bit, over two steps."""
+    from hf_deepseek.kernels import _adamw_triton
+    from hf_deepseek.modeling.fp8_adamw_triton import adamw_update_fp8, fusable
+    from hf_deepseek.modeling.fp8_numerics import column_amax
+    from hf_deepseek.modeling.fp8_triton import quantize_rowwise_amax_triton
+    from hf_deepseek.modeling.fp8_weight_cache import FP8WeightCopy
+
+    results = {}
+    with gpu_store_rounding():
+        for shape in ((3, 40, 24), (37, 20), (2, 9, 33)):
+            for pow2 in (False, True):
+                torch.manual_seed(len(shape))
+                rows, cols = shape[-2:]
+                cols_out = _ceil_to(cols, 16)
+                p = (torch.randn(shape) * 3).bfloat16()
+                m, v = torch.zeros_like(p), torch.zeros_like(p)
+                want = [p.clone(), m.clone(), v.clone()]
+                q, scale, amax = quantize_rowwise_amax_triton(p, rows, cols_out, pow2)
+                copy = FP8WeightCopy(q, scale, amax, pow2)
+                for step in (1, 2):
+                    g = torch.randn(shape).bfloat16()
+                    hyper = (1e-3, 0.9, 0.95, 1e-8, 0.05 / (1 - 0.9**step), (1 - 0.95**step) ** 0.5)
+                    ok = fusable(p, g, m, v, copy)
+                    adamw_update_fp8(p, g, m, v, *hyper, copy)
+                    _adamw_triton.adamw_update(want[0], g, want[1], want[2], *hyper)
+                q, scale, _ = quantize_rowwise_amax_triton(want[0], rows, cols_out, pow2)
+                amax_ok = amax is None or torch.equal(copy.amax_t, F.pad(column_amax(want[0]), (0, cols_out - cols)))
+                results[f"{tuple(shape)} pow2={pow2}"] = (
+                    ok
+                    and all(torch.equal(a, b) for a, b in zip((p, m, v), want, strict=True))
+                    and _same((copy.q, copy.scale), (q, scale))
+                    and amax_ok
+                )
+    for name, ok in results.items():
+        print(f"  adamw writing the FP8 copy {name}: {'as the update then the quantiser' if ok else 'DIFFERENT'}")
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -1135,6 +1177,7 @@ if __name__ == "__main__":
     adamw = adamw_kernel()  # AdamW's update section
     fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
     fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
+    adamw_fp8 = adamw_fp8_kernel()  # AdamW's update writing the weight's FP8 copy section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
@@ -1160,6 +1203,7 @@ if __name__ == "__main__":
             record["adamw"] = adamw
             record["fused_experts"] = fused_experts
             record["fused_moe_quantisation"] = fused_moe
+            record["adamw_fp8_copy"] = adamw_fp8
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
     print(f"moe_grouped_gemv kernels: {sum(grouped.values())}/{len(grouped)} within tolerance")
@@ -1172,6 +1216,7 @@ if __name__ == "__main__":
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
     print(f"fused MoE quantisation kernels: {sum(fused_moe.values())}/{len(fused_moe)} as the references")
+    print(f"adamw writing the FP8 copy: {sum(adamw_fp8.values())}/{len(adamw_fp8)} as the update then the quantiser")
     print(f"fused experts kernel: {sum(fused_experts.values())}/{len(fused_experts)} as the two launches")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
     sys.exit(
@@ -1190,6 +1235,7 @@ if __name__ == "__main__":
         and all(adamw.values())
         and all(fused_experts.values())
         and all(fused_moe.values())
+        and all(adamw_fp8.values())
         and kernels_ok
         else 1
     )
