@@ -151,9 +151,11 @@ def test_fused_moe_kernels_match_the_references_on_the_gpu(rows, inter, hidden, 
 
 @gpu
 @pytest.mark.parametrize("grouped_gemm", ["fbgemm", "torch"])
-def test_fused_moe_quantisation_on_the_gpu_agrees_with_the_emulation(grouped_gemm):
-    """The module with `fused_moe_quantization` on the GPU (Triton kernels, FBGEMM's or torch's grouped GEMMs) against
-    the layer-by-layer emulation on the CPU: output and every gradient, an idle expert's weight gradient zero."""
+def test_fused_moe_quantisation_on_the_gpu_is_as_close_to_float32_as_the_layer_by_layer_emulation(grouped_gemm):
+    """The module with `fused_moe_quantization` on the GPU (Triton kernels, FBGEMM's or torch's grouped GEMMs), in
+    bf16: each result no further from the float32 emulation than the layer-by-layer bf16 emulation is (the FP8
+    roundings of a bf16 step move results by about 2% whichever way they are computed); an idle expert's weight
+    gradient zero."""
     from hf_deepseek.kernels import fbgemm_grouped
 
     if grouped_gemm == "fbgemm" and not fbgemm_grouped.available():
@@ -161,10 +163,12 @@ def test_fused_moe_quantisation_on_the_gpu_agrees_with_the_emulation(grouped_gem
     experts, (x, indices, weights, d_out) = experts_and_inputs(torch.bfloat16)
     recipe = FP8Recipe.named("rowwise", grouped_gemm=grouped_gemm, fused_moe_quantization=True)
     torch.cuda.empty_cache()
-    got = output_and_gradients(experts.cuda(), recipe, *(t.cuda() for t in (x, indices, weights, d_out)))
-    want = output_and_gradients(experts.cpu(), ROWWISE, x, indices, weights, d_out)
-    for name, g, w in zip(NAMES, got, want, strict=True):
+    got = output_and_gradients(copy.deepcopy(experts).cuda(), recipe, *(t.cuda() for t in (x, indices, weights, d_out)))
+    apart = output_and_gradients(experts, ROWWISE, x, indices, weights, d_out)
+    wide = output_and_gradients(copy.deepcopy(experts).float(), ROWWISE, x.float(), indices, weights, d_out.float())
+    for name, g, a, ref in zip(NAMES, got, apart, wide, strict=True):
         g = g.float().cpu()
         assert torch.isfinite(g).all(), name
-        assert (g - w.float()).norm() / w.float().norm() < 2e-2, name
+        error, error_apart = ((t.float() - ref).norm() / ref.norm() for t in (g, a))
+        assert error < 1.3 * error_apart + 2e-3, (name, float(error), float(error_apart))
     assert not got[3][3].any() and not got[4][3].any(), "an idle expert got a weight gradient"

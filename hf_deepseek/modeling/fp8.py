@@ -13,7 +13,10 @@ Two backends compute the same thing: `EmulatedBackend` (any device) quantises wi
 multiplies the dequantised values in FP32; `fp8_triton.HopperBackend` (CUDA, compute capability 9.0) quantises
 with Triton kernels (or, inside `torch.compile`, with torch operations Inductor fuses into their neighbours) and
 multiplies with cuBLAS (`torch._scaled_mm`, `torch._scaled_grouped_mm`) or a Triton grouped GEMM. The backend is
-chosen, and its capability probes run, when a model is converted: never inside traced code.
+chosen, and its capability probes run, when a model is converted: never inside traced code. With the rowwise
+recipe the routed experts' whole MLP can run as one autograd function whose kernels write their FP8 operands
+(`fp8_moe.py`, `FP8Recipe.fused_moe_quantization`), and the weights can be quantised once per optimizer step
+(`fp8_weight_cache.py`, `FP8Recipe.cache_weights`).
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ class FP8LinearFunction(torch.autograd.Function):
     W^T reusing W's blocks. Weight gradient: dy^T and x^T per 1x128 tile along the tokens. (Rowwise: one scale
     per row of each operand along its reduction dimension: x, dy and W are each quantised in both orientations, each
     orientation with its own amax pass; for W the backend may take W^T's amaxes in the pass over W's rows,
-    `quantize_weight_and_amax_t`, which the Triton quantiser does only for the experts' batched weights.)"""
+    `quantize_weight_and_amax_t`, which the Triton quantiser does only for the experts' batched weights.)
+    `copy`: the layer's `FP8WeightCopy` of W (`FP8Recipe.cache_weights`), whose operands replace W's quantisation."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, backend, out_dtype: torch.dtype, copy=None) -> torch.Tensor:
@@ -286,15 +290,13 @@ class FP8Linear(nn.Linear):
     fp8_recipe: FP8Recipe = FP8Recipe()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = _module_backend(self, x)
-        copy = weight_copy(self, "weight", backend)
-        y = FP8LinearFunction.apply(x, self.weight, backend, _output_dtype(x), copy)
+        y = self.linear_with_weight(x, self.weight, weight_copy(self, "weight", _module_backend(self, x)))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def linear_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x W^T in FP8 by this layer's recipe for another weight W (`joined_projections`: this one's and a
-        sibling's, joined)."""
-        return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x), None)
+    def linear_with_weight(self, x: torch.Tensor, weight: torch.Tensor, copy: FP8WeightCopy | None = None):
+        """x W^T in FP8 by this layer's recipe, for its weight (with `copy`, its FP8 copy, if it keeps one) or for
+        another weight W (`joined_projections`: this one's and a sibling's, joined)."""
+        return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x), copy)
 
 
 class FP8RoutedExperts(RoutedExperts):

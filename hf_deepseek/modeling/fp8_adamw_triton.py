@@ -90,8 +90,12 @@ def fusable(p, g, m, v, copy) -> bool:
     )
 
 
-def adamw_update_fp8(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, copy) -> None:
-    """The update of p (as `kernels._adamw_triton.adamw_update`) writing `copy`'s q, scale and amax_t of the new p."""
+def adamw_update_fp8(
+    p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, copy, *, rows_a_program=None
+) -> None:
+    """The update of p (as `kernels._adamw_triton.adamw_update`) writing `copy`'s q, scale and amax_t of the new p.
+    `rows_a_program`: rows each program loops over where it folds column amaxes (default: the "rows_amax" plan's;
+    `benchmarks/adamw_fp8_bench.py` times others)."""
     p3 = p if p.dim() == 3 else p[None]
     batch, rows, cols = p3.shape
     cols_out = copy.q.shape[-1]
@@ -102,6 +106,8 @@ def adamw_update_fp8(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_co
     block_r = max(1, MAX_COLUMNS // block_c)
     plan = rowwise_amax_plan(p3, rows, cols_out) if amax else None
     chunk = max(plan.chunk, block_r) if plan is not None else block_r
+    if rows_a_program is not None and amax:
+        chunk = max(block_r, rows_a_program // block_r * block_r)
     if amax:
         copy.amax_t.view(torch.int32).zero_()  # float32 bits; 0 is +0.0
     row_blocks = triton.cdiv(rows, chunk)
