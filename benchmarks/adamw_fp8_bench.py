@@ -1,9 +1,10 @@
 """AdamW's update writing the weight's FP8 copy (`modeling/fp8_adamw_triton.py`, `FP8Recipe.cache_weights`) against
 the plain Triton update followed by the Hopper quantiser of the new weight (what a step without copies does: the
 forward quantises each weight once the optimizer has written it), at the training bench's weight shapes; for the
-experts' batched weights also with other numbers of rows a program loops over (each program merges its columns'
-amaxes with one atomic max a column). Medians of `triton.testing.do_bench`, milliseconds, and GB/s of the bytes the
-fused kernel moves (weight, gradient and moments read, weight and moments written, the FP8 copy written).
+experts' batched weights also without the columns' amaxes, and with other numbers of rows a program loops over
+(each program merges its columns' amaxes with one atomic max a column). Medians of `triton.testing.do_bench` in
+milliseconds, and GB/s of the bytes the fused kernel moves (weight, gradient and moments read, weight and moments
+written, the FP8 copy written).
 
     python benchmarks/adamw_fp8_bench.py [--json out.json]       # CUDA
 """
@@ -35,6 +36,11 @@ def time_shape(shape, backend, rows_list) -> dict[str, float]:
         lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_and_amax_t(p))
     )
     row["fused (default)"] = triton.testing.do_bench(lambda: adamw_update_fp8(p, g, m, v, *HYPER, copy))
+    if copy.amax_t is not None:  # the same update and rows without the columns' amaxes (whole rows, no loop)
+        rows_only = FP8WeightCopy(copy.q, copy.scale, None, copy.pow2)
+        row["fused, no column amaxes"] = triton.testing.do_bench(
+            lambda: adamw_update_fp8(p, g, m, v, *HYPER, rows_only)
+        )
     for rows in rows_list if copy.amax_t is not None else ():
         row[f"fused, {rows} rows a program"] = triton.testing.do_bench(
             lambda rows=rows: adamw_update_fp8(p, g, m, v, *HYPER, copy, rows_a_program=rows)
