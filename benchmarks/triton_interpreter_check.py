@@ -1110,7 +1110,7 @@ def fused_moe_kernels() -> dict[str, bool]:
                 torch.equal(d_y, want_d_y)
                 and quantised_as_reference(d_y, q, scale, pow2)
                 and bool(torch.isfinite(d_w).all())
-                and torch.allclose(d_w, want_d_w, rtol=1e-5, atol=1e-5)
+                and _close_bf16(d_w, want_d_w)  # sums in another order, then rounded to bf16
             )
     for name, ok in results.items():
         print(f"  fused MoE {name}: {'as the reference' if ok else 'DIFFERENT'}")

@@ -118,7 +118,7 @@ def quantised_as_reference(v: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
 
 
 def within_a_rounding_step(got: torch.Tensor, want: torch.Tensor) -> bool:
-    return bool(((got.float() - want.float()).abs() <= 2**-7 * want.float().abs()).all())
+    return bool(((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-30).all())
 
 
 @gpu
@@ -146,7 +146,7 @@ def test_fused_moe_kernels_match_the_references_on_the_gpu(rows, inter, hidden, 
     d_y, q, scale, d_w = kernels.combine_backward_rows_triton(d_out, token_pad, row_weight, y, pow2)
     want_d_y, want_d_w = fp8_moe.combine_backward_reference(d_out, token_pad, row_weight, y)
     assert torch.equal(d_y, want_d_y) and quantised_as_reference(d_y, q, scale, pow2)
-    torch.testing.assert_close(d_w, want_d_w, rtol=1e-4, atol=1e-4)
+    assert within_a_rounding_step(d_w, want_d_w)  # sums in another order, then rounded to bf16
 
 
 @gpu

@@ -9,8 +9,9 @@ each operand being written in bf16 and read again by a standalone quantiser:
 - backward, the SwiGLU's gradient writes d(gate, up) in bf16 (for the gate/up weight gradient) and its FP8 rows.
 The values are those of the layer-by-layer path (`fp8.FP8TokenGroupedLinearFunction`, `FP8GroupedLinearFunction`)
 up to the activation's rounding: the SwiGLU and its gradient are computed in float32 from the bf16 inputs and
-rounded once, as Inductor's fused kernels do, and each FP8 operand is the rowwise quantisation of the bf16 tensor
-written beside it, bit for bit.
+rounded once, as Inductor's fused kernels do; the combine's gradient takes the routing weights in the activations'
+dtype and rounds their gradient to it, as that path's autograd does; and each FP8 operand is the rowwise
+quantisation of the bf16 tensor written beside it, bit for bit.
 
 On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
 recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
@@ -47,15 +48,17 @@ def swiglu_backward_reference(d_h: torch.Tensor, gate_up: torch.Tensor) -> torch
 def combine_backward_reference(
     d_out: torch.Tensor, token_pad: torch.Tensor, row_weight: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of out[t] = sum over t's laid-out rows r of row_weight[r] * y[r]: d_y [R, d] = d_out[token_pad[r]] *
-    row_weight[r] in d_out's dtype (zero where token_pad is N, a padding row), and d_row_weight [R] = <d_out[t], y[r]>
-    in float32 or wider (zero for padding rows, whatever y holds there)."""
+    """Gradients of out[t] = sum over t's laid-out rows r of row_weight[r] * y[r], as the layer-by-layer path (and
+    the bf16 model) computes them, the weight taken in d_out's dtype: d_y [R, d] = d_out[token_pad[r]] * row_weight[r]
+    rounded to d_out's dtype (zero where token_pad is N, a padding row), and d_row_weight [R] = <d_out[t], y[r]>
+    summed in float32 or wider, rounded to d_out's dtype (zero for padding rows, whatever y holds there), returned in
+    float32 or wider."""
     d_pad = _wide(F.pad(d_out, (0, 0, 0, 1)).index_select(0, token_pad))  # row N: zeros
     valid = token_pad < d_out.shape[0]
-    d_y = (d_pad * _wide(row_weight)[:, None]).to(d_out.dtype)
+    d_y = (d_pad * _wide(row_weight.to(d_out.dtype))[:, None]).to(d_out.dtype)
     y_rows = _wide(y[: token_pad.shape[0]])
     d_row_weight = torch.where(valid, (d_pad * torch.where(valid[:, None], y_rows, 0.0)).sum(dim=-1), 0.0)
-    return d_y, d_row_weight
+    return d_y, _wide(d_row_weight.to(d_out.dtype))
 
 
 def _triton_serves(backend, t: torch.Tensor) -> bool:

@@ -87,13 +87,14 @@ def _combine_backward_rows_kernel(
     do_ptr, tok_ptr, w_ptr, y_ptr, dy_ptr, q_ptr, s_ptr, dw_ptr, N, R, R_OUT, D, D_OUT, s_do, s_y, s_dy, s_q,
     POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """For BLOCK_R laid-out rows r (token t = tok[r], N for a padding row; routing weight w[r]): dy[r] = d_out[t] *
-    w[r] in dy's dtype and its FP8 row; dw[r] = <d_out[t], y[r]> in float32 (zero for padding rows)."""
+    """For BLOCK_R laid-out rows r (token t = tok[r], N for a padding row; routing weight w[r], taken in dy's
+    dtype): dy[r] = d_out[t] * w[r] in dy's dtype and its FP8 row; dw[r] = <d_out[t], y[r]> summed in float32,
+    rounded to dy's dtype, stored in float32 (zero for padding rows)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     in_rows = rows < R
     token = tl.load(tok_ptr + rows, mask=in_rows, other=N)
-    weight = tl.load(w_ptr + rows, mask=in_rows, other=0.0)
+    weight = tl.load(w_ptr + rows, mask=in_rows, other=0.0).to(dy_ptr.dtype.element_ty).to(tl.float32)
     valid = (token < N)[:, None] & (cols < D)[None, :]
     d_out = tl.load(do_ptr + token.to(tl.int64)[:, None] * s_do + cols[None, :], mask=valid, other=0.0).to(tl.float32)
     dy = (d_out * weight[:, None]).to(dy_ptr.dtype.element_ty)
@@ -101,7 +102,8 @@ def _combine_backward_rows_kernel(
     tl.store(dy_ptr + r64 * s_dy + cols[None, :], dy, mask=in_rows[:, None] & (cols < D)[None, :])
     _quantise_rows_store(dy, rows, cols, q_ptr, s_ptr, s_q, R_OUT, D_OUT, POW2, FAST)
     y = tl.load(y_ptr + r64 * s_y + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    tl.store(dw_ptr + rows, tl.sum(d_out * y, axis=1), mask=in_rows)
+    dw = tl.sum(d_out * y, axis=1).to(dy_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(dw_ptr + rows, dw, mask=in_rows)
 
 
 def _outputs(rows: int, cols: int, like: torch.Tensor):
