@@ -54,12 +54,18 @@ def copies_of(model) -> list[FP8WeightCopy]:
     [(torch.optim.AdamW, False), (TritonAdamW, False), (TritonAdamW, True)],
     ids=["torch-adamw", "triton-adamw", "triton-adamw-compiled"],
 )
-def test_training_with_weight_copies_computes_what_quantising_every_forward_does(optimizer_class, compiled):
+def test_training_with_weight_copies_computes_what_quantising_every_forward_does(
+    monkeypatch, optimizer_class, compiled
+):
     """Three steps, two micro-batches each: the losses and the final weights equal, bit for bit, those of the layers
-    quantising their weights in every forward; every copy is of the weight as it now is."""
+    quantising their weights in every forward; each copy is quantised once a step (the optimizer's update leaves it
+    stale here, on the CPU), not once a micro-batch; every copy is of the weight as it now is."""
     cached, plain = small_model(CACHED), small_model(ROWWISE)
     assert len(copies_of(cached)) > 10 and not copies_of(plain)
+    fills, fill = [], FP8WeightCopy.fill
+    monkeypatch.setattr(FP8WeightCopy, "fill", lambda self, *a: fills.append(1) or fill(self, *a))
     got = train(cached, optimizer_class, compiled=compiled, accumulate=2)
+    assert len(fills) == 3 * len(copies_of(cached))
     want = train(plain, optimizer_class, compiled=compiled, accumulate=2)
     assert got == want
     for (name, a), b in zip(cached.named_parameters(), plain.parameters(), strict=True):

@@ -108,6 +108,7 @@ class TritonAdamW(torch.optim.AdamW):
                          math.sqrt(1 - beta2**step))  # fmt: skip
                 # an FP8 layer's weight with a copy to keep (`modeling/fp8_weight_cache.py`): one kernel for both
                 copy = getattr(p, "fp8_copy", None)
-                if not (update is not torch_update and copy is not None and copy.adamw_update(*tensors, *hyper)):
+                fused = update is not torch_update and copy is not None and copy.adamw_update(*tensors, *hyper)
+                if not fused:
                     update(*tensors, *hyper)
         return loss
