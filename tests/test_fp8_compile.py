@@ -31,7 +31,8 @@ RECIPES = {
     "rowwise": ("rowwise", {}),  # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad
     "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
     "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),  # the rowwise recipe until 2026-12-06
-    "rowwise-fused-moe": ("rowwise", {"fused_moe_quantization": True}),  # the experts' whole MLP in one function
+    # the experts' whole MLP in one function, and the weights' FP8 copies refreshed by the model's forward pre-hook
+    "rowwise-fused-moe-cached-weights": ("rowwise", {"fused_moe_quantization": True, "cache_weights": True}),
 }
 
 
