@@ -52,6 +52,7 @@ from .fp8_weight_cache import (
     detach_weight_copies,
     refresh_weight_copies,
     weight_copy,
+    weight_operands,
 )
 from .moe import GatherTokenRows, RoutedExperts
 
@@ -97,14 +98,6 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 # Autograd: a linear layer and a group of expert linears with their GEMMs in FP8
 
 
-def _quantize_weight_for_both(backend, weight: torch.Tensor, transpose_too: bool, copy: FP8WeightCopy | None):
-    """backend.quantize_weight(weight) and, when the input gradient needs W^T, the amaxes its quantisation takes; or
-    the layer's copy of them, made once per optimizer step (`FP8Recipe.cache_weights`)."""
-    if copy is not None:
-        return copy.q, copy.scale, copy.amax_t
-    return backend.quantize_weight_and_amax_t(weight) if transpose_too else (*backend.quantize_weight(weight), None)
-
-
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T. Forward: x per 1x128 tile, W per 128x128 block. Input gradient: dy per 1x128 tile along N,
     W^T reusing W's blocks. Weight gradient: dy^T and x^T per 1x128 tile along the tokens. (Rowwise: one scale
@@ -118,7 +111,7 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
         m, n = x2.shape[0], weight.shape[0]
         x_q, x_s = backend.quantize_rows(x2)
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
+        w_q, w_s, wt_amax = weight_operands(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.gemm(x_q, x_s, w_q, w_s, True, out_dtype, fast)[:m, :n].contiguous()  # a copy only if padded
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
@@ -165,7 +158,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         n = weight.shape[-2]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, x_pad.shape[0])
         x_q, x_s = backend.quantize_rows(x_pad)
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
+        w_q, w_s, wt_amax = weight_operands(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept
@@ -218,7 +211,7 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
         n = weight.shape[-2]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
-        w_q, w_s, wt_amax = _quantize_weight_for_both(backend, weight, ctx.needs_input_grad[0], copy)
+        w_q, w_s, wt_amax = weight_operands(backend, weight, ctx.needs_input_grad[0], copy)
         fast = "output" in backend.recipe.fast_accum
         y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, out_dtype, fast)[:, :n]
         if backend.rowwise:  # W^T is quantised afresh from W (and its amaxes): W's FP8 copy need not be kept

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .fp8_numerics import ExpertLayout, grouped_wgrad_high_precision
+from .fp8_weight_cache import weight_operands
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -96,10 +97,6 @@ def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
     return (d_y, *backend.quantize_rows(d_y), d_row_weight)
 
 
-def _weight_operands(backend, w: torch.Tensor, copy):
-    return (copy.q, copy.scale, copy.amax_t) if copy is not None else backend.quantize_weight_and_amax_t(w)
-
-
 class FP8RoutedMLPFunction(torch.autograd.Function):
     """out [N, d] = sum over k of weights[:, k] * down(SwiGLU(gate_up(x)))[laid-out row of (token, k)], both expert
     GEMMs and their input gradients in FP8 (rowwise), the weight gradients in bf16. `token_pad` [rows]: the token of
@@ -116,10 +113,10 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
         # W's FP8 rows and, from the same read, the amaxes of W^T's rows that the input gradient quantises it with
         # (or the layer's copy of them, made once per optimizer step: `FP8Recipe.cache_weights`)
-        wgu_q, wgu_s, wgu_t_amax = _weight_operands(backend, w_gate_up, gate_up_copy)
+        wgu_q, wgu_s, wgu_t_amax = weight_operands(backend, w_gate_up, True, gate_up_copy)
         gate_up = backend.grouped_gemm(x_q, x_s, wgu_q, wgu_s, layout, out_dtype, fast)[:, : w_gate_up.shape[-2]]
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
-        wd_q, wd_s, wd_t_amax = _weight_operands(backend, w_down, down_copy)
+        wd_q, wd_s, wd_t_amax = weight_operands(backend, w_down, True, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
         out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,

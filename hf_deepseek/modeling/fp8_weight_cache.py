@@ -65,6 +65,14 @@ class FP8WeightCopy:
         return True
 
 
+def weight_operands(backend, weight: torch.Tensor, transpose_too: bool, copy: FP8WeightCopy | None):
+    """The FP8 operands of W for an FP8 GEMM: the layer's copy of them where it keeps one, else
+    backend.quantize_weight(W) and, when the input gradient needs W^T, the amaxes its quantisation takes."""
+    if copy is not None:
+        return copy.q, copy.scale, copy.amax_t
+    return backend.quantize_weight_and_amax_t(weight) if transpose_too else (*backend.quantize_weight(weight), None)
+
+
 def weight_copy(module: nn.Module, name: str, backend) -> FP8WeightCopy | None:
     """The layer's copy of its weight `name` (None without `cache_weights`), made fresh first when running eagerly;
     compiled layers rely on `refresh_weight_copies`, the converted model's forward pre-hook."""
