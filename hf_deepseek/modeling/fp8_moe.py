@@ -8,10 +8,10 @@ each operand being written in bf16 and read again by a standalone quantiser:
   them out into a zeroed buffer and quantised that);
 - backward, the SwiGLU's gradient writes d(gate, up) in bf16 (for the gate/up weight gradient) and its FP8 rows.
 The values are those of the layer-by-layer path (`fp8.FP8TokenGroupedLinearFunction`, `FP8GroupedLinearFunction`)
-up to the activation's rounding: the SwiGLU and its gradient are computed in float32 from the bf16 inputs and
-rounded once, as Inductor's fused kernels do; the combine's gradient takes the routing weights in the activations'
-dtype and rounds their gradient to it, as that path's autograd does; and each FP8 operand is the rowwise
-quantisation of the bf16 tensor written beside it, bit for bit.
+rounded as that path rounds them in eager mode: the SwiGLU and its gradient round silu(gate) and the products
+as torch's operations and autograd do; the combine's gradient takes the routing weights in the activations' dtype
+and rounds their gradient to it; and each FP8 operand is the rowwise quantisation of the bf16 tensor written beside
+it, bit for bit.
 
 On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
 recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
@@ -31,19 +31,27 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to dtype, kept in t's."""
+    return t.to(dtype).to(t.dtype)
+
+
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of gate_up [R, 2I] = (gate | up), in float32 from its values, rounded once to its dtype."""
+    """silu(gate) * up of gate_up [R, 2I] = (gate | up), rounded as eager torch rounds `F.silu(gate) * up` in
+    gate_up's dtype: silu(gate) computed in float32 or wider and rounded, then the product."""
     gate, up = _wide(gate_up).chunk(2, dim=-1)
-    return (F.silu(gate) * up).to(gate_up.dtype)
+    return (_rounded(F.silu(gate), gate_up.dtype) * up).to(gate_up.dtype)
 
 
 def swiglu_backward_reference(d_h: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """d(gate | up) [R, 2I] of `swiglu_reference` given d_h [R, I], in float32, rounded once to gate_up's dtype."""
+    """d(gate | up) [R, 2I] of `swiglu_reference` given d_h [R, I], rounded as eager autograd rounds it in gate_up's
+    dtype: d_up = d_h * silu(gate) (silu rounded as the forward's), d_gate = silu'(gate) * (d_h * up rounded)."""
+    dtype = gate_up.dtype
     gate, up = _wide(gate_up).chunk(2, dim=-1)
     d_h = _wide(d_h)
     sig = torch.sigmoid(gate)
-    d_gate = d_h * up * sig * (1 + gate * (1 - sig))
-    return torch.cat([d_gate, d_h * gate * sig], dim=-1).to(gate_up.dtype)
+    d_gate = _rounded(d_h * up, dtype) * (sig * (1 + gate * (1 - sig)))
+    return torch.cat([d_gate, d_h * _rounded(gate * sig, dtype)], dim=-1).to(dtype)
 
 
 def combine_backward_reference(
@@ -51,14 +59,15 @@ def combine_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of out[t] = sum over t's laid-out rows r of row_weight[r] * y[r], as the layer-by-layer path (and
     the bf16 model) computes them, the weight taken in d_out's dtype: d_y [R, d] = d_out[token_pad[r]] * row_weight[r]
-    rounded to d_out's dtype (zero where token_pad is N, a padding row), and d_row_weight [R] = <d_out[t], y[r]>
-    summed in float32 or wider, rounded to d_out's dtype (zero for padding rows, whatever y holds there), returned in
-    float32 or wider."""
+    rounded to d_out's dtype (zero where token_pad is N, a padding row), and d_row_weight [R] = <d_out[t], y[r]>,
+    each product rounded to d_out's dtype, summed in float32 or wider, rounded to d_out's dtype (zero for padding
+    rows, whatever y holds there), returned in float32 or wider."""
     d_pad = _wide(F.pad(d_out, (0, 0, 0, 1)).index_select(0, token_pad))  # row N: zeros
     valid = token_pad < d_out.shape[0]
     d_y = (d_pad * _wide(row_weight.to(d_out.dtype))[:, None]).to(d_out.dtype)
     y_rows = _wide(y[: token_pad.shape[0]])
-    d_row_weight = torch.where(valid, (d_pad * torch.where(valid[:, None], y_rows, 0.0)).sum(dim=-1), 0.0)
+    products = _rounded(d_pad * torch.where(valid[:, None], y_rows, 0.0), d_out.dtype)
+    d_row_weight = torch.where(valid, products.sum(dim=-1), 0.0)
     return d_y, _wide(d_row_weight.to(d_out.dtype))
 
 

@@ -37,15 +37,16 @@ def _swiglu_rows_kernel(
     gu_ptr, h_ptr, q_ptr, s_ptr, R, INTER, R_OUT, INTER_OUT, s_gu, s_h, s_q,
     POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    """h = silu(gate) * up for BLOCK_R rows of gu = (gate | up) [R, 2 INTER], in float32, stored in h's dtype; then the
-    stored values' FP8 rows."""
+    """h = silu(gate) * up for BLOCK_R rows of gu = (gate | up) [R, 2 INTER], rounded as `fp8_moe.swiglu_reference`
+    (silu(gate) to h's dtype, then the product); then the stored values' FP8 rows."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_I)
     r64 = rows.to(tl.int64)[:, None]
     inside = (rows < R)[:, None] & (cols < INTER)[None, :]
     gate = tl.load(gu_ptr + r64 * s_gu + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + r64 * s_gu + INTER + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    h = (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty)
+    silu = (gate * tl.sigmoid(gate)).to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = (silu * up).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + r64 * s_h + cols[None, :], h, mask=inside)
     _quantise_rows_store(h, rows, cols, q_ptr, s_ptr, s_q, R_OUT, INTER_OUT, POW2, FAST)
 
@@ -55,8 +56,9 @@ def _swiglu_backward_rows_kernel(
     dh_ptr, gu_ptr, dgu_ptr, q_ptr, s_ptr, R, INTER, R_OUT, C_OUT, s_dh, s_gu, s_dgu, s_q,
     POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    """d(gate | up) of h = silu(gate) * up given dh [R, INTER], for BLOCK_R rows, in float32, stored in dgu's dtype;
-    then the stored values' FP8 rows (one scale over both halves: a row of the gate/up input gradient's operand)."""
+    """d(gate | up) of h = silu(gate) * up given dh [R, INTER], for BLOCK_R rows, rounded as
+    `fp8_moe.swiglu_backward_reference`; then the stored values' FP8 rows (one scale over both halves: a row of the
+    gate/up input gradient's operand)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_I)
     r64 = rows.to(tl.int64)[:, None]
@@ -65,8 +67,10 @@ def _swiglu_backward_rows_kernel(
     gate = tl.load(gu_ptr + r64 * s_gu + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     up = tl.load(gu_ptr + r64 * s_gu + INTER + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
-    d_gate = (dh * up * sig * (1 + gate * (1 - sig))).to(dgu_ptr.dtype.element_ty)
-    d_up = (dh * gate * sig).to(dgu_ptr.dtype.element_ty)
+    silu = (gate * sig).to(dgu_ptr.dtype.element_ty).to(tl.float32)
+    d_silu = (dh * up).to(dgu_ptr.dtype.element_ty).to(tl.float32)
+    d_gate = (d_silu * (sig * (1 + gate * (1 - sig)))).to(dgu_ptr.dtype.element_ty)
+    d_up = (dh * silu).to(dgu_ptr.dtype.element_ty)
     tl.store(dgu_ptr + r64 * s_dgu + cols[None, :], d_gate, mask=inside)
     tl.store(dgu_ptr + r64 * s_dgu + INTER + cols[None, :], d_up, mask=inside)
     amax = tl.maximum(tl.max(_abs_bits(d_gate), axis=1), tl.max(_abs_bits(d_up), axis=1))
@@ -88,8 +92,8 @@ def _combine_backward_rows_kernel(
     POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """For BLOCK_R laid-out rows r (token t = tok[r], N for a padding row; routing weight w[r], taken in dy's
-    dtype): dy[r] = d_out[t] * w[r] in dy's dtype and its FP8 row; dw[r] = <d_out[t], y[r]> summed in float32,
-    rounded to dy's dtype, stored in float32 (zero for padding rows)."""
+    dtype): dy[r] = d_out[t] * w[r] in dy's dtype and its FP8 row; dw[r] = <d_out[t], y[r]>, each product rounded
+    to dy's dtype, summed in float32, rounded to dy's dtype, stored in float32 (zero for padding rows)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     in_rows = rows < R
@@ -102,7 +106,8 @@ def _combine_backward_rows_kernel(
     tl.store(dy_ptr + r64 * s_dy + cols[None, :], dy, mask=in_rows[:, None] & (cols < D)[None, :])
     _quantise_rows_store(dy, rows, cols, q_ptr, s_ptr, s_q, R_OUT, D_OUT, POW2, FAST)
     y = tl.load(y_ptr + r64 * s_y + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    dw = tl.sum(d_out * y, axis=1).to(dy_ptr.dtype.element_ty).to(tl.float32)
+    dw = tl.sum((d_out * y).to(dy_ptr.dtype.element_ty).to(tl.float32), axis=1).to(dy_ptr.dtype.element_ty)
+    dw = dw.to(tl.float32)
     tl.store(dw_ptr + rows, dw, mask=in_rows)
 
 
