@@ -100,7 +100,7 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
   tests/test_fp8_moe.py tests/test_fp8_weight_cache.py \
-  "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise-fused-moe-cached-weights]" \
+  "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise-cached-weights]" \
   tests/test_fp8.py::test_fbgemm_rowwise_grouped_gemm_matches_torchs_over_the_segments \
   "tests/test_fp8_compile.py::test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products" \
   "tests/test_fp8.py::test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts[rowwise-fbgemm]" \

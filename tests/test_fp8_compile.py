@@ -32,7 +32,7 @@ RECIPES = {
     "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
     "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),  # the rowwise recipe until 2026-12-06
     # the experts' whole MLP in one function, and the weights' FP8 copies refreshed by the model's forward pre-hook
-    "rowwise-fused-moe-cached-weights": ("rowwise", {"fused_moe_quantization": True, "cache_weights": True}),
+    "rowwise-cached-weights": ("rowwise", {"cache_weights": True}),  # and the experts' whole MLP fused
 }
 
 

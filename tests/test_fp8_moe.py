@@ -16,7 +16,8 @@ from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_rowwise
 from hf_deepseek.modeling.moe import RoutedExperts
 
 gpu = pytest.mark.gpu
-ROWWISE = FP8Recipe.named("rowwise", backend="emulated")
+FUSED = FP8Recipe.named("rowwise", backend="emulated")  # the rowwise recipe's default: the whole MLP fused
+LAYER_BY_LAYER = dataclasses.replace(FUSED, fused_moe_quantization=False)
 NAMES = ("output", "d tokens", "d routing weights", "d gate_up", "d down")
 
 
@@ -76,8 +77,8 @@ def test_fused_moe_quantisation_computes_what_the_layer_by_layer_path_does():
     and the gradients of the tokens, the routing weights and both expert weights. The SwiGLU's values are the same
     either way, so the FP8 operands and the output are identical; the gradients' sums run in other orders."""
     experts, inputs = experts_and_inputs(torch.float32)
-    fused = output_and_gradients(experts, dataclasses.replace(ROWWISE, fused_moe_quantization=True), *inputs)
-    apart = output_and_gradients(experts, ROWWISE, *inputs)
+    fused = output_and_gradients(experts, FUSED, *inputs)
+    apart = output_and_gradients(experts, LAYER_BY_LAYER, *inputs)
     assert torch.equal(fused[0], apart[0])
     for name, got, want in zip(NAMES, fused, apart, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, name
@@ -90,17 +91,22 @@ def test_fused_moe_quantisation_in_bf16_is_the_layer_by_layer_path_bit_for_bit()
     path's (silu(gate), then its product with up; d_h * up before silu's derivative; each product of the routing
     weight's gradient), so its output and all four gradients are that path's, bit for bit."""
     experts, inputs = experts_and_inputs(torch.bfloat16)
-    fused = output_and_gradients(experts, dataclasses.replace(ROWWISE, fused_moe_quantization=True), *inputs)
-    apart = output_and_gradients(experts, ROWWISE, *inputs)
+    fused = output_and_gradients(experts, FUSED, *inputs)
+    apart = output_and_gradients(experts, LAYER_BY_LAYER, *inputs)
     for name, got, want in zip(NAMES, fused, apart, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
-def test_fused_moe_quantisation_needs_the_rowwise_recipe():
-    with pytest.raises(ValueError, match=r"^FP8Recipe.fused_moe_quantization needs scaling='rowwise' and "):
+def test_fused_moe_quantisation_needs_the_rowwise_recipe_and_leaves_other_experts_layer_by_layer(monkeypatch):
+    with pytest.raises(ValueError, match=r"^FP8Recipe.fused_moe_quantization needs scaling='rowwise'$"):
         FP8Recipe(fused_moe_quantization=True)
-    with pytest.raises(ValueError, match="quantize_tokens_once=True"):
-        FP8Recipe.named("rowwise", fused_moe_quantization=True, quantize_tokens_once=False)
+    calls = []
+    monkeypatch.setattr(fp8_moe.FP8RoutedMLPFunction, "apply", lambda *a: calls.append(a) or a[0])
+    experts, inputs = experts_and_inputs(torch.float32)
+    for overrides in ({"quantize_tokens_once": False}, {"grouped_bf16": ("down_proj",)}, {}):
+        module = convert_to_fp8_training(copy.deepcopy(experts), dataclasses.replace(FUSED, **overrides))
+        module(*inputs[:3])
+        assert len(calls) == (1 if not overrides else 0), overrides
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,8 +171,10 @@ def test_fused_moe_quantisation_on_the_gpu_is_as_close_to_float32_as_the_layer_b
     gpu_apart = output_and_gradients(
         copy.deepcopy(experts).cuda(), dataclasses.replace(recipe, fused_moe_quantization=False), *on_gpu
     )
-    apart = output_and_gradients(experts, ROWWISE, x, indices, weights, d_out)
-    wide = output_and_gradients(copy.deepcopy(experts).float(), ROWWISE, x.float(), indices, weights, d_out.float())
+    apart = output_and_gradients(experts, LAYER_BY_LAYER, x, indices, weights, d_out)
+    wide = output_and_gradients(
+        copy.deepcopy(experts).float(), LAYER_BY_LAYER, x.float(), indices, weights, d_out.float()
+    )
     for name, g, ga, a, ref in zip(NAMES, got, gpu_apart, apart, wide, strict=True):
         g, ga = g.float().cpu(), ga.float().cpu()
         assert torch.isfinite(g).all(), name

@@ -51,7 +51,7 @@ def test_training_with_weight_copies_computes_what_quantising_every_forward_does
     """Three steps, two micro-batches each: the losses and the final weights equal, bit for bit, those of the layers
     quantising their weights in every forward; each copy is quantised once a step (the optimizer's update leaves it
     stale here, on the CPU), not once a micro-batch; every copy is of the weight as it now is. (Compiled, with the
-    forward pre-hook refreshing the copies: test_fp8_compile.py's "rowwise-fused-moe-cached-weights", whose losses
+    forward pre-hook refreshing the copies: test_fp8_compile.py's "rowwise-cached-weights", whose losses
     equal eager's.)"""
     cached, plain = small_model(CACHED), small_model(ROWWISE)
     assert len(copies_of(cached)) > 10 and not copies_of(plain)

@@ -59,12 +59,19 @@ OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-
 # the rowwise recipe's choices until 2026-12-06 (Inductor-fused quantisation, torch's grouped GEMMs, the linears'
 # weight gradient in FP8), which the variants below that name the rowwise recipe's other choices keep, so that each
 # measures what it measured before the recipe took FBGEMM and the bf16 weight gradient
-ROWWISE_BEFORE = {"fused_quantization": True, "grouped_gemm": "torch", "linear_wgrad": "fp8"}
+ROWWISE_BEFORE = {
+    "fused_quantization": True,
+    "grouped_gemm": "torch",
+    "linear_wgrad": "fp8",
+    "fused_moe_quantization": False,
+}
 # the rowwise recipe with the routed experts' SwiGLU and combine gradient writing their FP8 operands themselves
-# (`FP8Recipe.fused_moe_quantization`, `modeling/fp8_moe.py`)
+# (`FP8Recipe.fused_moe_quantization`, `modeling/fp8_moe.py`; the recipe's default since 2026-12-06, spelt out), and
+# with the experts' MLP layer by layer, a quantiser reading each operand again, as before
 OURS_FP8_ROWWISE_FUSED_MOE = "hf_deepseek-fp8-rowwise-fused-moe"
+OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE = "hf_deepseek-fp8-rowwise-layer-by-layer-moe"
 # the rowwise recipe with its weights quantised once per optimizer step, by TritonAdamW's update
-# (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`); and with the fused experts' MLP too
+# (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`), the experts' MLP layer by layer; and fused
 OURS_FP8_ROWWISE_CACHED = "hf_deepseek-fp8-rowwise-cached-weights"
 OURS_FP8_ROWWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-rowwise-cached-weights-fused-moe"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
@@ -106,7 +113,8 @@ FP8_VARIANTS = {
         {"fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
     ),
     OURS_FP8_ROWWISE_FUSED_MOE: ("rowwise", True, {"fused_moe_quantization": True}),
-    OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True}),
+    OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE: ("rowwise", True, {"fused_moe_quantization": False}),
+    OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss

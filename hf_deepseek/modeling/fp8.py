@@ -328,10 +328,15 @@ class FP8RoutedExperts(RoutedExperts):
         return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
     def _whole_mlp_fused(self) -> bool:
-        """Whether the recipe's `fused_moe_quantization` takes the whole MLP (`fp8_moe.FP8RoutedMLPFunction`): both
-        projections in FP8 and a SwiGLU activation."""
+        """Whether the recipe's `fused_moe_quantization` takes the whole MLP (`fp8_moe.FP8RoutedMLPFunction`): token
+        rows quantised once, both projections in FP8 and a SwiGLU activation."""
         recipe = self.fp8_recipe
-        return recipe.fused_moe_quantization and not recipe.grouped_bf16 and type(self.act_fn) is _SILU
+        return (
+            recipe.fused_moe_quantization
+            and recipe.quantize_tokens_once
+            and not recipe.grouped_bf16
+            and type(self.act_fn) is _SILU
+        )
 
     def _project(self, rows: torch.Tensor, name: str, layout: ExpertLayout, backend, dtype) -> torch.Tensor:
         """One projection of every expert over its segment: FP8, or high precision where the recipe keeps it."""

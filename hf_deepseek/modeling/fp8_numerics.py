@@ -75,8 +75,9 @@ class FP8Recipe:
     torch's elsewhere);
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
     experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
-    standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, with `quantize_tokens_once`, both
-    projections in FP8 and a SwiGLU activation; other experts keep the layer-by-layer path);
+    standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, the rowwise recipe's default; experts
+    with `quantize_tokens_once`, both projections in FP8 and a SwiGLU activation take it, others the layer-by-layer
+    path);
     `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
     layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
     other changes to a weight make its copy afresh before the next forward): rowwise scaling.
@@ -114,8 +115,8 @@ class FP8Recipe:
             raise ValueError(
                 f"FP8Recipe.fast_accum names output, grad_input and grad_weight only, got {sorted(unknown)}"
             )
-        if self.fused_moe_quantization and not (self.rowwise and self.quantize_tokens_once):
-            raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise' and quantize_tokens_once=True")
+        if self.fused_moe_quantization and not self.rowwise:
+            raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise'")
         if self.cache_weights and not self.rowwise:
             raise ValueError("FP8Recipe.cache_weights needs scaling='rowwise'")
         if self.rowwise and self.grouped_wgrad == "fp8":
@@ -144,7 +145,13 @@ class FP8Recipe:
 # weight gradient in bf16 (no operand quantised along the tokens, as torchao's rowwise_with_gw_hp)
 FP8_RECIPES = {
     "deepseek": FP8Recipe(),
-    "rowwise": FP8Recipe(scaling="rowwise", fused_quantization=False, grouped_gemm="fbgemm", linear_wgrad="bf16"),
+    "rowwise": FP8Recipe(
+        scaling="rowwise",
+        fused_quantization=False,
+        grouped_gemm="fbgemm",
+        linear_wgrad="bf16",
+        fused_moe_quantization=True,
+    ),
 }
 
 
