@@ -247,17 +247,25 @@ def test_high_precision_linear_weight_gradient_keeps_the_fp8_forward_and_input_g
 
 
 def test_fbgemms_grouped_gemms_are_asked_for_by_name_and_found_only_on_a_hopper_gpu():
-    """`FP8Recipe(grouped_gemm=)` names torch or fbgemm; without a CUDA device FBGEMM's kernels are not found, and the
-    emulated backend never takes them."""
+    """`FP8Recipe(grouped_gemm=)` names torch or fbgemm (`grouped_wgrad_gemm=` for the weight gradient apart);
+    without a CUDA device FBGEMM's kernels are not found, and the emulated backend never takes them."""
     from hf_deepseek.kernels import fbgemm_grouped
     from hf_deepseek.modeling.fp8 import get_backend
 
     with pytest.raises(ValueError, match="FP8Recipe.grouped_gemm must be one of torch, fbgemm, got 'cutlass'"):
         FP8Recipe(grouped_gemm="cutlass")
+    with pytest.raises(ValueError, match="FP8Recipe.grouped_wgrad_gemm must be one of auto, torch, fbgemm, got 'x'"):
+        FP8Recipe(grouped_wgrad_gemm="x")
     recipe = FP8Recipe.named("rowwise", grouped_gemm="fbgemm")
     assert FP8Recipe().grouped_gemm == "torch" and get_backend(recipe, torch.device("cpu")).fbgemm is False
+    assert get_backend(recipe, torch.device("cpu")).fbgemm_wgrad is False
     if not torch.cuda.is_available():
         assert fbgemm_grouped.available() is False
+    elif fbgemm_grouped.available():  # the weight gradient's kernel chosen apart from the products'
+        device = torch.device("cuda")
+        assert get_backend(recipe, device).fbgemm and get_backend(recipe, device).fbgemm_wgrad
+        torch_wgrad = get_backend(dataclasses.replace(recipe, grouped_wgrad_gemm="torch"), device)
+        assert torch_wgrad.fbgemm and not torch_wgrad.fbgemm_wgrad
 
 
 def test_emulation_multiplies_exactly_the_quantised_operands():

@@ -28,11 +28,13 @@ def layer_kinds(model) -> int:
 # (named recipe, overrides): the recipes the training bench compiles (hf_deepseek.evals.bench_train.FP8_VARIANTS)
 RECIPES = {
     "deepseek": ("deepseek", {}),
-    "rowwise": ("rowwise", {}),  # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad
+    # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad, the experts' whole MLP fused
+    "rowwise": ("rowwise", {}),
     "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
-    "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),  # the rowwise recipe until 2026-12-06
-    # the experts' whole MLP in one function, and the weights' FP8 copies refreshed by the model's forward pre-hook
-    "rowwise-cached-weights": ("rowwise", {"cache_weights": True}),  # and the experts' whole MLP fused
+    # the rowwise recipe until 2026-12-06: Inductor's quantisation, torch's grouped GEMMs, the experts layer by layer
+    "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),
+    # the weights' FP8 copies, refreshed by the model's forward pre-hook
+    "rowwise-cached-weights": ("rowwise", {"cache_weights": True}),
 }
 
 

@@ -100,7 +100,7 @@ def test_fused_moe_quantisation_in_bf16_is_the_layer_by_layer_path_bit_for_bit()
 def test_fused_moe_quantisation_needs_the_rowwise_recipe_and_leaves_other_experts_layer_by_layer(monkeypatch):
     with pytest.raises(ValueError, match=r"^FP8Recipe.fused_moe_quantization needs scaling='rowwise'$"):
         FP8Recipe(fused_moe_quantization=True)
-    calls = []
+    calls = []  # the function's calls, each answered with its first argument (x, of the output's shape)
     monkeypatch.setattr(fp8_moe.FP8RoutedMLPFunction, "apply", lambda *a: calls.append(a) or a[0])
     experts, inputs = experts_and_inputs(torch.float32)
     for overrides in ({"quantize_tokens_once": False}, {"grouped_bf16": ("down_proj",)}, {}):

@@ -74,6 +74,9 @@ OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE = "hf_deepseek-fp8-rowwise-layer-by-layer-mo
 # (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`), the experts' MLP layer by layer; and fused
 OURS_FP8_ROWWISE_CACHED = "hf_deepseek-fp8-rowwise-cached-weights"
 OURS_FP8_ROWWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-rowwise-cached-weights-fused-moe"
+# the rowwise recipe with the experts' bf16 weight gradient through torch's grouped GEMM (as the bf16 step's autograd
+# computes it) while their FP8 products stay FBGEMM's (`FP8Recipe.grouped_wgrad_gemm`)
+OURS_FP8_ROWWISE_TORCH_WGRAD = "hf_deepseek-fp8-rowwise-torch-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -116,6 +119,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE: ("rowwise", True, {"fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
+    OURS_FP8_ROWWISE_TORCH_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "torch"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

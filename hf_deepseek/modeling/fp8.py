@@ -14,7 +14,7 @@ multiplies the dequantised values in FP32; `fp8_triton.HopperBackend` (CUDA, com
 with Triton kernels (or, inside `torch.compile`, with torch operations Inductor fuses into their neighbours) and
 multiplies with cuBLAS (`torch._scaled_mm`, `torch._scaled_grouped_mm`) or a Triton grouped GEMM. The backend is
 chosen, and its capability probes run, when a model is converted: never inside traced code. With the rowwise
-recipe the routed experts' whole MLP can run as one autograd function whose kernels write their FP8 operands
+recipe the routed experts' whole MLP runs as one autograd function whose kernels write their FP8 operands
 (`fp8_moe.py`, `FP8Recipe.fused_moe_quantization`), and the weights can be quantised once per optimizer step
 (`fp8_weight_cache.py`, `FP8Recipe.cache_weights`).
 """
@@ -192,7 +192,7 @@ def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, 
 def _grouped_weight_grad(backend, dy, x_pad, layout: ExpertLayout) -> torch.Tensor:
     """The experts' weight gradients dy^T x over each expert's rows, in the recipe's `grouped_wgrad` precision."""
     if backend.recipe.grouped_wgrad == "bf16":
-        return grouped_wgrad_high_precision(dy, x_pad, layout, backend.fbgemm)
+        return grouped_wgrad_high_precision(dy, x_pad, layout, backend.fbgemm_wgrad)
     dyt_q, dyt_s = backend.quantize_rows(dy.t())
     xt_q, xt_s = backend.quantize_rows(x_pad.t())
     return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)

@@ -149,7 +149,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         d_h = backend.grouped_gemm(d_y_q, d_y_s, wd_t_q, wd_t_s, layout, h.dtype, fast)[:, :inter]
         d_w_down = None
         if ctx.needs_input_grad[3]:
-            d_w_down = grouped_wgrad_high_precision(d_y, h, layout, backend.fbgemm)[:, :hidden, :inter]
+            d_w_down = grouped_wgrad_high_precision(d_y, h, layout, backend.fbgemm_wgrad)[:, :hidden, :inter]
             d_w_down = d_w_down.to(w_down.dtype)
         d_gate_up, dgu_q, dgu_s = swiglu_backward_quantised(backend, d_h, gate_up)
         d_x = d_w_gate_up = None
@@ -159,7 +159,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
             d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
         if ctx.needs_input_grad[2]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm)
+            d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm_wgrad)
             d_w_gate_up = d_w_gate_up[:, : w_gate_up.shape[-2], :hidden].to(w_gate_up.dtype)
         d_weights = d_row_weight.index_select(0, pair_rows).view(tokens, top_k).to(weights.dtype)
         return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None, None, None

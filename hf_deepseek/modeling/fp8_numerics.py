@@ -73,6 +73,8 @@ class FP8Recipe:
     bf16 weight gradient of either recipe: "torch" (`torch._scaled_grouped_mm`, `torch._grouped_mm`) or "fbgemm"
     (FBGEMM's CUTLASS kernels, `kernels/fbgemm_grouped.py`, where the optional `fbgemm-gpu-genai` wheel imports;
     torch's elsewhere);
+    `grouped_wgrad_gemm`: the kernel of that bf16 weight gradient alone: "auto" (as `grouped_gemm`), "torch"
+    (`torch._grouped_mm` over the tokens, as torch's autograd computes a bf16 model's) or "fbgemm";
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
     experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
     standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, the rowwise recipe's default; experts
@@ -97,13 +99,15 @@ class FP8Recipe:
     quantize_tokens_once: bool = True
     fast_accum: tuple[str, ...] = ("output", "grad_input", "grad_weight")
     grouped_gemm: str = "torch"
+    grouped_wgrad_gemm: str = "auto"
     fused_moe_quantization: bool = False
     cache_weights: bool = False
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
                    "linear_wgrad": ("fp8", "bf16"), "backend": ("auto", "emulated"),
-                   "gemm": ("auto", "cublas", "triton"), "grouped_gemm": ("torch", "fbgemm")}  # fmt: skip
+                   "gemm": ("auto", "cublas", "triton"), "grouped_gemm": ("torch", "fbgemm"),
+                   "grouped_wgrad_gemm": ("auto", "torch", "fbgemm")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"FP8Recipe.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -267,7 +271,7 @@ class EmulatedBackend:
 
     name = "emulated"
     device_type = None  # any
-    fbgemm = False  # FBGEMM's grouped kernels: the Hopper backend's only
+    fbgemm = fbgemm_wgrad = False  # FBGEMM's grouped kernels (products, weight gradient): the Hopper backend's only
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe
@@ -349,8 +353,8 @@ def grouped_wgrad_high_precision(
     if fbgemm:
         rows = fbgemm_grouped.segment_rows(layout.seg_start, layout.seg_end)
         return fbgemm_grouped.weight_grads(dy.to(torch.bfloat16), x.to(torch.bfloat16), rows)
-    if dy.is_cuda:
-        return torch._grouped_mm(dy.t().to(torch.bfloat16).contiguous(), x.to(torch.bfloat16), offs=layout.seg_end)
+    if dy.is_cuda:  # dy^T as a transposed view, as torch's autograd passes it for a bf16 model's weight gradient
+        return torch._grouped_mm(dy.t().to(torch.bfloat16), x.to(torch.bfloat16), offs=layout.seg_end)
     blocks = layout.block_expert.long()
     nb, dtype = blocks.shape[0], torch.promote_types(dy.dtype, x.dtype)
     dy_blocks = dy[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1).transpose(1, 2)  # [nb, N, 128]

@@ -561,8 +561,11 @@ class HopperBackend:
         if recipe.gemm != "triton" and not self.rowwise:
             device = torch.device(device if device is not None else "cuda")
             self.cublas = {key: self._probe_cublas(*key, device) for key in self.cublas}
-        # FBGEMM's grouped kernels where the recipe asks and the wheel imports (found now, not in traced code)
+        # FBGEMM's grouped kernels where the recipe asks and the wheel imports (found now, not in traced code): for
+        # the FP8 products, and for the bf16 weight gradient
+        wgrad_gemm = recipe.grouped_gemm if recipe.grouped_wgrad_gemm == "auto" else recipe.grouped_wgrad_gemm
         self.fbgemm = recipe.grouped_gemm == "fbgemm" and fbgemm_grouped.available()
+        self.fbgemm_wgrad = wgrad_gemm == "fbgemm" and fbgemm_grouped.available()
 
     def _fused(self) -> bool:
         """Quantise with torch operations that Inductor fuses into their producers (only inside a compile)."""
