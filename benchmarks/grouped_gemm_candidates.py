@@ -8,7 +8,8 @@ GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3
   kernels: FP8 rowwise `f8f8bf16_rowwise_grouped_stacked`, FP8 DeepSeek-style groupwise (1x128 activation tiles,
   128x128 weight blocks) `f8f8bf16_groupwise_grouped` and bf16 `bf16bf16bf16_grouped_stacked`;
 - the weight gradients dW[e] = dy[rows of e]^T x[rows of e]: torch's bf16 `_grouped_mm` over the token dimension
-  (with the transposed copy of dy the step makes) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`.
+  (dy^T as a transposed view, as torch's autograd passes it and the FP8 step does since 2026-12-06, and with the
+  transposed copy of dy the step made before) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`.
 
 Each row: median ms (`triton.testing.do_bench`), TFLOP/s and the relative error (Frobenius) against the float32
 product of the bf16 operands (FP8's rounding included). Quantisation is not timed (the step's quantisers are
@@ -118,7 +119,10 @@ def product_candidates(x, w, sizes, fbgemm) -> dict:
 
 def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
     offs = torch.tensor(sizes, device=x.device).cumsum(0).to(torch.int32)
-    found = {"torch bf16 _grouped_mm (with dy^T copied)": lambda: torch._grouped_mm(dy.t().contiguous(), x, offs=offs)}
+    found = {
+        "torch bf16 _grouped_mm (dy^T a transposed view)": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
+        "torch bf16 _grouped_mm (with dy^T copied)": lambda: torch._grouped_mm(dy.t().contiguous(), x, offs=offs),
+    }
     if fbgemm is not None:
         ops, _ = fbgemm
         k_sizes = torch.tensor(sizes, device=x.device, dtype=torch.int64)

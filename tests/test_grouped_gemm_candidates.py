@@ -31,3 +31,15 @@ def test_references_multiply_each_segment_by_its_own_expert():
     assert torch.allclose(grads[2], (dy[3:].t() @ x[3:]).float(), rtol=1e-5, atol=1e-5)
     q, s = bench.rowwise_fp8(x.float())
     assert bench.relative_error(q.float() * s[:, None], x.float()) < 0.05
+
+
+def test_torchs_weight_gradient_candidates_compute_the_reference():
+    """Both torch candidates (dy^T a transposed view, and copied) give each expert's dy^T x (CPU grouped GEMM)."""
+    torch.manual_seed(0)
+    sizes = [128, 0, 256]
+    dy, x = torch.randn(384, 48).bfloat16(), torch.randn(384, 32).bfloat16()
+    want = bench.reference_weight_grads(dy, x, sizes)
+    candidates = bench.weight_grad_candidates(dy, x, sizes, None)
+    assert len(candidates) == 2
+    for name, run in candidates.items():
+        assert bench.relative_error(run().float(), want) < 1e-2, name
