@@ -15,7 +15,8 @@ top-6 in 8 groups + 2 shared, the first layer dense; 4 layers rather than 8 and 
 (a byte-level vocabulary of 256), read in sorted order, so every run sees exactly the same token stream without
 any download. Each step's loss is the main next-token cross-entropy; the runs are compared by the mean over all
 steps (`mean_loss_difference_percent`, the issue's criterion) and over the last `--tail` steps. `--max-seconds`
-caps each run; all runs are then cut to the steps every one of them completed.
+caps each run's time after its first step (which compiles, with `--compile`, and is not counted); all runs are then
+cut to the steps every one of them completed.
 
 One run per precision is a noisy measure: routing is discrete, so a perturbation of one rounding sends two runs
 down different paths, and on an H100 two bf16 runs of the same seed, whose code differed only in how the LM head's
@@ -97,7 +98,8 @@ def recipe_from_spec(spec: str) -> FP8Recipe:
 
 
 def train(recipe: str | None, data: list[torch.Tensor], args, seed: int, max_seconds: float = float("inf")) -> dict:
-    """Stops early, once `max_seconds` have passed (the caller cuts every run to the steps all of them made)."""
+    """Stops early, once `max_seconds` have passed since the first step, which compiles and warms up and is not
+    counted (the caller cuts every run to the steps all of them made)."""
     device = torch.device(args.device)
     torch.manual_seed(seed)
     config = DeepSeekConfig(**SHAPES[args.shape][0], attn_implementation="sdpa")
@@ -114,7 +116,7 @@ def train(recipe: str | None, data: list[torch.Tensor], args, seed: int, max_sec
         [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda",
     )  # fmt: skip
-    losses, start = [], time.time()
+    losses, start, budget_start = [], time.time(), None
     for step, ids in enumerate(data):
         ids = ids.to(device, non_blocking=True)
         for group in optimizer.param_groups:
@@ -135,7 +137,9 @@ def train(recipe: str | None, data: list[torch.Tensor], args, seed: int, max_sec
         losses.append(main)
         if step % 50 == 0 or step == len(data) - 1:
             print(f"{recipe or 'bf16'} step {step:4d} loss {main.item():.4f} {time.time() - start:6.1f}s", flush=True)
-        if time.time() - start > max_seconds:
+        if budget_start is None:  # after the first step (its loss's print waited for it)
+            budget_start = time.time()
+        elif time.time() - budget_start > max_seconds:
             print(f"{recipe or 'bf16'}: stopping after {step + 1} steps ({max_seconds:.0f} s budget)", flush=True)
             break
     if device.type == "cuda":
@@ -167,7 +171,12 @@ def main() -> None:
         "difference is pooled over them, and its spread across seeds says how much of it is run-to-run chaos",
     )
     parser.add_argument("--compile", action="store_true", help="compile each layer (compile_for_training)")
-    parser.add_argument("--max-seconds", type=float, default=float("inf"), help="time budget of each run")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=float("inf"),
+        help="time budget of each run, from the end of its first step",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()

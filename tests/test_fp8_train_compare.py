@@ -33,3 +33,16 @@ def test_seeds_train_apart_and_pool_into_one_difference(tmp_path, monkeypatch):
     assert abs(result["mean_loss_difference_percent"]["fp8-rowwise"] - pooled) < 1e-9
     assert result["spread_across_seeds_percent"]["fp8-rowwise"] == statistics.stdev(per_seed)
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_the_time_budget_counts_from_the_end_of_the_first_step(tmp_path, monkeypatch):
+    """`--max-seconds 0`: the first step (a compile's, when compiled) is not counted, so every run stops after the
+    next one, and the comparison covers those two steps."""
+    out = tmp_path / "curves.json"
+    argv = ["fp8_train_compare.py", "--shape", "tiny", "--device", "cpu", "--steps", "4", "--tail", "1",
+            "--recipes", "rowwise", "--max-seconds", "0", "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    compare.main()
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["requested_steps"] == 4
+    assert result["steps_done"] == {"bf16": 2, "fp8-rowwise": 2}
