@@ -106,8 +106,8 @@ def _combine_backward_rows_kernel(
     tl.store(dy_ptr + r64 * s_dy + cols[None, :], dy, mask=in_rows[:, None] & (cols < D)[None, :])
     _quantise_rows_store(dy, rows, cols, q_ptr, s_ptr, s_q, R_OUT, D_OUT, POW2, FAST)
     y = tl.load(y_ptr + r64 * s_y + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-    dw = tl.sum((d_out * y).to(dy_ptr.dtype.element_ty).to(tl.float32), axis=1).to(dy_ptr.dtype.element_ty)
-    dw = dw.to(tl.float32)
+    dtype = dy_ptr.dtype.element_ty
+    dw = tl.sum((d_out * y).to(dtype).to(tl.float32), axis=1).to(dtype).to(tl.float32)
     tl.store(dw_ptr + rows, dw, mask=in_rows)
 
 
