@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "combine gradient writing their FP8 operands), hf_deepseek-fp8-rowwise-layer-by-layer-moe (the experts' "
         "MLP layer by layer, as before), hf_deepseek-fp8-rowwise-cached-weights (the weights quantised once per "
         "optimizer step, in its update; experts layer by layer), hf_deepseek-fp8-rowwise-cached-weights-fused-moe "
-        "(both) and hf_deepseek-fp8-rowwise-torch-wgrad (the experts' bf16 weight gradient through torch's grouped "
-        "GEMM, their FP8 products FBGEMM's) "
+        "(both) and hf_deepseek-fp8-rowwise-fbgemm-wgrad (the experts' bf16 weight gradient through FBGEMM's kernel, "
+        "as before 2026-12-07; the default takes torch's grouped GEMM) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -265,17 +265,18 @@ def test_fbgemms_grouped_gemms_are_asked_for_by_name_and_found_only_on_a_hopper_
 
 @pytest.mark.gpu
 def test_the_weight_gradients_grouped_kernel_is_chosen_apart_from_the_products_on_a_hopper_gpu():
-    """`grouped_wgrad_gemm="torch"` keeps FBGEMM's FP8 products and takes torch's kernel for the bf16 weight
-    gradient; "auto" follows `grouped_gemm`."""
+    """The rowwise recipe (`grouped_wgrad_gemm="torch"`) keeps FBGEMM's FP8 products and takes torch's kernel for
+    the bf16 weight gradient; "auto" follows `grouped_gemm`."""
     from hf_deepseek.kernels import fbgemm_grouped
     from hf_deepseek.modeling.fp8 import get_backend
 
     if not fbgemm_grouped.available():
         pytest.skip("needs the fbgemm-gpu-genai wheel on a Hopper GPU")
-    recipe, device = FP8Recipe.named("rowwise", grouped_gemm="fbgemm"), torch.device("cuda")
-    assert get_backend(recipe, device).fbgemm and get_backend(recipe, device).fbgemm_wgrad
-    torch_wgrad = get_backend(dataclasses.replace(recipe, grouped_wgrad_gemm="torch"), device)
+    device = torch.device("cuda")
+    torch_wgrad = get_backend(FP8Recipe.named("rowwise"), device)
     assert torch_wgrad.fbgemm and not torch_wgrad.fbgemm_wgrad
+    auto = get_backend(FP8Recipe.named("rowwise", grouped_wgrad_gemm="auto"), device)
+    assert auto.fbgemm and auto.fbgemm_wgrad
 
 
 def test_emulation_multiplies_exactly_the_quantised_operands():

@@ -62,6 +62,7 @@ OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD = "hf_deepseek-fp8-rowwise-triton-quant-fbgemm-
 ROWWISE_BEFORE = {
     "fused_quantization": True,
     "grouped_gemm": "torch",
+    "grouped_wgrad_gemm": "auto",
     "linear_wgrad": "fp8",
     "fused_moe_quantization": False,
 }
@@ -74,9 +75,9 @@ OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE = "hf_deepseek-fp8-rowwise-layer-by-layer-mo
 # (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`), the experts' MLP layer by layer; and fused
 OURS_FP8_ROWWISE_CACHED = "hf_deepseek-fp8-rowwise-cached-weights"
 OURS_FP8_ROWWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-rowwise-cached-weights-fused-moe"
-# the rowwise recipe with the experts' bf16 weight gradient through torch's grouped GEMM (as the bf16 step's autograd
-# computes it) while their FP8 products stay FBGEMM's (`FP8Recipe.grouped_wgrad_gemm`)
-OURS_FP8_ROWWISE_TORCH_WGRAD = "hf_deepseek-fp8-rowwise-torch-wgrad"
+# the rowwise recipe with the experts' bf16 weight gradient through FBGEMM's kernel, as their FP8 products (the
+# recipe's default before 2026-12-07, which takes torch's grouped GEMM for it: `FP8Recipe.grouped_wgrad_gemm`)
+OURS_FP8_ROWWISE_FBGEMM_WGRAD = "hf_deepseek-fp8-rowwise-fbgemm-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -109,17 +110,17 @@ FP8_VARIANTS = {
         True,
         {**ROWWISE_BEFORE, "fused_quantization": False, "grouped_gemm": "fbgemm"},
     ),
-    # the rowwise recipe's own choices since 2026-12-06, spelt out
+    # the rowwise recipe's choices of early 2026-12-06 (before the fused experts' MLP and torch's weight gradient)
     OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD: (
         "rowwise",
         True,
-        {"fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
+        {**ROWWISE_BEFORE, "fused_quantization": False, "grouped_gemm": "fbgemm", "linear_wgrad": "bf16"},
     ),
     OURS_FP8_ROWWISE_FUSED_MOE: ("rowwise", True, {"fused_moe_quantization": True}),
     OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE: ("rowwise", True, {"fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
-    OURS_FP8_ROWWISE_TORCH_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "torch"}),
+    OURS_FP8_ROWWISE_FBGEMM_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "fbgemm"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

@@ -144,15 +144,18 @@ class FP8Recipe:
         return any(name == s or name.endswith("." + s) for s in self.skip)
 
 
-# "rowwise" takes the choices of its fastest measured training step (1.01-1.02x bf16 on an H100, docs/PERF.md's
-# Training): the standalone Triton quantisers, FBGEMM's grouped GEMMs where the wheel imports, and the linear layers'
-# weight gradient in bf16 (no operand quantised along the tokens, as torchao's rowwise_with_gw_hp)
+# "rowwise" takes the choices of its fastest measured training step (1.09x bf16 on an H100, docs/PERF.md's
+# Training): the standalone Triton quantisers, FBGEMM's FP8 grouped GEMMs where the wheel imports with torch's grouped
+# GEMM for the experts' bf16 weight gradient, the experts' SwiGLU and combine gradient writing their FP8 operands,
+# and the linear layers' weight gradient in bf16 (no operand quantised along the tokens, as torchao's
+# rowwise_with_gw_hp)
 FP8_RECIPES = {
     "deepseek": FP8Recipe(),
     "rowwise": FP8Recipe(
         scaling="rowwise",
         fused_quantization=False,
         grouped_gemm="fbgemm",
+        grouped_wgrad_gemm="torch",
         linear_wgrad="bf16",
         fused_moe_quantization=True,
     ),
