@@ -1073,9 +1073,10 @@ def _close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 
 def fused_moe_kernels() -> dict[str, bool]:
-    """The routed experts' SwiGLU, its gradient and the combine's gradient (`modeling/fp8_moe_triton.py`) against
-    `fp8_moe`'s torch references: the bf16 results within a rounding step (the combine's exactly), each FP8 operand
-    bit for bit the rowwise quantisation of the bf16 result written beside it, odd widths with padded columns too."""
+    """The routed experts' SwiGLU, its gradient, the combine's gradient and the sum over each token's laid-out rows
+    (`modeling/fp8_moe_triton.py`) against `fp8_moe`'s torch references: the bf16 results within a rounding step
+    (the combine's gradient and the gather-sum exactly), each FP8 operand bit for bit the rowwise quantisation of
+    the bf16 result written beside it, odd widths with padded columns too."""
     from hf_deepseek.modeling import fp8_moe
     from hf_deepseek.modeling import fp8_moe_triton as kernels
 
@@ -1112,6 +1113,14 @@ def fused_moe_kernels() -> dict[str, bool]:
                 and bool(torch.isfinite(d_w).all())
                 and _close_bf16(d_w, want_d_w)  # sums in another order, then rounded to bf16
             )
+        top_k = 3
+        pair_rows = torch.randperm(laid_out)[: tokens * top_k]
+        weights = torch.rand(tokens, top_k)
+        src = torch.randn(laid_out, hidden).bfloat16()
+        for w in (weights, None):
+            got = kernels.gather_sum_triton(src, pair_rows, top_k, w)
+            want = fp8_moe.gather_sum_reference(src, pair_rows, top_k, w)
+            results[f"gather-sum {'weighted' if w is not None else 'unweighted'}"] = torch.equal(got, want)
     for name, ok in results.items():
         print(f"  fused MoE {name}: {'as the reference' if ok else 'DIFFERENT'}")
     return results

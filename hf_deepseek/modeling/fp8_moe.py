@@ -13,8 +13,9 @@ as torch's operations and autograd do; the combine's gradient takes the routing 
 and rounds their gradient to it; and each FP8 operand is the rowwise quantisation of the bf16 tensor written beside
 it, bit for bit.
 
-On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
-recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
+On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel, as is the sum over each token's laid-out
+rows (forward and backward); elsewhere (and inside a compile with the recipe's `fused_quantization`) the reference
+below: torch operations, then the backend's quantiser.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def combine_backward_reference(
     return d_y, _wide(d_row_weight.to(d_out.dtype))
 
 
+def gather_sum_reference(src: torch.Tensor, pair_rows: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
+    """out [N, d] = sum over k of src[pair_rows[t * top_k + k]] (times weights[t, k] in src's dtype), as eager torch
+    computes it in src's dtype: the sum over each token's laid-out rows (the combine, weighted; the tokens' input
+    gradient, not)."""
+    rows = src.index_select(0, pair_rows).view(-1, top_k, src.shape[1])
+    return (rows if weights is None else rows * weights[..., None].to(src.dtype)).sum(dim=1)
+
+
 def _triton_serves(backend, t: torch.Tensor) -> bool:
     """Whether the Triton kernels run: the Hopper backend's rowwise recipe, outside Inductor's fused quantisation."""
     return backend.name == "hopper" and backend.rowwise and t.is_cuda and not backend._fused()
@@ -96,6 +105,16 @@ def swiglu_backward_quantised(backend, d_h: torch.Tensor, gate_up: torch.Tensor)
     return (d_gate_up, *backend.quantize_rows(d_gate_up))
 
 
+def gather_sum(backend, src: torch.Tensor, pair_rows: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
+    """`gather_sum_reference`; on CUDA with Triton one kernel that gathers whole rows (Inductor's fusion of the
+    index_select and the sum ran at about a third of copy bandwidth)."""
+    if _triton_serves(backend, src):
+        from .fp8_moe_triton import gather_sum_triton
+
+        return gather_sum_triton(src, pair_rows, top_k, weights)
+    return gather_sum_reference(src, pair_rows, top_k, weights)
+
+
 def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
     """`combine_backward_reference`'s d_y with its FP8 rows, and d_row_weight: (d_y, q, scales, d_row_weight)."""
     if _triton_serves(backend, d_out):
@@ -116,7 +135,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
                 out_dtype, gate_up_copy, down_copy):  # fmt: skip
-        (tokens, hidden), top_k = x.shape, weights.shape[1]
+        hidden, top_k = x.shape[1], weights.shape[1]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         fast = "output" in backend.recipe.fast_accum
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
@@ -127,7 +146,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
         wd_q, wd_s, wd_t_amax = weight_operands(backend, w_down, True, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
-        out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
+        out = gather_sum(backend, y, pair_rows, top_k, weights)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
                               pair_rows, block_expert, seg_start, seg_end)  # fmt: skip
         ctx.backend = backend
@@ -156,7 +175,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, None, None, wgu_t_amax)
             d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
-            d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
+            d_x = gather_sum(backend, d_x_pad, pair_rows, top_k)
         if ctx.needs_input_grad[2]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
             d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm_wgrad)
