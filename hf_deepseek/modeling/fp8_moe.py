@@ -13,9 +13,9 @@ as torch's operations and autograd do; the combine's gradient takes the routing 
 and rounds their gradient to it; and each FP8 operand is the rowwise quantisation of the bf16 tensor written beside
 it, bit for bit.
 
-On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel, as is the sum over each token's laid-out
-rows (forward and backward); elsewhere (and inside a compile with the recipe's `fused_quantization`) the reference
-below: torch operations, then the backend's quantiser.
+On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
+recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser. The sums over
+each token's laid-out rows (the combine, the tokens' input gradient) are `kernels.gather_sum`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels.gather_sum import gather_sum
 from .fp8_numerics import ExpertLayout, grouped_wgrad_high_precision
 from .fp8_weight_cache import weight_operands
 
@@ -72,14 +73,6 @@ def combine_backward_reference(
     return d_y, _wide(d_row_weight.to(d_out.dtype))
 
 
-def gather_sum_reference(src: torch.Tensor, pair_rows: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
-    """out [N, d] = sum over k of src[pair_rows[t * top_k + k]] (times weights[t, k] in src's dtype), as eager torch
-    computes it in src's dtype: the sum over each token's laid-out rows (the combine, weighted; the tokens' input
-    gradient, not)."""
-    rows = src.index_select(0, pair_rows).view(-1, top_k, src.shape[1])
-    return (rows if weights is None else rows * weights[..., None].to(src.dtype)).sum(dim=1)
-
-
 def _triton_serves(backend, t: torch.Tensor) -> bool:
     """Whether the Triton kernels run: the Hopper backend's rowwise recipe, outside Inductor's fused quantisation."""
     return backend.name == "hopper" and backend.rowwise and t.is_cuda and not backend._fused()
@@ -103,16 +96,6 @@ def swiglu_backward_quantised(backend, d_h: torch.Tensor, gate_up: torch.Tensor)
         return swiglu_backward_rows_triton(d_h, gate_up, backend.pow2)
     d_gate_up = swiglu_backward_reference(d_h, gate_up)
     return (d_gate_up, *backend.quantize_rows(d_gate_up))
-
-
-def gather_sum(backend, src: torch.Tensor, pair_rows: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
-    """`gather_sum_reference`; on CUDA with Triton one kernel that gathers whole rows (Inductor's fusion of the
-    index_select and the sum ran at about a third of copy bandwidth)."""
-    if _triton_serves(backend, src):
-        from .fp8_moe_triton import gather_sum_triton
-
-        return gather_sum_triton(src, pair_rows, top_k, weights)
-    return gather_sum_reference(src, pair_rows, top_k, weights)
 
 
 def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
@@ -146,7 +129,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
         wd_q, wd_s, wd_t_amax = weight_operands(backend, w_down, True, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
-        out = gather_sum(backend, y, pair_rows, top_k, weights)
+        out = gather_sum(y, pair_rows, top_k, weights)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
                               pair_rows, block_expert, seg_start, seg_end)  # fmt: skip
         ctx.backend = backend
@@ -175,7 +158,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, None, None, wgu_t_amax)
             d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
-            d_x = gather_sum(backend, d_x_pad, pair_rows, top_k)
+            d_x = gather_sum(d_x_pad, pair_rows, top_k)
         if ctx.needs_input_grad[2]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
             d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm_wgrad)

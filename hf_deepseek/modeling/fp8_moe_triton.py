@@ -1,8 +1,7 @@
 """Triton kernels of `fp8_moe.py` (imported only where Triton runs): the routed experts' SwiGLU, its gradient and the
 combine's gradient, each writing its bf16 result and, from the registers that hold it, that result's FP8 rows
 (one scale a row), the quantisation of `fp8_triton.quantize_rowwise_triton` bit for bit: the same scale, the same
-E4M3 encoding (`_row_scales`, `_encode_e4m3`). A program takes whole rows, so a row's amax never leaves it. And the
-sum over each token's laid-out rows (the combine, weighted, and the tokens' input gradient), whole rows gathered.
+E4M3 encoding (`_row_scales`, `_encode_e4m3`). A program takes whole rows, so a row's amax never leaves it.
 
 Every output row-pads as the backend's `quantize_rows` does: q [ceil16(R), ceil16(C)], scales [ceil16(R), 1], zero
 past the input's rows and columns."""
@@ -19,7 +18,6 @@ from .fp8_triton import _abs_bits, _bits_to_float, _encode_e4m3, _row_scales
 FAST = not _INTERPRET  # the GPU's division and cast (see fp8_triton); the interpreter runs the reference arithmetic
 ELEMENTS = 4096  # elements of a row block a program holds: 16 per thread at 8 warps
 WARPS = 8
-GATHER_BLOCK = (4, 1024)  # (tokens, columns) of a program of the gather-sum: ELEMENTS a source row k
 
 
 @triton.jit
@@ -113,31 +111,6 @@ def _combine_backward_rows_kernel(
     tl.store(dw_ptr + rows, dw, mask=in_rows)
 
 
-@triton.jit
-def _gather_sum_kernel(
-    src_ptr, idx_ptr, w_ptr, out_ptr, N, D, s_src, s_out,
-    K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """out[t] = sum over k < K of src[idx[t * K + k]] (times w[t, k] taken in src's dtype, each product rounded to
-    it, with WEIGHTED), summed in float32 in the order of k, rounded to out's dtype: whole rows of src gathered,
-    so each load is contiguous."""
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_tokens = tokens < N
-    mask = in_tokens[:, None] & (cols < D)[None, :]
-    dtype = src_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for k in tl.static_range(K):
-        row = tl.load(idx_ptr + tokens * K + k, mask=in_tokens, other=0).to(tl.int64)
-        v = tl.load(src_ptr + row[:, None] * s_src + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if WEIGHTED:
-            w = tl.load(w_ptr + tokens * K + k, mask=in_tokens, other=0.0).to(dtype).to(tl.float32)
-            v = (v * w[:, None]).to(dtype).to(tl.float32)
-        acc += v
-    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * s_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask)  # fmt: skip
-
-
 def _outputs(rows: int, cols: int, like: torch.Tensor):
     rows_out, cols_out = _ceil_to(rows, 16), _ceil_to(cols, 16)
     q = torch.empty(rows_out, cols_out, dtype=FP8, device=like.device)
@@ -196,18 +169,3 @@ def combine_backward_rows_triton(d_out, token_pad, row_weight, y, pow2: bool):
         POW2=pow2, FAST=FAST, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=WARPS,
     )  # fmt: skip
     return d_y, q, scale, d_row_weight
-
-
-def gather_sum_triton(src: torch.Tensor, pair_rows: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
-    """`fp8_moe.gather_sum_reference`: out [N, d] (src's dtype), out[t] = sum over k of src[pair_rows[t * top_k + k]]
-    (times weights[t, k] in src's dtype, each product rounded to it), summed in float32."""
-    src = _row_major(src)
-    tokens, hidden = pair_rows.shape[0] // top_k, src.shape[1]
-    out = torch.empty(tokens, hidden, dtype=src.dtype, device=src.device)
-    block_t, block_d = GATHER_BLOCK
-    w = weights.contiguous() if weights is not None else pair_rows  # (an unread pointer when unweighted)
-    _gather_sum_kernel[(triton.cdiv(tokens, block_t), triton.cdiv(hidden, block_d))](
-        src, pair_rows, w, out, tokens, hidden, src.stride(0), out.stride(0),
-        K=top_k, WEIGHTED=weights is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=WARPS,
-    )  # fmt: skip
-    return out
