@@ -86,7 +86,7 @@ class ExpertParallelExperts(RoutedExperts):
         out = PermuteRows.apply(out, undo, by_expert)
 
         back = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)  # [N*k, d] in sorted order
-        return CombineSortedRows.apply(back, weights, order, inverse, top_k).to(x.dtype)  # in (token, choice) order
+        return CombineSortedRows.apply(back, weights, order, inverse, top_k).to(x.dtype)
 
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on their rows [R, d] in local-expert order, `counts` [E/P] rows each."""
