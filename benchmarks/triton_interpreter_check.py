@@ -9,9 +9,8 @@ layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-h
 (`kernels/_head_matmul_triton.py`), a decode step's MLA front (`kernels/_mla_front_triton.py`), the kernel of two
 linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
 layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's routed-expert kernels that write FP8
-rows beside their bf16 results (`modeling/fp8_moe_triton.py`), the sum over each token's expert-sorted rows
-(`kernels/_gather_sum_triton.py`), and AdamW's update writing the FP8 copy of the new weight
-(`modeling/fp8_adamw_triton.py`).
+rows beside their bf16 results (`modeling/fp8_moe_triton.py`), and AdamW's update writing the FP8 copy of the new
+weight (`modeling/fp8_adamw_triton.py`).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -1118,29 +1117,6 @@ def fused_moe_kernels() -> dict[str, bool]:
     return results
 
 
-def gather_sum_kernel() -> dict[str, bool]:
-    """The sum over each token's rows of an expert-sorted buffer (`kernels/_gather_sum_triton.py`), weighted (the
-    MoE combine) and not (the tokens' input gradient), on a row-strided source, against `gather_sum_reference`:
-    exactly (each product rounded to bf16 as torch rounds it, the GPU's stores emulated)."""
-    from hf_deepseek.kernels._gather_sum_triton import gather_sum_triton
-    from hf_deepseek.kernels.gather_sum import gather_sum_reference
-
-    results = {}
-    with gpu_store_rounding():
-        for tokens, top_k, hidden in ((19, 3, 40), (9, 6, 1100)):
-            torch.manual_seed(tokens)
-            rows = torch.randperm(tokens * top_k + 7)[: tokens * top_k]
-            src = torch.randn(tokens * top_k + 7, hidden + 8).bfloat16()[:, :hidden]
-            weights = torch.rand(tokens, top_k)
-            for w in (weights, None):
-                got = gather_sum_triton(src, rows, top_k, w)
-                name = f"{tokens}x{top_k}x{hidden} {'weighted' if w is not None else 'unweighted'}"
-                results[name] = torch.equal(got, gather_sum_reference(src, rows, top_k, w))
-    for name, ok in results.items():
-        print(f"  gather-sum {name}: {'as the reference' if ok else 'DIFFERENT'}")
-    return results
-
-
 def adamw_fp8_kernel() -> dict[str, bool]:
     """AdamW's update writing the FP8 copy of the new weight (`modeling/fp8_adamw_triton.py`) against the plain
     kernel's update followed by the Hopper rowwise quantiser (with the columns' amaxes for batched weights): weight,
@@ -1201,7 +1177,6 @@ if __name__ == "__main__":
     adamw = adamw_kernel()  # AdamW's update section
     fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
     fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
-    gathered = gather_sum_kernel()  # the sum over each token's expert-sorted rows section
     adamw_fp8 = adamw_fp8_kernel()  # AdamW's update writing the weight's FP8 copy section
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
@@ -1228,7 +1203,6 @@ if __name__ == "__main__":
             record["adamw"] = adamw
             record["fused_experts"] = fused_experts
             record["fused_moe_quantisation"] = fused_moe
-            record["gather_sum"] = gathered
             record["adamw_fp8_copy"] = adamw_fp8
             json.dump(record, out, indent=1)
     print(f"moe_gemv variants: {sum(variants.values())}/{len(variants)} within tolerance")
@@ -1242,7 +1216,6 @@ if __name__ == "__main__":
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
     print(f"fused MoE quantisation kernels: {sum(fused_moe.values())}/{len(fused_moe)} as the references")
-    print(f"gather-sum kernel: {sum(gathered.values())}/{len(gathered)} as the reference")
     print(f"adamw writing the FP8 copy: {sum(adamw_fp8.values())}/{len(adamw_fp8)} as the update then the quantiser")
     print(f"fused experts kernel: {sum(fused_experts.values())}/{len(fused_experts)} as the two launches")
     kernels_ok = all(error < 1e-2 for error in kernels.values())  # bf16 / FP8 rounding; the exact checks 0 or 1
@@ -1262,7 +1235,6 @@ if __name__ == "__main__":
         and all(adamw.values())
         and all(fused_experts.values())
         and all(fused_moe.values())
-        and all(gathered.values())
         and all(adamw_fp8.values())
         and kernels_ok
         else 1

@@ -32,7 +32,7 @@ import torch
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
-from hf_deepseek.kernels import gather_sum, moe_routing
+from hf_deepseek.kernels import moe_routing
 from hf_deepseek.modeling import joined_projections
 
 PEER = "transformers"
@@ -131,10 +131,6 @@ OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW = OURS + TORCH_ADAMW, OURS_FP8_ROWWISE_TR
 # chooses the experts (`kernels.moe_routing.route_indices`)
 TORCH_ROUTER = "-torch-router"
 OURS_TORCH_ROUTER = OURS + TORCH_ROUTER
-# a variant name + TORCH_GATHER_SUM: the same step with the MoE's sums over each token's expert-sorted rows as torch's
-# index_select and sum (what Inductor fuses) rather than `kernels.gather_sum`'s kernel
-TORCH_GATHER_SUM = "-torch-gather-sum"
-OURS_TORCH_GATHER_SUM, OURS_FP8_TORCH_GATHER_SUM = OURS + TORCH_GATHER_SUM, OURS_FP8_ROWWISE + TORCH_GATHER_SUM
 # a variant name + LOSS_CHUNKS_16: the head and its loss in 16 chunks of tokens rather than 8 (half the logits and
 # their gradient alive at once, at the end of the forward where the activations are all kept)
 LOSS_CHUNKS_16 = "-loss-chunks-16"
@@ -147,8 +143,8 @@ OURS_FP8_FBGEMM_JOINED = OURS_FP8_ROWWISE_FBGEMM + JOINED
 OURS_FP8_FBGEMM_HP_WGRAD_JOINED = OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD + JOINED
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
-    OURS_TORCH_GATHER_SUM, OURS_FP8_TORCH_GATHER_SUM, OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED,
-    OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED, OURS_FP8_FBGEMM_HP_WGRAD_JOINED,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED,
+    OURS_FP8_FBGEMM_HP_WGRAD_JOINED,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -262,9 +258,8 @@ def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch
 
 
 def base_variant(name: str) -> str:
-    """The variant's model and step without its choices of optimizer, router, gather-sum, loss chunks and joined
-    projections."""
-    for suffix in (TORCH_ADAMW, TORCH_ROUTER, TORCH_GATHER_SUM, LOSS_CHUNKS_16, JOINED):
+    """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
         name = name.removesuffix(suffix)
     return name
 
@@ -353,9 +348,8 @@ def bench_variant(
 ) -> TrainResult:
     result = TrainResult(name)
     model = optimizer = None
-    router_kernel, joined, gather_kernel = moe_routing.ENABLED, joined_projections.ENABLED, gather_sum.ENABLED
+    router_kernel, joined = moe_routing.ENABLED, joined_projections.ENABLED
     moe_routing.ENABLED = router_kernel and not name.endswith(TORCH_ROUTER)  # read when the step compiles
-    gather_sum.ENABLED = gather_kernel and not name.endswith(TORCH_GATHER_SUM)
     joined_projections.ENABLED = joined or name.endswith(JOINED)
     try:
         model = build_model(name, config, device, dtype)
@@ -394,7 +388,7 @@ def bench_variant(
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
-        moe_routing.ENABLED, joined_projections.ENABLED, gather_sum.ENABLED = router_kernel, joined, gather_kernel
+        moe_routing.ENABLED, joined_projections.ENABLED = router_kernel, joined
         del model, optimizer
         gc.collect()
         if device.type == "cuda":

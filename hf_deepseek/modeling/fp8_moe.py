@@ -14,8 +14,7 @@ and rounds their gradient to it; and each FP8 operand is the rowwise quantisatio
 it, bit for bit.
 
 On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
-recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser. The sums over
-each token's laid-out rows (the combine, the tokens' input gradient) are `kernels.gather_sum`'s.
+recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels.gather_sum import gather_sum
 from .fp8_numerics import ExpertLayout, grouped_wgrad_high_precision
 from .fp8_weight_cache import weight_operands
 
@@ -118,7 +116,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
                 out_dtype, gate_up_copy, down_copy):  # fmt: skip
-        hidden, top_k = x.shape[1], weights.shape[1]
+        (tokens, hidden), top_k = x.shape, weights.shape[1]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         fast = "output" in backend.recipe.fast_accum
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
@@ -129,7 +127,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
         wd_q, wd_s, wd_t_amax = weight_operands(backend, w_down, True, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
-        out = gather_sum(y, pair_rows, top_k, weights)
+        out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
                               pair_rows, block_expert, seg_start, seg_end)  # fmt: skip
         ctx.backend = backend
@@ -158,7 +156,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, None, None, wgu_t_amax)
             d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
-            d_x = gather_sum(d_x_pad, pair_rows, top_k)
+            d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
         if ctx.needs_input_grad[2]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
             d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm_wgrad)

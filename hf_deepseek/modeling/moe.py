@@ -14,7 +14,6 @@ from transformers.activations import ACT2FN
 
 from ..configuration import DeepSeekConfig
 from ..kernels import moe_routing
-from ..kernels.gather_sum import gather_sum
 from ..kernels.moe_routing import count_per_expert
 from .layers import SwiGLUMLP
 from .moe_decode import decode_experts, routed_and_shared_experts
@@ -92,7 +91,7 @@ class GatherTokenRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return gather_sum(grad, inverse, ctx.top_k), None, None, None
+        return grad[inverse].view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
 
 
 class PermuteRows(torch.autograd.Function):
@@ -109,33 +108,6 @@ class PermuteRows(torch.autograd.Function):
         return grad[inverse], None, None
 
 
-class CombineSortedRows(torch.autograd.Function):
-    """rows [N*k, d] in expert order (pair order[r] at row r; `inverse` its inverse permutation), weights [N, k] ->
-    out [N, d] = sum over j of rows[inverse[t*k + j]] * weights[t, j] (in rows' dtype): the experts' outputs back in
-    token order and weighted in one pass (`kernels.gather_sum`), without the [N*k, d] copy in token order that
-    indexing then summing writes. The gradients are autograd's of that indexing and sum, rounded as it rounds them:
-    d_rows[r] = d_out[order[r] // k] * weight of pair order[r], d_weights[t, j] = <d_out[t], rows[inverse[t*k + j]]>
-    (each product in rows' dtype, summed as torch sums)."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int):
-        ctx.save_for_backward(rows, weights, order, inverse)
-        ctx.top_k = top_k
-        return gather_sum(rows, inverse, top_k, weights)
-
-    @staticmethod
-    def backward(ctx, d_out: torch.Tensor):
-        rows, weights, order, inverse = ctx.saved_tensors
-        d_rows = d_weights = None
-        if ctx.needs_input_grad[0]:
-            pair_weight = weights.flatten().index_select(0, order).to(rows.dtype)
-            d_rows = d_out.index_select(0, order // ctx.top_k) * pair_weight[:, None]
-        if ctx.needs_input_grad[1]:
-            by_token = rows.index_select(0, inverse).view(*weights.shape, rows.shape[-1])
-            d_weights = (d_out[:, None, :] * by_token).sum(dim=-1).to(weights.dtype)
-        return d_rows, d_weights, None, None, None
-
-
 class RoutedExperts(nn.Module):
     """All routed experts of a layer as stacked tensors: gate_up_proj [E, 2I, d], down_proj [E, d, I]."""
 
@@ -149,7 +121,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] -> sum_k weight_k * expert_k(x) [N, d]."""
-        top_k = indices.shape[1]
+        num_tokens, top_k = indices.shape
         decode = decode_experts(self, x, top_k, grouped_gemm=self._grouped_gemm_ok(x))  # moe_decode.py
         if decode is not None:  # inference on decode-sized batches, or under torch.compile: static shapes
             return decode(self, x, indices, weights)
@@ -159,7 +131,8 @@ class RoutedExperts(nn.Module):
         counts = count_per_expert(flat, self.num_experts)
         x_sorted = GatherTokenRows.apply(x, order, inverse, top_k)  # [N*k, d]
         out = self._sorted_experts(x_sorted, counts)
-        return CombineSortedRows.apply(out, weights, order, inverse, top_k).to(x.dtype)
+        out = PermuteRows.apply(out, inverse, order).view(num_tokens, top_k, -1)  # back to (token, choice) order
+        return (out * weights[..., None].to(out.dtype)).sum(dim=1).to(x.dtype)
 
     def _grouped_gemm_ok(self, x: torch.Tensor) -> bool:
         """torch's grouped GEMM dispatches for bf16 on CUDA with 16-byte aligned rows; else the exact loop."""

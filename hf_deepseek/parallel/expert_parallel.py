@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..modeling.moe import CombineSortedRows, GatherTokenRows, PermuteRows, RoutedExperts, count_per_expert
+from ..modeling.moe import GatherTokenRows, PermuteRows, RoutedExperts, count_per_expert
 
 
 class ExpertParallelExperts(RoutedExperts):
@@ -63,7 +63,7 @@ class ExpertParallelExperts(RoutedExperts):
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, d], indices/weights [N, k] (global expert ids) -> sum_k weight_k * expert_k(x) [N, d]."""
-        top_k = indices.shape[1]
+        num_tokens, top_k = indices.shape
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # (token, choice) rows sorted by expert, hence by the rank that holds it
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
@@ -86,7 +86,8 @@ class ExpertParallelExperts(RoutedExperts):
         out = PermuteRows.apply(out, undo, by_expert)
 
         back = all_to_all_single_autograd(out, send_splits, recv_splits, self.group)  # [N*k, d] in sorted order
-        return CombineSortedRows.apply(back, weights, order, inverse, top_k).to(x.dtype)
+        back = PermuteRows.apply(back, inverse, order).view(num_tokens, top_k, -1)  # (token, choice) order
+        return (back * weights[..., None].to(back.dtype)).sum(dim=1).to(x.dtype)
 
     def _local_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The local experts on their rows [R, d] in local-expert order, `counts` [E/P] rows each."""
