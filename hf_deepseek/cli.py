@@ -134,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         "combine gradient writing their FP8 operands), hf_deepseek-fp8-rowwise-layer-by-layer-moe (the experts' "
         "MLP layer by layer, as before), hf_deepseek-fp8-rowwise-cached-weights (the weights quantised once per "
         "optimizer step, in its update; experts layer by layer), hf_deepseek-fp8-rowwise-cached-weights-fused-moe "
-        "(both) and hf_deepseek-fp8-rowwise-fbgemm-wgrad (the experts' bf16 weight gradient through FBGEMM's kernel, "
-        "as before 2026-12-07; the default takes torch's grouped GEMM) "
+        "(both), hf_deepseek-fp8-rowwise-fbgemm-wgrad (the experts' bf16 weight gradient through FBGEMM's kernel, "
+        "as before 2026-12-07; the default takes torch's grouped GEMM), hf_deepseek-fp8-rowwise-separate-projections "
+        "(q_a/kv_a and gate/up as two GEMMs each; the default joins them) and "
+        "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -1,7 +1,9 @@
-"""`joined_projections` (opt-in): a training step's q_a/kv_a and gate/up projections as one GEMM each over their
-joined weights gives the separate projections' loss and gradients (full precision), takes half the FP8 GEMMs of
-those pairs with the FP8 error of the separate ones, and compiles without graph breaks or recompilation."""
+"""`joined_projections` (the rowwise FP8 recipe's, opt-in otherwise): a training step's q_a/kv_a and gate/up
+projections as one GEMM each over their joined weights gives the separate projections' loss and gradients (full
+precision), takes half the FP8 GEMMs of those pairs with the FP8 error of the separate ones, and compiles without
+graph breaks or recompilation."""
 
+import copy
 import math
 
 import torch
@@ -83,30 +85,34 @@ def test_joined_step_still_serves_after_generate_made_the_linears_decode_linears
 
 
 def test_fp8_joined_step_halves_the_pairs_gemms_with_the_separate_error(monkeypatch):
+    """The rowwise recipe joins the pairs itself (`FP8Recipe.joined_projections`), with the bf16 switch off."""
     torch.manual_seed(0)
     config = tiny_config(hidden_size=128, moe_intermediate_size=128, intermediate_size=256, num_nextn_predict_layers=0)
     reference = DeepSeekForCausalLM(config).train()
     ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
     want = loss_and_grads(reference, ids)
-    model = convert_to_fp8_training(reference, FP8Recipe.named("rowwise", backend="emulated"))
+    assert not joined_projections.ENABLED and FP8Recipe.named("rowwise").joined_projections
     calls = []
     original = FP8Linear.linear_with_weight
     monkeypatch.setattr(FP8Linear, "linear_with_weight", lambda *a: calls.append(1) or original(*a))
-    separate = loss_and_grads(model, ids)
-    separate_calls, calls[:] = len(calls), []
-    monkeypatch.setattr(joined_projections, "ENABLED", True)
-    joined = loss_and_grads(model, ids)
-    assert len(calls) == separate_calls - 2 * config.num_hidden_layers  # one GEMM for each pair
+    runs, counts = {}, {}
+    for name, joined in (("separate", False), ("joined", True)):
+        recipe = FP8Recipe.named("rowwise", backend="emulated", joined_projections=joined)
+        model = convert_to_fp8_training(copy.deepcopy(reference), recipe)
+        calls.clear()
+        runs[name] = loss_and_grads(model, ids)
+        counts[name] = len(calls)
+    assert counts["joined"] == counts["separate"] - 2 * config.num_hidden_layers  # one GEMM for each pair
     errors = {}
-    for name, run in (("separate", separate), ("joined", joined)):
+    for name, run in runs.items():
         errors[name] = max(relative(run[1][n], want[1][n]) for n in want[1] if ".experts." not in n)
         assert abs(run[0] - want[0]) < 0.02 * want[0]
     # E4M3 rounding of every GEMM operand: ~4% a product, the same for a row scaled over one output or two
     assert errors["joined"] < 1.5 * errors["separate"] + 0.02, errors
 
 
-def test_joined_fp8_step_compiles_once_per_layer_kind(monkeypatch):
-    monkeypatch.setattr(joined_projections, "ENABLED", True)
+def test_joined_fp8_step_compiles_once_per_layer_kind():
+    assert recipe_of("rowwise", backend="emulated").joined_projections
     model, frames, losses = train_compiled(recipe_of("rowwise", backend="emulated"), "cpu", "aot_eager", steps=2)
     assert frames == [layer_kinds(model)] * 2, frames  # fullgraph: no graph break; no recompilation
     assert all(math.isfinite(x) for x in losses)

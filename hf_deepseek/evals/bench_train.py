@@ -65,6 +65,7 @@ ROWWISE_BEFORE = {
     "grouped_wgrad_gemm": "auto",
     "linear_wgrad": "fp8",
     "fused_moe_quantization": False,
+    "joined_projections": False,
 }
 # the rowwise recipe with the routed experts' SwiGLU and combine gradient writing their FP8 operands themselves
 # (`FP8Recipe.fused_moe_quantization`, `modeling/fp8_moe.py`; the recipe's default since 2026-12-06, spelt out), and
@@ -78,6 +79,12 @@ OURS_FP8_ROWWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-rowwise-cached-weights-fuse
 # the rowwise recipe with the experts' bf16 weight gradient through FBGEMM's kernel, as their FP8 products (the
 # recipe's default before 2026-12-07, which takes torch's grouped GEMM for it: `FP8Recipe.grouped_wgrad_gemm`)
 OURS_FP8_ROWWISE_FBGEMM_WGRAD = "hf_deepseek-fp8-rowwise-fbgemm-wgrad"
+# the rowwise recipe with q_a/kv_a and gate/up as two GEMMs each (the recipe's default before 2026-12-07 joins them:
+# `FP8Recipe.joined_projections`)
+OURS_FP8_ROWWISE_SEPARATE = "hf_deepseek-fp8-rowwise-separate-projections"
+# the rowwise recipe with the linear layers' weight gradient in FP8 (x^T and dy^T quantised along the tokens), which
+# may pay where the dense layers are wide (`--shape v3-width`)
+OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD = "hf_deepseek-fp8-rowwise-linear-fp8-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -121,6 +128,8 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
     OURS_FP8_ROWWISE_FBGEMM_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "fbgemm"}),
+    OURS_FP8_ROWWISE_SEPARATE: ("rowwise", True, {"joined_projections": False}),
+    OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD: ("rowwise", True, {"linear_wgrad": "fp8"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

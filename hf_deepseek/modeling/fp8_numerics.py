@@ -82,7 +82,9 @@ class FP8Recipe:
     path);
     `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
     layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
-    other changes to a weight make its copy afresh before the next forward): rowwise scaling.
+    other changes to a weight make its copy afresh before the next forward): rowwise scaling;
+    `joined_projections`: while training, MLA's q_a and kv_a, and an MLP's gate and up, run as one FP8 GEMM each over
+    their joined weights (`modeling.joined_projections`), so their shared input is quantised once.
     """
 
     scaling: str = "blockwise"
@@ -102,6 +104,7 @@ class FP8Recipe:
     grouped_wgrad_gemm: str = "auto"
     fused_moe_quantization: bool = False
     cache_weights: bool = False
+    joined_projections: bool = False
 
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
@@ -144,11 +147,11 @@ class FP8Recipe:
         return any(name == s or name.endswith("." + s) for s in self.skip)
 
 
-# "rowwise" takes the choices of its fastest measured training step (1.09x bf16 on an H100, docs/PERF.md's
-# Training): the standalone Triton quantisers, FBGEMM's FP8 grouped GEMMs where the wheel imports with torch's grouped
-# GEMM for the experts' bf16 weight gradient, the experts' SwiGLU and combine gradient writing their FP8 operands,
-# and the linear layers' weight gradient in bf16 (no operand quantised along the tokens, as torchao's
-# rowwise_with_gw_hp)
+# "rowwise" takes the choices of its fastest measured training step (docs/PERF.md's Training): the standalone Triton
+# quantisers, FBGEMM's FP8 grouped GEMMs where the wheel imports with torch's grouped GEMM for the experts' bf16
+# weight gradient, the experts' SwiGLU and combine gradient writing their FP8 operands, the linear layers' weight
+# gradient in bf16 (no operand quantised along the tokens, as torchao's rowwise_with_gw_hp) and the projections of a
+# shared input joined
 FP8_RECIPES = {
     "deepseek": FP8Recipe(),
     "rowwise": FP8Recipe(
@@ -158,6 +161,7 @@ FP8_RECIPES = {
         grouped_wgrad_gemm="torch",
         linear_wgrad="bf16",
         fused_moe_quantization=True,
+        joined_projections=True,
     ),
 }
 

@@ -5,8 +5,10 @@ input gradient and the weight gradient, and an FP8 step quantises the shared inp
 twice (docs/train-h200/fp8_quant_census_2026-12-04g.txt: "x of ... again in ...") and both output gradients in one
 launch per orientation.
 
-Opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`; bench variants `*-joined-projections`): an FP8 training step 1.2% faster,
-a bf16 one 2% slower (H100, docs/PERF.md 2026-12-06). The parameters stay the two modules' own (checkpoints,
+The rowwise FP8 recipe takes it (`FP8Recipe.joined_projections`: its step 1.7% faster on an H200, docs/PERF.md
+2026-12-07); for bf16 it is opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`, bench variants `*-joined-projections`: a bf16
+step 2% slower on an H100, the joined weight's copy and its gradient's split costing more than the GEMMs save). The
+parameters stay the two modules' own (checkpoints,
 optimizers and PEFT see no change); only training-mode forwards with gradients take the joined GEMM, of two modules of
 the same kind: plain `nn.Linear`s without bias (also once generate() has made them `DecodeLinear`s, as in GRPO between
 rollouts), or two FP8 linears of one recipe (`linear_with_weight`). Decode keeps its own fused launch
@@ -27,7 +29,8 @@ ENABLED = os.environ.get("HF_DEEPSEEK_JOINED_PROJECTIONS", "0") == "1"
 def joined_projections(first: nn.Module, second: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
     """(first(x), second(x)) from one GEMM over their joined weights, or None where that does not serve (switched
     off, not training with gradients, biases, modules of another kind or of different FP8 recipes)."""
-    if not (ENABLED and first.training and torch.is_grad_enabled()):
+    wanted = ENABLED or getattr(getattr(first, "fp8_recipe", None), "joined_projections", False)
+    if not (wanted and first.training and torch.is_grad_enabled()):
         return None
     if type(first) is not type(second) or first.bias is not None or second.bias is not None:
         return None
