@@ -9,7 +9,11 @@ GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3
   128x128 weight blocks) `f8f8bf16_groupwise_grouped` and bf16 `bf16bf16bf16_grouped_stacked`;
 - the weight gradients dW[e] = dy[rows of e]^T x[rows of e]: torch's bf16 `_grouped_mm` over the token dimension
   (dy^T as a transposed view, as torch's autograd passes it and the FP8 step does since 2026-12-06, and with the
-  transposed copy of dy the step made before) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`.
+  transposed copy of dy the step made before) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`;
+- where the optional `sgl-deep-gemm` wheel imports (DeepSeek's DeepGEMM as SGLang publishes it; it compiles its
+  kernels with the machine's nvcc on first use): its blockwise FP8 grouped GEMMs over the contiguous layout, the
+  forward (`m_grouped_fp8_gemm_nt_contiguous`) and the input gradient straight from the forward's 128x128 weight
+  blocks (`m_grouped_fp8_gemm_nn_contiguous`: W^T needs no quantisation of its own, the paper's reason for blocks).
 
 Each row: median ms (`triton.testing.do_bench`), TFLOP/s and the relative error (Frobenius) against the float32
 product of the bf16 operands (FP8's rounding included). Quantisation is not timed (the step's quantisers are
@@ -83,6 +87,54 @@ def fbgemm_ops():
         return (torch.ops.fbgemm, fp8_gemm), None
     except Exception as exc:  # an optional wheel: any failure to import is a row saying why
         return None, f"{type(exc).__name__}: {exc}"
+
+
+def deep_gemm_module():
+    """The `deep_gemm` module of the optional sgl-deep-gemm wheel, or (None, reason)."""
+    try:
+        import deep_gemm
+
+        return deep_gemm, None
+    except Exception as exc:  # an optional wheel: any failure to import is a row saying why
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def blockwise_fp8(x: torch.Tensor, w: torch.Tensor):
+    """x [M, K] per 1x128 tile and w [E, N, K] per 128x128 block (float32 scales, amax / 448), as DeepSeek-V3."""
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    m, k = x.shape
+    tiles = x.float().view(m, k // 128, 128)
+    x_sf = tiles.abs().amax(-1).clamp(min=1e-12) / fmax
+    x_q = (tiles / x_sf[..., None]).to(torch.float8_e4m3fn).view(m, k)
+    e, n, _ = w.shape
+    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
+    w_sf = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-12) / fmax
+    w_q = (blocks / w_sf[:, :, None, :, None]).to(torch.float8_e4m3fn).view(e, n, k)
+    return (x_q, x_sf), (w_q, w_sf)
+
+
+def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
+    """DeepGEMM's product over the segments: forward x W[e]^T (nt), or, for an input gradient, x W[e] from W's own
+    blocks (nn): here `w` is [E, K, N], the layer's weight whose blocks the forward quantised."""
+    m_indices = torch.repeat_interleave(
+        torch.arange(len(sizes), device=x.device, dtype=torch.int32), torch.tensor(sizes, device=x.device)
+    )
+    if forward:
+        a, b = blockwise_fp8(x, w)
+        n = w.shape[1]
+    else:
+        a, _ = blockwise_fp8(x, w.transpose(-2, -1).contiguous())
+        _, b = blockwise_fp8(torch.zeros(128, w.shape[2], device=x.device), w)  # the weight's [E, K, N] blocks
+        n = w.shape[2]
+    out = torch.empty(x.shape[0], n, device=x.device, dtype=torch.bfloat16)
+    fn = deep_gemm.m_grouped_fp8_gemm_nt_contiguous if forward else deep_gemm.m_grouped_fp8_gemm_nn_contiguous
+    kind = "nt" if forward else "nn (W's forward blocks)"
+
+    def run():
+        fn(a, b, out, m_indices)
+        return out
+
+    return {f"DeepGEMM FP8 blockwise m_grouped {kind}": run}
 
 
 def product_candidates(x, w, sizes, fbgemm) -> dict:
@@ -159,21 +211,29 @@ def main() -> None:
     sizes = segment_sizes(args.tokens, TOP_K, EXPERTS)
     rows_total, dev = sum(sizes), "cuda"
     fbgemm, why = fbgemm_ops()
+    deep_gemm, deep_gemm_why = deep_gemm_module()
     results = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "rows": rows_total,
         "experts": EXPERTS,
         "fbgemm": why or "imported",
+        "deep_gemm": deep_gemm_why or "imported",
         "gemms": {},
     }
     print(f"{results['device']}, torch {torch.__version__}, {rows_total} rows over {EXPERTS} experts, fbgemm: "
-          f"{results['fbgemm']}")  # fmt: skip
+          f"{results['fbgemm']}, deep_gemm: {results['deep_gemm']}")  # fmt: skip
     for name, (k, n) in PRODUCTS.items():
         x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(EXPERTS, n, k, device=dev, dtype=torch.bfloat16) * k**-0.5
         want = reference_products(x, w, sizes)
-        results["gemms"][name] = measure(product_candidates(x, w, sizes, fbgemm), want, product_flops(sizes, k, n))
+        found = product_candidates(x, w, sizes, fbgemm)
+        if deep_gemm is not None:
+            # an input gradient's W[e]^T [N, K] is the transpose of the layer's weight [E, K, N] (`forward` False)
+            forward = name.endswith("forward")
+            layer_weight = w if forward else w.transpose(-2, -1).contiguous()
+            found.update(deep_gemm_candidates(x, layer_weight, sizes, deep_gemm, forward))
+        results["gemms"][name] = measure(found, want, product_flops(sizes, k, n))
     for name, (n, k) in WEIGHT_GRADS.items():
         dy = torch.randn(rows_total, n, device=dev, dtype=torch.bfloat16)
         x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
