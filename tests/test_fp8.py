@@ -247,12 +247,13 @@ def test_high_precision_linear_weight_gradient_keeps_the_fp8_forward_and_input_g
 
 
 def test_fbgemms_grouped_gemms_are_asked_for_by_name_and_found_only_on_a_hopper_gpu():
-    """`FP8Recipe(grouped_gemm=)` names torch or fbgemm (`grouped_wgrad_gemm=` for the weight gradient apart);
-    without a CUDA device FBGEMM's kernels are not found, and the emulated backend never takes them."""
+    """`FP8Recipe(grouped_gemm=)` names torch, fbgemm or deep_gemm (`grouped_wgrad_gemm=` for the weight gradient
+    apart); without a CUDA device FBGEMM's kernels are not found, and the emulated backend never takes them."""
     from hf_deepseek.kernels import fbgemm_grouped
     from hf_deepseek.modeling.fp8 import get_backend
 
-    with pytest.raises(ValueError, match="FP8Recipe.grouped_gemm must be one of torch, fbgemm, got 'cutlass'"):
+    choices = "torch, fbgemm, deep_gemm"
+    with pytest.raises(ValueError, match=f"FP8Recipe.grouped_gemm must be one of {choices}, got 'cutlass'"):
         FP8Recipe(grouped_gemm="cutlass")
     with pytest.raises(ValueError, match="FP8Recipe.grouped_wgrad_gemm must be one of auto, torch, fbgemm, got 'x'"):
         FP8Recipe(grouped_wgrad_gemm="x")

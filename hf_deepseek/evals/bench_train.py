@@ -85,6 +85,9 @@ OURS_FP8_ROWWISE_SEPARATE = "hf_deepseek-fp8-rowwise-separate-projections"
 # the rowwise recipe with the linear layers' weight gradient in FP8 (x^T and dy^T quantised along the tokens), which
 # may pay where the dense layers are wide (`--shape v3-width`)
 OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD = "hf_deepseek-fp8-rowwise-linear-fp8-wgrad"
+# the paper's blockwise recipe with the routed experts' FP8 products through DeepGEMM (the optional sgl-deep-gemm
+# wheel; the recipe's Triton kernels where it does not import): the input gradient from the forward's weight blocks
+OURS_FP8_DEEP_GEMM = "hf_deepseek-fp8-deep-gemm"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -130,6 +133,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_FBGEMM_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "fbgemm"}),
     OURS_FP8_ROWWISE_SEPARATE: ("rowwise", True, {"joined_projections": False}),
     OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD: ("rowwise", True, {"linear_wgrad": "fp8"}),
+    OURS_FP8_DEEP_GEMM: ("deepseek", True, {"grouped_gemm": "deep_gemm"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
@@ -293,8 +297,17 @@ def grouped_kernels_note(name: str, device: torch.device) -> str:
     """For an FP8 variant whose recipe asks for FBGEMM's grouped GEMMs, on a GPU: whether its routed experts got them
     (the rowwise recipe's defaults fall back to torch's kernels where the fbgemm-gpu-genai wheel does not import)."""
     recipe = variant_recipe(name)
-    if recipe is None or recipe.grouped_gemm != "fbgemm" or device.type != "cuda":
+    if recipe is None or recipe.grouped_gemm == "torch" or device.type != "cuda":
         return ""
+    if recipe.grouped_gemm == "deep_gemm":
+        from hf_deepseek.kernels import deep_gemm_grouped
+
+        found = deep_gemm_grouped.available()
+        return (
+            "experts: DeepGEMM's grouped GEMMs"
+            if found
+            else "experts: Triton's grouped GEMMs (sgl-deep-gemm not found)"
+        )
     from hf_deepseek.kernels import fbgemm_grouped
 
     if fbgemm_grouped.available():

@@ -185,6 +185,8 @@ def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, 
     """The experts' input gradient dy W (laid-out rows) in FP8; `w_quantised`: (W's FP8 copy, its scales, W^T's
     amaxes) as the forward kept them."""
     dy_q, dy_s = backend.quantize_rows(dy)
+    if backend.deep_gemm:  # the forward's FP8 weight and block scales as they are: no W^T to quantise
+        return backend.grouped_gemm_nn(dy_q, dy_s, *w_quantised[:2], layout, dtype)
     wt_q, wt_s = backend.quantize_weight_t(weight, *w_quantised)
     return backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, dtype, "grad_input" in backend.recipe.fast_accum)
 

@@ -72,7 +72,9 @@ class FP8Recipe:
     `grouped_gemm`: the routed experts' grouped GEMMs on a Hopper GPU, the rowwise recipe's FP8 products and the
     bf16 weight gradient of either recipe: "torch" (`torch._scaled_grouped_mm`, `torch._grouped_mm`) or "fbgemm"
     (FBGEMM's CUTLASS kernels, `kernels/fbgemm_grouped.py`, where the optional `fbgemm-gpu-genai` wheel imports;
-    torch's elsewhere);
+    torch's elsewhere); for the blockwise recipe's FP8 products, "deep_gemm" (DeepSeek's DeepGEMM,
+    `kernels/deep_gemm_grouped.py`, where the optional `sgl-deep-gemm` wheel imports: the input gradient read from
+    the forward's weight blocks, no W^T quantised; the Triton kernels elsewhere, and for any other choice);
     `grouped_wgrad_gemm`: the kernel of that bf16 weight gradient alone: "auto" (as `grouped_gemm`), "torch"
     (`torch._grouped_mm` over the tokens, as torch's autograd computes a bf16 model's) or "fbgemm";
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
@@ -109,7 +111,7 @@ class FP8Recipe:
     def __post_init__(self):
         choices = {"scaling": ("blockwise", "rowwise"), "grouped_wgrad": ("fp8", "bf16"),
                    "linear_wgrad": ("fp8", "bf16"), "backend": ("auto", "emulated"),
-                   "gemm": ("auto", "cublas", "triton"), "grouped_gemm": ("torch", "fbgemm"),
+                   "gemm": ("auto", "cublas", "triton"), "grouped_gemm": ("torch", "fbgemm", "deep_gemm"),
                    "grouped_wgrad_gemm": ("auto", "torch", "fbgemm")}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -124,6 +126,8 @@ class FP8Recipe:
             )
         if self.fused_moe_quantization and not self.rowwise:
             raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise'")
+        if self.grouped_gemm == "deep_gemm" and self.rowwise:
+            raise ValueError("FP8Recipe.grouped_gemm='deep_gemm' needs scaling='blockwise' (DeepGEMM's 128x128 blocks)")
         if self.cache_weights and not self.rowwise:
             raise ValueError("FP8Recipe.cache_weights needs scaling='rowwise'")
         if self.rowwise and self.grouped_wgrad == "fp8":
@@ -279,6 +283,7 @@ class EmulatedBackend:
     name = "emulated"
     device_type = None  # any
     fbgemm = fbgemm_wgrad = False  # FBGEMM's grouped kernels (products, weight gradient): the Hopper backend's only
+    deep_gemm = False  # DeepGEMM's grouped kernels: the Hopper backend's only
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..kernels import fbgemm_grouped
+from ..kernels import deep_gemm_grouped, fbgemm_grouped
 from .fp8_numerics import (
     BLOCK,
     FP8,
@@ -566,6 +566,7 @@ class HopperBackend:
         wgrad_gemm = recipe.grouped_gemm if recipe.grouped_wgrad_gemm == "auto" else recipe.grouped_wgrad_gemm
         self.fbgemm = recipe.grouped_gemm == "fbgemm" and fbgemm_grouped.available()
         self.fbgemm_wgrad = wgrad_gemm == "fbgemm" and fbgemm_grouped.available()
+        self.deep_gemm = recipe.grouped_gemm == "deep_gemm" and deep_gemm_grouped.available()
 
     def _fused(self) -> bool:
         """Quantise with torch operations that Inductor fuses into their producers (only inside a compile)."""
@@ -737,7 +738,16 @@ class HopperBackend:
                 out_dtype=torch.bfloat16, use_fast_accum=fast_accum,
             )  # fmt: skip
             return out.to(out_dtype)
+        if self.deep_gemm:
+            experts = deep_gemm_grouped.row_experts(layout.block_expert)
+            return deep_gemm_grouped.grouped_nt(a, a_scale, b, b_scale, experts).to(out_dtype)
         return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
+
+    def grouped_gemm_nn(self, a, a_scale, w, w_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
+        """a [R, N] (1x128 tiles) times W[e] [N, K] per segment, W and its 128x128 block scales as `quantize_weight`
+        gave them for the forward (DeepGEMM's kernel: `self.deep_gemm` only)."""
+        experts = deep_gemm_grouped.row_experts(layout.block_expert)
+        return deep_gemm_grouped.grouped_nn(a, a_scale, w, w_scale, experts).to(out_dtype)
 
     def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
         n, k = a.shape[0], b.shape[0]
