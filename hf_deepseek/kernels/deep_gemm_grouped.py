@@ -4,8 +4,9 @@ build of DeepGEMM on the registry; it compiles its kernels with the machine's nv
 
 - the forward, x W[e]^T over the experts' 128-aligned row segments (`m_grouped_fp8_gemm_nt_contiguous`);
 - the input gradient, dy W[e], straight from the forward's FP8 weight and its 128x128 block scales
-  (`m_grouped_fp8_gemm_nn_contiguous`): W^T needs no quantisation of its own, the reason the paper scales weights
-  by blocks.
+  (`m_grouped_fp8_gemm_nn_contiguous`; where a build refuses W's N-major operand, the nt kernel on W's FP8 values
+  and scales transposed, a copy of FP8 bytes): W^T needs no quantisation of its own, the reason the paper scales
+  weights by blocks.
 
 `FP8Recipe(grouped_gemm="deep_gemm")` (the blockwise recipe only) takes them where the wheel imports on a Hopper GPU;
 elsewhere the recipe keeps its Triton kernels. Opt-in until measured in the training step (bench variant
@@ -13,8 +14,13 @@ elsewhere the recipe keeps its Triton kernels. Opt-in until measured in the trai
 """
 
 import functools
+import logging
 
 import torch
+
+logger = logging.getLogger(__name__)
+# set once DeepGEMM's nn kernel refused this device's operands: the input gradient then transposes W's FP8 blocks
+NN_TRANSPOSED = False
 
 
 @functools.cache
@@ -74,8 +80,20 @@ def _grouped_nn(
 ) -> torch.Tensor:
     import deep_gemm
 
+    global NN_TRANSPOSED
     out = a.new_empty(a.shape[0], b.shape[2], dtype=torch.bfloat16)
-    deep_gemm.m_grouped_fp8_gemm_nn_contiguous((a, a_scale), (b.contiguous(), b_scale.contiguous()), out, experts)
+    if not NN_TRANSPOSED:
+        try:
+            weight = (b.contiguous(), b_scale.contiguous())
+            deep_gemm.m_grouped_fp8_gemm_nn_contiguous((a, a_scale), weight, out, experts)
+            return out
+        except RuntimeError as err:  # Hopper's FP8 tensor cores read K-major operands only: a build may refuse
+            NN_TRANSPOSED = True
+            reason = str(err).splitlines()[0][:200]
+            logger.warning("DeepGEMM's nn grouped GEMM refused (%s); transposing the FP8 weight for nt.", reason)
+    # W^T's FP8 values and scales are W's transposed (128x128 blocks): a copy of FP8 bytes, nothing quantised
+    b_t, b_scale_t = b.transpose(1, 2).contiguous(), b_scale.transpose(1, 2).contiguous()
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b_t, b_scale_t), out, experts)
     return out
 
 
