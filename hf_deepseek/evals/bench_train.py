@@ -88,6 +88,8 @@ OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD = "hf_deepseek-fp8-rowwise-linear-fp8-wgrad"
 # the paper's blockwise recipe with the routed experts' FP8 products through DeepGEMM (the optional sgl-deep-gemm
 # wheel; the recipe's Triton kernels where it does not import): the input gradient from the forward's weight blocks
 OURS_FP8_DEEP_GEMM = "hf_deepseek-fp8-deep-gemm"
+# and the rowwise default's other choices: Triton quantisers, the linear layers' weight gradient in bf16
+OURS_FP8_DEEP_GEMM_HP_WGRAD = "hf_deepseek-fp8-deep-gemm-hp-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -134,6 +136,11 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_SEPARATE: ("rowwise", True, {"joined_projections": False}),
     OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD: ("rowwise", True, {"linear_wgrad": "fp8"}),
     OURS_FP8_DEEP_GEMM: ("deepseek", True, {"grouped_gemm": "deep_gemm"}),
+    OURS_FP8_DEEP_GEMM_HP_WGRAD: (
+        "deepseek",
+        True,
+        {"grouped_gemm": "deep_gemm", "fused_quantization": False, "linear_wgrad": "bf16"},
+    ),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
