@@ -5,14 +5,13 @@ input gradient and the weight gradient, and an FP8 step quantises the shared inp
 twice (docs/train-h200/fp8_quant_census_2026-12-04g.txt: "x of ... again in ...") and both output gradients in one
 launch per orientation.
 
-The rowwise FP8 recipe takes it (`FP8Recipe.joined_projections`: its step 1.7% faster on an H200, docs/PERF.md
-2026-12-07); for bf16 it is opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`, bench variants `*-joined-projections`: a bf16
-step 2% slower on an H100, the joined weight's copy and its gradient's split costing more than the GEMMs save). The
-parameters stay the two modules' own (checkpoints,
-optimizers and PEFT see no change); only training-mode forwards with gradients take the joined GEMM, of two modules of
-the same kind: plain `nn.Linear`s without bias (also once generate() has made them `DecodeLinear`s, as in GRPO between
-rollouts), or two FP8 linears of one recipe (`linear_with_weight`). Decode keeps its own fused launch
-(`decode_linear.fused_pair`).
+The rowwise FP8 recipe takes it (`FP8Recipe.joined_projections`: its step 3.4 ms, 1.8%, faster on an H200,
+docs/PERF.md 2026-12-07); for bf16 it is opt-in (`HF_DEEPSEEK_JOINED_PROJECTIONS=1`, bench variants
+`*-joined-projections`: a bf16 step 2% slower on an H100, the joined weight's copy and its gradient's split costing
+more than the GEMMs save). The parameters stay the two modules' own (checkpoints, optimizers and PEFT see no change);
+only training-mode forwards with gradients take the joined GEMM, of two modules of the same kind: plain `nn.Linear`s
+without bias (also once generate() has made them `DecodeLinear`s, as in GRPO between rollouts), or two FP8 linears of
+one recipe (`linear_with_weight`). Decode keeps its own fused launch (`decode_linear.fused_pair`).
 """
 
 import os
