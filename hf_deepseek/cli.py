@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(both), hf_deepseek-fp8-rowwise-fbgemm-wgrad (the experts' bf16 weight gradient through FBGEMM's kernel, "
         "as before 2026-12-07; the default takes torch's grouped GEMM), hf_deepseek-fp8-rowwise-separate-projections "
         "(q_a/kv_a and gate/up as two GEMMs each; the default joins them), "
-        "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8) and "
+        "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8), "
         "hf_deepseek-fp8-deep-gemm (the paper's recipe with the experts' FP8 products through DeepGEMM: the "
-        "deepgemm extra; -hp-wgrad: with Triton quantisers and the linear layers' weight gradient in bf16) "
+        "deepgemm extra) and hf_deepseek-fp8-deep-gemm-hp-wgrad (with Triton quantisers and the linear layers' "
+        "weight gradient in bf16) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )
