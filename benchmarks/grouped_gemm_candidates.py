@@ -99,34 +99,18 @@ def deep_gemm_module():
         return None, f"{type(exc).__name__}: {exc}"
 
 
-def blockwise_fp8(x: torch.Tensor, w: torch.Tensor):
-    """x [M, K] per 1x128 tile and w [E, N, K] per 128x128 block (float32 scales, amax / 448), as DeepSeek-V3."""
-    fmax = torch.finfo(torch.float8_e4m3fn).max
-    m, k = x.shape
-    tiles = x.float().view(m, k // 128, 128)
-    x_sf = tiles.abs().amax(-1).clamp(min=1e-12) / fmax
-    x_q = (tiles / x_sf[..., None]).to(torch.float8_e4m3fn).view(m, k)
-    e, n, _ = w.shape
-    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
-    w_sf = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-12) / fmax
-    w_q = (blocks / w_sf[:, :, None, :, None]).to(torch.float8_e4m3fn).view(e, n, k)
-    return (x_q, x_sf), (w_q, w_sf)
-
-
 def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
     """DeepGEMM's product over the segments: forward x W[e]^T (nt), or, for an input gradient, x W[e] from W's own
     blocks (nn): here `w` is [E, K, N], the layer's weight whose blocks the forward quantised."""
+    from hf_deepseek.modeling.fp8_numerics import quantize_blocks, quantize_tiles
+
     m_indices = torch.repeat_interleave(
         torch.arange(len(sizes), device=x.device, dtype=torch.int32), torch.tensor(sizes, device=x.device)
     )
-    if forward:
-        a, b = blockwise_fp8(x, w)
-        n = w.shape[1]
-    else:
-        a, _ = blockwise_fp8(x, w.transpose(-2, -1).contiguous())
-        _, b = blockwise_fp8(torch.zeros(128, w.shape[2], device=x.device), w)  # the weight's [E, K, N] blocks
-        n = w.shape[2]
-    out = torch.empty(x.shape[0], n, device=x.device, dtype=torch.bfloat16)
+    # the operands as the blockwise recipe makes them: 1x128 tiles (scales column-major) and 128x128 weight blocks
+    x_q, x_s = quantize_tiles(x)
+    a, b = (x_q, x_s.t().contiguous().t()), quantize_blocks(w)
+    out = torch.empty(x.shape[0], w.shape[1] if forward else w.shape[2], device=x.device, dtype=torch.bfloat16)
     fn = deep_gemm.m_grouped_fp8_gemm_nt_contiguous if forward else deep_gemm.m_grouped_fp8_gemm_nn_contiguous
     kind = "nt" if forward else "nn (W's forward blocks)"
 

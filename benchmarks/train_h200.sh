@@ -56,19 +56,16 @@ say "$($PY -c 'import torch, transformers; print("torch", torch.__version__, "tr
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .whl/titan/*.whl \
   > $L/pip.log 2>&1 && rm -rf $SITE/test
 say "torchtitan wheels: $(tail -1 $L/pip.log) $(ls $SITE 2>/dev/null | tr '\n' ' ' | cut -c1-120)"
-# FBGEMM's grouped GEMMs (the *-fbgemm variants), where `.whl/fbgemm` is carried too: on the bench's and the tests'
-# path only (torchtitan's site has its own torchao)
-if ls .whl/fbgemm/*.whl > /dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $W/fbgemm_site .whl/fbgemm/*.whl \
-    >> $L/pip.log 2>&1 && PROJECT_PATH=$PROJECT_PATH:$W/fbgemm_site
-  say "fbgemm: $(PYTHONPATH=$PROJECT_PATH $PY -c 'from hf_deepseek.kernels import fbgemm_grouped as f; print("found" if f.available() else "not found")' 2>&1 | tail -1)"
-fi
-# DeepGEMM's grouped GEMMs (hf_deepseek-fp8-deep-gemm), where `.whl/deepgemm` (sgl-deep-gemm 0.2.5) is carried too
-if ls .whl/deepgemm/*.whl > /dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $W/deepgemm_site .whl/deepgemm/*.whl \
-    >> $L/pip.log 2>&1 && PROJECT_PATH=$PROJECT_PATH:$W/deepgemm_site
-  say "deep_gemm: $(PYTHONPATH=$PROJECT_PATH $PY -c 'from hf_deepseek.kernels import deep_gemm_grouped as d; print("found" if d.available() else "not found")' 2>&1 | tail -1)"
-fi
+# An optional kernel wheel, where `.whl/$1` is carried: installed on the bench's and the tests' path only
+# (torchtitan's site has its own torchao), and whether the project's module `$2` in hf_deepseek.kernels finds it
+optional_wheel() {
+  ls .whl/$1/*.whl > /dev/null 2>&1 || return 0
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $W/$1_site .whl/$1/*.whl \
+    >> $L/pip.log 2>&1 && PROJECT_PATH=$PROJECT_PATH:$W/$1_site
+  say "$1: $(PYTHONPATH=$PROJECT_PATH $PY -c "from hf_deepseek.kernels import $2 as m; print('found' if m.available() else 'not found')" 2>&1 | tail -1)"
+}
+optional_wheel fbgemm fbgemm_grouped      # FBGEMM's grouped GEMMs (the rowwise default's, the *-fbgemm variants)
+optional_wheel deepgemm deep_gemm_grouped # DeepGEMM's (hf_deepseek-fp8-deep-gemm*; sgl-deep-gemm 0.2.5)
 
 # 0. with PROBE=1: the experts' grouped GEMM kernels timed alone (FBGEMM's and DeepGEMM's where carried), into logs;
 # first, so that DeepGEMM's kernels for the bench's expert shapes are compiled (and cached) before its variant runs

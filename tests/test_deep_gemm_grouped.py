@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from hf_deepseek.kernels import deep_gemm_grouped
+from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
 from hf_deepseek.modeling.fp8 import FP8GroupedLinearFunction, FP8Recipe, get_backend
-from hf_deepseek.modeling.fp8_numerics import BLOCK, EmulatedBackend, dequantize_tiles, expert_layout
+from hf_deepseek.modeling.fp8_numerics import EmulatedBackend, dequantize_tiles, expert_layout
 
 
 def test_deep_gemm_is_the_blockwise_recipes_choice_only():
@@ -37,7 +38,7 @@ class _NNEmulation(EmulatedBackend):
 
     def grouped_gemm_nn(self, a, a_scale, w, w_scale, layout, out_dtype):
         a64 = dequantize_tiles(a, a_scale).double()
-        w64 = w.double() * w_scale.double().repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
+        w64 = dequantize_blocks(w, w_scale).double()
         out = torch.zeros(a.shape[0], w.shape[-1], dtype=torch.float64)
         for e, (start, end) in enumerate(layout.segments()):
             out[start:end] = a64[start:end] @ w64[e, : a.shape[1]]
@@ -90,7 +91,7 @@ def test_deep_gemm_grouped_kernels_match_float64_on_the_gpu():
     y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, torch.float32)
     dx = backend.grouped_gemm_nn(dy_q, dy_s, w_q, w_s, layout, torch.float32)
     x64, dy64 = dequantize_tiles(x_q, x_s).double(), dequantize_tiles(dy_q, dy_s).double()
-    w64 = w_q.double() * w_s.double().repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)
+    w64 = dequantize_blocks(w_q, w_s).double()
     end = int(layout.seg_end[-1])
     want_y = torch.cat([x64[s:e] @ w64[i].T for i, (s, e) in enumerate(layout.segments())])
     want_dx = torch.cat([dy64[s:e] @ w64[i] for i, (s, e) in enumerate(layout.segments())])

@@ -56,16 +56,20 @@ def grouped_nn(a, a_scale, b, b_scale, experts: torch.Tensor) -> torch.Tensor:
     return _grouped_nn(a, a_scale, b, b_scale, experts)
 
 
+def _nt_into(out, a, a_scale, b, b_scale, experts) -> None:
+    import deep_gemm
+
+    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b.contiguous(), b_scale.contiguous()), out, experts)
+
+
 # DeepGEMM's functions write into an output they are given: wrapped as custom ops of one returned tensor, so that
 # Dynamo traces them as opaque calls with their output shapes
 @torch.library.custom_op("hf_deepseek::deep_gemm_grouped_nt", mutates_args=())
 def _grouped_nt(
     a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, experts: torch.Tensor
 ) -> torch.Tensor:
-    import deep_gemm
-
     out = a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
-    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b.contiguous(), b_scale.contiguous()), out, experts)
+    _nt_into(out, a, a_scale, b, b_scale, experts)
     return out
 
 
@@ -92,8 +96,7 @@ def _grouped_nn(
             reason = str(err).splitlines()[0][:200]
             logger.warning("DeepGEMM's nn grouped GEMM refused (%s); transposing the FP8 weight for nt.", reason)
     # W^T's FP8 values and scales are W's transposed (128x128 blocks): a copy of FP8 bytes, nothing quantised
-    b_t, b_scale_t = b.transpose(1, 2).contiguous(), b_scale.transpose(1, 2).contiguous()
-    deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (b_t, b_scale_t), out, experts)
+    _nt_into(out, a, a_scale, b.transpose(1, 2), b_scale.transpose(1, 2), experts)
     return out
 
 
