@@ -114,11 +114,35 @@ def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
     fn = deep_gemm.m_grouped_fp8_gemm_nt_contiguous if forward else deep_gemm.m_grouped_fp8_gemm_nn_contiguous
     kind = "nt" if forward else "nn (W's forward blocks)"
 
+    bf16_fn = getattr(deep_gemm, f"m_grouped_bf16_gemm_{'nt' if forward else 'nn'}_contiguous", None)
+
     def run():
         fn(a, b, out, m_indices)
         return out
 
-    return {f"DeepGEMM FP8 blockwise m_grouped {kind}": run}
+    def run_bf16():
+        bf16_fn(x, w, out, m_indices)
+        return out
+
+    found = {f"DeepGEMM FP8 blockwise m_grouped {kind}": run}
+    if bf16_fn is not None:  # a bf16 lever: DeepGEMM's grouped kernel against torch's _grouped_mm
+        found[f"DeepGEMM bf16 m_grouped {kind.split()[0]}"] = run_bf16
+    return found
+
+
+def deep_gemm_weight_grad(dy, x, sizes, deep_gemm) -> dict:
+    """DeepGEMM's K-grouped bf16 weight gradient dy_e^T x_e (float32 out), where the build has it."""
+    fn = getattr(deep_gemm, "k_grouped_bf16_gemm_tn_contiguous", None)
+    if fn is None:
+        return {}
+    ks = torch.tensor(sizes, device=x.device, dtype=torch.int32)
+    out = torch.empty(len(sizes), dy.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+
+    def run():
+        fn(dy, x, out, sizes, ks)
+        return out
+
+    return {"DeepGEMM bf16 k_grouped tn (float32 out)": run}
 
 
 def product_candidates(x, w, sizes, fbgemm) -> dict:
@@ -223,6 +247,8 @@ def main() -> None:
         x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
         want = reference_weight_grads(dy, x, sizes)
         found = weight_grad_candidates(dy, x, sizes, fbgemm)
+        if deep_gemm is not None:
+            found.update(deep_gemm_weight_grad(dy, x, sizes, deep_gemm))
         results["gemms"][name] = measure(found, want, product_flops(sizes, k, n))
     for gemm, rows in results["gemms"].items():
         print(f"\n{gemm}")
