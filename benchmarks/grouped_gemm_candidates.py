@@ -131,7 +131,8 @@ def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
 
 
 def deep_gemm_weight_grad(dy, x, sizes, deep_gemm) -> dict:
-    """DeepGEMM's K-grouped bf16 weight gradient dy_e^T x_e (float32 out), where the build has it."""
+    """DeepGEMM's K-grouped bf16 weight gradient dy_e^T x_e, where the build has it: it accumulates into a float32
+    C (here the output itself, zeroed in the timed call, as a step without float32 gradient buffers must)."""
     fn = getattr(deep_gemm, "k_grouped_bf16_gemm_tn_contiguous", None)
     if fn is None:
         return {}
@@ -139,10 +140,11 @@ def deep_gemm_weight_grad(dy, x, sizes, deep_gemm) -> dict:
     out = torch.empty(len(sizes), dy.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
 
     def run():
-        fn(dy, x, out, sizes, ks)
+        out.zero_()
+        fn(dy, x, out, sizes, ks, c=out)
         return out
 
-    return {"DeepGEMM bf16 k_grouped tn (float32 out)": run}
+    return {"DeepGEMM bf16 k_grouped tn (float32 out, zeroed)": run}
 
 
 def product_candidates(x, w, sizes, fbgemm) -> dict:
