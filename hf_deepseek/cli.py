@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(q_a/kv_a and gate/up as two GEMMs each; the default joins them), "
         "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8), "
         "hf_deepseek-fp8-deep-gemm (the paper's recipe with the experts' FP8 products through DeepGEMM: the "
-        "deepgemm extra) and hf_deepseek-fp8-deep-gemm-hp-wgrad (with Triton quantisers and the linear layers' "
-        "weight gradient in bf16) "
+        "deepgemm extra), hf_deepseek-fp8-deep-gemm-hp-wgrad (with Triton quantisers and the linear layers' "
+        "weight gradient in bf16) and hf_deepseek-fp8-fbgemm-blockwise (the paper's recipe with the experts' FP8 "
+        "products through FBGEMM's blockwise grouped GEMM: the fbgemm extra) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

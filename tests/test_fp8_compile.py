@@ -106,13 +106,16 @@ def needs_fbgemm():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", [*RECIPES, "rowwise-fbgemm", "rowwise-torch-grouped", "deepseek-deep-gemm"])
+@pytest.mark.parametrize(
+    "name", [*RECIPES, "rowwise-fbgemm", "rowwise-torch-grouped", "deepseek-deep-gemm", "deepseek-fbgemm"]
+)
 def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
     """The rowwise recipe's Triton quantisers inside the compiled step: their kernels, the column amaxes' zero-fill
     and atomics included; FBGEMM's grouped GEMMs for the experts (where the wheel imports: "rowwise-fbgemm"
     insists on them): their ops traced whole; and torch's grouped GEMMs in their place; DeepGEMM's for the blockwise
-    recipe ("deepseek-deep-gemm", where the sgl-deep-gemm wheel imports)."""
-    if name == "rowwise-fbgemm":
+    recipe ("deepseek-deep-gemm", where the sgl-deep-gemm wheel imports), and FBGEMM's blockwise one for it
+    ("deepseek-fbgemm")."""
+    if name in ("rowwise-fbgemm", "deepseek-fbgemm"):
         needs_fbgemm()
     if name == "deepseek-deep-gemm":
         from hf_deepseek.kernels import deep_gemm_grouped
@@ -120,6 +123,8 @@ def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
         if not deep_gemm_grouped.available():
             pytest.skip("needs the sgl-deep-gemm wheel on a Hopper GPU")
         recipe = recipe_of("deepseek", grouped_gemm="deep_gemm")
+    elif name == "deepseek-fbgemm":
+        recipe = recipe_of("deepseek", grouped_gemm="fbgemm")
     else:
         grouped = {"rowwise-fbgemm": "fbgemm", "rowwise-torch-grouped": "torch"}
         recipe = recipe_of("rowwise", grouped_gemm=grouped[name]) if name in grouped else recipe_of(name)

@@ -90,6 +90,8 @@ OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD = "hf_deepseek-fp8-rowwise-linear-fp8-wgrad"
 OURS_FP8_DEEP_GEMM = "hf_deepseek-fp8-deep-gemm"
 # and the rowwise default's other choices: Triton quantisers, the linear layers' weight gradient in bf16
 OURS_FP8_DEEP_GEMM_HP_WGRAD = "hf_deepseek-fp8-deep-gemm-hp-wgrad"
+# the paper's recipe with the experts' FP8 products through FBGEMM's blockwise grouped GEMM
+OURS_FP8_FBGEMM_BLOCKWISE = "hf_deepseek-fp8-fbgemm-blockwise"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -141,6 +143,7 @@ FP8_VARIANTS = {
         True,
         {"grouped_gemm": "deep_gemm", "fused_quantization": False, "linear_wgrad": "bf16"},
     ),
+    OURS_FP8_FBGEMM_BLOCKWISE: ("deepseek", True, {"grouped_gemm": "fbgemm"}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
@@ -317,6 +320,10 @@ def grouped_kernels_note(name: str, device: torch.device) -> str:
         )
     from hf_deepseek.kernels import fbgemm_grouped
 
+    if recipe.scaling == "blockwise":
+        if fbgemm_grouped.blockwise_available():
+            return "experts: FBGEMM's blockwise grouped GEMM"
+        return "experts: Triton's grouped GEMMs (FBGEMM's blockwise kernel not found)"
     if fbgemm_grouped.available():
         return "experts: FBGEMM's grouped GEMMs"
     return "experts: torch's grouped GEMMs (fbgemm-gpu-genai not found)"

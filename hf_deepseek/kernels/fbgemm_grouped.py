@@ -1,8 +1,10 @@
 """FBGEMM's CUTLASS grouped GEMMs for the routed experts' training GEMMs, from the optional `fbgemm-gpu-genai`
 wheel (extra `fbgemm`; 1.6.0 is the release built for torch 2.11 and CUDA 13): FP8 rowwise products over the
 experts' row segments (`f8f8bf16_rowwise_grouped_stacked`) and bf16 weight gradients over them
-(`bf16bf16bf16_grouped_wgrad`). `FP8Recipe(grouped_gemm="fbgemm")` takes them where the wheel imports on a Hopper
-GPU; elsewhere the recipe keeps torch's kernels.
+(`bf16bf16bf16_grouped_wgrad`); for the paper's blockwise recipe, FP8 products with 1x128 activation tiles and
+128x128 weight blocks (`f8f8bf16_groupwise_grouped`, 734-830 TFLOP/s on an H100 at the bench's expert shapes against
+torch's bf16 574-712, docs/PERF.md 2026-12-07c). `FP8Recipe(grouped_gemm="fbgemm")` takes them where the wheel
+imports on a Hopper GPU; elsewhere the recipe keeps torch's kernels (rowwise) or its Triton ones (blockwise).
 
 Timed alone at the training bench's expert shapes on an H100 (`benchmarks/grouped_gemm_candidates.py`, docs/PERF.md
 2026-12-06): the FP8 rowwise products 1.07-1.15x torch's `_scaled_grouped_mm` (925-1142 TFLOP/s), the bf16 weight
@@ -32,6 +34,43 @@ def available() -> bool:
         logging.disable(logging.NOTSET)
     ops = torch.ops.fbgemm
     return hasattr(ops, "f8f8bf16_rowwise_grouped_stacked") and hasattr(ops, "bf16bf16bf16_grouped_wgrad")
+
+
+def blockwise_available() -> bool:
+    """Whether FBGEMM's blockwise grouped GEMM (1x128 activation tiles, 128x128 weight blocks) serves here."""
+    return available() and hasattr(torch.ops.fbgemm, "f8f8bf16_groupwise_grouped")
+
+
+def covering_group_rows(seg_start: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows of each expert's 128-aligned segment, int64 [E], the last expert's running to the buffer's end (`rows`):
+    groups that cover every row of an `ExpertLayout`'s buffer, so FBGEMM's scales can be laid out without a host
+    sync (the unused rows past the last segment are zeros; their products are never read)."""
+    ends = torch.cat([seg_start[1:].long(), seg_start.new_full((1,), rows).long()])
+    return ends - seg_start.long()
+
+
+def grouped_m_major_scales(scale: torch.Tensor, seg_start: torch.Tensor, group_rows: torch.Tensor) -> torch.Tensor:
+    """1x128 tile scales [R, K/128] (any strides) -> the same values in FBGEMM's grouped M-major layout ([R, K/128]
+    storage where group g, rows s_g .. s_g + m_g, holds its scales as [K/128, m_g] from offset s_g * K/128), the
+    layout its `quantize_fp8_group(x, m_sizes=...)` writes."""
+    rows, tiles = scale.shape
+    row = torch.arange(rows, device=scale.device)
+    group = torch.searchsorted(seg_start.long(), row, right=True) - 1  # the segment holding each row
+    start, size = seg_start.long()[group], group_rows[group]
+    dest = (start * tiles + (row - start))[:, None] + torch.arange(tiles, device=scale.device)[None, :] * size[:, None]
+    out = scale.new_empty(rows * tiles)
+    out[dest.flatten()] = scale.reshape(-1).float()
+    return out.view(rows, tiles)
+
+
+def blockwise_grouped(a, a_scale, b, b_scale, seg_start: torch.Tensor) -> torch.Tensor:
+    """a [R, K] FP8 with 1x128 tile scales [R, K/128] (an `ExpertLayout`'s buffer, segments from `seg_start`),
+    b [E, N, K] FP8 with 128x128 block scales [E, N/128, K/128] -> bf16 [R, N]: segment e of a's rows times b[e]^T
+    (rows past the last segment left undefined)."""
+    group_rows = covering_group_rows(seg_start, a.shape[0])
+    a_scale = grouped_m_major_scales(a_scale, seg_start, group_rows)
+    # FBGEMM takes the weights' block scales MN-major: [E, K/128, N/128]
+    return _blockwise_grouped(a, a_scale, b, b_scale.transpose(1, 2).contiguous(), group_rows)
 
 
 def segment_rows(seg_start: torch.Tensor, seg_end: torch.Tensor) -> torch.Tensor:
@@ -65,6 +104,18 @@ def _rowwise_grouped(
 
 @_rowwise_grouped.register_fake
 def _(a, a_scale, b, b_scale, rows):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+
+
+@torch.library.custom_op("hf_deepseek::fbgemm_blockwise_grouped", mutates_args=())
+def _blockwise_grouped(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, group_rows: torch.Tensor
+) -> torch.Tensor:
+    return torch.ops.fbgemm.f8f8bf16_groupwise_grouped(a.contiguous(), b.contiguous(), a_scale, b_scale, group_rows)
+
+
+@_blockwise_grouped.register_fake
+def _(a, a_scale, b, b_scale, group_rows):
     return a.new_empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
 
 

@@ -74,7 +74,8 @@ class FP8Recipe:
     (FBGEMM's CUTLASS kernels, `kernels/fbgemm_grouped.py`, where the optional `fbgemm-gpu-genai` wheel imports;
     torch's elsewhere); for the blockwise recipe's FP8 products, "deep_gemm" (DeepSeek's DeepGEMM,
     `kernels/deep_gemm_grouped.py`, where the optional `sgl-deep-gemm` wheel imports: the input gradient read from
-    the forward's weight blocks, no W^T quantised; the Triton kernels elsewhere, and for any other choice);
+    the forward's weight blocks, no W^T quantised) or "fbgemm" (FBGEMM's 1x128 x 128x128 grouped GEMM); the Triton
+    kernels where those do not import, and for "torch");
     `grouped_wgrad_gemm`: the kernel of that bf16 weight gradient alone: "auto" (as `grouped_gemm`), "torch"
     (`torch._grouped_mm` over the tokens, as torch's autograd computes a bf16 model's) or "fbgemm";
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's

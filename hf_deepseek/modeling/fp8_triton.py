@@ -567,6 +567,10 @@ class HopperBackend:
         self.fbgemm = recipe.grouped_gemm == "fbgemm" and fbgemm_grouped.available()
         self.fbgemm_wgrad = wgrad_gemm == "fbgemm" and fbgemm_grouped.available()
         self.deep_gemm = recipe.grouped_gemm == "deep_gemm" and deep_gemm_grouped.available()
+        # the blockwise recipe's FP8 products through FBGEMM's 1x128 x 128x128 grouped GEMM
+        self.fbgemm_blockwise = (
+            not self.rowwise and recipe.grouped_gemm == "fbgemm" and fbgemm_grouped.blockwise_available()
+        )
 
     def _fused(self) -> bool:
         """Quantise with torch operations that Inductor fuses into their producers (only inside a compile)."""
@@ -741,6 +745,8 @@ class HopperBackend:
         if self.deep_gemm:
             experts = deep_gemm_grouped.row_experts(layout.block_expert)
             return deep_gemm_grouped.grouped_nt(a, a_scale, b, b_scale, experts).to(out_dtype)
+        if self.fbgemm_blockwise:
+            return fbgemm_grouped.blockwise_grouped(a, a_scale, b, b_scale, layout.seg_start).to(out_dtype)
         return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
 
     def grouped_gemm_nn(self, a, a_scale, w, w_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:

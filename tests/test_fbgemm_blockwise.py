@@ -1,0 +1,69 @@
+"""FBGEMM's blockwise grouped GEMM for the paper's recipe (`FP8Recipe.named("deepseek", grouped_gemm="fbgemm")`):
+the groups that cover an expert layout's buffer, the tile scales moved into FBGEMM's grouped M-major layout (against
+a loop over the groups as FBGEMM's own quantiser writes them), and, on a Hopper GPU with the fbgemm-gpu-genai wheel,
+the products against float64 products of the dequantised operands."""
+
+import pytest
+import torch
+
+from hf_deepseek.kernels import fbgemm_grouped
+from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
+from hf_deepseek.modeling.fp8 import FP8Recipe, get_backend
+from hf_deepseek.modeling.fp8_numerics import dequantize_tiles, expert_layout
+
+
+def _layout(seed: int, experts: int = 8, used: int = 6, tokens: int = 300):
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(used, generator=gen)[:2] for _ in range(tokens)])  # the last experts idle
+    return expert_layout(indices, experts)
+
+
+def test_the_groups_cover_every_row_of_the_buffer():
+    layout = _layout(0)
+    rows = fbgemm_grouped.covering_group_rows(layout.seg_start, layout.rows)
+    assert rows.dtype == torch.int64 and int(rows.sum()) == layout.rows
+    sizes = (layout.seg_end - layout.seg_start).long()
+    assert torch.equal(rows[:-1], sizes[:-1])  # each expert's padded segment; idle experts: 0
+    assert int(rows[-1]) == layout.rows - int(layout.seg_start[-1])  # the last one runs to the buffer's end
+
+
+def test_tile_scales_in_fbgemms_grouped_m_major_layout():
+    """Group g (rows s .. s + m) stores its scales as [K/128, m] from offset s * K/128, as FBGEMM's
+    `quantize_fp8_group(x, m_sizes=...)` writes them; the input may be column-major, as the quantisers give it."""
+    layout = _layout(1)
+    tiles = 3
+    scale = torch.rand(layout.rows, tiles).t().contiguous().t()  # column-major
+    rows = fbgemm_grouped.covering_group_rows(layout.seg_start, layout.rows)
+    got = fbgemm_grouped.grouped_m_major_scales(scale, layout.seg_start, rows).flatten()
+    want = torch.empty(layout.rows * tiles)
+    for start, size in zip(layout.seg_start.tolist(), rows.tolist(), strict=True):
+        want[start * tiles : (start + size) * tiles] = scale[start : start + size].t().flatten()
+    assert torch.equal(got, want)
+
+
+def test_the_recipe_keeps_its_kernels_where_fbgemm_is_missing():
+    recipe = FP8Recipe.named("deepseek", grouped_gemm="fbgemm")
+    assert recipe.scaling == "blockwise"
+    assert not getattr(get_backend(recipe, torch.device("cpu")), "fbgemm_blockwise", False)  # the emulation on CPU
+
+
+@pytest.mark.gpu
+def test_fbgemm_blockwise_grouped_gemm_matches_float64_on_the_gpu():
+    """The product over 128-aligned segments with idle experts and unused rows past the last segment (the input
+    gradient makes the same call on W^T's blocks), against float64 products of the dequantised FP8 operands."""
+    if not torch.cuda.is_available() or not fbgemm_grouped.blockwise_available():
+        pytest.skip("needs the fbgemm-gpu-genai wheel on a Hopper GPU")
+    backend = get_backend(FP8Recipe.named("deepseek", grouped_gemm="fbgemm"), torch.device("cuda"))
+    assert backend.fbgemm_blockwise
+    gen = torch.Generator().manual_seed(4)
+    indices = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(700)]).cuda()
+    layout = expert_layout(indices, 8)
+    x = layout.scatter(torch.randn(1400, 512, generator=gen).cuda())  # zeros in the padding, as the layer lays out
+    w = (torch.randn(8, 384, 512, generator=gen) / 16).cuda()
+    x_q, x_s = backend.quantize_rows(x)
+    w_q, w_s = backend.quantize_weight(w)
+    y = backend.grouped_gemm(x_q, x_s, w_q, w_s, layout, torch.float32)
+    x64, w64 = dequantize_tiles(x_q, x_s).double(), dequantize_blocks(w_q, w_s).double()
+    end = int(layout.seg_end[-1])
+    want = torch.cat([x64[s:e] @ w64[i].T for i, (s, e) in enumerate(layout.segments())])
+    assert (y[:end].double() - want).norm() / want.norm() < 4e-3  # bf16 output rounding
