@@ -6,10 +6,11 @@ the products against float64 products of the dequantised operands."""
 import pytest
 import torch
 
+from hf_deepseek.evals.bench_train import variant_recipe
 from hf_deepseek.kernels import fbgemm_grouped
 from hf_deepseek.kernels.fp8_blocks import dequantize_blocks
 from hf_deepseek.modeling.fp8 import FP8Recipe, get_backend
-from hf_deepseek.modeling.fp8_numerics import dequantize_tiles, expert_layout
+from hf_deepseek.modeling.fp8_numerics import EmulatedBackend, dequantize_tiles, expert_layout
 
 
 def _layout(seed: int, experts: int = 8, used: int = 6, tokens: int = 300):
@@ -41,10 +42,10 @@ def test_tile_scales_in_fbgemms_grouped_m_major_layout():
     assert torch.equal(got, want)
 
 
-def test_the_recipe_keeps_its_kernels_where_fbgemm_is_missing():
-    recipe = FP8Recipe.named("deepseek", grouped_gemm="fbgemm")
-    assert recipe.scaling == "blockwise"
-    assert not getattr(get_backend(recipe, torch.device("cpu")), "fbgemm_blockwise", False)  # the emulation on CPU
+def test_the_bench_variant_is_the_papers_recipe_with_fbgemm_and_the_cpu_emulates_it():
+    recipe = variant_recipe("hf_deepseek-fp8-fbgemm-blockwise")
+    assert recipe == FP8Recipe.named("deepseek", grouped_gemm="fbgemm") and recipe.scaling == "blockwise"
+    assert type(get_backend(recipe, torch.device("cpu"))) is EmulatedBackend
 
 
 @pytest.mark.gpu
