@@ -19,26 +19,21 @@ def _layout(seed: int, experts: int = 8, used: int = 6, tokens: int = 300):
     return expert_layout(indices, experts)
 
 
-def test_the_groups_cover_every_row_of_the_buffer():
-    layout = _layout(0)
-    rows = fbgemm_grouped.covering_group_rows(layout.seg_start, layout.rows)
-    assert rows.dtype == torch.int64 and int(rows.sum()) == layout.rows
-    sizes = (layout.seg_end - layout.seg_start).long()
-    assert torch.equal(rows[:-1], sizes[:-1])  # each expert's padded segment; idle experts: 0
-    assert int(rows[-1]) == layout.rows - int(layout.seg_start[-1])  # the last one runs to the buffer's end
-
-
 def test_tile_scales_in_fbgemms_grouped_m_major_layout():
     """Group g (rows s .. s + m) stores its scales as [K/128, m] from offset s * K/128, as FBGEMM's
-    `quantize_fp8_group(x, m_sizes=...)` writes them; the input may be column-major, as the quantisers give it."""
+    `quantize_fp8_group(x, m_sizes=...)` writes them, with idle experts' empty groups; the unused rows past the last
+    group keep row-major places after them; the input may be column-major, as the quantisers give it."""
     layout = _layout(1)
     tiles = 3
     scale = torch.rand(layout.rows, tiles).t().contiguous().t()  # column-major
-    rows = fbgemm_grouped.covering_group_rows(layout.seg_start, layout.rows)
+    rows = fbgemm_grouped.segment_rows(layout.seg_start, layout.seg_end)
+    assert int(rows[-2:].sum()) == 0 and int(layout.seg_end[-1]) < layout.rows  # idle experts, unused rows
     got = fbgemm_grouped.grouped_m_major_scales(scale, layout.seg_start, rows).flatten()
     want = torch.empty(layout.rows * tiles)
     for start, size in zip(layout.seg_start.tolist(), rows.tolist(), strict=True):
         want[start * tiles : (start + size) * tiles] = scale[start : start + size].t().flatten()
+    end = int(layout.seg_end[-1])
+    want[end * tiles :] = scale[end:].flatten()
     assert torch.equal(got, want)
 
 

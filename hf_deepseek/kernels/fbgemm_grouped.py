@@ -41,33 +41,31 @@ def blockwise_available() -> bool:
     return available() and hasattr(torch.ops.fbgemm, "f8f8bf16_groupwise_grouped")
 
 
-def covering_group_rows(seg_start: torch.Tensor, rows: int) -> torch.Tensor:
-    """Rows of each expert's 128-aligned segment, int64 [E], the last expert's running to the buffer's end (`rows`):
-    groups that cover every row of an `ExpertLayout`'s buffer, so FBGEMM's scales can be laid out without a host
-    sync (the unused rows past the last segment are zeros; their products are never read)."""
-    ends = torch.cat([seg_start[1:].long(), seg_start.new_full((1,), rows).long()])
-    return ends - seg_start.long()
-
-
 def grouped_m_major_scales(scale: torch.Tensor, seg_start: torch.Tensor, group_rows: torch.Tensor) -> torch.Tensor:
     """1x128 tile scales [R, K/128] (any strides) -> the same values in FBGEMM's grouped M-major layout ([R, K/128]
     storage where group g, rows s_g .. s_g + m_g, holds its scales as [K/128, m_g] from offset s_g * K/128), the
-    layout its `quantize_fp8_group(x, m_sizes=...)` writes."""
+    layout its `quantize_fp8_group(x, m_sizes=...)` writes. The rows past the last group (unused rows of an
+    `ExpertLayout`'s buffer, which FBGEMM does not read) keep their row-major places after the groups'."""
     rows, tiles = scale.shape
     row = torch.arange(rows, device=scale.device)
-    group = torch.searchsorted(seg_start.long(), row, right=True) - 1  # the segment holding each row
-    start, size = seg_start.long()[group], group_rows[group]
-    dest = (start * tiles + (row - start))[:, None] + torch.arange(tiles, device=scale.device)[None, :] * size[:, None]
+    tile = torch.arange(tiles, device=scale.device)[None, :]
+    starts = seg_start.long()
+    group = torch.searchsorted(starts, row, right=True) - 1  # the segment holding each row
+    start, size = starts[group], group_rows[group]
+    in_groups = (row < starts[-1] + group_rows[-1])[:, None]
+    dest = torch.where(
+        in_groups, (start * tiles + row - start)[:, None] + tile * size[:, None], row[:, None] * tiles + tile
+    )
     out = scale.new_empty(rows * tiles)
     out[dest.flatten()] = scale.reshape(-1).float()
     return out.view(rows, tiles)
 
 
-def blockwise_grouped(a, a_scale, b, b_scale, seg_start: torch.Tensor) -> torch.Tensor:
-    """a [R, K] FP8 with 1x128 tile scales [R, K/128] (an `ExpertLayout`'s buffer, segments from `seg_start`),
-    b [E, N, K] FP8 with 128x128 block scales [E, N/128, K/128] -> bf16 [R, N]: segment e of a's rows times b[e]^T
-    (rows past the last segment left undefined)."""
-    group_rows = covering_group_rows(seg_start, a.shape[0])
+def blockwise_grouped(a, a_scale, b, b_scale, seg_start: torch.Tensor, seg_end: torch.Tensor) -> torch.Tensor:
+    """a [R, K] FP8 with 1x128 tile scales [R, K/128] (an `ExpertLayout`'s buffer, segments `seg_start` ..
+    `seg_end`), b [E, N, K] FP8 with 128x128 block scales [E, N/128, K/128] -> bf16 [R, N]: segment e of a's rows
+    times b[e]^T (rows past the last segment left undefined)."""
+    group_rows = segment_rows(seg_start, seg_end)
     a_scale = grouped_m_major_scales(a_scale, seg_start, group_rows)
     # FBGEMM takes the weights' block scales MN-major: [E, K/128, N/128]
     return _blockwise_grouped(a, a_scale, b, b_scale.transpose(1, 2).contiguous(), group_rows)

@@ -746,7 +746,9 @@ class HopperBackend:
             experts = deep_gemm_grouped.row_experts(layout.block_expert)
             return deep_gemm_grouped.grouped_nt(a, a_scale, b, b_scale, experts).to(out_dtype)
         if self.fbgemm_blockwise:
-            return fbgemm_grouped.blockwise_grouped(a, a_scale, b, b_scale, layout.seg_start).to(out_dtype)
+            return fbgemm_grouped.blockwise_grouped(a, a_scale, b, b_scale, layout.seg_start, layout.seg_end).to(
+                out_dtype
+            )
         return self._triton_gemm(a, a_scale, b, b_scale, layout.block_expert, out_dtype, True)
 
     def grouped_gemm_nn(self, a, a_scale, w, w_scale, layout: ExpertLayout, out_dtype: torch.dtype) -> torch.Tensor:
