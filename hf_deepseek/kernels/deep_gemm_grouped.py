@@ -91,8 +91,7 @@ def _grouped_nn(
             weight = (b.contiguous(), b_scale.contiguous())
             deep_gemm.m_grouped_fp8_gemm_nn_contiguous((a, a_scale), weight, out, experts)
             return out
-        except Exception as err:  # Hopper's FP8 tensor cores read K-major operands only: a build may refuse (as a
-            # RuntimeError through torch's op registry, as its own error type through tvm-ffi's in 0.2.0-0.2.2)
+        except RuntimeError as err:  # Hopper's FP8 tensor cores read K-major operands only: a build may refuse
             NN_TRANSPOSED = True
             reason = str(err).splitlines()[0][:200]
             logger.warning("DeepGEMM's nn grouped GEMM refused (%s); transposing the FP8 weight for nt.", reason)
