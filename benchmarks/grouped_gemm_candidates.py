@@ -111,10 +111,9 @@ def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
     x_q, x_s = quantize_tiles(x)
     a, b = (x_q, x_s.t().contiguous().t()), quantize_blocks(w)
     out = torch.empty(x.shape[0], w.shape[1] if forward else w.shape[2], device=x.device, dtype=torch.bfloat16)
-    fn = deep_gemm.m_grouped_fp8_gemm_nt_contiguous if forward else deep_gemm.m_grouped_fp8_gemm_nn_contiguous
-    kind = "nt" if forward else "nn (W's forward blocks)"
-
-    bf16_fn = getattr(deep_gemm, f"m_grouped_bf16_gemm_{'nt' if forward else 'nn'}_contiguous", None)
+    op = "nt" if forward else "nn"
+    fn = getattr(deep_gemm, f"m_grouped_fp8_gemm_{op}_contiguous")
+    bf16_fn = getattr(deep_gemm, f"m_grouped_bf16_gemm_{op}_contiguous", None)
 
     def run():
         fn(a, b, out, m_indices)
@@ -124,9 +123,9 @@ def deep_gemm_candidates(x, w, sizes, deep_gemm, forward: bool) -> dict:
         bf16_fn(x, w, out, m_indices)
         return out
 
-    found = {f"DeepGEMM FP8 blockwise m_grouped {kind}": run}
+    found = {f"DeepGEMM FP8 blockwise m_grouped {op}" + ("" if forward else " (W's forward blocks)"): run}
     if bf16_fn is not None:  # a bf16 lever: DeepGEMM's grouped kernel against torch's _grouped_mm
-        found[f"DeepGEMM bf16 m_grouped {kind.split()[0]}"] = run_bf16
+        found[f"DeepGEMM bf16 m_grouped {op}"] = run_bf16
     return found
 
 

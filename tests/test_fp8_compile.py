@@ -115,6 +115,8 @@ def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
     insists on them): their ops traced whole; and torch's grouped GEMMs in their place; DeepGEMM's for the blockwise
     recipe ("deepseek-deep-gemm", where the sgl-deep-gemm wheel imports), and FBGEMM's blockwise one for it
     ("deepseek-fbgemm")."""
+    grouped = {"rowwise-fbgemm": ("rowwise", "fbgemm"), "rowwise-torch-grouped": ("rowwise", "torch"),
+               "deepseek-deep-gemm": ("deepseek", "deep_gemm"), "deepseek-fbgemm": ("deepseek", "fbgemm")}  # fmt: skip
     if name in ("rowwise-fbgemm", "deepseek-fbgemm"):
         needs_fbgemm()
     if name == "deepseek-deep-gemm":
@@ -122,12 +124,7 @@ def test_fp8_training_step_compiles_with_inductor_on_the_gpu(name):
 
         if not deep_gemm_grouped.available():
             pytest.skip("needs the sgl-deep-gemm wheel on a Hopper GPU")
-        recipe = recipe_of("deepseek", grouped_gemm="deep_gemm")
-    elif name == "deepseek-fbgemm":
-        recipe = recipe_of("deepseek", grouped_gemm="fbgemm")
-    else:
-        grouped = {"rowwise-fbgemm": "fbgemm", "rowwise-torch-grouped": "torch"}
-        recipe = recipe_of("rowwise", grouped_gemm=grouped[name]) if name in grouped else recipe_of(name)
+    recipe = recipe_of(grouped[name][0], grouped_gemm=grouped[name][1]) if name in grouped else recipe_of(name)
     model, frames, losses = train_compiled(recipe, "cuda", "inductor")
     assert frames[0] == layer_kinds(model) and frames[-1] == frames[0], frames
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
