@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8), "
         "hf_deepseek-fp8-deep-gemm (the paper's recipe with the experts' FP8 products through DeepGEMM: the "
         "deepgemm extra), hf_deepseek-fp8-deep-gemm-hp-wgrad (with Triton quantisers and the linear layers' "
-        "weight gradient in bf16) and hf_deepseek-fp8-fbgemm-blockwise (the paper's recipe with the experts' FP8 "
-        "products through FBGEMM's blockwise grouped GEMM: the fbgemm extra) "
+        "weight gradient in bf16), hf_deepseek-fp8-fbgemm-blockwise (the paper's recipe with the experts' FP8 "
+        "products through FBGEMM's blockwise grouped GEMM: the fbgemm extra) and "
+        "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad (with the linear layers' weight gradient in bf16, torch's grouped "
+        "GEMM for the experts' and the projections of a shared input joined) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

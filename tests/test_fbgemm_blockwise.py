@@ -41,6 +41,9 @@ def test_the_bench_variant_is_the_papers_recipe_with_fbgemm_and_the_cpu_emulates
     recipe = variant_recipe("hf_deepseek-fp8-fbgemm-blockwise")
     assert recipe == FP8Recipe.named("deepseek", grouped_gemm="fbgemm") and recipe.scaling == "blockwise"
     assert type(get_backend(recipe, torch.device("cpu"))) is EmulatedBackend
+    fast = variant_recipe("hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad")
+    assert fast.scaling == "blockwise" and fast.grouped_gemm == "fbgemm" and fast.grouped_wgrad_gemm == "torch"
+    assert fast.linear_wgrad == "bf16" and fast.joined_projections
 
 
 @pytest.mark.gpu

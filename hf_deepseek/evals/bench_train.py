@@ -92,6 +92,10 @@ OURS_FP8_DEEP_GEMM = "hf_deepseek-fp8-deep-gemm"
 OURS_FP8_DEEP_GEMM_HP_WGRAD = "hf_deepseek-fp8-deep-gemm-hp-wgrad"
 # the paper's recipe with the experts' FP8 products through FBGEMM's blockwise grouped GEMM
 OURS_FP8_FBGEMM_BLOCKWISE = "hf_deepseek-fp8-fbgemm-blockwise"
+# and the rowwise default's choices that do not touch the scaling: the linear layers' weight gradient in bf16 (no
+# operand quantised along the tokens; in the paper's recipe 1x128 tiles of x^T and dy^T and a Triton or cuBLAS
+# blockwise GEMM), torch's grouped GEMM for the experts' bf16 weight gradient, q_a/kv_a and gate/up joined
+OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -144,6 +148,11 @@ FP8_VARIANTS = {
         {"grouped_gemm": "deep_gemm", "fused_quantization": False, "linear_wgrad": "bf16"},
     ),
     OURS_FP8_FBGEMM_BLOCKWISE: ("deepseek", True, {"grouped_gemm": "fbgemm"}),
+    OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD: (
+        "deepseek",
+        True,
+        {"grouped_gemm": "fbgemm", "grouped_wgrad_gemm": "torch", "linear_wgrad": "bf16", "joined_projections": True},
+    ),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the
