@@ -889,6 +889,29 @@ def test_hopper_linear_and_experts_agree_with_the_emulation(gemm):
 
 
 @gpu
+@pytest.mark.parametrize("k_blocks", [17, 22])
+def test_hopper_blockwise_gemm_takes_cublas_when_k_is_not_a_multiple_of_four_blocks(k_blocks, monkeypatch):
+    """K of 17 or 22 blocks (the input gradient of q_a/kv_a joined, the forward of the shared experts' down): cuBLAS
+    with zero blocks appended, never the Triton kernel, and the emulation's product."""
+    hopper = hopper_backend("cublas")
+    if not hopper.cublas[(True, torch.float32)]:
+        pytest.skip("torch._scaled_mm has no blockwise dispatch here")
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("the Triton GEMM ran")
+
+    monkeypatch.setattr(hopper, "_triton_gemm", no_triton)
+    gen = torch.Generator(device="cuda").manual_seed(k_blocks)
+    a = torch.randn(272, k_blocks * 128, device="cuda", generator=gen)
+    w = torch.randn(384, k_blocks * 128, device="cuda", generator=gen) / 40
+    (a_q, a_s), (w_q, w_s) = hopper.quantize_rows(a), hopper.quantize_weight(w)
+    got = hopper.gemm(a_q, a_s, w_q, w_s, True, torch.float32)
+    want = EmulatedBackend(FP8Recipe()).gemm(a_q, a_s, w_q, w_s, True, torch.float32)
+    assert got.shape == want.shape == (272, 384)
+    assert (got - want).norm() / want.norm() < 2e-3
+
+
+@gpu
 @pytest.mark.parametrize("name", ["deepseek", "rowwise", "rowwise-fbgemm"])
 def test_hopper_experts_of_both_recipes_agree_with_the_emulation_with_idle_experts(name):
     """The routed experts as the bench trains them (bf16 weights and tokens), with two of eight experts given no

@@ -542,6 +542,19 @@ def _col_major(scale: torch.Tensor) -> torch.Tensor:
     return scale if scale.stride() == (1, scale.shape[0]) else scale.t().contiguous().t()
 
 
+def _pad_k_blocks(a, a_scale, b, b_scale):
+    """The operands of a blockwise product with zero columns (scale 1) that bring K to a multiple of 4 blocks:
+    cuBLAS reads 128x128 scales with a leading dimension padded to 4 K-blocks (K of 17 or 22 blocks went to the
+    Triton kernel at about 400 TFLOP/s: the dgrad of q_a/kv_a joined, the forward of the shared experts' down), and
+    a zero tile adds nothing to the sum."""
+    extra = -(a.shape[1] // BLOCK) % 4
+
+    def pad(q):
+        return F.pad(q.view(torch.uint8), (0, extra * BLOCK)).view(FP8)
+
+    return pad(a), F.pad(a_scale, (0, extra), value=1.0), pad(b), F.pad(b_scale, (0, extra), value=1.0)
+
+
 class HopperBackend:
     """FP8 on compute capability 9.0+: Triton (or Inductor-fused) quantisers, cuBLAS GEMMs where they dispatch,
     Triton GEMMs for the blockwise grouped experts and the rest. The same conventions as
@@ -709,12 +722,12 @@ class HopperBackend:
             kt = triton.cdiv(kb, BLOCK)  # one scale per row: the same scale for every 128-wide K tile
             a_tiles, b_tiles = a_scale.expand(m, kt), b_scale[None].expand(1, n, kt)
             return self._triton_gemm(a, a_tiles, b[None], b_tiles, None, out_dtype, False)
-        # cuBLAS reads 128x128 scales with a leading dimension padded to 4 K-blocks: take the shapes that need none
-        k_blocks_ok = not b_blocks or (k // BLOCK) % 4 == 0
         shapes_ok = (
             k == kb and k % BLOCK == 0 and m % 16 == 0 and n % (BLOCK if b_blocks else 16) == 0 and b.is_contiguous()
-        ) and k_blocks_ok
+        )
         if shapes_ok and self.cublas[(b_blocks, out_dtype)]:
+            if b_blocks and (k // BLOCK) % 4:
+                a, a_scale, b, b_scale = _pad_k_blocks(a, a_scale, b, b_scale)
             return self._scaled_mm(a, a_scale, b, b_scale, b_blocks, out_dtype)
         return self._triton_gemm(a, a_scale, b[None], b_scale[None], None, out_dtype, b_blocks)
 
