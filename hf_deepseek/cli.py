@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         "weight gradient in bf16), hf_deepseek-fp8-fbgemm-blockwise (the paper's recipe with the experts' FP8 "
         "products through FBGEMM's blockwise grouped GEMM: the fbgemm extra) and "
         "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad (with the linear layers' weight gradient in bf16, torch's grouped "
-        "GEMM for the experts' and the projections of a shared input joined) "
+        "GEMM for the experts' and the projections of a shared input joined), "
+        "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights (and the weights' blocks written by the optimizer's "
+        "update) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

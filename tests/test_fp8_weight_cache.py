@@ -1,8 +1,9 @@
 """FP8 weights quantised once per optimizer step (`FP8Recipe.cache_weights`, `fp8_weight_cache.py`): training with
 the layers' copies computes what quantising in every forward does; a weight changed by anything (an optimizer, a
 state_dict, an in-place edit) gets a fresh copy before the next forward, eager or compiled; gradient accumulation
-reuses one; the copies stay out of the state_dict and go with `convert_from_fp8_training`. On the GPU, TritonAdamW's
-update that writes the copy gives the plain update's weight and moments and the quantiser's copy, bit for bit."""
+reuses one; the copies stay out of the state_dict and go with `convert_from_fp8_training`; the blockwise recipe's copy
+keeps W^T's blocks, which the input gradient reads. On the GPU, TritonAdamW's update that writes the copy gives the
+plain update's weight and moments and the quantiser's copy, bit for bit, for both recipes."""
 
 import copy
 import dataclasses
@@ -19,6 +20,7 @@ from hf_deepseek.modeling.fp8_weight_cache import FP8WeightCopy
 
 ROWWISE = FP8Recipe.named("rowwise", backend="emulated")
 CACHED = dataclasses.replace(ROWWISE, cache_weights=True)
+RECIPES = ["rowwise", "deepseek"]
 
 
 def small_model(recipe: FP8Recipe) -> DeepSeekForCausalLM:
@@ -46,14 +48,16 @@ def copies_of(model) -> list[FP8WeightCopy]:
     return [c for m in model.modules() for c in getattr(m, "fp8_weight_copies", {}).values()]
 
 
+@pytest.mark.parametrize("name", RECIPES)
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, TritonAdamW], ids=["torch-adamw", "triton-adamw"])
-def test_training_with_weight_copies_computes_what_quantising_every_forward_does(monkeypatch, optimizer_class):
+def test_training_with_weight_copies_computes_what_quantising_every_forward_does(monkeypatch, optimizer_class, name):
     """Three steps, two micro-batches each: the losses and the final weights equal, bit for bit, those of the layers
     quantising their weights in every forward; each copy is quantised once a step (the optimizer's update leaves it
     stale here, on the CPU), not once a micro-batch; every copy is of the weight as it now is. (Compiled, with the
     forward pre-hook refreshing the copies: test_fp8_compile.py's "rowwise-cached-weights", whose losses
     equal eager's.)"""
-    cached, plain = small_model(CACHED), small_model(ROWWISE)
+    recipe = FP8Recipe.named(name, backend="emulated")
+    cached, plain = small_model(dataclasses.replace(recipe, cache_weights=True)), small_model(recipe)
     assert len(copies_of(cached)) > 10 and not copies_of(plain)
     fills, fill = [], FP8WeightCopy.fill
     monkeypatch.setattr(FP8WeightCopy, "fill", lambda self, *a: fills.append(1) or fill(self, *a))
@@ -67,9 +71,13 @@ def test_training_with_weight_copies_computes_what_quantising_every_forward_does
     for module in cached.modules():
         for name, weight_copy in getattr(module, "fp8_weight_copies", {}).items():
             assert weight_copy.is_fresh_for(getattr(module, name))
-            q, scale, _ = module.fp8_backend.quantize_weight_and_amax_t(getattr(module, name).detach())
+            backend, weight = module.fp8_backend, getattr(module, name).detach()
+            q, scale, _ = backend.quantize_weight_and_amax_t(weight)
             assert torch.equal(weight_copy.q.view(torch.uint8), q.view(torch.uint8))
             assert torch.equal(weight_copy.scale, scale)
+            assert (weight_copy.q_t is None) == backend.rowwise
+            if not backend.rowwise:  # W^T's blocks: W's, transposed, what the input gradient multiplies by
+                assert torch.equal(weight_copy.q_t.view(torch.uint8), q.transpose(-1, -2).view(torch.uint8))
 
 
 def test_a_weight_changed_outside_the_optimizer_gets_a_fresh_copy():
@@ -93,19 +101,41 @@ def test_a_weight_changed_outside_the_optimizer_gets_a_fresh_copy():
     assert not any(hasattr(p, "fp8_copy") for p in cached.parameters())
 
 
-def test_weight_copies_need_the_rowwise_recipe():
-    with pytest.raises(ValueError, match=r"^FP8Recipe.cache_weights needs scaling='rowwise'$"):
-        FP8Recipe(cache_weights=True)
+def test_the_blockwise_input_gradient_reads_the_copys_transposed_blocks(monkeypatch):
+    """The paper's recipe with copies: the backward takes W^T from the copy (no transposition of W's blocks in the
+    step), and the gradients equal those of transposing W's blocks in every backward, bit for bit."""
+    from hf_deepseek.modeling.fp8_numerics import EmulatedBackend
+
+    recipe = FP8Recipe.named("deepseek", backend="emulated")
+    cached, plain = small_model(dataclasses.replace(recipe, cache_weights=True)), small_model(recipe)
+    ids = torch.randint(0, cached.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    prepared, quantize_weight_t = {}, EmulatedBackend.quantize_weight_t
+
+    def spy(self, w, q, scale, given=None):  # records whether W^T came ready, in call order
+        prepared[current].append(given is not None)
+        return quantize_weight_t(self, w, q, scale, given)
+
+    monkeypatch.setattr(EmulatedBackend, "quantize_weight_t", spy)
+    for current, model in (("cached", cached), ("plain", plain)):
+        prepared[current] = []
+        model(ids, labels=ids).loss.backward()
+    fills = len(copies_of(cached))  # each copy made at its first forward, W^T's blocks by transposing W's
+    assert prepared["cached"][:fills] == [False] * fills and prepared["cached"][fills:] == [True] * (fills)
+    assert prepared["plain"] == [False] * fills
+    for (name, a), b in zip(cached.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", RECIPES)
 @pytest.mark.parametrize("shape", [(8, 704, 2048), (1536, 2048), (96, 1408), (4, 40, 72)])
-def test_triton_adamw_writing_the_copy_matches_the_update_then_the_quantiser_on_the_gpu(shape):
-    """The fused update of an experts' batched weight (with its columns' amaxes) and of dense weights: weight and
-    moments as the plain kernel's, the copy as the Hopper quantiser's of the new weight, bit for bit, over steps."""
+def test_triton_adamw_writing_the_copy_matches_the_update_then_the_quantiser_on_the_gpu(shape, name):
+    """The fused update of an experts' batched weight (with its columns' amaxes, rowwise; W's blocks and W^T's,
+    blockwise) and of dense weights: weight and moments as the plain kernel's, the copy as the Hopper quantiser's of
+    the new weight, bit for bit, over steps."""
     from hf_deepseek.modeling.fp8 import get_backend
 
-    backend = get_backend(FP8Recipe.named("rowwise"), torch.device("cuda"))
+    backend = get_backend(FP8Recipe.named(name), torch.device("cuda"))
     gen = torch.Generator().manual_seed(len(shape))
     start = (torch.randn(shape, generator=gen) * torch.logspace(-2, 1, shape[-2])[:, None]).bfloat16().cuda()
     fused, plain = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
@@ -126,15 +156,18 @@ def test_triton_adamw_writing_the_copy_matches_the_update_then_the_quantiser_on_
         want.fill(backend, plain)
         assert torch.equal(weight_copy.q.view(torch.uint8), want.q.view(torch.uint8))
         assert torch.equal(weight_copy.scale, want.scale)
-        assert (weight_copy.amax_t is None) == (want.amax_t is None) == (len(shape) == 2)
+        assert (weight_copy.amax_t is None) == (want.amax_t is None) == (len(shape) == 2 or name == "deepseek")
         if want.amax_t is not None:
             assert torch.equal(weight_copy.amax_t, want.amax_t)
+        if name == "deepseek":
+            assert torch.equal(weight_copy.q_t.view(torch.uint8), want.q_t.view(torch.uint8))
 
 
 @pytest.mark.gpu
-def test_compiled_step_with_weight_copies_on_the_gpu_matches_quantising_every_forward():
+@pytest.mark.parametrize("name", RECIPES)
+def test_compiled_step_with_weight_copies_on_the_gpu_matches_quantising_every_forward(name):
     """The bench's way: layers compiled with Inductor, TritonAdamW writing the copies; losses as without copies."""
-    recipe = FP8Recipe.named("rowwise")
+    recipe = FP8Recipe.named(name)
     results = []
     for cached in (True, False):
         torch.manual_seed(0)

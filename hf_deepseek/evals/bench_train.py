@@ -96,6 +96,14 @@ OURS_FP8_FBGEMM_BLOCKWISE = "hf_deepseek-fp8-fbgemm-blockwise"
 # operand quantised along the tokens; in the paper's recipe 1x128 tiles of x^T and dy^T and a Triton or cuBLAS
 # blockwise GEMM), torch's grouped GEMM for the experts' bf16 weight gradient, q_a/kv_a and gate/up joined
 OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad"
+BLOCKWISE_HP_WGRAD = {
+    "grouped_gemm": "fbgemm",
+    "grouped_wgrad_gemm": "torch",
+    "linear_wgrad": "bf16",
+    "joined_projections": True,
+}
+# and its weights' blocks (W's and W^T's) written once per optimizer step by its update (`FP8Recipe.cache_weights`)
+OURS_FP8_FBGEMM_BLOCKWISE_CACHED = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -148,11 +156,8 @@ FP8_VARIANTS = {
         {"grouped_gemm": "deep_gemm", "fused_quantization": False, "linear_wgrad": "bf16"},
     ),
     OURS_FP8_FBGEMM_BLOCKWISE: ("deepseek", True, {"grouped_gemm": "fbgemm"}),
-    OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD: (
-        "deepseek",
-        True,
-        {"grouped_gemm": "fbgemm", "grouped_wgrad_gemm": "torch", "linear_wgrad": "bf16", "joined_projections": True},
-    ),
+    OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD: ("deepseek", True, BLOCKWISE_HP_WGRAD),
+    OURS_FP8_FBGEMM_BLOCKWISE_CACHED: ("deepseek", True, {**BLOCKWISE_HP_WGRAD, "cache_weights": True}),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

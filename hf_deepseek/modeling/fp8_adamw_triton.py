@@ -4,7 +4,11 @@ kernel reads the weight, its gradient and both moments once, writes the new weig
 registers that hold them, as `fp8_triton.quantize_rowwise_amax_triton` would from the stored weight, bit for bit:
 the rows' FP8 values and scales, and for the routed experts' batched weights each column's amax (folded over a
 program's rows, merged with one atomic max a column, as the "rows_amax" plan does). Rows of at most 4096 values
-(whole rows in registers); wider weights take the plain update, and their copy is quantised afresh."""
+(whole rows in registers); wider weights take the plain update, and their copy is quantised afresh.
+
+The blockwise recipe's copy (W's 128x128 blocks, their scales and W^T's FP8 values) is written by a program a block:
+a block's amax is its own, so no program waits on another, and its FP8 values are stored twice, as W's block and
+transposed as W^T's, as `fp8_triton._quant_blocks_kernel` writes them from the stored weight, bit for bit."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import triton.language as tl
 from ..kernels._adamw_triton import adamw_values
 from ..kernels.moe_gemv import triton_available
 from .fp8_numerics import _INTERPRET, _ceil_to, rowwise_amax_plan
-from .fp8_triton import _abs_bits, _bits_to_float, _encode_e4m3, _row_scales
+from .fp8_triton import _abs_bits, _abs_nan_as_inf, _bits_to_float, _encode_e4m3, _row_scales, _scale_of, _to_e4m3
 
 MAX_COLUMNS = 4096
 FAST = not _INTERPRET  # the GPU's division and cast (see fp8_triton); the interpreter runs the reference arithmetic
@@ -68,14 +72,53 @@ def _adamw_fp8_rows_kernel(
         tl.atomic_max(amax_ptr + batch * C_OUT + cols, amax.to(tl.int32, bitcast=True), mask=cols < C_OUT)
 
 
+@triton.jit
+def _adamw_fp8_blocks_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, qt_ptr, s_ptr, N, K, NP, KP,
+    lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2: tl.constexpr,
+):  # fmt: skip
+    """Block (program_id(0), program_id(1)) of matrix program_id(2) of p [(E,) N, K] (contiguous, as g, m, v): the
+    AdamW update, then the stored block's scale into s [(E,) NP/128, KP/128] and its E4M3 values into q [(E,) NP, KP]
+    and, transposed, into qt [(E,) KP, NP] (zero past N and K: the padding blocks' values are all zero)."""
+    pid_n, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.cast(tl.program_id(2), tl.int64)
+    rows = pid_n * 128 + tl.arange(0, 128)
+    cols = pid_k * 128 + tl.arange(0, 128)
+    inside = (rows < N)[:, None] & (cols < K)[None, :]
+    offsets = batch * N * K + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :]
+    p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+    p = p.to(p_ptr.dtype.element_ty)  # the stored weight, which the copy is of (zero outside: all inputs zero)
+    tl.store(p_ptr + offsets, p, mask=inside)
+    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=inside)
+    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=inside)
+    w = p.to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0), POW2)
+    q = _to_e4m3(tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0))
+    q_base = batch * NP * KP
+    tl.store(q_ptr + q_base + tl.cast(rows, tl.int64)[:, None] * KP + cols[None, :], q)
+    tl.store(qt_ptr + q_base + tl.cast(cols, tl.int64)[:, None] * NP + rows[None, :], tl.trans(q))
+    tl.store(s_ptr + batch * (NP // 128) * (KP // 128) + pid_n * (KP // 128) + pid_k, scale)
+
+
 def fusable(p, g, m, v, copy) -> bool:
     """Whether the fused update serves p and its copy: every tensor contiguous on one CUDA device (or Triton's
-    interpreter on the CPU), rows of at most MAX_COLUMNS, and the copy laid out as the Hopper quantiser lays it out."""
+    interpreter on the CPU), rowwise rows of at most MAX_COLUMNS, and the copy laid out as the Hopper quantiser lays it
+    out."""
     if not (triton_available() or _INTERPRET) or copy.q is None or p.dim() not in (2, 3):
         return False
     if not all(t.is_contiguous() and t.shape == p.shape and t.device == p.device for t in (g, m, v)):
         return False
     rows, cols = p.shape[-2:]
+    if copy.q_t is not None:  # the blockwise copy: W's blocks, their scales, W^T's values
+        lead, rows_out, cols_out = p.shape[:-2], _ceil_to(rows, 128), _ceil_to(cols, 128)
+        layouts = ((copy.q, (rows_out, cols_out)), (copy.q_t, (cols_out, rows_out)),
+                   (copy.scale, (rows_out // 128, cols_out // 128)))  # fmt: skip
+        return p.is_contiguous() and all(
+            t.device == p.device and t.shape == (*lead, *shape) and t.is_contiguous() for t, shape in layouts
+        )
     lead, cols_out = p.shape[:-2], _ceil_to(cols, 16)
     amax_ok = copy.amax_t is None or (copy.amax_t.shape == (*lead, cols_out) and copy.amax_t.is_contiguous())
     return (
@@ -95,9 +138,17 @@ def adamw_update_fp8(
 ) -> None:
     """The update of p (as `kernels._adamw_triton.adamw_update`) writing `copy`'s q, scale and amax_t of the new p.
     `rows_a_program`: rows each program loops over where it folds column amaxes (default: the "rows_amax" plan's;
-    `benchmarks/adamw_fp8_bench.py` times others)."""
+    `benchmarks/adamw_fp8_bench.py` times others). The blockwise copy (`copy.q_t`): W's blocks and W^T's values."""
     p3 = p if p.dim() == 3 else p[None]
     batch, rows, cols = p3.shape
+    if copy.q_t is not None:
+        grid = (triton.cdiv(rows, 128), triton.cdiv(cols, 128), batch)
+        with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():  # CPU: Triton's interpreter
+            _adamw_fp8_blocks_kernel[grid](
+                p, g, m, v, copy.q, copy.q_t, copy.scale, rows, cols, grid[0] * 128, grid[1] * 128,
+                lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2=copy.pow2, num_warps=8,
+            )  # fmt: skip
+        return
     cols_out = copy.q.shape[-1]
     amax = copy.amax_t is not None
     # whole rows, about 4096 values of each tensor a step (the plain update's block); the experts' batched weights loop

@@ -85,7 +85,8 @@ class FP8Recipe:
     path);
     `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
     layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
-    other changes to a weight make its copy afresh before the next forward): rowwise scaling;
+    other changes to a weight make its copy afresh before the next forward; the blockwise recipe's copy keeps W^T's
+    FP8 blocks too);
     `joined_projections`: while training, MLA's q_a and kv_a, and an MLP's gate and up, run as one FP8 GEMM each over
     their joined weights (`modeling.joined_projections`), so their shared input is quantised once.
     """
@@ -129,8 +130,6 @@ class FP8Recipe:
             raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise'")
         if self.grouped_gemm == "deep_gemm" and self.rowwise:
             raise ValueError("FP8Recipe.grouped_gemm='deep_gemm' needs scaling='blockwise' (DeepGEMM's 128x128 blocks)")
-        if self.cache_weights and not self.rowwise:
-            raise ValueError("FP8Recipe.cache_weights needs scaling='rowwise'")
         if self.rowwise and self.grouped_wgrad == "fp8":
             raise ValueError(
                 "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"
@@ -265,11 +264,12 @@ def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 #   quantize_rows(x [R, C]) -> q [Rp, Cp], scale [Rp, Cp/128] (blockwise: 1x128 tiles along C) or [Rp, 1]
 #       (rowwise), zero rows/cols as padding;
 #   quantize_weight(w [..., N, K]) -> q, scale [..., ceil(N/128), ceil(K/128)] (blockwise) or [..., N, 1];
-#   quantize_weight_t(w, q, scale, amax=None) -> the operand of w^T (input gradient): blockwise, q^T with the
-#       transposed grid (the same blocks); rowwise, w^T quantised again with one scale per row of w^T;
+#   quantize_weight_t(w, q, scale, prepared=None) -> the operand of w^T (input gradient): blockwise, q^T with the
+#       transposed grid (the same blocks; `prepared`: that q^T, as a weight copy keeps it); rowwise, w^T quantised
+#       again with one scale per row of w^T;
 #   quantize_weight_and_amax_t(w) -> quantize_weight(w) and, from the same read, the `amax` that
-#       quantize_weight_t(w, q, scale, amax=...) takes to quantise w^T without an amax pass of its own (rowwise: each
-#       column's amax; None where a backend has nothing to pass on: the blockwise recipe, Inductor's fused
+#       quantize_weight_t(w, q, scale, prepared=amax) takes to quantise w^T without an amax pass of its own (rowwise:
+#       each column's amax; None where a backend has nothing to pass on: the blockwise recipe, Inductor's fused
 #       quantisation, a Triton plan that keeps the passes apart). The result is the same either way, bit for bit:
 #       only which kernel reads what changes;
 #   gemm(a, a_scale, b, b_scale, b_blocks) -> a @ b^T [Ma, Nb]: both operands K-contiguous, b scaled as a weight
@@ -314,10 +314,10 @@ class EmulatedBackend:
     def quantize_weight_and_amax_t(self, w: torch.Tensor):
         return (*self.quantize_weight(w), column_amax(w) if self.rowwise else None)
 
-    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax=None):
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, prepared=None):
         if self.rowwise:
-            return quantize_rowwise(w.transpose(-1, -2), self.pow2, self.check, amax)
-        return q.transpose(-1, -2), scale.transpose(-1, -2)
+            return quantize_rowwise(w.transpose(-1, -2), self.pow2, self.check, prepared)
+        return q.transpose(-1, -2) if prepared is None else prepared, scale.transpose(-1, -2)
 
     def dequantize(self, q: torch.Tensor, scale: torch.Tensor, blocks: bool) -> torch.Tensor:
         if self.rowwise:

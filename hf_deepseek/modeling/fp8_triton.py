@@ -646,11 +646,14 @@ class HopperBackend:
             check_finite(scale, "a 128x128 weight block")
         return (q[0], scale[0]) if w.dim() == 2 else (q, scale)
 
-    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, amax=None):
-        """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid; rowwise, w^T requantised
-        (from `amax`, the column amaxes of `quantize_weight_and_amax_t`, where given)."""
+    def quantize_weight_t(self, w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, prepared=None):
+        """The operand of w^T: blockwise, q^T (K-contiguous) with the transposed grid (`prepared`: that q^T, a weight
+        copy's); rowwise, w^T requantised (from `prepared`, the column amaxes of `quantize_weight_and_amax_t`, where
+        given)."""
         if self.rowwise:
-            return self._quantize_rowwise(w.transpose(-1, -2), w.shape[-1], "a weight row", amax)
+            return self._quantize_rowwise(w.transpose(-1, -2), w.shape[-1], "a weight row", prepared)
+        if prepared is not None:
+            return prepared, scale.transpose(-1, -2)
         if self._fused():
             return q.transpose(-1, -2).contiguous(), scale.transpose(-1, -2)
         w3 = w if w.dim() == 3 else w[None]

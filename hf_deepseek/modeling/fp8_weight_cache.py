@@ -1,20 +1,23 @@
-"""FP8 copies of the training weights, quantised once per optimizer step (`FP8Recipe.cache_weights`, rowwise recipe).
+"""FP8 copies of the training weights, quantised once per optimizer step (`FP8Recipe.cache_weights`).
 
 Without them every forward quantises every FP8 weight afresh (a read of the bf16 weight, a write of its FP8 rows; the
 routed experts' weights also fold their columns' amaxes, which the input gradient quantises W^T with): at the
 training bench's shapes 4.7 ms a step for the experts' weights alone (H100 profile, 2026-12-06), for weights that
 change once a step, when the optimizer writes them. With `cache_weights` each FP8 layer keeps an `FP8WeightCopy`
 per weight: the FP8 rows, their scales and (for the experts) the column amaxes, as the backend's
-`quantize_weight_and_amax_t` makes them. `kernels.adamw.TritonAdamW` writes the copy in its update of the weight on
-CUDA (`fp8_adamw_triton.py`: the new weight's rows quantised from the registers that hold them), so the step reads
-each weight once for both. Anything else that changes a weight (another optimizer, loading a state_dict, moving the
-model) leaves its copy stale, and the copy is quantised afresh before a forward uses it: by the layer when it runs
-eagerly, by a forward pre-hook on the converted model when its layers run compiled (Dynamo cannot read a tensor's
-version counter). Stale: the weight's version counter, storage, shape or dtype differ from those the copy was made
-from. Gradient accumulation reuses a copy over its micro-batches.
+`quantize_weight_and_amax_t` makes them; for the blockwise recipe W's 128x128 blocks, their scales and W^T's FP8
+values (the same blocks transposed, which the input gradient reads), where every forward made W's blocks and every
+backward transposed them. `kernels.adamw.TritonAdamW` writes the copy in its update of the weight on CUDA
+(`fp8_adamw_triton.py`: the new weight's rows, or its 128x128 blocks, quantised from the registers that hold them),
+so the step reads each weight once for both. Anything else that changes a weight (another optimizer, loading a
+state_dict, moving the model) leaves its copy stale, and the copy is quantised afresh before a forward uses it: by
+the layer when it runs eagerly, by a forward pre-hook on the converted model when its layers run compiled (Dynamo
+cannot read a tensor's version counter). Stale: the weight's version counter, storage, shape or dtype differ from
+those the copy was made from. Gradient accumulation reuses a copy over its micro-batches.
 
-Measured on an H100 (docs/PERF.md, 2026-12-06): at one micro-batch a step the bench's step is 4% slower with
+Measured on an H100 (docs/PERF.md, 2026-12-06): at one micro-batch a step the rowwise bench step is 4% slower with
 copies; the update that also folds the experts' column amaxes runs at about 60% of the plain update's bandwidth.
+The blockwise copy (no amax across programs) is not yet measured.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from torch.autograd.graph import increment_version
 
 @dataclass(eq=False)
 class FP8WeightCopy:
-    """The FP8 operands of one weight W [(E,) N, K]: `q` [(E,) N, Kp] and `scale` [(E,) N, 1] (W's rows), `amax_t`
-    [(E,) Kp] (its columns' amaxes: W^T's rows', where the backend takes them from W's pass; else None)."""
+    """The FP8 operands of one weight W [(E,) N, K]. Rowwise: `q` [(E,) N, Kp] and `scale` [(E,) N, 1] (W's rows),
+    `amax_t` [(E,) Kp] (its columns' amaxes: W^T's rows', where the backend takes them from W's pass; else None).
+    Blockwise: `q` [(E,) Np, Kp], `scale` [(E,) Np/128, Kp/128] and `q_t` [(E,) Kp, Np], W^T's FP8 values."""
 
     q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     amax_t: torch.Tensor | None = None
+    q_t: torch.Tensor | None = None
     pow2: bool = False
     made_from: tuple = ()
 
@@ -48,12 +53,14 @@ class FP8WeightCopy:
         """Quantise W afresh with the backend's quantiser."""
         with torch.no_grad():
             self.q, self.scale, self.amax_t = backend.quantize_weight_and_amax_t(w.detach())
+            self.q_t = None if backend.rowwise else backend.quantize_weight_t(w.detach(), self.q, self.scale)[0]
         self.pow2 = backend.pow2
         self.made_from = self._source(w)
 
     def adamw_update(self, p, g, m, v, *hyper) -> bool:
         """`kernels.adamw.TritonAdamW`'s update of p that writes this copy of the new p as well, where the fused
-        kernel serves (CUDA, the copy made on p's device by the Triton quantiser, rows of at most 4096 values);
+        kernel serves (CUDA, the copy made on p's device by the Triton quantiser; rowwise, rows of at most 4096
+        values);
         False, nothing done, elsewhere."""
         from .fp8_adamw_triton import adamw_update_fp8, fusable
 
@@ -66,10 +73,11 @@ class FP8WeightCopy:
 
 
 def weight_operands(backend, weight: torch.Tensor, transpose_too: bool, copy: FP8WeightCopy | None):
-    """The FP8 operands of W for an FP8 GEMM: the layer's copy of them where it keeps one, else
-    backend.quantize_weight(W) and, when the input gradient needs W^T, the amaxes its quantisation takes."""
+    """The FP8 operands of W for an FP8 GEMM and what `backend.quantize_weight_t` takes for W^T: the layer's copy of
+    them where it keeps one (W^T's column amaxes, or W^T's blocks), else backend.quantize_weight(W) and, when the
+    input gradient needs W^T, the amaxes its quantisation takes."""
     if copy is not None:
-        return copy.q, copy.scale, copy.amax_t
+        return copy.q, copy.scale, copy.amax_t if backend.rowwise else copy.q_t
     return backend.quantize_weight_and_amax_t(weight) if transpose_too else (*backend.quantize_weight(weight), None)
 
 
