@@ -107,6 +107,16 @@ def test_profile_writes_a_kernel_table_of_one_step_for_the_variants_asked(tmp_pa
     )
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3") == "attention"
     assert kernel_kind("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "Triton (fused)"
+    # Inductor's kernels named after the GEMM they feed: quantisers, not GEMMs (H100 profiles, 2026-12-07)
+    for quantiser in (
+        "triton_poi_fused__to_copy_clamp_clone_div_fbgemm_blockwise_grouped_full_like_transpose_unsqueeze_view_15",
+        "triton_per_fused__scaled_mm__to_copy_abs_amax_clamp_clone_div_full_like_t_unsqueeze_view_5",
+        "_rowwise_rows_amax_kernel",
+        "_swiglu_backward_rows_kernel",
+    ):
+        assert kernel_kind(quantiser) == "quantise", quantiser
+    assert kernel_kind("triton_poi_fused__grouped_mm_index_select_t_21") == "Triton (fused)"
+    assert kernel_kind("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversal") == "GEMM"
 
 
 def test_v3_width_shape_is_deepseek_v3s_layer_with_a_16k_vocabulary():

@@ -459,7 +459,9 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
         run_steps(model, optimizer, batches, device)
     kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
     for event in prof.events():
-        if (event.device_type != DeviceType.CPU) == on_cuda and (on_cuda or not event.cpu_parent):
+        # on the GPU, a record_function range (the optimizer's step) is an annotation over kernels counted already
+        annotation = on_cuda and getattr(event, "is_user_annotation", False)
+        if (event.device_type != DeviceType.CPU) == on_cuda and (on_cuda or not event.cpu_parent) and not annotation:
             entry = kernels.setdefault(event.name, [0.0, 0])
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
@@ -488,14 +490,20 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "grouped_mm", "matmul")),
-    ("quantise", ("_quant_rows", "_quant_blocks")),
+    # the Triton quantisers, and the fused MoE kernels that write FP8 rows (fp8_moe.py)
+    ("quantise", ("_quant_rows", "_quant_blocks", "_rowwise_rows", "_rowwise_cols", "_rows_kernel")),
     ("Triton (fused)", ("triton",)),
     ("copy / index", ("copy", "index", "gather", "scatter", "cat", "elementwise", "reduce", "sort", "fill")),
 )
+# Inductor's pointwise and reduction kernels: named after the ops they fuse (a quantiser feeding `_scaled_mm` or
+# FBGEMM's GEMM included), never a GEMM themselves; those that take an amax or scale values (clamp and divide) quantise
+INDUCTOR_KERNELS = ("triton_poi", "triton_red", "triton_per")
 
 
 def kernel_kind(name: str) -> str:
     lower = name.lower()
+    if lower.startswith(INDUCTOR_KERNELS):
+        return "quantise" if "amax" in lower or ("clamp" in lower and "div" in lower) else "Triton (fused)"
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
 
 
