@@ -60,8 +60,7 @@ class FP8WeightCopy:
     def adamw_update(self, p, g, m, v, *hyper) -> bool:
         """`kernels.adamw.TritonAdamW`'s update of p that writes this copy of the new p as well, where the fused
         kernel serves (CUDA, the copy made on p's device by the Triton quantiser; rowwise, rows of at most 4096
-        values);
-        False, nothing done, elsewhere."""
+        values); False, nothing done, elsewhere."""
         from .fp8_adamw_triton import adamw_update_fp8, fusable
 
         if not fusable(p, g, m, v, self):
