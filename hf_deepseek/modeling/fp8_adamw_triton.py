@@ -75,31 +75,42 @@ def _adamw_fp8_rows_kernel(
 @triton.jit
 def _adamw_fp8_blocks_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, q_ptr, qt_ptr, s_ptr, N, K, NP, KP,
-    lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2: tl.constexpr,
+    lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """Block (program_id(0), program_id(1)) of matrix program_id(2) of p [(E,) N, K] (contiguous, as g, m, v): the
-    AdamW update, then the stored block's scale into s [(E,) NP/128, KP/128] and its E4M3 values into q [(E,) NP, KP]
-    and, transposed, into qt [(E,) KP, NP] (zero past N and K: the padding blocks' values are all zero)."""
+    AdamW update, ROWS rows at a time (the four tensors of a whole block in float32 would spill registers), folding
+    the stored block's amax; then the stored block read back (from L2) and its E4M3 values written into q [(E,) NP,
+    KP] and, transposed, into qt [(E,) KP, NP], its scale into s [(E,) NP/128, KP/128] (zero past N and K: the
+    padding's values are all zero)."""
     pid_n, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.cast(tl.program_id(2), tl.int64)
-    rows = pid_n * 128 + tl.arange(0, 128)
     cols = pid_k * 128 + tl.arange(0, 128)
-    inside = (rows < N)[:, None] & (cols < K)[None, :]
-    offsets = batch * N * K + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :]
-    p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    p = p.to(p_ptr.dtype.element_ty)  # the stored weight, which the copy is of (zero outside: all inputs zero)
-    tl.store(p_ptr + offsets, p, mask=inside)
-    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=inside)
-    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=inside)
-    w = p.to(tl.float32)
-    scale = _scale_of(tl.max(tl.max(_abs_nan_as_inf(w), axis=1), axis=0), POW2)
-    q = _to_e4m3(tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0))
+    in_cols = (cols < K)[None, :]
+    acc = tl.zeros([ROWS, 128], dtype=tl.float32)
+    for i in range(0, 128, ROWS):
+        rows = pid_n * 128 + i + tl.arange(0, ROWS)
+        inside = (rows < N)[:, None] & in_cols
+        offsets = batch * N * K + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :]
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+        p = p.to(p_ptr.dtype.element_ty)  # the stored weight, which the copy is of (zero outside: all inputs zero)
+        tl.store(p_ptr + offsets, p, mask=inside)
+        tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=inside)
+        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=inside)
+        acc = tl.maximum(acc, _abs_nan_as_inf(p.to(tl.float32)))
+    scale = _scale_of(tl.max(tl.max(acc, axis=1), axis=0), POW2)
+    tl.debug_barrier()  # the block's new values, read back below, were stored by every thread of the program
     q_base = batch * NP * KP
-    tl.store(q_ptr + q_base + tl.cast(rows, tl.int64)[:, None] * KP + cols[None, :], q)
-    tl.store(qt_ptr + q_base + tl.cast(cols, tl.int64)[:, None] * NP + rows[None, :], tl.trans(q))
+    for i in range(0, 128, ROWS):
+        rows = pid_n * 128 + i + tl.arange(0, ROWS)
+        inside = (rows < N)[:, None] & in_cols
+        offsets = batch * N * K + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :]
+        w = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        q = _to_e4m3(tl.clamp(tl.math.div_rn(w, scale), -448.0, 448.0))
+        tl.store(q_ptr + q_base + tl.cast(rows, tl.int64)[:, None] * KP + cols[None, :], q)
+        tl.store(qt_ptr + q_base + tl.cast(cols, tl.int64)[:, None] * NP + rows[None, :], tl.trans(q))
     tl.store(s_ptr + batch * (NP // 128) * (KP // 128) + pid_n * (KP // 128) + pid_k, scale)
 
 
@@ -146,7 +157,7 @@ def adamw_update_fp8(
         with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():  # CPU: Triton's interpreter
             _adamw_fp8_blocks_kernel[grid](
                 p, g, m, v, copy.q, copy.q_t, copy.scale, rows, cols, grid[0] * 128, grid[1] * 128,
-                lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2=copy.pow2, num_warps=8,
+                lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, POW2=copy.pow2, ROWS=32, num_warps=8,
             )  # fmt: skip
         return
     cols_out = copy.q.shape[-1]
