@@ -2,11 +2,13 @@
 the plain Triton update followed by the Hopper quantiser of the new weight (what a step without copies does: the
 forward quantises each weight once the optimizer has written it), at the training bench's weight shapes; for the
 experts' batched weights also without the columns' amaxes, and with other numbers of rows a program loops over
-(each program merges its columns' amaxes with one atomic max a column). Medians of `triton.testing.do_bench` in
-milliseconds, and GB/s of the bytes the fused kernel moves (weight, gradient and moments read, weight and moments
-written, the FP8 copy written).
+(each program merges its columns' amaxes with one atomic max a column). `--recipe deepseek`: the blockwise copy (W's
+128x128 blocks and W^T's, written a block a program) against the update, W's blocks and their transposition (what
+the forward and the backward of a step without copies do). Medians of `triton.testing.do_bench` in milliseconds,
+and GB/s of the bytes the fused kernel moves (weight, gradient and moments read, weight and moments written, the
+FP8 copy written: once rowwise, twice blockwise).
 
-    python benchmarks/adamw_fp8_bench.py [--json out.json]       # CUDA
+    python benchmarks/adamw_fp8_bench.py [--recipe deepseek] [--json out.json]       # CUDA
 """
 
 import argparse
@@ -32,9 +34,14 @@ def time_shape(shape, backend, rows_list) -> dict[str, float]:
     copy = FP8WeightCopy()
     copy.fill(backend, p)
     row = {"plain update": triton.testing.do_bench(lambda: adamw_update(p, g, m, v, *HYPER))}
-    row["plain update + quantiser"] = triton.testing.do_bench(
-        lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_and_amax_t(p))
-    )
+    if backend.rowwise:
+        row["plain update + quantiser"] = triton.testing.do_bench(
+            lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_and_amax_t(p))
+        )
+    else:  # W's blocks (the forward), then W^T's (the backward's transposition of them)
+        row["plain update + quantiser"] = triton.testing.do_bench(
+            lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_t(p, *backend.quantize_weight(p)))
+        )
     row["fused (default)"] = triton.testing.do_bench(lambda: adamw_update_fp8(p, g, m, v, *HYPER, copy))
     if copy.amax_t is not None:  # the same update and rows without the columns' amaxes (whole rows, no loop)
         rows_only = FP8WeightCopy(copy.q, copy.scale, None, copy.pow2)
@@ -52,17 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     parser.add_argument("--rows", default="8,16,32,64,256", help="rows a program for the experts' weights")
+    parser.add_argument("--recipe", choices=("rowwise", "deepseek"), default="rowwise")
     args = parser.parse_args()
-    backend = get_backend(FP8Recipe.named("rowwise"), torch.device("cuda"))
+    backend = get_backend(FP8Recipe.named(args.recipe), torch.device("cuda"))
     results = {}
     for name, shape in SHAPES.items():
         row = time_shape(shape, backend, [int(r) for r in args.rows.split(",")])
-        gb = torch.Size(shape).numel() * (8 + 6 + 1) / 1e9
+        gb = torch.Size(shape).numel() * (8 + 6 + (1 if backend.rowwise else 2)) / 1e9
         results[name] = {"shape": list(shape), "ms": row, "fused GB/s": gb / row["fused (default)"] * 1e3}
         print(name, shape, " ".join(f"{k}: {t:.3f}" for k, t in row.items()), flush=True)
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"command": "python benchmarks/adamw_fp8_bench.py", "results": results}, out, indent=1)
+            command = f"python benchmarks/adamw_fp8_bench.py --recipe {args.recipe}"
+            json.dump({"command": command, "results": results}, out, indent=1)
 
 
 if __name__ == "__main__":
