@@ -38,7 +38,7 @@ def time_shape(shape, backend, rows_list) -> dict[str, float]:
         row["plain update + quantiser"] = triton.testing.do_bench(
             lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_and_amax_t(p))
         )
-    else:  # W's blocks (the forward), then W^T's (the backward's transposition of them)
+    else:  # W's blocks (the forward), then W^T's (the backward; eager, from W again: a compiled step transposes W's)
         row["plain update + quantiser"] = triton.testing.do_bench(
             lambda: (adamw_update(p, g, m, v, *HYPER), backend.quantize_weight_t(p, *backend.quantize_weight(p)))
         )
