@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ours-generate-fp8, ours-fast-fp8-head and ours-generate-fp8-head (the LM head in FP8 too; "
         "ours-fast-fp8-head-separate-gate-up: the dense MLP's FP8 gate and up in two launches, as before), "
         "ours-fast-fused-experts and ours-fast-fp8-head-fused-experts (a MoE layer's gate/up and down kernels in "
-        "one launch) "
+        "one launch), ours-prefill and transformers-prefill (the prompts into the cache alone: a 1-token generate(), "
+        "nothing compiled; prompt tokens a second) "
         "(*-generate*: generate() end to end, ms per new token; default: "
         "all); they run in the order given (the FP8 rows last: they convert the model)",
     )

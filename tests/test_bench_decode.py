@@ -8,7 +8,7 @@ from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.cli import build_parser, main
-from hf_deepseek.evals.bench_decode import ROWS, STEP_ROWS, cache_bytes, step_weight_bytes
+from hf_deepseek.evals.bench_decode import PREFILL_ROWS, ROWS, STEP_ROWS, cache_bytes, step_weight_bytes
 
 
 def test_bench_decode_tiny_smoke(tmp_path):
@@ -22,7 +22,7 @@ def test_bench_decode_tiny_smoke(tmp_path):
     assert results["command"].startswith("hf-deepseek bench decode --device cpu --tiny")
     cells = {cell["row"]: cell for cell in results["cells"]}
     assert set(cells) == set(ROWS)
-    for row in ROWS:
+    for row in set(ROWS) - set(PREFILL_ROWS):
         cell = cells[row]
         assert cell["ms_per_step"] and cell["ms_per_step"] > 0, cell
         assert cell["tokens_per_s"] == cell["batch"] * 1000 / cell["ms_per_step"]
@@ -43,11 +43,20 @@ def test_bench_decode_tiny_smoke(tmp_path):
     # generate() rows against transformers' generate(), per new token and in prefill
     ours, theirs = cells["ours-generate"], cells["transformers-generate"]
     assert ours["speedup_vs_transformers_best"] == theirs["ms_per_step"] / ours["ms_per_step"]
-    assert ours["prefill_speedup_vs_transformers"] == theirs["prefill_ms"] / ours["prefill_ms"]
+    ours_generate_prefill = ours["prefill_ms"]  # its prefill against transformers' prefill row's (below)
     assert cells["ours-fast"].get("prefill_speedup_vs_transformers") is None
-    # one floor per (batch, context): the same bytes to read whichever row (transformers' too) reads them
-    floors = {(c["batch"], c["context"], c["floor_ms"]) for c in results["cells"] if c["row"] != "ours-mtp"}
-    assert len(floors) == len({(c["batch"], c["context"]) for c in results["cells"] if c["row"] != "ours-mtp"})
+    # the prompts into the cache alone, both models: prompt tokens a second, against transformers' prefill row's
+    for row in PREFILL_ROWS:
+        cell = cells[row]
+        assert cell["ms_per_step"] is None and cell["note"] == f"prefill {cell['prefill_ms']:.1f} ms", cell
+        assert cell["prefill_tokens_per_s"] == cell["batch"] * cell["context"] * 1000 / cell["prefill_ms"]
+    ours, theirs = cells["ours-prefill"], cells["transformers-prefill"]
+    assert ours["prefill_speedup_vs_transformers"] == theirs["prefill_ms"] / ours["prefill_ms"]
+    assert cells["ours-generate"]["prefill_speedup_vs_transformers"] == theirs["prefill_ms"] / ours_generate_prefill
+    # one floor per (batch, context): the same bytes to read whichever decode row (transformers' too) reads them
+    steps = [c for c in results["cells"] if c["row"] != "ours-mtp" and c["row"] not in PREFILL_ROWS]
+    floors = {(c["batch"], c["context"], c["floor_ms"]) for c in steps}
+    assert len(floors) == len({(c["batch"], c["context"]) for c in steps})
     table = (tmp_path / "bench_decode.md").read_text()
     assert all(f"| {row} |" in table for row in ROWS)
     run = str(tmp_path / "bench_decode.json")

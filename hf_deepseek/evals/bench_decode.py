@@ -120,7 +120,11 @@ ROWS = (  # the table's order; rows run in the order asked (`run_order`)
     "ours-fast-fp8-head-separate-gate-up",
     "ours-fast-fused-experts",
     "ours-fast-fp8-head-fused-experts",
+    "ours-prefill",
+    "transformers-prefill",
 )
+# rows that time a batch of prompts into the cache alone (a 1-token generate(): no decode step, nothing compiled)
+PREFILL_ROWS = ("ours-prefill", "transformers-prefill")
 DATASHEET_TB_S = 4.8
 # a CUDA step row whose host time a step is at least this fraction of its GPU time a step is noted host-bound: the
 # GPU waited for the host's launches (Dynamo's guards, the CUDA-graph tree), so the figure is not its kernels'
@@ -168,8 +172,8 @@ class DecodeCell:
     tokens_per_step: float | None = None
     plain_ms_per_token: float | None = None  # ours-mtp: plain greedy generate() on the same prompts, same run
     speedup_vs_plain: float | None = None  # ours-mtp: plain_ms_per_token / ms_per_step
-    prefill_ms: float | None = None  # generate rows: a 1-token generate() call (the prompts into the cache)
-    prefill_tokens_per_s: float | None = None  # generate rows: batch x context / prefill_ms
+    prefill_ms: float | None = None  # generate and prefill rows: a 1-token generate() call (the prompts into the cache)
+    prefill_tokens_per_s: float | None = None  # generate and prefill rows: batch x context / prefill_ms
     host_ms_per_step: float | None = None  # step rows: the host's time a step (no sync between steps), median
     note: str = ""
 
@@ -714,6 +718,41 @@ def _measure_generate_row(name, model, plan, device, floor, bandwidth, progress,
     return cells
 
 
+def run_prefill_row(name: str, model, plan: DecodePlan, device, progress, emit=None) -> list[DecodeCell]:
+    """Prompts into the cache as `generate()` starts, alone: a 1-token `generate()` (no decode step, so nothing
+    compiles: the *-generate rows' prefill waits for their decode step's compile, which took transformers' over
+    190 s at 32 x 8k on an H200), medians of `GENERATE_REPEATS` calls after a warm-up call. Transformers' with its
+    static cache, ours by its default path (whole prompts in groups, long ones in chunks, straight into the latent
+    cache). Prompt tokens a second and peak memory; an out-of-memory cell is noted, and the next cell runs."""
+    kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
+    cells = []
+    for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
+        for context in plan.row_contexts.get(name, plan.contexts):
+            cell = DecodeCell(name, batch, context)
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+                time_generate(model, ids, 1, device, **kwargs)  # warm-up
+                prefill_s = median_generate_s(model, ids, 1, device, **kwargs)
+                cell.prefill_ms = 1000 * prefill_s
+                cell.prefill_tokens_per_s = batch * context / prefill_s
+                if device.type == "cuda":
+                    cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                cell.note = f"prefill {cell.prefill_ms:.1f} ms"
+            except torch.OutOfMemoryError:
+                cell.note = "out of memory"
+            except Exception as error:  # a cell that fails is reported, the others still run
+                cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            progress(f"{name} batch {batch} context {context}: {cell.prefill_tokens_per_s} tokens/s {cell.note}")
+            cells.append(cell)
+            if emit is not None:
+                emit(cell)
+    model.__dict__.pop("_fast_decode_buffers", None)
+    return cells
+
+
 MTP_PROMPT_KINDS = ("auto", "random", "task")
 MTP_REPEATS = 3  # timed calls per MTP-row measurement (the median)
 # two tokens whose logits differ by at most this much (teacher-forced, bench dtype) count as a near-tie: bf16's own
@@ -984,6 +1023,8 @@ def run_decode_bench(
                     convert_to_fp8_inference(model, FP8Recipe(skip=()))
             if name == "ours-mtp":
                 run_mtp_row(model, plan, device, progress, emit)
+            elif name in PREFILL_ROWS:
+                run_prefill_row(name, model, plan, device, progress, emit)
             elif "generate" in name:
                 run_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir)
             else:
@@ -1013,11 +1054,13 @@ def add_ratios(results: dict[str, Any]) -> None:
         peers = [rows[r]["ms_per_step"] for r in ("transformers-eager", "transformers-compile")
                  if r in rows and rows[r]["ms_per_step"]]  # fmt: skip
         tf_generate = rows.get("transformers-generate") or {}
+        # transformers' prefill: its prefill row's, else its generate() row's
+        prefill = (rows.get("transformers-prefill") or {}).get("prefill_ms") or tf_generate.get("prefill_ms")
         for cell in rows.values():
             ms = cell["ms_per_step"]
             cell["speedup_vs_transformers_eager"] = eager / ms if eager and ms else None
-            if "generate" in cell["row"]:  # generate() rows against transformers' generate(), per token and prefill
-                peer, prefill = tf_generate.get("ms_per_step"), tf_generate.get("prefill_ms")
+            if "generate" in cell["row"] or cell["row"] in PREFILL_ROWS:  # against transformers' generate()
+                peer = tf_generate.get("ms_per_step")
                 cell["speedup_vs_transformers_best"] = peer / ms if peer and ms else None
                 own = cell.get("prefill_ms")
                 cell["prefill_speedup_vs_transformers"] = prefill / own if prefill and own else None
