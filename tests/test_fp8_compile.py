@@ -13,7 +13,7 @@ from conftest import tiny_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from hf_deepseek import DeepSeekForCausalLM
-from hf_deepseek.evals.bench_train import ROWWISE_BEFORE
+from hf_deepseek.evals.bench_train import BLOCKWISE_HP_WGRAD, ROWWISE_BEFORE
 from hf_deepseek.modeling.compile_regions import FP8_INDUCTOR_OPTIONS, compile_for_training
 from hf_deepseek.modeling.fp8 import FP8Linear, FP8Recipe, FP8RoutedExperts, convert_to_fp8_training, fp8_linear
 
@@ -35,6 +35,10 @@ RECIPES = {
     "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),
     # the weights' FP8 copies, refreshed by the model's forward pre-hook
     "rowwise-cached-weights": ("rowwise", {"cache_weights": True}),
+    # the paper's recipe with the rowwise default's other choices (bench: hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad),
+    # and with its weights' copies (W's blocks and W^T's)
+    "deepseek-hp-wgrad": ("deepseek", BLOCKWISE_HP_WGRAD),
+    "deepseek-cached-weights": ("deepseek", {**BLOCKWISE_HP_WGRAD, "cache_weights": True}),
 }
 
 
