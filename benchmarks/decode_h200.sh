@@ -142,7 +142,7 @@ timeout -s ABRT $(( MAIN_S > 30 ? MAIN_S : 30 )) python3 -m hf_deepseek.cli benc
   --contexts 2048,32768 --rows "$ROWS" --row-contexts "$ROW_CONTEXTS" --row-batch-sizes "$ROW_BATCH_SIZES" \
   --profile "$PROFILE" --output-dir $OUT/decode > $L/decode.log 2>&1
 say "decode bench (rc $?; 124: cut at its deadline, the cells measured are kept):"
-grep -E "ms/(step|token)|failed|Error" $L/decode.log | tail -20
+grep -E "ms/(step|token)|tokens/s|failed|Error" $L/decode.log | tail -20
 
 REST=$(left)
 if [ "${MTP:-1}" = 1 ] && [ $REST -gt 10 ]; then
