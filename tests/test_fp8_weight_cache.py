@@ -48,15 +48,17 @@ def copies_of(model) -> list[FP8WeightCopy]:
     return [c for m in model.modules() for c in getattr(m, "fp8_weight_copies", {}).values()]
 
 
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("recipe_name", RECIPES)
 @pytest.mark.parametrize("optimizer_class", [torch.optim.AdamW, TritonAdamW], ids=["torch-adamw", "triton-adamw"])
-def test_training_with_weight_copies_computes_what_quantising_every_forward_does(monkeypatch, optimizer_class, name):
+def test_training_with_weight_copies_computes_what_quantising_every_forward_does(
+    monkeypatch, optimizer_class, recipe_name
+):
     """Three steps, two micro-batches each: the losses and the final weights equal, bit for bit, those of the layers
     quantising their weights in every forward; each copy is quantised once a step (the optimizer's update leaves it
     stale here, on the CPU), not once a micro-batch; every copy is of the weight as it now is. (Compiled, with the
-    forward pre-hook refreshing the copies: test_fp8_compile.py's "rowwise-cached-weights", whose losses
-    equal eager's.)"""
-    recipe = FP8Recipe.named(name, backend="emulated")
+    forward pre-hook refreshing the copies: test_fp8_compile.py's "rowwise-cached-weights" and
+    "deepseek-cached-weights", whose losses equal eager's.)"""
+    recipe = FP8Recipe.named(recipe_name, backend="emulated")
     cached, plain = small_model(dataclasses.replace(recipe, cache_weights=True)), small_model(recipe)
     assert len(copies_of(cached)) > 10 and not copies_of(plain)
     fills, fill = [], FP8WeightCopy.fill
