@@ -44,7 +44,7 @@ def time_shape(shape, backend, rows_list) -> dict[str, float]:
         )
     row["fused (default)"] = triton.testing.do_bench(lambda: adamw_update_fp8(p, g, m, v, *HYPER, copy))
     if copy.amax_t is not None:  # the same update and rows without the columns' amaxes (whole rows, no loop)
-        rows_only = FP8WeightCopy(copy.q, copy.scale, None, copy.pow2)
+        rows_only = FP8WeightCopy(copy.q, copy.scale, amax_t=None, pow2=copy.pow2)
         row["fused, no column amaxes"] = triton.testing.do_bench(
             lambda: adamw_update_fp8(p, g, m, v, *HYPER, rows_only)
         )

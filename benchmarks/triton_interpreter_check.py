@@ -1138,7 +1138,7 @@ def adamw_fp8_kernel() -> dict[str, bool]:
                 m, v = torch.zeros_like(p), torch.zeros_like(p)
                 want = [p.clone(), m.clone(), v.clone()]
                 q, scale, amax = quantize_rowwise_amax_triton(p, rows, cols_out, pow2)
-                copy = FP8WeightCopy(q, scale, amax, pow2)
+                copy = FP8WeightCopy(q, scale, amax_t=amax, pow2=pow2)
                 for step in (1, 2):
                     g = torch.randn(shape).bfloat16()
                     hyper = (1e-3, 0.9, 0.95, 1e-8, 0.05 / (1 - 0.9**step), (1 - 0.95**step) ** 0.5)

@@ -38,9 +38,9 @@ class FP8WeightCopy:
     q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     amax_t: torch.Tensor | None = None
-    q_t: torch.Tensor | None = None
     pow2: bool = False
     made_from: tuple = ()
+    q_t: torch.Tensor | None = None
 
     @staticmethod
     def _source(w: torch.Tensor) -> tuple:
