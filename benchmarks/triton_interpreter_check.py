@@ -10,7 +10,7 @@ layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-h
 linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
 layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's routed-expert kernels that write FP8
 rows beside their bf16 results (`modeling/fp8_moe_triton.py`), and AdamW's update writing the FP8 copy of the new
-weight (`modeling/fp8_adamw_triton.py`).
+weight (`modeling/fp8_adamw_triton.py`: W's rows, or W's 128x128 blocks and W^T's).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -1158,6 +1158,48 @@ def adamw_fp8_kernel() -> dict[str, bool]:
     return results
 
 
+def adamw_fp8_blocks_kernel() -> dict[str, bool]:
+    """The blockwise copy's update (`fp8_adamw_triton._adamw_fp8_blocks_kernel`) against the plain kernel's update
+    followed by the Hopper block quantiser of the new W and of W^T: weight, moments, W's blocks, their scales and
+    W^T's values bit for bit, over two steps (partial blocks and padding included)."""
+    from hf_deepseek.kernels import _adamw_triton
+    from hf_deepseek.modeling.fp8_adamw_triton import adamw_update_fp8, fusable
+    from hf_deepseek.modeling.fp8_numerics import FP8Recipe
+    from hf_deepseek.modeling.fp8_triton import HopperBackend
+    from hf_deepseek.modeling.fp8_weight_cache import FP8WeightCopy
+
+    results = {}
+    with gpu_store_rounding():
+        for shape in ((2, 200, 140), (130, 260), (40, 72)):
+            for pow2 in (False, True):
+                backend = HopperBackend(FP8Recipe(gemm="triton", pow2_scales=pow2), torch.device("cpu"))
+                torch.manual_seed(len(shape))
+                p = (torch.randn(shape) * 3).bfloat16()
+                m, v = torch.zeros_like(p), torch.zeros_like(p)
+                want = [p.clone(), m.clone(), v.clone()]
+                copy = FP8WeightCopy()
+                copy.fill(backend, p)
+                ok = True
+                for step in (1, 2):
+                    g = torch.randn(shape).bfloat16()
+                    hyper = (1e-3, 0.9, 0.95, 1e-8, 0.05 / (1 - 0.9**step), (1 - 0.95**step) ** 0.5)
+                    ok = ok and fusable(p, g, m, v, copy)
+                    adamw_update_fp8(p, g, m, v, *hyper, copy)
+                    _adamw_triton.adamw_update(want[0], g, want[1], want[2], *hyper)
+                q, scale = backend.quantize_weight(want[0])
+                q_t = backend.quantize_weight_t(want[0], q, scale)[0]
+                results[f"{tuple(shape)} pow2={pow2}"] = (
+                    ok
+                    and all(torch.equal(a, b) for a, b in zip((p, m, v), want, strict=True))
+                    and _same((copy.q, copy.scale), (q, scale))
+                    and torch.equal(copy.q_t.view(torch.uint8), q_t.view(torch.uint8))
+                )
+    for name, ok in results.items():
+        verdict = "as the update then the quantiser" if ok else "DIFFERENT"
+        print(f"  adamw writing the blockwise FP8 copy {name}: {verdict}")
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -1178,6 +1220,7 @@ if __name__ == "__main__":
     fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
     fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
     adamw_fp8 = adamw_fp8_kernel()  # AdamW's update writing the weight's FP8 copy section
+    adamw_fp8 |= {f"blockwise {k}": ok for k, ok in adamw_fp8_blocks_kernel().items()}  # and the blockwise copy
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
