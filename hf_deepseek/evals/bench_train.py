@@ -446,7 +446,7 @@ def bench_variant(
     return result
 
 
-def profile_step(model, optimizer, batches, device: torch.device, path: Path, top: int = 25) -> str:
+def profile_step(model, optimizer, batches, device: torch.device, path: Path, top: int = 60) -> str:
     """Where a step's time goes: the `top` kernels by total device time over `batches` (one optimizer step each,
     after warm-up) and the time per kind of kernel; written to `path` (with torch's operator table below it) and
     returned."""
