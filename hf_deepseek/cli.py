@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad (with the linear layers' weight gradient in bf16, torch's grouped "
         "GEMM for the experts' and the projections of a shared input joined), "
         "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights (and the weights' blocks written by the optimizer's "
-        "update) "
+        "update), hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-fused-moe (or the routed experts' whole MLP in one "
+        "function) and hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights-fused-moe (both) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -39,6 +39,11 @@ RECIPES = {
     # and with its weights' copies (W's blocks and W^T's)
     "deepseek-hp-wgrad": ("deepseek", BLOCKWISE_HP_WGRAD),
     "deepseek-cached-weights": ("deepseek", {**BLOCKWISE_HP_WGRAD, "cache_weights": True}),
+    # and the routed experts' whole MLP in one function, with the copies
+    "deepseek-cached-weights-fused-moe": (
+        "deepseek",
+        {**BLOCKWISE_HP_WGRAD, "cache_weights": True, "fused_moe_quantization": True},
+    ),
 }
 
 

@@ -18,6 +18,12 @@ from hf_deepseek.modeling.moe import RoutedExperts
 gpu = pytest.mark.gpu
 FUSED = FP8Recipe.named("rowwise", backend="emulated")  # the rowwise recipe's default: the whole MLP fused
 LAYER_BY_LAYER = dataclasses.replace(FUSED, fused_moe_quantization=False)
+# the paper's recipe: the layer-by-layer path by default, the whole MLP (1x128 tiles) with the field set
+BLOCKWISE = FP8Recipe.named("deepseek", backend="emulated")
+RECIPE_PAIRS = {
+    "rowwise": (FUSED, LAYER_BY_LAYER),
+    "deepseek": (dataclasses.replace(BLOCKWISE, fused_moe_quantization=True), BLOCKWISE),
+}
 NAMES = ("output", "d tokens", "d routing weights", "d gate_up", "d down")
 
 
@@ -72,13 +78,14 @@ def output_and_gradients(experts, recipe, x, indices, weights, d_out):
     return (out, *torch.autograd.grad(out, [x, weights, module.gate_up_proj, module.down_proj], d_out))
 
 
-def test_fused_moe_quantisation_computes_what_the_layer_by_layer_path_does():
-    """The whole-MLP function against the layer-by-layer FP8 path (emulated rowwise recipe), in float32: the output
+@pytest.mark.parametrize("recipe", list(RECIPE_PAIRS))
+def test_fused_moe_quantisation_computes_what_the_layer_by_layer_path_does(recipe):
+    """The whole-MLP function against the layer-by-layer FP8 path (emulated, both recipes), in float32: the output
     and the gradients of the tokens, the routing weights and both expert weights. The SwiGLU's values are the same
     either way, so the FP8 operands and the output are identical; the gradients' sums run in other orders."""
     experts, inputs = experts_and_inputs(torch.float32)
-    fused = output_and_gradients(experts, FUSED, *inputs)
-    apart = output_and_gradients(experts, LAYER_BY_LAYER, *inputs)
+    fused = output_and_gradients(experts, RECIPE_PAIRS[recipe][0], *inputs)
+    apart = output_and_gradients(experts, RECIPE_PAIRS[recipe][1], *inputs)
     assert torch.equal(fused[0], apart[0])
     for name, got, want in zip(NAMES, fused, apart, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, name
@@ -86,20 +93,23 @@ def test_fused_moe_quantisation_computes_what_the_layer_by_layer_path_does():
     assert fused[3].abs().sum() > 0 and not fused[3][3].any() and not fused[4][3].any()  # expert 3: no gradient
 
 
-def test_fused_moe_quantisation_in_bf16_is_the_layer_by_layer_path_bit_for_bit():
+@pytest.mark.parametrize("recipe", list(RECIPE_PAIRS))
+def test_fused_moe_quantisation_in_bf16_is_the_layer_by_layer_path_bit_for_bit(recipe):
     """In bf16 the function rounds every intermediate where eager torch and autograd round the layer-by-layer
     path's (silu(gate), then its product with up; d_h * up before silu's derivative; each product of the routing
     weight's gradient), so its output and all four gradients are that path's, bit for bit."""
     experts, inputs = experts_and_inputs(torch.bfloat16)
-    fused = output_and_gradients(experts, FUSED, *inputs)
-    apart = output_and_gradients(experts, LAYER_BY_LAYER, *inputs)
+    fused = output_and_gradients(experts, RECIPE_PAIRS[recipe][0], *inputs)
+    apart = output_and_gradients(experts, RECIPE_PAIRS[recipe][1], *inputs)
     for name, got, want in zip(NAMES, fused, apart, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
-def test_fused_moe_quantisation_needs_the_rowwise_recipe_and_leaves_other_experts_layer_by_layer(monkeypatch):
-    with pytest.raises(ValueError, match=r"^FP8Recipe.fused_moe_quantization needs scaling='rowwise'$"):
-        FP8Recipe(fused_moe_quantization=True)
+def test_fused_moe_quantisation_needs_the_bf16_weight_gradient_and_leaves_other_experts_layer_by_layer(monkeypatch):
+    with pytest.raises(
+        ValueError, match=r"^FP8Recipe.fused_moe_quantization computes the experts' weight gradient in bf16$"
+    ):
+        FP8Recipe(fused_moe_quantization=True, grouped_wgrad="fp8")
     calls = []  # the function's calls, each answered with its first argument (x, of the output's shape)
     monkeypatch.setattr(fp8_moe.FP8RoutedMLPFunction, "apply", lambda *a: calls.append(a) or a[0])
     experts, inputs = experts_and_inputs(torch.float32)
@@ -107,6 +117,10 @@ def test_fused_moe_quantisation_needs_the_rowwise_recipe_and_leaves_other_expert
         module = convert_to_fp8_training(copy.deepcopy(experts), dataclasses.replace(FUSED, **overrides))
         module(*inputs[:3])
         assert len(calls) == (1 if not overrides else 0), overrides
+    fused_blocks = RECIPE_PAIRS["deepseek"][0]  # DeepGEMM's input gradient reads W's blocks: layer by layer
+    for recipe, wanted in ((dataclasses.replace(fused_blocks, grouped_gemm="deep_gemm"), 1), (fused_blocks, 2)):
+        convert_to_fp8_training(copy.deepcopy(experts), recipe)(*inputs[:3])
+        assert len(calls) == wanted, recipe
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -104,6 +104,10 @@ BLOCKWISE_HP_WGRAD = {
 }
 # and its weights' blocks (W's and W^T's) written once per optimizer step by its update (`FP8Recipe.cache_weights`)
 OURS_FP8_FBGEMM_BLOCKWISE_CACHED = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights"
+# or its routed experts' whole MLP in one function (`FP8Recipe.fused_moe_quantization`: the combine's gradient in one
+# gather, the 1x128 tiles of its operands in the torch operations Inductor fuses with their producers); and both
+OURS_FP8_FBGEMM_BLOCKWISE_FUSED_MOE = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-fused-moe"
+OURS_FP8_FBGEMM_BLOCKWISE_CACHED_FUSED_MOE = "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights-fused-moe"
 # FP8 variants -> (named recipe, compiled, recipe overrides): "deepseek" is the paper's blockwise recipe, "rowwise"
 # torchtitan's; the uncompiled ones place differences between the compiled step and the kernels
 FP8_VARIANTS = {
@@ -158,6 +162,12 @@ FP8_VARIANTS = {
     OURS_FP8_FBGEMM_BLOCKWISE: ("deepseek", True, {"grouped_gemm": "fbgemm"}),
     OURS_FP8_FBGEMM_BLOCKWISE_HP_WGRAD: ("deepseek", True, BLOCKWISE_HP_WGRAD),
     OURS_FP8_FBGEMM_BLOCKWISE_CACHED: ("deepseek", True, {**BLOCKWISE_HP_WGRAD, "cache_weights": True}),
+    OURS_FP8_FBGEMM_BLOCKWISE_FUSED_MOE: ("deepseek", True, {**BLOCKWISE_HP_WGRAD, "fused_moe_quantization": True}),
+    OURS_FP8_FBGEMM_BLOCKWISE_CACHED_FUSED_MOE: (
+        "deepseek",
+        True,
+        {**BLOCKWISE_HP_WGRAD, "cache_weights": True, "fused_moe_quantization": True},
+    ),
 }
 OURS_UNFUSED_LOSS = "hf_deepseek-bf16-unfused-loss"  # full logits, then the compiled loss
 # our variants update with `kernels.adamw.TritonAdamW`, as the trainers do on CUDA; a variant name + TORCH_ADAMW: the

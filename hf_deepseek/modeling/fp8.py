@@ -331,12 +331,14 @@ class FP8RoutedExperts(RoutedExperts):
 
     def _whole_mlp_fused(self) -> bool:
         """Whether the recipe's `fused_moe_quantization` takes the whole MLP (`fp8_moe.FP8RoutedMLPFunction`): token
-        rows quantised once, both projections in FP8 and a SwiGLU activation."""
+        rows quantised once, both projections in FP8 and a SwiGLU activation (and not DeepGEMM's products, whose
+        input gradient reads W's blocks as they are: the layer-by-layer path's `grouped_gemm_nn`)."""
         recipe = self.fp8_recipe
         return (
             recipe.fused_moe_quantization
             and recipe.quantize_tokens_once
             and not recipe.grouped_bf16
+            and recipe.grouped_gemm != "deep_gemm"
             and type(self.act_fn) is _SILU
         )
 

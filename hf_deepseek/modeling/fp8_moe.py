@@ -1,4 +1,4 @@
-"""The routed experts' whole FP8 MLP in one autograd function (`FP8Recipe.fused_moe_quantization`, rowwise recipe):
+"""The routed experts' whole FP8 MLP in one autograd function (`FP8Recipe.fused_moe_quantization`):
 token rows gathered by expert -> gate/up GEMM -> SwiGLU -> down GEMM -> weighted sum over each token's experts, and
 back. Owning the chain lets the kernels that produce the FP8 GEMMs' row-scaled operands write them too, instead of
 each operand being written in bf16 and read again by a standalone quantiser:
@@ -72,7 +72,8 @@ def combine_backward_reference(
 
 
 def _triton_serves(backend, t: torch.Tensor) -> bool:
-    """Whether the Triton kernels run: the Hopper backend's rowwise recipe, outside Inductor's fused quantisation."""
+    """Whether the Triton kernels run: the Hopper backend's rowwise recipe, outside Inductor's fused quantisation (the
+    blockwise recipe's 1x128 tiles take the reference, which Inductor fuses where the step is compiled)."""
     return backend.name == "hopper" and backend.rowwise and t.is_cuda and not backend._fused()
 
 
@@ -108,10 +109,10 @@ def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
 
 class FP8RoutedMLPFunction(torch.autograd.Function):
     """out [N, d] = sum over k of weights[:, k] * down(SwiGLU(gate_up(x)))[laid-out row of (token, k)], both expert
-    GEMMs and their input gradients in FP8 (rowwise), the weight gradients in bf16. `token_pad` [rows]: the token of
-    each laid-out row (N for padding rows); `pair_rows` [N*k]: the laid-out row of each (token, choice) pair, in token
-    order; `gate_up_copy`, `down_copy`: the layer's `FP8WeightCopy`s, or None. The layout's tensors are passed one by
-    one, so that Dynamo sees plain tensor inputs."""
+    GEMMs and their input gradients in FP8 (by the backend's recipe), the weight gradients in bf16. `token_pad`
+    [rows]: the token of each laid-out row (N for padding rows); `pair_rows` [N*k]: the laid-out row of each (token,
+    choice) pair, in token order; `gate_up_copy`, `down_copy`: the layer's `FP8WeightCopy`s, or None. The layout's
+    tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
 
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
@@ -122,22 +123,26 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
         # W's FP8 rows and, from the same read, the amaxes of W^T's rows that the input gradient quantises it with
         # (or the layer's copy of them, made once per optimizer step: `FP8Recipe.cache_weights`)
-        wgu_q, wgu_s, wgu_t_amax = weight_operands(backend, w_gate_up, True, gate_up_copy)
+        wgu_q, wgu_s, wgu_t = weight_operands(backend, w_gate_up, True, gate_up_copy)
         gate_up = backend.grouped_gemm(x_q, x_s, wgu_q, wgu_s, layout, out_dtype, fast)[:, : w_gate_up.shape[-2]]
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
-        wd_q, wd_s, wd_t_amax = weight_operands(backend, w_down, True, down_copy)
+        wd_q, wd_s, wd_t = weight_operands(backend, w_down, True, down_copy)
         y = backend.grouped_gemm(h_q, h_s, wd_q, wd_s, layout, out_dtype, fast)[:, :hidden]
         out = (y.index_select(0, pair_rows).view(tokens, top_k, hidden) * weights[..., None].to(y.dtype)).sum(dim=1)
-        ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad,
-                              pair_rows, block_expert, seg_start, seg_end)  # fmt: skip
+        # rowwise: W^T requantised from W (and its column amaxes), W's FP8 rows not kept; blockwise: W^T is W's blocks
+        # transposed (or the copy's W^T), so they are kept
+        blocks = () if backend.rowwise else (wgu_q, wgu_s, wd_q, wd_s)
+        ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t, wd_t, gate_up, h, y, token_pad, pair_rows,
+                              block_expert, seg_start, seg_end, *blocks)  # fmt: skip
         ctx.backend = backend
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
-        (x, weights, w_gate_up, w_down, wgu_t_amax, wd_t_amax, gate_up, h, y, token_pad, pair_rows, block_expert,
-         seg_start, seg_end) = ctx.saved_tensors  # fmt: skip
+        (x, weights, w_gate_up, w_down, wgu_t, wd_t, gate_up, h, y, token_pad, pair_rows, block_expert, seg_start,
+         seg_end, *blocks) = ctx.saved_tensors  # fmt: skip
         backend = ctx.backend
+        wgu_q, wgu_s, wd_q, wd_s = blocks or (None,) * 4
         (tokens, hidden), top_k, inter = x.shape, weights.shape[1], h.shape[1]
         layout = ExpertLayout(None, None, None, block_expert, seg_start, seg_end, token_pad.shape[0])
         fast = "grad_input" in backend.recipe.fast_accum
@@ -145,7 +150,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         d_y, d_y_q, d_y_s, d_row_weight = combine_backward_quantised(
             backend, d_out.contiguous(), token_pad, row_weight.float(), y
         )
-        wd_t_q, wd_t_s = backend.quantize_weight_t(w_down, None, None, wd_t_amax)
+        wd_t_q, wd_t_s = backend.quantize_weight_t(w_down, wd_q, wd_s, wd_t)
         d_h = backend.grouped_gemm(d_y_q, d_y_s, wd_t_q, wd_t_s, layout, h.dtype, fast)[:, :inter]
         d_w_down = None
         if ctx.needs_input_grad[3]:
@@ -154,7 +159,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         d_gate_up, dgu_q, dgu_s = swiglu_backward_quantised(backend, d_h, gate_up)
         d_x = d_w_gate_up = None
         if ctx.needs_input_grad[0]:
-            wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, None, None, wgu_t_amax)
+            wgu_t_q, wgu_t_s = backend.quantize_weight_t(w_gate_up, wgu_q, wgu_s, wgu_t)
             d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
             d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
         if ctx.needs_input_grad[2]:

@@ -80,9 +80,10 @@ class FP8Recipe:
     (`torch._grouped_mm` over the tokens, as torch's autograd computes a bf16 model's) or "fbgemm";
     `fused_moe_quantization`: the routed experts' SwiGLU, its gradient and the gradient of the sum over each token's
     experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
-    standalone quantiser reading them again (`fp8_moe.py`: rowwise scaling, the rowwise recipe's default; experts
-    with `quantize_tokens_once`, both projections in FP8 and a SwiGLU activation take it, others the layer-by-layer
-    path);
+    standalone quantiser reading them again (`fp8_moe.py`: Triton kernels for rowwise scaling, the rowwise recipe's
+    default; the blockwise recipe's 1x128 tiles through torch operations that Inductor fuses, the combine's gradient
+    in one gather; experts with `quantize_tokens_once`, both projections in FP8, a SwiGLU activation and the weight
+    gradient in bf16 take it, others the layer-by-layer path);
     `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
     layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
     other changes to a weight make its copy afresh before the next forward; the blockwise recipe's copy keeps W^T's
@@ -126,8 +127,8 @@ class FP8Recipe:
             raise ValueError(
                 f"FP8Recipe.fast_accum names output, grad_input and grad_weight only, got {sorted(unknown)}"
             )
-        if self.fused_moe_quantization and not self.rowwise:
-            raise ValueError("FP8Recipe.fused_moe_quantization needs scaling='rowwise'")
+        if self.fused_moe_quantization and self.grouped_wgrad == "fp8":
+            raise ValueError("FP8Recipe.fused_moe_quantization computes the experts' weight gradient in bf16")
         if self.grouped_gemm == "deep_gemm" and self.rowwise:
             raise ValueError("FP8Recipe.grouped_gemm='deep_gemm' needs scaling='blockwise' (DeepGEMM's 128x128 blocks)")
         if self.rowwise and self.grouped_wgrad == "fp8":
