@@ -122,7 +122,8 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         fast = "output" in backend.recipe.fast_accum
         x_q, x_s = backend.gather_rows(*backend.quantize_rows(F.pad(x, (0, 0, 0, 1))), token_pad)  # row N: zeros
         # W's FP8 rows and, from the same read, the amaxes of W^T's rows that the input gradient quantises it with
-        # (or the layer's copy of them, made once per optimizer step: `FP8Recipe.cache_weights`)
+        # (blockwise: W's blocks; or the layer's copy of them, W^T's blocks too, made once per optimizer step:
+        # `FP8Recipe.cache_weights`)
         wgu_q, wgu_s, wgu_t = weight_operands(backend, w_gate_up, True, gate_up_copy)
         gate_up = backend.grouped_gemm(x_q, x_s, wgu_q, wgu_s, layout, out_dtype, fast)[:, : w_gate_up.shape[-2]]
         h, h_q, h_s = swiglu_quantised(backend, gate_up)
