@@ -13,8 +13,9 @@ as torch's operations and autograd do; the combine's gradient takes the routing 
 and rounds their gradient to it; and each FP8 operand is the rowwise quantisation of the bf16 tensor written beside
 it, bit for bit.
 
-On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel; elsewhere (and inside a compile with the
-recipe's `fused_quantization`) the reference below: torch operations, then the backend's quantiser.
+On CUDA with Triton (`fp8_moe_triton.py`) each of the three is one kernel for the rowwise recipe; elsewhere (inside a
+compile with the recipe's `fused_quantization`, and for the blockwise recipe's 1x128 tiles) the reference below: torch
+operations, then the backend's quantiser, which Inductor fuses with them in a compiled step.
 """
 
 from __future__ import annotations
