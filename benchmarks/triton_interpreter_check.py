@@ -9,7 +9,9 @@ layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-h
 (`kernels/_head_matmul_triton.py`), a decode step's MLA front (`kernels/_mla_front_triton.py`), the kernel of two
 linear layers of one input (`_moe_gemv_triton._pair_kernel`) and the one of an RMSNorm in the launch of the linear
 layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's routed-expert kernels that write FP8
-rows beside their bf16 results (`modeling/fp8_moe_triton.py`), and AdamW's update writing the FP8 copy of the new
+rows beside their bf16 results (`modeling/fp8_moe_triton.py`; for the blockwise recipe, the whole MLP's function
+against the layer-by-layer path with the Hopper backend's Triton quantisers and GEMMs), and AdamW's update writing
+the FP8 copy of the new
 weight (`modeling/fp8_adamw_triton.py`: W's rows, or W's 128x128 blocks and W^T's).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
@@ -1200,6 +1202,42 @@ def adamw_fp8_blocks_kernel() -> dict[str, bool]:
     return results
 
 
+def blockwise_fused_mlp() -> dict[str, bool]:
+    """The Hopper backend's blockwise experts (`fp8_moe.FP8RoutedMLPFunction` with 1x128 tiles, Triton quantisers and
+    GEMMs) against its layer-by-layer path, in bf16: the output and the four gradients bit for bit."""
+    import copy
+    import dataclasses
+
+    from hf_deepseek.modeling.fp8 import convert_to_fp8_training
+    from hf_deepseek.modeling.fp8_numerics import FP8Recipe
+    from hf_deepseek.modeling.fp8_triton import HopperBackend
+
+    config = DeepSeekConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=4, num_experts_per_tok=2,
+                            n_group=1, topk_group=1)  # fmt: skip
+    torch.manual_seed(9)
+    experts = RoutedExperts(config).to(torch.bfloat16)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x, d_out = torch.randn(300, 64).bfloat16(), torch.randn(300, 64).bfloat16()
+    indices, weights = torch.stack([torch.randperm(3)[:2] for _ in range(300)]), torch.rand(300, 2)  # expert 3 idle
+
+    def run(recipe):
+        module = convert_to_fp8_training(copy.deepcopy(experts), recipe)
+        module.fp8_backend = HopperBackend(recipe, torch.device("cpu"))
+        module.fp8_backend.device_type = "cpu"  # the interpreter's device
+        x_, weights_ = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        out = module(x_, indices, weights_)
+        return (out, *torch.autograd.grad(out, [x_, weights_, module.gate_up_proj, module.down_proj], d_out))
+
+    layer_by_layer = FP8Recipe.named("deepseek", gemm="triton")
+    fused = run(dataclasses.replace(layer_by_layer, fused_moe_quantization=True))
+    names = ("output", "d tokens", "d routing weights", "d gate_up", "d down")
+    results = {name: torch.equal(a, b) for name, a, b in zip(names, fused, run(layer_by_layer), strict=True)}
+    for name, ok in results.items():
+        print(f"  blockwise whole experts' MLP, {name}: {'as layer by layer' if ok else 'DIFFERENT'}")
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
@@ -1221,6 +1259,7 @@ if __name__ == "__main__":
     fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
     adamw_fp8 = adamw_fp8_kernel()  # AdamW's update writing the weight's FP8 copy section
     adamw_fp8 |= {f"blockwise {k}": ok for k, ok in adamw_fp8_blocks_kernel().items()}  # and the blockwise copy
+    fused_moe |= {f"blockwise {k}": ok for k, ok in blockwise_fused_mlp().items()}  # the blockwise experts' MLP
     print(f"rowwise quantiser: {sum(quantiser.values())}/{len(quantiser)} cases bit-identical")
     for name, same in quantiser.items():
         if not same:
