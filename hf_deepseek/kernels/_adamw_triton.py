@@ -25,21 +25,31 @@ def adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correc
 
 
 @triton.jit
+def adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, mask, lr_decay, beta1, beta2, eps, step_size,
+                   bias_correction2_sqrt):  # fmt: skip
+    """`adamw_values` of the elements at `offsets`, read and written back in the tensors' dtypes; returns the new p
+    as stored (in p's dtype; zero where `mask` is off: every input reads as zero there)."""
+    p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
+    p = p.to(p_ptr.dtype.element_ty)
+    tl.store(p_ptr + offsets, p, mask=mask)
+    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
+    return p
+
+
+@triton.jit
 def _adamw_kernel(
     p_ptr, g_ptr, m_ptr, v_ptr, n, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """`adamw_values` for the program's BLOCK elements of n."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
-    ok = offsets < n
-    p = tl.load(p_ptr + offsets, mask=ok).to(tl.float32)
-    g = tl.load(g_ptr + offsets, mask=ok).to(tl.float32)
-    m = tl.load(m_ptr + offsets, mask=ok).to(tl.float32)
-    v = tl.load(v_ptr + offsets, mask=ok).to(tl.float32)
-    p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=ok)
-    tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=ok)
-    tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=ok)
+    adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < n, lr_decay, beta1, beta2, eps, step_size,
+                   bias_correction2_sqrt)  # fmt: skip
 
 
 def adamw_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt) -> None:

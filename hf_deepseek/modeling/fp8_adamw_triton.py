@@ -1,7 +1,7 @@
 """AdamW's update of an FP8 layer's weight that also writes the weight's FP8 copy (`fp8_weight_cache.py`): one Triton
 kernel reads the weight, its gradient and both moments once, writes the new weight and moments as
-`kernels/_adamw_triton.py` does (the same arithmetic, `adamw_values`), and quantises the new weight's rows from the
-registers that hold them, as `fp8_triton.quantize_rowwise_amax_triton` would from the stored weight, bit for bit:
+`kernels/_adamw_triton.py` does (its `adamw_in_place`), and quantises the new weight's rows from the registers that
+hold them, as `fp8_triton.quantize_rowwise_amax_triton` would from the stored weight, bit for bit:
 the rows' FP8 values and scales, and for the routed experts' batched weights each column's amax (folded over a
 program's rows, merged with one atomic max a column, as the "rows_amax" plan does). Rows of at most 4096 values
 (whole rows in registers); wider weights take the plain update, and their copy is quantised afresh.
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels._adamw_triton import adamw_values
+from ..kernels._adamw_triton import adamw_in_place
 from ..kernels.moe_gemv import triton_available
 from .fp8_numerics import _INTERPRET, _ceil_to, rowwise_amax_plan
 from .fp8_triton import _abs_bits, _abs_nan_as_inf, _bits_to_float, _encode_e4m3, _row_scales, _scale_of, _to_e4m3
@@ -51,15 +51,9 @@ def _adamw_fp8_rows_kernel(
         r64 = tl.cast(r, tl.int64)[:, None]
         inside = (r < R)[:, None] & in_cols
         offsets = p_base + r64 * C
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-        p = p.to(p_ptr.dtype.element_ty)  # the stored weight, which the copy is of (zero outside: all inputs zero)
-        tl.store(p_ptr + offsets, p, mask=inside)
-        tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=inside)
-        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=inside)
+        # the stored weight, which the copy is of (zero outside)
+        p = adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, inside, lr_decay, beta1, beta2, eps, step_size,
+                           bias_correction2_sqrt)  # fmt: skip
         bits = _abs_bits(p)
         if AMAX:
             acc = tl.maximum(acc, bits)
@@ -90,15 +84,9 @@ def _adamw_fp8_blocks_kernel(
         rows = pid_n * 128 + i + tl.arange(0, ROWS)
         inside = (rows < N)[:, None] & in_cols
         offsets = batch * N * K + tl.cast(rows, tl.int64)[:, None] * K + cols[None, :]
-        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        m = tl.load(m_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        p, m, v = adamw_values(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt)
-        p = p.to(p_ptr.dtype.element_ty)  # the stored weight, which the copy is of (zero outside: all inputs zero)
-        tl.store(p_ptr + offsets, p, mask=inside)
-        tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=inside)
-        tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=inside)
+        # the stored weight, which the copy is of (zero outside)
+        p = adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, inside, lr_decay, beta1, beta2, eps, step_size,
+                           bias_correction2_sqrt)  # fmt: skip
         acc = tl.maximum(acc, _abs_nan_as_inf(p.to(tl.float32)))
     scale = _scale_of(tl.max(tl.max(acc, axis=1), axis=0), POW2)
     tl.debug_barrier()  # the block's new values, read back below, were stored by every thread of the program
