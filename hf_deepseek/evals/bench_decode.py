@@ -673,14 +673,17 @@ def run_generate_row(
         return _measure_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir, kwargs)
 
 
-def _measure_generate_row(name, model, plan, device, floor, bandwidth, progress, emit, output_dir, kwargs):
-    """`run_generate_row`'s cells, with its generate() arguments `kwargs`."""
+def _measure_generate_row(
+    name, model, plan, device, floor, bandwidth, progress, emit, output_dir, kwargs, new_tokens: int | None = None
+):
+    """`run_generate_row`'s cells, with its generate() arguments `kwargs`; `new_tokens` 1: the prefill alone (no ms
+    per new token, no floor: `run_prefill_row`)."""
     floor_cache_size = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    n = new_tokens or plan.generate_new_tokens
     cells = []
     for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
         for context in plan.row_contexts.get(name, plan.contexts):
             cell = DecodeCell(name, batch, context)
-            n = plan.generate_new_tokens
             try:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -688,16 +691,17 @@ def _measure_generate_row(name, model, plan, device, floor, bandwidth, progress,
                 ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
                 time_generate(model, ids, n, device, **kwargs)  # warm-up: compilation, CUDA graphs
                 prefill_s = median_generate_s(model, ids, 1, device, **kwargs)
-                total_s = median_generate_s(model, ids, n, device, **kwargs)
-                cell.ms_per_step = 1000 * (total_s - prefill_s) / (n - 1)
-                cell.tokens_per_s = batch * 1000 / cell.ms_per_step
+                if n > 1:
+                    total_s = median_generate_s(model, ids, n, device, **kwargs)
+                    cell.ms_per_step = 1000 * (total_s - prefill_s) / (n - 1)
+                    cell.tokens_per_s = batch * 1000 / cell.ms_per_step
+                    floor_bytes = step_weight_bytes(floor, batch) + cache_bytes(
+                        model.config, batch, context, floor_cache_size
+                    )
+                    cell.floor_ms = 1000 * floor_bytes / bandwidth
+                    cell.floor_fraction = cell.floor_ms / cell.ms_per_step
                 if device.type == "cuda":
                     cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-                floor_bytes = step_weight_bytes(floor, batch) + cache_bytes(
-                    model.config, batch, context, floor_cache_size
-                )
-                cell.floor_ms = 1000 * floor_bytes / bandwidth
-                cell.floor_fraction = cell.floor_ms / cell.ms_per_step
                 cell.prefill_ms = 1000 * prefill_s
                 cell.prefill_tokens_per_s = batch * context / prefill_s
                 cell.note = f"prefill {cell.prefill_ms:.1f} ms"
@@ -710,7 +714,8 @@ def _measure_generate_row(name, model, plan, device, floor, bandwidth, progress,
                 cell.note = "out of memory"
             except Exception as error:  # a row that fails is reported, the others still run
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            progress(f"{name} batch {batch} context {context}: {cell.ms_per_step} ms/token {cell.note}")
+            speed = f"{cell.ms_per_step} ms/token" if n > 1 else f"{cell.prefill_tokens_per_s} tokens/s"
+            progress(f"{name} batch {batch} context {context}: {speed} {cell.note}")
             cells.append(cell)
             if emit is not None:  # each cell reported as it is measured
                 emit(cell)
@@ -725,32 +730,7 @@ def run_prefill_row(name: str, model, plan: DecodePlan, device, progress, emit=N
     static cache, ours by its default path (whole prompts in groups, long ones in chunks, straight into the latent
     cache). Prompt tokens a second and peak memory; an out-of-memory cell is noted, and the next cell runs."""
     kwargs = {"cache_implementation": "static"} if name.startswith("transformers") else {}
-    cells = []
-    for batch in plan.row_batch_sizes.get(name, plan.batch_sizes):
-        for context in plan.row_contexts.get(name, plan.contexts):
-            cell = DecodeCell(name, batch, context)
-            try:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
-                ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
-                time_generate(model, ids, 1, device, **kwargs)  # warm-up
-                prefill_s = median_generate_s(model, ids, 1, device, **kwargs)
-                cell.prefill_ms = 1000 * prefill_s
-                cell.prefill_tokens_per_s = batch * context / prefill_s
-                if device.type == "cuda":
-                    cell.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
-                cell.note = f"prefill {cell.prefill_ms:.1f} ms"
-            except torch.OutOfMemoryError:
-                cell.note = "out of memory"
-            except Exception as error:  # a cell that fails is reported, the others still run
-                cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            progress(f"{name} batch {batch} context {context}: {cell.prefill_tokens_per_s} tokens/s {cell.note}")
-            cells.append(cell)
-            if emit is not None:
-                emit(cell)
-    model.__dict__.pop("_fast_decode_buffers", None)
-    return cells
+    return _measure_generate_row(name, model, plan, device, None, None, progress, emit, None, kwargs, new_tokens=1)
 
 
 MTP_PROMPT_KINDS = ("auto", "random", "task")
