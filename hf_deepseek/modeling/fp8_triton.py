@@ -545,8 +545,8 @@ def _col_major(scale: torch.Tensor) -> torch.Tensor:
 def _pad_k_blocks(a, a_scale, b, b_scale):
     """The operands of a blockwise product with zero columns (scale 1) that bring K to a multiple of 4 blocks:
     cuBLAS reads 128x128 scales with a leading dimension padded to 4 K-blocks (without, products such as the input
-    gradient of q_a/kv_a joined, K of 17 blocks, or the shared experts' down, 22, went to the Triton kernel, at about
-    400 TFLOP/s in the bench's step), and a zero tile adds nothing to the sum."""
+    gradient of q_a/kv_a joined, K of 17 blocks, or the shared experts' down, 22, went to the Triton kernel: 15.6 ms
+    in 33 launches of the bench's blockwise step), and a zero tile adds nothing to the sum."""
     extra = -(a.shape[1] // BLOCK) % 4
 
     def pad(q):
