@@ -25,7 +25,7 @@
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
 # Writes to $OUT (at most 8 files): bench_train.json, titan_anchor.json, bench_train_v3_width.json, profiles.txt,
 # fp8_train_compare.json, fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log, pytest.log and bench_train.md).
-# Env: BUDGET, TEST_WALL, PROBE=1 (and PROBE_S, default 70: benchmarks/grouped_gemm_candidates.py before the bench, its
+# Env: BUDGET, TEST_WALL, LOSS_SEEDS (the bench's --loss-seeds, default 4: ~3 s a trajectory of the bench shape), PROBE=1 (and PROBE_S, default 70: benchmarks/grouped_gemm_candidates.py before the bench, its
 # JSON and table in logs.tgz), PY (python, default python3), VARIANTS, PROFILE_VARIANTS, TITAN_VARIANTS, V3_VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
 # SMOKE=1: the same steps at tiny shapes on the CPU (the GPU tests are then skipped), a check of the script itself.
 START=$(date +%s)
@@ -81,7 +81,7 @@ EAGER_FP8=hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-ea
 VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,$EAGER_FP8}
 PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - AFTER_BENCH )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
   --variants $VARIANTS --profile-variants ${PROFILE_VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise} \
-  --output-dir $W/bt > $L/bench_train.log 2>&1
+  --loss-seeds ${LOSS_SEEDS:-4} --output-dir $W/bt > $L/bench_train.log 2>&1
 say "bench train: exit $?"
 grep -E "ms/step|failed" $L/bench_train.log | cut -c1-400
 cp $W/bt/bench_train.json $OUT/ 2>/dev/null
@@ -95,7 +95,7 @@ grep -A 12 "time per step" $OUT/profiles.txt | head -60
 if [ -n "${V3_VARIANTS:-}" ]; then
   mkdir -p $W/v3
   PYTHONPATH=$PROJECT_PATH timeout -k 10 $(( $(left) - 75 )) $PY -m hf_deepseek.cli bench train $DEV $BENCH_SMOKE \
-    --shape v3-width --variants $V3_VARIANTS --output-dir $W/v3 > $L/bench_train_v3_width.log 2>&1
+    --shape v3-width --variants $V3_VARIANTS --loss-seeds ${LOSS_SEEDS:-4} --output-dir $W/v3 > $L/bench_train_v3_width.log 2>&1
   say "bench train --shape v3-width: exit $?"
   grep -E "ms/step|failed" $L/bench_train_v3_width.log | cut -c1-400
   cp $W/v3/bench_train.json $OUT/bench_train_v3_width.json 2>/dev/null

@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )
+    bench_train.add_argument(
+        "--loss-seeds",
+        type=positive_int,
+        help="trajectories of the matched-loss comparison: the timed one, then more from the same initial weights "
+        "over other random batches, each variant's mean loss averaged over them (default 1)",
+    )
     bench_train.add_argument("--peak-tflops", type=float, help="bf16 matmul peak that MFU is relative to (790)")
     bench_train.add_argument("--profile", action="store_true", help="also write kernel-time tables of our variants")
     bench_train.add_argument("--profile-variants", help="comma-separated: profile only these variants (one step each)")

@@ -90,6 +90,37 @@ def test_every_variant_is_named_in_the_help():
     assert [v for v in VARIANTS if v not in variants_help] == []
 
 
+def test_loss_seeds_train_again_from_the_initial_weights_over_other_batches(tmp_path):
+    """`--loss-seeds 3`: after the timed trajectory, two more from the same initial weights (parameters and the
+    routers' balancing biases written back, the optimizer's moments and steps dropped) over other random batches:
+    each exactly the trajectory of a freshly built model and optimizer over those batches."""
+    from hf_deepseek import DeepSeekConfig
+    from hf_deepseek.evals.bench_train import TINY_TRAIN_PLAN, build_model, run_steps, training_batches
+    from hf_deepseek.kernels.adamw import TritonAdamW
+
+    args = ["bench", "train", "--device", "cpu", "--tiny", "--steps", "2", "--output-dir", str(tmp_path)]
+    main([*args, "--variants", f"{OURS},{OURS_FP8_ROWWISE}", "--loss-seeds", "3"])
+    results = json.loads((tmp_path / "bench_train.json").read_text())
+    variants = {v["name"]: v for v in results["variants"]}
+    for v in variants.values():
+        assert len(v["seed_losses"]) == 3 and v["seed_losses"][0] == v["losses"], v["name"]
+        assert len({tuple(x) for x in v["seed_losses"]}) == 3, v["name"]  # other batches, other losses
+        means = [sum(x) / len(x) for x in v["seed_losses"]]
+        assert v["mean_loss_over_seeds"] == pytest.approx(sum(means) / 3, rel=1e-12)
+    plan = TINY_TRAIN_PLAN
+    config = DeepSeekConfig(**plan.config)
+    model = build_model(OURS, config, torch.device("cpu"), torch.float32)
+    batches = training_batches(plan, config.vocab_size, plan.warmup_steps + 2, torch.device("cpu"), seed=2)
+    optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
+    fresh = [float(x) for x in run_steps(model, optimizer, batches, torch.device("cpu"))[1]]
+    assert variants[OURS]["seed_losses"][2] == fresh
+    relative = results["ratios"][f"{OURS_FP8_ROWWISE} mean loss over 3 seeds relative to {OURS}"]
+    assert relative == pytest.approx(
+        variants[OURS_FP8_ROWWISE]["mean_loss_over_seeds"] / variants[OURS]["mean_loss_over_seeds"] - 1
+    )
+    assert "| mean loss, 3 seeds |" in (tmp_path / "bench_train.md").read_text()
+
+
 def test_profile_writes_a_kernel_table_of_one_step_for_the_variants_asked(tmp_path, capsys):
     from hf_deepseek.evals.bench_train import kernel_kind
 

@@ -209,6 +209,10 @@ class TrainBenchPlan:
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     profile: bool = False  # a kernel-time table of one step of each of our variants (`profile_variants`: of those)
     profile_variants: list[str] | None = None
+    # trajectories of the matched-loss comparison: the timed one, then loss_seeds - 1 more from the same initial
+    # weights over batches of other random patterns (a 13-step trajectory moves by ~2% of its mean loss when FP8's
+    # roundings change, so one trajectory alone cannot tell a recipe's loss from bf16's at 0.25%)
+    loss_seeds: int = 1
 
 
 # the REFERENCE.md training config (8 layers, hidden 2048, 64 experts top-6), without the MTP layer
@@ -264,6 +268,8 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     final_loss: float | None = None  # mean of the last 3 steps
     mean_loss: float | None = None  # mean over all steps: the matched-loss comparison (the curve falls to ~0)
+    seed_losses: list[list[float]] = field(default_factory=list)  # each trajectory's losses, the timed one first
+    mean_loss_over_seeds: float | None = None  # mean of every trajectory's mean loss
     note: str = ""
 
 
@@ -292,10 +298,13 @@ def step_flops(config: DeepSeekConfig, batch_size: int, seq_len: int) -> tuple[f
     return flops_6n + attention, flops_6n
 
 
-def training_batches(plan: TrainBenchPlan, vocab: int, count: int, device: torch.device) -> list[torch.Tensor]:
+def training_batches(
+    plan: TrainBenchPlan, vocab: int, count: int, device: torch.device, seed: int = 0
+) -> list[torch.Tensor]:
     """`count` batches [B, T] (the same for every variant), cycling over two distinct ones whose rows repeat a
-    random pattern: seen again every other step, they are learnt within a few steps, so losses can be compared."""
-    gen = torch.Generator().manual_seed(1234)
+    random pattern: seen again every other step, they are learnt within a few steps, so losses can be compared.
+    `seed` picks the patterns (0: the timed trajectory's)."""
+    gen = torch.Generator().manual_seed(1234 + seed)
     repeats = -(-plan.seq_len // plan.pattern_len)
     distinct = []
     for _ in range(2):
@@ -427,6 +436,7 @@ def bench_variant(
 
             optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
+        initial = snapshot(model) if plan.loss_seeds > 1 else None
         _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -445,6 +455,13 @@ def bench_variant(
         if plan.profile and name != PEER and (plan.profile_variants is None or name in plan.profile_variants):
             table = profile_step(model, optimizer, batches[:1], device, out / f"profile_{name}.txt")
             print(f"{name}: one step after warm-up\n{table}", flush=True)
+        result.seed_losses = [result.losses]
+        for seed in range(1, plan.loss_seeds):  # after the timed steps, the profile and the peak memory
+            restore(model, initial)
+            optimizer.state.clear()  # moments and step counts start again (both AdamWs make them at their next step)
+            more = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device, seed)
+            result.seed_losses.append([float(x) for x in run_steps(model, optimizer, more, device)[1]])
+        result.mean_loss_over_seeds = statistics.fmean(statistics.fmean(x) for x in result.seed_losses)
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
@@ -454,6 +471,18 @@ def bench_variant(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers (the routers' balancing biases among them), copied to the host."""
+    return {key: t.detach().to("cpu", copy=True) for key, t in model.state_dict().items()}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`snapshot`'s values written back in place: the compiled graphs stay, FP8 weight copies see a changed weight."""
+    for key, t in model.state_dict().items():
+        t.copy_(state[key])
 
 
 def profile_step(model, optimizer, batches, device: torch.device, path: Path, top: int = 60) -> str:
@@ -531,6 +560,10 @@ def ratios(results: list[TrainResult]) -> dict[str, float]:
             out[f"{fp8} / {bf16}"] = by_name[fp8].tokens_per_s / by_name[bf16].tokens_per_s
             if by_name[bf16].mean_loss:
                 out[f"{fp8} mean loss relative to {bf16}"] = by_name[fp8].mean_loss / by_name[bf16].mean_loss - 1
+            seeds = len(by_name[fp8].seed_losses)
+            if seeds > 1 and len(by_name[bf16].seed_losses) == seeds:
+                relative = by_name[fp8].mean_loss_over_seeds / by_name[bf16].mean_loss_over_seeds - 1
+                out[f"{fp8} mean loss over {seeds} seeds relative to {bf16}"] = relative
     return out
 
 
@@ -538,15 +571,20 @@ def markdown_table(results: list[TrainResult]) -> str:
     def fmt(value, spec: str) -> str:
         return "" if value is None else format(value, spec)
 
+    seeds = max((len(r.seed_losses) for r in results), default=0)
+    over_seeds = f" mean loss, {seeds} seeds |" if seeds > 1 else ""
     rows = [
-        "| variant | step ms | tokens/s | model TFLOP/s | 6N TFLOP/s | MFU | peak GiB | mean loss | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| variant | step ms | tokens/s | model TFLOP/s | 6N TFLOP/s | MFU | peak GiB | mean loss |"
+        + f"{over_seeds} note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if over_seeds else "") + "---|",
     ]
     for r in results:
         rows.append(
             f"| {r.name} | {fmt(r.step_ms, '.1f')} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.model_tflops, '.1f')} | "
             f"{fmt(r.tflops_6n, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.peak_memory_gib, '.2f')} | "
-            f"{fmt(r.mean_loss, '.4f')} | {r.note} |"
+            f"{fmt(r.mean_loss, '.4f')} |"
+            + (f" {fmt(r.mean_loss_over_seeds, '.4f')} |" if over_seeds else "")
+            + f" {r.note} |"
         )
     return "\n".join(rows)
 
@@ -586,6 +624,12 @@ def run_train_bench(
                 f"{name}: {result.step_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}, "
                 f"peak {result.peak_memory_gib or 0:.1f} GiB, mean loss {result.mean_loss:.4f}; losses "
                 + " ".join(f"{x:.3f}" for x in result.losses)
+                + (
+                    f"; mean loss of each of {len(result.seed_losses)} seeds "
+                    + " ".join(f"{statistics.fmean(x):.4f}" for x in result.seed_losses)
+                    if len(result.seed_losses) > 1
+                    else ""
+                )
             )
         else:
             progress(f"{name}: {result.note}")
@@ -606,9 +650,9 @@ def plan_from_args(args: argparse.Namespace) -> TrainBenchPlan:
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
     plan = TrainBenchPlan(**asdict(TINY_TRAIN_PLAN if args.tiny else SHAPES[shape]))
-    for name in ("batch_size", "seq_len", "steps", "warmup_steps", "peak_tflops"):
-        if getattr(args, name) is not None:
-            setattr(plan, name, getattr(args, name))
+    for name in ("batch_size", "seq_len", "steps", "warmup_steps", "peak_tflops", "loss_seeds"):
+        if getattr(args, name, None) is not None:
+            setattr(plan, name, getattr(args, name, None))
     if args.variants:
         plan.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     plan.profile = args.profile or bool(getattr(args, "profile_variants", None))
