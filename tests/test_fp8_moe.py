@@ -196,3 +196,28 @@ def test_fused_moe_quantisation_on_the_gpu_is_as_close_to_float32_as_the_layer_b
         assert error < 1.3 * error_apart + 2e-3, (name, float(error), float(error_apart))
         assert (g - ga).norm() / ga.norm() < 0.1 * error_apart + 1e-4, (name, float((g - ga).norm() / ga.norm()))
     assert not got[3][3].any() and not got[4][3].any(), "an idle expert got a weight gradient"
+
+
+def test_gradient_comparison_script_finds_the_fused_and_layer_by_layer_gradients_equal_uncompiled(tmp_path):
+    """benchmarks/fused_moe_gradients.py on the CPU, uncompiled (emulated FP8, bf16): every parameter's gradient of the
+    fused step is the layer-by-layer step's bit for bit, and both are FP8's few percent from bf16's."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks/fused_moe_gradients.py"
+    spec = importlib.util.spec_from_file_location("fused_moe_gradients", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "gradients.json"
+    argv = ["fused_moe_gradients.py", "--device", "cpu", "--shape", "tiny", "--eager", "--json", str(out)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        script.main()
+    result = json.loads(out.read_text())
+    rows = {r["parameter"]: r for r in result["parameters"]}
+    assert not result["missing"] and result["losses"]["fused"] == result["losses"]["layer by layer"]
+    assert any(".mlp.experts.gate_up_proj" in name for name in rows) and any(".mlp.gate." in name for name in rows)
+    assert all(r["fused vs layer by layer"] == 0 for r in rows.values())
+    assert 1e-3 < max(r["fused vs bf16"] for r in rows.values()) < 0.3
