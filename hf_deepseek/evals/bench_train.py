@@ -210,8 +210,8 @@ class TrainBenchPlan:
     profile: bool = False  # a kernel-time table of one step of each of our variants (`profile_variants`: of those)
     profile_variants: list[str] | None = None
     # trajectories of the matched-loss comparison: the timed one, then loss_seeds - 1 more from the same initial
-    # weights over batches of other random patterns (a 13-step trajectory moves by ~2% of its mean loss when FP8's
-    # roundings change, so one trajectory alone cannot tell a recipe's loss from bf16's at 0.25%)
+    # weights over batches of other random patterns (one trajectory is one sample of a discrete routing's path:
+    # several tell a recipe's systematic difference from bf16 from one trajectory's chance)
     loss_seeds: int = 1
 
 
