@@ -9,8 +9,8 @@ Why: on the GPU, both recipes with the fused function train 2.3-2.9% above bf16 
 each of four data seeds, where the layer-by-layer path stays within 1% (docs/PERF.md, 2026-12-07); on the CPU the
 two give the same losses. A gradient the fused function gets wrong (missing, scaled, a row misplaced) shows here as
 a parameter whose fused gradient is much further from the layer-by-layer one than FP8's own rounding puts it from
-bf16's (a few percent). Prints the parameters sorted by that distance, the loss of each step and, with --json,
-writes every parameter's figures.
+bf16's (a few percent). Prints each run's loss and the parameters sorted by that distance, and with --json writes
+every parameter's figures.
 """
 
 import argparse

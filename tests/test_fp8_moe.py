@@ -4,6 +4,10 @@ GPU its Triton kernels against the references and the module against the emulati
 
 import copy
 import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,11 +205,6 @@ def test_fused_moe_quantisation_on_the_gpu_is_as_close_to_float32_as_the_layer_b
 def test_gradient_comparison_script_finds_the_fused_and_layer_by_layer_gradients_equal_uncompiled(tmp_path):
     """benchmarks/fused_moe_gradients.py on the CPU, uncompiled (emulated FP8, bf16): every parameter's gradient of the
     fused step is the layer-by-layer step's bit for bit, and both are FP8's few percent from bf16's."""
-    import importlib.util
-    import json
-    import sys
-    from pathlib import Path
-
     path = Path(__file__).parents[1] / "benchmarks/fused_moe_gradients.py"
     spec = importlib.util.spec_from_file_location("fused_moe_gradients", path)
     script = importlib.util.module_from_spec(spec)
