@@ -14,6 +14,7 @@ every parameter's figures.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,6 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fp8_train_compare import recipe_from_spec  # noqa: E402
 
 from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.evals.bench import FULL_CONFIG  # noqa: E402
@@ -61,28 +65,26 @@ def gradients(plan, device, recipe: FP8Recipe | None, compiled: bool, batch: tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="rowwise", help="a named FP8 recipe, optionally with fields: name+k=v+...")
+    parser.add_argument("--recipe", default="rowwise", help="a named recipe and fields: rowwise+linear_wgrad=bf16")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="bench")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--eager", action="store_true", help="do not compile (the CPU's path: equal gradients)")
     parser.add_argument("--top", type=int, default=25, help="parameters printed, furthest first")
     parser.add_argument("--json")
     args = parser.parse_args()
-    name, *fields = args.recipe.split("+")
-    overrides = {k: (v == "True" if v in ("True", "False") else v) for k, v in (f.split("=", 1) for f in fields)}
+    recipe = recipe_from_spec(args.recipe)
     if args.device == "cpu":
-        overrides.setdefault("backend", "emulated")
-    fused = FP8Recipe.named(name, **{**overrides, "fused_moe_quantization": True})
-    layer_by_layer = FP8Recipe.named(name, **{**overrides, "fused_moe_quantization": False})
+        recipe = dataclasses.replace(recipe, backend="emulated")
+    fused = dataclasses.replace(recipe, fused_moe_quantization=True)
+    layer_by_layer = dataclasses.replace(recipe, fused_moe_quantization=False)
     plan, batch_size, seq_len = SHAPES[args.shape]
     plan = TrainBenchPlan(**{**plan.__dict__, "batch_size": batch_size, "seq_len": seq_len})
     device = torch.device(args.device)
     batch = training_batches(plan, plan.config["vocab_size"], 1, device)[0]
-    compiled = not args.eager
     runs = {}
     for label, recipe in (("bf16", None), ("fused", fused), ("layer by layer", layer_by_layer)):
         start = time.perf_counter()
-        runs[label] = gradients(plan, device, recipe, compiled, batch)
+        runs[label] = gradients(plan, device, recipe, not args.eager, batch)
         print(f"{label}: loss {runs[label][0]:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
     (_, bf16), (_, got), (_, want) = runs["bf16"], runs["fused"], runs["layer by layer"]
     missing = sorted(set(want) ^ set(got))
@@ -104,7 +106,7 @@ def main() -> None:
         print(f"gradients in one run only: {missing}")
     if args.json:
         record = {"command": "python " + " ".join(sys.argv), "losses": {k: v[0] for k, v in runs.items()},
-                  "compiled": compiled, "missing": missing, "parameters": rows}  # fmt: skip
+                  "compiled": not args.eager, "missing": missing, "parameters": rows}  # fmt: skip
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 

@@ -651,8 +651,9 @@ def plan_from_args(args: argparse.Namespace) -> TrainBenchPlan:
         raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
     plan = TrainBenchPlan(**asdict(TINY_TRAIN_PLAN if args.tiny else SHAPES[shape]))
     for name in ("batch_size", "seq_len", "steps", "warmup_steps", "peak_tflops", "loss_seeds"):
-        if getattr(args, name, None) is not None:
-            setattr(plan, name, getattr(args, name, None))
+        value = getattr(args, name, None)  # (a Namespace built by hand may lack the newer options)
+        if value is not None:
+            setattr(plan, name, value)
     if args.variants:
         plan.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     plan.profile = args.profile or bool(getattr(args, "profile_variants", None))
