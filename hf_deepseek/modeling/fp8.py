@@ -318,7 +318,7 @@ class FP8RoutedExperts(RoutedExperts):
                 copies = (copy, weight_copy(self, "down_proj", backend))
                 return FP8RoutedMLPFunction.apply(
                     x, weights, self.gate_up_proj, self.down_proj, *tensors, backend, dtype, *copies
-                ).to(x.dtype)
+                )
             gate_up = FP8TokenGroupedLinearFunction.apply(x, self.gate_up_proj, *tensors, backend, dtype, copy)
         else:
             x_sorted = GatherTokenRows.apply(x, layout.order, inverse, top_k)  # [N*k, d] in expert order

@@ -137,7 +137,9 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weights, w_gate_up, w_down, wgu_t, wd_t, gate_up, h, y, token_pad, pair_rows,
                               block_expert, seg_start, seg_end, *blocks)  # fmt: skip
         ctx.backend = backend
-        return out.to(x.dtype)
+        # not `out.to(x.dtype)` where the dtypes agree: that returns `out` itself, and torch 2.11's Dynamo cuts such
+        # an output from the autograd graph (every gradient through this function came out zero when compiled)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
