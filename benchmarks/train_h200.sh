@@ -19,7 +19,9 @@
 #      bench itself with --project; here the bench runs first on its own so that it can profile, and the ratios are
 #      computed below);
 #   4. at the same time, as neither is timed: the Triton AdamW's GPU test against torch's fused AdamW, the training
-#      router kernel's against torch's choice, the GPU FP8 tests (zero graph breaks and recompilations under Inductor,
+#      router kernel's against torch's choice, the GPU FP8 tests (the compiled routed experts' and linear layer's
+#      gradients against eager FP8's first: the GPU image's torch has zeroed them twice; zero graph breaks and
+#      recompilations under Inductor,
 #      Hopper numerics against the emulation and a float64 reference, the compiled variants against bf16), fastest
 #      first, stopped at TEST_WALL seconds (default 150), and benchmarks/fp8_train_compare.py (bf16, rowwise and
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
@@ -112,6 +114,7 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 # 4. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
+  "tests/test_fp8_compile.py::test_compiled_fp8_parts_give_the_gradients_of_eager_fp8_on_the_gpu[rowwise]" \
   tests/test_fp8_weight_cache.py \
   tests/test_fp8.py::test_hopper_blockwise_gemm_takes_cublas_when_k_is_not_a_multiple_of_four_blocks \
   tests/test_fbgemm_blockwise.py \
