@@ -5,12 +5,11 @@ parameter's gradient of the fused step against the layer-by-layer step's and bot
     python benchmarks/fused_moe_gradients.py --recipe rowwise --json rowwise.json       # on a GPU: the bench's layers
     python benchmarks/fused_moe_gradients.py --device cpu --shape tiny --recipe deepseek  # CPU smoke test
 
-Why: on the GPU, both recipes with the fused function train 2.3-2.9% above bf16 over the bench's first 13 steps on
-each of four data seeds, where the layer-by-layer path stays within 1% (docs/PERF.md, 2026-12-07); on the CPU the
-two give the same losses. A gradient the fused function gets wrong (missing, scaled, a row misplaced) shows here as
-a parameter whose fused gradient is much further from the layer-by-layer one than FP8's own rounding puts it from
-bf16's (a few percent). Prints each run's loss and the parameters sorted by that distance, and with --json writes
-every parameter's figures.
+A gradient the fused function gets wrong (missing, scaled, a row misplaced) shows here as a parameter whose fused
+gradient is much further from the layer-by-layer one than FP8's own rounding puts it from bf16's (a few percent).
+It found the routed experts' and routers' gradients zero under torch 2.11's Dynamo (docs/PERF.md, 2026-12-07):
+the CPU checks, on torch 2.13, could not see it. Prints each run's loss and the parameters sorted by that distance,
+and with --json writes every parameter's figures.
 """
 
 import argparse
