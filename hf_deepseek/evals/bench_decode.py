@@ -714,7 +714,10 @@ def _measure_generate_row(
                 cell.note = "out of memory"
             except Exception as error:  # a row that fails is reported, the others still run
                 cell.note = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            speed = f"{cell.ms_per_step} ms/token" if n > 1 else f"{cell.prefill_tokens_per_s} tokens/s"
+            if n > 1:
+                speed = "-" if cell.ms_per_step is None else f"{cell.ms_per_step:.3f} ms/token"
+            else:
+                speed = "-" if cell.prefill_tokens_per_s is None else f"{cell.prefill_tokens_per_s:,.0f} tokens/s"
             progress(f"{name} batch {batch} context {context}: {speed} {cell.note}")
             cells.append(cell)
             if emit is not None:  # each cell reported as it is measured
