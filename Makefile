@@ -35,6 +35,18 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# The compiled FP8 training tests under torch 2.11, the GPU machines' torch, on the CPU: its Dynamo twice dropped
+# gradients that CI's torch 2.13 computes (docs/PERF.md, Training). Opt-in: torch 2.11 comes here only as a CUDA build
+# (about 5 GB with its libraries), so it gets a venv of its own, in front of .venv's packages.
+VENV_211 := .venv-torch211
+SITE = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+.PHONY: test-torch211
+test-torch211: venv
+	test -x $(VENV_211)/bin/python || $(PYTHON) -m venv $(VENV_211)
+	$(VENV_211)/bin/pip install -q torch==2.11.0 'numpy<2.4'
+	PYTHONPATH=$(call SITE,$(VENV_211)):$(CURDIR):$(call SITE,$(VENV)) $(VENV_211)/bin/python -m pytest -q \
+	  tests/test_fp8_compile.py tests/test_fp8_moe.py tests/test_compile_regions.py tests/test_output_loss.py
+
 # The chat app on the embedded default checkpoint (another: make chat CHAT_MODEL=DIR); serves 127.0.0.1 only.
 # The model directory is checked before anything is installed.
 CHAT_MODEL ?= checkpoints/hf-deepseek-r1-add-sub
