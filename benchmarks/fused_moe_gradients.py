@@ -29,6 +29,7 @@ from fp8_train_compare import recipe_from_spec  # noqa: E402
 from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.evals.bench import FULL_CONFIG  # noqa: E402
 from hf_deepseek.evals.bench_train import TINY_TRAIN_PLAN, TrainBenchPlan, training_batches  # noqa: E402
+from hf_deepseek.evals.fp8_compile_check import relative_differences  # noqa: E402
 from hf_deepseek.modeling import DeepSeekForCausalLM  # noqa: E402
 from hf_deepseek.modeling.compile_regions import compile_for_training  # noqa: E402
 from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training  # noqa: E402
@@ -39,11 +40,6 @@ SHAPES = {
     "bench": (TrainBenchPlan({**FULL_CONFIG, "num_nextn_predict_layers": 0, "num_hidden_layers": 3}), 4, 2048),
     "tiny": (TINY_TRAIN_PLAN, 2, 32),
 }
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    b = b.float()
-    return float((a.float() - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def gradients(plan, device, recipe: FP8Recipe | None, compiled: bool, batch: torch.Tensor):
@@ -87,15 +83,16 @@ def main() -> None:
         print(f"{label}: loss {runs[label][0]:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
     (_, bf16), (_, got), (_, want) = runs["bf16"], runs["fused"], runs["layer by layer"]
     missing = sorted(set(want) ^ set(got))
-    rows = []
-    for param in want.keys() & got.keys():
-        rows.append({
-            "parameter": param,
-            "fused vs layer by layer": relative(got[param], want[param]),
-            "fused vs bf16": relative(got[param], bf16[param]),
-            "layer by layer vs bf16": relative(want[param], bf16[param]),
-            "norm ratio fused / layer by layer": float(got[param].norm() / want[param].norm().clamp_min(1e-30)),
-        })  # fmt: skip
+    common = sorted(want.keys() & got.keys())
+    got, want, bf16 = ({n: grads[n] for n in common} for grads in (got, want, bf16))
+    fused_lbl, fused_bf16, lbl_bf16 = (relative_differences(*pair) for pair in ((got, want), (got, bf16), (want, bf16)))
+    rows = [{
+        "parameter": n,
+        "fused vs layer by layer": fused_lbl[n],
+        "fused vs bf16": fused_bf16[n],
+        "layer by layer vs bf16": lbl_bf16[n],
+        "norm ratio fused / layer by layer": float(got[n].norm() / want[n].norm().clamp_min(1e-30)),
+    } for n in common]  # fmt: skip
     rows.sort(key=lambda r: r["fused vs layer by layer"] / max(r["layer by layer vs bf16"], 1e-6), reverse=True)
     print(f"{'parameter':<58} fused~lbl fused~bf16 lbl~bf16 |fused|/|lbl|")
     for r in rows[: args.top]:
