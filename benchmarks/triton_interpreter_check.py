@@ -12,7 +12,9 @@ layer after it (`_moe_gemv_triton._norm_gemv_kernel`), and the training step's r
 rows beside their bf16 results (`modeling/fp8_moe_triton.py`; for the blockwise recipe, the whole MLP's function
 against the layer-by-layer path with the Hopper backend's Triton quantisers and GEMMs), and AdamW's update writing
 the FP8 copy of the new
-weight (`modeling/fp8_adamw_triton.py`: W's rows, or W's 128x128 blocks and W^T's).
+weight (`modeling/fp8_adamw_triton.py`: W's rows, or W's 128x128 blocks and W^T's), and the training loss's
+per-chunk cross-entropy and gradient (`kernels/_cross_entropy_triton.py`, against `output_loss._chunk_terms` and
+float64).
 
 Needs a Python with torch and triton (a CUDA build of torch brings triton; no GPU is used) and numpy below 2.4
 (triton 3.6's interpreter converts 1-element arrays to scalars, which numpy 2.4 refuses):
@@ -1069,6 +1071,48 @@ def adamw_kernel() -> dict[str, bool]:
     return results
 
 
+# ---- the training loss's chunk kernel (`kernels/_cross_entropy_triton.py`, `output_loss.cross_entropy_rows_in_place`)
+# A separate section: `cross_entropy_kernel()`, which the main block runs, prints, saves ("cross_entropy") and counts
+# in the exit status: the loss sum within 1e-6 of `_chunk_terms`'s and float64's, the gradient written over the
+# logits within half a unit in the last place (stored with the GPU's rounding) of float64 plus 2^-18 of fp32 error,
+# ignored rows zero; one block a row with a masked tail, and several.
+
+CROSS_ENTROPY_CASES = [(torch.bfloat16, 1000, 16384), (torch.bfloat16, 5000, 1024), (torch.float32, 5000, 1024),
+                       (torch.float32, 3000, 16384)]  # fmt: skip
+
+
+def cross_entropy_kernel() -> dict[str, bool]:
+    """The kernel against the chunk's torch terms and float64, rows with the target at either end, ignored rows,
+    a row shifted by 40 (a large max), scale 0.37."""
+    from hf_deepseek.kernels._cross_entropy_triton import cross_entropy_rows_in_place
+    from hf_deepseek.modeling.output_loss import _chunk_terms
+
+    results = {}
+    with gpu_store_rounding():
+        for dtype, vocab, block in CROSS_ENTROPY_CASES:
+            torch.manual_seed(vocab)
+            logits = torch.randn(9, vocab) * 3
+            logits[4] += 40
+            logits = logits.to(dtype)
+            targets = torch.randint(0, vocab, (9,))
+            targets[1], targets[2], targets[3], targets[7] = -100, 0, vocab - 1, -100
+            x, valid = logits.double(), targets != -100
+            onehot = F.one_hot(targets.clamp(min=0), vocab).double() * valid[:, None]
+            want_loss = ((x.logsumexp(dim=-1) - (x * onehot).sum(dim=-1)) * valid).sum().item()
+            want_grad = (x.softmax(dim=-1) - onehot) * (valid[:, None] * 0.37)
+            torch_loss = _chunk_terms(logits, targets, torch.tensor(0.37))[0].item()
+            grad = logits.clone()
+            loss = cross_entropy_rows_in_place(grad, targets, torch.tensor(0.37), block=block).item()
+            tolerance = (torch.finfo(dtype).eps / 2 + 2**-18) * want_grad.abs() + 2**-18 * 0.37
+            excess = ((grad.double() - want_grad).abs() - tolerance).max().item()
+            errors = abs(loss - want_loss) / want_loss, abs(loss - torch_loss) / torch_loss
+            name = f"{str(dtype)[6:]}, 9 x {vocab}, blocks of {block}"
+            print(f"  cross_entropy {name}: loss {errors[0]:.1e} from float64, {errors[1]:.1e} from torch; "
+                  f"gradient {'within' if excess <= 0 else 'PAST'} rounding of float64")  # fmt: skip
+            results[name] = max(errors) < 1e-6 and excess <= 0 and not grad[~valid].any()
+    return results
+
+
 def _close_bf16(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Within one bf16 rounding step of each other (exp and sigmoid differ in their last float32 bits)."""
     return bool(((got.float() - want.float()).abs() <= 2**-7 * want.float().abs() + 1e-30).all())
@@ -1255,6 +1299,7 @@ if __name__ == "__main__":
     shared_pairs = shared_pairs_kernels()  # the shared MLP in the routed experts' launches section
     shared_pairs |= fp8_shared_pairs_kernels()  # and with FP8 weights
     adamw = adamw_kernel()  # AdamW's update section
+    cross_entropy = cross_entropy_kernel()  # the training loss's chunk kernel section
     fused_experts = fused_experts_kernel()  # a MoE layer's two kernels in one launch section
     fused_moe = fused_moe_kernels()  # the routed experts' SwiGLU and combine writing FP8 rows section
     adamw_fp8 = adamw_fp8_kernel()  # AdamW's update writing the weight's FP8 copy section
@@ -1283,6 +1328,7 @@ if __name__ == "__main__":
             record["norm_linear"] = norm
             record["shared_pairs"] = shared_pairs
             record["adamw"] = adamw
+            record["cross_entropy"] = cross_entropy
             record["fused_experts"] = fused_experts
             record["fused_moe_quantisation"] = fused_moe
             record["adamw_fp8_copy"] = adamw_fp8
@@ -1297,6 +1343,7 @@ if __name__ == "__main__":
     print(f"norm_linear kernel: {sum(norm.values())}/{len(norm)} within tolerance")
     print(f"shared pairs kernels: {sum(shared_pairs.values())}/{len(shared_pairs)} within tolerance")
     print(f"adamw kernel: {sum(adamw.values())}/{len(adamw)} within tolerance")
+    print(f"cross_entropy kernel: {sum(cross_entropy.values())}/{len(cross_entropy)} within tolerance")
     print(f"fused MoE quantisation kernels: {sum(fused_moe.values())}/{len(fused_moe)} as the references")
     print(f"adamw writing the FP8 copy: {sum(adamw_fp8.values())}/{len(adamw_fp8)} as the update then the quantiser")
     print(f"fused experts kernel: {sum(fused_experts.values())}/{len(fused_experts)} as the two launches")
@@ -1315,6 +1362,7 @@ if __name__ == "__main__":
         and all(norm.values())
         and all(shared_pairs.values())
         and all(adamw.values())
+        and all(cross_entropy.values())
         and all(fused_experts.values())
         and all(fused_moe.values())
         and all(adamw_fp8.values())

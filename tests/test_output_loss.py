@@ -1,13 +1,22 @@
 """The chunked output head + cross-entropy (`modeling/output_loss.py`) against transformers' own loss on full
 logits: the same loss and the same gradients for every parameter, main and MTP losses, padding, and the Trainer's
-`num_items_in_batch`."""
+`num_items_in_batch`. Each chunk's Triton kernel (`kernels/_cross_entropy_triton.py`) against the torch terms and
+float64: on the GPU, and in Triton's interpreter on the CPU where triton imports and TRITON_INTERPRET=1 is set (as
+`benchmarks/triton_interpreter_check.py` runs it, section `cross_entropy`)."""
+
+import contextlib
+import importlib.util
+import os
 
 import pytest
 import torch
 from conftest import tiny_config
 
 from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.modeling import output_loss
 from hf_deepseek.modeling.output_loss import causal_lm_loss, enable_fused_output_loss
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
 def losses_and_grads(model, ids, labels, **kwargs):
@@ -124,3 +133,131 @@ def test_chunk_gradient_written_over_the_logits_equals_the_separate_one():
     compiled = torch.compile(causal_lm_loss, backend="aot_eager", fullgraph=True)
     compiled(hidden, head, labels, chunks=3).backward()
     torch.testing.assert_close((hidden.grad, head.weight.grad), want, rtol=1e-6, atol=1e-7)
+
+
+def float64_terms(logits: torch.Tensor, targets: torch.Tensor, scale: float):
+    """(loss sum, gradient) of one chunk in float64: what `_chunk_terms` computes, exactly."""
+    x, valid = logits.double(), targets != -100
+    onehot = torch.nn.functional.one_hot(targets.clamp(min=0), logits.shape[1]).double() * valid[:, None]
+    loss = ((x.logsumexp(dim=-1) - (x * onehot).sum(dim=-1)) * valid).sum()
+    return loss, (x.softmax(dim=-1) - onehot) * (valid[:, None] * scale)
+
+
+def within_rounding(got: torch.Tensor, want: torch.Tensor, scale: float) -> bool:
+    """got within half a unit in the last place of its dtype of the float64 value, plus the fp32 arithmetic's error
+    (measured up to 2^-19 relative, 2^-22 of the scale where p - 1 cancels at the target)."""
+    half_ulp = torch.finfo(got.dtype).eps / 2
+    tolerance = (half_ulp + 2**-18) * want.abs() + 2**-18 * scale
+    return bool(((got.double() - want).abs() <= tolerance).all())
+
+
+def chunk_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu"):
+    """Logits with a shifted row (a large max), targets at both ends and ignored rows."""
+    logits = torch.randn(rows, vocab, device=device) * 3
+    logits[4] += 40
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    targets[1], targets[2], targets[3], targets[rows - 2] = -100, 0, vocab - 1, -100
+    return logits.to(dtype), targets
+
+
+@contextlib.contextmanager
+def gpu_store_rounding():
+    """The interpreter converts float32 to bf16 by truncation; the GPU rounds to nearest even, as torch does."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    def convert_float(data, src, dst, rounding):
+        if not (src == interpreter.tl.float32 and dst == interpreter.tl.bfloat16):
+            return original(data, src, dst, rounding)
+        return torch.from_numpy(np.asarray(data, np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+
+    original = interpreter._convert_float
+    interpreter._convert_float = convert_float
+    try:
+        yield
+    finally:
+        interpreter._convert_float = original
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="Triton's interpreter: TRITON_INTERPRET=1 and triton importable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("vocab", "block"), [(1000, None), (5000, None), (5000, 1024)])
+def test_triton_chunk_kernel_equals_the_torch_terms_in_the_interpreter(dtype, vocab, block):
+    """One block a row with a masked tail, and several (5000 in blocks of 1024): the loss as `_chunk_terms`'s and
+    float64's to fp32 rounding, the gradient within rounding of float64, ignored rows zero."""
+    from hf_deepseek.kernels._cross_entropy_triton import cross_entropy_rows_in_place
+
+    torch.manual_seed(vocab)
+    logits, targets = chunk_case(9, vocab, dtype)
+    scale = torch.tensor(0.37)
+    want_loss, want_grad = float64_terms(logits, targets, 0.37)
+    torch_loss, _ = output_loss._chunk_terms(logits, targets, scale)
+    buffer = logits.clone()
+    with gpu_store_rounding():
+        loss = cross_entropy_rows_in_place(buffer, targets, scale, **({} if block is None else {"block": block}))
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
+    assert buffer.dtype == dtype and within_rounding(buffer, want_grad, 0.37)
+    assert not buffer[targets == -100].any() and buffer[2, 0] < 0 and buffer[3, -1] < 0
+
+
+def test_the_loss_op_writes_the_torch_terms_over_the_logits_when_traced():
+    """The custom op (the kernel on CUDA, `_chunk_terms_over_logits` elsewhere): its fake and declared mutation
+    (`opcheck`), and the same loss and gradient bits eager and traced whole by torch.compile."""
+    torch.manual_seed(7)
+    logits, targets = chunk_case(12, 50, torch.bfloat16)
+    scale = torch.tensor(0.125)
+    want_loss, want_grad = output_loss._chunk_terms(logits, targets, scale)
+    op = output_loss.cross_entropy_rows_in_place
+    torch.library.opcheck(op, (logits.clone(), targets, scale))
+    for fn in (op, torch.compile(lambda *args: op(*args) * 1.0, backend="aot_eager", fullgraph=True)):
+        buffer = logits.clone()
+        loss = fn(buffer, targets, scale)
+        assert torch.equal(loss, want_loss) and torch.equal(buffer, want_grad)
+
+
+@pytest.mark.gpu
+def test_triton_chunk_kernel_on_the_gpu():
+    """At DeepSeek-V3's vocabulary in bf16: the loss as the torch terms' and float64's to fp32 rounding, the gradient
+    within rounding of float64 (the GPU's approximate exp and log inside the fp32 margin)."""
+    from hf_deepseek.kernels._cross_entropy_triton import cross_entropy_rows_in_place
+
+    torch.manual_seed(8)
+    logits, targets = chunk_case(64, 129280, torch.bfloat16, device="cuda")
+    scale = torch.tensor(0.37, device="cuda")
+    want_loss, want_grad = float64_terms(logits, targets, 0.37)
+    torch_loss, _ = output_loss._chunk_terms(logits, targets, scale)
+    buffer = logits.clone()
+    loss = cross_entropy_rows_in_place(buffer, targets, scale)
+    torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
+    assert within_rounding(buffer, want_grad, 0.37)
+    assert not buffer[targets == -100].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_loss_with_the_kernel_equals_the_plain_head_on_the_gpu(compiled):
+    """A bf16 head at DeepSeek-V3's vocabulary, with the kernel in each chunk, eager and inside a compiled region
+    (the custom op): the loss as F.cross_entropy of the plain head's logits, the gradients within bf16 rounding of
+    float64's."""
+    assert output_loss.TRITON_LOSS
+    torch.manual_seed(9)
+    head = torch.nn.Linear(256, 129280, bias=False, device="cuda").bfloat16()
+    hidden = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 129280, (2, 300), device="cuda")
+    labels[0, :40] = -100
+    loss_fn = torch.compile(causal_lm_loss, fullgraph=True) if compiled else causal_lm_loss
+    loss = loss_fn(hidden, head, labels, chunks=4)
+    loss.backward()
+    plain = torch.nn.functional.cross_entropy(head(hidden)[:, :-1].float().reshape(-1, 129280), labels[:, 1:].flatten())
+    torch.testing.assert_close(loss, plain, rtol=1e-4, atol=0)
+    want_hidden = hidden.detach().double().requires_grad_(True)
+    weight = head.weight.detach().double().requires_grad_(True)
+    exact = torch.nn.functional.cross_entropy((want_hidden[:, :-1] @ weight.t()).reshape(-1, 129280),
+                                              labels[:, 1:].flatten())  # fmt: skip
+    for got, want in zip((hidden.grad, head.weight.grad), torch.autograd.grad(exact, [want_hidden, weight]),
+                         strict=True):  # fmt: skip
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2

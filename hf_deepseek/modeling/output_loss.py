@@ -6,9 +6,16 @@ computes the logits, the loss terms and, since the loss is the last operation of
 hidden states and of the head's weight right away (softmax minus one-hot, times the head), then drops the
 logits. Backward only scales those saved gradients. The FLOPs are those of the unfused head; the memory is one
 chunk's logits, their gradient written over them. This is the fused linear cross-entropy of Liger-Kernel and
-torchtitan's chunked loss, in plain torch (Inductor fuses each chunk's elementwise work under `torch.compile`). As in
-both, the head's gradient is summed over the chunks in the weight's dtype, here by the GEMMs themselves (addmm into
-the sum: fp32 sums inside each, rounded once a chunk), with no [vocabulary, hidden] product or fp32 copy per chunk.
+torchtitan's chunked loss. As in both, the head's gradient is summed over the chunks in the weight's dtype, here by
+the GEMMs themselves (addmm into the sum: fp32 sums inside each, rounded once a chunk), with no [vocabulary, hidden]
+product or fp32 copy per chunk.
+
+On CUDA each chunk's loss terms and gradient are one Triton kernel (`kernels/_cross_entropy_triton.py`, the custom op
+`cross_entropy_rows_in_place`): a program reads its row once for the logsumexp (an online max and sum) and once more
+for the gradient, written over it: the bytes of one read and one write, the second read meant to come from L2.
+Inductor's kernel of the same function (`_chunk_terms_over_logits`, compiled) ran at about a third of an H200's
+bandwidth (668 us a 530 MB chunk of 2048 x 129k bf16 logits, 5.35 ms of a training step); `TRITON_LOSS = False`
+keeps it, as does every other case (plain torch off CUDA). `benchmarks/cross_entropy_kernel_bench.py` times both.
 
 Used by `DeepSeekForCausalLM` in training mode when `model.fused_output_loss` is set
 (`enable_fused_output_loss(model)`); the output's `logits` is then None.
@@ -17,7 +24,11 @@ Used by `DeepSeekForCausalLM` in training mode when `model.fused_output_loss` is
 import torch
 from torch import nn
 
+from ..kernels.moe_gemv import triton_available
+
 IGNORE_INDEX = -100
+TRITON_LOSS = True  # False: Inductor's kernel of `_chunk_terms_over_logits` on CUDA too (to time both in one run)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor):
@@ -54,6 +65,38 @@ def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return grad.copy_((grad.float() * scale).to(grad.dtype))
 
 
+@torch.library.custom_op("hf_deepseek::cross_entropy_rows_in_place", mutates_args=("logits",))
+def cross_entropy_rows_in_place(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_chunk_terms_over_logits` as one op (one node under torch.compile, which keeps the kernel's in-place write):
+    the Triton kernel on CUDA, the torch function elsewhere."""
+    if not logits.is_cuda:
+        return _chunk_terms_over_logits(logits, targets, scale)
+    from ..kernels._cross_entropy_triton import cross_entropy_rows_in_place as launch
+
+    return launch(logits, targets, scale)
+
+
+@cross_entropy_rows_in_place.register_fake
+def _(logits, targets, scale):
+    return logits.new_empty((), dtype=torch.float32)
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`_chunk_terms_over_logits`: the Triton kernel where it serves (CUDA with Triton, `TRITON_LOSS`, a contiguous
+    [c, V] chunk of a float dtype, an fp32 scale), compiled torch otherwise."""
+    if (
+        TRITON_LOSS
+        and logits.is_cuda
+        and triton_available()
+        and logits.dim() == 2
+        and logits.is_contiguous()
+        and logits.dtype in KERNEL_DTYPES
+        and scale.dtype == torch.float32
+    ):
+        return cross_entropy_rows_in_place(logits, targets, scale)
+    return _on_cuda_compiled(_chunk_terms_over_logits, logits, targets, scale)
+
+
 _COMPILED: dict = {}
 
 
@@ -80,7 +123,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, size):
             h, chunk_targets = hidden[start : start + size], targets[start : start + size]
             grad_logits = h @ weight.t()  # the logits, then (in place) their gradient
-            total = total + _on_cuda_compiled(_chunk_terms_over_logits, grad_logits, chunk_targets, scale)
+            total = total + _chunk_loss(grad_logits, chunk_targets, scale)
             grad_hidden[start : start + size] = grad_logits @ weight
             if grad_weight is None:
                 grad_weight = grad_logits.t() @ h
