@@ -148,6 +148,11 @@ def test_profile_writes_a_kernel_table_of_one_step_for_the_variants_asked(tmp_pa
         assert kernel_kind(quantiser) == "quantise", quantiser
     assert kernel_kind("triton_poi_fused__grouped_mm_index_select_t_21") == "Triton (fused)"
     assert kernel_kind("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversal") == "GEMM"
+    # the chunked loss's kernel: ours, and Inductor's of the same function (H200 profile, 2026-12-07)
+    assert kernel_kind("_cross_entropy_kernel") == "loss"
+    assert (
+        kernel_kind("triton_red_fused__to_copy_arange_copy__eq_exp_logsumexp_mul_ne_scalar_tensor_sub_sum_0") == "loss"
+    )
 
 
 def test_v3_width_shape_is_deepseek_v3s_layer_with_a_16k_vocabulary():

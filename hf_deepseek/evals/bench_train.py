@@ -528,6 +528,7 @@ KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("fp8 GEMM", ("f8f8", "e4m3", "fp8", "scaled_mm", "_gemm_kernel", "_wgrad_kernel")),
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("loss", ("_cross_entropy_kernel",)),  # the chunked loss's kernel (`output_loss.py`)
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas", "grouped_mm", "matmul")),
     # the Triton quantisers, and the fused MoE kernels that write FP8 rows (fp8_moe.py)
     ("quantise", ("_quant_rows", "_quant_blocks", "_rowwise_rows", "_rowwise_cols", "_rows_kernel")),
@@ -541,6 +542,8 @@ INDUCTOR_KERNELS = ("triton_poi", "triton_red", "triton_per")
 
 def kernel_kind(name: str) -> str:
     lower = name.lower()
+    if lower.startswith(INDUCTOR_KERNELS) and "logsumexp" in lower:  # Inductor's kernel of the chunked loss
+        return "loss"
     if lower.startswith(INDUCTOR_KERNELS):
         return "quantise" if "amax" in lower or ("clamp" in lower and "div" in lower) else "Triton (fused)"
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")

@@ -19,7 +19,7 @@ WARPS = 16
 
 
 @triton.jit
-def _rows_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, n_cols, stride, IGNORE: tl.constexpr,
+def _cross_entropy_kernel(logits_ptr, targets_ptr, scale_ptr, loss_ptr, n_cols, stride, IGNORE: tl.constexpr,
                  BLOCK: tl.constexpr):  # fmt: skip
     """One row: loss_ptr[row] = (lse - x[target]) (0 for an ignored row); the row's logits x become
     (softmax(x) - onehot(target)) * scale (zeros for an ignored row)."""
@@ -64,7 +64,7 @@ def cross_entropy_rows_in_place(logits: torch.Tensor, targets: torch.Tensor, sca
     width = min(block, triton.next_power_of_2(n_cols))  # a short row: fewer warps, as many elements a thread
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():  # CPU: the interpreter
-        _rows_kernel[(rows,)](
+        _cross_entropy_kernel[(rows,)](
             logits, targets.contiguous(), scale, loss, n_cols, n_cols, IGNORE=IGNORE_INDEX, BLOCK=width,
             num_warps=max(1, warps * width // block),
         )  # fmt: skip
