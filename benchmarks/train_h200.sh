@@ -27,7 +27,7 @@
 #      deepseek on the standard library's bytes, the bench's layer shapes, 200 steps, each run capped to what is left).
 # Writes to $OUT (at most 8 files): bench_train.json, titan_anchor.json, bench_train_v3_width.json, profiles.txt,
 # fp8_train_compare.json, fp8_vs_bf16_loss.png, summary.txt, logs.tgz (every log, pytest.log and bench_train.md).
-# Env: BUDGET, TEST_WALL, LOSS_SEEDS (the bench's --loss-seeds, default 4: ~3 s a trajectory of the bench shape), PROBE=1 (and PROBE_S, default 70: benchmarks/grouped_gemm_candidates.py before the bench, its
+# Env: BUDGET, TEST_WALL, LOSS_KERNEL (0: no timing of the chunked loss's kernel), LOSS_SEEDS (the bench's --loss-seeds, default 4: ~3 s a trajectory of the bench shape), PROBE=1 (and PROBE_S, default 70: benchmarks/grouped_gemm_candidates.py before the bench, its
 # JSON and table in logs.tgz), PY (python, default python3), VARIANTS, PROFILE_VARIANTS, TITAN_VARIANTS, V3_VARIANTS, COMPARE_ARGS (e.g. "--shape small" or "--steps 100"),
 # SMOKE=1: the same steps at tiny shapes on the CPU (the GPU tests are then skipped), a check of the script itself.
 START=$(date +%s)
@@ -78,6 +78,14 @@ if [ "${PROBE:-0}" = 1 ]; then
   cut -c1-200 $L/grouped_gemm_candidates.txt | tail -40
 fi
 
+# 0b. with LOSS_KERNEL=1 (default): the chunked loss's kernel timed against Inductor's (about 30 s), into logs
+if [ "${LOSS_KERNEL:-1}" = 1 ] && [ "${SMOKE:-0}" != 1 ]; then
+  PYTHONPATH=$PROJECT_PATH timeout -k 10 60 $PY benchmarks/cross_entropy_kernel_bench.py \
+    --json $L/cross_entropy_kernel.json > $L/cross_entropy_kernel.txt 2>&1
+  say "cross_entropy_kernel_bench: exit $?"
+  tail -6 $L/cross_entropy_kernel.txt
+fi
+
 # 1. the bench (timed: alone on the GPU)
 EAGER_FP8=hf_deepseek-fp8-rowwise-eager,hf_deepseek-fp8-eager,hf_deepseek-fp8-eager-fp8-wgrad
 VARIANTS=${VARIANTS:-hf_deepseek-bf16-unfused-loss,hf_deepseek-bf16,hf_deepseek-fp8-rowwise,hf_deepseek-fp8,$EAGER_FP8}
@@ -115,7 +123,7 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
   "tests/test_fp8_compile.py::test_compiled_fp8_parts_give_the_gradients_of_eager_fp8_on_the_gpu[rowwise]" \
-  tests/test_fp8_weight_cache.py \
+  tests/test_output_loss.py tests/test_router_logits.py tests/test_fp8_weight_cache.py \
   tests/test_fp8.py::test_hopper_blockwise_gemm_takes_cublas_when_k_is_not_a_multiple_of_four_blocks \
   tests/test_fbgemm_blockwise.py \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[deepseek-cached-weights-fused-moe]" \
