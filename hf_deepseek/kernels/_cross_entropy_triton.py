@@ -1,7 +1,7 @@
 """The Triton kernel of the chunked loss (`modeling/output_loss.py`, imported only where Triton and CUDA exist, or
 under Triton's interpreter): each row's cross-entropy term and its gradient written over the row's logits, reading
-the row once for the logsumexp (an online max and sum of exponentials) and once more, while it is likely still in
-L2, for the gradient. The arithmetic is fp32 between loads and stores in the logits' dtype, as `_chunk_terms`."""
+the row once for the logsumexp (an online max and sum of exponentials) and once more for the gradient. The
+arithmetic is fp32 between loads and stores in the logits' dtype, as `_chunk_terms`."""
 
 import contextlib
 
@@ -12,8 +12,8 @@ from torch.autograd.graph import increment_version
 
 IGNORE_INDEX = -100
 # elements of a row a program holds per step: 32 a thread (four 16-byte loads of bf16) in few, large programs, so
-# that the rows being read at once (258 KB each in bf16 at a 129k vocabulary) stay in the H200's 50 MB L2 between
-# the two passes; `benchmarks/cross_entropy_kernel_bench.py` times other choices
+# that fewer rows (258 KB each in bf16 at a 129k vocabulary) are read at once; on an H100 the second pass still reads
+# from memory (two reads and a write at 2.9 TB/s); `benchmarks/cross_entropy_kernel_bench.py` times other choices
 BLOCK = 16384
 WARPS = 16
 
