@@ -1,6 +1,7 @@
 """One chunk of the training loss (`modeling/output_loss.py`) at the bench's shape, 2048 rows of DeepSeek-V3's 129280
 logits in bf16 (530 MB): Inductor's kernel of `_chunk_terms_over_logits` (`TRITON_LOSS = False`) against the Triton
-kernel (`kernels/_cross_entropy_triton.py`) at a few (block, warps) choices, the first its default. Each time is the
+kernel (`kernels/_cross_entropy_triton.py`) at a few (block, warps) choices, the first its default, and with a
+persistent grid of 1 or 2 programs a multiprocessor (at most that many rows read at once). Each time is the
 median over CUDA events of one call on fresh logits with L2 flushed; GB/s counts the bytes of two reads and one
 write of the chunk (the least the two-pass kernel moves if its second read missed L2). Every target is a counted
 one (an ignored row the kernel does not read). Also the largest gradient difference from Inductor's and the loss's
@@ -41,7 +42,11 @@ def main():
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=129280)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--configs", default=f"{BLOCK}x{WARPS},8192x8,32768x32", help="Triton (block)x(warps) list")
+    parser.add_argument(
+        "--configs",
+        default=f"{BLOCK}x{WARPS},8192x8,32768x32,{BLOCK}x{WARPS}x1,{BLOCK}x{WARPS}x2",
+        help="Triton (block)x(warps)[x(programs a multiprocessor): a persistent grid] list",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -53,9 +58,12 @@ def main():
                                    scale, args.reps)  # fmt: skip
     rows = [{"kernel": "inductor", "ms": ms, "GB/s": gigabytes / ms * 1e3, "max_grad_diff": 0.0, "loss_rel_diff": 0.0}]
     for config in args.configs.split(","):
-        block, warps = (int(v) for v in config.split("x"))
-        ms, loss, grad = timed(lambda *a, b=block, w=warps: cross_entropy_rows_in_place(*a, block=b, warps=w),
-                               source, targets, scale, args.reps)  # fmt: skip
+        block, warps, *per_sm = (int(v) for v in config.split("x"))
+        programs = per_sm[0] * torch.cuda.get_device_properties(0).multi_processor_count if per_sm else None
+        ms, loss, grad = timed(
+            lambda *a, b=block, w=warps, p=programs: cross_entropy_rows_in_place(*a, block=b, warps=w, programs=p),
+            source, targets, scale, args.reps,
+        )  # fmt: skip
         rows.append({"kernel": f"triton {block}x{warps}", "ms": ms, "GB/s": gigabytes / ms * 1e3,
                      "max_grad_diff": (grad - ref_grad).abs().max().item(),
                      "loss_rel_diff": abs(loss - ref_loss) / abs(ref_loss)})  # fmt: skip

@@ -181,10 +181,13 @@ def gpu_store_rounding():
 
 @pytest.mark.skipif(not INTERPRETER, reason="Triton's interpreter: TRITON_INTERPRET=1 and triton importable")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("vocab", "block"), [(1000, None), (5000, None), (5000, 1024)])
-def test_triton_chunk_kernel_equals_the_torch_terms_in_the_interpreter(dtype, vocab, block):
-    """One block a row with a masked tail, and several (5000 in blocks of 1024): the loss as `_chunk_terms`'s and
-    float64's to fp32 rounding, the gradient within rounding of float64, ignored rows zero."""
+@pytest.mark.parametrize(
+    ("vocab", "options"), [(1000, {}), (5000, {}), (5000, {"block": 1024}), (1000, {"programs": 4})]
+)
+def test_triton_chunk_kernel_equals_the_torch_terms_in_the_interpreter(dtype, vocab, options):
+    """One block a row with a masked tail, and several (5000 in blocks of 1024); a persistent grid of 4 programs
+    over 9 rows: the loss as `_chunk_terms`'s and float64's to fp32 rounding, the gradient within rounding of
+    float64, ignored rows zero."""
     from hf_deepseek.kernels._cross_entropy_triton import cross_entropy_rows_in_place
 
     torch.manual_seed(vocab)
@@ -194,7 +197,7 @@ def test_triton_chunk_kernel_equals_the_torch_terms_in_the_interpreter(dtype, vo
     torch_loss, _ = output_loss._chunk_terms(logits, targets, scale)
     buffer = logits.clone()
     with gpu_store_rounding():
-        loss = cross_entropy_rows_in_place(buffer, targets, scale, **({} if block is None else {"block": block}))
+        loss = cross_entropy_rows_in_place(buffer, targets, scale, **options)
     assert loss.dtype == torch.float32 and loss.shape == ()
     torch.testing.assert_close(loss, torch_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=0)
@@ -218,9 +221,11 @@ def test_the_loss_op_writes_the_torch_terms_over_the_logits_when_traced():
 
 
 @pytest.mark.gpu
-def test_triton_chunk_kernel_on_the_gpu():
-    """At DeepSeek-V3's vocabulary in bf16: the loss as the torch terms' and float64's to fp32 rounding, the gradient
-    within rounding of float64 (the GPU's approximate exp and log inside the fp32 margin)."""
+@pytest.mark.parametrize("programs", [None, 20])
+def test_triton_chunk_kernel_on_the_gpu(programs):
+    """At DeepSeek-V3's vocabulary in bf16, a program a row and a persistent grid: the loss as the torch terms' and
+    float64's to fp32 rounding, the gradient within rounding of float64 (the GPU's approximate exp and log inside
+    the fp32 margin)."""
     from hf_deepseek.kernels._cross_entropy_triton import cross_entropy_rows_in_place
 
     torch.manual_seed(8)
@@ -229,7 +234,7 @@ def test_triton_chunk_kernel_on_the_gpu():
     want_loss, want_grad = float64_terms(logits, targets, 0.37)
     torch_loss, _ = output_loss._chunk_terms(logits, targets, scale)
     buffer = logits.clone()
-    loss = cross_entropy_rows_in_place(buffer, targets, scale)
+    loss = cross_entropy_rows_in_place(buffer, targets, scale, programs=programs)
     torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
     assert within_rounding(buffer, want_grad, 0.37)
