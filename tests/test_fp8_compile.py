@@ -31,6 +31,8 @@ RECIPES = {
     # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad, the experts' whole MLP fused
     "rowwise": ("rowwise", {}),
     "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
+    # the dense MLP's and shared experts' whole chain in one function too (bench: hf_deepseek-fp8-rowwise-fused-mlp)
+    "rowwise-fused-mlp": ("rowwise", {"fused_mlp_quantization": True}),
     # the rowwise recipe until 2026-12-06: Inductor's quantisation, torch's grouped GEMMs, the experts layer by layer
     "rowwise-fused-quantization": ("rowwise", ROWWISE_BEFORE),
     # the weights' FP8 copies, refreshed by the model's forward pre-hook

@@ -72,6 +72,9 @@ ROWWISE_BEFORE = {
 # with the experts' MLP layer by layer, a quantiser reading each operand again, as before
 OURS_FP8_ROWWISE_FUSED_MOE = "hf_deepseek-fp8-rowwise-fused-moe"
 OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE = "hf_deepseek-fp8-rowwise-layer-by-layer-moe"
+# the rowwise recipe with the dense MLP's and shared experts' SwiGLU and its gradient writing their FP8 operands too
+# (`FP8Recipe.fused_mlp_quantization`, `modeling/fp8_mlp.py`, opt-in)
+OURS_FP8_ROWWISE_FUSED_MLP = "hf_deepseek-fp8-rowwise-fused-mlp"
 # the rowwise recipe with its weights quantised once per optimizer step, by TritonAdamW's update
 # (`FP8Recipe.cache_weights`, `modeling/fp8_weight_cache.py`), the experts' MLP layer by layer; and fused
 OURS_FP8_ROWWISE_CACHED = "hf_deepseek-fp8-rowwise-cached-weights"
@@ -148,6 +151,7 @@ FP8_VARIANTS = {
     ),
     OURS_FP8_ROWWISE_FUSED_MOE: ("rowwise", True, {"fused_moe_quantization": True}),
     OURS_FP8_ROWWISE_LAYER_BY_LAYER_MOE: ("rowwise", True, {"fused_moe_quantization": False}),
+    OURS_FP8_ROWWISE_FUSED_MLP: ("rowwise", True, {"fused_mlp_quantization": True}),
     OURS_FP8_ROWWISE_CACHED: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": False}),
     OURS_FP8_ROWWISE_CACHED_FUSED_MOE: ("rowwise", True, {"cache_weights": True, "fused_moe_quantization": True}),
     OURS_FP8_ROWWISE_FBGEMM_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "fbgemm"}),

@@ -84,6 +84,9 @@ class FP8Recipe:
     default; the blockwise recipe's 1x128 tiles through torch operations that Inductor fuses, the combine's gradient
     in one gather; experts with `quantize_tokens_once`, both projections in FP8, a SwiGLU activation and the weight
     gradient in bf16 take it, others the layer-by-layer path);
+    `fused_mlp_quantization`: the same for the dense MLP and the shared experts while training: their SwiGLU and its
+    gradient write the FP8 rows of the GEMM operands they produce, gate and up one GEMM (`fp8_mlp.py`; needs
+    `linear_wgrad="bf16"`; not with `cache_weights`);
     `cache_weights`: quantise each FP8 weight once per optimizer step instead of in every forward, into a copy the
     layer keeps (`fp8_weight_cache.py`; `kernels.adamw.TritonAdamW` writes it in its update of the weight on CUDA;
     other changes to a weight make its copy afresh before the next forward; the blockwise recipe's copy keeps W^T's
@@ -108,6 +111,7 @@ class FP8Recipe:
     grouped_gemm: str = "torch"
     grouped_wgrad_gemm: str = "auto"
     fused_moe_quantization: bool = False
+    fused_mlp_quantization: bool = False
     cache_weights: bool = False
     joined_projections: bool = False
 
@@ -129,6 +133,8 @@ class FP8Recipe:
             )
         if self.fused_moe_quantization and self.grouped_wgrad == "fp8":
             raise ValueError("FP8Recipe.fused_moe_quantization computes the experts' weight gradient in bf16")
+        if self.fused_mlp_quantization and self.linear_wgrad == "fp8":
+            raise ValueError("FP8Recipe.fused_mlp_quantization computes the MLP's weight gradients in bf16")
         if self.grouped_gemm == "deep_gemm" and self.rowwise:
             raise ValueError("FP8Recipe.grouped_gemm='deep_gemm' needs scaling='blockwise' (DeepGEMM's 128x128 blocks)")
         if self.rowwise and self.grouped_wgrad == "fp8":
