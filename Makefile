@@ -45,7 +45,8 @@ test-torch211: venv
 	test -x $(VENV_211)/bin/python || $(PYTHON) -m venv $(VENV_211)
 	$(VENV_211)/bin/pip install -q torch==2.11.0 'numpy<2.4'
 	PYTHONPATH=$(call SITE,$(VENV_211)):$(CURDIR):$(call SITE,$(VENV)) $(VENV_211)/bin/python -m pytest -q \
-	  tests/test_fp8_compile.py tests/test_fp8_moe.py tests/test_compile_regions.py tests/test_output_loss.py
+	  tests/test_fp8_compile.py tests/test_fp8_moe.py tests/test_fp8_mlp.py tests/test_compile_regions.py \
+	  tests/test_output_loss.py
 
 # The chat app on the embedded default checkpoint (another: make chat CHAT_MODEL=DIR); serves 127.0.0.1 only.
 # The model directory is checked before anything is installed.
