@@ -55,12 +55,13 @@ def test_fused_mlp_stays_out_of_evaluation_and_of_weight_copies():
     recipe = dataclasses.replace(ROWWISE, fused_mlp_quantization=True)
     model = convert_to_fp8_training(copy.deepcopy(base), recipe)
     mlp, x = model.model.layers[0].mlp, torch.randn(2, 5, base.config.hidden_size, dtype=torch.bfloat16)
-    assert fp8_mlp.fused_fp8_mlp(mlp.train(), x) is not None
-    assert fp8_mlp.fused_fp8_mlp(mlp.eval(), x) is None
+    assert mlp.train().gate_proj.swiglu_mlp(mlp, x) is not None
+    assert mlp.eval().gate_proj.swiglu_mlp(mlp, x) is None
     with torch.no_grad():
-        assert fp8_mlp.fused_fp8_mlp(mlp.train(), x) is None
+        assert mlp.train().gate_proj.swiglu_mlp(mlp, x) is None
     cached = convert_to_fp8_training(copy.deepcopy(base), dataclasses.replace(recipe, cache_weights=True))
-    assert fp8_mlp.fused_fp8_mlp(cached.model.layers[0].mlp.train(), x) is None
+    cached_mlp = cached.model.layers[0].mlp.train()
+    assert cached_mlp.gate_proj.swiglu_mlp(cached_mlp, x) is None
 
 
 def test_fused_mlp_needs_the_bf16_weight_gradient():

@@ -30,6 +30,7 @@ from transformers.activations import ACT2FN
 
 from ..kernels import linear_rows, moe_gemv, moe_grouped_gemv
 from ..kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts
+from . import fp8_mlp
 from .decode_linear import DecodeLinear
 from .fp8_moe import FP8RoutedMLPFunction
 from .fp8_numerics import (
@@ -292,6 +293,13 @@ class FP8Linear(nn.Linear):
         """x W^T in FP8 by this layer's recipe, for its weight (with `copy`, its FP8 copy, if it keeps one) or for
         another weight W (`joined_projections`: this one's and a sibling's, joined)."""
         return FP8LinearFunction.apply(x, weight, _module_backend(self, x), _output_dtype(x), copy)
+
+    def swiglu_mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """`mlp`'s output (this layer being its gate_proj) as one FP8 function (`fp8_mlp.py`), or None where that
+        does not serve (`fp8_mlp.serves`)."""
+        if not fp8_mlp.serves(mlp):
+            return None
+        return fp8_mlp.fused_fp8_mlp(mlp, x, _module_backend(self, x), _output_dtype(x))
 
 
 class FP8RoutedExperts(RoutedExperts):

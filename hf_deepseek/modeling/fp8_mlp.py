@@ -61,20 +61,20 @@ class FP8SwiGLUMLPFunction(torch.autograd.Function):
         return d_x, d_w_gate_up, d_w_down, None, None
 
 
-def fused_fp8_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """`mlp`'s output through `FP8SwiGLUMLPFunction`, or None where it does not serve: not FP8 linears of one recipe
-    with `fused_mlp_quantization`, not training with gradients, biases, another activation, weight copies
+def serves(mlp: nn.Module) -> bool:
+    """Whether `FP8SwiGLUMLPFunction` runs `mlp`: FP8 linears of one kind and one recipe with
+    `fused_mlp_quantization`, training with gradients, no biases, a SiLU activation, no weight copies
     (`cache_weights`)."""
-    from .fp8 import FP8Linear, _module_backend, _output_dtype
-
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     recipe = getattr(gate, "fp8_recipe", None)
     if not (getattr(recipe, "fused_mlp_quantization", False) and gate.training and torch.is_grad_enabled()):
-        return None
-    if not all(type(p) is FP8Linear and p.bias is None and p.fp8_recipe is recipe for p in (gate, up, down)):
-        return None
-    if recipe.cache_weights or mlp.act_fn.__class__.__name__ not in ("SiLU", "SiLUActivation"):
-        return None
-    backend = _module_backend(gate, x)
-    w_gate_up = torch.cat([gate.weight, up.weight])
-    return FP8SwiGLUMLPFunction.apply(x, w_gate_up, down.weight, backend, _output_dtype(x))
+        return False
+    if not all(type(p) is type(gate) and p.bias is None and p.fp8_recipe is recipe for p in (gate, up, down)):
+        return False
+    return not recipe.cache_weights and mlp.act_fn.__class__.__name__ in ("SiLU", "SiLUActivation")
+
+
+def fused_fp8_mlp(mlp: nn.Module, x: torch.Tensor, backend, out_dtype: torch.dtype) -> torch.Tensor:
+    """`mlp`'s output through `FP8SwiGLUMLPFunction` (where `serves(mlp)`), with gate and up joined."""
+    w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return FP8SwiGLUMLPFunction.apply(x, w_gate_up, mlp.down_proj.weight, backend, out_dtype)

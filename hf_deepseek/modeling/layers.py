@@ -6,7 +6,6 @@ from transformers.activations import ACT2FN
 
 from ..kernels.moe_gemv import rms_norm
 from .decode_linear import fused_gate_up
-from .fp8_mlp import fused_fp8_mlp
 from .joined_projections import joined_projections
 
 
@@ -36,10 +35,10 @@ class SwiGLUMLP(nn.Module):
         self.act_fn = ACT2FN[hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(getattr(self.gate_proj, "fp8_recipe", None), "fused_mlp_quantization", False):
-            out = fused_fp8_mlp(self, x)  # training in FP8: the whole MLP in one function, else None
-            if out is not None:
-                return out
+        fused = getattr(self.gate_proj, "swiglu_mlp", None)  # FP8 training layers: the MLP in one function
+        out = fused(self, x) if fused is not None else None  # (None where that does not serve)
+        if out is not None:
+            return out
         act = fused_gate_up(self, x)  # a decode row in one launch, else None
         if act is None:
             joined = joined_projections(self.gate_proj, self.up_proj, x)  # training, opt-in: one GEMM for both
