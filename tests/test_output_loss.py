@@ -4,9 +4,10 @@ logits: the same loss and the same gradients for every parameter, main and MTP l
 float64: on the GPU, and in Triton's interpreter on the CPU where triton imports and TRITON_INTERPRET=1 is set (as
 `benchmarks/triton_interpreter_check.py` runs it, section `cross_entropy`)."""
 
-import contextlib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,23 +161,13 @@ def chunk_case(rows: int, vocab: int, dtype: torch.dtype, device="cpu"):
     return logits.to(dtype), targets
 
 
-@contextlib.contextmanager
 def gpu_store_rounding():
-    """The interpreter converts float32 to bf16 by truncation; the GPU rounds to nearest even, as torch does."""
-    import numpy as np
-    from triton.runtime import interpreter
+    """The check script's context (the interpreter's float32-to-bf16 conversion rounding to nearest even, as the GPU
+    does); imported only under the interpreter, where the script loads."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from triton_interpreter_check import gpu_store_rounding as store_rounding
 
-    def convert_float(data, src, dst, rounding):
-        if not (src == interpreter.tl.float32 and dst == interpreter.tl.bfloat16):
-            return original(data, src, dst, rounding)
-        return torch.from_numpy(np.asarray(data, np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
-
-    original = interpreter._convert_float
-    interpreter._convert_float = convert_float
-    try:
-        yield
-    finally:
-        interpreter._convert_float = original
+    return store_rounding()
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="Triton's interpreter: TRITON_INTERPRET=1 and triton importable")
