@@ -33,7 +33,7 @@ from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.kernels import moe_routing
-from hf_deepseek.modeling import joined_projections, router_logits
+from hf_deepseek.modeling import joined_projections
 
 PEER = "transformers"
 OURS_EAGER, OURS, OURS_FP8 = "hf_deepseek-bf16-eager", "hf_deepseek-bf16", "hf_deepseek-fp8"
@@ -182,10 +182,6 @@ OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW = OURS + TORCH_ADAMW, OURS_FP8_ROWWISE_TR
 # chooses the experts (`kernels.moe_routing.route_indices`)
 TORCH_ROUTER = "-torch-router"
 OURS_TORCH_ROUTER = OURS + TORCH_ROUTER
-# a variant name + TENSOR_CORE_ROUTER: the routers' logits from bf16 GEMMs with fp32 outputs, their gradients from a
-# two-term bf16 split of the fp32 output gradient (`modeling.router_logits`, opt-in), not fp32 GEMMs of upcasts
-TENSOR_CORE_ROUTER = "-tensor-core-router"
-OURS_TENSOR_CORE_ROUTER, OURS_FP8_TENSOR_CORE_ROUTER = OURS + TENSOR_CORE_ROUTER, OURS_FP8_ROWWISE + TENSOR_CORE_ROUTER
 # a variant name + LOSS_CHUNKS_16: the head and its loss in 16 chunks of tokens rather than 8 (half the logits and
 # their gradient alive at once, at the end of the forward where the activations are all kept)
 LOSS_CHUNKS_16 = "-loss-chunks-16"
@@ -198,8 +194,8 @@ OURS_FP8_FBGEMM_JOINED = OURS_FP8_ROWWISE_FBGEMM + JOINED
 OURS_FP8_FBGEMM_HP_WGRAD_JOINED = OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD + JOINED
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
-    OURS_TENSOR_CORE_ROUTER, OURS_FP8_TENSOR_CORE_ROUTER, OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED,
-    OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED, OURS_FP8_FBGEMM_HP_WGRAD_JOINED,
+    OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED,
+    OURS_FP8_FBGEMM_HP_WGRAD_JOINED,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -323,7 +319,7 @@ def training_batches(
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
-    for suffix in (TORCH_ADAMW, TORCH_ROUTER, TENSOR_CORE_ROUTER, LOSS_CHUNKS_16, JOINED):
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
         name = name.removesuffix(suffix)
     return name
 
@@ -425,10 +421,9 @@ def bench_variant(
 ) -> TrainResult:
     result = TrainResult(name)
     model = optimizer = None
-    router_kernel, joined, tensor_cores = moe_routing.ENABLED, joined_projections.ENABLED, router_logits.ENABLED
+    router_kernel, joined = moe_routing.ENABLED, joined_projections.ENABLED
     moe_routing.ENABLED = router_kernel and not name.endswith(TORCH_ROUTER)  # read when the step compiles
     joined_projections.ENABLED = joined or name.endswith(JOINED)
-    router_logits.ENABLED = tensor_cores or name.endswith(TENSOR_CORE_ROUTER)
     try:
         model = build_model(name, config, device, dtype)
         result.parameters = sum(p.numel() for p in model.parameters())
@@ -474,7 +469,7 @@ def bench_variant(
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
-        moe_routing.ENABLED, joined_projections.ENABLED, router_logits.ENABLED = router_kernel, joined, tensor_cores
+        moe_routing.ENABLED, joined_projections.ENABLED = router_kernel, joined
         del model, optimizer
         gc.collect()
         if device.type == "cuda":

@@ -17,7 +17,6 @@ from ..kernels import moe_routing
 from ..kernels.moe_routing import count_per_expert
 from .layers import SwiGLUMLP
 from .moe_decode import decode_experts, routed_and_shared_experts
-from .router_logits import router_logits
 
 GROUPED_GEMM_DEVICES = ("cuda",)  # where torch's grouped GEMM is fast (the CPU tests add "cpu" to check its numerics)
 
@@ -50,7 +49,7 @@ class TopKRouter(nn.Module):
             )
             self.last_aux_loss = None
             return indices, weights
-        logits = router_logits(x, self.weight)  # [N, E] fp32
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
         routing = moe_routing.routing_args(cfg)
         if moe_routing.routes_indices(self, logits):  # CUDA, training included: the kernel chooses the experts
             scores = moe_routing.score(logits, routing)
