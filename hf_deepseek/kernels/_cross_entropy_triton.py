@@ -14,7 +14,7 @@ IGNORE_INDEX = -100
 # elements of a row a program holds per step: 32 a thread (four 16-byte loads of bf16) in few, large programs, so
 # that fewer rows (258 KB each in bf16 at a 129k vocabulary) are read at once. The fastest of
 # `benchmarks/cross_entropy_kernel_bench.py`'s choices on an H100 (2026-12-07): 494 us a 2048 x 129,280 chunk against
-# 543 for 16384 in 16 warps, 549 for 8192 in 8, 547-598 on a persistent grid, and 772 for Inductor's kernel
+# 543 for 16384 in 16 warps (547-598 on a persistent grid), 549 for 8192 in 8, and 772 for Inductor's kernel
 BLOCK = 32768
 WARPS = 32
 
