@@ -206,3 +206,23 @@ def test_compiled_fp8_variants_track_bf16_on_the_gpu(tmp_path):
     for name in (OURS_FP8_ROWWISE, OURS_FP8):
         assert runs[name]["losses"][0] == pytest.approx(runs[OURS]["losses"][0], rel=0.005), name
         assert runs[name]["mean_loss"] == pytest.approx(runs[OURS]["mean_loss"], rel=0.01), (name, runs)
+
+
+def test_idle_gaps_count_each_gap_once_after_the_kernel_that_ended_last():
+    from hf_deepseek.evals.bench_train import idle_gaps
+
+    kernels = [
+        (0.0, 10.0, "gemm"),
+        (4.0, 6.0, "side"),  # inside gemm (another stream): no gap, no extra busy time
+        (13.0, 20.0, "norm"),  # 3 idle after gemm
+        (18.0, 25.0, "gemm"),  # overlaps norm: busy only past 20
+        (30.0, 31.0, "adam"),  # 5 idle after gemm
+        (40.0, 42.0, "adam"),  # 9 idle after adam
+        (42.0, 50.0, "gemm"),  # touching: no gap
+    ]
+    span, busy, after = idle_gaps(list(reversed(kernels)))
+    assert span == 50.0
+    assert busy == 10 + 7 + 5 + 1 + 2 + 8
+    assert after == [("adam", 9.0, 1), ("gemm", 8.0, 2)]
+    assert span - busy == 17.0
+    assert idle_gaps([]) == (0.0, 0.0, [])

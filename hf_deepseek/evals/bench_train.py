@@ -501,6 +501,7 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
     with profile(activities=activities) as prof:
         run_steps(model, optimizer, batches, device)
     kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
+    intervals = []  # (start us, end us, name) of every kernel
     for event in prof.events():
         # on the GPU, a record_function range (the optimizer's step) is an annotation over kernels counted already
         annotation = on_cuda and getattr(event, "is_user_annotation", False)
@@ -508,6 +509,7 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
             entry = kernels.setdefault(event.name, [0.0, 0])
             entry[0] += event.time_range.elapsed_us()
             entry[1] += 1
+            intervals.append((event.time_range.start, event.time_range.end, event.name))
     steps = max(1, len(batches))
     total = sum(us for us, _ in kernels.values())
     kinds: dict[str, float] = {}
@@ -518,6 +520,10 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
         f"{kind:<22} {us / 1000 / steps:8.2f} ms {us / total:6.1%}"
         for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])
     ]
+    if on_cuda:  # the device's idle time inside the profiled steps, by the kernel each gap follows
+        span, busy, after = idle_gaps(intervals)
+        lines += ["", f"idle between kernels: {(span - busy) / 1000 / steps:.2f} ms a step, in gaps after:"]
+        lines += [f"{us / 1000 / steps:8.2f} ms {count // steps:6d} gaps  {name[:150]}" for name, us, count in after]
     lines += ["", f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel"]
     for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{us / 1000 / steps:8.2f} {us / total:6.1%} {calls // steps:6d}  {name[:150]}")
@@ -526,6 +532,29 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
     operators = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
     path.write_text(f"{table}\n\n{operators}")
     return table
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 12) -> tuple[float, float, list]:
+    """Kernels' (start, end, name) intervals -> (span from the first start to the last end, time some kernel runs,
+    the `top` kernels after which the device stood idle longest: [(name, idle time after it, gaps)]). A gap
+    belongs to the kernel that ended last before it; overlapping kernels (other streams) count once."""
+    span = busy = 0.0
+    after: dict[str, list[float]] = {}
+    ordered = sorted(intervals)
+    if ordered:
+        span = max(end for _, end, _ in ordered) - ordered[0][0]
+        start0, end0, last = ordered[0]
+        busy, reach = end0 - start0, end0
+        for start, end, name in ordered[1:]:
+            if start > reach:
+                entry = after.setdefault(last, [0.0, 0])
+                entry[0] += start - reach
+                entry[1] += 1
+            busy += max(0.0, end - max(start, reach))
+            if end >= reach:
+                reach, last = end, name
+    ranked = sorted(((name, us, int(n)) for name, (us, n) in after.items()), key=lambda e: -e[1])
+    return span, busy, ranked[:top]
 
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
