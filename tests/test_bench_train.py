@@ -226,3 +226,22 @@ def test_idle_gaps_count_each_gap_once_after_the_kernel_that_ended_last():
     assert after == [("adam", 9.0, 1), ("gemm", 8.0, 2)]
     assert span - busy == 17.0
     assert idle_gaps([]) == (0.0, 0.0, [])
+
+
+def test_host_waits_rank_runtime_calls_by_their_total_time_per_operator():
+    from hf_deepseek.evals.bench_train import host_waits
+
+    calls = [
+        ("cudaStreamSynchronize", 900.0, "aten::item"),
+        ("cudaMemcpyAsync", 5.0, "aten::copy_"),
+        ("cudaStreamSynchronize", 300.0, "aten::item"),
+        ("cudaFree", 2000.0, "aten::empty"),
+        ("cudaMemcpyAsync", 7.0, "aten::copy_"),
+    ]
+    assert host_waits(calls) == [
+        ("cudaFree", "aten::empty", 2000.0, 1),
+        ("cudaStreamSynchronize", "aten::item", 1200.0, 2),
+        ("cudaMemcpyAsync", "aten::copy_", 12.0, 2),
+    ]
+    assert host_waits(calls, top=1) == [("cudaFree", "aten::empty", 2000.0, 1)]
+    assert host_waits([]) == []

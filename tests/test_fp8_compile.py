@@ -83,7 +83,13 @@ def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: i
     return model, frames, losses
 
 
-@pytest.mark.parametrize("name", list(RECIPES))
+# on the CPU, the cases whose every branch another case takes stay out (about 25 s of the suite): rowwise with
+# the FP8 weight gradient compiles in the next test, the blockwise recipe's bf16 weight gradient in
+# "deepseek-cached-weights"; the GPU test below runs every case
+CPU_CASES = [n for n in RECIPES if n not in ("rowwise-fp8-wgrad", "deepseek-hp-wgrad")]
+
+
+@pytest.mark.parametrize("name", CPU_CASES)
 def test_fp8_training_step_compiles_once_per_layer_kind_without_graph_breaks(name):
     model, frames, losses = train_compiled(recipe_of(name, backend="emulated"), "cpu", "aot_eager")
     assert frames[0] == layer_kinds(model), frames  # one graph per kind of block, none per linear shape

@@ -502,7 +502,11 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
         run_steps(model, optimizer, batches, device)
     kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
     intervals = []  # (start us, end us, name) of every kernel
+    runtime_calls = []  # (CUDA runtime call, host microseconds, the operator that made it)
     for event in prof.events():
+        if on_cuda and event.name in HOST_WAIT_CALLS:
+            parent = event.cpu_parent
+            runtime_calls.append((event.name, event.time_range.elapsed_us(), parent.name if parent else "(none)"))
         # on the GPU, a record_function range (the optimizer's step) is an annotation over kernels counted already
         annotation = on_cuda and getattr(event, "is_user_annotation", False)
         if (event.device_type != DeviceType.CPU) == on_cuda and (on_cuda or not event.cpu_parent) and not annotation:
@@ -524,6 +528,14 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
         span, busy, after = idle_gaps(intervals)
         lines += ["", f"idle between kernels: {(span - busy) / 1000 / steps:.2f} ms a step, in gaps after:"]
         lines += [f"{us / 1000 / steps:8.2f} ms {count // steps:6d} gaps  {name[:150]}" for name, us, count in after]
+        lines += [
+            "",
+            "host waits on the device (CUDA runtime calls that block or may block), by the operator making them:",
+        ]
+        lines += [
+            f"{us / 1000 / steps:8.2f} ms {count // steps:6d} calls  {call} in {op[:120]}"
+            for call, op, us, count in host_waits(runtime_calls)
+        ]
     lines += ["", f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel"]
     for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(f"{us / 1000 / steps:8.2f} {us / total:6.1%} {calls // steps:6d}  {name[:150]}")
@@ -555,6 +567,26 @@ def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 12) -> tuple
                 reach, last = end, name
     ranked = sorted(((name, us, int(n)) for name, (us, n) in after.items()), key=lambda e: -e[1])
     return span, busy, ranked[:top]
+
+
+# the CUDA runtime calls after which the host may wait for the device: a synchronisation, a copy to pageable host
+# memory, or a free of device memory (the caching allocator's, when it runs short)
+HOST_WAIT_CALLS = frozenset({
+    "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaStreamWaitEvent",
+    "cudaMemcpy", "cudaMemcpyAsync", "cudaFree", "cudaMalloc",
+})  # fmt: skip
+
+
+def host_waits(calls: list[tuple[str, float, str]], top: int = 12) -> list[tuple[str, str, float, int]]:
+    """(runtime call, host microseconds, operator that made it) -> the `top` (call, operator) pairs by total host
+    time: [(call, operator, microseconds, count)]."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for call, us, op in calls:
+        entry = totals.setdefault((call, op), [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    ranked = sorted(((call, op, us, int(n)) for (call, op), (us, n) in totals.items()), key=lambda e: -e[2])
+    return ranked[:top]
 
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
