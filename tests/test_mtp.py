@@ -305,3 +305,27 @@ def test_gradient_accumulation_with_num_items_in_batch_matches_full_batch(aux_lo
     micro = [model(part, labels=part, num_items_in_batch=total_items) for part in batch.split(2)]
     grads_micro = torch.autograd.grad(sum(out.loss for out in micro), router)[0]
     torch.testing.assert_close(grads_micro, grads_full)
+
+
+def test_a_training_forward_without_position_ids_makes_no_host_read_for_the_causal_mask(monkeypatch):
+    """Without position ids the model makes them, one sequence a row: transformers' search for packed sequences in
+    them (a host read of a device tensor, a GPU sync every training step, and under CUDA graph capture a mask made
+    dense) is skipped; the loss is the one with those position ids given."""
+    import traceback
+
+    cfg = tiny_config()
+    model = DeepSeekForCausalLM(cfg).train()
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def recording_bool(tensor):
+        reads.append([frame.filename for frame in traceback.extract_stack()])
+        return real_bool(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__bool__", recording_bool)
+    loss = model(ids, labels=ids).loss
+    assert not any("masking_utils" in name for stack in reads for name in stack)
+    given = model(ids, labels=ids, position_ids=torch.arange(9)[None].expand(2, -1)).loss
+    assert any("masking_utils" in name for stack in reads for name in stack)  # given ids are still searched
+    torch.testing.assert_close(loss, given, atol=0, rtol=0)

@@ -114,11 +114,14 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
 
     def attention_inputs(self, inputs_embeds, attention_mask, position_ids, cache):
         """The causal mask, the rotary tables and the position ids for a pass (shared with the MTP modules)."""
+        given_positions = position_ids
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
-        # positional: the 4th parameter is `past_key_values` in transformers 5.17 and `cache` in 5.24
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
+        # positional: the 4th parameter is `past_key_values` in transformers 5.17 and `cache` in 5.24. Position ids
+        # made here are one sequence a row: transformers' check for packed sequences in them (a host read of the
+        # device, a sync every training forward, and under CUDA graph capture a materialised mask) has nothing to find
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, given_positions)
         return mask, self.rotary_emb(inputs_embeds, position_ids), position_ids
 
 
