@@ -122,6 +122,8 @@ cp $W/titan/anchor.json $OUT/titan_anchor.json 2>/dev/null
 # 4. GPU tests and the 200-step comparison side by side (neither is a timing)
 TEST_WALL=$(( ${TEST_WALL:-150} < $(left) - 20 ? ${TEST_WALL:-150} : $(left) - 20 ))
 PYTHONPATH=$PROJECT_PATH timeout -s INT -k 15 $TEST_WALL $PY -m pytest -q -p no:cacheprovider -m gpu -rA --durations=0 \
+  tests/test_graphed_train_step.py \
+  tests/test_adamw.py::test_capturable_step_replayed_from_a_cuda_graph_matches_the_host_step_on_the_gpu \
   "tests/test_fp8_compile.py::test_compiled_fp8_parts_give_the_gradients_of_eager_fp8_on_the_gpu[rowwise]" \
   tests/test_output_loss.py tests/test_fp8_mlp.py \
   "tests/test_fp8_compile.py::test_fp8_training_step_compiles_with_inductor_on_the_gpu[rowwise-fused-mlp]" \

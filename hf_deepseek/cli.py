@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GEMM for the experts' and the projections of a shared input joined), "
         "hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights (and the weights' blocks written by the optimizer's "
         "update), hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-fused-moe (or the routed experts' whole MLP in one "
-        "function) and hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights-fused-moe (both) "
+        "function) and hf_deepseek-fp8-fbgemm-blockwise-hp-wgrad-cached-weights-fused-moe (both), "
+        "hf_deepseek-bf16-cuda-graph and hf_deepseek-fp8-rowwise-cuda-graph (the whole step, optimizer included, "
+        "captured in one CUDA graph and replayed; the plain step off CUDA) "
         "(default: transformers, hf_deepseek-bf16 and the two compiled FP8 recipes; "
         "v3-width: ours only)",
     )

@@ -151,3 +151,32 @@ def test_triton_kernel_matches_torchs_fused_adamw_on_the_gpu():
         diff = (r.float() - q.float()).abs()
         # a few bf16 roundings of the parameter, plus 4 updates moved by a fraction of lr each
         assert (diff <= q.float().abs() * 2**-5 + 4 * 1e-2 * 2**-4).all() and diff.mean() < 1e-4
+
+
+@pytest.mark.gpu
+def test_capturable_step_replayed_from_a_cuda_graph_matches_the_host_step_on_the_gpu():
+    """`capturable=True`: the step counts on the device and the bias corrections made in the kernel, so a CUDA graph
+    captures the step once and each replay advances it: after four replays the float32 parameters and moments are
+    the host-step optimizer's up to float32 rounding of the bias corrections (beta2 = 0.999 at step 1 included)."""
+    params = parameters(torch.float32, device="cuda")
+    host = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    graphed = TritonAdamW(groups(params), betas=(0.9, 0.999), eps=1e-8, capturable=True)
+    plain = TritonAdamW(groups(host), betas=(0.9, 0.999), eps=1e-8)
+    set_gradients(params, 0)
+    graphed.step()  # the first step makes the state (outside the graph, as a warm-up step would)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed.step()
+    assert all(float(graphed.state[p]["step"]) == 1 for p in params)  # captured, not run
+    for step in range(4):
+        set_gradients(host, step)
+        plain.step()
+        if step:
+            for p, q in zip(params, host, strict=True):
+                p.grad.copy_(q.grad)
+            graph.replay()
+    assert all(graphed.state[p]["step"].device == p.device and float(graphed.state[p]["step"]) == 4 for p in params)
+    for p, q in zip(params, host, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(graphed.state[p][key], plain.state[q][key], rtol=1e-6, atol=1e-9)

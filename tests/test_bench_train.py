@@ -13,8 +13,10 @@ from hf_deepseek.cli import main
 from hf_deepseek.evals.bench_train import (
     FP8_VARIANTS,
     OURS,
+    OURS_CUDA_GRAPH,
     OURS_EAGER,
     OURS_FP8,
+    OURS_FP8_CUDA_GRAPH,
     OURS_FP8_FBGEMM_JOINED,
     OURS_FP8_JOINED,
     OURS_FP8_ROWWISE,
@@ -57,6 +59,9 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     # q_a/kv_a and gate/up as one GEMM each: bf16's losses up to float32 rounding, FP8's within its tolerance
     assert variants[OURS_JOINED]["losses"] == pytest.approx(variants[OURS]["losses"], rel=1e-5)
     assert variants[OURS_FP8_JOINED]["mean_loss"] == pytest.approx(variants[OURS]["mean_loss"], rel=0.01)
+    # the captured step's variants run the plain step off CUDA: their model's losses exactly
+    assert variants[OURS_CUDA_GRAPH]["losses"] == variants[OURS]["losses"]
+    assert variants[OURS_FP8_CUDA_GRAPH]["losses"] == variants[OURS_FP8_ROWWISE]["losses"]
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
     assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]
@@ -96,6 +101,7 @@ def test_loss_seeds_train_again_from_the_initial_weights_over_other_batches(tmp_
     each exactly the trajectory of a freshly built model and optimizer over those batches."""
     from hf_deepseek import DeepSeekConfig
     from hf_deepseek.evals.bench_train import TINY_TRAIN_PLAN, build_model, run_steps, training_batches
+    from hf_deepseek.evals.graphed_train_step import eager_step
     from hf_deepseek.kernels.adamw import TritonAdamW
 
     args = ["bench", "train", "--device", "cpu", "--tiny", "--steps", "2", "--output-dir", str(tmp_path)]
@@ -112,7 +118,7 @@ def test_loss_seeds_train_again_from_the_initial_weights_over_other_batches(tmp_
     model = build_model(OURS, config, torch.device("cpu"), torch.float32)
     batches = training_batches(plan, config.vocab_size, plan.warmup_steps + 2, torch.device("cpu"), seed=2)
     optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
-    fresh = [float(x) for x in run_steps(model, optimizer, batches, torch.device("cpu"))[1]]
+    fresh = [float(x) for x in run_steps(eager_step(model, optimizer), batches, torch.device("cpu"))[1]]
     assert variants[OURS]["seed_losses"][2] == fresh
     relative = results["ratios"][f"{OURS_FP8_ROWWISE} mean loss over 3 seeds relative to {OURS}"]
     assert relative == pytest.approx(

@@ -18,6 +18,7 @@ measured on the H200 here; `--peak-tflops`), for the FP8 variant too.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -32,6 +33,7 @@ import torch
 from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
+from hf_deepseek.evals.graphed_train_step import GraphedTrainStep, eager_step, reset_optimizer_state
 from hf_deepseek.kernels import moe_routing
 from hf_deepseek.modeling import joined_projections
 
@@ -190,12 +192,14 @@ OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16 = OURS + LOSS_CHUNKS_16, OURS_FP8_R
 # (`modeling.joined_projections`, opt-in)
 JOINED = "-joined-projections"
 OURS_JOINED, OURS_FP8_JOINED = OURS + JOINED, OURS_FP8_ROWWISE_TRITON_QUANT + JOINED
+CUDA_GRAPH = "-cuda-graph"  # the whole step captured in one CUDA graph, replayed (`graphed_train_step.py`)
+OURS_CUDA_GRAPH, OURS_FP8_CUDA_GRAPH = OURS + CUDA_GRAPH, OURS_FP8_ROWWISE + CUDA_GRAPH
 OURS_FP8_FBGEMM_JOINED = OURS_FP8_ROWWISE_FBGEMM + JOINED
 OURS_FP8_FBGEMM_HP_WGRAD_JOINED = OURS_FP8_ROWWISE_FBGEMM_HP_WGRAD + JOINED
 VARIANTS = (
     PEER, OURS_EAGER, OURS, OURS_UNFUSED_LOSS, *FP8_VARIANTS, OURS_TORCH_ADAMW, OURS_FP8_TORCH_ADAMW, OURS_TORCH_ROUTER,
     OURS_LOSS_CHUNKS_16, OURS_FP8_LOSS_CHUNKS_16, OURS_JOINED, OURS_FP8_JOINED, OURS_FP8_FBGEMM_JOINED,
-    OURS_FP8_FBGEMM_HP_WGRAD_JOINED,
+    OURS_FP8_FBGEMM_HP_WGRAD_JOINED, OURS_CUDA_GRAPH, OURS_FP8_CUDA_GRAPH,
 )  # fmt: skip
 DEFAULT_VARIANTS = (PEER, OURS, OURS_FP8, OURS_FP8_ROWWISE)
 
@@ -319,7 +323,7 @@ def training_batches(
 
 def base_variant(name: str) -> str:
     """The variant's model and step without its choices of optimizer, router, loss chunks and joined projections."""
-    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED):
+    for suffix in (TORCH_ADAMW, TORCH_ROUTER, LOSS_CHUNKS_16, JOINED, CUDA_GRAPH):
         name = name.removesuffix(suffix)
     return name
 
@@ -400,19 +404,17 @@ def build_model(name: str, config: DeepSeekConfig, device: torch.device, dtype: 
     return model
 
 
-def run_steps(model, optimizer, batches: list[torch.Tensor], device: torch.device) -> tuple[list[float], list]:
-    """One optimizer step per batch; returns (each step's milliseconds, each step's detached loss)."""
+def run_steps(step, batches: list[torch.Tensor], device: torch.device) -> tuple[list[float], list]:
+    """`step(input_ids) -> loss` (`graphed_train_step.eager_step` or a captured one) per batch; returns (each step's
+    milliseconds, each step's loss, detached and copied)."""
     times, losses = [], []
     for input_ids in batches:
         synchronize(device)
         start = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = step(input_ids)
         synchronize(device)
         times.append(1000 * (time.perf_counter() - start))
-        losses.append(loss.detach())
+        losses.append(loss.detach().clone())
     return times, losses
 
 
@@ -420,7 +422,8 @@ def bench_variant(
     name: str, plan: TrainBenchPlan, config: DeepSeekConfig, device: torch.device, dtype: torch.dtype, out: Path
 ) -> TrainResult:
     result = TrainResult(name)
-    model = optimizer = None
+    model = optimizer = step = None
+    graphed = name.endswith(CUDA_GRAPH) and device.type == "cuda"
     router_kernel, joined = moe_routing.ENABLED, joined_projections.ENABLED
     moe_routing.ENABLED = router_kernel and not name.endswith(TORCH_ROUTER)  # read when the step compiles
     joined_projections.ENABLED = joined or name.endswith(JOINED)
@@ -438,13 +441,22 @@ def bench_variant(
         else:
             from hf_deepseek.kernels.adamw import TritonAdamW
 
-            optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate)
+            optimizer = TritonAdamW(model.parameters(), lr=plan.learning_rate, capturable=graphed)
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         initial = snapshot(model) if plan.loss_seeds > 1 else None
-        _, warm_losses = run_steps(model, optimizer, batches[: plan.warmup_steps], device)
+        step = eager_step(model, optimizer)
+        # a captured step's warm-up on a side stream (torch's CUDA graph notes); the others on the current one
+        side = torch.cuda.Stream(device) if graphed else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            _, warm_losses = run_steps(step, batches[: plan.warmup_steps], device)
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+            step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps])  # captured, not run
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times, losses = run_steps(model, optimizer, batches[plan.warmup_steps :], device)
+        times, losses = run_steps(step, batches[plan.warmup_steps :], device)
         result.losses = [float(x) for x in warm_losses + losses]
         result.final_loss = statistics.fmean(result.losses[-3:])
         result.mean_loss = statistics.fmean(result.losses)
@@ -457,20 +469,20 @@ def bench_variant(
         if device.type == "cuda":
             result.peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30
         if plan.profile and name != PEER and (plan.profile_variants is None or name in plan.profile_variants):
-            table = profile_step(model, optimizer, batches[:1], device, out / f"profile_{name}.txt")
+            table = profile_step(step, batches[:1], device, out / f"profile_{name}.txt")
             print(f"{name}: one step after warm-up\n{table}", flush=True)
         result.seed_losses = [result.losses]
         for seed in range(1, plan.loss_seeds):  # after the timed steps, the profile and the peak memory
             restore(model, initial)
-            optimizer.state.clear()  # moments and step counts start again (both AdamWs make them at their next step)
+            reset_optimizer_state(optimizer)  # moments and step counts start again, in place (a graph reads them)
             more = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device, seed)
-            result.seed_losses.append([float(x) for x in run_steps(model, optimizer, more, device)[1]])
+            result.seed_losses.append([float(x) for x in run_steps(step, more, device)[1]])
         result.mean_loss_over_seeds = statistics.fmean(statistics.fmean(x) for x in result.seed_losses)
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
     finally:
         moe_routing.ENABLED, joined_projections.ENABLED = router_kernel, joined
-        del model, optimizer
+        del model, optimizer, step
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -489,7 +501,7 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         t.copy_(state[key])
 
 
-def profile_step(model, optimizer, batches, device: torch.device, path: Path, top: int = 60) -> str:
+def profile_step(step, batches, device: torch.device, path: Path, top: int = 60) -> str:
     """Where a step's time goes: the `top` kernels by total device time over `batches` (one optimizer step each,
     after warm-up) and the time per kind of kernel; written to `path` (with torch's operator table below it) and
     returned."""
@@ -499,7 +511,7 @@ def profile_step(model, optimizer, batches, device: torch.device, path: Path, to
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
-        run_steps(model, optimizer, batches, device)
+        run_steps(step, batches, device)
     kernels: dict[str, list[float]] = {}  # name -> [microseconds, calls]
     intervals = []  # (start us, end us, name) of every kernel
     runtime_calls = []  # (CUDA runtime call, host microseconds, the operator that made it)

@@ -3,6 +3,7 @@ parameter, its gradient and both moments, each element read and written once, in
 stores in the tensors' own dtypes, as torch's fused AdamW computes it."""
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -50,6 +51,41 @@ def _adamw_kernel(
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2^31
     adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < n, lr_decay, beta1, beta2, eps, step_size,
                    bias_correction2_sqrt)  # fmt: skip
+
+
+@triton.jit
+def one_minus_power(log_beta, step):
+    """1 - beta^step from ln(beta), in float32 without cancellation where beta^step is near 1 (beta2 = 0.999 at the
+    first steps): -expm1(step ln beta), by its series for |step ln beta| < 0.1."""
+    x = step * log_beta
+    series = x * (1 + x / 2 * (1 + x / 3 * (1 + x / 4 * (1 + x / 5 * (1 + x / 6)))))
+    return -tl.where(tl.abs(x) < 0.1, series, tl.exp(x) - 1)
+
+
+@triton.jit
+def _adamw_device_step_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, n, step_ptr, lr, lr_decay, beta1, beta2, log_beta1, log_beta2, eps,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """`_adamw_kernel` with the bias corrections made from the step count in device memory (already incremented):
+    the update a CUDA graph replays (`TritonAdamW(capturable=True)`)."""
+    step = tl.load(step_ptr).to(tl.float32)
+    step_size = lr / one_minus_power(log_beta1, step)
+    bias_correction2_sqrt = tl.sqrt(one_minus_power(log_beta2, step))
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    adamw_in_place(p_ptr, g_ptr, m_ptr, v_ptr, offsets, offsets < n, lr_decay, beta1, beta2, eps, step_size,
+                   bias_correction2_sqrt)  # fmt: skip
+
+
+def adamw_update_device_step(p, g, m, v, step, lr, lr_decay, beta1, beta2, eps) -> None:
+    """`adamw_update` with the step count a one-element float32 tensor on p's device (incremented before)."""
+    n = p.numel()
+    with torch.cuda.device(p.device) if p.is_cuda else contextlib.nullcontext():
+        _adamw_device_step_kernel[(triton.cdiv(n, BLOCK),)](
+            p, g, m, v, n, step, lr, lr_decay, beta1, beta2, math.log(beta1), math.log(beta2), eps,
+            BLOCK=BLOCK, num_warps=WARPS,
+        )  # fmt: skip
+    increment_version(p)
 
 
 def adamw_update(p, g, m, v, lr_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt) -> None:

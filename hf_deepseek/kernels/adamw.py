@@ -7,8 +7,11 @@ At the training bench's shapes (4.72B bf16 parameters, bf16 moments: 66 GB moved
 26.6 ms of an H200's step (about 2.5 TB/s, docs/PERF.md 2026-12-04g), where the bytes need about 14 ms at copy
 bandwidth; `benchmarks/adamw_bench.py` times both. The state keeps torch's layout (`step`, `exp_avg`, `exp_avg_sq`),
 so a state_dict loads into torch's AdamW and back. Off CUDA the same update runs in torch ops (`torch_update`, what
-the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, capturable, differentiable,
-a sparse gradient, a complex, non-contiguous or DTensor parameter) take torch's own step for the whole optimizer.
+the CPU tests check against torch's AdamW); options the kernel lacks (amsgrad, maximize, differentiable, a sparse
+gradient, a complex, non-contiguous or DTensor parameter, `capturable` off CUDA) take torch's own step for the whole
+optimizer. `capturable=True` keeps the step counts on the device and makes the bias corrections there, in the
+kernel, so that a CUDA graph can capture the step (torch's layout for capturable AdamW; the learning rate is
+captured as it is).
 
 The weight of an FP8 layer that keeps an FP8 copy of it (`FP8Recipe.cache_weights`) is updated by a kernel that
 writes the copy too (`modeling/fp8_adamw_triton.py`), where it serves.
@@ -64,8 +67,11 @@ class TritonAdamW(torch.optim.AdamW):
         """Whether every parameter with a gradient can take this class's update."""
         for group in self.param_groups:
             # ("fused" / "foreach" from a loaded torch state_dict name torch's kernels: the same update here)
-            if any(group.get(k) for k in ("amsgrad", "maximize", "capturable", "differentiable")):
+            if any(group.get(k) for k in ("amsgrad", "maximize", "differentiable")):
                 return False
+            capturable = group.get("capturable")
+            if capturable and not (triton_available() and all(p.is_cuda for p in group["params"])):
+                return False  # the device-step kernel: CUDA only (torch's capturable step raises elsewhere)
             if isinstance(group["lr"], torch.Tensor) and group["lr"].device.type != "cpu":
                 return False
             for p in group["params"]:
@@ -81,6 +87,8 @@ class TritonAdamW(torch.optim.AdamW):
                 state = self.state.get(p)
                 if state and any(not state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq")):
                     return False  # moments loaded from a state_dict in another layout
+                if state and capturable and state["step"].device != p.device:
+                    return False
         return True
 
     @torch.no_grad()
@@ -93,14 +101,13 @@ class TritonAdamW(torch.optim.AdamW):
                 loss = closure()
         for group in self.param_groups:
             lr, beta1, beta2 = float(group["lr"]), float(group["betas"][0]), float(group["betas"][1])
+            if group["capturable"]:
+                self._device_step(group, lr, beta1, beta2)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:  # torch's AdamW layout: a float32 CPU step, moments like the parameter
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state = self._state_of(p, torch.device("cpu"))
                 step = float(state["step"].add_(1))
                 update = _update_function(p.device)
                 tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
@@ -112,3 +119,25 @@ class TritonAdamW(torch.optim.AdamW):
                 if not fused:
                     update(*tensors, *hyper)
         return loss
+
+    def _state_of(self, p: torch.Tensor, step_device: torch.device) -> dict:
+        """p's state, made at its first step in torch's AdamW layout: a float32 step count (on the CPU, or on p's
+        device where `capturable`), moments like the parameter."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    def _device_step(self, group: dict, lr: float, beta1: float, beta2: float) -> None:
+        """`capturable`: step counts and bias corrections on the device, nothing read on the host, so that a CUDA
+        graph can capture the step and replay it (the learning rate and betas are captured as they are)."""
+        from ._adamw_triton import adamw_update_device_step
+
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [self._state_of(p, p.device) for p in params]
+        torch._foreach_add_([state["step"] for state in states], 1.0)  # one launch for every count
+        for p, state in zip(params, states, strict=True):
+            adamw_update_device_step(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr,
+                                     lr * group["weight_decay"], beta1, beta2, group["eps"])  # fmt: skip

@@ -1,0 +1,59 @@
+"""The training bench's captured step (`evals/graphed_train_step.py`): on a GPU, replaying the CUDA graph of a whole
+step (forward, backward, `TritonAdamW(capturable=True)`) trains as the plain step does; the optimizer's state reset
+in place is a fresh optimizer's (also through the bench's `--loss-seeds`, test_bench_train.py)."""
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_deepseek import DeepSeekForCausalLM
+from hf_deepseek.evals.graphed_train_step import GraphedTrainStep, eager_step, reset_optimizer_state
+from hf_deepseek.kernels.adamw import TritonAdamW
+
+
+def batches(vocab: int, count: int, device: str) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (2, 24), generator=gen).to(device) for _ in range(count)]
+
+
+def test_a_state_reset_in_place_trains_as_a_fresh_optimizer():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = DeepSeekForCausalLM(cfg).train()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = TritonAdamW(model.parameters(), lr=1e-2)
+    step, data = eager_step(model, optimizer), batches(cfg.vocab_size, 3, "cpu")
+    first = [float(step(ids)) for ids in data]
+    model.load_state_dict(initial)
+    reset_optimizer_state(optimizer)
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in optimizer.state.values())
+    assert [float(step(ids)) for ids in data] == first
+
+
+@pytest.mark.gpu
+def test_replayed_step_trains_as_the_plain_step_on_the_gpu():
+    """Two plain steps (on a side stream, as the bench warms up), the capture, then four replays: each step's loss
+    and the final weights as six plain steps give them, up to float32 rounding of AdamW's bias corrections."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    graphed_model = DeepSeekForCausalLM(cfg).cuda().train()
+    plain_model = DeepSeekForCausalLM(cfg).cuda().train()
+    plain_model.load_state_dict(graphed_model.state_dict())
+    data = batches(cfg.vocab_size, 6, "cuda")
+    plain = eager_step(plain_model, TritonAdamW(plain_model.parameters(), lr=1e-2))
+    want = [float(plain(ids)) for ids in data]
+
+    optimizer = TritonAdamW(graphed_model.parameters(), lr=1e-2, capturable=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = [float(eager_step(graphed_model, optimizer)(ids)) for ids in data[:2]]
+    torch.cuda.current_stream().wait_stream(side)
+    step = GraphedTrainStep(graphed_model, optimizer, data[2])
+    got += [float(step(ids)) for ids in data[2:]]
+    assert got == pytest.approx(want, rel=1e-5)
+    assert got[-1] < got[0]
+    for a, b in zip(graphed_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"a captured training step takes batches of shape \(2, 24\), got \(1, 24\)"):
+        step(data[0][:1])
