@@ -451,11 +451,11 @@ def bench_variant(
             side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             _, warm_losses = run_steps(step, batches[: plan.warmup_steps], device)
+        if device.type == "cuda":  # before a capture: its allocations are those of the step it replays
+            torch.cuda.reset_peak_memory_stats(device)
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
             step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps])  # captured, not run
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         times, losses = run_steps(step, batches[plan.warmup_steps :], device)
         result.losses = [float(x) for x in warm_losses + losses]
         result.final_loss = statistics.fmean(result.losses[-3:])
