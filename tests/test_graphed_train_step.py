@@ -9,6 +9,7 @@ from conftest import tiny_config
 from hf_deepseek import DeepSeekForCausalLM
 from hf_deepseek.evals.graphed_train_step import GraphedTrainStep, eager_step, reset_optimizer_state
 from hf_deepseek.kernels.adamw import TritonAdamW
+from hf_deepseek.modeling.compile_regions import compile_for_training
 
 
 def batches(vocab: int, count: int, device: str) -> list[torch.Tensor]:
@@ -33,12 +34,15 @@ def test_a_state_reset_in_place_trains_as_a_fresh_optimizer():
 @pytest.mark.gpu
 def test_replayed_step_trains_as_the_plain_step_on_the_gpu():
     """Two plain steps (on a side stream, as the bench warms up), the capture, then four replays: each step's loss
-    and the final weights as six plain steps give them, up to float32 rounding of AdamW's bias corrections."""
-    cfg = tiny_config()
+    and the final weights as six plain steps give them, up to the float32 rounding of AdamW's bias corrections
+    (which may move a bf16 weight by one rounding)."""
+    cfg = tiny_config(num_nextn_predict_layers=0)  # as the bench: bf16 (the experts' grouped GEMMs), compiled blocks
     torch.manual_seed(0)
-    graphed_model = DeepSeekForCausalLM(cfg).cuda().train()
-    plain_model = DeepSeekForCausalLM(cfg).cuda().train()
+    graphed_model = DeepSeekForCausalLM(cfg).cuda().bfloat16().train()
+    plain_model = DeepSeekForCausalLM(cfg).cuda().bfloat16().train()
     plain_model.load_state_dict(graphed_model.state_dict())
+    for model in (graphed_model, plain_model):
+        compile_for_training(model)
     data = batches(cfg.vocab_size, 6, "cuda")
     plain = eager_step(plain_model, TritonAdamW(plain_model.parameters(), lr=1e-2))
     want = [float(plain(ids)) for ids in data]
@@ -51,9 +55,9 @@ def test_replayed_step_trains_as_the_plain_step_on_the_gpu():
     torch.cuda.current_stream().wait_stream(side)
     step = GraphedTrainStep(graphed_model, optimizer, data[2])
     got += [float(step(ids)) for ids in data[2:]]
-    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(want, rel=1e-3)
     assert got[-1] < got[0]
     for a, b in zip(graphed_model.parameters(), plain_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b)  # bf16's tolerance: a bias correction's float32 rounding may move one
     with pytest.raises(ValueError, match=r"a captured training step takes batches of shape \(2, 24\), got \(1, 24\)"):
         step(data[0][:1])

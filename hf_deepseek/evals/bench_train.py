@@ -23,6 +23,7 @@ import gc
 import json
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -480,6 +481,7 @@ def bench_variant(
         result.mean_loss_over_seeds = statistics.fmean(statistics.fmean(x) for x in result.seed_losses)
     except Exception as error:  # one variant failing (out of memory, a compile error) must not lose the others
         result.note = (result.note + "; " if result.note else "") + f"failed: {type(error).__name__}: {error}"[:600]
+        traceback.print_exc()  # the whole story in the run's log; the note keeps its first 600 characters
     finally:
         moe_routing.ENABLED, joined_projections.ENABLED = router_kernel, joined
         del model, optimizer, step

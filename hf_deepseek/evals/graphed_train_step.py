@@ -22,11 +22,21 @@ class GraphedTrainStep:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_ids: torch.Tensor):
         self.input_ids = example_ids.clone()
         optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in the graph's pool
+        # the capture allocates a whole step's memory in the graph's own pool; what the warm-up steps left cached
+        # in the default pool goes back first: freeing it during the capture (to make room) would end it
+        torch.cuda.empty_cache()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = model(input_ids=self.input_ids, labels=self.input_ids).loss
-            self.loss.backward()
-            optimizer.step()
+        # a host read of the device inside the capture raises where it is made (torch's sync debug mode), rather
+        # than as CUDA's "operation failed due to a previous error during capture" at some later call
+        debug_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = model(input_ids=self.input_ids, labels=self.input_ids).loss
+                self.loss.backward()
+                optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(debug_mode)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape != self.input_ids.shape:
