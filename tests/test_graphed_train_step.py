@@ -53,7 +53,7 @@ def test_replayed_step_trains_as_the_plain_step_on_the_gpu():
     with torch.cuda.stream(side):
         got = [float(eager_step(graphed_model, optimizer)(ids)) for ids in data[:2]]
     torch.cuda.current_stream().wait_stream(side)
-    step = GraphedTrainStep(graphed_model, optimizer, data[2])
+    step = GraphedTrainStep(graphed_model, optimizer, data[2], side)
     got += [float(step(ids)) for ids in data[2:]]
     assert got == pytest.approx(want, rel=1e-3)
     assert got[-1] < got[0]

@@ -456,7 +456,7 @@ def bench_variant(
             torch.cuda.reset_peak_memory_stats(device)
         if side is not None:
             torch.cuda.current_stream(device).wait_stream(side)
-            step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps])  # captured, not run
+            step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps], side)  # captured, not run
         times, losses = run_steps(step, batches[plan.warmup_steps :], device)
         result.losses = [float(x) for x in warm_losses + losses]
         result.final_loss = statistics.fmean(result.losses[-3:])
