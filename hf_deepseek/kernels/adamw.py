@@ -136,6 +136,8 @@ class TritonAdamW(torch.optim.AdamW):
         from ._adamw_triton import adamw_update_device_step
 
         params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
         states = [self._state_of(p, p.device) for p in params]
         torch._foreach_add_([state["step"] for state in states], 1.0)  # one launch for every count
         for p, state in zip(params, states, strict=True):
