@@ -13,6 +13,8 @@ torch's CUDA graph notes ask for a capture's warm-up, and the capture on that st
 
 import torch
 
+from hf_deepseek.generation.step_graphs import release_generators
+
 
 class GraphedTrainStep:
     """`step(input_ids) -> loss` (the next-token loss on `input_ids` as labels, then backward and the optimizer's
@@ -43,11 +45,16 @@ class GraphedTrainStep:
             # plain step's (the bench's bf16 variants, tests/test_graphed_train_step.py)
             with (
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True),
-                torch.cuda.graph(self.graph, stream=stream),
+                # thread_local: the backward's thread enqueues onto the capture stream; only this thread's
+                # forbidden calls end the capture (as the decode loop's graphs, `generation/step_graphs.py`)
+                torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"),
             ):
                 self.loss = model(input_ids=self.input_ids, labels=self.input_ids).loss
                 self.loss.backward()
                 optimizer.step()
+        except Exception:
+            release_generators()  # or every later random draw of the process raises
+            raise
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
 
