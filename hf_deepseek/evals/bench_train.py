@@ -586,8 +586,8 @@ def idle_gaps(intervals: list[tuple[float, float, str]], top: int = 12) -> tuple
 # the CUDA runtime calls after which the host may wait for the device: a synchronisation, a copy to pageable host
 # memory, or a free of device memory (the caching allocator's, when it runs short)
 HOST_WAIT_CALLS = frozenset({
-    "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaStreamWaitEvent",
-    "cudaMemcpy", "cudaMemcpyAsync", "cudaFree", "cudaMalloc",
+    "cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync",
+    "cudaFree", "cudaMalloc",
 })  # fmt: skip
 
 
