@@ -329,3 +329,25 @@ def test_a_training_forward_without_position_ids_makes_no_host_read_for_the_caus
     given = model(ids, labels=ids, position_ids=torch.arange(9)[None].expand(2, -1)).loss
     assert any("masking_utils" in name for stack in reads for name in stack)  # given ids are still searched
     torch.testing.assert_close(loss, given, atol=0, rtol=0)
+
+
+def test_a_plain_causal_pass_under_sdpa_takes_no_mask_even_where_transformers_would_make_one(monkeypatch):
+    """Training without mask, cache or position ids: SDPA's is_causal and no mask tensor, as transformers decides
+    outside tracing. transformers 5.17 declines that skip while a CUDA graph is captured (simulated here by its
+    skip check answering no), and a captured training step compiled without a mask would then see one. The loss
+    is the one with the mask transformers makes."""
+    from transformers import masking_utils
+
+    cfg = tiny_config()
+    model = DeepSeekForCausalLM(cfg).train()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    embeds = model.model.embed_tokens(ids)
+    assert model.model.attention_inputs(embeds, None, None, None)[0] is None
+    plain = model(ids, labels=ids).loss
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+    assert model.model.attention_inputs(embeds, None, None, None)[0] is None
+    positions = torch.arange(9)[None].expand(2, -1)
+    mask = model.model.attention_inputs(embeds, None, positions, None)[0]
+    assert mask is not None and mask.dtype == torch.bool  # given positions: transformers' mask, materialised
+    torch.testing.assert_close(model(ids, labels=ids, position_ids=positions).loss, plain, atol=1e-6, rtol=1e-6)
