@@ -39,10 +39,11 @@ class GraphedTrainStep:
         debug_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            # on the warm-up's stream, and with the compiled regions' graphs taken as they are: Dynamo recompiled
-            # the decoder layers inside the capture when it evaluated their guards there (H100, 2026-12-08); one
-            # graph was compiled per region in the warm-up, and the replayed step's losses are checked against the
-            # plain step's (the bench's bf16 variants, tests/test_graphed_train_step.py)
+            # on the warm-up's stream, and with the regions' graphs compiled in the warm-up taken without their
+            # guards evaluated again (only those that tell one cached graph from another): the capture must not
+            # compile (Dynamo recompiled the decoder layers inside it on the GPU, 2026-12-08, when transformers
+            # 5.17 made a causal mask under capture; see `DeepSeekModel.attention_inputs`). The replayed step's
+            # losses are checked against the plain step's (tests/test_graphed_train_step.py, the bench's rows)
             with (
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True),
                 # thread_local: the backward's thread enqueues onto the capture stream; only this thread's
