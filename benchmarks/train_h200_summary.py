@@ -54,6 +54,9 @@ def main(folder: Path) -> None:
     for name, r in by_name.items():
         if "fp8" in name and fastest_bf16 and name.startswith("hf_deepseek"):
             print(f"{name}: {fastest_bf16 / r['step_ms']:.3f}x the faster bf16 step ({fastest_bf16:.1f} ms)")
+    for key, value in (bench or {}).get("ratios", {}).items():  # captured steps against plain, FP8 against bf16
+        if "-cuda-graph" in key:
+            print(f"{key}: {value:+.3%}" if "mean loss" in key else f"{key}: {value:.3f}x")
     for ours in [n for n in by_name if n.startswith("hf_deepseek")]:
         for theirs in [n for n in by_name if n.startswith("titan")]:
             print(f"{ours} / {theirs} speed: {by_name[theirs]['step_ms'] / by_name[ours]['step_ms']:.3f}x")

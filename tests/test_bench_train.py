@@ -62,6 +62,8 @@ def test_tiny_train_bench_measures_every_variant(tmp_path):
     # the captured step's variants run the plain step off CUDA: their model's losses exactly
     assert variants[OURS_CUDA_GRAPH]["losses"] == variants[OURS]["losses"]
     assert variants[OURS_FP8_CUDA_GRAPH]["losses"] == variants[OURS_FP8_ROWWISE]["losses"]
+    assert results["ratios"][f"{OURS_CUDA_GRAPH} mean loss relative to {OURS}"] == 0
+    assert f"{OURS_FP8_CUDA_GRAPH} / {OURS_CUDA_GRAPH}" in results["ratios"]  # FP8 against bf16, both captured
     assert f"{OURS} / {PEER}" in results["ratios"]
     assert f"{OURS_FP8_TORCH_ADAMW} / {OURS_TORCH_ADAMW}" in results["ratios"]
     assert f"{OURS_FP8_ROWWISE_TRITON_QUANT} / {OURS}" in results["ratios"]

@@ -629,8 +629,8 @@ def kernel_kind(name: str) -> str:
 
 
 def ratios(results: list[TrainResult]) -> dict[str, float]:
-    """Each of our variants' speed against transformers', and each FP8 variant's speed and mean loss against the bf16
-    step with the same optimizer."""
+    """Each of our variants' speed against transformers', each FP8 variant's speed and mean loss against the bf16
+    step with the same optimizer (and capture), and each captured step's against the same step run plainly."""
     by_name = {r.name: r for r in results if r.tokens_per_s}
     out = {}
     for name in [n for n in by_name if n != PEER]:
@@ -646,6 +646,14 @@ def ratios(results: list[TrainResult]) -> dict[str, float]:
             if seeds > 1 and len(by_name[bf16].seed_losses) == seeds:
                 relative = by_name[fp8].mean_loss_over_seeds / by_name[bf16].mean_loss_over_seeds - 1
                 out[f"{fp8} mean loss over {seeds} seeds relative to {bf16}"] = relative
+    for graphed in [n for n in by_name if n.endswith(CUDA_GRAPH)]:  # the captured step against the same one plain
+        plain = graphed.removesuffix(CUDA_GRAPH)
+        if plain in by_name:
+            out[f"{graphed} / {plain}"] = by_name[graphed].tokens_per_s / by_name[plain].tokens_per_s
+            if by_name[plain].mean_loss:
+                out[f"{graphed} mean loss relative to {plain}"] = (
+                    by_name[graphed].mean_loss / by_name[plain].mean_loss - 1
+                )
     return out
 
 
