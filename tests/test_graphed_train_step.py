@@ -31,6 +31,15 @@ def test_a_state_reset_in_place_trains_as_a_fresh_optimizer():
     assert [float(step(ids)) for ids in data] == first
 
 
+def test_a_model_keeping_fp8_weight_copies_is_refused_before_any_capture():
+    from hf_deepseek.modeling.fp8 import FP8Recipe, convert_to_fp8_training
+
+    model = DeepSeekForCausalLM(tiny_config()).train()
+    convert_to_fp8_training(model, FP8Recipe.named("rowwise", backend="emulated", cache_weights=True))
+    with pytest.raises(ValueError, match=r"cannot keep FP8 weight copies \(FP8Recipe.cache_weights\)"):
+        GraphedTrainStep(model, TritonAdamW(model.parameters()), torch.zeros(1, 4, dtype=torch.long))
+
+
 @pytest.mark.gpu
 def test_replayed_step_trains_as_the_plain_step_on_the_gpu():
     """Two plain steps (on a side stream, as the bench warms up), the capture, then four replays: each step's loss

@@ -9,7 +9,8 @@ True)`; the learning rate is captured as it is), batches of one shape, copied in
 replay. The gradients live in the graph's memory: the capture starts from none and writes them, every replay
 rewrites them in place, so nothing may set them to None afterwards (`optimizer.zero_grad()` would lose them).
 The steps before the capture (the bench's warm-up: compiling, the optimizer's state) run on a side stream, as
-torch's CUDA graph notes ask for a capture's warm-up, and the capture on that stream too."""
+torch's CUDA graph notes ask for a capture's warm-up, and the capture on that stream too. A model keeping FP8
+weight copies (`FP8Recipe.cache_weights`) is refused: host code refreshes them, which a replay would skip."""
 
 import torch
 
@@ -28,6 +29,9 @@ class GraphedTrainStep:
         example_ids: torch.Tensor,
         stream: torch.cuda.Stream | None = None,
     ):
+        if any(getattr(module, "fp8_weight_copies", None) for module in model.modules()):
+            # FP8Recipe.cache_weights: the copies are refreshed by host code (a forward pre-hook) a replay skips
+            raise ValueError("a captured training step cannot keep FP8 weight copies (FP8Recipe.cache_weights)")
         self.input_ids = example_ids.clone()
         optimizer.zero_grad(set_to_none=True)  # the capture allocates the gradients in the graph's pool
         # the capture allocates a whole step's memory in the graph's own pool; what the warm-up steps left cached
