@@ -18,7 +18,6 @@ measured on the H200 here; `--peak-tflops`), for the FP8 variant too.
 """
 
 import argparse
-import contextlib
 import gc
 import json
 import statistics
@@ -26,6 +25,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from hf_deepseek import DeepSeekConfig, DeepSeekForCausalLM
 from hf_deepseek.evals.bench import FULL_CONFIG, TINY_CONFIG, bench_setup, machine_description, synchronize
 from hf_deepseek.evals.bench_report import CPU_NOTE
 from hf_deepseek.evals.graphed_train_step import GraphedTrainStep, eager_step, reset_optimizer_state
+from hf_deepseek.generation.step_graphs import warm_up
 from hf_deepseek.kernels import moe_routing
 from hf_deepseek.modeling import joined_projections
 
@@ -446,17 +447,13 @@ def bench_variant(
         batches = training_batches(plan, config.vocab_size, plan.warmup_steps + plan.steps, device)
         initial = snapshot(model) if plan.loss_seeds > 1 else None
         step = eager_step(model, optimizer)
-        # a captured step's warm-up on a side stream (torch's CUDA graph notes); the others on the current one
-        side = torch.cuda.Stream(device) if graphed else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            _, warm_losses = run_steps(step, batches[: plan.warmup_steps], device)
+
+        warm = partial(run_steps, step, batches[: plan.warmup_steps], device)
+        warm_losses = (warm_up(warm) if graphed else warm())[1]  # a capture's warm-up: on a side stream
         if device.type == "cuda":  # before a capture: its allocations are those of the step it replays
             torch.cuda.reset_peak_memory_stats(device)
-        if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
-            step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps], side)  # captured, not run
+        if graphed:
+            step = GraphedTrainStep(model, optimizer, batches[plan.warmup_steps])  # captured, not run
         times, losses = run_steps(step, batches[plan.warmup_steps :], device)
         result.losses = [float(x) for x in warm_losses + losses]
         result.final_loss = statistics.fmean(result.losses[-3:])

@@ -1,15 +1,15 @@
 """A whole training step (forward, backward, optimizer step) captured once in a CUDA graph and replayed: the
 training bench's `-cuda-graph` variants.
 
-Replayed, a step is one launch from the host: no kernel waits for the host to launch it (the bench's profiles put
-about 6 ms a step between kernels in both the bf16 and the FP8 step, out of 200-220). What the capture needs: a
-step that reads nothing from the device on the host (the model's training forward does not; see
+Replayed, a step is one launch from the host: no kernel waits for the host to launch it (on an H100 the bf16 step's
+kernels took 205.2 ms of its 213.8, the FP8 step's 196.0 of 201.4, docs/PERF.md 2026-12-08). What the capture
+needs: a step that reads nothing from the device on the host (the model's training forward does not; see
 `DeepSeekModel.attention_inputs`), an optimizer that keeps its step counts on the device (`TritonAdamW(capturable=
 True)`; the learning rate is captured as it is), batches of one shape, copied into the graph's input before each
 replay. The gradients live in the graph's memory: the capture starts from none and writes them, every replay
 rewrites them in place, so nothing may set them to None afterwards (`optimizer.zero_grad()` would lose them).
 The steps before the capture (the bench's warm-up: compiling, the optimizer's state) run on a side stream, as
-torch's CUDA graph notes ask for a capture's warm-up, and the capture on that stream too. A model keeping FP8
+torch's CUDA graph notes ask for a capture's warm-up (`generation.step_graphs.warm_up`). A model keeping FP8
 weight copies (`FP8Recipe.cache_weights`) is refused: host code refreshes them, which a replay would skip."""
 
 import torch
@@ -22,13 +22,7 @@ class GraphedTrainStep:
     step), replaying one CUDA graph captured at construction. The returned loss tensor is the graph's own: the next
     replay overwrites it, so callers keep a clone."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        example_ids: torch.Tensor,
-        stream: torch.cuda.Stream | None = None,
-    ):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, example_ids: torch.Tensor):
         if any(getattr(module, "fp8_weight_copies", None) for module in model.modules()):
             # FP8Recipe.cache_weights: the copies are refreshed by host code (a forward pre-hook) a replay skips
             raise ValueError("a captured training step cannot keep FP8 weight copies (FP8Recipe.cache_weights)")
@@ -43,16 +37,16 @@ class GraphedTrainStep:
         debug_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            # on the warm-up's stream, and with the regions' graphs compiled in the warm-up taken without their
-            # guards evaluated again (only those that tell one cached graph from another): the capture must not
-            # compile (Dynamo recompiled the decoder layers inside it on the GPU, 2026-12-08, when transformers
-            # 5.17 made a causal mask under capture; see `DeepSeekModel.attention_inputs`). The replayed step's
-            # losses are checked against the plain step's (tests/test_graphed_train_step.py, the bench's rows)
+            # with the regions' graphs compiled in the warm-up taken without their guards evaluated again (only
+            # those that tell one cached graph from another): the capture must not compile (Dynamo recompiled the
+            # decoder layers inside it on the GPU, 2026-12-08, when transformers 5.17 made a causal mask under
+            # capture; see `DeepSeekModel.attention_inputs`). The replayed step's losses are checked against the
+            # plain step's (tests/test_graphed_train_step.py, the bench's rows)
             with (
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True),
                 # thread_local: the backward's thread enqueues onto the capture stream; only this thread's
                 # forbidden calls end the capture (as the decode loop's graphs, `generation/step_graphs.py`)
-                torch.cuda.graph(self.graph, stream=stream, capture_error_mode="thread_local"),
+                torch.cuda.graph(self.graph, capture_error_mode="thread_local"),
             ):
                 self.loss = model(input_ids=self.input_ids, labels=self.input_ids).loss
                 self.loss.backward()

@@ -67,13 +67,15 @@ def chunks(remaining: int, sizes: list[int]) -> int:
     return next(n for n in sizes if n <= remaining)
 
 
-def warm_up(step: Callable[[], object]) -> None:
-    """One call of `step` on a side stream, as capture asks of a first run (compilation, lazy allocations)."""
+def warm_up(step: Callable[[], object]):
+    """One call of `step` on a side stream, as capture asks of a first run (compilation, lazy allocations); returns
+    what it returns."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()
+        result = step()
     torch.cuda.current_stream().wait_stream(stream)
+    return result
 
 
 __all__ = ["StepGraphs", "release_generators", "tensors_key", "chunks", "warm_up"]

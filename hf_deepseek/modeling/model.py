@@ -118,7 +118,8 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
         if position_ids is None:
             past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None] + past_seen
-        if attention_mask is None and cache is None and given_positions is None and self._sdpa_plain_causal():
+        sdpa_causal = self.config._attn_implementation == "sdpa" and getattr(self.config, "is_causal", True)
+        if attention_mask is None and cache is None and given_positions is None and sdpa_causal:
             # a plain causal pass (training): SDPA's is_causal, no mask, as transformers decides outside tracing;
             # transformers 5.17 materialises the mask while a CUDA graph is captured (its tracing check counts
             # stream capture), which a captured training step must not see
@@ -129,10 +130,6 @@ class DeepSeekModel(DeepSeekPreTrainedModel):
             # of the device, a sync every training forward) has nothing to find
             mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, given_positions)
         return mask, self.rotary_emb(inputs_embeds, position_ids), position_ids
-
-    def _sdpa_plain_causal(self) -> bool:
-        """Whether a pass without mask, cache or position ids needs no mask tensor: SDPA takes `is_causal`."""
-        return self.config._attn_implementation == "sdpa" and getattr(self.config, "is_causal", True)
 
 
 class DeepSeekForCausalLM(LatentCacheGenerationMixin, DeepSeekPreTrainedModel, GenerationMixin):
