@@ -1,6 +1,8 @@
 """The routed experts' training GEMMs at the training bench's shapes (16,384 tokens, top-6 of 64 experts, hidden 2048,
-expert width 1408), each candidate kernel timed alone on the same operands, for issue 16's choice of the FP8 grouped
-GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3x torch's bf16 `_grouped_mm`):
+expert width 1408) or, with `--shape v3-width`, at its DeepSeek-V3-width model's (8,192 tokens, top-8 of 64 experts,
+hidden 7168, expert width 2048), each candidate kernel timed alone on the same operands, for issue 16's choice of the
+FP8 grouped GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3x torch's bf16
+`_grouped_mm`):
 
 - every product x [M, K] W[e]^T over the experts' 128-aligned row segments (gate/up and down forward, their input
   gradients through W^T): torch's bf16 `_grouped_mm` (the bf16 step's kernel), torch's FP8 rowwise
@@ -9,7 +11,9 @@ GEMMs (the issue asks each of forward, input gradient and weight gradient at 1.3
   128x128 weight blocks) `f8f8bf16_groupwise_grouped` and bf16 `bf16bf16bf16_grouped_stacked`;
 - the weight gradients dW[e] = dy[rows of e]^T x[rows of e]: torch's bf16 `_grouped_mm` over the token dimension
   (dy^T as a transposed view, as torch's autograd passes it and the FP8 step does since 2026-12-06, and with the
-  transposed copy of dy the step made before) and FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`;
+  transposed copy of dy the step made before), FBGEMM's bf16 `bf16bf16bf16_grouped_wgrad`, and torch's FP8
+  `_scaled_grouped_mm` over two 2-D operands split along the tokens, each scaled per (expert, column) (torchao's
+  rowwise MoE recipe), with cuBLAS's fast accumulation and with promoted sums;
 - where the optional `sgl-deep-gemm` wheel imports (DeepSeek's DeepGEMM as SGLang publishes it; it compiles its
   kernels with the machine's nvcc on first use): its blockwise FP8 grouped GEMMs over the contiguous layout, the
   forward (`m_grouped_fp8_gemm_nt_contiguous`) and the input gradient straight from the forward's 128x128 weight
@@ -20,6 +24,7 @@ product of the bf16 operands (FP8's rounding included). Quantisation is not time
 measured by `fp8_quant_census.py`).
 
     python benchmarks/grouped_gemm_candidates.py --json grouped_gemm_candidates.json
+    python benchmarks/grouped_gemm_candidates.py --shape v3-width --json grouped_gemm_candidates_v3_width.json
 
 Needs a CUDA GPU of compute capability 9.0. On the device image install the FBGEMM wheel without its dependencies
 (`pip install --no-deps --target /tmp/site fbgemm_gpu_genai-1.6.0-*.whl`, the release built for torch 2.11 and CUDA
@@ -28,20 +33,29 @@ Needs a CUDA GPU of compute capability 9.0. On the device image install the FBGE
 
 import argparse
 import json
+from functools import partial
 
 import torch
 
-TOKENS, TOP_K, EXPERTS, HIDDEN, INTER = 16384, 6, 64, 2048, 1408
+# (tokens, top-k, experts, hidden, expert width): the training bench's shapes, and `--shape v3-width`'s (the bench's
+# DeepSeek-V3-width model: batch 4 x 2048, top-8 of 64 experts of width 2048, hidden 7168)
+SHAPES = {"bench": (16384, 6, 64, 2048, 1408), "v3-width": (8192, 8, 64, 7168, 2048)}
 ALIGN = 128  # the FP8 step's segment alignment (`fp8_numerics.expert_layout`)
-# y[M, N] = x[M, K] W[e][N, K]^T per expert: (K, N)
-PRODUCTS = {
-    "gate_up forward": (HIDDEN, 2 * INTER),
-    "down forward": (INTER, HIDDEN),
-    "gate_up input grad": (2 * INTER, HIDDEN),
-    "down input grad": (HIDDEN, INTER),
-}
-# dW[e][N, K] = dy[rows of e]^T x[rows of e]: (N, K)
-WEIGHT_GRADS = {"gate_up weight grad": (2 * INTER, HIDDEN), "down weight grad": (HIDDEN, INTER)}
+
+
+def products(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
+    """y[M, N] = x[M, K] W[e][N, K]^T per expert: name -> (K, N)."""
+    return {
+        "gate_up forward": (hidden, 2 * inter),
+        "down forward": (inter, hidden),
+        "gate_up input grad": (2 * inter, hidden),
+        "down input grad": (hidden, inter),
+    }
+
+
+def weight_grads(hidden: int, inter: int) -> dict[str, tuple[int, int]]:
+    """dW[e][N, K] = dy[rows of e]^T x[rows of e]: name -> (N, K)."""
+    return {"gate_up weight grad": (2 * inter, hidden), "down weight grad": (hidden, inter)}
 
 
 def segment_sizes(tokens: int, top_k: int, experts: int, align: int = ALIGN, seed: int = 0) -> list[int]:
@@ -76,6 +90,17 @@ def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     scale = amax / torch.finfo(torch.float8_e4m3fn).max
     return (t.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
+
+
+def segment_columns_fp8(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [R, C] quantised along its rows within each segment: one float32 scale per (segment, column), amax / 448
+    over the segment's rows (1e-12 at least), E4M3 values; returned as the left operand of a weight gradient wants
+    them, q^T [C, R] row-major, with scales [E, C] (an empty segment's: the floor's)."""
+    floor = torch.zeros(t.shape[1], device=t.device)
+    amax = torch.stack([part.float().abs().amax(dim=0) if len(part) else floor for part in t.split(sizes)])
+    scale = amax.clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+    rows = torch.repeat_interleave(scale, torch.tensor(sizes, device=t.device), dim=0)  # [R, C]
+    return (t.float() / rows).to(torch.float8_e4m3fn).t().contiguous(), scale
 
 
 def fbgemm_ops():
@@ -184,6 +209,16 @@ def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
         "torch bf16 _grouped_mm (dy^T a transposed view)": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
         "torch bf16 _grouped_mm (with dy^T copied)": lambda: torch._grouped_mm(dy.t().contiguous(), x, offs=offs),
     }
+    # FP8 with one scale per (expert, column) along the tokens (torchao's rowwise MoE recipe, torchtitan's FP8 step):
+    # torch's grouped GEMM over two 2-D operands split along K (CUDA only; the operands quantised untimed)
+    dyt_q, dy_s = segment_columns_fp8(dy, sizes)  # [N, R], [E, N]
+    xt_q, x_s = segment_columns_fp8(x, sizes)  # [K, R], [E, K]
+    for fast in (True, False):
+        name = "torch FP8 rowwise _scaled_grouped_mm, per-expert column scales" + ("" if fast else ", promoted sums")
+        found[name] = partial(
+            torch._scaled_grouped_mm, dyt_q, xt_q.t(), dy_s.reshape(-1), x_s.reshape(-1), offs=offs,
+            out_dtype=torch.bfloat16, use_fast_accum=fast,
+        )  # fmt: skip
     if fbgemm is not None:
         ops, _ = fbgemm
         k_sizes = torch.tensor(sizes, device=x.device, dtype=torch.int64)
@@ -212,29 +247,34 @@ def measure(candidates: dict, want: torch.Tensor, flops: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--tokens", type=int, default=TOKENS)
+    parser.add_argument("--shape", choices=SHAPES, default="bench", help="the training bench's expert shapes or V3's")
+    parser.add_argument("--tokens", type=int, help="tokens routed (default: the shape's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     torch.manual_seed(0)
-    sizes = segment_sizes(args.tokens, TOP_K, EXPERTS)
+    tokens, top_k, experts, hidden, inter = SHAPES[args.shape]
+    sizes = segment_sizes(args.tokens or tokens, top_k, experts)
     rows_total, dev = sum(sizes), "cuda"
     fbgemm, why = fbgemm_ops()
     deep_gemm, deep_gemm_why = deep_gemm_module()
     results = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "shape": args.shape,
         "rows": rows_total,
-        "experts": EXPERTS,
+        "experts": experts,
+        "hidden": hidden,
+        "expert_width": inter,
         "fbgemm": why or "imported",
         "deep_gemm": deep_gemm_why or "imported",
         "gemms": {},
     }
-    print(f"{results['device']}, torch {torch.__version__}, {rows_total} rows over {EXPERTS} experts, fbgemm: "
+    print(f"{results['device']}, torch {torch.__version__}, {rows_total} rows over {experts} experts, fbgemm: "
           f"{results['fbgemm']}, deep_gemm: {results['deep_gemm']}")  # fmt: skip
-    for name, (k, n) in PRODUCTS.items():
+    for name, (k, n) in products(hidden, inter).items():
         x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
-        w = torch.randn(EXPERTS, n, k, device=dev, dtype=torch.bfloat16) * k**-0.5
+        w = torch.randn(experts, n, k, device=dev, dtype=torch.bfloat16) * k**-0.5
         want = reference_products(x, w, sizes)
         found = product_candidates(x, w, sizes, fbgemm)
         if deep_gemm is not None:
@@ -243,7 +283,7 @@ def main() -> None:
             layer_weight = w if forward else w.transpose(-2, -1).contiguous()
             found.update(deep_gemm_candidates(x, layer_weight, sizes, deep_gemm, forward))
         results["gemms"][name] = measure(found, want, product_flops(sizes, k, n))
-    for name, (n, k) in WEIGHT_GRADS.items():
+    for name, (n, k) in weight_grads(hidden, inter).items():
         dy = torch.randn(rows_total, n, device=dev, dtype=torch.bfloat16)
         x = torch.randn(rows_total, k, device=dev, dtype=torch.bfloat16)
         want = reference_weight_grads(dy, x, sizes)

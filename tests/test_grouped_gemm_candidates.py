@@ -33,13 +33,33 @@ def test_references_multiply_each_segment_by_its_own_expert():
     assert bench.relative_error(q.float() * s[:, None], x.float()) < 0.05
 
 
-def test_torchs_weight_gradient_candidates_compute_the_reference():
-    """Both torch candidates (dy^T a transposed view, and copied) give each expert's dy^T x (CPU grouped GEMM)."""
+def scaled_grouped_mm_2d_2d(a, b, scale_a, scale_b, offs, out_dtype, use_fast_accum):
+    """torch's `_scaled_grouped_mm` of two 2-D operands split along K at `offs` (CUDA only), in float64:
+    out[g] = (a[:, K_g] scale_a[g*M:(g+1)*M, None]) (b[K_g] scale_b[None, g*N:(g+1)*N])."""
+    (m, _), n, start, out = a.shape, b.shape[1], 0, []
+    for g, end in enumerate(offs.tolist()):
+        a_g = a[:, start:end].double() * scale_a[g * m : (g + 1) * m, None].double()
+        out.append(a_g @ (b[start:end].double() * scale_b[None, g * n : (g + 1) * n].double()))
+        start = end
+    return torch.stack(out).to(out_dtype)
+
+
+def test_weight_gradient_candidates_compute_the_reference():
+    """torch's bf16 candidates (dy^T a transposed view, and copied) give each expert's dy^T x (CPU grouped GEMM); the
+    FP8 ones' operands, each expert's rows scaled per column, give it within E4M3's rounding through the op's
+    documented arithmetic (the op itself runs on CUDA only)."""
     torch.manual_seed(0)
     sizes = [128, 0, 256]
     dy, x = torch.randn(384, 48).bfloat16(), torch.randn(384, 32).bfloat16()
+    dy[128:] *= 1e5  # the third expert's rows far larger: one scale per expert and column, not per column
     want = bench.reference_weight_grads(dy, x, sizes)
     candidates = bench.weight_grad_candidates(dy, x, sizes, None)
-    assert len(candidates) == 2
+    assert len(candidates) == 4
     for name, run in candidates.items():
-        assert bench.relative_error(run().float(), want) < 1e-2, name
+        if "FP8" in name:
+            assert run.func is torch._scaled_grouped_mm and run.args[0].dtype == torch.float8_e4m3fn
+            got = scaled_grouped_mm_2d_2d(*run.args, **run.keywords)
+            assert 1e-3 < bench.relative_error(got[0], want[0]) < 0.06, name  # the small expert, rounded to E4M3
+            assert 1e-3 < bench.relative_error(got, want) < 0.06, name
+        else:
+            assert bench.relative_error(run().float(), want) < 1e-2, name
