@@ -45,6 +45,7 @@ import torch
 from hf_deepseek import DeepSeekConfig
 from hf_deepseek.evals.bench_train import FULL_TRAIN_PLAN, OURS_FP8_ROWWISE_TRITON_QUANT, build_model
 from hf_deepseek.modeling import fp8 as fp8_module
+from hf_deepseek.modeling import fp8_numerics
 from hf_deepseek.modeling.fp8_numerics import (
     BLOCK,
     FP8,
@@ -257,9 +258,9 @@ def shapes_only(backends):
     """GEMMs (FP8, and the bf16 weight gradients next to them) replaced by zeros of their output's shape: what the
     census counts is which quantisations run on which operands, not what the products are, and the emulated
     products of 64 experts of the bench's width take minutes on a CPU."""
-    patched = [(fp8_module, "grouped_wgrad_high_precision"), (fp8_module, "linear_wgrad_high_precision")]
+    patched = [(fp8_numerics, "grouped_wgrad_high_precision"), (fp8_module, "linear_wgrad_high_precision")]
     saved = [(obj, name, getattr(obj, name)) for obj, name in patched]
-    fp8_module.grouped_wgrad_high_precision = lambda dy, x, layout, fbgemm=False: dy.new_zeros(
+    fp8_numerics.grouped_wgrad_high_precision = lambda dy, x, layout, fbgemm=False: dy.new_zeros(
         layout.num_experts, dy.shape[1], x.shape[1], dtype=torch.promote_types(dy.dtype, x.dtype)
     )
     fp8_module.linear_wgrad_high_precision = lambda dy, x: dy.new_zeros(

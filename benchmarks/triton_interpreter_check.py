@@ -37,11 +37,21 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from hf_deepseek import DeepSeekConfig  # noqa: E402
 from hf_deepseek.kernels import _moe_gemv_triton, moe_gemv  # noqa: E402
-from hf_deepseek.kernels.fp8_blocks import dequantize_blocks, dequantize_experts  # noqa: E402
+from hf_deepseek.kernels.fp8_blocks import BLOCK, dequantize_blocks, dequantize_experts  # noqa: E402
 from hf_deepseek.kernels.moe_gemv_config import split_chunk  # noqa: E402
 from hf_deepseek.modeling.fp8 import FP8InferenceExperts, FP8InferenceLinear  # noqa: E402
-from hf_deepseek.modeling.fp8_numerics import _ceil_to, quantize_blocks, quantize_rowwise  # noqa: E402
-from hf_deepseek.modeling.fp8_triton import RowwisePlan, quantize_rowwise_triton, rowwise_plan  # noqa: E402
+from hf_deepseek.modeling.fp8_numerics import (  # noqa: E402
+    _ceil_to,
+    quantize_blocks,
+    quantize_rowwise,
+    quantize_segment_columns,
+)
+from hf_deepseek.modeling.fp8_triton import (  # noqa: E402
+    RowwisePlan,
+    quantize_rowwise_triton,
+    quantize_segment_columns_triton,
+    rowwise_plan,
+)
 from hf_deepseek.modeling.moe import RoutedExperts  # noqa: E402
 
 
@@ -178,6 +188,28 @@ def rowwise_quantiser() -> dict[str, bool]:
                     results[key.format("special values^T")] = _check(special.t().contiguous().t(), 16, pow2,
                                                                     None, fast)  # fmt: skip
                     results[key.format("NaN row")] = _nan_row(dtype, pow2, fast)
+    return results
+
+
+def segment_columns_quantiser() -> dict[str, bool]:
+    """The experts' weight-gradient operands (`fp8_triton.quantize_segment_columns_triton`) bit for bit against
+    `quantize_segment_columns`, with the reference's arithmetic and the GPU's: 128-row blocks of three experts (one
+    with no rows, one over three blocks), 72 columns (a partial column tile), special values among expert 0's rows,
+    and NaN in the blocks of no expert (which nothing may read: their q^T columns zero)."""
+    results = {}
+    block_expert = torch.tensor([0, 0, 2, 2, 2, -1, -1], dtype=torch.int32)
+    for arithmetic in ("reference", "gpu"):
+        fast = arithmetic == "gpu"
+        with gpu_arithmetic() if fast else contextlib.nullcontext():
+            torch.manual_seed(1)
+            for dtype in (torch.bfloat16, torch.float32):
+                for pow2 in (False, True):
+                    t = varied(7 * BLOCK, 72).to(dtype)
+                    t[130:136, :48] = special_values(dtype)
+                    t[5 * BLOCK :] = float("nan")
+                    got = quantize_segment_columns_triton(t, block_expert, 3, pow2, fast)
+                    want = quantize_segment_columns(t, block_expert, 3, pow2, check=False)
+                    results[f"segment columns {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _same(got, want)
     return results
 
 
@@ -1298,7 +1330,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json")
     args = parser.parse_args()
-    quantiser, kernels = rowwise_quantiser(), weight_only_kernels()
+    quantiser, kernels = rowwise_quantiser() | segment_columns_quantiser(), weight_only_kernels()
     router = moe_router()  # the fused MoE router's section
     variants = moe_gemv_variants()  # the matrix-vector kernels' split-K / pipelined variants' section
     grouped = moe_grouped_gemv_kernels()  # the expert-grouped kernels' section

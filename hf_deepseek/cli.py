@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "as before 2026-12-07; the default takes torch's grouped GEMM), hf_deepseek-fp8-rowwise-separate-projections "
         "(q_a/kv_a and gate/up as two GEMMs each; the default joins them), "
         "hf_deepseek-fp8-rowwise-linear-fp8-wgrad (the linear layers' weight gradient in FP8), "
+        "hf_deepseek-fp8-rowwise-fp8-wgrads (the experts' weight gradient in FP8 too), "
         "hf_deepseek-fp8-deep-gemm (the paper's recipe with the experts' FP8 products through DeepGEMM: the "
         "deepgemm extra), hf_deepseek-fp8-deep-gemm-hp-wgrad (with Triton quantisers and the linear layers' "
         "weight gradient in bf16), hf_deepseek-fp8-fbgemm-blockwise (the paper's recipe with the experts' FP8 "

@@ -33,6 +33,8 @@ RECIPES = {
     # Triton quantisers, FBGEMM's grouped GEMMs where they import, bf16 linear wgrad, the experts' whole MLP fused
     "rowwise": ("rowwise", {}),
     "rowwise-fp8-wgrad": ("rowwise", {"linear_wgrad": "fp8"}),
+    # and the experts' weight gradient in FP8 too, inside their fused MLP (bench: hf_deepseek-fp8-rowwise-fp8-wgrads)
+    "rowwise-fp8-wgrads": ("rowwise", {"linear_wgrad": "fp8", "grouped_wgrad": "fp8"}),
     # the dense MLP's and shared experts' whole chain in one function too (bench: hf_deepseek-fp8-rowwise-fused-mlp)
     "rowwise-fused-mlp": ("rowwise", {"fused_mlp_quantization": True}),
     # the rowwise recipe until 2026-12-06: Inductor's quantisation, torch's grouped GEMMs, the experts layer by layer
@@ -95,8 +97,8 @@ def train_compiled(recipe: FP8Recipe, device: str, backend: str | None, steps: i
 
 
 # on the CPU, the cases whose every branch another case takes stay out (about 25 s of the suite): rowwise with
-# the FP8 weight gradient compiles in the next test, the blockwise recipe's bf16 weight gradient in
-# "deepseek-cached-weights"; the GPU test below runs every case
+# the linears' FP8 weight gradient compiles in the next test and in "rowwise-fp8-wgrads", the blockwise recipe's
+# bf16 weight gradient in "deepseek-cached-weights"; the GPU test below runs every case
 CPU_CASES = [n for n in RECIPES if n not in ("rowwise-fp8-wgrad", "deepseek-hp-wgrad")]
 
 
@@ -212,7 +214,7 @@ def test_fp8_inference_conversion_declares_power_of_two_scales():
     assert "scale_fmt" not in convert_to_fp8_inference(DeepSeekForCausalLM(tiny_config())).config.quantization_config
 
 
-@pytest.mark.parametrize("name", ["deepseek", "rowwise"])
+@pytest.mark.parametrize("name", ["deepseek", "rowwise", "rowwise-fp8-wgrads"])
 def test_fp8_gradients_of_every_parameter_follow_the_full_precision_ones(name):
     """A whole model's FP8 training gradients (emulated) against fp32's: every parameter's gradient points the same
     way (cosine > 0.99) with about the same norm (within 10%)."""
@@ -223,7 +225,7 @@ def test_fp8_gradients_of_every_parameter_follow_the_full_precision_ones(name):
     reference = DeepSeekForCausalLM(cfg).train()
     for p in reference.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    fp8 = convert_to_fp8_training(copy.deepcopy(reference), FP8Recipe.named(name, backend="emulated"))
+    fp8 = convert_to_fp8_training(copy.deepcopy(reference), recipe_of(name, backend="emulated"))
     ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     grads = []
     for model in (reference, fp8):
@@ -260,6 +262,38 @@ def test_grouped_weight_gradient_on_the_gpu_matches_per_expert_products(fbgemm):
             continue
         want = dy[start:end].float().t() @ x[start:end].float()
         assert (got[e] - want).norm() / want.norm() < 4e-3  # bf16 output rounding: 0.17% measured on an H200
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_rowwise_experts_fp8_weight_gradient_matches_a_float64_reference(device):
+    """The rowwise recipe's experts' weight gradient in FP8 (`grouped_wgrad="fp8"`): each expert's dy^T x with dy and
+    x scaled per (expert, column) along that expert's tokens, as a float64 quantisation of each expert's rows gives
+    it. An expert whose rows are 1e4 times larger leaves the others' scales alone; an expert without rows gets
+    zeros; the rows past the last segment (NaN here) are not read."""
+    from hf_deepseek.modeling.fp8 import get_backend
+    from hf_deepseek.modeling.fp8_numerics import expert_layout, grouped_weight_grad
+
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.stack([torch.randperm(6, generator=gen)[:2] for _ in range(300)]).to(device)  # expert 6 idle
+    layout = expert_layout(indices, 7)
+    end = int(layout.seg_end[-1])
+    dy = torch.randn(layout.rows, 96, generator=gen).to(device)
+    x = torch.randn(layout.rows, 64, generator=gen).to(device)
+    big = slice(int(layout.seg_start[2]), int(layout.seg_end[2]))
+    dy[big] *= 1e4
+    dy[end:], x[end:] = float("nan"), float("nan")
+    recipe = FP8Recipe.named("rowwise", grouped_wgrad="fp8", backend="emulated" if device == "cpu" else "auto")
+    got = grouped_weight_grad(get_backend(recipe, device), dy, x, layout).double()
+    tol = 2e-3 if device == "cpu" else 2e-2  # the GPU's output is bf16
+    for e, (start, stop) in enumerate(layout.segments()):
+        if stop == start:
+            assert e == 6 and (got[e] == 0).all()
+            continue
+        (qa, sa), (qb, sb) = (rowwise_reference(t[start:stop].t().cpu()) for t in (dy, x))
+        want = (qa * sa) @ (qb * sb).T
+        assert (got[e].cpu() - want).norm() / want.norm() < tol, e
+        exact = dy[start:stop].double().t().cpu() @ x[start:stop].double().cpu()
+        assert (got[e].cpu() - exact).norm() / exact.norm() > 1e-3, e  # it did quantise
 
 
 def test_grouped_weight_gradient_takes_fbgemms_kernel_with_each_experts_rows(monkeypatch):

@@ -92,6 +92,9 @@ OURS_FP8_ROWWISE_SEPARATE = "hf_deepseek-fp8-rowwise-separate-projections"
 # the rowwise recipe with the linear layers' weight gradient in FP8 (x^T and dy^T quantised along the tokens), which
 # may pay where the dense layers are wide (`--shape v3-width`)
 OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD = "hf_deepseek-fp8-rowwise-linear-fp8-wgrad"
+# and the routed experts' weight gradient in FP8 too (dy and x scaled per expert and column along its tokens, torch's
+# `_scaled_grouped_mm` over two 2-D operands): every GEMM of the decoder layers in FP8
+OURS_FP8_ROWWISE_FP8_WGRADS = "hf_deepseek-fp8-rowwise-fp8-wgrads"
 # the paper's blockwise recipe with the routed experts' FP8 products through DeepGEMM (the optional sgl-deep-gemm
 # wheel; the recipe's Triton kernels where it does not import): the input gradient from the forward's weight blocks
 OURS_FP8_DEEP_GEMM = "hf_deepseek-fp8-deep-gemm"
@@ -161,6 +164,7 @@ FP8_VARIANTS = {
     OURS_FP8_ROWWISE_FBGEMM_WGRAD: ("rowwise", True, {"grouped_wgrad_gemm": "fbgemm"}),
     OURS_FP8_ROWWISE_SEPARATE: ("rowwise", True, {"joined_projections": False}),
     OURS_FP8_ROWWISE_LINEAR_FP8_WGRAD: ("rowwise", True, {"linear_wgrad": "fp8"}),
+    OURS_FP8_ROWWISE_FP8_WGRADS: ("rowwise", True, {"linear_wgrad": "fp8", "grouped_wgrad": "fp8"}),
     OURS_FP8_DEEP_GEMM: ("deepseek", True, {"grouped_gemm": "deep_gemm"}),
     OURS_FP8_DEEP_GEMM_HP_WGRAD: (
         "deepseek",

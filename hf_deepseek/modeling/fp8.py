@@ -42,7 +42,7 @@ from .fp8_numerics import (
     dequantize_tiles,
     expert_layout,
     grouped_linear_high_precision,
-    grouped_wgrad_high_precision,
+    grouped_weight_grad,
     linear_wgrad_high_precision,
     quantize_blocks,
     quantize_tiles,
@@ -178,7 +178,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _grouped_input_grad(backend, dy, weight, (w_q, w_s, wt_amax), layout, ctx.x_dtype)[:, :k]
         if ctx.needs_input_grad[1]:
-            dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :k].to(ctx.w_dtype)
+            dw = grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :k].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None
 
 
@@ -190,15 +190,6 @@ def _grouped_input_grad(backend, dy, weight, w_quantised, layout: ExpertLayout, 
         return backend.grouped_gemm_nn(dy_q, dy_s, *w_quantised[:2], layout, dtype)
     wt_q, wt_s = backend.quantize_weight_t(weight, *w_quantised)
     return backend.grouped_gemm(dy_q, dy_s, wt_q, wt_s, layout, dtype, "grad_input" in backend.recipe.fast_accum)
-
-
-def _grouped_weight_grad(backend, dy, x_pad, layout: ExpertLayout) -> torch.Tensor:
-    """The experts' weight gradients dy^T x over each expert's rows, in the recipe's `grouped_wgrad` precision."""
-    if backend.recipe.grouped_wgrad == "bf16":
-        return grouped_wgrad_high_precision(dy, x_pad, layout, backend.fbgemm_wgrad)
-    dyt_q, dyt_s = backend.quantize_rows(dy.t())
-    xt_q, xt_s = backend.quantize_rows(x_pad.t())
-    return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)
 
 
 class FP8TokenGroupedLinearFunction(torch.autograd.Function):
@@ -235,7 +226,7 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
             dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, hidden).sum(dim=1)
         if ctx.needs_input_grad[1]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            dw = _grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :hidden].to(ctx.w_dtype)
+            dw = grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :hidden].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None, None, None
 
 

@@ -2,7 +2,7 @@
 token rows gathered by expert -> gate/up GEMM -> SwiGLU -> down GEMM -> weighted sum over each token's experts, and
 back. Owning the chain lets the kernels that produce the FP8 GEMMs' row-scaled operands write them too, instead of
 each operand being written in bf16 and read again by a standalone quantiser:
-- forward, the SwiGLU writes h in bf16 (kept for the down projection's bf16 weight gradient) and its FP8 rows;
+- forward, the SwiGLU writes h in bf16 (kept for the down projection's weight gradient) and its FP8 rows;
 - backward, the combine's gradient writes each laid-out row's output gradient d_out[token] * weight in bf16 and in
   FP8, and its routing weight's gradient, in one pass over d_out (where autograd wrote the [N, k, d] products, laid
   them out into a zeroed buffer and quantised that);
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8_numerics import ExpertLayout, grouped_wgrad_high_precision
+from .fp8_numerics import ExpertLayout, grouped_weight_grad
 from .fp8_weight_cache import weight_operands
 
 
@@ -110,10 +110,11 @@ def combine_backward_quantised(backend, d_out, token_pad, row_weight, y):
 
 class FP8RoutedMLPFunction(torch.autograd.Function):
     """out [N, d] = sum over k of weights[:, k] * down(SwiGLU(gate_up(x)))[laid-out row of (token, k)], both expert
-    GEMMs and their input gradients in FP8 (by the backend's recipe), the weight gradients in bf16. `token_pad`
-    [rows]: the token of each laid-out row (N for padding rows); `pair_rows` [N*k]: the laid-out row of each (token,
-    choice) pair, in token order; `gate_up_copy`, `down_copy`: the layer's `FP8WeightCopy`s, or None. The layout's
-    tensors are passed one by one, so that Dynamo sees plain tensor inputs."""
+    GEMMs and their input gradients in FP8 (by the backend's recipe), the weight gradients in its `grouped_wgrad`
+    precision (`fp8_numerics.grouped_weight_grad`). `token_pad` [rows]: the token of each laid-out row (N for
+    padding rows); `pair_rows` [N*k]: the laid-out row of each (token, choice) pair, in token order;
+    `gate_up_copy`, `down_copy`: the layer's `FP8WeightCopy`s, or None. The layout's tensors are passed one by one,
+    so that Dynamo sees plain tensor inputs."""
 
     @staticmethod
     def forward(ctx, x, weights, w_gate_up, w_down, token_pad, pair_rows, block_expert, seg_start, seg_end, backend,
@@ -158,7 +159,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
         d_h = backend.grouped_gemm(d_y_q, d_y_s, wd_t_q, wd_t_s, layout, h.dtype, fast)[:, :inter]
         d_w_down = None
         if ctx.needs_input_grad[3]:
-            d_w_down = grouped_wgrad_high_precision(d_y, h, layout, backend.fbgemm_wgrad)[:, :hidden, :inter]
+            d_w_down = grouped_weight_grad(backend, d_y, h, layout)[:, :hidden, :inter]
             d_w_down = d_w_down.to(w_down.dtype)
         d_gate_up, dgu_q, dgu_s = swiglu_backward_quantised(backend, d_h, gate_up)
         d_x = d_w_gate_up = None
@@ -168,7 +169,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
             d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
         if ctx.needs_input_grad[2]:
             x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            d_w_gate_up = grouped_wgrad_high_precision(d_gate_up, x_pad, layout, backend.fbgemm_wgrad)
+            d_w_gate_up = grouped_weight_grad(backend, d_gate_up, x_pad, layout)
             d_w_gate_up = d_w_gate_up[:, : w_gate_up.shape[-2], :hidden].to(w_gate_up.dtype)
         d_weights = d_row_weight.index_select(0, pair_rows).view(tokens, top_k).to(weights.dtype)
         return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None, None, None

@@ -39,8 +39,10 @@ class FP8Recipe:
     dimension, weights per 128x128 block, FP32 promotion every 128 of K) or "rowwise" (one scale per row of each
     operand over the whole reduction dimension, as torchao / torchtitan train);
     `grouped_wgrad`: the routed experts' weight gradient in "fp8" (the paper) or "bf16" (the input precision,
-    through torch's grouped GEMM; the default while no fast FP8 grouped weight-gradient kernel exists here: the
-    Triton one runs at ~50 TFLOP/s on the H200, bf16 `grouped_mm` at ~650);
+    through torch's grouped GEMM; the default). In FP8 the operands are scaled along each expert's tokens: blockwise,
+    per 1x128 tile (a Triton kernel, ~50 TFLOP/s on the H200 against ~650 for bf16 `grouped_mm`); rowwise, one
+    scale per (expert, column), as torchao's rowwise MoE training, through torch's `_scaled_grouped_mm` over two
+    2-D operands;
     `linear_wgrad`: the linear layers' weight gradient in "fp8" (the paper) or "bf16" (the input precision, as
     torchao's `rowwise_with_gw_hp`: no operand scaled along the tokens, where one rowwise scale spans them all);
     `pow2_scales`: round every scale up to a power of two (UE8M0, as DeepSeek-V3.1 and DeepGEMM do);
@@ -82,8 +84,8 @@ class FP8Recipe:
     experts write the FP8 rows of the GEMM operands they produce, from the registers that hold them, instead of a
     standalone quantiser reading them again (`fp8_moe.py`: Triton kernels for rowwise scaling, the rowwise recipe's
     default; the blockwise recipe's 1x128 tiles through torch operations that Inductor fuses, the combine's gradient
-    in one gather; experts with `quantize_tokens_once`, both projections in FP8, a SwiGLU activation and the weight
-    gradient in bf16 take it, others the layer-by-layer path);
+    in one gather; experts with `quantize_tokens_once`, both projections in FP8 and a SwiGLU activation take it, others
+    the layer-by-layer path);
     `fused_mlp_quantization`: the same for the dense MLP and the shared experts while training: their SwiGLU and its
     gradient write the FP8 rows of the GEMM operands they produce, gate and up one GEMM (`fp8_mlp.py`; needs
     `linear_wgrad="bf16"`; not with `cache_weights`);
@@ -131,16 +133,10 @@ class FP8Recipe:
             raise ValueError(
                 f"FP8Recipe.fast_accum names output, grad_input and grad_weight only, got {sorted(unknown)}"
             )
-        if self.fused_moe_quantization and self.grouped_wgrad == "fp8":
-            raise ValueError("FP8Recipe.fused_moe_quantization computes the experts' weight gradient in bf16")
         if self.fused_mlp_quantization and self.linear_wgrad == "fp8":
             raise ValueError("FP8Recipe.fused_mlp_quantization computes the MLP's weight gradients in bf16")
         if self.grouped_gemm == "deep_gemm" and self.rowwise:
             raise ValueError("FP8Recipe.grouped_gemm='deep_gemm' needs scaling='blockwise' (DeepGEMM's 128x128 blocks)")
-        if self.rowwise and self.grouped_wgrad == "fp8":
-            raise ValueError(
-                "FP8Recipe: the rowwise recipe computes the experts' weight gradient with grouped_wgrad='bf16'"
-            )
 
     @classmethod
     def named(cls, name: str, **overrides) -> FP8Recipe:
@@ -261,6 +257,27 @@ def column_amax(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().amax(dim=-2)
 
 
+def quantize_segment_columns(
+    t: torch.Tensor, block_expert: torch.Tensor, num_experts: int, pow2: bool = False, check: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """t [R, C] laid out in an `ExpertLayout`'s 128-row blocks (`block_expert` [R/128]: each block's expert, -1 for
+    none), scaled along its rows within each expert: one scale per (expert, column) over the expert's rows (the
+    rowwise recipe's operands of the experts' FP8 weight gradient, whose reduction runs over each expert's tokens).
+    Returns (q^T [C, R] E4M3, row-major as the weight gradient's GEMM takes it; zero in blocks of no expert, whose
+    rows no amax reads), scale [E, C] fp32)."""
+    blocks = block_expert.long()
+    nb, cols = blocks.shape[0], t.shape[1]
+    tiles = torch.where((blocks >= 0)[:, None, None], t[: nb * BLOCK].float().view(nb, BLOCK, cols), 0.0)
+    block_amax = tiles.abs().amax(dim=1)  # [nb, C]; NaN propagates
+    if check:
+        check_finite(block_amax, "an expert's column")
+    index = blocks.clamp(min=0)[:, None].expand(-1, cols)  # blocks of no expert: zeros, into expert 0's max
+    amax = block_amax.new_zeros(num_experts, cols).scatter_reduce_(0, index, block_amax, "amax")
+    scale = scales_from_amax(amax, pow2)
+    q = _encode(tiles, scale[blocks.clamp(min=0)][:, None, :])
+    return q.view(nb * BLOCK, cols).t().contiguous(), scale
+
+
 def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Inverse of `quantize_tiles` in float32: q [..., K] * scale of its 1x128 tile."""
     return q.float() * scale.float().repeat_interleave(BLOCK, dim=-1)[..., : q.shape[-1]]
@@ -347,13 +364,24 @@ class EmulatedBackend:
         out = torch.bmm(a_f, w.transpose(1, 2)) * (blocks >= 0)[:, None, None]
         return out.flatten(0, 1).to(out_dtype)
 
+    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rowwise recipe's weight-gradient operand: `quantize_segment_columns` of t over the layout's experts."""
+        return quantize_segment_columns(t, layout.block_expert, layout.num_experts, self.pow2, self.check)
+
     def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
-        """Per expert e: a[:, rows of e] @ b[:, rows of e]^T in fp32; a [N, Mp] and b [K, Mp] scaled along rows."""
+        """Per expert e: a[:, rows of e] @ b[:, rows of e]^T in fp32; a [N, Mp] and b [K, Mp] scaled along rows
+        (blockwise: per 1x128 tile; rowwise: `quantize_segment_columns`' scales, [E, N] and [E, K])."""
         blocks = layout.block_expert.long()
         nb = blocks.shape[0]
-        a_f = self.dequantize(a, a_scale, False)[:, : nb * BLOCK].view(a.shape[0], nb, BLOCK).transpose(0, 1)
-        b_f = self.dequantize(b, b_scale, False)[:, : nb * BLOCK].view(b.shape[0], nb, BLOCK).transpose(0, 1)
-        per_block = torch.bmm(a_f, b_f.transpose(1, 2)) * (blocks >= 0)[:, None, None]  # [nb, N, K]
+
+        def blocks_of(q, scale):  # the dequantised values, [nb, rows of q, 128]
+            if self.rowwise:
+                values = q.float()[:, : nb * BLOCK].view(q.shape[0], nb, BLOCK).transpose(0, 1)
+                return values * scale.float()[blocks.clamp(min=0)][:, :, None]
+            return self.dequantize(q, scale, False)[:, : nb * BLOCK].view(q.shape[0], nb, BLOCK).transpose(0, 1)
+
+        products = torch.bmm(blocks_of(a, a_scale), blocks_of(b, b_scale).transpose(1, 2))  # [nb, N, K]
+        per_block = products * (blocks >= 0)[:, None, None]
         out = torch.zeros(layout.num_experts, a.shape[0], b.shape[0], dtype=torch.float32, device=a.device)
         return out.index_add_(0, blocks.clamp(min=0), per_block)
 
@@ -381,6 +409,21 @@ def grouped_wgrad_high_precision(
     per_block = torch.bmm(dy_blocks, x[: nb * BLOCK].to(dtype).view(nb, BLOCK, -1)) * (blocks >= 0)[:, None, None]
     out = torch.zeros(layout.num_experts, dy.shape[1], x.shape[1], dtype=dtype, device=dy.device)
     return out.index_add_(0, blocks.clamp(min=0), per_block)
+
+
+def grouped_weight_grad(backend, dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+    """The experts' weight gradients dy^T x over each expert's rows (laid out by `layout`), [E, N, K], in the
+    backend's recipe's `grouped_wgrad` precision: bf16 (`grouped_wgrad_high_precision`), or FP8 with dy and x
+    scaled along the tokens: per 1x128 tile (blockwise) or per (expert, column) (rowwise)."""
+    if backend.recipe.grouped_wgrad == "bf16":
+        return grouped_wgrad_high_precision(dy, x, layout, backend.fbgemm_wgrad)
+    if backend.rowwise:
+        return backend.grouped_wgrad(
+            *backend.quantize_segment_columns(dy, layout), *backend.quantize_segment_columns(x, layout), layout
+        )
+    dyt_q, dyt_s = backend.quantize_rows(dy.t())
+    xt_q, xt_s = backend.quantize_rows(x.t())
+    return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)
 
 
 def grouped_linear_high_precision(x: torch.Tensor, weight: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..kernels import deep_gemm_grouped, fbgemm_grouped
 from .fp8_numerics import (
+    _INTERPRET,
     BLOCK,
     FP8,
     EmulatedBackend,
@@ -31,10 +32,12 @@ from .fp8_numerics import (
     check_finite,
     quantize_blocks,
     quantize_rowwise,
+    quantize_segment_columns,
     quantize_tiles,
     rowwise_amax_plan,
     rowwise_from_amax_plan,
     rowwise_plan,
+    scales_from_amax,
 )
 
 logger = logging.getLogger(__name__)
@@ -431,6 +434,79 @@ def quantize_rowwise_amax_triton(
     return (q, scale, amax) if x.dim() == 3 else (q[0], scale[0], amax[0])
 
 
+# The rowwise recipe's operands of the experts' FP8 weight gradient (`fp8_numerics.quantize_segment_columns`, bit
+# for bit), in two kernels over the layout's 128-row blocks (each block belongs to one expert): each block's column
+# amaxes merged into its expert's [E, C] by one atomic max a column (int32 bits, as `_rowwise_rows_amax_kernel`);
+# then each block divided by its expert's column scales and stored transposed, q^T [C, R] row-major, the K-contiguous
+# operand torch's `_scaled_grouped_mm` takes for a weight gradient dy^T x (its reduction runs over the tokens).
+# Blocks of no expert are written as zeros and read by no amax. The scales between the two are `scales_from_amax` of
+# the merged amaxes (E x C values, in torch), which `_row_scales` reproduces in the second kernel.
+
+SEGMENT_COLUMNS = 64  # columns a program of the segment-column quantiser: a [128, 64] bf16 tile, 16 KiB
+
+
+@triton.jit
+def _segment_columns_amax_kernel(
+    x_ptr, block_expert_ptr, amax_ptr, C, s_xr, s_ae, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """Block program_id(0) (BLOCK_R rows), columns program_id(1) * BLOCK_C on: their max |x| folded into the block's
+    expert's row of amax [E, C] (int32 bits, zeroed before)."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    if expert >= 0:
+        rows = tl.cast(block, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :], mask=(cols < C)[None, :], other=0.0)
+        amax = _bits_to_float(tl.max(_abs_bits(x), axis=0), x_ptr.dtype.element_ty)
+        tl.atomic_max(amax_ptr + expert * s_ae + cols, amax.to(tl.int32, bitcast=True), mask=cols < C)
+
+
+@triton.jit
+def _segment_columns_quant_kernel(
+    x_ptr, block_expert_ptr, amax_ptr, q_ptr, C, s_xr, s_ae, s_qc,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The same tile divided by its expert's column scales, E4M3, stored transposed into q^T [C, R] (zeros for a
+    block of no expert)."""
+    block = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + block)
+    rows = tl.cast(block, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    out = q_ptr + tl.cast(cols, tl.int64)[:, None] * s_qc + rows[None, :]
+    if expert >= 0:
+        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :], mask=(cols < C)[None, :], other=0.0)
+        amax = tl.load(amax_ptr + expert * s_ae + cols, mask=cols < C, other=0).to(tl.float32, bitcast=True)
+        scale, inv = _row_scales(amax, POW2)
+        # transposed while still bf16 (Triton moves 16-bit tiles with ldmatrix), then encoded along q^T's rows
+        q = _encode_e4m3(tl.trans(x).to(tl.float32), scale[:, None], inv[:, None], POW2, FAST)
+        tl.store(out, q, mask=(cols < C)[:, None])
+    else:
+        tl.store(out, tl.zeros([BLOCK_C, BLOCK_R], dtype=tl.float32).to(tl.float8e4nv), mask=(cols < C)[:, None])
+
+
+def quantize_segment_columns_triton(
+    t: torch.Tensor, block_expert: torch.Tensor, num_experts: int, pow2: bool, fast: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_numerics.quantize_segment_columns(t, block_expert, num_experts, pow2)` of t [R, C] (C contiguous,
+    R = 128 x len(block_expert) at least): (q^T [C, 128 x len(block_expert)] E4M3, scale [E, C] fp32). `fast`: the
+    GPU's division (`fp8_triton._encode_e4m3`); the interpreter takes the reference arithmetic."""
+    blocks, cols = block_expert.shape[0], t.shape[1]
+    if t.shape[0] < blocks * BLOCK:
+        raise ValueError(f"an expert layout of {blocks} blocks of {BLOCK} rows needs that many rows, got {t.shape[0]}")
+    if t.stride(1) != 1:
+        t = t.contiguous()
+    amax = torch.zeros(num_experts, cols, dtype=torch.int32, device=t.device)  # float32 bits; 0 is +0.0
+    q_t = torch.empty(cols, blocks * BLOCK, dtype=FP8, device=t.device)
+    grid = (blocks, triton.cdiv(cols, SEGMENT_COLUMNS))
+    if q_t.numel():
+        tiles = dict(BLOCK_R=BLOCK, BLOCK_C=SEGMENT_COLUMNS, num_warps=4)
+        _segment_columns_amax_kernel[grid](t, block_expert, amax, cols, t.stride(0), amax.stride(0), **tiles)
+        _segment_columns_quant_kernel[grid](
+            t, block_expert, amax, q_t, cols, t.stride(0), amax.stride(0), q_t.stride(0), POW2=pow2, FAST=fast, **tiles
+        )
+    return q_t, scales_from_amax(amax.view(torch.float32), pow2)
+
+
 @triton.jit
 def _quant_blocks_kernel(
     w_ptr, q_ptr, s_ptr, N, K, s_we, s_wn, s_wk, s_qe, s_qn, s_se, s_sn, s_sk,
@@ -624,6 +700,18 @@ class HopperBackend:
             check_finite(scale, "a weight row")
         return q, scale, amax
 
+    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rowwise recipe's weight-gradient operand, `fp8_numerics.quantize_segment_columns` of t over the
+        layout's experts: Inductor's fused torch operations inside a compile, else two Triton kernels."""
+        if self._fused():
+            return quantize_segment_columns(t, layout.block_expert, layout.num_experts, self.pow2, check=False)
+        q_t, scale = quantize_segment_columns_triton(
+            t, layout.block_expert, layout.num_experts, self.pow2, not _INTERPRET
+        )
+        if self.check:
+            check_finite(scale, "an expert's column")
+        return q_t, scale
+
     def gather_rows(self, q: torch.Tensor, scale: torch.Tensor, index: torch.Tensor):
         """Rows `index` of `quantize_rows`' result (q, scale), scales in the layout it returns them in."""
         q = q.view(torch.uint8).index_select(0, index).view(FP8)
@@ -774,6 +862,15 @@ class HopperBackend:
         return deep_gemm_grouped.grouped_nn(a, a_scale, w, w_scale, experts).to(out_dtype)
 
     def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
+        """Per expert e: a[:, rows of e] @ b[:, rows of e]^T; a [N, R] and b [K, R] scaled along their rows: per
+        1x128 tile (blockwise: the Triton kernel, float32 out), or per (expert, row) (rowwise: the scales [E, N] and
+        [E, K] of `quantize_segment_columns`; torch's `_scaled_grouped_mm` over the two 2-D operands split at the
+        segments' ends, bf16 out)."""
+        if self.rowwise:
+            return torch._scaled_grouped_mm(
+                a, b.t(), a_scale.reshape(-1), b_scale.reshape(-1), offs=layout.seg_end, out_dtype=torch.bfloat16,
+                use_fast_accum="grad_weight" in self.recipe.fast_accum,
+            )  # fmt: skip
         n, k = a.shape[0], b.shape[0]
         out = torch.empty(layout.num_experts, n, k, dtype=torch.float32, device=a.device)
         cfg = self.WGRAD_CONFIG
