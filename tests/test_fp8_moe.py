@@ -26,6 +26,8 @@ LAYER_BY_LAYER = dataclasses.replace(FUSED, fused_moe_quantization=False)
 BLOCKWISE = FP8Recipe.named("deepseek", backend="emulated")
 RECIPE_PAIRS = {
     "rowwise": (FUSED, LAYER_BY_LAYER),
+    # the experts' weight gradient in FP8 (each expert's rows scaled per column): the same operands either way
+    "rowwise-fp8-wgrad": tuple(dataclasses.replace(r, grouped_wgrad="fp8") for r in (FUSED, LAYER_BY_LAYER)),
     "deepseek": (dataclasses.replace(BLOCKWISE, fused_moe_quantization=True), BLOCKWISE),
 }
 NAMES = ("output", "d tokens", "d routing weights", "d gate_up", "d down")
@@ -109,20 +111,18 @@ def test_fused_moe_quantisation_in_bf16_is_the_layer_by_layer_path_bit_for_bit(r
         assert got.dtype == want.dtype and torch.equal(got, want), name
 
 
-def test_fused_moe_quantisation_needs_the_bf16_weight_gradient_and_leaves_other_experts_layer_by_layer(monkeypatch):
-    with pytest.raises(
-        ValueError, match=r"^FP8Recipe.fused_moe_quantization computes the experts' weight gradient in bf16$"
-    ):
-        FP8Recipe(fused_moe_quantization=True, grouped_wgrad="fp8")
+def test_fused_moe_quantisation_takes_either_weight_gradient_and_leaves_other_experts_layer_by_layer(monkeypatch):
     calls = []  # the function's calls, each answered with its first argument (x, of the output's shape)
     monkeypatch.setattr(fp8_moe.FP8RoutedMLPFunction, "apply", lambda *a: calls.append(a) or a[0])
     experts, inputs = experts_and_inputs(torch.float32)
-    for overrides in ({"quantize_tokens_once": False}, {"grouped_bf16": ("down_proj",)}, {}):
+    for overrides, fused in (({"quantize_tokens_once": False}, 0), ({"grouped_bf16": ("down_proj",)}, 0), ({}, 1),
+                             ({"grouped_wgrad": "fp8"}, 1)):  # fmt: skip
+        before = len(calls)
         module = convert_to_fp8_training(copy.deepcopy(experts), dataclasses.replace(FUSED, **overrides))
         module(*inputs[:3])
-        assert len(calls) == (1 if not overrides else 0), overrides
+        assert len(calls) - before == fused, overrides
     fused_blocks = RECIPE_PAIRS["deepseek"][0]  # DeepGEMM's input gradient reads W's blocks: layer by layer
-    for recipe, wanted in ((dataclasses.replace(fused_blocks, grouped_gemm="deep_gemm"), 1), (fused_blocks, 2)):
+    for recipe, wanted in ((dataclasses.replace(fused_blocks, grouped_gemm="deep_gemm"), 2), (fused_blocks, 3)):
         convert_to_fp8_training(copy.deepcopy(experts), recipe)(*inputs[:3])
         assert len(calls) == wanted, recipe
 
