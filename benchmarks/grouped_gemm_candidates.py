@@ -103,6 +103,11 @@ def segment_columns_fp8(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor
     return (t.float() / rows).to(torch.float8_e4m3fn).t().contiguous(), scale
 
 
+def transposed_copy(product) -> torch.Tensor:
+    """product()'s last two dimensions swapped, contiguous."""
+    return product().transpose(-2, -1).contiguous()
+
+
 def fbgemm_ops():
     """torch.ops.fbgemm with FBGEMM's gen_ai kernels and its quantisers, or (None, reason)."""
     try:
@@ -219,6 +224,15 @@ def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
             torch._scaled_grouped_mm, dyt_q, xt_q.t(), dy_s.reshape(-1), x_s.reshape(-1), offs=offs,
             out_dtype=torch.bfloat16, use_fast_accum=fast,
         )  # fmt: skip
+    # the same product in the other orientation, (x^T dy)^T, made contiguous as a weight's gradient must be: the
+    # kernel's tiles fall differently where N and K differ (the down projection's: hidden x expert width)
+    swapped = partial(
+        torch._scaled_grouped_mm, xt_q, dyt_q.t(), x_s.reshape(-1), dy_s.reshape(-1), offs=offs,
+        out_dtype=torch.bfloat16, use_fast_accum=True,
+    )  # fmt: skip
+    found["torch FP8 rowwise _scaled_grouped_mm, per-expert column scales, as (x^T dy)^T"] = partial(
+        transposed_copy, swapped
+    )
     if fbgemm is not None:
         ops, _ = fbgemm
         k_sizes = torch.tensor(sizes, device=x.device, dtype=torch.int64)

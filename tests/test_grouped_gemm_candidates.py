@@ -54,9 +54,15 @@ def test_weight_gradient_candidates_compute_the_reference():
     dy[128:] *= 1e5  # the third expert's rows far larger: one scale per expert and column, not per column
     want = bench.reference_weight_grads(dy, x, sizes)
     candidates = bench.weight_grad_candidates(dy, x, sizes, None)
-    assert len(candidates) == 4
+    assert len(candidates) == 5
     for name, run in candidates.items():
-        if "FP8" in name:
+        if "(x^T dy)^T" in name:
+            assert run.func is bench.transposed_copy
+            run = run.args[0]  # the product, before its transpose
+            assert run.func is torch._scaled_grouped_mm and run.args[0].dtype == torch.float8_e4m3fn
+            got = scaled_grouped_mm_2d_2d(*run.args, **run.keywords).transpose(-2, -1)
+            assert 1e-3 < bench.relative_error(got, want) < 0.06, name
+        elif "FP8" in name:
             assert run.func is torch._scaled_grouped_mm and run.args[0].dtype == torch.float8_e4m3fn
             got = scaled_grouped_mm_2d_2d(*run.args, **run.keywords)
             assert 1e-3 < bench.relative_error(got[0], want[0]) < 0.06, name  # the small expert, rounded to E4M3
