@@ -66,6 +66,12 @@ def segment_sizes(tokens: int, top_k: int, experts: int, align: int = ALIGN, see
     return [-(-int(c) // align) * align for c in counts]
 
 
+def block_experts(sizes: list[int], device=None) -> torch.Tensor:
+    """The expert of each 128-row block of the segments (an `ExpertLayout`'s `block_expert`), int32."""
+    counts = torch.tensor(sizes, device=device) // ALIGN
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device), counts).int()
+
+
 def product_flops(sizes: list[int], k: int, n: int) -> int:
     return 2 * sum(sizes) * k * n
 
@@ -240,6 +246,24 @@ def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
     return found
 
 
+def time_segment_columns(dy: torch.Tensor, x: torch.Tensor, sizes: list[int]) -> dict:
+    """The rowwise recipe's FP8 weight-gradient operands as its step makes them (`quantize_segment_columns_triton`
+    of dy and of x over the segments' 128-row blocks): median ms of both, and the bytes moved over that time."""
+    from triton.testing import do_bench
+
+    from hf_deepseek.modeling.fp8_triton import quantize_segment_columns_triton
+
+    block_expert = block_experts(sizes, dy.device)
+
+    def run():
+        for t in (dy, x):
+            quantize_segment_columns_triton(t, block_expert, len(sizes), pow2=False, fast=True)
+
+    ms = do_bench(run, warmup=10, rep=100, return_mode="median")
+    moved = sum(t.numel() * (2 * t.element_size() + 1) for t in (dy, x))
+    return {"ms": ms, "gb_per_s": moved / ms / 1e6}
+
+
 def measure(candidates: dict, want: torch.Tensor, flops: int) -> dict:
     from triton.testing import do_bench
 
@@ -283,6 +307,7 @@ def main() -> None:
         "fbgemm": why or "imported",
         "deep_gemm": deep_gemm_why or "imported",
         "gemms": {},
+        "quantisers": {},
     }
     print(f"{results['device']}, torch {torch.__version__}, {rows_total} rows over {experts} experts, fbgemm: "
           f"{results['fbgemm']}, deep_gemm: {results['deep_gemm']}")  # fmt: skip
@@ -305,6 +330,7 @@ def main() -> None:
         if deep_gemm is not None:
             found.update(deep_gemm_weight_grad(dy, x, sizes, deep_gemm))
         results["gemms"][name] = measure(found, want, product_flops(sizes, k, n))
+        results["quantisers"][name] = time_segment_columns(dy, x, sizes)
     for gemm, rows in results["gemms"].items():
         print(f"\n{gemm}")
         for name, row in rows.items():
@@ -312,6 +338,9 @@ def main() -> None:
                 print(f"  {name:50s} unavailable: {row['error']}")
             else:
                 print(f"  {name:50s} {row['ms']:8.3f} ms  {row['tflops']:7.1f} TFLOP/s  rel err {row['rel_err']:.2e}")
+    for gemm, row in results["quantisers"].items():
+        print(f"\n{gemm}: its FP8 operands (dy and x per expert and column) quantised by the step's Triton kernels: "
+              f"{row['ms']:.3f} ms, {row['gb_per_s']:.0f} GB/s (bf16 read twice, E4M3 written once)")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -16,6 +16,7 @@ def test_segments_are_the_fp8_steps_aligned_layout_of_a_top_k_routing():
     counts = torch.bincount(torch.rand(1000, 16, generator=gen).topk(6, dim=-1).indices.flatten(), minlength=16)
     assert all(s - bench.ALIGN < c <= s for s, c in zip(sizes, counts.tolist(), strict=True))
     assert bench.product_flops([128, 256], 64, 32) == 2 * 384 * 64 * 32
+    assert bench.block_experts([128, 0, 384]).tolist() == [0, 2, 2, 2]
 
 
 def test_references_multiply_each_segment_by_its_own_expert():
