@@ -195,7 +195,8 @@ def segment_columns_quantiser() -> dict[str, bool]:
     """The experts' weight-gradient operands (`fp8_triton.quantize_segment_columns_triton`) bit for bit against
     `quantize_segment_columns`, with the reference's arithmetic and the GPU's: 128-row blocks of three experts (one
     with no rows, one over three blocks), 72 columns (a partial column tile), special values among expert 0's rows,
-    and NaN in the blocks of no expert (which nothing may read: their q^T columns zero)."""
+    and NaN in the blocks of no expert (which nothing may read: their q^T columns zero); and the laid-out rows read
+    through a row index from the token rows, as the experts' first projection's weight gradient reads them."""
     results = {}
     block_expert = torch.tensor([0, 0, 2, 2, 2, -1, -1], dtype=torch.int32)
     for arithmetic in ("reference", "gpu"):
@@ -210,6 +211,15 @@ def segment_columns_quantiser() -> dict[str, bool]:
                     got = quantize_segment_columns_triton(t, block_expert, 3, pow2, fast)
                     want = quantize_segment_columns(t, block_expert, 3, pow2, check=False)
                     results[f"segment columns {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _same(got, want)
+                    # the same laid-out rows read through an index from 300 token rows (300: a zero row)
+                    tokens = t[:300].clone()
+                    index = torch.randint(0, 301, (7 * BLOCK,))
+                    got = quantize_segment_columns_triton(tokens, block_expert, 3, pow2, fast, row_index=index)
+                    want = quantize_segment_columns(tokens, block_expert, 3, pow2, False, row_index=index)
+                    gathered = F.pad(tokens, (0, 0, 0, 1)).index_select(0, index)
+                    laid_out = quantize_segment_columns(gathered, block_expert, 3, pow2, check=False)
+                    key = f"segment columns through an index {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                    results[key] = _same(got, want) and _same(want, laid_out)
     return results
 
 

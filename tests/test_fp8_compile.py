@@ -269,7 +269,8 @@ def test_rowwise_experts_fp8_weight_gradient_matches_a_float64_reference(device)
     """The rowwise recipe's experts' weight gradient in FP8 (`grouped_wgrad="fp8"`): each expert's dy^T x with dy and
     x scaled per (expert, column) along that expert's tokens, as a float64 quantisation of each expert's rows gives
     it. An expert whose rows are 1e4 times larger leaves the others' scales alone; an expert without rows gets
-    zeros (on the GPU in memory that held NaNs before); the rows past the last segment (NaN here) are not read."""
+    zeros (on the GPU in memory that held NaNs before); the rows past the last segment (NaN here) are not read; x read
+    through the layout's token of each row gives the same, bit for bit."""
     from hf_deepseek.modeling.fp8 import get_backend
     from hf_deepseek.modeling.fp8_numerics import expert_layout, grouped_weight_grad
 
@@ -278,7 +279,9 @@ def test_rowwise_experts_fp8_weight_gradient_matches_a_float64_reference(device)
     layout = expert_layout(indices, 7)
     end = int(layout.seg_end[-1])
     dy = torch.randn(layout.rows, 96, generator=gen).to(device)
-    x = torch.randn(layout.rows, 64, generator=gen).to(device)
+    tokens = torch.randn(300, 64, generator=gen).to(device)
+    token_pad = torch.full((layout.rows,), 300, device=device).index_copy(0, layout.pos, layout.token_idx)
+    x = torch.nn.functional.pad(tokens, (0, 0, 0, 1)).index_select(0, token_pad)  # laid out; padding rows zero
     big = slice(int(layout.seg_start[2]), int(layout.seg_end[2]))
     dy[big] *= 1e4
     dy[end:], x[end:] = float("nan"), float("nan")
@@ -286,7 +289,11 @@ def test_rowwise_experts_fp8_weight_gradient_matches_a_float64_reference(device)
     if device == "cuda":
         garbage = [torch.full((7, 96, 64), float("nan"), device=device, dtype=torch.bfloat16) for _ in range(8)]
         del garbage  # the caching allocator hands these NaN-filled blocks to the next allocations
-    got = grouped_weight_grad(get_backend(recipe, device), dy, x, layout).double()
+    backend = get_backend(recipe, device)
+    got = grouped_weight_grad(backend, dy, x, layout)
+    # the token rows read through the layout's token of each row, as the experts' first projection reads them
+    assert torch.equal(grouped_weight_grad(backend, dy, tokens, layout, x_rows=token_pad), got)
+    got = got.double()
     tol = 2e-3 if device == "cpu" else 2e-2  # the GPU's output is bf16
     for e, (start, stop) in enumerate(layout.segments()):
         if stop == start:

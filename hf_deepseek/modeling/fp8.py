@@ -225,8 +225,7 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
             dx_pad = _grouped_input_grad(backend, dy, weight, (w_q, w_s, wt_amax), layout, x.dtype)[:, :hidden]
             dx = dx_pad.index_select(0, pair_rows).view(tokens, -1, hidden).sum(dim=1)
         if ctx.needs_input_grad[1]:
-            x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            dw = grouped_weight_grad(backend, dy, x_pad, layout)[:, :n, :hidden].to(ctx.w_dtype)
+            dw = grouped_weight_grad(backend, dy, x, layout, x_rows=token_pad)[:, :n, :hidden].to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None, None, None
 
 

@@ -168,8 +168,7 @@ class FP8RoutedMLPFunction(torch.autograd.Function):
             d_x_pad = backend.grouped_gemm(dgu_q, dgu_s, wgu_t_q, wgu_t_s, layout, x.dtype, fast)[:, :hidden]
             d_x = d_x_pad.index_select(0, pair_rows).view(tokens, top_k, hidden).sum(dim=1)
         if ctx.needs_input_grad[2]:
-            x_pad = F.pad(x, (0, 0, 0, 1)).index_select(0, token_pad)
-            d_w_gate_up = grouped_weight_grad(backend, d_gate_up, x_pad, layout)
+            d_w_gate_up = grouped_weight_grad(backend, d_gate_up, x, layout, x_rows=token_pad)
             d_w_gate_up = d_w_gate_up[:, : w_gate_up.shape[-2], :hidden].to(w_gate_up.dtype)
         d_weights = d_row_weight.index_select(0, pair_rows).view(tokens, top_k).to(weights.dtype)
         return d_x, d_weights, d_w_gate_up, d_w_down, None, None, None, None, None, None, None, None, None

@@ -258,13 +258,22 @@ def column_amax(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_segment_columns(
-    t: torch.Tensor, block_expert: torch.Tensor, num_experts: int, pow2: bool = False, check: bool = True
+    t: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_experts: int,
+    pow2: bool = False,
+    check: bool = True,
+    row_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """t [R, C] laid out in an `ExpertLayout`'s 128-row blocks (`block_expert` [R/128]: each block's expert, -1 for
     none), scaled along its rows within each expert: one scale per (expert, column) over the expert's rows (the
     rowwise recipe's operands of the experts' FP8 weight gradient, whose reduction runs over each expert's tokens).
-    Returns (q^T [C, R] E4M3, row-major as the weight gradient's GEMM takes it; zero in blocks of no expert, whose
-    rows no amax reads), scale [E, C] fp32)."""
+    `row_index` [R]: the laid-out rows are t's rows row_index (t.shape[0]: a zero row), t then the token rows
+    themselves (the layout's `token_pad`), so that no laid-out copy of them is made. Returns (q^T [C, R] E4M3,
+    row-major as the weight gradient's GEMM takes it; zero in blocks of no expert, whose rows no amax reads),
+    scale [E, C] fp32)."""
+    if row_index is not None:
+        t = F.pad(t, (0, 0, 0, 1)).index_select(0, row_index)
     blocks = block_expert.long()
     nb, cols = blocks.shape[0], t.shape[1]
     tiles = torch.where((blocks >= 0)[:, None, None], t[: nb * BLOCK].float().view(nb, BLOCK, cols), 0.0)
@@ -364,9 +373,10 @@ class EmulatedBackend:
         out = torch.bmm(a_f, w.transpose(1, 2)) * (blocks >= 0)[:, None, None]
         return out.flatten(0, 1).to(out_dtype)
 
-    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout, row_index=None):
         """The rowwise recipe's weight-gradient operand: `quantize_segment_columns` of t over the layout's experts."""
-        return quantize_segment_columns(t, layout.block_expert, layout.num_experts, self.pow2, self.check)
+        experts = layout.num_experts
+        return quantize_segment_columns(t, layout.block_expert, experts, self.pow2, self.check, row_index)
 
     def grouped_wgrad(self, a, a_scale, b, b_scale, layout: ExpertLayout) -> torch.Tensor:
         """Per expert e: a[:, rows of e] @ b[:, rows of e]^T in fp32; a [N, Mp] and b [K, Mp] scaled along rows
@@ -411,16 +421,21 @@ def grouped_wgrad_high_precision(
     return out.index_add_(0, blocks.clamp(min=0), per_block)
 
 
-def grouped_weight_grad(backend, dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:
+def grouped_weight_grad(
+    backend, dy: torch.Tensor, x: torch.Tensor, layout: ExpertLayout, x_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """The experts' weight gradients dy^T x over each expert's rows (laid out by `layout`), [E, N, K], in the
     backend's recipe's `grouped_wgrad` precision: bf16 (`grouped_wgrad_high_precision`), or FP8 with dy and x
-    scaled along the tokens: per 1x128 tile (blockwise) or per (expert, column) (rowwise)."""
+    scaled along the tokens: per 1x128 tile (blockwise) or per (expert, column) (rowwise). `x_rows`: x holds the
+    token rows and x_rows (the layout's `token_pad`) the token of each laid-out row (x.shape[0]: none); the rowwise
+    FP8 quantiser reads them through it, the others take the laid-out copy."""
+    if backend.rowwise and backend.recipe.grouped_wgrad == "fp8":
+        dy_t, x_t = backend.quantize_segment_columns(dy, layout), backend.quantize_segment_columns(x, layout, x_rows)
+        return backend.grouped_wgrad(*dy_t, *x_t, layout)
+    if x_rows is not None:
+        x = F.pad(x, (0, 0, 0, 1)).index_select(0, x_rows)
     if backend.recipe.grouped_wgrad == "bf16":
         return grouped_wgrad_high_precision(dy, x, layout, backend.fbgemm_wgrad)
-    if backend.rowwise:
-        return backend.grouped_wgrad(
-            *backend.quantize_segment_columns(dy, layout), *backend.quantize_segment_columns(x, layout), layout
-        )
     dyt_q, dyt_s = backend.quantize_rows(dy.t())
     xt_q, xt_s = backend.quantize_rows(x.t())
     return backend.grouped_wgrad(dyt_q, dyt_s, xt_q, xt_s, layout)

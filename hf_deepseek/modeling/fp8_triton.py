@@ -440,41 +440,57 @@ def quantize_rowwise_amax_triton(
 # then each block divided by its expert's column scales and stored transposed, q^T [C, R] row-major, the K-contiguous
 # operand torch's `_scaled_grouped_mm` takes for a weight gradient dy^T x (its reduction runs over the tokens).
 # Blocks of no expert are written as zeros and read by no amax. The scales between the two are `scales_from_amax` of
-# the merged amaxes (E x C values, in torch), which `_row_scales` reproduces in the second kernel.
+# the merged amaxes (E x C values, in torch), which `_row_scales` reproduces in the second kernel. With a row index
+# (GATHER: the layout's `token_pad`) both read each laid-out row from the token rows themselves: no laid-out copy.
 
 SEGMENT_COLUMNS = 64  # columns a program of the segment-column quantiser: a [128, 64] bf16 tile, 16 KiB
 
 
 @triton.jit
-def _segment_columns_amax_kernel(
-    x_ptr, block_expert_ptr, amax_ptr, C, s_xr, s_ae, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+def _segment_rows(
+    x_ptr, index_ptr, block, R, C, s_xr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr
 ):  # fmt: skip
-    """Block program_id(0) (BLOCK_R rows), columns program_id(1) * BLOCK_C on: their max |x| folded into the block's
-    expert's row of amax [E, C] (int32 bits, zeroed before)."""
+    """The tile of block `block` (BLOCK_R laid-out rows), columns program_id(1) * BLOCK_C on: x's rows themselves,
+    or (GATHER) x's rows index[r], index R being a zero row. Returns (tile, its column offsets)."""
+    rows = tl.cast(block, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (cols < C)[None, :]
+    if GATHER:
+        src = tl.load(index_ptr + rows).to(tl.int64)
+        mask = mask & (src < R)[:, None]
+    else:
+        src = rows
+    return tl.load(x_ptr + src[:, None] * s_xr + cols[None, :], mask=mask, other=0.0), cols
+
+
+@triton.jit
+def _segment_columns_amax_kernel(
+    x_ptr, index_ptr, block_expert_ptr, amax_ptr, R, C, s_xr, s_ae,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
+):  # fmt: skip
+    """The tile's max |x| a column folded into its block's expert's row of amax [E, C] (int32 bits, zeroed before)."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     if expert >= 0:
-        rows = tl.cast(block, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :], mask=(cols < C)[None, :], other=0.0)
+        x, cols = _segment_rows(x_ptr, index_ptr, block, R, C, s_xr, BLOCK_R, BLOCK_C, GATHER)
         amax = _bits_to_float(tl.max(_abs_bits(x), axis=0), x_ptr.dtype.element_ty)
         tl.atomic_max(amax_ptr + expert * s_ae + cols, amax.to(tl.int32, bitcast=True), mask=cols < C)
 
 
 @triton.jit
 def _segment_columns_quant_kernel(
-    x_ptr, block_expert_ptr, amax_ptr, q_ptr, C, s_xr, s_ae, s_qc,
-    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, index_ptr, block_expert_ptr, amax_ptr, q_ptr, R, C, s_xr, s_ae, s_qc,
+    POW2: tl.constexpr, FAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    """The same tile divided by its expert's column scales, E4M3, stored transposed into q^T [C, R] (zeros for a
-    block of no expert)."""
+    """The same tile divided by its expert's column scales, E4M3, stored transposed into q^T [C, 128 x blocks] (zeros
+    for a block of no expert)."""
     block = tl.program_id(0)
     expert = tl.load(block_expert_ptr + block)
     rows = tl.cast(block, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     out = q_ptr + tl.cast(cols, tl.int64)[:, None] * s_qc + rows[None, :]
     if expert >= 0:
-        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :], mask=(cols < C)[None, :], other=0.0)
+        x, _ = _segment_rows(x_ptr, index_ptr, block, R, C, s_xr, BLOCK_R, BLOCK_C, GATHER)
         amax = tl.load(amax_ptr + expert * s_ae + cols, mask=cols < C, other=0).to(tl.float32, bitcast=True)
         scale, inv = _row_scales(amax, POW2)
         # transposed while still bf16 (Triton moves 16-bit tiles with ldmatrix), then encoded along q^T's rows
@@ -485,24 +501,33 @@ def _segment_columns_quant_kernel(
 
 
 def quantize_segment_columns_triton(
-    t: torch.Tensor, block_expert: torch.Tensor, num_experts: int, pow2: bool, fast: bool
+    t: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_experts: int,
+    pow2: bool,
+    fast: bool,
+    row_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`fp8_numerics.quantize_segment_columns(t, block_expert, num_experts, pow2)` of t [R, C] (C contiguous,
-    R = 128 x len(block_expert) at least): (q^T [C, 128 x len(block_expert)] E4M3, scale [E, C] fp32). `fast`: the
-    GPU's division (`fp8_triton._encode_e4m3`); the interpreter takes the reference arithmetic."""
+    """`fp8_numerics.quantize_segment_columns(t, block_expert, num_experts, pow2, row_index=row_index)` of t [R, C]
+    (C contiguous; R = 128 x len(block_expert) at least, or any with `row_index` [128 x len(block_expert)] of t's rows,
+    R meaning a zero row): (q^T [C, 128 x len(block_expert)] E4M3, scale [E, C] fp32). `fast`: the GPU's division
+    (`_encode_e4m3`); the interpreter takes the reference arithmetic."""
     blocks, cols = block_expert.shape[0], t.shape[1]
-    if t.shape[0] < blocks * BLOCK:
-        raise ValueError(f"an expert layout of {blocks} blocks of {BLOCK} rows needs that many rows, got {t.shape[0]}")
+    laid_out = row_index.shape[0] if row_index is not None else t.shape[0]
+    if laid_out < blocks * BLOCK:
+        raise ValueError(f"an expert layout of {blocks} blocks of {BLOCK} rows needs that many rows, got {laid_out}")
     if t.stride(1) != 1:
         t = t.contiguous()
     amax = torch.zeros(num_experts, cols, dtype=torch.int32, device=t.device)  # float32 bits; 0 is +0.0
     q_t = torch.empty(cols, blocks * BLOCK, dtype=FP8, device=t.device)
     grid = (blocks, triton.cdiv(cols, SEGMENT_COLUMNS))
     if q_t.numel():
-        tiles = dict(BLOCK_R=BLOCK, BLOCK_C=SEGMENT_COLUMNS, num_warps=4)
-        _segment_columns_amax_kernel[grid](t, block_expert, amax, cols, t.stride(0), amax.stride(0), **tiles)
+        index = row_index if row_index is not None else block_expert  # (not read without GATHER)
+        tiles = dict(BLOCK_R=BLOCK, BLOCK_C=SEGMENT_COLUMNS, GATHER=row_index is not None, num_warps=4)
+        sizes = (t.shape[0], cols, t.stride(0), amax.stride(0))
+        _segment_columns_amax_kernel[grid](t, index, block_expert, amax, *sizes, **tiles)
         _segment_columns_quant_kernel[grid](
-            t, block_expert, amax, q_t, cols, t.stride(0), amax.stride(0), q_t.stride(0), POW2=pow2, FAST=fast, **tiles
+            t, index, block_expert, amax, q_t, *sizes, q_t.stride(0), POW2=pow2, FAST=fast, **tiles
         )
     return q_t, scales_from_amax(amax.view(torch.float32), pow2)
 
@@ -700,13 +725,15 @@ class HopperBackend:
             check_finite(scale, "a weight row")
         return q, scale, amax
 
-    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_segment_columns(self, t: torch.Tensor, layout: ExpertLayout, row_index=None):
         """The rowwise recipe's weight-gradient operand, `fp8_numerics.quantize_segment_columns` of t over the
-        layout's experts: Inductor's fused torch operations inside a compile, else two Triton kernels."""
+        layout's experts (through `row_index` where given): Inductor's fused torch operations inside a compile, else
+        two Triton kernels."""
+        experts = layout.num_experts
         if self._fused():
-            return quantize_segment_columns(t, layout.block_expert, layout.num_experts, self.pow2, check=False)
+            return quantize_segment_columns(t, layout.block_expert, experts, self.pow2, False, row_index)
         q_t, scale = quantize_segment_columns_triton(
-            t, layout.block_expert, layout.num_experts, self.pow2, not _INTERPRET
+            t, layout.block_expert, experts, self.pow2, not _INTERPRET, row_index
         )
         if self.check:
             check_finite(scale, "an expert's column")
