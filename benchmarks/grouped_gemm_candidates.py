@@ -20,8 +20,9 @@ FP8 grouped GEMMs (the issue asks each of forward, input gradient and weight gra
   blocks (`m_grouped_fp8_gemm_nn_contiguous`: W^T needs no quantisation of its own, the paper's reason for blocks).
 
 Each row: median ms (`triton.testing.do_bench`), TFLOP/s and the relative error (Frobenius) against the float32
-product of the bf16 operands (FP8's rounding included). Quantisation is not timed (the step's quantisers are
-measured by `fp8_quant_census.py`).
+product of the bf16 operands (FP8's rounding included). Quantisation is not timed in these rows (the step's
+quantisers are measured by `fp8_quant_census.py`), except the FP8 weight gradient's: the recipe's Triton kernels
+quantising both of its operands get a line of their own.
 
     python benchmarks/grouped_gemm_candidates.py --json grouped_gemm_candidates.json
     python benchmarks/grouped_gemm_candidates.py --shape v3-width --json grouped_gemm_candidates_v3_width.json
@@ -96,17 +97,6 @@ def rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     amax = t.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
     scale = amax / torch.finfo(torch.float8_e4m3fn).max
     return (t.float() / scale).to(torch.float8_e4m3fn), scale.squeeze(-1)
-
-
-def segment_columns_fp8(t: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """t [R, C] quantised along its rows within each segment: one float32 scale per (segment, column), amax / 448
-    over the segment's rows (1e-12 at least), E4M3 values; returned as the left operand of a weight gradient wants
-    them, q^T [C, R] row-major, with scales [E, C] (an empty segment's: the floor's)."""
-    floor = torch.zeros(t.shape[1], device=t.device)
-    amax = torch.stack([part.float().abs().amax(dim=0) if len(part) else floor for part in t.split(sizes)])
-    scale = amax.clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
-    rows = torch.repeat_interleave(scale, torch.tensor(sizes, device=t.device), dim=0)  # [R, C]
-    return (t.float() / rows).to(torch.float8_e4m3fn).t().contiguous(), scale
 
 
 def transposed_copy(product) -> torch.Tensor:
@@ -220,10 +210,14 @@ def weight_grad_candidates(dy, x, sizes, fbgemm) -> dict:
         "torch bf16 _grouped_mm (dy^T a transposed view)": lambda: torch._grouped_mm(dy.t(), x, offs=offs),
         "torch bf16 _grouped_mm (with dy^T copied)": lambda: torch._grouped_mm(dy.t().contiguous(), x, offs=offs),
     }
-    # FP8 with one scale per (expert, column) along the tokens (torchao's rowwise MoE recipe, torchtitan's FP8 step):
-    # torch's grouped GEMM over two 2-D operands split along K (CUDA only; the operands quantised untimed)
-    dyt_q, dy_s = segment_columns_fp8(dy, sizes)  # [N, R], [E, N]
-    xt_q, x_s = segment_columns_fp8(x, sizes)  # [K, R], [E, K]
+    # FP8 with one scale per (expert, column) along the tokens (torchao's rowwise MoE recipe, torchtitan's FP8 step, the
+    # rowwise recipe's `grouped_wgrad="fp8"`): torch's grouped GEMM over two 2-D operands split along K (CUDA only;
+    # the operands quantised by the recipe's reference, untimed here: `time_segment_columns` times its kernels)
+    from hf_deepseek.modeling.fp8_numerics import quantize_segment_columns
+
+    blocks = block_experts(sizes, dy.device)
+    dyt_q, dy_s = quantize_segment_columns(dy, blocks, len(sizes), check=False)  # [N, R], [E, N]
+    xt_q, x_s = quantize_segment_columns(x, blocks, len(sizes), check=False)  # [K, R], [E, K]
     for fast in (True, False):
         name = "torch FP8 rowwise _scaled_grouped_mm, per-expert column scales" + ("" if fast else ", promoted sums")
         found[name] = partial(
