@@ -1,8 +1,10 @@
 """The project's FP8 Triton kernels run in Triton's interpreter on the CPU, against their torch references: the rowwise
 quantiser (`fp8_triton.quantize_rowwise_triton`, every kernel plan, bit for bit against `quantize_rowwise` of the
-padded operand, with the reference's arithmetic and with the GPU's fma and E4M3 cast emulated: `gpu_arithmetic`) and
-the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.py`, relative error against the
-float64 product with the dequantised weights, next to the bf16 kernel's own error against its reference), and the
+padded operand, with the reference's arithmetic and with the GPU's fma and E4M3 cast emulated: `gpu_arithmetic`), the
+routed experts' FP8 weight-gradient quantiser (`fp8_triton.quantize_segment_columns_triton`, bit for bit against
+`quantize_segment_columns`) and the weight-only FP8 matrix-vector kernels of decode (`kernels/_moe_gemv_triton.py`,
+relative error against the float64 product with the dequantised weights, next to the bf16 kernel's own error against
+its reference), and the
 expert-grouped decode kernels (`kernels/_moe_grouped_gemv_triton.py`, bf16, FP8 and fp32 weights against float64;
 the interpreter's bf16 `tl.dot` patched to read values, not bits: `bf16_dot`), the rows kernel of the dense
 layers' decode rows (`kernels/_linear_rows_triton.py`), decode attention's per-head absorbed products
