@@ -198,7 +198,8 @@ class FP8TokenGroupedLinearFunction(torch.autograd.Function):
     into the 128-aligned layout (row `token_pad[r]` of x, N for a padding row, which is zero), where the bf16 rows
     were gathered k times, laid out and quantised there: the same FP8 operands, a quarter of the bytes moved. Backward
     takes each (token, choice) pair's input gradient from its laid-out row (`pair_rows` [N*k], in token order) and sums
-    a token's k of them; the weight gradient lays x out (in its own dtype) only then."""
+    a token's k of them; the weight gradient lays x out (in its own dtype) only then, or, in the rowwise recipe's FP8,
+    reads its rows through `token_pad` (`fp8_numerics.grouped_weight_grad`)."""
 
     @staticmethod
     def forward(ctx, x, weight, token_pad, pair_rows, block_expert, seg_start, seg_end, backend, out_dtype, copy=None):
