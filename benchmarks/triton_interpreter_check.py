@@ -139,6 +139,14 @@ def exact_fma_check(n: int = 3000) -> bool:
     return bool(np.array_equal(got, np.array(want, np.float32)))
 
 
+def each_arithmetic():
+    """("reference", False), then ("gpu", True) with the GPU's fma and E4M3 cast emulated (`gpu_arithmetic`): the
+    arithmetic a check runs under, and the `fast` flag of the kernels' GPU path."""
+    yield "reference", False
+    with gpu_arithmetic():
+        yield "gpu", True
+
+
 def _same(got, want) -> bool:
     return torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
 
@@ -157,39 +165,37 @@ def rowwise_quantiser() -> dict[str, bool]:
         "cols_split": RowwisePlan("cols_split", 16, 32, 4, chunk=64),
         "rows_loop": RowwisePlan("rows_loop", 4, 64, 4),
     }
-    for arithmetic in ("reference", "gpu"):
-        fast = arithmetic == "gpu"
-        with gpu_arithmetic() if fast else contextlib.nullcontext():
-            torch.manual_seed(0)
-            for dtype in (torch.bfloat16, torch.float32):
-                for pow2 in (False, True):
-                    x, long_rows = varied(300, 1000).to(dtype), varied(40, 2600).to(dtype)
-                    w = varied(600, 330).view(3, 200, 330).to(dtype)
-                    for name, view, multiple in (("x", x, 16), ("x^T", x.t(), 16), ("x slice", x[:37, :51], 64),
-                                                 ("long rows", long_rows, 16), ("long rows^T", long_rows.t(), 16),
-                                                 ("w", w, 1), ("w^T", w.transpose(1, 2), 1)):  # fmt: skip
-                        results[f"{name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _check(
-                            view, multiple, pow2, None, fast
-                        )
-            for dtype in (torch.bfloat16, torch.float32):
-                small, ws = varied(150, 72).to(dtype), varied(3 * 40, 56).view(3, 40, 56).to(dtype)
-                for pow2 in (False, True):
-                    for plan_name, plan in plans.items():
-                        operands = (("x", small), ("w", ws)) if plan_name == "rows_loop" else (
-                            ("x^T", small.t()), ("w^T", ws.transpose(1, 2)))  # fmt: skip
-                        for name, view in operands:
-                            key = f"{name} {plan_name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
-                            results[key] = _check(view, 16 if name[0] == "x" else 1, pow2, plan, fast)
-                    key = f"{{}} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
-                    results[key.format("no contiguous dim")] = _check(small[::2, ::3], 16, pow2, None, fast)
-                    results[key.format("one row")] = _check(small[:1], 16, pow2, None, fast)
-                    results[key.format("one column^T")] = _check(small[:, :1].t(), 16, pow2, None, fast)
-                    results[key.format("one column")] = _check(small[:, :1], 16, pow2, None, fast)
-                    special = special_values(dtype)
-                    results[key.format("special values")] = _check(special, 16, pow2, None, fast)
-                    results[key.format("special values^T")] = _check(special.t().contiguous().t(), 16, pow2,
-                                                                    None, fast)  # fmt: skip
-                    results[key.format("NaN row")] = _nan_row(dtype, pow2, fast)
+    for arithmetic, fast in each_arithmetic():
+        torch.manual_seed(0)
+        for dtype in (torch.bfloat16, torch.float32):
+            for pow2 in (False, True):
+                x, long_rows = varied(300, 1000).to(dtype), varied(40, 2600).to(dtype)
+                w = varied(600, 330).view(3, 200, 330).to(dtype)
+                for name, view, multiple in (("x", x, 16), ("x^T", x.t(), 16), ("x slice", x[:37, :51], 64),
+                                             ("long rows", long_rows, 16), ("long rows^T", long_rows.t(), 16),
+                                             ("w", w, 1), ("w^T", w.transpose(1, 2), 1)):  # fmt: skip
+                    results[f"{name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _check(
+                        view, multiple, pow2, None, fast
+                    )
+        for dtype in (torch.bfloat16, torch.float32):
+            small, ws = varied(150, 72).to(dtype), varied(3 * 40, 56).view(3, 40, 56).to(dtype)
+            for pow2 in (False, True):
+                for plan_name, plan in plans.items():
+                    operands = (("x", small), ("w", ws)) if plan_name == "rows_loop" else (
+                        ("x^T", small.t()), ("w^T", ws.transpose(1, 2)))  # fmt: skip
+                    for name, view in operands:
+                        key = f"{name} {plan_name} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                        results[key] = _check(view, 16 if name[0] == "x" else 1, pow2, plan, fast)
+                key = f"{{}} {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                results[key.format("no contiguous dim")] = _check(small[::2, ::3], 16, pow2, None, fast)
+                results[key.format("one row")] = _check(small[:1], 16, pow2, None, fast)
+                results[key.format("one column^T")] = _check(small[:, :1].t(), 16, pow2, None, fast)
+                results[key.format("one column")] = _check(small[:, :1], 16, pow2, None, fast)
+                special = special_values(dtype)
+                results[key.format("special values")] = _check(special, 16, pow2, None, fast)
+                results[key.format("special values^T")] = _check(special.t().contiguous().t(), 16, pow2,
+                                                                None, fast)  # fmt: skip
+                results[key.format("NaN row")] = _nan_row(dtype, pow2, fast)
     return results
 
 
@@ -201,27 +207,25 @@ def segment_columns_quantiser() -> dict[str, bool]:
     through a row index from the token rows, as the experts' first projection's weight gradient reads them."""
     results = {}
     block_expert = torch.tensor([0, 0, 2, 2, 2, -1, -1], dtype=torch.int32)
-    for arithmetic in ("reference", "gpu"):
-        fast = arithmetic == "gpu"
-        with gpu_arithmetic() if fast else contextlib.nullcontext():
-            torch.manual_seed(1)
-            for dtype in (torch.bfloat16, torch.float32):
-                for pow2 in (False, True):
-                    t = varied(7 * BLOCK, 72).to(dtype)
-                    t[130:136, :48] = special_values(dtype)
-                    t[5 * BLOCK :] = float("nan")
-                    got = quantize_segment_columns_triton(t, block_expert, 3, pow2, fast)
-                    want = quantize_segment_columns(t, block_expert, 3, pow2, check=False)
-                    results[f"segment columns {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _same(got, want)
-                    # the same laid-out rows read through an index from 300 token rows (300: a zero row)
-                    tokens = t[:300].clone()
-                    index = torch.randint(0, 301, (7 * BLOCK,))
-                    got = quantize_segment_columns_triton(tokens, block_expert, 3, pow2, fast, row_index=index)
-                    want = quantize_segment_columns(tokens, block_expert, 3, pow2, False, row_index=index)
-                    gathered = F.pad(tokens, (0, 0, 0, 1)).index_select(0, index)
-                    laid_out = quantize_segment_columns(gathered, block_expert, 3, pow2, check=False)
-                    key = f"segment columns through an index {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
-                    results[key] = _same(got, want) and _same(want, laid_out)
+    for arithmetic, fast in each_arithmetic():
+        torch.manual_seed(1)
+        for dtype in (torch.bfloat16, torch.float32):
+            for pow2 in (False, True):
+                t = varied(7 * BLOCK, 72).to(dtype)
+                t[130:136, :48] = special_values(dtype)
+                t[5 * BLOCK :] = float("nan")
+                got = quantize_segment_columns_triton(t, block_expert, 3, pow2, fast)
+                want = quantize_segment_columns(t, block_expert, 3, pow2, check=False)
+                results[f"segment columns {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"] = _same(got, want)
+                # the same laid-out rows read through an index from 300 token rows (300: a zero row)
+                tokens = t[:300].clone()
+                index = torch.randint(0, 301, (7 * BLOCK,))
+                got = quantize_segment_columns_triton(tokens, block_expert, 3, pow2, fast, row_index=index)
+                want = quantize_segment_columns(tokens, block_expert, 3, pow2, False, row_index=index)
+                gathered = F.pad(tokens, (0, 0, 0, 1)).index_select(0, index)
+                laid_out = quantize_segment_columns(gathered, block_expert, 3, pow2, check=False)
+                key = f"segment columns through an index {str(dtype)[6:]} pow2={pow2} [{arithmetic}]"
+                results[key] = _same(got, want) and _same(want, laid_out)
     return results
 
 
